@@ -1,0 +1,1 @@
+//! sip-profiles configuration (being written).

@@ -1,0 +1,2 @@
+//! The `sipbridge` command line (being written).
+fn main() {}

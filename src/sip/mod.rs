@@ -1,0 +1,11 @@
+//! SIP signalling, sans-IO: message parse/print, transactions (RFC 3261 §17),
+//! dialogs, digest authentication and SDP offer/answer.
+//!
+//! Nothing in here imports tokio, opens sockets or reads a clock: time
+//! (`std::time::Instant`) and randomness are passed in by the caller.
+
+pub mod digest;
+pub mod message;
+pub mod sdp;
+pub mod timer;
+pub mod transaction;
