@@ -1059,3 +1059,772 @@ impl TransactionTable {
         None
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    type Log = Vec<(u64, TransactionOutput)>;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn key(method: &str) -> TransactionKey {
+        TransactionKey::new("z9hG4bK-abc", "10.0.0.1:5060", method).unwrap()
+    }
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    fn send(s: &'static str) -> TransactionOutput {
+        TransactionOutput::Transmit(b(s))
+    }
+
+    fn ev(e: TransactionEvent) -> TransactionOutput {
+        TransactionOutput::Event(e)
+    }
+
+    /// The driver side of every transaction, for the virtual-time loop.
+    trait Drive {
+        fn out(&mut self) -> Option<TransactionOutput>;
+        fn timeout(&self) -> Option<Instant>;
+        fn fire(&mut self, now: Instant);
+    }
+
+    macro_rules! drive_impl {
+        ($($t:ty),*) => {$(
+            impl Drive for $t {
+                fn out(&mut self) -> Option<TransactionOutput> { self.poll_output() }
+                fn timeout(&self) -> Option<Instant> { self.poll_timeout() }
+                fn fire(&mut self, now: Instant) { self.handle_timeout(now) }
+            }
+        )*};
+    }
+    drive_impl!(
+        ServerInviteTransaction,
+        ServerNonInviteTransaction,
+        ClientInviteTransaction,
+        ClientNonInviteTransaction
+    );
+
+    /// Drains every output, stamped with `now`'s offset from `t0` in ms.
+    fn drain(tx: &mut impl Drive, t0: Instant, now: Instant) -> Log {
+        let at = u64::try_from((now - t0).as_millis()).unwrap();
+        std::iter::from_fn(|| tx.out()).map(|o| (at, o)).collect()
+    }
+
+    /// quinn's `Pair::drive`: jump to each wake-up up to `t0 + end`, fire it,
+    /// collect what comes out.
+    fn run(tx: &mut impl Drive, t0: Instant, end: u64) -> Log {
+        let mut log = Vec::new();
+        while let Some(at) = tx.timeout() {
+            if at > t0 + ms(end) {
+                break;
+            }
+            tx.fire(at);
+            log.extend(drain(tx, t0, at));
+        }
+        log
+    }
+
+    fn at(times: &[u64], s: &'static str) -> Log {
+        times.iter().map(|t| (*t, send(s))).collect()
+    }
+
+    fn cat(parts: Vec<Log>) -> Log {
+        parts.into_iter().flatten().collect()
+    }
+
+    fn server_invite(
+        transport: Transport,
+        trying: Option<Bytes>,
+    ) -> (Instant, ServerInviteTransaction) {
+        let t0 = Instant::now();
+        let tx = ServerInviteTransaction::new(
+            t0,
+            key("INVITE"),
+            transport,
+            TimerConfig::default(),
+            trying,
+        );
+        (t0, tx)
+    }
+
+    /// Timer G with default T1/T2: T1, 2·T1, 4·T1, then T2 = 4 s, up to H at 32 s.
+    const G_DEFAULT: [u64; 10] = [
+        500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500,
+    ];
+
+    // ----- INVITE server -------------------------------------------------
+
+    #[test]
+    fn server_invite_sends_100_trying_at_once() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, Some(b("100")));
+        assert_eq!(drain(&mut tx, t0, t0), vec![(0, send("100"))]);
+        assert_eq!(tx.state(), ServerInviteState::Proceeding);
+        assert_eq!(tx.poll_timeout(), None, "Proceeding has no timer");
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        assert_eq!(drain(&mut tx, t0, t0), vec![]);
+    }
+
+    #[test]
+    fn server_invite_2xx_lost_ack_timer_g_then_h_at_64_t1() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, Some(b("100")));
+        tx.send_final(t0, 200, b("200")).unwrap();
+        assert_eq!(tx.state(), ServerInviteState::Accepted);
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        let expected = cat(vec![
+            vec![(0, send("100")), (0, send("200"))],
+            at(&G_DEFAULT, "200"),
+            vec![
+                (32_000, ev(TransactionEvent::TimedOut(Timer::H))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ],
+        ]);
+        assert_eq!(log, expected);
+        assert!(tx.is_terminated());
+        assert_eq!(tx.state(), ServerInviteState::Terminated);
+        assert_eq!(tx.poll_timeout(), None);
+    }
+
+    #[test]
+    fn server_invite_2xx_retransmits_on_reliable_transport_too() {
+        let (t0, mut tx) = server_invite(Transport::Reliable, None);
+        tx.send_final(t0, 200, b("200")).unwrap();
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        let expected = cat(vec![
+            vec![(0, send("200"))],
+            at(&G_DEFAULT, "200"),
+            vec![
+                (32_000, ev(TransactionEvent::TimedOut(Timer::H))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ],
+        ]);
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn server_invite_2xx_ack_stops_retransmission_timer_l_absorbs_until_64_t1() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        tx.send_final(t0, 200, b("200")).unwrap();
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 2_000));
+        tx.on_ack(t0 + ms(2_000));
+        log.extend(drain(&mut tx, t0, t0 + ms(2_000)));
+        // A retransmitted ACK is absorbed: never surfaced twice.
+        tx.on_ack(t0 + ms(2_100));
+        log.extend(drain(&mut tx, t0, t0 + ms(2_100)));
+        // A retransmitted INVITE gets the 2xx again, never a second call.
+        tx.on_request_retransmission(t0 + ms(3_000));
+        log.extend(drain(&mut tx, t0, t0 + ms(3_000)));
+        assert_eq!(tx.state(), ServerInviteState::Accepted);
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            vec![
+                (0, send("200")),
+                (500, send("200")),
+                (1500, send("200")),
+                (2000, ev(TransactionEvent::AckReceived)),
+                (3000, send("200")),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn server_invite_non2xx_timer_g_capped_at_t2_then_h() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        tx.send_final(t0, 486, b("486")).unwrap();
+        assert_eq!(tx.state(), ServerInviteState::Completed);
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        let expected = cat(vec![
+            vec![(0, send("486"))],
+            at(&G_DEFAULT, "486"),
+            vec![
+                (32_000, ev(TransactionEvent::TimedOut(Timer::H))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ],
+        ]);
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn server_invite_non2xx_reliable_sends_once_and_h_still_runs() {
+        let (t0, mut tx) = server_invite(Transport::Reliable, None);
+        tx.send_final(t0, 486, b("486")).unwrap();
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            vec![
+                (0, send("486")),
+                (32_000, ev(TransactionEvent::TimedOut(Timer::H))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn server_invite_ack_for_non2xx_confirmed_then_timer_i() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        tx.send_final(t0, 486, b("486")).unwrap();
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 2_000));
+        tx.on_ack(t0 + ms(2_000));
+        assert_eq!(tx.state(), ServerInviteState::Confirmed);
+        assert_eq!(tx.poll_timeout(), Some(t0 + ms(7_000)), "Timer I = T4");
+        log.extend(drain(&mut tx, t0, t0 + ms(2_000)));
+        // ACK retransmissions and INVITE retransmissions are absorbed.
+        tx.on_ack(t0 + ms(2_500));
+        tx.on_request_retransmission(t0 + ms(2_600));
+        log.extend(drain(&mut tx, t0, t0 + ms(2_600)));
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            vec![
+                (0, send("486")),
+                (500, send("486")),
+                (1500, send("486")),
+                (2000, ev(TransactionEvent::AckReceived)),
+                (7000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn server_invite_ack_reliable_timer_i_is_zero() {
+        let (t0, mut tx) = server_invite(Transport::Reliable, None);
+        tx.send_final(t0, 404, b("404")).unwrap();
+        tx.on_ack(t0 + ms(40));
+        assert_eq!(
+            drain(&mut tx, t0, t0 + ms(40)),
+            vec![
+                (40, send("404")),
+                (40, ev(TransactionEvent::AckReceived)),
+                (40, ev(TransactionEvent::Terminated)),
+            ]
+        );
+        assert_eq!(tx.state(), ServerInviteState::Terminated);
+        assert_eq!(tx.poll_timeout(), None);
+    }
+
+    #[test]
+    fn server_invite_retransmitted_invite_resends_last_response() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        // Nothing sent yet: nothing to resend.
+        tx.on_request_retransmission(t0);
+        assert_eq!(drain(&mut tx, t0, t0), vec![]);
+        tx.send_provisional(t0 + ms(10), b("180")).unwrap();
+        tx.send_provisional(t0 + ms(20), b("183")).unwrap();
+        tx.on_request_retransmission(t0 + ms(30));
+        let mut log = drain(&mut tx, t0, t0 + ms(30));
+        tx.send_final(t0 + ms(100), 603, b("603")).unwrap();
+        tx.on_request_retransmission(t0 + ms(200));
+        log.extend(drain(&mut tx, t0, t0 + ms(200)));
+        assert_eq!(
+            log,
+            vec![
+                (30, send("180")),
+                (30, send("183")),
+                (30, send("183")),
+                (200, send("603")),
+                (200, send("603")),
+            ]
+        );
+    }
+
+    #[test]
+    fn server_invite_100_trying_is_resent_to_retransmissions() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, Some(b("100")));
+        tx.on_request_retransmission(t0 + ms(500));
+        assert_eq!(
+            drain(&mut tx, t0, t0 + ms(500)),
+            vec![(500, send("100")), (500, send("100"))]
+        );
+    }
+
+    #[test]
+    fn server_invite_ack_before_final_is_ignored() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        tx.on_ack(t0);
+        assert_eq!(drain(&mut tx, t0, t0), vec![]);
+        assert_eq!(tx.state(), ServerInviteState::Proceeding);
+    }
+
+    #[test]
+    fn server_invite_misuse_is_an_error() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        assert_eq!(
+            tx.send_final(t0, 180, b("180")),
+            Err(TransactionError::InvalidStatus {
+                status: 180,
+                operation: "send_final"
+            })
+        );
+        assert!(tx.send_final(t0, 700, b("700")).is_err());
+        tx.send_final(t0, 200, b("200")).unwrap();
+        assert_eq!(
+            tx.send_final(t0, 500, b("500")),
+            Err(TransactionError::InvalidState {
+                operation: "send_final",
+                state: "Accepted"
+            })
+        );
+        assert!(tx.send_provisional(t0, b("180")).is_err());
+        assert_eq!(drain(&mut tx, t0, t0), vec![(0, send("200"))]);
+    }
+
+    #[test]
+    fn late_wake_up_fires_timers_in_deadline_order() {
+        let (t0, mut tx) = server_invite(Transport::Unreliable, None);
+        tx.send_final(t0, 486, b("486")).unwrap();
+        let _ = drain(&mut tx, t0, t0);
+        // The driver oversleeps past both G and H: G fires once, then H ends it.
+        tx.handle_timeout(t0 + ms(40_000));
+        assert_eq!(
+            drain(&mut tx, t0, t0 + ms(40_000)),
+            vec![
+                (40_000, send("486")),
+                (40_000, ev(TransactionEvent::TimedOut(Timer::H))),
+                (40_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn transport_error_terminates_once() {
+        let (t0, mut tx) = server_invite(Transport::Reliable, None);
+        tx.send_final(t0, 200, b("200")).unwrap();
+        tx.on_transport_error(t0 + ms(1));
+        tx.on_transport_error(t0 + ms(2));
+        tx.on_request_retransmission(t0 + ms(3));
+        assert_eq!(
+            drain(&mut tx, t0, t0),
+            vec![
+                (0, send("200")),
+                (0, ev(TransactionEvent::TransportError)),
+                (0, ev(TransactionEvent::Terminated)),
+            ]
+        );
+        assert_eq!(tx.poll_timeout(), None);
+    }
+
+    // ----- non-INVITE server ---------------------------------------------
+
+    #[test]
+    fn server_non_invite_timer_j_and_retransmission_absorption() {
+        let t0 = Instant::now();
+        let mut tx = ServerNonInviteTransaction::new(
+            t0,
+            key("BYE"),
+            Transport::Unreliable,
+            TimerConfig::default(),
+        );
+        // Trying: a retransmission is absorbed, nothing to resend.
+        tx.on_request_retransmission(t0 + ms(100));
+        let mut log = drain(&mut tx, t0, t0 + ms(100));
+        tx.send_provisional(t0 + ms(200), b("100")).unwrap();
+        assert_eq!(tx.state(), ServerNonInviteState::Proceeding);
+        tx.on_request_retransmission(t0 + ms(300));
+        log.extend(drain(&mut tx, t0, t0 + ms(300)));
+        tx.send_final(t0 + ms(1_000), 200, b("200")).unwrap();
+        assert_eq!(tx.state(), ServerNonInviteState::Completed);
+        assert_eq!(tx.poll_timeout(), Some(t0 + ms(33_000)), "Timer J = 64·T1");
+        tx.on_request_retransmission(t0 + ms(5_000));
+        log.extend(drain(&mut tx, t0, t0 + ms(5_000)));
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            vec![
+                (300, send("100")),
+                (300, send("100")),
+                (5_000, send("200")),
+                (5_000, send("200")),
+                (33_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+        assert!(tx.send_final(t0, 200, b("200")).is_err());
+    }
+
+    #[test]
+    fn server_non_invite_reliable_timer_j_is_zero() {
+        let t0 = Instant::now();
+        let mut tx = ServerNonInviteTransaction::new(
+            t0,
+            key("OPTIONS"),
+            Transport::Reliable,
+            TimerConfig::default(),
+        );
+        tx.send_final(t0, 200, b("200")).unwrap();
+        assert_eq!(
+            drain(&mut tx, t0, t0),
+            vec![(0, send("200")), (0, ev(TransactionEvent::Terminated))]
+        );
+        assert_eq!(tx.state(), ServerNonInviteState::Terminated);
+        assert_eq!(tx.poll_timeout(), None);
+    }
+
+    // ----- INVITE client -------------------------------------------------
+
+    fn client_invite(transport: Transport) -> (Instant, ClientInviteTransaction) {
+        let t0 = Instant::now();
+        let tx = ClientInviteTransaction::new(
+            t0,
+            key("INVITE"),
+            transport,
+            TimerConfig::default(),
+            b("INVITE"),
+        );
+        (t0, tx)
+    }
+
+    fn no_ack() -> Bytes {
+        panic!("the ACK must not be built here")
+    }
+
+    #[test]
+    fn client_invite_timer_a_doubles_uncapped_then_timer_b() {
+        let (t0, mut tx) = client_invite(Transport::Unreliable);
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        let expected = cat(vec![
+            vec![(0, send("INVITE"))],
+            at(&[500, 1500, 3500, 7500, 15_500, 31_500], "INVITE"),
+            vec![
+                (32_000, ev(TransactionEvent::TimedOut(Timer::B))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ],
+        ]);
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn client_invite_reliable_sends_once() {
+        let (t0, mut tx) = client_invite(Transport::Reliable);
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            vec![
+                (0, send("INVITE")),
+                (32_000, ev(TransactionEvent::TimedOut(Timer::B))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn client_invite_provisional_stops_a_and_b_still_bounds_proceeding() {
+        let (t0, mut tx) = client_invite(Transport::Unreliable);
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 1_000));
+        tx.on_response(t0 + ms(1_000), 100, no_ack).unwrap();
+        tx.on_response(t0 + ms(1_100), 180, no_ack).unwrap();
+        assert_eq!(tx.state(), ClientInviteState::Proceeding);
+        log.extend(drain(&mut tx, t0, t0 + ms(1_100)));
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            vec![
+                (0, send("INVITE")),
+                (500, send("INVITE")),
+                (1_100, ev(TransactionEvent::ResponseReceived(100))),
+                (1_100, ev(TransactionEvent::ResponseReceived(180))),
+                (32_000, ev(TransactionEvent::TimedOut(Timer::B))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn client_invite_non2xx_acks_and_timer_d() {
+        let (t0, mut tx) = client_invite(Transport::Unreliable);
+        let mut log = drain(&mut tx, t0, t0);
+        let built = Cell::new(0);
+        let build_ack = || {
+            built.set(built.get() + 1);
+            b("ACK")
+        };
+        tx.on_response(t0 + ms(700), 486, build_ack).unwrap();
+        assert_eq!(tx.state(), ClientInviteState::Completed);
+        log.extend(drain(&mut tx, t0, t0 + ms(700)));
+        // The 486 is retransmitted: the same ACK goes out, nothing surfaced.
+        tx.on_response(t0 + ms(800), 486, || b("other")).unwrap();
+        tx.on_response(t0 + ms(800), 180, no_ack).unwrap();
+        log.extend(drain(&mut tx, t0, t0 + ms(800)));
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(built.get(), 1);
+        assert_eq!(
+            log,
+            vec![
+                (0, send("INVITE")),
+                (700, ev(TransactionEvent::ResponseReceived(486))),
+                (700, send("ACK")),
+                (800, send("ACK")),
+                (32_700, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn client_invite_reliable_timer_d_is_zero() {
+        let (t0, mut tx) = client_invite(Transport::Reliable);
+        tx.on_response(t0 + ms(50), 503, || b("ACK")).unwrap();
+        assert_eq!(
+            drain(&mut tx, t0, t0 + ms(50)),
+            vec![
+                (50, send("INVITE")),
+                (50, ev(TransactionEvent::ResponseReceived(503))),
+                (50, send("ACK")),
+                (50, ev(TransactionEvent::Terminated)),
+            ]
+        );
+        assert_eq!(tx.poll_timeout(), None);
+    }
+
+    #[test]
+    fn client_invite_2xx_terminates_at_once_without_ack() {
+        let (t0, mut tx) = client_invite(Transport::Unreliable);
+        tx.on_response(t0 + ms(300), 200, no_ack).unwrap();
+        tx.on_response(t0 + ms(400), 200, no_ack).unwrap();
+        assert_eq!(
+            drain(&mut tx, t0, t0 + ms(300)),
+            vec![
+                (300, send("INVITE")),
+                (300, ev(TransactionEvent::ResponseReceived(200))),
+                (300, ev(TransactionEvent::Terminated)),
+            ]
+        );
+        assert_eq!(tx.poll_timeout(), None);
+        assert_eq!(
+            tx.on_response(t0, 99, no_ack),
+            Err(TransactionError::InvalidStatus {
+                status: 99,
+                operation: "on_response"
+            })
+        );
+    }
+
+    // ----- non-INVITE client ---------------------------------------------
+
+    fn client_bye(transport: Transport, cfg: TimerConfig) -> (Instant, ClientNonInviteTransaction) {
+        let t0 = Instant::now();
+        let tx = ClientNonInviteTransaction::new(t0, key("BYE"), transport, cfg, b("BYE"));
+        (t0, tx)
+    }
+
+    #[test]
+    fn client_non_invite_timer_e_capped_at_t2_then_timer_f() {
+        let (t0, mut tx) = client_bye(Transport::Unreliable, TimerConfig::default());
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        let expected = cat(vec![
+            vec![(0, send("BYE"))],
+            at(&G_DEFAULT, "BYE"),
+            vec![
+                (32_000, ev(TransactionEvent::TimedOut(Timer::F))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ],
+        ]);
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn client_non_invite_timer_e_in_proceeding_is_t2() {
+        let (t0, mut tx) = client_bye(Transport::Unreliable, TimerConfig::default());
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 600));
+        tx.on_response(t0 + ms(600), 100).unwrap();
+        assert_eq!(tx.state(), ClientNonInviteState::Proceeding);
+        log.extend(drain(&mut tx, t0, t0 + ms(600)));
+        log.extend(run(&mut tx, t0, 60_000));
+        let expected = cat(vec![
+            vec![(0, send("BYE")), (500, send("BYE"))],
+            vec![(600, ev(TransactionEvent::ResponseReceived(100)))],
+            // E keeps its 1.5 s deadline, then fires every T2.
+            at(
+                &[1_500, 5_500, 9_500, 13_500, 17_500, 21_500, 25_500, 29_500],
+                "BYE",
+            ),
+            vec![
+                (32_000, ev(TransactionEvent::TimedOut(Timer::F))),
+                (32_000, ev(TransactionEvent::Terminated)),
+            ],
+        ]);
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn client_non_invite_final_timer_k_absorbs_retransmissions() {
+        let (t0, mut tx) = client_bye(Transport::Unreliable, TimerConfig::default());
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 1_000));
+        tx.on_response(t0 + ms(1_000), 200).unwrap();
+        assert_eq!(tx.state(), ClientNonInviteState::Completed);
+        assert_eq!(tx.poll_timeout(), Some(t0 + ms(6_000)), "Timer K = T4");
+        log.extend(drain(&mut tx, t0, t0 + ms(1_000)));
+        // A retransmitted final response is absorbed: not surfaced again.
+        tx.on_response(t0 + ms(2_000), 200).unwrap();
+        log.extend(drain(&mut tx, t0, t0 + ms(2_000)));
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            vec![
+                (0, send("BYE")),
+                (500, send("BYE")),
+                (1_000, ev(TransactionEvent::ResponseReceived(200))),
+                (6_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn client_non_invite_reliable_no_e_and_k_is_zero() {
+        let (t0, mut tx) = client_bye(Transport::Reliable, TimerConfig::default());
+        assert_eq!(tx.poll_timeout(), Some(t0 + ms(32_000)), "only Timer F");
+        tx.on_response(t0 + ms(20), 481).unwrap();
+        assert_eq!(
+            drain(&mut tx, t0, t0 + ms(20)),
+            vec![
+                (20, send("BYE")),
+                (20, ev(TransactionEvent::ResponseReceived(481))),
+                (20, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    // ----- custom T1/T2/T4 -------------------------------------------------
+
+    #[test]
+    fn custom_t1_t2_t4_are_respected() {
+        let cfg = TimerConfig::new(ms(100), ms(400), ms(1_000)).unwrap();
+        let t0 = Instant::now();
+        let mut tx =
+            ServerInviteTransaction::new(t0, key("INVITE"), Transport::Unreliable, cfg, None);
+        tx.send_final(t0, 200, b("200")).unwrap();
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 60_000));
+        let g: Vec<u64> = [100, 300, 700]
+            .into_iter()
+            .chain((1..=14).map(|k| 700 + 400 * k))
+            .collect();
+        assert_eq!(g.last(), Some(&6_300));
+        let expected = cat(vec![
+            vec![(0, send("200"))],
+            at(&g, "200"),
+            vec![
+                (6_400, ev(TransactionEvent::TimedOut(Timer::H))),
+                (6_400, ev(TransactionEvent::Terminated)),
+            ],
+        ]);
+        assert_eq!(log, expected);
+
+        // Timer K = T4 = 1 s and Timer E capped at T2 = 400 ms.
+        let (t0, mut tx) = client_bye(Transport::Unreliable, cfg);
+        let mut log = drain(&mut tx, t0, t0);
+        log.extend(run(&mut tx, t0, 1_200));
+        tx.on_response(t0 + ms(1_200), 200).unwrap();
+        log.extend(drain(&mut tx, t0, t0 + ms(1_200)));
+        log.extend(run(&mut tx, t0, 60_000));
+        assert_eq!(
+            log,
+            cat(vec![
+                vec![(0, send("BYE"))],
+                at(&[100, 300, 700, 1_100], "BYE"),
+                vec![
+                    (1_200, ev(TransactionEvent::ResponseReceived(200))),
+                    (2_200, ev(TransactionEvent::Terminated)),
+                ],
+            ])
+        );
+    }
+
+    // ----- keys and the table ------------------------------------------------
+
+    #[test]
+    fn key_matching_rules() {
+        let invite = key("INVITE");
+        assert_eq!(key("ACK"), invite, "ACK matches the INVITE transaction");
+        let cancel = key("CANCEL");
+        assert_eq!(cancel.method, TxMethod::NonInvite("CANCEL".into()));
+        assert_ne!(cancel, invite, "CANCEL is its own transaction");
+        assert_eq!(cancel.cancelled_invite(), Some(invite.clone()));
+        assert_eq!(key("BYE").cancelled_invite(), None);
+        assert_eq!(
+            TransactionKey::new("z9hG4bK-abc", "Host.Example.COM:5060", "INVITE")
+                .unwrap()
+                .sent_by,
+            "host.example.com:5060"
+        );
+        assert_ne!(
+            TransactionKey::new("z9hG4bK-ABC", "10.0.0.1:5060", "INVITE").unwrap(),
+            invite,
+            "branch is compared case-sensitively"
+        );
+        assert_eq!(
+            TransactionKey::new("1234", "10.0.0.1", "INVITE"),
+            Err(TransactionError::NotRfc3261Branch)
+        );
+        assert_eq!(
+            TransactionKey::new("z9hG4bK1", "", "INVITE"),
+            Err(TransactionError::EmptyKeyPart)
+        );
+    }
+
+    #[test]
+    fn table_is_bounded_and_drops_terminated() {
+        let t0 = Instant::now();
+        let cfg = TimerConfig::default();
+        let mut table = TransactionTable::new(2);
+        let server = ServerNonInviteTransaction::new(t0, key("BYE"), Transport::Unreliable, cfg);
+        table.insert(Transaction::ServerNonInvite(server)).unwrap();
+        let dup = ServerNonInviteTransaction::new(t0, key("BYE"), Transport::Unreliable, cfg);
+        assert_eq!(
+            table.insert(Transaction::ServerNonInvite(dup)),
+            Err(TransactionError::DuplicateKey)
+        );
+        // Same key, other role: a different transaction.
+        let client =
+            ClientNonInviteTransaction::new(t0, key("BYE"), Transport::Unreliable, cfg, b("BYE"));
+        table.insert(Transaction::ClientNonInvite(client)).unwrap();
+        let third = ServerNonInviteTransaction::new(t0, key("OPTIONS"), Transport::Unreliable, cfg);
+        assert_eq!(
+            table.insert(Transaction::ServerNonInvite(third)),
+            Err(TransactionError::TableFull { max: 2 })
+        );
+        assert_eq!(table.next_timeout(), Some(t0 + ms(500)), "client Timer E");
+        assert_eq!(
+            table.poll_output(),
+            Some((Role::Client, key("BYE"), send("BYE")))
+        );
+        assert_eq!(table.poll_output(), None);
+
+        // The server answers; its Timer J (32 s) and the client's F (32 s) end both.
+        match table.get_mut(Role::Server, &key("BYE")) {
+            Some(Transaction::ServerNonInvite(tx)) => tx.send_final(t0, 200, b("200")).unwrap(),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            table.poll_output(),
+            Some((Role::Server, key("BYE"), send("200")))
+        );
+        assert_eq!(table.poll_output(), None);
+        table.handle_timeout(t0 + ms(32_000));
+        let mut events = Vec::new();
+        while let Some((role, _, out)) = table.poll_output() {
+            events.push((role, out));
+        }
+        assert!(events.contains(&(Role::Server, ev(TransactionEvent::Terminated))));
+        assert!(events.contains(&(Role::Client, ev(TransactionEvent::TimedOut(Timer::F)))));
+        assert!(table.is_empty(), "terminated transactions are removed");
+        assert_eq!(table.next_timeout(), None);
+    }
+}
