@@ -1,0 +1,12 @@
+//! Media, sans-IO: RTP/RTCP, jitter buffer, G.711, 8↔16 kHz resampling,
+//! RFC 4733 telephone-events, the disclosure prompt and the playout queue.
+//!
+//! Nothing in here imports tokio, opens sockets or reads a clock: the daemon
+//! shell owns the RTP sockets and passes packets and time in.
+
+pub mod dtmf;
+pub mod g711;
+pub mod jitter;
+pub mod prompt;
+pub mod resample;
+pub mod rtp;
