@@ -246,3 +246,58 @@ fn stat_counter_reads_last_row() {
     assert_eq!(stat_counter(csv, "Missing"), None);
     assert_eq!(stat_counter("A;B\n", "A"), None);
 }
+
+#[test]
+fn call_with_audio_plays_caller1_as_paced_pcmu() {
+    use std::time::{Duration, Instant};
+
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let rtp_port = sink.local_addr().unwrap().port().to_string();
+    let receiver = std::thread::spawn(move || {
+        let mut packets = Vec::new();
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            match sink.recv(&mut buf) {
+                Ok(n) => packets.push((Instant::now(), buf[..n].to_vec())),
+                Err(_) if !packets.is_empty() => break, // 200 ms of silence: done
+                Err(_) => {}
+            }
+        }
+        packets
+    });
+    let mock_path = mock("media_uas.xml");
+    let server = SippServer::spawn(&[
+        "-sf",
+        mock_path.to_str().unwrap(),
+        "-set",
+        "rtp_port",
+        &rtp_port,
+    ]);
+    let carrier = sipp(&sipp_scenario("call_with_audio.xml"), server.addr(), &[]);
+    let server = server.finish();
+    carrier.assert_success();
+    server.assert_success();
+
+    let packets = receiver.join().unwrap();
+    let expected = std::fs::read(common::repo_path("fixtures/audio/caller1.ulaw")).unwrap();
+    assert_eq!(packets.len(), expected.len().div_ceil(160));
+    let mut payload = Vec::new();
+    for (i, (_, p)) in packets.iter().enumerate() {
+        assert_eq!(p.len(), 12 + 160);
+        assert_eq!(p[0], 0x80, "RTP v2");
+        assert_eq!(p[1] & 0x7f, 0, "PT 0 (PCMU)");
+        let seq = u16::from_be_bytes([p[2], p[3]]);
+        let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+        assert_eq!(seq, 1000 + u16::try_from(i).unwrap());
+        assert_eq!(ts, 160 * u32::try_from(i).unwrap());
+        payload.extend_from_slice(&p[12..]);
+    }
+    assert_eq!(&payload[..expected.len()], &expected[..]);
+    assert!(payload[expected.len()..].iter().all(|b| *b == 0xff));
+    // Paced in real time (20 ms apart), not sent in one burst.
+    let spread = packets.last().unwrap().0 - packets[0].0;
+    assert!(spread >= Duration::from_millis(2500), "{spread:?}");
+}

@@ -144,11 +144,27 @@ impl Daemon {
     /// [`DAEMON_START_TIMEOUT`]) for its `"sip listener bound"` log lines for UDP and TCP.
     /// Panics with the daemon's output if it exits or does not report both in time.
     pub(crate) fn spawn(profile_toml: &str) -> Daemon {
+        Daemon::spawn_program(
+            Path::new(env!("CARGO_BIN_EXE_sipbridge")),
+            &[],
+            profile_toml,
+        )
+    }
+
+    /// [`Daemon::spawn`] with another program standing in for the binary (`program
+    /// leading_args… --log-format json run --config PATH`): lets the harness test itself
+    /// with a fake daemon.
+    pub(crate) fn spawn_program(
+        program: &Path,
+        leading_args: &[&str],
+        profile_toml: &str,
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let profile = dir.path().join("profile.toml");
         std::fs::write(&profile, profile_toml).expect("write profile");
 
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        let mut child = Command::new(program)
+            .args(leading_args)
             .args(["--log-format", "json", "run", "--config"])
             .arg(&profile)
             .current_dir(dir.path())
@@ -160,7 +176,7 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn sipbridge");
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
 
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
@@ -243,6 +259,11 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the daemon is still running.
