@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs the system tools the tests use, on Debian 12, only when something is missing.
+#
+#   sip-tester          sipp: scripted SIP carrier for tests/sipp/*.xml
+#   baresip(-core)      a real SIP phone on loopback
+#   sox, libsox-fmt-all audio conversion (fixtures/make.sh, checking recordings)
+#   espeak-ng           speech synthesis (fixtures/make.sh)
+#   tshark              decoding captured SIP/RTP in failing tests
+#   systemd             systemd-analyze verify for the unit file
+#
+# Idempotent: when every tool is present it does nothing (no apt-get update, no network).
+# As root it runs `apt-get update` then `apt-get install` for the missing packages only;
+# as another user with tools missing it names them and exits 1.
+set -euo pipefail
+
+# package:command pairs; a package with no command of its own is checked with dpkg.
+checks=(
+    "sip-tester:sipp"
+    "baresip:baresip"
+    "baresip-core:"
+    "sox:sox"
+    "libsox-fmt-all:"
+    "espeak-ng:espeak-ng"
+    "tshark:tshark"
+    "systemd:systemd-analyze"
+)
+
+missing=()
+for pair in "${checks[@]}"; do
+    pkg="${pair%%:*}"
+    cmd="${pair#*:}"
+    if [[ -n "$cmd" ]]; then
+        command -v "$cmd" >/dev/null 2>&1 && continue
+    else
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' && continue
+    fi
+    missing+=("$pkg")
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "install-test-deps: all test tools present"
+    exit 0
+fi
+
+if [[ "$(id -u)" -ne 0 ]]; then
+    echo "install-test-deps: missing packages: ${missing[*]}" >&2
+    echo "install-test-deps: run as root (sudo bash scripts/install-test-deps.sh) or:" >&2
+    echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    exit 1
+fi
+
+echo "install-test-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends "${missing[@]}"
