@@ -7,3 +7,4 @@
 pub mod config;
 pub mod media;
 pub mod sip;
+pub mod store;

@@ -1,0 +1,7 @@
+//! Recordings, transcripts and call metadata: encrypted at rest, under each
+//! tenant's retention policy. Pure selection rules (`retention`) beside the
+//! I/O that applies them.
+
+pub mod crypto;
+pub mod db;
+pub mod retention;
