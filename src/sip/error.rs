@@ -179,6 +179,12 @@ pub fn reason_phrase(status: u16) -> &'static str {
         603 => "Decline",
         604 => "Does Not Exist Anywhere",
         606 => "Not Acceptable",
+        _ => class_phrase(status),
+    }
+}
+
+fn class_phrase(status: u16) -> &'static str {
+    match status {
         100..=199 => "Session Progress",
         200..=299 => "OK",
         300..=399 => "Redirection",

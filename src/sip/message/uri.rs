@@ -221,10 +221,9 @@ impl Params {
             if !is_token(name) {
                 return Err(bad("bad parameter name", item));
             }
-            if let Some(v) = value {
-                if v.is_empty() || v.chars().any(|c| c.is_whitespace() && !v.starts_with('"')) {
-                    return Err(bad("bad parameter value", item));
-                }
+            let unquoted_ws = |v: &str| !v.starts_with('"') && v.contains(char::is_whitespace);
+            if value.is_some_and(|v| v.is_empty() || unquoted_ws(v)) {
+                return Err(bad("bad parameter value", item));
             }
             out.0.push((name.to_owned(), value.map(str::to_owned)));
         }
