@@ -5,4 +5,5 @@
 //! inside a thin tokio shell (`daemon`). Configuration lives in `config`.
 
 pub mod config;
+pub mod logging;
 pub mod sip;
