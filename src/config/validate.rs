@@ -47,6 +47,9 @@ type Loc = (usize, Range<usize>);
 struct Item<T> {
     file: usize,
     value: T,
+    /// Keys were removed after errors: defaults stand in for them, so checks
+    /// that would blame a default are skipped.
+    damaged: bool,
 }
 
 #[derive(Default)]
@@ -215,10 +218,8 @@ fn parse_file(file: usize, cx: &mut Cx<'_>, parsed: &mut Parsed) {
         match name {
             "profile" => {
                 saw_profile = true;
-                if let Some(p) = item::<RawProfile>(file, value, cx) {
-                    parsed.profiles.push(Item { file, value: p });
-                } else {
-                    parsed.uncertain = true;
+                if let Some((p, damaged)) = item::<RawProfile>(file, value, cx) {
+                    parsed.profiles.push(Item { file, value: p, damaged });
                 }
             }
             "trunk" | "tenant" | "route" => {
@@ -234,16 +235,16 @@ fn parse_file(file: usize, cx: &mut Cx<'_>, parsed: &mut Parsed) {
                 for el in elements.iter() {
                     match name {
                         "trunk" => match item::<RawTrunk>(file, el, cx) {
-                            Some(t) => parsed.trunks.push(Item { file, value: t }),
+                            Some((t, damaged)) => parsed.trunks.push(Item { file, value: t, damaged }),
                             None => note_broken(el, "name", &mut parsed.broken_trunks, &mut parsed.uncertain),
                         },
                         "tenant" => match item::<RawTenant>(file, el, cx) {
-                            Some(t) => parsed.tenants.push(Item { file, value: t }),
+                            Some((t, damaged)) => parsed.tenants.push(Item { file, value: t, damaged }),
                             None => note_broken(el, "id", &mut parsed.broken_tenants, &mut parsed.uncertain),
                         },
                         _ => {
-                            if let Some(r) = item::<RawRoute>(file, el, cx) {
-                                parsed.routes.push(Item { file, value: r });
+                            if let Some((r, damaged)) = item::<RawRoute>(file, el, cx) {
+                                parsed.routes.push(Item { file, value: r, damaged });
                             }
                         }
                     }
@@ -288,21 +289,58 @@ fn note_broken(
     }
 }
 
+/// Deserializes one item. On an error, the offending key or value is removed
+/// and deserialization retried, so every unknown key and wrongly typed value
+/// of the item is reported, and the rest of it is still checked. The result
+/// is only used when the load fails anyway (the errors are recorded).
 fn item<T: for<'de> Deserialize<'de>>(
     file: usize,
     value: &Spanned<DeValue<'_>>,
     cx: &mut Cx<'_>,
-) -> Option<T> {
-    match T::deserialize(ValueDeserializer::from(value.clone())) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            cx.error(
-                file,
-                e.span().or(Some(value.span())),
-                e.message().trim().to_owned(),
-            );
-            None
+) -> Option<(T, bool)> {
+    const MAX_RETRIES: usize = 64;
+    let mut value = value.clone();
+    for attempt in 0..MAX_RETRIES {
+        let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(v) => return Some((v, attempt > 0)),
+            Err(e) => e,
+        };
+        // A field removed after a type error is then "missing": not a new problem.
+        let missing = e.message().starts_with("missing field");
+        if attempt == 0 || !missing {
+            let span = e.span().or(Some(value.span()));
+            cx.error(file, span, e.message().trim().to_owned());
         }
+        match e.span() {
+            Some(span) if !missing && span != value.span() => {
+                if !remove_span(value.get_mut(), &span) {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Removes the table entry whose key or value has exactly this span.
+fn remove_span(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
+    match value {
+        DeValue::Table(table) => {
+            let hit = table
+                .iter()
+                .find(|(k, v)| k.span() == *span || v.span() == *span)
+                .map(|(k, _)| k.get_ref().to_string());
+            if let Some(key) = hit {
+                table.remove(key.as_str());
+                return true;
+            }
+            table
+                .iter_mut()
+                .any(|(_, v)| remove_span(v.get_mut(), span))
+        }
+        DeValue::Array(items) => items.iter_mut().any(|v| remove_span(v.get_mut(), span)),
+        _ => false,
     }
 }
 
@@ -431,7 +469,12 @@ fn check_profiles(
     // (transport, address) -> (profile name, place)
     let mut sockets: Vec<(&'static str, SocketAddr, String, Loc)> = Vec::new();
     let mut out = Vec::new();
-    for Item { file, value: p } in raw {
+    for Item {
+        file,
+        value: p,
+        damaged,
+    } in raw
+    {
         check_name(cx, file, &p.name, "profile name");
         unique(cx, &mut names, file, &p.name, "profile name");
         let name = p.name.get_ref().clone();
@@ -535,7 +578,7 @@ fn check_profiles(
                     start: *start,
                     end: *end,
                 };
-                if ok {
+                if ok && !damaged {
                     let needed =
                         trunk_sum.map_or(u64::from(max_calls), |s| s.min(u64::from(max_calls)));
                     if u64::from(range.calls()) < needed {
@@ -552,7 +595,7 @@ fn check_profiles(
                 range
             }
             None => {
-                if u64::from(DEFAULT_RTP_PORTS.calls()) < u64::from(max_calls) {
+                if u64::from(DEFAULT_RTP_PORTS.calls()) < u64::from(max_calls) && !damaged {
                     cx.error(
                         file,
                         p.max_calls.as_ref().map(Spanned::span),
@@ -706,7 +749,12 @@ fn check_trunks(
     let mut names = HashMap::new();
     let mut networks: HashMap<IpNet, (String, Loc)> = HashMap::new();
     let mut out = Vec::new();
-    for Item { file, value: t } in raw {
+    for Item {
+        file,
+        value: t,
+        damaged,
+    } in raw
+    {
         check_name(cx, file, &t.name, "trunk name");
         unique(cx, &mut names, file, &t.name, "trunk name");
         let mut allow = Vec::new();
@@ -759,7 +807,7 @@ fn check_trunks(
                     .map_or(DEFAULT_REALM.to_owned(), |r| r.get_ref().clone()),
             })
         });
-        if t.allow.is_empty() && t.digest.is_none() {
+        if t.allow.is_empty() && t.digest.is_none() && !damaged {
             cx.error(
                 file,
                 Some(t.name.span()),
@@ -798,11 +846,16 @@ fn check_trunks(
 fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc)> {
     let mut ids = HashMap::new();
     let mut out = Vec::new();
-    for Item { file, value: t } in raw {
+    for Item {
+        file,
+        value: t,
+        damaged,
+    } in raw
+    {
         check_name(cx, file, &t.id, "tenant id");
         unique(cx, &mut ids, file, &t.id, "tenant id");
         let prompt = t.prompt.as_ref().and_then(|p| check_prompt(cx, file, p));
-        if (t.recording || t.transcripts) && t.prompt.is_none() {
+        if (t.recording || t.transcripts) && t.prompt.is_none() && !damaged {
             cx.error(
                 file,
                 Some(t.id.span()),
@@ -846,7 +899,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 }
             }
         }
-        let pipeline = check_pipeline(cx, file, &t.pipeline);
+        let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
         if let Some(pipeline) = pipeline {
             out.push((
@@ -917,7 +970,12 @@ fn check_prompt(cx: &mut Cx<'_>, file: usize, written: &Spanned<String>) -> Opti
     })
 }
 
-fn check_pipeline(cx: &mut Cx<'_>, file: usize, raw: &Spanned<RawPipeline>) -> Option<Pipeline> {
+fn check_pipeline(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: &Spanned<RawPipeline>,
+    damaged: bool,
+) -> Option<Pipeline> {
     let p = raw.get_ref();
     let kind = p.kind.get_ref().as_str();
     let (deepgram, agent) = match kind {
@@ -963,11 +1021,13 @@ fn check_pipeline(cx: &mut Cx<'_>, file: usize, raw: &Spanned<RawPipeline>) -> O
                     None
                 }
                 None => {
-                    cx.error(
-                        file,
-                        Some(raw.span()),
-                        format!("pipeline kind `{kind}` needs `{name}`"),
-                    );
+                    if !damaged {
+                        cx.error(
+                            file,
+                            Some(raw.span()),
+                            format!("pipeline kind `{kind}` needs `{name}`"),
+                        );
+                    }
                     ok = false;
                     None
                 }
@@ -1048,7 +1108,12 @@ fn check_routes(
     trunks: &[(Trunk, Loc)],
 ) -> Vec<Route> {
     let mut out: Vec<(Route, Loc)> = Vec::new();
-    for Item { file, value: r } in raw {
+    for Item {
+        file,
+        value: r,
+        damaged: _,
+    } in raw
+    {
         let loc = (file, r.number.span());
         let number = match NumberPattern::parse(r.number.get_ref()) {
             Ok(n) => Some(n),
