@@ -4,7 +4,10 @@
 //! (`sip`, later `media` and `call`) that never touches sockets, clocks or tasks,
 //! inside a thin tokio shell (`daemon`). Configuration lives in `config`.
 
+pub mod call;
 pub mod config;
+pub mod daemon;
 pub mod media;
+pub mod logging;
 pub mod sip;
 pub mod store;

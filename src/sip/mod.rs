@@ -4,6 +4,7 @@
 //! Nothing in here imports tokio, opens sockets or reads a clock: time
 //! (`std::time::Instant`) and randomness are passed in by the caller.
 
+pub mod dialog;
 pub mod digest;
 pub mod error;
 pub mod message;

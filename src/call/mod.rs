@@ -1,0 +1,1164 @@
+//! The per-call state machine and the switchboard in front of it — sans-IO.
+//!
+//! Owns: what happens to one call from its INVITE to its last retransmission
+//! absorbed (`Call`), and the decisions taken before a call exists — trunk
+//! identification, digest challenges, routing, limits, stateless answers
+//! (`Switchboard`). Both take time (`Instant`) and randomness as parameters and
+//! return what to transmit; the daemon owns sockets, tasks and clocks.
+//! Must not touch: sockets, tokio, the wall clock (`SystemTime` values are
+//! passed in), the filesystem.
+
+mod record;
+mod session;
+mod switchboard;
+
+pub use record::{CallRecord, HangupSide};
+pub use switchboard::{Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings};
+
+use crate::sip::dialog::Dialog;
+use crate::sip::error::SipError;
+use crate::sip::message::{Message, Method, NameAddr, Request, Response, Via};
+use crate::sip::sdp::{Direction, LocalMedia, Negotiated, SdpSession};
+use crate::sip::timer::TimerConfig;
+use crate::sip::transaction::{
+    ClientInviteTransaction, ClientNonInviteTransaction, ServerInviteTransaction,
+    ServerNonInviteTransaction, TransactionEvent, TransactionKey, TransactionOutput, Transport,
+};
+use bytes::Bytes;
+use rand::RngCore;
+use session::SessionTimer;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The transport a SIP message came in on or goes out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// Datagrams.
+    Udp,
+    /// A byte stream.
+    Tcp,
+}
+
+impl TransportKind {
+    /// The Via transport token.
+    pub fn as_via(self) -> &'static str {
+        match self {
+            TransportKind::Udp => "UDP",
+            TransportKind::Tcp => "TCP",
+        }
+    }
+
+    fn reliability(self) -> Transport {
+        match self {
+            TransportKind::Udp => Transport::Unreliable,
+            TransportKind::Tcp => Transport::Reliable,
+        }
+    }
+}
+
+/// Where a message came from, or goes to. `flow` is the daemon's name for the
+/// socket: a listener index for UDP, a connection id for TCP (responses and
+/// in-dialog requests reuse the connection the call came in on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// UDP or TCP.
+    pub transport: TransportKind,
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// The daemon's socket or connection id.
+    pub flow: u64,
+}
+
+/// Bytes to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub dest: Peer,
+    /// An encoded SIP message.
+    pub bytes: Bytes,
+}
+
+/// Our own SIP address as the peer must see it (the advertised address).
+#[derive(Debug, Clone)]
+pub struct LocalSip {
+    /// Host (IP or name) put into Via and Contact.
+    pub host: String,
+    /// Port put into Via and Contact.
+    pub port: u16,
+}
+
+/// Everything a call needs from the configuration, copied at admission so a
+/// reload never changes a live call.
+#[derive(Debug, Clone)]
+pub struct CallSettings {
+    /// Tenant id.
+    pub tenant: String,
+    /// Trunk name.
+    pub trunk: String,
+    /// RFC 3261 T1/T2/T4.
+    pub timers: TimerConfig,
+    /// Our advertised signalling address for the transport the call uses.
+    pub local: LocalSip,
+    /// Our media: address, RTP port, codec preference.
+    pub media: LocalMedia,
+    /// Wait between 180 Ringing and 200 OK.
+    pub answer_delay: Duration,
+    /// Session interval we ask for when the caller supports timers (RFC 4028).
+    pub session_expires: Duration,
+    /// Our Min-SE.
+    pub min_se: Duration,
+    /// End the call when no RTP arrives for this long (not while on hold).
+    pub rtp_timeout: Option<Duration>,
+    /// End the call after this long, whatever happens.
+    pub max_duration: Option<Duration>,
+}
+
+/// Why a call ended, as recorded in the CDR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HangupCause {
+    /// BYE from the caller.
+    CallerBye,
+    /// CANCEL before answer.
+    Cancelled,
+    /// The bridge ended it on request (admin, agent, shutdown).
+    Local,
+    /// No ACK for our 200 within 64·T1.
+    NoAck,
+    /// No RTP for the configured time.
+    RtpTimeout,
+    /// The session timer expired without a refresh.
+    SessionExpired,
+    /// The maximum call duration was reached.
+    MaxDuration,
+    /// The daemon is shutting down.
+    Shutdown,
+    /// Rejected before answer (the result code says why).
+    Rejected,
+    /// A refresh or in-dialog request told us the dialog is gone (408/481).
+    DialogGone,
+    /// No usable SDP answer (delayed offer answered badly in the ACK).
+    MediaFailed,
+}
+
+impl HangupCause {
+    /// A short name for logs and CDRs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HangupCause::CallerBye => "caller-bye",
+            HangupCause::Cancelled => "cancelled",
+            HangupCause::Local => "local-hangup",
+            HangupCause::NoAck => "no-ack",
+            HangupCause::RtpTimeout => "rtp-timeout",
+            HangupCause::SessionExpired => "session-expired",
+            HangupCause::MaxDuration => "max-duration",
+            HangupCause::Shutdown => "shutdown",
+            HangupCause::Rejected => "rejected",
+            HangupCause::DialogGone => "dialog-gone",
+            HangupCause::MediaFailed => "media-failed",
+        }
+    }
+}
+
+/// What the call tells its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallEvent {
+    /// 200 OK sent; media may flow to `negotiated.remote_rtp`.
+    Answered(Negotiated),
+    /// The session was re-negotiated (hold, unhold, new address).
+    MediaChanged(Negotiated),
+    /// The call is over for the user: release its media and counters. The
+    /// `Call` may live on a little to absorb retransmissions.
+    Ended(CallRecord),
+}
+
+/// Output of [`Call::poll_output`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallOutput {
+    /// Send these bytes.
+    Transmit(Transmit),
+    /// Something happened.
+    Event(CallEvent),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// 180 sent, waiting to answer.
+    Ringing,
+    /// 200 sent, waiting for the ACK.
+    Answered,
+    /// ACK received: the call is up.
+    Confirmed,
+    /// Over; lingering for retransmissions.
+    Ended,
+}
+
+/// An INVITE server transaction for a re-INVITE from the peer.
+struct ReInvite {
+    branch: String,
+    txn: ServerInviteTransaction,
+    /// The 2xx was sent; we wait for its ACK (CSeq number).
+    awaiting_ack: Option<u32>,
+    /// The re-INVITE had no SDP: our offer went in the 200, the answer comes in the ACK.
+    delayed: bool,
+}
+
+/// A non-INVITE server transaction (BYE, UPDATE, OPTIONS, CANCEL, …).
+struct ServerTxn {
+    branch: String,
+    method: Method,
+    txn: ServerNonInviteTransaction,
+}
+
+/// Our own request in progress.
+enum ClientTxn {
+    Bye(ClientNonInviteTransaction),
+    Refresh {
+        seq: u32,
+        txn: ClientInviteTransaction,
+    },
+}
+
+/// One call, from its INVITE to the end.
+pub struct Call {
+    call_id: String,
+    settings: CallSettings,
+    peer: Peer,
+    state: State,
+    invite: Request,
+    invite_branch: String,
+    invite_txn: ServerInviteTransaction,
+    dialog: Dialog,
+    sdp: SdpSession,
+    /// INVITE without SDP: our offer went in the 200, the answer comes in the ACK.
+    delayed_offer: bool,
+    negotiated: Option<Negotiated>,
+    /// The SDP answer prepared before ringing, sent in the 200.
+    pending_answer: Option<Bytes>,
+    reinvite: Option<ReInvite>,
+    server_txns: Vec<ServerTxn>,
+    client: Option<ClientTxn>,
+    /// The last ACK we sent for a 2xx to our refresh, resent on 2xx retransmissions.
+    last_ack: Option<(u32, Bytes)>,
+    session: Option<SessionTimer>,
+    /// A hang-up decided while handling input, carried out before returning.
+    pending_hangup: Option<HangupCause>,
+    answer_at: Option<Instant>,
+    last_media: Instant,
+    deadline: Option<Instant>,
+    started: Instant,
+    wall_started: SystemTime,
+    record: CallRecord,
+    out: VecDeque<CallOutput>,
+}
+
+/// Maximum in-dialog server transactions kept at once; a peer flooding new
+/// requests gets 503 beyond it instead of growing memory.
+const MAX_SERVER_TXNS: usize = 32;
+
+fn random_token(rng: &mut impl RngCore) -> String {
+    format!("{:016x}", rng.next_u64())
+}
+
+fn is_held(neg: &Negotiated) -> bool {
+    matches!(
+        neg.remote_direction,
+        Direction::SendOnly | Direction::Inactive
+    ) || neg.remote_rtp.is_none()
+}
+
+/// The Allow header value: every method the bridge handles.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
+/// The Supported header value.
+pub const SUPPORTED: &str = "timer";
+
+impl Call {
+    /// Takes an admitted INVITE: sends 100 Trying at once, 180 Ringing, and —
+    /// after the configured answer delay — 200 OK with the SDP answer (or our
+    /// offer when the INVITE had none). An unusable offer is answered 488.
+    pub fn new(
+        now: Instant,
+        wall_now: SystemTime,
+        invite: Request,
+        peer: Peer,
+        settings: CallSettings,
+        rng: &mut impl RngCore,
+    ) -> Result<Call, SipError> {
+        let call_id = invite.call_id()?.to_owned();
+        let top_via = invite.top_via()?;
+        let invite_branch = top_via.branch().unwrap_or_default().to_owned();
+        let key = txn_key(&invite)?;
+        let trying = Response::for_request(&invite, 100).encode();
+        let invite_txn = ServerInviteTransaction::new(
+            now,
+            key,
+            peer.transport.reliability(),
+            settings.timers,
+            Some(trying),
+        );
+        let dialog = Dialog::new_uas(&invite, random_token(rng), rng.next_u32() >> 1)?;
+        let from = invite.from()?;
+        let record = CallRecord {
+            call_id: call_id.clone(),
+            tenant: Some(settings.tenant.clone()),
+            trunk: Some(settings.trunk.clone()),
+            from: from.uri.user_unescaped().unwrap_or_default(),
+            to: invite.uri.user_unescaped().unwrap_or_default(),
+            source: peer.addr,
+            started_at: wall_now,
+            answered_at: None,
+            ended_at: None,
+            result_code: 0,
+            hangup_side: HangupSide::None,
+            cause: String::new(),
+            codec: None,
+        };
+        let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
+        let mut call = Call {
+            call_id,
+            peer,
+            state: State::Ringing,
+            invite_branch,
+            invite_txn,
+            dialog,
+            sdp: SdpSession::new(rng.next_u64() >> 1, "sipbridge"),
+            delayed_offer: invite.body.is_empty(),
+            negotiated: None,
+            pending_answer: None,
+            reinvite: None,
+            server_txns: Vec::new(),
+            client: None,
+            last_ack: None,
+            session,
+            pending_hangup: None,
+            answer_at: None,
+            last_media: now,
+            deadline: settings.max_duration.map(|d| now + d),
+            started: now,
+            wall_started: wall_now,
+            record,
+            out: VecDeque::new(),
+            invite,
+            settings,
+        };
+        call.drain_invite_txn();
+        // Negotiate first: a bad offer is answered 488 without ringing.
+        if !call.delayed_offer {
+            match call.sdp.answer(&call.invite.body, &call.settings.media) {
+                Ok((neg, body)) => {
+                    call.negotiated = Some(neg);
+                    call.pending_answer = Some(body);
+                }
+                Err(e) => {
+                    let status = e.status();
+                    call.reject(now, status, &[]);
+                    return Ok(call);
+                }
+            }
+        }
+        let ringing = call.dialog_response(&call.invite, 180, true);
+        call.invite_txn.send_provisional(now, ringing.encode());
+        call.drain_invite_txn();
+        if call.settings.answer_delay.is_zero() {
+            call.answer(now);
+        } else {
+            call.answer_at = Some(now + call.settings.answer_delay);
+        }
+        Ok(call)
+    }
+}
+
+/// The transaction key of a request (RFC 3261 §17.2.3): branch, sent-by, method.
+fn txn_key(req: &Request) -> Result<TransactionKey, SipError> {
+    let via = req.top_via()?;
+    let sent_by = match via.port {
+        Some(port) => format!("{}:{}", via.host, port),
+        None => via.host.to_string(),
+    };
+    Ok(TransactionKey::new(
+        via.branch().unwrap_or_default(),
+        &sent_by,
+        req.method.as_str(),
+    ))
+}
+
+fn branch_of(req: &Request) -> String {
+    req.top_via()
+        .ok()
+        .and_then(|v| v.branch().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+impl Call {
+    /// The Call-ID.
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// The tenant and trunk the call was admitted for.
+    pub fn settings(&self) -> &CallSettings {
+        &self.settings
+    }
+
+    /// The negotiated media, once answered.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    /// Whether the call is over for the user (CDR written, media released).
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// Whether every transaction is done too: the owner may drop the call.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Ended
+            && self.invite_txn.is_terminated()
+            && self.reinvite.is_none()
+            && self.server_txns.is_empty()
+            && self.client.is_none()
+    }
+
+    /// Next output to act on.
+    pub fn poll_output(&mut self) -> Option<CallOutput> {
+        self.out.pop_front()
+    }
+
+    /// When [`Call::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.invite_txn.poll_timeout();
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        if let Some(re) = &self.reinvite {
+            consider(re.txn.poll_timeout());
+        }
+        for t in &self.server_txns {
+            consider(t.txn.poll_timeout());
+        }
+        match &self.client {
+            Some(ClientTxn::Bye(t)) => consider(t.poll_timeout()),
+            Some(ClientTxn::Refresh { txn, .. }) => consider(txn.poll_timeout()),
+            None => {}
+        }
+        if self.state != State::Ended {
+            consider(self.answer_at);
+            consider(self.deadline);
+            if let Some(s) = &self.session {
+                consider(s.next_timeout());
+            }
+            consider(self.rtp_deadline());
+        }
+        next
+    }
+
+    fn rtp_deadline(&self) -> Option<Instant> {
+        let timeout = self.settings.rtp_timeout?;
+        if self.state != State::Confirmed || self.negotiated.as_ref().is_none_or(is_held) {
+            return None;
+        }
+        Some(self.last_media + timeout)
+    }
+
+    /// RTP arrived for this call (the media layer calls this; it re-arms the RTP timeout).
+    pub fn media_activity(&mut self, now: Instant) {
+        self.last_media = now;
+    }
+
+    /// Time moves on: retransmit, time out, refresh, expire.
+    pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
+        self.invite_txn.handle_timeout(now);
+        self.drain_invite_txn_at(now, rng);
+        if let Some(re) = &mut self.reinvite {
+            re.txn.handle_timeout(now);
+        }
+        self.drain_reinvite();
+        for t in &mut self.server_txns {
+            t.txn.handle_timeout(now);
+        }
+        self.drain_server_txns();
+        match &mut self.client {
+            Some(ClientTxn::Bye(t)) => t.handle_timeout(now),
+            Some(ClientTxn::Refresh { txn, .. }) => txn.handle_timeout(now),
+            None => {}
+        }
+        self.drain_client(now, rng);
+        if self.state == State::Ended {
+            return;
+        }
+        if self.answer_at.is_some_and(|t| now >= t) {
+            self.answer_at = None;
+            self.answer(now);
+        }
+        if self.deadline.is_some_and(|t| now >= t) {
+            self.hang_up(now, HangupCause::MaxDuration, rng);
+            return;
+        }
+        if self.rtp_deadline().is_some_and(|t| now >= t) {
+            self.hang_up(now, HangupCause::RtpTimeout, rng);
+            return;
+        }
+        let mut refresh = false;
+        let mut expired = false;
+        if let Some(s) = &mut self.session {
+            if s.expired(now) {
+                expired = true;
+            } else if s.refresh_due(now) && self.client.is_none() && self.reinvite.is_none() {
+                refresh = true;
+            }
+        }
+        if expired {
+            self.hang_up(now, HangupCause::SessionExpired, rng);
+        } else if refresh {
+            self.send_refresh(now, rng);
+        }
+    }
+
+    /// Ends the call from our side: BYE when answered, a final error before.
+    pub fn hang_up(&mut self, now: Instant, cause: HangupCause, rng: &mut impl RngCore) {
+        match self.state {
+            State::Ended => {}
+            State::Ringing => {
+                let status = if cause == HangupCause::Shutdown { 503 } else { 480 };
+                self.reject(now, status, cause);
+            }
+            State::Answered | State::Confirmed => {
+                let via = self.via(rng);
+                let contact = self.contact_addr();
+                let bye = self.dialog.new_request(Method::Bye, &via, &contact);
+                let txn = ClientNonInviteTransaction::new(
+                    now,
+                    bye.encode(),
+                    self.peer.transport.reliability(),
+                    self.settings.timers,
+                );
+                self.client = Some(ClientTxn::Bye(txn));
+                self.drain_client(now, rng);
+                self.end(now, HangupSide::Bridge, cause);
+            }
+        }
+    }
+
+    /// A request for this call's Call-ID.
+    pub fn handle_request(&mut self, now: Instant, req: Request, rng: &mut impl RngCore) {
+        let branch = branch_of(&req);
+        let has_to_tag = req.to().ok().is_some_and(|t| t.tag().is_some());
+        match req.method {
+            Method::Ack => self.on_ack(now, &req, &branch),
+            Method::Cancel => self.on_cancel(now, &req, &branch),
+            Method::Invite if !has_to_tag && branch == self.invite_branch => {
+                self.invite_txn.on_request_retransmission(now);
+                self.drain_invite_txn();
+            }
+            Method::Invite if !has_to_tag => {
+                // A new INVITE with our Call-ID but another branch and no To tag:
+                // a second call attempt reusing the Call-ID while this one lives.
+                self.respond_stateless(now, &req, 482);
+            }
+            _ => self.on_in_dialog(now, req, &branch, rng),
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, ack: &Request, branch: &str) {
+        let seq = ack.cseq().map(|c| c.seq).unwrap_or(0);
+        if branch == self.invite_branch && !self.invite_txn.is_terminated() {
+            // ACK for a non-2xx final (same branch as the INVITE).
+            self.invite_txn.on_ack(now);
+            self.drain_invite_txn();
+            if self.state != State::Answered {
+                return;
+            }
+        }
+        if self.state == State::Answered && seq == self.dialog_invite_seq() {
+            self.invite_txn.on_ack(now);
+            self.drain_invite_txn();
+            self.state = State::Confirmed;
+            self.last_media = now;
+            if let Some(s) = &mut self.session {
+                s.start(now);
+            }
+            if self.delayed_offer {
+                match self.sdp.accept_answer(&ack.body) {
+                    Ok(neg) => {
+                        self.record.codec = Some(neg.codec.name().to_owned());
+                        self.negotiated = Some(neg.clone());
+                        self.out.push_back(CallOutput::Event(CallEvent::Answered(neg)));
+                    }
+                    Err(_) => {
+                        // No usable answer in the ACK: the call cannot carry media.
+                        self.pending_hangup = Some(HangupCause::MediaFailed);
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(re) = &mut self.reinvite
+            && re.awaiting_ack == Some(seq)
+        {
+            re.txn.on_ack(now);
+            re.awaiting_ack = None;
+            if re.delayed {
+                re.delayed = false;
+                if let Ok(neg) = self.sdp.accept_answer(&ack.body) {
+                    self.negotiated = Some(neg.clone());
+                    self.out
+                        .push_back(CallOutput::Event(CallEvent::MediaChanged(neg)));
+                }
+            }
+            self.drain_reinvite();
+        }
+        // Otherwise: a duplicate ACK, absorbed.
+    }
+
+    fn dialog_invite_seq(&self) -> u32 {
+        self.invite.cseq().map(|c| c.seq).unwrap_or(0)
+    }
+
+    fn on_cancel(&mut self, now: Instant, cancel: &Request, branch: &str) {
+        if branch != self.invite_branch {
+            self.respond_stateless(now, cancel, 481);
+            return;
+        }
+        if let Some(t) = self
+            .server_txns
+            .iter_mut()
+            .find(|t| t.branch == branch && t.method == Method::Cancel)
+        {
+            t.txn.on_request_retransmission(now);
+            self.drain_server_txns();
+            return;
+        }
+        // 200 to the CANCEL (RFC 3261 §9.2), To tag as in our provisional.
+        let ok = self.dialog_response(cancel, 200, false);
+        self.start_server_txn(now, cancel, ok);
+        if self.state == State::Ringing {
+            self.reject(now, 487, HangupCause::Cancelled);
+        }
+    }
+
+    fn on_in_dialog(&mut self, now: Instant, req: Request, branch: &str, rng: &mut impl RngCore) {
+        // Retransmission of a request we already answer?
+        if let Some(t) = self
+            .server_txns
+            .iter_mut()
+            .find(|t| t.branch == branch && t.method == req.method)
+        {
+            t.txn.on_request_retransmission(now);
+            self.drain_server_txns();
+            return;
+        }
+        if req.method == Method::Invite
+            && let Some(re) = &mut self.reinvite
+            && re.branch == branch
+        {
+            re.txn.on_request_retransmission(now);
+            self.drain_reinvite();
+            return;
+        }
+        if !self.dialog.matches(&req) {
+            self.respond_stateless(now, &req, 481);
+            return;
+        }
+        let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
+        if self.dialog.accept_remote_cseq(seq).is_err() {
+            self.respond_stateless(now, &req, 500);
+            return;
+        }
+        match req.method {
+            Method::Bye => {
+                let ok = self.dialog_response(&req, 200, false);
+                self.start_server_txn(now, &req, ok);
+                match self.state {
+                    State::Ended => {}
+                    State::Ringing => {
+                        // BYE before our 200 (RFC 3261 §15.1.2): 487 the INVITE.
+                        self.reject(now, 487, HangupCause::CallerBye);
+                    }
+                    State::Answered | State::Confirmed => {
+                        // The 2xx needs no more retransmission once the dialog ends.
+                        self.invite_txn.on_ack(now);
+                        self.drain_invite_txn();
+                        self.end(now, HangupSide::Caller, HangupCause::CallerBye);
+                    }
+                }
+            }
+            Method::Invite => self.on_reinvite(now, req, branch),
+            Method::Update => self.on_update(now, &req),
+            Method::Options => {
+                let mut ok = self.dialog_response(&req, 200, true);
+                ok.headers.push("Allow", ALLOW);
+                ok.headers.push("Accept", "application/sdp");
+                ok.headers.push("Supported", SUPPORTED);
+                self.start_server_txn(now, &req, ok);
+            }
+            Method::Info => {
+                let ok = self.dialog_response(&req, 200, false);
+                self.start_server_txn(now, &req, ok);
+            }
+            Method::Extension(_) => self.respond_stateless(now, &req, 501),
+            _ => {
+                let mut resp = self.dialog_response(&req, 405, false);
+                resp.headers.push("Allow", ALLOW);
+                self.start_server_txn(now, &req, resp);
+            }
+        }
+        let _ = rng;
+    }
+
+    fn on_reinvite(&mut self, now: Instant, req: Request, branch: &str) {
+        let Ok(key) = txn_key(&req) else {
+            return;
+        };
+        let mut txn = ServerInviteTransaction::new(
+            now,
+            key,
+            self.peer.transport.reliability(),
+            self.settings.timers,
+            None,
+        );
+        let busy = self.reinvite.is_some()
+            || matches!(self.client, Some(ClientTxn::Refresh { .. }))
+            || self.state == State::Answered;
+        let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
+        let mut delayed = false;
+        let (status, resp) = if busy {
+            // Glare or an overlapping offer (RFC 3261 §14.2).
+            let mut resp = self.dialog_response(&req, 491, false);
+            resp.headers.push("Retry-After", "1");
+            (491, resp)
+        } else if req.body.is_empty() {
+            delayed = true;
+            let body = self.sdp.offer(&self.settings.media, Direction::SendRecv);
+            (200, self.ok_with_sdp(&req, body))
+        } else {
+            match self.sdp.answer(&req.body, &self.settings.media) {
+                Ok((neg, body)) => {
+                    self.negotiated = Some(neg.clone());
+                    self.out
+                        .push_back(CallOutput::Event(CallEvent::MediaChanged(neg)));
+                    (200, self.ok_with_sdp(&req, body))
+                }
+                Err(e) => {
+                    // The old session stays (RFC 3261 §14.2).
+                    let status = e.status();
+                    (status, self.dialog_response(&req, status, false))
+                }
+            }
+        };
+        if status == 200 {
+            self.dialog.refresh_target(&req);
+            if let Some(s) = &mut self.session {
+                s.refreshed(now);
+            }
+        }
+        txn.send_final(now, status, resp.encode());
+        self.reinvite = Some(ReInvite {
+            branch: branch.to_owned(),
+            txn,
+            awaiting_ack: (status == 200).then_some(seq),
+            delayed,
+        });
+        self.drain_reinvite();
+    }
+
+    fn on_update(&mut self, now: Instant, req: &Request) {
+        let resp = if req.body.is_empty() {
+            self.dialog_response(req, 200, true)
+        } else if self.reinvite.is_some() {
+            self.dialog_response(req, 491, false)
+        } else {
+            match self.sdp.answer(&req.body, &self.settings.media) {
+                Ok((neg, body)) => {
+                    self.negotiated = Some(neg.clone());
+                    self.out
+                        .push_back(CallOutput::Event(CallEvent::MediaChanged(neg)));
+                    self.ok_with_sdp(req, body)
+                }
+                Err(e) => self.dialog_response(req, e.status(), false),
+            }
+        };
+        if resp.status == 200 {
+            self.dialog.refresh_target(req);
+            if let Some(s) = &mut self.session {
+                s.refreshed(now);
+            }
+        }
+        let mut resp = resp;
+        if resp.status == 200
+            && let Some(s) = &self.session
+        {
+            s.apply(&mut resp.headers);
+        }
+        self.start_server_txn(now, req, resp);
+    }
+
+    /// A response for this call's Call-ID (to our BYE or refresh).
+    pub fn handle_response(&mut self, now: Instant, resp: Response, rng: &mut impl RngCore) {
+        let Ok(cseq) = resp.cseq() else {
+            return;
+        };
+        match (&mut self.client, &cseq.method) {
+            (Some(ClientTxn::Bye(txn)), Method::Bye) => txn.on_response(now, resp.status),
+            (Some(ClientTxn::Refresh { seq, txn }), Method::Invite) if *seq == cseq.seq => {
+                let seq = *seq;
+                let status = resp.status;
+                txn.on_response(now, status, || Bytes::new());
+                if (200..300).contains(&status) {
+                    self.ack_refresh(seq, &resp, rng);
+                    if let Some(s) = &mut self.session {
+                        s.refreshed(now);
+                    }
+                } else if status == 408 || status == 481 {
+                    self.pending_hangup = Some(HangupCause::DialogGone);
+                } else if status >= 300 {
+                    if let Some(s) = &mut self.session {
+                        s.retry_later(now);
+                    }
+                }
+            }
+            (_, Method::Invite) if (200..300).contains(&resp.status) => {
+                // A retransmitted 2xx to a refresh whose transaction is gone: re-ACK.
+                if let Some((seq, ack)) = &self.last_ack
+                    && *seq == cseq.seq
+                {
+                    let dest = self.request_dest();
+                    self.out.push_back(CallOutput::Transmit(Transmit {
+                        dest,
+                        bytes: ack.clone(),
+                    }));
+                }
+            }
+            _ => {}
+        }
+        self.drain_client(now, rng);
+    }
+}
+
+impl Call {
+    fn answer(&mut self, now: Instant) {
+        let body = if self.delayed_offer {
+            self.sdp.offer(&self.settings.media, Direction::SendRecv)
+        } else {
+            self.pending_answer.take().unwrap_or_default()
+        };
+        let invite = self.invite.clone();
+        let mut ok = self.ok_with_sdp(&invite, body);
+        if let Some(s) = &self.session {
+            s.apply(&mut ok.headers);
+        }
+        self.invite_txn.send_final(now, 200, ok.encode());
+        self.drain_invite_txn();
+        self.state = State::Answered;
+        self.record.answered_at = Some(self.wall(now));
+        self.record.result_code = 200;
+        if let Some(neg) = &self.negotiated {
+            self.record.codec = Some(neg.codec.name().to_owned());
+            self.out
+                .push_back(CallOutput::Event(CallEvent::Answered(neg.clone())));
+        }
+    }
+
+    fn ok_with_sdp(&self, req: &Request, body: Bytes) -> Response {
+        let mut ok = self.dialog_response(req, 200, true);
+        ok.headers.push("Allow", ALLOW);
+        ok.headers.push("Supported", SUPPORTED);
+        ok.headers.push("Content-Type", "application/sdp");
+        ok.body = body;
+        ok
+    }
+
+    /// Final non-2xx to the INVITE: the call ends before it began.
+    fn reject(&mut self, now: Instant, status: u16, cause: HangupCause) {
+        let invite = self.invite.clone();
+        let mut resp = self.dialog_response(&invite, status, false);
+        if status == 503 {
+            resp.headers.push("Retry-After", "5");
+        }
+        self.invite_txn.send_final(now, status, resp.encode());
+        self.drain_invite_txn();
+        self.answer_at = None;
+        self.record.result_code = status;
+        let side = match cause {
+            HangupCause::Cancelled | HangupCause::CallerBye => HangupSide::Caller,
+            _ => HangupSide::Bridge,
+        };
+        self.end(now, side, cause);
+    }
+
+    fn end(&mut self, now: Instant, side: HangupSide, cause: HangupCause) {
+        if self.state == State::Ended {
+            return;
+        }
+        self.state = State::Ended;
+        self.record.ended_at = Some(self.wall(now));
+        self.record.hangup_side = side;
+        self.record.cause = cause.as_str().to_owned();
+        self.out
+            .push_back(CallOutput::Event(CallEvent::Ended(self.record.clone())));
+    }
+
+    fn wall(&self, now: Instant) -> SystemTime {
+        self.wall_started + now.saturating_duration_since(self.started)
+    }
+
+    /// A response in this dialog: our To tag on everything but 100, our Contact
+    /// where a dialog is established or refreshed.
+    fn dialog_response(&self, req: &Request, status: u16, contact: bool) -> Response {
+        let mut resp = Response::for_request(req, status);
+        if status > 100 {
+            self.dialog.tag_response(&mut resp);
+        }
+        if contact {
+            resp.headers.push("Contact", self.contact_addr().to_string());
+        }
+        resp
+    }
+
+    fn contact_addr(&self) -> NameAddr {
+        let transport = match self.peer.transport {
+            TransportKind::Udp => "",
+            TransportKind::Tcp => ";transport=tcp",
+        };
+        let text = format!(
+            "<sip:sipbridge@{}:{}{}>",
+            self.settings.local.host, self.settings.local.port, transport
+        );
+        // Our own host/port always form a valid URI; fall back to the To URI if
+        // a misconfigured advertised host does not.
+        NameAddr::parse(&text).unwrap_or_else(|_| self.dialog.local_uri.clone())
+    }
+
+    fn via(&self, rng: &mut impl RngCore) -> Via {
+        let text = format!(
+            "SIP/2.0/{} {}:{};branch=z9hG4bK{};rport",
+            self.peer.transport.as_via(),
+            self.settings.local.host,
+            self.settings.local.port,
+            random_token(rng)
+        );
+        match Via::parse(&text) {
+            Ok(via) => via,
+            Err(_) => {
+                // Same fallback as the Contact: reuse the INVITE's Via shape.
+                let mut via = self.invite.top_via().unwrap_or_else(|_| unreachable_via());
+                via.params.set("branch", Some(&format!("z9hG4bK{}", random_token(rng))));
+                via
+            }
+        }
+    }
+
+    /// Where our in-dialog requests go: the next hop when it is an IP literal,
+    /// else back where the INVITE came from (we do no DNS in the core). On TCP
+    /// the INVITE's connection is reused.
+    fn request_dest(&self) -> Peer {
+        let hop = self.dialog.next_hop();
+        let port = hop.port.unwrap_or(5060);
+        let ip = match &hop.host {
+            Some(crate::sip::message::Host::V4(ip)) => Some(std::net::IpAddr::V4(*ip)),
+            Some(crate::sip::message::Host::V6(ip)) => Some(std::net::IpAddr::V6(*ip)),
+            _ => None,
+        };
+        match (self.peer.transport, ip) {
+            (TransportKind::Tcp, _) | (_, None) => self.peer,
+            (TransportKind::Udp, Some(ip)) => Peer {
+                transport: TransportKind::Udp,
+                addr: SocketAddr::new(ip, port),
+                flow: self.peer.flow,
+            },
+        }
+    }
+
+    /// A response that needs no dialog state (481, 482, 500, 501), still kept
+    /// in a transaction so that retransmissions get it again.
+    fn respond_stateless(&mut self, now: Instant, req: &Request, status: u16) {
+        let resp = Response::for_request(req, status);
+        self.start_server_txn(now, req, resp);
+    }
+
+    fn start_server_txn(&mut self, now: Instant, req: &Request, resp: Response) {
+        let bytes = resp.encode();
+        let Ok(key) = txn_key(req) else {
+            self.transmit(bytes);
+            return;
+        };
+        if self.server_txns.len() >= MAX_SERVER_TXNS {
+            // Bounded: answer without keeping state.
+            self.transmit(bytes);
+            return;
+        }
+        let mut txn = ServerNonInviteTransaction::new(
+            now,
+            key,
+            self.peer.transport.reliability(),
+            self.settings.timers,
+        );
+        txn.send_final(now, resp.status, bytes);
+        self.server_txns.push(ServerTxn {
+            branch: branch_of(req),
+            method: req.method.clone(),
+            txn,
+        });
+        self.drain_server_txns();
+    }
+
+    fn transmit(&mut self, bytes: Bytes) {
+        self.out.push_back(CallOutput::Transmit(Transmit {
+            dest: self.peer,
+            bytes,
+        }));
+    }
+
+    fn drain_invite_txn(&mut self) {
+        while let Some(o) = self.invite_txn.poll_output() {
+            match o {
+                TransactionOutput::Transmit(bytes) => self.transmit(bytes),
+                TransactionOutput::Event(TransactionEvent::TimedOut) => {
+                    if self.state == State::Answered {
+                        self.pending_hangup = Some(HangupCause::NoAck);
+                    }
+                }
+                TransactionOutput::Event(_) => {}
+            }
+        }
+    }
+
+    fn drain_invite_txn_at(&mut self, now: Instant, rng: &mut impl RngCore) {
+        self.drain_invite_txn();
+        self.run_pending_hangup(now, rng);
+    }
+
+    fn run_pending_hangup(&mut self, now: Instant, rng: &mut impl RngCore) {
+        if let Some(cause) = self.pending_hangup.take() {
+            self.hang_up(now, cause, rng);
+        }
+    }
+
+    fn drain_reinvite(&mut self) {
+        let mut out = Vec::new();
+        let mut done = false;
+        if let Some(re) = &mut self.reinvite {
+            while let Some(o) = re.txn.poll_output() {
+                if let TransactionOutput::Transmit(bytes) = o {
+                    out.push(bytes);
+                }
+            }
+            done = re.txn.is_terminated();
+        }
+        for bytes in out {
+            self.transmit(bytes);
+        }
+        if done {
+            self.reinvite = None;
+        }
+    }
+
+    fn drain_server_txns(&mut self) {
+        let mut out = Vec::new();
+        for t in &mut self.server_txns {
+            while let Some(o) = t.txn.poll_output() {
+                if let TransactionOutput::Transmit(bytes) = o {
+                    out.push(bytes);
+                }
+            }
+        }
+        self.server_txns.retain(|t| !t.txn.is_terminated());
+        for bytes in out {
+            self.transmit(bytes);
+        }
+    }
+
+    fn drain_client(&mut self, now: Instant, rng: &mut impl RngCore) {
+        let dest = self.request_dest();
+        let mut out = Vec::new();
+        let mut timed_out = false;
+        let done = match &mut self.client {
+            Some(ClientTxn::Bye(t)) => {
+                while let Some(o) = t.poll_output() {
+                    match o {
+                        TransactionOutput::Transmit(b) => out.push(b),
+                        TransactionOutput::Event(TransactionEvent::TimedOut) => timed_out = true,
+                        TransactionOutput::Event(_) => {}
+                    }
+                }
+                t.is_terminated()
+            }
+            Some(ClientTxn::Refresh { txn, .. }) => {
+                while let Some(o) = txn.poll_output() {
+                    match o {
+                        TransactionOutput::Transmit(b) => out.push(b),
+                        TransactionOutput::Event(TransactionEvent::TimedOut) => timed_out = true,
+                        TransactionOutput::Event(_) => {}
+                    }
+                }
+                txn.is_terminated()
+            }
+            None => false,
+        };
+        for bytes in out {
+            self.out
+                .push_back(CallOutput::Transmit(Transmit { dest, bytes }));
+        }
+        if done {
+            let was_refresh = matches!(self.client, Some(ClientTxn::Refresh { .. }));
+            self.client = None;
+            if was_refresh && timed_out {
+                // RFC 4028 §10 / RFC 5057: a refresh that times out ends the session.
+                self.pending_hangup = Some(HangupCause::DialogGone);
+            }
+        }
+        self.run_pending_hangup(now, rng);
+    }
+
+    fn send_refresh(&mut self, now: Instant, rng: &mut impl RngCore) {
+        let via = self.via(rng);
+        let contact = self.contact_addr();
+        let mut req = self.dialog.new_request(Method::Invite, &via, &contact);
+        let direction = self
+            .negotiated
+            .as_ref()
+            .map_or(Direction::SendRecv, |n| n.local_direction);
+        req.body = self.sdp.offer(&self.settings.media, direction);
+        req.headers.push("Content-Type", "application/sdp");
+        req.headers.push("Allow", ALLOW);
+        req.headers.push("Supported", SUPPORTED);
+        if let Some(s) = &mut self.session {
+            s.apply_refresh(&mut req.headers);
+            s.refresh_sent(now);
+        }
+        let seq = self.dialog.local_seq;
+        let txn = ClientInviteTransaction::new(
+            now,
+            req.encode(),
+            self.peer.transport.reliability(),
+            self.settings.timers,
+        );
+        self.client = Some(ClientTxn::Refresh { seq, txn });
+        self.drain_client(now, rng);
+    }
+
+    fn ack_refresh(&mut self, seq: u32, ok: &Response, rng: &mut impl RngCore) {
+        if let Ok(neg) = self.sdp.accept_answer(&ok.body) {
+            self.negotiated = Some(neg);
+        }
+        let via = self.via(rng);
+        let ack = self.dialog.ack(seq, &via).encode();
+        self.last_ack = Some((seq, ack.clone()));
+        let dest = self.request_dest();
+        self.out
+            .push_back(CallOutput::Transmit(Transmit { dest, bytes: ack }));
+    }
+}
+
+fn unreachable_via() -> Via {
+    // Only reached when both our configured host and the INVITE's Via fail to
+    // parse, which admission rules out; a syntactically valid placeholder keeps
+    // the code panic-free.
+    Via {
+        transport: "UDP".to_owned(),
+        host: crate::sip::message::Host::V4(std::net::Ipv4Addr::LOCALHOST),
+        port: None,
+        params: Default::default(),
+    }
+}

@@ -1,0 +1,78 @@
+//! The call detail record: one per call attempt, rejected ones included.
+//! Written as a log line now (`target: "cdr"`), to the database when the
+//! store lands.
+
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Which side ended the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HangupSide {
+    /// Not ended (or never started).
+    None,
+    /// The caller (BYE, CANCEL).
+    Caller,
+    /// The bridge (rejection, timeout, local hang-up).
+    Bridge,
+}
+
+/// One call attempt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallRecord {
+    /// SIP Call-ID.
+    pub call_id: String,
+    /// Tenant, once routed.
+    pub tenant: Option<String>,
+    /// Trunk, once identified.
+    pub trunk: Option<String>,
+    /// Caller (From user part).
+    pub from: String,
+    /// Dialed number (Request-URI user part).
+    pub to: String,
+    /// Signalling source address.
+    pub source: SocketAddr,
+    /// INVITE received.
+    #[serde(serialize_with = "unix_ms")]
+    pub started_at: SystemTime,
+    /// 200 OK sent.
+    #[serde(serialize_with = "opt_unix_ms")]
+    pub answered_at: Option<SystemTime>,
+    /// Call ended.
+    #[serde(serialize_with = "opt_unix_ms")]
+    pub ended_at: Option<SystemTime>,
+    /// Final response to the INVITE (200 for answered calls).
+    pub result_code: u16,
+    /// Who hung up.
+    pub hangup_side: HangupSide,
+    /// Why (see `HangupCause::as_str`).
+    pub cause: String,
+    /// Negotiated codec.
+    pub codec: Option<String>,
+}
+
+fn to_ms(t: &SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn unix_ms<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(to_ms(t))
+}
+
+fn opt_unix_ms<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_some(&to_ms(t)),
+        None => s.serialize_none(),
+    }
+}
+
+impl CallRecord {
+    /// Call duration from answer to end, when answered.
+    pub fn talk_time(&self) -> Option<std::time::Duration> {
+        let answered = self.answered_at?;
+        self.ended_at?.duration_since(answered).ok()
+    }
+}

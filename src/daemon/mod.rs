@@ -1,0 +1,258 @@
+//! The tokio shell around the sans-IO core: sockets, one task per call,
+//! signals. It owns no protocol logic: every decision is the switchboard's or
+//! the call's; this module moves bytes and time between them and the OS.
+//!
+//! Shape (quinn's `ConnectionDriver`, hickory's `ServerFuture`): listener
+//! tasks parse and dispatch; each call runs in its own task that owns its
+//! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
+
+mod transport;
+
+use crate::call::{Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, Switchboard, Transmit};
+use crate::sip::message::Message;
+use anyhow::Context;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+pub use transport::Transports;
+
+/// Messages to a call task.
+#[derive(Debug)]
+pub(crate) enum CallCommand {
+    /// A SIP message for the call.
+    Sip(Message),
+    /// End the call.
+    HangUp(HangupCause),
+}
+
+/// Per-call mailbox depth: beyond it, datagrams for a busy call are dropped
+/// (UDP peers retransmit), so a flood cannot grow memory.
+const CALL_QUEUE: usize = 64;
+
+/// State shared by listener tasks and call tasks.
+pub(crate) struct Shared {
+    pub(crate) switchboard: Mutex<Switchboard>,
+    pub(crate) calls: Mutex<HashMap<String, mpsc::Sender<CallCommand>>>,
+    pub(crate) transports: Transports,
+    pub(crate) rtp_bind: std::net::IpAddr,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic in another task while holding the lock must not take the daemon
+    // down with it: the protected data stays consistent at every await point.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn log_cdr(record: &CallRecord) {
+    let json = serde_json::to_string(record).unwrap_or_default();
+    info!(
+        target: "cdr",
+        call_id = %record.call_id,
+        tenant = record.tenant.as_deref().unwrap_or(""),
+        trunk = record.trunk.as_deref().unwrap_or(""),
+        result = record.result_code,
+        cause = %record.cause,
+        cdr = %json,
+        "call record"
+    );
+}
+
+impl Shared {
+    /// Acts on one inbound message (already parsed or failed to parse).
+    pub(crate) async fn inbound(self: &Arc<Self>, raw: &[u8], parsed: Result<Message, crate::sip::message::ParseError>, peer: crate::call::Peer, rng: &mut StdRng) {
+        let dispatch = {
+            let calls = lock(&self.calls);
+            let mut sb = lock(&self.switchboard);
+            sb.dispatch(
+                Instant::now(),
+                SystemTime::now(),
+                raw,
+                parsed,
+                peer,
+                |id| calls.contains_key(id),
+                rng,
+            )
+        };
+        match dispatch {
+            Dispatch::ToCall(id, msg) => {
+                let tx = lock(&self.calls).get(&id).cloned();
+                if let Some(tx) = tx
+                    && tx.try_send(CallCommand::Sip(msg)).is_err()
+                {
+                    debug!(call_id = %id, "call mailbox full; message dropped");
+                }
+            }
+            Dispatch::Reply { transmit, record } => {
+                if let Some(record) = record {
+                    log_cdr(&record);
+                }
+                self.transports.send(transmit).await;
+            }
+            Dispatch::Drop(why) => debug!(%peer.addr, why, "dropped"),
+            Dispatch::NewCall(admitted) => self.start_call(*admitted, rng).await,
+        }
+    }
+
+    async fn start_call(self: &Arc<Self>, mut admitted: crate::call::Admitted, rng: &mut StdRng) {
+        // Bind the RTP port the SDP will advertise; skip ports other programs hold.
+        let mut socket = None;
+        for _ in 0..16 {
+            let port = admitted.settings.media.rtp_port;
+            match UdpSocket::bind((self.rtp_bind, port)).await {
+                Ok(s) => {
+                    socket = Some(s);
+                    break;
+                }
+                Err(_) => {
+                    let mut sb = lock(&self.switchboard);
+                    let next = sb.ports.allocate();
+                    sb.ports.release(port);
+                    match next {
+                        Some(p) => admitted.settings.media.rtp_port = p,
+                        None => break,
+                    }
+                }
+            }
+        }
+        let call_id = admitted.invite.call_id().unwrap_or_default().to_owned();
+        let Some(rtp) = socket else {
+            warn!(%call_id, "no RTP port could be bound");
+            let mut sb = lock(&self.switchboard);
+            sb.call_ended(&admitted.settings);
+            let resp = crate::sip::message::Response::for_request(&admitted.invite, 503);
+            drop(sb);
+            self.transports
+                .send(Transmit {
+                    dest: admitted.peer,
+                    bytes: resp.encode(),
+                })
+                .await;
+            return;
+        };
+        let mut call_rng = StdRng::from_rng(rng);
+        let settings = admitted.settings.clone();
+        let call = match Call::new(
+            Instant::now(),
+            SystemTime::now(),
+            admitted.invite,
+            admitted.peer,
+            admitted.settings,
+            &mut call_rng,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%call_id, error = %e, "call refused");
+                lock(&self.switchboard).call_ended(&settings);
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::channel(CALL_QUEUE);
+        lock(&self.calls).insert(call_id.clone(), tx);
+        let shared = Arc::clone(self);
+        let span = info_span!("call", call_id = %call_id, tenant = %settings.tenant);
+        tokio::spawn(
+            async move {
+                run_call(&shared, call, rtp, rx, call_rng).await;
+                lock(&shared.calls).remove(&call_id);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// One call's task: owns the `Call`, its RTP socket and its timer.
+async fn run_call(
+    shared: &Arc<Shared>,
+    mut call: Call,
+    rtp: UdpSocket,
+    mut rx: mpsc::Receiver<CallCommand>,
+    mut rng: StdRng,
+) {
+    let mut rtp = Some(rtp);
+    let mut rtp_buf = vec![0u8; 2048];
+    let mut ended_settings = Some(call.settings().clone());
+    info!(port = call.settings().media.rtp_port, "call started");
+    loop {
+        // Act on everything the call has to say.
+        while let Some(out) = call.poll_output() {
+            match out {
+                CallOutput::Transmit(t) => shared.transports.send(t).await,
+                CallOutput::Event(CallEvent::Answered(neg)) => {
+                    info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
+                }
+                CallOutput::Event(CallEvent::MediaChanged(neg)) => {
+                    info!(direction = ?neg.remote_direction, remote = ?neg.remote_rtp, "media changed");
+                }
+                CallOutput::Event(CallEvent::Ended(record)) => {
+                    log_cdr(&record);
+                    rtp = None;
+                    if let Some(settings) = ended_settings.take() {
+                        lock(&shared.switchboard).call_ended(&settings);
+                    }
+                }
+            }
+        }
+        if call.is_finished() {
+            break;
+        }
+        let deadline = call.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let recv_rtp = async {
+            match &rtp {
+                Some(s) => s.recv_from(&mut rtp_buf).await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(CallCommand::Sip(Message::Request(req))) => call.handle_request(Instant::now(), req, &mut rng),
+                Some(CallCommand::Sip(Message::Response(resp))) => call.handle_response(Instant::now(), resp, &mut rng),
+                Some(CallCommand::HangUp(cause)) => call.hang_up(Instant::now(), cause, &mut rng),
+                None => call.hang_up(Instant::now(), HangupCause::Shutdown, &mut rng),
+            },
+            () = sleep => call.handle_timeout(Instant::now(), &mut rng),
+            r = recv_rtp => if r.is_ok() { call.media_activity(Instant::now()) },
+        }
+    }
+    debug!("call task finished");
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
+    let mut os_rng = StdRng::from_os_rng();
+    let (shared, listeners) = transport::bind_all(&config, &mut os_rng)
+        .await
+        .context("binding listeners")?;
+    let shared = Arc::new(shared);
+    let tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: ending calls"),
+        _ = term.recv() => info!("SIGTERM: ending calls"),
+    }
+    lock(&shared.switchboard).start_draining();
+    let senders: Vec<_> = lock(&shared.calls).values().cloned().collect();
+    for tx in senders {
+        let _ = tx.send(CallCommand::HangUp(HangupCause::Shutdown)).await;
+    }
+    // Give the BYEs a moment to be answered; calls that linger to absorb
+    // retransmissions are not waited for beyond that.
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    while lock(&shared.switchboard).active_calls() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tasks.abort_all();
+    info!("stopped");
+    Ok(())
+}
