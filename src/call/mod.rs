@@ -23,6 +23,7 @@ use crate::sip::timer::TimerConfig;
 use crate::sip::transaction::{
     ClientInviteTransaction, ClientNonInviteTransaction, ServerInviteTransaction,
     ServerNonInviteTransaction, TransactionEvent, TransactionKey, TransactionOutput, Transport,
+    TxMethod,
 };
 use bytes::Bytes;
 use rand::RngCore;
@@ -351,7 +352,7 @@ impl Call {
                 }
                 Err(e) => {
                     let status = e.status();
-                    call.reject(now, status, &[]);
+                    call.reject(now, status, HangupCause::Rejected);
                     return Ok(call);
                 }
             }
@@ -375,11 +376,26 @@ fn txn_key(req: &Request) -> Result<TransactionKey, SipError> {
         Some(port) => format!("{}:{}", via.host, port),
         None => via.host.to_string(),
     };
-    Ok(TransactionKey::new(
-        via.branch().unwrap_or_default(),
-        &sent_by,
-        req.method.as_str(),
-    ))
+    let branch = via.branch().unwrap_or_default();
+    match TransactionKey::new(branch, &sent_by, req.method.as_str()) {
+        Ok(key) => Ok(key),
+        // RFC 2543 peers send no z9hG4bK branch (RFC 3261 §17.2.3 falls back
+        // to matching on the request's identity): build the key from
+        // Call-ID, CSeq and From tag, which identify the transaction there.
+        Err(_) => {
+            let cseq = req.cseq()?;
+            let from_tag = req.from()?.tag().map(str::to_owned).unwrap_or_default();
+            let method = match req.method {
+                Method::Invite | Method::Ack => TxMethod::Invite,
+                ref m => TxMethod::NonInvite(m.as_str().to_owned()),
+            };
+            Ok(TransactionKey {
+                branch: format!("rfc2543|{}|{}|{}", req.call_id()?, cseq.seq, from_tag),
+                sent_by: sent_by.to_ascii_lowercase(),
+                method,
+            })
+        }
+    }
 }
 
 fn branch_of(req: &Request) -> String {
@@ -528,8 +544,12 @@ impl Call {
                 let via = self.via(rng);
                 let contact = self.contact_addr();
                 let bye = self.dialog.new_request(Method::Bye, &via, &contact);
+                let Ok(key) = txn_key(&bye) else {
+                    return;
+                };
                 let txn = ClientNonInviteTransaction::new(
                     now,
+                    key,
                     bye.encode(),
                     self.peer.transport.reliability(),
                     self.settings.timers,
@@ -582,7 +602,7 @@ impl Call {
             if self.delayed_offer {
                 match self.sdp.accept_answer(&ack.body) {
                     Ok(neg) => {
-                        self.record.codec = Some(neg.codec.name().to_owned());
+                        self.record.codec = Some(neg.codec.encoding_name().to_owned());
                         self.negotiated = Some(neg.clone());
                         self.out.push_back(CallOutput::Event(CallEvent::Answered(neg)));
                     }
@@ -800,11 +820,17 @@ impl Call {
             return;
         };
         match (&mut self.client, &cseq.method) {
-            (Some(ClientTxn::Bye(txn)), Method::Bye) => txn.on_response(now, resp.status),
+            (Some(ClientTxn::Bye(txn)), Method::Bye) => {
+                // A response in the wrong state is absorbed by the transaction.
+                let _ = txn.on_response(now, resp.status);
+            }
             (Some(ClientTxn::Refresh { seq, txn }), Method::Invite) if *seq == cseq.seq => {
                 let seq = *seq;
                 let status = resp.status;
-                txn.on_response(now, status, || Bytes::new());
+                // Our refreshes are answered 2xx or, rarely, non-2xx; the ACK
+                // for a non-2xx is built by the transaction's caller.
+                let ack = self.dialog.ack(seq, &self.invite.top_via().unwrap_or_else(|_| unreachable_via()));
+                let _ = txn.on_response(now, status, || ack.encode());
                 if (200..300).contains(&status) {
                     self.ack_refresh(seq, &resp, rng);
                     if let Some(s) = &mut self.session {
@@ -854,7 +880,7 @@ impl Call {
         self.record.answered_at = Some(self.wall(now));
         self.record.result_code = 200;
         if let Some(neg) = &self.negotiated {
-            self.record.codec = Some(neg.codec.name().to_owned());
+            self.record.codec = Some(neg.codec.encoding_name().to_owned());
             self.out
                 .push_back(CallOutput::Event(CallEvent::Answered(neg.clone())));
         }
@@ -1014,7 +1040,7 @@ impl Call {
         while let Some(o) = self.invite_txn.poll_output() {
             match o {
                 TransactionOutput::Transmit(bytes) => self.transmit(bytes),
-                TransactionOutput::Event(TransactionEvent::TimedOut) => {
+                TransactionOutput::Event(TransactionEvent::TimedOut(_)) => {
                     if self.state == State::Answered {
                         self.pending_hangup = Some(HangupCause::NoAck);
                     }
@@ -1078,7 +1104,7 @@ impl Call {
                 while let Some(o) = t.poll_output() {
                     match o {
                         TransactionOutput::Transmit(b) => out.push(b),
-                        TransactionOutput::Event(TransactionEvent::TimedOut) => timed_out = true,
+                        TransactionOutput::Event(TransactionEvent::TimedOut(_)) => timed_out = true,
                         TransactionOutput::Event(_) => {}
                     }
                 }
@@ -1088,7 +1114,7 @@ impl Call {
                 while let Some(o) = txn.poll_output() {
                     match o {
                         TransactionOutput::Transmit(b) => out.push(b),
-                        TransactionOutput::Event(TransactionEvent::TimedOut) => timed_out = true,
+                        TransactionOutput::Event(TransactionEvent::TimedOut(_)) => timed_out = true,
                         TransactionOutput::Event(_) => {}
                     }
                 }
@@ -1128,8 +1154,12 @@ impl Call {
             s.refresh_sent(now);
         }
         let seq = self.dialog.local_seq;
+        let Ok(key) = txn_key(&req) else {
+            return;
+        };
         let txn = ClientInviteTransaction::new(
             now,
+            key,
             req.encode(),
             self.peer.transport.reliability(),
             self.settings.timers,

@@ -69,7 +69,7 @@ impl SessionTimer {
             && *se < min_se
         {
             return Err(SipError::IntervalTooBrief {
-                min_se: min_se.as_secs(),
+                min_se: u32::try_from(min_se.as_secs()).unwrap_or(u32::MAX),
             });
         }
         if !peer_supports && requested.is_none() {

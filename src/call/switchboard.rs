@@ -215,25 +215,13 @@ fn stamp_via(req: &mut Request, peer: &Peer) {
     if wants_rport {
         via.params.set("rport", Some(&peer.addr.port().to_string()));
     }
-    let rest: Vec<String> = req.headers.get_all("Via").map(str::to_owned).collect();
-    // Replace only the first Via value (which may share a line with others).
-    let mut first = true;
-    let mut new_lines = Vec::with_capacity(rest.len());
-    for line in rest {
-        if first {
-            first = false;
-            let mut values: Vec<String> = crate::sip::message::Headers::split_list(&line);
-            if let Some(v) = values.first_mut() {
-                *v = via.to_string();
-            }
-            new_lines.push(values.join(", "));
-        } else {
-            new_lines.push(line);
-        }
+    let mut values: Vec<String> = req.headers.values("Via").map(str::to_owned).collect();
+    if let Some(first) = values.first_mut() {
+        *first = via.to_string();
     }
     req.headers.remove("Via");
-    for line in new_lines.into_iter().rev() {
-        req.headers.push_front("Via", line);
+    for value in values.into_iter().rev() {
+        req.headers.push_front("Via", value);
     }
 }
 
@@ -245,17 +233,59 @@ pub fn dialed_number(req: &Request) -> Option<String> {
     (!number.is_empty()).then_some(number)
 }
 
+impl SwitchboardSettings {
+    /// Settings of a profile, given the addresses its listeners were bound to
+    /// (a configured port 0 becomes the real port here).
+    pub fn from_profile(
+        profile: &crate::config::Profile,
+        udp_local: Option<std::net::SocketAddr>,
+        tcp_local: Option<std::net::SocketAddr>,
+    ) -> SwitchboardSettings {
+        let bound_ip = udp_local.or(tcp_local).map(|a| a.ip());
+        // The advertised address wins; an unspecified bind (0.0.0.0) cannot be
+        // advertised, so fall back to loopback, which `check` warns about.
+        let host_ip = profile
+            .advertised_address
+            .or(bound_ip.filter(|ip| !ip.is_unspecified()))
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let host = host_ip.to_string();
+        let host = if host_ip.is_ipv6() { format!("[{host}]") } else { host };
+        let sip = &profile.sip;
+        let timers = crate::sip::timer::TimerConfig::new(sip.t1, sip.t2, sip.t4).unwrap_or_default();
+        SwitchboardSettings {
+            timers,
+            local_udp: LocalSip {
+                host: host.clone(),
+                port: udp_local.map_or(5060, |a| a.port()),
+            },
+            local_tcp: LocalSip {
+                host,
+                port: tcp_local.map_or(5060, |a| a.port()),
+            },
+            media_addr: host_ip,
+            codecs: vec![crate::sip::sdp::Codec::Pcmu, crate::sip::sdp::Codec::Pcma],
+            answer_delay: sip.answer_delay,
+            session_expires: sip.session_expires,
+            min_se: sip.min_se,
+            rtp_timeout: profile.media.rtp_timeout,
+            max_duration: profile.media.max_call_duration,
+            drop_unknown_sources: sip.unknown_source == crate::config::UnknownSource::Drop,
+            max_calls: usize::try_from(profile.max_calls).unwrap_or(usize::MAX),
+        }
+    }
+}
+
 impl Switchboard {
     /// A switchboard for this configuration.
     pub fn new(config: Arc<Config>, settings: SwitchboardSettings, ports: PortAllocator, rng: &mut impl RngCore) -> Self {
         let mut digest = HashMap::new();
-        for trunk in config.trunks() {
-            if let Some(creds) = trunk.digest() {
+        for trunk in &config.trunks {
+            if let Some(creds) = &trunk.digest {
                 let mut key = [0u8; 32];
                 rng.fill_bytes(&mut key);
                 digest.insert(
-                    trunk.name().to_owned(),
-                    DigestServer::new(creds.realm(), key, Duration::from_secs(300)),
+                    trunk.name.clone(),
+                    DigestServer::new(&creds.realm, key, Duration::from_secs(300)),
                 );
             }
         }
@@ -414,13 +444,14 @@ impl Switchboard {
             cause: "rejected".to_owned(),
             codec: None,
         };
-        let ttl = self.settings.timers.t1 * 64;
-        let mut reject = |sb: &mut Switchboard, record: &mut CallRecord, status: u16, extra: Vec<(&str, String)>, cache: bool| {
+        let ttl = self.settings.timers.timeout_64_t1();
+        let reject_tag = format!("{:016x}", rng.next_u64());
+        let reject = |sb: &mut Switchboard, record: &mut CallRecord, status: u16, extra: Vec<(&str, String)>, cache: bool| {
             let mut resp = Response::for_request(&req, status);
             if status > 100 {
                 let mut to = req.to().ok();
                 if let Some(to) = &mut to {
-                    to.params.set("tag", Some(&format!("{:016x}", rng.next_u64())));
+                    to.params.set("tag", Some(&reject_tag));
                     resp.headers.set("To", to.to_string());
                 }
             }
@@ -450,11 +481,11 @@ impl Switchboard {
             }
             return reject(self, &mut record, 403, vec![], true);
         };
-        let trunk_name = trunk.name().to_owned();
+        let trunk_name = trunk.name.clone();
         record.trunk = Some(trunk_name.clone());
         // 2. Digest, where the trunk has credentials. Challenges are not
         // cached: each one carries a fresh nonce.
-        if let (Some(creds), Some(server)) = (trunk.digest(), self.digest.get_mut(&trunk_name)) {
+        if let (Some(creds), Some(server)) = (&trunk.digest, self.digest.get_mut(&trunk_name)) {
             let unix = wall_now
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -466,8 +497,8 @@ impl Switchboard {
                     auth,
                     req.method.as_str(),
                     &uri,
-                    creds.username(),
-                    creds.password().expose(),
+                    &creds.username,
+                    creds.password.expose(),
                     unix,
                 ),
             };
@@ -490,7 +521,7 @@ impl Switchboard {
             record.cause = "no-route".to_owned();
             return reject(self, &mut record, 404, vec![], true);
         };
-        let tenant_id = route.tenant().to_owned();
+        let tenant_id = route.tenant.clone();
         record.tenant = Some(tenant_id.clone());
         // 4. Session timer floor (RFC 4028 §6: 422 with our Min-SE).
         if let Err(e) = SessionTimer::negotiate(&req, self.settings.session_expires, self.settings.min_se) {
@@ -503,8 +534,8 @@ impl Switchboard {
             record.cause = "global-limit".to_owned();
             return reject(self, &mut record, 503, vec![("Retry-After", "5".to_owned())], true);
         }
-        let tenant_max = self.config.tenant(&tenant_id).and_then(|t| t.max_calls());
-        let trunk_max = trunk.max_calls();
+        let tenant_max = self.config.tenant(&tenant_id).and_then(|t| t.max_calls).map(|m| m as usize);
+        let trunk_max = trunk.max_calls.map(|m| m as usize);
         let tenant_now = self.counts.per_tenant.get(&tenant_id).copied().unwrap_or(0);
         let trunk_now = self.counts.per_trunk.get(&trunk_name).copied().unwrap_or(0);
         if tenant_max.is_some_and(|m| tenant_now >= m) || trunk_max.is_some_and(|m| trunk_now >= m) {

@@ -63,21 +63,29 @@ pub(crate) fn log_cdr(record: &CallRecord) {
 }
 
 impl Shared {
+    fn decide(
+        &self,
+        raw: &[u8],
+        parsed: Result<Message, crate::sip::message::ParseError>,
+        peer: crate::call::Peer,
+        rng: &mut StdRng,
+    ) -> Dispatch {
+        let calls = lock(&self.calls);
+        let mut sb = lock(&self.switchboard);
+        sb.dispatch(
+            Instant::now(),
+            SystemTime::now(),
+            raw,
+            parsed,
+            peer,
+            |id| calls.contains_key(id),
+            rng,
+        )
+    }
+
     /// Acts on one inbound message (already parsed or failed to parse).
     pub(crate) async fn inbound(self: &Arc<Self>, raw: &[u8], parsed: Result<Message, crate::sip::message::ParseError>, peer: crate::call::Peer, rng: &mut StdRng) {
-        let dispatch = {
-            let calls = lock(&self.calls);
-            let mut sb = lock(&self.switchboard);
-            sb.dispatch(
-                Instant::now(),
-                SystemTime::now(),
-                raw,
-                parsed,
-                peer,
-                |id| calls.contains_key(id),
-                rng,
-            )
-        };
+        let dispatch = self.decide(raw, parsed, peer, rng);
         match dispatch {
             Dispatch::ToCall(id, msg) => {
                 let tx = lock(&self.calls).get(&id).cloned();
@@ -234,7 +242,7 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
         .await
         .context("binding listeners")?;
     let shared = Arc::new(shared);
-    let tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
+    let mut tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;
     tokio::select! {

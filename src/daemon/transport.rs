@@ -85,27 +85,31 @@ pub(crate) async fn bind_all(
     config: &Arc<crate::config::Config>,
     rng: &mut StdRng,
 ) -> anyhow::Result<(Shared, Listeners)> {
-    let profile = config.primary_profile();
+    let profile = match config.profiles.as_slice() {
+        [profile] => profile,
+        [] => anyhow::bail!("no profile to run"),
+        _ => anyhow::bail!("`run` serves one profile; start one daemon per profile file"),
+    };
     let mut udp = Vec::new();
-    for addr in profile.udp_listen() {
+    for addr in profile.listen.udp.iter().copied() {
         let sock = UdpSocket::bind(addr).await.map_err(|e| anyhow::anyhow!("udp {addr}: {e}"))?;
         info!(transport = "udp", local = %sock.local_addr()?, "sip listener bound");
         udp.push(Arc::new(sock));
     }
     let mut tcp = Vec::new();
-    for addr in profile.tcp_listen() {
+    for addr in profile.listen.tcp.iter().copied() {
         let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("tcp {addr}: {e}"))?;
         info!(transport = "tcp", local = %l.local_addr()?, "sip listener bound");
         tcp.push(l);
     }
     let udp_local = udp.first().and_then(|s| s.local_addr().ok());
     let tcp_local = tcp.first().and_then(|l| l.local_addr().ok());
-    let settings = crate::call::SwitchboardSettings::from_profile(config, udp_local, tcp_local);
+    let settings = crate::call::SwitchboardSettings::from_profile(profile, udp_local, tcp_local);
     let rtp_bind = udp_local
         .or(tcp_local)
         .map(|a| a.ip())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    let (start, end) = profile.rtp_range();
+    let (start, end) = (profile.rtp_ports.start, profile.rtp_ports.end);
     let switchboard = crate::call::Switchboard::new(
         Arc::clone(config),
         settings,

@@ -86,7 +86,7 @@ impl Dialog {
     /// equal CSeq than the last one is out of order (RFC 3261 §12.2.2: 500).
     pub fn accept_remote_cseq(&mut self, seq: u32) -> Result<(), SipError> {
         if seq <= self.remote_seq {
-            return Err(SipError::OutOfOrderCSeq);
+            return Err(SipError::ServerInternal);
         }
         self.remote_seq = seq;
         Ok(())
@@ -275,6 +275,6 @@ Content-Length: 0\r\n\r\n";
         assert!(d.matches(&bye));
         assert!(!d.matches(&invite()), "no To tag: not in this dialog");
         assert!(d.accept_remote_cseq(11).is_ok());
-        assert!(matches!(d.accept_remote_cseq(11), Err(SipError::OutOfOrderCSeq)));
+        assert!(matches!(d.accept_remote_cseq(11), Err(SipError::ServerInternal)));
     }
 }
