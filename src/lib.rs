@@ -6,5 +6,6 @@
 
 pub mod config;
 pub mod media;
+pub mod logging;
 pub mod sip;
 pub mod store;

@@ -1,0 +1,150 @@
+//! The configuration exactly as written: serde structs with `deny_unknown_fields`.
+//!
+//! Owns: the TOML shape (key names, types, defaults). Values that need checks
+//! with a location (addresses, CIDRs, numbers, secret references, paths) stay
+//! `Spanned<String>` here and are checked in `validate`, so one bad value does
+//! not hide the others. Must not do I/O or cross-reference checks.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProfile {
+    pub(crate) name: Spanned<String>,
+    #[serde(default)]
+    pub(crate) var_dir: Option<Spanned<String>>,
+    pub(crate) listen: Spanned<RawListen>,
+    #[serde(default)]
+    pub(crate) advertised_address: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) rtp_ports: Option<Spanned<RawPortRange>>,
+    #[serde(default)]
+    pub(crate) max_calls: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) master_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) sip: Option<Spanned<RawSip>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListen {
+    #[serde(default)]
+    pub(crate) udp: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) tcp: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPortRange {
+    pub(crate) start: Spanned<u16>,
+    pub(crate) end: Spanned<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSip {
+    #[serde(default)]
+    pub(crate) t1_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) t2_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) t4_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) session_expires_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) min_se_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) unknown_source: Option<RawUnknownSource>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawUnknownSource {
+    Reject,
+    Drop,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTrunk {
+    pub(crate) name: Spanned<String>,
+    #[serde(default)]
+    pub(crate) allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) digest: Option<Spanned<RawDigest>>,
+    #[serde(default)]
+    pub(crate) tenant: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) max_calls: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDigest {
+    pub(crate) username: Spanned<String>,
+    pub(crate) password: Spanned<String>,
+    #[serde(default)]
+    pub(crate) realm: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTenant {
+    pub(crate) id: Spanned<String>,
+    #[serde(default)]
+    pub(crate) recording: bool,
+    #[serde(default)]
+    pub(crate) transcripts: bool,
+    #[serde(default)]
+    pub(crate) prompt: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) opt_out_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) retention: Option<Spanned<RawRetention>>,
+    pub(crate) pipeline: Spanned<RawPipeline>,
+    #[serde(default)]
+    pub(crate) max_calls: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetention {
+    #[serde(default)]
+    pub(crate) recordings_days: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) transcripts_days: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) metadata_days: Option<Spanned<u32>>,
+}
+
+/// One flat table for every pipeline kind; `validate` checks which keys
+/// belong to which kind, so each misplaced key gets its own location.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPipeline {
+    pub(crate) kind: Spanned<String>,
+    #[serde(default)]
+    pub(crate) model: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) language: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) api_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) auth: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub(crate) number: Spanned<String>,
+    pub(crate) tenant: Spanned<String>,
+    #[serde(default)]
+    pub(crate) trunks: Option<Vec<Spanned<String>>>,
+}

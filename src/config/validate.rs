@@ -1,0 +1,1193 @@
+//! Reading profile files and turning the raw TOML into a checked [`Config`].
+//!
+//! Owns: every check that needs a location (syntax, unknown keys, types,
+//! addresses, CIDRs, numbers, secrets, prompt files, cross-references,
+//! duplicates). All problems are collected; nothing stops at the first one.
+//! Must not write files or open sockets.
+//!
+//! Each top-level item (`[profile]`, every `[[trunk]]`, `[[tenant]]`,
+//! `[[route]]`) is deserialized on its own from toml's spanned document, so a
+//! bad key in one item does not hide problems in the others.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::diagnostics::{Diagnostic, Diagnostics, Severity, Source};
+use super::number::NumberPattern;
+use super::raw::{RawPipeline, RawProfile, RawRoute, RawTenant, RawTrunk, RawUnknownSource};
+use super::secret::{self, Secret, SecretRef};
+use super::{
+    AgentMode, AgentSettings, Config, DeepgramSettings, DigestCredentials, Listen, MasterKey,
+    Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings, Tenant, Trunk,
+    UnknownSource,
+};
+
+const DEFAULT_VAR_DIR: &str = "var";
+const DEFAULT_RTP_PORTS: PortRange = PortRange {
+    start: 20000,
+    end: 20999,
+};
+const DEFAULT_MAX_CALLS: u32 = 100;
+const DEFAULT_REALM: &str = "sipbridge";
+/// RFC 4028 §4: Min-SE is never below 90 seconds.
+const MIN_SE_FLOOR_S: u32 = 90;
+const PROMPT_RATES: std::ops::RangeInclusive<u32> = 8000..=48000;
+
+/// Where something was written: file index and byte span.
+type Loc = (usize, Range<usize>);
+
+struct Item<T> {
+    file: usize,
+    value: T,
+    /// Keys were removed after errors: defaults stand in for them, so checks
+    /// that would blame a default are skipped.
+    damaged: bool,
+}
+
+#[derive(Default)]
+struct Parsed {
+    profiles: Vec<Item<RawProfile>>,
+    trunks: Vec<Item<RawTrunk>>,
+    tenants: Vec<Item<RawTenant>>,
+    routes: Vec<Item<RawRoute>>,
+    /// Names of trunks/tenants whose item failed to parse: references to them
+    /// are not reported as unknown.
+    broken_trunks: HashSet<String>,
+    broken_tenants: HashSet<String>,
+    /// A file or item failed so badly that any reference could be to it.
+    uncertain: bool,
+}
+
+struct Cx<'a> {
+    sources: Vec<Source>,
+    diags: Diagnostics,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Cx<'_> {
+    fn error(&mut self, file: usize, span: Option<Range<usize>>, msg: impl Into<String>) {
+        self.push(Severity::Error, file, span, msg.into());
+    }
+
+    fn warning(&mut self, file: usize, span: Option<Range<usize>>, msg: impl Into<String>) {
+        self.push(Severity::Warning, file, span, msg.into());
+    }
+
+    fn push(&mut self, sev: Severity, file: usize, span: Option<Range<usize>>, msg: String) {
+        if let Some(src) = self.sources.get(file) {
+            let d = src.diagnostic(sev, span, msg);
+            self.diags.push(d);
+        }
+    }
+
+    fn error_at(&mut self, loc: &Loc, msg: impl Into<String>) {
+        self.error(loc.0, Some(loc.1.clone()), msg);
+    }
+
+    /// `file:line:column` of a place, for "already defined at …" messages.
+    fn place(&self, loc: &Loc) -> String {
+        match self.sources.get(loc.0) {
+            Some(src) => {
+                let (l, c) = src.position(loc.1.start);
+                format!("{}:{l}:{c}", src.path.display())
+            }
+            None => String::from("?"),
+        }
+    }
+
+    /// Resolves a secret reference, reporting problems at its place. Inline
+    /// secrets are accepted with a warning (in the diagnostics and the log).
+    fn secret(&mut self, file: usize, written: &Spanned<String>, what: &str) -> Option<Secret> {
+        match secret::resolve(written.get_ref(), self.env) {
+            Ok(s) => {
+                if *s.source() == SecretRef::Inline {
+                    let msg = format!(
+                        "{what} is written inline; prefer env:NAME, file:PATH or credential:NAME"
+                    );
+                    let place = self.place(&(file, written.span()));
+                    tracing::warn!(place = %place, fingerprint = %s.fingerprint(), "{msg}");
+                    self.warning(file, Some(written.span()), msg);
+                }
+                tracing::trace!(place = %self.place(&(file, written.span())), secret = ?s, "resolved {what}");
+                Some(s)
+            }
+            Err(e) => {
+                self.error(file, Some(written.span()), format!("{what}: {e}"));
+                None
+            }
+        }
+    }
+}
+
+pub(super) fn load(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Diagnostics> {
+    let mut cx = Cx {
+        sources: Vec::new(),
+        diags: Diagnostics::default(),
+        env,
+    };
+    let mut parsed = Parsed::default();
+    for file in profile_files(path, &mut cx) {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                cx.sources.push(Source::new(&file, text));
+                parse_file(cx.sources.len() - 1, &mut cx, &mut parsed);
+            }
+            Err(e) => {
+                parsed.uncertain = true;
+                cx.diags.push(Diagnostic {
+                    severity: Severity::Error,
+                    file,
+                    position: None,
+                    message: format!("cannot read configuration: {e}"),
+                });
+            }
+        }
+    }
+    let config = check(&mut cx, parsed);
+    cx.diags.sort();
+    if cx.diags.has_errors() {
+        Err(cx.diags)
+    } else {
+        Ok(Config {
+            warnings: cx.diags.items().to_vec(),
+            ..config
+        })
+    }
+}
+
+/// The file itself, or the sorted `*.toml` files of a directory.
+fn profile_files(path: &Path, cx: &mut Cx<'_>) -> Vec<PathBuf> {
+    if !path.is_dir() {
+        return vec![path.to_owned()];
+    }
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(path) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .collect(),
+        Err(e) => {
+            cx.diags.push(Diagnostic {
+                severity: Severity::Error,
+                file: path.to_owned(),
+                position: None,
+                message: format!("cannot list directory: {e}"),
+            });
+            return Vec::new();
+        }
+    };
+    files.sort();
+    if files.is_empty() {
+        cx.diags.push(Diagnostic {
+            severity: Severity::Error,
+            file: path.to_owned(),
+            position: None,
+            message: "directory holds no *.toml profile".to_owned(),
+        });
+    }
+    files
+}
+
+fn parse_file(file: usize, cx: &mut Cx<'_>, parsed: &mut Parsed) {
+    let Some(text) = cx.sources.get(file).map(|s| s.text.clone()) else {
+        return;
+    };
+    let (doc, errors) = DeTable::parse_recoverable(&text);
+    if !errors.is_empty() {
+        // Syntax errors: report them all, but do not interpret a guessed document.
+        parsed.uncertain = true;
+        for e in errors {
+            cx.error(file, e.span().or(Some(0..0)), e.message().trim().to_owned());
+        }
+        return;
+    }
+    let mut saw_profile = false;
+    for (key, value) in doc.get_ref().iter() {
+        let name: &str = key.get_ref();
+        match name {
+            "profile" => {
+                saw_profile = true;
+                if let Some((p, damaged)) = item::<RawProfile>(file, value, cx) {
+                    parsed.profiles.push(Item { file, value: p, damaged });
+                }
+            }
+            "trunk" | "tenant" | "route" => {
+                let Some(elements) = value.get_ref().as_array() else {
+                    cx.error(
+                        file,
+                        Some(key.span()),
+                        format!("`{name}` must be an array of tables: write [[{name}]]"),
+                    );
+                    parsed.uncertain = true;
+                    continue;
+                };
+                for el in elements.iter() {
+                    match name {
+                        "trunk" => match item::<RawTrunk>(file, el, cx) {
+                            Some((t, damaged)) => parsed.trunks.push(Item { file, value: t, damaged }),
+                            None => note_broken(el, "name", &mut parsed.broken_trunks, &mut parsed.uncertain),
+                        },
+                        "tenant" => match item::<RawTenant>(file, el, cx) {
+                            Some((t, damaged)) => parsed.tenants.push(Item { file, value: t, damaged }),
+                            None => note_broken(el, "id", &mut parsed.broken_tenants, &mut parsed.uncertain),
+                        },
+                        _ => {
+                            if let Some((r, damaged)) = item::<RawRoute>(file, el, cx) {
+                                parsed.routes.push(Item { file, value: r, damaged });
+                            }
+                        }
+                    }
+                }
+            }
+            other => cx.error(
+                file,
+                Some(key.span()),
+                format!(
+                    "unknown top-level key `{other}`, expected one of `profile`, `trunk`, `tenant`, `route`"
+                ),
+            ),
+        }
+    }
+    if !saw_profile {
+        cx.error(
+            file,
+            None,
+            "no [profile] table: every configuration file is a profile",
+        );
+    }
+}
+
+/// Remembers the name of an item that failed to parse, so references to it
+/// are not reported as unknown; without a readable name, every reference is uncertain.
+fn note_broken(
+    el: &Spanned<DeValue<'_>>,
+    key: &str,
+    names: &mut HashSet<String>,
+    uncertain: &mut bool,
+) {
+    match el
+        .get_ref()
+        .as_table()
+        .and_then(|t| t.get(key))
+        .and_then(|v| v.get_ref().as_str())
+    {
+        Some(n) => {
+            names.insert(n.to_owned());
+        }
+        None => *uncertain = true,
+    }
+}
+
+/// Deserializes one item. On an error, the offending key or value is removed
+/// and deserialization retried, so every unknown key and wrongly typed value
+/// of the item is reported, and the rest of it is still checked. The result
+/// is only used when the load fails anyway (the errors are recorded).
+fn item<T: for<'de> Deserialize<'de>>(
+    file: usize,
+    value: &Spanned<DeValue<'_>>,
+    cx: &mut Cx<'_>,
+) -> Option<(T, bool)> {
+    const MAX_RETRIES: usize = 64;
+    let mut value = value.clone();
+    for attempt in 0..MAX_RETRIES {
+        let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(v) => return Some((v, attempt > 0)),
+            Err(e) => e,
+        };
+        // A field removed after a type error is then "missing": not a new problem.
+        let missing = e.message().starts_with("missing field");
+        if attempt == 0 || !missing {
+            let span = e.span().or(Some(value.span()));
+            cx.error(file, span, e.message().trim().to_owned());
+        }
+        match e.span() {
+            Some(span) if !missing && span != value.span() => {
+                if !remove_span(value.get_mut(), &span) {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Removes the table entry whose key or value has exactly this span.
+fn remove_span(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
+    match value {
+        DeValue::Table(table) => {
+            let hit = table
+                .iter()
+                .find(|(k, v)| k.span() == *span || v.span() == *span)
+                .map(|(k, _)| k.get_ref().to_string());
+            if let Some(key) = hit {
+                table.remove(key.as_str());
+                return true;
+            }
+            table
+                .iter_mut()
+                .any(|(_, v)| remove_span(v.get_mut(), span))
+        }
+        DeValue::Array(items) => items.iter_mut().any(|v| remove_span(v.get_mut(), span)),
+        _ => false,
+    }
+}
+
+fn check(cx: &mut Cx<'_>, parsed: Parsed) -> Config {
+    let Parsed {
+        profiles: raw_profiles,
+        trunks: raw_trunks,
+        tenants: raw_tenants,
+        routes: raw_routes,
+        broken_trunks,
+        broken_tenants,
+        uncertain,
+    } = parsed;
+
+    // Tenants whose other fields are wrong still exist for cross-references.
+    let declared_tenants: HashSet<String> = raw_tenants
+        .iter()
+        .map(|i| i.value.id.get_ref().clone())
+        .collect();
+    let tenants = check_tenants(cx, raw_tenants);
+    let tenant_known =
+        |id: &str| uncertain || broken_tenants.contains(id) || declared_tenants.contains(id);
+    let trunks = check_trunks(cx, raw_trunks, &tenant_known);
+    // Σ of trunk limits when every trunk has one: the most calls that can arrive.
+    let trunk_sum = if trunks.is_empty() || trunks.iter().any(|(t, _)| t.max_calls.is_none()) {
+        None
+    } else {
+        Some(
+            trunks
+                .iter()
+                .filter_map(|(t, _)| t.max_calls)
+                .map(u64::from)
+                .sum::<u64>(),
+        )
+    };
+    let profiles = check_profiles(cx, raw_profiles, trunk_sum);
+    let trunk_known = |name: &str| {
+        uncertain || broken_trunks.contains(name) || trunks.iter().any(|(t, _)| t.name == name)
+    };
+    let routes = check_routes(cx, raw_routes, &tenant_known, &trunk_known, &trunks);
+
+    if !cx.diags.has_errors() {
+        for (t, loc) in &tenants {
+            if !routes.iter().any(|r| r.tenant == t.id) {
+                cx.warning(
+                    loc.0,
+                    Some(loc.1.clone()),
+                    format!("tenant `{}` has no route: it receives no calls", t.id),
+                );
+            }
+        }
+        if let Some(src) = cx.sources.first().filter(|_| routes.is_empty()) {
+            let d = src.diagnostic(Severity::Warning, None, "no routes: every call gets 404");
+            cx.diags.push(d);
+        }
+    }
+
+    Config {
+        profiles,
+        trunks: trunks.into_iter().map(|(t, _)| t).collect(),
+        tenants: tenants.into_iter().map(|(t, _)| t).collect(),
+        routes,
+        warnings: Vec::new(),
+    }
+}
+
+/// Names of profiles, trunks and tenants appear in logs, metrics and paths.
+fn check_name(cx: &mut Cx<'_>, file: usize, name: &Spanned<String>, what: &str) -> bool {
+    let n = name.get_ref();
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !n.starts_with('.');
+    if !ok {
+        cx.error(
+            file,
+            Some(name.span()),
+            format!(
+                "{what} `{n}`: use 1-64 characters from A-Z a-z 0-9 - _ . (not starting with `.`)"
+            ),
+        );
+    }
+    ok
+}
+
+/// Records a name, reporting a duplicate. Returns false for a duplicate.
+fn unique(
+    cx: &mut Cx<'_>,
+    seen: &mut HashMap<String, Loc>,
+    file: usize,
+    name: &Spanned<String>,
+    what: &str,
+) -> bool {
+    let loc = (file, name.span());
+    if let Some(first) = seen.get(name.get_ref()) {
+        let msg = format!(
+            "duplicate {what} `{}` (first defined at {})",
+            name.get_ref(),
+            cx.place(first)
+        );
+        cx.error_at(&loc, msg);
+        false
+    } else {
+        seen.insert(name.get_ref().clone(), loc);
+        true
+    }
+}
+
+fn positive(cx: &mut Cx<'_>, file: usize, v: &Option<Spanned<u32>>, what: &str) -> Option<u32> {
+    let v = v.as_ref()?;
+    if *v.get_ref() == 0 {
+        cx.error(file, Some(v.span()), format!("{what} must be at least 1"));
+        None
+    } else {
+        Some(*v.get_ref())
+    }
+}
+
+fn check_profiles(
+    cx: &mut Cx<'_>,
+    raw: Vec<Item<RawProfile>>,
+    trunk_sum: Option<u64>,
+) -> Vec<Profile> {
+    let mut names = HashMap::new();
+    // (transport, address) -> (profile name, place)
+    let mut sockets: Vec<(&'static str, SocketAddr, String, Loc)> = Vec::new();
+    let mut out = Vec::new();
+    for Item {
+        file,
+        value: p,
+        damaged,
+    } in raw
+    {
+        check_name(cx, file, &p.name, "profile name");
+        unique(cx, &mut names, file, &p.name, "profile name");
+        let name = p.name.get_ref().clone();
+
+        let var_dir = match &p.var_dir {
+            Some(v) if v.get_ref().trim().is_empty() => {
+                cx.error(file, Some(v.span()), "var_dir is empty");
+                PathBuf::from(DEFAULT_VAR_DIR)
+            }
+            Some(v) => PathBuf::from(v.get_ref()),
+            None => PathBuf::from(DEFAULT_VAR_DIR),
+        };
+
+        let mut listen = Listen::default();
+        let raw_listen = p.listen.get_ref();
+        for (transport, addrs) in [("udp", &raw_listen.udp), ("tcp", &raw_listen.tcp)] {
+            for a in addrs {
+                let loc = (file, a.span());
+                let Ok(addr) = a.get_ref().parse::<SocketAddr>() else {
+                    cx.error_at(
+                        &loc,
+                        format!(
+                            "`{}` is not a listen address: write IP:PORT, e.g. 127.0.0.1:5060 or [::1]:5060",
+                            a.get_ref()
+                        ),
+                    );
+                    continue;
+                };
+                let clash = sockets.iter().find(|(t, other, _, _)| {
+                    *t == transport
+                        && other.port() == addr.port()
+                        && other.is_ipv4() == addr.is_ipv4()
+                        && (other.ip() == addr.ip()
+                            || other.ip().is_unspecified()
+                            || addr.ip().is_unspecified())
+                });
+                if let Some((_, other, owner, first)) = clash {
+                    let msg = format!(
+                        "{transport} {addr} conflicts with {transport} {other} of profile `{owner}` at {}",
+                        cx.place(first)
+                    );
+                    cx.error_at(&loc, msg);
+                    continue;
+                }
+                sockets.push((transport, addr, name.clone(), loc));
+                if transport == "udp" {
+                    listen.udp.push(addr);
+                } else {
+                    listen.tcp.push(addr);
+                }
+            }
+        }
+        if raw_listen.udp.is_empty() && raw_listen.tcp.is_empty() {
+            cx.error(
+                file,
+                Some(p.listen.span()),
+                "no listen address: give `udp` and/or `tcp`",
+            );
+        }
+
+        let advertised_address =
+            p.advertised_address
+                .as_ref()
+                .and_then(|a| match a.get_ref().parse::<IpAddr>() {
+                    Ok(ip) if !ip.is_unspecified() => Some(ip),
+                    _ => {
+                        cx.error(
+                            file,
+                            Some(a.span()),
+                            format!(
+                                "advertised_address `{}` must be a specific IP address",
+                                a.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                });
+
+        let max_calls = positive(cx, file, &p.max_calls, "max_calls").unwrap_or(DEFAULT_MAX_CALLS);
+        let rtp_ports = match &p.rtp_ports {
+            Some(r) => {
+                let (start, end) = (r.get_ref().start.get_ref(), r.get_ref().end.get_ref());
+                let mut ok = true;
+                if start % 2 != 0 {
+                    cx.error(
+                        file,
+                        Some(r.get_ref().start.span()),
+                        format!("rtp_ports start {start} must be even (RTP on even ports, RTCP on the next odd one)"),
+                    );
+                    ok = false;
+                }
+                if end <= start {
+                    cx.error(
+                        file,
+                        Some(r.get_ref().end.span()),
+                        format!("rtp_ports end {end} must be greater than start {start}"),
+                    );
+                    ok = false;
+                }
+                let range = PortRange {
+                    start: *start,
+                    end: *end,
+                };
+                if ok && !damaged {
+                    let needed =
+                        trunk_sum.map_or(u64::from(max_calls), |s| s.min(u64::from(max_calls)));
+                    if u64::from(range.calls()) < needed {
+                        cx.error(
+                            file,
+                            Some(r.span()),
+                            format!(
+                                "rtp_ports {start}-{end} hold {} calls at 2 ports each, but up to {needed} calls are allowed (max_calls); widen the range or lower the limits",
+                                range.calls()
+                            ),
+                        );
+                    }
+                }
+                range
+            }
+            None => {
+                if u64::from(DEFAULT_RTP_PORTS.calls()) < u64::from(max_calls) && !damaged {
+                    cx.error(
+                        file,
+                        p.max_calls.as_ref().map(Spanned::span),
+                        format!(
+                            "max_calls {max_calls} needs {} RTP ports; the default rtp_ports 20000-20999 hold {} calls: set rtp_ports",
+                            u64::from(max_calls) * 2,
+                            DEFAULT_RTP_PORTS.calls()
+                        ),
+                    );
+                }
+                DEFAULT_RTP_PORTS
+            }
+        };
+
+        let master_key = check_master_key(cx, file, p.master_key.as_ref(), &var_dir, p.name.span());
+        let sip = check_sip(cx, file, p.sip.as_ref());
+
+        out.push(Profile {
+            name,
+            file: cx
+                .sources
+                .get(file)
+                .map(|s| s.path.clone())
+                .unwrap_or_default(),
+            var_dir,
+            listen,
+            advertised_address,
+            rtp_ports,
+            max_calls,
+            master_key,
+            sip,
+        });
+    }
+    out
+}
+
+fn check_master_key(
+    cx: &mut Cx<'_>,
+    file: usize,
+    written: Option<&Spanned<String>>,
+    var_dir: &Path,
+    fallback_span: Range<usize>,
+) -> MasterKey {
+    let (reference, span) = match written {
+        Some(w) => (SecretRef::parse(w.get_ref()), w.span()),
+        None => (SecretRef::File(var_dir.join("master.key")), fallback_span),
+    };
+    if let SecretRef::File(path) = &reference {
+        if path.as_os_str().is_empty() {
+            cx.error(file, Some(span), "master_key: empty file path");
+            return MasterKey::ToGenerate(path.clone());
+        }
+        if !path.exists() {
+            cx.warning(
+                file,
+                Some(span),
+                format!(
+                    "master key file {} does not exist: it will be generated on first start",
+                    path.display()
+                ),
+            );
+            return MasterKey::ToGenerate(path.clone());
+        }
+        return match secret::resolve_raw_file(path) {
+            Ok(s) => MasterKey::Loaded(s),
+            Err(e) => {
+                cx.error(file, Some(span), format!("master_key: {e}"));
+                MasterKey::ToGenerate(path.clone())
+            }
+        };
+    }
+    let Some(w) = written else {
+        return MasterKey::ToGenerate(var_dir.join("master.key"));
+    };
+    match cx.secret(file, w, "master_key") {
+        Some(s) => MasterKey::Loaded(s),
+        None => MasterKey::ToGenerate(PathBuf::new()),
+    }
+}
+
+fn check_sip(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: Option<&Spanned<super::raw::RawSip>>,
+) -> SipSettings {
+    let mut s = SipSettings::default();
+    let Some(raw) = raw else { return s };
+    let r = raw.get_ref();
+    let ms = |v: &Option<Spanned<u32>>, d: Duration| {
+        v.as_ref()
+            .map_or(d, |v| Duration::from_millis(u64::from(*v.get_ref())))
+    };
+    let secs = |v: &Option<Spanned<u32>>, d: Duration| {
+        v.as_ref()
+            .map_or(d, |v| Duration::from_secs(u64::from(*v.get_ref())))
+    };
+    s.t1 = ms(&r.t1_ms, s.t1);
+    s.t2 = ms(&r.t2_ms, s.t2);
+    s.t4 = ms(&r.t4_ms, s.t4);
+    s.session_expires = secs(&r.session_expires_s, s.session_expires);
+    s.min_se = secs(&r.min_se_s, s.min_se);
+    if let Some(u) = r.unknown_source {
+        s.unknown_source = match u {
+            RawUnknownSource::Reject => UnknownSource::Reject,
+            RawUnknownSource::Drop => UnknownSource::Drop,
+        };
+    }
+    let span_of = |v: &Option<Spanned<u32>>| Some(v.as_ref().map_or(raw.span(), Spanned::span));
+    positive(cx, file, &r.t1_ms, "t1_ms");
+    positive(cx, file, &r.t4_ms, "t4_ms");
+    if s.t2 < s.t1 {
+        cx.error(
+            file,
+            span_of(&r.t2_ms),
+            format!(
+                "t2_ms {} must not be below t1_ms {}",
+                s.t2.as_millis(),
+                s.t1.as_millis()
+            ),
+        );
+    }
+    if s.min_se < Duration::from_secs(u64::from(MIN_SE_FLOOR_S)) {
+        cx.error(
+            file,
+            span_of(&r.min_se_s),
+            format!(
+                "min_se_s {} is below the RFC 4028 floor of {MIN_SE_FLOOR_S}",
+                s.min_se.as_secs()
+            ),
+        );
+    }
+    if s.session_expires < s.min_se {
+        cx.error(
+            file,
+            span_of(&r.session_expires_s),
+            format!(
+                "session_expires_s {} must not be below min_se_s {}",
+                s.session_expires.as_secs(),
+                s.min_se.as_secs()
+            ),
+        );
+    }
+    s
+}
+
+fn check_trunks(
+    cx: &mut Cx<'_>,
+    raw: Vec<Item<RawTrunk>>,
+    tenant_known: &dyn Fn(&str) -> bool,
+) -> Vec<(Trunk, Loc)> {
+    let mut names = HashMap::new();
+    let mut networks: HashMap<IpNet, (String, Loc)> = HashMap::new();
+    let mut out = Vec::new();
+    for Item {
+        file,
+        value: t,
+        damaged,
+    } in raw
+    {
+        check_name(cx, file, &t.name, "trunk name");
+        unique(cx, &mut names, file, &t.name, "trunk name");
+        let mut allow = Vec::new();
+        for a in &t.allow {
+            let loc = (file, a.span());
+            let text = a.get_ref().trim();
+            let net = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => {
+                    if let Some((owner, first)) = networks.get(&net) {
+                        if *owner != *t.name.get_ref() {
+                            let msg = format!(
+                                "{net} is already allowed for trunk `{owner}` at {}: a source must identify one trunk",
+                                cx.place(first)
+                            );
+                            cx.error_at(&loc, msg);
+                        }
+                    } else {
+                        networks.insert(net, (t.name.get_ref().clone(), loc));
+                    }
+                    allow.push(net);
+                }
+                Err(_) => cx.error_at(
+                    &loc,
+                    format!(
+                        "`{}` is not a CIDR (e.g. 192.0.2.0/24, 2001:db8::/32) or IP address",
+                        a.get_ref()
+                    ),
+                ),
+            }
+        }
+        let digest = t.digest.as_ref().and_then(|d| {
+            let d_ref = d.get_ref();
+            if d_ref.username.get_ref().is_empty() {
+                cx.error(
+                    file,
+                    Some(d_ref.username.span()),
+                    "digest username is empty",
+                );
+            }
+            let password = cx.secret(file, &d_ref.password, "digest password")?;
+            Some(DigestCredentials {
+                username: d_ref.username.get_ref().clone(),
+                password,
+                realm: d_ref
+                    .realm
+                    .as_ref()
+                    .map_or(DEFAULT_REALM.to_owned(), |r| r.get_ref().clone()),
+            })
+        });
+        if t.allow.is_empty() && t.digest.is_none() && !damaged {
+            cx.error(
+                file,
+                Some(t.name.span()),
+                format!(
+                    "trunk `{}` accepts nothing: give `allow` source CIDRs and/or [trunk.digest] credentials",
+                    t.name.get_ref()
+                ),
+            );
+        }
+        if let Some(tenant) = t.tenant.as_ref().filter(|x| !tenant_known(x.get_ref())) {
+            cx.error(
+                file,
+                Some(tenant.span()),
+                format!(
+                    "trunk `{}` names unknown tenant `{}`",
+                    t.name.get_ref(),
+                    tenant.get_ref()
+                ),
+            );
+        }
+        let max_calls = positive(cx, file, &t.max_calls, "max_calls");
+        out.push((
+            Trunk {
+                name: t.name.get_ref().clone(),
+                allow,
+                digest,
+                tenant: t.tenant.as_ref().map(|s| s.get_ref().clone()),
+                max_calls,
+            },
+            (file, t.name.span()),
+        ));
+    }
+    out
+}
+
+fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc)> {
+    let mut ids = HashMap::new();
+    let mut out = Vec::new();
+    for Item {
+        file,
+        value: t,
+        damaged,
+    } in raw
+    {
+        check_name(cx, file, &t.id, "tenant id");
+        unique(cx, &mut ids, file, &t.id, "tenant id");
+        let prompt = t.prompt.as_ref().and_then(|p| check_prompt(cx, file, p));
+        if (t.recording || t.transcripts) && t.prompt.is_none() && !damaged {
+            cx.error(
+                file,
+                Some(t.id.span()),
+                format!(
+                    "tenant `{}` stores recordings or transcripts but has no disclosure `prompt`",
+                    t.id.get_ref()
+                ),
+            );
+        }
+        let opt_out_key = t.opt_out_key.as_ref().and_then(|k| {
+            let mut chars = k.get_ref().chars();
+            match (chars.next(), chars.next()) {
+                (Some(c @ ('0'..='9' | '*' | '#')), None) => Some(c),
+                _ => {
+                    cx.error(
+                        file,
+                        Some(k.span()),
+                        format!(
+                            "opt_out_key `{}` must be one DTMF key: 0-9, * or #",
+                            k.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }
+        });
+        let mut retention = Retention::default();
+        if let Some(r) = &t.retention {
+            let r = r.get_ref();
+            let fix = |v: &Option<Spanned<u32>>, d: u32| v.as_ref().map_or(d, |v| *v.get_ref());
+            retention.recordings_days = fix(&r.recordings_days, retention.recordings_days);
+            retention.transcripts_days = fix(&r.transcripts_days, retention.transcripts_days);
+            retention.metadata_days = fix(&r.metadata_days, retention.metadata_days);
+            for (v, what) in [
+                (&r.recordings_days, "recordings_days"),
+                (&r.transcripts_days, "transcripts_days"),
+                (&r.metadata_days, "metadata_days"),
+            ] {
+                if v.as_ref().is_some_and(|v| *v.get_ref() == 0) {
+                    positive(cx, file, v, what);
+                }
+            }
+        }
+        let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
+        let max_calls = positive(cx, file, &t.max_calls, "max_calls");
+        if let Some(pipeline) = pipeline {
+            out.push((
+                Tenant {
+                    id: t.id.get_ref().clone(),
+                    recording: t.recording,
+                    transcripts: t.transcripts,
+                    prompt,
+                    opt_out_key,
+                    retention,
+                    pipeline,
+                    max_calls,
+                },
+                (file, t.id.span()),
+            ));
+        }
+    }
+    out
+}
+
+/// Checks that a prompt is a RIFF WAV, 16-bit integer PCM, mono or stereo, 8–48 kHz.
+fn check_prompt(cx: &mut Cx<'_>, file: usize, written: &Spanned<String>) -> Option<Prompt> {
+    let path = PathBuf::from(written.get_ref());
+    let fail = |cx: &mut Cx<'_>, why: String| {
+        cx.error(
+            file,
+            Some(written.span()),
+            format!("prompt {}: {why}", path.display()),
+        );
+        None
+    };
+    let reader = match hound::WavReader::open(&path) {
+        Ok(r) => r,
+        Err(hound::Error::IoError(e)) => return fail(cx, format!("cannot read: {e}")),
+        Err(e) => return fail(cx, format!("not a supported WAV file: {e}")),
+    };
+    let spec = reader.spec();
+    if spec.sample_format != hound::SampleFormat::Int || spec.bits_per_sample != 16 {
+        return fail(
+            cx,
+            format!(
+                "{}-bit {:?} samples; prompts must be 16-bit PCM",
+                spec.bits_per_sample, spec.sample_format
+            ),
+        );
+    }
+    if !(1..=2).contains(&spec.channels) {
+        return fail(
+            cx,
+            format!("{} channels; prompts must be mono or stereo", spec.channels),
+        );
+    }
+    if !PROMPT_RATES.contains(&spec.sample_rate) {
+        return fail(
+            cx,
+            format!("{} Hz; prompts must be 8000-48000 Hz", spec.sample_rate),
+        );
+    }
+    let frames = u64::from(reader.duration());
+    if frames == 0 {
+        return fail(cx, "holds no audio".to_owned());
+    }
+    Some(Prompt {
+        path,
+        sample_rate: spec.sample_rate,
+        channels: spec.channels,
+        duration_ms: frames * 1000 / u64::from(spec.sample_rate),
+    })
+}
+
+fn check_pipeline(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: &Spanned<RawPipeline>,
+    damaged: bool,
+) -> Option<Pipeline> {
+    let p = raw.get_ref();
+    let kind = p.kind.get_ref().as_str();
+    let (deepgram, agent) = match kind {
+        "echo" => (false, false),
+        "deepgram" => (true, false),
+        "agent" => (false, true),
+        "deepgram+agent" => (true, true),
+        other => {
+            cx.error(
+                file,
+                Some(p.kind.span()),
+                format!("unknown pipeline kind `{other}`, expected echo, deepgram, agent or deepgram+agent"),
+            );
+            return None;
+        }
+    };
+    let mut ok = true;
+    let fields: [(&str, &Option<Spanned<String>>, bool); 6] = [
+        ("model", &p.model, deepgram),
+        ("language", &p.language, deepgram),
+        ("api_key", &p.api_key, deepgram),
+        ("url", &p.url, agent),
+        ("mode", &p.mode, agent),
+        ("auth", &p.auth, agent),
+    ];
+    for (name, value, allowed) in fields {
+        if let (Some(v), false) = (value, allowed) {
+            cx.error(
+                file,
+                Some(v.span()),
+                format!("`{name}` does not apply to pipeline kind `{kind}`"),
+            );
+            ok = false;
+        }
+    }
+    let mut required =
+        |cx: &mut Cx<'_>, name: &str, v: &Option<Spanned<String>>| -> Option<Spanned<String>> {
+            match v {
+                Some(v) if !v.get_ref().trim().is_empty() => Some(v.clone()),
+                Some(v) => {
+                    cx.error(file, Some(v.span()), format!("`{name}` is empty"));
+                    ok = false;
+                    None
+                }
+                None => {
+                    if !damaged {
+                        cx.error(
+                            file,
+                            Some(raw.span()),
+                            format!("pipeline kind `{kind}` needs `{name}`"),
+                        );
+                    }
+                    ok = false;
+                    None
+                }
+            }
+        };
+    let dg = if deepgram {
+        let model = required(cx, "model", &p.model);
+        let language = required(cx, "language", &p.language);
+        let key = required(cx, "api_key", &p.api_key);
+        let api_key = key.and_then(|k| cx.secret(file, &k, "deepgram api_key"));
+        match (model, language, api_key) {
+            (Some(m), Some(l), Some(k)) => Some(DeepgramSettings {
+                model: m.into_inner(),
+                language: l.into_inner(),
+                api_key: k,
+            }),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let ag = if agent {
+        let url = required(cx, "url", &p.url).and_then(|u| {
+            let s = u.get_ref();
+            if (s.starts_with("ws://") || s.starts_with("wss://"))
+                && !s.contains(char::is_whitespace)
+            {
+                Some(u.into_inner())
+            } else {
+                cx.error(
+                    file,
+                    Some(u.span()),
+                    format!("agent url `{s}` must start with ws:// or wss://"),
+                );
+                None
+            }
+        });
+        let mode = match p.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+            None | Some(("native", _)) => Some(AgentMode::Native),
+            Some(("twilio", _)) => Some(AgentMode::Twilio),
+            Some((other, span)) => {
+                cx.error(
+                    file,
+                    Some(span),
+                    format!("agent mode `{other}` must be `native` or `twilio`"),
+                );
+                None
+            }
+        };
+        let auth = match &p.auth {
+            Some(a) => cx.secret(file, a, "agent auth").map(Some),
+            None => Some(None),
+        };
+        match (url, mode, auth) {
+            (Some(url), Some(mode), Some(auth)) => Some(AgentSettings { url, mode, auth }),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if !ok {
+        return None;
+    }
+    match (dg, ag, deepgram, agent) {
+        (None, None, false, false) => Some(Pipeline::Echo),
+        (Some(d), None, true, false) => Some(Pipeline::Deepgram(d)),
+        (None, Some(a), false, true) => Some(Pipeline::Agent(a)),
+        (Some(d), Some(a), true, true) => Some(Pipeline::DeepgramAgent(d, a)),
+        _ => None,
+    }
+}
+
+fn check_routes(
+    cx: &mut Cx<'_>,
+    raw: Vec<Item<RawRoute>>,
+    tenant_known: &dyn Fn(&str) -> bool,
+    trunk_known: &dyn Fn(&str) -> bool,
+    trunks: &[(Trunk, Loc)],
+) -> Vec<Route> {
+    let mut out: Vec<(Route, Loc)> = Vec::new();
+    for Item {
+        file,
+        value: r,
+        damaged: _,
+    } in raw
+    {
+        let loc = (file, r.number.span());
+        let number = match NumberPattern::parse(r.number.get_ref()) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                cx.error_at(&loc, e.to_string());
+                None
+            }
+        };
+        let tenant = r.tenant.get_ref();
+        if !tenant_known(tenant) {
+            cx.error(
+                file,
+                Some(r.tenant.span()),
+                format!("route names unknown tenant `{tenant}`"),
+            );
+        }
+        if let Some(list) = &r.trunks {
+            if list.is_empty() {
+                cx.error_at(
+                    &loc,
+                    "`trunks = []` matches no trunk: remove it to allow every trunk",
+                );
+            }
+            for t in list {
+                if !trunk_known(t.get_ref()) {
+                    cx.error(
+                        file,
+                        Some(t.span()),
+                        format!("route names unknown trunk `{}`", t.get_ref()),
+                    );
+                } else if let Some(owner) = trunks
+                    .iter()
+                    .find(|(x, _)| x.name == *t.get_ref())
+                    .and_then(|(x, _)| x.tenant.as_deref())
+                    .filter(|o| *o != tenant)
+                {
+                    cx.error(
+                            file,
+                            Some(t.span()),
+                            format!(
+                                "trunk `{}` is dedicated to tenant `{owner}`, so this route to `{tenant}` can never match",
+                                t.get_ref()
+                            ),
+                        );
+                }
+            }
+        }
+        let Some(number) = number else { continue };
+        let route = Route {
+            number,
+            tenant: tenant.clone(),
+            trunks: r
+                .trunks
+                .as_ref()
+                .map(|l| l.iter().map(|t| t.get_ref().clone()).collect()),
+        };
+        let overlap = out.iter().find(|(other, _)| {
+            other.number == route.number
+                && match (&other.trunks, &route.trunks) {
+                    (Some(a), Some(b)) => a.iter().any(|x| b.contains(x)),
+                    _ => true,
+                }
+        });
+        if let Some((other, first)) = overlap {
+            let msg = format!(
+                "route {} overlaps the route at {} (same number, trunks in common, to tenant `{}`): the match would be ambiguous",
+                route.number,
+                cx.place(first),
+                other.tenant
+            );
+            cx.error_at(&loc, msg);
+            continue;
+        }
+        out.push((route, loc));
+    }
+    out.into_iter().map(|(r, _)| r).collect()
+}

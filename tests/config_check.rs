@@ -1,0 +1,454 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `sipbridge check` end to end: the real binary on real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sipbridge(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SIPBRIDGE_LOG")
+        .env_remove("RUST_LOG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8(o.stdout.clone()).unwrap(),
+        String::from_utf8(o.stderr.clone()).unwrap(),
+    )
+}
+
+/// An 8 kHz mono 16-bit WAV of `ms` milliseconds.
+fn write_wav(path: &Path, ms: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for i in 0..(8 * ms) {
+        w.write_sample(((i % 40) as i16 - 20) * 100).unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+/// A valid profile listening on `port`, with tenant `t<port>` and trunk `k<port>`.
+fn profile(port: u16) -> String {
+    format!(
+        r#"[profile]
+name = "p{port}"
+max_calls = 10
+rtp_ports = {{ start = {rtp}, end = {rtp_end} }}
+
+[profile.listen]
+udp = ["127.0.0.1:{port}"]
+
+[[trunk]]
+name = "k{port}"
+allow = ["10.{octet}.0.0/16"]
+
+[[tenant]]
+id = "t{port}"
+recording = true
+prompt = "prompt.wav"
+pipeline = {{ kind = "echo" }}
+
+[[route]]
+number = "+1{port}*"
+tenant = "t{port}"
+"#,
+        rtp = u32::from(port) * 10,
+        rtp_end = u32::from(port) * 10 + 99,
+        octet = port % 250,
+    )
+}
+
+/// 1-based line of the first line containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+/// The stderr line for `file` at `line`, which must also contain `message`.
+fn assert_reported(stderr: &str, file: &str, line: usize, message: &str) {
+    let prefix = format!("{file}:{line}:");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with(&prefix) && l.contains(message)),
+        "expected `{prefix}… {message}` in:\n{stderr}"
+    );
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn default_profile_passes_and_lists_the_demo_tenant() {
+    let out = sipbridge(&repo_root(), &["check"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("configuration sip-profiles/default.toml is valid"));
+    assert!(stdout.contains("profile default (sip-profiles/default.toml)"));
+    assert!(stdout.contains("listen: udp 127.0.0.1:5060, tcp 127.0.0.1:5060"));
+    assert!(stdout.contains("local: allow [127.0.0.0/8, ::1/128]"));
+    assert!(stdout.contains("  demo: recording on, transcripts off, opt-out key 9"));
+    assert!(stdout.contains("    pipeline: echo"));
+    assert!(stdout.contains("retention: recordings 90 d, transcripts 90 d, metadata 365 d"));
+    assert!(stdout.contains("* -> demo (any trunk)"));
+}
+
+#[test]
+fn every_example_passes_with_its_secrets_provided() {
+    let creds = tempfile::tempdir().unwrap();
+    for (name, value) in [
+        ("master.key", "0123456789abcdef0123456789abcdef"),
+        ("pbx-password", "pbx-pass\n"),
+        ("deepgram-api-key", "dg-key\n"),
+    ] {
+        std::fs::write(creds.path().join(name), value).unwrap();
+    }
+    let examples = repo_root().join("sip-profiles/examples");
+    let mut names: Vec<_> = std::fs::read_dir(&examples)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["pbx.toml", "telnyx.toml", "twilio.toml"]);
+    for name in names {
+        let path = format!("sip-profiles/examples/{name}");
+        let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+            .args(["check", "--config", &path])
+            .current_dir(repo_root())
+            .env("DEEPGRAM_API_KEY", "dg-env-key")
+            .env("AGENT_TOKEN", "agent-env-token")
+            .env("CREDENTIALS_DIRECTORY", creds.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{name}:\n{stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("configuration {path} is valid")));
+    }
+}
+
+#[test]
+fn examples_without_their_secrets_name_each_missing_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(["check", "--config", "sip-profiles/examples/twilio.toml"])
+        .current_dir(repo_root())
+        .env_remove("DEEPGRAM_API_KEY")
+        .env_remove("AGENT_TOKEN")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    let src =
+        std::fs::read_to_string(repo_root().join("sip-profiles/examples/twilio.toml")).unwrap();
+    let f = "sip-profiles/examples/twilio.toml";
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&src, "api_key = "),
+        "`DEEPGRAM_API_KEY` is not set",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&src, "auth = "),
+        "`AGENT_TOKEN` is not set",
+    );
+}
+
+#[test]
+fn broken_configurations_are_all_reported_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir(&profiles).unwrap();
+
+    let unknown_key = profile(5001).replace("max_calls = 10", "max_calls = 10\ncolour = \"blue\"");
+    let missing_tenant = profile(5002).replace("tenant = \"t5002\"\n", "tenant = \"nobody\"\n");
+    let bad_cidr = profile(5003).replace("10.3.0.0/16", "10.3.0.0/33");
+    let odd_rtp = profile(5004).replace("start = 50040", "start = 50041");
+    let missing_prompt = profile(5005).replace("\"prompt.wav\"", "\"no-such-prompt.wav\"");
+    let two_errors = profile(5006)
+        .replace("10.6.0.0/16", "not-a-network")
+        .replace("pipeline = {", "opt_out_key = \"x\"\npipeline = {");
+    let files = [
+        (
+            "a-unknown-key.toml",
+            &unknown_key,
+            vec![("colour", "unknown field `colour`")],
+        ),
+        (
+            "b-missing-tenant.toml",
+            &missing_tenant,
+            vec![("nobody", "unknown tenant `nobody`")],
+        ),
+        (
+            "c-bad-cidr.toml",
+            &bad_cidr,
+            vec![("10.3.0.0/33", "is not a CIDR")],
+        ),
+        (
+            "d-odd-rtp.toml",
+            &odd_rtp,
+            vec![("rtp_ports", "must be even")],
+        ),
+        (
+            "e-missing-prompt.toml",
+            &missing_prompt,
+            vec![("no-such-prompt", "prompt no-such-prompt.wav: cannot read")],
+        ),
+        (
+            "f-two-errors.toml",
+            &two_errors,
+            vec![
+                ("not-a-network", "is not a CIDR"),
+                ("opt_out_key", "must be one DTMF key"),
+            ],
+        ),
+    ];
+    for (name, body, _) in &files {
+        std::fs::write(profiles.join(name), body).unwrap();
+    }
+
+    let out = sipbridge(dir.path(), &["check", "--config", "profiles"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let mut expected = 0;
+    for (name, body, problems) in &files {
+        for (needle, message) in problems {
+            assert_reported(
+                &stderr,
+                &format!("profiles/{name}"),
+                line_of(body, needle),
+                message,
+            );
+            expected += 1;
+        }
+    }
+    // Nothing else: one line per problem (no cascades), then the count.
+    let error_lines: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.starts_with("profiles/") && !l.contains(": warning: "))
+        .collect();
+    assert_eq!(error_lines.len(), expected, "{stderr}");
+    assert!(stderr.contains(&format!("is invalid: {expected} error(s)")));
+    assert!(!stdout.contains("is valid"));
+}
+
+#[test]
+fn reports_columns_and_every_problem_of_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let body = profile(5010)
+        .replace("max_calls = 10", "max_calls = \"ten\"\nspeed = 3")
+        .replace("number = \"+15010*\"", "number = \"+1-555\"");
+    std::fs::write(dir.path().join("p.toml"), &body).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "p.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    let type_line = line_of(&body, "max_calls = \"ten\"");
+    assert!(
+        stderr.contains(&format!(
+            "p.toml:{type_line}:13: invalid type: string \"ten\", expected u32"
+        )),
+        "{stderr}"
+    );
+    let key_line = line_of(&body, "speed");
+    assert!(
+        stderr.contains(&format!("p.toml:{key_line}:1: unknown field `speed`")),
+        "{stderr}"
+    );
+    let num_line = line_of(&body, "+1-555");
+    assert!(
+        stderr.contains(&format!(
+            "p.toml:{num_line}:10: `+1-555` is not an E.164 number"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("is invalid: 3 error(s)"), "{stderr}");
+}
+
+#[test]
+fn duplicate_names_routes_and_listeners_across_profiles() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let first = profile(5020);
+    // Same listener, same tenant id, same trunk name and the same route as `first`.
+    let second = profile(5021)
+        .replace("name = \"p5021\"", "name = \"p5020\"")
+        .replace("127.0.0.1:5021", "0.0.0.0:5020")
+        .replace("id = \"t5021\"", "id = \"t5020\"")
+        .replace("name = \"k5021\"", "name = \"k5020\"")
+        .replace("number = \"+15021*\"", "number = \"+15020*\"")
+        .replace("tenant = \"t5021\"", "tenant = \"t5020\"");
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    std::fs::write(dir.path().join("d/1.toml"), &first).unwrap();
+    std::fs::write(dir.path().join("d/2.toml"), &second).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "d"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert_reported(
+        &stderr,
+        "d/2.toml",
+        line_of(&second, "0.0.0.0:5020"),
+        "conflicts with udp 127.0.0.1:5020 of profile `p5020` at d/1.toml:",
+    );
+    assert_reported(
+        &stderr,
+        "d/2.toml",
+        line_of(&second, "name = \"p5020\""),
+        "duplicate profile name `p5020` (first defined at d/1.toml:2:8)",
+    );
+    assert_reported(
+        &stderr,
+        "d/2.toml",
+        line_of(&second, "id = "),
+        "duplicate tenant id `t5020` (first defined at d/1.toml:",
+    );
+    assert_reported(
+        &stderr,
+        "d/2.toml",
+        line_of(&second, "name = \"k5020\""),
+        "duplicate trunk name `k5020`",
+    );
+    assert_reported(
+        &stderr,
+        "d/2.toml",
+        line_of(&second, "number = "),
+        "route +15020* overlaps the route at d/1.toml:",
+    );
+}
+
+#[test]
+fn unsupported_prompt_formats_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 8,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(dir.path().join("prompt.wav"), spec).unwrap();
+    w.write_sample(1i8).unwrap();
+    w.finalize().unwrap();
+    std::fs::write(dir.path().join("notwav.wav"), b"ID3 this is an mp3").unwrap();
+    let body = profile(5030).replace(
+        "[[route]]",
+        "[[tenant]]\nid = \"x\"\nprompt = \"notwav.wav\"\npipeline = { kind = \"echo\" }\n\n[[route]]",
+    );
+    std::fs::write(dir.path().join("p.toml"), &body).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "p.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert_reported(
+        &stderr,
+        "p.toml",
+        line_of(&body, "\"prompt.wav\""),
+        "8-bit Int samples; prompts must be 16-bit PCM",
+    );
+    assert_reported(
+        &stderr,
+        "p.toml",
+        line_of(&body, "notwav"),
+        "not a supported WAV file",
+    );
+}
+
+#[test]
+fn missing_config_file_exits_2_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "nope.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.starts_with("nope.toml: cannot read configuration:"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sipbridge(dir.path(), &["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out).0.trim(),
+        format!("sipbridge {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = sipbridge(dir.path(), &["--help"]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0));
+    for needle in [
+        "check",
+        "--log-format",
+        "--log-filter",
+        "docs/configuration.md",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("\n  run "), "no `run` subcommand yet");
+}
+
+#[test]
+fn log_filter_and_format_come_from_flags_or_environment() {
+    let root = repo_root();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sipbridge"));
+        c.args(args)
+            .current_dir(&root)
+            .env_remove("SIPBRIDGE_LOG")
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        String::from_utf8(o.stderr).unwrap()
+    };
+    // Default filter is `info`: the debug line is absent.
+    assert!(!run(&["check"], &[]).contains("checking configuration"));
+    // stderr is not a terminal here, so `auto` logs JSON lines.
+    let json = run(&["check"], &[("RUST_LOG", "debug")]);
+    let line = json
+        .lines()
+        .find(|l| l.contains("checking configuration"))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["level"], "DEBUG");
+    assert_eq!(v["config"], "sip-profiles/default.toml");
+    // SIPBRIDGE_LOG wins over RUST_LOG, and --log-filter over both.
+    assert!(
+        !run(
+            &["check"],
+            &[("SIPBRIDGE_LOG", "warn"), ("RUST_LOG", "debug")]
+        )
+        .contains("checking")
+    );
+    let text = run(
+        &["--log-format", "text", "--log-filter", "debug", "check"],
+        &[("SIPBRIDGE_LOG", "warn")],
+    );
+    assert!(
+        text.contains("DEBUG") && text.contains("checking configuration"),
+        "{text}"
+    );
+    assert!(!text.trim_start().starts_with('{'));
+}
