@@ -1,13 +1,14 @@
 //! sipbridge: answers phone calls (SIP/RTP) for AI voice agents.
 //!
-//! Architecture (see `docs/` and the design notes): a sans-IO protocol core
-//! (`sip`, later `media` and `call`) that never touches sockets, clocks or tasks,
-//! inside a thin tokio shell (`daemon`). Configuration lives in `config`.
+//! Architecture (DESIGN §2): a sans-IO protocol core — `sip`, `media`, `call` —
+//! that never touches sockets, clocks or tasks, inside a thin tokio shell
+//! (`daemon`). Configuration lives in `config`, logging set-up in `logging`,
+//! stored data in `store`.
 
 pub mod call;
 pub mod config;
 pub mod daemon;
-pub mod media;
 pub mod logging;
+pub mod media;
 pub mod sip;
 pub mod store;

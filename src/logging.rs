@@ -161,11 +161,11 @@ mod tests {
     #[test]
     fn text_line_shows_span_and_filter_applies() {
         let buf = Buf::default();
-        let sub = subscriber(LogFormat::Text, "warn", buf.clone(), false).unwrap();
+        let sub = subscriber(LogFormat::Text, "info", buf.clone(), false).unwrap();
         tracing::subscriber::with_default(sub, || {
             let span = tracing::info_span!("call", call_id = %"c1");
             let _g = span.enter();
-            tracing::info!("hidden");
+            tracing::debug!("hidden");
             tracing::warn!("shown");
         });
         let lines = lines(&buf);

@@ -293,6 +293,7 @@ fn duplicate_names_routes_and_listeners_across_profiles() {
     let first = profile(5020);
     // Same listener, same tenant id, same trunk name and the same route as `first`.
     let second = profile(5021)
+        .replace("name = \"p5021\"", "name = \"p5020\"")
         .replace("127.0.0.1:5021", "0.0.0.0:5020")
         .replace("id = \"t5021\"", "id = \"t5020\"")
         .replace("name = \"k5021\"", "name = \"k5020\"")
@@ -309,6 +310,12 @@ fn duplicate_names_routes_and_listeners_across_profiles() {
         "d/2.toml",
         line_of(&second, "0.0.0.0:5020"),
         "conflicts with udp 127.0.0.1:5020 of profile `p5020` at d/1.toml:",
+    );
+    assert_reported(
+        &stderr,
+        "d/2.toml",
+        line_of(&second, "name = \"p5020\""),
+        "duplicate profile name `p5020` (first defined at d/1.toml:2:8)",
     );
     assert_reported(
         &stderr,
@@ -398,4 +405,50 @@ fn version_and_help() {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
     assert!(!stdout.contains("\n  run "), "no `run` subcommand yet");
+}
+
+#[test]
+fn log_filter_and_format_come_from_flags_or_environment() {
+    let root = repo_root();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sipbridge"));
+        c.args(args)
+            .current_dir(&root)
+            .env_remove("SIPBRIDGE_LOG")
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        String::from_utf8(o.stderr).unwrap()
+    };
+    // Default filter is `info`: the debug line is absent.
+    assert!(!run(&["check"], &[]).contains("checking configuration"));
+    // stderr is not a terminal here, so `auto` logs JSON lines.
+    let json = run(&["check"], &[("RUST_LOG", "debug")]);
+    let line = json
+        .lines()
+        .find(|l| l.contains("checking configuration"))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["level"], "DEBUG");
+    assert_eq!(v["config"], "sip-profiles/default.toml");
+    // SIPBRIDGE_LOG wins over RUST_LOG, and --log-filter over both.
+    assert!(
+        !run(
+            &["check"],
+            &[("SIPBRIDGE_LOG", "warn"), ("RUST_LOG", "debug")]
+        )
+        .contains("checking")
+    );
+    let text = run(
+        &["--log-format", "text", "--log-filter", "debug", "check"],
+        &[("SIPBRIDGE_LOG", "warn")],
+    );
+    assert!(
+        text.contains("DEBUG") && text.contains("checking configuration"),
+        "{text}"
+    );
+    assert!(!text.trim_start().starts_with('{'));
 }

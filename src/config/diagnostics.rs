@@ -161,8 +161,8 @@ mod tests {
         assert_eq!(s.position(3), (2, 1));
         // 'ç' is two bytes: 'd' at byte 5 is column 2.
         assert_eq!(s.position(5), (2, 2));
-        assert_eq!(s.position(13), (3, 1));
-        assert_eq!(s.position(14), (4, 1));
+        assert_eq!(s.position(11), (3, 1));
+        assert_eq!(s.position(12), (4, 1));
         assert_eq!(s.position(999), (4, 2));
     }
 
