@@ -22,7 +22,7 @@ const EXIT_INVALID_CONFIG: u8 = 2;
 recording-disclosure prompt, and bridges the caller's audio to an AI pipeline (echo, Deepgram, \
 an agent over WebSocket). Trunks, tenants and routes are configured in sip-profiles/ \
 (see docs/configuration.md).",
-    after_help = "Examples:\n  sipbridge check\n  sipbridge check --config sip-profiles/examples/twilio.toml\n  sipbridge --log-format json --log-filter debug check --config sip-profiles/"
+    after_help = "Examples:\n  sipbridge run\n  sipbridge check\n  sipbridge check --config sip-profiles/examples/twilio.toml\n  sipbridge --log-format json --log-filter debug check --config sip-profiles/"
 )]
 struct Cli {
     /// Log format: `auto` is text when stderr is a terminal, JSON lines otherwise.
@@ -47,6 +47,13 @@ enum Command {
         #[arg(long, short, default_value = "sip-profiles/default.toml")]
         config: PathBuf,
     },
+    /// Run the daemon: answer calls on the profile's listeners until SIGINT or
+    /// SIGTERM (calls are then ended with BYE).
+    Run {
+        /// The profile file to serve.
+        #[arg(long, short, default_value = "sip-profiles/default.toml")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +69,41 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(cfg) => cfg,
+        Err(diags) => {
+            for d in diags.items() {
+                tracing::error!(diagnostic = %d, "configuration invalid");
+                eprintln!("{d}");
+            }
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    for w in &cfg.warnings {
+        tracing::warn!(diagnostic = %w, "configuration warning");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sipbridge::daemon::run(std::sync::Arc::new(cfg))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "daemon failed");
+            eprintln!("sipbridge: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -13,11 +13,13 @@ mod session;
 mod switchboard;
 
 pub use record::{CallRecord, HangupSide};
-pub use switchboard::{Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings};
+pub use switchboard::{
+    Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
+};
 
 use crate::sip::dialog::Dialog;
 use crate::sip::error::SipError;
-use crate::sip::message::{Message, Method, NameAddr, Request, Response, Via};
+use crate::sip::message::{Method, NameAddr, Request, Response, Via};
 use crate::sip::sdp::{Direction, LocalMedia, Negotiated, SdpSession};
 use crate::sip::timer::TimerConfig;
 use crate::sip::transaction::{
@@ -170,7 +172,7 @@ pub enum CallEvent {
     MediaChanged(Negotiated),
     /// The call is over for the user: release its media and counters. The
     /// `Call` may live on a little to absorb retransmissions.
-    Ended(CallRecord),
+    Ended(Box<CallRecord>),
 }
 
 /// Output of [`Call::poll_output`].
@@ -358,7 +360,7 @@ impl Call {
             }
         }
         let ringing = call.dialog_response(&call.invite, 180, true);
-        call.invite_txn.send_provisional(now, ringing.encode());
+        let _ = call.invite_txn.send_provisional(now, ringing.encode());
         call.drain_invite_txn();
         if call.settings.answer_delay.is_zero() {
             call.answer(now);
@@ -537,7 +539,11 @@ impl Call {
         match self.state {
             State::Ended => {}
             State::Ringing => {
-                let status = if cause == HangupCause::Shutdown { 503 } else { 480 };
+                let status = if cause == HangupCause::Shutdown {
+                    503
+                } else {
+                    480
+                };
                 self.reject(now, status, cause);
             }
             State::Answered | State::Confirmed => {
@@ -550,9 +556,9 @@ impl Call {
                 let txn = ClientNonInviteTransaction::new(
                     now,
                     key,
-                    bye.encode(),
                     self.peer.transport.reliability(),
                     self.settings.timers,
+                    bye.encode(),
                 );
                 self.client = Some(ClientTxn::Bye(txn));
                 self.drain_client(now, rng);
@@ -604,7 +610,8 @@ impl Call {
                     Ok(neg) => {
                         self.record.codec = Some(neg.codec.encoding_name().to_owned());
                         self.negotiated = Some(neg.clone());
-                        self.out.push_back(CallOutput::Event(CallEvent::Answered(neg)));
+                        self.out
+                            .push_back(CallOutput::Event(CallEvent::Answered(neg)));
                     }
                     Err(_) => {
                         // No usable answer in the ACK: the call cannot carry media.
@@ -773,7 +780,7 @@ impl Call {
                 s.refreshed(now);
             }
         }
-        txn.send_final(now, status, resp.encode());
+        let _ = txn.send_final(now, status, resp.encode());
         self.reinvite = Some(ReInvite {
             branch: branch.to_owned(),
             txn,
@@ -829,7 +836,10 @@ impl Call {
                 let status = resp.status;
                 // Our refreshes are answered 2xx or, rarely, non-2xx; the ACK
                 // for a non-2xx is built by the transaction's caller.
-                let ack = self.dialog.ack(seq, &self.invite.top_via().unwrap_or_else(|_| unreachable_via()));
+                let ack = self.dialog.ack(
+                    seq,
+                    &self.invite.top_via().unwrap_or_else(|_| unreachable_via()),
+                );
                 let _ = txn.on_response(now, status, || ack.encode());
                 if (200..300).contains(&status) {
                     self.ack_refresh(seq, &resp, rng);
@@ -838,10 +848,10 @@ impl Call {
                     }
                 } else if status == 408 || status == 481 {
                     self.pending_hangup = Some(HangupCause::DialogGone);
-                } else if status >= 300 {
-                    if let Some(s) = &mut self.session {
-                        s.retry_later(now);
-                    }
+                } else if status >= 300
+                    && let Some(s) = &mut self.session
+                {
+                    s.retry_later(now);
                 }
             }
             (_, Method::Invite) if (200..300).contains(&resp.status) => {
@@ -874,7 +884,7 @@ impl Call {
         if let Some(s) = &self.session {
             s.apply(&mut ok.headers);
         }
-        self.invite_txn.send_final(now, 200, ok.encode());
+        let _ = self.invite_txn.send_final(now, 200, ok.encode());
         self.drain_invite_txn();
         self.state = State::Answered;
         self.record.answered_at = Some(self.wall(now));
@@ -902,7 +912,7 @@ impl Call {
         if status == 503 {
             resp.headers.push("Retry-After", "5");
         }
-        self.invite_txn.send_final(now, status, resp.encode());
+        let _ = self.invite_txn.send_final(now, status, resp.encode());
         self.drain_invite_txn();
         self.answer_at = None;
         self.record.result_code = status;
@@ -922,7 +932,9 @@ impl Call {
         self.record.hangup_side = side;
         self.record.cause = cause.as_str().to_owned();
         self.out
-            .push_back(CallOutput::Event(CallEvent::Ended(self.record.clone())));
+            .push_back(CallOutput::Event(CallEvent::Ended(Box::new(
+                self.record.clone(),
+            ))));
     }
 
     fn wall(&self, now: Instant) -> SystemTime {
@@ -937,7 +949,8 @@ impl Call {
             self.dialog.tag_response(&mut resp);
         }
         if contact {
-            resp.headers.push("Contact", self.contact_addr().to_string());
+            resp.headers
+                .push("Contact", self.contact_addr().to_string());
         }
         resp
     }
@@ -969,7 +982,8 @@ impl Call {
             Err(_) => {
                 // Same fallback as the Contact: reuse the INVITE's Via shape.
                 let mut via = self.invite.top_via().unwrap_or_else(|_| unreachable_via());
-                via.params.set("branch", Some(&format!("z9hG4bK{}", random_token(rng))));
+                via.params
+                    .set("branch", Some(&format!("z9hG4bK{}", random_token(rng))));
                 via
             }
         }
@@ -1020,7 +1034,7 @@ impl Call {
             self.peer.transport.reliability(),
             self.settings.timers,
         );
-        txn.send_final(now, resp.status, bytes);
+        let _ = txn.send_final(now, resp.status, bytes);
         self.server_txns.push(ServerTxn {
             branch: branch_of(req),
             method: req.method.clone(),
@@ -1160,9 +1174,9 @@ impl Call {
         let txn = ClientInviteTransaction::new(
             now,
             key,
-            req.encode(),
             self.peer.transport.reliability(),
             self.settings.timers,
+            req.encode(),
         );
         self.client = Some(ClientTxn::Refresh { seq, txn });
         self.drain_client(now, rng);

@@ -9,11 +9,15 @@
 //! so that each attempt is decided — and recorded — once.
 
 use super::session::SessionTimer;
-use super::{ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, SUPPORTED, Transmit, TransportKind};
+use super::{
+    ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, SUPPORTED, Transmit, TransportKind,
+};
 use crate::config::Config;
 use crate::sip::digest::DigestServer;
 use crate::sip::error::SipError;
-use crate::sip::message::{Message, Method, ParseError, Request, Response, error_response, validate_request};
+use crate::sip::message::{
+    Message, Method, ParseError, Request, Response, error_response, validate_request,
+};
 use crate::sip::sdp::LocalMedia;
 use bytes::Bytes;
 use rand::RngCore;
@@ -249,9 +253,14 @@ impl SwitchboardSettings {
             .or(bound_ip.filter(|ip| !ip.is_unspecified()))
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let host = host_ip.to_string();
-        let host = if host_ip.is_ipv6() { format!("[{host}]") } else { host };
+        let host = if host_ip.is_ipv6() {
+            format!("[{host}]")
+        } else {
+            host
+        };
         let sip = &profile.sip;
-        let timers = crate::sip::timer::TimerConfig::new(sip.t1, sip.t2, sip.t4).unwrap_or_default();
+        let timers =
+            crate::sip::timer::TimerConfig::new(sip.t1, sip.t2, sip.t4).unwrap_or_default();
         SwitchboardSettings {
             timers,
             local_udp: LocalSip {
@@ -277,7 +286,12 @@ impl SwitchboardSettings {
 
 impl Switchboard {
     /// A switchboard for this configuration.
-    pub fn new(config: Arc<Config>, settings: SwitchboardSettings, ports: PortAllocator, rng: &mut impl RngCore) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        settings: SwitchboardSettings,
+        ports: PortAllocator,
+        rng: &mut impl RngCore,
+    ) -> Self {
         let mut digest = HashMap::new();
         for trunk in &config.trunks {
             if let Some(creds) = &trunk.digest {
@@ -359,7 +373,9 @@ impl Switchboard {
         let mut req = match msg {
             Message::Response(resp) => {
                 return match resp.call_id() {
-                    Ok(id) if has_call(id) => Dispatch::ToCall(id.to_owned(), Message::Response(resp)),
+                    Ok(id) if has_call(id) => {
+                        Dispatch::ToCall(id.to_owned(), Message::Response(resp))
+                    }
                     _ => Dispatch::Drop("response without a call"),
                 };
             }
@@ -423,7 +439,10 @@ impl Switchboard {
         let branch_key = format!(
             "{}|{}",
             req.call_id().unwrap_or_default(),
-            req.top_via().ok().and_then(|v| v.branch().map(str::to_owned)).unwrap_or_default()
+            req.top_via()
+                .ok()
+                .and_then(|v| v.branch().map(str::to_owned))
+                .unwrap_or_default()
         );
         if let Some(bytes) = self.rejected.get(&branch_key) {
             // A retransmission of an INVITE we already rejected.
@@ -433,7 +452,11 @@ impl Switchboard {
             call_id: req.call_id().unwrap_or_default().to_owned(),
             tenant: None,
             trunk: None,
-            from: req.from().ok().and_then(|f| f.uri.user_unescaped()).unwrap_or_default(),
+            from: req
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user_unescaped())
+                .unwrap_or_default(),
             to: dialed_number(&req).unwrap_or_default(),
             source: peer.addr,
             started_at: wall_now,
@@ -446,7 +469,11 @@ impl Switchboard {
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());
-        let reject = |sb: &mut Switchboard, record: &mut CallRecord, status: u16, extra: Vec<(&str, String)>, cache: bool| {
+        let reject = |sb: &mut Switchboard,
+                      record: &mut CallRecord,
+                      status: u16,
+                      extra: Vec<(&str, String)>,
+                      cache: bool| {
             let mut resp = Response::for_request(&req, status);
             if status > 100 {
                 let mut to = req.to().ok();
@@ -460,7 +487,8 @@ impl Switchboard {
             }
             let bytes = resp.encode();
             if cache {
-                sb.rejected.insert(now, branch_key.clone(), bytes.clone(), ttl);
+                sb.rejected
+                    .insert(now, branch_key.clone(), bytes.clone(), ttl);
             }
             record.result_code = status;
             Dispatch::Reply {
@@ -469,7 +497,13 @@ impl Switchboard {
             }
         };
         if self.draining {
-            return reject(self, &mut record, 503, vec![("Retry-After", "30".to_owned())], true);
+            return reject(
+                self,
+                &mut record,
+                503,
+                vec![("Retry-After", "30".to_owned())],
+                true,
+            );
         }
         if req.max_forwards().ok().flatten() == Some(0) {
             return reject(self, &mut record, 483, vec![], true);
@@ -524,7 +558,9 @@ impl Switchboard {
         let tenant_id = route.tenant.clone();
         record.tenant = Some(tenant_id.clone());
         // 4. Session timer floor (RFC 4028 §6: 422 with our Min-SE).
-        if let Err(e) = SessionTimer::negotiate(&req, self.settings.session_expires, self.settings.min_se) {
+        if let Err(e) =
+            SessionTimer::negotiate(&req, self.settings.session_expires, self.settings.min_se)
+        {
             let (status, _) = e.status();
             let extra = e.extra_headers().into_iter().collect();
             return reject(self, &mut record, status, extra, true);
@@ -532,20 +568,37 @@ impl Switchboard {
         // 5. Limits: global → 503 + Retry-After; tenant/trunk → 486.
         if self.counts.total >= self.settings.max_calls {
             record.cause = "global-limit".to_owned();
-            return reject(self, &mut record, 503, vec![("Retry-After", "5".to_owned())], true);
+            return reject(
+                self,
+                &mut record,
+                503,
+                vec![("Retry-After", "5".to_owned())],
+                true,
+            );
         }
-        let tenant_max = self.config.tenant(&tenant_id).and_then(|t| t.max_calls).map(|m| m as usize);
+        let tenant_max = self
+            .config
+            .tenant(&tenant_id)
+            .and_then(|t| t.max_calls)
+            .map(|m| m as usize);
         let trunk_max = trunk.max_calls.map(|m| m as usize);
         let tenant_now = self.counts.per_tenant.get(&tenant_id).copied().unwrap_or(0);
         let trunk_now = self.counts.per_trunk.get(&trunk_name).copied().unwrap_or(0);
-        if tenant_max.is_some_and(|m| tenant_now >= m) || trunk_max.is_some_and(|m| trunk_now >= m) {
+        if tenant_max.is_some_and(|m| tenant_now >= m) || trunk_max.is_some_and(|m| trunk_now >= m)
+        {
             record.cause = "busy".to_owned();
             return reject(self, &mut record, 486, vec![], true);
         }
         // 6. An RTP port pair.
         let Some(rtp_port) = self.ports.allocate() else {
             record.cause = "no-rtp-ports".to_owned();
-            return reject(self, &mut record, 503, vec![("Retry-After", "5".to_owned())], true);
+            return reject(
+                self,
+                &mut record,
+                503,
+                vec![("Retry-After", "5".to_owned())],
+                true,
+            );
         };
         self.counts.total += 1;
         *self.counts.per_tenant.entry(tenant_id.clone()).or_default() += 1;

@@ -80,6 +80,27 @@ pub struct Profile {
     pub master_key: MasterKey,
     /// SIP timers and policies.
     pub sip: SipSettings,
+    /// Media limits.
+    pub media: MediaSettings,
+}
+
+/// Media limits of a profile (`[profile.media]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MediaSettings {
+    /// End a call after this long without RTP (not while on hold); default 30 s.
+    pub rtp_timeout: Option<Duration>,
+    /// End a call after this long whatever happens; default 4 h.
+    pub max_call_duration: Option<Duration>,
+}
+
+impl Default for MediaSettings {
+    fn default() -> MediaSettings {
+        MediaSettings {
+            rtp_timeout: Some(Duration::from_secs(30)),
+            max_call_duration: Some(Duration::from_secs(4 * 3600)),
+        }
+    }
 }
 
 /// Listening addresses per transport.
@@ -154,6 +175,8 @@ pub struct SipSettings {
     pub min_se: Duration,
     /// Requests from unknown sources.
     pub unknown_source: UnknownSource,
+    /// Ringing time between 180 and 200 (default 0: answer at once).
+    pub answer_delay: Duration,
 }
 
 impl Default for SipSettings {
@@ -165,6 +188,7 @@ impl Default for SipSettings {
             session_expires: Duration::from_secs(1800),
             min_se: Duration::from_secs(90),
             unknown_source: UnknownSource::Reject,
+            answer_delay: Duration::ZERO,
         }
     }
 }

@@ -25,6 +25,17 @@ pub(crate) struct RawProfile {
     pub(crate) master_key: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) sip: Option<Spanned<RawSip>>,
+    #[serde(default)]
+    pub(crate) media: Option<Spanned<RawMedia>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMedia {
+    #[serde(default)]
+    pub(crate) rtp_timeout_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) max_call_duration_s: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +69,8 @@ pub(crate) struct RawSip {
     pub(crate) min_se_s: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) unknown_source: Option<RawUnknownSource>,
+    #[serde(default)]
+    pub(crate) answer_delay_ms: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

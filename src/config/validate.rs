@@ -26,8 +26,8 @@ use super::raw::{RawPipeline, RawProfile, RawRoute, RawTenant, RawTrunk, RawUnkn
 use super::secret::{self, Secret, SecretRef};
 use super::{
     AgentMode, AgentSettings, Config, DeepgramSettings, DigestCredentials, Listen, MasterKey,
-    Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings, Tenant, Trunk,
-    UnknownSource,
+    MediaSettings, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings, Tenant,
+    Trunk, UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -612,6 +612,7 @@ fn check_profiles(
 
         let master_key = check_master_key(cx, file, p.master_key.as_ref(), &var_dir, p.name.span());
         let sip = check_sip(cx, file, p.sip.as_ref());
+        let media = media_settings(p.media.as_ref());
 
         out.push(Profile {
             name,
@@ -627,6 +628,7 @@ fn check_profiles(
             max_calls,
             master_key,
             sip,
+            media,
         });
     }
     out
@@ -676,6 +678,21 @@ fn check_master_key(
     }
 }
 
+fn media_settings(raw: Option<&Spanned<super::raw::RawMedia>>) -> MediaSettings {
+    let mut m = MediaSettings::default();
+    let Some(raw) = raw else { return m };
+    let r = raw.get_ref();
+    // 0 switches a limit off.
+    let limit = |v: &Option<Spanned<u32>>, d: Option<Duration>| match v {
+        None => d,
+        Some(v) if *v.get_ref() == 0 => None,
+        Some(v) => Some(Duration::from_secs(u64::from(*v.get_ref()))),
+    };
+    m.rtp_timeout = limit(&r.rtp_timeout_s, m.rtp_timeout);
+    m.max_call_duration = limit(&r.max_call_duration_s, m.max_call_duration);
+    m
+}
+
 fn check_sip(
     cx: &mut Cx<'_>,
     file: usize,
@@ -697,6 +714,7 @@ fn check_sip(
     s.t4 = ms(&r.t4_ms, s.t4);
     s.session_expires = secs(&r.session_expires_s, s.session_expires);
     s.min_se = secs(&r.min_se_s, s.min_se);
+    s.answer_delay = ms(&r.answer_delay_ms, s.answer_delay);
     if let Some(u) = r.unknown_source {
         s.unknown_source = match u {
             RawUnknownSource::Reject => UnknownSource::Reject,

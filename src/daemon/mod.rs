@@ -8,7 +8,9 @@
 
 mod transport;
 
-use crate::call::{Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, Switchboard, Transmit};
+use crate::call::{
+    Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, Switchboard, Transmit,
+};
 use crate::sip::message::Message;
 use anyhow::Context;
 use rand::SeedableRng;
@@ -25,7 +27,7 @@ pub use transport::Transports;
 #[derive(Debug)]
 pub(crate) enum CallCommand {
     /// A SIP message for the call.
-    Sip(Message),
+    Sip(Box<Message>),
     /// End the call.
     HangUp(HangupCause),
 }
@@ -84,13 +86,19 @@ impl Shared {
     }
 
     /// Acts on one inbound message (already parsed or failed to parse).
-    pub(crate) async fn inbound(self: &Arc<Self>, raw: &[u8], parsed: Result<Message, crate::sip::message::ParseError>, peer: crate::call::Peer, rng: &mut StdRng) {
+    pub(crate) async fn inbound(
+        self: &Arc<Self>,
+        raw: &[u8],
+        parsed: Result<Message, crate::sip::message::ParseError>,
+        peer: crate::call::Peer,
+        rng: &mut StdRng,
+    ) {
         let dispatch = self.decide(raw, parsed, peer, rng);
         match dispatch {
             Dispatch::ToCall(id, msg) => {
                 let tx = lock(&self.calls).get(&id).cloned();
                 if let Some(tx) = tx
-                    && tx.try_send(CallCommand::Sip(msg)).is_err()
+                    && tx.try_send(CallCommand::Sip(Box::new(msg))).is_err()
                 {
                     debug!(call_id = %id, "call mailbox full; message dropped");
                 }
@@ -117,9 +125,12 @@ impl Shared {
                     break;
                 }
                 Err(_) => {
-                    let mut sb = lock(&self.switchboard);
-                    let next = sb.ports.allocate();
-                    sb.ports.release(port);
+                    let next = {
+                        let mut sb = lock(&self.switchboard);
+                        let next = sb.ports.allocate();
+                        sb.ports.release(port);
+                        next
+                    };
                     match next {
                         Some(p) => admitted.settings.media.rtp_port = p,
                         None => break,
@@ -130,10 +141,9 @@ impl Shared {
         let call_id = admitted.invite.call_id().unwrap_or_default().to_owned();
         let Some(rtp) = socket else {
             warn!(%call_id, "no RTP port could be bound");
-            let mut sb = lock(&self.switchboard);
-            sb.call_ended(&admitted.settings);
-            let resp = crate::sip::message::Response::for_request(&admitted.invite, 503);
-            drop(sb);
+            lock(&self.switchboard).call_ended(&admitted.settings);
+            let mut resp = crate::sip::message::Response::for_request(&admitted.invite, 503);
+            resp.headers.push("Retry-After", "5");
             self.transports
                 .send(Transmit {
                     dest: admitted.peer,
@@ -223,8 +233,10 @@ async fn run_call(
         };
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(CallCommand::Sip(Message::Request(req))) => call.handle_request(Instant::now(), req, &mut rng),
-                Some(CallCommand::Sip(Message::Response(resp))) => call.handle_response(Instant::now(), resp, &mut rng),
+                Some(CallCommand::Sip(msg)) => match *msg {
+                    Message::Request(req) => call.handle_request(Instant::now(), req, &mut rng),
+                    Message::Response(resp) => call.handle_response(Instant::now(), resp, &mut rng),
+                },
                 Some(CallCommand::HangUp(cause)) => call.hang_up(Instant::now(), cause, &mut rng),
                 None => call.hang_up(Instant::now(), HangupCause::Shutdown, &mut rng),
             },

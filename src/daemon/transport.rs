@@ -62,7 +62,9 @@ impl Transports {
     fn connect_and_send(&self, addr: SocketAddr, bytes: Bytes) {
         // The original connection is gone: open a new one (RFC 3261 §18.2.2).
         tokio::spawn(async move {
-            match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(addr)).await {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(addr))
+                .await
+            {
                 Ok(Ok(mut s)) => {
                     if let Err(e) = s.write_all(&bytes).await {
                         debug!(%addr, error = %e, "tcp send failed");
@@ -92,13 +94,17 @@ pub(crate) async fn bind_all(
     };
     let mut udp = Vec::new();
     for addr in profile.listen.udp.iter().copied() {
-        let sock = UdpSocket::bind(addr).await.map_err(|e| anyhow::anyhow!("udp {addr}: {e}"))?;
+        let sock = UdpSocket::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("udp {addr}: {e}"))?;
         info!(transport = "udp", local = %sock.local_addr()?, "sip listener bound");
         udp.push(Arc::new(sock));
     }
     let mut tcp = Vec::new();
     for addr in profile.listen.tcp.iter().copied() {
-        let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("tcp {addr}: {e}"))?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("tcp {addr}: {e}"))?;
         info!(transport = "tcp", local = %l.local_addr()?, "sip listener bound");
         tcp.push(l);
     }
@@ -130,7 +136,11 @@ pub(crate) async fn bind_all(
 }
 
 /// Starts one task per listener.
-pub(crate) fn spawn_listeners(shared: &Arc<Shared>, listeners: Listeners, rng: &mut StdRng) -> JoinSet<()> {
+pub(crate) fn spawn_listeners(
+    shared: &Arc<Shared>,
+    listeners: Listeners,
+    rng: &mut StdRng,
+) -> JoinSet<()> {
     let mut set = JoinSet::new();
     for (idx, sock) in listeners.udp.into_iter().enumerate() {
         let shared = Arc::clone(shared);
@@ -187,7 +197,13 @@ async fn tcp_accept_loop(shared: Arc<Shared>, listener: TcpListener, mut rng: St
     }
 }
 
-async fn tcp_connection(shared: Arc<Shared>, stream: TcpStream, from: SocketAddr, flow: u64, mut rng: StdRng) {
+async fn tcp_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    from: SocketAddr,
+    flow: u64,
+    mut rng: StdRng,
+) {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_QUEUE);
     lock(&shared.transports.tcp).insert(flow, tx);

@@ -37,14 +37,23 @@ pub struct Dialog {
 
 impl Dialog {
     /// Creates the UAS side of a dialog from the INVITE we answer (RFC 3261 §12.1.1).
-    pub fn new_uas(invite: &Request, local_tag: String, local_seq: u32) -> Result<Dialog, SipError> {
+    pub fn new_uas(
+        invite: &Request,
+        local_tag: String,
+        local_seq: u32,
+    ) -> Result<Dialog, SipError> {
         let from = invite.from().map_err(SipError::from)?;
         let mut to = invite.to().map_err(SipError::from)?;
         to.params.remove("tag");
         let remote_tag = from.tag().map(str::to_owned);
         let mut remote_uri = from;
         remote_uri.params.remove("tag");
-        let remote_target = match invite.contacts().map_err(SipError::from)?.into_iter().next() {
+        let remote_target = match invite
+            .contacts()
+            .map_err(SipError::from)?
+            .into_iter()
+            .next()
+        {
             Some(contact) => contact.uri,
             // RFC 2543 peers may omit Contact: fall back to the From URI.
             None => remote_uri.uri.clone(),
@@ -144,8 +153,10 @@ impl Dialog {
         // Route. A strict router gets the Request-URI and the target last.
         let (uri, routes): (Uri, Vec<String>) = match self.route_set.first() {
             Some(first) if !first.uri.params.has("lr") => {
-                let mut routes: Vec<String> =
-                    self.route_set[1..].iter().map(ToString::to_string).collect();
+                let mut routes: Vec<String> = self.route_set[1..]
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 routes.push(format!("<{}>", self.remote_target));
                 (first.uri.clone(), routes)
             }
@@ -258,7 +269,10 @@ Content-Length: 0\r\n\r\n";
         let bye = d.new_request(Method::Bye, &via(), &contact);
         assert_eq!(bye.uri.to_string(), "sip:10.0.0.1");
         let routes: Vec<&str> = bye.headers.values("Route").collect();
-        assert_eq!(routes, vec!["<sip:10.0.0.2;lr>", "<sip:alice@127.0.0.1:5070>"]);
+        assert_eq!(
+            routes,
+            vec!["<sip:10.0.0.2;lr>", "<sip:alice@127.0.0.1:5070>"]
+        );
     }
 
     #[test]
@@ -268,13 +282,19 @@ Content-Length: 0\r\n\r\n";
             .unwrap()
             .replace("INVITE sip", "BYE sip")
             .replace("10 INVITE", "11 BYE")
-            .replace("To: <sip:+15550001111@127.0.0.1>", "To: <sip:+15550001111@127.0.0.1>;tag=ourtag");
+            .replace(
+                "To: <sip:+15550001111@127.0.0.1>",
+                "To: <sip:+15550001111@127.0.0.1>;tag=ourtag",
+            );
         let Ok(Message::Request(bye)) = parse_datagram(raw.as_bytes()) else {
             panic!()
         };
         assert!(d.matches(&bye));
         assert!(!d.matches(&invite()), "no To tag: not in this dialog");
         assert!(d.accept_remote_cseq(11).is_ok());
-        assert!(matches!(d.accept_remote_cseq(11), Err(SipError::ServerInternal)));
+        assert!(matches!(
+            d.accept_remote_cseq(11),
+            Err(SipError::ServerInternal)
+        ));
     }
 }
