@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::db::{DbError, RecordingState, Store, UnixMs};
 
@@ -227,7 +227,8 @@ impl<'a> Sweeper<'a> {
             ..SweepReport::default()
         };
         for expiry in selection.expired {
-            if let Err(e) = self.delete_files(store, &expiry) {
+            let paths = Self::files_of(store, &expiry.item)?;
+            if let Err(e) = self.delete_files(&paths) {
                 report.failed.push((expiry, e));
                 continue;
             }
@@ -240,30 +241,31 @@ impl<'a> Sweeper<'a> {
         Ok(report)
     }
 
-    /// Deletes the files behind one expired item: a recording's own file; for
-    /// a CDR, every recording file it indexes (including ones already marked
-    /// deleted, so a file left by an interrupted erasure goes at the latest
-    /// with its CDR).
-    fn delete_files(&self, store: &Store, expiry: &Expiry) -> io::Result<()> {
-        let item = &expiry.item;
-        let paths = match item.kind {
+    /// The files behind one expired item: a recording's own file; for a CDR,
+    /// every recording file it indexes (including ones already marked deleted,
+    /// so a file left behind by an interrupted erasure goes at the latest with
+    /// its CDR); none for a transcript (it lives in the database).
+    fn files_of(store: &Store, item: &RetentionItem) -> Result<Vec<PathBuf>, DbError> {
+        Ok(match item.kind {
             ItemKind::Transcript => Vec::new(),
             ItemKind::Recording => store
-                .get_recording(Some(&item.tenant), &item.id)
-                .map_err(io::Error::other)?
+                .get_recording(Some(&item.tenant), &item.id)?
                 .filter(|r| matches!(r.state, RecordingState::Complete | RecordingState::Partial))
                 .map(|r| r.path)
                 .into_iter()
                 .collect(),
             ItemKind::Call => store
-                .recordings_of_call(&item.tenant, &item.id)
-                .map_err(io::Error::other)?
+                .recordings_of_call(&item.tenant, &item.id)?
                 .into_iter()
                 .map(|r| r.path)
                 .collect(),
-        };
+        })
+    }
+
+    /// Deletes `paths`; a file already missing counts as deleted.
+    fn delete_files(&self, paths: &[PathBuf]) -> io::Result<()> {
         for path in paths {
-            match (self.deleter)(&path) {
+            match (self.deleter)(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
