@@ -767,3 +767,14 @@ fn crash_recovery_finds_open_recordings_and_closes_open_calls() {
     assert!(s.open_recordings_of_crashed().unwrap().is_empty());
     assert!(s.close_crashed_calls(restart + 1).unwrap().is_empty());
 }
+
+#[test]
+fn unix_ms_converts_wall_clock_times() {
+    use sipbridge::store::db::unix_ms;
+    use std::time::{Duration, UNIX_EPOCH};
+    assert_eq!(
+        unix_ms(UNIX_EPOCH + Duration::from_millis(1_760_000_000_123)),
+        1_760_000_000_123
+    );
+    assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
+}

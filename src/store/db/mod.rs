@@ -17,9 +17,10 @@
 mod caller_id;
 pub mod schema;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use std::time::SystemTime;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{
@@ -32,6 +33,13 @@ use super::retention::{Expiry, ItemKind, RetentionItem};
 
 /// Milliseconds since the Unix epoch (UTC).
 pub type UnixMs = i64;
+
+/// Converts a wall-clock time to [`UnixMs`] (times before 1970 clamp to 0).
+pub fn unix_ms(t: SystemTime) -> UnixMs {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
 
 /// How long a writer waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1254,11 +1262,7 @@ impl Store {
         reason: &str,
         now: UnixMs,
     ) -> Result<ErasedSummary, DbError> {
-        let call_ids: Vec<String> = self
-            .calls_by_caller(tenant, number)?
-            .into_iter()
-            .map(|c| c.call_id)
-            .collect();
+        let forms = self.caller_policy(tenant)?.lookup_forms(number)?;
         let eraser = Eraser {
             tenant,
             actor,
@@ -1267,6 +1271,21 @@ impl Store {
             now,
         };
         let tx = self.write_tx()?;
+        // Selected inside the write transaction, so a call inserted meanwhile
+        // by another connection cannot slip between selection and erasure.
+        let mut calls: BTreeSet<(UnixMs, String)> = BTreeSet::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT started_at, call_id FROM calls WHERE caller = ?1 AND tenant = ?2",
+            )?;
+            for form in &forms {
+                let rows = stmt.query_map(params![form, tenant], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                for row in rows {
+                    calls.insert(row?);
+                }
+            }
+        }
+        let call_ids: Vec<String> = calls.into_iter().map(|(_, id)| id).collect();
         let mut out = ErasedSummary::default();
         for call_id in &call_ids {
             eraser.erase_call(&tx, call_id, &mut out)?;
