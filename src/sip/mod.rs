@@ -5,7 +5,9 @@
 //! (`std::time::Instant`) and randomness are passed in by the caller.
 
 pub mod digest;
+pub mod error;
 pub mod message;
 pub mod sdp;
 pub mod timer;
 pub mod transaction;
+pub use message::*;
