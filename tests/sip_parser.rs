@@ -938,3 +938,23 @@ proptest! {
         let _ = Via::parse(&s);
     }
 }
+
+#[test]
+fn regression_version_with_multibyte_char_does_not_panic() {
+    // found by cargo-fuzz style fuzzing: slicing "StPŠ.0" at byte 4 split a UTF-8 char
+    let raw = "OPa: iSIP/com StP\u{160}.0\r\nVia: SIP/2.0/0.2. \0branc 0\r\n\r\n";
+    assert!(matches!(
+        parse_datagram(raw.as_bytes()),
+        Err(ParseError::StartLine(_))
+    ));
+    let raw = "SIP\u{160}/2.0 200 OK\r\n\r\n";
+    assert!(parse_datagram(raw.as_bytes()).is_err());
+    assert_eq!(
+        error_response(
+            "\u{160}IP/2.0 x\r\nVia: SIP/2.0/UDP h\r\n\r\n".as_bytes(),
+            &SipError::NotFound
+        )
+        .map(|b| b.starts_with(b"SIP/2.0 404")),
+        Some(true)
+    );
+}

@@ -4,4 +4,5 @@
 
 pub mod crypto;
 pub mod db;
+pub mod recording;
 pub mod retention;

@@ -3,7 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::uri::{is_token, truncate};
+use super::uri::{is_token, starts_with_ci, truncate};
 use super::{
     Headers, MAX_HEADER_LINE, MAX_HEADERS, MAX_MESSAGE_SIZE, Message, Method, ParseError, Request,
     Response, Uri,
@@ -54,13 +54,13 @@ fn parse_start(line: &str) -> Result<Start, ParseError> {
     let check_version = |v: &str| {
         if v.eq_ignore_ascii_case("SIP/2.0") {
             Ok(())
-        } else if v.len() > 4 && v[..4].eq_ignore_ascii_case("SIP/") {
+        } else if v.len() > 4 && starts_with_ci(v, "SIP/") {
             Err(ParseError::VersionNotSupported(truncate(v).to_owned()))
         } else {
             Err(bad())
         }
     };
-    if line.len() >= 4 && line.is_char_boundary(4) && line[..4].eq_ignore_ascii_case("SIP/") {
+    if starts_with_ci(line, "SIP/") {
         let (version, rest) = line.split_once(' ').unwrap_or((line, ""));
         check_version(version)?;
         let rest = rest.trim_start();

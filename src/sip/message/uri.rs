@@ -11,6 +11,12 @@ pub(crate) fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c)
 }
 
+/// ASCII case-insensitive `starts_with` that never slices inside a UTF-8 sequence.
+pub(crate) fn starts_with_ci(s: &str, prefix: &str) -> bool {
+    s.get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
 pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty() && s.chars().all(is_token_char)
 }

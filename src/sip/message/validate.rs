@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use super::framing::{find_head_end, leading_crlf};
 use super::headers::parse_decimal;
+use super::uri::starts_with_ci;
 use super::{
     MAX_HEADERS, MAX_MESSAGE_SIZE, Method, NameAddr, Request, Response, Scheme, same_header,
 };
@@ -145,11 +146,7 @@ pub fn error_response(buf: &[u8], err: &SipError) -> Option<Bytes> {
     let mut raw_lines = head.split(|&b| b == b'\n');
     let first = String::from_utf8_lossy(raw_lines.next()?);
     let first_word = first.split_ascii_whitespace().next()?;
-    if first_word.len() >= 4
-        && first_word.is_char_boundary(4)
-        && first_word[..4].eq_ignore_ascii_case("SIP/")
-        || first_word == "ACK"
-    {
+    if starts_with_ci(first_word, "SIP/") || first_word == "ACK" {
         return None;
     }
     // Unfold into (name, value) lines; lines that are not UTF-8 are skipped.

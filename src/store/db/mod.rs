@@ -1,0 +1,1576 @@
+//! Call metadata in SQLite: call detail records (CDRs) with consent events,
+//! recordings' index, transcripts (as ciphertext) and the append-only audit log.
+//!
+//! Owns the database file and every SQL statement that reads or writes rows;
+//! must not touch recording files (it hands their paths to whoever deletes
+//! them), keys or plaintext transcripts (`crypto` seals those; this module
+//! stores the sealed bytes and the key id). Time is always passed in as unix
+//! milliseconds, never read from the clock, so tests run in virtual time.
+//!
+//! Tenant isolation: every method that is given a tenant scopes its statements
+//! with `tenant = ?`, so an id from another tenant behaves as unknown.
+//!
+//! Durability: WAL journal, `synchronous=FULL`, `foreign_keys=ON`, a busy
+//! timeout; every multi-row change (erasure, retention, recovery) runs in one
+//! immediate transaction together with its audit rows.
+
+mod caller_id;
+pub mod schema;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use std::time::SystemTime;
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{
+    Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior, params,
+};
+
+pub use caller_id::CallerIdPolicy;
+
+use super::retention::{Expiry, ItemKind, RetentionItem};
+
+/// Milliseconds since the Unix epoch (UTC).
+pub type UnixMs = i64;
+
+/// Converts a wall-clock time to [`UnixMs`] (times before 1970 clamp to 0).
+pub fn unix_ms(t: SystemTime) -> UnixMs {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// How long a writer waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Cause written into CDRs that were open when the daemon died.
+pub const CRASH_RECOVERED_CAUSE: &str = "crash-recovered";
+
+/// Actor name used in audit rows written by the retention sweeper.
+pub const RETENTION_ACTOR: &str = "retention";
+
+/// Errors of the metadata store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// SQLite failed (I/O, constraint, lock timeout, corrupt file).
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Preparing the database file failed.
+    #[error("database file {path}: {source}")]
+    File {
+        /// The database path.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The file was written by a newer build; refusing to touch it.
+    #[error("database schema version {found} is newer than this build supports ({supported})")]
+    SchemaTooNew {
+        /// `user_version` found in the file.
+        found: u32,
+        /// Highest version this build knows.
+        supported: u32,
+    },
+    /// SQLite would not switch to write-ahead logging.
+    #[error("journal mode is {0:?}, expected \"wal\"")]
+    NoWal(String),
+    /// No caller-id policy was configured for the tenant (refusing to guess).
+    #[error("no caller-id policy for tenant {0:?}")]
+    NoCallerPolicy(String),
+    /// A hashed caller-id policy with an empty key.
+    #[error("caller-id hashing key is empty")]
+    EmptyCallerKey,
+    /// No such call for that tenant.
+    #[error("unknown call {call_id:?} for tenant {tenant:?}")]
+    UnknownCall {
+        /// Tenant asked.
+        tenant: String,
+        /// Call id asked.
+        call_id: String,
+    },
+    /// `finish_call` on a call that already has an end.
+    #[error("call {0:?} has already ended")]
+    CallAlreadyEnded(String),
+    /// No such recording (for that tenant, if one was given).
+    #[error("unknown recording {0:?}")]
+    UnknownRecording(String),
+    /// A recording state change that the lifecycle does not allow.
+    #[error("recording {id:?}: cannot go from {from:?} to {to:?}")]
+    InvalidTransition {
+        /// Recording id.
+        id: String,
+        /// Current state.
+        from: RecordingState,
+        /// Requested state.
+        to: RecordingState,
+    },
+    /// A row names a call of a different tenant.
+    #[error("call {call_id:?} belongs to another tenant than {tenant:?}")]
+    TenantMismatch {
+        /// Tenant given with the row.
+        tenant: String,
+        /// The call it refers to.
+        call_id: String,
+    },
+    /// A path that is not UTF-8 cannot be stored.
+    #[error("path is not UTF-8: {0:?}")]
+    NonUtf8Path(PathBuf),
+    /// Deleting a tenant while some of its calls are under legal hold.
+    #[error("tenant {tenant:?} has {} call(s) under legal hold", held.len())]
+    LegalHold {
+        /// Tenant.
+        tenant: String,
+        /// Held call ids.
+        held: Vec<String>,
+    },
+    /// The caller asked for something the API does not do.
+    #[error("misuse: {0}")]
+    Misuse(&'static str),
+}
+
+/// Defines a fieldless enum stored as fixed text, with SQL conversions.
+macro_rules! text_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name { $($(#[$vm])* $var),+ }
+
+        impl $name {
+            /// The stored text.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$var => $s),+ }
+            }
+            /// Parses the stored text.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($s => Some(Self::$var),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl FromSql for $name {
+            fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+                let s = v.as_str()?;
+                Self::parse(s).ok_or_else(|| {
+                    FromSqlError::Other(format!("unknown {} {s:?}", stringify!($name)).into())
+                })
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Lifecycle of a recording file.
+    RecordingState {
+        /// Being written (a crash leaves it here).
+        Recording = "recording",
+        /// Closed normally.
+        Complete = "complete",
+        /// Recovered after a crash: holds audio up to the last sealed chunk.
+        Partial = "partial",
+        /// File removed (retention, erasure, opt-out); the row stays until the CDR goes.
+        Deleted = "deleted",
+    }
+}
+
+text_enum! {
+    /// Which side ended the call.
+    HangupSide {
+        /// The carrier / caller sent BYE or CANCEL.
+        Remote = "remote",
+        /// The bridge ended it (agent hang-up, timeout, shutdown).
+        Local = "local",
+    }
+}
+
+text_enum! {
+    /// Who spoke a transcript segment.
+    Speaker {
+        /// The person calling.
+        Caller = "caller",
+        /// The AI agent (or the prompt).
+        Agent = "agent",
+    }
+}
+
+text_enum! {
+    /// Kind of object an audit row is about.
+    #[non_exhaustive]
+    ObjectKind {
+        /// A call / CDR.
+        Call = "call",
+        /// A recording.
+        Recording = "recording",
+        /// A transcript segment.
+        Transcript = "transcript",
+        /// A whole tenant.
+        Tenant = "tenant",
+    }
+}
+
+text_enum! {
+    /// What an audit row records.
+    #[non_exhaustive]
+    AuditAction {
+        /// Retention deleted an object past its tenant's days.
+        RetentionDelete = "retention-delete",
+        /// Erased as part of an erasure by caller number.
+        EraseCaller = "erase-caller",
+        /// Erased as part of an erasure by call id.
+        EraseCall = "erase-call",
+        /// Erased as part of deleting a tenant.
+        EraseTenant = "erase-tenant",
+        /// The caller opted out of recording.
+        ConsentOptOut = "consent-opt-out",
+        /// A recording was deleted outside retention and erasure (e.g. opt-out).
+        RecordingDelete = "recording-delete",
+        /// A legal hold was placed.
+        LegalHoldSet = "legal-hold-set",
+        /// A legal hold was released.
+        LegalHoldReleased = "legal-hold-released",
+        /// A CDR left open by a crash was closed at start-up.
+        CrashRecovered = "crash-recovered",
+        /// A recording was decrypted and exported.
+        RecordingExport = "recording-export",
+        /// A caller's data was exported (portability).
+        DataExport = "data-export",
+        /// A tenant's data key was destroyed.
+        KeyDestroyed = "key-destroyed",
+    }
+}
+
+/// A new call, written when the INVITE is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRow {
+    /// SIP Call-ID (unique).
+    pub call_id: String,
+    /// Tenant the call belongs to.
+    pub tenant: String,
+    /// Trunk it arrived on.
+    pub trunk: String,
+    /// Caller number as received; stored as the tenant's [`CallerIdPolicy`] says.
+    pub from: String,
+    /// Called number.
+    pub to: String,
+    /// When the INVITE arrived.
+    pub started_at: UnixMs,
+}
+
+/// RTP receive statistics of a call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RtpStats {
+    /// Packets received.
+    pub packets: u64,
+    /// Packets lost (by sequence gaps).
+    pub lost: u64,
+    /// Interarrival jitter, milliseconds (RFC 3550).
+    pub jitter_ms: f64,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallEnd {
+    /// When it was answered (200 OK), if it was.
+    pub answered_at: Option<UnixMs>,
+    /// When it ended.
+    pub ended_at: UnixMs,
+    /// Final SIP status of the INVITE (200 for answered calls).
+    pub result_code: u16,
+    /// Which side hung up.
+    pub hangup_side: HangupSide,
+    /// Why (free text, e.g. "bye", "agent-hangup", "rtp-timeout").
+    pub cause: String,
+    /// Negotiated codec, e.g. "PCMU/8000".
+    pub codec: Option<String>,
+    /// Media statistics.
+    pub rtp: RtpStats,
+}
+
+/// The consent events a CDR records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentEvent {
+    /// The disclosure prompt started playing.
+    DisclosureStarted,
+    /// The disclosure prompt finished.
+    DisclosureFinished,
+    /// The caller pressed the opt-out key (audited).
+    OptOut,
+}
+
+/// Consent record of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Consent {
+    /// Disclosure prompt start.
+    pub disclosure_started_at: Option<UnixMs>,
+    /// Disclosure prompt end.
+    pub disclosure_finished_at: Option<UnixMs>,
+    /// Opt-out key pressed.
+    pub opt_out_at: Option<UnixMs>,
+}
+
+/// A CDR as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRecord {
+    /// SIP Call-ID.
+    pub call_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Trunk.
+    pub trunk: String,
+    /// Stored caller id (plain or `hmac-sha256:<hex>`); `None` once erased.
+    pub caller: Option<String>,
+    /// Called number.
+    pub to: String,
+    /// INVITE arrival.
+    pub started_at: UnixMs,
+    /// Answer time.
+    pub answered_at: Option<UnixMs>,
+    /// End time; `None` while the call is up.
+    pub ended_at: Option<UnixMs>,
+    /// Final SIP status.
+    pub result_code: Option<u16>,
+    /// Which side hung up (`None` while up or after crash recovery).
+    pub hangup_side: Option<HangupSide>,
+    /// End cause.
+    pub cause: Option<String>,
+    /// Codec.
+    pub codec: Option<String>,
+    /// RTP statistics, once ended normally.
+    pub rtp: Option<RtpStats>,
+    /// Consent events.
+    pub consent: Consent,
+    /// Under legal hold.
+    pub legal_hold: bool,
+    /// When the caller's PII was erased.
+    pub erased_at: Option<UnixMs>,
+}
+
+/// A new recording, written when its file is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordingRow {
+    /// Recording id (also bound into the sealed file).
+    pub id: String,
+    /// Call it belongs to.
+    pub call_id: String,
+    /// Tenant (must be the call's).
+    pub tenant: String,
+    /// Encrypted file path.
+    pub path: PathBuf,
+    /// Id of the tenant data key that seals it.
+    pub key_id: String,
+    /// Creation time.
+    pub created_at: UnixMs,
+}
+
+/// A recording as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordingRecord {
+    /// Recording id.
+    pub id: String,
+    /// Call.
+    pub call_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Encrypted file path.
+    pub path: PathBuf,
+    /// File size in bytes.
+    pub size_bytes: u64,
+    /// Audio duration.
+    pub duration_ms: u64,
+    /// Data key id.
+    pub key_id: String,
+    /// Lifecycle state.
+    pub state: RecordingState,
+    /// Creation time.
+    pub created_at: UnixMs,
+    /// Under legal hold (the recording itself; a held call also holds it).
+    pub legal_hold: bool,
+    /// When the file was deleted.
+    pub deleted_at: Option<UnixMs>,
+}
+
+/// A transcript segment; `ciphertext` is sealed by `crypto` under `key_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TranscriptRow {
+    /// Segment id (unique, e.g. `<call_id>/<seq>`).
+    pub id: String,
+    /// Call.
+    pub call_id: String,
+    /// Tenant (must be the call's).
+    pub tenant: String,
+    /// Who spoke.
+    pub speaker: Speaker,
+    /// Segment start, ms from call start.
+    pub start_ms: u64,
+    /// Segment end, ms from call start.
+    pub end_ms: u64,
+    /// Sealed text.
+    pub ciphertext: Vec<u8>,
+    /// Data key id.
+    pub key_id: String,
+    /// Recogniser confidence, 0..=1.
+    pub confidence: f32,
+    /// When stored.
+    pub created_at: UnixMs,
+}
+
+/// An audit row to append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditEntry<'a> {
+    /// When.
+    pub at: UnixMs,
+    /// Who (operator name, `retention`, `caller`, `startup`, ...).
+    pub actor: &'a str,
+    /// What.
+    pub action: AuditAction,
+    /// Kind of object.
+    pub object_kind: ObjectKind,
+    /// Object id (never a caller number).
+    pub object_id: &'a str,
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Why.
+    pub reason: &'a str,
+}
+
+/// An audit row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Sequence number (strictly increasing).
+    pub id: i64,
+    /// When.
+    pub at: UnixMs,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: AuditAction,
+    /// Kind of object.
+    pub object_kind: ObjectKind,
+    /// Object id.
+    pub object_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Which audit rows to read; `None` fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only this action.
+    pub action: Option<AuditAction>,
+    /// Only this object id.
+    pub object_id: Option<String>,
+    /// Only rows at or after this time.
+    pub since: Option<UnixMs>,
+}
+
+/// A recording whose row an erasure marked deleted: its file must go too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedRecording {
+    /// Recording id.
+    pub id: String,
+    /// File to delete.
+    pub path: PathBuf,
+}
+
+/// What an erasure did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErasedSummary {
+    /// Calls whose caller id was blanked (or, for a tenant, rows deleted).
+    pub calls: Vec<String>,
+    /// Transcript segments deleted.
+    pub transcripts: Vec<String>,
+    /// Recordings marked deleted; the caller deletes these files.
+    pub recordings: Vec<ErasedRecording>,
+    /// Calls left untouched because they are under legal hold.
+    pub held: Vec<String>,
+}
+
+/// Which object a legal hold is placed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldTarget {
+    /// A call: holds its CDR, recordings and transcripts.
+    Call,
+    /// One recording (its call's CDR and transcripts are then kept too).
+    Recording,
+}
+
+const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, answered_at, \
+     ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
+     disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at";
+
+const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
+     state, created_at, legal_hold, deleted_at";
+
+const TRANSCRIPT_COLUMNS: &str =
+    "id, call_id, tenant, speaker, start_ms, end_ms, ciphertext, key_id, confidence, created_at";
+
+/// SQL condition true when call `c` or one of its recordings is under legal hold.
+const CALL_HELD: &str = "(c.legal_hold = 1 OR EXISTS \
+     (SELECT 1 FROM recordings h WHERE h.call_id = c.call_id AND h.legal_hold = 1))";
+
+fn call_from_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
+    let packets: Option<u64> = r.get(12)?;
+    let lost: Option<u64> = r.get(13)?;
+    let jitter: Option<f64> = r.get(14)?;
+    let rtp = match (packets, lost, jitter) {
+        (Some(packets), Some(lost), Some(jitter_ms)) => Some(RtpStats {
+            packets,
+            lost,
+            jitter_ms,
+        }),
+        _ => None,
+    };
+    Ok(CallRecord {
+        call_id: r.get(0)?,
+        tenant: r.get(1)?,
+        trunk: r.get(2)?,
+        caller: r.get(3)?,
+        to: r.get(4)?,
+        started_at: r.get(5)?,
+        answered_at: r.get(6)?,
+        ended_at: r.get(7)?,
+        result_code: r.get(8)?,
+        hangup_side: r.get(9)?,
+        cause: r.get(10)?,
+        codec: r.get(11)?,
+        rtp,
+        consent: Consent {
+            disclosure_started_at: r.get(15)?,
+            disclosure_finished_at: r.get(16)?,
+            opt_out_at: r.get(17)?,
+        },
+        legal_hold: r.get(18)?,
+        erased_at: r.get(19)?,
+    })
+}
+
+fn recording_from_row(r: &Row<'_>) -> rusqlite::Result<RecordingRecord> {
+    Ok(RecordingRecord {
+        id: r.get(0)?,
+        call_id: r.get(1)?,
+        tenant: r.get(2)?,
+        path: PathBuf::from(r.get::<_, String>(3)?),
+        size_bytes: r.get(4)?,
+        duration_ms: r.get(5)?,
+        key_id: r.get(6)?,
+        state: r.get(7)?,
+        created_at: r.get(8)?,
+        legal_hold: r.get(9)?,
+        deleted_at: r.get(10)?,
+    })
+}
+
+fn transcript_from_row(r: &Row<'_>) -> rusqlite::Result<TranscriptRow> {
+    Ok(TranscriptRow {
+        id: r.get(0)?,
+        call_id: r.get(1)?,
+        tenant: r.get(2)?,
+        speaker: r.get(3)?,
+        start_ms: r.get(4)?,
+        end_ms: r.get(5)?,
+        ciphertext: r.get(6)?,
+        key_id: r.get(7)?,
+        confidence: r.get::<_, f64>(8)? as f32,
+        created_at: r.get(9)?,
+    })
+}
+
+fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        object_kind: r.get(4)?,
+        object_id: r.get(5)?,
+        tenant: r.get(6)?,
+        reason: r.get(7)?,
+    })
+}
+
+fn path_text(path: &Path) -> Result<&str, DbError> {
+    path.to_str()
+        .ok_or_else(|| DbError::NonUtf8Path(path.to_path_buf()))
+}
+
+fn insert_audit(conn: &Connection, e: &AuditEntry<'_>) -> Result<i64, DbError> {
+    conn.execute(
+        "INSERT INTO audit (at, actor, action, object_kind, object_id, tenant, reason) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            e.at,
+            e.actor,
+            e.action,
+            e.object_kind,
+            e.object_id,
+            e.tenant,
+            e.reason
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Checks that `call_id` exists and belongs to `tenant`.
+fn check_call_tenant(conn: &Connection, tenant: &str, call_id: &str) -> Result<(), DbError> {
+    let owner: Option<String> = conn
+        .query_row(
+            "SELECT tenant FROM calls WHERE call_id = ?1",
+            [call_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match owner {
+        Some(t) if t == tenant => Ok(()),
+        Some(_) => Err(DbError::TenantMismatch {
+            tenant: tenant.to_owned(),
+            call_id: call_id.to_owned(),
+        }),
+        None => Err(DbError::UnknownCall {
+            tenant: tenant.to_owned(),
+            call_id: call_id.to_owned(),
+        }),
+    }
+}
+
+/// Who erases what, passed down to the per-call erasure.
+struct Eraser<'a> {
+    tenant: &'a str,
+    actor: &'a str,
+    action: AuditAction,
+    reason: &'a str,
+    now: UnixMs,
+}
+
+impl Eraser<'_> {
+    fn audit(&self, tx: &Transaction<'_>, kind: ObjectKind, id: &str) -> Result<(), DbError> {
+        insert_audit(
+            tx,
+            &AuditEntry {
+                at: self.now,
+                actor: self.actor,
+                action: self.action,
+                object_kind: kind,
+                object_id: id,
+                tenant: self.tenant,
+                reason: self.reason,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Erases one call's PII unless it is held: deletes its transcripts, marks
+    /// its live recordings deleted, blanks the caller id.
+    fn erase_call(
+        &self,
+        tx: &Transaction<'_>,
+        call_id: &str,
+        out: &mut ErasedSummary,
+    ) -> Result<(), DbError> {
+        let held: bool = tx.query_row(
+            &format!("SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1 AND c.tenant = ?2"),
+            params![call_id, self.tenant],
+            |r| r.get(0),
+        )?;
+        if held {
+            out.held.push(call_id.to_owned());
+            return Ok(());
+        }
+        let transcripts = ids(
+            tx,
+            "SELECT id FROM transcripts WHERE call_id = ?1 AND tenant = ?2 ORDER BY id",
+            call_id,
+            self.tenant,
+        )?;
+        tx.execute(
+            "DELETE FROM transcripts WHERE call_id = ?1 AND tenant = ?2",
+            params![call_id, self.tenant],
+        )?;
+        for id in &transcripts {
+            self.audit(tx, ObjectKind::Transcript, id)?;
+        }
+        out.transcripts.extend(transcripts);
+
+        let recordings = {
+            let mut stmt = tx.prepare(
+                "SELECT id, path FROM recordings WHERE call_id = ?1 AND tenant = ?2 \
+                 AND state != 'deleted' ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![call_id, self.tenant], |r| {
+                Ok(ErasedRecording {
+                    id: r.get(0)?,
+                    path: PathBuf::from(r.get::<_, String>(1)?),
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute(
+            "UPDATE recordings SET state = 'deleted', deleted_at = ?3 \
+             WHERE call_id = ?1 AND tenant = ?2 AND state != 'deleted'",
+            params![call_id, self.tenant, self.now],
+        )?;
+        for rec in &recordings {
+            self.audit(tx, ObjectKind::Recording, &rec.id)?;
+        }
+        out.recordings.extend(recordings);
+
+        tx.execute(
+            "UPDATE calls SET caller = NULL, erased_at = ?3 WHERE call_id = ?1 AND tenant = ?2",
+            params![call_id, self.tenant, self.now],
+        )?;
+        self.audit(tx, ObjectKind::Call, call_id)?;
+        out.calls.push(call_id.to_owned());
+        Ok(())
+    }
+}
+
+/// Runs a one-column text query with a single tenant parameter.
+fn tenant_ids(conn: &Connection, sql: &str, tenant: &str) -> Result<Vec<String>, DbError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([tenant], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Runs a one-column text query with (call_id or other key, tenant) parameters.
+fn ids(conn: &Connection, sql: &str, a: &str, tenant: &str) -> Result<Vec<String>, DbError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map(params![a, tenant], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The metadata database. Not `Sync`: the daemon keeps it on one thread (or
+/// behind a mutex); writes take `&mut self`.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    caller_policies: HashMap<String, CallerIdPolicy>,
+}
+
+impl Store {
+    /// Opens (creating if needed, mode 0600) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        create_private(path)?;
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(DbError::NoWal(mode));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        schema::migrate(&mut conn)?;
+        Ok(Self {
+            conn,
+            caller_policies: HashMap::new(),
+        })
+    }
+
+    /// Sets how `tenant`'s caller numbers are stored and looked up.
+    pub fn set_caller_policy(&mut self, tenant: &str, policy: CallerIdPolicy) {
+        self.caller_policies.insert(tenant.to_owned(), policy);
+    }
+
+    fn caller_policy(&self, tenant: &str) -> Result<&CallerIdPolicy, DbError> {
+        self.caller_policies
+            .get(tenant)
+            .ok_or_else(|| DbError::NoCallerPolicy(tenant.to_owned()))
+    }
+
+    /// Schema version of the open database.
+    pub fn schema_version(&self) -> Result<u32, DbError> {
+        schema::version(&self.conn)
+    }
+
+    /// Current journal mode (`"wal"`).
+    pub fn journal_mode(&self) -> Result<String, DbError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))?)
+    }
+
+    /// Whether foreign keys are enforced on this connection.
+    pub fn foreign_keys(&self) -> Result<bool, DbError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))?)
+    }
+
+    fn write_tx(&mut self) -> Result<Transaction<'_>, DbError> {
+        Ok(self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+
+    // ---- calls -------------------------------------------------------------
+
+    /// Writes a new CDR, storing the caller as the tenant's policy says.
+    pub fn insert_call(&mut self, call: &CallRow) -> Result<(), DbError> {
+        let caller = self.caller_policy(&call.tenant)?.stored_form(&call.from)?;
+        self.conn.execute(
+            "INSERT INTO calls (call_id, tenant, trunk, caller, callee, started_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                call.call_id,
+                call.tenant,
+                call.trunk,
+                caller,
+                call.to,
+                call.started_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Closes a CDR.
+    pub fn finish_call(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        end: &CallEnd,
+    ) -> Result<(), DbError> {
+        let n = self.conn.execute(
+            "UPDATE calls SET answered_at = ?3, ended_at = ?4, result_code = ?5, hangup_side = ?6, \
+             cause = ?7, codec = ?8, rtp_packets = ?9, rtp_lost = ?10, rtp_jitter_ms = ?11 \
+             WHERE call_id = ?1 AND tenant = ?2 AND ended_at IS NULL",
+            params![
+                call_id,
+                tenant,
+                end.answered_at,
+                end.ended_at,
+                end.result_code,
+                end.hangup_side,
+                end.cause,
+                end.codec,
+                end.rtp.packets,
+                end.rtp.lost,
+                end.rtp.jitter_ms
+            ],
+        )?;
+        if n == 0 {
+            check_call_tenant(&self.conn, tenant, call_id)?;
+            return Err(DbError::CallAlreadyEnded(call_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Records a consent event on the CDR; an opt-out is also audited.
+    pub fn record_consent(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        event: ConsentEvent,
+        at: UnixMs,
+    ) -> Result<(), DbError> {
+        let column = match event {
+            ConsentEvent::DisclosureStarted => "disclosure_started_at",
+            ConsentEvent::DisclosureFinished => "disclosure_finished_at",
+            ConsentEvent::OptOut => "opt_out_at",
+        };
+        let tx = self.write_tx()?;
+        let n = tx.execute(
+            &format!("UPDATE calls SET {column} = ?3 WHERE call_id = ?1 AND tenant = ?2"),
+            params![call_id, tenant, at],
+        )?;
+        if n == 0 {
+            return Err(DbError::UnknownCall {
+                tenant: tenant.to_owned(),
+                call_id: call_id.to_owned(),
+            });
+        }
+        if event == ConsentEvent::OptOut {
+            insert_audit(
+                &tx,
+                &AuditEntry {
+                    at,
+                    actor: "caller",
+                    action: AuditAction::ConsentOptOut,
+                    object_kind: ObjectKind::Call,
+                    object_id: call_id,
+                    tenant,
+                    reason: "caller pressed the opt-out key",
+                },
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Places or releases a legal hold (audited).
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_legal_hold(
+        &mut self,
+        tenant: &str,
+        target: HoldTarget,
+        id: &str,
+        hold: bool,
+        actor: &str,
+        reason: &str,
+        now: UnixMs,
+    ) -> Result<(), DbError> {
+        let (sql, kind) = match target {
+            HoldTarget::Call => (
+                "UPDATE calls SET legal_hold = ?3 WHERE call_id = ?1 AND tenant = ?2",
+                ObjectKind::Call,
+            ),
+            HoldTarget::Recording => (
+                "UPDATE recordings SET legal_hold = ?3 WHERE id = ?1 AND tenant = ?2",
+                ObjectKind::Recording,
+            ),
+        };
+        let tx = self.write_tx()?;
+        if tx.execute(sql, params![id, tenant, hold])? == 0 {
+            return Err(match target {
+                HoldTarget::Call => DbError::UnknownCall {
+                    tenant: tenant.to_owned(),
+                    call_id: id.to_owned(),
+                },
+                HoldTarget::Recording => DbError::UnknownRecording(id.to_owned()),
+            });
+        }
+        let action = if hold {
+            AuditAction::LegalHoldSet
+        } else {
+            AuditAction::LegalHoldReleased
+        };
+        insert_audit(
+            &tx,
+            &AuditEntry {
+                at: now,
+                actor,
+                action,
+                object_kind: kind,
+                object_id: id,
+                tenant,
+                reason,
+            },
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One CDR of `tenant`.
+    pub fn get_call(&self, tenant: &str, call_id: &str) -> Result<Option<CallRecord>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = ?1 AND tenant = ?2"),
+                params![call_id, tenant],
+                call_from_row,
+            )
+            .optional()?)
+    }
+
+    /// The CDRs of `tenant` whose caller is `number` (matched through the
+    /// tenant's caller-id policy, so hashed ids are found by number too).
+    pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<CallRecord>, DbError> {
+        let forms = self.caller_policy(tenant)?.lookup_forms(number)?;
+        let mut out = Vec::new();
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls WHERE tenant = ?1 AND caller = ?2 \
+             ORDER BY started_at, call_id"
+        ))?;
+        for form in &forms {
+            let rows = stmt.query_map(params![tenant, form], call_from_row)?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        out.sort_by(|a, b| (a.started_at, &a.call_id).cmp(&(b.started_at, &b.call_id)));
+        Ok(out)
+    }
+
+    /// Closes every CDR that has no end: at start-up these are calls the
+    /// previous process was handling when it died. Cause `crash-recovered`,
+    /// ended at `now` (the true end is unknown), audited. Returns their ids.
+    pub fn close_crashed_calls(&mut self, now: UnixMs) -> Result<Vec<String>, DbError> {
+        let tx = self.write_tx()?;
+        let open: Vec<(String, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT call_id, tenant FROM calls WHERE ended_at IS NULL ORDER BY call_id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        for (call_id, tenant) in &open {
+            tx.execute(
+                "UPDATE calls SET ended_at = ?2, cause = ?3 WHERE call_id = ?1",
+                params![call_id, now, CRASH_RECOVERED_CAUSE],
+            )?;
+            insert_audit(
+                &tx,
+                &AuditEntry {
+                    at: now,
+                    actor: "startup",
+                    action: AuditAction::CrashRecovered,
+                    object_kind: ObjectKind::Call,
+                    object_id: call_id,
+                    tenant,
+                    reason: "call was open when the previous process stopped",
+                },
+            )?;
+        }
+        tx.commit()?;
+        Ok(open.into_iter().map(|(id, _)| id).collect())
+    }
+
+    // ---- recordings --------------------------------------------------------
+
+    /// Indexes a new recording in state `recording`.
+    pub fn insert_recording(&mut self, rec: &RecordingRow) -> Result<(), DbError> {
+        let path = path_text(&rec.path)?;
+        let tx = self.write_tx()?;
+        check_call_tenant(&tx, &rec.tenant, &rec.call_id)?;
+        tx.execute(
+            "INSERT INTO recordings (id, call_id, tenant, path, key_id, state, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'recording', ?6)",
+            params![
+                rec.id,
+                rec.call_id,
+                rec.tenant,
+                path,
+                rec.key_id,
+                rec.created_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Closes a recording: `state` is `Complete` (normal end) or `Partial`
+    /// (recovered after a crash), with the final size and duration. Deleting
+    /// goes through [`Store::delete_recording`] so it is audited.
+    pub fn set_recording_state(
+        &mut self,
+        id: &str,
+        state: RecordingState,
+        size_bytes: u64,
+        duration_ms: u64,
+    ) -> Result<(), DbError> {
+        let tx = self.write_tx()?;
+        let from: RecordingState = tx
+            .query_row("SELECT state FROM recordings WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| DbError::UnknownRecording(id.to_owned()))?;
+        let allowed = from == RecordingState::Recording
+            && matches!(state, RecordingState::Complete | RecordingState::Partial);
+        if !allowed {
+            return Err(DbError::InvalidTransition {
+                id: id.to_owned(),
+                from,
+                to: state,
+            });
+        }
+        tx.execute(
+            "UPDATE recordings SET state = ?2, size_bytes = ?3, duration_ms = ?4 WHERE id = ?1",
+            params![id, state, size_bytes, duration_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks a recording deleted (e.g. after an opt-out) with an audit row;
+    /// returns its path for the file deleter. Refused under legal hold.
+    pub fn delete_recording(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        now: UnixMs,
+    ) -> Result<PathBuf, DbError> {
+        let tx = self.write_tx()?;
+        let rec = tx
+            .query_row(
+                &format!(
+                    "SELECT {RECORDING_COLUMNS} FROM recordings WHERE id = ?1 AND tenant = ?2"
+                ),
+                params![id, tenant],
+                recording_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| DbError::UnknownRecording(id.to_owned()))?;
+        if rec.state == RecordingState::Deleted {
+            return Err(DbError::InvalidTransition {
+                id: id.to_owned(),
+                from: rec.state,
+                to: RecordingState::Deleted,
+            });
+        }
+        let held: bool = tx.query_row(
+            &format!("SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1"),
+            [&rec.call_id],
+            |r| r.get(0),
+        )?;
+        if held {
+            return Err(DbError::LegalHold {
+                tenant: tenant.to_owned(),
+                held: vec![rec.call_id],
+            });
+        }
+        tx.execute(
+            "UPDATE recordings SET state = 'deleted', deleted_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )?;
+        insert_audit(
+            &tx,
+            &AuditEntry {
+                at: now,
+                actor,
+                action: AuditAction::RecordingDelete,
+                object_kind: ObjectKind::Recording,
+                object_id: id,
+                tenant,
+                reason,
+            },
+        )?;
+        tx.commit()?;
+        Ok(rec.path)
+    }
+
+    /// One recording, scoped to `tenant` when given.
+    pub fn get_recording(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<RecordingRecord>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {RECORDING_COLUMNS} FROM recordings \
+                     WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)"
+                ),
+                params![id, tenant],
+                recording_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Recordings that still have a file (not `deleted`), oldest first,
+    /// optionally of one tenant and created at or after `since`.
+    pub fn list_recordings(
+        &self,
+        tenant: Option<&str>,
+        since: Option<UnixMs>,
+    ) -> Result<Vec<RecordingRecord>, DbError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state != 'deleted' \
+             AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR created_at >= ?2) \
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map(params![tenant, since], recording_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// All recordings of one call of `tenant` (any state).
+    pub fn recordings_of_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+    ) -> Result<Vec<RecordingRecord>, DbError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE call_id = ?1 AND tenant = ?2 \
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map(params![call_id, tenant], recording_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Recordings still in state `recording`: at start-up, files the previous
+    /// process was writing when it died, to verify and mark `partial`.
+    pub fn open_recordings_of_crashed(&self) -> Result<Vec<RecordingRecord>, DbError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state = 'recording' \
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map([], recording_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    // ---- transcripts -------------------------------------------------------
+
+    /// Stores a sealed transcript segment.
+    pub fn insert_transcript(&mut self, t: &TranscriptRow) -> Result<(), DbError> {
+        let tx = self.write_tx()?;
+        check_call_tenant(&tx, &t.tenant, &t.call_id)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO transcripts ({TRANSCRIPT_COLUMNS}) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            ),
+            params![
+                t.id,
+                t.call_id,
+                t.tenant,
+                t.speaker,
+                t.start_ms,
+                t.end_ms,
+                t.ciphertext,
+                t.key_id,
+                f64::from(t.confidence),
+                t.created_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Transcript segments of one call of `tenant`, in speaking order.
+    pub fn transcripts_of_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+    ) -> Result<Vec<TranscriptRow>, DbError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {TRANSCRIPT_COLUMNS} FROM transcripts WHERE call_id = ?1 AND tenant = ?2 \
+             ORDER BY start_ms, id"
+        ))?;
+        let rows = stmt.query_map(params![call_id, tenant], transcript_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    // ---- erasure -----------------------------------------------------------
+
+    /// Erases everything about caller `number` in `tenant` only: deletes their
+    /// transcripts, marks their recordings deleted (paths returned for the file
+    /// deleter), blanks the caller id in their CDRs. One transaction; every
+    /// object audited (the audit names call/recording/transcript ids, never the
+    /// number). Calls under legal hold are left and listed in `held`.
+    pub fn erase_caller(
+        &mut self,
+        tenant: &str,
+        number: &str,
+        actor: &str,
+        reason: &str,
+        now: UnixMs,
+    ) -> Result<ErasedSummary, DbError> {
+        let forms = self.caller_policy(tenant)?.lookup_forms(number)?;
+        let eraser = Eraser {
+            tenant,
+            actor,
+            action: AuditAction::EraseCaller,
+            reason,
+            now,
+        };
+        let tx = self.write_tx()?;
+        // Selected inside the write transaction, so a call inserted meanwhile
+        // by another connection cannot slip between selection and erasure.
+        let mut calls: BTreeSet<(UnixMs, String)> = BTreeSet::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT started_at, call_id FROM calls WHERE caller = ?1 AND tenant = ?2",
+            )?;
+            for form in &forms {
+                let rows = stmt.query_map(params![form, tenant], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                for row in rows {
+                    calls.insert(row?);
+                }
+            }
+        }
+        let call_ids: Vec<String> = calls.into_iter().map(|(_, id)| id).collect();
+        let mut out = ErasedSummary::default();
+        for call_id in &call_ids {
+            eraser.erase_call(&tx, call_id, &mut out)?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Erases one call of `tenant` (as [`Store::erase_caller`] does per call).
+    pub fn erase_call(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        actor: &str,
+        reason: &str,
+        now: UnixMs,
+    ) -> Result<ErasedSummary, DbError> {
+        let eraser = Eraser {
+            tenant,
+            actor,
+            action: AuditAction::EraseCall,
+            reason,
+            now,
+        };
+        let tx = self.write_tx()?;
+        check_call_tenant(&tx, tenant, call_id)?;
+        let mut out = ErasedSummary::default();
+        eraser.erase_call(&tx, call_id, &mut out)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Deletes every row of `tenant` (CDRs, recordings, transcripts; audit rows
+    /// stay), auditing each object and the tenant. Returns every recording path
+    /// ever indexed for it so leftovers are removed too. Refused while any of
+    /// its calls is under legal hold. The caller destroys the tenant's data key
+    /// before calling this (crypto-shredding).
+    pub fn erase_tenant(
+        &mut self,
+        tenant: &str,
+        actor: &str,
+        reason: &str,
+        now: UnixMs,
+    ) -> Result<ErasedSummary, DbError> {
+        let eraser = Eraser {
+            tenant,
+            actor,
+            action: AuditAction::EraseTenant,
+            reason,
+            now,
+        };
+        let tx = self.write_tx()?;
+        let held = tenant_ids(
+            &tx,
+            &format!(
+                "SELECT c.call_id FROM calls c WHERE c.tenant = ?1 AND {CALL_HELD} \
+                 ORDER BY c.call_id"
+            ),
+            tenant,
+        )?;
+        if !held.is_empty() {
+            return Err(DbError::LegalHold {
+                tenant: tenant.to_owned(),
+                held,
+            });
+        }
+        let mut out = ErasedSummary::default();
+        {
+            let mut stmt =
+                tx.prepare("SELECT id, path FROM recordings WHERE tenant = ?1 ORDER BY id")?;
+            let rows = stmt.query_map([tenant], |r| {
+                Ok(ErasedRecording {
+                    id: r.get(0)?,
+                    path: PathBuf::from(r.get::<_, String>(1)?),
+                })
+            })?;
+            out.recordings = rows.collect::<Result<Vec<_>, _>>()?;
+        }
+        out.transcripts = tenant_ids(
+            &tx,
+            "SELECT id FROM transcripts WHERE tenant = ?1 ORDER BY id",
+            tenant,
+        )?;
+        out.calls = tenant_ids(
+            &tx,
+            "SELECT call_id FROM calls WHERE tenant = ?1 ORDER BY call_id",
+            tenant,
+        )?;
+        tx.execute("DELETE FROM transcripts WHERE tenant = ?1", [tenant])?;
+        tx.execute("DELETE FROM recordings WHERE tenant = ?1", [tenant])?;
+        tx.execute("DELETE FROM calls WHERE tenant = ?1", [tenant])?;
+        for rec in &out.recordings {
+            eraser.audit(&tx, ObjectKind::Recording, &rec.id)?;
+        }
+        for id in &out.transcripts {
+            eraser.audit(&tx, ObjectKind::Transcript, id)?;
+        }
+        for id in &out.calls {
+            eraser.audit(&tx, ObjectKind::Call, id)?;
+        }
+        eraser.audit(&tx, ObjectKind::Tenant, tenant)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    // ---- audit -------------------------------------------------------------
+
+    /// Appends an audit row; returns its id.
+    pub fn audit(&mut self, entry: &AuditEntry<'_>) -> Result<i64, DbError> {
+        insert_audit(&self.conn, entry)
+    }
+
+    /// Audit rows matching `filter`, oldest first.
+    pub fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, DbError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, at, actor, action, object_kind, object_id, tenant, reason FROM audit \
+             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR action = ?2) \
+             AND (?3 IS NULL OR object_id = ?3) AND (?4 IS NULL OR at >= ?4) ORDER BY id",
+        )?;
+        let rows = stmt.query_map(
+            params![filter.tenant, filter.action, filter.object_id, filter.since],
+            audit_from_row,
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    // ---- retention ---------------------------------------------------------
+
+    /// Everything retention may delete: recordings that have a finished file
+    /// (`complete`/`partial`), transcripts, and ended CDRs. A call counts as
+    /// held if it or any of its recordings is; its recordings and transcripts
+    /// inherit the call's hold.
+    pub fn retention_items(&self) -> Result<Vec<RetentionItem>, DbError> {
+        let queries = [
+            (
+                ItemKind::Recording,
+                "SELECT r.id, r.tenant, r.created_at, (r.legal_hold = 1 OR c.legal_hold = 1) \
+                 FROM recordings r JOIN calls c ON c.call_id = r.call_id \
+                 WHERE r.state IN ('complete', 'partial') ORDER BY r.created_at, r.id"
+                    .to_owned(),
+            ),
+            (
+                ItemKind::Transcript,
+                format!(
+                    "SELECT t.id, t.tenant, t.created_at, {CALL_HELD} \
+                     FROM transcripts t JOIN calls c ON c.call_id = t.call_id \
+                     ORDER BY t.created_at, t.id"
+                ),
+            ),
+            (
+                ItemKind::Call,
+                format!(
+                    "SELECT c.call_id, c.tenant, c.started_at, {CALL_HELD} FROM calls c \
+                     WHERE c.ended_at IS NOT NULL ORDER BY c.started_at, c.call_id"
+                ),
+            ),
+        ];
+        let mut out = Vec::new();
+        for (kind, sql) in &queries {
+            let mut stmt = self.conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| {
+                Ok(RetentionItem {
+                    kind: *kind,
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    created_at: r.get(2)?,
+                    legal_hold: r.get(3)?,
+                })
+            })?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies one retention decision to the rows, audited with its reason, in
+    /// one transaction. The sweeper deletes files first (a recording's file,
+    /// and for a call every live recording file of it). A recording is marked
+    /// `deleted`; a transcript row is removed; a call is removed with all its
+    /// recordings and transcripts (each audited). Re-checks the legal hold.
+    /// Returns `false` if the object was already gone or is now held.
+    pub fn delete_expired(&mut self, expiry: &Expiry, now: UnixMs) -> Result<bool, DbError> {
+        let item = &expiry.item;
+        let reason = expiry.reason.to_string();
+        let tx = self.write_tx()?;
+        let audit = |tx: &Transaction<'_>, kind: ObjectKind, id: &str| {
+            insert_audit(
+                tx,
+                &AuditEntry {
+                    at: now,
+                    actor: RETENTION_ACTOR,
+                    action: AuditAction::RetentionDelete,
+                    object_kind: kind,
+                    object_id: id,
+                    tenant: &item.tenant,
+                    reason: &reason,
+                },
+            )
+        };
+        let done = match item.kind {
+            ItemKind::Recording => {
+                let n = tx.execute(
+                    "UPDATE recordings SET state = 'deleted', deleted_at = ?3 \
+                     WHERE id = ?1 AND tenant = ?2 AND state IN ('complete', 'partial') \
+                     AND legal_hold = 0 AND NOT EXISTS (SELECT 1 FROM calls c \
+                     WHERE c.call_id = recordings.call_id AND c.legal_hold = 1)",
+                    params![item.id, item.tenant, now],
+                )?;
+                if n == 1 {
+                    audit(&tx, ObjectKind::Recording, &item.id)?;
+                }
+                n == 1
+            }
+            ItemKind::Transcript => {
+                let n = tx.execute(
+                    &format!(
+                        "DELETE FROM transcripts WHERE id = ?1 AND tenant = ?2 AND NOT EXISTS \
+                         (SELECT 1 FROM calls c WHERE c.call_id = transcripts.call_id \
+                         AND {CALL_HELD})"
+                    ),
+                    params![item.id, item.tenant],
+                )?;
+                if n == 1 {
+                    audit(&tx, ObjectKind::Transcript, &item.id)?;
+                }
+                n == 1
+            }
+            ItemKind::Call => {
+                let held: Option<bool> = tx
+                    .query_row(
+                        &format!(
+                            "SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1 AND c.tenant = ?2"
+                        ),
+                        params![item.id, item.tenant],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if held == Some(false) {
+                    let recordings = ids(
+                        &tx,
+                        "SELECT id FROM recordings WHERE call_id = ?1 AND tenant = ?2 ORDER BY id",
+                        &item.id,
+                        &item.tenant,
+                    )?;
+                    let transcripts = ids(
+                        &tx,
+                        "SELECT id FROM transcripts WHERE call_id = ?1 AND tenant = ?2 ORDER BY id",
+                        &item.id,
+                        &item.tenant,
+                    )?;
+                    tx.execute(
+                        "DELETE FROM calls WHERE call_id = ?1 AND tenant = ?2",
+                        params![item.id, item.tenant],
+                    )?;
+                    for id in &recordings {
+                        audit(&tx, ObjectKind::Recording, id)?;
+                    }
+                    for id in &transcripts {
+                        audit(&tx, ObjectKind::Transcript, id)?;
+                    }
+                    audit(&tx, ObjectKind::Call, &item.id)?;
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(done)
+    }
+}
+
+/// Creates the database file with mode 0600 if it does not exist, so the WAL
+/// and shared-memory files SQLite derives from it are private too.
+fn create_private(path: &Path) -> Result<(), DbError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|source| DbError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+}

@@ -1,0 +1,362 @@
+//! Call recordings: stereo 8 kHz 16-bit PCM (caller left, prompt + agent
+//! right), sealed on disk one second at a time, exported as WAV.
+//!
+//! Owns `var_dir/recordings/<tenant>/<yyyy>/<mm>/<dd>/<file-id>.sbrec`
+//! (directories 0700, files 0600, both created with those modes: nothing is
+//! chmod-ed afterwards). Must not touch the key files (`crypto::keyring`),
+//! the metadata database or retention; reads no clock (the date and creation
+//! time come in as parameters).
+//!
+//! No plaintext audio reaches the disk: samples wait in memory (zeroed when
+//! dropped) until a full second is buffered, then go to the file as one
+//! sealed chunk. There are no temporary files. A crash loses at most the
+//! second being buffered; [`recover_wav`] returns the rest.
+//!
+//! The WAV header is not stored: the sealed payload is raw interleaved
+//! little-endian PCM (content type [`CONTENT_PCM_S16LE_STEREO_8K`] in the
+//! sealed header fixes the format), and [`export_wav`] writes a WAV with
+//! `hound`, which computes the exact sizes when it finalizes. Storing a
+//! header with placeholder sizes would only add a second place to get wrong.
+
+use crate::store::crypto::sealed::{HeaderMeta, SealedHeader, SealedReader, SealedWriter};
+use crate::store::crypto::{CryptoError, DataKey, FileId, KeyRing, validate_tenant};
+use rand::CryptoRng;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, BufReader, Cursor, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// Sample rate of every recording.
+pub const SAMPLE_RATE: u32 = 8000;
+/// Channels: 0 = caller, 1 = prompt + agent.
+pub const CHANNELS: u16 = 2;
+/// Sealed-header content type of a recording.
+pub const CONTENT_PCM_S16LE_STEREO_8K: u8 = 1;
+/// Frames (one sample per channel) sealed per chunk: one second.
+pub const FRAMES_PER_CHUNK: usize = SAMPLE_RATE as usize;
+const BYTES_PER_FRAME: usize = 4;
+const CHUNK_BYTES: usize = FRAMES_PER_CHUNK * BYTES_PER_FRAME;
+/// File name extension of sealed recordings.
+pub const EXTENSION: &str = "sbrec";
+
+/// Errors of recording, export and recovery.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordingError {
+    /// Keys or the sealed format (including every tampering case).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// Creating directories or the file.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// Writing the exported WAV.
+    #[error("wav: {0}")]
+    Wav(#[from] hound::Error),
+    /// Caller misuse: the two channels of one push differ in length.
+    #[error("left channel has {left} samples, right {right}")]
+    ChannelLengthMismatch { left: usize, right: usize },
+    /// Caller misuse: not a calendar date.
+    #[error("invalid date {year:04}-{month:02}-{day:02}")]
+    InvalidDate { year: u16, month: u8, day: u8 },
+    /// The sealed file holds something other than a recording.
+    #[error("sealed file has content type {content_type}, not a recording")]
+    NotARecording { content_type: u8 },
+    /// An authentic chunk whose length is not whole stereo frames (only a
+    /// writer bug could produce it).
+    #[error("chunk {chunk} holds {len} bytes, not whole stereo frames")]
+    PartialFrame { chunk: u64, len: usize },
+}
+
+pub type Result<T, E = RecordingError> = std::result::Result<T, E>;
+
+/// The day a recording belongs to (its directory), passed in by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordingDate {
+    year: u16,
+    month: u8,
+    day: u8,
+}
+
+impl RecordingDate {
+    /// A date in 1970..=9999; day checked against the month (and leap years).
+    pub fn new(year: u16, month: u8, day: u8) -> Result<Self> {
+        let leap =
+            (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
+        let days = match month {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if leap => 29,
+            2 => 28,
+            _ => 0,
+        };
+        if !(1970..=9999).contains(&year) || day == 0 || day > days {
+            return Err(RecordingError::InvalidDate { year, month, day });
+        }
+        Ok(Self { year, month, day })
+    }
+}
+
+/// Where a recording lives: `var_dir/recordings/<tenant>/<yyyy>/<mm>/<dd>/<id>.sbrec`.
+pub fn recording_path(
+    var_dir: &Path,
+    tenant: &str,
+    date: RecordingDate,
+    file_id: &FileId,
+) -> PathBuf {
+    recording_dir(var_dir, tenant, date).join(format!("{file_id}.{EXTENSION}"))
+}
+
+fn recording_dir(var_dir: &Path, tenant: &str, date: RecordingDate) -> PathBuf {
+    var_dir
+        .join("recordings")
+        .join(tenant)
+        .join(format!("{:04}", date.year))
+        .join(format!("{:02}", date.month))
+        .join(format!("{:02}", date.day))
+}
+
+/// What a finished recording left on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordingSummary {
+    pub path: PathBuf,
+    pub file_id: FileId,
+    /// Size of the sealed file.
+    pub bytes: u64,
+    /// Stereo frames recorded (duration = frames / 8000 s).
+    pub frames: u64,
+}
+
+/// Records one call. Feed it 20 ms at a time with [`push`](Self::push);
+/// every full second is sealed and written at once.
+pub struct RecordingWriter {
+    sealed: SealedWriter<File>,
+    path: PathBuf,
+    pending: Zeroizing<Vec<u8>>,
+    frames: u64,
+}
+
+impl RecordingWriter {
+    /// Creates the directories (0700) and the file (0600, must not exist)
+    /// for a new recording of `key`'s tenant, and writes the sealed header.
+    pub fn create(
+        var_dir: &Path,
+        key: &DataKey,
+        date: RecordingDate,
+        created_unix: u64,
+        rng: &mut impl CryptoRng,
+    ) -> Result<Self> {
+        validate_tenant(key.tenant())?;
+        let file_id = FileId::random(rng);
+        let dir = recording_dir(var_dir, key.tenant(), date);
+        DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        let path = dir.join(format!("{file_id}.{EXTENSION}"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let meta = HeaderMeta {
+            content_type: CONTENT_PCM_S16LE_STEREO_8K,
+            created_unix,
+        };
+        let sealed = SealedWriter::new(file, key, file_id, meta)?;
+        Ok(Self {
+            sealed,
+            path,
+            pending: Zeroizing::new(Vec::with_capacity(CHUNK_BYTES)),
+            frames: 0,
+        })
+    }
+
+    /// The sealed file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// This recording's file id.
+    pub fn file_id(&self) -> FileId {
+        self.sealed.file_id()
+    }
+
+    /// Stereo frames pushed so far.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Appends audio: `left` (caller) and `right` (prompt + agent) must have
+    /// the same length. Seals a chunk each time a second is complete.
+    pub fn push(&mut self, left: &[i16], right: &[i16]) -> Result<()> {
+        if left.len() != right.len() {
+            return Err(RecordingError::ChannelLengthMismatch {
+                left: left.len(),
+                right: right.len(),
+            });
+        }
+        let mut i = 0;
+        while i < left.len() {
+            let room = FRAMES_PER_CHUNK - self.pending.len() / BYTES_PER_FRAME;
+            let n = room.min(left.len() - i);
+            for (l, r) in left[i..i + n].iter().zip(&right[i..i + n]) {
+                self.pending.extend_from_slice(&l.to_le_bytes());
+                self.pending.extend_from_slice(&r.to_le_bytes());
+            }
+            i += n;
+            self.frames += n as u64;
+            if self.pending.len() == CHUNK_BYTES {
+                self.sealed.write_chunk(&self.pending)?;
+                self.pending.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals what is buffered as the final chunk, syncs the file to disk.
+    pub fn finish(self) -> Result<RecordingSummary> {
+        let file_id = self.sealed.file_id();
+        let file = self.sealed.finish(&self.pending)?;
+        file.sync_all()?;
+        Ok(RecordingSummary {
+            bytes: file.metadata()?.len(),
+            path: self.path,
+            file_id,
+            frames: self.frames,
+        })
+    }
+
+    /// Consent opt-out: stops and deletes the file (what is buffered is
+    /// zeroed with the writer).
+    pub fn discard(self) -> Result<()> {
+        let path = self.path.clone();
+        drop(self);
+        std::fs::remove_file(path)?;
+        Ok(())
+    }
+}
+
+/// Decrypts a recording (key chosen by the tenant in its header) into a
+/// WAV in memory. Fails on any damage; see [`recover_wav`] for crash files.
+pub fn export_wav(path: &Path, keyring: &KeyRing) -> Result<Vec<u8>> {
+    let mut out = Cursor::new(Vec::new());
+    export_wav_to(path, keyring, &mut out)?;
+    Ok(out.into_inner())
+}
+
+/// Like [`export_wav`], streaming into `out` chunk by chunk (constant
+/// memory). Returns the frames written.
+pub fn export_wav_to<W: Write + Seek>(path: &Path, keyring: &KeyRing, out: W) -> Result<u64> {
+    let (file, key) = open_with_keyring(path, keyring)?;
+    write_wav(SealedReader::new(file, &key)?, out)
+}
+
+/// [`export_wav`] with an explicit key instead of the key ring.
+pub fn export_wav_with_key(path: &Path, key: &DataKey) -> Result<Vec<u8>> {
+    let file = BufReader::new(File::open(path)?);
+    let mut out = Cursor::new(Vec::new());
+    write_wav(SealedReader::new(file, key)?, &mut out)?;
+    Ok(out.into_inner())
+}
+
+/// What [`recover_wav`] salvaged.
+#[derive(Debug)]
+pub struct RecoveredWav {
+    /// A valid WAV of every authenticated chunk.
+    pub wav: Vec<u8>,
+    /// Stereo frames in `wav`.
+    pub frames: u64,
+    /// True when the recording was finished properly and is undamaged.
+    pub complete: bool,
+    /// Why reading stopped early (`None` when complete).
+    pub stopped_by: Option<CryptoError>,
+}
+
+/// Crash recovery: a WAV of every chunk up to the first bad or missing one
+/// (at most the last second before a crash is lost).
+pub fn recover_wav(path: &Path, keyring: &KeyRing) -> Result<RecoveredWav> {
+    let (file, key) = open_with_keyring(path, keyring)?;
+    let mut reader = SealedReader::new(file, &key)?;
+    check_content(reader.header())?;
+    let mut out = Cursor::new(Vec::new());
+    let mut wav = hound::WavWriter::new(&mut out, wav_spec())?;
+    let mut index = 0u64;
+    let stopped_by = loop {
+        match reader.next_chunk() {
+            Ok(Some(chunk)) => {
+                write_frames(&mut wav, &chunk, index)?;
+                index += 1;
+            }
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    let frames = u64::from(wav.len()) / u64::from(CHANNELS);
+    wav.finalize()?;
+    Ok(RecoveredWav {
+        wav: out.into_inner(),
+        frames,
+        complete: stopped_by.is_none(),
+        stopped_by,
+    })
+}
+
+fn open_with_keyring(path: &Path, keyring: &KeyRing) -> Result<(BufReader<File>, DataKey)> {
+    let mut file = BufReader::new(File::open(path)?);
+    // Only to pick the key: the header is verified by `SealedReader::new`
+    // before anything in it (content type included) is trusted.
+    let header = SealedHeader::read_unverified(&mut file)?;
+    let key = keyring.load(&header.tenant)?;
+    file.rewind()?;
+    Ok((file, key))
+}
+
+fn check_content(header: &SealedHeader) -> Result<()> {
+    if header.content_type == CONTENT_PCM_S16LE_STEREO_8K {
+        Ok(())
+    } else {
+        Err(RecordingError::NotARecording {
+            content_type: header.content_type,
+        })
+    }
+}
+
+fn wav_spec() -> hound::WavSpec {
+    hound::WavSpec {
+        channels: CHANNELS,
+        sample_rate: SAMPLE_RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    }
+}
+
+fn write_wav<R: Read, W: Write + Seek>(mut reader: SealedReader<R>, out: W) -> Result<u64> {
+    check_content(reader.header())?;
+    let mut wav = hound::WavWriter::new(out, wav_spec())?;
+    let mut index = 0u64;
+    while let Some(chunk) = reader.next_chunk()? {
+        write_frames(&mut wav, &chunk, index)?;
+        index += 1;
+    }
+    let frames = u64::from(wav.len()) / u64::from(CHANNELS);
+    wav.finalize()?;
+    Ok(frames)
+}
+
+fn write_frames<W: Write + Seek>(
+    wav: &mut hound::WavWriter<W>,
+    chunk: &[u8],
+    index: u64,
+) -> Result<()> {
+    if !chunk.len().is_multiple_of(BYTES_PER_FRAME) {
+        return Err(RecordingError::PartialFrame {
+            chunk: index,
+            len: chunk.len(),
+        });
+    }
+    let samples = u32::try_from(chunk.len() / 2).unwrap_or(u32::MAX);
+    let mut w = wav.get_i16_writer(samples);
+    for s in chunk.chunks_exact(2) {
+        w.write_sample(i16::from_le_bytes([s[0], s[1]]));
+    }
+    w.flush()?;
+    Ok(())
+}
