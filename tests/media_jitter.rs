@@ -104,7 +104,9 @@ fn oracle(sc: &Scenario, ticks: &[Duration]) -> Vec<Expected> {
     // First arrival time and index per segment.
     let mut anchors: BTreeMap<usize, (Duration, usize)> = BTreeMap::new();
     for a in &sc.arrivals {
-        anchors.entry(sc.segment_of[a.index]).or_insert((a.at, a.index));
+        anchors
+            .entry(sc.segment_of[a.index])
+            .or_insert((a.at, a.index));
     }
     let mut first_copy: BTreeMap<usize, Duration> = BTreeMap::new();
     for a in &sc.arrivals {
@@ -114,7 +116,10 @@ fn oracle(sc: &Scenario, ticks: &[Duration]) -> Vec<Expected> {
     ticks
         .iter()
         .map(|&t| {
-            let Some((&seg, &(anchor, first))) = anchors.iter().filter(|(_, (at, _))| *at <= t).max_by_key(|(_, (at, _))| *at)
+            let Some((&seg, &(anchor, first))) = anchors
+                .iter()
+                .filter(|(_, (at, _))| *at <= t)
+                .max_by_key(|(_, (at, _))| *at)
             else {
                 return Expected::Nothing;
             };
@@ -172,7 +177,11 @@ fn run(sc: &Scenario, ticks: &[Duration]) -> Run {
                 let index = u32::from_be_bytes(payload[..4].try_into().unwrap()) as usize;
                 let seg = &sc.segments[sc.segment_of[index]];
                 let offset = (index - seg.first) as u32 * 160;
-                assert_eq!(timestamp, seg.initial_ts.wrapping_add(offset), "timestamp of packet {index}");
+                assert_eq!(
+                    timestamp,
+                    seg.initial_ts.wrapping_add(offset),
+                    "timestamp of packet {index}"
+                );
                 Expected::Audio(index)
             }
             Some(Frame::Concealed { consecutive, .. }) => Expected::Concealed(consecutive),
@@ -225,15 +234,27 @@ fn ten_seconds_through_a_lossy_network_with_seq_and_timestamp_wrap() {
     // Every sent frame at most once, in order; the impairments were real.
     let played = played(&r.outputs);
     assert!(played.windows(2).all(|w| w[0] < w[1]));
-    let concealed = r.outputs.iter().filter(|o| matches!(o, Expected::Concealed(_))).count();
-    assert!(played.len() > 300 && concealed > 100, "played {} concealed {concealed}", played.len());
+    let concealed = r
+        .outputs
+        .iter()
+        .filter(|o| matches!(o, Expected::Concealed(_)))
+        .count();
+    assert!(
+        played.len() > 300 && concealed > 100,
+        "played {} concealed {concealed}",
+        played.len()
+    );
     let js = r.jitter.stats();
     assert!(js.duplicates > 0 && js.late > 0, "{js:?}");
     assert_eq!(js.played as usize, played.len());
 
     // Playout starts exactly at first arrival + 40 ms (first tick at or after).
     let first_at = sc.arrivals[0].at;
-    let first_out = r.outputs.iter().position(|o| *o != Expected::Nothing).unwrap();
+    let first_out = r
+        .outputs
+        .iter()
+        .position(|o| *o != Expected::Nothing)
+        .unwrap();
     assert!(ticks[first_out] >= first_at + TARGET && ticks[first_out] < first_at + TARGET + FRAME);
 
     // RFC 3550 A.1/A.3 counts: seq wrapped 65400 → 0 at packet 136.
@@ -242,8 +263,14 @@ fn ten_seconds_through_a_lossy_network_with_seq_and_timestamp_wrap() {
     let stats = r.receiver.stats();
     assert_eq!(stats.packets_received, sc.arrivals.len() as u64);
     assert_eq!(stats.expected, (max_index - first_index + 1) as u64);
-    assert_eq!(stats.cumulative_lost, stats.expected as i64 - sc.arrivals.len() as i64);
-    assert_eq!(stats.extended_highest_seq, (1 << 16) + (65_400 + max_index as u32 - (1 << 16)));
+    assert_eq!(
+        stats.cumulative_lost,
+        stats.expected as i64 - sc.arrivals.len() as i64
+    );
+    assert_eq!(
+        stats.extended_highest_seq,
+        (1 << 16) + (65_400 + max_index as u32 - (1 << 16))
+    );
     assert_eq!(stats.rejected.total(), 0);
 }
 

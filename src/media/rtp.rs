@@ -314,6 +314,20 @@ fn parse(data: &Bytes) -> Result<Parsed, RejectReason> {
     })
 }
 
+/// Result of [`Stream::update_seq`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeqUpdate {
+    Accepted,
+    /// An unconfirmed jump larger than `MAX_DROPOUT`: drop the packet.
+    Jump,
+    /// The jump was confirmed: the sequence state restarted; these are the
+    /// counts of the part before the restart.
+    Restarted {
+        expected: u64,
+        received: u64,
+    },
+}
+
 /// RFC 3550 A.1 sequence state and A.8 jitter state of one SSRC.
 #[derive(Debug, Clone)]
 struct Stream {
@@ -361,9 +375,10 @@ impl Stream {
     }
 
     /// RFC 3550 A.1 `update_seq` without probation (latching plays that
-    /// role). Returns false for an unconfirmed large jump.
-    fn update_seq(&mut self, seq: u16) -> bool {
+    /// role).
+    fn update_seq(&mut self, seq: u16) -> SeqUpdate {
         let udelta = seq.wrapping_sub(self.max_seq);
+        let mut outcome = SeqUpdate::Accepted;
         if udelta < MAX_DROPOUT {
             if seq < self.max_seq {
                 self.cycles = self.cycles.wrapping_add(SEQ_MOD);
@@ -372,15 +387,19 @@ impl Stream {
         } else if u32::from(udelta) <= SEQ_MOD - u32::from(MAX_MISORDER) {
             if u32::from(seq) == self.bad_seq {
                 // Two sequential packets after a jump: the sender restarted.
+                outcome = SeqUpdate::Restarted {
+                    expected: self.expected(),
+                    received: self.received,
+                };
                 self.init_seq(seq);
             } else {
                 self.bad_seq = (u32::from(seq) + 1) & (SEQ_MOD - 1);
-                return false;
+                return SeqUpdate::Jump;
             }
         }
         // else: duplicate or reordered, counted below like RFC 3550 does.
         self.received += 1;
-        true
+        outcome
     }
 
     fn extended_max(&self) -> u32 {
@@ -595,8 +614,15 @@ impl RtpReceiver {
         let Some(s) = self.stream.as_mut() else {
             return Err(RejectReason::Truncated);
         };
-        if same && !s.update_seq(p.seq) {
-            return Err(RejectReason::SequenceJump);
+        if same {
+            match s.update_seq(p.seq) {
+                SeqUpdate::Accepted => {}
+                SeqUpdate::Jump => return Err(RejectReason::SequenceJump),
+                SeqUpdate::Restarted { expected, received } => {
+                    self.prior_expected += expected;
+                    self.prior_received += received;
+                }
+            }
         }
         if !same {
             s.received = 1;
