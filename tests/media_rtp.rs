@@ -495,6 +495,10 @@ fn sr_rr_exchange_gives_loss_jitter_and_rtt() {
         .unwrap();
     let parsed = rtcp::packet::unmarshal(&mut sr_bytes.clone()).unwrap();
     assert_eq!(parsed.len(), 2);
+    // A valid RFC 3550 §6.1 compound: SR first, SDES with CNAME.
+    rtcp::compound_packet::CompoundPacket(parsed.clone())
+        .validate()
+        .unwrap();
     let sr = parsed[0]
         .as_any()
         .downcast_ref::<rtcp::sender_report::SenderReport>()
@@ -520,6 +524,9 @@ fn sr_rr_exchange_gives_loss_jitter_and_rtt() {
         .unwrap()
         .unwrap();
     let parsed = rtcp::packet::unmarshal(&mut rr_bytes.clone()).unwrap();
+    rtcp::compound_packet::CompoundPacket(parsed.clone())
+        .validate()
+        .unwrap();
     let rr = parsed[0]
         .as_any()
         .downcast_ref::<rtcp::receiver_report::ReceiverReport>()

@@ -19,7 +19,7 @@
 //! or a backward jump of more than `resync_after` confirmed by a second
 //! consecutive packet, restarts the grid as for a first packet.
 //!
-//! Written by hand: the crates we looked at either own the clock (tokio
+//! Written by hand: the crates we looked at either own the clock (async
 //! timers) or reorder by sequence number only, which cannot express our
 //! playout-time contract.
 
