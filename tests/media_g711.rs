@@ -8,7 +8,11 @@ use sipbridge::media::g711::{self, Law};
 /// G.191 `ulaw_compress` for one sample, loop for loop.
 fn ref_ulaw_compress(x: i16) -> u8 {
     let x = i32::from(x);
-    let mut absno = if x < 0 { ((!x) >> 2) + 33 } else { (x >> 2) + 33 };
+    let mut absno = if x < 0 {
+        ((!x) >> 2) + 33
+    } else {
+        (x >> 2) + 33
+    };
     if absno > 0x1FFF {
         absno = 0x1FFF;
     }
@@ -152,7 +156,10 @@ fn mu_law_round_trip_error_is_within_half_a_step_plus_truncation() {
         // Half the interval, plus the 2 LSBs G.711 drops and the one's
         // complement on negatives.
         let bound = mu_step(code) / 2 + 4;
-        assert!(err <= bound, "input {x}: decoded {y}, error {err} > {bound}");
+        assert!(
+            err <= bound,
+            "input {x}: decoded {y}, error {err} > {bound}"
+        );
     }
 }
 
@@ -163,7 +170,10 @@ fn a_law_round_trip_error_is_within_half_a_step() {
         let y = i32::from(g711::a_to_linear(code));
         let err = (i32::from(x) - y).abs();
         let bound = a_step(code) / 2 + 1;
-        assert!(err <= bound, "input {x}: decoded {y}, error {err} > {bound}");
+        assert!(
+            err <= bound,
+            "input {x}: decoded {y}, error {err} > {bound}"
+        );
     }
 }
 

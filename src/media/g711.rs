@@ -121,7 +121,11 @@ pub fn linear_to_mu(sample: i16) -> u8 {
 #[inline]
 pub fn linear_to_a(sample: i16) -> u8 {
     let s = i32::from(sample);
-    let (magnitude, sign) = if s < 0 { (!s >> 4, 0x00) } else { (s >> 4, 0x80) };
+    let (magnitude, sign) = if s < 0 {
+        (!s >> 4, 0x00)
+    } else {
+        (s >> 4, 0x80)
+    };
     // Segments 0 and 1 share a step size: codes 0..=31 are the magnitude itself.
     let code = if magnitude < 32 {
         magnitude
