@@ -5,11 +5,12 @@
 //! (`rtp`, `resample`). Pure functions, no state, no allocation.
 //!
 //! Written by hand rather than with `audio-codec-algorithms` 0.8 (DESIGN §7
-//! allows either): the whole codec is ~60 lines, decoding is a 256-entry table
-//! built at compile time by a `const fn` (so the hot path is one load per
-//! sample), encoding is a few integer operations using `leading_zeros`
-//! instead of G.191's segment search loop, and it saves a dependency that is
-//! not in the build cache. `tests/media_g711.rs` checks all 256 codes and all
+//! allows either): the whole codec is ~80 lines, decoding is a 256-entry table
+//! and encoding a 16 KiB (µ-law, indexed by the 14 significant bits) or
+//! 4 KiB (A-law, 12 bits) table, all built at compile time by `const fn`s
+//! that compute the segment with `leading_zeros` instead of G.191's search
+//! loop; the hot path is one load per sample, and it saves a dependency that
+//! is not in the build cache. `tests/media_g711.rs` checks all 256 codes and all
 //! 65,536 inputs against an independent transcription of the G.191 loops.
 
 /// Which G.711 companding law.
@@ -101,11 +102,8 @@ pub fn a_to_linear(code: u8) -> i16 {
     A_TABLE[usize::from(code)]
 }
 
-/// Encodes one 16-bit linear sample to µ-law (the two LSBs are dropped, as in
-/// G.191, which works on 14-bit samples).
-#[inline]
-pub fn linear_to_mu(sample: i16) -> u8 {
-    let s = i32::from(sample);
+const fn mu_encode_const(sample: i16) -> u8 {
+    let s = sample as i32;
     // One's complement for negatives, exactly as G.191 (`~x >> 2`).
     let (magnitude, sign) = if s < 0 { (!s, 0x00) } else { (s, 0x80) };
     let biased = ((magnitude >> 2) << 2) + MU_BIAS;
@@ -116,11 +114,8 @@ pub fn linear_to_mu(sample: i16) -> u8 {
     (sign | (((exponent << 4) | mantissa) ^ 0x7F)) as u8
 }
 
-/// Encodes one 16-bit linear sample to A-law (the four LSBs are dropped, as
-/// in G.191, which works on 13-bit samples).
-#[inline]
-pub fn linear_to_a(sample: i16) -> u8 {
-    let s = i32::from(sample);
+const fn a_encode_const(sample: i16) -> u8 {
+    let s = sample as i32;
     let (magnitude, sign) = if s < 0 {
         (!s >> 4, 0x00)
     } else {
@@ -134,6 +129,44 @@ pub fn linear_to_a(sample: i16) -> u8 {
         ((shift + 1) << 4) | ((magnitude >> shift) & 0x0F)
     };
     ((sign | code) ^ 0x55) as u8
+}
+
+/// µ-law codes indexed by the 14-bit sample `x >> 2` (G.711 ignores the two
+/// LSBs, and `!x >> 2 == !(x >> 2)`, so the code depends on nothing else).
+static MU_ENCODE: [u8; 1 << 14] = {
+    let mut table = [0u8; 1 << 14];
+    let mut i = 0;
+    while i < (1 << 14) {
+        // Sign-extend the 14-bit index back to a sample with zero LSBs.
+        table[i] = mu_encode_const((((i as i32) << 18) >> 16) as i16);
+        i += 1;
+    }
+    table
+};
+
+/// A-law codes indexed by the 12-bit sample `x >> 4`.
+static A_ENCODE: [u8; 1 << 12] = {
+    let mut table = [0u8; 1 << 12];
+    let mut i = 0;
+    while i < (1 << 12) {
+        table[i] = a_encode_const((((i as i32) << 20) >> 16) as i16);
+        i += 1;
+    }
+    table
+};
+
+/// Encodes one 16-bit linear sample to µ-law (the two LSBs are dropped, as in
+/// G.191, which works on 14-bit samples).
+#[inline]
+pub fn linear_to_mu(sample: i16) -> u8 {
+    MU_ENCODE[((sample >> 2) as u16 & 0x3FFF) as usize]
+}
+
+/// Encodes one 16-bit linear sample to A-law (the four LSBs are dropped, as
+/// in G.191, which works on 13-bit samples).
+#[inline]
+pub fn linear_to_a(sample: i16) -> u8 {
+    A_ENCODE[((sample >> 4) as u16 & 0x0FFF) as usize]
 }
 
 /// Decodes one code in `law`.
