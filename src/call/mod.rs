@@ -8,10 +8,12 @@
 //! Must not touch: sockets, tokio, the wall clock (`SystemTime` values are
 //! passed in), the filesystem.
 
+mod media;
 mod record;
 mod session;
 mod switchboard;
 
+pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
 pub use record::{CallRecord, HangupSide};
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
@@ -115,6 +117,8 @@ pub struct CallSettings {
     pub rtp_timeout: Option<Duration>,
     /// End the call after this long, whatever happens.
     pub max_duration: Option<Duration>,
+    /// What the media does once answered (prompt, pipeline).
+    pub plan: MediaPlan,
 }
 
 /// Why a call ended, as recorded in the CDR.

@@ -8,17 +8,23 @@
 //! §8.2.7): a bounded cache answers retransmitted INVITEs with the same bytes
 //! so that each attempt is decided — and recorded — once.
 
+use super::MediaPlan;
 use super::session::SessionTimer;
 use super::{
     ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, SUPPORTED, Transmit, TransportKind,
 };
 use crate::config::Config;
+use crate::media::prompt::Prompt;
+use crate::media::resample::PipelineRate;
 use crate::sip::digest::DigestServer;
 use crate::sip::error::SipError;
 use crate::sip::message::{
     Message, Method, ParseError, Request, Response, error_response, validate_request,
 };
 use crate::sip::sdp::LocalMedia;
+
+/// The echo pipeline plays the caller back after this long.
+const ECHO_DELAY: Duration = Duration::from_millis(500);
 use bytes::Bytes;
 use rand::RngCore;
 use std::collections::{HashMap, VecDeque};
@@ -195,6 +201,7 @@ pub struct Switchboard {
     pub ports: PortAllocator,
     rejected: RejectCache,
     draining: bool,
+    prompts: HashMap<String, Arc<Prompt>>,
 }
 
 fn stamp_via(req: &mut Request, peer: &Peer) {
@@ -314,7 +321,13 @@ impl Switchboard {
                 answers: HashMap::new(),
             },
             draining: false,
+            prompts: HashMap::new(),
         }
+    }
+
+    /// The tenants' disclosure prompts, loaded (once) by the caller.
+    pub fn set_prompts(&mut self, prompts: HashMap<String, Arc<Prompt>>) {
+        self.prompts = prompts;
     }
 
     /// Live calls.
@@ -425,6 +438,20 @@ impl Switchboard {
                 resp.headers.push("Allow", ALLOW);
                 self.reply(peer, resp.encode())
             }
+        }
+    }
+
+    fn media_plan(&self, tenant_id: &str) -> MediaPlan {
+        let tenant = self.config.tenant(tenant_id);
+        let echo = matches!(
+            tenant.map(|t| &t.pipeline),
+            Some(crate::config::Pipeline::Echo)
+        );
+        MediaPlan {
+            prompt: self.prompts.get(tenant_id).cloned(),
+            gate_until_prompt_done: true,
+            pipeline_rate: PipelineRate::Hz16000,
+            echo_delay: echo.then_some(ECHO_DELAY),
         }
     }
 
@@ -607,6 +634,7 @@ impl Switchboard {
             TransportKind::Udp => self.settings.local_udp.clone(),
             TransportKind::Tcp => self.settings.local_tcp.clone(),
         };
+        let plan = self.media_plan(&tenant_id);
         let settings = CallSettings {
             tenant: tenant_id,
             trunk: trunk_name,
@@ -624,6 +652,7 @@ impl Switchboard {
             min_se: self.settings.min_se,
             rtp_timeout: self.settings.rtp_timeout,
             max_duration: self.settings.max_duration,
+            plan,
         };
         Dispatch::NewCall(Box::new(Admitted {
             invite: req,

@@ -9,7 +9,8 @@
 mod transport;
 
 use crate::call::{
-    Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, Switchboard, Transmit,
+    Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
+    Switchboard, Transmit,
 };
 use crate::sip::message::Message;
 use anyhow::Context;
@@ -119,9 +120,9 @@ impl Shared {
         let mut socket = None;
         for _ in 0..16 {
             let port = admitted.settings.media.rtp_port;
-            match UdpSocket::bind((self.rtp_bind, port)).await {
-                Ok(s) => {
-                    socket = Some(s);
+            match bind_pair(self.rtp_bind, port).await {
+                Ok(pair) => {
+                    socket = Some(pair);
                     break;
                 }
                 Err(_) => {
@@ -184,31 +185,82 @@ impl Shared {
 }
 
 /// One call's task: owns the `Call`, its RTP socket and its timer.
+/// Binds the RTP port and the RTCP port above it.
+async fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<(UdpSocket, UdpSocket)> {
+    let rtp = UdpSocket::bind((ip, port)).await?;
+    let rtcp = UdpSocket::bind((ip, port.wrapping_add(1))).await?;
+    Ok((rtp, rtcp))
+}
+
+async fn recv_on(
+    sock: Option<&UdpSocket>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, std::net::SocketAddr)> {
+    match sock {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One call's task: owns the `Call`, its media session, its RTP/RTCP sockets
+/// and its timer.
 async fn run_call(
     shared: &Arc<Shared>,
     mut call: Call,
-    rtp: UdpSocket,
+    sockets: (UdpSocket, UdpSocket),
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
 ) {
-    let mut rtp = Some(rtp);
+    let mut sockets = Some(sockets);
+    let mut media: Option<MediaSession> = None;
     let mut rtp_buf = vec![0u8; 2048];
+    let mut rtcp_buf = vec![0u8; 2048];
     let mut ended_settings = Some(call.settings().clone());
     info!(port = call.settings().media.rtp_port, "call started");
     loop {
+        if let (Some(m), Some((rtp, rtcp))) = (&mut media, &sockets) {
+            while let Some(out) = m.poll_output() {
+                match out {
+                    MediaOutput::Rtp { to, bytes } => {
+                        let _ = rtp.send_to(&bytes, to).await;
+                    }
+                    MediaOutput::Rtcp { to, bytes } => {
+                        let _ = rtcp.send_to(&bytes, to).await;
+                    }
+                    MediaOutput::CallerAudio(_frame) => {
+                        // The network pipelines (Deepgram, agents) take these;
+                        // the echo pipeline runs inside the media session.
+                    }
+                    MediaOutput::Dtmf(ev) => debug!(duration_ms = ev.duration_ms, "dtmf received"),
+                    MediaOutput::PromptFinished => info!("disclosure prompt finished"),
+                }
+            }
+        }
         // Act on everything the call has to say.
         while let Some(out) = call.poll_output() {
             match out {
                 CallOutput::Transmit(t) => shared.transports.send(t).await,
                 CallOutput::Event(CallEvent::Answered(neg)) => {
                     info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
+                    let plan = call.settings().plan.clone();
+                    match MediaSession::new(Instant::now(), &neg, plan, &mut rng) {
+                        Ok(m) => media = Some(m),
+                        Err(e) => {
+                            warn!(error = %e, "no media for this call");
+                            call.hang_up(Instant::now(), HangupCause::MediaFailed, &mut rng);
+                        }
+                    }
                 }
                 CallOutput::Event(CallEvent::MediaChanged(neg)) => {
                     info!(direction = ?neg.remote_direction, remote = ?neg.remote_rtp, "media changed");
+                    if let Some(m) = &mut media {
+                        m.update(&neg);
+                    }
                 }
                 CallOutput::Event(CallEvent::Ended(record)) => {
                     log_cdr(&record);
-                    rtp = None;
+                    media = None;
+                    sockets = None;
                     if let Some(settings) = ended_settings.take() {
                         lock(&shared.switchboard).call_ended(&settings);
                     }
@@ -218,19 +270,21 @@ async fn run_call(
         if call.is_finished() {
             break;
         }
-        let deadline = call.poll_timeout();
+        let deadline = match (
+            call.poll_timeout(),
+            media.as_ref().map(MediaSession::poll_timeout),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let sleep = async {
             match deadline {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
                 None => std::future::pending().await,
             }
         };
-        let recv_rtp = async {
-            match &rtp {
-                Some(s) => s.recv_from(&mut rtp_buf).await.map(|_| ()),
-                None => std::future::pending().await,
-            }
-        };
+        let recv_rtp = recv_on(sockets.as_ref().map(|s| &s.0), &mut rtp_buf);
+        let recv_rtcp = recv_on(sockets.as_ref().map(|s| &s.1), &mut rtcp_buf);
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg)) => match *msg {
@@ -240,11 +294,81 @@ async fn run_call(
                 Some(CallCommand::HangUp(cause)) => call.hang_up(Instant::now(), cause, &mut rng),
                 None => call.hang_up(Instant::now(), HangupCause::Shutdown, &mut rng),
             },
-            () = sleep => call.handle_timeout(Instant::now(), &mut rng),
-            r = recv_rtp => if r.is_ok() { call.media_activity(Instant::now()) },
+            () = sleep => {
+                let now = Instant::now();
+                call.handle_timeout(now, &mut rng);
+                if let Some(m) = &mut media {
+                    m.handle_timeout(now, SystemTime::now(), &mut rng);
+                }
+            }
+            r = recv_rtp => if let Ok((n, from)) = r {
+                let now = Instant::now();
+                let data = bytes::Bytes::copy_from_slice(&rtp_buf[..n]);
+                if let Some(m) = &mut media && m.on_rtp(now, from, data) {
+                    call.media_activity(now);
+                }
+            },
+            r = recv_rtcp => if let Ok((n, _)) = r && let Some(m) = &mut media {
+                m.on_rtcp(Instant::now(), &rtcp_buf[..n]);
+            },
         }
     }
     debug!("call task finished");
+}
+
+/// Loads every tenant's disclosure prompt once (converted to 8 kHz G.711 frames).
+fn load_prompts(
+    config: &crate::config::Config,
+) -> anyhow::Result<HashMap<String, Arc<crate::media::prompt::Prompt>>> {
+    let mut prompts = HashMap::new();
+    for tenant in &config.tenants {
+        if let Some(p) = &tenant.prompt {
+            let prompt = crate::media::prompt::Prompt::load(&p.path)
+                .with_context(|| format!("tenant {}: prompt {}", tenant.id, p.path.display()))?;
+            info!(tenant = %tenant.id, ms = prompt.duration().as_millis() as u64, "disclosure prompt loaded");
+            prompts.insert(tenant.id.clone(), Arc::new(prompt));
+        }
+    }
+    Ok(prompts)
+}
+
+/// DESIGN §5: the default profile records, so on first start a missing
+/// `file:` master key is generated (0600 in a 0700 directory) and logged by
+/// fingerprint only. `credential:`/`env:` keys are never generated: a missing
+/// one is a configuration error reported by `check`.
+fn ensure_master_key(config: &crate::config::Config, rng: &mut StdRng) -> anyhow::Result<()> {
+    use rand::RngCore;
+    use sha2::Digest;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    for profile in &config.profiles {
+        let crate::config::MasterKey::ToGenerate(path) = &profile.master_key else {
+            continue;
+        };
+        if path.as_os_str().is_empty() || path.exists() {
+            continue;
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut key = [0u8; 32];
+        rng.fill_bytes(&mut key);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating master key {}", path.display()))?;
+        file.write_all(&key)?;
+        file.sync_all()?;
+        let fp = sha2::Sha256::digest(key);
+        info!(path = %path.display(), fingerprint = %format!("sha256:{}…", hex::encode(&fp[..2])), "generated master key");
+    }
+    Ok(())
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -253,6 +377,8 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
     let (shared, listeners) = transport::bind_all(&config, &mut os_rng)
         .await
         .context("binding listeners")?;
+    lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
+    ensure_master_key(&config, &mut os_rng)?;
     let shared = Arc::new(shared);
     let mut tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

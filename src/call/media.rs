@@ -1,0 +1,409 @@
+//! The media side of one answered call, sans-IO: RTP in → symmetric latching →
+//! jitter buffer → G.711 decode (concealment on loss) → resample to the
+//! pipeline rate → 20 ms PCM frames for the pipeline; and out: the disclosure
+//! prompt first, then the pipeline's audio (the echo pipeline's for now),
+//! silence in between, paced by one 20 ms media clock; RTCP SR/RR; RFC 4733
+//! DTMF received.
+//!
+//! Owns: the per-call media clock and everything that runs on it. Must not
+//! touch: sockets (the daemon passes datagrams in and sends what comes out),
+//! clocks (`now`/`wall` are passed in), SIP (the `Call` hands over the
+//! negotiated session).
+
+use crate::media::dtmf::{DtmfEvent, DtmfReceiver};
+use crate::media::g711::{self, Law};
+use crate::media::jitter::{Frame, JitterBuffer, JitterConfig, conceal};
+use crate::media::prompt::{Prompt, PromptPlayer};
+use crate::media::resample::{PipelineRate, Upsampler};
+use crate::media::rtp::rtcp::{RtcpConfig, RtcpScheduler};
+use crate::media::rtp::{RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender};
+use crate::sip::sdp::{Codec, Direction, Negotiated};
+use bytes::Bytes;
+use rand::RngCore;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Samples in 20 ms at 8 kHz.
+const FRAME: usize = 160;
+/// The media clock period.
+const TICK: Duration = Duration::from_millis(20);
+/// Echoed audio waiting to be played back, at most (memory bound).
+const MAX_ECHO_FRAMES: usize = 250;
+
+/// The media of a call could not be set up (an invalid negotiated session).
+#[derive(Debug, thiserror::Error)]
+#[error("media set-up failed: {0}")]
+pub struct MediaSetupError(String);
+
+/// What the media of a call is configured to do (from the tenant).
+#[derive(Debug, Clone)]
+pub struct MediaPlan {
+    /// The disclosure prompt, played first.
+    pub prompt: Option<Arc<Prompt>>,
+    /// Caller audio reaches the pipeline only once the prompt has finished.
+    pub gate_until_prompt_done: bool,
+    /// The pipeline's sample rate.
+    pub pipeline_rate: PipelineRate,
+    /// The echo pipeline: play the caller back after this delay.
+    pub echo_delay: Option<Duration>,
+}
+
+/// 20 ms of the caller's audio for the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PcmFrame {
+    /// 16-bit samples at `rate`.
+    pub samples: Vec<i16>,
+    /// Sample rate.
+    pub rate: PipelineRate,
+    /// Media time of the frame's start since the call was answered.
+    pub media_time: Duration,
+}
+
+/// What the media session asks its owner to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaOutput {
+    /// Send an RTP packet.
+    Rtp {
+        /// Destination.
+        to: SocketAddr,
+        /// The packet.
+        bytes: Bytes,
+    },
+    /// Send an RTCP compound packet (to the RTCP port).
+    Rtcp {
+        /// Destination.
+        to: SocketAddr,
+        /// The packet.
+        bytes: Bytes,
+    },
+    /// Caller audio for the pipeline.
+    CallerAudio(PcmFrame),
+    /// A key press.
+    Dtmf(DtmfEvent),
+    /// The prompt finished playing (consent: the notice was given).
+    PromptFinished,
+}
+
+/// Counters for the CDR and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MediaCounters {
+    /// RTP packets sent.
+    pub rtp_out: u64,
+    /// PCM frames handed to the pipeline.
+    pub frames_to_pipeline: u64,
+    /// Frames concealed (lost or late).
+    pub concealed: u64,
+}
+
+/// One call's media.
+pub struct MediaSession {
+    law: Law,
+    plan: MediaPlan,
+    receiver: RtpReceiver,
+    jitter: JitterBuffer,
+    dtmf: DtmfReceiver,
+    sender: RtpSender,
+    rtcp: Option<RtcpScheduler>,
+    prompt: Option<PromptPlayer>,
+    prompt_done: bool,
+    upsampler: Upsampler,
+    prev: Vec<i16>,
+    /// Decoded caller audio not yet cut into 20 ms frames (packets of other
+    /// ptimes than 20 ms decode to other lengths).
+    inbound: VecDeque<i16>,
+    /// Where we send: the SDP address until the caller's source is latched.
+    remote: Option<SocketAddr>,
+    /// The caller does not want our audio (we were put on hold, or inactive).
+    send_paused: bool,
+    started: Instant,
+    ticks: u64,
+    /// The next outbound packet starts a talkspurt (marker bit).
+    talkspurt: bool,
+    echo: VecDeque<(Instant, Vec<i16>)>,
+    counters: MediaCounters,
+    out: VecDeque<MediaOutput>,
+}
+
+fn law_of(codec: Codec) -> Law {
+    match codec {
+        Codec::Pcmu => Law::Mu,
+        Codec::Pcma => Law::A,
+    }
+}
+
+impl MediaSession {
+    /// Starts the media of an answered call at `now`.
+    pub fn new(
+        now: Instant,
+        neg: &Negotiated,
+        plan: MediaPlan,
+        rng: &mut impl RngCore,
+    ) -> Result<MediaSession, MediaSetupError> {
+        let law = law_of(neg.codec);
+        let sdp_addr = neg
+            .remote_rtp
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let rx_config = RtpReceiverConfig::new(neg.payload_type, neg.telephone_event_pt);
+        let receiver =
+            RtpReceiver::new(rx_config, sdp_addr).map_err(|e| MediaSetupError(e.to_string()))?;
+        let ptime = Duration::from_millis(u64::from(neg.ptime_ms.clamp(10, 60)));
+        let jitter = JitterBuffer::new(JitterConfig::new(ptime))
+            .map_err(|e| MediaSetupError(e.to_string()))?;
+        let ssrc = rng.next_u32();
+        let sender = RtpSender::new(
+            ssrc,
+            (rng.next_u32() & 0xffff) as u16,
+            rng.next_u32(),
+            neg.payload_type,
+        );
+        let rtcp = RtcpScheduler::new(
+            RtcpConfig::new(format!("sipbridge-{ssrc:08x}")),
+            ssrc,
+            now,
+            rng,
+        )
+        .ok();
+        let prompt = plan
+            .prompt
+            .as_ref()
+            .map(|p| PromptPlayer::new(Arc::clone(p), law, now));
+        let mut session = MediaSession {
+            law,
+            receiver,
+            jitter,
+            dtmf: DtmfReceiver::new(8000),
+            sender,
+            rtcp,
+            prompt_done: prompt.is_none(),
+            prompt,
+            upsampler: Upsampler::new(plan.pipeline_rate),
+            prev: vec![0; FRAME],
+            inbound: VecDeque::with_capacity(4 * FRAME),
+            remote: neg.remote_rtp,
+            send_paused: false,
+            started: now,
+            ticks: 0,
+            talkspurt: true,
+            echo: VecDeque::new(),
+            counters: MediaCounters::default(),
+            out: VecDeque::new(),
+            plan,
+        };
+        session.update(neg);
+        Ok(session)
+    }
+
+    /// A re-negotiation (hold, unhold, new address).
+    pub fn update(&mut self, neg: &Negotiated) {
+        self.send_paused = !neg.local_direction.sends() || neg.remote_rtp.is_none();
+        if let Some(addr) = neg.remote_rtp {
+            self.receiver.set_sdp_address(addr);
+            if self.receiver.latched_source().is_none() {
+                self.remote = Some(addr);
+            }
+        }
+        if matches!(
+            neg.local_direction,
+            Direction::RecvOnly | Direction::Inactive
+        ) {
+            self.talkspurt = true;
+        }
+    }
+
+    /// Whether the disclosure prompt has finished (or there is none).
+    pub fn prompt_done(&self) -> bool {
+        self.prompt_done
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> MediaCounters {
+        self.counters
+    }
+
+    /// RTP receive statistics (loss, jitter) for the CDR.
+    pub fn rtp_stats(&self) -> &crate::media::rtp::RtpStats {
+        self.receiver.stats()
+    }
+
+    /// An RTP datagram arrived on the call's RTP port. Returns whether it was
+    /// valid media for this call (the RTP timeout only counts those).
+    pub fn on_rtp(&mut self, now: Instant, from: SocketAddr, data: Bytes) -> bool {
+        match self.receiver.on_datagram(now, from, data) {
+            RtpInput::Media {
+                timestamp,
+                ssrc,
+                payload,
+                ..
+            } => {
+                self.follow_source();
+                self.jitter.push(now, ssrc, timestamp, payload);
+                true
+            }
+            RtpInput::TelephoneEvent {
+                timestamp,
+                marker,
+                payload,
+                ..
+            } => {
+                self.follow_source();
+                if let Some(ev) = self.dtmf.on_packet(timestamp, marker, &payload) {
+                    self.out.push_back(MediaOutput::Dtmf(ev));
+                }
+                true
+            }
+            RtpInput::Rejected(_) => false,
+        }
+    }
+
+    /// An RTCP datagram arrived on the call's RTCP port.
+    pub fn on_rtcp(&mut self, now: Instant, data: &[u8]) {
+        if let Some(rtcp) = &mut self.rtcp {
+            // Malformed RTCP is counted by the scheduler and otherwise ignored.
+            let _ = rtcp.on_rtcp(now, data);
+        }
+    }
+
+    /// Symmetric RTP: answer to where the caller's packets come from.
+    fn follow_source(&mut self) {
+        if let Some(src) = self.receiver.latched_source() {
+            self.remote = Some(src);
+        }
+    }
+
+    fn next_tick(&self) -> Instant {
+        self.started + TICK * u32::try_from(self.ticks).unwrap_or(u32::MAX)
+    }
+
+    /// When [`MediaSession::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Instant {
+        let tick = self.next_tick();
+        match &self.rtcp {
+            Some(r) => tick.min(r.poll_timeout()),
+            None => tick,
+        }
+    }
+
+    /// Next output to act on.
+    pub fn poll_output(&mut self) -> Option<MediaOutput> {
+        self.out.pop_front()
+    }
+
+    /// Runs every media tick due at `now`. Ticks that were missed (the task
+    /// was late) are caught up for the inbound side, but outbound audio is
+    /// never burst: a late tick sends one packet and skips the timestamps of
+    /// the others.
+    pub fn handle_timeout(&mut self, now: Instant, wall: SystemTime, rng: &mut impl RngCore) {
+        let mut sent_this_call = false;
+        while self.next_tick() <= now {
+            let tick_at = self.next_tick();
+            self.inbound_tick(tick_at);
+            if sent_this_call {
+                self.sender.skip(FRAME as u32);
+                self.talkspurt = true;
+            } else {
+                self.outbound_tick(now);
+                sent_this_call = true;
+            }
+            self.ticks += 1;
+        }
+        if let Some(rtcp) = &mut self.rtcp
+            && now >= rtcp.poll_timeout()
+            && let Ok(Some(bytes)) =
+                rtcp.poll_transmit(now, wall, Some(&self.sender), &mut self.receiver, rng)
+            && let Some(remote) = self.remote
+        {
+            let to = SocketAddr::new(remote.ip(), remote.port().wrapping_add(1));
+            self.out.push_back(MediaOutput::Rtcp { to, bytes });
+        }
+    }
+
+    fn gate_open(&self) -> bool {
+        self.prompt_done || !self.plan.gate_until_prompt_done
+    }
+
+    fn inbound_tick(&mut self, at: Instant) {
+        match self.jitter.pop(at) {
+            Some(Frame::Audio { payload, .. }) => {
+                let mut pcm = vec![0i16; payload.len()];
+                g711::decode(self.law, &payload, &mut pcm);
+                let keep = pcm.len().min(FRAME);
+                self.prev.clear();
+                self.prev.extend_from_slice(&pcm[pcm.len() - keep..]);
+                self.inbound.extend(pcm);
+            }
+            Some(Frame::Concealed { consecutive, .. }) if self.inbound.len() < FRAME => {
+                self.counters.concealed += 1;
+                self.inbound.extend(conceal(&self.prev, consecutive));
+            }
+            Some(Frame::Concealed { .. }) | None => {}
+        }
+        // Bounded: a peer sending more audio than real time cannot grow it.
+        while self.inbound.len() > 8 * FRAME {
+            self.inbound.pop_front();
+        }
+        if self.inbound.len() < FRAME {
+            return;
+        }
+        let mut pcm: Vec<i16> = self.inbound.drain(..FRAME).collect();
+        pcm.resize(FRAME, 0);
+        if !self.gate_open() {
+            return;
+        }
+        let media_time = at.saturating_duration_since(self.started);
+        if let Some(delay) = self.plan.echo_delay
+            && self.echo.len() < MAX_ECHO_FRAMES
+        {
+            self.echo.push_back((at + delay, pcm.clone()));
+        }
+        let mut samples = Vec::with_capacity(self.plan.pipeline_rate.samples_per_20ms());
+        self.upsampler.process(&pcm, &mut samples);
+        self.counters.frames_to_pipeline += 1;
+        self.out.push_back(MediaOutput::CallerAudio(PcmFrame {
+            samples,
+            rate: self.plan.pipeline_rate,
+            media_time,
+        }));
+    }
+
+    fn outbound_tick(&mut self, now: Instant) {
+        let mut payload = [g711_silence(self.law); FRAME];
+        let mut have_audio = false;
+        // Silence fills the gaps: carriers' SBCs and NATs expect a steady stream.
+        if let Some(player) = &mut self.prompt {
+            if let Some(frame) = player.poll(now) {
+                payload = frame.payload;
+                have_audio = true;
+            }
+            if player.is_finished() && !self.prompt_done {
+                self.prompt_done = true;
+                self.out.push_back(MediaOutput::PromptFinished);
+            }
+        }
+        if !have_audio
+            && let Some((due, _)) = self.echo.front()
+            && *due <= now
+            && let Some((_, pcm)) = self.echo.pop_front()
+        {
+            g711::encode(self.law, &pcm, &mut payload);
+        }
+        match (self.remote, self.send_paused) {
+            (Some(to), false) if to.port() != 0 => {
+                let bytes = self.sender.packet(&payload, self.talkspurt, FRAME as u32);
+                self.talkspurt = false;
+                self.counters.rtp_out += 1;
+                self.out.push_back(MediaOutput::Rtp { to, bytes });
+            }
+            _ => {
+                // On hold: keep the timestamp running, start a new talkspurt after.
+                self.sender.skip(FRAME as u32);
+                self.talkspurt = true;
+            }
+        }
+    }
+}
+
+fn g711_silence(law: Law) -> u8 {
+    law.silence()
+}
