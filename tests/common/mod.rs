@@ -82,47 +82,117 @@ pub(crate) fn current_test_name() -> String {
 
 /// A minimal profile for one test: UDP and TCP listeners on `127.0.0.1:0`, `var_dir`
 /// relative to the daemon's working directory, an RTP range derived from the test's name,
-/// one `local` trunk for 127.0.0.0/8, one `demo` tenant (no recording, no transcripts, the
-/// bundled prompt, the `echo` pipeline) and a catch-all route.
+/// `max_calls = 50` (the range holds 50 port pairs), one `local` trunk for 127.0.0.0/8
+/// dedicated to one `demo` tenant (no recording, no transcripts, the bundled prompt, the
+/// `echo` pipeline) and a catch-all route.
 ///
 /// `extra` is appended verbatim: start it with a table header (`[[route]]`, `[[trunk]]` …).
-/// This is the only place that knows the profile format, so a format change is fixed here.
+/// For keys inside the generated tables (limits, `[profile.sip]`, digest credentials, a
+/// route set without the catch-all) use [`ProfileSpec`].
 pub(crate) fn profile_toml(extra: &str) -> String {
     profile_toml_for(&current_test_name(), extra)
 }
 
 /// [`profile_toml`] for an explicit test name.
 pub(crate) fn profile_toml_for(test_name: &str, extra: &str) -> String {
-    let (start, end) = rtp_range_for(test_name);
-    let prompt = repo_path("sip-profiles/prompts/disclosure.wav");
-    let prompt = toml::Value::String(prompt.display().to_string());
-    format!(
-        r#"[profile]
+    ProfileSpec {
+        extra,
+        ..ProfileSpec::default()
+    }
+    .render_for(test_name)
+}
+
+/// The test profile with its variable parts. This is the only place that knows the
+/// profile format (docs/configuration.md), so a format change is fixed here.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProfileSpec<'a> {
+    /// `[profile] max_calls`.
+    pub(crate) max_calls: u32,
+    /// Lines inside `[profile.sip]`, e.g. `answer_delay_ms = 2000`.
+    pub(crate) sip: &'a str,
+    /// Lines inside `[profile.media]`, e.g. `rtp_timeout_s = 2`.
+    pub(crate) media: &'a str,
+    /// Lines appended to the `local` trunk, e.g. `max_calls = 1`, or a
+    /// `[trunk.digest]` table (which then must come last).
+    pub(crate) trunk: &'a str,
+    /// Lines appended to the `demo` tenant, e.g. `max_calls = 1`.
+    pub(crate) tenant: &'a str,
+    /// The `[[route]]` entries; `None` gives the catch-all `number = "*"` to `demo`.
+    pub(crate) routes: Option<&'a str>,
+    /// Appended verbatim at the end.
+    pub(crate) extra: &'a str,
+}
+
+impl Default for ProfileSpec<'_> {
+    fn default() -> Self {
+        ProfileSpec {
+            max_calls: 50,
+            sip: "",
+            media: "",
+            trunk: "",
+            tenant: "",
+            routes: None,
+            extra: "",
+        }
+    }
+}
+
+impl ProfileSpec<'_> {
+    /// The profile text for the running test (its RTP range comes from its name).
+    pub(crate) fn render(&self) -> String {
+        self.render_for(&current_test_name())
+    }
+
+    /// The profile text for `test_name`.
+    pub(crate) fn render_for(&self, test_name: &str) -> String {
+        let (start, end) = rtp_range_for(test_name);
+        let prompt = repo_path("sip-profiles/prompts/disclosure.wav");
+        let prompt = toml::Value::String(prompt.display().to_string());
+        let ProfileSpec {
+            max_calls,
+            sip,
+            media,
+            trunk,
+            tenant,
+            routes,
+            extra,
+        } = *self;
+        let routes = routes.unwrap_or("[[route]]\nnumber = \"*\"\ntenant = \"demo\"\n");
+        format!(
+            r#"[profile]
 name = "test"
 var_dir = "var"
+max_calls = {max_calls}
 rtp_ports = {{ start = {start}, end = {end} }}
 
 [profile.listen]
 udp = ["127.0.0.1:0"]
 tcp = ["127.0.0.1:0"]
 
-[[trunk]]
-name = "local"
-allow = ["127.0.0.0/8"]
-tenant = "demo"
+[profile.sip]
+{sip}
+
+[profile.media]
+{media}
 
 [[tenant]]
 id = "demo"
 recording = false
 transcripts = false
 prompt = {prompt}
-pipeline = {{ type = "echo" }}
+pipeline = {{ kind = "echo" }}
+{tenant}
 
-[[route]]
-number = "*"
+[[trunk]]
+name = "local"
+allow = ["127.0.0.0/8"]
 tenant = "demo"
+{trunk}
+
+{routes}
 {extra}"#
-    )
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -144,10 +214,16 @@ impl Daemon {
     /// [`DAEMON_START_TIMEOUT`]) for its `"sip listener bound"` log lines for UDP and TCP.
     /// Panics with the daemon's output if it exits or does not report both in time.
     pub(crate) fn spawn(profile_toml: &str) -> Daemon {
-        Daemon::spawn_program(
+        Daemon::spawn_with_env(profile_toml, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables, e.g. for `env:NAME` secrets.
+    pub(crate) fn spawn_with_env(profile_toml: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start(
             Path::new(env!("CARGO_BIN_EXE_sipbridge")),
             &[],
             profile_toml,
+            env,
         )
     }
 
@@ -158,6 +234,15 @@ impl Daemon {
         program: &Path,
         leading_args: &[&str],
         profile_toml: &str,
+    ) -> Daemon {
+        Daemon::start(program, leading_args, profile_toml, &[])
+    }
+
+    fn start(
+        program: &Path,
+        leading_args: &[&str],
+        profile_toml: &str,
+        env: &[(&str, &str)],
     ) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let profile = dir.path().join("profile.toml");
@@ -172,6 +257,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -261,6 +347,35 @@ impl Daemon {
         }
     }
 
+    /// Every call detail record logged so far (log target `cdr`): the JSON object in
+    /// the line's `cdr` field, e.g. `{"call_id":…,"result_code":487,"cause":"cancelled",…}`.
+    pub(crate) fn cdrs(&self) -> Vec<serde_json::Value> {
+        self.logs().iter().filter_map(|l| cdr_of(l)).collect()
+    }
+
+    /// Waits up to `timeout` for a CDR satisfying `pred` and returns it.
+    pub(crate) fn wait_for_cdr(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let line = self.wait_for_log(timeout, |l| cdr_of(l).is_some_and(|c| pred(&c)))?;
+        cdr_of(&line)
+    }
+
+    /// Waits up to `timeout` until `n` CDRs were logged and returns them (fewer on
+    /// timeout).
+    pub(crate) fn wait_for_cdrs(&self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let cdrs = self.cdrs();
+            if cdrs.len() >= n || Instant::now() >= deadline {
+                return cdrs;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The daemon's process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
@@ -296,6 +411,20 @@ fn collect_lines(
             let _ = tx.send(line);
         }
     });
+}
+
+/// The CDR in a daemon log line: a JSON line with target `cdr` whose `cdr` field (at the
+/// top level or under `fields`) holds the record as a JSON string.
+pub(crate) fn cdr_of(line: &str) -> Option<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    if value.get("target")?.as_str()? != "cdr" {
+        return None;
+    }
+    let fields = match value.get("fields") {
+        Some(fields) if fields.is_object() => fields,
+        _ => &value,
+    };
+    serde_json::from_str(fields.get("cdr")?.as_str()?).ok()
 }
 
 /// A SIP transport as the daemon names it in its logs.
