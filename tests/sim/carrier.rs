@@ -106,7 +106,6 @@ enum Action {
 pub(crate) struct Uac {
     pub(crate) call_id: String,
     script: Script,
-    from_tag: String,
     invite_branch: String,
     invite_head: InviteHead,
     invite_txn: Option<ClientInviteTransaction>,
@@ -240,7 +239,6 @@ impl Uac {
         Uac {
             call_id,
             script,
-            from_tag,
             invite_branch,
             invite_head: head,
             invite_txn: Some(txn),
@@ -411,9 +409,7 @@ impl Uac {
                 self.invite_txn = None;
             }
         }
-        let surfaced = events
-            .iter()
-            .any(|e| *e == TransactionEvent::ResponseReceived(status));
+        let surfaced = events.contains(&TransactionEvent::ResponseReceived(status));
         match status {
             100..=199 => {
                 if surfaced {

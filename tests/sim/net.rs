@@ -156,8 +156,4 @@ impl Net {
         });
         Some((to, bytes))
     }
-
-    pub(crate) fn in_flight(&self) -> usize {
-        self.queue.len()
-    }
 }
