@@ -552,3 +552,61 @@ fn duration_to_samples(d: Duration) -> u64 {
         .unwrap_or(u64::MAX)
         .saturating_mul(SAMPLES_PER_MS)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn padding_fills_whole_frames_for_every_input_length() {
+        for rate in [PipelineRate::Hz8000, PipelineRate::Hz16000] {
+            let f = if rate == PipelineRate::Hz8000 { 1 } else { 2 };
+            for n in 0..700u64 {
+                let mut q = PlayoutQueue::new(Law::Mu, rate, Instant::now(), true);
+                let pcm = vec![1000i16; n as usize];
+                q.push_pcm(&pcm);
+                assert_eq!(q.input_end(), n.div_ceil(f), "{rate:?} {n}");
+                q.end_of_stream();
+                let frames = n.div_ceil(f).div_ceil(FRAME_LEN);
+                assert_eq!(q.frames.len() as u64, frames, "{rate:?} {n}");
+                assert!(q.partial.is_empty());
+                assert_eq!(q.segment_base, frames * FRAME_LEN);
+                assert_eq!((q.segment_in, q.skip as u64), (0, q.delay));
+                assert_eq!(q.queued_samples(), frames * FRAME_LEN);
+            }
+        }
+    }
+
+    #[test]
+    fn the_filter_start_up_is_dropped_once_per_segment() {
+        let mut q = PlayoutQueue::new(Law::Mu, PipelineRate::Hz16000, Instant::now(), true);
+        q.push_pcm(&[0; 20]);
+        assert_eq!((q.skip, q.partial.len()), (3, 0));
+        q.push_pcm(&[0; 10]);
+        assert_eq!((q.skip, q.partial.len()), (0, 2));
+        q.end_of_stream();
+        assert_eq!(q.skip, 13);
+        q.push_pcm(&[0; 30]);
+        // The padded frame is dropped too: the stream restarts at the next
+        // frame to send.
+        assert_eq!(q.clear().dropped_ms, 20 + 1);
+        assert_eq!((q.skip, q.segment_base, q.sent_pos), (13, 0, 0));
+    }
+
+    #[test]
+    fn timestamp_advance_wraps_like_rtp_timestamps() {
+        let start = Instant::now();
+        let mut q = PlayoutQueue::new(Law::Mu, PipelineRate::Hz8000, start, true);
+        let f = q.emit(0, [0; FRAME_SAMPLES], true);
+        assert_eq!((f.timestamp_advance, f.marker), (0, true));
+        // 2^27 slots (31 days) are 5·2^32 timestamp units: wraps to 0.
+        let slot = 1u64 << 27;
+        let f = q.emit(slot, [0; FRAME_SAMPLES], true);
+        assert_eq!((f.timestamp_advance, f.marker), (0, true));
+        let f = q.emit(slot + 1, [0; FRAME_SAMPLES], true);
+        assert_eq!((f.timestamp_advance, f.marker), (160, false));
+        assert_eq!(q.deadline(3), start + Duration::from_millis(60));
+        assert_eq!(q.slot_at(start + Duration::from_micros(59_999)), 2);
+    }
+}
