@@ -100,6 +100,7 @@ pub(crate) fn profile_toml_for(test_name: &str, extra: &str) -> String {
         r#"[profile]
 name = "test"
 var_dir = "var"
+max_calls = 50
 rtp_ports = {{ start = {start}, end = {end} }}
 
 [profile.listen]
@@ -116,7 +117,7 @@ id = "demo"
 recording = false
 transcripts = false
 prompt = {prompt}
-pipeline = {{ type = "echo" }}
+pipeline = {{ kind = "echo" }}
 
 [[route]]
 number = "*"

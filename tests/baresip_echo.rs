@@ -1,0 +1,432 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! End-to-end media against real peers on loopback: what a caller hears from
+//! `sipbridge run` with the `echo` pipeline.
+//!
+//! - [`baresip_hears_prompt_then_its_own_echo`]: baresip (a real phone, headless) calls the
+//!   daemon and records what it hears; the recording must hold the disclosure prompt from
+//!   the start, then baresip's own source audio echoed back, and nothing of that audio
+//!   before the prompt has ended.
+//! - [`sipp_call_rtp_to_test_socket`]: SIPp does the signalling with an SDP offer naming a
+//!   UDP socket this test owns; the test sends caller audio itself (once while the prompt
+//!   plays, once after) and checks what the bridge sends back: prompt first, paced at 20 ms,
+//!   the gated copy never echoed, the second copy echoed.
+//!
+//! Owns: the correlation helper used for those checks (normalised cross-correlation in
+//! f64, a coarse search on box-filtered decimated signals, then a full-rate refinement),
+//! the µ-law framing of the test's own RTP, and the baresip config it writes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, free_port, profile_toml, repo_path};
+use sipbridge::media::g711::{self, Law};
+
+/// Samples per second of every signal here (G.711).
+const RATE: usize = 8000;
+
+// ---------------------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------------------
+
+fn read_wav(path: &Path) -> Vec<i16> {
+    let mut reader =
+        hound::WavReader::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let spec = reader.spec();
+    assert_eq!(
+        (spec.channels, spec.sample_rate, spec.bits_per_sample),
+        (1, 8000, 16),
+        "{} must be 8 kHz mono 16-bit",
+        path.display()
+    );
+    reader.samples::<i16>().map(Result::unwrap).collect()
+}
+
+fn write_wav(path: &Path, samples: &[i16]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
+    for &s in samples {
+        writer.write_sample(s).unwrap();
+    }
+    writer.finalize().unwrap();
+}
+
+/// The signal as a µ-law path delivers it: encode then decode every sample.
+fn mulaw_round_trip(samples: &[i16]) -> Vec<i16> {
+    samples
+        .iter()
+        .map(|&s| g711::decode_sample(Law::Mu, g711::encode_sample(Law::Mu, s)))
+        .collect()
+}
+
+fn to_f64(samples: &[i16]) -> Vec<f64> {
+    samples.iter().map(|&s| f64::from(s)).collect()
+}
+
+fn seconds(samples: usize) -> f64 {
+    samples as f64 / RATE as f64
+}
+
+// ---------------------------------------------------------------------------------------
+// Normalised cross-correlation
+// ---------------------------------------------------------------------------------------
+
+/// Decimation factor of the coarse search.
+const COARSE: usize = 4;
+/// Full-rate lags searched either side of the coarse peak.
+const REFINE: usize = 2 * COARSE;
+
+/// Where `needle` best matches inside `hay`, and how well.
+#[derive(Debug, Clone, Copy)]
+struct Match {
+    /// Sample offset in `hay` of the needle's first sample.
+    lag: usize,
+    /// Normalised cross-correlation at `lag`, in [-1, 1].
+    ncc: f64,
+}
+
+/// Prefix sums of squares: the energy of any window in O(1).
+fn energy_prefix(x: &[f64]) -> Vec<f64> {
+    let mut prefix = Vec::with_capacity(x.len() + 1);
+    prefix.push(0.0);
+    let mut acc = 0.0;
+    for v in x {
+        acc += v * v;
+        prefix.push(acc);
+    }
+    prefix
+}
+
+/// Normalised cross-correlation of `needle` with `hay[lag..lag + needle.len()]`
+/// (`hay_energy` from [`energy_prefix`] of `hay`). 0 when either window is silent.
+fn ncc_at(hay: &[f64], hay_energy: &[f64], needle: &[f64], needle_energy: f64, lag: usize) -> f64 {
+    let window = &hay[lag..lag + needle.len()];
+    let dot: f64 = window.iter().zip(needle).map(|(a, b)| a * b).sum();
+    let energy = hay_energy[lag + needle.len()] - hay_energy[lag];
+    let denominator = (energy * needle_energy).sqrt();
+    if denominator <= f64::EPSILON {
+        0.0
+    } else {
+        dot / denominator
+    }
+}
+
+/// The best lag of `needle` in `hay` over `lags` (start offsets; clipped to where the
+/// needle fits whole, with `hay` zero-padded by the needle's length so a needle cut
+/// short by the end of the recording still scores). Coarse pass on both signals
+/// box-filtered and decimated by [`COARSE`], then every full-rate lag within
+/// [`REFINE`] of the coarse peak. `None` when the range is empty.
+fn best_match(hay: &[f64], needle: &[f64], lags: std::ops::Range<usize>) -> Option<Match> {
+    let mut padded = hay.to_vec();
+    padded.resize(hay.len() + needle.len(), 0.0);
+    let last = lags.end.min(hay.len());
+    if lags.start >= last || needle.is_empty() {
+        return None;
+    }
+    let decimate = |x: &[f64]| -> Vec<f64> {
+        x.chunks(COARSE)
+            .map(|c| c.iter().sum::<f64>() / COARSE as f64)
+            .collect()
+    };
+    let (coarse_hay, coarse_needle) = (decimate(&padded), decimate(needle));
+    let coarse_prefix = energy_prefix(&coarse_hay);
+    let coarse_needle_energy: f64 = coarse_needle.iter().map(|v| v * v).sum();
+    let mut coarse_best = (lags.start / COARSE, f64::NEG_INFINITY);
+    for lag in lags.start / COARSE..last.div_ceil(COARSE) {
+        if lag + coarse_needle.len() > coarse_hay.len() {
+            break;
+        }
+        let ncc = ncc_at(
+            &coarse_hay,
+            &coarse_prefix,
+            &coarse_needle,
+            coarse_needle_energy,
+            lag,
+        );
+        if ncc > coarse_best.1 {
+            coarse_best = (lag, ncc);
+        }
+    }
+
+    let prefix = energy_prefix(&padded);
+    let needle_energy: f64 = needle.iter().map(|v| v * v).sum();
+    let centre = coarse_best.0 * COARSE;
+    let from = centre.saturating_sub(REFINE).max(lags.start);
+    let to = (centre + REFINE + 1).min(last);
+    (from..to)
+        .map(|lag| Match {
+            lag,
+            ncc: ncc_at(&padded, &prefix, needle, needle_energy, lag),
+        })
+        .max_by(|a, b| a.ncc.total_cmp(&b.ncc))
+}
+
+#[test]
+fn correlation_helper_finds_a_known_lag() {
+    let caller = to_f64(&read_wav(&repo_path("fixtures/audio/caller1.wav")));
+    // caller1 at 1.2345 s inside 5 s of other speech at a low level.
+    let prompt = to_f64(&read_wav(&repo_path("sip-profiles/prompts/disclosure.wav")));
+    let at = 9876;
+    let mut hay: Vec<f64> = prompt.iter().map(|v| v * 0.1).collect();
+    hay.resize(5 * RATE, 0.0);
+    for (i, v) in caller.iter().enumerate() {
+        hay[at + i] += v;
+    }
+    let found = best_match(&hay, &caller, 0..hay.len()).unwrap();
+    assert_eq!(found.lag, at);
+    assert!(found.ncc > 0.95, "{found:?}");
+    // Outside the true position it scores low.
+    let elsewhere = best_match(&hay, &caller, at + 2000..hay.len()).unwrap();
+    assert!(elsewhere.ncc < 0.5, "{elsewhere:?}");
+    // An exact copy scores 1.
+    let exact = best_match(&caller, &caller[100..4100], 0..caller.len()).unwrap();
+    assert_eq!(exact.lag, 100);
+    assert!((exact.ncc - 1.0).abs() < 1e-9, "{exact:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Test 1: baresip calls the daemon
+// ---------------------------------------------------------------------------------------
+
+/// Silence before caller1 in baresip's source: the 4.44 s prompt and call setup fit in it,
+/// so caller1 reaches the bridge only after the disclosure has ended.
+const LEAD_SILENCE: usize = 6 * RATE;
+/// Silence after caller1: room for the echo (~0.5 s) before baresip's source ends and it
+/// hangs up.
+const TAIL_SILENCE: usize = 3 * RATE;
+/// baresip's `-t`: it quits by itself after this many seconds whatever happens.
+const BARESIP_SECONDS: u64 = 14;
+/// The echo pipeline's delay as the daemon documents it (~0.5 s).
+const ECHO_DELAY: f64 = 0.5;
+
+/// An even port `p` such that `p..p + n` are all free for UDP right now (baresip binds RTP
+/// and RTCP from its `rtp_ports` range).
+fn free_udp_range(n: u16) -> (u16, u16) {
+    loop {
+        let port = free_port() & !1;
+        if port.checked_add(n).is_none() {
+            continue;
+        }
+        let held: Vec<_> = (port..port + n)
+            .map_while(|p| UdpSocket::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return (port, port + n - 1);
+        }
+    }
+}
+
+/// A headless baresip caller: config dir, `snd_path` and source WAV in one temp dir.
+struct Baresip {
+    dir: tempfile::TempDir,
+}
+
+impl Baresip {
+    fn new(source: &[i16]) -> Baresip {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("snd")).unwrap();
+        write_wav(&root.join("source.wav"), source);
+        let sip_port = free_port();
+        let (rtp_start, rtp_end) = free_udp_range(10);
+        let config = format!(
+            "sip_listen 127.0.0.1:{sip_port}\n\
+             net_interface 127.0.0.1\n\
+             audio_source aufile,{source}\n\
+             audio_player aubridge,nil\n\
+             audio_alert aubridge,nil\n\
+             ausrc_srate 8000\n\
+             auplay_srate 8000\n\
+             ausrc_channels 1\n\
+             auplay_channels 1\n\
+             rtp_ports {rtp_start}-{rtp_end}\n\
+             module_path /usr/lib/baresip/modules\n\
+             module g711.so\n\
+             module aufile.so\n\
+             module aubridge.so\n\
+             module sndfile.so\n\
+             module_app menu.so\n\
+             module_tmp account.so\n\
+             module_tmp uuid.so\n\
+             snd_path {snd}\n",
+            source = root.join("source.wav").display(),
+            snd = root.join("snd").display(),
+        );
+        std::fs::write(root.join("config"), config).unwrap();
+        std::fs::write(
+            root.join("accounts"),
+            "<sip:caller@127.0.0.1>;regint=0;audio_codecs=PCMU\n",
+        )
+        .unwrap();
+        Baresip { dir }
+    }
+
+    /// Dials `uri`, waits for baresip to quit (`-t`), and returns its output. Killed if it
+    /// outlives `-t` by 5 s.
+    fn dial(&self, uri: &str) -> String {
+        let mut child = Command::new("baresip")
+            .arg("-f")
+            .arg(self.dir.path())
+            .args([
+                "-t",
+                &BARESIP_SECONDS.to_string(),
+                "-e",
+                &format!("/dial {uri}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn baresip (bash scripts/install-test-deps.sh installs it)");
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stream).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(BARESIP_SECONDS + 5);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        // baresip's status line redraws with '\r': keep its output readable.
+        rx.iter()
+            .map(|l| l.rsplit('\r').next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// What the phone heard: sndfile's `dump-*-dec.wav`.
+    fn heard(&self) -> Option<PathBuf> {
+        std::fs::read_dir(self.dir.path().join("snd"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("dump-") && n.ends_with("-dec.wav"))
+            })
+    }
+}
+
+#[test]
+fn baresip_hears_prompt_then_its_own_echo() {
+    let started = Instant::now();
+    let daemon = Daemon::spawn(&profile_toml(""));
+    let prompt = read_wav(&repo_path("sip-profiles/prompts/disclosure.wav"));
+    let caller = read_wav(&repo_path("fixtures/audio/caller1.wav"));
+
+    let mut source = vec![0i16; LEAD_SILENCE];
+    source.extend_from_slice(&caller);
+    source.resize(source.len() + TAIL_SILENCE, 0);
+    let phone = Baresip::new(&source);
+    let output = phone.dial(&format!("sip:+15551234567@{}", daemon.udp_addr()));
+    let context = || format!("---- baresip output ----\n{output}");
+
+    let recording = phone
+        .heard()
+        .unwrap_or_else(|| panic!("baresip wrote no dump-*-dec.wav\n{}", context()));
+    let heard = to_f64(&read_wav(&recording));
+    let prompt_ref = to_f64(&mulaw_round_trip(&prompt));
+    let caller_ref = to_f64(&mulaw_round_trip(&caller));
+    assert!(
+        heard.len() > LEAD_SILENCE + caller.len(),
+        "recording is {:.2} s, shorter than the call should be\n{}",
+        seconds(heard.len()),
+        context()
+    );
+
+    // (a) The prompt, near the start of the recording.
+    let found_prompt = best_match(&heard, &prompt_ref, 0..3 * RATE).unwrap();
+    let prompt_end = found_prompt.lag + prompt_ref.len();
+    // The prompt window holds the prompt and nothing else: what is left after taking the
+    // prompt out is at least 30 dB below it.
+    let window = &heard[found_prompt.lag..prompt_end.min(heard.len())];
+    let residual: f64 = window
+        .iter()
+        .zip(&prompt_ref)
+        .map(|(h, p)| (h - p) * (h - p))
+        .sum();
+    let prompt_energy: f64 = prompt_ref.iter().map(|v| v * v).sum();
+    let residual_db = 10.0 * (residual.max(1.0) / prompt_energy).log10();
+
+    // (b) The echo of caller1, after the prompt.
+    let found_echo = best_match(&heard, &caller_ref, prompt_end..heard.len()).unwrap();
+    // (c) caller1 nowhere before the prompt's end (any start from 0 to the prompt's end).
+    let early = best_match(&heard, &caller_ref, 0..prompt_end).unwrap();
+    // Where baresip's source had caller1, relative to the prompt's start (both start at
+    // the answer, give or take the call setup), plus the echo delay.
+    let echo_after_prompt_start = seconds(found_echo.lag - found_prompt.lag);
+    let expected = seconds(LEAD_SILENCE) + ECHO_DELAY;
+
+    eprintln!(
+        "baresip: recording {:.2} s; prompt ncc {:.4} at {:.3} s (residual {residual_db:.1} dB), \
+         ends {:.3} s; echo ncc {:.4} at {:.3} s ({echo_after_prompt_start:.3} s after the \
+         prompt's start, source had it at {expected:.2} s incl. echo delay); best caller1 \
+         match before the prompt's end: ncc {:.4} at {:.3} s; test took {:.1} s",
+        seconds(heard.len()),
+        found_prompt.ncc,
+        seconds(found_prompt.lag),
+        seconds(prompt_end),
+        found_echo.ncc,
+        seconds(found_echo.lag),
+        early.ncc,
+        seconds(early.lag),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(
+        found_prompt.ncc >= 0.9 && found_prompt.lag < RATE,
+        "prompt not found at the start: {found_prompt:?}\n{}",
+        context()
+    );
+    assert!(
+        residual_db < -30.0,
+        "the prompt window holds more than the prompt: residual {residual_db:.1} dB"
+    );
+    assert!(
+        found_echo.ncc >= 0.9,
+        "echo of caller1 not found after the prompt: {found_echo:?}\n{}",
+        context()
+    );
+    assert!(
+        (echo_after_prompt_start - expected).abs() < 0.5,
+        "echo at {echo_after_prompt_start:.3} s after the prompt's start, expected ~{expected:.2} s"
+    );
+    assert!(
+        early.ncc < 0.5,
+        "caller1 audible before the prompt ended: {early:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(daemon);
+}
