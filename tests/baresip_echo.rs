@@ -18,7 +18,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -427,6 +427,326 @@ fn baresip_hears_prompt_then_its_own_echo() {
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",
         started.elapsed()
+    );
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------------------
+// Test 2: SIPp signals, the test owns the media socket
+// ---------------------------------------------------------------------------------------
+
+/// Samples per 20 ms RTP packet.
+const FRAME: usize = 160;
+/// How long SIPp holds the call after its ACK before sending BYE.
+const HOLD_MS: u64 = 9000;
+/// When (from the first packet the bridge sends) the test starts caller1 the first time:
+/// while the prompt plays, so the bridge must not echo it.
+const GATED_AT: usize = RATE / 5;
+/// When it sends caller1 again: after the 4.43 s prompt has ended.
+const OPEN_AT: usize = 5 * RATE;
+/// When the test stops sending.
+const SEND_UNTIL: usize = 8 * RATE + RATE / 2;
+
+/// The carrier's side of the call: an INVITE whose SDP names the test's socket
+/// (`-key test_rtp_port N`), ACK, a pause, BYE.
+const SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="sipbridge call, media on the test's socket">
+  <send retrans="500">
+    <![CDATA[
+
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "SIPp carrier" <sip:+15550001111@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: <sip:+15550001111@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=carrier 53655765 2353687637 IN IP4 127.0.0.1
+      s=-
+      c=IN IP4 127.0.0.1
+      t=0 0
+      m=audio [test_rtp_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+      a=ptime:20
+      a=sendrecv
+
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+  <recv response="200" rtd="true" rrs="true"/>
+  <send>
+    <![CDATA[
+
+      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "SIPp carrier" <sip:+15550001111@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      [routes]
+      Contact: <sip:+15550001111@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <pause milliseconds="HOLD_MS"/>
+  <send retrans="500">
+    <![CDATA[
+
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "SIPp carrier" <sip:+15550001111@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      [routes]
+      Contact: <sip:+15550001111@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+"#;
+
+/// One RTP packet the bridge sent to the test.
+struct Received {
+    at: Instant,
+    seq: u16,
+    timestamp: u32,
+    payload_type: u8,
+    payload: Vec<u8>,
+}
+
+/// Parses a plain RTP packet (no extension handling beyond skipping it): enough for what
+/// the bridge sends. `None` for anything else (RTCP never reaches this port).
+fn parse_rtp(datagram: &[u8], at: Instant) -> Option<Received> {
+    if datagram.len() < 12 || datagram[0] >> 6 != 2 {
+        return None;
+    }
+    let csrc = usize::from(datagram[0] & 0x0f) * 4;
+    let mut offset = 12 + csrc;
+    if datagram[0] & 0x10 != 0 {
+        let words = usize::from(u16::from_be_bytes([
+            *datagram.get(offset + 2)?,
+            *datagram.get(offset + 3)?,
+        ]));
+        offset += 4 + words * 4;
+    }
+    Some(Received {
+        at,
+        seq: u16::from_be_bytes([datagram[2], datagram[3]]),
+        timestamp: u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]),
+        payload_type: datagram[1] & 0x7f,
+        payload: datagram.get(offset..)?.to_vec(),
+    })
+}
+
+/// An RTP packet from the test: PT 0, fixed SSRC, marker on the first.
+fn rtp_packet(index: usize, samples: &[i16]) -> Vec<u8> {
+    let seq = u16::try_from(index % 65_536).unwrap().wrapping_add(1000);
+    let timestamp = u32::try_from(index * FRAME).unwrap().wrapping_add(90_000);
+    let mut packet = vec![0x80, if index == 0 { 0x80 } else { 0x00 }];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(&timestamp.to_be_bytes());
+    packet.extend_from_slice(&0x5eed_cafe_u32.to_be_bytes());
+    packet.extend(samples.iter().map(|&s| g711::encode_sample(Law::Mu, s)));
+    packet
+}
+
+#[test]
+fn sipp_call_rtp_to_test_socket() {
+    let started = Instant::now();
+    let daemon = Daemon::spawn(&profile_toml(""));
+    let prompt = read_wav(&repo_path("sip-profiles/prompts/disclosure.wav"));
+    let caller = read_wav(&repo_path("fixtures/audio/caller1.wav"));
+
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let media_port = media.local_addr().unwrap().port();
+    let scenario_dir = tempfile::tempdir().unwrap();
+    let scenario = scenario_dir.path().join("rtp_to_test_socket.xml");
+    std::fs::write(&scenario, SCENARIO.replace("HOLD_MS", &HOLD_MS.to_string())).unwrap();
+    let target = daemon.udp_addr();
+    let port_arg = media_port.to_string();
+    let carrier = thread::spawn(move || {
+        common::sipp(
+            &scenario,
+            target,
+            &[
+                "-key",
+                "test_rtp_port",
+                &port_arg,
+                "-s",
+                "+15551234567",
+                "-timeout",
+                "25s",
+            ],
+        )
+    });
+
+    // What the test sends: silence, caller1 while the prompt plays, silence, caller1 after
+    // it, silence.
+    let mut source = vec![0i16; SEND_UNTIL];
+    source[GATED_AT..GATED_AT + caller.len()].copy_from_slice(&caller);
+    source[OPEN_AT..OPEN_AT + caller.len()].copy_from_slice(&caller);
+
+    // Wait for the bridge's first packet (the prompt starts at the answer), then send from
+    // the same socket every 20 ms while collecting what arrives.
+    media
+        .set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    let mut received: Vec<Received> = Vec::new();
+    let mut bridge: Option<SocketAddr> = None;
+    let mut buf = [0u8; 2048];
+    let first_deadline = Instant::now() + Duration::from_secs(10);
+    let mut t0: Option<Instant> = None;
+    let mut sent = 0usize;
+    let frames = SEND_UNTIL / FRAME;
+    let listen_for = Duration::from_millis(HOLD_MS + 300);
+    loop {
+        let now = Instant::now();
+        match t0 {
+            None if now > first_deadline => break,
+            Some(t0) if now > t0 + listen_for => break,
+            _ => {}
+        }
+        if let (Some(t0), Some(to)) = (t0, bridge) {
+            while sent < frames && now >= t0 + Duration::from_millis(20 * sent as u64) {
+                let packet = rtp_packet(sent, &source[sent * FRAME..(sent + 1) * FRAME]);
+                media.send_to(&packet, to).unwrap();
+                sent += 1;
+            }
+        }
+        match media.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let at = Instant::now();
+                if let Some(packet) = parse_rtp(&buf[..n], at) {
+                    bridge.get_or_insert(from);
+                    t0.get_or_insert(at);
+                    received.push(packet);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("recv on the media socket: {e}"),
+        }
+    }
+    let result = carrier.join().unwrap();
+    result.assert_success();
+    assert!(
+        received.len() > 100,
+        "the bridge sent {} RTP packets to the SDP's port",
+        received.len()
+    );
+    assert!(
+        received
+            .iter()
+            .all(|p| p.payload_type == 0 && p.payload.len() == FRAME)
+    );
+
+    // Reassemble by RTP timestamp (robust to reordering), decode.
+    let ts0 = received[0].timestamp;
+    let span = received
+        .iter()
+        .map(|p| p.timestamp.wrapping_sub(ts0) as usize + p.payload.len())
+        .max()
+        .unwrap();
+    let mut heard = vec![0i16; span];
+    for p in &received {
+        let at = p.timestamp.wrapping_sub(ts0) as usize;
+        g711::decode(Law::Mu, &p.payload, &mut heard[at..at + p.payload.len()]);
+    }
+    let heard = to_f64(&heard);
+    let prompt_ref = to_f64(&mulaw_round_trip(&prompt));
+    let caller_ref = to_f64(&mulaw_round_trip(&caller));
+
+    let found_prompt = best_match(&heard, &prompt_ref, 0..RATE).unwrap();
+    let prompt_end = found_prompt.lag + prompt_ref.len();
+    let found_echo = best_match(&heard, &caller_ref, prompt_end..heard.len()).unwrap();
+    let gated = best_match(
+        &heard,
+        &caller_ref,
+        0..found_echo.lag.saturating_sub(RATE / 2),
+    )
+    .unwrap();
+
+    // Pacing: inter-arrival gaps, and how far arrivals drift from the RTP clock.
+    let gaps: Vec<f64> = received
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_secs_f64() * 1000.0)
+        .collect();
+    let mean_gap = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    let max_gap = gaps.iter().copied().fold(0.0, f64::max);
+    let bursty = gaps.iter().filter(|&&g| g < 5.0).count();
+    let t_first = received[0].at;
+    let drift_ms = received
+        .iter()
+        .map(|p| {
+            let clock = f64::from(p.timestamp.wrapping_sub(ts0)) / RATE as f64;
+            ((p.at - t_first).as_secs_f64() - clock).abs() * 1000.0
+        })
+        .fold(0.0, f64::max);
+    let seq_ok = received
+        .windows(2)
+        .filter(|w| w[1].seq == w[0].seq.wrapping_add(1))
+        .count();
+
+    eprintln!(
+        "sipp: {} packets ({} in sequence); gaps mean {mean_gap:.2} ms, max {max_gap:.1} ms, \
+         {bursty} under 5 ms; max drift from the RTP clock {drift_ms:.1} ms; prompt ncc {:.4} \
+         at {:.3} s, ends {:.3} s; echo ncc {:.4} at {:.3} s (sent at {:.2} s); best caller1 \
+         match before it (copy sent at {:.2} s, during the prompt): ncc {:.4} at {:.3} s; \
+         test took {:.1} s",
+        received.len(),
+        seq_ok + 1,
+        found_prompt.ncc,
+        seconds(found_prompt.lag),
+        seconds(prompt_end),
+        found_echo.ncc,
+        seconds(found_echo.lag),
+        seconds(OPEN_AT),
+        seconds(GATED_AT),
+        gated.ncc,
+        seconds(gated.lag),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(
+        found_prompt.ncc >= 0.9 && found_prompt.lag < FRAME,
+        "prompt not first: {found_prompt:?}"
+    );
+    assert!(
+        found_echo.ncc >= 0.9,
+        "no echo after the prompt: {found_echo:?}"
+    );
+    let echo_delay = seconds(found_echo.lag) - seconds(OPEN_AT);
+    assert!(
+        (echo_delay - ECHO_DELAY).abs() < 0.3,
+        "echo {echo_delay:.3} s after the caller spoke, expected ~{ECHO_DELAY} s"
+    );
+    assert!(
+        gated.ncc < 0.5,
+        "caller audio sent during the prompt was echoed: {gated:?}"
+    );
+    assert!(
+        (15.0..=25.0).contains(&mean_gap),
+        "mean inter-packet gap {mean_gap:.2} ms"
+    );
+    assert!(
+        drift_ms < 60.0,
+        "arrivals drift {drift_ms:.1} ms from the RTP clock (bursty sending)"
     );
     drop(daemon);
 }
