@@ -1,0 +1,752 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! End-to-end media against real peers on loopback: what a caller hears from
+//! `sipbridge run` with the `echo` pipeline.
+//!
+//! - [`baresip_hears_prompt_then_its_own_echo`]: baresip (a real phone, headless) calls the
+//!   daemon and records what it hears; the recording must hold the disclosure prompt from
+//!   the start, then baresip's own source audio echoed back, and nothing of that audio
+//!   before the prompt has ended.
+//! - [`sipp_call_rtp_to_test_socket`]: SIPp does the signalling with an SDP offer naming a
+//!   UDP socket this test owns; the test sends caller audio itself (once while the prompt
+//!   plays, once after) and checks what the bridge sends back: prompt first, paced at 20 ms,
+//!   the gated copy never echoed, the second copy echoed.
+//!
+//! Owns: the correlation helper used for those checks (normalised cross-correlation in
+//! f64, a coarse search on box-filtered decimated signals, then a full-rate refinement),
+//! the µ-law framing of the test's own RTP, and the baresip config it writes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, free_port, profile_toml, repo_path};
+use sipbridge::media::g711::{self, Law};
+
+/// Samples per second of every signal here (G.711).
+const RATE: usize = 8000;
+
+// ---------------------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------------------
+
+fn read_wav(path: &Path) -> Vec<i16> {
+    let mut reader =
+        hound::WavReader::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let spec = reader.spec();
+    assert_eq!(
+        (spec.channels, spec.sample_rate, spec.bits_per_sample),
+        (1, 8000, 16),
+        "{} must be 8 kHz mono 16-bit",
+        path.display()
+    );
+    reader.samples::<i16>().map(Result::unwrap).collect()
+}
+
+fn write_wav(path: &Path, samples: &[i16]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
+    for &s in samples {
+        writer.write_sample(s).unwrap();
+    }
+    writer.finalize().unwrap();
+}
+
+/// The signal as a µ-law path delivers it: encode then decode every sample.
+fn mulaw_round_trip(samples: &[i16]) -> Vec<i16> {
+    samples
+        .iter()
+        .map(|&s| g711::decode_sample(Law::Mu, g711::encode_sample(Law::Mu, s)))
+        .collect()
+}
+
+fn to_f64(samples: &[i16]) -> Vec<f64> {
+    samples.iter().map(|&s| f64::from(s)).collect()
+}
+
+fn seconds(samples: usize) -> f64 {
+    samples as f64 / RATE as f64
+}
+
+// ---------------------------------------------------------------------------------------
+// Normalised cross-correlation
+// ---------------------------------------------------------------------------------------
+
+/// Decimation factor of the coarse search.
+const COARSE: usize = 4;
+/// Full-rate lags searched either side of the coarse peak.
+const REFINE: usize = 2 * COARSE;
+
+/// Where `needle` best matches inside `hay`, and how well.
+#[derive(Debug, Clone, Copy)]
+struct Match {
+    /// Sample offset in `hay` of the needle's first sample.
+    lag: usize,
+    /// Normalised cross-correlation at `lag`, in [-1, 1].
+    ncc: f64,
+}
+
+/// Prefix sums of squares: the energy of any window in O(1).
+fn energy_prefix(x: &[f64]) -> Vec<f64> {
+    let mut prefix = Vec::with_capacity(x.len() + 1);
+    prefix.push(0.0);
+    let mut acc = 0.0;
+    for v in x {
+        acc += v * v;
+        prefix.push(acc);
+    }
+    prefix
+}
+
+/// Normalised cross-correlation of `needle` with `hay[lag..lag + needle.len()]`
+/// (`hay_energy` from [`energy_prefix`] of `hay`). 0 when either window is silent.
+fn ncc_at(hay: &[f64], hay_energy: &[f64], needle: &[f64], needle_energy: f64, lag: usize) -> f64 {
+    let window = &hay[lag..lag + needle.len()];
+    let dot: f64 = window.iter().zip(needle).map(|(a, b)| a * b).sum();
+    let energy = hay_energy[lag + needle.len()] - hay_energy[lag];
+    let denominator = (energy * needle_energy).sqrt();
+    if denominator <= f64::EPSILON {
+        0.0
+    } else {
+        dot / denominator
+    }
+}
+
+/// The best lag of `needle` in `hay` over `lags` (start offsets; clipped to where the
+/// needle fits whole, with `hay` zero-padded by the needle's length so a needle cut
+/// short by the end of the recording still scores). Coarse pass on both signals
+/// box-filtered and decimated by [`COARSE`], then every full-rate lag within
+/// [`REFINE`] of the coarse peak. `None` when the range is empty.
+fn best_match(hay: &[f64], needle: &[f64], lags: std::ops::Range<usize>) -> Option<Match> {
+    let mut padded = hay.to_vec();
+    padded.resize(hay.len() + needle.len(), 0.0);
+    let last = lags.end.min(hay.len());
+    if lags.start >= last || needle.is_empty() {
+        return None;
+    }
+    let decimate = |x: &[f64]| -> Vec<f64> {
+        x.chunks(COARSE)
+            .map(|c| c.iter().sum::<f64>() / COARSE as f64)
+            .collect()
+    };
+    let (coarse_hay, coarse_needle) = (decimate(&padded), decimate(needle));
+    let coarse_prefix = energy_prefix(&coarse_hay);
+    let coarse_needle_energy: f64 = coarse_needle.iter().map(|v| v * v).sum();
+    let mut coarse_best = (lags.start / COARSE, f64::NEG_INFINITY);
+    for lag in lags.start / COARSE..last.div_ceil(COARSE) {
+        if lag + coarse_needle.len() > coarse_hay.len() {
+            break;
+        }
+        let ncc = ncc_at(
+            &coarse_hay,
+            &coarse_prefix,
+            &coarse_needle,
+            coarse_needle_energy,
+            lag,
+        );
+        if ncc > coarse_best.1 {
+            coarse_best = (lag, ncc);
+        }
+    }
+
+    let prefix = energy_prefix(&padded);
+    let needle_energy: f64 = needle.iter().map(|v| v * v).sum();
+    let centre = coarse_best.0 * COARSE;
+    let from = centre.saturating_sub(REFINE).max(lags.start);
+    let to = (centre + REFINE + 1).min(last);
+    (from..to)
+        .map(|lag| Match {
+            lag,
+            ncc: ncc_at(&padded, &prefix, needle, needle_energy, lag),
+        })
+        .max_by(|a, b| a.ncc.total_cmp(&b.ncc))
+}
+
+#[test]
+fn correlation_helper_finds_a_known_lag() {
+    let caller = to_f64(&read_wav(&repo_path("fixtures/audio/caller1.wav")));
+    // caller1 at 1.2345 s inside 5 s of other speech at a low level.
+    let prompt = to_f64(&read_wav(&repo_path("sip-profiles/prompts/disclosure.wav")));
+    let at = 9876;
+    let mut hay: Vec<f64> = prompt.iter().map(|v| v * 0.1).collect();
+    hay.resize(5 * RATE, 0.0);
+    for (i, v) in caller.iter().enumerate() {
+        hay[at + i] += v;
+    }
+    let found = best_match(&hay, &caller, 0..hay.len()).unwrap();
+    assert_eq!(found.lag, at);
+    assert!(found.ncc > 0.95, "{found:?}");
+    // Outside the true position it scores low.
+    let elsewhere = best_match(&hay, &caller, at + 2000..hay.len()).unwrap();
+    assert!(elsewhere.ncc < 0.5, "{elsewhere:?}");
+    // An exact copy scores 1.
+    let exact = best_match(&caller, &caller[100..4100], 0..caller.len()).unwrap();
+    assert_eq!(exact.lag, 100);
+    assert!((exact.ncc - 1.0).abs() < 1e-9, "{exact:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Test 1: baresip calls the daemon
+// ---------------------------------------------------------------------------------------
+
+/// Silence before caller1 in baresip's source: the 4.44 s prompt and call setup fit in it,
+/// so caller1 reaches the bridge only after the disclosure has ended.
+const LEAD_SILENCE: usize = 6 * RATE;
+/// Silence after caller1: room for the echo (~0.5 s) before baresip's source ends and it
+/// hangs up.
+const TAIL_SILENCE: usize = 3 * RATE;
+/// baresip's `-t`: it quits by itself after this many seconds whatever happens.
+const BARESIP_SECONDS: u64 = 14;
+/// The echo pipeline's delay as the daemon documents it (~0.5 s).
+const ECHO_DELAY: f64 = 0.5;
+
+/// An even port `p` such that `p..p + n` are all free for UDP right now (baresip binds RTP
+/// and RTCP from its `rtp_ports` range).
+fn free_udp_range(n: u16) -> (u16, u16) {
+    loop {
+        let port = free_port() & !1;
+        if port.checked_add(n).is_none() {
+            continue;
+        }
+        let held: Vec<_> = (port..port + n)
+            .map_while(|p| UdpSocket::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return (port, port + n - 1);
+        }
+    }
+}
+
+/// A headless baresip caller: config dir, `snd_path` and source WAV in one temp dir.
+struct Baresip {
+    dir: tempfile::TempDir,
+}
+
+impl Baresip {
+    fn new(source: &[i16]) -> Baresip {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("snd")).unwrap();
+        write_wav(&root.join("source.wav"), source);
+        let sip_port = free_port();
+        let (rtp_start, rtp_end) = free_udp_range(10);
+        let config = format!(
+            "sip_listen 127.0.0.1:{sip_port}\n\
+             net_interface 127.0.0.1\n\
+             audio_source aufile,{source}\n\
+             audio_player aubridge,nil\n\
+             audio_alert aubridge,nil\n\
+             ausrc_srate 8000\n\
+             auplay_srate 8000\n\
+             ausrc_channels 1\n\
+             auplay_channels 1\n\
+             rtp_ports {rtp_start}-{rtp_end}\n\
+             module_path /usr/lib/baresip/modules\n\
+             module g711.so\n\
+             module aufile.so\n\
+             module aubridge.so\n\
+             module sndfile.so\n\
+             module_app menu.so\n\
+             module_tmp account.so\n\
+             module_tmp uuid.so\n\
+             snd_path {snd}\n",
+            source = root.join("source.wav").display(),
+            snd = root.join("snd").display(),
+        );
+        std::fs::write(root.join("config"), config).unwrap();
+        std::fs::write(
+            root.join("accounts"),
+            "<sip:caller@127.0.0.1>;regint=0;audio_codecs=PCMU\n",
+        )
+        .unwrap();
+        Baresip { dir }
+    }
+
+    /// Dials `uri`, waits for baresip to quit (`-t`), and returns its output. Killed if it
+    /// outlives `-t` by 5 s.
+    fn dial(&self, uri: &str) -> String {
+        let mut child = Command::new("baresip")
+            .arg("-f")
+            .arg(self.dir.path())
+            .args([
+                "-t",
+                &BARESIP_SECONDS.to_string(),
+                "-e",
+                &format!("/dial {uri}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn baresip (bash scripts/install-test-deps.sh installs it)");
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stream).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(BARESIP_SECONDS + 5);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        // baresip's status line redraws with '\r': keep its output readable.
+        rx.iter()
+            .map(|l| l.rsplit('\r').next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// What the phone heard: sndfile's `dump-*-dec.wav`.
+    fn heard(&self) -> Option<PathBuf> {
+        std::fs::read_dir(self.dir.path().join("snd"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("dump-") && n.ends_with("-dec.wav"))
+            })
+    }
+}
+
+#[test]
+fn baresip_hears_prompt_then_its_own_echo() {
+    let started = Instant::now();
+    let daemon = Daemon::spawn(&profile_toml(""));
+    let prompt = read_wav(&repo_path("sip-profiles/prompts/disclosure.wav"));
+    let caller = read_wav(&repo_path("fixtures/audio/caller1.wav"));
+
+    let mut source = vec![0i16; LEAD_SILENCE];
+    source.extend_from_slice(&caller);
+    source.resize(source.len() + TAIL_SILENCE, 0);
+    let phone = Baresip::new(&source);
+    let output = phone.dial(&format!("sip:+15551234567@{}", daemon.udp_addr()));
+    let context = || format!("---- baresip output ----\n{output}");
+
+    let recording = phone
+        .heard()
+        .unwrap_or_else(|| panic!("baresip wrote no dump-*-dec.wav\n{}", context()));
+    let heard = to_f64(&read_wav(&recording));
+    let prompt_ref = to_f64(&mulaw_round_trip(&prompt));
+    let caller_ref = to_f64(&mulaw_round_trip(&caller));
+    assert!(
+        heard.len() > LEAD_SILENCE + caller.len(),
+        "recording is {:.2} s, shorter than the call should be\n{}",
+        seconds(heard.len()),
+        context()
+    );
+
+    // (a) The prompt, near the start of the recording.
+    let found_prompt = best_match(&heard, &prompt_ref, 0..3 * RATE).unwrap();
+    let prompt_end = found_prompt.lag + prompt_ref.len();
+    // The prompt window holds the prompt and nothing else: what is left after taking the
+    // prompt out is at least 30 dB below it.
+    let window = &heard[found_prompt.lag..prompt_end.min(heard.len())];
+    let residual: f64 = window
+        .iter()
+        .zip(&prompt_ref)
+        .map(|(h, p)| (h - p) * (h - p))
+        .sum();
+    let prompt_energy: f64 = prompt_ref.iter().map(|v| v * v).sum();
+    let residual_db = 10.0 * (residual.max(1.0) / prompt_energy).log10();
+
+    // (b) The echo of caller1, after the prompt.
+    let found_echo = best_match(&heard, &caller_ref, prompt_end..heard.len()).unwrap();
+    // (c) caller1 nowhere before the prompt's end (any start from 0 to the prompt's end).
+    let early = best_match(&heard, &caller_ref, 0..prompt_end).unwrap();
+    // Where baresip's source had caller1, relative to the prompt's start (both start at
+    // the answer, give or take the call setup), plus the echo delay.
+    let echo_after_prompt_start = seconds(found_echo.lag - found_prompt.lag);
+    let expected = seconds(LEAD_SILENCE) + ECHO_DELAY;
+
+    eprintln!(
+        "baresip: recording {:.2} s; prompt ncc {:.4} at {:.3} s (residual {residual_db:.1} dB), \
+         ends {:.3} s; echo ncc {:.4} at {:.3} s ({echo_after_prompt_start:.3} s after the \
+         prompt's start, source had it at {expected:.2} s incl. echo delay); best caller1 \
+         match before the prompt's end: ncc {:.4} at {:.3} s; test took {:.1} s",
+        seconds(heard.len()),
+        found_prompt.ncc,
+        seconds(found_prompt.lag),
+        seconds(prompt_end),
+        found_echo.ncc,
+        seconds(found_echo.lag),
+        early.ncc,
+        seconds(early.lag),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(
+        found_prompt.ncc >= 0.9 && found_prompt.lag < RATE,
+        "prompt not found at the start: {found_prompt:?}\n{}",
+        context()
+    );
+    assert!(
+        residual_db < -30.0,
+        "the prompt window holds more than the prompt: residual {residual_db:.1} dB"
+    );
+    assert!(
+        found_echo.ncc >= 0.9,
+        "echo of caller1 not found after the prompt: {found_echo:?}\n{}",
+        context()
+    );
+    assert!(
+        (echo_after_prompt_start - expected).abs() < 0.5,
+        "echo at {echo_after_prompt_start:.3} s after the prompt's start, expected ~{expected:.2} s"
+    );
+    assert!(
+        early.ncc < 0.5,
+        "caller1 audible before the prompt ended: {early:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------------------
+// Test 2: SIPp signals, the test owns the media socket
+// ---------------------------------------------------------------------------------------
+
+/// Samples per 20 ms RTP packet.
+const FRAME: usize = 160;
+/// How long SIPp holds the call after its ACK before sending BYE.
+const HOLD_MS: u64 = 9000;
+/// When (from the first packet the bridge sends) the test starts caller1 the first time:
+/// while the prompt plays, so the bridge must not echo it.
+const GATED_AT: usize = RATE / 5;
+/// When it sends caller1 again: after the 4.43 s prompt has ended.
+const OPEN_AT: usize = 5 * RATE;
+/// When the test stops sending.
+const SEND_UNTIL: usize = 8 * RATE + RATE / 2;
+
+/// The carrier's side of the call: an INVITE whose SDP names the test's socket
+/// (`-key test_rtp_port N`), ACK, a pause, BYE.
+const SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="sipbridge call, media on the test's socket">
+  <send retrans="500">
+    <![CDATA[
+
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "SIPp carrier" <sip:+15550001111@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: <sip:+15550001111@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=carrier 53655765 2353687637 IN IP4 127.0.0.1
+      s=-
+      c=IN IP4 127.0.0.1
+      t=0 0
+      m=audio [test_rtp_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+      a=ptime:20
+      a=sendrecv
+
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+  <recv response="200" rtd="true" rrs="true"/>
+  <send>
+    <![CDATA[
+
+      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "SIPp carrier" <sip:+15550001111@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      [routes]
+      Contact: <sip:+15550001111@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <pause milliseconds="HOLD_MS"/>
+  <send retrans="500">
+    <![CDATA[
+
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "SIPp carrier" <sip:+15550001111@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      [routes]
+      Contact: <sip:+15550001111@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+"#;
+
+/// One RTP packet the bridge sent to the test.
+struct Received {
+    at: Instant,
+    seq: u16,
+    timestamp: u32,
+    payload_type: u8,
+    payload: Vec<u8>,
+}
+
+/// Parses a plain RTP packet (no extension handling beyond skipping it): enough for what
+/// the bridge sends. `None` for anything else (RTCP never reaches this port).
+fn parse_rtp(datagram: &[u8], at: Instant) -> Option<Received> {
+    if datagram.len() < 12 || datagram[0] >> 6 != 2 {
+        return None;
+    }
+    let csrc = usize::from(datagram[0] & 0x0f) * 4;
+    let mut offset = 12 + csrc;
+    if datagram[0] & 0x10 != 0 {
+        let words = usize::from(u16::from_be_bytes([
+            *datagram.get(offset + 2)?,
+            *datagram.get(offset + 3)?,
+        ]));
+        offset += 4 + words * 4;
+    }
+    Some(Received {
+        at,
+        seq: u16::from_be_bytes([datagram[2], datagram[3]]),
+        timestamp: u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]),
+        payload_type: datagram[1] & 0x7f,
+        payload: datagram.get(offset..)?.to_vec(),
+    })
+}
+
+/// An RTP packet from the test: PT 0, fixed SSRC, marker on the first.
+fn rtp_packet(index: usize, samples: &[i16]) -> Vec<u8> {
+    let seq = u16::try_from(index % 65_536).unwrap().wrapping_add(1000);
+    let timestamp = u32::try_from(index * FRAME).unwrap().wrapping_add(90_000);
+    let mut packet = vec![0x80, if index == 0 { 0x80 } else { 0x00 }];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(&timestamp.to_be_bytes());
+    packet.extend_from_slice(&0x5eed_cafe_u32.to_be_bytes());
+    packet.extend(samples.iter().map(|&s| g711::encode_sample(Law::Mu, s)));
+    packet
+}
+
+#[test]
+fn sipp_call_rtp_to_test_socket() {
+    let started = Instant::now();
+    let daemon = Daemon::spawn(&profile_toml(""));
+    let prompt = read_wav(&repo_path("sip-profiles/prompts/disclosure.wav"));
+    let caller = read_wav(&repo_path("fixtures/audio/caller1.wav"));
+
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let media_port = media.local_addr().unwrap().port();
+    let scenario_dir = tempfile::tempdir().unwrap();
+    let scenario = scenario_dir.path().join("rtp_to_test_socket.xml");
+    std::fs::write(&scenario, SCENARIO.replace("HOLD_MS", &HOLD_MS.to_string())).unwrap();
+    let target = daemon.udp_addr();
+    let port_arg = media_port.to_string();
+    let carrier = thread::spawn(move || {
+        common::sipp(
+            &scenario,
+            target,
+            &[
+                "-key",
+                "test_rtp_port",
+                &port_arg,
+                "-s",
+                "+15551234567",
+                "-timeout",
+                "25s",
+            ],
+        )
+    });
+
+    // What the test sends: silence, caller1 while the prompt plays, silence, caller1 after
+    // it, silence.
+    let mut source = vec![0i16; SEND_UNTIL];
+    source[GATED_AT..GATED_AT + caller.len()].copy_from_slice(&caller);
+    source[OPEN_AT..OPEN_AT + caller.len()].copy_from_slice(&caller);
+
+    // Wait for the bridge's first packet (the prompt starts at the answer), then send from
+    // the same socket every 20 ms while collecting what arrives.
+    media
+        .set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    let mut received: Vec<Received> = Vec::new();
+    let mut bridge: Option<SocketAddr> = None;
+    let mut buf = [0u8; 2048];
+    let first_deadline = Instant::now() + Duration::from_secs(10);
+    let mut t0: Option<Instant> = None;
+    let mut sent = 0usize;
+    let frames = SEND_UNTIL / FRAME;
+    let listen_for = Duration::from_millis(HOLD_MS + 300);
+    loop {
+        let now = Instant::now();
+        match t0 {
+            None if now > first_deadline => break,
+            Some(t0) if now > t0 + listen_for => break,
+            _ => {}
+        }
+        if let (Some(t0), Some(to)) = (t0, bridge) {
+            while sent < frames && now >= t0 + Duration::from_millis(20 * sent as u64) {
+                let packet = rtp_packet(sent, &source[sent * FRAME..(sent + 1) * FRAME]);
+                media.send_to(&packet, to).unwrap();
+                sent += 1;
+            }
+        }
+        match media.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let at = Instant::now();
+                if let Some(packet) = parse_rtp(&buf[..n], at) {
+                    bridge.get_or_insert(from);
+                    t0.get_or_insert(at);
+                    received.push(packet);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("recv on the media socket: {e}"),
+        }
+    }
+    let result = carrier.join().unwrap();
+    result.assert_success();
+    assert!(
+        received.len() > 100,
+        "the bridge sent {} RTP packets to the SDP's port",
+        received.len()
+    );
+    assert!(
+        received
+            .iter()
+            .all(|p| p.payload_type == 0 && p.payload.len() == FRAME)
+    );
+
+    // Reassemble by RTP timestamp (robust to reordering), decode.
+    let ts0 = received[0].timestamp;
+    let span = received
+        .iter()
+        .map(|p| p.timestamp.wrapping_sub(ts0) as usize + p.payload.len())
+        .max()
+        .unwrap();
+    let mut heard = vec![0i16; span];
+    for p in &received {
+        let at = p.timestamp.wrapping_sub(ts0) as usize;
+        g711::decode(Law::Mu, &p.payload, &mut heard[at..at + p.payload.len()]);
+    }
+    let heard = to_f64(&heard);
+    let prompt_ref = to_f64(&mulaw_round_trip(&prompt));
+    let caller_ref = to_f64(&mulaw_round_trip(&caller));
+
+    let found_prompt = best_match(&heard, &prompt_ref, 0..RATE).unwrap();
+    let prompt_end = found_prompt.lag + prompt_ref.len();
+    let found_echo = best_match(&heard, &caller_ref, prompt_end..heard.len()).unwrap();
+    let gated = best_match(
+        &heard,
+        &caller_ref,
+        0..found_echo.lag.saturating_sub(RATE / 2),
+    )
+    .unwrap();
+
+    // Pacing: inter-arrival gaps, and how far arrivals drift from the RTP clock.
+    let gaps: Vec<f64> = received
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_secs_f64() * 1000.0)
+        .collect();
+    let mean_gap = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    let max_gap = gaps.iter().copied().fold(0.0, f64::max);
+    let bursty = gaps.iter().filter(|&&g| g < 5.0).count();
+    let t_first = received[0].at;
+    let drift_ms = received
+        .iter()
+        .map(|p| {
+            let clock = f64::from(p.timestamp.wrapping_sub(ts0)) / RATE as f64;
+            ((p.at - t_first).as_secs_f64() - clock).abs() * 1000.0
+        })
+        .fold(0.0, f64::max);
+    let seq_ok = received
+        .windows(2)
+        .filter(|w| w[1].seq == w[0].seq.wrapping_add(1))
+        .count();
+
+    eprintln!(
+        "sipp: {} packets ({} in sequence); gaps mean {mean_gap:.2} ms, max {max_gap:.1} ms, \
+         {bursty} under 5 ms; max drift from the RTP clock {drift_ms:.1} ms; prompt ncc {:.4} \
+         at {:.3} s, ends {:.3} s; echo ncc {:.4} at {:.3} s (sent at {:.2} s); best caller1 \
+         match before it (copy sent at {:.2} s, during the prompt): ncc {:.4} at {:.3} s; \
+         test took {:.1} s",
+        received.len(),
+        seq_ok + 1,
+        found_prompt.ncc,
+        seconds(found_prompt.lag),
+        seconds(prompt_end),
+        found_echo.ncc,
+        seconds(found_echo.lag),
+        seconds(OPEN_AT),
+        seconds(GATED_AT),
+        gated.ncc,
+        seconds(gated.lag),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(
+        found_prompt.ncc >= 0.9 && found_prompt.lag < FRAME,
+        "prompt not first: {found_prompt:?}"
+    );
+    assert!(
+        found_echo.ncc >= 0.9,
+        "no echo after the prompt: {found_echo:?}"
+    );
+    let echo_delay = seconds(found_echo.lag) - seconds(OPEN_AT);
+    assert!(
+        (echo_delay - ECHO_DELAY).abs() < 0.3,
+        "echo {echo_delay:.3} s after the caller spoke, expected ~{ECHO_DELAY} s"
+    );
+    assert!(
+        gated.ncc < 0.5,
+        "caller audio sent during the prompt was echoed: {gated:?}"
+    );
+    assert!(
+        (15.0..=25.0).contains(&mean_gap),
+        "mean inter-packet gap {mean_gap:.2} ms"
+    );
+    assert!(
+        drift_ms < 60.0,
+        "arrivals drift {drift_ms:.1} ms from the RTP clock (bursty sending)"
+    );
+    drop(daemon);
+}
