@@ -13,7 +13,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use sipbridge::call::{
-    Call, CallOutput, Dispatch, PortAllocator, Peer, Switchboard, SwitchboardSettings,
+    Call, CallOutput, Dispatch, Peer, PortAllocator, Switchboard, SwitchboardSettings,
     TransportKind,
 };
 use sipbridge::sip::message::parse_datagram;
@@ -78,9 +78,15 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             let now = Instant::now();
             let parsed = parse_datagram(black_box(&raw));
-            let Dispatch::NewCall(admitted) =
-                sb.dispatch(now, SystemTime::now(), &raw, parsed, peer, |_| false, &mut rng)
-            else {
+            let Dispatch::NewCall(admitted) = sb.dispatch(
+                now,
+                SystemTime::now(),
+                &raw,
+                parsed,
+                peer,
+                |_| false,
+                &mut rng,
+            ) else {
                 panic!("INVITE not admitted");
             };
             let settings = admitted.settings.clone();

@@ -242,7 +242,9 @@ pub struct Call {
     negotiated: Option<Negotiated>,
     /// The SDP answer prepared before ringing, sent in the 200.
     pending_answer: Option<Bytes>,
-    reinvite: Option<ReInvite>,
+    /// Re-INVITE server transactions from the peer: the current one and any
+    /// finished ones still absorbing retransmissions (Timer I/L).
+    reinvites: Vec<ReInvite>,
     server_txns: Vec<ServerTxn>,
     client: Option<ClientTxn>,
     /// The last ACK we sent for a 2xx to our refresh, resent on 2xx retransmissions.
@@ -332,7 +334,7 @@ impl Call {
             delayed_offer: invite.body.is_empty(),
             negotiated: None,
             pending_answer: None,
-            reinvite: None,
+            reinvites: Vec::new(),
             server_txns: Vec::new(),
             client: None,
             last_ack: None,
@@ -436,7 +438,7 @@ impl Call {
     pub fn is_finished(&self) -> bool {
         self.state == State::Ended
             && self.invite_txn.is_terminated()
-            && self.reinvite.is_none()
+            && self.reinvites.is_empty()
             && self.server_txns.is_empty()
             && self.client.is_none()
     }
@@ -454,7 +456,7 @@ impl Call {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        if let Some(re) = &self.reinvite {
+        for re in &self.reinvites {
             consider(re.txn.poll_timeout());
         }
         for t in &self.server_txns {
@@ -493,7 +495,7 @@ impl Call {
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
         self.invite_txn.handle_timeout(now);
         self.drain_invite_txn_at(now, rng);
-        if let Some(re) = &mut self.reinvite {
+        for re in &mut self.reinvites {
             re.txn.handle_timeout(now);
         }
         self.drain_reinvite();
@@ -527,7 +529,7 @@ impl Call {
         if let Some(s) = &mut self.session {
             if s.expired(now) {
                 expired = true;
-            } else if s.refresh_due(now) && self.client.is_none() && self.reinvite.is_none() {
+            } else if s.refresh_due(now) && self.client.is_none() && !self.offer_pending() {
                 refresh = true;
             }
         }
@@ -593,54 +595,73 @@ impl Call {
 
     fn on_ack(&mut self, now: Instant, ack: &Request, branch: &str) {
         let seq = ack.cseq().map(|c| c.seq).unwrap_or(0);
-        if branch == self.invite_branch && !self.invite_txn.is_terminated() {
-            // ACK for a non-2xx final (same branch as the INVITE).
+        if seq == self.dialog_invite_seq() {
+            // The ACK of the initial INVITE: for a non-2xx it shares the
+            // INVITE's branch, for our 2xx it is a new transaction in the
+            // dialog. Either way it stops the INVITE transaction's
+            // retransmissions — also when the call already ended (we hung up
+            // before the ACK arrived).
             self.invite_txn.on_ack(now);
             self.drain_invite_txn();
-            if self.state != State::Answered {
-                return;
-            }
-        }
-        if self.state == State::Answered && seq == self.dialog_invite_seq() {
-            self.invite_txn.on_ack(now);
-            self.drain_invite_txn();
-            self.state = State::Confirmed;
-            self.last_media = now;
-            if let Some(s) = &mut self.session {
-                s.start(now);
-            }
-            if self.delayed_offer {
-                match self.sdp.accept_answer(&ack.body) {
-                    Ok(neg) => {
-                        self.record.codec = Some(neg.codec.encoding_name().to_owned());
-                        self.negotiated = Some(neg.clone());
-                        self.out
-                            .push_back(CallOutput::Event(CallEvent::Answered(neg)));
-                    }
-                    Err(_) => {
-                        // No usable answer in the ACK: the call cannot carry media.
-                        self.pending_hangup = Some(HangupCause::MediaFailed);
-                    }
-                }
+            if self.state == State::Answered
+                && (branch != self.invite_branch || self.dialog.matches(ack))
+            {
+                self.confirm(now, ack);
             }
             return;
         }
-        if let Some(re) = &mut self.reinvite
-            && re.awaiting_ack == Some(seq)
+        // An ACK for a re-INVITE: a 2xx's ACK carries the re-INVITE's CSeq, a
+        // non-2xx's ACK also its branch (RFC 3261 §17.2.3).
+        let Some(idx) = self
+            .reinvites
+            .iter()
+            .position(|re| re.awaiting_ack == Some(seq) || re.branch == branch)
+        else {
+            return; // A duplicate or stray ACK, absorbed.
+        };
+        let re = &mut self.reinvites[idx];
+        re.txn.on_ack(now);
+        let answered = re.awaiting_ack.take().is_some();
+        let delayed = std::mem::take(&mut re.delayed);
+        if answered
+            && delayed
+            && let Ok(neg) = self.sdp.accept_answer(&ack.body)
         {
-            re.txn.on_ack(now);
-            re.awaiting_ack = None;
-            if re.delayed {
-                re.delayed = false;
-                if let Ok(neg) = self.sdp.accept_answer(&ack.body) {
-                    self.negotiated = Some(neg.clone());
-                    self.out
-                        .push_back(CallOutput::Event(CallEvent::MediaChanged(neg)));
-                }
-            }
-            self.drain_reinvite();
+            self.negotiated = Some(neg.clone());
+            self.out
+                .push_back(CallOutput::Event(CallEvent::MediaChanged(neg)));
         }
-        // Otherwise: a duplicate ACK, absorbed.
+        self.drain_reinvite();
+    }
+
+    /// The caller's ACK for our 200: the call is up.
+    fn confirm(&mut self, now: Instant, ack: &Request) {
+        self.state = State::Confirmed;
+        self.last_media = now;
+        if let Some(s) = &mut self.session {
+            s.start(now);
+        }
+        if !self.delayed_offer {
+            return;
+        }
+        match self.sdp.accept_answer(&ack.body) {
+            Ok(neg) => {
+                self.record.codec = Some(neg.codec.encoding_name().to_owned());
+                self.negotiated = Some(neg.clone());
+                self.out
+                    .push_back(CallOutput::Event(CallEvent::Answered(neg)));
+            }
+            Err(_) => {
+                // No usable answer in the ACK: the call cannot carry media.
+                self.pending_hangup = Some(HangupCause::MediaFailed);
+            }
+        }
+    }
+
+    /// An offer/answer exchange is in progress (RFC 3261 §14.2: a new offer
+    /// gets 491 until the pending one is answered and, for INVITE, ACKed).
+    fn offer_pending(&self) -> bool {
+        self.reinvites.iter().any(|re| re.awaiting_ack.is_some())
     }
 
     fn dialog_invite_seq(&self) -> u32 {
@@ -681,8 +702,7 @@ impl Call {
             return;
         }
         if req.method == Method::Invite
-            && let Some(re) = &mut self.reinvite
-            && re.branch == branch
+            && let Some(re) = self.reinvites.iter_mut().find(|re| re.branch == branch)
         {
             re.txn.on_request_retransmission(now);
             self.drain_reinvite();
@@ -749,7 +769,7 @@ impl Call {
             self.settings.timers,
             None,
         );
-        let busy = self.reinvite.is_some()
+        let busy = self.offer_pending()
             || matches!(self.client, Some(ClientTxn::Refresh { .. }))
             || self.state == State::Answered;
         let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
@@ -778,14 +798,21 @@ impl Call {
                 }
             }
         };
+        let mut resp = resp;
         if status == 200 {
             self.dialog.refresh_target(&req);
             if let Some(s) = &mut self.session {
                 s.refreshed(now);
+                // RFC 4028 §9: the 2xx to a refresh carries the session timer.
+                s.apply(&mut resp.headers);
             }
         }
         let _ = txn.send_final(now, status, resp.encode());
-        self.reinvite = Some(ReInvite {
+        if self.reinvites.len() >= MAX_SERVER_TXNS {
+            // Bounded: the oldest finished one stops absorbing retransmissions.
+            self.reinvites.remove(0);
+        }
+        self.reinvites.push(ReInvite {
             branch: branch.to_owned(),
             txn,
             awaiting_ack: (status == 200).then_some(seq),
@@ -797,7 +824,7 @@ impl Call {
     fn on_update(&mut self, now: Instant, req: &Request) {
         let resp = if req.body.is_empty() {
             self.dialog_response(req, 200, true)
-        } else if self.reinvite.is_some() {
+        } else if self.offer_pending() {
             self.dialog_response(req, 491, false)
         } else {
             match self.sdp.answer(&req.body, &self.settings.media) {
@@ -810,17 +837,13 @@ impl Call {
                 Err(e) => self.dialog_response(req, e.status(), false),
             }
         };
+        let mut resp = resp;
         if resp.status == 200 {
             self.dialog.refresh_target(req);
             if let Some(s) = &mut self.session {
                 s.refreshed(now);
+                s.apply(&mut resp.headers);
             }
-        }
-        let mut resp = resp;
-        if resp.status == 200
-            && let Some(s) = &self.session
-        {
-            s.apply(&mut resp.headers);
         }
         self.start_server_txn(now, req, resp);
     }
@@ -1081,20 +1104,16 @@ impl Call {
 
     fn drain_reinvite(&mut self) {
         let mut out = Vec::new();
-        let mut done = false;
-        if let Some(re) = &mut self.reinvite {
+        for re in &mut self.reinvites {
             while let Some(o) = re.txn.poll_output() {
                 if let TransactionOutput::Transmit(bytes) = o {
                     out.push(bytes);
                 }
             }
-            done = re.txn.is_terminated();
         }
+        self.reinvites.retain(|re| !re.txn.is_terminated());
         for bytes in out {
             self.transmit(bytes);
-        }
-        if done {
-            self.reinvite = None;
         }
     }
 

@@ -306,7 +306,8 @@ impl Switchboard {
                 rng.fill_bytes(&mut key);
                 digest.insert(
                     trunk.name.clone(),
-                    DigestServer::new(&creds.realm, key, Duration::from_secs(300)),
+                    DigestServer::new(&creds.realm, key, Duration::from_secs(300))
+                        .with_algorithms(&creds.algorithms),
                 );
             }
         }
@@ -544,8 +545,9 @@ impl Switchboard {
         };
         let trunk_name = trunk.name.clone();
         record.trunk = Some(trunk_name.clone());
-        // 2. Digest, where the trunk has credentials. Challenges are not
-        // cached: each one carries a fresh nonce.
+        // 2. Digest, where the trunk has credentials. A retransmitted INVITE
+        // gets the same challenge (same nonce) from the cache, so each attempt
+        // is challenged — and recorded — once.
         if let (Some(creds), Some(server)) = (&trunk.digest, self.digest.get_mut(&trunk_name)) {
             let unix = wall_now
                 .duration_since(std::time::UNIX_EPOCH)
@@ -571,7 +573,7 @@ impl Switchboard {
                     .map(|c| ("WWW-Authenticate", c))
                     .collect();
                 record.cause = format!("auth: {e}");
-                return reject(self, &mut record, 401, extra, false);
+                return reject(self, &mut record, 401, extra, true);
             }
         }
         // 3. Route the dialed number to a tenant.

@@ -219,6 +219,9 @@ pub struct DigestCredentials {
     pub password: Secret,
     /// Realm in our challenges.
     pub realm: String,
+    /// Algorithms offered, in order of preference (challenges list them in
+    /// this order; default SHA-256 then MD5, RFC 8760).
+    pub algorithms: Vec<crate::sip::digest::Algorithm>,
 }
 
 /// A business using sipbridge, with its privacy settings and pipeline.

@@ -101,6 +101,8 @@ pub(crate) struct RawDigest {
     pub(crate) password: Spanned<String>,
     #[serde(default)]
     pub(crate) realm: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) algorithms: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -815,8 +815,27 @@ fn check_trunks(
                     "digest username is empty",
                 );
             }
+            let mut algorithms = Vec::new();
+            for a in d_ref.algorithms.iter().flatten() {
+                match a.get_ref().to_ascii_uppercase().as_str() {
+                    "SHA-256" => algorithms.push(crate::sip::digest::Algorithm::Sha256),
+                    "MD5" => algorithms.push(crate::sip::digest::Algorithm::Md5),
+                    other => cx.error(
+                        file,
+                        Some(a.span()),
+                        format!("digest algorithm `{other}` is not supported (SHA-256, MD5)"),
+                    ),
+                }
+            }
+            if algorithms.is_empty() {
+                algorithms = vec![
+                    crate::sip::digest::Algorithm::Sha256,
+                    crate::sip::digest::Algorithm::Md5,
+                ];
+            }
             let password = cx.secret(file, &d_ref.password, "digest password")?;
             Some(DigestCredentials {
+                algorithms,
                 username: d_ref.username.get_ref().clone(),
                 password,
                 realm: d_ref
