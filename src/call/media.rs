@@ -13,6 +13,7 @@
 use crate::media::dtmf::{DtmfEvent, DtmfReceiver};
 use crate::media::g711::{self, Law};
 use crate::media::jitter::{Frame, JitterBuffer, JitterConfig, conceal};
+use crate::media::playout::{MarkEvent, PlayoutQueue};
 use crate::media::prompt::{Prompt, PromptPlayer};
 use crate::media::resample::{PipelineRate, Upsampler};
 use crate::media::rtp::rtcp::{RtcpConfig, RtcpScheduler};
@@ -84,6 +85,8 @@ pub enum MediaOutput {
     Dtmf(DtmfEvent),
     /// The prompt finished playing (consent: the notice was given).
     PromptFinished,
+    /// A mark the pipeline set has been played out (or cleared).
+    Mark(MarkEvent),
 }
 
 /// Counters for the CDR and metrics.
@@ -121,7 +124,10 @@ pub struct MediaSession {
     ticks: u64,
     /// The next outbound packet starts a talkspurt (marker bit).
     talkspurt: bool,
+    /// Caller audio (at the pipeline rate) waiting to be echoed back.
     echo: VecDeque<(Instant, Vec<i16>)>,
+    /// The pipeline's audio to the caller, paced out at 20 ms.
+    playout: PlayoutQueue,
     counters: MediaCounters,
     out: VecDeque<MediaOutput>,
 }
@@ -187,6 +193,7 @@ impl MediaSession {
             ticks: 0,
             talkspurt: true,
             echo: VecDeque::new(),
+            playout: PlayoutQueue::new(law, plan.pipeline_rate, now, true),
             counters: MediaCounters::default(),
             out: VecDeque::new(),
             plan,
@@ -209,6 +216,27 @@ impl MediaSession {
             Direction::RecvOnly | Direction::Inactive
         ) {
             self.talkspurt = true;
+        }
+    }
+
+    /// Audio from the pipeline (PCM at the pipeline rate, any length) to play
+    /// to the caller after what is queued. Returns the samples accepted (the
+    /// queue is bounded).
+    pub fn push_pipeline_audio(&mut self, pcm: &[i16]) -> usize {
+        self.playout.push_pcm(pcm)
+    }
+
+    /// A mark after the pipeline audio queued so far; reported as
+    /// [`MediaOutput::Mark`] once that audio has been sent.
+    pub fn mark(&mut self, name: String) -> Result<(), crate::media::playout::PlayoutError> {
+        self.playout.mark(name)
+    }
+
+    /// Barge-in: drop all queued pipeline audio at once.
+    pub fn clear(&mut self) {
+        self.playout.clear();
+        while let Some(mark) = self.playout.poll_marks() {
+            self.out.push_back(MediaOutput::Mark(mark));
         }
     }
 
@@ -352,13 +380,15 @@ impl MediaSession {
             return;
         }
         let media_time = at.saturating_duration_since(self.started);
+        let mut samples = Vec::with_capacity(self.plan.pipeline_rate.samples_per_20ms());
+        self.upsampler.process(&pcm, &mut samples);
         if let Some(delay) = self.plan.echo_delay
             && self.echo.len() < MAX_ECHO_FRAMES
         {
-            self.echo.push_back((at + delay, pcm.clone()));
+            // The echo pipeline: the PCM the pipeline gets comes back through
+            // the same path an agent's audio takes.
+            self.echo.push_back((at + delay, samples.clone()));
         }
-        let mut samples = Vec::with_capacity(self.plan.pipeline_rate.samples_per_20ms());
-        self.upsampler.process(&pcm, &mut samples);
         self.counters.frames_to_pipeline += 1;
         self.out.push_back(MediaOutput::CallerAudio(PcmFrame {
             samples,
@@ -381,12 +411,21 @@ impl MediaSession {
                 self.out.push_back(MediaOutput::PromptFinished);
             }
         }
-        if !have_audio
-            && let Some((due, _)) = self.echo.front()
+        while let Some((due, _)) = self.echo.front()
             && *due <= now
             && let Some((_, pcm)) = self.echo.pop_front()
         {
-            g711::encode(self.law, &pcm, &mut payload);
+            self.playout.push_pcm(&pcm);
+        }
+        // The playout queue keeps its own 20 ms slots; while the prompt plays
+        // they pass unsent and its queued audio waits for the prompt to end.
+        if let Some(frame) = self.playout.poll(now)
+            && !have_audio
+        {
+            payload = frame.payload;
+        }
+        while let Some(mark) = self.playout.poll_marks() {
+            self.out.push_back(MediaOutput::Mark(mark));
         }
         match (self.remote, self.send_paused) {
             (Some(to), false) if to.port() != 0 => {

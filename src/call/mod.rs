@@ -14,7 +14,7 @@ mod session;
 mod switchboard;
 
 pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
-pub use record::{CallRecord, HangupSide};
+pub use record::{CallRecord, HangupSide, RtpSummary};
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
 };
@@ -321,6 +321,7 @@ impl Call {
             hangup_side: HangupSide::None,
             cause: String::new(),
             codec: None,
+            rtp: None,
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {

@@ -50,6 +50,41 @@ pub struct CallRecord {
     pub cause: String,
     /// Negotiated codec.
     pub codec: Option<String>,
+    /// Media statistics, for answered calls.
+    pub rtp: Option<RtpSummary>,
+}
+
+/// RTP statistics of a call (RFC 3550 receive side, plus what we sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RtpSummary {
+    /// Valid RTP packets received.
+    pub packets_in: u64,
+    /// Packets lost (expected − received).
+    pub lost: i64,
+    /// Interarrival jitter at the end, in milliseconds.
+    pub jitter_ms: u32,
+    /// Datagrams ignored (wrong source, payload type, malformed).
+    pub rejected: u64,
+    /// RTP packets sent.
+    pub packets_out: u64,
+    /// Frames concealed (lost or late at playout).
+    pub concealed: u64,
+}
+
+impl RtpSummary {
+    /// The statistics of a media session.
+    pub fn of(media: &super::MediaSession) -> RtpSummary {
+        let stats = media.rtp_stats();
+        let counters = media.counters();
+        RtpSummary {
+            packets_in: stats.packets_received,
+            lost: stats.cumulative_lost,
+            jitter_ms: stats.jitter / 8,
+            rejected: stats.rejected.total(),
+            packets_out: counters.rtp_out,
+            concealed: counters.concealed,
+        }
+    }
 }
 
 fn to_ms(t: &SystemTime) -> u64 {

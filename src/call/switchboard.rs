@@ -450,7 +450,7 @@ impl Switchboard {
         );
         MediaPlan {
             prompt: self.prompts.get(tenant_id).cloned(),
-            gate_until_prompt_done: true,
+            gate_until_prompt_done: tenant.is_none_or(|t| t.caller_audio_after_prompt),
             pipeline_rate: PipelineRate::Hz16000,
             echo_delay: echo.then_some(ECHO_DELAY),
         }
@@ -494,6 +494,7 @@ impl Switchboard {
             hangup_side: HangupSide::Bridge,
             cause: "rejected".to_owned(),
             codec: None,
+            rtp: None,
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());

@@ -238,6 +238,9 @@ pub struct Tenant {
     pub prompt: Option<Prompt>,
     /// DTMF key (0-9, *, #) that opts the caller out of recording.
     pub opt_out_key: Option<char>,
+    /// The caller's audio reaches the pipeline only once the disclosure
+    /// prompt has finished (default true).
+    pub caller_audio_after_prompt: bool,
     /// Retention in days.
     pub retention: Retention,
     /// What handles the caller's audio.

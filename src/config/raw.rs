@@ -118,6 +118,8 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) opt_out_key: Option<Spanned<String>>,
     #[serde(default)]
+    pub(crate) caller_audio_after_prompt: Option<bool>,
+    #[serde(default)]
     pub(crate) retention: Option<Spanned<RawRetention>>,
     pub(crate) pipeline: Spanned<RawPipeline>,
     #[serde(default)]

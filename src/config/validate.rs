@@ -946,6 +946,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     transcripts: t.transcripts,
                     prompt,
                     opt_out_key,
+                    caller_audio_after_prompt: t.caller_audio_after_prompt.unwrap_or(true),
                     retention,
                     pipeline,
                     max_calls,

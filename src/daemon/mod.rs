@@ -233,6 +233,9 @@ async fn run_call(
                     }
                     MediaOutput::Dtmf(ev) => debug!(duration_ms = ev.duration_ms, "dtmf received"),
                     MediaOutput::PromptFinished => info!("disclosure prompt finished"),
+                    MediaOutput::Mark(mark) => {
+                        debug!(name = %mark.name, cleared = mark.cleared, "mark played")
+                    }
                 }
             }
         }
@@ -257,7 +260,10 @@ async fn run_call(
                         m.update(&neg);
                     }
                 }
-                CallOutput::Event(CallEvent::Ended(record)) => {
+                CallOutput::Event(CallEvent::Ended(mut record)) => {
+                    if let Some(m) = &media {
+                        record.rtp = Some(crate::call::RtpSummary::of(m));
+                    }
                     log_cdr(&record);
                     media = None;
                     sockets = None;
