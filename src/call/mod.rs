@@ -407,6 +407,23 @@ fn txn_key(req: &Request) -> Result<TransactionKey, SipError> {
     }
 }
 
+/// Moves the bytes a transaction wants sent into `out`; true when it reported
+/// a timeout (Timer B/F/H).
+fn take_transmits(
+    mut poll: impl FnMut() -> Option<TransactionOutput>,
+    out: &mut Vec<Bytes>,
+) -> bool {
+    let mut timed_out = false;
+    while let Some(o) = poll() {
+        match o {
+            TransactionOutput::Transmit(bytes) => out.push(bytes),
+            TransactionOutput::Event(TransactionEvent::TimedOut(_)) => timed_out = true,
+            TransactionOutput::Event(_) => {}
+        }
+    }
+    timed_out
+}
+
 fn branch_of(req: &Request) -> String {
     req.top_via()
         .ok()
@@ -1106,11 +1123,7 @@ impl Call {
     fn drain_reinvite(&mut self) {
         let mut out = Vec::new();
         for re in &mut self.reinvites {
-            while let Some(o) = re.txn.poll_output() {
-                if let TransactionOutput::Transmit(bytes) = o {
-                    out.push(bytes);
-                }
-            }
+            take_transmits(|| re.txn.poll_output(), &mut out);
         }
         self.reinvites.retain(|re| !re.txn.is_terminated());
         for bytes in out {
@@ -1121,11 +1134,7 @@ impl Call {
     fn drain_server_txns(&mut self) {
         let mut out = Vec::new();
         for t in &mut self.server_txns {
-            while let Some(o) = t.txn.poll_output() {
-                if let TransactionOutput::Transmit(bytes) = o {
-                    out.push(bytes);
-                }
-            }
+            take_transmits(|| t.txn.poll_output(), &mut out);
         }
         self.server_txns.retain(|t| !t.txn.is_terminated());
         for bytes in out {
@@ -1136,29 +1145,16 @@ impl Call {
     fn drain_client(&mut self, now: Instant, rng: &mut impl RngCore) {
         let dest = self.request_dest();
         let mut out = Vec::new();
-        let mut timed_out = false;
-        let done = match &mut self.client {
-            Some(ClientTxn::Bye(t)) => {
-                while let Some(o) = t.poll_output() {
-                    match o {
-                        TransactionOutput::Transmit(b) => out.push(b),
-                        TransactionOutput::Event(TransactionEvent::TimedOut(_)) => timed_out = true,
-                        TransactionOutput::Event(_) => {}
-                    }
-                }
-                t.is_terminated()
-            }
-            Some(ClientTxn::Refresh { txn, .. }) => {
-                while let Some(o) = txn.poll_output() {
-                    match o {
-                        TransactionOutput::Transmit(b) => out.push(b),
-                        TransactionOutput::Event(TransactionEvent::TimedOut(_)) => timed_out = true,
-                        TransactionOutput::Event(_) => {}
-                    }
-                }
-                txn.is_terminated()
-            }
-            None => false,
+        let (timed_out, done) = match &mut self.client {
+            Some(ClientTxn::Bye(t)) => (
+                take_transmits(|| t.poll_output(), &mut out),
+                t.is_terminated(),
+            ),
+            Some(ClientTxn::Refresh { txn, .. }) => (
+                take_transmits(|| txn.poll_output(), &mut out),
+                txn.is_terminated(),
+            ),
+            None => (false, false),
         };
         for bytes in out {
             self.out
