@@ -10,6 +10,9 @@
 //! Owns: reading a child's exit status without reaping it (from `/proc/PID/stat` while it
 //! is a zombie), because the harness's [`Daemon`] keeps its `Child` to itself.
 //!
+//! Over TCP the same check is `#[ignore]`d: it fails until shutdown waits for the BYE
+//! transactions (see that test).
+//!
 //! Not tested: a new INVITE during shutdown getting 503. The daemon counts a call as ended
 //! when it *sends* its BYE, so once the signal is handled shutdown takes no longer than
 //! sending the BYEs (about a millisecond on loopback): no INVITE can be placed in that
@@ -68,7 +71,7 @@ fn wait_for_exit(pid: u32, timeout: Duration) -> Option<i32> {
 
 /// Holds a call up, sends `signal` (`-TERM`, `-INT`) to the daemon, and checks the BYE,
 /// the CDR and the exit.
-fn call_ended_by(signal: &str, logged: &str) {
+fn call_ended_by(signal: &str, logged: &str, transport: &[&str]) {
     // RTP timeout far beyond the test: only the signal may end the call.
     let daemon = Daemon::spawn(
         &ProfileSpec {
@@ -77,13 +80,18 @@ fn call_ended_by(signal: &str, logged: &str) {
         }
         .render(),
     );
-    let target = daemon.udp_addr();
+    let tcp = transport == ["-t", "t1"];
+    let target = if tcp {
+        daemon.tcp_addr()
+    } else {
+        daemon.udp_addr()
+    };
+    let mut args = vec!["-s", "+15551234567", "-timeout", "20s"];
+    args.extend_from_slice(transport);
+    let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
     let carrier = thread::spawn(move || {
-        sipp(
-            &sipp_scenario("bridge_bye.xml"),
-            target,
-            &["-s", "+15551234567", "-timeout", "20s"],
-        )
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sipp(&sipp_scenario("bridge_bye.xml"), target, &args)
     });
 
     // The call is up once the daemon logs the answer; give SIPp's ACK a moment to land.
@@ -144,10 +152,19 @@ fn call_ended_by(signal: &str, logged: &str) {
 
 #[test]
 fn sigterm_ends_the_call_with_bye_and_exits_0() {
-    call_ended_by("-TERM", "SIGTERM: ending calls");
+    call_ended_by("-TERM", "SIGTERM: ending calls", &[]);
+}
+
+/// Fails today: the daemon counts a call as ended when its BYE is *sent*, so shutdown
+/// does not wait for the BYE's 200 and closes the TCP connection ~20 ms after the signal,
+/// while SIPp still holds the call (it lingers 200 ms for BYE retransmissions) and fails it.
+#[test]
+#[ignore = "daemon closes TCP connections before its BYE transactions complete"]
+fn sigterm_ends_a_tcp_call_with_bye_and_exits_0() {
+    call_ended_by("-TERM", "SIGTERM: ending calls", &["-t", "t1"]);
 }
 
 #[test]
 fn sigint_ends_the_call_with_bye_and_exits_0() {
-    call_ended_by("-INT", "SIGINT: ending calls");
+    call_ended_by("-INT", "SIGINT: ending calls", &[]);
 }
