@@ -25,9 +25,9 @@ use crate::sip::message::{Method, NameAddr, Request, Response, Via};
 use crate::sip::sdp::{Direction, LocalMedia, Negotiated, SdpSession};
 use crate::sip::timer::TimerConfig;
 use crate::sip::transaction::{
-    ClientInviteTransaction, ClientNonInviteTransaction, ServerInviteTransaction,
-    ServerNonInviteTransaction, TransactionEvent, TransactionKey, TransactionOutput, Transport,
-    TxMethod,
+    ClientInviteTransaction, ClientNonInviteState, ClientNonInviteTransaction,
+    ServerInviteTransaction, ServerNonInviteTransaction, TransactionEvent, TransactionKey,
+    TransactionOutput, Transport, TxMethod,
 };
 use bytes::Bytes;
 use rand::RngCore;
@@ -459,6 +459,14 @@ impl Call {
             && self.reinvites.is_empty()
             && self.server_txns.is_empty()
             && self.client.is_none()
+    }
+
+    /// Our BYE has been sent and neither answered nor timed out yet. A daemon
+    /// shutting down waits for this (bounded) rather than for the lingering
+    /// transactions that only absorb retransmissions.
+    pub fn bye_pending(&self) -> bool {
+        matches!(&self.client, Some(ClientTxn::Bye(t))
+            if matches!(t.state(), ClientNonInviteState::Trying | ClientNonInviteState::Proceeding))
     }
 
     /// Next output to act on.

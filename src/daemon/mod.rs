@@ -33,6 +33,12 @@ pub(crate) enum CallCommand {
     HangUp(HangupCause),
 }
 
+/// How long a shutdown waits for the BYEs of live calls to be answered.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a shutdown waits for TCP peers to close their connections.
+const TCP_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Per-call mailbox depth: beyond it, datagrams for a busy call are dropped
 /// (UDP peers retransmit), so a flood cannot grow memory.
 const CALL_QUEUE: usize = 64;
@@ -216,6 +222,7 @@ async fn run_call(
     let mut rtp_buf = vec![0u8; 2048];
     let mut rtcp_buf = vec![0u8; 2048];
     let mut ended_settings = Some(call.settings().clone());
+    let mut shutting_down = false;
     info!(port = call.settings().media.rtp_port, "call started");
     loop {
         if let (Some(m), Some((rtp, rtcp))) = (&mut media, &sockets) {
@@ -273,7 +280,9 @@ async fn run_call(
                 }
             }
         }
-        if call.is_finished() {
+        // During shutdown a call is done once its BYE is answered (or timed
+        // out): the lingering retransmission absorbers are not waited for.
+        if call.is_finished() || (shutting_down && call.is_ended() && !call.bye_pending()) {
             break;
         }
         let deadline = match (
@@ -297,8 +306,14 @@ async fn run_call(
                     Message::Request(req) => call.handle_request(Instant::now(), req, &mut rng),
                     Message::Response(resp) => call.handle_response(Instant::now(), resp, &mut rng),
                 },
-                Some(CallCommand::HangUp(cause)) => call.hang_up(Instant::now(), cause, &mut rng),
-                None => call.hang_up(Instant::now(), HangupCause::Shutdown, &mut rng),
+                Some(CallCommand::HangUp(cause)) => {
+                    shutting_down |= cause == HangupCause::Shutdown;
+                    call.hang_up(Instant::now(), cause, &mut rng);
+                }
+                None => {
+                    shutting_down = true;
+                    call.hang_up(Instant::now(), HangupCause::Shutdown, &mut rng);
+                }
             },
             () = sleep => {
                 let now = Instant::now();
@@ -398,10 +413,17 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
     for tx in senders {
         let _ = tx.send(CallCommand::HangUp(HangupCause::Shutdown)).await;
     }
-    // Give the BYEs a moment to be answered; calls that linger to absorb
-    // retransmissions are not waited for beyond that.
-    let deadline = Instant::now() + std::time::Duration::from_secs(2);
-    while lock(&shared.switchboard).active_calls() > 0 && Instant::now() < deadline {
+    // Wait (bounded) until every call's BYE is answered or has timed out, so
+    // TCP connections stay open for the 200s and lost BYEs are retransmitted;
+    // new INVITEs meanwhile get 503.
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while !lock(&shared.calls).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Then give TCP peers a moment to close their connections first (a peer
+    // may still be finishing its side of the last transaction).
+    let deadline = Instant::now() + TCP_CLOSE_GRACE;
+    while shared.transports.open_connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     tasks.abort_all();

@@ -59,6 +59,11 @@ impl Transports {
         }
     }
 
+    /// TCP connections currently open.
+    pub(crate) fn open_connections(&self) -> usize {
+        lock(&self.tcp).len()
+    }
+
     fn connect_and_send(&self, addr: SocketAddr, bytes: Bytes) {
         // The original connection is gone: open a new one (RFC 3261 §18.2.2).
         tokio::spawn(async move {
