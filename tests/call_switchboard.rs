@@ -1,0 +1,255 @@
+//! Sans-IO tests of the switchboard's trunk identification (unknown source →
+//! 403, or silence when configured to drop) and of UPDATE handling in a live
+//! call (an UPDATE with a hold offer is answered without dropping the call).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use sipbridge::call::{
+    Call, CallEvent, CallOutput, Dispatch, Peer, PortAllocator, Switchboard, SwitchboardSettings,
+    TransportKind,
+};
+use sipbridge::sip::message::{Message, parse_datagram};
+use sipbridge::sip::sdp::Direction;
+
+fn config(extra_sip: &str, allow: &str) -> Arc<sipbridge::config::Config> {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sip-profiles/prompts/disclosure.wav"
+    );
+    let toml = format!(
+        r#"[profile]
+name = "t"
+var_dir = "var"
+max_calls = 10
+rtp_ports = {{ start = 40000, end = 40099 }}
+[profile.listen]
+udp = ["127.0.0.1:5060"]
+[profile.sip]
+{extra_sip}
+[[trunk]]
+name = "carrier"
+allow = ["{allow}"]
+[[tenant]]
+id = "demo"
+prompt = "{prompt}"
+pipeline = {{ kind = "echo" }}
+[[route]]
+number = "*"
+tenant = "demo"
+"#
+    );
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, toml).unwrap();
+    Arc::new(sipbridge::config::load(&path).unwrap_or_else(|d| panic!("{d}")))
+}
+
+fn switchboard(config: &Arc<sipbridge::config::Config>, rng: &mut StdRng) -> Switchboard {
+    let local: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+    let settings = SwitchboardSettings::from_profile(&config.profiles[0], Some(local), None);
+    Switchboard::new(
+        Arc::clone(config),
+        settings,
+        PortAllocator::new(40000, 40099),
+        rng,
+    )
+}
+
+const PEER: &str = "127.0.0.1:5080";
+
+fn peer() -> Peer {
+    Peer {
+        transport: TransportKind::Udp,
+        addr: PEER.parse().unwrap(),
+        flow: 0,
+    }
+}
+
+fn sdp(direction: &str) -> String {
+    format!(
+        "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=audio 30000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
+a=fmtp:101 0-16\r\na={direction}\r\n"
+    )
+}
+
+fn request(method: &str, branch: &str, cseq: u32, to_tag: Option<&str>, body: &str) -> Vec<u8> {
+    let to_tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+    let ctype = if body.is_empty() {
+        String::new()
+    } else {
+        "Content-Type: application/sdp\r\n".to_owned()
+    };
+    format!(
+        "{method} sip:+15551230000@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP {PEER};branch=z9hG4bK{branch}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15559870000@127.0.0.1>;tag=caller\r\n\
+To: <sip:+15551230000@127.0.0.1>{to_tag}\r\n\
+Call-ID: cs-1@127.0.0.1\r\n\
+CSeq: {cseq} {method}\r\n\
+Contact: <sip:caller@{PEER}>\r\n\
+{ctype}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn status_of(bytes: &[u8]) -> u16 {
+    match parse_datagram(bytes) {
+        Ok(Message::Response(r)) => r.status,
+        other => panic!("not a response: {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_source_gets_403_or_silence() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    let invite = request("INVITE", "u1", 1, None, &sdp("sendrecv"));
+
+    // The only trunk allows 10.0.0.0/8; we come from 127.0.0.1.
+    let cfg = config("", "10.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let d = sb.dispatch(
+        now,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    );
+    match d {
+        Dispatch::Reply { transmit, record } => {
+            assert_eq!(status_of(&transmit.bytes), 403);
+            assert_eq!(transmit.dest.addr, PEER.parse::<SocketAddr>().unwrap());
+            assert_eq!(record.expect("a CDR for the attempt").result_code, 403);
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    assert_eq!(sb.ports.in_use(), 0);
+
+    let cfg = config("unknown_source = \"drop\"", "10.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let d = sb.dispatch(
+        now,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    );
+    assert!(matches!(d, Dispatch::Drop(_)), "{d:?}");
+
+    // The same INVITE from an allowed source is admitted.
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let d = sb.dispatch(
+        now,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    );
+    assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
+}
+
+fn transmits(call: &mut Call) -> (Vec<Vec<u8>>, Vec<CallEvent>) {
+    let mut bytes = Vec::new();
+    let mut events = Vec::new();
+    while let Some(o) = call.poll_output() {
+        match o {
+            CallOutput::Transmit(t) => bytes.push(t.bytes.to_vec()),
+            CallOutput::Event(e) => events.push(e),
+        }
+    }
+    (bytes, events)
+}
+
+#[test]
+fn update_with_hold_offer_is_answered_and_the_call_stays_up() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let t0 = Instant::now();
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let invite = request("INVITE", "i1", 1, None, &sdp("sendrecv"));
+    let Dispatch::NewCall(admitted) = sb.dispatch(
+        t0,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    ) else {
+        panic!("not admitted")
+    };
+    let mut call = Call::new(
+        t0,
+        SystemTime::now(),
+        admitted.invite,
+        admitted.peer,
+        admitted.settings,
+        &mut rng,
+    )
+    .unwrap();
+    let (sent, _) = transmits(&mut call);
+    let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
+    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
+        panic!()
+    };
+    let tag = ok.to().unwrap().tag().unwrap().to_owned();
+
+    // ACK, then an UPDATE putting us on hold.
+    let ack = request("ACK", "a1", 1, Some(&tag), "");
+    let Ok(Message::Request(ack)) = parse_datagram(&ack) else {
+        panic!()
+    };
+    call.handle_request(t0 + Duration::from_millis(10), ack, &mut rng);
+    let update = request("UPDATE", "u2", 2, Some(&tag), &sdp("sendonly"));
+    let Ok(Message::Request(update)) = parse_datagram(&update) else {
+        panic!()
+    };
+    call.handle_request(t0 + Duration::from_secs(1), update, &mut rng);
+    let (sent, events) = transmits(&mut call);
+    assert_eq!(sent.len(), 1, "one 200 to the UPDATE");
+    let Ok(Message::Response(resp)) = parse_datagram(&sent[0]) else {
+        panic!()
+    };
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.cseq().unwrap().method.as_str(), "UPDATE");
+    let body = String::from_utf8_lossy(&resp.body);
+    assert!(
+        body.contains("a=recvonly"),
+        "hold answered recvonly:\n{body}"
+    );
+    assert!(
+        events.iter().any(
+            |e| matches!(e, CallEvent::MediaChanged(n) if n.remote_direction == Direction::SendOnly)
+        ),
+        "{events:?}"
+    );
+    assert!(!call.is_ended(), "an UPDATE never ends the call");
+
+    // A retransmitted UPDATE gets the same bytes and changes nothing.
+    let again = request("UPDATE", "u2", 2, Some(&tag), &sdp("sendonly"));
+    let Ok(Message::Request(again)) = parse_datagram(&again) else {
+        panic!()
+    };
+    call.handle_request(t0 + Duration::from_millis(1500), again, &mut rng);
+    let (resent, events) = transmits(&mut call);
+    assert_eq!(resent, sent);
+    assert!(events.is_empty(), "{events:?}");
+    // On hold, the RTP timeout does not run: the call is still up a minute later.
+    call.handle_timeout(t0 + Duration::from_secs(60), &mut rng);
+    assert!(!call.is_ended());
+}
