@@ -19,7 +19,8 @@ use std::net::UdpSocket;
 use std::thread;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
 
 const NUMBER: &str = "+15551234567";
 const TOKEN: &str = "tok-Zq81-very-secret";
@@ -43,6 +44,10 @@ enum Script {
     Listen,
     /// Send `hangup` right after `start`.
     HangUp,
+    /// Refuse the upgrade with HTTP 401.
+    Reject401,
+    /// Drop the TCP connection right after `start`.
+    DropAfterStart,
     /// 5 s after `start` (past the prompt), send 1 s of a 1 kHz tone, then a mark.
     ToneThenMark,
 }
@@ -77,16 +82,25 @@ fn spawn_agent(script: Script) -> (u16, thread::JoinHandle<AgentLog>) {
             };
             let (mut auth, mut uri) = (None, String::new());
             #[allow(clippy::result_large_err)] // tungstenite's callback signature
-            let mut ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp| {
+            let ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp| {
                 auth = req
                     .headers()
                     .get("authorization")
                     .map(|v| v.to_str().unwrap().to_owned());
                 uri = req.uri().to_string();
+                if matches!(script, Script::Reject401) {
+                    let mut refusal = ErrorResponse::new(Some("no".to_owned()));
+                    *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+                    return Err(refusal);
+                }
                 Ok::<Response, _>(resp)
             })
-            .await
-            .unwrap();
+            .await;
+            let Ok(mut ws) = ws else {
+                log.auth = auth;
+                log.uri = uri;
+                return log;
+            };
             log.auth = auth;
             log.uri = uri;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -100,7 +114,8 @@ fn spawn_agent(script: Script) -> (u16, thread::JoinHandle<AgentLog>) {
                             continue;
                         }
                         match script {
-                            Script::Listen => {}
+                            Script::Listen | Script::Reject401 => {}
+                            Script::DropAfterStart => return log,
                             Script::HangUp => ws
                                 .send(Message::text(r#"{"event":"hangup"}"#.to_owned()))
                                 .await
@@ -290,9 +305,19 @@ fn caller_audio_reaches_the_agent_intact_with_start_stop_and_bearer() {
 fn agent_hangup_sends_bye() {
     let (port, agent) = spawn_agent(Script::HangUp);
     let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent"));
+    // bridge_bye.xml with two X- headers in the INVITE.
+    let scenario_dir = tempfile::tempdir().unwrap();
+    let scenario = scenario_dir.path().join("bridge_bye_x.xml");
+    let text = std::fs::read_to_string(sipp_scenario("bridge_bye.xml")).unwrap();
+    let text = text.replacen(
+        "Max-Forwards: 70\n",
+        "Max-Forwards: 70\n      X-Order-Id: 42\n      x-customer: acme corp\n",
+        1,
+    );
+    std::fs::write(&scenario, text).unwrap();
     let started = Instant::now();
     let result = sipp(
-        &sipp_scenario("bridge_bye.xml"),
+        &scenario,
         daemon.udp_addr(),
         &["-s", NUMBER, "-timeout", "15s"],
     );
@@ -308,7 +333,12 @@ fn agent_hangup_sends_bye() {
     assert_eq!(cdr["cause"], "local-hangup");
     assert_eq!(cdr["hangup_side"], "bridge");
     let log = agent.join().unwrap();
-    assert_eq!(log.texts.first().unwrap()["event"], "start");
+    let start = log.texts.first().unwrap();
+    assert_eq!(start["event"], "start");
+    assert_eq!(
+        start["custom"],
+        serde_json::json!({"X-Order-Id": "42", "x-customer": "acme corp"})
+    );
     assert_eq!(log.texts.last().unwrap()["event"], "stop");
     assert_no_secret_in_logs(&daemon);
 }
@@ -428,4 +458,42 @@ fn refused_agent_connection_leaves_the_call_up() {
         "{failure}"
     );
     assert_no_secret_in_logs(&daemon);
+}
+
+/// A call against a misbehaving agent still runs to the caller's BYE, and the failure is
+/// logged (with the call id and `reason`) without any secret.
+fn call_survives_agent_failure(script: Script, reason: &str) {
+    let (port, agent) = spawn_agent(script);
+    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
+    let result = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    result.assert_success();
+    let cdr = answered_cdr(&daemon);
+    assert_eq!(cdr["cause"], "caller-bye");
+    let call_id = cdr["call_id"].as_str().unwrap().to_owned();
+    let failure = daemon
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l.contains("agent pipeline failed") && l.contains(&call_id)
+        })
+        .expect("the failure is logged with the call id");
+    assert!(failure.contains(reason), "{failure}");
+    let log = agent.join().unwrap();
+    assert_eq!(
+        log.auth.as_deref(),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_no_secret_in_logs(&daemon);
+}
+
+#[test]
+fn upgrade_rejected_with_401_leaves_the_call_up() {
+    call_survives_agent_failure(Script::Reject401, "upgrade rejected with HTTP 401");
+}
+
+#[test]
+fn agent_dropping_mid_call_leaves_the_call_up() {
+    call_survives_agent_failure(Script::DropAfterStart, "websocket");
 }
