@@ -10,5 +10,6 @@ pub mod config;
 pub mod daemon;
 pub mod logging;
 pub mod media;
+pub mod pipeline;
 pub mod sip;
 pub mod store;

@@ -292,6 +292,11 @@ impl SwitchboardSettings {
 }
 
 impl Switchboard {
+    /// The configuration the switchboard routes with.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
     /// A switchboard for this configuration.
     pub fn new(
         config: Arc<Config>,

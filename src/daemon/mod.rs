@@ -12,6 +12,7 @@ use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
     Switchboard, Transmit,
 };
+use crate::pipeline::{AgentCommand, AgentTarget, CallInfo, PipelineHandle};
 use crate::sip::message::Message;
 use anyhow::Context;
 use rand::SeedableRng;
@@ -72,6 +73,41 @@ pub(crate) fn log_cdr(record: &CallRecord) {
 }
 
 impl Shared {
+    /// The agent pipeline a new call of `tenant` connects to, with what the
+    /// `start` message tells it (native agents only so far).
+    fn agent_for(
+        &self,
+        tenant: &str,
+        invite: &crate::sip::message::Request,
+    ) -> Option<(AgentTarget, CallInfo)> {
+        let target = {
+            let sb = lock(&self.switchboard);
+            match &sb.config().tenant(tenant)?.pipeline {
+                crate::config::Pipeline::Agent(a) => AgentTarget::for_settings(a)?,
+                _ => return None,
+            }
+        };
+        let info = CallInfo {
+            call_id: invite.call_id().unwrap_or_default().to_owned(),
+            tenant: tenant.to_owned(),
+            from: invite
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user_unescaped())
+                .unwrap_or_default(),
+            to: crate::call::dialed_number(invite).unwrap_or_default(),
+            custom: invite
+                .headers
+                .iter()
+                .filter(|(name, _)| {
+                    name.len() > 2 && name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+                })
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        Some((target, info))
+    }
+
     fn decide(
         &self,
         raw: &[u8],
@@ -161,6 +197,7 @@ impl Shared {
         };
         let mut call_rng = StdRng::from_rng(rng);
         let settings = admitted.settings.clone();
+        let agent = self.agent_for(&admitted.settings.tenant, &admitted.invite);
         let call = match Call::new(
             Instant::now(),
             SystemTime::now(),
@@ -182,7 +219,7 @@ impl Shared {
         let span = info_span!("call", call_id = %call_id, tenant = %settings.tenant);
         tokio::spawn(
             async move {
-                run_call(&shared, call, rtp, rx, call_rng).await;
+                run_call(&shared, call, rtp, rx, call_rng, agent).await;
                 lock(&shared.calls).remove(&call_id);
             }
             .instrument(span),
@@ -190,7 +227,6 @@ impl Shared {
     }
 }
 
-/// One call's task: owns the `Call`, its RTP socket and its timer.
 /// Binds the RTP port and the RTCP port above it.
 async fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<(UdpSocket, UdpSocket)> {
     let rtp = UdpSocket::bind((ip, port)).await?;
@@ -216,7 +252,9 @@ async fn run_call(
     sockets: (UdpSocket, UdpSocket),
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
+    mut agent: Option<(AgentTarget, CallInfo)>,
 ) {
+    let mut pipeline: Option<PipelineHandle> = None;
     let mut sockets = Some(sockets);
     let mut media: Option<MediaSession> = None;
     let mut rtp_buf = vec![0u8; 2048];
@@ -234,14 +272,25 @@ async fn run_call(
                     MediaOutput::Rtcp { to, bytes } => {
                         let _ = rtcp.send_to(&bytes, to).await;
                     }
-                    MediaOutput::CallerAudio(_frame) => {
-                        // The network pipelines (Deepgram, agents) take these;
-                        // the echo pipeline runs inside the media session.
+                    // The echo pipeline runs inside the media session; the
+                    // network ones get frames, DTMF and marks here.
+                    MediaOutput::CallerAudio(frame) => {
+                        if let Some(p) = &mut pipeline {
+                            p.send_audio(&frame);
+                        }
                     }
-                    MediaOutput::Dtmf(ev) => debug!(duration_ms = ev.duration_ms, "dtmf received"),
+                    MediaOutput::Dtmf(ev) => {
+                        debug!(duration_ms = ev.duration_ms, "dtmf received");
+                        if let Some(p) = &mut pipeline {
+                            p.send_dtmf(ev.digit);
+                        }
+                    }
                     MediaOutput::PromptFinished => info!("disclosure prompt finished"),
                     MediaOutput::Mark(mark) => {
-                        debug!(name = %mark.name, cleared = mark.cleared, "mark played")
+                        debug!(name = %mark.name, cleared = mark.cleared, "mark played");
+                        if let Some(p) = &mut pipeline {
+                            p.send_mark(mark.name, mark.cleared);
+                        }
                     }
                 }
             }
@@ -254,7 +303,12 @@ async fn run_call(
                     info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
                     let plan = call.settings().plan.clone();
                     match MediaSession::new(Instant::now(), &neg, plan, &mut rng) {
-                        Ok(m) => media = Some(m),
+                        Ok(m) => {
+                            media = Some(m);
+                            pipeline = agent
+                                .take()
+                                .map(|(t, info)| PipelineHandle::spawn_native(t, info));
+                        }
                         Err(e) => {
                             warn!(error = %e, "no media for this call");
                             call.hang_up(Instant::now(), HangupCause::MediaFailed, &mut rng);
@@ -272,6 +326,14 @@ async fn run_call(
                         record.rtp = Some(crate::call::RtpSummary::of(m));
                     }
                     log_cdr(&record);
+                    if let Some(p) = pipeline.take()
+                        && p.dropped_frames() > 0
+                    {
+                        warn!(
+                            dropped = p.dropped_frames(),
+                            "pipeline was behind; caller frames dropped"
+                        );
+                    }
                     media = None;
                     sockets = None;
                     if let Some(settings) = ended_settings.take() {
@@ -300,7 +362,14 @@ async fn run_call(
         };
         let recv_rtp = recv_on(sockets.as_ref().map(|s| &s.0), &mut rtp_buf);
         let recv_rtcp = recv_on(sockets.as_ref().map(|s| &s.1), &mut rtcp_buf);
+        let from_agent = async {
+            match &mut pipeline {
+                Some(p) => p.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            cmd = from_agent => apply_agent(cmd, &mut call, media.as_mut(), &mut rng),
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg)) => match *msg {
                     Message::Request(req) => call.handle_request(Instant::now(), req, &mut rng),
@@ -335,6 +404,37 @@ async fn run_call(
         }
     }
     debug!("call task finished");
+}
+
+/// Applies one command from the call's agent pipeline.
+fn apply_agent(
+    cmd: AgentCommand,
+    call: &mut Call,
+    media: Option<&mut MediaSession>,
+    rng: &mut StdRng,
+) {
+    match (cmd, media) {
+        (AgentCommand::HangUp, _) => {
+            info!("agent asked to hang up");
+            call.hang_up(Instant::now(), HangupCause::Local, rng);
+        }
+        (AgentCommand::Play(pcm), Some(m)) => {
+            let accepted = m.push_pipeline_audio(&pcm);
+            if accepted < pcm.len() {
+                debug!(
+                    dropped = pcm.len() - accepted,
+                    "playout queue full; agent audio dropped"
+                );
+            }
+        }
+        (AgentCommand::Mark(name), Some(m)) => {
+            if let Err(e) = m.mark(name) {
+                debug!(error = %e, "agent mark dropped");
+            }
+        }
+        (AgentCommand::Clear, Some(m)) => m.clear(),
+        (_, None) => {}
+    }
 }
 
 /// Loads every tenant's disclosure prompt once (converted to 8 kHz G.711 frames).

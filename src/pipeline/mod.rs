@@ -1,0 +1,196 @@
+//! Network pipelines of a call (DESIGN §3): async adapters that carry the
+//! caller's PCM out of the call task and the pipeline's answers back in.
+//!
+//! Owns: one tokio task per call per pipeline connection, the bounded
+//! channels between it and the call task ([`PipelineHandle`]), and the wire
+//! protocols (today: the native agent protocol, `docs/agent-protocol.md`).
+//! Must not touch: SIP or media state. The call task (`daemon::run_call`)
+//! feeds frames in with non-blocking sends and applies the
+//! [`AgentCommand`]s it receives to its `Call` and `MediaSession`; a slow or
+//! dead pipeline therefore never stalls the media path or other calls.
+
+pub mod native;
+
+use crate::call::PcmFrame;
+use crate::config::{AgentMode, AgentSettings, Secret};
+use tokio::sync::mpsc;
+
+/// Caller frames buffered towards the pipeline at most (50 × 20 ms = 1 s);
+/// beyond it frames are dropped and counted.
+pub const AUDIO_QUEUE_FRAMES: usize = 50;
+/// DTMF and mark events buffered towards the pipeline at most.
+pub const EVENT_QUEUE: usize = 64;
+/// Commands from the pipeline buffered towards the call task at most (the
+/// WebSocket task waits when it is full: that back-pressures the agent,
+/// never the media path).
+pub const COMMAND_QUEUE: usize = 64;
+
+/// What the bridge tells the agent about a call in `start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallInfo {
+    /// SIP Call-ID.
+    pub call_id: String,
+    /// Tenant id.
+    pub tenant: String,
+    /// Caller (From user part).
+    pub from: String,
+    /// Dialed number.
+    pub to: String,
+    /// The INVITE's `X-` headers (name as received, value), in order.
+    pub custom: Vec<(String, String)>,
+}
+
+/// How to reach a tenant's agent.
+#[derive(Clone)]
+pub struct AgentTarget {
+    /// `ws://` URL (may hold secrets in its query: never log it whole).
+    pub url: String,
+    /// Bearer token, if any.
+    pub auth: Option<Secret>,
+}
+
+impl std::fmt::Debug for AgentTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentTarget")
+            .field("url", &redact_url(&self.url))
+            .field("auth", &self.auth.as_ref().map(Secret::fingerprint))
+            .finish()
+    }
+}
+
+impl AgentTarget {
+    /// The target for a tenant's agent settings, if the mode is one this
+    /// module speaks (native only so far).
+    pub fn for_settings(settings: &AgentSettings) -> Option<AgentTarget> {
+        (settings.mode == AgentMode::Native).then(|| AgentTarget {
+            url: settings.url.clone(),
+            auth: settings.auth.clone(),
+        })
+    }
+}
+
+/// What the pipeline asks the call to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AgentCommand {
+    /// PCM at the pipeline rate to play after what is queued.
+    Play(Vec<i16>),
+    /// A mark after the audio queued so far.
+    Mark(String),
+    /// Barge-in: drop the queued audio.
+    Clear,
+    /// End the call (BYE).
+    HangUp,
+}
+
+/// Events towards the pipeline other than audio.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    Dtmf(char),
+    Mark { name: String, cleared: bool },
+}
+
+/// The call task's end of a pipeline connection. Dropping it ends the
+/// connection: the task sends what is queued, then `stop`, then closes.
+#[derive(Debug)]
+pub struct PipelineHandle {
+    audio: mpsc::Sender<Vec<i16>>,
+    events: mpsc::Sender<Event>,
+    commands: mpsc::Receiver<AgentCommand>,
+    commands_open: bool,
+    dropped: u64,
+}
+
+impl PipelineHandle {
+    /// Connects to a native-protocol agent for this call in a new task.
+    /// Must be called inside a tokio runtime.
+    pub fn spawn_native(target: AgentTarget, info: CallInfo) -> PipelineHandle {
+        let (audio_tx, audio_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
+        let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        tokio::spawn(native::run(
+            target,
+            info,
+            native::Channels {
+                audio: audio_rx,
+                events: event_rx,
+                commands: cmd_tx,
+            },
+        ));
+        PipelineHandle {
+            audio: audio_tx,
+            events: event_tx,
+            commands: cmd_rx,
+            commands_open: true,
+            dropped: 0,
+        }
+    }
+
+    /// Queues a caller frame without waiting; a full queue drops it (counted).
+    /// Frames after the connection has ended are discarded silently.
+    pub fn send_audio(&mut self, frame: &PcmFrame) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.audio.try_send(frame.samples.clone())
+        {
+            self.dropped += 1;
+        }
+    }
+
+    /// Queues a DTMF digit without waiting.
+    pub fn send_dtmf(&mut self, digit: char) {
+        let _ = self.events.try_send(Event::Dtmf(digit));
+    }
+
+    /// Queues a "mark played" (or cleared) report without waiting.
+    pub fn send_mark(&mut self, name: String, cleared: bool) {
+        let _ = self.events.try_send(Event::Mark { name, cleared });
+    }
+
+    /// Caller frames dropped because the pipeline was behind.
+    pub fn dropped_frames(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The next command from the pipeline; never resolves once the
+    /// connection has ended (so it can sit in a `select!`).
+    pub async fn recv(&mut self) -> AgentCommand {
+        if self.commands_open {
+            if let Some(cmd) = self.commands.recv().await {
+                return cmd;
+            }
+            self.commands_open = false;
+        }
+        std::future::pending().await
+    }
+}
+
+/// `scheme://host:port/path` of a URL: no user info, no query, no fragment
+/// (any of which may hold a secret). Unparseable input gives `"<invalid url>"`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<invalid url>".to_owned();
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let rest = &rest[..end];
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_keeps_scheme_host_port_path_only() {
+        assert_eq!(
+            redact_url("wss://user:pw@agent.example:8443/v1/call?token=abc#x"),
+            "wss://agent.example:8443/v1/call"
+        );
+        assert_eq!(redact_url("ws://127.0.0.1:9000"), "ws://127.0.0.1:9000");
+        assert_eq!(redact_url("ws://h?key=1"), "ws://h");
+        assert_eq!(redact_url("no scheme?key=1"), "<invalid url>");
+    }
+}

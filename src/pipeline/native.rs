@@ -1,0 +1,313 @@
+//! The native agent protocol (`docs/agent-protocol.md`): one WebSocket per
+//! call, JSON text messages for control, binary messages for 16-bit LE PCM.
+//!
+//! Owns: the message formats ([`start_message`], [`event_message`],
+//! [`parse_agent_text`], PCM packing) and the connection task ([`run`]).
+//! Must not touch: call or media state (it only talks to the call task
+//! through the channels in [`Channels`]). The WebSocket itself is
+//! tokio-tungstenite's; nothing of RFC 6455 is written here.
+
+use super::{AgentCommand, AgentTarget, CallInfo, Event, redact_url};
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{debug, info, warn};
+
+/// The pipeline's sample rate on the wire.
+pub const SAMPLE_RATE: u32 = 16_000;
+/// How long the connection (TCP + upgrade) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the bridge waits, after `stop`, for the close handshake.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest message accepted from the agent (about 32 s of PCM).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Why an agent connection failed or ended (logged, never shown to callers).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The URL could not be turned into a request.
+    #[error("invalid agent URL")]
+    InvalidUrl,
+    /// The token is not a valid HTTP header value.
+    #[error("bearer token is not a valid header value")]
+    InvalidToken,
+    /// No connection within [`CONNECT_TIMEOUT`].
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The agent answered the upgrade with an HTTP status.
+    #[error("upgrade rejected with HTTP {0}")]
+    Rejected(u16),
+    /// Any other WebSocket or I/O failure.
+    #[error("websocket: {0}")]
+    Ws(String),
+}
+
+impl From<WsError> for AgentError {
+    fn from(e: WsError) -> AgentError {
+        match e {
+            WsError::Http(resp) => AgentError::Rejected(resp.status().as_u16()),
+            // Url errors may quote the URL: keep only their kind.
+            WsError::Url(_) => AgentError::InvalidUrl,
+            other => AgentError::Ws(other.to_string()),
+        }
+    }
+}
+
+/// The task's ends of the channels to and from the call task.
+#[derive(Debug)]
+pub(crate) struct Channels {
+    pub(crate) audio: mpsc::Receiver<Vec<i16>>,
+    pub(crate) events: mpsc::Receiver<Event>,
+    pub(crate) commands: mpsc::Sender<AgentCommand>,
+}
+
+/// The `start` message.
+pub fn start_message(info: &CallInfo) -> String {
+    let custom: serde_json::Map<String, serde_json::Value> = info
+        .custom
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::json!({
+        "event": "start",
+        "call_id": info.call_id,
+        "tenant": info.tenant,
+        "from": info.from,
+        "to": info.to,
+        "codec": "pcm_s16le",
+        "sample_rate": SAMPLE_RATE,
+        "custom": custom,
+    })
+    .to_string()
+}
+
+fn event_message(ev: &Event) -> String {
+    match ev {
+        Event::Dtmf(d) => serde_json::json!({"event": "dtmf", "digit": d.to_string()}),
+        Event::Mark { name, cleared } => {
+            serde_json::json!({"event": "mark", "name": name, "cleared": cleared})
+        }
+    }
+    .to_string()
+}
+
+/// The `stop` message.
+pub fn stop_message() -> String {
+    serde_json::json!({"event": "stop"}).to_string()
+}
+
+/// Samples as 16-bit little-endian bytes.
+pub fn pcm_to_bytes(samples: &[i16]) -> Vec<u8> {
+    samples.iter().flat_map(|s| s.to_le_bytes()).collect()
+}
+
+/// 16-bit little-endian bytes as samples (a trailing odd byte is ignored).
+pub fn bytes_to_pcm(bytes: &[u8]) -> Vec<i16> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// A text message from the agent as a command; `None` for anything that is
+/// not a known, well-formed event (ignored and logged by the caller).
+pub fn parse_agent_text(text: &str) -> Option<AgentCommand> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    match v.get("event")?.as_str()? {
+        "mark" => Some(AgentCommand::Mark(v.get("name")?.as_str()?.to_owned())),
+        "clear" => Some(AgentCommand::Clear),
+        "hangup" => Some(AgentCommand::HangUp),
+        _ => None,
+    }
+}
+
+fn request(
+    target: &AgentTarget,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, AgentError> {
+    let mut req = target
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|_| AgentError::InvalidUrl)?;
+    if let Some(token) = &target.auth {
+        let mut value = b"Bearer ".to_vec();
+        value.extend_from_slice(token.expose());
+        let mut value = HeaderValue::from_bytes(&value).map_err(|_| AgentError::InvalidToken)?;
+        value.set_sensitive(true);
+        req.headers_mut().insert("authorization", value);
+    }
+    Ok(req)
+}
+
+/// The connection task: connect, `start`, then relay both ways until the
+/// call task drops its handle (→ `stop`, close) or the agent goes away.
+/// Failures are logged with the call id and the redacted URL; the call
+/// itself carries on (prompt, then silence).
+pub(crate) async fn run(target: AgentTarget, info: CallInfo, chans: Channels) {
+    let url = redact_url(&target.url);
+    let call_id = info.call_id.clone();
+    match session(&target, &info, chans).await {
+        Ok(()) => info!(%call_id, %url, "agent session ended"),
+        Err(e) => {
+            warn!(%call_id, %url, error = %e, "agent pipeline failed; call continues without agent")
+        }
+    }
+}
+
+async fn session(
+    target: &AgentTarget,
+    info: &CallInfo,
+    mut chans: Channels,
+) -> Result<(), AgentError> {
+    let req = request(target)?;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES));
+    let (mut ws, _resp) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(req, Some(config), true),
+    )
+    .await
+    .map_err(|_| AgentError::ConnectTimeout)??;
+    info!(call_id = %info.call_id, url = %redact_url(&target.url), "agent connected");
+    ws.send(Message::text(start_message(info))).await?;
+    loop {
+        tokio::select! {
+            frame = chans.audio.recv() => match frame {
+                Some(pcm) => ws.send(Message::binary(pcm_to_bytes(&pcm))).await?,
+                None => break,
+            },
+            ev = chans.events.recv() => match ev {
+                Some(ev) => ws.send(Message::text(event_message(&ev))).await?,
+                None => break,
+            },
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Binary(bytes))) => {
+                    let cmd = AgentCommand::Play(bytes_to_pcm(&bytes));
+                    if chans.commands.send(cmd).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Text(text))) => match parse_agent_text(&text) {
+                    Some(cmd) => {
+                        if chans.commands.send(cmd).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => debug!("agent message ignored"),
+                },
+                Some(Ok(Message::Close(_))) | None => {
+                    return Err(AgentError::Ws("agent closed the connection".to_owned()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            },
+        }
+    }
+    // The call ended: send what is still queued, then stop, then close.
+    while let Ok(pcm) = chans.audio.try_recv() {
+        ws.send(Message::binary(pcm_to_bytes(&pcm))).await?;
+    }
+    while let Ok(ev) = chans.events.try_recv() {
+        ws.send(Message::text(event_message(&ev))).await?;
+    }
+    ws.send(Message::text(stop_message())).await?;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        ws.close(None).await?;
+        while ws.next().await.is_some() {}
+        Ok::<(), WsError>(())
+    })
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_message_has_every_field() {
+        let info = CallInfo {
+            call_id: "abc@h".into(),
+            tenant: "demo".into(),
+            from: "+1555".into(),
+            to: "+1666".into(),
+            custom: vec![("X-Order".into(), "42".into())],
+        };
+        let v: serde_json::Value = serde_json::from_str(&start_message(&info)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"start","call_id":"abc@h","tenant":"demo",
+                "from":"+1555","to":"+1666","codec":"pcm_s16le","sample_rate":16000,
+                "custom":{"X-Order":"42"}})
+        );
+    }
+
+    #[test]
+    fn events_and_stop() {
+        assert_eq!(
+            event_message(&Event::Dtmf('5')),
+            r#"{"digit":"5","event":"dtmf"}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&event_message(&Event::Mark {
+            name: "m1".into(),
+            cleared: false,
+        }))
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"mark","name":"m1","cleared":false})
+        );
+        assert_eq!(stop_message(), r#"{"event":"stop"}"#);
+    }
+
+    #[test]
+    fn agent_text_parsing() {
+        assert_eq!(
+            parse_agent_text(r#"{"event":"mark","name":"a"}"#),
+            Some(AgentCommand::Mark("a".into()))
+        );
+        assert_eq!(
+            parse_agent_text(r#"{"event":"clear"}"#),
+            Some(AgentCommand::Clear)
+        );
+        assert_eq!(
+            parse_agent_text(r#"{"event":"hangup"}"#),
+            Some(AgentCommand::HangUp)
+        );
+        assert_eq!(parse_agent_text(r#"{"event":"mark"}"#), None);
+        assert_eq!(parse_agent_text(r#"{"event":"nope"}"#), None);
+        assert_eq!(parse_agent_text("not json"), None);
+        assert_eq!(parse_agent_text(r#"[1,2]"#), None);
+    }
+
+    #[test]
+    fn pcm_round_trip_little_endian() {
+        let bytes = pcm_to_bytes(&[1, -2, i16::MAX]);
+        assert_eq!(bytes, vec![1, 0, 0xfe, 0xff, 0xff, 0x7f]);
+        assert_eq!(bytes_to_pcm(&bytes), vec![1, -2, i16::MAX]);
+        assert_eq!(bytes_to_pcm(&[1, 0, 9]), vec![1]);
+    }
+
+    #[test]
+    fn bearer_header_is_set_and_sensitive() {
+        let target = AgentTarget {
+            url: "ws://127.0.0.1:1/agent?k=v".into(),
+            auth: Some(crate::config::Secret::new(
+                b"tok".to_vec(),
+                crate::config::SecretRef::Env("T".into()),
+            )),
+        };
+        let req = request(&target).unwrap();
+        let h = req.headers().get("authorization").unwrap();
+        assert_eq!(h.as_bytes(), b"Bearer tok");
+        assert!(h.is_sensitive());
+        assert!(!format!("{target:?}").contains("tok"));
+        assert!(!format!("{target:?}").contains("k=v"));
+    }
+}

@@ -1,0 +1,499 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The native agent pipeline end to end: the daemon (as a process), SIPp as the carrier
+//! and a test agent (a tokio-tungstenite server written here, from docs/agent-protocol.md).
+//!
+//! Covers: the caller's audio reaching the agent intact (issue 4's pipeline sink test:
+//! NCC ≥ 0.98 against the µ-law fixture, no gap), `start` fields, `stop` at call end,
+//! bearer auth, agent `hangup` → BYE, agent audio played to the caller (1 kHz tone on
+//! the test's own RTP socket) with its `mark` echoed, a refused connection leaving the
+//! call up, and no token or URL query secret in the daemon's logs.
+
+mod common;
+
+use common::{Daemon, ProfileSpec, repo_path, sipp, sipp_scenario};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use sipbridge::media::g711::mu_to_linear;
+use sipbridge::media::resample::{Downsampler, PipelineRate};
+use std::net::UdpSocket;
+use std::thread;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+
+const NUMBER: &str = "+15551234567";
+const TOKEN: &str = "tok-Zq81-very-secret";
+const QUERY_SECRET: &str = "qs-Hh27-secret";
+
+/// What the test agent saw.
+#[derive(Debug, Default)]
+struct AgentLog {
+    auth: Option<String>,
+    uri: String,
+    texts: Vec<Value>,
+    frame_sizes: Vec<usize>,
+    pcm: Vec<i16>,
+    first_frame: Option<Instant>,
+    last_frame: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Script {
+    /// Only listen.
+    Listen,
+    /// Send `hangup` right after `start`.
+    HangUp,
+    /// Refuse the upgrade with HTTP 401.
+    Reject401,
+    /// Drop the TCP connection right after `start`.
+    DropAfterStart,
+    /// 5 s after `start` (past the prompt), send 1 s of a 1 kHz tone, then a mark.
+    ToneThenMark,
+}
+
+fn tone_16k() -> Vec<i16> {
+    (0..16_000)
+        .map(|i| {
+            let t = f64::from(i) / 16_000.0;
+            (8000.0 * (2.0 * std::f64::consts::PI * 1000.0 * t).sin()) as i16
+        })
+        .collect()
+}
+
+/// A one-connection agent on a free port; the thread returns what it saw once the
+/// bridge closes the connection (or after 30 s).
+fn spawn_agent(script: Script) -> (u16, thread::JoinHandle<AgentLog>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let handle = thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let mut log = AgentLog::default();
+            let Ok(Ok((stream, _))) =
+                tokio::time::timeout(Duration::from_secs(20), listener.accept()).await
+            else {
+                return log;
+            };
+            let (mut auth, mut uri) = (None, String::new());
+            #[allow(clippy::result_large_err)] // tungstenite's callback signature
+            let ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp| {
+                auth = req
+                    .headers()
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                uri = req.uri().to_string();
+                if matches!(script, Script::Reject401) {
+                    let mut refusal = ErrorResponse::new(Some("no".to_owned()));
+                    *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+                    return Err(refusal);
+                }
+                Ok::<Response, _>(resp)
+            })
+            .await;
+            let Ok(mut ws) = ws else {
+                log.auth = auth;
+                log.uri = uri;
+                return log;
+            };
+            log.auth = auth;
+            log.uri = uri;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+                match msg {
+                    Message::Text(text) => {
+                        let v: Value = serde_json::from_str(&text).unwrap();
+                        let start = v["event"] == "start";
+                        log.texts.push(v);
+                        if !start {
+                            continue;
+                        }
+                        match script {
+                            Script::Listen | Script::Reject401 => {}
+                            Script::DropAfterStart => return log,
+                            Script::HangUp => ws
+                                .send(Message::text(r#"{"event":"hangup"}"#.to_owned()))
+                                .await
+                                .unwrap(),
+                            Script::ToneThenMark => {
+                                // The media session discards pipeline audio that
+                                // arrives while the 4.4 s prompt plays: wait it out.
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                for chunk in tone_16k().chunks(320) {
+                                    let bytes: Vec<u8> =
+                                        chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
+                                    ws.send(Message::binary(bytes)).await.unwrap();
+                                }
+                                ws.send(Message::text(
+                                    r#"{"event":"mark","name":"after-tone"}"#.to_owned(),
+                                ))
+                                .await
+                                .unwrap();
+                            }
+                        }
+                    }
+                    Message::Binary(bytes) => {
+                        let now = Instant::now();
+                        log.first_frame.get_or_insert(now);
+                        log.last_frame = Some(now);
+                        log.frame_sizes.push(bytes.len());
+                        log.pcm.extend(
+                            bytes
+                                .chunks_exact(2)
+                                .map(|c| i16::from_le_bytes([c[0], c[1]])),
+                        );
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            log
+        })
+    });
+    (port, handle)
+}
+
+/// The test profile with the `demo` tenant on the native agent at `url`, caller audio
+/// not gated by the prompt, bearer token from `AGENT_TOKEN`.
+fn profile(url: &str) -> String {
+    let spec = ProfileSpec {
+        tenant: "caller_audio_after_prompt = false",
+        ..ProfileSpec::default()
+    };
+    let agent = format!(
+        r#"pipeline = {{ kind = "agent", url = "{url}", mode = "native", auth = "env:AGENT_TOKEN" }}"#
+    );
+    let text = spec
+        .render()
+        .replace(r#"pipeline = { kind = "echo" }"#, &agent);
+    assert!(text.contains("kind = \"agent\""));
+    text
+}
+
+fn spawn_daemon(url: &str) -> Daemon {
+    Daemon::spawn_with_env(&profile(url), &[("AGENT_TOKEN", TOKEN)])
+}
+
+fn assert_no_secret_in_logs(daemon: &Daemon) {
+    for line in daemon.logs() {
+        assert!(!line.contains(TOKEN), "token leaked: {line}");
+        assert!(!line.contains(QUERY_SECRET), "URL query leaked: {line}");
+    }
+}
+
+fn answered_cdr(daemon: &Daemon) -> Value {
+    daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["result_code"] == 200)
+        .expect("a CDR for the answered call")
+}
+
+/// Normalised cross-correlation of `needle` with `hay[lag..]` (zero beyond its end).
+fn ncc(hay: &[f64], needle: &[f64], lag: usize) -> f64 {
+    let (mut dot, mut e_hay, mut e_needle) = (0.0, 0.0, 0.0);
+    for (i, n) in needle.iter().enumerate() {
+        let h = hay.get(lag + i).copied().unwrap_or(0.0);
+        dot += h * n;
+        e_hay += h * h;
+        e_needle += n * n;
+    }
+    let d = (e_hay * e_needle).sqrt();
+    if d == 0.0 { 0.0 } else { dot / d }
+}
+
+#[test]
+fn caller_audio_reaches_the_agent_intact_with_start_stop_and_bearer() {
+    let (port, agent) = spawn_agent(Script::Listen);
+    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
+    let result = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    result.assert_success();
+    let log = agent.join().unwrap();
+    let cdr = answered_cdr(&daemon);
+
+    // Handshake: bearer token, URL path and query as configured.
+    assert_eq!(
+        log.auth.as_deref(),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_eq!(log.uri, format!("/agent?key={QUERY_SECRET}"));
+
+    // start first, with the call's identity; stop last.
+    let start = &log.texts[0];
+    assert_eq!(start["event"], "start");
+    assert_eq!(start["call_id"], cdr["call_id"]);
+    assert_eq!(start["tenant"], "demo");
+    assert_eq!(start["from"], "+15550001111");
+    assert_eq!(start["to"], NUMBER);
+    assert_eq!(start["codec"], "pcm_s16le");
+    assert_eq!(start["sample_rate"], 16000);
+    assert_eq!(start["custom"], serde_json::json!({}));
+    assert_eq!(
+        log.texts.last().unwrap(),
+        &serde_json::json!({"event": "stop"})
+    );
+
+    // Every binary message is one 20 ms frame at 16 kHz; frames are contiguous: no
+    // fewer frames than the wall time they span (a dropped frame would show here).
+    assert!(
+        log.frame_sizes.iter().all(|&n| n == 640),
+        "{:?}",
+        log.frame_sizes
+    );
+    let span = log.last_frame.unwrap() - log.first_frame.unwrap();
+    let frames = log.frame_sizes.len();
+    assert!(
+        frames as f64 >= span.as_secs_f64() / 0.020 - 1.0,
+        "{frames} frames over {span:?}"
+    );
+    assert!(frames >= 150, "{frames} frames");
+    assert!(
+        !daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains("caller frames dropped")),
+        "the bridge dropped frames"
+    );
+
+    // Back to 8 kHz (both phases of the 2:1 decimation: the up/down filter pair's
+    // delay may be an odd number of 16 kHz samples) and against the fixture.
+    let fixture = std::fs::read(repo_path("fixtures/audio/caller1.ulaw")).unwrap();
+    let needle: Vec<f64> = fixture
+        .iter()
+        .map(|&c| f64::from(mu_to_linear(c)))
+        .collect();
+    let (mut lag, mut best, mut phase) = (0, f64::MIN, 0);
+    for ph in 0..2 {
+        let mut down = Downsampler::new(PipelineRate::Hz16000);
+        let mut pcm8 = Vec::new();
+        down.process(&log.pcm[ph..], &mut pcm8);
+        let hay: Vec<f64> = pcm8.iter().map(|&s| f64::from(s)).collect();
+        assert!(
+            hay.len() >= needle.len(),
+            "{} < {}",
+            hay.len(),
+            needle.len()
+        );
+        for l in 0..hay.len() - needle.len() + 1 {
+            let v = ncc(&hay, &needle, l);
+            if v > best {
+                (lag, best, phase) = (l, v, ph);
+            }
+        }
+    }
+    eprintln!("sink: NCC {best:.4} at lag {lag} (phase {phase}), {frames} frames");
+    assert!(best >= 0.98, "NCC {best:.4} at lag {lag} phase {phase}");
+
+    assert!(
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains(&format!("ws://127.0.0.1:{port}/agent\""))),
+        "the redacted URL is logged"
+    );
+    assert_no_secret_in_logs(&daemon);
+}
+
+#[test]
+fn agent_hangup_sends_bye() {
+    let (port, agent) = spawn_agent(Script::HangUp);
+    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent"));
+    // bridge_bye.xml with two X- headers in the INVITE.
+    let scenario_dir = tempfile::tempdir().unwrap();
+    let scenario = scenario_dir.path().join("bridge_bye_x.xml");
+    let text = std::fs::read_to_string(sipp_scenario("bridge_bye.xml")).unwrap();
+    let text = text.replacen(
+        "Max-Forwards: 70\n",
+        "Max-Forwards: 70\n      X-Order-Id: 42\n      x-customer: acme corp\n",
+        1,
+    );
+    std::fs::write(&scenario, text).unwrap();
+    let started = Instant::now();
+    let result = sipp(
+        &scenario,
+        daemon.udp_addr(),
+        &["-s", NUMBER, "-timeout", "15s"],
+    );
+    result.assert_success();
+    // Well before the 30 s RTP timeout: the agent's hangup did it.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(result.messages.contains("BYE sip:"), "{}", result.report());
+    let cdr = answered_cdr(&daemon);
+    assert_eq!(cdr["cause"], "local-hangup");
+    assert_eq!(cdr["hangup_side"], "bridge");
+    let log = agent.join().unwrap();
+    let start = log.texts.first().unwrap();
+    assert_eq!(start["event"], "start");
+    assert_eq!(
+        start["custom"],
+        serde_json::json!({"X-Order-Id": "42", "x-customer": "acme corp"})
+    );
+    assert_eq!(log.texts.last().unwrap()["event"], "stop");
+    assert_no_secret_in_logs(&daemon);
+}
+
+/// Power of the 1 kHz bin in one 8 kHz frame relative to its energy (Goertzel).
+fn tone_ratio(frame: &[f64]) -> f64 {
+    let k = 2.0 * (2.0 * std::f64::consts::PI * 1000.0 / 8000.0).cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &x in frame {
+        let s = x + k * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    let power = s1 * s1 + s2 * s2 - k * s1 * s2;
+    let energy: f64 = frame.iter().map(|x| x * x).sum();
+    if energy == 0.0 {
+        0.0
+    } else {
+        2.0 * power / (energy * frame.len() as f64)
+    }
+}
+
+#[test]
+fn agent_audio_is_played_to_the_caller_and_its_mark_comes_back() {
+    let (port, agent) = spawn_agent(Script::ToneThenMark);
+    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent"));
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let media_port = media.local_addr().unwrap().port().to_string();
+    let target = daemon.udp_addr();
+    // The prompt (4.4 s) plays first, the tone from 5 s: hold the call 8 s.
+    let carrier = thread::spawn(move || {
+        sipp(
+            &sipp_scenario("media_on_test_socket.xml"),
+            target,
+            &[
+                "-key",
+                "test_rtp_port",
+                &media_port,
+                "-s",
+                NUMBER,
+                "-d",
+                "8000",
+            ],
+        )
+    });
+    media
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut frames: Vec<Vec<f64>> = Vec::new();
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        match media.recv_from(&mut buf) {
+            Ok((n, _)) if n == 12 + 160 && buf[1] & 0x7f == 0 => {
+                frames.push(
+                    buf[12..n]
+                        .iter()
+                        .map(|&c| f64::from(mu_to_linear(c)))
+                        .collect(),
+                );
+            }
+            Ok(_) => {}
+            Err(_) if !frames.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    let result = carrier.join().unwrap();
+    result.assert_success();
+    let log = agent.join().unwrap();
+
+    // 1 s of tone = 50 packets, played contiguously.
+    let tonal: Vec<bool> = frames.iter().map(|f| tone_ratio(f) > 0.9).collect();
+    let longest = tonal.split(|&t| !t).map(<[bool]>::len).max().unwrap_or(0);
+    assert!(
+        (48..=51).contains(&longest),
+        "longest tone run {longest} packets of {}",
+        frames.len()
+    );
+    let mark = log
+        .texts
+        .iter()
+        .find(|v| v["event"] == "mark")
+        .expect("mark echoed");
+    assert_eq!(
+        mark,
+        &serde_json::json!({"event": "mark", "name": "after-tone", "cleared": false})
+    );
+    assert_eq!(log.texts.last().unwrap()["event"], "stop");
+    assert_no_secret_in_logs(&daemon);
+}
+
+#[test]
+fn refused_agent_connection_leaves_the_call_up() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
+    let result = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    result.assert_success();
+    let cdr = answered_cdr(&daemon);
+    assert_eq!(cdr["cause"], "caller-bye");
+    let call_id = cdr["call_id"].as_str().unwrap().to_owned();
+    let failure = daemon
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l.contains("agent pipeline failed") && l.contains(&call_id)
+        })
+        .expect("the failure is logged with the call id");
+    assert!(
+        failure.contains(&format!("ws://127.0.0.1:{port}/agent")),
+        "{failure}"
+    );
+    assert_no_secret_in_logs(&daemon);
+}
+
+/// A call against a misbehaving agent still runs to the caller's BYE, and the failure is
+/// logged (with the call id and `reason`) without any secret.
+fn call_survives_agent_failure(script: Script, reason: &str) {
+    let (port, agent) = spawn_agent(script);
+    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
+    let result = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    result.assert_success();
+    let cdr = answered_cdr(&daemon);
+    assert_eq!(cdr["cause"], "caller-bye");
+    let call_id = cdr["call_id"].as_str().unwrap().to_owned();
+    let failure = daemon
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l.contains("agent pipeline failed") && l.contains(&call_id)
+        })
+        .expect("the failure is logged with the call id");
+    assert!(failure.contains(reason), "{failure}");
+    let log = agent.join().unwrap();
+    assert_eq!(
+        log.auth.as_deref(),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_no_secret_in_logs(&daemon);
+}
+
+#[test]
+fn upgrade_rejected_with_401_leaves_the_call_up() {
+    call_survives_agent_failure(Script::Reject401, "upgrade rejected with HTTP 401");
+}
+
+#[test]
+fn agent_dropping_mid_call_leaves_the_call_up() {
+    call_survives_agent_failure(Script::DropAfterStart, "websocket");
+}
