@@ -48,7 +48,7 @@ enum Script {
     Reject401,
     /// Drop the TCP connection right after `start`.
     DropAfterStart,
-    /// 5 s after `start` (past the prompt), send 1 s of a 1 kHz tone, then a mark.
+    /// Right after `start` (while the prompt plays), send 1 s of a 1 kHz tone, then a mark.
     ToneThenMark,
 }
 
@@ -121,9 +121,8 @@ fn spawn_agent(script: Script) -> (u16, thread::JoinHandle<AgentLog>) {
                                 .await
                                 .unwrap(),
                             Script::ToneThenMark => {
-                                // The media session discards pipeline audio that
-                                // arrives while the 4.4 s prompt plays: wait it out.
-                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                // Sent at once, while the 4.4 s prompt still plays:
+                                // the bridge holds it and plays it after the prompt.
                                 for chunk in tone_16k().chunks(320) {
                                     let bytes: Vec<u8> =
                                         chunk.iter().flat_map(|s| s.to_le_bytes()).collect();

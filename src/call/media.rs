@@ -417,11 +417,10 @@ impl MediaSession {
         {
             self.playout.push_pcm(&pcm);
         }
-        // The playout queue keeps its own 20 ms slots; while the prompt plays
-        // they pass unsent and its queued audio waits for the prompt to end.
-        if let Some(frame) = self.playout.poll(now)
-            && !have_audio
-        {
+        // While the prompt plays the playout queue is not polled: audio the
+        // pipeline sends meanwhile waits (its slot clock skips ahead, the audio
+        // is delayed, not dropped) and starts when the disclosure has ended.
+        if !have_audio && let Some(frame) = self.playout.poll(now) {
             payload = frame.payload;
         }
         while let Some(mark) = self.playout.poll_marks() {

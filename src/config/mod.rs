@@ -539,7 +539,8 @@ fn describe_pipeline(p: &Pipeline) -> String {
             AgentMode::Native => "native",
             AgentMode::Twilio => "twilio",
         };
-        format!("url {} mode {mode} auth {auth}", a.url)
+        // A URL may carry credentials in its query or userinfo: print neither.
+        format!("url {} mode {mode} auth {auth}", redact_url(&a.url))
     };
     match p {
         Pipeline::Echo => "echo".to_owned(),
@@ -547,4 +548,18 @@ fn describe_pipeline(p: &Pipeline) -> String {
         Pipeline::Agent(a) => format!("agent: {}", agent(a)),
         Pipeline::DeepgramAgent(d, a) => format!("deepgram+agent: {}; {}", dg(d), agent(a)),
     }
+}
+
+/// A URL for logs and summaries: scheme, host, port and path only — no
+/// userinfo, no query, no fragment (they may hold secrets). Anything that is
+/// not `scheme://…` is not printed at all.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<invalid url>".to_owned();
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let rest = &rest[..end];
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}{path}")
 }

@@ -163,21 +163,7 @@ impl PipelineHandle {
     }
 }
 
-/// `scheme://host:port/path` of a URL: no user info, no query, no fragment
-/// (any of which may hold a secret). Unparseable input gives `"<invalid url>"`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<invalid url>".to_owned();
-    };
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let rest = &rest[..end];
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    format!("{scheme}://{host}{path}")
-}
+pub use crate::config::redact_url;
 
 #[cfg(test)]
 mod tests {
