@@ -496,3 +496,45 @@ fn upgrade_rejected_with_401_leaves_the_call_up() {
 fn agent_dropping_mid_call_leaves_the_call_up() {
     call_survives_agent_failure(Script::DropAfterStart, "websocket");
 }
+
+/// `pipeline_rate = 8000`: `start` says so, frames are 320-byte 20 ms blocks at
+/// 8 kHz, and they are the caller's decoded audio itself (no resampling).
+#[test]
+fn pipeline_rate_8000_delivers_the_callers_audio_at_8_khz() {
+    let (port, agent) = spawn_agent(Script::Listen);
+    let profile = profile(&format!("ws://127.0.0.1:{port}/agent")).replace(
+        "caller_audio_after_prompt = false",
+        "caller_audio_after_prompt = false\npipeline_rate = 8000",
+    );
+    let daemon = Daemon::spawn_with_env(&profile, &[("AGENT_TOKEN", TOKEN)]);
+    let result = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    result.assert_success();
+    let log = agent.join().unwrap();
+    assert_eq!(log.texts[0]["sample_rate"], 8000);
+    assert!(
+        log.frame_sizes.iter().all(|&n| n == 320),
+        "{:?}",
+        log.frame_sizes
+    );
+    let fixture = std::fs::read(repo_path("fixtures/audio/caller1.ulaw")).unwrap();
+    let needle: Vec<f64> = fixture
+        .iter()
+        .map(|&c| f64::from(mu_to_linear(c)))
+        .collect();
+    let hay: Vec<f64> = log.pcm.iter().map(|&s| f64::from(s)).collect();
+    assert!(
+        hay.len() >= needle.len(),
+        "{} < {}",
+        hay.len(),
+        needle.len()
+    );
+    let best = (0..hay.len() - needle.len() + 1)
+        .map(|l| ncc(&hay, &needle, l))
+        .fold(f64::MIN, f64::max);
+    assert!(best >= 0.99, "NCC {best:.4}");
+    assert_no_secret_in_logs(&daemon);
+}

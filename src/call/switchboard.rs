@@ -456,7 +456,9 @@ impl Switchboard {
         MediaPlan {
             prompt: self.prompts.get(tenant_id).cloned(),
             gate_until_prompt_done: tenant.is_none_or(|t| t.caller_audio_after_prompt),
-            pipeline_rate: PipelineRate::Hz16000,
+            pipeline_rate: tenant
+                .and_then(|t| PipelineRate::from_hz(t.pipeline_rate))
+                .unwrap_or(PipelineRate::Hz16000),
             echo_delay: echo.then_some(ECHO_DELAY),
         }
     }

@@ -241,6 +241,8 @@ pub struct Tenant {
     /// The caller's audio reaches the pipeline only once the disclosure
     /// prompt has finished (default true).
     pub caller_audio_after_prompt: bool,
+    /// Sample rate of the PCM exchanged with the pipeline: 8000 or 16000 (default).
+    pub pipeline_rate: u32,
     /// Retention in days.
     pub retention: Retention,
     /// What handles the caller's audio.

@@ -120,6 +120,8 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) caller_audio_after_prompt: Option<bool>,
     #[serde(default)]
+    pub(crate) pipeline_rate: Option<Spanned<u32>>,
+    #[serde(default)]
     pub(crate) retention: Option<Spanned<RawRetention>>,
     pub(crate) pipeline: Spanned<RawPipeline>,
     #[serde(default)]

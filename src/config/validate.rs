@@ -938,6 +938,18 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
         }
         let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
+        let pipeline_rate = match &t.pipeline_rate {
+            None => 16_000,
+            Some(r) if matches!(*r.get_ref(), 8_000 | 16_000) => *r.get_ref(),
+            Some(r) => {
+                cx.error(
+                    file,
+                    Some(r.span()),
+                    format!("pipeline_rate {} must be 8000 or 16000", r.get_ref()),
+                );
+                16_000
+            }
+        };
         if let Some(pipeline) = pipeline {
             out.push((
                 Tenant {
@@ -947,6 +959,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     prompt,
                     opt_out_key,
                     caller_audio_after_prompt: t.caller_audio_after_prompt.unwrap_or(true),
+                    pipeline_rate,
                     retention,
                     pipeline,
                     max_calls,

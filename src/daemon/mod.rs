@@ -80,14 +80,18 @@ impl Shared {
         tenant: &str,
         invite: &crate::sip::message::Request,
     ) -> Option<(AgentTarget, CallInfo)> {
-        let target = {
+        let (target, sample_rate) = {
             let sb = lock(&self.switchboard);
-            match &sb.config().tenant(tenant)?.pipeline {
+            let t = sb.config().tenant(tenant)?;
+            let rate = t.pipeline_rate;
+            let target = match &t.pipeline {
                 crate::config::Pipeline::Agent(a) => AgentTarget::for_settings(a)?,
                 _ => return None,
-            }
+            };
+            (target, rate)
         };
         let info = CallInfo {
+            sample_rate,
             call_id: invite.call_id().unwrap_or_default().to_owned(),
             tenant: tenant.to_owned(),
             from: invite

@@ -38,6 +38,8 @@ pub struct CallInfo {
     pub to: String,
     /// The INVITE's `X-` headers (name as received, value), in order.
     pub custom: Vec<(String, String)>,
+    /// Sample rate of the PCM both ways (the tenant's `pipeline_rate`).
+    pub sample_rate: u32,
 }
 
 /// How to reach a tenant's agent.

@@ -17,8 +17,6 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
-/// The pipeline's sample rate on the wire.
-pub const SAMPLE_RATE: u32 = 16_000;
 /// How long the connection (TCP + upgrade) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the bridge waits, after `stop`, for the close handshake.
@@ -80,7 +78,7 @@ pub fn start_message(info: &CallInfo) -> String {
         "from": info.from,
         "to": info.to,
         "codec": "pcm_s16le",
-        "sample_rate": SAMPLE_RATE,
+        "sample_rate": info.sample_rate,
         "custom": custom,
     })
     .to_string()
@@ -238,6 +236,7 @@ mod tests {
             from: "+1555".into(),
             to: "+1666".into(),
             custom: vec![("X-Order".into(), "42".into())],
+            sample_rate: 16_000,
         };
         let v: serde_json::Value = serde_json::from_str(&start_message(&info)).unwrap();
         assert_eq!(
