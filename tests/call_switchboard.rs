@@ -17,6 +17,10 @@ use sipbridge::sip::message::{Message, parse_datagram};
 use sipbridge::sip::sdp::Direction;
 
 fn config(extra_sip: &str, allow: &str) -> Arc<sipbridge::config::Config> {
+    config_with(extra_sip, allow, "")
+}
+
+fn config_with(extra_sip: &str, allow: &str, tenant: &str) -> Arc<sipbridge::config::Config> {
     let dir = tempfile::tempdir().unwrap();
     let prompt = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -39,6 +43,7 @@ allow = ["{allow}"]
 id = "demo"
 prompt = "{prompt}"
 pipeline = {{ kind = "echo" }}
+{tenant}
 [[route]]
 number = "*"
 tenant = "demo"
@@ -163,6 +168,20 @@ fn unknown_source_gets_403_or_silence() {
     assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
 }
 
+/// The daemon loads each tenant's prompt once at start; early media needs it.
+fn load_prompts(sb: &mut Switchboard) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sip-profiles/prompts/disclosure.wav"
+    );
+    let prompt = sipbridge::media::prompt::Prompt::load(path).unwrap();
+    sb.set_prompts(
+        [("demo".to_owned(), Arc::new(prompt))]
+            .into_iter()
+            .collect(),
+    );
+}
+
 fn transmits(call: &mut Call) -> (Vec<Vec<u8>>, Vec<CallEvent>) {
     let mut bytes = Vec::new();
     let mut events = Vec::new();
@@ -252,4 +271,118 @@ fn update_with_hold_offer_is_answered_and_the_call_stays_up() {
     // On hold, the RTP timeout does not run: the call is still up a minute later.
     call.handle_timeout(t0 + Duration::from_secs(60), &mut rng);
     assert!(!call.is_ended());
+}
+
+#[test]
+fn early_media_sends_183_with_sdp_and_answers_when_the_prompt_ends() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let t0 = Instant::now();
+    let cfg = config_with("", "127.0.0.0/8", "early_media = true");
+    let mut sb = switchboard(&cfg, &mut rng);
+    load_prompts(&mut sb);
+    let invite = request("INVITE", "e1", 1, None, &sdp("sendrecv"));
+    let Dispatch::NewCall(admitted) = sb.dispatch(
+        t0,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    ) else {
+        panic!("not admitted")
+    };
+    let mut call = Call::new(
+        t0,
+        SystemTime::now(),
+        admitted.invite,
+        admitted.peer,
+        admitted.settings,
+        &mut rng,
+    )
+    .unwrap();
+    let (sent, events) = transmits(&mut call);
+    let statuses: Vec<u16> = sent.iter().map(|b| status_of(b)).collect();
+    assert_eq!(statuses, vec![100, 183], "no 180, no 200 yet");
+    let Ok(Message::Response(progress)) = parse_datagram(&sent[1]) else {
+        panic!()
+    };
+    assert!(
+        progress.body.starts_with(b"v=0"),
+        "183 carries the SDP answer"
+    );
+    assert!(
+        matches!(events.as_slice(), [CallEvent::EarlyMedia(_)]),
+        "{events:?}"
+    );
+    // Time passes (the prompt plays): still no answer.
+    call.handle_timeout(t0 + Duration::from_secs(3), &mut rng);
+    let (sent, _) = transmits(&mut call);
+    assert!(
+        sent.iter().all(|b| status_of(b) != 200),
+        "answered too early"
+    );
+    // The media reports the end of the prompt: 200 with the same SDP.
+    call.prompt_finished(t0 + Duration::from_millis(4440));
+    let (sent, events) = transmits(&mut call);
+    let ok = sent
+        .iter()
+        .find(|b| status_of(b) == 200)
+        .expect("200 after the prompt");
+    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
+        panic!()
+    };
+    assert_eq!(
+        ok.body, progress.body,
+        "RFC 3960: the 200 repeats the 183's answer"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, CallEvent::Answered(_))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn cancel_during_early_media_gets_487() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let t0 = Instant::now();
+    let cfg = config_with("", "127.0.0.0/8", "early_media = true");
+    let mut sb = switchboard(&cfg, &mut rng);
+    load_prompts(&mut sb);
+    let invite = request("INVITE", "e2", 1, None, &sdp("sendrecv"));
+    let Dispatch::NewCall(admitted) = sb.dispatch(
+        t0,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    ) else {
+        panic!("not admitted")
+    };
+    let mut call = Call::new(
+        t0,
+        SystemTime::now(),
+        admitted.invite,
+        admitted.peer,
+        admitted.settings,
+        &mut rng,
+    )
+    .unwrap();
+    transmits(&mut call);
+    let cancel = request("CANCEL", "e2", 1, None, "");
+    let Ok(Message::Request(cancel)) = parse_datagram(&cancel) else {
+        panic!()
+    };
+    call.handle_request(t0 + Duration::from_secs(2), cancel, &mut rng);
+    let (sent, events) = transmits(&mut call);
+    let statuses: Vec<u16> = sent.iter().map(|b| status_of(b)).collect();
+    assert_eq!(statuses, vec![200, 487]);
+    assert!(
+        events.iter().any(
+            |e| matches!(e, CallEvent::Ended(r) if r.result_code == 487 && r.cause == "cancelled")
+        ),
+        "{events:?}"
+    );
 }

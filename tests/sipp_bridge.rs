@@ -102,6 +102,30 @@ fn basic_call_udp() {
     assert_eq!(cdr["to"], NUMBER);
 }
 
+/// A tenant with `early_media`: the prompt plays in 183 Session Progress and the
+/// 200 comes once it has finished (the 4.4 s disclosure).
+#[test]
+fn early_media_prompt_before_answer() {
+    let profile = ProfileSpec {
+        tenant: "early_media = true",
+        ..ProfileSpec::default()
+    }
+    .render();
+    let daemon = Daemon::spawn(&profile);
+    let result = run(daemon.udp_addr(), "basic_call.xml", &["-s", NUMBER]);
+    result.assert_success();
+    assert_eq!(statuses_received(&result), [100, 183, 200, 200]);
+    let progress = received_message(&result, "SIP/2.0 183");
+    assert!(progress.contains("a=rtpmap:0 PCMU/8000"), "{progress}");
+    let cdr = cdr_for(&daemon, &result);
+    assert_cdr(&cdr, 200, "caller-bye");
+    let rang_ms = cdr["answered_at"].as_u64().unwrap() - cdr["started_at"].as_u64().unwrap();
+    assert!(
+        (4_300..8_000).contains(&rang_ms),
+        "answered {rang_ms} ms after the INVITE; the prompt lasts 4.44 s"
+    );
+}
+
 #[test]
 fn basic_call_tcp() {
     let daemon = Daemon::spawn(&profile_toml(""));

@@ -119,6 +119,9 @@ pub struct CallSettings {
     pub max_duration: Option<Duration>,
     /// What the media does once answered (prompt, pipeline).
     pub plan: MediaPlan,
+    /// Play the disclosure in `183 Session Progress` and answer once it has
+    /// finished (the caller hears the notice before the call is answered).
+    pub early_media: bool,
 }
 
 /// Why a call ended, as recorded in the CDR.
@@ -170,6 +173,8 @@ impl HangupCause {
 /// What the call tells its owner.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallEvent {
+    /// 183 with SDP sent: start the media (the prompt) before the answer.
+    EarlyMedia(Negotiated),
     /// 200 OK sent; media may flow to `negotiated.remote_rtp`.
     Answered(Negotiated),
     /// The session was re-negotiated (hold, unhold, new address).
@@ -260,6 +265,10 @@ pub struct Call {
     record: CallRecord,
     out: VecDeque<CallOutput>,
 }
+
+/// With early media, answer at the latest this long after the 183 (a prompt
+/// is at most 120 s; the media normally reports its end much sooner).
+const EARLY_MEDIA_LIMIT: Duration = Duration::from_secs(130);
 
 /// Maximum in-dialog server transactions kept at once; a peer flooding new
 /// requests gets 503 beyond it instead of growing memory.
@@ -365,6 +374,22 @@ impl Call {
                     return Ok(call);
                 }
             }
+        }
+        if call.settings.early_media
+            && let (Some(neg), Some(body)) = (call.negotiated.clone(), call.pending_answer.clone())
+        {
+            // RFC 3960 early media: the same SDP answer in the 183 and the 200.
+            let mut progress = call.ok_with_sdp(&call.invite, body);
+            progress.status = 183;
+            progress.reason = "Session Progress".to_owned();
+            let _ = call.invite_txn.send_provisional(now, progress.encode());
+            call.drain_invite_txn();
+            call.out
+                .push_back(CallOutput::Event(CallEvent::EarlyMedia(neg)));
+            // Answered by `prompt_finished`; this bound answers anyway if the
+            // media never reports it.
+            call.answer_at = Some(now + EARLY_MEDIA_LIMIT.max(call.settings.answer_delay));
+            return Ok(call);
         }
         let ringing = call.dialog_response(&call.invite, 180, true);
         let _ = call.invite_txn.send_provisional(now, ringing.encode());
@@ -510,6 +535,15 @@ impl Call {
             return None;
         }
         Some(self.last_media + timeout)
+    }
+
+    /// The disclosure prompt has been played. With early media this answers
+    /// the call (200 OK); otherwise it changes nothing.
+    pub fn prompt_finished(&mut self, now: Instant) {
+        if self.settings.early_media && self.state == State::Ringing && self.answer_at.is_some() {
+            self.answer_at = None;
+            self.answer(now);
+        }
     }
 
     /// RTP arrived for this call (the media layer calls this; it re-arms the RTP timeout).

@@ -645,6 +645,11 @@ impl Switchboard {
             TransportKind::Tcp => self.settings.local_tcp.clone(),
         };
         let plan = self.media_plan(&tenant_id);
+        let early_media = plan.prompt.is_some()
+            && self
+                .config
+                .tenant(&tenant_id)
+                .is_some_and(|t| t.early_media);
         let settings = CallSettings {
             tenant: tenant_id,
             trunk: trunk_name,
@@ -663,6 +668,7 @@ impl Switchboard {
             rtp_timeout: self.settings.rtp_timeout,
             max_duration: self.settings.max_duration,
             plan,
+            early_media,
         };
         Dispatch::NewCall(Box::new(Admitted {
             invite: req,

@@ -243,6 +243,8 @@ pub struct Tenant {
     pub caller_audio_after_prompt: bool,
     /// Sample rate of the PCM exchanged with the pipeline: 8000 or 16000 (default).
     pub pipeline_rate: u32,
+    /// Play the prompt in 183 Session Progress and answer after it.
+    pub early_media: bool,
     /// Retention in days.
     pub retention: Retention,
     /// What handles the caller's audio.

@@ -122,6 +122,8 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) pipeline_rate: Option<Spanned<u32>>,
     #[serde(default)]
+    pub(crate) early_media: bool,
+    #[serde(default)]
     pub(crate) retention: Option<Spanned<RawRetention>>,
     pub(crate) pipeline: Spanned<RawPipeline>,
     #[serde(default)]

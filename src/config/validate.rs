@@ -960,6 +960,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     opt_out_key,
                     caller_audio_after_prompt: t.caller_audio_after_prompt.unwrap_or(true),
                     pipeline_rate,
+                    early_media: t.early_media,
                     retention,
                     pipeline,
                     max_calls,

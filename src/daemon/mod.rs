@@ -289,7 +289,10 @@ async fn run_call(
                             p.send_dtmf(ev.digit);
                         }
                     }
-                    MediaOutput::PromptFinished => info!("disclosure prompt finished"),
+                    MediaOutput::PromptFinished => {
+                        info!("disclosure prompt finished");
+                        call.prompt_finished(Instant::now());
+                    }
                     MediaOutput::Mark(mark) => {
                         debug!(name = %mark.name, cleared = mark.cleared, "mark played");
                         if let Some(p) = &mut pipeline {
@@ -303,20 +306,33 @@ async fn run_call(
         while let Some(out) = call.poll_output() {
             match out {
                 CallOutput::Transmit(t) => shared.transports.send(t).await,
-                CallOutput::Event(CallEvent::Answered(neg)) => {
-                    info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
+                CallOutput::Event(CallEvent::EarlyMedia(neg)) => {
+                    info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "early media");
                     let plan = call.settings().plan.clone();
                     match MediaSession::new(Instant::now(), &neg, plan, &mut rng) {
-                        Ok(m) => {
-                            media = Some(m);
-                            pipeline = agent
-                                .take()
-                                .map(|(t, info)| PipelineHandle::spawn_native(t, info));
-                        }
+                        Ok(m) => media = Some(m),
                         Err(e) => {
                             warn!(error = %e, "no media for this call");
                             call.hang_up(Instant::now(), HangupCause::MediaFailed, &mut rng);
                         }
+                    }
+                }
+                CallOutput::Event(CallEvent::Answered(neg)) => {
+                    info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
+                    if media.is_none() {
+                        let plan = call.settings().plan.clone();
+                        match MediaSession::new(Instant::now(), &neg, plan, &mut rng) {
+                            Ok(m) => media = Some(m),
+                            Err(e) => {
+                                warn!(error = %e, "no media for this call");
+                                call.hang_up(Instant::now(), HangupCause::MediaFailed, &mut rng);
+                            }
+                        }
+                    }
+                    if media.is_some() {
+                        pipeline = agent
+                            .take()
+                            .map(|(t, info)| PipelineHandle::spawn_native(t, info));
                     }
                 }
                 CallOutput::Event(CallEvent::MediaChanged(neg)) => {

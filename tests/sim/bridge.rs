@@ -219,6 +219,10 @@ impl Bridge {
                 CallOutput::Event(CallEvent::Answered(neg)) => {
                     self.answered.entry(id.to_owned()).or_default().push(neg);
                 }
+                // The simulated tenant has no early media.
+                CallOutput::Event(CallEvent::EarlyMedia(_)) => self
+                    .violations
+                    .push(format!("unexpected early media for {id} at {now:?}")),
                 CallOutput::Event(CallEvent::MediaChanged(neg)) => {
                     self.media_changed
                         .entry(id.to_owned())
