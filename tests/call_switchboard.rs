@@ -386,3 +386,81 @@ fn cancel_during_early_media_gets_487() {
         "{events:?}"
     );
 }
+
+/// We are the session refresher; the caller answers our refreshing re-INVITE
+/// with 491: our ACK for it carries the re-INVITE's own Via branch (it belongs
+/// to that INVITE transaction, RFC 3261 §17.1.1.3), and the call stays up.
+#[test]
+fn ack_for_a_non_2xx_to_our_refresh_uses_our_branch() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let t0 = Instant::now();
+    // No RTP flows in this test: switch the RTP timeout off.
+    let cfg = config("[profile.media]\nrtp_timeout_s = 0", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let mut invite = String::from_utf8(request("INVITE", "r1", 1, None, &sdp("sendrecv"))).unwrap();
+    invite = invite.replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nSupported: timer\r\nSession-Expires: 90;refresher=uas\r\n",
+    );
+    let invite = invite.into_bytes();
+    let Dispatch::NewCall(admitted) = sb.dispatch(
+        t0,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    ) else {
+        panic!("not admitted")
+    };
+    let mut call = Call::new(
+        t0,
+        SystemTime::now(),
+        admitted.invite,
+        admitted.peer,
+        admitted.settings,
+        &mut rng,
+    )
+    .unwrap();
+    let (sent, _) = transmits(&mut call);
+    let ok = sent.iter().find(|b| status_of(b) == 200).unwrap();
+    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
+        panic!()
+    };
+    assert_eq!(ok.headers.get("Session-Expires"), Some("90;refresher=uas"));
+    let tag = ok.to().unwrap().tag().unwrap().to_owned();
+    let ack = request("ACK", "a1", 1, Some(&tag), "");
+    let Ok(Message::Request(ack)) = parse_datagram(&ack) else {
+        panic!()
+    };
+    call.handle_request(t0, ack, &mut rng);
+    transmits(&mut call);
+
+    // Half the interval later we refresh.
+    call.handle_timeout(t0 + Duration::from_secs(45), &mut rng);
+    let (sent, _) = transmits(&mut call);
+    let Ok(Message::Request(reinvite)) = parse_datagram(&sent[0]) else {
+        panic!("expected our re-INVITE")
+    };
+    assert_eq!(reinvite.method.as_str(), "INVITE");
+    let our_via = reinvite.top_via().unwrap();
+    let our_branch = our_via.branch().unwrap().to_owned();
+    assert!(our_branch.starts_with("z9hG4bK"));
+
+    // The caller answers 491.
+    let mut busy = sipbridge::sip::message::Response::for_request(&reinvite, 491);
+    busy.headers.set(
+        "To",
+        format!("{};tag=caller", reinvite.headers.get("To").unwrap()),
+    );
+    call.handle_response(t0 + Duration::from_millis(45_050), busy, &mut rng);
+    let (sent, _) = transmits(&mut call);
+    let Ok(Message::Request(ack)) = parse_datagram(&sent[0]) else {
+        panic!("expected our ACK")
+    };
+    assert_eq!(ack.method.as_str(), "ACK");
+    assert_eq!(ack.top_via().unwrap().branch(), Some(our_branch.as_str()));
+    assert_eq!(ack.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
+    assert!(!call.is_ended());
+}

@@ -21,7 +21,7 @@ pub use switchboard::{
 
 use crate::sip::dialog::Dialog;
 use crate::sip::error::SipError;
-use crate::sip::message::{Method, NameAddr, Request, Response, Via};
+use crate::sip::message::{Host, Method, NameAddr, Params, Request, Response, Uri, Via};
 use crate::sip::sdp::{Direction, LocalMedia, Negotiated, SdpSession};
 use crate::sip::timer::TimerConfig;
 use crate::sip::transaction::{
@@ -227,6 +227,8 @@ enum ClientTxn {
     Bye(ClientNonInviteTransaction),
     Refresh {
         seq: u32,
+        /// Our Via on the re-INVITE: the ACK for a non-2xx answer carries it.
+        via: Via,
         txn: ClientInviteTransaction,
     },
 }
@@ -918,15 +920,12 @@ impl Call {
                 // A response in the wrong state is absorbed by the transaction.
                 let _ = txn.on_response(now, resp.status);
             }
-            (Some(ClientTxn::Refresh { seq, txn }), Method::Invite) if *seq == cseq.seq => {
+            (Some(ClientTxn::Refresh { seq, via, txn }), Method::Invite) if *seq == cseq.seq => {
                 let seq = *seq;
                 let status = resp.status;
-                // Our refreshes are answered 2xx or, rarely, non-2xx; the ACK
-                // for a non-2xx is built by the transaction's caller.
-                let ack = self.dialog.ack(
-                    seq,
-                    &self.invite.top_via().unwrap_or_else(|_| unreachable_via()),
-                );
+                // The ACK for a non-2xx belongs to the INVITE transaction: same
+                // Via (branch) as our re-INVITE (RFC 3261 §17.1.1.3).
+                let ack = self.dialog.ack(seq, via);
                 let _ = txn.on_response(now, status, || ack.encode());
                 if (200..300).contains(&status) {
                     self.ack_refresh(seq, &resp, rng);
@@ -1042,37 +1041,34 @@ impl Call {
         resp
     }
 
+    /// Our advertised host (an IP literal from the profile; a name if one
+    /// were ever configured, printed as given).
+    fn local_host(&self) -> Host {
+        Host::parse(&self.settings.local.host)
+            .unwrap_or_else(|_| Host::Domain(self.settings.local.host.clone()))
+    }
+
     fn contact_addr(&self) -> NameAddr {
-        let transport = match self.peer.transport {
-            TransportKind::Udp => "",
-            TransportKind::Tcp => ";transport=tcp",
-        };
-        let text = format!(
-            "<sip:sipbridge@{}:{}{}>",
-            self.settings.local.host, self.settings.local.port, transport
+        let mut uri = Uri::sip(
+            Some("sipbridge"),
+            self.local_host(),
+            Some(self.settings.local.port),
         );
-        // Our own host/port always form a valid URI; fall back to the To URI if
-        // a misconfigured advertised host does not.
-        NameAddr::parse(&text).unwrap_or_else(|_| self.dialog.local_uri.clone())
+        if self.peer.transport == TransportKind::Tcp {
+            uri.params.set("transport", Some("tcp"));
+        }
+        NameAddr::new(uri)
     }
 
     fn via(&self, rng: &mut impl RngCore) -> Via {
-        let text = format!(
-            "SIP/2.0/{} {}:{};branch=z9hG4bK{};rport",
-            self.peer.transport.as_via(),
-            self.settings.local.host,
-            self.settings.local.port,
-            random_token(rng)
-        );
-        match Via::parse(&text) {
-            Ok(via) => via,
-            Err(_) => {
-                // Same fallback as the Contact: reuse the INVITE's Via shape.
-                let mut via = self.invite.top_via().unwrap_or_else(|_| unreachable_via());
-                via.params
-                    .set("branch", Some(&format!("z9hG4bK{}", random_token(rng))));
-                via
-            }
+        let mut params = Params::new();
+        params.set("branch", Some(&format!("z9hG4bK{}", random_token(rng))));
+        params.set("rport", None);
+        Via {
+            transport: self.peer.transport.as_via().to_owned(),
+            host: self.local_host(),
+            port: Some(self.settings.local.port),
+            params,
         }
     }
 
@@ -1240,7 +1236,7 @@ impl Call {
             self.settings.timers,
             req.encode(),
         );
-        self.client = Some(ClientTxn::Refresh { seq, txn });
+        self.client = Some(ClientTxn::Refresh { seq, via, txn });
         self.drain_client(now, rng);
     }
 
@@ -1254,17 +1250,5 @@ impl Call {
         let dest = self.request_dest();
         self.out
             .push_back(CallOutput::Transmit(Transmit { dest, bytes: ack }));
-    }
-}
-
-fn unreachable_via() -> Via {
-    // Only reached when both our configured host and the INVITE's Via fail to
-    // parse, which admission rules out; a syntactically valid placeholder keeps
-    // the code panic-free.
-    Via {
-        transport: "UDP".to_owned(),
-        host: crate::sip::message::Host::V4(std::net::Ipv4Addr::LOCALHOST),
-        port: None,
-        params: Default::default(),
     }
 }
