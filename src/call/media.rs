@@ -112,6 +112,8 @@ pub struct MediaSession {
     prompt: Option<PromptPlayer>,
     prompt_done: bool,
     upsampler: Upsampler,
+    /// The last upsampled sample, held back one sample (see `inbound_tick`).
+    up_carry: i16,
     prev: Vec<i16>,
     /// Decoded caller audio not yet cut into 20 ms frames (packets of other
     /// ptimes than 20 ms decode to other lengths).
@@ -185,6 +187,7 @@ impl MediaSession {
             prompt_done: prompt.is_none(),
             prompt,
             upsampler: Upsampler::new(plan.pipeline_rate),
+            up_carry: 0,
             prev: vec![0; FRAME],
             inbound: VecDeque::with_capacity(4 * FRAME),
             remote: neg.remote_rtp,
@@ -382,6 +385,14 @@ impl MediaSession {
         let media_time = at.saturating_duration_since(self.started);
         let mut samples = Vec::with_capacity(self.plan.pipeline_rate.samples_per_20ms());
         self.upsampler.process(&pcm, &mut samples);
+        if self.plan.pipeline_rate == PipelineRate::Hz16000 {
+            // The half-band upsampler delays by 27 samples at 16 kHz (13.5 at
+            // 8 kHz); one more sample makes the pipeline path (up, then the
+            // playout queue's delay-compensated down) a whole 14 samples at
+            // 8 kHz, so echoed/agent audio lines up sample for sample.
+            samples.insert(0, self.up_carry);
+            self.up_carry = samples.pop().unwrap_or(0);
+        }
         if let Some(delay) = self.plan.echo_delay
             && self.echo.len() < MAX_ECHO_FRAMES
         {
