@@ -49,6 +49,8 @@ pub struct MediaPlan {
     pub pipeline_rate: PipelineRate,
     /// The echo pipeline: play the caller back after this delay.
     pub echo_delay: Option<Duration>,
+    /// The tenant records calls: emit [`MediaOutput::Record`] every tick.
+    pub record: bool,
 }
 
 /// 20 ms of the caller's audio for the pipeline.
@@ -87,6 +89,16 @@ pub enum MediaOutput {
     PromptFinished,
     /// A mark the pipeline set has been played out (or cleared).
     Mark(MarkEvent),
+    /// One 20 ms tick of the call for the recording (only when the plan
+    /// records), from the first tick on, so the recording starts with the
+    /// disclosure prompt. Silence where nothing was received or sent.
+    Record {
+        /// The caller: 160 samples at 8 kHz.
+        left: Vec<i16>,
+        /// What we sent (prompt, then pipeline/echo audio), decoded from the
+        /// G.711 payload: 160 samples at 8 kHz.
+        right: Vec<i16>,
+    },
 }
 
 /// Counters for the CDR and metrics.
@@ -131,6 +143,8 @@ pub struct MediaSession {
     /// The pipeline's audio to the caller, paced out at 20 ms.
     playout: PlayoutQueue,
     counters: MediaCounters,
+    /// Recording tap active (the plan records and no opt-out stopped it).
+    recording: bool,
     out: VecDeque<MediaOutput>,
 }
 
@@ -198,6 +212,7 @@ impl MediaSession {
             echo: VecDeque::new(),
             playout: PlayoutQueue::new(law, plan.pipeline_rate, now, true),
             counters: MediaCounters::default(),
+            recording: plan.record,
             out: VecDeque::new(),
             plan,
         };
@@ -241,6 +256,17 @@ impl MediaSession {
         while let Some(mark) = self.playout.poll_marks() {
             self.out.push_back(MediaOutput::Mark(mark));
         }
+    }
+
+    /// Stops the recording tap for the rest of the call (consent opt-out):
+    /// no [`MediaOutput::Record`] follows.
+    pub fn stop_recording(&mut self) {
+        self.recording = false;
+    }
+
+    /// Whether the recording tap is on.
+    pub fn is_recording(&self) -> bool {
+        self.recording
     }
 
     /// Whether the disclosure prompt has finished (or there is none).
@@ -329,13 +355,22 @@ impl MediaSession {
         let mut sent_this_call = false;
         while self.next_tick() <= now {
             let tick_at = self.next_tick();
-            self.inbound_tick(tick_at);
-            if sent_this_call {
+            let caller = self.inbound_tick(tick_at);
+            let sent = if sent_this_call {
                 self.sender.skip(FRAME as u32);
                 self.talkspurt = true;
+                None
             } else {
-                self.outbound_tick(now);
                 sent_this_call = true;
+                self.outbound_tick(now)
+            };
+            if self.recording {
+                let left = caller.unwrap_or_else(|| vec![0; FRAME]);
+                let mut right = vec![0i16; FRAME];
+                if let Some(payload) = sent {
+                    g711::decode(self.law, &payload, &mut right);
+                }
+                self.out.push_back(MediaOutput::Record { left, right });
             }
             self.ticks += 1;
         }
@@ -354,7 +389,9 @@ impl MediaSession {
         self.prompt_done || !self.plan.gate_until_prompt_done
     }
 
-    fn inbound_tick(&mut self, at: Instant) {
+    /// Returns the caller's 20 ms (8 kHz) taken from the buffer this tick,
+    /// gated or not (the recording hears the caller from the start).
+    fn inbound_tick(&mut self, at: Instant) -> Option<Vec<i16>> {
         match self.jitter.pop(at) {
             Some(Frame::Audio { payload, .. }) => {
                 let mut pcm = vec![0i16; payload.len()];
@@ -375,12 +412,12 @@ impl MediaSession {
             self.inbound.pop_front();
         }
         if self.inbound.len() < FRAME {
-            return;
+            return None;
         }
         let mut pcm: Vec<i16> = self.inbound.drain(..FRAME).collect();
         pcm.resize(FRAME, 0);
         if !self.gate_open() {
-            return;
+            return Some(pcm);
         }
         let media_time = at.saturating_duration_since(self.started);
         let mut samples = Vec::with_capacity(self.plan.pipeline_rate.samples_per_20ms());
@@ -406,9 +443,11 @@ impl MediaSession {
             rate: self.plan.pipeline_rate,
             media_time,
         }));
+        Some(pcm)
     }
 
-    fn outbound_tick(&mut self, now: Instant) {
+    /// Returns the G.711 payload sent this tick (`None` when on hold).
+    fn outbound_tick(&mut self, now: Instant) -> Option<[u8; FRAME]> {
         let mut payload = [g711_silence(self.law); FRAME];
         let mut have_audio = false;
         // Silence fills the gaps: carriers' SBCs and NATs expect a steady stream.
@@ -443,11 +482,13 @@ impl MediaSession {
                 self.talkspurt = false;
                 self.counters.rtp_out += 1;
                 self.out.push_back(MediaOutput::Rtp { to, bytes });
+                Some(payload)
             }
             _ => {
                 // On hold: keep the timestamp running, start a new talkspurt after.
                 self.sender.skip(FRAME as u32);
                 self.talkspurt = true;
+                None
             }
         }
     }
@@ -455,4 +496,113 @@ impl MediaSession {
 
 fn g711_silence(law: Law) -> u8 {
     law.silence()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn negotiated() -> Negotiated {
+        Negotiated {
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            telephone_event_pt: Some(101),
+            remote_rtp: Some(SocketAddr::from(([127, 0, 0, 1], 40000))),
+            remote_direction: Direction::SendRecv,
+            local_direction: Direction::SendRecv,
+            ptime_ms: 20,
+        }
+    }
+
+    fn plan(record: bool, prompt: &[i16]) -> MediaPlan {
+        MediaPlan {
+            prompt: Some(Arc::new(Prompt::from_pcm(prompt, 8000).unwrap())),
+            gate_until_prompt_done: true,
+            pipeline_rate: PipelineRate::Hz8000,
+            echo_delay: None,
+            record,
+        }
+    }
+
+    fn rtp(seq: u16, ts: u32, payload: &[u8]) -> Bytes {
+        let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+        p[2..4].copy_from_slice(&seq.to_be_bytes());
+        p[4..8].copy_from_slice(&ts.to_be_bytes());
+        p.extend_from_slice(payload);
+        Bytes::from(p)
+    }
+
+    fn records(m: &mut MediaSession) -> Vec<(Vec<i16>, Vec<i16>)> {
+        let mut out = Vec::new();
+        while let Some(o) = m.poll_output() {
+            if let MediaOutput::Record { left, right } = o {
+                out.push((left, right));
+            }
+        }
+        out
+    }
+
+    /// The tap emits one 20 ms stereo frame per tick from the first tick: the
+    /// right channel is the prompt as sent (G.711 round trip), the left the
+    /// caller (before the pipeline gate opens), silence where nothing flowed;
+    /// `stop_recording` ends it.
+    #[test]
+    fn record_tap_carries_prompt_and_caller_until_stopped() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let prompt: Vec<i16> = (0..1600).map(|i| ((i % 80) * 200 - 8000) as i16).collect();
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &negotiated(), plan(true, &prompt), &mut rng).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let caller: Vec<u8> = (0..FRAME).map(|i| (i * 3 % 256) as u8).collect();
+        let mut got = Vec::new();
+        for tick in 0u16..20 {
+            let now = t0 + TICK * u32::from(tick);
+            if tick < 10 {
+                m.on_rtp(now, from, rtp(tick, u32::from(tick) * 160, &caller));
+            }
+            m.handle_timeout(now, SystemTime::UNIX_EPOCH, &mut rng);
+            got.extend(records(&mut m));
+        }
+        assert_eq!(got.len(), 20, "one record frame per tick from the first");
+        assert!(
+            got.iter()
+                .all(|(l, r)| l.len() == FRAME && r.len() == FRAME)
+        );
+        let right: Vec<i16> = got.iter().flat_map(|(_, r)| r.clone()).collect();
+        let expected: Vec<i16> = prompt
+            .iter()
+            .map(|&s| g711::decode_sample(Law::Mu, g711::encode_sample(Law::Mu, s)))
+            .collect();
+        assert_eq!(&right[..1600], &expected[..], "right = the prompt as sent");
+        let mut decoded = vec![0i16; FRAME];
+        g711::decode(Law::Mu, &caller, &mut decoded);
+        let with_caller = got.iter().filter(|(l, _)| *l == decoded).count();
+        assert!(
+            with_caller >= 8,
+            "caller frames in the left channel: {with_caller}"
+        );
+        // Before the jitter buffer releases the first packet: silence.
+        let first = got.iter().position(|(l, _)| *l == decoded).unwrap();
+        assert!(got[..first].iter().all(|(l, _)| l.iter().all(|&s| s == 0)));
+
+        m.stop_recording();
+        assert!(!m.is_recording());
+        m.handle_timeout(t0 + TICK * 20, SystemTime::UNIX_EPOCH, &mut rng);
+        assert!(records(&mut m).is_empty());
+    }
+
+    #[test]
+    fn no_record_frames_when_the_plan_does_not_record() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let t0 = Instant::now();
+        let mut m =
+            MediaSession::new(t0, &negotiated(), plan(false, &[1000; 800]), &mut rng).unwrap();
+        for tick in 0u32..10 {
+            m.handle_timeout(t0 + TICK * tick, SystemTime::UNIX_EPOCH, &mut rng);
+        }
+        assert!(!m.is_recording());
+        assert!(records(&mut m).is_empty());
+    }
 }

@@ -460,6 +460,7 @@ impl Switchboard {
                 .and_then(|t| PipelineRate::from_hz(t.pipeline_rate))
                 .unwrap_or(PipelineRate::Hz16000),
             echo_delay: echo.then_some(ECHO_DELAY),
+            record: tenant.is_some_and(|t| t.recording),
         }
     }
 

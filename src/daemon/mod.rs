@@ -6,6 +6,7 @@
 //! tasks parse and dispatch; each call runs in its own task that owns its
 //! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
 
+mod records;
 mod transport;
 
 use crate::call::{
@@ -49,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) switchboard: Mutex<Switchboard>,
     pub(crate) calls: Mutex<HashMap<String, mpsc::Sender<CallCommand>>>,
     pub(crate) transports: Transports,
+    /// The store's writer (CDRs, consent, recordings); set once at start-up.
+    pub(crate) records: Option<Arc<records::Records>>,
     pub(crate) rtp_bind: std::net::IpAddr,
 }
 
@@ -162,6 +165,9 @@ impl Shared {
             Dispatch::Reply { transmit, record } => {
                 if let Some(record) = record {
                     log_cdr(&record);
+                    if let Some(r) = &self.records {
+                        r.rejected(&record);
+                    }
                 }
                 self.transports.send(transmit).await;
             }
@@ -211,6 +217,19 @@ impl Shared {
         let mut call_rng = StdRng::from_rng(rng);
         let settings = admitted.settings.clone();
         let agent = self.agent_for(&admitted.settings.tenant, &admitted.invite);
+        let row = crate::store::db::CallRow {
+            call_id: call_id.clone(),
+            tenant: settings.tenant.clone(),
+            trunk: settings.trunk.clone(),
+            from: admitted
+                .invite
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user_unescaped())
+                .unwrap_or_default(),
+            to: crate::call::dialed_number(&admitted.invite).unwrap_or_default(),
+            started_at: crate::store::db::unix_ms(SystemTime::now()),
+        };
         let call = match Call::new(
             Instant::now(),
             SystemTime::now(),
@@ -226,13 +245,20 @@ impl Shared {
                 return;
             }
         };
+        let store = self.records.as_ref().map(|r| {
+            let opt_out_key = lock(&self.switchboard)
+                .config()
+                .tenant(&settings.tenant)
+                .and_then(|t| t.opt_out_key);
+            records::CallStore::start(Arc::clone(r), row, settings.plan.record, opt_out_key)
+        });
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
         lock(&self.calls).insert(call_id.clone(), tx);
         let shared = Arc::clone(self);
         let span = info_span!("call", call_id = %call_id, tenant = %settings.tenant);
         tokio::spawn(
             async move {
-                run_call(&shared, call, rtp, rx, call_rng, agent).await;
+                run_call(&shared, call, rtp, rx, call_rng, agent, store).await;
                 lock(&shared.calls).remove(&call_id);
             }
             .instrument(span),
@@ -266,6 +292,7 @@ async fn run_call(
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
     mut agent: Option<(AgentTarget, CallInfo)>,
+    mut store: Option<records::CallStore>,
 ) {
     let mut pipeline: Option<PipelineHandle> = None;
     let mut sockets = Some(sockets);
@@ -294,13 +321,27 @@ async fn run_call(
                     }
                     MediaOutput::Dtmf(ev) => {
                         debug!(duration_ms = ev.duration_ms, "dtmf received");
+                        if let Some(s) = &mut store
+                            && s.dtmf(ev.digit)
+                        {
+                            info!("caller opted out: recording discarded and stopped");
+                            m.stop_recording();
+                        }
                         if let Some(p) = &mut pipeline {
                             p.send_dtmf(ev.digit);
                         }
                     }
                     MediaOutput::PromptFinished => {
                         info!("disclosure prompt finished");
+                        if let Some(s) = &store {
+                            s.prompt_finished();
+                        }
                         call.prompt_finished(Instant::now());
+                    }
+                    MediaOutput::Record { left, right } => {
+                        if let Some(s) = &mut store {
+                            s.audio(&left, &right);
+                        }
                     }
                     MediaOutput::Mark(mark) => {
                         debug!(name = %mark.name, cleared = mark.cleared, "mark played");
@@ -317,26 +358,12 @@ async fn run_call(
                 CallOutput::Transmit(t) => shared.transports.send(t).await,
                 CallOutput::Event(CallEvent::EarlyMedia(neg)) => {
                     info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "early media");
-                    let plan = call.settings().plan.clone();
-                    match MediaSession::new(Instant::now(), &neg, plan, &mut rng) {
-                        Ok(m) => media = Some(m),
-                        Err(e) => {
-                            warn!(error = %e, "no media for this call");
-                            call.hang_up(Instant::now(), HangupCause::MediaFailed, &mut rng);
-                        }
-                    }
+                    media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
                 }
                 CallOutput::Event(CallEvent::Answered(neg)) => {
                     info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
                     if media.is_none() {
-                        let plan = call.settings().plan.clone();
-                        match MediaSession::new(Instant::now(), &neg, plan, &mut rng) {
-                            Ok(m) => media = Some(m),
-                            Err(e) => {
-                                warn!(error = %e, "no media for this call");
-                                call.hang_up(Instant::now(), HangupCause::MediaFailed, &mut rng);
-                            }
-                        }
+                        media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
                     }
                     if media.is_some() {
                         pipeline = agent
@@ -355,6 +382,9 @@ async fn run_call(
                         record.rtp = Some(crate::call::RtpSummary::of(m));
                     }
                     log_cdr(&record);
+                    if let Some(s) = &mut store {
+                        s.ended(&record);
+                    }
                     if let Some(p) = pipeline.take()
                         && p.dropped_frames() > 0
                     {
@@ -433,6 +463,30 @@ async fn run_call(
         }
     }
     debug!("call task finished");
+}
+
+/// Starts a call's media; the store hears of it (the recording opens).
+fn start_media(
+    call: &mut Call,
+    neg: &crate::sip::sdp::Negotiated,
+    store: Option<&mut records::CallStore>,
+    rng: &mut StdRng,
+) -> Option<MediaSession> {
+    let plan = call.settings().plan.clone();
+    let has_prompt = plan.prompt.is_some();
+    match MediaSession::new(Instant::now(), neg, plan, rng) {
+        Ok(m) => {
+            if let Some(s) = store {
+                s.media_started(has_prompt);
+            }
+            Some(m)
+        }
+        Err(e) => {
+            warn!(error = %e, "no media for this call");
+            call.hang_up(Instant::now(), HangupCause::MediaFailed, rng);
+            None
+        }
+    }
 }
 
 /// Applies one command from the call's agent pipeline.
@@ -529,6 +583,15 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
         .context("binding listeners")?;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
     ensure_master_key(&config, &mut os_rng)?;
+    let mut shared = shared;
+    if let Some(profile) = config.profiles.first() {
+        let key = records::master_key_bytes(&profile.master_key)?;
+        let tenants: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
+        let records = records::Records::open(&profile.var_dir, &key, &tenants)
+            .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
+        info!(var_dir = %profile.var_dir.display(), "store open (caller numbers kept plain)");
+        shared.records = Some(Arc::new(records));
+    }
     let shared = Arc::new(shared);
     let mut tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -556,6 +619,10 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     tasks.abort_all();
+    if let Some(records) = shared.records.clone() {
+        // Drains the queue: CDRs closed, open recordings finished.
+        let _ = tokio::task::spawn_blocking(move || records.shutdown()).await;
+    }
     info!("stopped");
     Ok(())
 }

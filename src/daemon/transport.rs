@@ -135,6 +135,7 @@ pub(crate) async fn bind_all(
             tcp: Mutex::new(HashMap::new()),
             next_flow: AtomicU64::new(FIRST_TCP_FLOW),
         },
+        records: None,
         rtp_bind,
     };
     Ok((shared, Listeners { udp, tcp }))

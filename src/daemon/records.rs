@@ -1,0 +1,657 @@
+//! The daemon's side of the store: CDRs, consent events and call recordings
+//! written off the async hot path.
+//!
+//! Owns one writer thread that holds the SQLite [`Store`], the [`KeyRing`]
+//! and every open [`RecordingWriter`]; call tasks talk to it through one
+//! bounded channel with `try_send`, so a call task never waits on SQLite or
+//! on a recording file (a full channel drops the message and counts it).
+//! Messages of one call arrive in order because one task sends them.
+//! Must not touch: protocol logic (the call and media sessions decide), the
+//! sealed format or SQL (those are `store::*`).
+//!
+//! Recording audio is batched in the call task one second at a time (the
+//! size of a sealed chunk), so each `Push` seals exactly one chunk at once:
+//! a `kill -9` loses at most the second being gathered. The batch lives in
+//! memory only and is zeroed when dropped.
+//!
+//! At start-up [`Records::open`] recovers what a crash left: recordings still
+//! in state `recording` are verified chunk by chunk and marked `partial`
+//! (unreadable ones are deleted, audited), then open CDRs are closed with
+//! cause `crash-recovered`.
+
+use crate::call::CallRecord;
+use crate::store::crypto::KeyRing;
+use crate::store::db::{
+    CallEnd, CallRow, CallerIdPolicy, ConsentEvent, HangupSide, RecordingRow, RecordingState,
+    RtpStats, Store, UnixMs, unix_ms,
+};
+use crate::store::recording::{FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE};
+use anyhow::Context;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tracing::{error, info, warn};
+use zeroize::Zeroizing;
+
+/// Messages waiting for the writer thread, at most. One second of recording
+/// is one message, so this covers seconds of a stalled disk at hundreds of calls.
+const QUEUE: usize = 4096;
+
+/// Name of the metadata database in `var_dir`.
+pub(crate) const DB_FILE: &str = "sipbridge.db";
+
+/// Work for the writer thread.
+enum Op {
+    InsertCall(CallRow),
+    FinishCall {
+        tenant: String,
+        call_id: String,
+        end: CallEnd,
+    },
+    Consent {
+        tenant: String,
+        call_id: String,
+        event: ConsentEvent,
+        at: UnixMs,
+    },
+    StartRecording {
+        handle: u64,
+        tenant: String,
+        call_id: String,
+        created_at: UnixMs,
+    },
+    Push {
+        handle: u64,
+        left: Zeroizing<Vec<i16>>,
+        right: Zeroizing<Vec<i16>>,
+    },
+    FinishRecording {
+        handle: u64,
+    },
+    DiscardRecording {
+        handle: u64,
+        tenant: String,
+        at: UnixMs,
+    },
+    Shutdown,
+}
+
+/// The store as the daemon uses it: a handle to the writer thread.
+pub(crate) struct Records {
+    tx: SyncSender<Op>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    next_handle: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// The master key's bytes: the configured secret, or the file the daemon
+/// generated. Must be exactly 32 bytes.
+pub(crate) fn master_key_bytes(
+    key: &crate::config::MasterKey,
+) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let (bytes, source) = match key {
+        crate::config::MasterKey::Loaded(secret) => (
+            Zeroizing::new(secret.expose().to_vec()),
+            secret.source().to_string(),
+        ),
+        crate::config::MasterKey::ToGenerate(path) => (
+            Zeroizing::new(
+                std::fs::read(path)
+                    .with_context(|| format!("reading master key {}", path.display()))?,
+            ),
+            format!("file:{}", path.display()),
+        ),
+    };
+    if bytes.len() != crate::store::crypto::KEY_LEN {
+        anyhow::bail!(
+            "master key {source}: must be exactly {} bytes, got {}",
+            crate::store::crypto::KEY_LEN,
+            bytes.len()
+        );
+    }
+    Ok(bytes)
+}
+
+impl Records {
+    /// Opens the database and key ring of `var_dir`, recovers what a crash
+    /// left, sets every tenant's caller-id policy (plain numbers: the
+    /// configuration has no hashing option yet) and starts the writer thread.
+    pub(crate) fn open(
+        var_dir: &Path,
+        master_key: &[u8],
+        tenants: &[String],
+    ) -> anyhow::Result<Records> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(var_dir)
+            .with_context(|| format!("creating var_dir {}", var_dir.display()))?;
+        // Recording paths go into the database: absolute, so a restart from
+        // another working directory still finds them.
+        let var_dir = &std::fs::canonicalize(var_dir)
+            .with_context(|| format!("resolving var_dir {}", var_dir.display()))?;
+        let keyring = KeyRing::open(var_dir, master_key).context("opening the key ring")?;
+        let db = var_dir.join(DB_FILE);
+        let mut store =
+            Store::open(&db).with_context(|| format!("opening database {}", db.display()))?;
+        for t in tenants {
+            store.set_caller_policy(t, CallerIdPolicy::Plain);
+        }
+        recover(&mut store, &keyring, unix_ms(SystemTime::now()))?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let writer = Writer {
+            store,
+            keyring,
+            var_dir: var_dir.to_owned(),
+            rng: StdRng::from_os_rng(),
+            open: HashMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("sipbridge-store".into())
+            .spawn(move || writer.run(rx))
+            .context("starting the store thread")?;
+        Ok(Records {
+            tx,
+            thread: Mutex::new(Some(thread)),
+            next_handle: AtomicU64::new(1),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    fn send(&self, op: Op) {
+        match self.tx.try_send(op) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(dropped = n, "store queue full; record dropped");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A rejected call attempt: its CDR opened and closed at once. Attempts
+    /// without a tenant (no route) are only logged: a CDR row needs a tenant.
+    pub(crate) fn rejected(&self, record: &CallRecord) {
+        let Some(tenant) = record.tenant.clone() else {
+            return;
+        };
+        self.send(Op::InsertCall(CallRow {
+            call_id: record.call_id.clone(),
+            tenant: tenant.clone(),
+            trunk: record.trunk.clone().unwrap_or_default(),
+            from: record.from.clone(),
+            to: record.to.clone(),
+            started_at: unix_ms(record.started_at),
+        }));
+        self.send(Op::FinishCall {
+            tenant,
+            call_id: record.call_id.clone(),
+            end: call_end(record),
+        });
+    }
+
+    /// Shuts the writer down after the queue drains: open recordings are
+    /// finished (marked complete). Blocks; call from a blocking context.
+    pub(crate) fn shutdown(&self) {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            warn!(dropped, "store messages dropped while running (queue full)");
+        }
+        let _ = self.tx.send(Op::Shutdown);
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            error!("store thread panicked");
+        }
+    }
+}
+
+/// What the database says about how a call ended.
+fn call_end(record: &CallRecord) -> CallEnd {
+    CallEnd {
+        answered_at: record.answered_at.map(unix_ms),
+        ended_at: unix_ms(record.ended_at.unwrap_or_else(SystemTime::now)),
+        result_code: record.result_code,
+        hangup_side: match record.hangup_side {
+            crate::call::HangupSide::Caller => HangupSide::Remote,
+            _ => HangupSide::Local,
+        },
+        cause: record.cause.clone(),
+        codec: record.codec.clone(),
+        rtp: record.rtp.map_or(
+            RtpStats {
+                packets: 0,
+                lost: 0,
+                jitter_ms: 0.0,
+            },
+            |r| RtpStats {
+                packets: r.packets_in,
+                lost: u64::try_from(r.lost).unwrap_or(0),
+                jitter_ms: f64::from(r.jitter_ms),
+            },
+        ),
+    }
+}
+
+/// One call's link to the store, owned by its task.
+pub(crate) struct CallStore {
+    records: Arc<Records>,
+    tenant: String,
+    call_id: String,
+    /// The tenant records calls.
+    record: bool,
+    opt_out_key: Option<char>,
+    opted_out: bool,
+    recording: Option<Batch>,
+}
+
+/// An open recording and the second of audio being gathered for it.
+struct Batch {
+    handle: u64,
+    left: Zeroizing<Vec<i16>>,
+    right: Zeroizing<Vec<i16>>,
+}
+
+impl CallStore {
+    /// Opens the call's CDR (the INVITE was accepted).
+    pub(crate) fn start(
+        records: Arc<Records>,
+        row: CallRow,
+        record: bool,
+        opt_out_key: Option<char>,
+    ) -> CallStore {
+        let store = CallStore {
+            tenant: row.tenant.clone(),
+            call_id: row.call_id.clone(),
+            records,
+            record,
+            opt_out_key,
+            opted_out: false,
+            recording: None,
+        };
+        store.records.send(Op::InsertCall(row));
+        store
+    }
+
+    fn consent(&self, event: ConsentEvent) {
+        self.records.send(Op::Consent {
+            tenant: self.tenant.clone(),
+            call_id: self.call_id.clone(),
+            event,
+            at: unix_ms(SystemTime::now()),
+        });
+    }
+
+    /// Media started: the recording (if the tenant records) opens now, so
+    /// it begins with the disclosure prompt, whose start is recorded.
+    pub(crate) fn media_started(&mut self, has_prompt: bool) {
+        if self.record && !self.opted_out && self.recording.is_none() {
+            let handle = self.records.next_handle.fetch_add(1, Ordering::Relaxed);
+            self.records.send(Op::StartRecording {
+                handle,
+                tenant: self.tenant.clone(),
+                call_id: self.call_id.clone(),
+                created_at: unix_ms(SystemTime::now()),
+            });
+            self.recording = Some(Batch {
+                handle,
+                left: Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
+                right: Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
+            });
+        }
+        if has_prompt {
+            self.consent(ConsentEvent::DisclosureStarted);
+        }
+    }
+
+    /// The disclosure prompt ended.
+    pub(crate) fn prompt_finished(&self) {
+        self.consent(ConsentEvent::DisclosureFinished);
+    }
+
+    /// One tick of recorded audio; a full second goes to the writer.
+    pub(crate) fn audio(&mut self, left: &[i16], right: &[i16]) {
+        let Some(b) = &mut self.recording else {
+            return;
+        };
+        b.left.extend_from_slice(left);
+        b.right.extend_from_slice(right);
+        if b.left.len() >= FRAMES_PER_CHUNK {
+            let left = std::mem::replace(
+                &mut b.left,
+                Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
+            );
+            let right = std::mem::replace(
+                &mut b.right,
+                Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
+            );
+            let handle = b.handle;
+            self.records.send(Op::Push {
+                handle,
+                left,
+                right,
+            });
+        }
+    }
+
+    /// A DTMF key. Returns true when it is the tenant's opt-out key pressed
+    /// for the first time: the recording is discarded, the opt-out recorded
+    /// (audited), and the caller must stop being recorded.
+    pub(crate) fn dtmf(&mut self, digit: char) -> bool {
+        if self.opted_out || self.opt_out_key != Some(digit) {
+            return false;
+        }
+        self.opted_out = true;
+        let at = unix_ms(SystemTime::now());
+        if let Some(b) = self.recording.take() {
+            self.records.send(Op::DiscardRecording {
+                handle: b.handle,
+                tenant: self.tenant.clone(),
+                at,
+            });
+        }
+        self.records.send(Op::Consent {
+            tenant: self.tenant.clone(),
+            call_id: self.call_id.clone(),
+            event: ConsentEvent::OptOut,
+            at,
+        });
+        true
+    }
+
+    /// The call ended: the recording is finished and the CDR closed.
+    pub(crate) fn ended(&mut self, record: &CallRecord) {
+        if let Some(b) = self.recording.take() {
+            if !b.left.is_empty() {
+                self.records.send(Op::Push {
+                    handle: b.handle,
+                    left: b.left,
+                    right: b.right,
+                });
+            }
+            self.records.send(Op::FinishRecording { handle: b.handle });
+        }
+        self.records.send(Op::FinishCall {
+            tenant: self.tenant.clone(),
+            call_id: self.call_id.clone(),
+            end: call_end(record),
+        });
+    }
+}
+
+/// Start-up recovery: recordings left in state `recording` are verified and
+/// marked `partial` (or deleted when nothing can be read), then open CDRs
+/// are closed as crash-recovered.
+fn recover(store: &mut Store, keyring: &KeyRing, now: UnixMs) -> anyhow::Result<()> {
+    for rec in store
+        .open_recordings_of_crashed()
+        .context("listing crashed recordings")?
+    {
+        match crate::store::recording::recover_wav(&rec.path, keyring) {
+            Ok(r) => {
+                let size = std::fs::metadata(&rec.path).map_or(0, |m| m.len());
+                store
+                    .set_recording_state(
+                        &rec.id,
+                        RecordingState::Partial,
+                        size,
+                        duration_ms(r.frames),
+                    )
+                    .context("marking a recording partial")?;
+                info!(
+                    recording = %rec.id,
+                    duration_ms = duration_ms(r.frames),
+                    stopped_by = r.stopped_by.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    "recovered a recording the previous process was writing"
+                );
+            }
+            Err(crate::store::recording::RecordingError::Io(e))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                // Created in the database but the file is gone: nothing to keep.
+                warn!(recording = %rec.id, "crashed recording has no file; marking it deleted");
+                store
+                    .delete_recording(
+                        &rec.tenant,
+                        &rec.id,
+                        "startup",
+                        "file missing after a crash",
+                        now,
+                    )
+                    .context("deleting a recording without file")?;
+            }
+            Err(e) => {
+                // Not deleted: the cause may be fixable (e.g. the wrong master
+                // key); the next start tries again.
+                error!(recording = %rec.id, path = %rec.path.display(), error = %e,
+                    "crashed recording cannot be verified; left in state recording");
+            }
+        }
+    }
+    let closed = store
+        .close_crashed_calls(now)
+        .context("closing crashed calls")?;
+    if !closed.is_empty() {
+        info!(calls = closed.len(), "closed CDRs left open by a crash");
+    }
+    Ok(())
+}
+
+fn duration_ms(frames: u64) -> u64 {
+    frames * 1000 / u64::from(SAMPLE_RATE)
+}
+
+/// The UTC calendar date of a unix time in milliseconds (proleptic
+/// Gregorian, days-from-civil inverted; no date crate is a dependency).
+fn utc_date(ms: UnixMs) -> Option<RecordingDate> {
+    let days = ms.div_euclid(86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    RecordingDate::new(
+        u16::try_from(year).ok()?,
+        u8::try_from(month).ok()?,
+        u8::try_from(day).ok()?,
+    )
+    .ok()
+}
+
+/// The writer thread's state.
+struct Writer {
+    store: Store,
+    keyring: KeyRing,
+    var_dir: PathBuf,
+    rng: StdRng,
+    /// Open recordings by handle: (recording id, writer).
+    open: HashMap<u64, (String, RecordingWriter)>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Op>) {
+        while let Ok(op) = rx.recv() {
+            if matches!(op, Op::Shutdown) {
+                break;
+            }
+            self.apply(op);
+        }
+        let handles: Vec<u64> = self.open.keys().copied().collect();
+        for handle in handles {
+            self.finish(handle);
+        }
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::InsertCall(row) => {
+                if let Err(e) = self.store.insert_call(&row) {
+                    warn!(call_id = %row.call_id, error = %e, "CDR not stored");
+                }
+            }
+            Op::FinishCall {
+                tenant,
+                call_id,
+                end,
+            } => {
+                if let Err(e) = self.store.finish_call(&tenant, &call_id, &end) {
+                    warn!(%call_id, error = %e, "CDR end not stored");
+                }
+            }
+            Op::Consent {
+                tenant,
+                call_id,
+                event,
+                at,
+            } => {
+                if let Err(e) = self.store.record_consent(&tenant, &call_id, event, at) {
+                    warn!(%call_id, ?event, error = %e, "consent event not stored");
+                }
+            }
+            Op::StartRecording {
+                handle,
+                tenant,
+                call_id,
+                created_at,
+            } => {
+                if let Err(e) = self.start(handle, &tenant, &call_id, created_at) {
+                    warn!(%call_id, error = %e, "recording not started");
+                }
+            }
+            Op::Push {
+                handle,
+                left,
+                right,
+            } => {
+                if let Some((id, w)) = self.open.get_mut(&handle)
+                    && let Err(e) = w.push(&left, &right)
+                {
+                    // The file keeps what was sealed; the row stays
+                    // `recording` and becomes `partial` at the next start.
+                    warn!(recording = %id, error = %e, "recording write failed; stopped");
+                    self.open.remove(&handle);
+                }
+            }
+            Op::FinishRecording { handle } => self.finish(handle),
+            Op::DiscardRecording { handle, tenant, at } => {
+                if let Some((id, w)) = self.open.remove(&handle) {
+                    if let Err(e) = w.discard() {
+                        warn!(recording = %id, error = %e, "opt-out: removing the file failed");
+                    }
+                    if let Err(e) =
+                        self.store
+                            .delete_recording(&tenant, &id, "caller", "consent opt-out", at)
+                    {
+                        warn!(recording = %id, error = %e, "opt-out: recording row not deleted");
+                    }
+                }
+            }
+            Op::Shutdown => {}
+        }
+    }
+
+    fn start(
+        &mut self,
+        handle: u64,
+        tenant: &str,
+        call_id: &str,
+        created_at: UnixMs,
+    ) -> anyhow::Result<()> {
+        let key = self.keyring.data_key(tenant, &mut self.rng)?;
+        let date = utc_date(created_at).context("recording date out of range")?;
+        let created_unix = u64::try_from(created_at / 1000).unwrap_or(0);
+        let writer =
+            RecordingWriter::create(&self.var_dir, &key, date, created_unix, &mut self.rng)?;
+        let id = writer.file_id().to_hex();
+        let row = RecordingRow {
+            id: id.clone(),
+            call_id: call_id.to_owned(),
+            tenant: tenant.to_owned(),
+            path: writer.path().to_owned(),
+            key_id: key.id().to_string(),
+            created_at,
+        };
+        if let Err(e) = self.store.insert_recording(&row) {
+            // No row, no file: nothing unindexed stays on disk.
+            let _ = writer.discard();
+            return Err(e.into());
+        }
+        info!(%call_id, recording = %id, "recording started");
+        self.open.insert(handle, (id, writer));
+        Ok(())
+    }
+
+    fn finish(&mut self, handle: u64) {
+        let Some((id, w)) = self.open.remove(&handle) else {
+            return;
+        };
+        match w.finish() {
+            Ok(s) => {
+                if let Err(e) = self.store.set_recording_state(
+                    &id,
+                    RecordingState::Complete,
+                    s.bytes,
+                    duration_ms(s.frames),
+                ) {
+                    warn!(recording = %id, error = %e, "recording state not stored");
+                }
+            }
+            Err(e) => warn!(recording = %id, error = %e, "finishing the recording failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), RecordingDate::new(1970, 1, 1).ok());
+        // 2024-02-29T23:59:59.999Z and the next millisecond.
+        assert_eq!(
+            utc_date(1_709_251_199_999),
+            RecordingDate::new(2024, 2, 29).ok()
+        );
+        assert_eq!(
+            utc_date(1_709_251_200_000),
+            RecordingDate::new(2024, 3, 1).ok()
+        );
+        assert_eq!(
+            utc_date(1_798_761_600_000),
+            RecordingDate::new(2027, 1, 1).ok()
+        );
+        assert_eq!(utc_date(-1), None);
+    }
+
+    #[test]
+    fn master_key_must_be_32_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        std::fs::write(&path, [7u8; 31]).unwrap();
+        let err = master_key_bytes(&crate::config::MasterKey::ToGenerate(path.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly 32 bytes, got 31"), "{err}");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        let key = master_key_bytes(&crate::config::MasterKey::ToGenerate(path)).unwrap();
+        assert_eq!(key.as_slice(), &[7u8; 32]);
+    }
+}
