@@ -448,7 +448,10 @@ fn retention_dry_run_lists_exactly_what_run_deletes() {
         ])
     );
     // A second run finds nothing.
-    assert!(env.ok(&["retention", "run"]).contains("total: deleted 0 item(s)"));
+    assert!(
+        env.ok(&["retention", "run"])
+            .contains("total: deleted 0 item(s)")
+    );
 }
 
 #[test]
