@@ -54,6 +54,27 @@ enum Command {
         #[arg(long, short, default_value = "sip-profiles/default.toml")]
         config: PathBuf,
     },
+    /// Stored recordings: list them, decrypt one to a WAV file.
+    Recordings {
+        #[command(subcommand)]
+        command: data::RecordingsCommand,
+    },
+    /// Delete what has outlived each tenant's retention policy.
+    Retention {
+        #[command(subcommand)]
+        command: data::RetentionCommand,
+    },
+    /// Erase a caller's, a call's or a tenant's recordings, transcripts and
+    /// caller ids at once (audited).
+    Erase(data::EraseArgs),
+    /// Data portability: a caller's CDRs, transcripts and decrypted
+    /// recordings into a new directory (audited).
+    Export(data::ExportArgs),
+    /// Tenant administration.
+    Tenant {
+        #[command(subcommand)]
+        command: data::TenantCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +91,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Recordings { command } => data::recordings(command),
+        Command::Retention { command } => data::retention(command),
+        Command::Erase(args) => data::erase(args),
+        Command::Export(args) => data::export(args),
+        Command::Tenant { command } => data::tenant(command),
     }
 }
 
@@ -135,5 +161,334 @@ fn check(path: &Path) -> ExitCode {
             }
             ExitCode::from(EXIT_INVALID_CONFIG)
         }
+    }
+}
+
+/// The data subcommands: argument parsing and printing around
+/// `sipbridge::store::ops`, which holds their logic.
+mod data {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::process::ExitCode;
+    use std::time::SystemTime;
+
+    use clap::{Args, Subcommand};
+    use sipbridge::config::{self, Config, MasterKey, secret};
+    use sipbridge::store::db::{UnixMs, unix_ms};
+    use sipbridge::store::ops::{self, DataStore, EraseTarget, OpsError};
+    use sipbridge::store::retention::RetentionPolicy;
+
+    use super::EXIT_INVALID_CONFIG;
+
+    /// The profile whose data a command works on.
+    #[derive(Debug, Args)]
+    pub(super) struct ConfigArg {
+        /// The profile file (exactly one profile): its var_dir and master key.
+        #[arg(long, short, default_value = "sip-profiles/default.toml")]
+        config: PathBuf,
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub(super) enum RecordingsCommand {
+        /// List recordings that still have a file (never shows caller numbers).
+        List {
+            #[command(flatten)]
+            config: ConfigArg,
+            /// Only this tenant.
+            #[arg(long)]
+            tenant: Option<String>,
+            /// Only recordings created at or after this time: RFC 3339
+            /// (2025-10-09T08:00:00Z), a date (2025-10-09) or unix seconds.
+            #[arg(long)]
+            since: Option<String>,
+        },
+        /// Decrypt one recording into a new WAV file (mode 0600; audited).
+        Export {
+            #[command(flatten)]
+            config: ConfigArg,
+            /// Recording id (see `recordings list`).
+            id: String,
+            /// The WAV file to create (must not exist).
+            #[arg(long)]
+            out: PathBuf,
+        },
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub(super) enum RetentionCommand {
+        /// Delete every expired item (files, then rows; each audited) and
+        /// print it with the policy that expired it.
+        Run {
+            #[command(flatten)]
+            config: ConfigArg,
+            /// Print what would be deleted; delete nothing.
+            #[arg(long)]
+            dry_run: bool,
+        },
+    }
+
+    #[derive(Debug, Args)]
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["caller", "call", "all"])))]
+    pub(super) struct EraseArgs {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The tenant whose data is erased (no other tenant is touched).
+        #[arg(long)]
+        tenant: String,
+        /// Every call from this caller number.
+        #[arg(long)]
+        caller: Option<String>,
+        /// One call (SIP Call-ID).
+        #[arg(long)]
+        call: Option<String>,
+        /// Every call, recording and transcript of the tenant (its key stays).
+        #[arg(long)]
+        all: bool,
+        /// Why (written to the audit log).
+        #[arg(long)]
+        reason: String,
+    }
+
+    #[derive(Debug, Args)]
+    pub(super) struct ExportArgs {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The caller number whose data is exported.
+        #[arg(long)]
+        caller: String,
+        /// The directory to create (0700; must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    }
+
+    #[derive(Debug, Subcommand)]
+    pub(super) enum TenantCommand {
+        /// Crypto-shred a tenant: destroy its data key, then its files and rows.
+        Delete {
+            #[command(flatten)]
+            config: ConfigArg,
+            /// The tenant.
+            tenant: String,
+            /// Confirm: this cannot be undone.
+            #[arg(long)]
+            yes: bool,
+            /// Why (written to the audit log).
+            #[arg(long, default_value = "tenant deleted by operator")]
+            reason: String,
+        },
+    }
+
+    /// A failure and the exit code it maps to.
+    struct Failure {
+        code: u8,
+        message: String,
+    }
+
+    impl From<OpsError> for Failure {
+        fn from(e: OpsError) -> Self {
+            Self {
+                code: 1,
+                message: e.to_string(),
+            }
+        }
+    }
+
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: EXIT_INVALID_CONFIG,
+            message: message.into(),
+        }
+    }
+
+    fn finish(result: Result<String, Failure>) -> ExitCode {
+        match result {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(f) => {
+                tracing::debug!(message = %f.message, "command failed");
+                eprintln!("sipbridge: {}", f.message);
+                ExitCode::from(f.code)
+            }
+        }
+    }
+
+    fn now() -> UnixMs {
+        unix_ms(SystemTime::now())
+    }
+
+    /// The loaded configuration and its single profile's store.
+    struct Opened {
+        cfg: Config,
+        ds: DataStore,
+    }
+
+    fn open(arg: &ConfigArg) -> Result<Opened, Failure> {
+        let cfg = config::load(&arg.config).map_err(|diags| {
+            let lines: Vec<String> = diags.items().iter().map(ToString::to_string).collect();
+            usage(format!(
+                "configuration {} is invalid:\n{}",
+                arg.config.display(),
+                lines.join("\n")
+            ))
+        })?;
+        let [profile] = cfg.profiles.as_slice() else {
+            return Err(usage(format!(
+                "{} holds {} profiles; give one profile file",
+                arg.config.display(),
+                cfg.profiles.len()
+            )));
+        };
+        let master = match &profile.master_key {
+            MasterKey::Loaded(s) => s.expose().to_vec(),
+            MasterKey::ToGenerate(path) if path.is_file() => secret::resolve_raw_file(path)
+                .map_err(|e| usage(format!("master key: {e}")))?
+                .expose()
+                .to_vec(),
+            MasterKey::ToGenerate(path) => {
+                return Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "master key {} does not exist yet: there is no stored data \
+                         (the daemon generates it on first start)",
+                        path.display()
+                    ),
+                });
+            }
+            _ => return Err(usage("master key: unsupported source")),
+        };
+        let master = zeroize::Zeroizing::new(master);
+        // The configuration has no caller-id hashing setting: every tenant
+        // stores caller numbers as received.
+        let ds = DataStore::open(&profile.var_dir, &master, HashMap::new())?;
+        Ok(Opened { cfg, ds })
+    }
+
+    pub(super) fn recordings(command: RecordingsCommand) -> ExitCode {
+        finish(match command {
+            RecordingsCommand::List {
+                config,
+                tenant,
+                since,
+            } => list(&config, tenant.as_deref(), since.as_deref()),
+            RecordingsCommand::Export { config, id, out } => export_recording(&config, &id, &out),
+        })
+    }
+
+    fn list(arg: &ConfigArg, tenant: Option<&str>, since: Option<&str>) -> Result<String, Failure> {
+        let since = since
+            .map(|s| {
+                ops::parse_since(s).ok_or_else(|| {
+                    usage(format!(
+                        "--since {s:?}: expected RFC 3339 (2025-10-09T08:00:00Z), a date \
+                         (2025-10-09) or unix seconds"
+                    ))
+                })
+            })
+            .transpose()?;
+        let o = open(arg)?;
+        let recs =
+            o.ds.store
+                .list_recordings(tenant, since)
+                .map_err(OpsError::from)?;
+        Ok(ops::recordings_table(&recs))
+    }
+
+    fn export_recording(arg: &ConfigArg, id: &str, out: &Path) -> Result<String, Failure> {
+        let mut o = open(arg)?;
+        let frames = ops::export_recording(&mut o.ds, id, out, now())?;
+        Ok(format!(
+            "recording {id}: {frames} frames ({}.{:03} s) written to {}\n",
+            frames / 8000,
+            frames % 8000 / 8,
+            out.display()
+        ))
+    }
+
+    pub(super) fn retention(command: RetentionCommand) -> ExitCode {
+        let RetentionCommand::Run { config, dry_run } = command;
+        finish((|| {
+            let mut o = open(&config)?;
+            let at = now();
+            let policy = {
+                let cfg = &o.cfg;
+                move |tenant: &str| {
+                    cfg.tenant(tenant).map(|t| RetentionPolicy {
+                        recordings_days: t.retention.recordings_days,
+                        transcripts_days: t.retention.transcripts_days,
+                        metadata_days: t.retention.metadata_days,
+                    })
+                }
+            };
+            let outcome = ops::run_retention(&mut o.ds, &policy, at, dry_run)?;
+            let text = outcome.render(at);
+            if outcome.has_failures() {
+                print!("{text}");
+                return Err(Failure {
+                    code: 1,
+                    message: "some files could not be deleted (see above)".into(),
+                });
+            }
+            Ok(text)
+        })())
+    }
+
+    pub(super) fn erase(args: EraseArgs) -> ExitCode {
+        let target = match (args.caller, args.call, args.all) {
+            (Some(n), None, false) => EraseTarget::Caller(n),
+            (None, Some(c), false) => EraseTarget::Call(c),
+            (None, None, true) => EraseTarget::All,
+            _ => return finish(Err(usage("give one of --caller, --call, --all"))),
+        };
+        finish((|| {
+            if args.reason.trim().is_empty() {
+                return Err(usage("--reason must not be empty"));
+            }
+            let mut o = open(&args.config)?;
+            let s = ops::erase(&mut o.ds, &args.tenant, &target, &args.reason, now())?;
+            Ok(ops::erase_summary(&s))
+        })())
+    }
+
+    pub(super) fn export(args: ExportArgs) -> ExitCode {
+        finish((|| {
+            let mut o = open(&args.config)?;
+            let r = ops::export_caller(&mut o.ds, &args.tenant, &args.caller, &args.out, now())?;
+            let mut text = format!(
+                "exported {} call(s), {} transcript segment(s), {} recording(s) to {}\n",
+                r.calls,
+                r.transcripts,
+                r.recordings.len(),
+                args.out.display()
+            );
+            for id in &r.still_recording {
+                text.push_str(&format!("not exported (still recording): {id}\n"));
+            }
+            Ok(text)
+        })())
+    }
+
+    pub(super) fn tenant(command: TenantCommand) -> ExitCode {
+        let TenantCommand::Delete {
+            config,
+            tenant,
+            yes,
+            reason,
+        } = command;
+        finish((|| {
+            if !yes {
+                return Err(usage(format!(
+                    "tenant delete destroys {tenant:?}'s data key and every recording, \
+                     transcript and CDR of it; add --yes to confirm"
+                )));
+            }
+            let mut o = open(&config)?;
+            let r = ops::delete_tenant(&mut o.ds, &tenant, &reason, now())?;
+            Ok(ops::tenant_delete_summary(&tenant, &r))
+        })())
     }
 }

@@ -4,5 +4,6 @@
 
 pub mod crypto;
 pub mod db;
+pub mod ops;
 pub mod recording;
 pub mod retention;
