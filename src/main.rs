@@ -417,11 +417,8 @@ mod data {
             let policy = {
                 let cfg = &o.cfg;
                 move |tenant: &str| {
-                    cfg.tenant(tenant).map(|t| RetentionPolicy {
-                        recordings_days: t.retention.recordings_days,
-                        transcripts_days: t.retention.transcripts_days,
-                        metadata_days: t.retention.metadata_days,
-                    })
+                    cfg.tenant(tenant)
+                        .map(|t| RetentionPolicy::from(&t.retention))
                 }
             };
             let outcome = ops::run_retention(&mut o.ds, &policy, at, dry_run)?;

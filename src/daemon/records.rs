@@ -26,13 +26,14 @@ use crate::store::db::{
     RtpStats, Store, UnixMs, unix_ms,
 };
 use crate::store::recording::{FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE};
+use crate::store::retention::{RetentionPolicy, Sweeper};
 use anyhow::Context;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tracing::{error, info, warn};
@@ -117,6 +118,9 @@ pub(crate) fn master_key_bytes(
     Ok(bytes)
 }
 
+/// How often the retention sweeper runs (and once at start-up).
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl Records {
     /// Opens the database and key ring of `var_dir`, recovers what a crash
     /// left, sets every tenant's caller-id policy (plain numbers: the
@@ -124,7 +128,7 @@ impl Records {
     pub(crate) fn open(
         var_dir: &Path,
         master_key: &[u8],
-        tenants: &[String],
+        tenants: &[(String, RetentionPolicy)],
     ) -> anyhow::Result<Records> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -140,7 +144,7 @@ impl Records {
         let db = var_dir.join(DB_FILE);
         let mut store =
             Store::open(&db).with_context(|| format!("opening database {}", db.display()))?;
-        for t in tenants {
+        for (t, _) in tenants {
             store.set_caller_policy(t, CallerIdPolicy::Plain);
         }
         recover(&mut store, &keyring, unix_ms(SystemTime::now()))?;
@@ -151,6 +155,7 @@ impl Records {
             var_dir: var_dir.to_owned(),
             rng: StdRng::from_os_rng(),
             open: HashMap::new(),
+            policies: tenants.iter().cloned().collect(),
         };
         let thread = std::thread::Builder::new()
             .name("sipbridge-store".into())
@@ -483,19 +488,49 @@ struct Writer {
     rng: StdRng,
     /// Open recordings by handle: (recording id, writer).
     open: HashMap<u64, (String, RecordingWriter)>,
+    /// Each tenant's retention policy, for the sweeper.
+    policies: HashMap<String, RetentionPolicy>,
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<Op>) {
-        while let Ok(op) = rx.recv() {
-            if matches!(op, Op::Shutdown) {
-                break;
+        // DESIGN §4: the retention sweeper runs at start-up and on an interval,
+        // here on the thread that owns the database.
+        let mut next_sweep = std::time::Instant::now();
+        loop {
+            if std::time::Instant::now() >= next_sweep {
+                self.sweep();
+                next_sweep = std::time::Instant::now() + SWEEP_INTERVAL;
             }
-            self.apply(op);
+            let wait = next_sweep.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Op::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(op) => self.apply(op),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
         }
         let handles: Vec<u64> = self.open.keys().copied().collect();
         for handle in handles {
             self.finish(handle);
+        }
+    }
+
+    /// Deletes what the tenants' retention policies say has expired (each
+    /// deletion audited by the store); a tenant no longer configured keeps
+    /// its data.
+    fn sweep(&mut self) {
+        let policies = &self.policies;
+        let policy = |tenant: &str| policies.get(tenant).copied();
+        let deleter = |p: &Path| std::fs::remove_file(p);
+        let sweeper = Sweeper::new(&policy, &deleter);
+        match sweeper.run(&mut self.store, unix_ms(SystemTime::now())) {
+            Ok(report) => info!(
+                deleted = report.deleted.len(),
+                failed = report.failed.len(),
+                held = report.held.len(),
+                "retention sweep"
+            ),
+            Err(e) => error!(error = %e, "retention sweep failed"),
         }
     }
 

@@ -33,6 +33,17 @@ pub struct RetentionPolicy {
     pub metadata_days: u32,
 }
 
+impl From<&crate::config::Retention> for RetentionPolicy {
+    /// A tenant's `[tenant.retention]`.
+    fn from(r: &crate::config::Retention) -> Self {
+        RetentionPolicy {
+            recordings_days: r.recordings_days,
+            transcripts_days: r.transcripts_days,
+            metadata_days: r.metadata_days,
+        }
+    }
+}
+
 impl Default for RetentionPolicy {
     /// 90 days of recordings and transcripts, 365 days of metadata.
     fn default() -> Self {
