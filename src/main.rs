@@ -167,7 +167,7 @@ fn check(path: &Path) -> ExitCode {
 /// The data subcommands: argument parsing and printing around
 /// `sipbridge::store::ops`, which holds their logic.
 mod data {
-    use std::collections::HashMap;
+    use sipbridge::store::db::CallerIdPolicy;
     use std::path::{Path, PathBuf};
     use std::process::ExitCode;
     use std::time::SystemTime;
@@ -362,9 +362,15 @@ mod data {
             _ => return Err(usage("master key: unsupported source")),
         };
         let master = zeroize::Zeroizing::new(master);
-        // The configuration has no caller-id hashing setting: every tenant
-        // stores caller numbers as received.
-        let ds = DataStore::open(&profile.var_dir, &master, HashMap::new())?;
+        let policies = cfg
+            .tenants
+            .iter()
+            .map(|t| {
+                let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, &master, &t.id);
+                (t.id.clone(), policy)
+            })
+            .collect();
+        let ds = DataStore::open(&profile.var_dir, &master, policies)?;
         Ok(Opened { cfg, ds })
     }
 

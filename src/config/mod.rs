@@ -245,6 +245,9 @@ pub struct Tenant {
     pub pipeline_rate: u32,
     /// Play the prompt in 183 Session Progress and answer after it.
     pub early_media: bool,
+    /// Store caller numbers as received, or as a keyed hash (erasure and
+    /// export by number still work: the hash is recomputed from the number).
+    pub hash_caller_numbers: bool,
     /// Retention in days.
     pub retention: Retention,
     /// What handles the caller's audio.

@@ -124,6 +124,8 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) early_media: bool,
     #[serde(default)]
+    pub(crate) caller_numbers: Option<RawCallerNumbers>,
+    #[serde(default)]
     pub(crate) retention: Option<Spanned<RawRetention>>,
     pub(crate) pipeline: Spanned<RawPipeline>,
     #[serde(default)]
@@ -168,4 +170,11 @@ pub(crate) struct RawRoute {
     pub(crate) tenant: Spanned<String>,
     #[serde(default)]
     pub(crate) trunks: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawCallerNumbers {
+    Plain,
+    Hashed,
 }

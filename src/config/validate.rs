@@ -961,6 +961,10 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     caller_audio_after_prompt: t.caller_audio_after_prompt.unwrap_or(true),
                     pipeline_rate,
                     early_media: t.early_media,
+                    hash_caller_numbers: matches!(
+                        t.caller_numbers,
+                        Some(super::raw::RawCallerNumbers::Hashed)
+                    ),
                     retention,
                     pipeline,
                     max_calls,

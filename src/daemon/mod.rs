@@ -586,14 +586,10 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
     let mut shared = shared;
     if let Some(profile) = config.profiles.first() {
         let key = records::master_key_bytes(&profile.master_key)?;
-        let tenants: Vec<(String, crate::store::retention::RetentionPolicy)> = config
-            .tenants
-            .iter()
-            .map(|t| (t.id.clone(), (&t.retention).into()))
-            .collect();
-        let records = records::Records::open(&profile.var_dir, &key, &tenants)
+
+        let records = records::Records::open(&profile.var_dir, &key, &config.tenants)
             .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
-        info!(var_dir = %profile.var_dir.display(), "store open (caller numbers kept plain)");
+        info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
     }
     let shared = Arc::new(shared);

@@ -123,12 +123,12 @@ const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600)
 
 impl Records {
     /// Opens the database and key ring of `var_dir`, recovers what a crash
-    /// left, sets every tenant's caller-id policy (plain numbers: the
-    /// configuration has no hashing option yet) and starts the writer thread.
+    /// left, sets every tenant's caller-id policy (`caller_numbers`) and
+    /// retention policy, and starts the writer thread.
     pub(crate) fn open(
         var_dir: &Path,
         master_key: &[u8],
-        tenants: &[(String, RetentionPolicy)],
+        tenants: &[crate::config::Tenant],
     ) -> anyhow::Result<Records> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -144,8 +144,9 @@ impl Records {
         let db = var_dir.join(DB_FILE);
         let mut store =
             Store::open(&db).with_context(|| format!("opening database {}", db.display()))?;
-        for (t, _) in tenants {
-            store.set_caller_policy(t, CallerIdPolicy::Plain);
+        for t in tenants {
+            let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
+            store.set_caller_policy(&t.id, policy);
         }
         recover(&mut store, &keyring, unix_ms(SystemTime::now()))?;
         let (tx, rx) = sync_channel(QUEUE);
@@ -155,7 +156,10 @@ impl Records {
             var_dir: var_dir.to_owned(),
             rng: StdRng::from_os_rng(),
             open: HashMap::new(),
-            policies: tenants.iter().cloned().collect(),
+            policies: tenants
+                .iter()
+                .map(|t| (t.id.clone(), RetentionPolicy::from(&t.retention)))
+                .collect(),
         };
         let thread = std::thread::Builder::new()
             .name("sipbridge-store".into())

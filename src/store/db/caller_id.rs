@@ -27,6 +27,28 @@ pub enum CallerIdPolicy {
     },
 }
 
+impl CallerIdPolicy {
+    /// The policy a tenant's configuration asks for. A hashing key is derived
+    /// from the master key and the tenant id (HMAC-SHA256), so the daemon and
+    /// the CLI compute the same hashes without storing another secret, and a
+    /// tenant's hashes are unlinkable to another tenant's.
+    pub fn for_tenant(hash_numbers: bool, master_key: &[u8], tenant: &str) -> CallerIdPolicy {
+        if !hash_numbers {
+            return CallerIdPolicy::Plain;
+        }
+        // HMAC takes keys of any length; an error here cannot happen, and an
+        // empty key is refused later by `stored_form` rather than used.
+        let key = <Hmac<Sha256> as KeyInit>::new_from_slice(master_key)
+            .map(|mut mac| {
+                mac.update(b"sipbridge caller-id v1\0");
+                mac.update(tenant.as_bytes());
+                mac.finalize().into_bytes().to_vec()
+            })
+            .unwrap_or_default();
+        CallerIdPolicy::Hashed { key }
+    }
+}
+
 impl std::fmt::Debug for CallerIdPolicy {
     // The key is a secret: never print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
