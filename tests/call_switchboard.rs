@@ -182,6 +182,31 @@ fn load_prompts(sb: &mut Switchboard) {
     );
 }
 
+/// Dispatches an INVITE that must be admitted and starts its `Call`, as the
+/// daemon does.
+fn start_call(sb: &mut Switchboard, t0: Instant, invite: &[u8], rng: &mut StdRng) -> Call {
+    let Dispatch::NewCall(admitted) = sb.dispatch(
+        t0,
+        SystemTime::now(),
+        invite,
+        parse_datagram(invite),
+        peer(),
+        |_| false,
+        rng,
+    ) else {
+        panic!("not admitted")
+    };
+    Call::new(
+        t0,
+        SystemTime::now(),
+        admitted.invite,
+        admitted.peer,
+        admitted.settings,
+        rng,
+    )
+    .unwrap()
+}
+
 fn transmits(call: &mut Call) -> (Vec<Vec<u8>>, Vec<CallEvent>) {
     let mut bytes = Vec::new();
     let mut events = Vec::new();
@@ -201,26 +226,7 @@ fn update_with_hold_offer_is_answered_and_the_call_stays_up() {
     let cfg = config("", "127.0.0.0/8");
     let mut sb = switchboard(&cfg, &mut rng);
     let invite = request("INVITE", "i1", 1, None, &sdp("sendrecv"));
-    let Dispatch::NewCall(admitted) = sb.dispatch(
-        t0,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    ) else {
-        panic!("not admitted")
-    };
-    let mut call = Call::new(
-        t0,
-        SystemTime::now(),
-        admitted.invite,
-        admitted.peer,
-        admitted.settings,
-        &mut rng,
-    )
-    .unwrap();
+    let mut call = start_call(&mut sb, t0, &invite, &mut rng);
     let (sent, _) = transmits(&mut call);
     let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
     let Ok(Message::Response(ok)) = parse_datagram(ok) else {
@@ -281,26 +287,7 @@ fn early_media_sends_183_with_sdp_and_answers_when_the_prompt_ends() {
     let mut sb = switchboard(&cfg, &mut rng);
     load_prompts(&mut sb);
     let invite = request("INVITE", "e1", 1, None, &sdp("sendrecv"));
-    let Dispatch::NewCall(admitted) = sb.dispatch(
-        t0,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    ) else {
-        panic!("not admitted")
-    };
-    let mut call = Call::new(
-        t0,
-        SystemTime::now(),
-        admitted.invite,
-        admitted.peer,
-        admitted.settings,
-        &mut rng,
-    )
-    .unwrap();
+    let mut call = start_call(&mut sb, t0, &invite, &mut rng);
     let (sent, events) = transmits(&mut call);
     let statuses: Vec<u16> = sent.iter().map(|b| status_of(b)).collect();
     assert_eq!(statuses, vec![100, 183], "no 180, no 200 yet");
@@ -350,26 +337,7 @@ fn cancel_during_early_media_gets_487() {
     let mut sb = switchboard(&cfg, &mut rng);
     load_prompts(&mut sb);
     let invite = request("INVITE", "e2", 1, None, &sdp("sendrecv"));
-    let Dispatch::NewCall(admitted) = sb.dispatch(
-        t0,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    ) else {
-        panic!("not admitted")
-    };
-    let mut call = Call::new(
-        t0,
-        SystemTime::now(),
-        admitted.invite,
-        admitted.peer,
-        admitted.settings,
-        &mut rng,
-    )
-    .unwrap();
+    let mut call = start_call(&mut sb, t0, &invite, &mut rng);
     transmits(&mut call);
     let cancel = request("CANCEL", "e2", 1, None, "");
     let Ok(Message::Request(cancel)) = parse_datagram(&cancel) else {
@@ -403,26 +371,7 @@ fn ack_for_a_non_2xx_to_our_refresh_uses_our_branch() {
         "Max-Forwards: 70\r\nSupported: timer\r\nSession-Expires: 90;refresher=uas\r\n",
     );
     let invite = invite.into_bytes();
-    let Dispatch::NewCall(admitted) = sb.dispatch(
-        t0,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    ) else {
-        panic!("not admitted")
-    };
-    let mut call = Call::new(
-        t0,
-        SystemTime::now(),
-        admitted.invite,
-        admitted.peer,
-        admitted.settings,
-        &mut rng,
-    )
-    .unwrap();
+    let mut call = start_call(&mut sb, t0, &invite, &mut rng);
     let (sent, _) = transmits(&mut call);
     let ok = sent.iter().find(|b| status_of(b) == 200).unwrap();
     let Ok(Message::Response(ok)) = parse_datagram(ok) else {
