@@ -238,6 +238,27 @@ impl Core {
         }
     }
 
+    /// A client transaction's start (§17.1.1.2 / §17.1.2.2): the request goes
+    /// out at once, `retransmit` (A or E) fires at T1 on unreliable
+    /// transports, `timeout` (B or F) at 64·T1 on every transport.
+    fn start_client(
+        now: Instant,
+        key: TransactionKey,
+        transport: Transport,
+        cfg: TimerConfig,
+        request: &Bytes,
+        retransmit: Timer,
+        timeout: Timer,
+    ) -> Self {
+        let mut core = Core::new(key, transport, cfg);
+        core.transmit(request);
+        if !core.reliable() {
+            core.timers.set(retransmit, now + cfg.t1());
+        }
+        core.timers.set(timeout, now + cfg.timeout_64_t1());
+        core
+    }
+
     fn reliable(&self) -> bool {
         self.transport == Transport::Reliable
     }
@@ -686,12 +707,7 @@ impl ClientInviteTransaction {
         cfg: TimerConfig,
         request: Bytes,
     ) -> Self {
-        let mut core = Core::new(key, transport, cfg);
-        core.transmit(&request);
-        if !core.reliable() {
-            core.timers.set(Timer::A, now + cfg.t1());
-        }
-        core.timers.set(Timer::B, now + cfg.timeout_64_t1());
+        let core = Core::start_client(now, key, transport, cfg, &request, Timer::A, Timer::B);
         Self {
             core,
             state: ClientInviteState::Calling,
@@ -822,12 +838,7 @@ impl ClientNonInviteTransaction {
         cfg: TimerConfig,
         request: Bytes,
     ) -> Self {
-        let mut core = Core::new(key, transport, cfg);
-        core.transmit(&request);
-        if !core.reliable() {
-            core.timers.set(Timer::E, now + cfg.t1());
-        }
-        core.timers.set(Timer::F, now + cfg.timeout_64_t1());
+        let core = Core::start_client(now, key, transport, cfg, &request, Timer::E, Timer::F);
         Self {
             core,
             state: ClientNonInviteState::Trying,
