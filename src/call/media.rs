@@ -448,7 +448,7 @@ impl MediaSession {
 
     /// Returns the G.711 payload sent this tick (`None` when on hold).
     fn outbound_tick(&mut self, now: Instant) -> Option<[u8; FRAME]> {
-        let mut payload = [g711_silence(self.law); FRAME];
+        let mut payload = [self.law.silence(); FRAME];
         let mut have_audio = false;
         // Silence fills the gaps: carriers' SBCs and NATs expect a steady stream.
         if let Some(player) = &mut self.prompt {
@@ -492,10 +492,6 @@ impl MediaSession {
             }
         }
     }
-}
-
-fn g711_silence(law: Law) -> u8 {
-    law.silence()
 }
 
 #[cfg(test)]

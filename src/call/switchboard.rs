@@ -484,6 +484,7 @@ impl Switchboard {
             // A retransmission of an INVITE we already rejected.
             return self.reply(peer, bytes.clone());
         }
+        let dialed = dialed_number(&req);
         let mut record = CallRecord {
             call_id: req.call_id().unwrap_or_default().to_owned(),
             tenant: None,
@@ -493,7 +494,7 @@ impl Switchboard {
                 .ok()
                 .and_then(|f| f.uri.user_unescaped())
                 .unwrap_or_default(),
-            to: dialed_number(&req).unwrap_or_default(),
+            to: dialed.clone().unwrap_or_default(),
             source: peer.addr,
             started_at: wall_now,
             answered_at: None,
@@ -586,7 +587,7 @@ impl Switchboard {
             }
         }
         // 3. Route the dialed number to a tenant.
-        let Some(number) = dialed_number(&req) else {
+        let Some(number) = dialed else {
             return reject(self, &mut record, 404, vec![], true);
         };
         let Some(route) = self.config.route(&number, &trunk_name) else {
