@@ -13,7 +13,7 @@ use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
     Switchboard, Transmit,
 };
-use crate::pipeline::{AgentCommand, AgentTarget, CallInfo, PipelineHandle};
+use crate::pipeline::{AgentCommand, AgentTarget, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
 use anyhow::Context;
 use rand::SeedableRng;
@@ -82,14 +82,16 @@ impl Shared {
         &self,
         tenant: &str,
         invite: &crate::sip::message::Request,
-    ) -> Option<(AgentTarget, CallInfo)> {
+    ) -> Option<(PipelineSpec, CallInfo)> {
         let (target, sample_rate) = {
             let sb = lock(&self.switchboard);
             let t = sb.config().tenant(tenant)?;
             let rate = t.pipeline_rate;
             let target = match &t.pipeline {
                 crate::config::Pipeline::Echo => return None,
-                crate::config::Pipeline::Agent(a) => AgentTarget::for_settings(a),
+                crate::config::Pipeline::Agent(a) => {
+                    AgentTarget::for_settings(a).map(PipelineSpec::Native)
+                }
                 _ => None,
             };
             let Some(target) = target else {
@@ -291,7 +293,7 @@ async fn run_call(
     sockets: (UdpSocket, UdpSocket),
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
-    mut agent: Option<(AgentTarget, CallInfo)>,
+    mut agent: Option<(PipelineSpec, CallInfo)>,
     mut store: Option<records::CallStore>,
 ) {
     let mut pipeline: Option<PipelineHandle> = None;
@@ -368,7 +370,7 @@ async fn run_call(
                     if media.is_some() {
                         pipeline = agent
                             .take()
-                            .map(|(t, info)| PipelineHandle::spawn_native(t, info));
+                            .map(|(spec, info)| PipelineHandle::spawn(spec, info));
                     }
                 }
                 CallOutput::Event(CallEvent::MediaChanged(neg)) => {

@@ -71,6 +71,15 @@ impl AgentTarget {
     }
 }
 
+/// Which pipeline a call connects to, resolved from its tenant's settings
+/// when the call starts (a reload later does not change a live call's).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PipelineSpec {
+    /// An agent speaking the native protocol.
+    Native(AgentTarget),
+}
+
 /// What the pipeline asks the call to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -104,21 +113,20 @@ pub struct PipelineHandle {
 }
 
 impl PipelineHandle {
-    /// Connects to a native-protocol agent for this call in a new task.
+    /// Connects this call to its pipeline in a new task.
     /// Must be called inside a tokio runtime.
-    pub fn spawn_native(target: AgentTarget, info: CallInfo) -> PipelineHandle {
+    pub fn spawn(spec: PipelineSpec, info: CallInfo) -> PipelineHandle {
         let (audio_tx, audio_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-        tokio::spawn(native::run(
-            target,
-            info,
-            native::Channels {
-                audio: audio_rx,
-                events: event_rx,
-                commands: cmd_tx,
-            },
-        ));
+        let chans = native::Channels {
+            audio: audio_rx,
+            events: event_rx,
+            commands: cmd_tx,
+        };
+        match spec {
+            PipelineSpec::Native(target) => tokio::spawn(native::run(target, info, chans)),
+        };
         PipelineHandle {
             audio: audio_tx,
             events: event_tx,
