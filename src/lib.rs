@@ -5,6 +5,7 @@
 //! (`daemon`). Configuration lives in `config`, logging set-up in `logging`,
 //! stored data in `store`.
 
+pub mod admin;
 pub mod call;
 pub mod config;
 pub mod daemon;

@@ -341,7 +341,12 @@ impl Switchboard {
         self.counts.total
     }
 
-    /// New INVITEs get 503 from now on; OPTIONS report unavailability.
+    /// Whether [`Switchboard::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// From now on new INVITEs get 503 + Retry-After and OPTIONS report 503.
     pub fn start_draining(&mut self) {
         self.draining = true;
     }

@@ -82,6 +82,16 @@ pub struct Profile {
     pub sip: SipSettings,
     /// Media limits.
     pub media: MediaSettings,
+    /// The admin HTTP API (`[profile.admin]`); `None`: not served.
+    pub admin: Option<AdminSettings>,
+}
+
+/// The admin HTTP API of a profile (`[profile.admin]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdminSettings {
+    /// Where it listens (port 0: any free port, logged at start).
+    pub listen: SocketAddr,
 }
 
 /// Media limits of a profile (`[profile.media]`).

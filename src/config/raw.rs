@@ -27,6 +27,15 @@ pub(crate) struct RawProfile {
     pub(crate) sip: Option<Spanned<RawSip>>,
     #[serde(default)]
     pub(crate) media: Option<Spanned<RawMedia>>,
+    #[serde(default)]
+    pub(crate) admin: Option<Spanned<RawAdmin>>,
+}
+
+/// `[profile.admin]`: the admin HTTP API (absent: no API).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -25,9 +25,9 @@ use super::number::NumberPattern;
 use super::raw::{RawPipeline, RawProfile, RawRoute, RawTenant, RawTrunk, RawUnknownSource};
 use super::secret::{self, Secret, SecretRef};
 use super::{
-    AgentMode, AgentSettings, Config, DeepgramSettings, DigestCredentials, Listen, MasterKey,
-    MediaSettings, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings, Tenant,
-    Trunk, UnknownSource,
+    AdminSettings, AgentMode, AgentSettings, Config, DeepgramSettings, DigestCredentials, Listen,
+    MasterKey, MediaSettings, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings,
+    Tenant, Trunk, UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -613,6 +613,23 @@ fn check_profiles(
         let master_key = check_master_key(cx, file, p.master_key.as_ref(), &var_dir, p.name.span());
         let sip = check_sip(cx, file, p.sip.as_ref());
         let media = media_settings(p.media.as_ref());
+        let admin = p.admin.as_ref().and_then(|a| {
+            let listen = &a.get_ref().listen;
+            match listen.get_ref().parse::<SocketAddr>() {
+                Ok(listen) => Some(AdminSettings { listen }),
+                Err(_) => {
+                    cx.error(
+                        file,
+                        Some(listen.span()),
+                        format!(
+                            "admin listen `{}` is not an address: write IP:PORT, e.g. 127.0.0.1:8089",
+                            listen.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }
+        });
 
         out.push(Profile {
             name,
@@ -629,6 +646,7 @@ fn check_profiles(
             master_key,
             sip,
             media,
+            admin,
         });
     }
     out

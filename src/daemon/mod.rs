@@ -76,6 +76,11 @@ pub(crate) fn log_cdr(record: &CallRecord) {
 }
 
 impl Shared {
+    /// Whether the daemon is draining (new calls refused).
+    pub(crate) fn is_draining(&self) -> bool {
+        lock(&self.switchboard).is_draining()
+    }
+
     /// The agent pipeline a new call of `tenant` connects to, with what the
     /// `start` message tells it (native agents only so far).
     fn agent_for(
@@ -596,6 +601,19 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
     }
     let shared = Arc::new(shared);
     let mut tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
+    let admin = match config.profiles.first().and_then(|p| p.admin.as_ref()) {
+        Some(a) => {
+            let router = crate::admin::router(crate::admin::AdminState {
+                shared: Arc::clone(&shared),
+            });
+            Some(
+                crate::admin::spawn(a.listen, router)
+                    .await
+                    .with_context(|| format!("binding the admin API on {}", a.listen))?,
+            )
+        }
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;
     tokio::select! {
@@ -621,6 +639,9 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     tasks.abort_all();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     if let Some(records) = shared.records.clone() {
         // Drains the queue: CDRs closed, open recordings finished.
         let _ = tokio::task::spawn_blocking(move || records.shutdown()).await;

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub(crate) mod http;
+
 /// The repository root (where `Cargo.toml` is).
 pub(crate) const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -374,6 +376,27 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The admin API's bound address (from its `admin API listening` log line;
+    /// the profile must have `[profile.admin]`). Waits up to 10 s.
+    pub(crate) fn admin_addr(&self) -> SocketAddr {
+        let line = self
+            .wait_for_log(Duration::from_secs(10), |l| {
+                l.contains("admin API listening")
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no `admin API listening` line; output:\n{}",
+                    self.logs().join("\n")
+                )
+            });
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        let fields = v.get("fields").unwrap_or(&v);
+        fields["addr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no addr in {line}"))
     }
 
     /// The daemon's process id.
