@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod logging;
 pub mod media;
+pub(crate) mod metrics;
 pub mod pipeline;
 pub mod sip;
 pub mod store;

@@ -26,6 +26,7 @@ pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -42,6 +43,20 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     } else {
         (StatusCode::OK, "ready\n")
     }
+}
+
+/// Prometheus scrape: the text exposition format 0.0.4 (`src/metrics.rs`).
+/// Unauthenticated like the health endpoints (docs/admin-api.md): it holds
+/// counts labelled by tenant id, code, method and kind, never a call id,
+/// a number or a secret.
+async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
 }
 
 /// Binds the admin listener and serves `router` on it in a new task; logs

@@ -62,6 +62,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) fn log_cdr(record: &CallRecord) {
+    crate::metrics::call_attempt(record.result_code, record.tenant.as_deref());
     let json = serde_json::to_string(record).unwrap_or_default();
     info!(
         target: "cdr",
@@ -210,6 +211,7 @@ impl Shared {
         let call_id = admitted.invite.call_id().unwrap_or_default().to_owned();
         let Some(rtp) = socket else {
             warn!(%call_id, "no RTP port could be bound");
+            crate::metrics::call_attempt(503, Some(&admitted.settings.tenant));
             lock(&self.switchboard).call_ended(&admitted.settings);
             let mut resp = crate::sip::message::Response::for_request(&admitted.invite, 503);
             resp.headers.push("Retry-After", "5");
@@ -308,6 +310,8 @@ async fn run_call(
     let mut rtcp_buf = vec![0u8; 2048];
     let mut ended_settings = Some(call.settings().clone());
     let mut shutting_down = false;
+    let mut active = Some(crate::metrics::ActiveCall::start(&call.settings().tenant));
+    let mut rtp_meter = crate::metrics::RtpMeter::new();
     info!(port = call.settings().media.rtp_port, "call started");
     loop {
         if let (Some(m), Some((rtp, rtcp))) = (&mut media, &sockets) {
@@ -388,6 +392,7 @@ async fn run_call(
                     if let Some(m) = &media {
                         record.rtp = Some(crate::call::RtpSummary::of(m));
                     }
+                    rtp_meter.finish(record.rtp.as_ref());
                     log_cdr(&record);
                     if let Some(s) = &mut store {
                         s.ended(&record);
@@ -395,6 +400,7 @@ async fn run_call(
                     if let Some(p) = pipeline.take()
                         && p.dropped_frames() > 0
                     {
+                        crate::metrics::caller_frames_dropped(p.dropped_frames());
                         warn!(
                             dropped = p.dropped_frames(),
                             "pipeline was behind; caller frames dropped"
@@ -405,6 +411,7 @@ async fn run_call(
                     if let Some(settings) = ended_settings.take() {
                         lock(&shared.switchboard).call_ended(&settings);
                     }
+                    drop(active.take());
                 }
             }
         }
@@ -455,6 +462,7 @@ async fn run_call(
                 call.handle_timeout(now, &mut rng);
                 if let Some(m) = &mut media {
                     m.handle_timeout(now, SystemTime::now(), &mut rng);
+                    rtp_meter.tick(now, m);
                 }
             }
             r = recv_rtp => if let Ok((n, from)) = r {
@@ -584,6 +592,7 @@ fn ensure_master_key(config: &crate::config::Config, rng: &mut StdRng) -> anyhow
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
+    crate::metrics::install();
     let mut os_rng = StdRng::from_os_rng();
     let (shared, listeners) = transport::bind_all(&config, &mut os_rng)
         .await

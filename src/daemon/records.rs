@@ -177,6 +177,7 @@ impl Records {
         match self.tx.try_send(op) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
+                crate::metrics::store_dropped();
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 warn!(dropped = n, "store queue full; record dropped");
             }
@@ -401,6 +402,12 @@ impl CallStore {
     }
 }
 
+/// Size of the file at `path` now (0 if unknown): recording bytes written are
+/// counted as the growth of the sealed file, header and chunk overhead included.
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
 /// Start-up recovery: recordings left in state `recording` are verified and
 /// marked `partial` (or deleted when nothing can be read), then open CDRs
 /// are closed as crash-recovered.
@@ -528,12 +535,15 @@ impl Writer {
         let deleter = |p: &Path| std::fs::remove_file(p);
         let sweeper = Sweeper::new(&policy, &deleter);
         match sweeper.run(&mut self.store, unix_ms(SystemTime::now())) {
-            Ok(report) => info!(
-                deleted = report.deleted.len(),
-                failed = report.failed.len(),
-                held = report.held.len(),
-                "retention sweep"
-            ),
+            Ok(report) => {
+                crate::metrics::retention_swept(&report);
+                info!(
+                    deleted = report.deleted.len(),
+                    failed = report.failed.len(),
+                    held = report.held.len(),
+                    "retention sweep"
+                );
+            }
             Err(e) => error!(error = %e, "retention sweep failed"),
         }
     }
@@ -579,13 +589,16 @@ impl Writer {
                 left,
                 right,
             } => {
-                if let Some((id, w)) = self.open.get_mut(&handle)
-                    && let Err(e) = w.push(&left, &right)
-                {
-                    // The file keeps what was sealed; the row stays
-                    // `recording` and becomes `partial` at the next start.
-                    warn!(recording = %id, error = %e, "recording write failed; stopped");
-                    self.open.remove(&handle);
+                if let Some((id, w)) = self.open.get_mut(&handle) {
+                    let before = file_len(w.path());
+                    let pushed = w.push(&left, &right);
+                    crate::metrics::recording_bytes(file_len(w.path()).saturating_sub(before));
+                    if let Err(e) = pushed {
+                        // The file keeps what was sealed; the row stays
+                        // `recording` and becomes `partial` at the next start.
+                        warn!(recording = %id, error = %e, "recording write failed; stopped");
+                        self.open.remove(&handle);
+                    }
                 }
             }
             Op::FinishRecording { handle } => self.finish(handle),
@@ -633,6 +646,7 @@ impl Writer {
             return Err(e.into());
         }
         info!(%call_id, recording = %id, "recording started");
+        crate::metrics::recording_bytes(file_len(writer.path()));
         self.open.insert(handle, (id, writer));
         Ok(())
     }
@@ -641,8 +655,10 @@ impl Writer {
         let Some((id, w)) = self.open.remove(&handle) else {
             return;
         };
+        let before = file_len(w.path());
         match w.finish() {
             Ok(s) => {
+                crate::metrics::recording_bytes(s.bytes.saturating_sub(before));
                 if let Err(e) = self.store.set_recording_state(
                     &id,
                     RecordingState::Complete,

@@ -39,6 +39,7 @@ pub struct Transports {
 impl Transports {
     /// Sends one message; failures are logged, never fatal (SIP retransmits).
     pub(crate) async fn send(self: &Transports, t: Transmit) {
+        crate::metrics::sip_sent(&t.bytes);
         match t.dest.transport {
             TransportKind::Udp => {
                 let idx = usize::try_from(t.dest.flow).unwrap_or(usize::MAX);
@@ -182,6 +183,7 @@ async fn udp_loop(shared: Arc<Shared>, sock: Arc<UdpSocket>, flow: u64, mut rng:
             flow,
         };
         let parsed = parse_datagram(raw);
+        crate::metrics::sip_received(parsed.as_ref().ok());
         shared.inbound(raw, parsed, peer, &mut rng).await;
     }
 }
@@ -236,6 +238,7 @@ async fn tcp_connection(
         loop {
             match decoder.next_message() {
                 Ok(Some(msg)) => {
+                    crate::metrics::sip_received(Some(&msg));
                     let raw = msg_bytes(&msg);
                     shared.inbound(&raw, Ok(msg), peer, &mut rng).await;
                 }
@@ -243,6 +246,7 @@ async fn tcp_connection(
                 Err(e) => {
                     // Framing lost (RFC 3261 §18.3): answer if we can, then close.
                     debug!(%from, error = %e, "tcp framing error; closing");
+                    crate::metrics::sip_received(None);
                     shared.inbound(&[], Err(e), peer, &mut rng).await;
                     break 'conn;
                 }

@@ -152,6 +152,7 @@ pub(crate) async fn run(target: AgentTarget, info: CallInfo, chans: Channels) {
     match session(&target, &info, chans).await {
         Ok(()) => info!(%call_id, %url, "agent session ended"),
         Err(e) => {
+            crate::metrics::pipeline_failed("agent");
             warn!(%call_id, %url, error = %e, "agent pipeline failed; call continues without agent")
         }
     }
@@ -173,6 +174,7 @@ async fn session(
     .await
     .map_err(|_| AgentError::ConnectTimeout)??;
     info!(call_id = %info.call_id, url = %redact_url(&target.url), "agent connected");
+    crate::metrics::pipeline_connected("agent");
     ws.send(Message::text(start_message(info))).await?;
     loop {
         tokio::select! {

@@ -1,0 +1,768 @@
+//! Prometheus metrics (DESIGN §5, issue 7 item 6): the one place that names
+//! every metric, describes it (help text, unit) and renders the text
+//! exposition for the admin listener's `GET /metrics`.
+//!
+//! Owns: the process-wide `metrics` recorder (`metrics-exporter-prometheus`
+//! without its HTTP listener: the admin router serves [`render`]), the metric
+//! names ([`names`]), the bucket bounds of the histograms, and small helpers
+//! the tokio shell (`daemon`, `pipeline`) calls where things happen.
+//! Must not touch: the sans-IO core (`sip`, `media`, `call`) never records a
+//! metric; figures about calls and media come from the statistics those
+//! modules already expose (`RtpSummary`, `CallRecord`), read by the call task.
+//!
+//! Label values are bounded: tenant ids (from configuration), 3-digit SIP
+//! status codes, SIP methods from a fixed list (anything else is `other`),
+//! pipeline kinds and a few fixed words. Never a call id, a number or free text.
+//! The text format itself is the exporter's; nothing of it is written here.
+
+use crate::call::{MediaSession, RtpSummary};
+use crate::sip::message::{Message, Method};
+use crate::store::retention::{ItemKind, SweepReport};
+use ::metrics::{
+    Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Metric names, in one place.
+pub(crate) mod names {
+    /// Gauge, always 1, labelled with the build's version.
+    pub(crate) const BUILD_INFO: &str = "sipbridge_build_info";
+    /// Gauge: seconds since the daemon started.
+    pub(crate) const UPTIME: &str = "sipbridge_uptime_seconds";
+    /// Gauge by `tenant`: calls admitted and not yet ended.
+    pub(crate) const ACTIVE_CALLS: &str = "sipbridge_active_calls";
+    /// Counter by `code` (and `tenant` when routed): call attempts by final response.
+    pub(crate) const CALL_ATTEMPTS: &str = "sipbridge_call_attempts_total";
+    /// Counter by `method`: SIP requests received.
+    pub(crate) const SIP_REQUESTS_RECEIVED: &str = "sipbridge_sip_requests_received_total";
+    /// Counter by `code`: SIP responses received.
+    pub(crate) const SIP_RESPONSES_RECEIVED: &str = "sipbridge_sip_responses_received_total";
+    /// Counter by `method`: SIP requests sent.
+    pub(crate) const SIP_REQUESTS_SENT: &str = "sipbridge_sip_requests_sent_total";
+    /// Counter by `code`: SIP responses sent.
+    pub(crate) const SIP_RESPONSES_SENT: &str = "sipbridge_sip_responses_sent_total";
+    /// Counter: SIP messages received that did not parse.
+    pub(crate) const SIP_MALFORMED: &str = "sipbridge_sip_malformed_total";
+    /// Counter: valid RTP packets received.
+    pub(crate) const RTP_PACKETS_RECEIVED: &str = "sipbridge_rtp_packets_received_total";
+    /// Counter: RTP packets sent.
+    pub(crate) const RTP_PACKETS_SENT: &str = "sipbridge_rtp_packets_sent_total";
+    /// Counter: RTP packets lost (RFC 3550 cumulative loss).
+    pub(crate) const RTP_PACKETS_LOST: &str = "sipbridge_rtp_packets_lost_total";
+    /// Counter: datagrams on RTP ports ignored (wrong source, payload type, malformed).
+    pub(crate) const RTP_PACKETS_REJECTED: &str = "sipbridge_rtp_packets_rejected_total";
+    /// Counter: 20 ms frames concealed at playout because their packet was lost or late.
+    pub(crate) const RTP_FRAMES_CONCEALED: &str = "sipbridge_rtp_frames_concealed_total";
+    /// Histogram: interarrival jitter of calls (RFC 3550 A.8), sampled.
+    pub(crate) const RTP_JITTER: &str = "sipbridge_rtp_jitter_seconds";
+    /// Counter by `kind`: pipeline connections established.
+    pub(crate) const PIPELINE_CONNECTS: &str = "sipbridge_pipeline_connects_total";
+    /// Counter by `kind`: pipeline connections that failed (at connect or mid-call).
+    pub(crate) const PIPELINE_FAILURES: &str = "sipbridge_pipeline_failures_total";
+    /// Counter by `kind`: pipeline reconnection attempts.
+    pub(crate) const PIPELINE_RECONNECTS: &str = "sipbridge_pipeline_reconnects_total";
+    /// Counter: caller frames dropped because the pipeline was behind.
+    pub(crate) const CALLER_FRAMES_DROPPED: &str = "sipbridge_pipeline_caller_frames_dropped_total";
+    /// Counter: bytes of sealed recording files written.
+    pub(crate) const RECORDING_BYTES: &str = "sipbridge_recording_bytes_written_total";
+    /// Counter: store operations dropped because the writer's queue was full.
+    pub(crate) const STORE_DROPPED: &str = "sipbridge_store_queue_dropped_total";
+    /// Counter by `kind`: objects deleted by the retention sweeper.
+    pub(crate) const RETENTION_DELETIONS: &str = "sipbridge_retention_deletions_total";
+    /// Counter by `kind`: retention deletions that failed (retried next sweep).
+    pub(crate) const RETENTION_FAILURES: &str = "sipbridge_retention_failures_total";
+    /// Counter by `result` (`ok`, `rejected`): configuration reloads.
+    pub(crate) const CONFIG_RELOADS: &str = "sipbridge_config_reloads_total";
+}
+
+use names::*;
+
+/// Upper bounds of the jitter histogram's buckets, in seconds.
+pub(crate) const JITTER_BUCKETS: &[f64] =
+    &[0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5];
+
+/// How often a live call reports its RTP counters (and one jitter sample).
+pub(crate) const RTP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes (bounds the exporter's memory; a scrape folds them too).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// SIP methods that get their own label value; anything else is `other`.
+const METHODS: &[&str] = &[
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "OPTIONS",
+    "REGISTER",
+    "UPDATE",
+    "INFO",
+    "PRACK",
+    "REFER",
+    "NOTIFY",
+    "SUBSCRIBE",
+    "MESSAGE",
+    "PUBLISH",
+];
+
+/// The handle of the installed recorder, and when it was installed.
+static INSTALLED: OnceLock<Option<(PrometheusHandle, Instant)>> = OnceLock::new();
+
+/// The exporter as this daemon configures it (histograms with buckets).
+fn builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(RTP_JITTER.to_owned()), JITTER_BUCKETS)
+        // Only an empty bucket list is refused, and JITTER_BUCKETS is not
+        // empty; were it, jitter would render as a summary instead.
+        .unwrap_or_else(|_| PrometheusBuilder::new())
+}
+
+/// Help text and unit of every metric, and the series that exist from the start.
+fn describe() {
+    describe_gauge!(
+        BUILD_INFO,
+        "Build information: always 1, labelled with the version."
+    );
+    describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the daemon started.");
+    describe_gauge!(
+        ACTIVE_CALLS,
+        Unit::Count,
+        "Calls admitted and not yet ended, by tenant."
+    );
+    describe_counter!(
+        CALL_ATTEMPTS,
+        Unit::Count,
+        "Call attempts by final response code (and tenant once routed), counted when the CDR is written."
+    );
+    describe_counter!(
+        SIP_REQUESTS_RECEIVED,
+        Unit::Count,
+        "SIP requests received, by method (retransmissions included)."
+    );
+    describe_counter!(
+        SIP_RESPONSES_RECEIVED,
+        Unit::Count,
+        "SIP responses received, by status code (retransmissions included)."
+    );
+    describe_counter!(
+        SIP_REQUESTS_SENT,
+        Unit::Count,
+        "SIP requests sent, by method (retransmissions included)."
+    );
+    describe_counter!(
+        SIP_RESPONSES_SENT,
+        Unit::Count,
+        "SIP responses sent, by status code (retransmissions included)."
+    );
+    describe_counter!(
+        SIP_MALFORMED,
+        Unit::Count,
+        "SIP messages received that did not parse."
+    );
+    describe_counter!(
+        RTP_PACKETS_RECEIVED,
+        Unit::Count,
+        "Valid RTP packets received."
+    );
+    describe_counter!(RTP_PACKETS_SENT, Unit::Count, "RTP packets sent.");
+    describe_counter!(
+        RTP_PACKETS_LOST,
+        Unit::Count,
+        "RTP packets lost (RFC 3550 expected minus received)."
+    );
+    describe_counter!(
+        RTP_PACKETS_REJECTED,
+        Unit::Count,
+        "Datagrams on RTP ports ignored: wrong source, payload type or malformed."
+    );
+    describe_counter!(
+        RTP_FRAMES_CONCEALED,
+        Unit::Count,
+        "20 ms frames concealed at playout because their packet was lost or late."
+    );
+    describe_histogram!(
+        RTP_JITTER,
+        Unit::Seconds,
+        "RTP interarrival jitter (RFC 3550), sampled every 5 s of a call with media and at its end."
+    );
+    describe_counter!(
+        PIPELINE_CONNECTS,
+        Unit::Count,
+        "Pipeline connections established, by kind."
+    );
+    describe_counter!(
+        PIPELINE_FAILURES,
+        Unit::Count,
+        "Pipeline connections that failed at connect or mid-call, by kind."
+    );
+    describe_counter!(
+        PIPELINE_RECONNECTS,
+        Unit::Count,
+        "Pipeline reconnection attempts, by kind."
+    );
+    describe_counter!(
+        CALLER_FRAMES_DROPPED,
+        Unit::Count,
+        "Caller audio frames dropped because the pipeline was behind."
+    );
+    describe_counter!(
+        RECORDING_BYTES,
+        Unit::Bytes,
+        "Bytes of sealed recording files written."
+    );
+    describe_counter!(
+        STORE_DROPPED,
+        Unit::Count,
+        "Store operations (CDR rows, recording audio) dropped because the writer queue was full."
+    );
+    describe_counter!(
+        RETENTION_DELETIONS,
+        Unit::Count,
+        "Objects deleted by the retention sweeper, by kind (recording, transcript, call)."
+    );
+    describe_counter!(
+        RETENTION_FAILURES,
+        Unit::Count,
+        "Retention deletions that failed (retried at the next sweep), by kind."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        Unit::Count,
+        "Configuration reloads, by result (ok, rejected)."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(UPTIME).set(0.0);
+    for result in ["ok", "rejected"] {
+        counter!(CONFIG_RELOADS, "result" => result).absolute(0);
+    }
+}
+
+/// Installs the process-wide recorder once (later calls do nothing) and,
+/// inside a tokio runtime, a task that runs the exporter's upkeep. Called by
+/// `daemon::run` before anything is counted.
+pub(crate) fn install() {
+    let mut first = false;
+    let installed = INSTALLED.get_or_init(|| {
+        first = true;
+        match builder().install_recorder() {
+            Ok(handle) => {
+                describe();
+                Some((handle, Instant::now()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed; /metrics stays empty");
+                None
+            }
+        }
+    });
+    if let (true, Some((handle, _)), Ok(rt)) =
+        (first, installed, tokio::runtime::Handle::try_current())
+    {
+        let handle = handle.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
+}
+
+/// The text exposition (format 0.0.4) of every metric, with the uptime
+/// updated now. Empty when no recorder is installed.
+pub(crate) fn render() -> String {
+    match INSTALLED.get() {
+        Some(Some((handle, started))) => render_with(handle, started.elapsed()),
+        _ => String::new(),
+    }
+}
+
+/// Renders `handle` after setting the uptime gauge of the current recorder.
+fn render_with(handle: &PrometheusHandle, uptime: Duration) -> String {
+    gauge!(UPTIME).set(uptime.as_secs_f64());
+    handle.render()
+}
+
+/// The label value of a status code: its three digits, `other` if out of range.
+fn code_label(code: u16) -> String {
+    if (100..=699).contains(&code) {
+        code.to_string()
+    } else {
+        "other".to_owned()
+    }
+}
+
+/// The label value of a method name (from the fixed list, else `other`).
+fn method_label(name: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == name)
+        .copied()
+        .unwrap_or("other")
+}
+
+fn method_label_of(method: &Method) -> &'static str {
+    match method {
+        Method::Extension(_) => "other",
+        known => method_label(known.as_str()),
+    }
+}
+
+/// One SIP message received: `Some` parsed, `None` unparseable.
+pub(crate) fn sip_received(msg: Option<&Message>) {
+    match msg {
+        Some(Message::Request(r)) => {
+            counter!(SIP_REQUESTS_RECEIVED, "method" => method_label_of(&r.method)).increment(1);
+        }
+        Some(Message::Response(r)) => {
+            counter!(SIP_RESPONSES_RECEIVED, "code" => code_label(r.status)).increment(1);
+        }
+        None => counter!(SIP_MALFORMED).increment(1),
+    }
+}
+
+/// One SIP message sent, as encoded bytes: a response (`SIP/2.0 NNN`) by
+/// code, a request by the method token of its start line.
+pub(crate) fn sip_sent(bytes: &[u8]) {
+    if let Some(rest) = bytes.strip_prefix(b"SIP/2.0 ") {
+        let code = rest
+            .get(..3)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse::<u16>().ok())
+            .unwrap_or(0);
+        counter!(SIP_RESPONSES_SENT, "code" => code_label(code)).increment(1);
+    } else {
+        let token = bytes.split(|b| *b == b' ').next().unwrap_or_default();
+        let method = std::str::from_utf8(token).map_or("other", method_label);
+        counter!(SIP_REQUESTS_SENT, "method" => method).increment(1);
+    }
+}
+
+/// A call attempt ended with final response `code` (its CDR was written).
+pub(crate) fn call_attempt(code: u16, tenant: Option<&str>) {
+    let code = code_label(code);
+    match tenant {
+        Some(t) => counter!(CALL_ATTEMPTS, "code" => code, "tenant" => t.to_owned()).increment(1),
+        None => counter!(CALL_ATTEMPTS, "code" => code).increment(1),
+    }
+}
+
+/// One active call of a tenant: counted in [`names::ACTIVE_CALLS`] from
+/// creation until dropped.
+#[derive(Debug)]
+pub(crate) struct ActiveCall(Gauge);
+
+impl ActiveCall {
+    /// A call of `tenant` started.
+    pub(crate) fn start(tenant: &str) -> ActiveCall {
+        let g = gauge!(ACTIVE_CALLS, "tenant" => tenant.to_owned());
+        g.increment(1.0);
+        ActiveCall(g)
+    }
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Turns one call's cumulative RTP statistics into counter increments:
+/// every [`RTP_REPORT_INTERVAL`] while the call runs and once at its end,
+/// each time with the difference to what was already reported, plus one
+/// jitter sample when packets arrived since the last report.
+#[derive(Debug, Default)]
+pub(crate) struct RtpMeter {
+    reported: Reported,
+    next: Option<Instant>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Reported {
+    packets_in: u64,
+    packets_out: u64,
+    lost: u64,
+    rejected: u64,
+    concealed: u64,
+}
+
+impl RtpMeter {
+    /// A meter with nothing reported.
+    pub(crate) fn new() -> RtpMeter {
+        RtpMeter::default()
+    }
+
+    /// The call's timer fired at `now`: reports if the interval has passed.
+    pub(crate) fn tick(&mut self, now: Instant, media: &MediaSession) {
+        match self.next {
+            None => self.next = Some(now + RTP_REPORT_INTERVAL),
+            Some(t) if now >= t => {
+                self.report(&RtpSummary::of(media));
+                self.next = Some(now + RTP_REPORT_INTERVAL);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The call ended with these statistics (none without media).
+    pub(crate) fn finish(&mut self, summary: Option<&RtpSummary>) {
+        if let Some(s) = summary {
+            self.report(s);
+        }
+    }
+
+    /// Adds what `s` has beyond what was reported. Loss can go down
+    /// (duplicates count against it): only its new maximum is reported.
+    fn report(&mut self, s: &RtpSummary) {
+        let r = &mut self.reported;
+        let lost = u64::try_from(s.lost).unwrap_or(0);
+        let add = |name: &'static str, now: u64, before: &mut u64| {
+            if now > *before {
+                counter!(name).increment(now - *before);
+                *before = now;
+            }
+        };
+        let had_packets = s.packets_in > r.packets_in;
+        add(RTP_PACKETS_RECEIVED, s.packets_in, &mut r.packets_in);
+        add(RTP_PACKETS_SENT, s.packets_out, &mut r.packets_out);
+        add(RTP_PACKETS_LOST, lost, &mut r.lost);
+        add(RTP_PACKETS_REJECTED, s.rejected, &mut r.rejected);
+        add(RTP_FRAMES_CONCEALED, s.concealed, &mut r.concealed);
+        if had_packets {
+            histogram!(RTP_JITTER).record(f64::from(s.jitter_ms) / 1000.0);
+        }
+    }
+}
+
+/// A pipeline of `kind` (`agent`, `deepgram`, …) connected.
+pub(crate) fn pipeline_connected(kind: &'static str) {
+    counter!(PIPELINE_CONNECTS, "kind" => kind).increment(1);
+}
+
+/// A pipeline of `kind` failed (at connect or mid-call).
+pub(crate) fn pipeline_failed(kind: &'static str) {
+    counter!(PIPELINE_FAILURES, "kind" => kind).increment(1);
+}
+
+/// A pipeline of `kind` tries to reconnect.
+#[allow(
+    dead_code,
+    reason = "for the pipeline reconnect policy (DESIGN §3), not built yet"
+)]
+pub(crate) fn pipeline_reconnect(kind: &'static str) {
+    counter!(PIPELINE_RECONNECTS, "kind" => kind).increment(1);
+}
+
+/// A call's pipeline dropped `n` caller frames (it was behind).
+pub(crate) fn caller_frames_dropped(n: u64) {
+    counter!(CALLER_FRAMES_DROPPED).increment(n);
+}
+
+/// `n` bytes of sealed recording written.
+pub(crate) fn recording_bytes(n: u64) {
+    if n > 0 {
+        counter!(RECORDING_BYTES).increment(n);
+    }
+}
+
+/// The store writer's queue was full: one operation dropped.
+pub(crate) fn store_dropped() {
+    counter!(STORE_DROPPED).increment(1);
+}
+
+fn kind_label(kind: ItemKind) -> &'static str {
+    match kind {
+        ItemKind::Recording => "recording",
+        ItemKind::Transcript => "transcript",
+        ItemKind::Call => "call",
+    }
+}
+
+/// What one retention sweep deleted and failed to delete.
+pub(crate) fn retention_swept(report: &SweepReport) {
+    for e in &report.deleted {
+        counter!(RETENTION_DELETIONS, "kind" => kind_label(e.item.kind)).increment(1);
+    }
+    for (e, _) in &report.failed {
+        counter!(RETENTION_FAILURES, "kind" => kind_label(e.item.kind)).increment(1);
+    }
+}
+
+/// A configuration reload was applied (`ok`) or rejected whole.
+#[allow(
+    dead_code,
+    reason = "called by the SIGHUP/admin reload (issue 7 item 3)"
+)]
+pub(crate) fn reload(ok: bool) {
+    let result = if ok { "ok" } else { "rejected" };
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::sip::message::parse_datagram;
+
+    /// Runs `f` against a fresh recorder configured like the daemon's and
+    /// returns the exposition afterwards (uptime set to `uptime`).
+    fn scrape(uptime: Duration, f: impl FnOnce()) -> String {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        ::metrics::with_local_recorder(&recorder, || {
+            describe();
+            f();
+            render_with(&handle, uptime)
+        })
+    }
+
+    /// The sample line of `series` (name plus labels as rendered), exactly.
+    fn sample<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l.as_bytes().get(series.len()) == Some(&b' '))
+            .map(|l| &l[series.len() + 1..])
+    }
+
+    #[test]
+    fn render_describes_every_family_and_sets_uptime() {
+        let text = scrape(Duration::from_millis(2500), || {
+            call_attempt(404, None);
+            call_attempt(200, Some("demo"));
+            call_attempt(200, Some("demo"));
+            let _call = ActiveCall::start("demo");
+        });
+        assert_eq!(sample(&text, "sipbridge_uptime_seconds"), Some("2.5"));
+        assert_eq!(
+            sample(&text, "sipbridge_build_info{version=\"0.1.0\"}"),
+            Some("1")
+        );
+        assert_eq!(
+            sample(&text, "sipbridge_call_attempts_total{code=\"404\"}"),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "sipbridge_call_attempts_total{code=\"200\",tenant=\"demo\"}"
+            ),
+            Some("2")
+        );
+        // The guard was dropped: the gauge is back to 0.
+        assert_eq!(
+            sample(&text, "sipbridge_active_calls{tenant=\"demo\"}"),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, "sipbridge_config_reloads_total{result=\"rejected\"}"),
+            Some("0")
+        );
+        // Every family that has samples has HELP and TYPE lines first.
+        for line in text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name} in\n{text}"
+            );
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "no TYPE for {name} in\n{text}"
+            );
+        }
+        assert!(text.contains("# TYPE sipbridge_call_attempts_total counter\n"));
+        assert!(text.contains("# TYPE sipbridge_active_calls gauge\n"));
+    }
+
+    #[test]
+    fn sip_messages_are_counted_by_bounded_labels() {
+        let invite = parse_datagram(
+            b"INVITE sip:+15551230000@h SIP/2.0\r\nVia: SIP/2.0/UDP h:5060;branch=z9hG4bK1\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:b@h>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        let odd = parse_datagram(
+            b"FROB sip:h SIP/2.0\r\nVia: SIP/2.0/UDP h:5060;branch=z9hG4bK2\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:b@h>\r\nCall-ID: c2\r\nCSeq: 1 FROB\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        let text = scrape(Duration::ZERO, || {
+            sip_received(Some(&invite));
+            sip_received(Some(&invite));
+            sip_received(Some(&odd));
+            sip_received(None);
+            sip_sent(b"SIP/2.0 100 Trying\r\n\r\n");
+            sip_sent(b"SIP/2.0 404 Not Found\r\n\r\n");
+            sip_sent(b"SIP/2.0 404 Not Found\r\n\r\n");
+            sip_sent(b"SIP/2.0 9");
+            sip_sent(b"BYE sip:a@h SIP/2.0\r\n\r\n");
+            sip_sent(b"X-CUSTOM-12345 sip:a@h SIP/2.0\r\n\r\n");
+        });
+        let expect = [
+            (
+                "sipbridge_sip_requests_received_total{method=\"INVITE\"}",
+                "2",
+            ),
+            (
+                "sipbridge_sip_requests_received_total{method=\"other\"}",
+                "1",
+            ),
+            ("sipbridge_sip_malformed_total", "1"),
+            ("sipbridge_sip_responses_sent_total{code=\"100\"}", "1"),
+            ("sipbridge_sip_responses_sent_total{code=\"404\"}", "2"),
+            ("sipbridge_sip_responses_sent_total{code=\"other\"}", "1"),
+            ("sipbridge_sip_requests_sent_total{method=\"BYE\"}", "1"),
+            ("sipbridge_sip_requests_sent_total{method=\"other\"}", "1"),
+        ];
+        for (series, value) in expect {
+            assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+        }
+        assert!(
+            !text.contains("FROB") && !text.contains("X-CUSTOM"),
+            "{text}"
+        );
+    }
+
+    fn summary(packets_in: u64, packets_out: u64, lost: i64, jitter_ms: u32) -> RtpSummary {
+        RtpSummary {
+            packets_in,
+            lost,
+            jitter_ms,
+            rejected: 1,
+            packets_out,
+            concealed: 3,
+        }
+    }
+
+    #[test]
+    fn rtp_meter_reports_deltas_and_samples_jitter() {
+        let text = scrape(Duration::ZERO, || {
+            let mut meter = RtpMeter::new();
+            meter.report(&summary(100, 90, 2, 4));
+            // Loss went down (a duplicate): nothing more reported for it.
+            meter.report(&summary(150, 140, 1, 12));
+            // No new packets: no jitter sample.
+            meter.finish(Some(&summary(150, 160, 5, 12)));
+            meter.finish(None);
+        });
+        let expect = [
+            ("sipbridge_rtp_packets_received_total", "150"),
+            ("sipbridge_rtp_packets_sent_total", "160"),
+            ("sipbridge_rtp_packets_lost_total", "5"),
+            ("sipbridge_rtp_packets_rejected_total", "1"),
+            ("sipbridge_rtp_frames_concealed_total", "3"),
+            ("sipbridge_rtp_jitter_seconds_count", "2"),
+            ("sipbridge_rtp_jitter_seconds_sum", "0.016"),
+            ("sipbridge_rtp_jitter_seconds_bucket{le=\"0.005\"}", "1"),
+            ("sipbridge_rtp_jitter_seconds_bucket{le=\"0.01\"}", "1"),
+            ("sipbridge_rtp_jitter_seconds_bucket{le=\"0.02\"}", "2"),
+            ("sipbridge_rtp_jitter_seconds_bucket{le=\"+Inf\"}", "2"),
+        ];
+        for (series, value) in expect {
+            assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+        }
+        assert!(text.contains("# TYPE sipbridge_rtp_jitter_seconds histogram\n"));
+    }
+
+    #[test]
+    fn store_pipeline_and_reload_helpers() {
+        let text = scrape(Duration::ZERO, || {
+            pipeline_connected("agent");
+            pipeline_failed("agent");
+            pipeline_failed("agent");
+            pipeline_reconnect("agent");
+            caller_frames_dropped(7);
+            recording_bytes(0);
+            recording_bytes(1234);
+            store_dropped();
+            reload(true);
+            reload(false);
+            reload(false);
+        });
+        let expect = [
+            ("sipbridge_pipeline_connects_total{kind=\"agent\"}", "1"),
+            ("sipbridge_pipeline_failures_total{kind=\"agent\"}", "2"),
+            ("sipbridge_pipeline_reconnects_total{kind=\"agent\"}", "1"),
+            ("sipbridge_pipeline_caller_frames_dropped_total", "7"),
+            ("sipbridge_recording_bytes_written_total", "1234"),
+            ("sipbridge_store_queue_dropped_total", "1"),
+            ("sipbridge_config_reloads_total{result=\"ok\"}", "1"),
+            ("sipbridge_config_reloads_total{result=\"rejected\"}", "2"),
+        ];
+        for (series, value) in expect {
+            assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+        }
+    }
+
+    fn expiry(kind: ItemKind) -> crate::store::retention::Expiry {
+        crate::store::retention::Expiry {
+            item: crate::store::retention::RetentionItem {
+                kind,
+                id: "x".into(),
+                tenant: "demo".into(),
+                created_at: 0,
+                legal_hold: false,
+            },
+            reason: crate::store::retention::ExpiryReason {
+                field: "recordings_days",
+                days: 1,
+                created_at: 0,
+                expires_at: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn retention_sweeps_count_deletions_and_failures_by_kind() {
+        let report = SweepReport {
+            deleted: vec![
+                expiry(ItemKind::Recording),
+                expiry(ItemKind::Recording),
+                expiry(ItemKind::Call),
+            ],
+            failed: vec![(expiry(ItemKind::Transcript), std::io::Error::other("busy"))],
+            held: vec![expiry(ItemKind::Call)],
+            ..SweepReport::default()
+        };
+        let text = scrape(Duration::ZERO, || retention_swept(&report));
+        let expect = [
+            (
+                "sipbridge_retention_deletions_total{kind=\"recording\"}",
+                "2",
+            ),
+            ("sipbridge_retention_deletions_total{kind=\"call\"}", "1"),
+            (
+                "sipbridge_retention_failures_total{kind=\"transcript\"}",
+                "1",
+            ),
+        ];
+        for (series, value) in expect {
+            assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+        }
+        assert_eq!(
+            sample(
+                &text,
+                "sipbridge_retention_deletions_total{kind=\"transcript\"}"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_global_recorder_renders_after_install() {
+        install();
+        install();
+        let text = render();
+        assert!(
+            text.contains("# TYPE sipbridge_uptime_seconds gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sipbridge_build_info{version=\"0.1.0\"} 1\n"),
+            "{text}"
+        );
+    }
+}
