@@ -401,23 +401,24 @@ impl RtpMeter {
         match self.next {
             None => self.next = Some(now + RTP_REPORT_INTERVAL),
             Some(t) if now >= t => {
-                self.report(&RtpSummary::of(media));
+                self.report(&RtpSummary::of(media), jitter_seconds(media));
                 self.next = Some(now + RTP_REPORT_INTERVAL);
             }
             Some(_) => {}
         }
     }
 
-    /// The call ended with these statistics (none without media).
-    pub(crate) fn finish(&mut self, summary: Option<&RtpSummary>) {
-        if let Some(s) = summary {
-            self.report(s);
+    /// The call ended; `media` is its media session if it had one.
+    pub(crate) fn finish(&mut self, media: Option<&MediaSession>) {
+        if let Some(m) = media {
+            self.report(&RtpSummary::of(m), jitter_seconds(m));
         }
     }
 
-    /// Adds what `s` has beyond what was reported. Loss can go down
-    /// (duplicates count against it): only its new maximum is reported.
-    fn report(&mut self, s: &RtpSummary) {
+    /// Adds what `s` has beyond what was reported, and `jitter` (seconds)
+    /// as a sample if packets arrived since. Loss can go down (duplicates
+    /// count against it): only its new maximum is reported.
+    fn report(&mut self, s: &RtpSummary, jitter: f64) {
         let r = &mut self.reported;
         let lost = u64::try_from(s.lost).unwrap_or(0);
         let add = |name: &'static str, now: u64, before: &mut u64| {
@@ -433,9 +434,16 @@ impl RtpMeter {
         add(RTP_PACKETS_REJECTED, s.rejected, &mut r.rejected);
         add(RTP_FRAMES_CONCEALED, s.concealed, &mut r.concealed);
         if had_packets {
-            histogram!(RTP_JITTER).record(f64::from(s.jitter_ms) / 1000.0);
+            histogram!(RTP_JITTER).record(jitter);
         }
     }
+}
+
+/// The current interarrival jitter in seconds: RFC 3550 keeps it in
+/// timestamp units, and G.711's RTP clock is 8000 Hz (finer than the whole
+/// milliseconds of [`RtpSummary::jitter_ms`]).
+fn jitter_seconds(media: &MediaSession) -> f64 {
+    f64::from(media.rtp_stats().jitter) / 8000.0
 }
 
 /// A pipeline of `kind` (`agent`, `deepgram`, …) connected.
@@ -626,11 +634,11 @@ mod tests {
         );
     }
 
-    fn summary(packets_in: u64, packets_out: u64, lost: i64, jitter_ms: u32) -> RtpSummary {
+    fn summary(packets_in: u64, packets_out: u64, lost: i64) -> RtpSummary {
         RtpSummary {
             packets_in,
             lost,
-            jitter_ms,
+            jitter_ms: 0,
             rejected: 1,
             packets_out,
             concealed: 3,
@@ -641,11 +649,11 @@ mod tests {
     fn rtp_meter_reports_deltas_and_samples_jitter() {
         let text = scrape(Duration::ZERO, || {
             let mut meter = RtpMeter::new();
-            meter.report(&summary(100, 90, 2, 4));
+            meter.report(&summary(100, 90, 2), 0.004);
             // Loss went down (a duplicate): nothing more reported for it.
-            meter.report(&summary(150, 140, 1, 12));
+            meter.report(&summary(150, 140, 1), 0.012);
             // No new packets: no jitter sample.
-            meter.finish(Some(&summary(150, 160, 5, 12)));
+            meter.report(&summary(150, 160, 5), 0.5);
             meter.finish(None);
         });
         let expect = [
@@ -665,6 +673,73 @@ mod tests {
             assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
         }
         assert!(text.contains("# TYPE sipbridge_rtp_jitter_seconds histogram\n"));
+    }
+
+    /// A PCMU session with no prompt that has received `packets` 20 ms
+    /// packets from 127.0.0.1:40000, 20 ms apart from `t0`.
+    fn media_with_packets(t0: Instant, packets: u16) -> MediaSession {
+        use crate::sip::sdp::{Codec, Direction, Negotiated};
+        use rand::SeedableRng;
+        let neg = Negotiated {
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            telephone_event_pt: None,
+            remote_rtp: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 40000))),
+            remote_direction: Direction::SendRecv,
+            local_direction: Direction::SendRecv,
+            ptime_ms: 20,
+        };
+        let plan = crate::call::MediaPlan {
+            prompt: None,
+            gate_until_prompt_done: false,
+            pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            echo_delay: None,
+            record: false,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut m = MediaSession::new(t0, &neg, plan, &mut rng).unwrap();
+        for seq in 0..packets {
+            let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+            p[2..4].copy_from_slice(&seq.to_be_bytes());
+            p[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+            p.extend_from_slice(&[0xff; 160]);
+            let at = t0 + Duration::from_millis(20) * u32::from(seq);
+            assert!(m.on_rtp(at, ([127, 0, 0, 1], 40000).into(), p.into()));
+        }
+        m
+    }
+
+    #[test]
+    fn rtp_meter_ticks_every_interval_then_finishes() {
+        let t0 = Instant::now();
+        let media = media_with_packets(t0, 10);
+        let mut meter = RtpMeter::new();
+        let first = scrape(Duration::ZERO, || {
+            meter.tick(t0, &media); // arms the interval
+            meter.tick(t0 + RTP_REPORT_INTERVAL - Duration::from_millis(1), &media);
+        });
+        assert_eq!(sample(&first, "sipbridge_rtp_packets_received_total"), None);
+        let second = scrape(Duration::ZERO, || {
+            meter.tick(t0 + RTP_REPORT_INTERVAL, &media);
+            // Reported already: the end adds nothing.
+            meter.finish(Some(&media));
+        });
+        assert_eq!(
+            sample(&second, "sipbridge_rtp_packets_received_total"),
+            Some("10"),
+            "{second}"
+        );
+        assert_eq!(
+            sample(&second, "sipbridge_rtp_jitter_seconds_count"),
+            Some("1")
+        );
+        let more = media_with_packets(t0, 12);
+        let third = scrape(Duration::ZERO, || meter.finish(Some(&more)));
+        assert_eq!(
+            sample(&third, "sipbridge_rtp_packets_received_total"),
+            Some("2"),
+            "{third}"
+        );
     }
 
     #[test]

@@ -392,7 +392,7 @@ async fn run_call(
                     if let Some(m) = &media {
                         record.rtp = Some(crate::call::RtpSummary::of(m));
                     }
-                    rtp_meter.finish(record.rtp.as_ref());
+                    rtp_meter.finish(media.as_ref());
                     log_cdr(&record);
                     if let Some(s) = &mut store {
                         s.ended(&record);
