@@ -536,3 +536,79 @@ fn counters_move_as_calls_are_made() {
     );
     assert_eq!(after.kind("sipbridge_uptime_seconds"), Some("gauge"));
 }
+
+/// Sizes of the sealed recordings under `dir`, summed.
+fn recordings_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            if p.is_dir() {
+                recordings_size(&p)
+            } else if p.extension().is_some_and(|x| x == "sbrec") {
+                std::fs::metadata(&p).unwrap().len()
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// A recording tenant whose agent refuses connections: the bytes-written
+/// counter ends equal to the sealed file's size on disk, and the failed
+/// pipeline is counted by kind (the call itself completes).
+#[test]
+fn recording_bytes_and_pipeline_failures_are_counted() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/agent", closed.local_addr().unwrap());
+    drop(closed);
+    let toml = ProfileSpec::default()
+        .render()
+        .replace("recording = false\n", "recording = true\n")
+        .replace(
+            r#"pipeline = { kind = "echo" }"#,
+            &format!(r#"pipeline = {{ kind = "agent", url = "{url}", mode = "native" }}"#),
+        )
+        .replace(
+            "[profile.sip]",
+            "[profile.admin]\nlisten = \"127.0.0.1:0\"\n\n[profile.sip]",
+        );
+    assert!(toml.contains("recording = true") && toml.contains("kind = \"agent\""));
+    let daemon = Daemon::spawn(&toml);
+    let admin = daemon.admin_addr();
+    let call = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    call.assert_success();
+    assert_eq!(daemon.wait_for_cdrs(1, Duration::from_secs(5)).len(), 1);
+    let recordings = daemon.dir().join("var/recordings");
+    let after = scrape_until(admin, |e| {
+        let bytes = e.value("sipbridge_recording_bytes_written_total", &[]);
+        bytes > 0.0 && bytes == recordings_size(&recordings) as f64
+    });
+    let on_disk = recordings_size(&recordings);
+    assert!(on_disk > 0, "no recording under {}", recordings.display());
+    assert_eq!(
+        after.value("sipbridge_recording_bytes_written_total", &[]),
+        on_disk as f64
+    );
+    assert_eq!(
+        after.value("sipbridge_pipeline_failures_total", &[("kind", "agent")]),
+        1.0
+    );
+    assert_eq!(
+        after.value("sipbridge_pipeline_connects_total", &[("kind", "agent")]),
+        0.0
+    );
+    assert_eq!(
+        after.value(
+            "sipbridge_call_attempts_total",
+            &[("code", "200"), ("tenant", "demo")]
+        ),
+        1.0
+    );
+}
