@@ -612,3 +612,72 @@ fn recording_bytes_and_pipeline_failures_are_counted() {
         1.0
     );
 }
+
+/// The start-up retention sweep deletes one expired CDR (seeded in the
+/// database before the daemon starts): counted as one `call` deletion.
+#[test]
+fn retention_deletions_are_counted_by_kind() {
+    use sipbridge::store::db::{CallEnd, CallRow, CallerIdPolicy, HangupSide, RtpStats, Store};
+    let tmp = tempfile::tempdir().unwrap();
+    let var = tmp.path().join("var");
+    std::fs::create_dir_all(&var).unwrap();
+    let now = sipbridge::store::db::unix_ms(std::time::SystemTime::now());
+    let day_ms = 86_400_000;
+    {
+        let mut store = Store::open(&var.join("sipbridge.db")).unwrap();
+        store.set_caller_policy("demo", CallerIdPolicy::Plain);
+        for (id, age_days) in [("old@test", 400), ("recent@test", 10)] {
+            let started_at = now - age_days * day_ms;
+            let row = CallRow {
+                call_id: id.to_owned(),
+                tenant: "demo".to_owned(),
+                trunk: "local".to_owned(),
+                from: "+15550001111".to_owned(),
+                to: NUMBER.to_owned(),
+                started_at,
+            };
+            store.insert_call(&row).unwrap();
+            let end = CallEnd {
+                answered_at: None,
+                ended_at: started_at + 1_000,
+                result_code: 486,
+                hangup_side: HangupSide::Local,
+                cause: "busy".to_owned(),
+                codec: None,
+                rtp: RtpStats {
+                    packets: 0,
+                    lost: 0,
+                    jitter_ms: 0.0,
+                },
+            };
+            store.finish_call("demo", id, &end).unwrap();
+        }
+    }
+    let toml = ProfileSpec::default()
+        .render()
+        .replace(
+            "var_dir = \"var\"",
+            &format!("var_dir = {:?}", var.display().to_string()),
+        )
+        .replace(
+            "[profile.sip]",
+            "[profile.admin]\nlisten = \"127.0.0.1:0\"\n\n[profile.sip]",
+        );
+    let daemon = Daemon::spawn(&toml);
+    daemon
+        .wait_for_log(Duration::from_secs(10), |l| l.contains("retention sweep"))
+        .expect("a sweep at start-up");
+    let exp = scrape(daemon.admin_addr());
+    assert_eq!(
+        exp.value("sipbridge_retention_deletions_total", &[("kind", "call")]),
+        1.0
+    );
+    assert_eq!(
+        exp.kind("sipbridge_retention_deletions_total"),
+        Some("counter")
+    );
+    assert_eq!(
+        exp.value("sipbridge_retention_failures_total", &[("kind", "call")]),
+        0.0
+    );
+}
