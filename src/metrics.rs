@@ -53,6 +53,8 @@ pub(crate) mod names {
     pub(crate) const RTP_PACKETS_LOST: &str = "sipbridge_rtp_packets_lost_total";
     /// Counter: datagrams on RTP ports ignored (wrong source, payload type, malformed).
     pub(crate) const RTP_PACKETS_REJECTED: &str = "sipbridge_rtp_packets_rejected_total";
+    /// Counter: RTP packets that arrived after their playout slot.
+    pub(crate) const RTP_PACKETS_LATE: &str = "sipbridge_rtp_packets_late_total";
     /// Counter: 20 ms frames concealed at playout because their packet was lost or late.
     pub(crate) const RTP_FRAMES_CONCEALED: &str = "sipbridge_rtp_frames_concealed_total";
     /// Histogram: interarrival jitter of calls (RFC 3550 A.8), sampled.
@@ -177,6 +179,11 @@ fn describe() {
         RTP_PACKETS_REJECTED,
         Unit::Count,
         "Datagrams on RTP ports ignored: wrong source, payload type or malformed."
+    );
+    describe_counter!(
+        RTP_PACKETS_LATE,
+        Unit::Count,
+        "RTP packets that arrived after their playout slot (discarded by the jitter buffer)."
     );
     describe_counter!(
         RTP_FRAMES_CONCEALED,
@@ -388,6 +395,7 @@ struct Reported {
     lost: u64,
     rejected: u64,
     concealed: u64,
+    late: u64,
 }
 
 impl RtpMeter {
@@ -433,6 +441,7 @@ impl RtpMeter {
         add(RTP_PACKETS_LOST, lost, &mut r.lost);
         add(RTP_PACKETS_REJECTED, s.rejected, &mut r.rejected);
         add(RTP_FRAMES_CONCEALED, s.concealed, &mut r.concealed);
+        add(RTP_PACKETS_LATE, s.late, &mut r.late);
         if had_packets {
             histogram!(RTP_JITTER).record(jitter);
         }
@@ -642,6 +651,7 @@ mod tests {
             rejected: 1,
             packets_out,
             concealed: 3,
+            late: 4,
         }
     }
 
@@ -662,6 +672,7 @@ mod tests {
             ("sipbridge_rtp_packets_lost_total", "5"),
             ("sipbridge_rtp_packets_rejected_total", "1"),
             ("sipbridge_rtp_frames_concealed_total", "3"),
+            ("sipbridge_rtp_packets_late_total", "4"),
             ("sipbridge_rtp_jitter_seconds_count", "2"),
             ("sipbridge_rtp_jitter_seconds_sum", "0.016"),
             ("sipbridge_rtp_jitter_seconds_bucket{le=\"0.005\"}", "1"),

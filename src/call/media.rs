@@ -279,6 +279,11 @@ impl MediaSession {
         self.counters
     }
 
+    /// Jitter buffer statistics (late, duplicate, overflow packets).
+    pub fn jitter_stats(&self) -> &crate::media::jitter::JitterStats {
+        self.jitter.stats()
+    }
+
     /// RTP receive statistics (loss, jitter) for the CDR.
     pub fn rtp_stats(&self) -> &crate::media::rtp::RtpStats {
         self.receiver.stats()

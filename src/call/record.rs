@@ -69,6 +69,8 @@ pub struct RtpSummary {
     pub packets_out: u64,
     /// Frames concealed (lost or late at playout).
     pub concealed: u64,
+    /// Packets that arrived after their playout slot (discarded).
+    pub late: u64,
 }
 
 impl RtpSummary {
@@ -83,6 +85,7 @@ impl RtpSummary {
             rejected: stats.rejected.total(),
             packets_out: counters.rtp_out,
             concealed: counters.concealed,
+            late: media.jitter_stats().late,
         }
     }
 }
