@@ -92,6 +92,9 @@ impl Shared {
                 crate::config::Pipeline::Agent(a) => {
                     AgentTarget::for_settings(a).map(PipelineSpec::Native)
                 }
+                crate::config::Pipeline::Deepgram(d) => Some(PipelineSpec::Deepgram(
+                    crate::pipeline::deepgram::DeepgramTarget::new(d, rate),
+                )),
                 _ => None,
             };
             let Some(target) = target else {
@@ -387,13 +390,19 @@ async fn run_call(
                     if let Some(s) = &mut store {
                         s.ended(&record);
                     }
-                    if let Some(p) = pipeline.take()
-                        && p.dropped_frames() > 0
-                    {
-                        warn!(
-                            dropped = p.dropped_frames(),
-                            "pipeline was behind; caller frames dropped"
-                        );
+                    if let Some(p) = pipeline.take() {
+                        if p.dropped_frames() > 0 {
+                            warn!(
+                                dropped = p.dropped_frames(),
+                                "pipeline was behind; caller frames dropped"
+                            );
+                        }
+                        // The pipeline closes its stream now; transcripts it
+                        // still sends (Deepgram's last Results) reach the store.
+                        let rest = p.finish();
+                        if let Some(s) = &store {
+                            s.transcripts_after_end(rest);
+                        }
                     }
                     media = None;
                     sockets = None;
@@ -430,7 +439,14 @@ async fn run_call(
             }
         };
         tokio::select! {
-            cmd = from_agent => apply_agent(cmd, &mut call, media.as_mut(), &mut rng),
+            cmd = from_agent => match cmd {
+                AgentCommand::Transcript(t) => {
+                    if let Some(s) = &store {
+                        s.transcript(t);
+                    }
+                }
+                cmd => apply_agent(cmd, &mut call, media.as_mut(), &mut rng),
+            },
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg)) => match *msg {
                     Message::Request(req) => call.handle_request(Instant::now(), req, &mut rng),
@@ -518,6 +534,8 @@ fn apply_agent(
             }
         }
         (AgentCommand::Clear, Some(m)) => m.clear(),
+        // Handled by `run_call` (they go to the store).
+        (AgentCommand::Transcript(_), _) => {}
         (_, None) => {}
     }
 }
