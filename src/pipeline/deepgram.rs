@@ -71,6 +71,11 @@ pub const MAX_TRANSCRIPT_BYTES: usize = 16 * 1024;
 const GAP_TOLERANCE: Duration = Duration::from_millis(30);
 /// Anchors kept per connection at most.
 const MAX_ANCHORS: usize = 4096;
+/// Frames of exact digital silence still sent after audio stops (1 s, so
+/// Deepgram's endpointing sees the pause); past them the caller is treated as
+/// silent (hold, no RTP: the media session then yields zeros) and KeepAlive
+/// takes over, so silence is not streamed (and billed) for minutes.
+pub const SILENCE_FRAMES_SENT: u32 = 50;
 
 /// Why a Deepgram connection failed or ended (logged, never shown to callers).
 #[derive(Debug, thiserror::Error)]
@@ -408,6 +413,39 @@ impl StreamClock {
     }
 }
 
+/// What to do with a caller frame (see [`SILENCE_FRAMES_SENT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Send it.
+    Send,
+    /// Audio stopped: send `Finalize` (flush what Deepgram holds) and skip it.
+    FinalizeAndSkip,
+    /// Still silent: skip it (KeepAlive keeps the stream open).
+    Skip,
+}
+
+/// Counts exact-zero frames in a row to tell when no audio flows.
+#[derive(Debug, Clone, Default)]
+pub struct SilenceGate {
+    zeros: u32,
+}
+
+impl SilenceGate {
+    /// The decision for the next frame.
+    pub fn admit(&mut self, samples: &[i16]) -> Admit {
+        if samples.iter().any(|&s| s != 0) {
+            self.zeros = 0;
+            return Admit::Send;
+        }
+        self.zeros = self.zeros.saturating_add(1);
+        match self.zeros.cmp(&(SILENCE_FRAMES_SENT + 1)) {
+            std::cmp::Ordering::Less => Admit::Send,
+            std::cmp::Ordering::Equal => Admit::FinalizeAndSkip,
+            std::cmp::Ordering::Greater => Admit::Skip,
+        }
+    }
+}
+
 /// The task's ends of the channels to and from the call task.
 #[derive(Debug)]
 pub(crate) struct Channels {
@@ -666,10 +704,12 @@ async fn stream(
     chans: &mut Channels,
     backlog: &mut Backlog,
 ) -> Result<(), DeepgramError> {
+    let mut gate = SilenceGate::default();
     // What arrived while connecting goes first.
     while let Some(frame) = backlog.frames.pop_front() {
-        if frame.samples.is_empty() {
-            continue; // an empty binary frame would close the stream
+        // An empty binary frame would close the stream.
+        if frame.samples.is_empty() || gate.admit(&frame.samples) != Admit::Send {
+            continue;
         }
         let bytes = pcm_bytes(&frame.samples);
         if let Err(e) = ws.send(Message::binary(bytes)).await {
@@ -686,14 +726,22 @@ async fn stream(
         tokio::select! {
             frame = chans.audio.recv() => match frame {
                 Some(frame) if frame.samples.is_empty() => {}
-                Some(frame) => {
+                Some(frame) => match gate.admit(&frame.samples) {
+                    Admit::Skip => {}
+                    Admit::FinalizeAndSkip => {
+                        ws.send(Message::text(control_message("Finalize"))).await?;
+                        debug!(%call_id, "no caller audio: finalize, then keepalive");
+                        last_sent = Instant::now();
+                    }
+                    Admit::Send => {
                     if let Err(e) = ws.send(Message::binary(pcm_bytes(&frame.samples))).await {
                         backlog.push(frame);
                         return Err(e.into());
                     }
                     clock.on_frame(frame.media_time, frame.samples.len());
                     last_sent = Instant::now();
-                }
+                    }
+                },
                 None => {
                     backlog.ended = true;
                     return Ok(());
@@ -913,6 +961,22 @@ mod tests {
             }
             .is_permanent()
         );
+    }
+
+    #[test]
+    fn silence_gate_sends_one_second_then_finalizes_then_skips() {
+        let mut g = SilenceGate::default();
+        let zeros = [0i16; 320];
+        let voice = [0i16, 5, -3, 0];
+        assert_eq!(g.admit(&voice), Admit::Send);
+        for _ in 0..SILENCE_FRAMES_SENT {
+            assert_eq!(g.admit(&zeros), Admit::Send);
+        }
+        assert_eq!(g.admit(&zeros), Admit::FinalizeAndSkip);
+        assert_eq!(g.admit(&zeros), Admit::Skip);
+        assert_eq!(g.admit(&zeros), Admit::Skip);
+        assert_eq!(g.admit(&voice), Admit::Send);
+        assert_eq!(g.admit(&zeros), Admit::Send);
     }
 
     #[test]

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub(crate) mod deepgram_mock;
+
 /// The repository root (where `Cargo.toml` is).
 pub(crate) const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
