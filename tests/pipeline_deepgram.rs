@@ -325,7 +325,10 @@ fn keepalive_flows_through_a_silent_hold_and_nothing_is_stored_without_transcrip
     // keeps the stream open with KeepAlive until the BYE at ~11.5 s.
     assert!(keepalives >= 2, "{types:?}");
     assert_eq!(types[0], "Finalize", "{types:?}");
-    assert!(types[1..types.len() - 2].iter().all(|t| t == "KeepAlive"), "{types:?}");
+    assert!(
+        types[1..types.len() - 2].iter().all(|t| t == "KeepAlive"),
+        "{types:?}"
+    );
     assert_eq!(&types[types.len() - 2..], ["Finalize", "CloseStream"]);
     assert!(
         longest_silence(c) <= Duration::from_millis(3500),
@@ -440,6 +443,104 @@ fn wrong_key_gets_401_the_call_continues_and_no_key_is_logged() {
     );
     assert_no_key_in_logs(&daemon, wrong);
     assert_eq!(exported_transcripts(&daemon, 0), Vec::<Value>::new());
+}
+
+/// A one-connection native agent that only listens: returns its text messages and the
+/// number of binary frames once the bridge closes (or after 30 s).
+fn spawn_listening_agent() -> (u16, std::thread::JoinHandle<(Vec<Value>, usize)>) {
+    use futures_util::StreamExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (mut texts, mut frames) = (Vec::new(), 0);
+            let Ok(Ok((stream, _))) =
+                tokio::time::timeout(Duration::from_secs(20), listener.accept()).await
+            else {
+                return (texts, frames);
+            };
+            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+                match msg {
+                    tokio_tungstenite::tungstenite::Message::Text(t) => {
+                        texts.push(serde_json::from_str(&t).unwrap());
+                    }
+                    tokio_tungstenite::tungstenite::Message::Binary(_) => frames += 1,
+                    tokio_tungstenite::tungstenite::Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            (texts, frames)
+        })
+    });
+    (port, handle)
+}
+
+#[test]
+fn deepgram_plus_agent_forwards_transcripts_to_the_agent_and_stores_them() {
+    let mut config = MockConfig::new(KEY);
+    config.scripts = vec![ConnScript {
+        at_audio: vec![
+            (1.2, Scripted::final_result(0.30, 0.50, "hi", 0.97)),
+            (1.5, Scripted::interim(1.0, 0.5, "i would")),
+            (
+                2.2,
+                Scripted::final_result(0.80, 1.20, "i would like to check", 0.91),
+            ),
+        ],
+        on_close: vec![Scripted::final_result(2.00, 0.90, "my order status", 0.88)],
+        drop_at_audio: None,
+    }];
+    let mock = DeepgramMock::start(config);
+    let (agent_port, agent) = spawn_listening_agent();
+    let text = profile(&mock.base_url(), true).replace(
+        r#"kind = "deepgram","#,
+        &format!(r#"kind = "deepgram+agent", url = "ws://127.0.0.1:{agent_port}/agent", mode = "native","#),
+    );
+    let daemon = Daemon::spawn_with_env(&text, &[("DG_KEY", KEY)]);
+    let result = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    result.assert_success();
+    let cdr = answered_cdr(&daemon);
+    let (texts, frames) = agent.join().unwrap();
+    // The agent got the caller's audio and the live final transcripts, between start and stop.
+    assert!(frames >= 140, "{frames} frames");
+    assert_eq!(texts.first().unwrap()["event"], "start");
+    assert_eq!(texts.first().unwrap()["call_id"], cdr["call_id"]);
+    assert_eq!(texts.last().unwrap()["event"], "stop");
+    let forwarded: Vec<&Value> = texts
+        .iter()
+        .filter(|t| t["event"] == "transcript")
+        .collect();
+    assert_eq!(forwarded.len(), 2, "{texts:#?}");
+    // Stored: those two and the one flushed by CloseStream (after the agent's stop).
+    let rows = exported_transcripts(&daemon, 3);
+    let stored: Vec<&str> = rows.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    assert_eq!(stored, ["hi", "i would like to check", "my order status"]);
+    for (f, r) in forwarded.iter().zip(&rows) {
+        assert_eq!(f["speaker"], "caller");
+        assert_eq!(f["text"], r["text"]);
+        assert_eq!(f["start_ms"], r["start_ms"]);
+        assert_eq!(f["end_ms"], r["end_ms"]);
+        assert_eq!(f["is_final"], true);
+        assert!(
+            (f["confidence"].as_f64().unwrap() - r["confidence"].as_f64().unwrap()).abs() < 1e-6
+        );
+    }
+    let conns = mock.connections();
+    assert_eq!(conns.len(), 1);
+    assert!(best_ncc_against_fixture(&conns[0].pcm()) >= 0.98);
+    assert_no_key_in_logs(&daemon, KEY);
 }
 
 /// `check` knows the Deepgram keys, where they apply and what they need.

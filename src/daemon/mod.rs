@@ -95,7 +95,12 @@ impl Shared {
                 crate::config::Pipeline::Deepgram(d) => Some(PipelineSpec::Deepgram(
                     crate::pipeline::deepgram::DeepgramTarget::new(d, rate),
                 )),
-                _ => None,
+                crate::config::Pipeline::DeepgramAgent(d, a) => {
+                    AgentTarget::for_settings(a).map(|agent| {
+                        let dg = crate::pipeline::deepgram::DeepgramTarget::new(d, rate);
+                        PipelineSpec::DeepgramAgent(dg, agent)
+                    })
+                }
             };
             let Some(target) = target else {
                 // Accepted by `check`, not connected by this build (issue 5).

@@ -24,7 +24,7 @@
 //! sensitive); errors and logs carry the call id, the listen URL (which holds
 //! no secret) and the server's `dg-error` text.
 
-use super::{AgentCommand, Transcript};
+use super::{AgentCommand, Event, Transcript};
 use crate::call::PcmFrame;
 use crate::config::{DeepgramSettings, Secret};
 use futures_util::{SinkExt, StreamExt};
@@ -451,6 +451,22 @@ impl SilenceGate {
 pub(crate) struct Channels {
     pub(crate) audio: mpsc::Receiver<PcmFrame>,
     pub(crate) commands: mpsc::Sender<AgentCommand>,
+    /// The agent beside Deepgram (`deepgram+agent`): it gets each transcript too.
+    pub(crate) agent: Option<mpsc::Sender<Event>>,
+}
+
+/// The native protocol's `transcript` event (`docs/agent-protocol.md`).
+pub fn transcript_message(t: &Transcript) -> String {
+    serde_json::json!({
+        "event": "transcript",
+        "speaker": t.speaker.as_str(),
+        "text": t.text,
+        "start_ms": t.start_ms,
+        "end_ms": t.end_ms,
+        "confidence": t.confidence,
+        "is_final": true,
+    })
+    .to_string()
 }
 
 /// The `{"type":…}` control messages (spec §3).
@@ -615,16 +631,18 @@ async fn connect(
 }
 
 /// Hands a message's transcript (if final) to the call task.
-async fn on_text(
-    text: &str,
-    clock: &StreamClock,
-    commands: &mpsc::Sender<AgentCommand>,
-    call_id: &str,
-) {
+async fn on_text(text: &str, clock: &StreamClock, chans: &Channels, call_id: &str) {
+    let commands = &chans.commands;
     match parse_server_text(text) {
         Some(ServerMessage::Results(seg)) => {
             if let Some(t) = clock.transcript(&seg) {
                 debug!(%call_id, start_ms = t.start_ms, end_ms = t.end_ms, "transcript");
+                // Never waits on the agent: a full queue drops the event.
+                if let Some(agent) = &chans.agent
+                    && agent.try_send(Event::Transcript(t.clone())).is_err()
+                {
+                    debug!(%call_id, "transcript not forwarded: agent queue full or closed");
+                }
                 // The call task may be gone (call over): nothing to do then.
                 let _ = commands.send(AgentCommand::Transcript(t)).await;
             }
@@ -679,7 +697,7 @@ async fn session(
             .await?;
         while let Some(msg) = ws.next().await {
             match msg? {
-                Message::Text(text) => on_text(&text, &clock, &chans.commands, call_id).await,
+                Message::Text(text) => on_text(&text, &clock, chans, call_id).await,
                 Message::Close(_) => break,
                 _ => {}
             }
@@ -748,7 +766,7 @@ async fn stream(
                 }
             },
             msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => on_text(&text, clock, &chans.commands, call_id).await,
+                Some(Ok(Message::Text(text))) => on_text(&text, clock, chans, call_id).await,
                 Some(Ok(Message::Close(frame))) => return Err(closed(frame)),
                 None => return Err(closed(None)),
                 Some(Ok(_)) => {}
@@ -977,6 +995,17 @@ mod tests {
         assert_eq!(g.admit(&zeros), Admit::Skip);
         assert_eq!(g.admit(&voice), Admit::Send);
         assert_eq!(g.admit(&zeros), Admit::Send);
+    }
+
+    #[test]
+    fn transcript_event_for_the_agent() {
+        let t = Transcript::caller("hi there".into(), 1200, 1900, 0.5);
+        let v: serde_json::Value = serde_json::from_str(&transcript_message(&t)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"transcript","speaker":"caller","text":"hi there",
+                "start_ms":1200,"end_ms":1900,"confidence":0.5,"is_final":true})
+        );
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub enum PipelineSpec {
     Native(AgentTarget),
     /// Deepgram live transcription of the caller.
     Deepgram(deepgram::DeepgramTarget),
+    /// Deepgram beside a native agent: the agent also gets the transcripts.
+    DeepgramAgent(deepgram::DeepgramTarget, AgentTarget),
 }
 
 /// A final transcript segment of the call.
@@ -141,6 +143,7 @@ pub enum AgentCommand {
 pub(crate) enum Event {
     Dtmf(char),
     Mark { name: String, cleared: bool },
+    Transcript(Transcript),
 }
 
 /// The call task's end of a pipeline connection. Dropping it ends the
@@ -179,8 +182,20 @@ impl PipelineHandle {
                 let chans = deepgram::Channels {
                     audio: stt_rx,
                     commands: chans.commands,
+                    agent: None,
                 };
                 tokio::spawn(deepgram::run(target, info.call_id, chans));
+            }
+            PipelineSpec::DeepgramAgent(dg, agent) => {
+                let (stt_tx, stt_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
+                stt = Some(stt_tx);
+                let dg_chans = deepgram::Channels {
+                    audio: stt_rx,
+                    commands: chans.commands.clone(),
+                    agent: Some(event_tx.clone()),
+                };
+                tokio::spawn(deepgram::run(dg, info.call_id.clone(), dg_chans));
+                tokio::spawn(native::run(agent, info, chans));
             }
         }
         PipelineHandle {
