@@ -445,6 +445,41 @@ fn wrong_key_gets_401_the_call_continues_and_no_key_is_logged() {
     assert_eq!(exported_transcripts(&daemon, 0), Vec::<Value>::new());
 }
 
+#[test]
+fn an_unavailable_deepgram_is_retried_on_the_backoff_schedule_then_given_up() {
+    let mut config = MockConfig::new(KEY);
+    config.reject_status = Some(503);
+    let mock = DeepgramMock::start(config);
+    let daemon = spawn_daemon(&mock.base_url(), true, KEY);
+    let result = sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    );
+    result.assert_success();
+    let cdr = answered_cdr(&daemon);
+    assert_eq!(cdr["cause"], "caller-bye");
+    let call_id = cdr["call_id"].as_str().unwrap().to_owned();
+    let gave_up = daemon
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l.contains("deepgram unreachable after retries") && l.contains(&call_id)
+        })
+        .expect("giving up is logged with the call id");
+    assert!(gave_up.contains("HTTP 503"), "{gave_up}");
+    // One attempt and four retries, 0.1, 0.4, 1 and 2 s apart.
+    let conns = mock.connections();
+    assert_eq!(conns.len(), 5, "{conns:#?}");
+    assert!(conns.iter().all(|c| c.status == 503));
+    let gaps: Vec<u128> = conns
+        .windows(2)
+        .map(|w| (w[1].opened - w[0].opened).as_millis())
+        .collect();
+    for (gap, want) in gaps.iter().zip([100u128, 400, 1000, 2000]) {
+        assert!(*gap >= want && *gap < want + 250, "{gaps:?}");
+    }
+    assert_no_key_in_logs(&daemon, KEY);
+}
+
 /// A one-connection native agent that only listens: returns its text messages and the
 /// number of binary frames once the bridge closes (or after 30 s).
 fn spawn_listening_agent() -> (u16, std::thread::JoinHandle<(Vec<Value>, usize)>) {
@@ -541,6 +576,127 @@ fn deepgram_plus_agent_forwards_transcripts_to_the_agent_and_stores_them() {
     assert_eq!(conns.len(), 1);
     assert!(best_ncc_against_fixture(&conns[0].pcm()) >= 0.98);
     assert_no_key_in_logs(&daemon, KEY);
+}
+
+/// The mock itself, driven by a plain WebSocket client: query checks (400 with
+/// `dg-error`), the idle close (1011 NET-0001), and the CloseStream sequence (scripted
+/// Results with `from_finalize`, Metadata with the audio's sha256 and duration, 1000).
+#[test]
+fn the_mock_behaves_as_the_spec_says() {
+    use futures_util::{SinkExt, StreamExt};
+    use sha2::Digest;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut config = MockConfig::new(KEY);
+    config.idle_timeout = Duration::from_millis(300);
+    config.scripts = vec![
+        ConnScript::default(),
+        ConnScript {
+            at_audio: vec![(0.01, Scripted::final_result(0.0, 0.01, "x", 0.5))],
+            on_close: vec![Scripted::final_result(0.01, 0.01, "flushed", 0.5)],
+            drop_at_audio: None,
+        },
+    ];
+    let mock = DeepgramMock::start(config);
+    let base = mock.base_url();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let request = |query: &str, key: &str| {
+            let mut req = format!("{base}/v1/listen?{query}")
+                .into_client_request()
+                .unwrap();
+            req.headers_mut()
+                .insert("authorization", format!("token {key}").parse().unwrap());
+            req
+        };
+        let refused = |r: Result<_, tokio_tungstenite::tungstenite::Error>| match r {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (
+                resp.status().as_u16(),
+                resp.headers()["dg-error"].to_str().unwrap().to_owned(),
+                resp.headers().contains_key("dg-request-id"),
+            ),
+            other => panic!("not refused: {:?}", other.map(|_| ())),
+        };
+        let ok = "encoding=linear16&sample_rate=8000&channels=1&model=nova-3";
+        for (query, why) in [
+            ("encoding=pcm16&sample_rate=8000", "unknown encoding"),
+            ("encoding=linear16&sample_rate=8k", "sample_rate"),
+            (
+                "encoding=linear16&sample_rate=8000&model=nova-9",
+                "unknown model",
+            ),
+        ] {
+            let (status, dg_error, id) =
+                refused(tokio_tungstenite::connect_async(request(query, KEY)).await);
+            assert_eq!(status, 400, "{query}");
+            assert!(dg_error.contains(why), "{dg_error}");
+            assert!(id);
+        }
+        let (status, dg_error, _) =
+            refused(tokio_tungstenite::connect_async(request(ok, "nope")).await);
+        assert_eq!((status, dg_error.as_str()), (401, "Invalid credentials."));
+
+        // Idle: nothing sent → 1011 NET-0001.
+        let (mut ws, resp) = tokio_tungstenite::connect_async(request(ok, KEY))
+            .await
+            .unwrap();
+        assert!(resp.headers().contains_key("dg-request-id"));
+        let started = Instant::now();
+        let close = loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => break f.unwrap(),
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(u16::from(close.code), 1011);
+        assert!(close.reason.contains("NET-0001"), "{}", close.reason);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+
+        // Audio, a scripted result, Finalize → flushed result, CloseStream → Metadata, 1000.
+        let (mut ws, _) = tokio_tungstenite::connect_async(request(ok, KEY))
+            .await
+            .unwrap();
+        let audio: Vec<u8> = (0..320u16).flat_map(|i| i.to_le_bytes()).collect();
+        ws.send(Message::binary(audio.clone())).await.unwrap();
+        ws.send(Message::text(r#"{"type":"Finalize"}"#))
+            .await
+            .unwrap();
+        ws.send(Message::text(r#"{"type":"CloseStream"}"#))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let close = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => got.push(serde_json::from_str::<Value>(&t).unwrap()),
+                Some(Ok(Message::Close(f))) => break f.unwrap(),
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(u16::from(close.code), 1000);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert_eq!(got[0]["channel"]["alternatives"][0]["transcript"], "x");
+        assert_eq!(got[0]["from_finalize"], false);
+        assert_eq!(
+            got[1]["channel"]["alternatives"][0]["transcript"],
+            "flushed"
+        );
+        assert_eq!(got[1]["from_finalize"], true);
+        assert_eq!(got[2]["type"], "Metadata");
+        assert_eq!(got[2]["sha256"], hex::encode(sha2::Sha256::digest(&audio)));
+        assert_eq!(got[2]["duration"], 0.04);
+        assert_eq!(got[2]["channels"], 1);
+        assert_eq!(got[2]["request_id"], got[0]["metadata"]["request_id"]);
+    });
+    let conns = mock.connections();
+    let statuses: Vec<u16> = conns.iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [400, 400, 400, 401, 101, 101]);
+    assert_eq!(conns[4].ended, Ended::Idle);
+    assert_eq!(conns[5].ended, Ended::CloseStream);
 }
 
 /// `check` knows the Deepgram keys, where they apply and what they need.

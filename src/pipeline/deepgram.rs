@@ -81,9 +81,9 @@ pub const SILENCE_FRAMES_SENT: u32 = 50;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeepgramError {
-    /// The listen URL could not be turned into a request.
-    #[error("invalid listen URL")]
-    InvalidUrl,
+    /// The listen URL cannot be used (e.g. `wss://` in a build without TLS).
+    #[error("listen URL not usable: {0}")]
+    InvalidUrl(String),
     /// The API key is not a valid header value.
     #[error("api key is not a valid header value")]
     InvalidKey,
@@ -117,7 +117,7 @@ impl DeepgramError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            DeepgramError::InvalidUrl
+            DeepgramError::InvalidUrl(_)
                 | DeepgramError::InvalidKey
                 | DeepgramError::Rejected {
                     status: 400..=403,
@@ -139,7 +139,8 @@ impl From<WsError> for DeepgramError {
                     .map(|s| s.chars().take(200).collect())
                     .unwrap_or_default(),
             },
-            WsError::Url(_) => DeepgramError::InvalidUrl,
+            // The listen URL holds no secret (model, language, options).
+            WsError::Url(e) => DeepgramError::InvalidUrl(e.to_string()),
             other => DeepgramError::Ws(other.to_string()),
         }
     }
@@ -481,7 +482,7 @@ fn request(
         .url
         .as_str()
         .into_client_request()
-        .map_err(|_| DeepgramError::InvalidUrl)?;
+        .map_err(|e| DeepgramError::InvalidUrl(e.to_string()))?;
     let mut value = b"Token ".to_vec();
     value.extend_from_slice(target.api_key.expose());
     let mut value = HeaderValue::from_bytes(&value).map_err(|_| DeepgramError::InvalidKey)?;
@@ -576,8 +577,14 @@ pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Chan
             }
             Err(e) => e,
         };
-        if err.is_permanent() {
+        if let DeepgramError::Rejected { .. } = err
+            && err.is_permanent()
+        {
             warn!(%call_id, %url, error = %err, "deepgram refused the stream; call continues without transcription");
+            break;
+        }
+        if err.is_permanent() {
+            warn!(%call_id, %url, error = %err, "deepgram stream cannot start; call continues without transcription");
             break;
         }
         let Some(pause) = RECONNECT_BACKOFF.get(failures).copied() else {
@@ -1006,6 +1013,25 @@ mod tests {
             serde_json::json!({"event":"transcript","speaker":"caller","text":"hi there",
                 "start_ms":1200,"end_ms":1900,"confidence":0.5,"is_final":true})
         );
+    }
+
+    #[test]
+    fn backlog_keeps_the_newest_frames_and_counts_the_rest() {
+        let mut b = Backlog {
+            frames: VecDeque::new(),
+            dropped: 0,
+            ended: false,
+        };
+        for i in 0..RECONNECT_BUFFER_FRAMES + 30 {
+            b.push(PcmFrame {
+                samples: vec![1; 320],
+                rate: crate::media::resample::PipelineRate::Hz16000,
+                media_time: ms(20 * i as u64),
+            });
+        }
+        assert_eq!(b.frames.len(), RECONNECT_BUFFER_FRAMES);
+        assert_eq!(b.dropped, 30);
+        assert_eq!(b.frames.front().unwrap().media_time, ms(600));
     }
 
     #[test]

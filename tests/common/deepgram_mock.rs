@@ -143,6 +143,8 @@ pub(crate) struct MockConfig {
     pub(crate) idle_timeout: Duration,
     /// One script per connection, in connection order (later ones: empty).
     pub(crate) scripts: Vec<ConnScript>,
+    /// Refuse every upgrade that passes the checks with this status (e.g. 503).
+    pub(crate) reject_status: Option<u16>,
 }
 
 impl MockConfig {
@@ -152,6 +154,7 @@ impl MockConfig {
             key: key.to_owned(),
             idle_timeout: Duration::from_secs(10),
             scripts: Vec::new(),
+            reject_status: None,
         }
     }
 }
@@ -452,7 +455,16 @@ async fn serve(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        match check_upgrade(req, &config.key, &id) {
+        let checked = check_upgrade(req, &config.key, &id).and_then(|()| match config.reject_status {
+            Some(status) => Err(json_error(
+                StatusCode::from_u16(status).unwrap(),
+                "Service unavailable.",
+                serde_json::json!({"err_code": "UNAVAILABLE", "err_msg": "Service unavailable.", "request_id": id}),
+                &id,
+            )),
+            None => Ok(()),
+        });
+        match checked {
             Ok(()) => {
                 resp.headers_mut()
                     .insert("dg-request-id", HeaderValue::from_str(&id).unwrap());
@@ -581,11 +593,11 @@ async fn serve(
                         let _ = ws.send(Message::text(m)).await;
                     }
                     let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() })).await;
+                    set_ended(Ended::CloseStream);
                     // Let the close handshake finish (bounded).
                     let _ = tokio::time::timeout(Duration::from_secs(1), async {
                         while ws.next().await.is_some() {}
                     }).await;
-                    set_ended(Ended::CloseStream);
                     return;
                 }
                 let audio_s = audio_bytes as f64 / (rate * 2.0 * channels);
