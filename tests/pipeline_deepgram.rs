@@ -406,8 +406,9 @@ fn a_drop_mid_call_is_followed_by_a_reconnect_and_times_stay_right() {
     let before = ms(&rows[0], "start_ms");
     let after = ms(&rows[1], "start_ms");
     let gap = after - before;
-    // (1.5 + 0.1) − 0.2 = 1.4 s, plus at most a few frames lost in the dead socket.
-    assert!((1400..=1480).contains(&gap), "{gap} ms between {rows:#?}");
+    // (1.5 + 0.1) − 0.2 = 1.4 s, plus the few frames sent into the dead socket before
+    // the drop was seen (without rebasing it would be 0.1 − 0.2 = −0.1 s).
+    assert!((1400..=1600).contains(&gap), "{gap} ms between {rows:#?}");
     assert_eq!(ms(&rows[2], "start_ms") - after, 800);
     assert_no_key_in_logs(&daemon, KEY);
 }
@@ -475,7 +476,7 @@ fn an_unavailable_deepgram_is_retried_on_the_backoff_schedule_then_given_up() {
         .map(|w| (w[1].opened - w[0].opened).as_millis())
         .collect();
     for (gap, want) in gaps.iter().zip([100u128, 400, 1000, 2000]) {
-        assert!(*gap >= want && *gap < want + 250, "{gaps:?}");
+        assert!(*gap >= want && *gap < want + 400, "{gaps:?}");
     }
     assert_no_key_in_logs(&daemon, KEY);
 }
