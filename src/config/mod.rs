@@ -338,7 +338,22 @@ pub struct DeepgramSettings {
     pub language: String,
     /// API key.
     pub api_key: Secret,
+    /// `endpointing`: pause in ms that ends an utterance; `Some(0)` sends
+    /// `endpointing=false`, `None` leaves Deepgram's default.
+    pub endpointing_ms: Option<u32>,
+    /// `interim_results` (default false).
+    pub interim_results: bool,
+    /// `utterance_end_ms` (needs `interim_results`).
+    pub utterance_end_ms: Option<u32>,
+    /// `vad_events` (default false).
+    pub vad_events: bool,
+    /// `ws://` or `wss://` scheme, host and optional port (and path prefix)
+    /// that `/v1/listen` is appended to; default [`DEEPGRAM_BASE_URL`].
+    pub base_url: String,
 }
+
+/// Where Deepgram live is reached unless a tenant sets `base_url`.
+pub const DEEPGRAM_BASE_URL: &str = "wss://api.deepgram.com";
 
 /// Agent WebSocket settings.
 #[derive(Debug)]

@@ -165,6 +165,16 @@ pub(crate) struct RawPipeline {
     #[serde(default)]
     pub(crate) api_key: Option<Spanned<String>>,
     #[serde(default)]
+    pub(crate) endpointing_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) interim_results: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub(crate) utterance_end_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) vad_events: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub(crate) base_url: Option<Spanned<String>>,
+    #[serde(default)]
     pub(crate) url: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) mode: Option<Spanned<String>>,

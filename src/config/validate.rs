@@ -25,9 +25,9 @@ use super::number::NumberPattern;
 use super::raw::{RawPipeline, RawProfile, RawRoute, RawTenant, RawTrunk, RawUnknownSource};
 use super::secret::{self, Secret, SecretRef};
 use super::{
-    AdminSettings, AgentMode, AgentSettings, Config, DeepgramSettings, DigestCredentials, Listen,
-    MasterKey, MediaSettings, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings,
-    Tenant, Trunk, UnknownSource,
+    AdminSettings, AgentMode, AgentSettings, Config, DEEPGRAM_BASE_URL, DeepgramSettings,
+    DigestCredentials, Listen, MasterKey, MediaSettings, Pipeline, PortRange, Profile, Prompt,
+    Retention, Route, SipSettings, Tenant, Trunk, UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -1075,11 +1075,32 @@ fn check_pipeline(
         ("mode", &p.mode, agent),
         ("auth", &p.auth, agent),
     ];
-    for (name, value, allowed) in fields {
-        if let (Some(v), false) = (value, allowed) {
+    // The Deepgram-only keys that are not strings.
+    let deepgram_only: [(&str, Option<Range<usize>>); 5] = [
+        (
+            "endpointing_ms",
+            p.endpointing_ms.as_ref().map(Spanned::span),
+        ),
+        (
+            "interim_results",
+            p.interim_results.as_ref().map(Spanned::span),
+        ),
+        (
+            "utterance_end_ms",
+            p.utterance_end_ms.as_ref().map(Spanned::span),
+        ),
+        ("vad_events", p.vad_events.as_ref().map(Spanned::span)),
+        ("base_url", p.base_url.as_ref().map(Spanned::span)),
+    ];
+    let misplaced = fields
+        .iter()
+        .map(|(name, v, allowed)| (*name, v.as_ref().map(Spanned::span), *allowed))
+        .chain(deepgram_only.into_iter().map(|(n, s)| (n, s, deepgram)));
+    for (name, span, allowed) in misplaced {
+        if let (Some(span), false) = (span, allowed) {
             cx.error(
                 file,
-                Some(v.span()),
+                Some(span),
                 format!("`{name}` does not apply to pipeline kind `{kind}`"),
             );
             ok = false;
@@ -1107,16 +1128,51 @@ fn check_pipeline(
                 }
             }
         };
+    let mut dg_ok = true;
     let dg = if deepgram {
         let model = required(cx, "model", &p.model);
         let language = required(cx, "language", &p.language);
         let key = required(cx, "api_key", &p.api_key);
         let api_key = key.and_then(|k| cx.secret(file, &k, "deepgram api_key"));
-        match (model, language, api_key) {
-            (Some(m), Some(l), Some(k)) => Some(DeepgramSettings {
+        let interim_results = p.interim_results.as_ref().is_some_and(|v| *v.get_ref());
+        if let Some(u) = &p.utterance_end_ms
+            && !interim_results
+        {
+            cx.error(
+                file,
+                Some(u.span()),
+                "`utterance_end_ms` needs `interim_results = true` (Deepgram sends UtteranceEnd only with interim results)",
+            );
+            dg_ok = false;
+        }
+        let base_url = match &p.base_url {
+            None => Some(DEEPGRAM_BASE_URL.to_owned()),
+            Some(u) => {
+                let s = u.get_ref();
+                if (s.starts_with("ws://") || s.starts_with("wss://"))
+                    && !s.contains(|c: char| c.is_whitespace() || c == '?' || c == '#')
+                {
+                    Some(s.trim_end_matches('/').to_owned())
+                } else {
+                    cx.error(
+                        file,
+                        Some(u.span()),
+                        format!("deepgram base_url `{s}` must start with ws:// or wss:// and have no query or fragment"),
+                    );
+                    None
+                }
+            }
+        };
+        match (model, language, api_key, base_url) {
+            (Some(m), Some(l), Some(k), Some(base_url)) => Some(DeepgramSettings {
                 model: m.into_inner(),
                 language: l.into_inner(),
                 api_key: k,
+                endpointing_ms: p.endpointing_ms.as_ref().map(|v| *v.get_ref()),
+                interim_results,
+                utterance_end_ms: p.utterance_end_ms.as_ref().map(|v| *v.get_ref()),
+                vad_events: p.vad_events.as_ref().is_some_and(|v| *v.get_ref()),
+                base_url,
             }),
             _ => None,
         }
@@ -1162,7 +1218,7 @@ fn check_pipeline(
     } else {
         None
     };
-    if !ok {
+    if !ok || !dg_ok {
         return None;
     }
     match (dg, ag, deepgram, agent) {

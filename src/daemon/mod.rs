@@ -98,7 +98,15 @@ impl Shared {
                 crate::config::Pipeline::Agent(a) => {
                     AgentTarget::for_settings(a).map(PipelineSpec::Native)
                 }
-                _ => None,
+                crate::config::Pipeline::Deepgram(d) => Some(PipelineSpec::Deepgram(
+                    crate::pipeline::deepgram::DeepgramTarget::new(d, rate),
+                )),
+                crate::config::Pipeline::DeepgramAgent(d, a) => {
+                    AgentTarget::for_settings(a).map(|agent| {
+                        let dg = crate::pipeline::deepgram::DeepgramTarget::new(d, rate);
+                        PipelineSpec::DeepgramAgent(dg, agent)
+                    })
+                }
             };
             let Some(target) = target else {
                 // Accepted by `check`, not connected by this build (issue 5).
@@ -397,14 +405,20 @@ async fn run_call(
                     if let Some(s) = &mut store {
                         s.ended(&record);
                     }
-                    if let Some(p) = pipeline.take()
-                        && p.dropped_frames() > 0
-                    {
-                        crate::metrics::caller_frames_dropped(p.dropped_frames());
-                        warn!(
-                            dropped = p.dropped_frames(),
-                            "pipeline was behind; caller frames dropped"
-                        );
+                    if let Some(p) = pipeline.take() {
+                        if p.dropped_frames() > 0 {
+                            crate::metrics::caller_frames_dropped(p.dropped_frames());
+                            warn!(
+                                dropped = p.dropped_frames(),
+                                "pipeline was behind; caller frames dropped"
+                            );
+                        }
+                        // The pipeline closes its stream now; transcripts it
+                        // still sends (Deepgram's last Results) reach the store.
+                        let rest = p.finish();
+                        if let Some(s) = &store {
+                            s.transcripts_after_end(rest);
+                        }
                     }
                     media = None;
                     sockets = None;
@@ -442,7 +456,14 @@ async fn run_call(
             }
         };
         tokio::select! {
-            cmd = from_agent => apply_agent(cmd, &mut call, media.as_mut(), &mut rng),
+            cmd = from_agent => match cmd {
+                AgentCommand::Transcript(t) => {
+                    if let Some(s) = &store {
+                        s.transcript(t);
+                    }
+                }
+                cmd => apply_agent(cmd, &mut call, media.as_mut(), &mut rng),
+            },
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg)) => match *msg {
                     Message::Request(req) => call.handle_request(Instant::now(), req, &mut rng),
@@ -531,6 +552,8 @@ fn apply_agent(
             }
         }
         (AgentCommand::Clear, Some(m)) => m.clear(),
+        // Handled by `run_call` (they go to the store).
+        (AgentCommand::Transcript(_), _) => {}
         (_, None) => {}
     }
 }

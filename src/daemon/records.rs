@@ -23,14 +23,14 @@ use crate::call::CallRecord;
 use crate::store::crypto::KeyRing;
 use crate::store::db::{
     CallEnd, CallRow, CallerIdPolicy, ConsentEvent, HangupSide, RecordingRow, RecordingState,
-    RtpStats, Store, UnixMs, unix_ms,
+    RtpStats, Store, TranscriptRow, UnixMs, unix_ms,
 };
 use crate::store::recording::{FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE};
 use crate::store::retention::{RetentionPolicy, Sweeper};
 use anyhow::Context;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -79,6 +79,13 @@ enum Op {
         tenant: String,
         at: UnixMs,
     },
+    Transcript {
+        tenant: String,
+        call_id: String,
+        id: String,
+        transcript: Box<crate::pipeline::Transcript>,
+        at: UnixMs,
+    },
     Shutdown,
 }
 
@@ -88,6 +95,8 @@ pub(crate) struct Records {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     next_handle: AtomicU64,
     dropped: AtomicU64,
+    /// Tenants that store transcripts (`transcripts = true`).
+    transcript_tenants: HashSet<String>,
 }
 
 /// The master key's bytes: the configured secret, or the file the daemon
@@ -170,6 +179,11 @@ impl Records {
             thread: Mutex::new(Some(thread)),
             next_handle: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
+            transcript_tenants: tenants
+                .iter()
+                .filter(|t| t.transcripts)
+                .map(|t| t.id.clone())
+                .collect(),
         })
     }
 
@@ -266,6 +280,40 @@ pub(crate) struct CallStore {
     opt_out_key: Option<char>,
     opted_out: bool,
     recording: Option<Batch>,
+    /// Transcript segments are stored (the tenant keeps transcripts and the
+    /// caller has not opted out); shared with the task that takes the
+    /// pipeline's last transcripts after the call.
+    transcripts: Arc<TranscriptSink>,
+}
+
+/// Where a call's transcript segments go: numbered `<call_id>/<n>` in the
+/// order they arrive.
+struct TranscriptSink {
+    records: Arc<Records>,
+    tenant: String,
+    call_id: String,
+    enabled: std::sync::atomic::AtomicBool,
+    next: AtomicU64,
+}
+
+/// How long the store listens for a pipeline's last transcripts after a call
+/// (the pipeline's own close wait is shorter; this only bounds the task).
+const TRANSCRIPT_TAIL: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl TranscriptSink {
+    fn store(&self, t: crate::pipeline::Transcript) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.records.send(Op::Transcript {
+            tenant: self.tenant.clone(),
+            call_id: self.call_id.clone(),
+            id: format!("{}/{n}", self.call_id),
+            transcript: Box::new(t),
+            at: unix_ms(SystemTime::now()),
+        });
+    }
 }
 
 /// An open recording and the second of audio being gathered for it.
@@ -283,6 +331,13 @@ impl CallStore {
         record: bool,
         opt_out_key: Option<char>,
     ) -> CallStore {
+        let transcripts = Arc::new(TranscriptSink {
+            records: Arc::clone(&records),
+            tenant: row.tenant.clone(),
+            call_id: row.call_id.clone(),
+            enabled: records.transcript_tenants.contains(&row.tenant).into(),
+            next: AtomicU64::new(1),
+        });
         let store = CallStore {
             tenant: row.tenant.clone(),
             call_id: row.call_id.clone(),
@@ -291,6 +346,7 @@ impl CallStore {
             opt_out_key,
             opted_out: false,
             recording: None,
+            transcripts,
         };
         store.records.send(Op::InsertCall(row));
         store
@@ -365,6 +421,8 @@ impl CallStore {
             return false;
         }
         self.opted_out = true;
+        // Opting out of recording stops transcript storage too.
+        self.transcripts.enabled.store(false, Ordering::Relaxed);
         let at = unix_ms(SystemTime::now());
         if let Some(b) = self.recording.take() {
             self.records.send(Op::DiscardRecording {
@@ -380,6 +438,33 @@ impl CallStore {
             at,
         });
         true
+    }
+
+    /// A final transcript segment: sealed under the tenant's data key and
+    /// stored by the writer thread when the tenant keeps transcripts;
+    /// dropped otherwise.
+    pub(crate) fn transcript(&self, t: crate::pipeline::Transcript) {
+        self.transcripts.store(t);
+    }
+
+    /// After the call: the transcripts the pipeline still sends while it
+    /// closes its stream are stored too (a task that ends when the pipeline
+    /// does, or after [`TRANSCRIPT_TAIL`]).
+    pub(crate) fn transcripts_after_end(
+        &self,
+        mut rest: tokio::sync::mpsc::Receiver<crate::pipeline::AgentCommand>,
+    ) {
+        let sink = Arc::clone(&self.transcripts);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(TRANSCRIPT_TAIL, async {
+                while let Some(cmd) = rest.recv().await {
+                    if let crate::pipeline::AgentCommand::Transcript(t) = cmd {
+                        sink.store(t);
+                    }
+                }
+            })
+            .await;
+        });
     }
 
     /// The call ended: the recording is finished and the CDR closed.
@@ -615,8 +700,46 @@ impl Writer {
                     }
                 }
             }
+            Op::Transcript {
+                tenant,
+                call_id,
+                id,
+                transcript,
+                at,
+            } => {
+                if let Err(e) = self.transcript(&tenant, &call_id, id, &transcript, at) {
+                    warn!(%call_id, error = %e, "transcript not stored");
+                }
+            }
             Op::Shutdown => {}
         }
+    }
+
+    fn transcript(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        id: String,
+        t: &crate::pipeline::Transcript,
+        at: UnixMs,
+    ) -> anyhow::Result<()> {
+        let key = self.keyring.data_key(tenant, &mut self.rng)?;
+        let created_unix = u64::try_from(at / 1000).unwrap_or(0);
+        let ciphertext =
+            crate::store::ops::seal_transcript(&key, &t.text, created_unix, &mut self.rng)?;
+        self.store.insert_transcript(&TranscriptRow {
+            id,
+            call_id: call_id.to_owned(),
+            tenant: tenant.to_owned(),
+            speaker: t.speaker,
+            start_ms: t.start_ms,
+            end_ms: t.end_ms,
+            ciphertext,
+            key_id: key.id().to_string(),
+            confidence: t.confidence,
+            created_at: at,
+        })?;
+        Ok(())
     }
 
     fn start(

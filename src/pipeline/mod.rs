@@ -3,12 +3,14 @@
 //!
 //! Owns: one tokio task per call per pipeline connection, the bounded
 //! channels between it and the call task ([`PipelineHandle`]), and the wire
-//! protocols (today: the native agent protocol, `docs/agent-protocol.md`).
+//! protocols (the native agent protocol, `docs/agent-protocol.md`; Deepgram
+//! live speech-to-text, `deepgram`).
 //! Must not touch: SIP or media state. The call task (`daemon::run_call`)
 //! feeds frames in with non-blocking sends and applies the
 //! [`AgentCommand`]s it receives to its `Call` and `MediaSession`; a slow or
 //! dead pipeline therefore never stalls the media path or other calls.
 
+pub mod deepgram;
 pub mod native;
 
 use crate::call::PcmFrame;
@@ -78,6 +80,46 @@ impl AgentTarget {
 pub enum PipelineSpec {
     /// An agent speaking the native protocol.
     Native(AgentTarget),
+    /// Deepgram live transcription of the caller.
+    Deepgram(deepgram::DeepgramTarget),
+    /// Deepgram beside a native agent: the agent also gets the transcripts.
+    DeepgramAgent(deepgram::DeepgramTarget, AgentTarget),
+}
+
+/// A final transcript segment of the call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transcript {
+    /// Who spoke (the caller, for Deepgram).
+    pub speaker: crate::store::db::Speaker,
+    /// The recognised text.
+    pub text: String,
+    /// Start, ms from the call's media start.
+    pub start_ms: u64,
+    /// End, ms from the call's media start.
+    pub end_ms: u64,
+    /// Recogniser confidence, clamped to 0..=1 (NaN becomes 0).
+    pub confidence: f32,
+}
+
+// `confidence` is never NaN (see `Transcript::caller`), so equality is total.
+impl Eq for Transcript {}
+
+impl Transcript {
+    /// A segment the caller spoke.
+    pub fn caller(text: String, start_ms: u64, end_ms: u64, confidence: f32) -> Transcript {
+        let confidence = if confidence.is_nan() {
+            0.0
+        } else {
+            confidence.clamp(0.0, 1.0)
+        };
+        Transcript {
+            speaker: crate::store::db::Speaker::Caller,
+            text,
+            start_ms,
+            end_ms,
+            confidence,
+        }
+    }
 }
 
 /// What the pipeline asks the call to do.
@@ -92,6 +134,8 @@ pub enum AgentCommand {
     Clear,
     /// End the call (BYE).
     HangUp,
+    /// A final transcript segment (for the store).
+    Transcript(Transcript),
 }
 
 /// Events towards the pipeline other than audio.
@@ -99,6 +143,7 @@ pub enum AgentCommand {
 pub(crate) enum Event {
     Dtmf(char),
     Mark { name: String, cleared: bool },
+    Transcript(Transcript),
 }
 
 /// The call task's end of a pipeline connection. Dropping it ends the
@@ -106,6 +151,8 @@ pub(crate) enum Event {
 #[derive(Debug)]
 pub struct PipelineHandle {
     audio: mpsc::Sender<Vec<i16>>,
+    /// Timed frames for a Deepgram connection, when the pipeline has one.
+    stt: Option<mpsc::Sender<PcmFrame>>,
     events: mpsc::Sender<Event>,
     commands: mpsc::Receiver<AgentCommand>,
     commands_open: bool,
@@ -124,11 +171,36 @@ impl PipelineHandle {
             events: event_rx,
             commands: cmd_tx,
         };
+        let mut stt = None;
         match spec {
-            PipelineSpec::Native(target) => tokio::spawn(native::run(target, info, chans)),
-        };
+            PipelineSpec::Native(target) => {
+                tokio::spawn(native::run(target, info, chans));
+            }
+            PipelineSpec::Deepgram(target) => {
+                let (stt_tx, stt_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
+                stt = Some(stt_tx);
+                let chans = deepgram::Channels {
+                    audio: stt_rx,
+                    commands: chans.commands,
+                    agent: None,
+                };
+                tokio::spawn(deepgram::run(target, info.call_id, chans));
+            }
+            PipelineSpec::DeepgramAgent(dg, agent) => {
+                let (stt_tx, stt_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
+                stt = Some(stt_tx);
+                let dg_chans = deepgram::Channels {
+                    audio: stt_rx,
+                    commands: chans.commands.clone(),
+                    agent: Some(event_tx.clone()),
+                };
+                tokio::spawn(deepgram::run(dg, info.call_id.clone(), dg_chans));
+                tokio::spawn(native::run(agent, info, chans));
+            }
+        }
         PipelineHandle {
             audio: audio_tx,
+            stt,
             events: event_tx,
             commands: cmd_rx,
             commands_open: true,
@@ -139,6 +211,14 @@ impl PipelineHandle {
     /// Queues a caller frame without waiting; a full queue drops it (counted).
     /// Frames after the connection has ended are discarded silently.
     pub fn send_audio(&mut self, frame: &PcmFrame) {
+        if let Some(stt) = &self.stt {
+            if let Err(mpsc::error::TrySendError::Full(_)) = stt.try_send(frame.clone()) {
+                self.dropped += 1;
+            }
+            if self.audio.is_closed() {
+                return;
+            }
+        }
         if let Err(mpsc::error::TrySendError::Full(_)) = self.audio.try_send(frame.samples.clone())
         {
             self.dropped += 1;
@@ -158,6 +238,13 @@ impl PipelineHandle {
     /// Caller frames dropped because the pipeline was behind.
     pub fn dropped_frames(&self) -> u64 {
         self.dropped
+    }
+
+    /// Ends the call's side of the connection (the pipeline closes its
+    /// stream, e.g. Deepgram's `CloseStream`) and returns what the pipeline
+    /// still has to say; the receiver closes once the pipeline task is done.
+    pub fn finish(self) -> mpsc::Receiver<AgentCommand> {
+        self.commands
     }
 
     /// The next command from the pipeline; never resolves once the

@@ -90,6 +90,7 @@ fn event_message(ev: &Event) -> String {
         Event::Mark { name, cleared } => {
             serde_json::json!({"event": "mark", "name": name, "cleared": cleared})
         }
+        Event::Transcript(t) => return super::deepgram::transcript_message(t),
     }
     .to_string()
 }

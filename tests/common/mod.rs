@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub(crate) mod deepgram_mock;
 pub(crate) mod http;
 
 /// The repository root (where `Cargo.toml` is).
