@@ -613,6 +613,7 @@ fn check_profiles(
         let master_key = check_master_key(cx, file, p.master_key.as_ref(), &var_dir, p.name.span());
         let sip = check_sip(cx, file, p.sip.as_ref());
         let media = media_settings(p.media.as_ref());
+        let drain_grace = drain_grace(cx, file, p.drain_grace_s.as_ref());
 
         out.push(Profile {
             name,
@@ -629,9 +630,30 @@ fn check_profiles(
             master_key,
             sip,
             media,
+            drain_grace,
         });
     }
     out
+}
+
+/// `[profile] drain_grace_s`: 0 (BYE at once) up to [`super::MAX_DRAIN_GRACE_S`].
+fn drain_grace(cx: &mut Cx<'_>, file: usize, raw: Option<&Spanned<u32>>) -> Duration {
+    let Some(v) = raw else {
+        return super::DEFAULT_DRAIN_GRACE;
+    };
+    let secs = *v.get_ref();
+    if secs > super::MAX_DRAIN_GRACE_S {
+        cx.error(
+            file,
+            Some(v.span()),
+            format!(
+                "drain_grace_s {secs} is longer than {} s (keep it below the unit's TimeoutStopSec=)",
+                super::MAX_DRAIN_GRACE_S
+            ),
+        );
+        return super::DEFAULT_DRAIN_GRACE;
+    }
+    Duration::from_secs(u64::from(secs))
 }
 
 fn check_master_key(

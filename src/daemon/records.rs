@@ -79,6 +79,11 @@ enum Op {
         tenant: String,
         at: UnixMs,
     },
+    /// A reloaded configuration's tenants (issue 7).
+    Tenants {
+        callers: Vec<(String, CallerIdPolicy)>,
+        retention: HashMap<String, RetentionPolicy>,
+    },
     Shutdown,
 }
 
@@ -204,6 +209,27 @@ impl Records {
             tenant,
             call_id: record.call_id.clone(),
             end: call_end(record),
+        });
+    }
+
+    /// A reloaded configuration (SIGHUP, admin API): every tenant's caller-id
+    /// and retention policy from now on. A tenant no longer configured keeps
+    /// its caller-id policy (its live calls' CDRs still close) but loses its
+    /// retention policy, as at a restart (its data is kept).
+    pub(crate) fn configure(&self, master_key: &[u8], tenants: &[crate::config::Tenant]) {
+        self.send(Op::Tenants {
+            callers: tenants
+                .iter()
+                .map(|t| {
+                    let policy =
+                        CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
+                    (t.id.clone(), policy)
+                })
+                .collect(),
+            retention: tenants
+                .iter()
+                .map(|t| (t.id.clone(), RetentionPolicy::from(&t.retention)))
+                .collect(),
         });
     }
 
@@ -601,6 +627,12 @@ impl Writer {
                         warn!(recording = %id, error = %e, "opt-out: recording row not deleted");
                     }
                 }
+            }
+            Op::Tenants { callers, retention } => {
+                for (tenant, policy) in callers {
+                    self.store.set_caller_policy(&tenant, policy);
+                }
+                self.policies = retention;
             }
             Op::Shutdown => {}
         }
