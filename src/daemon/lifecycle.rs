@@ -106,10 +106,15 @@ fn status_text(calls: usize, draining: bool) -> String {
     }
 }
 
+/// Calls admitted and not ended yet (an ended call's task may linger a while
+/// to absorb retransmissions; it is not counted).
+fn active_calls(shared: &Shared) -> usize {
+    lock(&shared.switchboard).active_calls()
+}
+
 fn current_status(shared: &Shared) -> String {
-    let calls = lock(&shared.calls).len();
-    let draining = lock(&shared.switchboard).is_draining();
-    status_text(calls, draining)
+    let sb = lock(&shared.switchboard);
+    status_text(sb.active_calls(), sb.is_draining())
 }
 
 /// The signals the daemon acts on, installed before anything else starts so
@@ -202,7 +207,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
                 Phase::Serving => {
                     lock(&shared.switchboard).start_draining();
                     notify(&[NotifyState::Stopping]);
-                    let calls = lock(&shared.calls).len();
+                    let calls = active_calls(shared);
                     info!(grace_s = grace.as_secs(), calls, "SIGTERM: draining");
                     phase = Phase::Draining { until: Instant::now() + grace };
                 }
@@ -233,7 +238,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
                 was_healthy = ok;
             }
             () = grace_over => {
-                let calls = lock(&shared.calls).len();
+                let calls = active_calls(shared);
                 info!(calls, "drain grace over: ending calls");
                 break;
             }
@@ -243,7 +248,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
                     notify(&[NotifyState::Status(&now)]);
                     status = now;
                 }
-                if matches!(phase, Phase::Draining { .. }) && lock(&shared.calls).is_empty() {
+                if matches!(phase, Phase::Draining { .. }) && active_calls(shared) == 0 {
                     info!("drained: no calls left");
                     break;
                 }
