@@ -238,3 +238,32 @@ pub(crate) fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
         n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
     })
 }
+
+/// A test profile (from `tests/common`) with `[profile] drain_grace_s = secs`.
+pub(crate) fn with_drain_grace(profile: &str, secs: u32) -> String {
+    let anchor = "max_calls = ";
+    let at = profile.find(anchor).expect("the profile has max_calls");
+    let mut out = profile.to_owned();
+    out.insert_str(at, &format!("drain_grace_s = {secs}\n"));
+    out
+}
+
+/// `call_with_audio.xml` holding the call `pause_ms` after the audio starts (instead of
+/// 3.5 s), written into `dir`.
+pub(crate) fn held_call_scenario(dir: &Path, pause_ms: u32) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/call_with_audio.xml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let pcap = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pcap/caller1_pcmu.pcap");
+    let text = text
+        .replace(
+            "../../fixtures/pcap/caller1_pcmu.pcap",
+            pcap.to_str().unwrap(),
+        )
+        .replace(
+            "<pause milliseconds=\"3500\"/>",
+            &format!("<pause milliseconds=\"{pause_ms}\"/>"),
+        );
+    let out = dir.join(format!("held_{pause_ms}.xml"));
+    std::fs::write(&out, text).unwrap();
+    out
+}
