@@ -229,3 +229,25 @@ fn a_second_sigterm_ends_the_calls_at_once() {
     assert_eq!(cdrs[0]["cause"], "shutdown", "{}", cdrs[0]);
     assert_recording_complete(daemon.dir(), cdrs[0]["call_id"].as_str().unwrap(), 500);
 }
+
+#[test]
+fn drain_grace_s_defaults_to_30_allows_0_and_rejects_more_than_an_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let base = ProfileSpec::default().render();
+    let load = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        sipbridge::config::load(&path)
+    };
+    let grace = |text: &str| load(text).unwrap().profiles[0].drain_grace;
+    assert_eq!(grace(&base), Duration::from_secs(30));
+    assert_eq!(grace(&with_drain_grace(&base, 0)), Duration::ZERO);
+    assert_eq!(grace(&with_drain_grace(&base, 3600)), Duration::from_secs(3600));
+    let err = load(&with_drain_grace(&base, 3601)).unwrap_err();
+    let errors: Vec<String> = err.errors().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("p.toml:4:17: drain_grace_s 3601 is longer than 3600 s"),
+        "{errors:?}"
+    );
+}
