@@ -242,7 +242,10 @@ fn drain_grace_s_defaults_to_30_allows_0_and_rejects_more_than_an_hour() {
     let grace = |text: &str| load(text).unwrap().profiles[0].drain_grace;
     assert_eq!(grace(&base), Duration::from_secs(30));
     assert_eq!(grace(&with_drain_grace(&base, 0)), Duration::ZERO);
-    assert_eq!(grace(&with_drain_grace(&base, 3600)), Duration::from_secs(3600));
+    assert_eq!(
+        grace(&with_drain_grace(&base, 3600)),
+        Duration::from_secs(3600)
+    );
     let err = load(&with_drain_grace(&base, 3601)).unwrap_err();
     let errors: Vec<String> = err.errors().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -250,4 +253,36 @@ fn drain_grace_s_defaults_to_30_allows_0_and_rejects_more_than_an_hour() {
         errors[0].contains("p.toml:4:17: drain_grace_s 3601 is longer than 3600 s"),
         "{errors:?}"
     );
+}
+
+#[test]
+fn sigterm_uses_the_drain_grace_of_the_reloaded_profile() {
+    let daemon = Daemon::spawn(&profile(60));
+    let target = daemon.udp_addr();
+    std::fs::write(daemon.dir().join("profile.toml"), profile(1)).unwrap();
+    signal(daemon.pid(), "-HUP");
+    daemon
+        .wait_for_log(WAIT, |l| {
+            log_message(l).as_deref() == Some("configuration reloaded")
+        })
+        .expect("reloaded");
+    let carrier =
+        thread::spawn(move || sipp(&sipp_scenario("bridge_bye.xml"), target, &["-s", NUMBER]));
+    wait_count(&daemon, "answered", 1);
+    let pid = daemon.pid();
+    let signalled = Instant::now();
+    signal(pid, "-TERM");
+    assert_eq!(wait_for_exit(pid, Duration::from_secs(8)), Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(6),
+        "exit {took:?} after SIGTERM"
+    );
+    carrier.join().unwrap().assert_success();
+    let draining = daemon
+        .wait_for_log(WAIT, |l| {
+            log_message(l).as_deref() == Some("SIGTERM: draining")
+        })
+        .unwrap();
+    assert_eq!(log_field(&draining, "grace_s").as_deref(), Some("1"));
 }

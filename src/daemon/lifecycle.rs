@@ -163,11 +163,6 @@ fn healthy(shared: &Shared) -> bool {
 /// The main loop, from READY to the end of the shutdown: signals, watchdog,
 /// status, drain. Returns once every call has ended and the store is final.
 pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
-    let grace = lock(&shared.switchboard)
-        .config()
-        .profiles
-        .first()
-        .map_or(crate::config::DEFAULT_DRAIN_GRACE, |p| p.drain_grace);
     let mut status = current_status(shared);
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     info!(status = %status, "ready");
@@ -205,7 +200,15 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
         tokio::select! {
             _ = signals.term.recv() => match phase {
                 Phase::Serving => {
-                    lock(&shared.switchboard).start_draining();
+                    // The grace of the configuration in force (a reload may have changed it).
+                    let grace = {
+                        let mut sb = lock(&shared.switchboard);
+                        sb.start_draining();
+                        sb.config()
+                            .profiles
+                            .first()
+                            .map_or(crate::config::DEFAULT_DRAIN_GRACE, |p| p.drain_grace)
+                    };
                     notify(&[NotifyState::Stopping]);
                     let calls = active_calls(shared);
                     info!(grace_s = grace.as_secs(), calls, "SIGTERM: draining");
@@ -303,8 +306,8 @@ async fn wait_until(deadline: Instant, done: impl Fn() -> bool) {
     }
 }
 
-/// What a reload changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a reload changed (serialisable for the admin API's answer).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub(crate) struct ReloadSummary {
     pub(crate) trunks: usize,
