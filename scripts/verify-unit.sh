@@ -36,3 +36,23 @@ if [[ -n "$out" ]]; then
     exit 1
 fi
 echo "verify-unit: systemd/sipbridge.service verifies cleanly ($(systemd-analyze --version | head -1))"
+
+# The sysusers.d and tmpfiles.d files, applied to empty roots (needs root for chown).
+if [[ "$(id -u)" -ne 0 ]]; then
+    echo "verify-unit: not root: sysusers/tmpfiles files not applied"
+    exit 0
+fi
+mkdir -p "$stage/users/etc" "$stage/tmp-root"
+touch "$stage/users/etc/passwd" "$stage/users/etc/group"
+systemd-sysusers --root="$stage/users" "$stage/etc/sysusers.d/sipbridge.conf" 2>/dev/null
+grep -q '^sipbridge:x:[0-9]*:[0-9]*:.*:/var/lib/sipbridge:/usr/sbin/nologin$' \
+    "$stage/users/etc/passwd" || {
+    echo "verify-unit: sysusers did not create the sipbridge user" >&2
+    exit 1
+}
+systemd-tmpfiles --root="$stage/tmp-root" --create "$stage/etc/tmpfiles.d/sipbridge.conf"
+[[ "$(stat -c '%a %U' "$stage/tmp-root/etc/sipbridge/credentials")" == "700 root" ]] || {
+    echo "verify-unit: tmpfiles did not create /etc/sipbridge/credentials 0700 root" >&2
+    exit 1
+}
+echo "verify-unit: sysusers and tmpfiles files apply cleanly"

@@ -4,7 +4,8 @@
 //! number of calls changes, WATCHDOG pings every half `$WATCHDOG_USEC`, RELOADING with
 //! MONOTONIC_USEC then READY on SIGHUP, and STOPPING on SIGTERM, in that order; without
 //! `$WATCHDOG_USEC` (or with another process's `$WATCHDOG_PID`) it never pings.
-//! `systemd/sipbridge.service` verifies cleanly with `systemd-analyze verify` as
+//! `systemd/sipbridge.service` verifies cleanly with `systemd-analyze verify` (and the
+//! sysusers/tmpfiles files apply to empty roots, when run as root) as
 //! `scripts/install.sh` installs it, and the production profile passes `check`.
 //!
 //! Not tested here: that a stalled main loop stops the pings (the pings come from the
@@ -56,7 +57,8 @@ fn notifies_ready_status_watchdog_reloading_and_stopping_in_order() {
         .collect();
     assert!(pings.len() >= 5, "{} pings in 1.3 s", pings.len());
     let max_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-    assert!(max_gap < Duration::from_millis(350), "gap {max_gap:?}");
+    // Never a gap as long as WATCHDOG_USEC: systemd would have killed the daemon.
+    assert!(max_gap < Duration::from_millis(400), "gap {max_gap:?}");
 
     // A call: STATUS follows the number of live calls.
     let before_call = notify.messages().len();
@@ -108,7 +110,7 @@ fn notifies_ready_status_watchdog_reloading_and_stopping_in_order() {
     let measured = (t1 - t0).as_micros() as i128;
     let reported = i128::from(u1) - i128::from(u0);
     assert!(
-        (reported - measured).abs() < 150_000,
+        (reported - measured).abs() < 300_000,
         "MONOTONIC_USEC moved {reported} µs while {measured} µs passed"
     );
     assert!(
