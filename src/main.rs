@@ -47,8 +47,10 @@ enum Command {
         #[arg(long, short, default_value = "sip-profiles/default.toml")]
         config: PathBuf,
     },
-    /// Run the daemon: answer calls on the profile's listeners until SIGINT or
-    /// SIGTERM (calls are then ended with BYE).
+    /// Run the daemon: answer calls on the profile's listeners. SIGHUP
+    /// reloads the profile (live calls keep theirs); SIGTERM drains (new calls
+    /// get 503, live calls get BYE after `drain_grace_s`); SIGINT or a second
+    /// SIGTERM ends the calls with BYE at once.
     Run {
         /// The profile file to serve.
         #[arg(long, short, default_value = "sip-profiles/default.toml")]
@@ -123,7 +125,10 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sipbridge::daemon::run(std::sync::Arc::new(cfg))) {
+    match runtime.block_on(sipbridge::daemon::run(
+        std::sync::Arc::new(cfg),
+        path.to_path_buf(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "daemon failed");

@@ -510,10 +510,6 @@ pub(crate) fn retention_swept(report: &SweepReport) {
 }
 
 /// A configuration reload was applied (`ok`) or rejected whole.
-#[allow(
-    dead_code,
-    reason = "called by the SIGHUP/admin reload (issue 7 item 3)"
-)]
 pub(crate) fn reload(ok: bool) {
     let result = if ok { "ok" } else { "rejected" };
     counter!(CONFIG_RELOADS, "result" => result).increment(1);

@@ -1,14 +1,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! `sipbridge run` and the stop signals (issue 3, Build 3): on SIGTERM or SIGINT the daemon
-//! ends every call with a BYE, logs each call's CDR with cause `shutdown` and hangup side
-//! `bridge`, and exits with status 0.
+//! `sipbridge run` and the stop signals (issue 3, Build 3; issue 7 drain): SIGINT, and
+//! SIGTERM once `[profile] drain_grace_s` (here 0) has passed, end every call with a BYE,
+//! log each call's CDR with cause `shutdown` and hangup side `bridge`, and exit with
+//! status 0. SIGINT does not wait for the grace period (here the default 30 s).
+//! tests/lifecycle_drain.rs covers the drain itself.
 //!
 //! Each test holds a call up with SIPp's `bridge_bye.xml` (which waits for the bridge's
 //! BYE and answers it 200), signals the daemon with `kill`, and checks what SIPp saw, the
 //! CDR, and how the process ended.
 //!
-//! Owns: reading a child's exit status without reaping it (from `/proc/PID/stat` while it
-//! is a zombie), because the harness's [`Daemon`] keeps its `Child` to itself.
+//! Reading a child's exit status without reaping it is `lifecycle_support::wait_for_exit`
+//! (the harness's [`Daemon`] keeps its `Child` to itself).
 //!
 //! The same check runs over TCP: shutdown waits (bounded) for the BYEs to be answered,
 //! so the connection stays open for the 200.
@@ -17,67 +19,33 @@
 //! slowest BYE, which loopback peers answer within a millisecond.
 
 mod common;
+mod lifecycle_support;
 
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, ProfileSpec, sipp, sipp_scenario};
+use lifecycle_support::{log_message, wait_for_exit, with_drain_grace};
 
 /// How long the daemon may take to exit after the signal.
 const EXIT_WITHIN: Duration = Duration::from_secs(5);
 
-/// The `message` field of one of the daemon's JSON log lines.
-fn log_message(line: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    let fields = match value.get("fields") {
-        Some(fields) if fields.is_object() => fields,
-        _ => &value,
-    };
-    Some(fields.get("message")?.as_str()?.to_string())
-}
-
-/// What `/proc/PID/stat` says about a process: its state letter and, once it is a zombie,
-/// its wait status (field 52, `exit_code`, in `waitpid(2)` form). `None` once it is gone.
-fn proc_state(pid: u32) -> Option<(char, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    // `rest` starts at field 3 (state), so field 52 is at index 49.
-    let wait_status = fields.get(49)?.parse().ok()?;
-    Some((state, wait_status))
-}
-
-/// Waits up to `timeout` for the (unreaped) child `pid` to exit and returns its wait
-/// status. Nothing reaps the daemon until its `Drop`, so it stays a zombie meanwhile.
-fn wait_for_exit(pid: u32, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match proc_state(pid) {
-            Some(('Z', status)) => return Some(status),
-            Some(_) => {}
-            None => panic!("process {pid} vanished: something reaped it"),
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Holds a call up, sends `signal` (`-TERM`, `-INT`) to the daemon, and checks the BYE,
-/// the CDR and the exit.
-fn call_ended_by(signal: &str, logged: &str, transport: &[&str]) {
+/// the CDR, the `logged` lines and the exit. `grace_s`: the profile's `drain_grace_s`
+/// (`None`: the default).
+fn call_ended_by(signal: &str, logged: &[&str], transport: &[&str], grace_s: Option<u32>) {
     // RTP timeout far beyond the test: only the signal may end the call.
-    let daemon = Daemon::spawn(
-        &ProfileSpec {
-            media: "rtp_timeout_s = 60",
-            ..ProfileSpec::default()
-        }
-        .render(),
-    );
+    let profile = ProfileSpec {
+        media: "rtp_timeout_s = 60",
+        ..ProfileSpec::default()
+    }
+    .render();
+    let profile = match grace_s {
+        Some(s) => with_drain_grace(&profile, s),
+        None => profile,
+    };
+    let daemon = Daemon::spawn(&profile);
     let tcp = transport == ["-t", "t1"];
     let target = if tcp {
         daemon.tcp_addr()
@@ -126,13 +94,15 @@ fn call_ended_by(signal: &str, logged: &str, transport: &[&str]) {
     assert_eq!(cdr["cause"], "shutdown", "{cdr}");
     assert_eq!(cdr["hangup_side"], "bridge", "{cdr}");
     assert_eq!(cdr["result_code"], 200, "{cdr}");
-    assert!(
-        daemon
-            .logs()
-            .iter()
-            .any(|l| log_message(l).as_deref() == Some(logged)),
-        "no {logged:?} log line"
-    );
+    for logged in logged {
+        assert!(
+            daemon
+                .logs()
+                .iter()
+                .any(|l| log_message(l).as_deref() == Some(*logged)),
+            "no {logged:?} log line"
+        );
+    }
     assert!(
         daemon
             .logs()
@@ -148,20 +118,21 @@ fn call_ended_by(signal: &str, logged: &str, transport: &[&str]) {
     );
 }
 
+const SIGTERM_LINES: &[&str] = &["SIGTERM: draining", "drain grace over: ending calls"];
+
 #[test]
 fn sigterm_ends_the_call_with_bye_and_exits_0() {
-    call_ended_by("-TERM", "SIGTERM: ending calls", &[]);
+    call_ended_by("-TERM", SIGTERM_LINES, &[], Some(0));
 }
 
-/// Fails today: the daemon counts a call as ended when its BYE is *sent*, so shutdown
-/// does not wait for the BYE's 200 and closes the TCP connection ~20 ms after the signal,
-/// while SIPp still holds the call (it lingers 200 ms for BYE retransmissions) and fails it.
+/// Over TCP the shutdown must wait for the BYE's 200 before closing the connection, or
+/// SIPp (which lingers for BYE retransmissions) fails the call.
 #[test]
 fn sigterm_ends_a_tcp_call_with_bye_and_exits_0() {
-    call_ended_by("-TERM", "SIGTERM: ending calls", &["-t", "t1"]);
+    call_ended_by("-TERM", SIGTERM_LINES, &["-t", "t1"], Some(0));
 }
 
 #[test]
 fn sigint_ends_the_call_with_bye_and_exits_0() {
-    call_ended_by("-INT", "SIGINT: ending calls", &[]);
+    call_ended_by("-INT", &["SIGINT: ending calls"], &[], None);
 }

@@ -331,6 +331,62 @@ impl Switchboard {
         }
     }
 
+    /// Swaps in a reloaded configuration (SIGHUP, admin API): calls admitted
+    /// from now on use `config`, `settings` and `prompts`; live calls keep the
+    /// `CallSettings` they were admitted with. Live-call counts stay. The RTP
+    /// allocator is replaced only when the profile's range changed (ports of
+    /// live calls outside the new range are ignored when they are released).
+    /// A trunk whose digest realm and algorithms are unchanged keeps its
+    /// server, so challenges issued before the reload stay valid.
+    pub fn reconfigure(
+        &mut self,
+        config: Arc<Config>,
+        settings: SwitchboardSettings,
+        prompts: HashMap<String, Arc<Prompt>>,
+        rng: &mut impl RngCore,
+    ) {
+        let range = |c: &Config| {
+            c.profiles
+                .first()
+                .map(|p| (p.rtp_ports.start, p.rtp_ports.end))
+        };
+        if let Some((start, end)) = range(&config)
+            && range(&self.config) != Some((start, end))
+        {
+            self.ports = PortAllocator::new(start, end);
+        }
+        let mut digest = HashMap::new();
+        for trunk in &config.trunks {
+            let Some(creds) = &trunk.digest else {
+                continue;
+            };
+            let unchanged = self
+                .config
+                .trunk(&trunk.name)
+                .and_then(|t| t.digest.as_ref())
+                .is_some_and(|old| old.realm == creds.realm && old.algorithms == creds.algorithms);
+            let server = match self.digest.remove(&trunk.name) {
+                Some(server) if unchanged => server,
+                _ => {
+                    let mut key = [0u8; 32];
+                    rng.fill_bytes(&mut key);
+                    DigestServer::new(&creds.realm, key, Duration::from_secs(300))
+                        .with_algorithms(&creds.algorithms)
+                }
+            };
+            digest.insert(trunk.name.clone(), server);
+        }
+        self.digest = digest;
+        self.config = config;
+        self.settings = settings;
+        self.prompts = prompts;
+    }
+
+    /// Whether new calls are being refused (SIGTERM drain).
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
     /// The tenants' disclosure prompts, loaded (once) by the caller.
     pub fn set_prompts(&mut self, prompts: HashMap<String, Arc<Prompt>>) {
         self.prompts = prompts;
@@ -339,11 +395,6 @@ impl Switchboard {
     /// Live calls.
     pub fn active_calls(&self) -> usize {
         self.counts.total
-    }
-
-    /// Whether [`Switchboard::start_draining`] was called.
-    pub fn is_draining(&self) -> bool {
-        self.draining
     }
 
     /// From now on new INVITEs get 503 + Retry-After and OPTIONS report 503.

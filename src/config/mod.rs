@@ -82,6 +82,10 @@ pub struct Profile {
     pub sip: SipSettings,
     /// Media limits.
     pub media: MediaSettings,
+    // Daemon lifecycle (issue 7).
+    /// On SIGTERM, how long live calls may go on before they get BYE
+    /// (`drain_grace_s`, default 30 s; new calls get 503 meanwhile).
+    pub drain_grace: Duration,
     /// The admin HTTP API (`[profile.admin]`); `None`: not served.
     pub admin: Option<AdminSettings>,
 }
@@ -93,6 +97,13 @@ pub struct AdminSettings {
     /// Where it listens (port 0: any free port, logged at start).
     pub listen: SocketAddr,
 }
+
+/// Default `[profile] drain_grace_s`.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// Largest `[profile] drain_grace_s` (the systemd unit's `TimeoutStopSec=` must
+/// exceed it).
+pub const MAX_DRAIN_GRACE_S: u32 = 3600;
 
 /// Media limits of a profile (`[profile.media]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,6 +480,7 @@ impl Config {
                 }
             };
             let _ = writeln!(out, "  var_dir: {}; master key: {key}", p.var_dir.display());
+            let _ = writeln!(out, "  drain grace: {} s", p.drain_grace.as_secs());
             let s = &p.sip;
             let _ = writeln!(
                 out,

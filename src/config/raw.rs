@@ -27,6 +27,9 @@ pub(crate) struct RawProfile {
     pub(crate) sip: Option<Spanned<RawSip>>,
     #[serde(default)]
     pub(crate) media: Option<Spanned<RawMedia>>,
+    // Daemon lifecycle (issue 7).
+    #[serde(default)]
+    pub(crate) drain_grace_s: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) admin: Option<Spanned<RawAdmin>>,
 }

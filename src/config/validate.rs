@@ -630,6 +630,7 @@ fn check_profiles(
                 }
             }
         });
+        let drain_grace = drain_grace(cx, file, p.drain_grace_s.as_ref());
 
         out.push(Profile {
             name,
@@ -647,9 +648,30 @@ fn check_profiles(
             sip,
             media,
             admin,
+            drain_grace,
         });
     }
     out
+}
+
+/// `[profile] drain_grace_s`: 0 (BYE at once) up to [`super::MAX_DRAIN_GRACE_S`].
+fn drain_grace(cx: &mut Cx<'_>, file: usize, raw: Option<&Spanned<u32>>) -> Duration {
+    let Some(v) = raw else {
+        return super::DEFAULT_DRAIN_GRACE;
+    };
+    let secs = *v.get_ref();
+    if secs > super::MAX_DRAIN_GRACE_S {
+        cx.error(
+            file,
+            Some(v.span()),
+            format!(
+                "drain_grace_s {secs} is longer than {} s (keep it below the unit's TimeoutStopSec=)",
+                super::MAX_DRAIN_GRACE_S
+            ),
+        );
+        return super::DEFAULT_DRAIN_GRACE;
+    }
+    Duration::from_secs(u64::from(secs))
 }
 
 fn check_master_key(

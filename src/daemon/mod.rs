@@ -6,6 +6,7 @@
 //! tasks parse and dispatch; each call runs in its own task that owns its
 //! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
 
+mod lifecycle;
 mod records;
 mod transport;
 
@@ -35,12 +36,6 @@ pub(crate) enum CallCommand {
     HangUp(HangupCause),
 }
 
-/// How long a shutdown waits for the BYEs of live calls to be answered.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// How long a shutdown waits for TCP peers to close their connections.
-const TCP_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Per-call mailbox depth: beyond it, datagrams for a busy call are dropped
 /// (UDP peers retransmit), so a flood cannot grow memory.
 const CALL_QUEUE: usize = 64;
@@ -52,7 +47,10 @@ pub(crate) struct Shared {
     pub(crate) transports: Transports,
     /// The store's writer (CDRs, consent, recordings); set once at start-up.
     pub(crate) records: Option<Arc<records::Records>>,
-    pub(crate) rtp_bind: std::net::IpAddr,
+    /// Where RTP sockets bind: the first listener's IP (a reload may move it).
+    pub(crate) rtp_bind: Mutex<std::net::IpAddr>,
+    /// Signals, notifications, reload and drain (lifecycle.rs).
+    pub(crate) life: lifecycle::Life,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -197,7 +195,8 @@ impl Shared {
         let mut socket = None;
         for _ in 0..16 {
             let port = admitted.settings.media.rtp_port;
-            match bind_pair(self.rtp_bind, port).await {
+            let ip = *lock(&self.rtp_bind);
+            match bind_pair(ip, port).await {
                 Ok(pair) => {
                     socket = Some(pair);
                     break;
@@ -613,26 +612,35 @@ fn ensure_master_key(config: &crate::config::Config, rng: &mut StdRng) -> anyhow
     Ok(())
 }
 
-/// Runs the daemon until SIGINT/SIGTERM.
-pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
+/// Runs the daemon on the configuration read from `config_path` until it is
+/// stopped: SIGHUP reloads `config_path`, SIGTERM drains, SIGINT (or a second
+/// SIGTERM) ends the calls at once (see `lifecycle`).
+pub async fn run(
+    config: Arc<crate::config::Config>,
+    config_path: std::path::PathBuf,
+) -> anyhow::Result<()> {
     crate::metrics::install();
+    let signals = lifecycle::Signals::install()?;
     let mut os_rng = StdRng::from_os_rng();
-    let (shared, listeners) = transport::bind_all(&config, &mut os_rng)
+    let (mut shared, bound) = transport::bind_all(&config, &config_path, &mut os_rng)
         .await
         .context("binding listeners")?;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
     ensure_master_key(&config, &mut os_rng)?;
-    let mut shared = shared;
+    let mut master_key = None;
     if let Some(profile) = config.profiles.first() {
         let key = records::master_key_bytes(&profile.master_key)?;
-
+        master_key = Some(lifecycle::fingerprint(&key));
         let records = records::Records::open(&profile.var_dir, &key, &config.tenants)
             .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
     }
     let shared = Arc::new(shared);
-    let mut tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
+    let listeners = bound
+        .into_iter()
+        .map(|b| transport::start(&shared, b, &mut os_rng))
+        .collect();
     let admin = match config.profiles.first().and_then(|p| p.admin.as_ref()) {
         Some(a) => {
             let router = crate::admin::router(crate::admin::AdminState {
@@ -646,37 +654,10 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: ending calls"),
-        _ = term.recv() => info!("SIGTERM: ending calls"),
-    }
-    lock(&shared.switchboard).start_draining();
-    let senders: Vec<_> = lock(&shared.calls).values().cloned().collect();
-    for tx in senders {
-        let _ = tx.send(CallCommand::HangUp(HangupCause::Shutdown)).await;
-    }
-    // Wait (bounded) until every call's BYE is answered or has timed out, so
-    // TCP connections stay open for the 200s and lost BYEs are retransmitted;
-    // new INVITEs meanwhile get 503.
-    let deadline = Instant::now() + SHUTDOWN_GRACE;
-    while !lock(&shared.calls).is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    // Then give TCP peers a moment to close their connections first (a peer
-    // may still be finishing its side of the last transaction).
-    let deadline = Instant::now() + TCP_CLOSE_GRACE;
-    while shared.transports.open_connections() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    tasks.abort_all();
+    shared.life.started(listeners, master_key).await;
+    lifecycle::serve(&shared, signals).await;
     if let Some(admin) = admin {
         admin.abort();
-    }
-    if let Some(records) = shared.records.clone() {
-        // Drains the queue: CDRs closed, open recordings finished.
-        let _ = tokio::task::spawn_blocking(move || records.shutdown()).await;
     }
     info!("stopped");
     Ok(())

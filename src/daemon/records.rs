@@ -86,6 +86,11 @@ enum Op {
         transcript: Box<crate::pipeline::Transcript>,
         at: UnixMs,
     },
+    /// A reloaded configuration's tenants (issue 7).
+    Tenants {
+        callers: Vec<(String, CallerIdPolicy)>,
+        retention: HashMap<String, RetentionPolicy>,
+    },
     Shutdown,
 }
 
@@ -95,8 +100,17 @@ pub(crate) struct Records {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     next_handle: AtomicU64,
     dropped: AtomicU64,
-    /// Tenants that store transcripts (`transcripts = true`).
-    transcript_tenants: HashSet<String>,
+    /// Tenants that store transcripts (`transcripts = true`); replaced on reload.
+    transcript_tenants: Mutex<HashSet<String>>,
+}
+
+/// The tenants whose calls store transcripts (`transcripts = true`).
+fn transcript_tenants(tenants: &[crate::config::Tenant]) -> HashSet<String> {
+    tenants
+        .iter()
+        .filter(|t| t.transcripts)
+        .map(|t| t.id.clone())
+        .collect()
 }
 
 /// The master key's bytes: the configured secret, or the file the daemon
@@ -179,11 +193,7 @@ impl Records {
             thread: Mutex::new(Some(thread)),
             next_handle: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
-            transcript_tenants: tenants
-                .iter()
-                .filter(|t| t.transcripts)
-                .map(|t| t.id.clone())
-                .collect(),
+            transcript_tenants: Mutex::new(transcript_tenants(tenants)),
         })
     }
 
@@ -219,6 +229,31 @@ impl Records {
             tenant,
             call_id: record.call_id.clone(),
             end: call_end(record),
+        });
+    }
+
+    /// A reloaded configuration (SIGHUP, admin API): every tenant's caller-id
+    /// and retention policy from now on. A tenant no longer configured keeps
+    /// its caller-id policy (its live calls' CDRs still close) but loses its
+    /// retention policy, as at a restart (its data is kept).
+    pub(crate) fn configure(&self, master_key: &[u8], tenants: &[crate::config::Tenant]) {
+        *self
+            .transcript_tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = transcript_tenants(tenants);
+        self.send(Op::Tenants {
+            callers: tenants
+                .iter()
+                .map(|t| {
+                    let policy =
+                        CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
+                    (t.id.clone(), policy)
+                })
+                .collect(),
+            retention: tenants
+                .iter()
+                .map(|t| (t.id.clone(), RetentionPolicy::from(&t.retention)))
+                .collect(),
         });
     }
 
@@ -335,7 +370,12 @@ impl CallStore {
             records: Arc::clone(&records),
             tenant: row.tenant.clone(),
             call_id: row.call_id.clone(),
-            enabled: records.transcript_tenants.contains(&row.tenant).into(),
+            enabled: records
+                .transcript_tenants
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&row.tenant)
+                .into(),
             next: AtomicU64::new(1),
         });
         let store = CallStore {
@@ -710,6 +750,12 @@ impl Writer {
                 if let Err(e) = self.transcript(&tenant, &call_id, id, &transcript, at) {
                     warn!(%call_id, error = %e, "transcript not stored");
                 }
+            }
+            Op::Tenants { callers, retention } => {
+                for (tenant, policy) in callers {
+                    self.store.set_caller_policy(&tenant, policy);
+                }
+                self.policies = retention;
             }
             Op::Shutdown => {}
         }

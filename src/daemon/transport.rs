@@ -15,11 +15,10 @@ use rand::rngs::StdRng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 /// Largest SIP message accepted on a stream before the connection is closed.
@@ -31,19 +30,38 @@ const FIRST_TCP_FLOW: u64 = 1 << 32;
 
 /// The daemon's sockets, for sending.
 pub struct Transports {
-    udp: Vec<Arc<UdpSocket>>,
+    /// UDP listeners by flow id (their slot); a listener removed by a reload
+    /// leaves `None`, so the flows of the others keep their meaning.
+    udp: RwLock<Vec<Option<Arc<UdpSocket>>>>,
     tcp: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
     next_flow: AtomicU64,
 }
 
 impl Transports {
+    pub(crate) fn new() -> Transports {
+        Transports {
+            udp: RwLock::new(Vec::new()),
+            tcp: Mutex::new(HashMap::new()),
+            next_flow: AtomicU64::new(FIRST_TCP_FLOW),
+        }
+    }
+
+    /// The UDP socket of `flow`, or (its listener was removed by a reload)
+    /// the first one still open.
+    fn udp_socket(&self, flow: u64) -> Option<Arc<UdpSocket>> {
+        let udp = self.udp.read().unwrap_or_else(PoisonError::into_inner);
+        let idx = usize::try_from(flow).unwrap_or(usize::MAX);
+        udp.get(idx)
+            .and_then(Option::clone)
+            .or_else(|| udp.iter().flatten().next().cloned())
+    }
+
     /// Sends one message; failures are logged, never fatal (SIP retransmits).
     pub(crate) async fn send(self: &Transports, t: Transmit) {
         crate::metrics::sip_sent(&t.bytes);
         match t.dest.transport {
             TransportKind::Udp => {
-                let idx = usize::try_from(t.dest.flow).unwrap_or(usize::MAX);
-                let Some(sock) = self.udp.get(idx).or_else(|| self.udp.first()) else {
+                let Some(sock) = self.udp_socket(t.dest.flow) else {
                     return;
                 };
                 if let Err(e) = sock.send_to(&t.bytes, t.dest.addr).await {
@@ -82,45 +100,143 @@ impl Transports {
     }
 }
 
-/// Bound listeners, before their tasks start.
-pub(crate) struct Listeners {
-    udp: Vec<Arc<UdpSocket>>,
-    tcp: Vec<TcpListener>,
+/// A bound socket, before its task starts.
+pub(crate) enum Socket {
+    Udp(Arc<UdpSocket>),
+    Tcp(TcpListener),
 }
 
-/// Binds every listener of the profile and builds the shared state.
-pub(crate) async fn bind_all(
-    config: &Arc<crate::config::Config>,
-    rng: &mut StdRng,
-) -> anyhow::Result<(Shared, Listeners)> {
-    let profile = match config.profiles.as_slice() {
-        [profile] => profile,
-        [] => anyhow::bail!("no profile to run"),
-        _ => anyhow::bail!("`run` serves one profile; start one daemon per profile file"),
+/// A listener bound for a configured address, not yet serving.
+pub(crate) struct Bound {
+    /// The address as configured (`127.0.0.1:0` stays that: the key a reload
+    /// compares with).
+    pub(crate) configured: SocketAddr,
+    /// The address actually bound.
+    pub(crate) local: SocketAddr,
+    socket: Socket,
+}
+
+impl Bound {
+    pub(crate) fn kind(&self) -> TransportKind {
+        match self.socket {
+            Socket::Udp(_) => TransportKind::Udp,
+            Socket::Tcp(_) => TransportKind::Tcp,
+        }
+    }
+}
+
+/// A serving listener: its addresses and its task.
+pub(crate) struct Listener {
+    pub(crate) kind: TransportKind,
+    pub(crate) configured: SocketAddr,
+    pub(crate) local: SocketAddr,
+    /// The UDP flow id (slot in `Transports::udp`).
+    udp_slot: Option<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    /// The listener's task ended: it loops until aborted, so it panicked.
+    pub(crate) fn failed(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops accepting on this listener and closes its socket (TCP
+    /// connections it accepted stay open until their peers close them).
+    pub(crate) fn stop(self, shared: &Shared) {
+        self.task.abort();
+        if let Some(slot) = self.udp_slot {
+            let mut udp = shared
+                .transports
+                .udp
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(s) = udp.get_mut(slot) {
+                *s = None;
+            }
+        }
+        info!(transport = kind_name(self.kind), local = %self.local, "sip listener closed");
+    }
+}
+
+pub(crate) fn kind_name(kind: TransportKind) -> &'static str {
+    match kind {
+        TransportKind::Udp => "udp",
+        TransportKind::Tcp => "tcp",
+    }
+}
+
+/// Binds one listener.
+pub(crate) async fn bind(kind: TransportKind, addr: SocketAddr) -> anyhow::Result<Bound> {
+    let name = kind_name(kind);
+    let socket = match kind {
+        TransportKind::Udp => Socket::Udp(Arc::new(
+            UdpSocket::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("{name} {addr}: {e}"))?,
+        )),
+        TransportKind::Tcp => Socket::Tcp(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("{name} {addr}: {e}"))?,
+        ),
     };
-    let mut udp = Vec::new();
-    for addr in profile.listen.udp.iter().copied() {
-        let sock = UdpSocket::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("udp {addr}: {e}"))?;
-        info!(transport = "udp", local = %sock.local_addr()?, "sip listener bound");
-        udp.push(Arc::new(sock));
-    }
-    let mut tcp = Vec::new();
-    for addr in profile.listen.tcp.iter().copied() {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("tcp {addr}: {e}"))?;
-        info!(transport = "tcp", local = %l.local_addr()?, "sip listener bound");
-        tcp.push(l);
-    }
-    let udp_local = udp.first().and_then(|s| s.local_addr().ok());
-    let tcp_local = tcp.first().and_then(|l| l.local_addr().ok());
+    let local = match &socket {
+        Socket::Udp(s) => s.local_addr()?,
+        Socket::Tcp(l) => l.local_addr()?,
+    };
+    info!(transport = name, local = %local, "sip listener bound");
+    Ok(Bound {
+        configured: addr,
+        local,
+        socket,
+    })
+}
+
+/// A profile's listen addresses, in order: UDP first, then TCP.
+pub(crate) fn wanted(profile: &crate::config::Profile) -> Vec<(TransportKind, SocketAddr)> {
+    let udp = profile.listen.udp.iter().map(|a| (TransportKind::Udp, *a));
+    let tcp = profile.listen.tcp.iter().map(|a| (TransportKind::Tcp, *a));
+    udp.chain(tcp).collect()
+}
+
+/// The switchboard's settings and the RTP bind address for a profile served
+/// by `listeners` (the first UDP and first TCP listener are advertised).
+pub(crate) fn settings_for<'a>(
+    profile: &crate::config::Profile,
+    listeners: impl Iterator<Item = (TransportKind, SocketAddr)> + Clone + 'a,
+) -> (crate::call::SwitchboardSettings, std::net::IpAddr) {
+    let first = |kind| {
+        listeners
+            .clone()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, local)| local)
+    };
+    let (udp_local, tcp_local) = (first(TransportKind::Udp), first(TransportKind::Tcp));
     let settings = crate::call::SwitchboardSettings::from_profile(profile, udp_local, tcp_local);
     let rtp_bind = udp_local
         .or(tcp_local)
         .map(|a| a.ip())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    (settings, rtp_bind)
+}
+
+/// Binds every listener of the profile and builds the shared state.
+pub(crate) async fn bind_all(
+    config: &Arc<crate::config::Config>,
+    config_path: &std::path::Path,
+    rng: &mut StdRng,
+) -> anyhow::Result<(Shared, Vec<Bound>)> {
+    let profile = match config.profiles.as_slice() {
+        [profile] => profile,
+        [] => anyhow::bail!("no profile to run"),
+        _ => anyhow::bail!("`run` serves one profile; start one daemon per profile file"),
+    };
+    let mut bound = Vec::new();
+    for (kind, addr) in wanted(profile) {
+        bound.push(bind(kind, addr).await?);
+    }
+    let (settings, rtp_bind) = settings_for(profile, bound.iter().map(|b| (b.kind(), b.local)));
     let (start, end) = (profile.rtp_ports.start, profile.rtp_ports.end);
     let switchboard = crate::call::Switchboard::new(
         Arc::clone(config),
@@ -131,35 +247,44 @@ pub(crate) async fn bind_all(
     let shared = Shared {
         switchboard: Mutex::new(switchboard),
         calls: Mutex::new(HashMap::new()),
-        transports: Transports {
-            udp: udp.clone(),
-            tcp: Mutex::new(HashMap::new()),
-            next_flow: AtomicU64::new(FIRST_TCP_FLOW),
-        },
+        transports: Transports::new(),
         records: None,
-        rtp_bind,
+        rtp_bind: Mutex::new(rtp_bind),
+        life: super::lifecycle::Life::new(config_path),
     };
-    Ok((shared, Listeners { udp, tcp }))
+    Ok((shared, bound))
 }
 
-/// Starts one task per listener.
-pub(crate) fn spawn_listeners(
-    shared: &Arc<Shared>,
-    listeners: Listeners,
-    rng: &mut StdRng,
-) -> JoinSet<()> {
-    let mut set = JoinSet::new();
-    for (idx, sock) in listeners.udp.into_iter().enumerate() {
-        let shared = Arc::clone(shared);
-        let rng = StdRng::from_rng(rng);
-        set.spawn(udp_loop(shared, sock, idx as u64, rng));
+/// Starts the task of a bound listener.
+pub(crate) fn start(shared: &Arc<Shared>, bound: Bound, rng: &mut StdRng) -> Listener {
+    let rng = StdRng::from_rng(rng);
+    let kind = bound.kind();
+    let (udp_slot, task) = match bound.socket {
+        Socket::Udp(sock) => {
+            let slot = {
+                let mut udp = shared
+                    .transports
+                    .udp
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                udp.push(Some(Arc::clone(&sock)));
+                udp.len() - 1
+            };
+            let task = tokio::spawn(udp_loop(Arc::clone(shared), sock, slot as u64, rng));
+            (Some(slot), task)
+        }
+        Socket::Tcp(l) => (
+            None,
+            tokio::spawn(tcp_accept_loop(Arc::clone(shared), l, rng)),
+        ),
+    };
+    Listener {
+        kind,
+        configured: bound.configured,
+        local: bound.local,
+        udp_slot,
+        task,
     }
-    for l in listeners.tcp {
-        let shared = Arc::clone(shared);
-        let rng = StdRng::from_rng(rng);
-        set.spawn(tcp_accept_loop(shared, l, rng));
-    }
-    set
 }
 
 async fn udp_loop(shared: Arc<Shared>, sock: Arc<UdpSocket>, flow: u64, mut rng: StdRng) {

@@ -1,0 +1,560 @@
+//! The daemon's lifecycle (issue 7, DESIGN §5): signals, systemd
+//! notifications, configuration reload and the SIGTERM drain.
+//!
+//! Owns the main loop [`serve`] that runs once the listeners are bound and
+//! the store is open, [`reload`] (SIGHUP; the admin API calls the same
+//! function), and the shutdown sequence. Must not touch call state: it talks
+//! to calls only through their mailboxes (`CallCommand::HangUp`) and to the
+//! switchboard through `reconfigure`/`start_draining`.
+//!
+//! Notifications go through the `sd-notify` crate (a datagram to
+//! `$NOTIFY_SOCKET`; nothing is sent when it is unset):
+//! - `READY=1` + `STATUS=` once serving; `STATUS=` again when the number of
+//!   live calls changes;
+//! - `WATCHDOG=1` every half `$WATCHDOG_USEC`, from this loop and only after
+//!   it could take the switchboard and call-table locks and saw every
+//!   listener task alive, so a stalled or deadlocked daemon stops pinging;
+//! - `RELOADING=1` + `MONOTONIC_USEC=` when a reload starts, `READY=1` when it
+//!   is done (applied or rejected);
+//! - `STOPPING=1` on SIGTERM/SIGINT.
+//!
+//! Signals: SIGHUP reloads. SIGTERM drains: new INVITEs get 503 with
+//! Retry-After and OPTIONS 503, live calls go on until they end or
+//! `[profile] drain_grace_s` passes, then get BYE. SIGINT, or a second
+//! SIGTERM, ends the calls with BYE at once. Either way the store is
+//! finalised (open recordings finished, CDRs closed) and the exit status is 0.
+
+use super::transport::{self, Listener};
+use super::{CallCommand, Shared, lock};
+use crate::call::{HangupCause, TransportKind};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use sd_notify::NotifyState;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+/// How long the shutdown waits for the BYEs of live calls to be answered.
+const BYE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the shutdown waits for TCP peers to close their connections.
+const TCP_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How often the loop looks at the number of live calls (STATUS, drain end).
+const STATUS_TICK: Duration = Duration::from_millis(100);
+
+/// Lifecycle state kept in [`Shared`].
+pub(crate) struct Life {
+    /// The profile file `run` was started with; a reload reads it again.
+    config_path: PathBuf,
+    /// Held for the whole of a reload, so reloads never interleave.
+    state: tokio::sync::Mutex<Serving>,
+}
+
+/// What a reload changes besides the switchboard.
+#[derive(Default)]
+struct Serving {
+    /// In the profile's order: UDP addresses, then TCP.
+    listeners: Vec<Listener>,
+    /// SHA-256 of the master key the store was opened with.
+    master_key: Option<[u8; 32]>,
+}
+
+impl Life {
+    pub(crate) fn new(config_path: &Path) -> Life {
+        Life {
+            config_path: config_path.to_owned(),
+            state: tokio::sync::Mutex::new(Serving::default()),
+        }
+    }
+
+    /// Hands over the started listeners and the fingerprint of the store's
+    /// master key ([`fingerprint`]).
+    pub(crate) async fn started(&self, listeners: Vec<Listener>, master_key: Option<[u8; 32]>) {
+        let mut state = self.state.lock().await;
+        state.listeners = listeners;
+        state.master_key = master_key;
+    }
+}
+
+/// SHA-256 of a master key: what a reload compares (the key itself is not kept).
+pub(crate) fn fingerprint(key: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).into()
+}
+
+/// Sends notifications to the service manager. A failure is logged, never
+/// fatal: the daemon works the same without systemd.
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// The `STATUS=` line: live calls, and whether the daemon is draining.
+fn status_text(calls: usize, draining: bool) -> String {
+    let noun = if calls == 1 { "call" } else { "calls" };
+    if draining {
+        format!("draining: {calls} active {noun}")
+    } else {
+        format!("serving: {calls} active {noun}")
+    }
+}
+
+/// Calls admitted and not ended yet (an ended call's task may linger a while
+/// to absorb retransmissions; it is not counted).
+fn active_calls(shared: &Shared) -> usize {
+    lock(&shared.switchboard).active_calls()
+}
+
+fn current_status(shared: &Shared) -> String {
+    let sb = lock(&shared.switchboard);
+    status_text(sb.active_calls(), sb.is_draining())
+}
+
+/// The signals the daemon acts on, installed before anything else starts so
+/// an early SIGTERM is queued rather than fatal.
+pub(crate) struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    pub(crate) fn install() -> anyhow::Result<Signals> {
+        let install = |kind, name| {
+            signal(kind).map_err(|e| anyhow::anyhow!("installing the {name} handler: {e}"))
+        };
+        Ok(Signals {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+}
+
+/// Where the main loop is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// SIGTERM: new calls refused; live calls end on their own until this.
+    Draining {
+        until: Instant,
+    },
+}
+
+/// Whether the daemon may tell the watchdog it is alive: the locks every
+/// datagram needs can be taken and no listener task has died.
+fn healthy(shared: &Shared) -> bool {
+    drop(lock(&shared.switchboard));
+    drop(lock(&shared.calls));
+    match shared.life.state.try_lock() {
+        Ok(state) => !state.listeners.iter().any(Listener::failed),
+        // A reload holds it for a moment; the listeners are looked at next time.
+        Err(_) => true,
+    }
+}
+
+/// The main loop, from READY to the end of the shutdown: signals, watchdog,
+/// status, drain. Returns once every call has ended and the store is final.
+pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
+    let mut status = current_status(shared);
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    info!(status = %status, "ready");
+
+    let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
+    let mut watchdog_tick = watchdog.map(|d| {
+        let mut t = tokio::time::interval(d / 2);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    if let Some(d) = watchdog {
+        info!(
+            watchdog_ms = d.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
+    }
+    let mut status_tick = tokio::time::interval(STATUS_TICK);
+    let mut phase = Phase::Serving;
+    let mut was_healthy = true;
+    loop {
+        let watchdog_due = async {
+            match &mut watchdog_tick {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let grace_over = async {
+            match phase {
+                Phase::Draining { until } => tokio::time::sleep_until(until).await,
+                Phase::Serving => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = signals.term.recv() => match phase {
+                Phase::Serving => {
+                    // The grace of the configuration in force (a reload may have changed it).
+                    let grace = {
+                        let mut sb = lock(&shared.switchboard);
+                        sb.start_draining();
+                        sb.config()
+                            .profiles
+                            .first()
+                            .map_or(crate::config::DEFAULT_DRAIN_GRACE, |p| p.drain_grace)
+                    };
+                    notify(&[NotifyState::Stopping]);
+                    let calls = active_calls(shared);
+                    info!(grace_s = grace.as_secs(), calls, "SIGTERM: draining");
+                    phase = Phase::Draining { until: Instant::now() + grace };
+                }
+                Phase::Draining { .. } => {
+                    info!("second SIGTERM: ending calls now");
+                    break;
+                }
+            },
+            _ = signals.int.recv() => {
+                if phase == Phase::Serving {
+                    notify(&[NotifyState::Stopping]);
+                }
+                info!("SIGINT: ending calls");
+                break;
+            }
+            _ = signals.hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                // Logged (and notified) inside; the old configuration stays on error.
+                let _ = reload(shared).await;
+            }
+            () = watchdog_due => {
+                let ok = healthy(shared);
+                if ok {
+                    notify(&[NotifyState::Watchdog]);
+                } else if was_healthy {
+                    error!("a listener task died: watchdog pings stopped");
+                }
+                was_healthy = ok;
+            }
+            () = grace_over => {
+                let calls = active_calls(shared);
+                info!(calls, "drain grace over: ending calls");
+                break;
+            }
+            _ = status_tick.tick() => {
+                let now = current_status(shared);
+                if now != status {
+                    notify(&[NotifyState::Status(&now)]);
+                    status = now;
+                }
+                if matches!(phase, Phase::Draining { .. }) && active_calls(shared) == 0 {
+                    info!("drained: no calls left");
+                    break;
+                }
+            }
+        }
+    }
+    shut_down(shared, &mut signals).await;
+}
+
+/// Ends every live call with BYE, waits (bounded) for the BYEs to be
+/// answered and TCP peers to close, stops the listeners and finalises the
+/// store. A further SIGTERM/SIGINT cuts the waits short.
+async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
+    lock(&shared.switchboard).start_draining();
+    let senders: Vec<_> = lock(&shared.calls).values().cloned().collect();
+    for tx in senders {
+        let _ = tx.send(CallCommand::HangUp(HangupCause::Shutdown)).await;
+    }
+    // Until every call's BYE is answered or has timed out, so TCP connections
+    // stay open for the 200s and lost BYEs are retransmitted; new INVITEs
+    // meanwhile get 503. Then TCP peers get a moment to close first (a peer
+    // may still be finishing its side of the last transaction).
+    let waits = async {
+        wait_until(Instant::now() + BYE_GRACE, || {
+            lock(&shared.calls).is_empty()
+        })
+        .await;
+        wait_until(Instant::now() + TCP_CLOSE_GRACE, || {
+            shared.transports.open_connections() == 0
+        })
+        .await;
+    };
+    tokio::select! {
+        () = waits => {}
+        _ = signals.term.recv() => info!("SIGTERM: not waiting for the BYEs"),
+        _ = signals.int.recv() => info!("SIGINT: not waiting for the BYEs"),
+    }
+    let listeners = std::mem::take(&mut shared.life.state.lock().await.listeners);
+    for l in listeners {
+        l.stop(shared);
+    }
+    if let Some(records) = shared.records.clone() {
+        // Drains the queue: CDRs closed, open recordings finished.
+        let _ = tokio::task::spawn_blocking(move || records.shutdown()).await;
+    }
+}
+
+/// Polls `done` every 20 ms until it holds or `deadline` passes.
+async fn wait_until(deadline: Instant, done: impl Fn() -> bool) {
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a reload changed (serialisable for the admin API's answer).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub(crate) struct ReloadSummary {
+    pub(crate) trunks: usize,
+    pub(crate) tenants: usize,
+    pub(crate) routes: usize,
+    /// Listeners opened, as `udp 127.0.0.1:5062`.
+    pub(crate) listeners_added: Vec<String>,
+    /// Listeners closed.
+    pub(crate) listeners_removed: Vec<String>,
+    /// Listeners kept as they were (their sockets were not touched).
+    pub(crate) listeners_kept: usize,
+}
+
+impl fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "{} trunks, {} tenants, {} routes; listeners added: {}; removed: {}; kept: {}",
+            self.trunks,
+            self.tenants,
+            self.routes,
+            list(&self.listeners_added),
+            list(&self.listeners_removed),
+            self.listeners_kept
+        )
+    }
+}
+
+/// Why a reload was rejected. Whatever the reason, nothing changed: the
+/// running configuration stays as it was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum ReloadError {
+    /// SIGTERM came first: the daemon no longer takes configuration.
+    #[error("the daemon is draining; reload refused")]
+    Draining,
+    /// The files do not validate (`sipbridge check` lists the same problems).
+    #[error("configuration invalid ({} error(s)): {}", .0.len(), .0.join("; "))]
+    Invalid(Vec<String>),
+    /// A change only a restart can make.
+    #[error("{0}: restart the daemon to change it")]
+    NeedsRestart(String),
+    /// A disclosure prompt could not be loaded.
+    #[error("loading prompts: {0}")]
+    Prompt(String),
+    /// A new listen address could not be bound.
+    #[error("binding a new listener: {0}")]
+    Bind(String),
+    /// The blocking loader task failed.
+    #[error("reading the configuration: {0}")]
+    Load(String),
+}
+
+/// Re-reads the configuration `run` was started with and, if the whole of it
+/// is valid, applies it: calls admitted from now on use the new trunks,
+/// tenants, routes, pipelines and prompts; live calls keep the settings they
+/// started with; listeners whose address left the profile are closed, new
+/// ones opened, unchanged ones kept (their sockets untouched); the store
+/// stays open. Rejected whole otherwise. Notifies `RELOADING=1` then
+/// `READY=1` either way, and logs the outcome. SIGHUP and the admin API both
+/// call this; concurrent calls run one after the other.
+pub(crate) async fn reload(shared: &Arc<Shared>) -> Result<ReloadSummary, ReloadError> {
+    let mut state = shared.life.state.lock().await;
+    if lock(&shared.switchboard).is_draining() {
+        warn!("reload refused: draining");
+        return Err(ReloadError::Draining);
+    }
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(e) => {
+            debug!(error = %e, "no monotonic clock for MONOTONIC_USEC");
+            notify(&[NotifyState::Reloading]);
+        }
+    }
+    let result = apply(shared, &mut state).await;
+    drop(state);
+    crate::metrics::reload(result.is_ok());
+    match &result {
+        Ok(summary) => info!(%summary, "configuration reloaded"),
+        Err(e) => {
+            error!(error = %e, "configuration reload rejected; the running configuration stays")
+        }
+    }
+    let status = current_status(shared);
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    result
+}
+
+async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummary, ReloadError> {
+    let path = shared.life.config_path.clone();
+    let loaded = tokio::task::spawn_blocking(move || crate::config::load(&path))
+        .await
+        .map_err(|e| ReloadError::Load(e.to_string()))?;
+    let config = match loaded {
+        Ok(c) => c,
+        Err(diags) => {
+            for d in diags.items() {
+                error!(diagnostic = %d, "configuration invalid");
+            }
+            return Err(ReloadError::Invalid(
+                diags.errors().map(ToString::to_string).collect(),
+            ));
+        }
+    };
+    for w in &config.warnings {
+        warn!(diagnostic = %w, "configuration warning");
+    }
+    let config = Arc::new(config);
+    let profile = match config.profiles.as_slice() {
+        [p] => p,
+        _ => {
+            return Err(ReloadError::NeedsRestart(
+                "the configuration must hold exactly one profile".to_owned(),
+            ));
+        }
+    };
+    let old = Arc::clone(lock(&shared.switchboard).config());
+    if let Some(old) = old.profiles.first()
+        && old.var_dir != profile.var_dir
+    {
+        return Err(ReloadError::NeedsRestart(format!(
+            "var_dir changed from {} to {}",
+            old.var_dir.display(),
+            profile.var_dir.display()
+        )));
+    }
+    let key = super::records::master_key_bytes(&profile.master_key)
+        .map_err(|e| ReloadError::NeedsRestart(format!("master key: {e:#}")))?;
+    if state.master_key.is_some_and(|fp| fp != fingerprint(&key)) {
+        return Err(ReloadError::NeedsRestart(
+            "the master key changed".to_owned(),
+        ));
+    }
+    let for_prompts = Arc::clone(&config);
+    let prompts = tokio::task::spawn_blocking(move || super::load_prompts(&for_prompts))
+        .await
+        .map_err(|e| ReloadError::Load(e.to_string()))?
+        .map_err(|e| ReloadError::Prompt(format!("{e:#}")))?;
+
+    // Bind what is new before changing anything: a failure leaves all as it was.
+    let wanted = transport::wanted(profile);
+    let mut fresh = Vec::new();
+    for &(kind, addr) in &wanted {
+        if !state
+            .listeners
+            .iter()
+            .any(|l| l.kind == kind && l.configured == addr)
+        {
+            let bound = transport::bind(kind, addr)
+                .await
+                .map_err(|e| ReloadError::Bind(format!("{e:#}")))?;
+            fresh.push(bound);
+        }
+    }
+
+    // Nothing below fails.
+    let mut rng = StdRng::from_os_rng();
+    let describe =
+        |kind: TransportKind, addr: SocketAddr| format!("{} {addr}", transport::kind_name(kind));
+    let mut listeners_removed = Vec::new();
+    for l in state
+        .listeners
+        .extract_if(.., |l| !wanted.contains(&(l.kind, l.configured)))
+    {
+        listeners_removed.push(describe(l.kind, l.local));
+        l.stop(shared);
+    }
+    let listeners_kept = state.listeners.len();
+    let mut listeners_added = Vec::new();
+    for bound in fresh {
+        listeners_added.push(describe(bound.kind(), bound.local));
+        state
+            .listeners
+            .push(transport::start(shared, bound, &mut rng));
+    }
+    state.listeners.sort_by_key(|l| {
+        wanted
+            .iter()
+            .position(|w| *w == (l.kind, l.configured))
+            .unwrap_or(usize::MAX)
+    });
+    let (settings, rtp_bind) =
+        transport::settings_for(profile, state.listeners.iter().map(|l| (l.kind, l.local)));
+    *lock(&shared.rtp_bind) = rtp_bind;
+    if let Some(records) = &shared.records {
+        records.configure(&key, &config.tenants);
+    }
+    let summary = ReloadSummary {
+        trunks: config.trunks.len(),
+        tenants: config.tenants.len(),
+        routes: config.routes.len(),
+        listeners_added,
+        listeners_removed,
+        listeners_kept,
+    };
+    lock(&shared.switchboard).reconfigure(Arc::clone(&config), settings, prompts, &mut rng);
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_calls_and_drain() {
+        assert_eq!(status_text(0, false), "serving: 0 active calls");
+        assert_eq!(status_text(1, false), "serving: 1 active call");
+        assert_eq!(status_text(3, true), "draining: 3 active calls");
+    }
+
+    #[test]
+    fn summary_lists_listener_changes() {
+        let s = ReloadSummary {
+            trunks: 1,
+            tenants: 2,
+            routes: 3,
+            listeners_added: vec!["udp 127.0.0.1:5062".to_owned()],
+            listeners_removed: vec![],
+            listeners_kept: 2,
+        };
+        assert_eq!(
+            s.to_string(),
+            "1 trunks, 2 tenants, 3 routes; listeners added: udp 127.0.0.1:5062; removed: none; kept: 2"
+        );
+    }
+
+    #[test]
+    fn invalid_reload_error_carries_every_diagnostic() {
+        let e = ReloadError::Invalid(vec!["a.toml:1:1: x".to_owned(), "a.toml:2:1: y".to_owned()]);
+        assert_eq!(
+            e.to_string(),
+            "configuration invalid (2 error(s)): a.toml:1:1: x; a.toml:2:1: y"
+        );
+    }
+
+    #[test]
+    fn fingerprint_is_sha256() {
+        assert_eq!(
+            hex::encode(fingerprint(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
