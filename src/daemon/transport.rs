@@ -137,6 +137,7 @@ pub(crate) async fn bind_all(
         },
         records: None,
         rtp_bind,
+        fallback_prompts: Mutex::new(HashMap::new()),
     };
     Ok((shared, Listeners { udp, tcp }))
 }

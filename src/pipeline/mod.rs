@@ -8,10 +8,17 @@
 //! feeds frames in with non-blocking sends and applies the
 //! [`AgentCommand`]s it receives to its `Call` and `MediaSession`; a slow or
 //! dead pipeline therefore never stalls the media path or other calls.
+//!
+//! One [`PipelineHandle`] is one connection attempt. Its task reports how the
+//! attempt went ([`AgentCommand::Connected`], [`AgentCommand::Failed`]) and
+//! ends after a failure; whether and when to reconnect is decided by the
+//! call's sans-IO `call::pipeline::PipelineSupervisor`, and the call task
+//! spawns a new handle when it says so.
 
 pub mod native;
 
 use crate::call::PcmFrame;
+use crate::call::pipeline::ConnectionFailure;
 use crate::config::{AgentMode, AgentSettings, Secret};
 use tokio::sync::mpsc;
 
@@ -92,6 +99,11 @@ pub enum AgentCommand {
     Clear,
     /// End the call (BYE).
     HangUp,
+    /// The connection is up (before any other command of this connection).
+    Connected,
+    /// The connection attempt or the connection failed; the task has ended
+    /// and nothing else comes from this handle.
+    Failed(ConnectionFailure),
 }
 
 /// Events towards the pipeline other than audio.
@@ -113,9 +125,10 @@ pub struct PipelineHandle {
 }
 
 impl PipelineHandle {
-    /// Connects this call to its pipeline in a new task.
-    /// Must be called inside a tokio runtime.
-    pub fn spawn(spec: PipelineSpec, info: CallInfo) -> PipelineHandle {
+    /// Connects this call to its pipeline in a new task; `attempt` is 0 for
+    /// the call's first connection, n for its n-th reconnect (the agent's
+    /// `start` says so). Must be called inside a tokio runtime.
+    pub fn spawn(spec: PipelineSpec, info: CallInfo, attempt: u32) -> PipelineHandle {
         let (audio_tx, audio_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -125,7 +138,7 @@ impl PipelineHandle {
             commands: cmd_tx,
         };
         match spec {
-            PipelineSpec::Native(target) => tokio::spawn(native::run(target, info, chans)),
+            PipelineSpec::Native(target) => tokio::spawn(native::run(target, info, attempt, chans)),
         };
         PipelineHandle {
             audio: audio_tx,
