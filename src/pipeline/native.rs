@@ -23,6 +23,10 @@ use tracing::{debug, info, warn};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(35);
 /// How long the bridge waits, after `stop`, for the close handshake.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The socket send buffer towards the agent (Linux doubles it: about 2 s of
+/// 16 kHz PCM in flight at most; beyond it frames wait in the 1 s queue of
+/// [`super::AUDIO_QUEUE_FRAMES`], then are dropped and counted).
+pub const SEND_BUFFER_BYTES: u32 = 32 * 1024;
 /// Largest message accepted from the agent (about 32 s of PCM).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
@@ -39,6 +43,9 @@ pub enum AgentError {
     /// No connection within [`CONNECT_TIMEOUT`].
     #[error("connect timed out")]
     ConnectTimeout,
+    /// The TCP connection could not be made (the OS's reason; no URL).
+    #[error("connect: {0}")]
+    Connect(String),
     /// The agent answered the upgrade with an HTTP status.
     #[error("upgrade rejected with HTTP {0}")]
     Rejected(u16),
@@ -201,13 +208,58 @@ async fn connect(target: &AgentTarget) -> Result<Ws, AgentError> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
-    let (ws, _resp) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(req, Some(config), true),
-    )
+    let (ws, _resp) = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        if req.uri().scheme_str() != Some("ws") {
+            return Err(AgentError::Connect(
+                "only ws:// is built in (no TLS)".to_owned(),
+            ));
+        }
+        let tcp = tcp_connect(req.uri()).await?;
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+        tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+            .await
+            .map_err(AgentError::from)
+    })
     .await
     .map_err(|_| AgentError::ConnectTimeout)??;
     Ok(ws)
+}
+
+/// The TCP connection, with a small send buffer ([`SEND_BUFFER_BYTES`]) so an
+/// agent that reads slower than real time makes the bridge drop frames
+/// within seconds instead of queueing minutes of audio in the kernel.
+/// (tokio-tungstenite's own connect gives no access to the socket options.)
+async fn tcp_connect(
+    uri: &tokio_tungstenite::tungstenite::http::Uri,
+) -> Result<tokio::net::TcpStream, AgentError> {
+    let host = uri.host().ok_or(AgentError::InvalidUrl)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    let mut last = AgentError::Connect("no address".to_owned());
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| AgentError::Connect(e.to_string()))?;
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| AgentError::Connect(e.to_string()))?;
+        socket
+            .set_send_buffer_size(SEND_BUFFER_BYTES)
+            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| AgentError::Connect(e.to_string()))?;
+                return Ok(stream);
+            }
+            Err(e) => last = AgentError::Connect(e.to_string()),
+        }
+    }
+    Err(last)
 }
 
 /// Relays both ways until the call task drops its handle (`Ok`) or the
