@@ -6,7 +6,8 @@
 //! NCC ≥ 0.98 against the µ-law fixture, no gap), `start` fields, `stop` at call end,
 //! bearer auth, agent `hangup` → BYE, agent audio played to the caller (1 kHz tone on
 //! the test's own RTP socket) with its `mark` echoed, a refused connection leaving the
-//! call up, and no token or URL query secret in the daemon's logs.
+//! call up (`on_failure = "continue"`), and no token or URL query secret in the daemon's
+//! logs.
 
 mod common;
 
@@ -176,6 +177,17 @@ fn profile(url: &str) -> String {
 
 fn spawn_daemon(url: &str) -> Daemon {
     Daemon::spawn_with_env(&profile(url), &[("AGENT_TOKEN", TOKEN)])
+}
+
+/// [`spawn_daemon`] with the tenant's `on_failure = "continue"` (the default,
+/// `"fallback"`, hangs up; tests/agent_failure.rs covers both).
+fn spawn_daemon_continuing(url: &str) -> Daemon {
+    let profile = profile(url).replace(
+        r#"auth = "env:AGENT_TOKEN" }"#,
+        r#"auth = "env:AGENT_TOKEN", on_failure = "continue" }"#,
+    );
+    assert!(profile.contains("on_failure"));
+    Daemon::spawn_with_env(&profile, &[("AGENT_TOKEN", TOKEN)])
 }
 
 fn assert_no_secret_in_logs(daemon: &Daemon) {
@@ -437,7 +449,8 @@ fn refused_agent_connection_leaves_the_call_up() {
         .local_addr()
         .unwrap()
         .port();
-    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
+    let daemon =
+        spawn_daemon_continuing(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
     let result = sipp(
         &sipp_scenario("call_with_audio.xml"),
         daemon.udp_addr(),
@@ -459,11 +472,13 @@ fn refused_agent_connection_leaves_the_call_up() {
     assert_no_secret_in_logs(&daemon);
 }
 
-/// A call against a misbehaving agent still runs to the caller's BYE, and the failure is
-/// logged (with the call id and `reason`) without any secret.
+/// With `on_failure = "continue"`, a call against a misbehaving agent still runs to the
+/// caller's BYE, and the failure is logged (with the call id and `reason`) without any
+/// secret.
 fn call_survives_agent_failure(script: Script, reason: &str) {
     let (port, agent) = spawn_agent(script);
-    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
+    let daemon =
+        spawn_daemon_continuing(&format!("ws://127.0.0.1:{port}/agent?key={QUERY_SECRET}"));
     let result = sipp(
         &sipp_scenario("call_with_audio.xml"),
         daemon.udp_addr(),

@@ -9,6 +9,7 @@
 //! passed in), the filesystem.
 
 mod media;
+pub mod pipeline;
 mod record;
 mod session;
 mod switchboard;
@@ -149,6 +150,8 @@ pub enum HangupCause {
     DialogGone,
     /// No usable SDP answer (delayed offer answered badly in the ACK).
     MediaFailed,
+    /// The pipeline failed and the tenant's policy hangs up (`pipeline::PipelineSupervisor`).
+    PipelineFailed,
 }
 
 impl HangupCause {
@@ -166,6 +169,7 @@ impl HangupCause {
             HangupCause::Rejected => "rejected",
             HangupCause::DialogGone => "dialog-gone",
             HangupCause::MediaFailed => "media-failed",
+            HangupCause::PipelineFailed => "pipeline-failed",
         }
     }
 }
@@ -333,6 +337,7 @@ impl Call {
             cause: String::new(),
             codec: None,
             rtp: None,
+            pipeline: None,
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {

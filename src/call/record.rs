@@ -52,6 +52,10 @@ pub struct CallRecord {
     pub codec: Option<String>,
     /// Media statistics, for answered calls.
     pub rtp: Option<RtpSummary>,
+    /// Network pipeline statistics (connections, dropped frames, failure),
+    /// for answered calls with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<super::pipeline::PipelineSummary>,
 }
 
 /// RTP statistics of a call (RFC 3550 receive side, plus what we sent).

@@ -560,6 +560,7 @@ impl Switchboard {
             cause: "rejected".to_owned(),
             codec: None,
             rtp: None,
+            pipeline: None,
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());

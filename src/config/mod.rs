@@ -273,6 +273,8 @@ pub struct Tenant {
     pub retention: Retention,
     /// What handles the caller's audio.
     pub pipeline: Pipeline,
+    /// What a call does when its network pipeline fails (unused by `echo`).
+    pub pipeline_failure: FailurePolicy,
     /// Concurrent calls for this tenant.
     pub max_calls: Option<u32>,
 }
@@ -338,6 +340,58 @@ impl Pipeline {
         }
     }
 }
+
+/// What a tenant's calls do when their network pipeline (agent, Deepgram)
+/// cannot be reached, rejects the bridge, drops, or (agents) stays silent:
+/// the keys `on_failure`, `fallback_prompt`, `reconnect_attempts`,
+/// `reconnect_within_ms`, `connect_timeout_ms` and `agent_silence_s` of the
+/// tenant's `pipeline` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FailurePolicy {
+    /// What happens once reconnecting has not helped.
+    pub on_failure: OnFailure,
+    /// Played before hanging up (`on_failure = "fallback"`); none: hang up at once.
+    pub fallback_prompt: Option<Prompt>,
+    /// Reconnects tried per outage (0: none).
+    pub reconnect_attempts: u32,
+    /// An outage ends within this long (from the loss), reconnected or given up.
+    pub reconnect_within: Duration,
+    /// One connection attempt (TCP connect and upgrade) may take this long.
+    pub connect_timeout: Duration,
+    /// An agent that sends neither audio nor a mark for this long after the
+    /// disclosure prompt has ended has failed (None: never).
+    pub agent_silence: Option<Duration>,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> FailurePolicy {
+        FailurePolicy {
+            on_failure: OnFailure::Fallback,
+            fallback_prompt: None,
+            reconnect_attempts: 3,
+            reconnect_within: Duration::from_millis(5000),
+            connect_timeout: Duration::from_millis(3000),
+            agent_silence: None,
+        }
+    }
+}
+
+/// The decision once a pipeline has failed for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnFailure {
+    /// Play the fallback prompt (if any), then hang up with BYE (the default:
+    /// a caller is never left in dead air).
+    Fallback,
+    /// Keep the call up without the pipeline (recording continues if on); the
+    /// caller, the RTP timeout or the maximum duration ends it.
+    Continue,
+}
+
+/// Longest fallback prompt accepted: the caller hears it before the bridge
+/// hangs up, so it is a short apology, not content.
+pub const MAX_FALLBACK_PROMPT: Duration = Duration::from_secs(30);
 
 /// Deepgram live settings.
 #[derive(Debug)]
@@ -539,6 +593,13 @@ impl Config {
             );
             let _ = writeln!(out, "    prompt: {prompt}");
             let _ = writeln!(out, "    pipeline: {}", describe_pipeline(&t.pipeline));
+            if !matches!(t.pipeline, Pipeline::Echo) {
+                let _ = writeln!(
+                    out,
+                    "    on failure: {}",
+                    describe_failure(&t.pipeline_failure)
+                );
+            }
             let r = &t.retention;
             let _ = writeln!(
                 out,
@@ -592,6 +653,27 @@ fn describe_pipeline(p: &Pipeline) -> String {
         Pipeline::Agent(a) => format!("agent: {}", agent(a)),
         Pipeline::DeepgramAgent(d, a) => format!("deepgram+agent: {}; {}", dg(d), agent(a)),
     }
+}
+
+fn describe_failure(f: &FailurePolicy) -> String {
+    let then = match (f.on_failure, &f.fallback_prompt) {
+        (OnFailure::Continue, _) => "continue without it".to_owned(),
+        (OnFailure::Fallback, None) => "hang up".to_owned(),
+        (OnFailure::Fallback, Some(p)) => format!(
+            "play {} ({:.1} s), then hang up",
+            p.path.display(),
+            p.duration_ms as f64 / 1000.0
+        ),
+    };
+    let silence = f
+        .agent_silence
+        .map_or("off".to_owned(), |d| format!("{} s", d.as_secs()));
+    format!(
+        "{} reconnects within {} ms (connect timeout {} ms), agent silence {silence}; then {then}",
+        f.reconnect_attempts,
+        f.reconnect_within.as_millis(),
+        f.connect_timeout.as_millis()
+    )
 }
 
 /// A URL for logs and summaries: scheme, host, port and path only — no

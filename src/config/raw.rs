@@ -183,6 +183,18 @@ pub(crate) struct RawPipeline {
     pub(crate) mode: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) auth: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) on_failure: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) fallback_prompt: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) reconnect_attempts: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) reconnect_within_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) connect_timeout_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) agent_silence_s: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -26,8 +26,9 @@ use super::raw::{RawPipeline, RawProfile, RawRoute, RawTenant, RawTrunk, RawUnkn
 use super::secret::{self, Secret, SecretRef};
 use super::{
     AdminSettings, AgentMode, AgentSettings, Config, DEEPGRAM_BASE_URL, DeepgramSettings,
-    DigestCredentials, Listen, MasterKey, MediaSettings, Pipeline, PortRange, Profile, Prompt,
-    Retention, Route, SipSettings, Tenant, Trunk, UnknownSource,
+    DigestCredentials, FailurePolicy, Listen, MAX_FALLBACK_PROMPT, MasterKey, MediaSettings,
+    OnFailure, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings, Tenant, Trunk,
+    UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -977,6 +978,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
             }
         }
         let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
+        let pipeline_failure = check_failure_policy(cx, file, t.pipeline.get_ref());
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
         let pipeline_rate = match &t.pipeline_rate {
             None => 16_000,
@@ -1007,6 +1009,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     ),
                     retention,
                     pipeline,
+                    pipeline_failure,
                     max_calls,
                 },
                 (file, t.id.span()),
@@ -1250,6 +1253,113 @@ fn check_pipeline(
         (Some(d), Some(a), true, true) => Some(Pipeline::DeepgramAgent(d, a)),
         _ => None,
     }
+}
+
+/// The failure-policy keys of a pipeline table. They govern the agent
+/// connection, so they apply to `agent` and `deepgram+agent`: `echo` has no
+/// network, and a `deepgram`-only pipeline reconnects by itself and never
+/// ends the call.
+fn check_failure_policy(cx: &mut Cx<'_>, file: usize, p: &RawPipeline) -> FailurePolicy {
+    let mut policy = FailurePolicy::default();
+    let kind = p.kind.get_ref().as_str();
+    let network = kind == "agent" || kind == "deepgram+agent";
+    let spans = [
+        ("on_failure", p.on_failure.as_ref().map(Spanned::span)),
+        (
+            "fallback_prompt",
+            p.fallback_prompt.as_ref().map(Spanned::span),
+        ),
+        (
+            "reconnect_attempts",
+            p.reconnect_attempts.as_ref().map(Spanned::span),
+        ),
+        (
+            "reconnect_within_ms",
+            p.reconnect_within_ms.as_ref().map(Spanned::span),
+        ),
+        (
+            "connect_timeout_ms",
+            p.connect_timeout_ms.as_ref().map(Spanned::span),
+        ),
+        (
+            "agent_silence_s",
+            p.agent_silence_s.as_ref().map(Spanned::span),
+        ),
+    ];
+    if !network {
+        for (name, span) in spans {
+            if let Some(span) = span {
+                cx.error(
+                    file,
+                    Some(span),
+                    format!("`{name}` does not apply to pipeline kind `{kind}` (only to agents)"),
+                );
+            }
+        }
+        return policy;
+    }
+    if let Some(v) = &p.on_failure {
+        match v.get_ref().as_str() {
+            "fallback" => policy.on_failure = OnFailure::Fallback,
+            "continue" => policy.on_failure = OnFailure::Continue,
+            other => cx.error(
+                file,
+                Some(v.span()),
+                format!("on_failure `{other}` must be `fallback` or `continue`"),
+            ),
+        }
+    }
+    if let Some(written) = &p.fallback_prompt {
+        if policy.on_failure == OnFailure::Continue {
+            cx.error(
+                file,
+                Some(written.span()),
+                "`fallback_prompt` needs on_failure = \"fallback\"",
+            );
+        } else if let Some(prompt) = check_prompt(cx, file, written) {
+            if Duration::from_millis(prompt.duration_ms) > MAX_FALLBACK_PROMPT {
+                cx.error(
+                    file,
+                    Some(written.span()),
+                    format!(
+                        "fallback_prompt {}: {:.1} s; at most {} s",
+                        prompt.path.display(),
+                        prompt.duration_ms as f64 / 1000.0,
+                        MAX_FALLBACK_PROMPT.as_secs()
+                    ),
+                );
+            } else {
+                policy.fallback_prompt = Some(prompt);
+            }
+        }
+    }
+    let mut ranged = |v: &Option<Spanned<u32>>, what: &str, range: Range<u32>| -> Option<u32> {
+        let v = v.as_ref()?;
+        let n = *v.get_ref();
+        if range.contains(&n) {
+            Some(n)
+        } else {
+            cx.error(
+                file,
+                Some(v.span()),
+                format!("{what} {n} must be {}-{}", range.start, range.end - 1),
+            );
+            None
+        }
+    };
+    if let Some(n) = ranged(&p.reconnect_attempts, "reconnect_attempts", 0..11) {
+        policy.reconnect_attempts = n;
+    }
+    if let Some(n) = ranged(&p.reconnect_within_ms, "reconnect_within_ms", 100..600_001) {
+        policy.reconnect_within = Duration::from_millis(u64::from(n));
+    }
+    if let Some(n) = ranged(&p.connect_timeout_ms, "connect_timeout_ms", 100..30_001) {
+        policy.connect_timeout = Duration::from_millis(u64::from(n));
+    }
+    if let Some(n) = ranged(&p.agent_silence_s, "agent_silence_s", 0..3601) {
+        policy.agent_silence = (n > 0).then(|| Duration::from_secs(u64::from(n)));
+    }
+    policy
 }
 
 fn check_routes(

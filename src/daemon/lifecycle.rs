@@ -449,10 +449,15 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
         ));
     }
     let for_prompts = Arc::clone(&config);
-    let prompts = tokio::task::spawn_blocking(move || super::load_prompts(&for_prompts))
-        .await
-        .map_err(|e| ReloadError::Load(e.to_string()))?
-        .map_err(|e| ReloadError::Prompt(format!("{e:#}")))?;
+    let (prompts, fallbacks) = tokio::task::spawn_blocking(move || {
+        Ok::<_, anyhow::Error>((
+            super::load_prompts(&for_prompts)?,
+            super::load_fallback_prompts(&for_prompts)?,
+        ))
+    })
+    .await
+    .map_err(|e| ReloadError::Load(e.to_string()))?
+    .map_err(|e| ReloadError::Prompt(format!("{e:#}")))?;
 
     // Bind what is new before changing anything: a failure leaves all as it was.
     let wanted = transport::wanted(profile);
@@ -510,6 +515,7 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
         listeners_removed,
         listeners_kept,
     };
+    *lock(&shared.fallback_prompts) = fallbacks;
     lock(&shared.switchboard).reconfigure(Arc::clone(&config), settings, prompts, &mut rng);
     Ok(summary)
 }

@@ -10,16 +10,19 @@ mod lifecycle;
 mod records;
 mod transport;
 
+use crate::call::pipeline::{
+    FALLBACK_MARK, FailureAction, PipelineSummary, PipelineSupervisor, SupervisorOutput,
+};
 use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
-    Switchboard, Transmit,
+    PcmFrame, Switchboard, Transmit,
 };
 use crate::pipeline::{AgentCommand, AgentTarget, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
 use anyhow::Context;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 use tokio::net::UdpSocket;
@@ -51,6 +54,24 @@ pub(crate) struct Shared {
     pub(crate) rtp_bind: Mutex<std::net::IpAddr>,
     /// Signals, notifications, reload and drain (lifecycle.rs).
     pub(crate) life: lifecycle::Life,
+    /// Tenants' fallback prompts (pipeline failure policy), loaded once.
+    pub(crate) fallback_prompts: Mutex<HashMap<String, Arc<FallbackAudio>>>,
+}
+
+/// A tenant's fallback prompt as PCM at its pipeline rate, ready to queue.
+#[derive(Debug)]
+pub(crate) struct FallbackAudio {
+    pcm: Vec<i16>,
+    duration: std::time::Duration,
+}
+
+/// How a call connects to its network pipeline, and what it does when that fails.
+#[derive(Debug)]
+struct AgentPlan {
+    spec: PipelineSpec,
+    info: CallInfo,
+    policy: crate::config::FailurePolicy,
+    fallback: Option<Arc<FallbackAudio>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -82,12 +103,8 @@ impl Shared {
 
     /// The agent pipeline a new call of `tenant` connects to, with what the
     /// `start` message tells it (native agents only so far).
-    fn agent_for(
-        &self,
-        tenant: &str,
-        invite: &crate::sip::message::Request,
-    ) -> Option<(PipelineSpec, CallInfo)> {
-        let (target, sample_rate) = {
+    fn agent_for(&self, tenant: &str, invite: &crate::sip::message::Request) -> Option<AgentPlan> {
+        let (target, sample_rate, policy) = {
             let sb = lock(&self.switchboard);
             let t = sb.config().tenant(tenant)?;
             let rate = t.pipeline_rate;
@@ -114,8 +131,9 @@ impl Shared {
                 );
                 return None;
             };
-            (target, rate)
+            (target, rate, t.pipeline_failure.clone())
         };
+        let fallback = lock(&self.fallback_prompts).get(tenant).cloned();
         let info = CallInfo {
             sample_rate,
             call_id: invite.call_id().unwrap_or_default().to_owned(),
@@ -135,7 +153,12 @@ impl Shared {
                 .map(|(n, v)| (n.to_owned(), v.to_owned()))
                 .collect(),
         };
-        Some((target, info))
+        Some(AgentPlan {
+            spec: target,
+            info,
+            policy,
+            fallback,
+        })
     }
 
     fn decide(
@@ -299,18 +322,94 @@ async fn recv_on(
     }
 }
 
-/// One call's task: owns the `Call`, its media session, its RTP/RTCP sockets
-/// and its timer.
+/// A call's network pipeline: how to reach it, the supervisor that applies
+/// the tenant's failure policy, the current connection (one handle per
+/// attempt), and the caller audio held while reconnecting.
+struct PipelineLink {
+    spec: PipelineSpec,
+    info: CallInfo,
+    fallback: Option<Arc<FallbackAudio>>,
+    supervisor: PipelineSupervisor,
+    handle: Option<PipelineHandle>,
+    /// Caller frames held between a loss and the next connection attempt
+    /// (at most one handle queue's worth; the oldest go first).
+    backlog: VecDeque<PcmFrame>,
+    /// Frames dropped by handles already gone and by the backlog.
+    dropped: u64,
+}
+
+impl PipelineLink {
+    fn new(plan: AgentPlan, now: Instant, prompt_done: bool) -> PipelineLink {
+        let mut supervisor =
+            PipelineSupervisor::new(&plan.policy, plan.fallback.as_ref().map(|f| f.duration));
+        if prompt_done {
+            supervisor.prompt_finished(now);
+        }
+        supervisor.start(now);
+        PipelineLink {
+            spec: plan.spec,
+            info: plan.info,
+            fallback: plan.fallback,
+            supervisor,
+            handle: None,
+            backlog: VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    fn send_audio(&mut self, frame: PcmFrame) {
+        use crate::call::pipeline::ConnectionState;
+        if let Some(h) = &mut self.handle {
+            h.send_audio(&frame);
+        } else if matches!(
+            self.supervisor.state(),
+            ConnectionState::Reconnecting { .. }
+        ) {
+            if self.backlog.len() >= crate::pipeline::AUDIO_QUEUE_FRAMES {
+                self.backlog.pop_front();
+                self.dropped += 1;
+            }
+            self.backlog.push_back(frame);
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.dropped += h.dropped_frames();
+        }
+    }
+
+    fn summary(&self) -> PipelineSummary {
+        PipelineSummary {
+            dropped_frames: self.dropped
+                + self
+                    .handle
+                    .as_ref()
+                    .map_or(0, PipelineHandle::dropped_frames),
+            ..self.supervisor.summary()
+        }
+    }
+
+    async fn recv(&mut self) -> AgentCommand {
+        match &mut self.handle {
+            Some(h) => h.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// One call's task: owns the `Call`, its media session, its RTP/RTCP sockets,
+/// its pipeline link and its timer.
 async fn run_call(
     shared: &Arc<Shared>,
     mut call: Call,
     sockets: (UdpSocket, UdpSocket),
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
-    mut agent: Option<(PipelineSpec, CallInfo)>,
+    mut agent: Option<AgentPlan>,
     mut store: Option<records::CallStore>,
 ) {
-    let mut pipeline: Option<PipelineHandle> = None;
+    let mut link: Option<PipelineLink> = None;
     let mut sockets = Some(sockets);
     let mut media: Option<MediaSession> = None;
     let mut rtp_buf = vec![0u8; 2048];
@@ -333,8 +432,8 @@ async fn run_call(
                     // The echo pipeline runs inside the media session; the
                     // network ones get frames, DTMF and marks here.
                     MediaOutput::CallerAudio(frame) => {
-                        if let Some(p) = &mut pipeline {
-                            p.send_audio(&frame);
+                        if let Some(l) = &mut link {
+                            l.send_audio(frame);
                         }
                     }
                     MediaOutput::Dtmf(ev) => {
@@ -345,8 +444,8 @@ async fn run_call(
                             info!("caller opted out: recording discarded and stopped");
                             m.stop_recording();
                         }
-                        if let Some(p) = &mut pipeline {
-                            p.send_dtmf(ev.digit);
+                        if let Some(h) = link.as_mut().and_then(|l| l.handle.as_mut()) {
+                            h.send_dtmf(ev.digit);
                         }
                     }
                     MediaOutput::PromptFinished => {
@@ -355,6 +454,9 @@ async fn run_call(
                             s.prompt_finished();
                         }
                         call.prompt_finished(Instant::now());
+                        if let Some(l) = &mut link {
+                            l.supervisor.prompt_finished(Instant::now());
+                        }
                     }
                     MediaOutput::Record { left, right } => {
                         if let Some(s) = &mut store {
@@ -363,12 +465,21 @@ async fn run_call(
                     }
                     MediaOutput::Mark(mark) => {
                         debug!(name = %mark.name, cleared = mark.cleared, "mark played");
-                        if let Some(p) = &mut pipeline {
-                            p.send_mark(mark.name, mark.cleared);
+                        let Some(l) = &mut link else { continue };
+                        match &mut l.handle {
+                            Some(h) => h.send_mark(mark.name, mark.cleared),
+                            None if mark.name == FALLBACK_MARK && !mark.cleared => {
+                                info!("fallback prompt played");
+                                l.supervisor.fallback_played(Instant::now());
+                            }
+                            None => {}
                         }
                     }
                 }
             }
+        }
+        if let Some(l) = &mut link {
+            apply_supervisor(l, &mut call, media.as_mut(), &mut rng);
         }
         // Act on everything the call has to say.
         while let Some(out) = call.poll_output() {
@@ -383,10 +494,12 @@ async fn run_call(
                     if media.is_none() {
                         media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
                     }
-                    if media.is_some() {
-                        pipeline = agent
-                            .take()
-                            .map(|(spec, info)| PipelineHandle::spawn(spec, info));
+                    if let Some(m) = &media
+                        && let Some(plan) = agent.take()
+                    {
+                        let mut l = PipelineLink::new(plan, Instant::now(), m.prompt_done());
+                        apply_supervisor(&mut l, &mut call, media.as_mut(), &mut rng);
+                        link = Some(l);
                     }
                 }
                 CallOutput::Event(CallEvent::MediaChanged(neg)) => {
@@ -400,24 +513,30 @@ async fn run_call(
                         record.rtp = Some(crate::call::RtpSummary::of(m));
                     }
                     rtp_meter.finish(media.as_ref());
-                    log_cdr(&record);
-                    if let Some(s) = &mut store {
-                        s.ended(&record);
-                    }
-                    if let Some(p) = pipeline.take() {
-                        if p.dropped_frames() > 0 {
-                            crate::metrics::caller_frames_dropped(p.dropped_frames());
+                    if let Some(mut l) = link.take() {
+                        // The pipeline closes its stream now; transcripts it
+                        // still sends (Deepgram's last Results) reach the store.
+                        let rest = l.handle.take().map(|h| {
+                            l.dropped += h.dropped_frames();
+                            h.finish()
+                        });
+                        if let (Some(rest), Some(s)) = (rest, &store) {
+                            s.transcripts_after_end(rest);
+                        }
+                        l.close();
+                        let summary = l.summary();
+                        if summary.dropped_frames > 0 {
+                            crate::metrics::caller_frames_dropped(summary.dropped_frames);
                             warn!(
-                                dropped = p.dropped_frames(),
+                                dropped = summary.dropped_frames,
                                 "pipeline was behind; caller frames dropped"
                             );
                         }
-                        // The pipeline closes its stream now; transcripts it
-                        // still sends (Deepgram's last Results) reach the store.
-                        let rest = p.finish();
-                        if let Some(s) = &store {
-                            s.transcripts_after_end(rest);
-                        }
+                        record.pipeline = Some(summary);
+                    }
+                    log_cdr(&record);
+                    if let Some(s) = &mut store {
+                        s.ended(&record);
                     }
                     media = None;
                     sockets = None;
@@ -433,13 +552,14 @@ async fn run_call(
         if call.is_finished() || (shutting_down && call.is_ended() && !call.bye_pending()) {
             break;
         }
-        let deadline = match (
+        let deadline = [
             call.poll_timeout(),
             media.as_ref().map(MediaSession::poll_timeout),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+            link.as_ref().and_then(|l| l.supervisor.poll_timeout()),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let sleep = async {
             match deadline {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -449,8 +569,8 @@ async fn run_call(
         let recv_rtp = recv_on(sockets.as_ref().map(|s| &s.0), &mut rtp_buf);
         let recv_rtcp = recv_on(sockets.as_ref().map(|s| &s.1), &mut rtcp_buf);
         let from_agent = async {
-            match &mut pipeline {
-                Some(p) => p.recv().await,
+            match &mut link {
+                Some(l) => l.recv().await,
                 None => std::future::pending().await,
             }
         };
@@ -461,7 +581,9 @@ async fn run_call(
                         s.transcript(t);
                     }
                 }
-                cmd => apply_agent(cmd, &mut call, media.as_mut(), &mut rng),
+                cmd => if let Some(l) = &mut link {
+                    apply_agent(cmd, l, &mut call, media.as_mut(), &mut rng);
+                },
             },
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg)) => match *msg {
@@ -483,6 +605,9 @@ async fn run_call(
                 if let Some(m) = &mut media {
                     m.handle_timeout(now, SystemTime::now(), &mut rng);
                     rtp_meter.tick(now, m);
+                }
+                if let Some(l) = &mut link {
+                    l.supervisor.handle_timeout(now, &mut rng);
                 }
             }
             r = recv_rtp => if let Ok((n, from)) = r {
@@ -524,19 +649,101 @@ fn start_media(
     }
 }
 
-/// Applies one command from the call's agent pipeline.
+/// Does what the pipeline supervisor asks: (re)connect, drop the
+/// connection, give up per the tenant's policy, hang up after the fallback.
+fn apply_supervisor(
+    link: &mut PipelineLink,
+    call: &mut Call,
+    mut media: Option<&mut MediaSession>,
+    rng: &mut StdRng,
+) {
+    while let Some(out) = link.supervisor.poll_output() {
+        match out {
+            SupervisorOutput::Connect { attempt } => {
+                link.close();
+                if attempt > 0 {
+                    info!(
+                        attempt,
+                        held_frames = link.backlog.len(),
+                        "reconnecting to the agent"
+                    );
+                }
+                let mut handle =
+                    PipelineHandle::spawn(link.spec.clone(), link.info.clone(), attempt);
+                for frame in link.backlog.drain(..) {
+                    handle.send_audio(&frame);
+                }
+                link.handle = Some(handle);
+            }
+            SupervisorOutput::Disconnect => link.close(),
+            SupervisorOutput::GaveUp { reason, action } => {
+                link.close();
+                link.dropped += link.backlog.len() as u64;
+                link.backlog.clear();
+                match action {
+                    FailureAction::Continue => warn!(
+                        %reason,
+                        "agent pipeline given up; call continues without agent"
+                    ),
+                    FailureAction::HangUp => {
+                        warn!(%reason, "agent pipeline given up; hanging up");
+                        call.hang_up(Instant::now(), HangupCause::PipelineFailed, rng);
+                    }
+                    FailureAction::PlayFallback => {
+                        warn!(
+                            %reason,
+                            "agent pipeline given up; playing the fallback prompt, then hanging up"
+                        );
+                        match (media.as_deref_mut(), &link.fallback) {
+                            (Some(m), Some(f)) => {
+                                m.clear();
+                                let queued = m.push_pipeline_audio(&f.pcm);
+                                if queued < f.pcm.len() {
+                                    debug!(
+                                        dropped = f.pcm.len() - queued,
+                                        "fallback prompt truncated"
+                                    );
+                                }
+                                if m.mark(FALLBACK_MARK.to_owned()).is_err() {
+                                    // No mark will come: the supervisor's bound hangs up.
+                                    debug!("fallback mark not queued");
+                                }
+                            }
+                            _ => link.supervisor.fallback_played(Instant::now()),
+                        }
+                    }
+                }
+            }
+            SupervisorOutput::HangUp => {
+                info!("hanging up after the pipeline failure");
+                call.hang_up(Instant::now(), HangupCause::PipelineFailed, rng);
+            }
+        }
+    }
+}
+
+/// Applies one message from the call's pipeline connection.
 fn apply_agent(
     cmd: AgentCommand,
+    link: &mut PipelineLink,
     call: &mut Call,
     media: Option<&mut MediaSession>,
     rng: &mut StdRng,
 ) {
+    let now = Instant::now();
     match (cmd, media) {
+        (AgentCommand::Connected, _) => link.supervisor.on_connected(now),
+        (AgentCommand::Failed(failure), _) => {
+            // The connection task has ended (and logged why).
+            link.close();
+            link.supervisor.on_failed(now, failure, rng);
+        }
         (AgentCommand::HangUp, _) => {
             info!("agent asked to hang up");
-            call.hang_up(Instant::now(), HangupCause::Local, rng);
+            call.hang_up(now, HangupCause::Local, rng);
         }
         (AgentCommand::Play(pcm), Some(m)) => {
+            link.supervisor.on_agent_output(now);
             let accepted = m.push_pipeline_audio(&pcm);
             if accepted < pcm.len() {
                 debug!(
@@ -546,6 +753,7 @@ fn apply_agent(
             }
         }
         (AgentCommand::Mark(name), Some(m)) => {
+            link.supervisor.on_agent_output(now);
             if let Err(e) = m.mark(name) {
                 debug!(error = %e, "agent mark dropped");
             }
@@ -555,6 +763,40 @@ fn apply_agent(
         (AgentCommand::Transcript(_), _) => {}
         (_, None) => {}
     }
+}
+
+/// Loads every tenant's fallback prompt once, as PCM at the tenant's
+/// pipeline rate (it is queued like agent audio).
+fn load_fallback_prompts(
+    config: &crate::config::Config,
+) -> anyhow::Result<HashMap<String, Arc<FallbackAudio>>> {
+    use crate::media::resample::{PipelineRate, Upsampler};
+    let mut out = HashMap::new();
+    for tenant in &config.tenants {
+        let Some(p) = &tenant.pipeline_failure.fallback_prompt else {
+            continue;
+        };
+        let prompt = crate::media::prompt::Prompt::load(&p.path).with_context(|| {
+            format!("tenant {}: fallback prompt {}", tenant.id, p.path.display())
+        })?;
+        let pcm = match PipelineRate::from_hz(tenant.pipeline_rate) {
+            Some(rate @ PipelineRate::Hz16000) => {
+                let mut up = Vec::with_capacity(prompt.pcm8k().len() * 2);
+                Upsampler::new(rate).process(prompt.pcm8k(), &mut up);
+                up
+            }
+            _ => prompt.pcm8k().to_vec(),
+        };
+        info!(tenant = %tenant.id, ms = prompt.duration().as_millis() as u64, "fallback prompt loaded");
+        out.insert(
+            tenant.id.clone(),
+            Arc::new(FallbackAudio {
+                pcm,
+                duration: prompt.duration(),
+            }),
+        );
+    }
+    Ok(out)
 }
 
 /// Loads every tenant's disclosure prompt once (converted to 8 kHz G.711 frames).
@@ -626,6 +868,7 @@ pub async fn run(
         .await
         .context("binding listeners")?;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
+    *lock(&shared.fallback_prompts) = load_fallback_prompts(&config)?;
     ensure_master_key(&config, &mut os_rng)?;
     let mut master_key = None;
     if let Some(profile) = config.profiles.first() {

@@ -251,6 +251,7 @@ pub(crate) async fn bind_all(
         records: None,
         rtp_bind: Mutex::new(rtp_bind),
         life: super::lifecycle::Life::new(config_path),
+        fallback_prompts: Mutex::new(HashMap::new()),
     };
     Ok((shared, bound))
 }

@@ -9,11 +9,18 @@
 //! feeds frames in with non-blocking sends and applies the
 //! [`AgentCommand`]s it receives to its `Call` and `MediaSession`; a slow or
 //! dead pipeline therefore never stalls the media path or other calls.
+//!
+//! One [`PipelineHandle`] is one connection attempt. Its task reports how the
+//! attempt went ([`AgentCommand::Connected`], [`AgentCommand::Failed`]) and
+//! ends after a failure; whether and when to reconnect is decided by the
+//! call's sans-IO `call::pipeline::PipelineSupervisor`, and the call task
+//! spawns a new handle when it says so.
 
 pub mod deepgram;
 pub mod native;
 
 use crate::call::PcmFrame;
+use crate::call::pipeline::ConnectionFailure;
 use crate::config::{AgentMode, AgentSettings, Secret};
 use tokio::sync::mpsc;
 
@@ -136,6 +143,11 @@ pub enum AgentCommand {
     HangUp,
     /// A final transcript segment (for the store).
     Transcript(Transcript),
+    /// The connection is up (before any other command of this connection).
+    Connected,
+    /// The connection attempt or the connection failed; the task has ended
+    /// and nothing else comes from this handle.
+    Failed(ConnectionFailure),
 }
 
 /// Events towards the pipeline other than audio.
@@ -160,9 +172,10 @@ pub struct PipelineHandle {
 }
 
 impl PipelineHandle {
-    /// Connects this call to its pipeline in a new task.
-    /// Must be called inside a tokio runtime.
-    pub fn spawn(spec: PipelineSpec, info: CallInfo) -> PipelineHandle {
+    /// Connects this call to its pipeline in a new task; `attempt` is 0 for
+    /// the call's first connection, n for its n-th reconnect (the agent's
+    /// `start` says so). Must be called inside a tokio runtime.
+    pub fn spawn(spec: PipelineSpec, info: CallInfo, attempt: u32) -> PipelineHandle {
         let (audio_tx, audio_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -174,11 +187,16 @@ impl PipelineHandle {
         let mut stt = None;
         match spec {
             PipelineSpec::Native(target) => {
-                tokio::spawn(native::run(target, info, chans));
+                tokio::spawn(native::run(target, info, attempt, chans));
             }
             PipelineSpec::Deepgram(target) => {
                 let (stt_tx, stt_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
                 stt = Some(stt_tx);
+                // The Deepgram task reconnects by itself and a Deepgram
+                // failure never ends the call: to the call's supervisor the
+                // pipeline is up from the start (the channel is new, so
+                // this cannot fail).
+                let _ = chans.commands.try_send(AgentCommand::Connected);
                 let chans = deepgram::Channels {
                     audio: stt_rx,
                     commands: chans.commands,
@@ -195,7 +213,7 @@ impl PipelineHandle {
                     agent: Some(event_tx.clone()),
                 };
                 tokio::spawn(deepgram::run(dg, info.call_id.clone(), dg_chans));
-                tokio::spawn(native::run(agent, info, chans));
+                tokio::spawn(native::run(agent, info, attempt, chans));
             }
         }
         PipelineHandle {

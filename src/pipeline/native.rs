@@ -8,6 +8,7 @@
 //! tokio-tungstenite's; nothing of RFC 6455 is written here.
 
 use super::{AgentCommand, AgentTarget, CallInfo, Event, redact_url};
+use crate::call::pipeline::ConnectionFailure;
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -17,10 +18,15 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
-/// How long the connection (TCP + upgrade) may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the connection (TCP + upgrade) may take at most, whatever the
+/// tenant's `connect_timeout_ms` (its upper bound, 30 s, decides first).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(35);
 /// How long the bridge waits, after `stop`, for the close handshake.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The socket send buffer towards the agent (Linux doubles it: about 2 s of
+/// 16 kHz PCM in flight at most; beyond it frames wait in the 1 s queue of
+/// [`super::AUDIO_QUEUE_FRAMES`], then are dropped and counted).
+pub const SEND_BUFFER_BYTES: u32 = 32 * 1024;
 /// Largest message accepted from the agent (about 32 s of PCM).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
@@ -37,6 +43,9 @@ pub enum AgentError {
     /// No connection within [`CONNECT_TIMEOUT`].
     #[error("connect timed out")]
     ConnectTimeout,
+    /// The TCP connection could not be made (the OS's reason; no URL).
+    #[error("connect: {0}")]
+    Connect(String),
     /// The agent answered the upgrade with an HTTP status.
     #[error("upgrade rejected with HTTP {0}")]
     Rejected(u16),
@@ -64,8 +73,9 @@ pub(crate) struct Channels {
     pub(crate) commands: mpsc::Sender<AgentCommand>,
 }
 
-/// The `start` message.
-pub fn start_message(info: &CallInfo) -> String {
+/// The `start` message; `reconnect` is 0 on a call's first connection and n
+/// on its n-th reconnect.
+pub fn start_message(info: &CallInfo, reconnect: u32) -> String {
     let custom: serde_json::Map<String, serde_json::Value> = info
         .custom
         .iter()
@@ -80,6 +90,7 @@ pub fn start_message(info: &CallInfo) -> String {
         "codec": "pcm_s16le",
         "sample_rate": info.sample_rate,
         "custom": custom,
+        "reconnect": reconnect,
     })
     .to_string()
 }
@@ -143,61 +154,144 @@ fn request(
     Ok(req)
 }
 
-/// The connection task: connect, `start`, then relay both ways until the
-/// call task drops its handle (→ `stop`, close) or the agent goes away.
-/// Failures are logged with the call id and the redacted URL; the call
-/// itself carries on (prompt, then silence).
-pub(crate) async fn run(target: AgentTarget, info: CallInfo, chans: Channels) {
+/// The connection task: connect, report [`AgentCommand::Connected`], send
+/// `start`, then relay both ways until the call task drops its handle
+/// (→ `stop`, close) or the connection fails. A failure is logged once with
+/// the call id, the attempt and the redacted URL, and reported as
+/// [`AgentCommand::Failed`]; what follows (reconnect, fallback, carry on) is
+/// the call's supervisor's decision. If the handle is dropped while
+/// connecting, the attempt is abandoned at once.
+pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, mut chans: Channels) {
     let url = redact_url(&target.url);
     let call_id = info.call_id.clone();
-    match session(&target, &info, chans).await {
-        Ok(()) => info!(%call_id, %url, "agent session ended"),
+    let ws = tokio::select! {
+        ws = connect(&target) => ws,
+        () = chans.commands.closed() => {
+            debug!(%call_id, %url, attempt, "agent connection attempt abandoned");
+            return;
+        }
+    };
+    let result = match ws {
+        Ok(ws) => {
+            info!(%call_id, %url, attempt, "agent connected");
+            crate::metrics::pipeline_connected("agent");
+            if attempt > 0 {
+                crate::metrics::pipeline_reconnect("agent");
+            }
+            if chans.commands.send(AgentCommand::Connected).await.is_err() {
+                return;
+            }
+            session(ws, &info, attempt, &mut chans)
+                .await
+                .map_err(|e| (e, ConnectionFailure::Dropped))
+        }
         Err(e) => {
+            let failure = match e {
+                AgentError::Rejected(status) => ConnectionFailure::Rejected(status),
+                AgentError::ConnectTimeout => ConnectionFailure::ConnectTimeout,
+                _ => ConnectionFailure::Unreachable,
+            };
+            Err((e, failure))
+        }
+    };
+    match result {
+        Ok(()) => info!(%call_id, %url, attempt, "agent session ended"),
+        Err((e, failure)) => {
             crate::metrics::pipeline_failed("agent");
-            warn!(%call_id, %url, error = %e, "agent pipeline failed; call continues without agent")
+            warn!(%call_id, %url, attempt, error = %e, "agent pipeline failed");
+            let _ = chans.commands.send(AgentCommand::Failed(failure)).await;
         }
     }
 }
 
-async fn session(
-    target: &AgentTarget,
-    info: &CallInfo,
-    mut chans: Channels,
-) -> Result<(), AgentError> {
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// TCP connect and upgrade, bounded by [`CONNECT_TIMEOUT`] (the supervisor's
+/// tenant `connect_timeout` is shorter and normally decides first).
+async fn connect(target: &AgentTarget) -> Result<Ws, AgentError> {
     let req = request(target)?;
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
-    let (mut ws, _resp) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(req, Some(config), true),
-    )
+    let (ws, _resp) = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        if req.uri().scheme_str() != Some("ws") {
+            return Err(AgentError::Connect(
+                "only ws:// is built in (no TLS)".to_owned(),
+            ));
+        }
+        let tcp = tcp_connect(req.uri()).await?;
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+        tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+            .await
+            .map_err(AgentError::from)
+    })
     .await
     .map_err(|_| AgentError::ConnectTimeout)??;
-    info!(call_id = %info.call_id, url = %redact_url(&target.url), "agent connected");
-    crate::metrics::pipeline_connected("agent");
-    ws.send(Message::text(start_message(info))).await?;
+    Ok(ws)
+}
+
+/// The TCP connection, with a small send buffer ([`SEND_BUFFER_BYTES`]) so an
+/// agent that reads slower than real time makes the bridge drop frames
+/// within seconds instead of queueing minutes of audio in the kernel.
+/// (tokio-tungstenite's own connect gives no access to the socket options.)
+async fn tcp_connect(
+    uri: &tokio_tungstenite::tungstenite::http::Uri,
+) -> Result<tokio::net::TcpStream, AgentError> {
+    let host = uri.host().ok_or(AgentError::InvalidUrl)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    let mut last = AgentError::Connect("no address".to_owned());
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| AgentError::Connect(e.to_string()))?;
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| AgentError::Connect(e.to_string()))?;
+        socket
+            .set_send_buffer_size(SEND_BUFFER_BYTES)
+            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| AgentError::Connect(e.to_string()))?;
+                return Ok(stream);
+            }
+            Err(e) => last = AgentError::Connect(e.to_string()),
+        }
+    }
+    Err(last)
+}
+
+/// Relays both ways until the call task drops its handle (`Ok`) or the
+/// connection fails.
+async fn relay(ws: &mut Ws, chans: &mut Channels) -> Result<(), AgentError> {
     loop {
         tokio::select! {
             frame = chans.audio.recv() => match frame {
                 Some(pcm) => ws.send(Message::binary(pcm_to_bytes(&pcm))).await?,
-                None => break,
+                None => return Ok(()),
             },
             ev = chans.events.recv() => match ev {
                 Some(ev) => ws.send(Message::text(event_message(&ev))).await?,
-                None => break,
+                None => return Ok(()),
             },
             msg = ws.next() => match msg {
                 Some(Ok(Message::Binary(bytes))) => {
                     let cmd = AgentCommand::Play(bytes_to_pcm(&bytes));
                     if chans.commands.send(cmd).await.is_err() {
-                        break;
+                        return Ok(());
                     }
                 }
                 Some(Ok(Message::Text(text))) => match parse_agent_text(&text) {
                     Some(cmd) => {
                         if chans.commands.send(cmd).await.is_err() {
-                            break;
+                            return Ok(());
                         }
                     }
                     None => debug!("agent message ignored"),
@@ -210,15 +304,32 @@ async fn session(
             },
         }
     }
-    // The call ended: send what is still queued, then stop, then close.
-    while let Ok(pcm) = chans.audio.try_recv() {
-        ws.send(Message::binary(pcm_to_bytes(&pcm))).await?;
+}
+
+async fn session(
+    mut ws: Ws,
+    info: &CallInfo,
+    attempt: u32,
+    chans: &mut Channels,
+) -> Result<(), AgentError> {
+    ws.send(Message::text(start_message(info, attempt))).await?;
+    // The call task dropping its handle ends the relay even while a send
+    // waits for an agent that stopped reading.
+    let dropped = chans.commands.clone();
+    tokio::select! {
+        r = relay(&mut ws, chans) => r?,
+        () = dropped.closed() => {}
     }
-    while let Ok(ev) = chans.events.try_recv() {
-        ws.send(Message::text(event_message(&ev))).await?;
-    }
-    ws.send(Message::text(stop_message())).await?;
+    // The call ended: send what is still queued, then stop, then close — all
+    // bounded, so an agent that stopped reading cannot keep this task alive.
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Ok(pcm) = chans.audio.try_recv() {
+            ws.send(Message::binary(pcm_to_bytes(&pcm))).await?;
+        }
+        while let Ok(ev) = chans.events.try_recv() {
+            ws.send(Message::text(event_message(&ev))).await?;
+        }
+        ws.send(Message::text(stop_message())).await?;
         ws.close(None).await?;
         while ws.next().await.is_some() {}
         Ok::<(), WsError>(())
@@ -241,12 +352,12 @@ mod tests {
             custom: vec![("X-Order".into(), "42".into())],
             sample_rate: 16_000,
         };
-        let v: serde_json::Value = serde_json::from_str(&start_message(&info)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&start_message(&info, 2)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"event":"start","call_id":"abc@h","tenant":"demo",
                 "from":"+1555","to":"+1666","codec":"pcm_s16le","sample_rate":16000,
-                "custom":{"X-Order":"42"}})
+                "custom":{"X-Order":"42"},"reconnect":2})
         );
     }
 
