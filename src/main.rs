@@ -452,7 +452,14 @@ mod data {
                 return Err(usage("--reason must not be empty"));
             }
             let mut o = open(&args.config)?;
-            let s = ops::erase(&mut o.ds, &args.tenant, &target, &args.reason, now())?;
+            let s = ops::erase(
+                &mut o.ds,
+                &args.tenant,
+                &target,
+                ops::CLI_ACTOR,
+                &args.reason,
+                now(),
+            )?;
             Ok(ops::erase_summary(&s))
         })())
     }

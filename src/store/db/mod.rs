@@ -217,6 +217,8 @@ text_enum! {
         Transcript = "transcript",
         /// A whole tenant.
         Tenant = "tenant",
+        /// The daemon's configuration.
+        Config = "config",
     }
 }
 
@@ -248,6 +250,10 @@ text_enum! {
         DataExport = "data-export",
         /// A tenant's data key was destroyed.
         KeyDestroyed = "key-destroyed",
+        /// A time-limited download link to a recording was issued.
+        RecordingLink = "recording-link",
+        /// A configuration reload was requested.
+        Reload = "reload",
     }
 }
 
@@ -477,6 +483,26 @@ pub struct AuditFilter {
     pub object_id: Option<String>,
     /// Only rows at or after this time.
     pub since: Option<UnixMs>,
+    /// Only rows with a larger id (paging).
+    pub after_id: Option<i64>,
+    /// At most this many rows.
+    pub limit: Option<u32>,
+}
+
+/// Which CDRs [`Store::list_calls`] reads; `None` fields match everything.
+/// Rows come ordered by (`started_at`, `call_id`), which is also the cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallFilter {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only calls started at or after this time.
+    pub since: Option<UnixMs>,
+    /// Only calls started before this time.
+    pub until: Option<UnixMs>,
+    /// Only calls after this (`started_at`, `call_id`) in the order (paging).
+    pub after: Option<(UnixMs, String)>,
+    /// At most this many rows.
+    pub limit: u32,
 }
 
 /// A recording whose row an erasure marked deleted: its file must go too.
@@ -976,6 +1002,32 @@ impl Store {
             .optional()?)
     }
 
+    /// CDRs matching `filter`, ordered by (`started_at`, `call_id`).
+    pub fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, DbError> {
+        let (after_at, after_id) = match &filter.after {
+            Some((at, id)) => (Some(*at), Some(id.as_str())),
+            None => (None, None),
+        };
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls WHERE (?1 IS NULL OR tenant = ?1) \
+             AND (?2 IS NULL OR started_at >= ?2) AND (?3 IS NULL OR started_at < ?3) \
+             AND (?4 IS NULL OR started_at > ?4 OR (started_at = ?4 AND call_id > ?5)) \
+             ORDER BY started_at, call_id LIMIT ?6"
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                filter.tenant,
+                filter.since,
+                filter.until,
+                after_at,
+                after_id,
+                filter.limit
+            ],
+            call_from_row,
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// The CDRs of `tenant` whose caller is `number` (matched through the
     /// tenant's caller-id policy, so hashed ids are found by number too).
     pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<CallRecord>, DbError> {
@@ -1403,10 +1455,19 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT id, at, actor, action, object_kind, object_id, tenant, reason FROM audit \
              WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR action = ?2) \
-             AND (?3 IS NULL OR object_id = ?3) AND (?4 IS NULL OR at >= ?4) ORDER BY id",
+             AND (?3 IS NULL OR object_id = ?3) AND (?4 IS NULL OR at >= ?4) \
+             AND (?5 IS NULL OR id > ?5) ORDER BY id LIMIT ?6",
         )?;
+        let limit = filter.limit.map_or(-1, i64::from);
         let rows = stmt.query_map(
-            params![filter.tenant, filter.action, filter.object_id, filter.since],
+            params![
+                filter.tenant,
+                filter.action,
+                filter.object_id,
+                filter.since,
+                filter.after_id,
+                limit
+            ],
             audit_from_row,
         )?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
