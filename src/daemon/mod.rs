@@ -45,17 +45,40 @@ const TCP_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// (UDP peers retransmit), so a flood cannot grow memory.
 const CALL_QUEUE: usize = 64;
 
+/// A live call as the daemon's maps hold it: its task's mailbox and what
+/// the admin API shows about it.
+pub(crate) struct CallEntry {
+    pub(crate) tx: mpsc::Sender<CallCommand>,
+    pub(crate) info: Arc<LiveCall>,
+}
+
+/// What is known about a live call outside its task.
+#[derive(Debug)]
+pub(crate) struct LiveCall {
+    pub(crate) call_id: String,
+    pub(crate) tenant: String,
+    pub(crate) trunk: String,
+    /// Caller number as received (the admin API applies the tenant's policy).
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) started_at: crate::store::db::UnixMs,
+    /// Unix ms of the answer; 0 until answered.
+    pub(crate) answered_at: std::sync::atomic::AtomicI64,
+    /// Set once the call has ended (its task may still be finishing).
+    pub(crate) ended: std::sync::atomic::AtomicBool,
+}
+
 /// State shared by listener tasks and call tasks.
 pub(crate) struct Shared {
     pub(crate) switchboard: Mutex<Switchboard>,
-    pub(crate) calls: Mutex<HashMap<String, mpsc::Sender<CallCommand>>>,
+    pub(crate) calls: Mutex<HashMap<String, CallEntry>>,
     pub(crate) transports: Transports,
     /// The store's writer (CDRs, consent, recordings); set once at start-up.
     pub(crate) records: Option<Arc<records::Records>>,
     pub(crate) rtp_bind: std::net::IpAddr,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic in another task while holding the lock must not take the daemon
     // down with it: the protected data stays consistent at every await point.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -162,7 +185,7 @@ impl Shared {
         let dispatch = self.decide(raw, parsed, peer, rng);
         match dispatch {
             Dispatch::ToCall(id, msg) => {
-                let tx = lock(&self.calls).get(&id).cloned();
+                let tx = lock(&self.calls).get(&id).map(|e| e.tx.clone());
                 if let Some(tx) = tx
                     && tx.try_send(CallCommand::Sip(Box::new(msg))).is_err()
                 {
@@ -237,6 +260,16 @@ impl Shared {
             to: crate::call::dialed_number(&admitted.invite).unwrap_or_default(),
             started_at: crate::store::db::unix_ms(SystemTime::now()),
         };
+        let live = Arc::new(LiveCall {
+            call_id: call_id.clone(),
+            tenant: row.tenant.clone(),
+            trunk: row.trunk.clone(),
+            from: row.from.clone(),
+            to: row.to.clone(),
+            started_at: row.started_at,
+            answered_at: std::sync::atomic::AtomicI64::new(0),
+            ended: std::sync::atomic::AtomicBool::new(false),
+        });
         let call = match Call::new(
             Instant::now(),
             SystemTime::now(),
@@ -260,12 +293,16 @@ impl Shared {
             records::CallStore::start(Arc::clone(r), row, settings.plan.record, opt_out_key)
         });
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
-        lock(&self.calls).insert(call_id.clone(), tx);
+        let entry = CallEntry {
+            tx,
+            info: Arc::clone(&live),
+        };
+        lock(&self.calls).insert(call_id.clone(), entry);
         let shared = Arc::clone(self);
         let span = info_span!("call", call_id = %call_id, tenant = %settings.tenant);
         tokio::spawn(
             async move {
-                run_call(&shared, call, rtp, rx, call_rng, agent, store).await;
+                run_call(&shared, call, rtp, rx, call_rng, agent, store, &live).await;
                 lock(&shared.calls).remove(&call_id);
             }
             .instrument(span),
@@ -292,6 +329,7 @@ async fn recv_on(
 
 /// One call's task: owns the `Call`, its media session, its RTP/RTCP sockets
 /// and its timer.
+#[allow(clippy::too_many_arguments)]
 async fn run_call(
     shared: &Arc<Shared>,
     mut call: Call,
@@ -300,6 +338,7 @@ async fn run_call(
     mut rng: StdRng,
     mut agent: Option<(PipelineSpec, CallInfo)>,
     mut store: Option<records::CallStore>,
+    live: &LiveCall,
 ) {
     let mut pipeline: Option<PipelineHandle> = None;
     let mut sockets = Some(sockets);
@@ -369,6 +408,10 @@ async fn run_call(
                 }
                 CallOutput::Event(CallEvent::Answered(neg)) => {
                     info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
+                    live.answered_at.store(
+                        crate::store::db::unix_ms(SystemTime::now()),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     if media.is_none() {
                         media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
                     }
@@ -385,6 +428,7 @@ async fn run_call(
                     }
                 }
                 CallOutput::Event(CallEvent::Ended(mut record)) => {
+                    live.ended.store(true, std::sync::atomic::Ordering::Relaxed);
                     if let Some(m) = &media {
                         record.rtp = Some(crate::call::RtpSummary::of(m));
                     }
@@ -591,6 +635,7 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
     ensure_master_key(&config, &mut os_rng)?;
     let mut shared = shared;
+    let mut master_key = None;
     if let Some(profile) = config.profiles.first() {
         let key = records::master_key_bytes(&profile.master_key)?;
 
@@ -598,18 +643,24 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
             .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
+        master_key = Some(key);
     }
     let shared = Arc::new(shared);
     let mut tasks = transport::spawn_listeners(&shared, listeners, &mut os_rng);
     let admin = match config.profiles.first().and_then(|p| p.admin.as_ref()) {
         Some(a) => {
-            let router = crate::admin::router(crate::admin::AdminState {
-                shared: Arc::clone(&shared),
-            });
+            // `POST /v1/reload` runs this; the SIGHUP reload (issue 7 item 3)
+            // replaces it with its own function returning the same result.
+            let reload = crate::admin::check_only_reload(crate::admin::config_source(&config));
             Some(
-                crate::admin::spawn(a.listen, router)
-                    .await
-                    .with_context(|| format!("binding the admin API on {}", a.listen))?,
+                crate::admin::start(
+                    &config,
+                    Arc::clone(&shared),
+                    a.listen,
+                    master_key.as_deref().map(Vec::as_slice),
+                    reload,
+                )
+                .await?,
             )
         }
         None => None,
@@ -621,7 +672,7 @@ pub async fn run(config: Arc<crate::config::Config>) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM: ending calls"),
     }
     lock(&shared.switchboard).start_draining();
-    let senders: Vec<_> = lock(&shared.calls).values().cloned().collect();
+    let senders: Vec<_> = lock(&shared.calls).values().map(|e| e.tx.clone()).collect();
     for tx in senders {
         let _ = tx.send(CallCommand::HangUp(HangupCause::Shutdown)).await;
     }

@@ -1002,6 +1002,25 @@ impl Store {
             .optional()?)
     }
 
+    /// One CDR, scoped to `tenant` when given.
+    pub fn call_by_id(
+        &self,
+        tenant: Option<&str>,
+        call_id: &str,
+    ) -> Result<Option<CallRecord>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {CALL_COLUMNS} FROM calls WHERE call_id = ?1 \
+                     AND (?2 IS NULL OR tenant = ?2)"
+                ),
+                params![call_id, tenant],
+                call_from_row,
+            )
+            .optional()?)
+    }
+
     /// CDRs matching `filter`, ordered by (`started_at`, `call_id`).
     pub fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, DbError> {
         let (after_at, after_id) = match &filter.after {
