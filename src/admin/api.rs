@@ -275,20 +275,14 @@ struct LiveCallJson {
     to: String,
     started_at: String,
     answered_at: Option<String>,
-    /// `ringing`, `answered` or `ending`.
+    /// `ringing` or `answered`.
     state: &'static str,
 }
 
 fn live_json(api: &Api, c: &crate::daemon::LiveCall) -> LiveCallJson {
     use std::sync::atomic::Ordering;
     let answered = c.answered_at.load(Ordering::Relaxed);
-    let state = if c.ended.load(Ordering::Relaxed) {
-        "ending"
-    } else if answered > 0 {
-        "answered"
-    } else {
-        "ringing"
-    };
+    let state = if answered > 0 { "answered" } else { "ringing" };
     let from = match api.settings().callers.get(&c.tenant) {
         Some(policy) => policy.stored_form(&c.from).unwrap_or_default(),
         None => c.from.clone(),
@@ -305,10 +299,16 @@ fn live_json(api: &Api, c: &crate::daemon::LiveCall) -> LiveCallJson {
     }
 }
 
+/// Whether the call has ended (its task may linger to absorb retransmissions:
+/// it is no longer an active call, its CDR is written).
+fn has_ended(c: &crate::daemon::LiveCall) -> bool {
+    c.ended.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn live_calls(state: &AdminState, tenant: Option<&str>) -> Vec<Arc<crate::daemon::LiveCall>> {
     let mut calls: Vec<_> = lock(&state.shared.calls)
         .values()
-        .filter(|e| tenant.is_none_or(|t| e.info.tenant == t))
+        .filter(|e| tenant.is_none_or(|t| e.info.tenant == t) && !has_ended(&e.info))
         .map(|e| Arc::clone(&e.info))
         .collect();
     calls.sort_by(|a, b| (a.started_at, &a.call_id).cmp(&(b.started_at, &b.call_id)));
@@ -336,7 +336,7 @@ fn visible_call(
 ) -> ApiResult<(Arc<crate::daemon::LiveCall>, mpsc::Sender<CallCommand>)> {
     let calls = lock(&state.shared.calls);
     let entry = calls.get(call_id).ok_or(ApiError::NotFound)?;
-    if !principal.sees(&entry.info.tenant) {
+    if !principal.sees(&entry.info.tenant) || has_ended(&entry.info) {
         return Err(ApiError::NotFound);
     }
     Ok((Arc::clone(&entry.info), entry.tx.clone()))
