@@ -685,3 +685,25 @@ fn hang_up_through_the_api_sends_bye() {
         404,
     );
 }
+
+#[test]
+fn admin_token_prints_a_token_and_its_hash() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(["admin-token", "--tenant", "acme"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let token = lines.next().unwrap().strip_prefix("token: sbt_").unwrap();
+    let config = lines.next().unwrap();
+    let token = format!("sbt_{token}");
+    assert_eq!(
+        config,
+        format!(
+            "admin_token_sha256 = \"{}\"  # [[tenant]] id = \"acme\"",
+            sha256_hex(&token)
+        )
+    );
+    assert_eq!(lines.next(), None);
+}

@@ -143,6 +143,21 @@ impl Api {
     }
 }
 
+/// A fresh bearer token (`sbt_` and the unpadded base64url of 32 random
+/// bytes) and the hex SHA-256 the configuration stores for it
+/// (`sipbridge admin-token`).
+pub fn new_token(rng: &mut impl rand::CryptoRng) -> (String, String) {
+    use base64::Engine as _;
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(bytes.as_mut());
+    let token = format!(
+        "sbt_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
+    );
+    let hash = hex::encode(auth::token_hash(token.as_bytes()));
+    (token, hash)
+}
+
 /// The reload `daemon::run` wires until the SIGHUP path exists: it loads
 /// and validates the configuration at `path` (the file, or the directory of
 /// profiles, `run` was started with) and applies nothing — an invalid
@@ -266,4 +281,27 @@ pub(crate) async fn spawn(
             warn!(error = %e, "admin API stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn a_new_token_authenticates_against_its_printed_hash() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let (token, hash) = new_token(&mut rng);
+        assert_eq!(token.len(), 4 + 43);
+        assert!(token.starts_with("sbt_"));
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(&hash, &mut h).unwrap();
+        let tokens = auth::Tokens::new(None, vec![("acme".into(), h)]);
+        let header = format!("Bearer {token}");
+        assert_eq!(
+            tokens.check(Some(header.as_bytes())),
+            Ok(auth::Principal::Tenant("acme".into()))
+        );
+        assert_ne!(new_token(&mut rng).0, token);
+    }
 }
