@@ -1654,3 +1654,112 @@ fn create_private(path: &Path) -> Result<(), DbError> {
             source,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with_calls() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        for t in ["acme", "globex"] {
+            s.set_caller_policy(t, CallerIdPolicy::Plain);
+        }
+        // Two calls share a start time: the call id orders them.
+        for (id, tenant, at) in [
+            ("c1", "acme", 1_000),
+            ("c3", "acme", 2_000),
+            ("c2", "acme", 2_000),
+            ("g1", "globex", 1_500),
+            ("c4", "acme", 3_000),
+        ] {
+            s.insert_call(&CallRow {
+                call_id: id.into(),
+                tenant: tenant.into(),
+                trunk: "t".into(),
+                from: "+1555".into(),
+                to: "+1666".into(),
+                started_at: at,
+            })
+            .unwrap();
+        }
+        (dir, s)
+    }
+
+    fn ids(calls: &[CallRecord]) -> Vec<&str> {
+        calls.iter().map(|c| c.call_id.as_str()).collect()
+    }
+
+    #[test]
+    fn list_calls_filters_and_pages_in_start_order() {
+        let (_dir, s) = store_with_calls();
+        let all = CallFilter {
+            limit: 100,
+            ..CallFilter::default()
+        };
+        assert_eq!(
+            ids(&s.list_calls(&all).unwrap()),
+            ["c1", "g1", "c2", "c3", "c4"]
+        );
+        let acme = CallFilter {
+            tenant: Some("acme".into()),
+            since: Some(1_500),
+            until: Some(3_000),
+            limit: 100,
+            ..CallFilter::default()
+        };
+        assert_eq!(ids(&s.list_calls(&acme).unwrap()), ["c2", "c3"]);
+        let mut page = CallFilter {
+            limit: 2,
+            ..CallFilter::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let calls = s.list_calls(&page).unwrap();
+            seen.extend(ids(&calls).into_iter().map(str::to_owned));
+            match calls.last() {
+                Some(c) if calls.len() == 2 => page.after = Some((c.started_at, c.call_id.clone())),
+                _ => break,
+            }
+        }
+        assert_eq!(seen, ["c1", "g1", "c2", "c3", "c4"]);
+        assert_eq!(s.call_by_id(Some("globex"), "c1").unwrap(), None);
+        assert_eq!(
+            s.call_by_id(None, "c1").unwrap().map(|c| c.tenant),
+            Some("acme".to_owned())
+        );
+    }
+
+    #[test]
+    fn audit_log_pages_by_id() {
+        let (_dir, mut s) = store_with_calls();
+        for (i, tenant) in ["acme", "globex", "acme", "acme"].iter().enumerate() {
+            s.audit(&AuditEntry {
+                at: i as i64,
+                actor: "test",
+                action: AuditAction::Reload,
+                object_kind: ObjectKind::Config,
+                object_id: "x",
+                tenant,
+                reason: "r",
+            })
+            .unwrap();
+        }
+        let page = |after_id, limit| {
+            s.audit_log(&AuditFilter {
+                tenant: Some("acme".into()),
+                after_id,
+                limit,
+                ..AuditFilter::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|r| r.at)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(page(None, None), [0, 2, 3]);
+        assert_eq!(page(None, Some(2)), [0, 2]);
+        let third_id = s.audit_log(&AuditFilter::default()).unwrap()[2].id;
+        assert_eq!(page(Some(third_id), Some(2)), [3]);
+    }
+}
