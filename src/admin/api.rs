@@ -205,9 +205,24 @@ impl Api {
         f: impl FnOnce(&mut DataStore) -> ApiResult<T> + Send + 'static,
     ) -> ApiResult<T> {
         let data = Arc::clone(self.data.as_ref().ok_or(ApiError::NoStore)?);
-        tokio::task::spawn_blocking(move || f(&mut lock(&data)))
-            .await
-            .map_err(|_| ApiError::Internal)?
+        let settings = self.settings();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&data);
+            // After a reload, the connection learns the new caller-id policies.
+            if !conn
+                .policies_of
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, &settings))
+            {
+                for (tenant, policy) in &settings.callers {
+                    conn.ds.set_caller_policy(tenant, policy.clone());
+                }
+                conn.policies_of = Some(settings);
+            }
+            f(&mut conn.ds)
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
     }
 }
 

@@ -9,8 +9,9 @@
 //! it reads the daemon's [`Shared`] and asks call tasks to act through their
 //! mailboxes, like the SIP listeners do. Stored data is read and changed only
 //! through `store::ops` and `store::db` on the API's own SQLite connection
-//! (WAL: the daemon's store thread keeps writing meanwhile). HTTP itself is
-//! axum/hyper's.
+//! (WAL: the daemon's store thread keeps writing meanwhile). Tokens and
+//! policies are derived from the switchboard's configuration each time it
+//! changes, so a reload moves them too. HTTP itself is axum/hyper's.
 
 mod api;
 mod auth;
@@ -56,47 +57,40 @@ pub(crate) struct AdminState {
     pub(crate) api: Arc<Api>,
 }
 
+/// The configuration in force (the switchboard's: a reload that swaps it
+/// moves the API's tokens and policies with it, with no further wiring).
+pub(crate) type ConfigSource = Box<dyn Fn() -> Arc<Config> + Send + Sync>;
+
 /// The `/v1` API's own state.
 pub(crate) struct Api {
-    settings: RwLock<ApiSettings>,
+    current: ConfigSource,
+    /// Settings derived from the configuration they were derived from.
+    settings: RwLock<Option<(Arc<Config>, Arc<ApiSettings>)>>,
     /// The API's connection to the store (`None`: the daemon has no store).
-    data: Option<Arc<Mutex<DataStore>>>,
+    data: Option<Arc<Mutex<StoreConn>>>,
     links: links::LinkSigner,
     reload: ReloadFn,
     master_key: zeroize::Zeroizing<Vec<u8>>,
 }
 
-/// What the API takes from the configuration (replaced on reload).
-#[derive(Default)]
+/// The API's store connection and the settings whose caller-id policies it
+/// was last given.
+struct StoreConn {
+    ds: DataStore,
+    policies_of: Option<Arc<ApiSettings>>,
+}
+
+/// What the API takes from the configuration.
 struct ApiSettings {
     tokens: auth::Tokens,
     callers: HashMap<String, CallerIdPolicy>,
     retention: HashMap<String, RetentionPolicy>,
 }
 
-impl Api {
-    /// The API of `config`'s first profile: its tokens, the link key derived
-    /// from `master_key`, the store connection `data` and the daemon's `reload`.
-    pub(crate) fn new(
-        config: &Config,
-        master_key: &[u8],
-        data: Option<DataStore>,
-        reload: ReloadFn,
-    ) -> Api {
-        let api = Api {
-            settings: RwLock::new(ApiSettings::default()),
-            data: data.map(|d| Arc::new(Mutex::new(d))),
-            links: links::LinkSigner::from_master(master_key),
-            reload,
-            master_key: zeroize::Zeroizing::new(master_key.to_vec()),
-        };
-        api.apply_config(config);
-        api
-    }
-
-    /// Takes tokens, caller-id and retention policies from `config` (at
-    /// start, and after a reload). The master key does not change on reload.
-    pub(crate) fn apply_config(&self, config: &Config) {
+impl ApiSettings {
+    /// The admin token of the first profile, the tenants' token hashes,
+    /// caller-id policies (keys derived from `master_key`) and retention.
+    fn of(config: &Config, master_key: &[u8]) -> ApiSettings {
         let admin_token = config
             .profiles
             .first()
@@ -107,39 +101,72 @@ impl Api {
             .iter()
             .filter_map(|t| t.admin_token_sha256.map(|h| (t.id.clone(), h)))
             .collect();
-        let callers: HashMap<String, CallerIdPolicy> = config
-            .tenants
-            .iter()
-            .map(|t| {
-                let p = CallerIdPolicy::for_tenant(t.hash_caller_numbers, &self.master_key, &t.id);
-                (t.id.clone(), p)
-            })
-            .collect();
-        if let Some(data) = &self.data {
-            let mut ds = crate::daemon::lock(data);
-            for (tenant, policy) in &callers {
-                ds.store.set_caller_policy(tenant, policy.clone());
-            }
-        }
-        let settings = ApiSettings {
+        ApiSettings {
             tokens: auth::Tokens::new(admin_token.map(|s| s.expose()), tenants),
-            callers,
+            callers: caller_policies(config, master_key),
             retention: config
                 .tenants
                 .iter()
                 .map(|t| (t.id.clone(), RetentionPolicy::from(&t.retention)))
                 .collect(),
-        };
+        }
+    }
+}
+
+fn caller_policies(config: &Config, master_key: &[u8]) -> HashMap<String, CallerIdPolicy> {
+    config
+        .tenants
+        .iter()
+        .map(|t| {
+            let p = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
+            (t.id.clone(), p)
+        })
+        .collect()
+}
+
+impl Api {
+    /// The API reading the configuration in force from `current`, signing
+    /// links under a key derived from `master_key`, on the store connection
+    /// `data`, reloading with `reload`.
+    pub(crate) fn new(
+        current: ConfigSource,
+        master_key: &[u8],
+        data: Option<DataStore>,
+        reload: ReloadFn,
+    ) -> Api {
+        Api {
+            current,
+            settings: RwLock::new(None),
+            data: data.map(|ds| {
+                Arc::new(Mutex::new(StoreConn {
+                    ds,
+                    policies_of: None,
+                }))
+            }),
+            links: links::LinkSigner::from_master(master_key),
+            reload,
+            master_key: zeroize::Zeroizing::new(master_key.to_vec()),
+        }
+    }
+
+    /// The settings of the configuration in force, derived again only when
+    /// it changed.
+    fn settings(&self) -> Arc<ApiSettings> {
+        let config = (self.current)();
+        if let Some((of, s)) = &*self
+            .settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            && Arc::ptr_eq(of, &config)
+        {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(ApiSettings::of(&config, &self.master_key));
         *self
             .settings
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
-    }
-
-    fn settings(&self) -> std::sync::RwLockReadGuard<'_, ApiSettings> {
-        self.settings
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((config, Arc::clone(&s)));
+        s
     }
 }
 
@@ -209,23 +236,17 @@ pub(crate) async fn start(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context;
     let data = match (config.profiles.first(), master_key, &shared.records) {
-        (Some(profile), Some(key), Some(_)) => {
-            let policies = config
-                .tenants
-                .iter()
-                .map(|t| {
-                    let p = CallerIdPolicy::for_tenant(t.hash_caller_numbers, key, &t.id);
-                    (t.id.clone(), p)
-                })
-                .collect();
-            Some(
-                DataStore::open(&profile.var_dir, key, policies)
-                    .context("opening the admin API's store connection")?,
-            )
-        }
+        (Some(profile), Some(key), Some(_)) => Some(
+            DataStore::open(&profile.var_dir, key, caller_policies(config, key))
+                .context("opening the admin API's store connection")?,
+        ),
         _ => None,
     };
-    let api = Api::new(config, master_key.unwrap_or_default(), data, reload);
+    let current: ConfigSource = {
+        let shared = Arc::clone(&shared);
+        Box::new(move || Arc::clone(crate::daemon::lock(&shared.switchboard).config()))
+    };
+    let api = Api::new(current, master_key.unwrap_or_default(), data, reload);
     let router = router(AdminState {
         shared,
         api: Arc::new(api),
@@ -287,6 +308,57 @@ pub(crate) async fn spawn(
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// A configuration whose tenant `acme` accepts `token`.
+    fn config_with(dir: &std::path::Path, token: &str) -> Arc<Config> {
+        let path = dir.join(format!("{token}.toml"));
+        let text = format!(
+            "[profile]\nname = \"p\"\nvar_dir = \"{var}\"\nmaster_key = \"env:K\"\n\
+             [profile.listen]\nudp = [\"127.0.0.1:0\"]\n\n\
+             [[tenant]]\nid = \"acme\"\npipeline = {{ kind = \"echo\" }}\n\
+             admin_token_sha256 = \"{hash}\"\n",
+            var = dir.join("var").display(),
+            hash = hex::encode(auth::token_hash(token.as_bytes())),
+        );
+        std::fs::write(&path, text).unwrap();
+        let key = "k".repeat(32);
+        let env = move |name: &str| (name == "K").then(|| key.clone());
+        Arc::new(crate::config::load_with_env(&path, &env).unwrap())
+    }
+
+    #[test]
+    fn tokens_follow_the_configuration_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = config_with(dir.path(), "token-one");
+        let current = Arc::new(Mutex::new(Arc::clone(&first)));
+        let source: ConfigSource = {
+            let current = Arc::clone(&current);
+            Box::new(move || Arc::clone(&current.lock().unwrap()))
+        };
+        let api = Api::new(
+            source,
+            &[3u8; 32],
+            None,
+            check_only_reload(dir.path().join("none.toml")),
+        );
+        let check = |t: &str| {
+            api.settings()
+                .tokens
+                .check(Some(format!("Bearer {t}").as_bytes()))
+        };
+        let acme = Ok(auth::Principal::Tenant("acme".into()));
+        assert_eq!(check("token-one"), acme);
+        let cached = api.settings();
+        assert!(
+            Arc::ptr_eq(&cached, &api.settings()),
+            "derived once per configuration"
+        );
+        // A reload swaps the configuration: the old token stops working.
+        *current.lock().unwrap() = config_with(dir.path(), "token-two");
+        assert_eq!(check("token-one"), Err(auth::AuthError::Unknown));
+        assert_eq!(check("token-two"), acme);
+        assert!(!Arc::ptr_eq(&cached, &api.settings()));
+    }
 
     #[test]
     fn a_new_token_authenticates_against_its_printed_hash() {

@@ -154,6 +154,12 @@ impl DataStore {
         })
     }
 
+    /// Sets `tenant`'s caller-id policy (e.g. after a configuration reload).
+    pub fn set_caller_policy(&mut self, tenant: &str, policy: CallerIdPolicy) {
+        self.store.set_caller_policy(tenant, policy);
+        self.with_policy.insert(tenant.to_owned());
+    }
+
     /// Makes sure `tenant` has a caller-id policy (plain unless configured).
     fn ensure_policy(&mut self, tenant: &str) {
         if self.with_policy.insert(tenant.to_owned()) {
