@@ -72,6 +72,13 @@ enum Command {
     /// Data portability: a caller's CDRs, transcripts and decrypted
     /// recordings into a new directory (audited).
     Export(data::ExportArgs),
+    /// Print a new admin API bearer token and the SHA-256 to configure for
+    /// it (`admin_token_sha256` of a tenant). The token is shown only here.
+    AdminToken {
+        /// The tenant the token is for (only labels the printed line).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Tenant administration.
     Tenant {
         #[command(subcommand)]
@@ -98,7 +105,18 @@ fn main() -> ExitCode {
         Command::Erase(args) => data::erase(args),
         Command::Export(args) => data::export(args),
         Command::Tenant { command } => data::tenant(command),
+        Command::AdminToken { tenant } => admin_token(tenant.as_deref()),
     }
+}
+
+fn admin_token(tenant: Option<&str>) -> ExitCode {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let (token, hash) = sipbridge::admin::new_token(&mut rng);
+    let table = tenant.map_or(String::new(), |t| format!("  # [[tenant]] id = \"{t}\""));
+    println!("token: {token}");
+    println!("admin_token_sha256 = \"{hash}\"{table}");
+    ExitCode::SUCCESS
 }
 
 fn run(path: &Path) -> ExitCode {
@@ -457,7 +475,14 @@ mod data {
                 return Err(usage("--reason must not be empty"));
             }
             let mut o = open(&args.config)?;
-            let s = ops::erase(&mut o.ds, &args.tenant, &target, &args.reason, now())?;
+            let s = ops::erase(
+                &mut o.ds,
+                &args.tenant,
+                &target,
+                ops::CLI_ACTOR,
+                &args.reason,
+                now(),
+            )?;
             Ok(ops::erase_summary(&s))
         })())
     }

@@ -1,33 +1,237 @@
 //! The admin HTTP surface (DESIGN §5): health and readiness for operators and
-//! load balancers, and the router the admin API and `/metrics` mount on.
+//! load balancers, the authenticated `/v1` API (live calls, CDRs, recordings
+//! and their signed download links, transcripts, retention, erasure, export,
+//! reload, audit log) and the router `/metrics` mounts on.
 //!
 //! Owns: the admin listener (`[profile.admin] listen`, 127.0.0.1 in every
-//! shipped profile) and its axum router. Must not hold protocol state: it
-//! reads the daemon's [`Shared`] and asks call tasks to act through their
-//! mailboxes, like the SIP listeners do. HTTP itself is axum/hyper's.
+//! shipped profile), its axum router, bearer-token checks (`auth`), link
+//! signing (`links`) and the handlers (`api`). Must not hold protocol state:
+//! it reads the daemon's [`Shared`] and asks call tasks to act through their
+//! mailboxes, like the SIP listeners do. Stored data is read and changed only
+//! through `store::ops` and `store::db` on the API's own SQLite connection
+//! (WAL: the daemon's store thread keeps writing meanwhile). Tokens and
+//! policies are derived from the switchboard's configuration each time it
+//! changes, so a reload moves them too. HTTP itself is axum/hyper's.
 
+mod api;
+mod auth;
+mod links;
+
+use crate::config::Config;
 use crate::daemon::Shared;
+use crate::store::db::CallerIdPolicy;
+use crate::store::ops::DataStore;
+use crate::store::retention::RetentionPolicy;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use futures_util::future::BoxFuture;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
+
+/// Why a reload did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum ReloadError {
+    /// The new configuration is invalid; the running one stays. One line per
+    /// diagnostic.
+    #[error("configuration invalid; the running configuration stays")]
+    Invalid(Vec<String>),
+    /// This daemon cannot reload (yet), or one is already running.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What `POST /v1/reload` runs: the daemon's reload, whatever it is. The
+/// JSON value on success is returned to the client as is.
+pub(crate) type ReloadFn =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<serde_json::Value, ReloadError>> + Send + Sync>;
 
 /// What every handler gets.
 #[derive(Clone)]
 pub(crate) struct AdminState {
     pub(crate) shared: Arc<Shared>,
+    pub(crate) api: Arc<Api>,
 }
 
-/// The admin router: `/healthz`, `/readyz`.
+/// The configuration in force (the switchboard's: a reload that swaps it
+/// moves the API's tokens and policies with it, with no further wiring).
+pub(crate) type ConfigSource = Box<dyn Fn() -> Arc<Config> + Send + Sync>;
+
+/// The `/v1` API's own state.
+pub(crate) struct Api {
+    current: ConfigSource,
+    /// Settings derived from the configuration they were derived from.
+    settings: RwLock<Option<(Arc<Config>, Arc<ApiSettings>)>>,
+    /// The API's connection to the store (`None`: the daemon has no store).
+    data: Option<Arc<Mutex<StoreConn>>>,
+    links: links::LinkSigner,
+    reload: ReloadFn,
+    master_key: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// The API's store connection and the settings whose caller-id policies it
+/// was last given.
+struct StoreConn {
+    ds: DataStore,
+    policies_of: Option<Arc<ApiSettings>>,
+}
+
+/// What the API takes from the configuration.
+struct ApiSettings {
+    tokens: auth::Tokens,
+    callers: HashMap<String, CallerIdPolicy>,
+    retention: HashMap<String, RetentionPolicy>,
+}
+
+impl ApiSettings {
+    /// The admin token of the first profile, the tenants' token hashes,
+    /// caller-id policies (keys derived from `master_key`) and retention.
+    fn of(config: &Config, master_key: &[u8]) -> ApiSettings {
+        let admin_token = config
+            .profiles
+            .first()
+            .and_then(|p| p.admin.as_ref())
+            .and_then(|a| a.token.as_ref());
+        let tenants = config
+            .tenants
+            .iter()
+            .filter_map(|t| t.admin_token_sha256.map(|h| (t.id.clone(), h)))
+            .collect();
+        ApiSettings {
+            tokens: auth::Tokens::new(admin_token.map(|s| s.expose()), tenants),
+            callers: caller_policies(config, master_key),
+            retention: config
+                .tenants
+                .iter()
+                .map(|t| (t.id.clone(), RetentionPolicy::from(&t.retention)))
+                .collect(),
+        }
+    }
+}
+
+fn caller_policies(config: &Config, master_key: &[u8]) -> HashMap<String, CallerIdPolicy> {
+    config
+        .tenants
+        .iter()
+        .map(|t| {
+            let p = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
+            (t.id.clone(), p)
+        })
+        .collect()
+}
+
+impl Api {
+    /// The API reading the configuration in force from `current`, signing
+    /// links under a key derived from `master_key`, on the store connection
+    /// `data`, reloading with `reload`.
+    pub(crate) fn new(
+        current: ConfigSource,
+        master_key: &[u8],
+        data: Option<DataStore>,
+        reload: ReloadFn,
+    ) -> Api {
+        Api {
+            current,
+            settings: RwLock::new(None),
+            data: data.map(|ds| {
+                Arc::new(Mutex::new(StoreConn {
+                    ds,
+                    policies_of: None,
+                }))
+            }),
+            links: links::LinkSigner::from_master(master_key),
+            reload,
+            master_key: zeroize::Zeroizing::new(master_key.to_vec()),
+        }
+    }
+
+    /// The settings of the configuration in force, derived again only when
+    /// it changed.
+    fn settings(&self) -> Arc<ApiSettings> {
+        let config = (self.current)();
+        if let Some((of, s)) = &*self
+            .settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            && Arc::ptr_eq(of, &config)
+        {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(ApiSettings::of(&config, &self.master_key));
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((config, Arc::clone(&s)));
+        s
+    }
+}
+
+/// A fresh bearer token (`sbt_` and the unpadded base64url of 32 random
+/// bytes) and the hex SHA-256 the configuration stores for it
+/// (`sipbridge admin-token`).
+pub fn new_token(rng: &mut impl rand::CryptoRng) -> (String, String) {
+    use base64::Engine as _;
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(bytes.as_mut());
+    let token = format!(
+        "sbt_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
+    );
+    let hash = hex::encode(auth::token_hash(token.as_bytes()));
+    (token, hash)
+}
+
+/// Opens the API's own store connection (the daemon's store must be open:
+/// the database exists) and serves the admin router on `listen`.
+pub(crate) async fn start(
+    config: &Config,
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    master_key: Option<&[u8]>,
+    reload: ReloadFn,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use anyhow::Context;
+    let data = match (config.profiles.first(), master_key, &shared.records) {
+        (Some(profile), Some(key), Some(_)) => Some(
+            DataStore::open(&profile.var_dir, key, caller_policies(config, key))
+                .context("opening the admin API's store connection")?,
+        ),
+        _ => None,
+    };
+    let current: ConfigSource = {
+        let shared = Arc::clone(&shared);
+        Box::new(move || Arc::clone(crate::daemon::lock(&shared.switchboard).config()))
+    };
+    let api = Api::new(current, master_key.unwrap_or_default(), data, reload);
+    let router = router(AdminState {
+        shared,
+        api: Arc::new(api),
+    });
+    spawn(listen, router)
+        .await
+        .with_context(|| format!("binding the admin API on {listen}"))
+}
+
+/// The admin router: `/healthz`, `/readyz`, the `/v1` API and
+/// [`extra_routes`].
 pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(api::routes())
         .with_state(state)
+        .merge(extra_routes())
+}
+
+/// Routes other modules mount on the admin listener without the API's state
+/// or authentication: `/metrics` goes here (`crate::metrics::render`).
+fn extra_routes() -> Router {
+    Router::new()
 }
 
 /// Liveness: the process answers HTTP.
@@ -73,4 +277,78 @@ pub(crate) async fn spawn(
             warn!(error = %e, "admin API stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// A configuration whose tenant `acme` accepts `token`.
+    fn config_with(dir: &std::path::Path, token: &str) -> Arc<Config> {
+        let path = dir.join(format!("{token}.toml"));
+        let text = format!(
+            "[profile]\nname = \"p\"\nvar_dir = \"{var}\"\nmaster_key = \"env:K\"\n\
+             [profile.listen]\nudp = [\"127.0.0.1:0\"]\n\n\
+             [[tenant]]\nid = \"acme\"\npipeline = {{ kind = \"echo\" }}\n\
+             admin_token_sha256 = \"{hash}\"\n",
+            var = dir.join("var").display(),
+            hash = hex::encode(auth::token_hash(token.as_bytes())),
+        );
+        std::fs::write(&path, text).unwrap();
+        let key = "k".repeat(32);
+        let env = move |name: &str| (name == "K").then(|| key.clone());
+        Arc::new(crate::config::load_with_env(&path, &env).unwrap())
+    }
+
+    #[test]
+    fn tokens_follow_the_configuration_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = config_with(dir.path(), "token-one");
+        let current = Arc::new(Mutex::new(Arc::clone(&first)));
+        let source: ConfigSource = {
+            let current = Arc::clone(&current);
+            Box::new(move || Arc::clone(&current.lock().unwrap()))
+        };
+        let api = Api::new(
+            source,
+            &[3u8; 32],
+            None,
+            Arc::new(|| Box::pin(async { Err(ReloadError::Unavailable("test".into())) })),
+        );
+        let check = |t: &str| {
+            api.settings()
+                .tokens
+                .check(Some(format!("Bearer {t}").as_bytes()))
+        };
+        let acme = Ok(auth::Principal::Tenant("acme".into()));
+        assert_eq!(check("token-one"), acme);
+        let cached = api.settings();
+        assert!(
+            Arc::ptr_eq(&cached, &api.settings()),
+            "derived once per configuration"
+        );
+        // A reload swaps the configuration: the old token stops working.
+        *current.lock().unwrap() = config_with(dir.path(), "token-two");
+        assert_eq!(check("token-one"), Err(auth::AuthError::Unknown));
+        assert_eq!(check("token-two"), acme);
+        assert!(!Arc::ptr_eq(&cached, &api.settings()));
+    }
+
+    #[test]
+    fn a_new_token_authenticates_against_its_printed_hash() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let (token, hash) = new_token(&mut rng);
+        assert_eq!(token.len(), 4 + 43);
+        assert!(token.starts_with("sbt_"));
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(&hash, &mut h).unwrap();
+        let tokens = auth::Tokens::new(None, vec![("acme".into(), h)]);
+        let header = format!("Bearer {token}");
+        assert_eq!(
+            tokens.check(Some(header.as_bytes())),
+            Ok(auth::Principal::Tenant("acme".into()))
+        );
+        assert_ne!(new_token(&mut rng).0, token);
+    }
 }

@@ -91,11 +91,14 @@ pub struct Profile {
 }
 
 /// The admin HTTP API of a profile (`[profile.admin]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub struct AdminSettings {
     /// Where it listens (port 0: any free port, logged at start).
     pub listen: SocketAddr,
+    /// The admin bearer token (`token = "<secret ref>"`); `None`: only
+    /// tenant tokens are accepted.
+    pub token: Option<Secret>,
 }
 
 /// Default `[profile] drain_grace_s`.
@@ -277,6 +280,9 @@ pub struct Tenant {
     pub pipeline_failure: FailurePolicy,
     /// Concurrent calls for this tenant.
     pub max_calls: Option<u32>,
+    /// SHA-256 of the tenant's admin API bearer token
+    /// (`admin_token_sha256`); `None`: the tenant has no API access.
+    pub admin_token_sha256: Option<[u8; 32]>,
 }
 
 /// A checked disclosure prompt file.

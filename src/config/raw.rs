@@ -39,6 +39,9 @@ pub(crate) struct RawProfile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdmin {
     pub(crate) listen: Spanned<String>,
+    /// Secret reference of the admin bearer token (hashed in memory at load).
+    #[serde(default)]
+    pub(crate) token: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +145,9 @@ pub(crate) struct RawTenant {
     pub(crate) pipeline: Spanned<RawPipeline>,
     #[serde(default)]
     pub(crate) max_calls: Option<Spanned<u32>>,
+    /// SHA-256 (hex) of the tenant's admin API bearer token.
+    #[serde(default)]
+    pub(crate) admin_token_sha256: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

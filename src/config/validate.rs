@@ -616,8 +616,13 @@ fn check_profiles(
         let media = media_settings(p.media.as_ref());
         let admin = p.admin.as_ref().and_then(|a| {
             let listen = &a.get_ref().listen;
+            let token = a
+                .get_ref()
+                .token
+                .as_ref()
+                .and_then(|t| cx.secret(file, t, "admin token"));
             match listen.get_ref().parse::<SocketAddr>() {
-                Ok(listen) => Some(AdminSettings { listen }),
+                Ok(listen) => Some(AdminSettings { listen, token }),
                 Err(_) => {
                     cx.error(
                         file,
@@ -992,6 +997,21 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 16_000
             }
         };
+        let admin_token_sha256 = t.admin_token_sha256.as_ref().and_then(|h| {
+            let mut hash = [0u8; 32];
+            match hex::decode_to_slice(h.get_ref(), &mut hash) {
+                Ok(()) => Some(hash),
+                Err(_) => {
+                    cx.error(
+                        file,
+                        Some(h.span()),
+                        "admin_token_sha256 must be 64 hex digits: the SHA-256 of the token \
+                         (`sipbridge admin-token --tenant ID` prints a token and its hash)",
+                    );
+                    None
+                }
+            }
+        });
         if let Some(pipeline) = pipeline {
             out.push((
                 Tenant {
@@ -1011,6 +1031,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     pipeline,
                     pipeline_failure,
                     max_calls,
+                    admin_token_sha256,
                 },
                 (file, t.id.span()),
             ));

@@ -266,7 +266,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
 /// store. A further SIGTERM/SIGINT cuts the waits short.
 async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
     lock(&shared.switchboard).start_draining();
-    let senders: Vec<_> = lock(&shared.calls).values().cloned().collect();
+    let senders: Vec<_> = lock(&shared.calls).values().map(|e| e.tx.clone()).collect();
     for tx in senders {
         let _ = tx.send(CallCommand::HangUp(HangupCause::Shutdown)).await;
     }

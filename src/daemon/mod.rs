@@ -43,10 +43,33 @@ pub(crate) enum CallCommand {
 /// (UDP peers retransmit), so a flood cannot grow memory.
 const CALL_QUEUE: usize = 64;
 
+/// A live call as the daemon's maps hold it: its task's mailbox and what
+/// the admin API shows about it.
+pub(crate) struct CallEntry {
+    pub(crate) tx: mpsc::Sender<CallCommand>,
+    pub(crate) info: Arc<LiveCall>,
+}
+
+/// What is known about a live call outside its task.
+#[derive(Debug)]
+pub(crate) struct LiveCall {
+    pub(crate) call_id: String,
+    pub(crate) tenant: String,
+    pub(crate) trunk: String,
+    /// Caller number as received (the admin API applies the tenant's policy).
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) started_at: crate::store::db::UnixMs,
+    /// Unix ms of the answer; 0 until answered.
+    pub(crate) answered_at: std::sync::atomic::AtomicI64,
+    /// Set once the call has ended (its task may still be finishing).
+    pub(crate) ended: std::sync::atomic::AtomicBool,
+}
+
 /// State shared by listener tasks and call tasks.
 pub(crate) struct Shared {
     pub(crate) switchboard: Mutex<Switchboard>,
-    pub(crate) calls: Mutex<HashMap<String, mpsc::Sender<CallCommand>>>,
+    pub(crate) calls: Mutex<HashMap<String, CallEntry>>,
     pub(crate) transports: Transports,
     /// The store's writer (CDRs, consent, recordings); set once at start-up.
     pub(crate) records: Option<Arc<records::Records>>,
@@ -74,7 +97,7 @@ struct AgentPlan {
     fallback: Option<Arc<FallbackAudio>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic in another task while holding the lock must not take the daemon
     // down with it: the protected data stays consistent at every await point.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -192,7 +215,7 @@ impl Shared {
         let dispatch = self.decide(raw, parsed, peer, rng);
         match dispatch {
             Dispatch::ToCall(id, msg) => {
-                let tx = lock(&self.calls).get(&id).cloned();
+                let tx = lock(&self.calls).get(&id).map(|e| e.tx.clone());
                 if let Some(tx) = tx
                     && tx.try_send(CallCommand::Sip(Box::new(msg))).is_err()
                 {
@@ -269,6 +292,16 @@ impl Shared {
             to: crate::call::dialed_number(&admitted.invite).unwrap_or_default(),
             started_at: crate::store::db::unix_ms(SystemTime::now()),
         };
+        let live = Arc::new(LiveCall {
+            call_id: call_id.clone(),
+            tenant: row.tenant.clone(),
+            trunk: row.trunk.clone(),
+            from: row.from.clone(),
+            to: row.to.clone(),
+            started_at: row.started_at,
+            answered_at: std::sync::atomic::AtomicI64::new(0),
+            ended: std::sync::atomic::AtomicBool::new(false),
+        });
         let call = match Call::new(
             Instant::now(),
             SystemTime::now(),
@@ -292,12 +325,16 @@ impl Shared {
             records::CallStore::start(Arc::clone(r), row, settings.plan.record, opt_out_key)
         });
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
-        lock(&self.calls).insert(call_id.clone(), tx);
+        let entry = CallEntry {
+            tx,
+            info: Arc::clone(&live),
+        };
+        lock(&self.calls).insert(call_id.clone(), entry);
         let shared = Arc::clone(self);
         let span = info_span!("call", call_id = %call_id, tenant = %settings.tenant);
         tokio::spawn(
             async move {
-                run_call(&shared, call, rtp, rx, call_rng, agent, store).await;
+                run_call(&shared, call, rtp, rx, call_rng, agent, store, &live).await;
                 lock(&shared.calls).remove(&call_id);
             }
             .instrument(span),
@@ -400,6 +437,7 @@ impl PipelineLink {
 
 /// One call's task: owns the `Call`, its media session, its RTP/RTCP sockets,
 /// its pipeline link and its timer.
+#[allow(clippy::too_many_arguments)]
 async fn run_call(
     shared: &Arc<Shared>,
     mut call: Call,
@@ -408,6 +446,7 @@ async fn run_call(
     mut rng: StdRng,
     mut agent: Option<AgentPlan>,
     mut store: Option<records::CallStore>,
+    live: &LiveCall,
 ) {
     let mut link: Option<PipelineLink> = None;
     let mut sockets = Some(sockets);
@@ -491,6 +530,10 @@ async fn run_call(
                 }
                 CallOutput::Event(CallEvent::Answered(neg)) => {
                     info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
+                    live.answered_at.store(
+                        crate::store::db::unix_ms(SystemTime::now()),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     if media.is_none() {
                         media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
                     }
@@ -509,6 +552,7 @@ async fn run_call(
                     }
                 }
                 CallOutput::Event(CallEvent::Ended(mut record)) => {
+                    live.ended.store(true, std::sync::atomic::Ordering::Relaxed);
                     if let Some(m) = &media {
                         record.rtp = Some(crate::call::RtpSummary::of(m));
                     }
@@ -854,6 +898,23 @@ fn ensure_master_key(config: &crate::config::Config, rng: &mut StdRng) -> anyhow
     Ok(())
 }
 
+/// The admin API's reload: the SIGHUP path ([`lifecycle::reload`]), its
+/// summary as JSON; invalid files answer with their diagnostics, any other
+/// refusal (draining, a change that needs a restart) as unavailable.
+fn admin_reload(shared: Arc<Shared>) -> crate::admin::ReloadFn {
+    use crate::admin::ReloadError as AdminError;
+    Arc::new(move || {
+        let shared = Arc::clone(&shared);
+        Box::pin(async move {
+            match lifecycle::reload(&shared).await {
+                Ok(summary) => Ok(serde_json::to_value(&summary).unwrap_or_default()),
+                Err(lifecycle::ReloadError::Invalid(lines)) => Err(AdminError::Invalid(lines)),
+                Err(e) => Err(AdminError::Unavailable(e.to_string())),
+            }
+        })
+    })
+}
+
 /// Runs the daemon on the configuration read from `config_path` until it is
 /// stopped: SIGHUP reloads `config_path`, SIGTERM drains, SIGINT (or a second
 /// SIGTERM) ends the calls at once (see `lifecycle`).
@@ -871,13 +932,15 @@ pub async fn run(
     *lock(&shared.fallback_prompts) = load_fallback_prompts(&config)?;
     ensure_master_key(&config, &mut os_rng)?;
     let mut master_key = None;
+    let mut key_fingerprint = None;
     if let Some(profile) = config.profiles.first() {
         let key = records::master_key_bytes(&profile.master_key)?;
-        master_key = Some(lifecycle::fingerprint(&key));
+        key_fingerprint = Some(lifecycle::fingerprint(&key));
         let records = records::Records::open(&profile.var_dir, &key, &config.tenants)
             .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
+        master_key = Some(key);
     }
     let shared = Arc::new(shared);
     let listeners = bound
@@ -886,18 +949,23 @@ pub async fn run(
         .collect();
     let admin = match config.profiles.first().and_then(|p| p.admin.as_ref()) {
         Some(a) => {
-            let router = crate::admin::router(crate::admin::AdminState {
-                shared: Arc::clone(&shared),
-            });
+            // `POST /v1/reload` runs the same reload as SIGHUP.
+            let reload = admin_reload(Arc::clone(&shared));
             Some(
-                crate::admin::spawn(a.listen, router)
-                    .await
-                    .with_context(|| format!("binding the admin API on {}", a.listen))?,
+                crate::admin::start(
+                    &config,
+                    Arc::clone(&shared),
+                    a.listen,
+                    master_key.as_deref().map(Vec::as_slice),
+                    reload,
+                )
+                .await?,
             )
         }
         None => None,
     };
-    shared.life.started(listeners, master_key).await;
+    drop(master_key);
+    shared.life.started(listeners, key_fingerprint).await;
     lifecycle::serve(&shared, signals).await;
     if let Some(admin) = admin {
         admin.abort();

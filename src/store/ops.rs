@@ -154,6 +154,12 @@ impl DataStore {
         })
     }
 
+    /// Sets `tenant`'s caller-id policy (e.g. after a configuration reload).
+    pub fn set_caller_policy(&mut self, tenant: &str, policy: CallerIdPolicy) {
+        self.store.set_caller_policy(tenant, policy);
+        self.with_policy.insert(tenant.to_owned());
+    }
+
     /// Makes sure `tenant` has a caller-id policy (plain unless configured).
     fn ensure_policy(&mut self, tenant: &str) {
         if self.with_policy.insert(tenant.to_owned()) {
@@ -533,8 +539,8 @@ fn remove_files<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<usize, 
     }
 }
 
-/// `erase --tenant T (--caller N | --call ID | --all) --reason R`: in one
-/// transaction deletes the transcripts, marks the recordings deleted and
+/// `erase --tenant T (--caller N | --call ID | --all) --reason R` (and the
+/// admin API's erase, with its own `actor`): in one transaction deletes the transcripts, marks the recordings deleted and
 /// blanks the caller id of the CDRs (for `All`: deletes every row of the
 /// tenant), each object audited with `reason`; then removes the recording
 /// files. Calls under legal hold are skipped and listed (`All` is refused).
@@ -542,17 +548,16 @@ pub fn erase(
     ds: &mut DataStore,
     tenant: &str,
     target: &EraseTarget,
+    actor: &str,
     reason: &str,
     now: UnixMs,
 ) -> Result<ErasedSummary, OpsError> {
     validate_tenant(tenant)?;
     ds.ensure_policy(tenant);
     let summary = match target {
-        EraseTarget::Caller(number) => ds
-            .store
-            .erase_caller(tenant, number, CLI_ACTOR, reason, now)?,
-        EraseTarget::Call(id) => ds.store.erase_call(tenant, id, CLI_ACTOR, reason, now)?,
-        EraseTarget::All => match ds.store.erase_tenant(tenant, CLI_ACTOR, reason, now) {
+        EraseTarget::Caller(number) => ds.store.erase_caller(tenant, number, actor, reason, now)?,
+        EraseTarget::Call(id) => ds.store.erase_call(tenant, id, actor, reason, now)?,
+        EraseTarget::All => match ds.store.erase_tenant(tenant, actor, reason, now) {
             Err(DbError::LegalHold { tenant, held }) => {
                 return Err(OpsError::LegalHold {
                     tenant,
@@ -622,46 +627,66 @@ pub fn open_transcript(key: &DataKey, id: &str, sealed: &[u8]) -> Result<String,
 
 // ---- data-portability export -------------------------------------------------
 
-#[derive(Serialize)]
-struct CallJson<'a> {
-    call_id: &'a str,
-    tenant: &'a str,
-    trunk: &'a str,
+/// One CDR as exported (`calls.json`, the admin API): times in RFC 3339.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExportedCall {
+    /// SIP Call-ID.
+    pub call_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Trunk.
+    pub trunk: String,
     /// As stored: the number, or its keyed hash under a hashing tenant.
-    caller: Option<&'a str>,
-    to: &'a str,
-    started_at: String,
-    answered_at: Option<String>,
-    ended_at: Option<String>,
-    result_code: Option<u16>,
-    hangup_side: Option<&'static str>,
-    cause: Option<&'a str>,
-    codec: Option<&'a str>,
-    rtp_packets: Option<u64>,
-    rtp_lost: Option<u64>,
-    rtp_jitter_ms: Option<f64>,
-    disclosure_started_at: Option<String>,
-    disclosure_finished_at: Option<String>,
-    opt_out_at: Option<String>,
-    recordings: Vec<String>,
+    pub caller: Option<String>,
+    /// Called number.
+    pub to: String,
+    /// INVITE arrival.
+    pub started_at: String,
+    /// Answer.
+    pub answered_at: Option<String>,
+    /// End.
+    pub ended_at: Option<String>,
+    /// Final SIP status.
+    pub result_code: Option<u16>,
+    /// `remote` or `local`.
+    pub hangup_side: Option<&'static str>,
+    /// End cause.
+    pub cause: Option<String>,
+    /// Codec.
+    pub codec: Option<String>,
+    /// RTP packets received.
+    pub rtp_packets: Option<u64>,
+    /// RTP packets lost.
+    pub rtp_lost: Option<u64>,
+    /// Interarrival jitter, ms.
+    pub rtp_jitter_ms: Option<f64>,
+    /// Disclosure prompt start.
+    pub disclosure_started_at: Option<String>,
+    /// Disclosure prompt end.
+    pub disclosure_finished_at: Option<String>,
+    /// Opt-out key pressed.
+    pub opt_out_at: Option<String>,
+    /// Ids of the exported recordings of the call.
+    pub recordings: Vec<String>,
 }
 
-impl<'a> CallJson<'a> {
-    fn new(c: &'a CallRecord, recordings: Vec<String>) -> Self {
+impl ExportedCall {
+    /// The exported form of a stored CDR, listing `recordings`.
+    pub fn new(c: &CallRecord, recordings: Vec<String>) -> Self {
         let t = |v: Option<UnixMs>| v.map(format_time);
         Self {
-            call_id: &c.call_id,
-            tenant: &c.tenant,
-            trunk: &c.trunk,
-            caller: c.caller.as_deref(),
-            to: &c.to,
+            call_id: c.call_id.clone(),
+            tenant: c.tenant.clone(),
+            trunk: c.trunk.clone(),
+            caller: c.caller.clone(),
+            to: c.to.clone(),
             started_at: format_time(c.started_at),
             answered_at: t(c.answered_at),
             ended_at: t(c.ended_at),
             result_code: c.result_code,
             hangup_side: c.hangup_side.map(|h| h.as_str()),
-            cause: c.cause.as_deref(),
-            codec: c.codec.as_deref(),
+            cause: c.cause.clone(),
+            codec: c.codec.clone(),
             rtp_packets: c.rtp.map(|r| r.packets),
             rtp_lost: c.rtp.map(|r| r.lost),
             rtp_jitter_ms: c.rtp.map(|r| r.jitter_ms),
@@ -673,15 +698,130 @@ impl<'a> CallJson<'a> {
     }
 }
 
-#[derive(Serialize)]
-struct TranscriptJson {
-    id: String,
-    call_id: String,
-    speaker: &'static str,
-    start_ms: u64,
-    end_ms: u64,
-    confidence: f32,
-    text: String,
+/// One decrypted transcript segment as exported.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExportedTranscript {
+    /// Segment id.
+    pub id: String,
+    /// Call.
+    pub call_id: String,
+    /// `caller` or `agent`.
+    pub speaker: &'static str,
+    /// Start, ms from call start.
+    pub start_ms: u64,
+    /// End, ms from call start.
+    pub end_ms: u64,
+    /// Recogniser confidence.
+    pub confidence: f32,
+    /// The text.
+    pub text: String,
+}
+
+/// Every transcript segment of one call of `tenant`, decrypted, in speaking
+/// order (the tenant's key is loaded only if there is a segment).
+pub fn call_transcripts(
+    ds: &DataStore,
+    tenant: &str,
+    call_id: &str,
+) -> Result<Vec<ExportedTranscript>, OpsError> {
+    let mut key: Option<DataKey> = None;
+    let mut out = Vec::new();
+    for t in ds.store.transcripts_of_call(tenant, call_id)? {
+        let k = match &key {
+            Some(k) => k,
+            None => key.insert(ds.keyring.load(tenant)?),
+        };
+        let text = open_transcript(k, &t.id, &t.ciphertext)?;
+        out.push(ExportedTranscript {
+            id: t.id,
+            call_id: t.call_id,
+            speaker: t.speaker.as_str(),
+            start_ms: t.start_ms,
+            end_ms: t.end_ms,
+            confidence: t.confidence,
+            text,
+        });
+    }
+    Ok(out)
+}
+
+/// What a data-portability export holds for one caller of one tenant, read
+/// and decrypted (transcripts) but not yet written anywhere: the CLI writes
+/// it into a directory, the admin API answers it as JSON with download links.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExportBundle {
+    /// The caller's CDRs, each listing its exportable recordings.
+    pub calls: Vec<ExportedCall>,
+    /// Their transcript segments, decrypted.
+    pub transcripts: Vec<ExportedTranscript>,
+    /// Recordings that can be decrypted (`complete` or `partial`).
+    pub recordings: Vec<RecordingRecord>,
+    /// Recordings not exported because a call is still recording them.
+    pub still_recording: Vec<String>,
+}
+
+/// Reads everything `export` exports for caller `number` of `tenant` (that
+/// tenant only). Writes nothing and audits nothing: see [`audit_export`].
+pub fn collect_export(
+    ds: &mut DataStore,
+    tenant: &str,
+    number: &str,
+) -> Result<ExportBundle, OpsError> {
+    validate_tenant(tenant)?;
+    ds.ensure_policy(tenant);
+    let mut bundle = ExportBundle::default();
+    for c in ds.store.calls_by_caller(tenant, number)? {
+        let mut exported = Vec::new();
+        for rec in ds.store.recordings_of_call(tenant, &c.call_id)? {
+            match rec.state {
+                RecordingState::Deleted => continue,
+                RecordingState::Recording => {
+                    bundle.still_recording.push(rec.id.clone());
+                    continue;
+                }
+                RecordingState::Complete | RecordingState::Partial => {}
+            }
+            if !safe_file_stem(&rec.id) {
+                return Err(OpsError::UnknownRecording(rec.id.clone()));
+            }
+            exported.push(rec.id.clone());
+            bundle.recordings.push(rec);
+        }
+        bundle.calls.push(ExportedCall::new(&c, exported));
+        bundle
+            .transcripts
+            .extend(call_transcripts(ds, tenant, &c.call_id)?);
+    }
+    Ok(bundle)
+}
+
+/// Audits an export: one `data-export` row per call and one for the tenant
+/// (object ids, never the number), by `actor` with `reason`.
+pub fn audit_export(
+    ds: &mut DataStore,
+    tenant: &str,
+    bundle: &ExportBundle,
+    actor: &str,
+    reason: &str,
+    now: UnixMs,
+) -> Result<(), OpsError> {
+    let mut audit = |kind, id: &str| {
+        ds.store.audit(&AuditEntry {
+            at: now,
+            actor,
+            action: AuditAction::DataExport,
+            object_kind: kind,
+            object_id: id,
+            tenant,
+            reason,
+        })
+    };
+    bundle
+        .calls
+        .iter()
+        .try_for_each(|c| audit(ObjectKind::Call, &c.call_id).map(drop))
+        .and_then(|()| audit(ObjectKind::Tenant, tenant).map(drop))?;
+    Ok(())
 }
 
 /// What `export` wrote.
@@ -709,15 +849,12 @@ pub fn export_caller(
     out: &Path,
     now: UnixMs,
 ) -> Result<ExportReport, OpsError> {
-    validate_tenant(tenant)?;
-    ds.ensure_policy(tenant);
-    let calls = ds.store.calls_by_caller(tenant, number)?;
+    let bundle = collect_export(ds, tenant, number)?;
     DirBuilder::new()
         .mode(0o700)
         .create(out)
         .map_err(io_err(out))?;
-    let result = write_export(ds, tenant, &calls, out);
-    let report = match result {
+    let report = match write_export(ds, &bundle, out) {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(out);
@@ -725,24 +862,9 @@ pub fn export_caller(
         }
     };
     let reason = format!("data export to {}", out.display());
-    let mut audit = |kind, id: &str| {
-        ds.store.audit(&AuditEntry {
-            at: now,
-            actor: CLI_ACTOR,
-            action: AuditAction::DataExport,
-            object_kind: kind,
-            object_id: id,
-            tenant,
-            reason: &reason,
-        })
-    };
-    let audited = calls
-        .iter()
-        .try_for_each(|c| audit(ObjectKind::Call, &c.call_id).map(drop))
-        .and_then(|()| audit(ObjectKind::Tenant, tenant).map(drop));
-    if let Err(e) = audited {
+    if let Err(e) = audit_export(ds, tenant, &bundle, CLI_ACTOR, &reason, now) {
         let _ = std::fs::remove_dir_all(out);
-        return Err(e.into());
+        return Err(e);
     }
     Ok(report)
 }
@@ -759,68 +881,31 @@ fn safe_file_stem(id: &str) -> bool {
 
 fn write_export(
     ds: &DataStore,
-    tenant: &str,
-    calls: &[CallRecord],
+    bundle: &ExportBundle,
     out: &Path,
 ) -> Result<ExportReport, OpsError> {
-    let mut report = ExportReport {
-        calls: calls.len(),
-        ..ExportReport::default()
-    };
     let rec_dir = out.join("recordings");
     DirBuilder::new()
         .mode(0o700)
         .create(&rec_dir)
         .map_err(io_err(&rec_dir))?;
-    let mut call_json = Vec::new();
-    let mut transcripts = Vec::new();
-    let mut key: Option<DataKey> = None;
-    for c in calls {
-        let mut exported = Vec::new();
-        for rec in ds.store.recordings_of_call(tenant, &c.call_id)? {
-            match rec.state {
-                RecordingState::Deleted => continue,
-                RecordingState::Recording => {
-                    report.still_recording.push(rec.id.clone());
-                    continue;
-                }
-                RecordingState::Complete | RecordingState::Partial => {}
-            }
-            if !safe_file_stem(&rec.id) {
-                return Err(OpsError::UnknownRecording(rec.id.clone()));
-            }
-            write_recording_wav(&ds.keyring, &rec, &rec_dir.join(format!("{}.wav", rec.id)))?;
-            exported.push(rec.id.clone());
-        }
-        report.recordings.extend(exported.iter().cloned());
-        call_json.push(CallJson::new(c, exported));
-        for t in ds.store.transcripts_of_call(tenant, &c.call_id)? {
-            let k = match &key {
-                Some(k) => k,
-                None => key.insert(ds.keyring.load(tenant)?),
-            };
-            let text = open_transcript(k, &t.id, &t.ciphertext)?;
-            transcripts.push(TranscriptJson {
-                id: t.id,
-                call_id: t.call_id,
-                speaker: t.speaker.as_str(),
-                start_ms: t.start_ms,
-                end_ms: t.end_ms,
-                confidence: t.confidence,
-                text,
-            });
-        }
+    for rec in &bundle.recordings {
+        write_recording_wav(&ds.keyring, rec, &rec_dir.join(format!("{}.wav", rec.id)))?;
     }
-    report.transcripts = transcripts.len();
     write_private(
         &out.join("calls.json"),
-        &serde_json::to_vec_pretty(&call_json)?,
+        &serde_json::to_vec_pretty(&bundle.calls)?,
     )?;
     write_private(
         &out.join("transcripts.json"),
-        &serde_json::to_vec_pretty(&transcripts)?,
+        &serde_json::to_vec_pretty(&bundle.transcripts)?,
     )?;
-    Ok(report)
+    Ok(ExportReport {
+        calls: bundle.calls.len(),
+        transcripts: bundle.transcripts.len(),
+        recordings: bundle.recordings.iter().map(|r| r.id.clone()).collect(),
+        still_recording: bundle.still_recording.clone(),
+    })
 }
 
 // ---- tenant deletion -------------------------------------------------------

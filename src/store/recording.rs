@@ -66,6 +66,12 @@ pub enum RecordingError {
     /// writer bug could produce it).
     #[error("chunk {chunk} holds {len} bytes, not whole stereo frames")]
     PartialFrame { chunk: u64, len: usize },
+    /// More audio than a WAV's 32-bit sizes can describe.
+    #[error("{frames} frames do not fit in one WAV file")]
+    TooLong { frames: u64 },
+    /// The file changed between verifying and streaming it.
+    #[error("recording changed while it was streamed")]
+    Changed,
 }
 
 pub type Result<T, E = RecordingError> = std::result::Result<T, E>;
@@ -257,6 +263,122 @@ pub fn export_wav_with_key(path: &Path, key: &DataKey) -> Result<Vec<u8>> {
     Ok(out.into_inner())
 }
 
+/// Length of the canonical WAV header [`WavStream`] writes (RIFF, `fmt `
+/// of 16 bytes, `data`): the same bytes `hound` writes for this format.
+pub const WAV_HEADER_LEN: u64 = 44;
+
+/// A recording decrypted as a WAV stream of known length, for senders that
+/// cannot seek (an HTTP body): [`WavStream::open`] authenticates every chunk
+/// once to count the frames, [`WavStream::write_to`] then writes the header
+/// and decrypts again chunk by chunk (constant memory, nothing on disk).
+///
+/// The 44-byte header is written here rather than by `hound`, because
+/// `hound` needs `Seek` to fill in the sizes after the samples; the sizes
+/// are known before the first sample here, so the header can go first. A
+/// test checks the output is byte-identical to [`export_wav`]'s.
+#[derive(Debug)]
+pub struct WavStream {
+    file: BufReader<File>,
+    key: DataKey,
+    chunks: u64,
+    frames: u64,
+}
+
+impl WavStream {
+    /// Opens and verifies `path`. With `whole`, any damage fails (a
+    /// `complete` recording); without, the stream ends before the first
+    /// chunk that does not authenticate (a `partial` one, see [`recover_wav`]).
+    pub fn open(path: &Path, keyring: &KeyRing, whole: bool) -> Result<Self> {
+        let (mut file, key) = open_with_keyring(path, keyring)?;
+        let (mut chunks, mut frames) = (0u64, 0u64);
+        {
+            let mut reader = SealedReader::new(&mut file, &key)?;
+            check_content(reader.header())?;
+            loop {
+                match reader.next_chunk() {
+                    Ok(Some(chunk)) => {
+                        if !chunk.len().is_multiple_of(BYTES_PER_FRAME) {
+                            return Err(RecordingError::PartialFrame {
+                                chunk: chunks,
+                                len: chunk.len(),
+                            });
+                        }
+                        chunks += 1;
+                        frames += (chunk.len() / BYTES_PER_FRAME) as u64;
+                    }
+                    Ok(None) => break,
+                    Err(e) if whole => return Err(e.into()),
+                    Err(_) => break,
+                }
+            }
+        }
+        if frames * BYTES_PER_FRAME as u64 + WAV_HEADER_LEN > u64::from(u32::MAX) {
+            return Err(RecordingError::TooLong { frames });
+        }
+        file.rewind()?;
+        Ok(Self {
+            file,
+            key,
+            chunks,
+            frames,
+        })
+    }
+
+    /// Stereo frames the WAV holds.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Total bytes [`WavStream::write_to`] writes (header included).
+    pub fn len(&self) -> u64 {
+        WAV_HEADER_LEN + self.frames * BYTES_PER_FRAME as u64
+    }
+
+    /// Never true: the header is always there.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes the WAV into `out`; returns the frames written. Fails if the
+    /// file changed since [`WavStream::open`] (then `out` got a prefix).
+    pub fn write_to(mut self, mut out: impl Write) -> Result<u64> {
+        let data_len = u32::try_from(self.frames * BYTES_PER_FRAME as u64).map_err(|_| {
+            RecordingError::TooLong {
+                frames: self.frames,
+            }
+        })?;
+        let mut header = Vec::with_capacity(WAV_HEADER_LEN as usize);
+        header.extend_from_slice(b"RIFF");
+        header.extend_from_slice(&(data_len + 36).to_le_bytes());
+        header.extend_from_slice(b"WAVEfmt ");
+        header.extend_from_slice(&16u32.to_le_bytes());
+        header.extend_from_slice(&1u16.to_le_bytes()); // PCM
+        header.extend_from_slice(&CHANNELS.to_le_bytes());
+        header.extend_from_slice(&SAMPLE_RATE.to_le_bytes());
+        header.extend_from_slice(&(SAMPLE_RATE * BYTES_PER_FRAME as u32).to_le_bytes());
+        header.extend_from_slice(&(BYTES_PER_FRAME as u16).to_le_bytes());
+        header.extend_from_slice(&16u16.to_le_bytes());
+        header.extend_from_slice(b"data");
+        header.extend_from_slice(&data_len.to_le_bytes());
+        out.write_all(&header)?;
+        let mut reader = SealedReader::new(&mut self.file, &self.key)?;
+        let mut frames = 0u64;
+        for _ in 0..self.chunks {
+            let chunk = Zeroizing::new(reader.next_chunk()?.ok_or(RecordingError::Changed)?);
+            frames += (chunk.len() / BYTES_PER_FRAME) as u64;
+            if frames > self.frames || !chunk.len().is_multiple_of(BYTES_PER_FRAME) {
+                return Err(RecordingError::Changed);
+            }
+            out.write_all(&chunk)?;
+        }
+        if frames != self.frames {
+            return Err(RecordingError::Changed);
+        }
+        out.flush()?;
+        Ok(frames)
+    }
+}
+
 /// What [`recover_wav`] salvaged.
 #[derive(Debug)]
 pub struct RecoveredWav {
@@ -359,4 +481,60 @@ fn write_frames<W: Write + Seek>(
     }
     w.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// A recording of 2.5 s (two whole chunks and a half one) in `dir`.
+    fn recording(dir: &Path) -> (PathBuf, KeyRing) {
+        let keyring = KeyRing::open(dir, &[9u8; 32]).unwrap();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+        let key = keyring.data_key("acme", &mut rng).unwrap();
+        let date = RecordingDate::new(2026, 11, 22).unwrap();
+        let mut w = RecordingWriter::create(dir, &key, date, 1_700_000_000, &mut rng).unwrap();
+        let left: Vec<i16> = (0..20_000).map(|i| (i % 300) as i16 * 7).collect();
+        let right: Vec<i16> = (0..20_000).map(|i| -((i % 97) as i16) * 11).collect();
+        for (l, r) in left.chunks(160).zip(right.chunks(160)) {
+            w.push(l, r).unwrap();
+        }
+        let path = w.path().to_owned();
+        w.finish().unwrap();
+        (path, keyring)
+    }
+
+    #[test]
+    fn wav_stream_is_byte_identical_to_hound_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, keyring) = recording(dir.path());
+        let stream = WavStream::open(&path, &keyring, true).unwrap();
+        assert_eq!(stream.frames(), 20_000);
+        assert_eq!(stream.len(), 44 + 80_000);
+        let mut out = Vec::new();
+        assert_eq!(stream.write_to(&mut out).unwrap(), 20_000);
+        assert_eq!(out, export_wav(&path, &keyring).unwrap());
+    }
+
+    #[test]
+    fn wav_stream_of_a_damaged_file_fails_whole_or_stops_before_the_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, keyring) = recording(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            WavStream::open(&path, &keyring, true),
+            Err(RecordingError::Crypto(CryptoError::ChunkTampered {
+                index: 2
+            }))
+        ));
+        let stream = WavStream::open(&path, &keyring, false).unwrap();
+        assert_eq!(stream.frames(), 16_000);
+        let mut out = Vec::new();
+        stream.write_to(&mut out).unwrap();
+        assert_eq!(out, recover_wav(&path, &keyring).unwrap().wav);
+    }
 }

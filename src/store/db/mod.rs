@@ -217,6 +217,8 @@ text_enum! {
         Transcript = "transcript",
         /// A whole tenant.
         Tenant = "tenant",
+        /// The daemon's configuration.
+        Config = "config",
     }
 }
 
@@ -248,6 +250,10 @@ text_enum! {
         DataExport = "data-export",
         /// A tenant's data key was destroyed.
         KeyDestroyed = "key-destroyed",
+        /// A time-limited download link to a recording was issued.
+        RecordingLink = "recording-link",
+        /// A configuration reload was requested.
+        Reload = "reload",
     }
 }
 
@@ -477,6 +483,26 @@ pub struct AuditFilter {
     pub object_id: Option<String>,
     /// Only rows at or after this time.
     pub since: Option<UnixMs>,
+    /// Only rows with a larger id (paging).
+    pub after_id: Option<i64>,
+    /// At most this many rows.
+    pub limit: Option<u32>,
+}
+
+/// Which CDRs [`Store::list_calls`] reads; `None` fields match everything.
+/// Rows come ordered by (`started_at`, `call_id`), which is also the cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallFilter {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only calls started at or after this time.
+    pub since: Option<UnixMs>,
+    /// Only calls started before this time.
+    pub until: Option<UnixMs>,
+    /// Only calls after this (`started_at`, `call_id`) in the order (paging).
+    pub after: Option<(UnixMs, String)>,
+    /// At most this many rows.
+    pub limit: u32,
 }
 
 /// A recording whose row an erasure marked deleted: its file must go too.
@@ -976,6 +1002,51 @@ impl Store {
             .optional()?)
     }
 
+    /// One CDR, scoped to `tenant` when given.
+    pub fn call_by_id(
+        &self,
+        tenant: Option<&str>,
+        call_id: &str,
+    ) -> Result<Option<CallRecord>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {CALL_COLUMNS} FROM calls WHERE call_id = ?1 \
+                     AND (?2 IS NULL OR tenant = ?2)"
+                ),
+                params![call_id, tenant],
+                call_from_row,
+            )
+            .optional()?)
+    }
+
+    /// CDRs matching `filter`, ordered by (`started_at`, `call_id`).
+    pub fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, DbError> {
+        let (after_at, after_id) = match &filter.after {
+            Some((at, id)) => (Some(*at), Some(id.as_str())),
+            None => (None, None),
+        };
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls WHERE (?1 IS NULL OR tenant = ?1) \
+             AND (?2 IS NULL OR started_at >= ?2) AND (?3 IS NULL OR started_at < ?3) \
+             AND (?4 IS NULL OR started_at > ?4 OR (started_at = ?4 AND call_id > ?5)) \
+             ORDER BY started_at, call_id LIMIT ?6"
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                filter.tenant,
+                filter.since,
+                filter.until,
+                after_at,
+                after_id,
+                filter.limit
+            ],
+            call_from_row,
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// The CDRs of `tenant` whose caller is `number` (matched through the
     /// tenant's caller-id policy, so hashed ids are found by number too).
     pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<CallRecord>, DbError> {
@@ -1403,10 +1474,19 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT id, at, actor, action, object_kind, object_id, tenant, reason FROM audit \
              WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR action = ?2) \
-             AND (?3 IS NULL OR object_id = ?3) AND (?4 IS NULL OR at >= ?4) ORDER BY id",
+             AND (?3 IS NULL OR object_id = ?3) AND (?4 IS NULL OR at >= ?4) \
+             AND (?5 IS NULL OR id > ?5) ORDER BY id LIMIT ?6",
         )?;
+        let limit = filter.limit.map_or(-1, i64::from);
         let rows = stmt.query_map(
-            params![filter.tenant, filter.action, filter.object_id, filter.since],
+            params![
+                filter.tenant,
+                filter.action,
+                filter.object_id,
+                filter.since,
+                filter.after_id,
+                limit
+            ],
             audit_from_row,
         )?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -1573,4 +1653,113 @@ fn create_private(path: &Path) -> Result<(), DbError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with_calls() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        for t in ["acme", "globex"] {
+            s.set_caller_policy(t, CallerIdPolicy::Plain);
+        }
+        // Two calls share a start time: the call id orders them.
+        for (id, tenant, at) in [
+            ("c1", "acme", 1_000),
+            ("c3", "acme", 2_000),
+            ("c2", "acme", 2_000),
+            ("g1", "globex", 1_500),
+            ("c4", "acme", 3_000),
+        ] {
+            s.insert_call(&CallRow {
+                call_id: id.into(),
+                tenant: tenant.into(),
+                trunk: "t".into(),
+                from: "+1555".into(),
+                to: "+1666".into(),
+                started_at: at,
+            })
+            .unwrap();
+        }
+        (dir, s)
+    }
+
+    fn ids(calls: &[CallRecord]) -> Vec<&str> {
+        calls.iter().map(|c| c.call_id.as_str()).collect()
+    }
+
+    #[test]
+    fn list_calls_filters_and_pages_in_start_order() {
+        let (_dir, s) = store_with_calls();
+        let all = CallFilter {
+            limit: 100,
+            ..CallFilter::default()
+        };
+        assert_eq!(
+            ids(&s.list_calls(&all).unwrap()),
+            ["c1", "g1", "c2", "c3", "c4"]
+        );
+        let acme = CallFilter {
+            tenant: Some("acme".into()),
+            since: Some(1_500),
+            until: Some(3_000),
+            limit: 100,
+            ..CallFilter::default()
+        };
+        assert_eq!(ids(&s.list_calls(&acme).unwrap()), ["c2", "c3"]);
+        let mut page = CallFilter {
+            limit: 2,
+            ..CallFilter::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let calls = s.list_calls(&page).unwrap();
+            seen.extend(ids(&calls).into_iter().map(str::to_owned));
+            match calls.last() {
+                Some(c) if calls.len() == 2 => page.after = Some((c.started_at, c.call_id.clone())),
+                _ => break,
+            }
+        }
+        assert_eq!(seen, ["c1", "g1", "c2", "c3", "c4"]);
+        assert_eq!(s.call_by_id(Some("globex"), "c1").unwrap(), None);
+        assert_eq!(
+            s.call_by_id(None, "c1").unwrap().map(|c| c.tenant),
+            Some("acme".to_owned())
+        );
+    }
+
+    #[test]
+    fn audit_log_pages_by_id() {
+        let (_dir, mut s) = store_with_calls();
+        for (i, tenant) in ["acme", "globex", "acme", "acme"].iter().enumerate() {
+            s.audit(&AuditEntry {
+                at: i as i64,
+                actor: "test",
+                action: AuditAction::Reload,
+                object_kind: ObjectKind::Config,
+                object_id: "x",
+                tenant,
+                reason: "r",
+            })
+            .unwrap();
+        }
+        let page = |after_id, limit| {
+            s.audit_log(&AuditFilter {
+                tenant: Some("acme".into()),
+                after_id,
+                limit,
+                ..AuditFilter::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|r| r.at)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(page(None, None), [0, 2, 3]);
+        assert_eq!(page(None, Some(2)), [0, 2]);
+        let third_id = s.audit_log(&AuditFilter::default()).unwrap()[2].id;
+        assert_eq!(page(Some(third_id), Some(2)), [3]);
+    }
 }

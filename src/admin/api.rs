@@ -1,0 +1,1207 @@
+//! The `/v1` endpoints of the admin API (documented in `docs/admin-api.md`
+//! and `docs/admin-api.openapi.yaml`).
+//!
+//! Owns request parsing, the tenant scoping of every answer, the JSON shapes
+//! and the one table that maps errors to HTTP statuses ([`ApiError`]). Must
+//! not hold SQL or the semantics of erasure/export/retention: those are
+//! `store::ops` and `store::db`, shared with the CLI. Store work runs on a
+//! blocking thread, holding the API's connection for that request only.
+//!
+//! Audit rows (actor `admin-api:admin` or `admin-api:tenant:<id>`): link
+//! issued (`recording-link`), download (`recording-export`), erasure (the
+//! store's per-object rows), export (`data-export`), reload (`reload`).
+
+use super::auth::Principal;
+use super::links::{DEFAULT_TTL_S, LinkError};
+use super::{AdminState, Api, ReloadError};
+use crate::call::HangupCause;
+use crate::daemon::{CallCommand, lock};
+use crate::store::db::{
+    AuditAction, AuditEntry, AuditFilter, CallFilter, DbError, ObjectKind, RecordingRecord,
+    RecordingState, UnixMs, unix_ms,
+};
+use crate::store::ops::{self, DataStore, EraseTarget, ExportedCall, OpsError, format_time};
+use crate::store::recording::WavStream;
+use crate::store::retention::{Expiry, ItemKind};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info};
+
+/// Rows per page when the query names no `limit`.
+const DEFAULT_LIMIT: u32 = 100;
+/// Largest `limit` accepted.
+const MAX_LIMIT: u32 = 1000;
+/// Bytes of WAV gathered before one body chunk is sent.
+const BODY_CHUNK: usize = 64 * 1024;
+/// Body chunks in flight between the decrypting thread and the connection.
+const BODY_QUEUE: usize = 4;
+
+/// The `/v1` routes (every one is in `docs/admin-api.openapi.yaml`; a test
+/// checks).
+pub(super) fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/v1/calls", get(list_calls))
+        .route("/v1/calls/{call_id}", get(call_detail))
+        .route("/v1/calls/{call_id}/hangup", post(hang_up))
+        .route("/v1/cdrs", get(list_cdrs))
+        .route("/v1/cdrs/{call_id}", get(cdr_detail))
+        .route("/v1/recordings", get(list_recordings))
+        .route("/v1/recordings/{id}", get(recording_detail))
+        .route("/v1/recordings/{id}/link", post(recording_link))
+        .route("/v1/recordings/{id}/download", get(download))
+        .route("/v1/transcripts/{call_id}", get(transcript))
+        .route("/v1/retention", get(retention_status))
+        .route("/v1/retention/dry-run", get(retention_dry_run))
+        .route("/v1/erase", post(erase))
+        .route("/v1/export", post(export))
+        .route("/v1/reload", post(reload))
+        .route("/v1/audit", get(audit_log))
+}
+
+// ---- errors ------------------------------------------------------------------
+
+/// Everything a handler can answer besides success.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum ApiError {
+    /// No token, or one that matches nothing.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// A tenant token on a daemon-wide operation.
+    #[error("this operation needs the admin token")]
+    AdminOnly,
+    /// Absent, or another tenant's (never told apart).
+    #[error("not found")]
+    NotFound,
+    /// A recording whose file was deleted.
+    #[error("recording was deleted")]
+    Gone,
+    /// A bad query or body.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A download link that is expired or altered.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The object's state forbids it (still recording, legal hold, busy).
+    #[error("{0}")]
+    Conflict(String),
+    /// A reload that did not happen.
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+    /// The daemon runs without a store.
+    #[error("no store is open")]
+    NoStore,
+    /// Store, crypto or I/O failure (logged; the client sees no detail).
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    /// A blocking task died.
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        ApiError::from(OpsError::from(e))
+    }
+}
+
+impl ApiError {
+    /// The one table from errors to statuses.
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::AdminOnly | ApiError::Link(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Gone => StatusCode::GONE,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) | ApiError::Reload(ReloadError::Unavailable(_)) => {
+                StatusCode::CONFLICT
+            }
+            ApiError::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NoStore => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Ops(e) => match e {
+                OpsError::UnknownRecording(_)
+                | OpsError::Db(
+                    DbError::UnknownCall { .. }
+                    | DbError::UnknownRecording(_)
+                    | DbError::TenantMismatch { .. },
+                ) => StatusCode::NOT_FOUND,
+                OpsError::RecordingDeleted(_) => StatusCode::GONE,
+                OpsError::StillRecording(_)
+                | OpsError::LegalHold { .. }
+                | OpsError::Db(DbError::LegalHold { .. }) => StatusCode::CONFLICT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut body = json!({ "error": self.to_string() });
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            error!(error = %self, "admin API request failed");
+            body = json!({ "error": "internal error" });
+        } else if status == StatusCode::NOT_FOUND {
+            // Never echo which id or tenant was asked for.
+            body = json!({ "error": "not found" });
+        }
+        if let ApiError::Reload(ReloadError::Invalid(diagnostics)) = &self {
+            body["diagnostics"] = json!(diagnostics);
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sipbridge-admin\""),
+            );
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+impl FromRequestParts<AdminState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> ApiResult<Self> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        state.api.settings().tokens.check(header).map_err(|e| {
+            debug!(reason = %e, path = %parts.uri.path(), "admin API request refused");
+            ApiError::Unauthorized
+        })
+    }
+}
+
+// ---- helpers -------------------------------------------------------------------
+
+fn now_ms() -> UnixMs {
+    unix_ms(SystemTime::now())
+}
+
+impl Api {
+    /// Runs `f` on the API's store connection on a blocking thread.
+    async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DataStore) -> ApiResult<T> + Send + 'static,
+    ) -> ApiResult<T> {
+        let data = Arc::clone(self.data.as_ref().ok_or(ApiError::NoStore)?);
+        let settings = self.settings();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&data);
+            // After a reload, the connection learns the new caller-id policies.
+            if !conn
+                .policies_of
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, &settings))
+            {
+                for (tenant, policy) in &settings.callers {
+                    conn.ds.set_caller_policy(tenant, policy.clone());
+                }
+                conn.policies_of = Some(settings);
+            }
+            f(&mut conn.ds)
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
+    }
+}
+
+/// The tenant filter for `principal` asking `requested` (404 when a tenant
+/// asks for another).
+fn scope(principal: &Principal, requested: Option<&str>) -> ApiResult<Option<String>> {
+    principal.scope(requested).ok_or(ApiError::NotFound)
+}
+
+fn admin_only(principal: &Principal) -> ApiResult<()> {
+    match principal {
+        Principal::Admin => Ok(()),
+        Principal::Tenant(_) => Err(ApiError::AdminOnly),
+    }
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+/// A JSON body, or the type's default for an empty one.
+fn body<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> ApiResult<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+}
+
+fn time_param(name: &str, v: Option<&str>) -> ApiResult<Option<UnixMs>> {
+    v.map(|s| {
+        ops::parse_since(s).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{name}: expected RFC 3339 (2025-10-09T08:00:00Z), a date or unix seconds"
+            ))
+        })
+    })
+    .transpose()
+}
+
+fn limit_param(v: Option<u32>) -> ApiResult<u32> {
+    match v.unwrap_or(DEFAULT_LIMIT) {
+        0 => Err(ApiError::BadRequest("limit must be at least 1".into())),
+        n => Ok(n.min(MAX_LIMIT)),
+    }
+}
+
+const CURSOR: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+// ---- live calls --------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TenantQuery {
+    tenant: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct LiveCallJson {
+    call_id: String,
+    tenant: String,
+    trunk: String,
+    /// As the CDR stores it (keyed hash under `caller_numbers = "hashed"`).
+    from: String,
+    to: String,
+    started_at: String,
+    answered_at: Option<String>,
+    /// `ringing` or `answered`.
+    state: &'static str,
+}
+
+fn live_json(api: &Api, c: &crate::daemon::LiveCall) -> LiveCallJson {
+    use std::sync::atomic::Ordering;
+    let answered = c.answered_at.load(Ordering::Relaxed);
+    let state = if answered > 0 { "answered" } else { "ringing" };
+    let from = match api.settings().callers.get(&c.tenant) {
+        Some(policy) => policy.stored_form(&c.from).unwrap_or_default(),
+        None => c.from.clone(),
+    };
+    LiveCallJson {
+        call_id: c.call_id.clone(),
+        tenant: c.tenant.clone(),
+        trunk: c.trunk.clone(),
+        from,
+        to: c.to.clone(),
+        started_at: format_time(c.started_at),
+        answered_at: (answered > 0).then(|| format_time(answered)),
+        state,
+    }
+}
+
+/// Whether the call has ended (its task may linger to absorb retransmissions:
+/// it is no longer an active call, its CDR is written).
+fn has_ended(c: &crate::daemon::LiveCall) -> bool {
+    c.ended.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn live_calls(state: &AdminState, tenant: Option<&str>) -> Vec<Arc<crate::daemon::LiveCall>> {
+    let mut calls: Vec<_> = lock(&state.shared.calls)
+        .values()
+        .filter(|e| tenant.is_none_or(|t| e.info.tenant == t) && !has_ended(&e.info))
+        .map(|e| Arc::clone(&e.info))
+        .collect();
+    calls.sort_by(|a, b| (a.started_at, &a.call_id).cmp(&(b.started_at, &b.call_id)));
+    calls
+}
+
+async fn list_calls(
+    State(state): State<AdminState>,
+    principal: Principal,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let q = query(q)?;
+    let tenant = scope(&principal, q.tenant.as_deref())?;
+    let calls: Vec<LiveCallJson> = live_calls(&state, tenant.as_deref())
+        .iter()
+        .map(|c| live_json(&state.api, c))
+        .collect();
+    Ok(axum::Json(json!({ "calls": calls })))
+}
+
+fn visible_call(
+    state: &AdminState,
+    principal: &Principal,
+    call_id: &str,
+) -> ApiResult<(Arc<crate::daemon::LiveCall>, mpsc::Sender<CallCommand>)> {
+    let calls = lock(&state.shared.calls);
+    let entry = calls.get(call_id).ok_or(ApiError::NotFound)?;
+    if !principal.sees(&entry.info.tenant) || has_ended(&entry.info) {
+        return Err(ApiError::NotFound);
+    }
+    Ok((Arc::clone(&entry.info), entry.tx.clone()))
+}
+
+async fn call_detail(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(call_id): Path<String>,
+) -> ApiResult<axum::Json<LiveCallJson>> {
+    let (info, _) = visible_call(&state, &principal, &call_id)?;
+    Ok(axum::Json(live_json(&state.api, &info)))
+}
+
+/// Asks the call's task to end it with BYE (or a final response before the
+/// answer); the CDR's cause is `local-hangup`.
+async fn hang_up(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(call_id): Path<String>,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    let (_, tx) = visible_call(&state, &principal, &call_id)?;
+    match tx.try_send(CallCommand::HangUp(HangupCause::Local)) {
+        Ok(()) => {
+            info!(%call_id, actor = %principal.actor(), "hang-up requested through the admin API");
+            Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "call_id": call_id, "hangup": "requested" })),
+            ))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(ApiError::NotFound),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(ApiError::Conflict("the call is busy; try again".into()))
+        }
+    }
+}
+
+// ---- CDRs --------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CdrQuery {
+    tenant: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn cdr_cursor(at: UnixMs, call_id: &str) -> String {
+    CURSOR.encode(format!("{at}:{call_id}"))
+}
+
+fn parse_cdr_cursor(c: &str) -> ApiResult<(UnixMs, String)> {
+    let bad = || ApiError::BadRequest("cursor: not one this API issued".into());
+    let raw = String::from_utf8(CURSOR.decode(c).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (at, id) = raw.split_once(':').ok_or_else(bad)?;
+    Ok((at.parse().map_err(|_| bad())?, id.to_owned()))
+}
+
+fn cdr_json(ds: &DataStore, c: &crate::store::db::CallRecord) -> ApiResult<ExportedCall> {
+    let recordings = ds
+        .store
+        .recordings_of_call(&c.tenant, &c.call_id)?
+        .into_iter()
+        .filter(|r| r.state != RecordingState::Deleted)
+        .map(|r| r.id)
+        .collect();
+    Ok(ExportedCall::new(c, recordings))
+}
+
+async fn list_cdrs(
+    State(state): State<AdminState>,
+    principal: Principal,
+    q: Result<Query<CdrQuery>, QueryRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let q = query(q)?;
+    let filter = CallFilter {
+        tenant: scope(&principal, q.tenant.as_deref())?,
+        since: time_param("since", q.since.as_deref())?,
+        until: time_param("until", q.until.as_deref())?,
+        after: q.cursor.as_deref().map(parse_cdr_cursor).transpose()?,
+        limit: limit_param(q.limit)?,
+    };
+    state
+        .api
+        .with_store(move |ds| {
+            let calls = ds.store.list_calls(&filter)?;
+            let next = (calls.len() == filter.limit as usize)
+                .then(|| calls.last().map(|c| cdr_cursor(c.started_at, &c.call_id)))
+                .flatten();
+            let items = calls
+                .iter()
+                .map(|c| cdr_json(ds, c))
+                .collect::<ApiResult<Vec<_>>>()?;
+            Ok(axum::Json(json!({ "cdrs": items, "next_cursor": next })))
+        })
+        .await
+}
+
+async fn cdr_detail(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(call_id): Path<String>,
+) -> ApiResult<axum::Json<ExportedCall>> {
+    let tenant = scope(&principal, None)?;
+    state
+        .api
+        .with_store(move |ds| {
+            let call = ds
+                .store
+                .call_by_id(tenant.as_deref(), &call_id)?
+                .ok_or(ApiError::NotFound)?;
+            Ok(axum::Json(cdr_json(ds, &call)?))
+        })
+        .await
+}
+
+// ---- recordings --------------------------------------------------------------
+
+#[derive(Debug, Serialize)]
+struct RecordingJson {
+    id: String,
+    call_id: String,
+    tenant: String,
+    created_at: String,
+    duration_ms: u64,
+    /// Bytes of the sealed file.
+    size_bytes: u64,
+    state: &'static str,
+    legal_hold: bool,
+}
+
+impl From<&RecordingRecord> for RecordingJson {
+    fn from(r: &RecordingRecord) -> Self {
+        RecordingJson {
+            id: r.id.clone(),
+            call_id: r.call_id.clone(),
+            tenant: r.tenant.clone(),
+            created_at: format_time(r.created_at),
+            duration_ms: r.duration_ms,
+            size_bytes: r.size_bytes,
+            state: r.state.as_str(),
+            legal_hold: r.legal_hold,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RecordingsQuery {
+    tenant: Option<String>,
+    since: Option<String>,
+}
+
+async fn list_recordings(
+    State(state): State<AdminState>,
+    principal: Principal,
+    q: Result<Query<RecordingsQuery>, QueryRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let q = query(q)?;
+    let tenant = scope(&principal, q.tenant.as_deref())?;
+    let since = time_param("since", q.since.as_deref())?;
+    state
+        .api
+        .with_store(move |ds| {
+            let recs = ds.store.list_recordings(tenant.as_deref(), since)?;
+            let recs: Vec<RecordingJson> = recs.iter().map(RecordingJson::from).collect();
+            Ok(axum::Json(json!({ "recordings": recs })))
+        })
+        .await
+}
+
+/// The recording `id` if `principal` sees it.
+fn visible_recording(
+    ds: &DataStore,
+    principal: &Principal,
+    id: &str,
+) -> ApiResult<RecordingRecord> {
+    let tenant = scope(principal, None)?;
+    ds.store
+        .get_recording(tenant.as_deref(), id)?
+        .ok_or(ApiError::NotFound)
+}
+
+async fn recording_detail(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<RecordingJson>> {
+    state
+        .api
+        .with_store(move |ds| {
+            let rec = visible_recording(ds, &principal, &id)?;
+            Ok(axum::Json(RecordingJson::from(&rec)))
+        })
+        .await
+}
+
+fn downloadable(rec: &RecordingRecord) -> ApiResult<()> {
+    match rec.state {
+        RecordingState::Complete | RecordingState::Partial => Ok(()),
+        RecordingState::Deleted => Err(ApiError::Gone),
+        RecordingState::Recording => Err(ApiError::Conflict(
+            "the recording is still being written".into(),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LinkRequest {
+    /// Lifetime in seconds (default 300, at most 86400).
+    ttl_s: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct LinkJson {
+    recording_id: String,
+    /// Path and query, relative to the admin API's base URL.
+    url: String,
+    expires_at: String,
+    /// Unix seconds.
+    expires: u64,
+}
+
+/// Issues a link for `rec` to `principal` (audited `recording-link`).
+fn issue_link(
+    api: &Api,
+    ds: &mut DataStore,
+    principal: &Principal,
+    rec: &RecordingRecord,
+    ttl_s: u64,
+    now: UnixMs,
+) -> ApiResult<LinkJson> {
+    let actor = principal.actor();
+    let now_s = u64::try_from(now / 1000).unwrap_or(0);
+    let link = api.links.link(&rec.id, &actor, now_s, ttl_s);
+    let expires_ms = i64::try_from(link.expires.saturating_mul(1000)).unwrap_or(i64::MAX);
+    ds.store.audit(&AuditEntry {
+        at: now,
+        actor: &actor,
+        action: AuditAction::RecordingLink,
+        object_kind: ObjectKind::Recording,
+        object_id: &rec.id,
+        tenant: &rec.tenant,
+        reason: &format!("download link valid until {}", format_time(expires_ms)),
+    })?;
+    Ok(LinkJson {
+        recording_id: rec.id.clone(),
+        url: link.path,
+        expires_at: format_time(expires_ms),
+        expires: link.expires,
+    })
+}
+
+async fn recording_link(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, axum::Json<LinkJson>)> {
+    let req: LinkRequest = body(&bytes)?;
+    let ttl_s = req.ttl_s.unwrap_or(DEFAULT_TTL_S);
+    if ttl_s == 0 {
+        return Err(ApiError::BadRequest("ttl_s must be at least 1".into()));
+    }
+    let api = Arc::clone(&state.api);
+    state
+        .api
+        .with_store(move |ds| {
+            let rec = visible_recording(ds, &principal, &id)?;
+            downloadable(&rec)?;
+            let link = issue_link(&api, ds, &principal, &rec, ttl_s, now_ms())?;
+            Ok((StatusCode::CREATED, axum::Json(link)))
+        })
+        .await
+}
+
+#[derive(Debug, Deserialize)]
+struct DownloadQuery {
+    expires: u64,
+    by: String,
+    sig: String,
+}
+
+/// Feeds a response body from a blocking thread, `BODY_CHUNK` bytes at a time.
+struct BodyWriter {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl BodyWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(BODY_CHUNK),
+        ));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))
+    }
+}
+
+impl Write for BodyWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= BODY_CHUNK {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// `GET` on a signed link: the decrypted WAV, streamed (nothing written to
+/// disk). No bearer token: the link is the authorisation. Audited
+/// `recording-export` with the actor the link was issued to.
+async fn download(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    q: Result<Query<DownloadQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let q = q.map_err(|_| ApiError::Link(LinkError::Tampered))?.0;
+    let now = now_ms();
+    let now_s = u64::try_from(now / 1000).unwrap_or(0);
+    state
+        .api
+        .links
+        .verify(&id, &q.by, q.expires, &q.sig, now_s)?;
+    let link_tenant = q.by.strip_prefix("admin-api:tenant:").map(str::to_owned);
+    let (stream, rec) = state
+        .api
+        .with_store(move |ds| {
+            let rec = ds
+                .store
+                .get_recording(link_tenant.as_deref(), &id)?
+                .ok_or(ApiError::NotFound)?;
+            downloadable(&rec)?;
+            let whole = rec.state == RecordingState::Complete;
+            let stream = WavStream::open(&rec.path, &ds.keyring, whole)
+                .map_err(|e| ApiError::Ops(e.into()))?;
+            // Audited before the first byte: no unaudited plaintext leaves.
+            ds.store.audit(&AuditEntry {
+                at: now,
+                actor: &q.by,
+                action: AuditAction::RecordingExport,
+                object_kind: ObjectKind::Recording,
+                object_id: &rec.id,
+                tenant: &rec.tenant,
+                reason: "downloaded through a signed admin API link",
+            })?;
+            Ok((stream, rec))
+        })
+        .await?;
+    info!(recording = %rec.id, tenant = %rec.tenant, frames = stream.frames(), "recording download started");
+    let len = stream.len();
+    let (tx, rx) = mpsc::channel(BODY_QUEUE);
+    let recording_id = rec.id.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = BodyWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(BODY_CHUNK),
+        };
+        if let Err(e) = stream.write_to(&mut w) {
+            debug!(recording = %recording_id, error = %e, "recording download aborted");
+            // An error item makes hyper abort the response: the client sees
+            // a truncated transfer, never a short file that looks whole.
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let headers = [
+        (header::CONTENT_TYPE, "audio/wav".to_owned()),
+        (header::CONTENT_LENGTH, len.to_string()),
+        (
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{}.wav\"", rec.id),
+        ),
+        (header::CACHE_CONTROL, "no-store".to_owned()),
+    ];
+    Ok((headers, body).into_response())
+}
+
+// ---- transcripts ---------------------------------------------------------------
+
+async fn transcript(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(call_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let tenant = scope(&principal, None)?;
+    state
+        .api
+        .with_store(move |ds| {
+            let call = ds
+                .store
+                .call_by_id(tenant.as_deref(), &call_id)?
+                .ok_or(ApiError::NotFound)?;
+            let segments = ops::call_transcripts(ds, &call.tenant, &call.call_id)?;
+            Ok(axum::Json(json!({
+                "call_id": call.call_id,
+                "tenant": call.tenant,
+                "segments": segments,
+            })))
+        })
+        .await
+}
+
+// ---- retention -----------------------------------------------------------------
+
+fn kind_name(k: ItemKind) -> &'static str {
+    match k {
+        ItemKind::Recording => "recording",
+        ItemKind::Transcript => "transcript",
+        ItemKind::Call => "call",
+    }
+}
+
+fn expiry_json(e: &Expiry) -> Value {
+    json!({
+        "kind": kind_name(e.item.kind),
+        "id": e.item.id,
+        "tenant": e.item.tenant,
+        "created_at": format_time(e.item.created_at),
+        "expires_at": format_time(e.reason.expires_at),
+        "policy": { "field": e.reason.field, "days": e.reason.days },
+    })
+}
+
+/// The dry-run selection at `now`, limited to `tenant`.
+fn dry_run(
+    api: &Api,
+    ds: &mut DataStore,
+    tenant: Option<&str>,
+    now: UnixMs,
+) -> ApiResult<crate::store::retention::Selection> {
+    let policies = api.settings().retention.clone();
+    let policy = move |t: &str| policies.get(t).copied();
+    let outcome = ops::run_retention(ds, &policy, now, true)?;
+    let ops::RetentionOutcome::DryRun(mut sel) = outcome else {
+        return Err(ApiError::Internal);
+    };
+    if let Some(t) = tenant {
+        sel.expired.retain(|e| e.item.tenant == t);
+        sel.held.retain(|e| e.item.tenant == t);
+        sel.unknown_tenants.retain(|k, _| k == t);
+    }
+    Ok(sel)
+}
+
+fn bump(v: &mut Value) {
+    *v = json!(v.as_u64().unwrap_or(0) + 1);
+}
+
+/// The status object of tenant `t`, created with its policy and zero counts.
+fn tenant_entry<'a>(
+    tenants: &'a mut BTreeMap<String, Value>,
+    policies: &std::collections::HashMap<String, crate::store::retention::RetentionPolicy>,
+    t: &str,
+) -> &'a mut Value {
+    tenants.entry(t.to_owned()).or_insert_with(|| {
+        json!({
+            "policy": policies.get(t).map(|p| json!({
+                "recordings_days": p.recordings_days,
+                "transcripts_days": p.transcripts_days,
+                "metadata_days": p.metadata_days,
+            })),
+            "stored": { "recordings": 0, "transcripts": 0, "calls": 0 },
+            "legal_hold": 0,
+            "due_now": 0,
+        })
+    })
+}
+
+/// Per tenant: its policy, what is stored, what is held, what is due now.
+async fn retention_status(
+    State(state): State<AdminState>,
+    principal: Principal,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let q = query(q)?;
+    let tenant = scope(&principal, q.tenant.as_deref())?;
+    let api = Arc::clone(&state.api);
+    state
+        .api
+        .with_store(move |ds| {
+            let now = now_ms();
+            let items = ds.store.retention_items()?;
+            let sel = dry_run(&api, ds, tenant.as_deref(), now)?;
+            let policies = api.settings().retention.clone();
+            let mut tenants: BTreeMap<String, Value> = BTreeMap::new();
+            let visible = |t: &str| tenant.as_deref().is_none_or(|s| s == t);
+            for t in policies.keys().filter(|t| visible(t)) {
+                tenant_entry(&mut tenants, &policies, t);
+            }
+            for i in items.iter().filter(|i| visible(&i.tenant)) {
+                let e = tenant_entry(&mut tenants, &policies, &i.tenant);
+                let key = match i.kind {
+                    ItemKind::Recording => "recordings",
+                    ItemKind::Transcript => "transcripts",
+                    ItemKind::Call => "calls",
+                };
+                bump(&mut e["stored"][key]);
+                if i.legal_hold {
+                    bump(&mut e["legal_hold"]);
+                }
+            }
+            for x in &sel.expired {
+                bump(&mut tenant_entry(&mut tenants, &policies, &x.item.tenant)["due_now"]);
+            }
+            Ok(axum::Json(json!({
+                "now": format_time(now),
+                "sweep_interval_s": 3600,
+                "tenants": tenants,
+            })))
+        })
+        .await
+}
+
+/// What a retention run would delete now (nothing is deleted).
+async fn retention_dry_run(
+    State(state): State<AdminState>,
+    principal: Principal,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let q = query(q)?;
+    let tenant = scope(&principal, q.tenant.as_deref())?;
+    let api = Arc::clone(&state.api);
+    state
+        .api
+        .with_store(move |ds| {
+            let now = now_ms();
+            let sel = dry_run(&api, ds, tenant.as_deref(), now)?;
+            Ok(axum::Json(json!({
+                "now": format_time(now),
+                "would_delete": sel.expired.iter().map(expiry_json).collect::<Vec<_>>(),
+                "held": sel.held.iter().map(expiry_json).collect::<Vec<_>>(),
+                "unknown_tenants": sel.unknown_tenants,
+            })))
+        })
+        .await
+}
+
+// ---- erase and export ------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EraseRequest {
+    tenant: String,
+    caller: Option<String>,
+    call: Option<String>,
+    #[serde(default)]
+    all: bool,
+    reason: String,
+}
+
+/// `sipbridge erase` over HTTP: the same `ops::erase`, audited per object
+/// with the API's actor.
+async fn erase(
+    State(state): State<AdminState>,
+    principal: Principal,
+    bytes: Bytes,
+) -> ApiResult<axum::Json<Value>> {
+    let req: EraseRequest =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    let target = match (req.caller, req.call, req.all) {
+        (Some(n), None, false) => EraseTarget::Caller(n),
+        (None, Some(c), false) => EraseTarget::Call(c),
+        (None, None, true) => EraseTarget::All,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of caller, call, all".into(),
+            ));
+        }
+    };
+    if req.reason.trim().is_empty() {
+        return Err(ApiError::BadRequest("reason must not be empty".into()));
+    }
+    if !principal.sees(&req.tenant) {
+        return Err(ApiError::NotFound);
+    }
+    let tenant = req.tenant;
+    let reason = req.reason;
+    state
+        .api
+        .with_store(move |ds| {
+            let s = ops::erase(ds, &tenant, &target, &principal.actor(), &reason, now_ms())?;
+            info!(%tenant, actor = %principal.actor(), calls = s.calls.len(),
+                recordings = s.recordings.len(), "erased through the admin API");
+            Ok(axum::Json(json!({
+                "tenant": tenant,
+                "calls": s.calls,
+                "recordings": s.recordings.iter().map(|r| &r.id).collect::<Vec<_>>(),
+                "transcripts": s.transcripts,
+                "held": s.held,
+            })))
+        })
+        .await
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExportRequest {
+    tenant: String,
+    caller: String,
+    /// Lifetime of the recordings' download links (default 300 s).
+    ttl_s: Option<u64>,
+}
+
+/// `sipbridge export` over HTTP: the same `ops::collect_export`, answered as
+/// JSON with a signed download link per recording instead of WAV files.
+async fn export(
+    State(state): State<AdminState>,
+    principal: Principal,
+    bytes: Bytes,
+) -> ApiResult<axum::Json<Value>> {
+    let req: ExportRequest =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    if !principal.sees(&req.tenant) {
+        return Err(ApiError::NotFound);
+    }
+    let ttl_s = req.ttl_s.unwrap_or(DEFAULT_TTL_S).max(1);
+    let api = Arc::clone(&state.api);
+    state
+        .api
+        .with_store(move |ds| {
+            let now = now_ms();
+            let bundle = ops::collect_export(ds, &req.tenant, &req.caller)?;
+            ops::audit_export(
+                ds,
+                &req.tenant,
+                &bundle,
+                &principal.actor(),
+                "data export through the admin API",
+                now,
+            )?;
+            let links = bundle
+                .recordings
+                .iter()
+                .map(|r| issue_link(&api, ds, &principal, r, ttl_s, now))
+                .collect::<ApiResult<Vec<_>>>()?;
+            Ok(axum::Json(json!({
+                "tenant": req.tenant,
+                "calls": bundle.calls,
+                "transcripts": bundle.transcripts,
+                "recordings": links,
+                "still_recording": bundle.still_recording,
+            })))
+        })
+        .await
+}
+
+// ---- reload --------------------------------------------------------------------
+
+/// Runs the daemon's reload; audited whatever the outcome.
+async fn reload(
+    State(state): State<AdminState>,
+    principal: Principal,
+) -> ApiResult<axum::Json<Value>> {
+    admin_only(&principal)?;
+    let outcome = (state.api.reload)().await;
+    let reason = match &outcome {
+        Ok(_) => "reloaded".to_owned(),
+        Err(ReloadError::Invalid(d)) => format!("rejected: {} diagnostic(s)", d.len()),
+        Err(ReloadError::Unavailable(why)) => format!("not done: {why}"),
+    };
+    info!(actor = %principal.actor(), outcome = %reason, "reload requested through the admin API");
+    let actor = principal.actor();
+    state
+        .api
+        .with_store(move |ds| {
+            ds.store.audit(&AuditEntry {
+                at: now_ms(),
+                actor: &actor,
+                action: AuditAction::Reload,
+                object_kind: ObjectKind::Config,
+                object_id: "sip-profiles",
+                tenant: "",
+                reason: &reason,
+            })?;
+            Ok(())
+        })
+        .await?;
+    Ok(axum::Json(outcome?))
+}
+
+// ---- audit log -------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    tenant: Option<String>,
+    action: Option<String>,
+    object_id: Option<String>,
+    since: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn audit_log(
+    State(state): State<AdminState>,
+    principal: Principal,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let q = query(q)?;
+    let action = q
+        .action
+        .as_deref()
+        .map(|a| {
+            AuditAction::parse(a)
+                .ok_or_else(|| ApiError::BadRequest(format!("unknown action {a:?}")))
+        })
+        .transpose()?;
+    let after_id = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::BadRequest("cursor: not one this API issued".into()))
+        })
+        .transpose()?;
+    let filter = AuditFilter {
+        tenant: scope(&principal, q.tenant.as_deref())?,
+        action,
+        object_id: q.object_id,
+        since: time_param("since", q.since.as_deref())?,
+        after_id,
+        limit: Some(limit_param(q.limit)?),
+    };
+    state
+        .api
+        .with_store(move |ds| {
+            let rows = ds.store.audit_log(&filter)?;
+            let next = (Some(rows.len() as u32) == filter.limit)
+                .then(|| rows.last().map(|r| r.id.to_string()))
+                .flatten();
+            let items: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "at": format_time(r.at),
+                        "at_ms": r.at,
+                        "actor": r.actor,
+                        "action": r.action.as_str(),
+                        "object_kind": r.object_kind.as_str(),
+                        "object_id": r.object_id,
+                        "tenant": r.tenant,
+                        "reason": r.reason,
+                    })
+                })
+                .collect();
+            Ok(axum::Json(json!({ "entries": items, "next_cursor": next })))
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(method, path)` of every `.route(…)` in the admin module's sources.
+    fn routes_in_source() -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for src in [include_str!("api.rs"), include_str!("mod.rs")] {
+            for line in src.lines() {
+                let line = line.trim();
+                let Some(rest) = line.strip_prefix(".route(\"") else {
+                    continue;
+                };
+                let Some((path, handler)) = rest.split_once("\", ") else {
+                    continue;
+                };
+                let method = handler.split('(').next().unwrap_or_default();
+                out.push((method.to_owned(), path.to_owned()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_route_is_in_the_openapi_file() {
+        let yaml = include_str!("../../docs/admin-api.openapi.yaml");
+        let routes = routes_in_source();
+        assert!(routes.len() >= 18, "{routes:?}");
+        for (method, path) in routes {
+            let start = yaml
+                .find(&format!("\n  {path}:\n"))
+                .unwrap_or_else(|| panic!("{path} missing from the OpenAPI file"));
+            let section = &yaml[start + 1..];
+            let end = section[1..].find("\n  /").map_or(section.len(), |e| e + 1);
+            assert!(
+                section[..end].contains(&format!("\n    {method}:\n")),
+                "{method} {path} missing from the OpenAPI file"
+            );
+        }
+    }
+
+    #[test]
+    fn cdr_cursors_round_trip_and_reject_junk() {
+        let c = cdr_cursor(1_700_000_000_123, "abc:def@host");
+        assert_eq!(
+            parse_cdr_cursor(&c).unwrap(),
+            (1_700_000_000_123, "abc:def@host".to_owned())
+        );
+        for bad in ["", "!!", &CURSOR.encode("nocolon"), &CURSOR.encode("x:y")] {
+            assert!(
+                matches!(parse_cdr_cursor(bad), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_follow_the_table() {
+        let s = |e: ApiError| e.status().as_u16();
+        assert_eq!(s(ApiError::Unauthorized), 401);
+        assert_eq!(s(ApiError::Link(LinkError::Expired)), 403);
+        assert_eq!(s(ApiError::Link(LinkError::Tampered)), 403);
+        assert_eq!(s(ApiError::AdminOnly), 403);
+        assert_eq!(
+            s(ApiError::Reload(ReloadError::Unavailable("x".into()))),
+            409
+        );
+        assert_eq!(s(ApiError::Reload(ReloadError::Invalid(vec![]))), 422);
+        assert_eq!(
+            s(ApiError::from(DbError::TenantMismatch {
+                tenant: "a".into(),
+                call_id: "c".into()
+            })),
+            404
+        );
+        assert_eq!(s(ApiError::Ops(OpsError::StillRecording("r".into()))), 409);
+        assert_eq!(
+            s(ApiError::Ops(OpsError::RecordingDeleted("r".into()))),
+            410
+        );
+        let resp = ApiError::Unauthorized.into_response();
+        assert_eq!(
+            resp.headers().get(header::WWW_AUTHENTICATE).unwrap(),
+            "Bearer realm=\"sipbridge-admin\""
+        );
+    }
+}
