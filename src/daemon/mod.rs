@@ -13,7 +13,7 @@ use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
     Switchboard, Transmit,
 };
-use crate::pipeline::{AgentCommand, AgentTarget, CallInfo, PipelineHandle, PipelineSpec};
+use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
 use anyhow::Context;
 use rand::SeedableRng;
@@ -89,9 +89,7 @@ impl Shared {
             let rate = t.pipeline_rate;
             let target = match &t.pipeline {
                 crate::config::Pipeline::Echo => return None,
-                crate::config::Pipeline::Agent(a) => {
-                    AgentTarget::for_settings(a).map(PipelineSpec::Native)
-                }
+                crate::config::Pipeline::Agent(a) => Some(PipelineSpec::for_agent(a)),
                 _ => None,
             };
             let Some(target) = target else {

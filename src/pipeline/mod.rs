@@ -3,16 +3,20 @@
 //!
 //! Owns: one tokio task per call per pipeline connection, the bounded
 //! channels between it and the call task ([`PipelineHandle`]), and the wire
-//! protocols (today: the native agent protocol, `docs/agent-protocol.md`).
+//! protocols (the native agent protocol, `docs/agent-protocol.md`, and
+//! Twilio Media Streams, [`twilio`]), opened by [`connect`].
 //! Must not touch: SIP or media state. The call task (`daemon::run_call`)
 //! feeds frames in with non-blocking sends and applies the
 //! [`AgentCommand`]s it receives to its `Call` and `MediaSession`; a slow or
 //! dead pipeline therefore never stalls the media path or other calls.
 
+pub mod connect;
 pub mod native;
+pub mod twilio;
 
 use crate::call::PcmFrame;
-use crate::config::{AgentMode, AgentSettings, Secret};
+use crate::config::{AgentAuth, AgentMode, AgentSettings};
+use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 /// Caller frames buffered towards the pipeline at most (50 × 20 ms = 1 s);
@@ -45,29 +49,41 @@ pub struct CallInfo {
 /// How to reach a tenant's agent.
 #[derive(Clone)]
 pub struct AgentTarget {
-    /// `ws://` URL (may hold secrets in its query: never log it whole).
+    /// `ws://` or `wss://` URL (may hold secrets in its query: never log it whole).
     pub url: String,
-    /// Bearer token, if any.
-    pub auth: Option<Secret>,
+    /// Bearer token or HMAC secret, if any.
+    pub auth: Option<AgentAuth>,
+    /// Trust anchors for `wss://` besides the webpki roots (the tenant's `ca_file`).
+    pub ca_certs: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for AgentTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentTarget")
             .field("url", &redact_url(&self.url))
-            .field("auth", &self.auth.as_ref().map(Secret::fingerprint))
+            .field(
+                "auth",
+                &self
+                    .auth
+                    .as_ref()
+                    .map(|a| (a.kind(), a.secret().fingerprint())),
+            )
+            .field("ca_certs", &self.ca_certs.len())
             .finish()
     }
 }
 
 impl AgentTarget {
-    /// The target for a tenant's agent settings, if the mode is one this
-    /// module speaks (native only so far).
-    pub fn for_settings(settings: &AgentSettings) -> Option<AgentTarget> {
-        (settings.mode == AgentMode::Native).then(|| AgentTarget {
+    /// The target for a tenant's agent settings (any mode).
+    pub fn for_settings(settings: &AgentSettings) -> AgentTarget {
+        AgentTarget {
             url: settings.url.clone(),
             auth: settings.auth.clone(),
-        })
+            ca_certs: settings
+                .ca_file
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.certs.clone()),
+        }
     }
 }
 
@@ -78,6 +94,19 @@ impl AgentTarget {
 pub enum PipelineSpec {
     /// An agent speaking the native protocol.
     Native(AgentTarget),
+    /// An agent speaking Twilio Media Streams.
+    Twilio(AgentTarget),
+}
+
+impl PipelineSpec {
+    /// The pipeline for a tenant's agent settings, in its configured mode.
+    pub fn for_agent(settings: &AgentSettings) -> PipelineSpec {
+        let target = AgentTarget::for_settings(settings);
+        match settings.mode {
+            AgentMode::Twilio => PipelineSpec::Twilio(target),
+            _ => PipelineSpec::Native(target),
+        }
+    }
 }
 
 /// What the pipeline asks the call to do.
@@ -126,6 +155,7 @@ impl PipelineHandle {
         };
         match spec {
             PipelineSpec::Native(target) => tokio::spawn(native::run(target, info, chans)),
+            PipelineSpec::Twilio(target) => tokio::spawn(twilio::run(target, info, chans)),
         };
         PipelineHandle {
             audio: audio_tx,

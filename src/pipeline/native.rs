@@ -5,56 +5,20 @@
 //! [`parse_agent_text`], PCM packing) and the connection task ([`run`]).
 //! Must not touch: call or media state (it only talks to the call task
 //! through the channels in [`Channels`]). The WebSocket itself is
-//! tokio-tungstenite's; nothing of RFC 6455 is written here.
+//! tokio-tungstenite's; nothing of RFC 6455 is written here, and the
+//! connection is opened by [`super::connect`] (shared with Twilio mode).
 
 use super::{AgentCommand, AgentTarget, CallInfo, Event, redact_url};
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
-/// How long the connection (TCP + upgrade) may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub use super::connect::{AgentError, CONNECT_TIMEOUT, MAX_MESSAGE_BYTES};
+
 /// How long the bridge waits, after `stop`, for the close handshake.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest message accepted from the agent (about 32 s of PCM).
-pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-/// Why an agent connection failed or ended (logged, never shown to callers).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AgentError {
-    /// The URL could not be turned into a request.
-    #[error("invalid agent URL")]
-    InvalidUrl,
-    /// The token is not a valid HTTP header value.
-    #[error("bearer token is not a valid header value")]
-    InvalidToken,
-    /// No connection within [`CONNECT_TIMEOUT`].
-    #[error("connect timed out")]
-    ConnectTimeout,
-    /// The agent answered the upgrade with an HTTP status.
-    #[error("upgrade rejected with HTTP {0}")]
-    Rejected(u16),
-    /// Any other WebSocket or I/O failure.
-    #[error("websocket: {0}")]
-    Ws(String),
-}
-
-impl From<WsError> for AgentError {
-    fn from(e: WsError) -> AgentError {
-        match e {
-            WsError::Http(resp) => AgentError::Rejected(resp.status().as_u16()),
-            // Url errors may quote the URL: keep only their kind.
-            WsError::Url(_) => AgentError::InvalidUrl,
-            other => AgentError::Ws(other.to_string()),
-        }
-    }
-}
 
 /// The task's ends of the channels to and from the call task.
 #[derive(Debug)]
@@ -124,24 +88,6 @@ pub fn parse_agent_text(text: &str) -> Option<AgentCommand> {
     }
 }
 
-fn request(
-    target: &AgentTarget,
-) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, AgentError> {
-    let mut req = target
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|_| AgentError::InvalidUrl)?;
-    if let Some(token) = &target.auth {
-        let mut value = b"Bearer ".to_vec();
-        value.extend_from_slice(token.expose());
-        let mut value = HeaderValue::from_bytes(&value).map_err(|_| AgentError::InvalidToken)?;
-        value.set_sensitive(true);
-        req.headers_mut().insert("authorization", value);
-    }
-    Ok(req)
-}
-
 /// The connection task: connect, `start`, then relay both ways until the
 /// call task drops its handle (→ `stop`, close) or the agent goes away.
 /// Failures are logged with the call id and the redacted URL; the call
@@ -162,16 +108,7 @@ async fn session(
     info: &CallInfo,
     mut chans: Channels,
 ) -> Result<(), AgentError> {
-    let req = request(target)?;
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(MAX_MESSAGE_BYTES));
-    let (mut ws, _resp) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(req, Some(config), true),
-    )
-    .await
-    .map_err(|_| AgentError::ConnectTimeout)??;
+    let mut ws = super::connect::connect(target, &info.call_id).await?;
     info!(call_id = %info.call_id, url = %redact_url(&target.url), "agent connected");
     ws.send(Message::text(start_message(info))).await?;
     loop {
@@ -291,22 +228,5 @@ mod tests {
         assert_eq!(bytes, vec![1, 0, 0xfe, 0xff, 0xff, 0x7f]);
         assert_eq!(bytes_to_pcm(&bytes), vec![1, -2, i16::MAX]);
         assert_eq!(bytes_to_pcm(&[1, 0, 9]), vec![1]);
-    }
-
-    #[test]
-    fn bearer_header_is_set_and_sensitive() {
-        let target = AgentTarget {
-            url: "ws://127.0.0.1:1/agent?k=v".into(),
-            auth: Some(crate::config::Secret::new(
-                b"tok".to_vec(),
-                crate::config::SecretRef::Env("T".into()),
-            )),
-        };
-        let req = request(&target).unwrap();
-        let h = req.headers().get("authorization").unwrap();
-        assert_eq!(h.as_bytes(), b"Bearer tok");
-        assert!(h.is_sensitive());
-        assert!(!format!("{target:?}").contains("tok"));
-        assert!(!format!("{target:?}").contains("k=v"));
     }
 }
