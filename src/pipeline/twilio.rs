@@ -63,6 +63,11 @@ pub struct TwilioStream {
     chunk: u64,
     down: Downsampler,
     up: Upsampler,
+    /// Upsampler outputs still to drop: its start-up (the filter delay), so
+    /// the agent's 8 kHz samples land on even 16 kHz positions and the
+    /// playout's 2:1 decimation gives them back on the 8 kHz grid, not half
+    /// a sample off.
+    up_skip: usize,
     pcm8: Vec<i16>,
     ulaw: Vec<u8>,
 }
@@ -73,14 +78,16 @@ impl TwilioStream {
     pub fn new(info: &CallInfo, stream_sid: String) -> Result<TwilioStream, TwilioError> {
         let rate = PipelineRate::from_hz(info.sample_rate)
             .ok_or(TwilioError::UnsupportedRate(info.sample_rate))?;
+        let up = Upsampler::new(rate);
         Ok(TwilioStream {
+            up_skip: up.delay_samples(),
             stream_sid,
             call_sid: info.call_id.clone(),
             account_sid: info.tenant.clone(),
             sequence: 0,
             chunk: 0,
             down: Downsampler::new(rate),
-            up: Upsampler::new(rate),
+            up,
             pcm8: Vec::with_capacity(FRAME_8K),
             ulaw: Vec::with_capacity(FRAME_8K),
         })
@@ -209,6 +216,12 @@ impl TwilioStream {
                 g711::decode(Law::Mu, &codes, &mut pcm8);
                 let mut pcm = Vec::with_capacity(pcm8.len() * 2);
                 self.up.process(&pcm8, &mut pcm);
+                let skip = self.up_skip.min(pcm.len());
+                self.up_skip -= skip;
+                pcm.drain(..skip);
+                if pcm.is_empty() {
+                    return None;
+                }
                 Some(AgentCommand::Play(pcm))
             }
             "mark" => Some(AgentCommand::Mark(
@@ -217,6 +230,7 @@ impl TwilioStream {
             "clear" => {
                 // What follows a barge-in is new speech: no filter history.
                 self.up.reset();
+                self.up_skip = self.up.delay_samples();
                 Some(AgentCommand::Clear)
             }
             _ => None,
@@ -445,7 +459,24 @@ mod tests {
         let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
             panic!("no play");
         };
+        // The filter's start-up (27 samples) is dropped once; then every
+        // other sample is an input sample itself.
+        assert_eq!(pcm.len(), 320 - 27);
+        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
+            panic!("no play");
+        };
         assert_eq!(pcm.len(), 320);
+        assert!(
+            pcm.iter()
+                .step_by(2)
+                .all(|&x| x == g711::mu_to_linear(0x55))
+        );
+        // After a clear the start-up is dropped again.
+        s.parse_agent_text(&json!({"event":"clear","streamSid":SID}).to_string());
+        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
+            panic!("no play");
+        };
+        assert_eq!(pcm.len(), 320 - 27);
     }
 
     #[test]
