@@ -77,7 +77,7 @@ pub(crate) fn log_cdr(record: &CallRecord) {
 
 impl Shared {
     /// The agent pipeline a new call of `tenant` connects to, with what the
-    /// `start` message tells it (native agents only so far).
+    /// `start` message tells it (native or Twilio mode).
     fn agent_for(
         &self,
         tenant: &str,

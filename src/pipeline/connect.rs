@@ -47,8 +47,9 @@ pub enum AgentError {
     /// The URL could not be turned into a request.
     #[error("invalid agent URL")]
     InvalidUrl,
-    /// The token or a signed header is not a valid HTTP header value.
-    #[error("bearer token is not a valid header value")]
+    /// The token, or the call id for a signed header, is not a valid HTTP
+    /// header value.
+    #[error("bearer token or call id is not a valid header value")]
     InvalidToken,
     /// The TLS settings could not be built (e.g. a `ca_file` certificate
     /// rustls does not accept).
@@ -268,6 +269,37 @@ mod tests {
                 .unwrap(),
             hmac_signature(b"k", 2, "c", "/")
         );
+    }
+
+    /// tokio-tungstenite's own `connect_async_with_config` (what other
+    /// pipelines call) handles `wss://` too: against a server that is not
+    /// TLS it fails in the handshake, not with "TLS support not compiled in",
+    /// and does not panic for want of a crypto provider.
+    #[tokio::test]
+    async fn plain_connect_async_speaks_wss() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+        });
+        let err = tokio_tungstenite::connect_async_with_config(
+            format!("wss://127.0.0.1:{port}/x"),
+            None,
+            false,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            !matches!(
+                err,
+                WsError::Url(tokio_tungstenite::tungstenite::error::UrlError::TlsFeatureNotEnabled)
+            ),
+            "{err}"
+        );
+        assert!(matches!(err, WsError::Io(_) | WsError::Tls(_)), "{err}");
+        server.await.unwrap();
     }
 
     #[test]

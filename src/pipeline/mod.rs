@@ -104,7 +104,7 @@ impl PipelineSpec {
         let target = AgentTarget::for_settings(settings);
         match settings.mode {
             AgentMode::Twilio => PipelineSpec::Twilio(target),
-            _ => PipelineSpec::Native(target),
+            AgentMode::Native => PipelineSpec::Native(target),
         }
     }
 }
