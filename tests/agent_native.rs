@@ -653,7 +653,8 @@ fn agent_audio_reaches_the_caller_matching_what_was_sent() {
     assert!(best >= 0.95, "NCC {best:.4} at lag {lag}");
     let last_audio_at = packets[(lag + needle.len()).div_ceil(160) - 1].at;
     let mark_at = log.mark_at.expect("mark echoed");
-    assert!(mark_at + Duration::from_millis(5) >= last_audio_at);
+    // One frame of slack for the two receiving threads' scheduling.
+    assert!(mark_at + Duration::from_millis(20) >= last_audio_at);
     assert!(mark_at < last_audio_at + Duration::from_millis(100));
     assert_no_secret_in_logs(&daemon);
 }

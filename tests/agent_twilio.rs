@@ -432,8 +432,9 @@ fn twilio_agent_audio_reaches_the_caller_and_its_mark_follows_it() {
     let last_audio = (lag + needle.len()).div_ceil(160) - 1;
     let last_audio_at = packets[last_audio].at;
     let first_audio_at = packets[lag / 160].at;
+    // One frame of slack for the two receiving threads' scheduling.
     assert!(
-        mark_at + Duration::from_millis(5) >= last_audio_at,
+        mark_at + Duration::from_millis(20) >= last_audio_at,
         "mark {:?} before the last audio packet",
         last_audio_at - mark_at
     );

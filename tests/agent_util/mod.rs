@@ -154,17 +154,25 @@ pub(crate) fn capture(
 
 /// Media time (ms) from `clear_at` to the end of the last audible packet
 /// sent before playout stopped. The media time of `clear_at` is read off the
-/// RTP clock: the timestamp of the last packet received before it, plus the
-/// wall time since that packet (8 samples per ms). Returns the overrun in
+/// RTP clock: packets leave the bridge on a 20 ms wall-clock tick, so
+/// `arrival - ts / 8000` is the same for all of them but for delays on the
+/// way, which only add; the smallest is the mapping. Returns the overrun in
 /// ms (negative: stopped before the clear's media time) and the number of
 /// audible packets after the first silent one that followed (should be 0).
 pub(crate) fn playout_overrun_ms(packets: &[Packet], clear_at: Instant) -> (f64, usize) {
+    let ts0 = packets[0].ts;
+    let media = |p: &Packet| Duration::from_secs_f64(f64::from(p.ts.wrapping_sub(ts0)) / 8000.0);
+    let base = packets
+        .iter()
+        .map(|p| p.at - media(p))
+        .min()
+        .expect("packets");
+    // Media times in samples since the first packet.
+    let clear_ts = (clear_at - base).as_secs_f64() * 8000.0;
     let before = packets
         .iter()
         .rposition(|p| p.at <= clear_at)
         .expect("packets before the clear");
-    let anchor = &packets[before];
-    let clear_ts = f64::from(anchor.ts) + (clear_at - anchor.at).as_secs_f64() * 8000.0;
     // The first silent packet after the audio that was playing.
     let stop = packets[before..]
         .iter()
@@ -175,7 +183,7 @@ pub(crate) fn playout_overrun_ms(packets: &[Packet], clear_at: Instant) -> (f64,
         .iter()
         .rposition(Packet::audible)
         .expect("audio was playing at the clear");
-    let end_ts = f64::from(packets[last_audible].ts) + 160.0;
+    let end_ts = f64::from(packets[last_audible].ts.wrapping_sub(ts0)) + 160.0;
     let later = packets[stop..].iter().filter(|p| p.audible()).count();
     ((end_ts - clear_ts) / 8.0, later)
 }
