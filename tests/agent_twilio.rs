@@ -5,8 +5,8 @@
 //! with the test's own tables (tests/agent_util), never with the bridge's serialiser.
 //!
 //! Covers: `connected` then `start` with every field, the caller's audio as `media`
-//! (string counters, 20 ms µ-law, matching the fixture), `stop` last; HMAC auth checked by
-//! the agent and bound to the call; agent `media` played to the caller (NCC ≥ 0.95 after
+//! (string counters, 20 ms µ-law, matching the fixture), `dtmf`, `stop` last; HMAC auth
+//! checked by the agent and bound to the call (a wrong secret refused with 401); agent `media` played to the caller (NCC ≥ 0.95 after
 //! G.711), its `mark` echoed only after that audio was sent; `clear` stopping playout
 //! within 40 ms of media time and echoing the pending mark; the agent closing the socket
 //! → BYE; `wss://` to an agent whose certificate comes from a private CA (`ca_file`); no
@@ -582,5 +582,71 @@ fn wss_agent_without_the_ca_file_fails_the_handshake_and_the_call_goes_on() {
     assert!(failure.contains("wss://127.0.0.1"), "{failure}");
     let seen = agent.join().unwrap();
     assert!(seen.texts.is_empty());
+    assert_no_secret_in_logs(&daemon);
+}
+
+#[test]
+fn a_signature_with_the_wrong_secret_is_refused_and_logged_without_it() {
+    const WRONG: &str = "hm-wrong-Zz40-secret";
+    let (port, agent) = spawn_agent(Script::Listen, None, true);
+    let daemon = Daemon::spawn_with_env(
+        &profile(&format!("ws://127.0.0.1:{port}/twilio"), "", false),
+        &[("AGENT_SECRET", WRONG)],
+    );
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    let seen = agent.join().unwrap();
+    assert_eq!(seen.hmac, Some(Err("bad signature".to_owned())));
+    let cdr = answered_cdr(&daemon);
+    let call_id = cdr["call_id"].as_str().unwrap().to_owned();
+    let failure = daemon
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l.contains("agent pipeline failed") && l.contains(&call_id)
+        })
+        .expect("the refusal is logged with the call id");
+    assert!(
+        failure.contains("upgrade rejected with HTTP 401"),
+        "{failure}"
+    );
+    for line in daemon.logs() {
+        assert!(!line.contains(WRONG), "secret leaked: {line}");
+    }
+}
+
+#[test]
+fn twilio_dtmf_reaches_the_agent() {
+    let dtmf = std::path::Path::new("/usr/share/sip-tester/dtmf_2833_9.pcap");
+    assert!(dtmf.exists(), "SIPp's RFC 4733 pcap of digit 9");
+    let (port, agent) = spawn_agent(Script::Listen, None, true);
+    let daemon = spawn_daemon(&profile(
+        &format!("ws://127.0.0.1:{port}/twilio"),
+        "",
+        false,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("dtmf.xml");
+    let text = std::fs::read_to_string(sipp_scenario("call_with_audio.xml"))
+        .unwrap()
+        .replace(
+            "../../fixtures/pcap/caller1_pcmu.pcap",
+            dtmf.to_str().unwrap(),
+        );
+    std::fs::write(&scenario, text).unwrap();
+    sipp(&scenario, daemon.udp_addr(), &["-s", NUMBER]).assert_success();
+    let seen = agent.join().unwrap();
+    let sid = seen.texts[1].1["streamSid"].as_str().unwrap().to_owned();
+    let dtmf = seen.events("dtmf");
+    assert_eq!(dtmf.len(), 1, "{dtmf:?}");
+    let seq = dtmf[0]["sequenceNumber"].clone();
+    assert_eq!(
+        dtmf[0],
+        &serde_json::json!({"event":"dtmf","sequenceNumber":seq,"streamSid":sid,
+            "dtmf":{"track":"inbound_track","digit":"9"}})
+    );
+    assert!(is_decimal_string(&seq).is_some_and(|n| n > 1));
     assert_no_secret_in_logs(&daemon);
 }
