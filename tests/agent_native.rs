@@ -9,16 +9,19 @@
 //! call up (`on_failure = "continue"`), and no token or URL query secret in the daemon's
 //! logs.
 
+mod agent_util;
 mod common;
 
+use agent_util::{best_ncc, capture, ncc, playout_overrun_ms};
 use common::{Daemon, ProfileSpec, repo_path, sipp, sipp_scenario};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use sipbridge::media::g711::mu_to_linear;
-use sipbridge::media::resample::{Downsampler, PipelineRate};
+use sipbridge::media::resample::{Downsampler, PipelineRate, Upsampler};
 use std::net::UdpSocket;
 use std::thread;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -37,6 +40,10 @@ struct AgentLog {
     pcm: Vec<i16>,
     first_frame: Option<Instant>,
     last_frame: Option<Instant>,
+    /// When the first `mark` echo arrived.
+    mark_at: Option<Instant>,
+    /// When the agent sent `clear`.
+    clear_sent: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +58,24 @@ enum Script {
     DropAfterStart,
     /// Right after `start` (while the prompt plays), send 1 s of a 1 kHz tone, then a mark.
     ToneThenMark,
+    /// Right after `start`, send caller2.ulaw as 16 kHz PCM ([`fixture_16k`]), then a mark.
+    FixtureThenMark,
+    /// Right after `start`, send 5 s of a 1 kHz tone and a mark; `clear` on the signal.
+    ToneThenClear,
+}
+
+/// caller2.ulaw decoded and brought to 16 kHz with its samples on the even positions
+/// (the upsampler's start-up dropped), so 2:1 decimation gives the fixture back.
+fn fixture_16k() -> Vec<i16> {
+    let fixture = std::fs::read(repo_path("fixtures/audio/caller2.ulaw")).unwrap();
+    let pcm8: Vec<i16> = fixture.iter().map(|&c| mu_to_linear(c)).collect();
+    let mut up = Upsampler::new(PipelineRate::Hz16000);
+    let mut pcm16 = Vec::new();
+    up.process(&pcm8, &mut pcm16);
+    up.process(&[0; 32], &mut pcm16);
+    pcm16.drain(..up.delay_samples());
+    pcm16.truncate(pcm8.len() * 2);
+    pcm16
 }
 
 fn tone_16k() -> Vec<i16> {
@@ -65,6 +90,14 @@ fn tone_16k() -> Vec<i16> {
 /// A one-connection agent on a free port; the thread returns what it saw once the
 /// bridge closes the connection (or after 30 s).
 fn spawn_agent(script: Script) -> (u16, thread::JoinHandle<AgentLog>) {
+    spawn_agent_with(script, None)
+}
+
+/// [`spawn_agent`] with a signal that makes the agent send `clear`.
+fn spawn_agent_with(
+    script: Script,
+    mut clear_rx: Option<oneshot::Receiver<()>>,
+) -> (u16, thread::JoinHandle<AgentLog>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -105,10 +138,32 @@ fn spawn_agent(script: Script) -> (u16, thread::JoinHandle<AgentLog>) {
             log.auth = auth;
             log.uri = uri;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+            loop {
+                let msg = tokio::select! {
+                    signal = async {
+                        match &mut clear_rx {
+                            Some(rx) => rx.await.ok(),
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        clear_rx = None;
+                        if signal.is_some() {
+                            ws.send(Message::text(r#"{"event":"clear"}"#.to_owned()))
+                                .await
+                                .unwrap();
+                            log.clear_sent = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                    m = tokio::time::timeout_at(deadline, ws.next()) => m,
+                };
+                let Ok(Some(Ok(msg))) = msg else { break };
                 match msg {
                     Message::Text(text) => {
                         let v: Value = serde_json::from_str(&text).unwrap();
+                        if v["event"] == "mark" {
+                            log.mark_at.get_or_insert(Instant::now());
+                        }
                         let start = v["event"] == "start";
                         log.texts.push(v);
                         if !start {
@@ -121,10 +176,17 @@ fn spawn_agent(script: Script) -> (u16, thread::JoinHandle<AgentLog>) {
                                 .send(Message::text(r#"{"event":"hangup"}"#.to_owned()))
                                 .await
                                 .unwrap(),
-                            Script::ToneThenMark => {
-                                // Sent at once, while the 4.4 s prompt still plays:
-                                // the bridge holds it and plays it after the prompt.
-                                for chunk in tone_16k().chunks(320) {
+                            Script::ToneThenMark
+                            | Script::FixtureThenMark
+                            | Script::ToneThenClear => {
+                                // Sent at once (with the prompt, while it still plays:
+                                // the bridge holds it and plays it after the prompt).
+                                let audio = match script {
+                                    Script::FixtureThenMark => fixture_16k(),
+                                    Script::ToneThenClear => tone_16k().repeat(5),
+                                    _ => tone_16k(),
+                                };
+                                for chunk in audio.chunks(320) {
                                     let bytes: Vec<u8> =
                                         chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
                                     ws.send(Message::binary(bytes)).await.unwrap();
@@ -201,19 +263,6 @@ fn answered_cdr(daemon: &Daemon) -> Value {
     daemon
         .wait_for_cdr(Duration::from_secs(10), |c| c["result_code"] == 200)
         .expect("a CDR for the answered call")
-}
-
-/// Normalised cross-correlation of `needle` with `hay[lag..]` (zero beyond its end).
-fn ncc(hay: &[f64], needle: &[f64], lag: usize) -> f64 {
-    let (mut dot, mut e_hay, mut e_needle) = (0.0, 0.0, 0.0);
-    for (i, n) in needle.iter().enumerate() {
-        let h = hay.get(lag + i).copied().unwrap_or(0.0);
-        dot += h * n;
-        e_hay += h * h;
-        e_needle += n * n;
-    }
-    let d = (e_hay * e_needle).sqrt();
-    if d == 0.0 { 0.0 } else { dot / d }
 }
 
 #[test]
@@ -551,5 +600,117 @@ fn pipeline_rate_8000_delivers_the_callers_audio_at_8_khz() {
         .map(|l| ncc(&hay, &needle, l))
         .fold(f64::MIN, f64::max);
     assert!(best >= 0.99, "NCC {best:.4}");
+    assert_no_secret_in_logs(&daemon);
+}
+
+/// The native profile without the disclosure prompt (the agent's audio plays at once).
+fn profile_without_prompt(url: &str) -> String {
+    profile(url)
+        .lines()
+        .filter(|l| !l.starts_with("prompt = "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A call whose media the test receives itself, held `hold_ms`; `on_packet` sees each
+/// RTP packet as it arrives.
+fn call_capturing_rtp(
+    daemon: &Daemon,
+    hold_ms: u32,
+    on_packet: impl FnMut(&agent_util::Packet),
+) -> Vec<agent_util::Packet> {
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let media_port = media.local_addr().unwrap().port().to_string();
+    let target = daemon.udp_addr();
+    let hold = hold_ms.to_string();
+    let carrier = thread::spawn(move || {
+        sipp(
+            &sipp_scenario("media_on_test_socket.xml"),
+            target,
+            &[
+                "-key",
+                "test_rtp_port",
+                &media_port,
+                "-s",
+                NUMBER,
+                "-d",
+                &hold,
+            ],
+        )
+    });
+    let packets = capture(&media, Duration::from_secs(15), on_packet);
+    carrier.join().unwrap().assert_success();
+    packets
+}
+
+/// Issue 5 acceptance: the agent's audio reaches the caller matching what was sent
+/// (NCC ≥ 0.95 after G.711), and its mark comes back right after that audio was sent.
+#[test]
+fn agent_audio_reaches_the_caller_matching_what_was_sent() {
+    let (port, agent) = spawn_agent(Script::FixtureThenMark);
+    let daemon = Daemon::spawn_with_env(
+        &profile_without_prompt(&format!("ws://127.0.0.1:{port}/agent")),
+        &[("AGENT_TOKEN", TOKEN)],
+    );
+    let packets = call_capturing_rtp(&daemon, 5000, |_| {});
+    let log = agent.join().unwrap();
+    let hay: Vec<f64> = packets
+        .iter()
+        .flat_map(|p| p.samples.iter().map(|&s| f64::from(s)))
+        .collect();
+    let fixture = std::fs::read(repo_path("fixtures/audio/caller2.ulaw")).unwrap();
+    let needle: Vec<f64> = fixture
+        .iter()
+        .map(|&c| f64::from(mu_to_linear(c)))
+        .collect();
+    let (best, lag) = best_ncc(&hay, &needle);
+    eprintln!("agent audio at the caller: NCC {best:.4} at lag {lag}");
+    assert!(best >= 0.95, "NCC {best:.4} at lag {lag}");
+    let last_audio_at = packets[(lag + needle.len()).div_ceil(160) - 1].at;
+    let mark_at = log.mark_at.expect("mark echoed");
+    // One frame of slack for the two receiving threads' scheduling.
+    assert!(mark_at + Duration::from_millis(20) >= last_audio_at);
+    assert!(mark_at < last_audio_at + Duration::from_millis(100));
+    assert_no_secret_in_logs(&daemon);
+}
+
+/// Issue 5 acceptance: `clear` during playout stops it within 40 ms of media time
+/// (measured on the RTP the caller receives), and the pending mark comes back cleared.
+#[test]
+fn clear_stops_playout_within_40_ms_of_media_time() {
+    let (clear_tx, clear_rx) = oneshot::channel();
+    let (port, agent) = spawn_agent_with(Script::ToneThenClear, Some(clear_rx));
+    let daemon = Daemon::spawn_with_env(
+        &profile_without_prompt(&format!("ws://127.0.0.1:{port}/agent")),
+        &[("AGENT_TOKEN", TOKEN)],
+    );
+    let mut clear_tx = Some(clear_tx);
+    let mut audible = 0;
+    let packets = call_capturing_rtp(&daemon, 3000, |p| {
+        if p.audible() {
+            audible += 1;
+            if audible == 25
+                && let Some(tx) = clear_tx.take()
+            {
+                tx.send(()).unwrap();
+            }
+        }
+    });
+    let log = agent.join().unwrap();
+    let clear_at = log.clear_sent.expect("clear sent");
+    let (overrun_ms, later) = playout_overrun_ms(&packets, clear_at);
+    eprintln!("playout ran {overrun_ms:.1} ms of media time past the clear");
+    assert!(overrun_ms <= 40.0, "{overrun_ms:.1} ms");
+    assert_eq!(later, 0, "audio after the clear");
+    let mark = log
+        .texts
+        .iter()
+        .find(|v| v["event"] == "mark")
+        .expect("mark echoed");
+    assert_eq!(
+        mark,
+        &serde_json::json!({"event": "mark", "name": "after-tone", "cleared": true})
+    );
+    assert!(log.mark_at.unwrap() < clear_at + Duration::from_millis(100));
     assert_no_secret_in_logs(&daemon);
 }

@@ -122,7 +122,7 @@ fn secrets_of(cfg: &Config) -> Vec<&Secret> {
     out.push(&cfg.trunks[0].digest.as_ref().unwrap().password);
     if let Pipeline::DeepgramAgent(dg, agent) = &cfg.tenants[0].pipeline {
         out.push(&dg.api_key);
-        out.push(agent.auth.as_ref().unwrap());
+        out.push(agent.auth.as_ref().unwrap().secret());
     }
     out
 }

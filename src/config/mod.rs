@@ -434,8 +434,57 @@ pub struct AgentSettings {
     pub url: String,
     /// Wire protocol.
     pub mode: AgentMode,
-    /// Bearer token sent to the agent, if any.
-    pub auth: Option<Secret>,
+    /// How the bridge authenticates to the agent, if at all.
+    pub auth: Option<AgentAuth>,
+    /// Extra trust anchors for a `wss://` agent behind a private CA.
+    pub ca_file: Option<CaFile>,
+}
+
+/// How the bridge proves itself to a tenant's agent on the WebSocket upgrade.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum AgentAuth {
+    /// `Authorization: Bearer <secret>`.
+    Bearer(Secret),
+    /// `X-Sipbridge-Signature`: an HMAC-SHA256 keyed with the secret over the
+    /// timestamp, call id and request path (docs/agent-protocol.md).
+    Hmac(Secret),
+}
+
+impl AgentAuth {
+    /// The secret, whichever the kind.
+    pub fn secret(&self) -> &Secret {
+        match self {
+            AgentAuth::Bearer(s) | AgentAuth::Hmac(s) => s,
+        }
+    }
+
+    /// `bearer` or `hmac`, as written in configuration.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentAuth::Bearer(_) => "bearer",
+            AgentAuth::Hmac(_) => "hmac",
+        }
+    }
+}
+
+/// A PEM file of CA certificates, loaded and checked by `sipbridge check`.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct CaFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The certificates it holds (at least one), DER.
+    pub certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaFile")
+            .field("path", &self.path)
+            .field("certs", &self.certs.len())
+            .finish()
+    }
 }
 
 /// Agent wire protocol.
@@ -643,15 +692,19 @@ fn describe_pipeline(p: &Pipeline) -> String {
         )
     };
     let agent = |a: &AgentSettings| {
-        let auth = a.auth.as_ref().map_or("none".to_owned(), |s| {
-            format!("{} ({})", s.source(), s.fingerprint())
+        let auth = a.auth.as_ref().map_or("none".to_owned(), |auth| {
+            let s = auth.secret();
+            format!("{} {} ({})", auth.kind(), s.source(), s.fingerprint())
+        });
+        let ca = a.ca_file.as_ref().map_or(String::new(), |c| {
+            format!(" ca_file {} ({} certs)", c.path.display(), c.certs.len())
         });
         let mode = match a.mode {
             AgentMode::Native => "native",
             AgentMode::Twilio => "twilio",
         };
         // A URL may carry credentials in its query or userinfo: print neither.
-        format!("url {} mode {mode} auth {auth}", redact_url(&a.url))
+        format!("url {} mode {mode} auth {auth}{ca}", redact_url(&a.url))
     };
     match p {
         Pipeline::Echo => "echo".to_owned(),

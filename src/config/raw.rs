@@ -187,8 +187,12 @@ pub(crate) struct RawPipeline {
     pub(crate) url: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) mode: Option<Spanned<String>>,
+    /// `"<secret ref>"` (bearer) or `{ kind = "bearer" | "hmac", secret = "<secret ref>" }`;
+    /// the table's keys are checked in `validate`.
     #[serde(default)]
-    pub(crate) auth: Option<Spanned<String>>,
+    pub(crate) auth: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub(crate) ca_file: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) on_failure: Option<Spanned<String>>,
     #[serde(default)]

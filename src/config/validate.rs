@@ -25,10 +25,10 @@ use super::number::NumberPattern;
 use super::raw::{RawPipeline, RawProfile, RawRoute, RawTenant, RawTrunk, RawUnknownSource};
 use super::secret::{self, Secret, SecretRef};
 use super::{
-    AdminSettings, AgentMode, AgentSettings, Config, DEEPGRAM_BASE_URL, DeepgramSettings,
-    DigestCredentials, FailurePolicy, Listen, MAX_FALLBACK_PROMPT, MasterKey, MediaSettings,
-    OnFailure, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings, Tenant, Trunk,
-    UnknownSource,
+    AdminSettings, AgentAuth, AgentMode, AgentSettings, CaFile, Config, DEEPGRAM_BASE_URL,
+    DeepgramSettings, DigestCredentials, FailurePolicy, Listen, MAX_FALLBACK_PROMPT, MasterKey,
+    MediaSettings, OnFailure, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings,
+    Tenant, Trunk, UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -1113,13 +1113,14 @@ fn check_pipeline(
         }
     };
     let mut ok = true;
-    let fields: [(&str, &Option<Spanned<String>>, bool); 6] = [
-        ("model", &p.model, deepgram),
-        ("language", &p.language, deepgram),
-        ("api_key", &p.api_key, deepgram),
-        ("url", &p.url, agent),
-        ("mode", &p.mode, agent),
-        ("auth", &p.auth, agent),
+    let fields: [(&str, Option<Range<usize>>, bool); 7] = [
+        ("model", p.model.as_ref().map(Spanned::span), deepgram),
+        ("language", p.language.as_ref().map(Spanned::span), deepgram),
+        ("api_key", p.api_key.as_ref().map(Spanned::span), deepgram),
+        ("url", p.url.as_ref().map(Spanned::span), agent),
+        ("mode", p.mode.as_ref().map(Spanned::span), agent),
+        ("auth", p.auth.as_ref().map(Spanned::span), agent),
+        ("ca_file", p.ca_file.as_ref().map(Spanned::span), agent),
     ];
     // The Deepgram-only keys that are not strings.
     let deepgram_only: [(&str, Option<Range<usize>>); 5] = [
@@ -1139,8 +1140,7 @@ fn check_pipeline(
         ("base_url", p.base_url.as_ref().map(Spanned::span)),
     ];
     let misplaced = fields
-        .iter()
-        .map(|(name, v, allowed)| (*name, v.as_ref().map(Spanned::span), *allowed))
+        .into_iter()
         .chain(deepgram_only.into_iter().map(|(n, s)| (n, s, deepgram)));
     for (name, span, allowed) in misplaced {
         if let (Some(span), false) = (span, allowed) {
@@ -1254,11 +1254,29 @@ fn check_pipeline(
             }
         };
         let auth = match &p.auth {
-            Some(a) => cx.secret(file, a, "agent auth").map(Some),
+            Some(a) => check_agent_auth(cx, file, a).map(Some),
             None => Some(None),
         };
-        match (url, mode, auth) {
-            (Some(url), Some(mode), Some(auth)) => Some(AgentSettings { url, mode, auth }),
+        let ca_file = match &p.ca_file {
+            Some(c) => check_ca_file(cx, file, c).map(Some),
+            None => Some(None),
+        };
+        if let (Some(c), Some(u)) = (&p.ca_file, &p.url)
+            && u.get_ref().starts_with("ws://")
+        {
+            cx.warning(
+                file,
+                Some(c.span()),
+                "`ca_file` has no effect on a ws:// agent url (no TLS)",
+            );
+        }
+        match (url, mode, auth, ca_file) {
+            (Some(url), Some(mode), Some(auth), Some(ca_file)) => Some(AgentSettings {
+                url,
+                mode,
+                auth,
+                ca_file,
+            }),
             _ => None,
         }
     } else {
@@ -1381,6 +1399,93 @@ fn check_failure_policy(cx: &mut Cx<'_>, file: usize, p: &RawPipeline) -> Failur
         policy.agent_silence = (n > 0).then(|| Duration::from_secs(u64::from(n)));
     }
     policy
+}
+
+/// `auth = "<secret ref>"` (bearer) or `auth = { kind = "bearer" | "hmac",
+/// secret = "<secret ref>" }`; any other key is an error.
+fn check_agent_auth(
+    cx: &mut Cx<'_>,
+    file: usize,
+    written: &Spanned<toml::Value>,
+) -> Option<AgentAuth> {
+    let span = written.span();
+    let bad = |cx: &mut Cx<'_>, msg: String| {
+        cx.error(file, Some(span.clone()), msg);
+        None
+    };
+    let secret_at = |v: &str| Spanned::new(span.clone(), v.to_owned());
+    match written.get_ref() {
+        toml::Value::String(s) => cx
+            .secret(file, &secret_at(s), "agent auth")
+            .map(AgentAuth::Bearer),
+        toml::Value::Table(t) => {
+            if let Some(other) = t.keys().find(|k| !["kind", "secret"].contains(&k.as_str())) {
+                return bad(
+                    cx,
+                    format!("unknown key `{other}` in agent auth, expected `kind` and `secret`"),
+                );
+            }
+            let Some(toml::Value::String(secret)) = t.get("secret") else {
+                return bad(
+                    cx,
+                    "agent auth needs `secret` (a secret reference)".to_owned(),
+                );
+            };
+            let secret = secret_at(secret);
+            match t.get("kind").and_then(toml::Value::as_str) {
+                Some("bearer") => cx
+                    .secret(file, &secret, "agent auth")
+                    .map(AgentAuth::Bearer),
+                Some("hmac") => cx.secret(file, &secret, "agent auth").map(AgentAuth::Hmac),
+                Some(other) => bad(
+                    cx,
+                    format!("agent auth kind `{other}` must be `bearer` or `hmac`"),
+                ),
+                None => bad(
+                    cx,
+                    "agent auth needs `kind` (`bearer` or `hmac`)".to_owned(),
+                ),
+            }
+        }
+        _ => bad(
+            cx,
+            "agent auth must be a secret reference or { kind, secret }".to_owned(),
+        ),
+    }
+}
+
+/// Reads a PEM file of CA certificates: at least one, each one rustls accepts
+/// as a trust anchor.
+fn check_ca_file(cx: &mut Cx<'_>, file: usize, written: &Spanned<String>) -> Option<CaFile> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let path = PathBuf::from(written.get_ref());
+    let mut fail = |why: String| {
+        cx.error(
+            file,
+            Some(written.span()),
+            format!("ca_file {}: {why}", path.display()),
+        );
+        None
+    };
+    let certs: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(&path) {
+        Ok(iter) => match iter.collect::<Result<_, _>>() {
+            Ok(certs) => certs,
+            Err(e) => return fail(format!("not a PEM certificate file: {e}")),
+        },
+        Err(e) => return fail(format!("cannot read: {e}")),
+    };
+    if certs.is_empty() {
+        return fail("holds no CERTIFICATE block".to_owned());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, ignored) = roots.add_parsable_certificates(certs.iter().cloned());
+    if ignored > 0 {
+        return fail(format!(
+            "{ignored} certificate(s) are not valid trust anchors"
+        ));
+    }
+    Some(CaFile { path, certs })
 }
 
 fn check_routes(

@@ -17,7 +17,7 @@ use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
     PcmFrame, Switchboard, Transmit,
 };
-use crate::pipeline::{AgentCommand, AgentTarget, CallInfo, PipelineHandle, PipelineSpec};
+use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
 use anyhow::Context;
 use rand::SeedableRng;
@@ -125,7 +125,7 @@ impl Shared {
     }
 
     /// The agent pipeline a new call of `tenant` connects to, with what the
-    /// `start` message tells it (native agents only so far).
+    /// `start` message tells it, and its failure policy.
     fn agent_for(&self, tenant: &str, invite: &crate::sip::message::Request) -> Option<AgentPlan> {
         let (target, sample_rate, policy) = {
             let sb = lock(&self.switchboard);
@@ -133,26 +133,14 @@ impl Shared {
             let rate = t.pipeline_rate;
             let target = match &t.pipeline {
                 crate::config::Pipeline::Echo => return None,
-                crate::config::Pipeline::Agent(a) => {
-                    AgentTarget::for_settings(a).map(PipelineSpec::Native)
+                crate::config::Pipeline::Agent(a) => PipelineSpec::for_agent(a),
+                crate::config::Pipeline::Deepgram(d) => {
+                    PipelineSpec::Deepgram(crate::pipeline::deepgram::DeepgramTarget::new(d, rate))
                 }
-                crate::config::Pipeline::Deepgram(d) => Some(PipelineSpec::Deepgram(
+                crate::config::Pipeline::DeepgramAgent(d, a) => PipelineSpec::DeepgramAgent(
                     crate::pipeline::deepgram::DeepgramTarget::new(d, rate),
-                )),
-                crate::config::Pipeline::DeepgramAgent(d, a) => {
-                    AgentTarget::for_settings(a).map(|agent| {
-                        let dg = crate::pipeline::deepgram::DeepgramTarget::new(d, rate);
-                        PipelineSpec::DeepgramAgent(dg, agent)
-                    })
-                }
-            };
-            let Some(target) = target else {
-                // Accepted by `check`, not connected by this build (issue 5).
-                warn!(
-                    pipeline = t.pipeline.kind(),
-                    "pipeline not supported yet: the call gets the prompt, then silence"
-                );
-                return None;
+                    Box::new(PipelineSpec::for_agent(a)),
+                ),
             };
             (target, rate, t.pipeline_failure.clone())
         };

@@ -3,8 +3,9 @@
 //!
 //! Owns: one tokio task per call per pipeline connection, the bounded
 //! channels between it and the call task ([`PipelineHandle`]), and the wire
-//! protocols (the native agent protocol, `docs/agent-protocol.md`; Deepgram
-//! live speech-to-text, `deepgram`).
+//! protocols (the native agent protocol, `docs/agent-protocol.md`; Twilio
+//! Media Streams, [`twilio`]; Deepgram live speech-to-text, [`deepgram`]),
+//! agents' connections opened by [`connect`].
 //! Must not touch: SIP or media state. The call task (`daemon::run_call`)
 //! feeds frames in with non-blocking sends and applies the
 //! [`AgentCommand`]s it receives to its `Call` and `MediaSession`; a slow or
@@ -16,12 +17,15 @@
 //! call's sans-IO `call::pipeline::PipelineSupervisor`, and the call task
 //! spawns a new handle when it says so.
 
+pub mod connect;
 pub mod deepgram;
 pub mod native;
+pub mod twilio;
 
 use crate::call::PcmFrame;
 use crate::call::pipeline::ConnectionFailure;
-use crate::config::{AgentMode, AgentSettings, Secret};
+use crate::config::{AgentAuth, AgentMode, AgentSettings};
+use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 /// Caller frames buffered towards the pipeline at most (50 × 20 ms = 1 s);
@@ -54,29 +58,41 @@ pub struct CallInfo {
 /// How to reach a tenant's agent.
 #[derive(Clone)]
 pub struct AgentTarget {
-    /// `ws://` URL (may hold secrets in its query: never log it whole).
+    /// `ws://` or `wss://` URL (may hold secrets in its query: never log it whole).
     pub url: String,
-    /// Bearer token, if any.
-    pub auth: Option<Secret>,
+    /// Bearer token or HMAC secret, if any.
+    pub auth: Option<AgentAuth>,
+    /// Trust anchors for `wss://` besides the webpki roots (the tenant's `ca_file`).
+    pub ca_certs: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for AgentTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentTarget")
             .field("url", &redact_url(&self.url))
-            .field("auth", &self.auth.as_ref().map(Secret::fingerprint))
+            .field(
+                "auth",
+                &self
+                    .auth
+                    .as_ref()
+                    .map(|a| (a.kind(), a.secret().fingerprint())),
+            )
+            .field("ca_certs", &self.ca_certs.len())
             .finish()
     }
 }
 
 impl AgentTarget {
-    /// The target for a tenant's agent settings, if the mode is one this
-    /// module speaks (native only so far).
-    pub fn for_settings(settings: &AgentSettings) -> Option<AgentTarget> {
-        (settings.mode == AgentMode::Native).then(|| AgentTarget {
+    /// The target for a tenant's agent settings (any mode).
+    pub fn for_settings(settings: &AgentSettings) -> AgentTarget {
+        AgentTarget {
             url: settings.url.clone(),
             auth: settings.auth.clone(),
-        })
+            ca_certs: settings
+                .ca_file
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.certs.clone()),
+        }
     }
 }
 
@@ -87,10 +103,39 @@ impl AgentTarget {
 pub enum PipelineSpec {
     /// An agent speaking the native protocol.
     Native(AgentTarget),
+    /// An agent speaking Twilio Media Streams.
+    Twilio(AgentTarget),
     /// Deepgram live transcription of the caller.
     Deepgram(deepgram::DeepgramTarget),
-    /// Deepgram beside a native agent: the agent also gets the transcripts.
-    DeepgramAgent(deepgram::DeepgramTarget, AgentTarget),
+    /// Deepgram beside an agent (native or Twilio mode): a native agent
+    /// also gets the transcripts.
+    DeepgramAgent(deepgram::DeepgramTarget, Box<PipelineSpec>),
+}
+
+impl PipelineSpec {
+    /// The pipeline for a tenant's agent settings, in its configured mode.
+    pub fn for_agent(settings: &AgentSettings) -> PipelineSpec {
+        let target = AgentTarget::for_settings(settings);
+        match settings.mode {
+            AgentMode::Twilio => PipelineSpec::Twilio(target),
+            _ => PipelineSpec::Native(target),
+        }
+    }
+}
+
+/// Starts an agent connection task in its dialect (Deepgram is started by
+/// [`PipelineHandle::spawn`] itself).
+fn spawn_agent(spec: PipelineSpec, info: CallInfo, attempt: u32, chans: native::Channels) {
+    match spec {
+        PipelineSpec::Twilio(target) => {
+            tokio::spawn(twilio::run(target, info, attempt, chans));
+        }
+        PipelineSpec::Native(target) => {
+            tokio::spawn(native::run(target, info, attempt, chans));
+        }
+        // Not an agent: nothing connects, the call's supervisor times out.
+        PipelineSpec::Deepgram(_) | PipelineSpec::DeepgramAgent(..) => {}
+    }
 }
 
 /// A final transcript segment of the call.
@@ -186,8 +231,8 @@ impl PipelineHandle {
         };
         let mut stt = None;
         match spec {
-            PipelineSpec::Native(target) => {
-                tokio::spawn(native::run(target, info, attempt, chans));
+            spec @ (PipelineSpec::Native(_) | PipelineSpec::Twilio(_)) => {
+                spawn_agent(spec, info, attempt, chans);
             }
             PipelineSpec::Deepgram(target) => {
                 let (stt_tx, stt_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
@@ -210,10 +255,11 @@ impl PipelineHandle {
                 let dg_chans = deepgram::Channels {
                     audio: stt_rx,
                     commands: chans.commands.clone(),
-                    agent: Some(event_tx.clone()),
+                    // Transcripts go to a native agent; Twilio's protocol has no such message.
+                    agent: matches!(*agent, PipelineSpec::Native(_)).then(|| event_tx.clone()),
                 };
                 tokio::spawn(deepgram::run(dg, info.call_id.clone(), dg_chans));
-                tokio::spawn(native::run(agent, info, attempt, chans));
+                spawn_agent(*agent, info, attempt, chans);
             }
         }
         PipelineHandle {

@@ -5,65 +5,21 @@
 //! [`parse_agent_text`], PCM packing) and the connection task ([`run`]).
 //! Must not touch: call or media state (it only talks to the call task
 //! through the channels in [`Channels`]). The WebSocket itself is
-//! tokio-tungstenite's; nothing of RFC 6455 is written here.
+//! tokio-tungstenite's; nothing of RFC 6455 is written here, and the
+//! connection is opened by [`super::connect`] (shared with Twilio mode).
 
-use super::{AgentCommand, AgentTarget, CallInfo, Event, redact_url};
-use crate::call::pipeline::ConnectionFailure;
+use super::connect::{AgentSocket, open, report_end};
+use super::{AgentCommand, AgentTarget, CallInfo, Event};
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-/// How long the connection (TCP + upgrade) may take at most, whatever the
-/// tenant's `connect_timeout_ms` (its upper bound, 30 s, decides first).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(35);
+pub use super::connect::{AgentError, CONNECT_TIMEOUT, MAX_MESSAGE_BYTES};
+
 /// How long the bridge waits, after `stop`, for the close handshake.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The socket send buffer towards the agent (Linux doubles it: about 2 s of
-/// 16 kHz PCM in flight at most; beyond it frames wait in the 1 s queue of
-/// [`super::AUDIO_QUEUE_FRAMES`], then are dropped and counted).
-pub const SEND_BUFFER_BYTES: u32 = 32 * 1024;
-/// Largest message accepted from the agent (about 32 s of PCM).
-pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-/// Why an agent connection failed or ended (logged, never shown to callers).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AgentError {
-    /// The URL could not be turned into a request.
-    #[error("invalid agent URL")]
-    InvalidUrl,
-    /// The token is not a valid HTTP header value.
-    #[error("bearer token is not a valid header value")]
-    InvalidToken,
-    /// No connection within [`CONNECT_TIMEOUT`].
-    #[error("connect timed out")]
-    ConnectTimeout,
-    /// The TCP connection could not be made (the OS's reason; no URL).
-    #[error("connect: {0}")]
-    Connect(String),
-    /// The agent answered the upgrade with an HTTP status.
-    #[error("upgrade rejected with HTTP {0}")]
-    Rejected(u16),
-    /// Any other WebSocket or I/O failure.
-    #[error("websocket: {0}")]
-    Ws(String),
-}
-
-impl From<WsError> for AgentError {
-    fn from(e: WsError) -> AgentError {
-        match e {
-            WsError::Http(resp) => AgentError::Rejected(resp.status().as_u16()),
-            // Url errors may quote the URL: keep only their kind.
-            WsError::Url(_) => AgentError::InvalidUrl,
-            other => AgentError::Ws(other.to_string()),
-        }
-    }
-}
 
 /// The task's ends of the channels to and from the call task.
 #[derive(Debug)]
@@ -136,24 +92,6 @@ pub fn parse_agent_text(text: &str) -> Option<AgentCommand> {
     }
 }
 
-fn request(
-    target: &AgentTarget,
-) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, AgentError> {
-    let mut req = target
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|_| AgentError::InvalidUrl)?;
-    if let Some(token) = &target.auth {
-        let mut value = b"Bearer ".to_vec();
-        value.extend_from_slice(token.expose());
-        let mut value = HeaderValue::from_bytes(&value).map_err(|_| AgentError::InvalidToken)?;
-        value.set_sensitive(true);
-        req.headers_mut().insert("authorization", value);
-    }
-    Ok(req)
-}
-
 /// The connection task: connect, report [`AgentCommand::Connected`], send
 /// `start`, then relay both ways until the call task drops its handle
 /// (→ `stop`, close) or the connection fails. A failure is logged once with
@@ -162,115 +100,24 @@ fn request(
 /// the call's supervisor's decision. If the handle is dropped while
 /// connecting, the attempt is abandoned at once.
 pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, mut chans: Channels) {
-    let url = redact_url(&target.url);
-    let call_id = info.call_id.clone();
-    let ws = tokio::select! {
-        ws = connect(&target) => ws,
-        () = chans.commands.closed() => {
-            debug!(%call_id, %url, attempt, "agent connection attempt abandoned");
-            return;
-        }
+    let Some(ws) = open(&target, &info.call_id, attempt, &chans.commands, "native").await else {
+        return;
     };
-    let result = match ws {
-        Ok(ws) => {
-            info!(%call_id, %url, attempt, "agent connected");
-            crate::metrics::pipeline_connected("agent");
-            if attempt > 0 {
-                crate::metrics::pipeline_reconnect("agent");
-            }
-            if chans.commands.send(AgentCommand::Connected).await.is_err() {
-                return;
-            }
-            session(ws, &info, attempt, &mut chans)
-                .await
-                .map_err(|e| (e, ConnectionFailure::Dropped))
-        }
-        Err(e) => {
-            let failure = match e {
-                AgentError::Rejected(status) => ConnectionFailure::Rejected(status),
-                AgentError::ConnectTimeout => ConnectionFailure::ConnectTimeout,
-                _ => ConnectionFailure::Unreachable,
-            };
-            Err((e, failure))
-        }
-    };
-    match result {
-        Ok(()) => info!(%call_id, %url, attempt, "agent session ended"),
-        Err((e, failure)) => {
-            crate::metrics::pipeline_failed("agent");
-            warn!(%call_id, %url, attempt, error = %e, "agent pipeline failed");
-            let _ = chans.commands.send(AgentCommand::Failed(failure)).await;
-        }
-    }
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// TCP connect and upgrade, bounded by [`CONNECT_TIMEOUT`] (the supervisor's
-/// tenant `connect_timeout` is shorter and normally decides first).
-async fn connect(target: &AgentTarget) -> Result<Ws, AgentError> {
-    let req = request(target)?;
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(MAX_MESSAGE_BYTES));
-    let (ws, _resp) = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        if req.uri().scheme_str() != Some("ws") {
-            return Err(AgentError::Connect(
-                "only ws:// is built in (no TLS)".to_owned(),
-            ));
-        }
-        let tcp = tcp_connect(req.uri()).await?;
-        let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
-        tokio_tungstenite::client_async_with_config(req, stream, Some(config))
-            .await
-            .map_err(AgentError::from)
-    })
-    .await
-    .map_err(|_| AgentError::ConnectTimeout)??;
-    Ok(ws)
-}
-
-/// The TCP connection, with a small send buffer ([`SEND_BUFFER_BYTES`]) so an
-/// agent that reads slower than real time makes the bridge drop frames
-/// within seconds instead of queueing minutes of audio in the kernel.
-/// (tokio-tungstenite's own connect gives no access to the socket options.)
-async fn tcp_connect(
-    uri: &tokio_tungstenite::tungstenite::http::Uri,
-) -> Result<tokio::net::TcpStream, AgentError> {
-    let host = uri.host().ok_or(AgentError::InvalidUrl)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
-    let mut last = AgentError::Connect("no address".to_owned());
-    let addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| AgentError::Connect(e.to_string()))?;
-    for addr in addrs {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(|e| AgentError::Connect(e.to_string()))?;
-        socket
-            .set_send_buffer_size(SEND_BUFFER_BYTES)
-            .map_err(|e| AgentError::Connect(e.to_string()))?;
-        match socket.connect(addr).await {
-            Ok(stream) => {
-                stream
-                    .set_nodelay(true)
-                    .map_err(|e| AgentError::Connect(e.to_string()))?;
-                return Ok(stream);
-            }
-            Err(e) => last = AgentError::Connect(e.to_string()),
-        }
-    }
-    Err(last)
+    let result = session(ws, &info, attempt, &mut chans).await;
+    report_end(
+        &target,
+        &info.call_id,
+        attempt,
+        result,
+        &chans.commands,
+        "native",
+    )
+    .await;
 }
 
 /// Relays both ways until the call task drops its handle (`Ok`) or the
 /// connection fails.
-async fn relay(ws: &mut Ws, chans: &mut Channels) -> Result<(), AgentError> {
+async fn relay(ws: &mut AgentSocket, chans: &mut Channels) -> Result<(), AgentError> {
     loop {
         tokio::select! {
             frame = chans.audio.recv() => match frame {
@@ -307,7 +154,7 @@ async fn relay(ws: &mut Ws, chans: &mut Channels) -> Result<(), AgentError> {
 }
 
 async fn session(
-    mut ws: Ws,
+    mut ws: AgentSocket,
     info: &CallInfo,
     attempt: u32,
     chans: &mut Channels,
@@ -405,22 +252,5 @@ mod tests {
         assert_eq!(bytes, vec![1, 0, 0xfe, 0xff, 0xff, 0x7f]);
         assert_eq!(bytes_to_pcm(&bytes), vec![1, -2, i16::MAX]);
         assert_eq!(bytes_to_pcm(&[1, 0, 9]), vec![1]);
-    }
-
-    #[test]
-    fn bearer_header_is_set_and_sensitive() {
-        let target = AgentTarget {
-            url: "ws://127.0.0.1:1/agent?k=v".into(),
-            auth: Some(crate::config::Secret::new(
-                b"tok".to_vec(),
-                crate::config::SecretRef::Env("T".into()),
-            )),
-        };
-        let req = request(&target).unwrap();
-        let h = req.headers().get("authorization").unwrap();
-        assert_eq!(h.as_bytes(), b"Bearer tok");
-        assert!(h.is_sensitive());
-        assert!(!format!("{target:?}").contains("tok"));
-        assert!(!format!("{target:?}").contains("k=v"));
     }
 }

@@ -1,0 +1,559 @@
+//! Twilio Media Streams mode (`/work/shared/specs/twilio-media-streams.md`,
+//! `docs/agent-protocol.md` §Twilio mode): the same per-call WebSocket as the
+//! native protocol, speaking Twilio's bidirectional `<Connect><Stream>`
+//! dialect so an agent framework that already serves Twilio connects
+//! unchanged.
+//!
+//! Owns: the message formats and the per-stream state ([`TwilioStream`]:
+//! streamSid, the string counters, the µ-law 8 kHz ⇄ pipeline-rate PCM
+//! conversion with its resampler state) and the connection task ([`run`]).
+//! Must not touch: call or media state (only the channels in
+//! [`Channels`]); the connection is opened by [`super::connect`]. G.711 and
+//! resampling are `crate::media`'s; base64 is the `base64` crate's.
+
+use super::connect::{AgentError, AgentSocket, open, report_end};
+use super::native::{CLOSE_TIMEOUT, Channels};
+use super::{AgentCommand, AgentTarget, CallInfo, Event};
+use crate::call::pipeline::ConnectionFailure;
+use crate::media::g711::{self, Law};
+use crate::media::resample::{Downsampler, PipelineRate, Upsampler};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{debug, info, warn};
+
+/// Samples in one 20 ms µ-law frame at 8 kHz.
+const FRAME_8K: usize = 160;
+
+/// Why a Twilio-mode session failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TwilioError {
+    /// The call's pipeline rate is neither 8000 nor 16000 Hz.
+    #[error("unsupported pipeline rate {0} Hz")]
+    UnsupportedRate(u32),
+    /// Connecting or talking to the agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+impl From<WsError> for TwilioError {
+    fn from(e: WsError) -> TwilioError {
+        TwilioError::Agent(e.into())
+    }
+}
+
+/// A fresh stream SID: `MZ` and 32 hex digits, as Twilio's.
+pub fn new_stream_sid(rng: &mut impl rand::RngCore) -> String {
+    let mut bytes = [0u8; 16];
+    rng.fill_bytes(&mut bytes);
+    format!("MZ{}", hex::encode(bytes))
+}
+
+/// One stream's state: identity, counters and codec state. Pure: it turns
+/// bridge events into JSON text and agent JSON text into commands.
+#[derive(Debug)]
+pub struct TwilioStream {
+    stream_sid: String,
+    call_sid: String,
+    account_sid: String,
+    /// The last `sequenceNumber` used (`connected` has none; `start` is 1).
+    sequence: u64,
+    /// `media.chunk` of the last caller frame sent.
+    chunk: u64,
+    down: Downsampler,
+    up: Upsampler,
+    /// Upsampler outputs still to drop: its start-up (the filter delay), so
+    /// the agent's 8 kHz samples land on even 16 kHz positions and the
+    /// playout's 2:1 decimation gives them back on the 8 kHz grid, not half
+    /// a sample off.
+    up_skip: usize,
+    pcm8: Vec<i16>,
+    ulaw: Vec<u8>,
+}
+
+impl TwilioStream {
+    /// The stream for a call: `callSid` is its SIP Call-ID, `accountSid` its
+    /// tenant id. Fails for a pipeline rate other than 8 or 16 kHz.
+    pub fn new(info: &CallInfo, stream_sid: String) -> Result<TwilioStream, TwilioError> {
+        let rate = PipelineRate::from_hz(info.sample_rate)
+            .ok_or(TwilioError::UnsupportedRate(info.sample_rate))?;
+        let up = Upsampler::new(rate);
+        Ok(TwilioStream {
+            up_skip: up.delay_samples(),
+            stream_sid,
+            call_sid: info.call_id.clone(),
+            account_sid: info.tenant.clone(),
+            sequence: 0,
+            chunk: 0,
+            down: Downsampler::new(rate),
+            up,
+            pcm8: Vec::with_capacity(FRAME_8K),
+            ulaw: Vec::with_capacity(FRAME_8K),
+        })
+    }
+
+    /// This stream's `streamSid`.
+    pub fn stream_sid(&self) -> &str {
+        &self.stream_sid
+    }
+
+    fn next_sequence(&mut self) -> String {
+        self.sequence += 1;
+        self.sequence.to_string()
+    }
+
+    /// `connected`, the first message.
+    pub fn connected_message(&self) -> String {
+        serde_json::json!({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            .to_string()
+    }
+
+    /// `start`, right after `connected` (`sequenceNumber` "1").
+    pub fn start_message(&mut self, info: &CallInfo) -> String {
+        let custom: serde_json::Map<String, serde_json::Value> = info
+            .custom
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        serde_json::json!({
+            "event": "start",
+            "sequenceNumber": self.next_sequence(),
+            "start": {
+                "accountSid": self.account_sid,
+                "streamSid": self.stream_sid,
+                "callSid": self.call_sid,
+                "tracks": ["inbound"],
+                "customParameters": custom,
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            },
+            "streamSid": self.stream_sid,
+        })
+        .to_string()
+    }
+
+    /// `media` for one caller frame at the pipeline rate (20 ms): converted
+    /// to 8 kHz µ-law, base64; `chunk` counts from 1 and `timestamp` is
+    /// 20 ms per frame before it.
+    pub fn media_message(&mut self, pcm: &[i16]) -> String {
+        self.pcm8.clear();
+        self.down.process(pcm, &mut self.pcm8);
+        self.ulaw.clear();
+        self.ulaw.resize(self.pcm8.len(), 0);
+        g711::encode(Law::Mu, &self.pcm8, &mut self.ulaw);
+        self.chunk += 1;
+        let timestamp = (self.chunk - 1) * 20;
+        let sequence = self.next_sequence();
+        // Built by hand: every field is digits, base64 or our own hex SID,
+        // none needs JSON escaping, and this runs 50 times a second per call.
+        format!(
+            r#"{{"event":"media","sequenceNumber":"{sequence}","media":{{"track":"inbound","chunk":"{}","timestamp":"{timestamp}","payload":"{}"}},"streamSid":"{}"}}"#,
+            self.chunk,
+            BASE64.encode(&self.ulaw),
+            self.stream_sid
+        )
+    }
+
+    /// `dtmf` for one key press.
+    pub fn dtmf_message(&mut self, digit: char) -> String {
+        serde_json::json!({
+            "event": "dtmf",
+            "sequenceNumber": self.next_sequence(),
+            "streamSid": self.stream_sid,
+            "dtmf": {"track": "inbound_track", "digit": digit.to_string()},
+        })
+        .to_string()
+    }
+
+    /// `mark`: the echo of an agent's mark, once the audio before it has
+    /// played (or was thrown away by `clear`).
+    pub fn mark_message(&mut self, name: &str) -> String {
+        serde_json::json!({
+            "event": "mark",
+            "sequenceNumber": self.next_sequence(),
+            "streamSid": self.stream_sid,
+            "mark": {"name": name},
+        })
+        .to_string()
+    }
+
+    /// `stop`, the last message.
+    pub fn stop_message(&mut self) -> String {
+        serde_json::json!({
+            "event": "stop",
+            "sequenceNumber": self.next_sequence(),
+            "streamSid": self.stream_sid,
+            "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
+        })
+        .to_string()
+    }
+
+    /// An event towards the agent as its message (`None`: Twilio Media
+    /// Streams has no message for it — transcripts).
+    fn event_message(&mut self, ev: &Event) -> Option<String> {
+        match ev {
+            Event::Dtmf(d) => Some(self.dtmf_message(*d)),
+            Event::Mark { name, .. } => Some(self.mark_message(name)),
+            Event::Transcript(_) => None,
+        }
+    }
+
+    /// A text message from the agent as a command: `media` (base64 µ-law
+    /// 8 kHz → PCM at the pipeline rate), `mark`, `clear`. `None` for
+    /// anything else, a wrong or missing `streamSid`, or a payload that is
+    /// not base64 (Twilio ignores those with a warning, and so do we).
+    pub fn parse_agent_text(&mut self, text: &str) -> Option<AgentCommand> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        if v.get("streamSid")?.as_str()? != self.stream_sid {
+            return None;
+        }
+        match v.get("event")?.as_str()? {
+            "media" => {
+                let payload = v.get("media")?.get("payload")?.as_str()?;
+                let codes = BASE64.decode(payload).ok()?;
+                if codes.is_empty() {
+                    return None;
+                }
+                let mut pcm8 = vec![0i16; codes.len()];
+                g711::decode(Law::Mu, &codes, &mut pcm8);
+                let mut pcm = Vec::with_capacity(pcm8.len() * 2);
+                self.up.process(&pcm8, &mut pcm);
+                let skip = self.up_skip.min(pcm.len());
+                self.up_skip -= skip;
+                pcm.drain(..skip);
+                if pcm.is_empty() {
+                    return None;
+                }
+                Some(AgentCommand::Play(pcm))
+            }
+            "mark" => Some(AgentCommand::Mark(
+                v.get("mark")?.get("name")?.as_str()?.to_owned(),
+            )),
+            "clear" => {
+                // What follows a barge-in is new speech: no filter history.
+                self.up.reset();
+                self.up_skip = self.up.delay_samples();
+                Some(AgentCommand::Clear)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The connection task: connect (reported to the call's supervisor like
+/// the native dialect, see [`super::connect::open`]), `connected` + `start`
+/// with a fresh `streamSid`, then relay both ways until the call task drops
+/// its handle (→ `stop`, close), the agent closes the stream (→ hang up, as
+/// Twilio ends a `<Connect><Stream>` call) or the connection fails
+/// (→ reported, the supervisor decides).
+pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, mut chans: Channels) {
+    let stream_sid = new_stream_sid(&mut rand::rng());
+    let mut stream = match TwilioStream::new(&info, stream_sid) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(call_id = %info.call_id, error = %e, "twilio stream not started");
+            let _ = chans
+                .commands
+                .send(AgentCommand::Failed(ConnectionFailure::Unreachable))
+                .await;
+            return;
+        }
+    };
+    let Some(ws) = open(&target, &info.call_id, attempt, &chans.commands, "twilio").await else {
+        return;
+    };
+    let result = session(ws, &mut stream, &info, &mut chans).await;
+    report_end(
+        &target,
+        &info.call_id,
+        attempt,
+        result,
+        &chans.commands,
+        "twilio",
+    )
+    .await;
+}
+
+async fn session(
+    mut ws: AgentSocket,
+    stream: &mut TwilioStream,
+    info: &CallInfo,
+    chans: &mut Channels,
+) -> Result<(), TwilioError> {
+    debug!(call_id = %info.call_id, stream_sid = stream.stream_sid(), "twilio stream starting");
+    ws.send(Message::text(stream.connected_message())).await?;
+    ws.send(Message::text(stream.start_message(info))).await?;
+    // The call task dropping its handle ends the relay even while a send
+    // waits for an agent that stopped reading.
+    let dropped = chans.commands.clone();
+    let agent_closed = tokio::select! {
+        r = relay(&mut ws, stream, info, chans) => r?,
+        () = dropped.closed() => false,
+    };
+    if agent_closed {
+        return Ok(());
+    }
+    // Bounded: an agent that stopped reading cannot keep this task alive.
+    tokio::time::timeout(CLOSE_TIMEOUT, finish(&mut ws, stream, chans))
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// Relays both ways until the call task drops its handle (`Ok(false)`), the
+/// agent closes the stream (`Ok(true)`: the call is asked to hang up) or the
+/// connection fails.
+async fn relay(
+    ws: &mut AgentSocket,
+    stream: &mut TwilioStream,
+    info: &CallInfo,
+    chans: &mut Channels,
+) -> Result<bool, TwilioError> {
+    loop {
+        tokio::select! {
+            frame = chans.audio.recv() => match frame {
+                Some(pcm) => ws.send(Message::text(stream.media_message(&pcm))).await?,
+                None => return Ok(false),
+            },
+            ev = chans.events.recv() => match ev {
+                Some(ev) => {
+                    if let Some(m) = stream.event_message(&ev) {
+                        ws.send(Message::text(m)).await?;
+                    }
+                }
+                None => return Ok(false),
+            },
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(text))) => match stream.parse_agent_text(&text) {
+                    Some(cmd) => {
+                        if chans.commands.send(cmd).await.is_err() {
+                            return Ok(false);
+                        }
+                    }
+                    None => debug!("agent message ignored"),
+                },
+                Some(Ok(Message::Close(_))) => {
+                    info!(call_id = %info.call_id, "agent closed the stream: hanging up");
+                    let _ = chans.commands.send(AgentCommand::HangUp).await;
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+                    return Ok(true);
+                }
+                // Twilio rejects binary frames (warning 31950); so do we.
+                Some(Ok(Message::Binary(_))) => debug!("agent binary message ignored"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(AgentError::Ws("agent dropped the connection".to_owned()).into());
+                }
+            },
+        }
+    }
+}
+
+/// The call ended: send what is still queued, then `stop`, then close.
+async fn finish(
+    ws: &mut AgentSocket,
+    stream: &mut TwilioStream,
+    chans: &mut Channels,
+) -> Result<(), TwilioError> {
+    while let Ok(pcm) = chans.audio.try_recv() {
+        ws.send(Message::text(stream.media_message(&pcm))).await?;
+    }
+    while let Ok(ev) = chans.events.try_recv() {
+        if let Some(m) = stream.event_message(&ev) {
+            ws.send(Message::text(m)).await?;
+        }
+    }
+    ws.send(Message::text(stream.stop_message())).await?;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        ws.close(None).await?;
+        while ws.next().await.is_some() {}
+        Ok::<(), WsError>(())
+    })
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use serde_json::{Value, json};
+
+    const SID: &str = "MZ0123456789abcdef0123456789abcdef";
+
+    fn info(rate: u32) -> CallInfo {
+        CallInfo {
+            call_id: "abc@h".into(),
+            tenant: "demo".into(),
+            from: "+1555".into(),
+            to: "+1666".into(),
+            custom: vec![("X-Order".into(), "42".into())],
+            sample_rate: rate,
+        }
+    }
+
+    fn json(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn stream_sid_is_mz_and_32_hex() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let sid = new_stream_sid(&mut rng);
+        assert_eq!(sid.len(), 34);
+        assert!(sid.starts_with("MZ"));
+        assert!(sid[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(sid, new_stream_sid(&mut rng));
+    }
+
+    #[test]
+    fn connected_start_dtmf_mark_stop_shapes_and_counters() {
+        let mut s = TwilioStream::new(&info(16_000), SID.into()).unwrap();
+        assert_eq!(
+            json(&s.connected_message()),
+            json!({"event":"connected","protocol":"Call","version":"1.0.0"})
+        );
+        assert_eq!(
+            json(&s.start_message(&info(16_000))),
+            json!({"event":"start","sequenceNumber":"1","streamSid":SID,
+                "start":{"accountSid":"demo","streamSid":SID,"callSid":"abc@h",
+                    "tracks":["inbound"],"customParameters":{"X-Order":"42"},
+                    "mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}})
+        );
+        assert_eq!(
+            json(&s.event_message(&Event::Dtmf('#')).unwrap()),
+            json!({"event":"dtmf","sequenceNumber":"2","streamSid":SID,
+                "dtmf":{"track":"inbound_track","digit":"#"}})
+        );
+        assert_eq!(
+            json(
+                &s.event_message(&Event::Mark {
+                    name: "m\"1".into(),
+                    cleared: true
+                })
+                .unwrap()
+            ),
+            json!({"event":"mark","sequenceNumber":"3","streamSid":SID,"mark":{"name":"m\"1"}})
+        );
+        assert_eq!(
+            json(&s.stop_message()),
+            json!({"event":"stop","sequenceNumber":"4","streamSid":SID,
+                "stop":{"accountSid":"demo","callSid":"abc@h"}})
+        );
+    }
+
+    #[test]
+    fn media_at_8k_is_the_mu_law_of_the_frame_with_string_counters() {
+        let mut s = TwilioStream::new(&info(8000), SID.into()).unwrap();
+        s.start_message(&info(8000));
+        let frame: Vec<i16> = (0..160).map(|i| (i * 97 - 7000) as i16).collect();
+        let expected: Vec<u8> = frame.iter().map(|&x| g711::linear_to_mu(x)).collect();
+        let m = json(&s.media_message(&frame));
+        assert_eq!(
+            m,
+            json!({"event":"media","sequenceNumber":"2","streamSid":SID,
+                "media":{"track":"inbound","chunk":"1","timestamp":"0",
+                    "payload": BASE64.encode(&expected)}})
+        );
+        assert_eq!(m["media"]["payload"].as_str().unwrap().len(), 216);
+        let m = json(&s.media_message(&frame));
+        assert_eq!(m["sequenceNumber"], "3");
+        assert_eq!(m["media"]["chunk"], "2");
+        assert_eq!(m["media"]["timestamp"], "20");
+    }
+
+    #[test]
+    fn media_at_16k_is_downsampled_to_160_codes() {
+        let mut s = TwilioStream::new(&info(16_000), SID.into()).unwrap();
+        let frame = vec![1000i16; 320];
+        let mut codes = Vec::new();
+        for _ in 0..3 {
+            let m = json(&s.media_message(&frame));
+            codes = BASE64
+                .decode(m["media"]["payload"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(codes.len(), 160);
+        }
+        // DC passes the half-band filter unchanged once its history is full.
+        assert!(codes.iter().all(|&c| c == g711::linear_to_mu(1000)));
+    }
+
+    #[test]
+    fn agent_media_mark_clear_become_commands() {
+        let mut s = TwilioStream::new(&info(8000), SID.into()).unwrap();
+        let codes: Vec<u8> = vec![0x00, 0x7f, 0x80, 0xff];
+        let text =
+            json!({"event":"media","streamSid":SID,"media":{"payload":BASE64.encode(&codes)}})
+                .to_string();
+        assert_eq!(
+            s.parse_agent_text(&text),
+            Some(AgentCommand::Play(
+                codes.iter().map(|&c| g711::mu_to_linear(c)).collect()
+            ))
+        );
+        assert_eq!(
+            s.parse_agent_text(
+                &json!({"event":"mark","streamSid":SID,"mark":{"name":"u1"}}).to_string()
+            ),
+            Some(AgentCommand::Mark("u1".into()))
+        );
+        assert_eq!(
+            s.parse_agent_text(&json!({"event":"clear","streamSid":SID}).to_string()),
+            Some(AgentCommand::Clear)
+        );
+    }
+
+    #[test]
+    fn agent_media_at_16k_doubles_the_samples() {
+        let mut s = TwilioStream::new(&info(16_000), SID.into()).unwrap();
+        let text = json!({"event":"media","streamSid":SID,"media":{"payload":BASE64.encode([0x55u8; 160])}})
+            .to_string();
+        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
+            panic!("no play");
+        };
+        // The filter's start-up (27 samples) is dropped once; then every
+        // other sample is an input sample itself.
+        assert_eq!(pcm.len(), 320 - 27);
+        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
+            panic!("no play");
+        };
+        assert_eq!(pcm.len(), 320);
+        assert!(
+            pcm.iter()
+                .step_by(2)
+                .all(|&x| x == g711::mu_to_linear(0x55))
+        );
+        // After a clear the start-up is dropped again.
+        s.parse_agent_text(&json!({"event":"clear","streamSid":SID}).to_string());
+        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
+            panic!("no play");
+        };
+        assert_eq!(pcm.len(), 320 - 27);
+    }
+
+    #[test]
+    fn wrong_sid_unknown_events_and_garbage_are_ignored() {
+        let mut s = TwilioStream::new(&info(8000), SID.into()).unwrap();
+        for text in [
+            json!({"event":"clear"}).to_string(),
+            json!({"event":"clear","streamSid":"MZother"}).to_string(),
+            json!({"event":"hangup","streamSid":SID}).to_string(),
+            json!({"event":"mark","streamSid":SID,"mark":{}}).to_string(),
+            json!({"event":"media","streamSid":SID,"media":{"payload":"@@not base64"}}).to_string(),
+            json!({"event":"media","streamSid":SID,"media":{"payload":""}}).to_string(),
+            "not json".to_owned(),
+            "[1,2]".to_owned(),
+        ] {
+            assert_eq!(s.parse_agent_text(&text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn unsupported_rate_is_an_error() {
+        assert!(matches!(
+            TwilioStream::new(&info(44_100), SID.into()),
+            Err(TwilioError::UnsupportedRate(44_100))
+        ));
+    }
+}
