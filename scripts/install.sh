@@ -92,6 +92,7 @@ Next steps:
   1. Secrets (root only, read by systemd's LoadCredential=):
        head -c 32 /dev/urandom > $confdir/credentials/master.key
        printf '%s' 'AGENT-TOKEN' > $confdir/credentials/agent-token
+       head -c 32 /dev/urandom | base64 | tr -d '/+=\n' > $confdir/credentials/admin-token
        chmod 0600 $confdir/credentials/*
   2. Edit $confdir/sipbridge.toml (addresses, trunk, tenant, routes).
   3. systemctl enable --now sipbridge; later: systemctl reload sipbridge.

@@ -287,6 +287,7 @@ fn the_production_profile_passes_check_with_its_credentials() {
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("master.key"), [7u8; 32]).unwrap();
     std::fs::write(creds.path().join("agent-token"), "token").unwrap();
+    std::fs::write(creds.path().join("admin-token"), "admin-secret").unwrap();
     // As installed with PREFIX pointing at the repository's prompt.
     let text = std::fs::read_to_string(repo_path("systemd/sipbridge.toml")).unwrap();
     let text = text.replace(
