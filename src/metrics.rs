@@ -63,7 +63,7 @@ pub(crate) mod names {
     pub(crate) const PIPELINE_CONNECTS: &str = "sipbridge_pipeline_connects_total";
     /// Counter by `kind`: pipeline connections that failed (at connect or mid-call).
     pub(crate) const PIPELINE_FAILURES: &str = "sipbridge_pipeline_failures_total";
-    /// Counter by `kind`: pipeline reconnection attempts.
+    /// Counter by `kind`: pipeline connections established after a loss.
     pub(crate) const PIPELINE_RECONNECTS: &str = "sipbridge_pipeline_reconnects_total";
     /// Counter: caller frames dropped because the pipeline was behind.
     pub(crate) const CALLER_FRAMES_DROPPED: &str = "sipbridge_pipeline_caller_frames_dropped_total";
@@ -208,7 +208,7 @@ fn describe() {
     describe_counter!(
         PIPELINE_RECONNECTS,
         Unit::Count,
-        "Pipeline reconnection attempts, by kind."
+        "Pipeline connections established after a loss (reconnects), by kind."
     );
     describe_counter!(
         CALLER_FRAMES_DROPPED,
@@ -465,11 +465,7 @@ pub(crate) fn pipeline_failed(kind: &'static str) {
     counter!(PIPELINE_FAILURES, "kind" => kind).increment(1);
 }
 
-/// A pipeline of `kind` tries to reconnect.
-#[allow(
-    dead_code,
-    reason = "for the pipeline reconnect policy (DESIGN §3), not built yet"
-)]
+/// A pipeline of `kind` connected again after a loss.
 pub(crate) fn pipeline_reconnect(kind: &'static str) {
     counter!(PIPELINE_RECONNECTS, "kind" => kind).increment(1);
 }

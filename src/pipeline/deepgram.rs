@@ -564,6 +564,10 @@ pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Chan
         let err = match attempt {
             Ok(ws) => {
                 info!(%call_id, %url, connection = connections, "deepgram connected");
+                crate::metrics::pipeline_connected("deepgram");
+                if connections > 1 {
+                    crate::metrics::pipeline_reconnect("deepgram");
+                }
                 let opened = Instant::now();
                 match session(ws, &target, &call_id, &mut chans, &mut backlog).await {
                     SessionEnd::Finished => break,
@@ -577,6 +581,7 @@ pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Chan
             }
             Err(e) => e,
         };
+        crate::metrics::pipeline_failed("deepgram");
         if let DeepgramError::Rejected { .. } = err
             && err.is_permanent()
         {
@@ -606,6 +611,7 @@ pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Chan
         }
     }
     if backlog.dropped > 0 {
+        crate::metrics::caller_frames_dropped(backlog.dropped);
         warn!(%call_id, dropped = backlog.dropped, "caller frames dropped while deepgram was unreachable");
     }
     debug!(%call_id, "deepgram task finished");
