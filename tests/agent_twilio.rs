@@ -225,7 +225,7 @@ fn profile(url: &str, extra_agent_keys: &str, no_prompt: bool) -> String {
         ..ProfileSpec::default()
     };
     let agent = format!(
-        r#"pipeline = {{ kind = "agent", url = "{url}", mode = "twilio", auth = {{ kind = "hmac", secret = "env:AGENT_SECRET" }}{extra_agent_keys} }}"#
+        r#"pipeline = {{ kind = "agent", url = "{url}", mode = "twilio", auth = {{ kind = "hmac", secret = "env:AGENT_SECRET" }}, on_failure = "continue"{extra_agent_keys} }}"#
     );
     let text = spec
         .render()

@@ -569,7 +569,9 @@ fn recording_bytes_and_pipeline_failures_are_counted() {
         .replace("recording = false\n", "recording = true\n")
         .replace(
             r#"pipeline = { kind = "echo" }"#,
-            &format!(r#"pipeline = {{ kind = "agent", url = "{url}", mode = "native" }}"#),
+            &format!(
+                r#"pipeline = {{ kind = "agent", url = "{url}", mode = "native", on_failure = "continue" }}"#
+            ),
         )
         .replace(
             "[profile.sip]",
