@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/install-test-deps.sh
-cargo test --all-targets
+cargo test --all-targets --no-fail-fast
 cargo test --doc

@@ -570,7 +570,7 @@ fn recording_bytes_and_pipeline_failures_are_counted() {
         .replace(
             r#"pipeline = { kind = "echo" }"#,
             &format!(
-                r#"pipeline = {{ kind = "agent", url = "{url}", mode = "native", on_failure = "continue" }}"#
+                r#"pipeline = {{ kind = "agent", url = "{url}", mode = "native", on_failure = "continue", reconnect_attempts = 0 }}"#
             ),
         )
         .replace(
