@@ -198,6 +198,10 @@ pub struct PipelineSupervisor {
     proven: bool,
     last_output: Option<Instant>,
     prompt_done_at: Option<Instant>,
+    /// The caller put the call on hold (no silence timer meanwhile); the
+    /// last time it was taken off hold.
+    held: bool,
+    resumed_at: Option<Instant>,
     fallback: Fallback,
     connections: u32,
     reconnects: u32,
@@ -218,6 +222,8 @@ impl PipelineSupervisor {
             proven: false,
             last_output: None,
             prompt_done_at: None,
+            held: false,
+            resumed_at: None,
             fallback: Fallback::None,
             connections: 0,
             reconnects: 0,
@@ -312,6 +318,16 @@ impl PipelineSupervisor {
         }
     }
 
+    /// The caller put the call on hold (`true`) or took it off (`false`): an
+    /// agent has nothing to answer while the caller is away, so the
+    /// agent-silence timer stops on hold and starts afresh on resume.
+    pub fn set_held(&mut self, now: Instant, held: bool) {
+        if self.held && !held {
+            self.resumed_at = Some(now);
+        }
+        self.held = held;
+    }
+
     /// The disclosure prompt has finished (or the call has none): the
     /// agent-silence timer and a pending fallback prompt's bound start now.
     pub fn prompt_finished(&mut self, now: Instant) {
@@ -396,13 +412,18 @@ impl PipelineSupervisor {
 
     fn silence_deadline(&self) -> Option<Instant> {
         let silence = self.policy.agent_silence?;
-        if self.state != ConnectionState::Up {
+        if self.state != ConnectionState::Up || self.held {
             return None;
         }
-        let from = [self.up_since, self.prompt_done_at?.into(), self.last_output]
-            .into_iter()
-            .flatten()
-            .max()?;
+        let from = [
+            self.up_since,
+            self.prompt_done_at?.into(),
+            self.last_output,
+            self.resumed_at,
+        ]
+        .into_iter()
+        .flatten()
+        .max()?;
         Some(from + silence)
     }
 
@@ -784,6 +805,33 @@ mod tests {
             ]
         );
         assert_eq!(s.summary().failure.as_deref(), Some("agent-silent"));
+    }
+
+    #[test]
+    fn silence_timer_stops_on_hold_and_starts_afresh_on_resume() {
+        let t0 = Instant::now();
+        let mut p = policy(OnFailure::Fallback, 3, 5000);
+        p.agent_silence = Some(ms(2000));
+        let mut s = PipelineSupervisor::new(&p, None);
+        s.prompt_finished(t0);
+        s.start(t0);
+        drain(&mut s);
+        s.on_connected(t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + ms(2000)));
+        s.set_held(t0 + ms(1000), true);
+        assert_eq!(s.poll_timeout(), None, "no silence timer on hold");
+        s.handle_timeout(t0 + ms(9000), &mut Fixed(0));
+        assert!(drain(&mut s).is_empty(), "a long hold is not agent silence");
+        s.set_held(t0 + ms(10_000), false);
+        assert_eq!(s.poll_timeout(), Some(t0 + ms(12_000)));
+        s.handle_timeout(t0 + ms(12_000), &mut Fixed(0));
+        assert!(matches!(
+            drain(&mut s).last(),
+            Some(SupervisorOutput::GaveUp {
+                reason: GiveUpReason::AgentSilent,
+                ..
+            })
+        ));
     }
 
     #[test]

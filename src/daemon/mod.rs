@@ -538,6 +538,12 @@ async fn run_call(
                     if let Some(m) = &mut media {
                         m.update(&neg);
                     }
+                    // On hold (the caller no longer listens) an agent has
+                    // nothing to say: no silence timer meanwhile.
+                    if let Some(l) = &mut link {
+                        l.supervisor
+                            .set_held(Instant::now(), !neg.remote_direction.receives());
+                    }
                 }
                 CallOutput::Event(CallEvent::Ended(mut record)) => {
                     live.ended.store(true, std::sync::atomic::Ordering::Relaxed);
