@@ -14,6 +14,7 @@
 use super::{AgentCommand, AgentTarget, redact_url};
 use crate::call::pipeline::ConnectionFailure;
 use crate::config::AgentAuth;
+use futures_util::StreamExt;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use std::sync::{Arc, OnceLock};
@@ -298,6 +299,15 @@ pub(crate) async fn open(
             None
         }
     }
+}
+
+/// Ends a session from the bridge's side: the close handshake, then what
+/// the agent still sends is read and dropped until it closes too. Callers
+/// bound it in time.
+pub(crate) async fn close(ws: &mut AgentSocket) -> Result<(), WsError> {
+    ws.close(None).await?;
+    while ws.next().await.is_some() {}
+    Ok(())
 }
 
 /// A connection task's last step: a session that ended with an error is

@@ -8,12 +8,12 @@
 //! tokio-tungstenite's; nothing of RFC 6455 is written here, and the
 //! connection is opened by [`super::connect`] (shared with Twilio mode).
 
-use super::connect::{AgentSocket, open, report_end};
+use super::connect::{AgentSocket, close, open, report_end};
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
 pub use super::connect::{AgentError, CONNECT_TIMEOUT, MAX_MESSAGE_BYTES};
@@ -177,9 +177,7 @@ async fn session(
             ws.send(Message::text(event_message(&ev))).await?;
         }
         ws.send(Message::text(stop_message())).await?;
-        ws.close(None).await?;
-        while ws.next().await.is_some() {}
-        Ok::<(), WsError>(())
+        close(&mut ws).await
     })
     .await;
     Ok(())

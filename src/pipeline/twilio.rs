@@ -11,7 +11,7 @@
 //! [`Channels`]); the connection is opened by [`super::connect`]. G.711 and
 //! resampling are `crate::media`'s; base64 is the `base64` crate's.
 
-use super::connect::{AgentError, AgentSocket, open, report_end};
+use super::connect::{AgentError, AgentSocket, close, open, report_end};
 use super::native::{CLOSE_TIMEOUT, Channels};
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
 use crate::call::pipeline::ConnectionFailure;
@@ -365,12 +365,7 @@ async fn finish(
         }
     }
     ws.send(Message::text(stream.stop_message())).await?;
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        ws.close(None).await?;
-        while ws.next().await.is_some() {}
-        Ok::<(), WsError>(())
-    })
-    .await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close(ws)).await;
     Ok(())
 }
 
