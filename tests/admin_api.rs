@@ -691,6 +691,11 @@ fn hang_up_through_the_api_sends_bye() {
         .wait_for_cdr(Duration::from_secs(5), |c| c["call_id"] == call_id)
         .unwrap();
     assert_eq!(cdr["cause"], "local-hangup");
+    let hangups = audit(addr, GLOBEX_TOKEN, "action=call-hangup");
+    assert_eq!(hangups.len(), 1, "{hangups:?}");
+    assert_eq!(hangups[0]["object_id"], call_id);
+    assert_eq!(hangups[0]["actor"], "admin-api:tenant:globex");
+    assert_eq!(hangups[0]["tenant"], "globex");
     let stored = get(addr, &format!("/v1/cdrs/{call_id}"), Some(GLOBEX_TOKEN));
     assert_eq!(stored.json()["caller"].as_str(), Some(from.as_str()));
     // Ended: no longer an active call (its CDR has it).

@@ -373,10 +373,28 @@ async fn hang_up(
     principal: Principal,
     Path(call_id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
-    let (_, tx) = visible_call(&state, &principal, &call_id)?;
+    let (info, tx) = visible_call(&state, &principal, &call_id)?;
     match tx.try_send(CallCommand::HangUp(HangupCause::Local)) {
         Ok(()) => {
             info!(%call_id, actor = %principal.actor(), "hang-up requested through the admin API");
+            let actor = principal.actor();
+            let tenant = info.tenant.clone();
+            let id = call_id.clone();
+            state
+                .api
+                .with_store(move |ds| {
+                    ds.store.audit(&AuditEntry {
+                        at: now_ms(),
+                        actor: &actor,
+                        action: AuditAction::CallHangup,
+                        object_kind: ObjectKind::Call,
+                        object_id: &id,
+                        tenant: &tenant,
+                        reason: "hung up through the admin API",
+                    })?;
+                    Ok(())
+                })
+                .await?;
             Ok((
                 StatusCode::ACCEPTED,
                 axum::Json(json!({ "call_id": call_id, "hangup": "requested" })),

@@ -254,6 +254,8 @@ text_enum! {
         RecordingLink = "recording-link",
         /// A configuration reload was requested.
         Reload = "reload",
+        /// A live call was hung up by an operator (admin API).
+        CallHangup = "call-hangup",
     }
 }
 
