@@ -21,9 +21,10 @@
 //!   random factor in [½, 1) from the injected RNG), and each connection
 //!   attempt may take `connect_timeout`, cut at the outage's end: the outage
 //!   is over `reconnect_within` after it began, reconnected or given up.
-//! - A connection that comes up ends the outage only once it proves itself:
-//!   the agent sent audio or a mark, or it stayed up for `reconnect_within`.
-//!   An agent that accepts and drops at once therefore cannot reconnect forever.
+//! - A connection that comes up ends the outage only once it has stayed up
+//!   for `reconnect_within`: an agent that accepts (or greets) and drops at
+//!   once uses up the outage's attempts instead of reconnecting forever. A
+//!   call makes at most ten outages' worth of reconnects in all.
 //! - HTTP 4xx at the upgrade (but 408 and 429) is permanent: no reconnect.
 //! - Agent silence (no audio, no mark for `agent_silence` once the disclosure
 //!   prompt has ended and the connection is up) is a failure of the agent,
@@ -185,6 +186,12 @@ enum Fallback {
     Done,
 }
 
+/// Reconnects a call may make in all, whatever its outages: ten outages'
+/// worth of the tenant's attempts (at least ten).
+fn max_reconnects_per_call(policy: &FailurePolicy) -> u32 {
+    policy.reconnect_attempts.max(1).saturating_mul(10)
+}
+
 /// One call's pipeline supervisor.
 #[derive(Debug)]
 pub struct PipelineSupervisor {
@@ -194,8 +201,6 @@ pub struct PipelineSupervisor {
     connect_deadline: Option<Instant>,
     outage: Option<Outage>,
     up_since: Option<Instant>,
-    /// The agent sent audio or a mark on the current connection.
-    proven: bool,
     last_output: Option<Instant>,
     prompt_done_at: Option<Instant>,
     /// The caller put the call on hold (no silence timer meanwhile); the
@@ -219,7 +224,6 @@ impl PipelineSupervisor {
             connect_deadline: None,
             outage: None,
             up_since: None,
-            proven: false,
             last_output: None,
             prompt_done_at: None,
             held: false,
@@ -262,7 +266,6 @@ impl PipelineSupervisor {
             self.state = ConnectionState::Up;
             self.connect_deadline = None;
             self.up_since = Some(now);
-            self.proven = false;
             self.connections += 1;
         }
     }
@@ -281,11 +284,17 @@ impl PipelineSupervisor {
             return self.give_up(now, GiveUpReason::Rejected(status));
         }
         let window = self.policy.reconnect_within;
+        // Recovered only if the connection lasted a whole window: an agent
+        // that greets and then drops at once stays in the same outage (its
+        // attempts run out) instead of looping for the rest of the call.
         let recovered = self.state == ConnectionState::Up
-            && (self.proven
-                || self
-                    .up_since
-                    .is_some_and(|t| now.saturating_duration_since(t) >= window));
+            && self
+                .up_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= window);
+        // And whatever the timing, a call reconnects a bounded number of times.
+        if self.reconnects >= max_reconnects_per_call(&self.policy) {
+            return self.give_up(now, GiveUpReason::ReconnectsExhausted);
+        }
         if recovered || self.outage.is_none() {
             self.outage = Some(Outage {
                 started: now,
@@ -313,7 +322,6 @@ impl PipelineSupervisor {
     /// The agent sent audio or a mark.
     pub fn on_agent_output(&mut self, now: Instant) {
         if self.state == ConnectionState::Up {
-            self.proven = true;
             self.last_output = Some(now);
         }
     }
@@ -805,6 +813,56 @@ mod tests {
             ]
         );
         assert_eq!(s.summary().failure.as_deref(), Some("agent-silent"));
+    }
+
+    /// Connects (answering each Connect at once), lets the agent speak, and
+    /// drops the connection `up_for` later, until the supervisor gives up;
+    /// returns how many connections were made.
+    fn flap(s: &mut PipelineSupervisor, t0: Instant, up_for: Duration) -> u32 {
+        let mut now = t0;
+        let mut connections = 0;
+        s.start(now);
+        for _ in 0..1000 {
+            let out = drain(s);
+            if out
+                .iter()
+                .any(|o| matches!(o, SupervisorOutput::GaveUp { .. }))
+            {
+                return connections;
+            }
+            if !out
+                .iter()
+                .any(|o| matches!(o, SupervisorOutput::Connect { .. }))
+            {
+                now = s.poll_timeout().expect("a reconnect is scheduled");
+                s.handle_timeout(now, &mut Fixed(0));
+                continue;
+            }
+            s.on_connected(now);
+            connections += 1;
+            s.on_agent_output(now);
+            now += up_for;
+            s.on_failed(now, ConnectionFailure::Dropped, &mut Fixed(0));
+        }
+        panic!("never gave up");
+    }
+
+    #[test]
+    fn an_agent_that_greets_and_drops_does_not_reconnect_forever() {
+        let t0 = Instant::now();
+        // Up 50 ms each time (it speaks, then drops): one outage, 3 reconnects.
+        let mut s = PipelineSupervisor::new(&policy(OnFailure::Continue, 3, 5000), None);
+        assert_eq!(
+            flap(&mut s, t0, ms(50)),
+            4,
+            "the first connection and 3 reconnects"
+        );
+        // Up a whole window each time: each loss is a new outage, but the
+        // call's total is bounded (10 × 3 reconnects).
+        let mut s = PipelineSupervisor::new(&policy(OnFailure::Continue, 3, 1000), None);
+        let connections = flap(&mut s, t0, ms(1000));
+        assert_eq!(connections, 31, "the first connection and 30 reconnects");
+        assert_eq!(s.summary().failure.as_deref(), Some("reconnects-exhausted"));
     }
 
     #[test]

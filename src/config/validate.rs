@@ -1196,14 +1196,14 @@ fn check_pipeline(
             Some(u) => {
                 let s = u.get_ref();
                 if (s.starts_with("ws://") || s.starts_with("wss://"))
-                    && !s.contains(|c: char| c.is_whitespace() || c == '?' || c == '#')
+                    && !s.contains(|c: char| c.is_whitespace() || c == '?' || c == '#' || c == '@')
                 {
                     Some(s.trim_end_matches('/').to_owned())
                 } else {
                     cx.error(
                         file,
                         Some(u.span()),
-                        format!("deepgram base_url `{s}` must start with ws:// or wss:// and have no query or fragment"),
+                        format!("deepgram base_url `{s}` must start with ws:// or wss:// and have no credentials, query or fragment"),
                     );
                     None
                 }

@@ -372,10 +372,13 @@ impl StreamClock {
         self.sent += samples as u64;
     }
 
-    /// Call media time in ms of stream second `t` (negative or NaN: 0).
+    /// Call media time in ms of stream second `t` (negative or NaN: 0;
+    /// beyond a day — never a real call — clamped there, so arithmetic on a
+    /// server's absurd value cannot overflow).
     pub fn call_ms(&self, t: f64) -> u64 {
+        const MAX_STREAM_S: f64 = 86_400.0;
         let pos = if t.is_finite() && t > 0.0 {
-            (t * f64::from(self.rate)).round() as u64
+            (t.min(MAX_STREAM_S) * f64::from(self.rate)).round() as u64
         } else {
             0
         };
@@ -385,10 +388,10 @@ impl StreamClock {
             .and_then(|i| self.anchors.get(i))
             .or_else(|| self.anchors.front())
         else {
-            return (pos * 1000) / u64::from(self.rate);
+            return pos.saturating_mul(1000) / u64::from(self.rate);
         };
         let into = pos.saturating_sub(*start);
-        media.as_millis() as u64 + into * 1000 / u64::from(self.rate)
+        (media.as_millis() as u64).saturating_add(into.saturating_mul(1000) / u64::from(self.rate))
     }
 
     /// The transcript of a final, non-empty Results span, in call time.
@@ -547,7 +550,8 @@ enum SessionEnd {
 /// order when the call task drops its handle. Failures are logged with the
 /// call id; the call itself carries on.
 pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Channels) {
-    let url = target.url.clone();
+    // The base URL may carry proxy credentials: logs get it redacted.
+    let url = super::redact_url(&target.url);
     let mut backlog = Backlog {
         frames: VecDeque::new(),
         dropped: 0,
@@ -916,6 +920,9 @@ mod tests {
         assert_eq!(c.call_ms(1.5), 13_840);
         assert_eq!(c.call_ms(-1.0), 12_340);
         assert_eq!(c.call_ms(f64::NAN), 12_340);
+        // An absurd server value is clamped, never an overflow.
+        assert_eq!(c.call_ms(1e300), c.call_ms(86_400.0));
+        assert_eq!(c.call_ms(f64::INFINITY), 12_340);
     }
 
     #[test]
