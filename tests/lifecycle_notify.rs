@@ -127,8 +127,15 @@ fn notifies_ready_status_watchdog_reloading_and_stopping_in_order() {
     let pid = daemon.pid();
     signal(pid, "-TERM");
     let stopping = notify
-        .wait_for(from, WAIT, |m| m == "STOPPING=1\n")
+        .wait_for(from, WAIT, |m| m.starts_with("STOPPING=1\n"))
         .expect("STOPPING=1");
+    // With the stop timeout extended past the drain grace and the BYE waits.
+    let stop = &notify.messages()[stopping];
+    let usec: u64 = stop
+        .strip_prefix("STOPPING=1\nEXTEND_TIMEOUT_USEC=")
+        .and_then(|v| v.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("no EXTEND_TIMEOUT_USEC in {stop:?}"));
+    assert!(usec >= 16_000_000, "{stop:?}");
     assert_eq!(wait_for_exit(pid, Duration::from_secs(5)), Some(0));
 
     // In order: READY < RELOADING < READY < RELOADING < READY < STOPPING, pings between.

@@ -104,8 +104,8 @@ pub struct AdminSettings {
 /// Default `[profile] drain_grace_s`.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 
-/// Largest `[profile] drain_grace_s` (the systemd unit's `TimeoutStopSec=` must
-/// exceed it).
+/// Largest `[profile] drain_grace_s` (an hour: the daemon extends systemd's
+/// stop timeout by the grace, and `EXTEND_TIMEOUT_USEC` holds a `u32`).
 pub const MAX_DRAIN_GRACE_S: u32 = 3600;
 
 /// Media limits of a profile (`[profile.media]`).

@@ -671,7 +671,7 @@ fn drain_grace(cx: &mut Cx<'_>, file: usize, raw: Option<&Spanned<u32>>) -> Dura
             file,
             Some(v.span()),
             format!(
-                "drain_grace_s {secs} is longer than {} s (keep it below the unit's TimeoutStopSec=)",
+                "drain_grace_s {secs} is longer than {} s",
                 super::MAX_DRAIN_GRACE_S
             ),
         );

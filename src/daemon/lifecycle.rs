@@ -45,6 +45,9 @@ const BYE_GRACE: Duration = Duration::from_secs(5);
 /// How long the shutdown waits for TCP peers to close their connections.
 const TCP_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Added to systemd's stop timeout on drain beyond the grace and the waits.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+
 /// How often the loop looks at the number of live calls (STATUS, drain end).
 const STATUS_TICK: Duration = Duration::from_millis(100);
 
@@ -209,7 +212,11 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
                             .first()
                             .map_or(crate::config::DEFAULT_DRAIN_GRACE, |p| p.drain_grace)
                     };
-                    notify(&[NotifyState::Stopping]);
+                    // systemd's stop timeout must outlast the grace plus the
+                    // BYE and TCP waits after it, whatever TimeoutStopSec= says.
+                    let stop_within = grace + BYE_GRACE + TCP_CLOSE_GRACE + STOP_MARGIN;
+                    let usec = u32::try_from(stop_within.as_micros()).unwrap_or(u32::MAX);
+                    notify(&[NotifyState::Stopping, NotifyState::ExtendTimeoutUsec(usec)]);
                     let calls = active_calls(shared);
                     info!(grace_s = grace.as_secs(), calls, "SIGTERM: draining");
                     phase = Phase::Draining { until: Instant::now() + grace };
@@ -228,8 +235,14 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
             }
             _ = signals.hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                // Logged (and notified) inside; the old configuration stays on error.
-                let _ = reload(shared).await;
+                // In its own task, so this loop keeps pinging the watchdog
+                // and hearing signals while prompts load; reloads are
+                // serialised by `Life::state`. Logged (and notified) inside;
+                // the old configuration stays on error.
+                let shared = Arc::clone(shared);
+                tokio::spawn(async move {
+                    let _ = reload(&shared).await;
+                });
             }
             () = watchdog_due => {
                 let ok = healthy(shared);
@@ -266,19 +279,35 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
 /// store. A further SIGTERM/SIGINT cuts the waits short.
 async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
     lock(&shared.switchboard).start_draining();
-    let senders: Vec<_> = lock(&shared.calls).values().map(|e| e.tx.clone()).collect();
-    for tx in senders {
-        let _ = tx.send(CallCommand::HangUp(HangupCause::Shutdown)).await;
-    }
     // Until every call's BYE is answered or has timed out, so TCP connections
     // stay open for the 200s and lost BYEs are retransmitted; new INVITEs
-    // meanwhile get 503. Then TCP peers get a moment to close first (a peer
-    // may still be finishing its side of the last transaction).
+    // meanwhile get 503. A call admitted just before the drain may enter the
+    // call table only now: every pass tells the calls not yet told. Then TCP
+    // peers get a moment to close first (a peer may still be finishing its
+    // side of the last transaction).
     let waits = async {
-        wait_until(Instant::now() + BYE_GRACE, || {
-            lock(&shared.calls).is_empty()
-        })
-        .await;
+        let mut told = std::collections::HashSet::new();
+        let deadline = Instant::now() + BYE_GRACE;
+        loop {
+            let untold: Vec<_> = lock(&shared.calls)
+                .iter()
+                .filter(|(id, _)| !told.contains(*id))
+                .map(|(id, e)| (id.clone(), e.tx.clone()))
+                .collect();
+            for (id, tx) in untold {
+                // A full mailbox is tried again on the next pass.
+                if !matches!(
+                    tx.try_send(CallCommand::HangUp(HangupCause::Shutdown)),
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_))
+                ) {
+                    told.insert(id);
+                }
+            }
+            if lock(&shared.calls).is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         wait_until(Instant::now() + TCP_CLOSE_GRACE, || {
             shared.transports.open_connections() == 0
         })
