@@ -579,6 +579,50 @@ fn deepgram_plus_agent_forwards_transcripts_to_the_agent_and_stores_them() {
     assert_no_key_in_logs(&daemon, KEY);
 }
 
+/// `deepgram+agent` with an agent that refuses every connection (policy
+/// `continue`): the agent's reconnects never touch the Deepgram stream — one
+/// connection for the whole call, every transcript stored.
+#[test]
+fn deepgram_beside_a_failing_agent_keeps_one_stream_for_the_whole_call() {
+    let mut config = MockConfig::new(KEY);
+    config.scripts = vec![ConnScript {
+        at_audio: vec![
+            (1.2, Scripted::final_result(0.30, 0.50, "hi", 0.97)),
+            (
+                2.2,
+                Scripted::final_result(0.80, 1.20, "i would like to check", 0.91),
+            ),
+        ],
+        on_close: vec![Scripted::final_result(2.00, 0.90, "my order status", 0.88)],
+        drop_at_audio: None,
+    }];
+    let mock = DeepgramMock::start(config);
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let text = profile(&mock.base_url(), true).replace(
+        r#"kind = "deepgram","#,
+        &format!(
+            r#"kind = "deepgram+agent", url = "ws://127.0.0.1:{refused}/agent", on_failure = "continue", reconnect_attempts = 3,"#
+        ),
+    );
+    let daemon = Daemon::spawn_with_env(&text, &[("DG_KEY", KEY)]);
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    let cdr = answered_cdr(&daemon);
+    assert_eq!(cdr["pipeline"]["failure"], "reconnects-exhausted", "{cdr}");
+    let rows = exported_transcripts(&daemon, 3);
+    let stored: Vec<&str> = rows.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    assert_eq!(stored, ["hi", "i would like to check", "my order status"]);
+    assert_eq!(mock.connections().len(), 1, "one Deepgram stream");
+    assert_no_key_in_logs(&daemon, KEY);
+}
+
 /// The mock itself, driven by a plain WebSocket client: query checks (400 with
 /// `dg-error`), the idle close (1011 NET-0001), and the CloseStream sequence (scripted
 /// Results with `from_finalize`, Metadata with the audio's sha256 and duration, 1000).

@@ -92,6 +92,9 @@ pub(crate) struct FallbackAudio {
 #[derive(Debug)]
 struct AgentPlan {
     spec: PipelineSpec,
+    /// Deepgram beside the agent (`deepgram+agent`): one stream for the
+    /// whole call, whatever happens to the agent's connections.
+    stt: Option<crate::pipeline::deepgram::DeepgramTarget>,
     info: CallInfo,
     policy: crate::config::FailurePolicy,
     fallback: Option<Arc<FallbackAudio>>,
@@ -127,22 +130,23 @@ impl Shared {
     /// The agent pipeline a new call of `tenant` connects to, with what the
     /// `start` message tells it, and its failure policy.
     fn agent_for(&self, tenant: &str, invite: &crate::sip::message::Request) -> Option<AgentPlan> {
-        let (target, sample_rate, policy) = {
+        use crate::pipeline::deepgram::DeepgramTarget;
+        let (target, stt, sample_rate, policy) = {
             let sb = lock(&self.switchboard);
             let t = sb.config().tenant(tenant)?;
             let rate = t.pipeline_rate;
-            let target = match &t.pipeline {
+            let (target, stt) = match &t.pipeline {
                 crate::config::Pipeline::Echo => return None,
-                crate::config::Pipeline::Agent(a) => PipelineSpec::for_agent(a),
+                crate::config::Pipeline::Agent(a) => (PipelineSpec::for_agent(a), None),
                 crate::config::Pipeline::Deepgram(d) => {
-                    PipelineSpec::Deepgram(crate::pipeline::deepgram::DeepgramTarget::new(d, rate))
+                    (PipelineSpec::Deepgram(DeepgramTarget::new(d, rate)), None)
                 }
-                crate::config::Pipeline::DeepgramAgent(d, a) => PipelineSpec::DeepgramAgent(
-                    crate::pipeline::deepgram::DeepgramTarget::new(d, rate),
-                    Box::new(PipelineSpec::for_agent(a)),
+                crate::config::Pipeline::DeepgramAgent(d, a) => (
+                    PipelineSpec::for_agent(a),
+                    Some(DeepgramTarget::new(d, rate)),
                 ),
             };
-            (target, rate, t.pipeline_failure.clone())
+            (target, stt, rate, t.pipeline_failure.clone())
         };
         let fallback = lock(&self.fallback_prompts).get(tenant).cloned();
         let info = CallInfo {
@@ -166,6 +170,7 @@ impl Shared {
         };
         Some(AgentPlan {
             spec: target,
+            stt,
             info,
             policy,
             fallback,
@@ -355,7 +360,11 @@ struct PipelineLink {
     info: CallInfo,
     fallback: Option<Arc<FallbackAudio>>,
     supervisor: PipelineSupervisor,
+    /// The agent's current connection (one per attempt).
     handle: Option<PipelineHandle>,
+    /// Deepgram beside the agent, for the whole call (it reconnects by
+    /// itself; the supervisor does not govern it).
+    stt: Option<PipelineHandle>,
     /// Caller frames held between a loss and the next connection attempt
     /// (at most one handle queue's worth; the oldest go first).
     backlog: VecDeque<PcmFrame>,
@@ -371,8 +380,12 @@ impl PipelineLink {
             supervisor.prompt_finished(now);
         }
         supervisor.start(now);
+        let stt = plan
+            .stt
+            .map(|t| PipelineHandle::spawn(PipelineSpec::Deepgram(t), plan.info.clone(), 0));
         PipelineLink {
             spec: plan.spec,
+            stt,
             info: plan.info,
             fallback: plan.fallback,
             supervisor,
@@ -384,6 +397,9 @@ impl PipelineLink {
 
     fn send_audio(&mut self, frame: PcmFrame) {
         use crate::call::pipeline::ConnectionState;
+        if let Some(s) = &mut self.stt {
+            s.send_audio(&frame);
+        }
         if let Some(h) = &mut self.handle {
             h.send_audio(&frame);
         } else if matches!(
@@ -407,18 +423,38 @@ impl PipelineLink {
     fn summary(&self) -> PipelineSummary {
         PipelineSummary {
             dropped_frames: self.dropped
-                + self
-                    .handle
-                    .as_ref()
-                    .map_or(0, PipelineHandle::dropped_frames),
+                + [&self.handle, &self.stt]
+                    .into_iter()
+                    .flatten()
+                    .map(PipelineHandle::dropped_frames)
+                    .sum::<u64>(),
             ..self.supervisor.summary()
         }
     }
 
+    /// The next command of the agent's connection, or a transcript of the
+    /// Deepgram stream beside it (its other commands mean nothing here).
     async fn recv(&mut self) -> AgentCommand {
-        match &mut self.handle {
-            Some(h) => h.recv().await,
-            None => std::future::pending().await,
+        let (handle, stt) = (&mut self.handle, &mut self.stt);
+        loop {
+            let from_agent = async {
+                match handle.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let from_stt = async {
+                match stt.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                cmd = from_agent => return cmd,
+                cmd = from_stt => if let AgentCommand::Transcript(_) = cmd {
+                    return cmd;
+                },
+            }
         }
     }
 }
@@ -552,14 +588,17 @@ async fn run_call(
                     }
                     rtp_meter.finish(media.as_ref());
                     if let Some(mut l) = link.take() {
-                        // The pipeline closes its stream now; transcripts it
-                        // still sends (Deepgram's last Results) reach the store.
-                        let rest = l.handle.take().map(|h| {
+                        // Deepgram closes its stream now; the transcripts it
+                        // still sends (its last Results) reach the store. An
+                        // agent connection is simply dropped (`stop`, close).
+                        let deepgram_only = matches!(l.spec, PipelineSpec::Deepgram(_));
+                        let streams = [l.stt.take(), l.handle.take_if(|_| deepgram_only)];
+                        for h in streams.into_iter().flatten() {
                             l.dropped += h.dropped_frames();
-                            h.finish()
-                        });
-                        if let (Some(rest), Some(s)) = (rest, &store) {
-                            s.transcripts_after_end(rest);
+                            let rest = h.finish();
+                            if let Some(s) = &store {
+                                s.transcripts_after_end(rest);
+                            }
                         }
                         l.close();
                         let summary = l.summary();
@@ -615,6 +654,10 @@ async fn run_call(
         tokio::select! {
             cmd = from_agent => match cmd {
                 AgentCommand::Transcript(t) => {
+                    // Beside an agent, the agent hears it too.
+                    if let Some(h) = link.as_mut().and_then(|l| l.handle.as_mut()) {
+                        h.send_transcript(t.clone());
+                    }
                     if let Some(s) = &store {
                         s.transcript(t);
                     }

@@ -24,7 +24,7 @@
 //! sensitive); errors and logs carry the call id, the listen URL (which holds
 //! no secret) and the server's `dg-error` text.
 
-use super::{AgentCommand, Event, Transcript};
+use super::{AgentCommand, Transcript};
 use crate::call::PcmFrame;
 use crate::config::{DeepgramSettings, Secret};
 use futures_util::{SinkExt, StreamExt};
@@ -455,8 +455,6 @@ impl SilenceGate {
 pub(crate) struct Channels {
     pub(crate) audio: mpsc::Receiver<PcmFrame>,
     pub(crate) commands: mpsc::Sender<AgentCommand>,
-    /// The agent beside Deepgram (`deepgram+agent`): it gets each transcript too.
-    pub(crate) agent: Option<mpsc::Sender<Event>>,
 }
 
 /// The native protocol's `transcript` event (`docs/agent-protocol.md`).
@@ -654,13 +652,8 @@ async fn on_text(text: &str, clock: &StreamClock, chans: &Channels, call_id: &st
         Some(ServerMessage::Results(seg)) => {
             if let Some(t) = clock.transcript(&seg) {
                 debug!(%call_id, start_ms = t.start_ms, end_ms = t.end_ms, "transcript");
-                // Never waits on the agent: a full queue drops the event.
-                if let Some(agent) = &chans.agent
-                    && agent.try_send(Event::Transcript(t.clone())).is_err()
-                {
-                    debug!(%call_id, "transcript not forwarded: agent queue full or closed");
-                }
-                // The call task may be gone (call over): nothing to do then.
+                // The call task stores it and forwards it to a native agent.
+                // It may be gone (call over): nothing to do then.
                 let _ = commands.send(AgentCommand::Transcript(t)).await;
             }
         }

@@ -107,9 +107,6 @@ pub enum PipelineSpec {
     Twilio(AgentTarget),
     /// Deepgram live transcription of the caller.
     Deepgram(deepgram::DeepgramTarget),
-    /// Deepgram beside an agent (native or Twilio mode): a native agent
-    /// also gets the transcripts.
-    DeepgramAgent(deepgram::DeepgramTarget, Box<PipelineSpec>),
 }
 
 impl PipelineSpec {
@@ -134,7 +131,7 @@ fn spawn_agent(spec: PipelineSpec, info: CallInfo, attempt: u32, chans: native::
             tokio::spawn(native::run(target, info, attempt, chans));
         }
         // Not an agent: nothing connects, the call's supervisor times out.
-        PipelineSpec::Deepgram(_) | PipelineSpec::DeepgramAgent(..) => {}
+        PipelineSpec::Deepgram(_) => {}
     }
 }
 
@@ -245,21 +242,8 @@ impl PipelineHandle {
                 let chans = deepgram::Channels {
                     audio: stt_rx,
                     commands: chans.commands,
-                    agent: None,
                 };
                 tokio::spawn(deepgram::run(target, info.call_id, chans));
-            }
-            PipelineSpec::DeepgramAgent(dg, agent) => {
-                let (stt_tx, stt_rx) = mpsc::channel(AUDIO_QUEUE_FRAMES);
-                stt = Some(stt_tx);
-                let dg_chans = deepgram::Channels {
-                    audio: stt_rx,
-                    commands: chans.commands.clone(),
-                    // Transcripts go to a native agent; Twilio's protocol has no such message.
-                    agent: matches!(*agent, PipelineSpec::Native(_)).then(|| event_tx.clone()),
-                };
-                tokio::spawn(deepgram::run(dg, info.call_id.clone(), dg_chans));
-                spawn_agent(*agent, info, attempt, chans);
             }
         }
         PipelineHandle {
@@ -292,6 +276,12 @@ impl PipelineHandle {
     /// Queues a DTMF digit without waiting.
     pub fn send_dtmf(&mut self, digit: char) {
         let _ = self.events.try_send(Event::Dtmf(digit));
+    }
+
+    /// Queues a final transcript for the agent without waiting (a native
+    /// agent gets a `transcript` event; Twilio Media Streams has none).
+    pub fn send_transcript(&mut self, transcript: Transcript) {
+        let _ = self.events.try_send(Event::Transcript(transcript));
     }
 
     /// Queues a "mark played" (or cleared) report without waiting.
