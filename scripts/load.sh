@@ -15,7 +15,10 @@
 #      way, its peak RSS is VmHWM from /proc/PID/status.
 # The machine may be noisy and shared, so compare the ratio daemon/uas, not the absolutes.
 # Output: one table (rate, calls, failed, recording, daemon µs/call, uas µs/call, ratio,
-# peak RSS), then a few /metrics counters and the daemon's WARN/ERROR lines per run.
+# peak RSS), then per daemon run a few /metrics counters — attempts by code, RTP packets
+# sent per call (50 per second of call when the daemon keeps pace), recording bytes,
+# store operations dropped on a full queue (lost CDR/recording records: not counted as
+# failed calls) — and its most frequent WARN/ERROR log lines.
 # Exits 1 if any call failed (SIPp's FailedCall count, or calls SIPp did not finish),
 # 2 on a set-up error. Every process runs under `timeout`; a trap ends them on exit.
 #
@@ -270,8 +273,8 @@ while (($# > 0)); do
                  /^sipbridge_recording_bytes_written_total / { b = $2 }
                  /^sipbridge_store_queue_dropped_total / { q = $2 }
                  END { for (k in a) { sub(/^sipbridge_call_attempts_total/, "", k); s = s k "=" a["sipbridge_call_attempts_total" k] " " }
-                       printf "attempts %srtp_sent=%d rec_bytes=%d store_dropped=%d", s, r, b, q }' \
-            "$dir/metrics.txt" 2>/dev/null || true)
+                       printf "attempts %srtp/call=%.1f rec_bytes=%d store_dropped=%d", s, r / c, b, q }' \
+            c="$calls" "$dir/metrics.txt" 2>/dev/null || true)
         notes+=("$rate/s recording $([[ $rec == true ]] && echo on || echo off): $m")
         while IFS= read -r line; do notes+=("  $line"); done < <(
             grep -E '"level":"(WARN|ERROR)"' "$dir/daemon.log" | grep -v '"configuration warning"' |
