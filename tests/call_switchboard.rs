@@ -113,6 +113,61 @@ fn status_of(bytes: &[u8]) -> u16 {
 }
 
 #[test]
+fn an_overloaded_switchboard_sheds_new_invites_with_503_and_recovers() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let now = Instant::now();
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    sb.set_overloaded(true);
+    let invite = request("INVITE", "o1", 1, None, &sdp("sendrecv"));
+    let d = sb.dispatch(
+        now,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    );
+    match d {
+        Dispatch::Reply { transmit, record } => {
+            assert_eq!(status_of(&transmit.bytes), 503);
+            let text = String::from_utf8_lossy(&transmit.bytes).into_owned();
+            assert!(text.contains("\r\nRetry-After: 5\r\n"), "{text}");
+            assert_eq!(record.expect("a CDR for the attempt").result_code, 503);
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    assert_eq!(sb.ports.in_use(), 0);
+    // OPTIONS still answer 200: the daemon is up, only new calls wait.
+    let options = request("OPTIONS", "o2", 1, None, "");
+    match sb.dispatch(
+        now,
+        SystemTime::now(),
+        &options,
+        parse_datagram(&options),
+        peer(),
+        |_| false,
+        &mut rng,
+    ) {
+        Dispatch::Reply { transmit, .. } => assert_eq!(status_of(&transmit.bytes), 200),
+        other => panic!("expected a 200, got {other:?}"),
+    }
+    sb.set_overloaded(false);
+    let invite = request("INVITE", "o3", 1, None, &sdp("sendrecv"));
+    let d = sb.dispatch(
+        now,
+        SystemTime::now(),
+        &invite,
+        parse_datagram(&invite),
+        peer(),
+        |_| false,
+        &mut rng,
+    );
+    assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
+}
+
+#[test]
 fn unknown_source_gets_403_or_silence() {
     let mut rng = StdRng::seed_from_u64(1);
     let now = Instant::now();

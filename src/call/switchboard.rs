@@ -201,6 +201,8 @@ pub struct Switchboard {
     pub ports: PortAllocator,
     rejected: RejectCache,
     draining: bool,
+    /// The daemon cannot keep up (its store is behind): new INVITEs get 503.
+    overloaded: bool,
     prompts: HashMap<String, Arc<Prompt>>,
 }
 
@@ -327,6 +329,7 @@ impl Switchboard {
                 answers: HashMap::new(),
             },
             draining: false,
+            overloaded: false,
             prompts: HashMap::new(),
         }
     }
@@ -395,6 +398,18 @@ impl Switchboard {
     /// Live calls.
     pub fn active_calls(&self) -> usize {
         self.counts.total
+    }
+
+    /// While `on`, new INVITEs get 503 + `Retry-After: 5` (load shedding: the
+    /// shell sets it when what a call must write could not be kept); live
+    /// calls and OPTIONS are unaffected.
+    pub fn set_overloaded(&mut self, on: bool) {
+        self.overloaded = on;
+    }
+
+    /// Whether [`Switchboard::set_overloaded`] is on.
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded
     }
 
     /// From now on new INVITEs get 503 + Retry-After and OPTIONS report 503.
@@ -597,6 +612,15 @@ impl Switchboard {
                 &mut record,
                 503,
                 vec![("Retry-After", "30".to_owned())],
+                true,
+            );
+        }
+        if self.overloaded {
+            return reject(
+                self,
+                &mut record,
+                503,
+                vec![("Retry-After", "5".to_owned())],
                 true,
             );
         }

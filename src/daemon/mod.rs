@@ -186,6 +186,17 @@ impl Shared {
     ) -> Dispatch {
         let calls = lock(&self.calls);
         let mut sb = lock(&self.switchboard);
+        // Load shedding: while the store is behind, new calls get 503 (their
+        // CDRs and recordings would otherwise be dropped).
+        let behind = self.records.as_ref().is_some_and(|r| r.is_behind());
+        if behind != sb.is_overloaded() {
+            if behind {
+                warn!("store behind: new calls get 503 until it catches up");
+            } else {
+                info!("store caught up: taking new calls again");
+            }
+            sb.set_overloaded(behind);
+        }
         sb.dispatch(
             Instant::now(),
             SystemTime::now(),

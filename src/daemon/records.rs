@@ -32,7 +32,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -100,6 +100,8 @@ pub(crate) struct Records {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     next_handle: AtomicU64,
     dropped: AtomicU64,
+    /// Operations queued and not yet taken by the writer thread.
+    backlog: Arc<AtomicUsize>,
     /// Tenants that store transcripts (`transcripts = true`); replaced on reload.
     transcript_tenants: Mutex<HashSet<String>>,
 }
@@ -173,7 +175,9 @@ impl Records {
         }
         recover(&mut store, &keyring, unix_ms(SystemTime::now()))?;
         let (tx, rx) = sync_channel(QUEUE);
+        let backlog = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
+            backlog: Arc::clone(&backlog),
             store,
             keyring,
             var_dir: var_dir.to_owned(),
@@ -193,12 +197,30 @@ impl Records {
             thread: Mutex::new(Some(thread)),
             next_handle: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
+            backlog,
             transcript_tenants: Mutex::new(transcript_tenants(tenants)),
         })
     }
 
+    /// Whether the writer is so far behind that new calls should wait
+    /// (seven eighths of the queue in use; the rest is headroom for the live
+    /// calls' recording audio and CDR ends): the daemon then sheds new
+    /// INVITEs with 503 rather than lose records. A last resort: the queue
+    /// swings widely under load, and a lower mark turned away calls the
+    /// writer would have stored (`scripts/load.sh`, 1,000 calls/s).
+    pub(crate) fn is_behind(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed) > QUEUE / 8 * 7
+    }
+
     fn send(&self, op: Op) {
-        match self.tx.try_send(op) {
+        // Counted before it is queued, so the writer's decrement never comes
+        // first; taken back if it was not queued.
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.try_send(op);
+        if sent.is_err() {
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 crate::metrics::store_dropped();
@@ -264,6 +286,7 @@ impl Records {
         if dropped > 0 {
             warn!(dropped, "store messages dropped while running (queue full)");
         }
+        self.backlog.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(Op::Shutdown);
         let thread = self
             .thread
@@ -618,6 +641,8 @@ fn utc_date(ms: UnixMs) -> Option<RecordingDate> {
 
 /// The writer thread's state.
 struct Writer {
+    /// Shared with [`Records`]: decremented for every operation taken.
+    backlog: Arc<AtomicUsize>,
     store: Store,
     keyring: KeyRing,
     var_dir: PathBuf,
@@ -639,7 +664,11 @@ impl Writer {
                 next_sweep = std::time::Instant::now() + SWEEP_INTERVAL;
             }
             let wait = next_sweep.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(wait) {
+            let received = rx.recv_timeout(wait);
+            if received.is_ok() {
+                self.backlog.fetch_sub(1, Ordering::Relaxed);
+            }
+            match received {
                 Ok(Op::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(op) => self.apply(op),
                 Err(RecvTimeoutError::Timeout) => {}
