@@ -606,21 +606,14 @@ impl Switchboard {
                 record: Some(Box::new(record.clone())),
             }
         };
-        if self.draining {
+        // Draining: come back after the restart; overloaded: in a moment.
+        if self.draining || self.overloaded {
+            let retry_after = if self.draining { "30" } else { "5" };
             return reject(
                 self,
                 &mut record,
                 503,
-                vec![("Retry-After", "30".to_owned())],
-                true,
-            );
-        }
-        if self.overloaded {
-            return reject(
-                self,
-                &mut record,
-                503,
-                vec![("Retry-After", "5".to_owned())],
+                vec![("Retry-After", retry_after.to_owned())],
                 true,
             );
         }
