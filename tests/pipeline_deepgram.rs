@@ -684,12 +684,14 @@ fn the_mock_behaves_as_the_spec_says() {
             refused(tokio_tungstenite::connect_async(request(ok, "nope")).await);
         assert_eq!((status, dg_error.as_str()), (401, "Invalid credentials."));
 
-        // Idle: nothing sent → 1011 NET-0001.
+        // Idle: nothing sent → 1011 NET-0001. Timed from before the connect:
+        // the mock's idle clock starts when it accepts, so a slow handshake
+        // on a busy machine cannot make the close look early.
+        let started = Instant::now();
         let (mut ws, resp) = tokio_tungstenite::connect_async(request(ok, KEY))
             .await
             .unwrap();
         assert!(resp.headers().contains_key("dg-request-id"));
-        let started = Instant::now();
         let close = loop {
             match ws.next().await {
                 Some(Ok(Message::Close(f))) => break f.unwrap(),
