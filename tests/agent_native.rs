@@ -12,7 +12,7 @@
 mod agent_util;
 mod common;
 
-use agent_util::{best_ncc, capture, ncc, playout_overrun_ms};
+use agent_util::{best_ncc, call_capturing_rtp, ncc, playout_overrun_ms};
 use common::{Daemon, ProfileSpec, repo_path, sipp, sipp_scenario};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -612,37 +612,6 @@ fn profile_without_prompt(url: &str) -> String {
         .join("\n")
 }
 
-/// A call whose media the test receives itself, held `hold_ms`; `on_packet` sees each
-/// RTP packet as it arrives.
-fn call_capturing_rtp(
-    daemon: &Daemon,
-    hold_ms: u32,
-    on_packet: impl FnMut(&agent_util::Packet),
-) -> Vec<agent_util::Packet> {
-    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let media_port = media.local_addr().unwrap().port().to_string();
-    let target = daemon.udp_addr();
-    let hold = hold_ms.to_string();
-    let carrier = thread::spawn(move || {
-        sipp(
-            &sipp_scenario("media_on_test_socket.xml"),
-            target,
-            &[
-                "-key",
-                "test_rtp_port",
-                &media_port,
-                "-s",
-                NUMBER,
-                "-d",
-                &hold,
-            ],
-        )
-    });
-    let packets = capture(&media, Duration::from_secs(15), on_packet);
-    carrier.join().unwrap().assert_success();
-    packets
-}
-
 /// Issue 5 acceptance: the agent's audio reaches the caller matching what was sent
 /// (NCC ≥ 0.95 after G.711), and its mark comes back right after that audio was sent.
 #[test]
@@ -652,7 +621,7 @@ fn agent_audio_reaches_the_caller_matching_what_was_sent() {
         &profile_without_prompt(&format!("ws://127.0.0.1:{port}/agent")),
         &[("AGENT_TOKEN", TOKEN)],
     );
-    let packets = call_capturing_rtp(&daemon, 5000, |_| {});
+    let packets = call_capturing_rtp(&daemon, NUMBER, 5000, |_| {});
     let log = agent.join().unwrap();
     let hay: Vec<f64> = packets
         .iter()
@@ -686,7 +655,7 @@ fn clear_stops_playout_within_40_ms_of_media_time() {
     );
     let mut clear_tx = Some(clear_tx);
     let mut audible = 0;
-    let packets = call_capturing_rtp(&daemon, 3000, |p| {
+    let packets = call_capturing_rtp(&daemon, NUMBER, 3000, |p| {
         if p.audible() {
             audible += 1;
             if audible == 25

@@ -16,14 +16,13 @@ mod agent_util;
 mod common;
 
 use agent_util::{
-    b64_decode, b64_encode, best_ncc, capture, playout_overrun_ms, private_ca_server, ulaw_encode,
-    ulaw_table, verify_hmac,
+    b64_decode, b64_encode, best_ncc, call_capturing_rtp, playout_overrun_ms, private_ca_server,
+    ulaw_encode, ulaw_table, verify_hmac,
 };
 use common::{Daemon, ProfileSpec, repo_path, sipp, sipp_scenario};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::net::UdpSocket;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -366,43 +365,12 @@ fn twilio_agent_gets_connected_start_caller_audio_and_stop_with_hmac() {
     assert_no_secret_in_logs(&daemon);
 }
 
-/// Runs a call whose media the test receives itself (no prompt), for `hold_ms`;
-/// `on_packet` sees each RTP packet as it arrives.
-fn call_capturing_rtp(
-    daemon: &Daemon,
-    hold_ms: u32,
-    on_packet: impl FnMut(&agent_util::Packet),
-) -> Vec<agent_util::Packet> {
-    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let media_port = media.local_addr().unwrap().port().to_string();
-    let target = daemon.udp_addr();
-    let hold = hold_ms.to_string();
-    let carrier = thread::spawn(move || {
-        sipp(
-            &sipp_scenario("media_on_test_socket.xml"),
-            target,
-            &[
-                "-key",
-                "test_rtp_port",
-                &media_port,
-                "-s",
-                NUMBER,
-                "-d",
-                &hold,
-            ],
-        )
-    });
-    let packets = capture(&media, Duration::from_secs(15), on_packet);
-    carrier.join().unwrap().assert_success();
-    packets
-}
-
 #[test]
 fn twilio_agent_audio_reaches_the_caller_and_its_mark_follows_it() {
     let audio = fixture("caller2.ulaw");
     let (port, agent) = spawn_agent(Script::PlayThenMark(audio.clone()), None, true);
     let daemon = spawn_daemon(&profile(&format!("ws://127.0.0.1:{port}/twilio"), "", true));
-    let packets = call_capturing_rtp(&daemon, 5000, |_| {});
+    let packets = call_capturing_rtp(&daemon, NUMBER, 5000, |_| {});
     let seen = agent.join().unwrap();
 
     let table = ulaw_table();
@@ -463,7 +431,7 @@ fn twilio_clear_stops_playout_within_40_ms_and_echoes_the_pending_mark() {
     // Clear once 25 packets (500 ms) of the tone have reached the caller.
     let mut clear_tx = Some(clear_tx);
     let mut audible = 0;
-    let packets = call_capturing_rtp(&daemon, 3000, |p| {
+    let packets = call_capturing_rtp(&daemon, NUMBER, 3000, |p| {
         if p.audible() {
             audible += 1;
             if audible == 25

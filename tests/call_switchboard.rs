@@ -120,15 +120,7 @@ fn an_overloaded_switchboard_sheds_new_invites_with_503_and_recovers() {
     let mut sb = switchboard(&cfg, &mut rng);
     sb.set_overloaded(true);
     let invite = request("INVITE", "o1", 1, None, &sdp("sendrecv"));
-    let d = sb.dispatch(
-        now,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    );
+    let d = dispatch(&mut sb, now, &invite, &mut rng);
     match d {
         Dispatch::Reply { transmit, record } => {
             assert_eq!(status_of(&transmit.bytes), 503);
@@ -141,29 +133,13 @@ fn an_overloaded_switchboard_sheds_new_invites_with_503_and_recovers() {
     assert_eq!(sb.ports.in_use(), 0);
     // OPTIONS still answer 200: the daemon is up, only new calls wait.
     let options = request("OPTIONS", "o2", 1, None, "");
-    match sb.dispatch(
-        now,
-        SystemTime::now(),
-        &options,
-        parse_datagram(&options),
-        peer(),
-        |_| false,
-        &mut rng,
-    ) {
+    match dispatch(&mut sb, now, &options, &mut rng) {
         Dispatch::Reply { transmit, .. } => assert_eq!(status_of(&transmit.bytes), 200),
         other => panic!("expected a 200, got {other:?}"),
     }
     sb.set_overloaded(false);
     let invite = request("INVITE", "o3", 1, None, &sdp("sendrecv"));
-    let d = sb.dispatch(
-        now,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    );
+    let d = dispatch(&mut sb, now, &invite, &mut rng);
     assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
 }
 
@@ -176,15 +152,7 @@ fn unknown_source_gets_403_or_silence() {
     // The only trunk allows 10.0.0.0/8; we come from 127.0.0.1.
     let cfg = config("", "10.0.0.0/8");
     let mut sb = switchboard(&cfg, &mut rng);
-    let d = sb.dispatch(
-        now,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    );
+    let d = dispatch(&mut sb, now, &invite, &mut rng);
     match d {
         Dispatch::Reply { transmit, record } => {
             assert_eq!(status_of(&transmit.bytes), 403);
@@ -197,29 +165,13 @@ fn unknown_source_gets_403_or_silence() {
 
     let cfg = config("unknown_source = \"drop\"", "10.0.0.0/8");
     let mut sb = switchboard(&cfg, &mut rng);
-    let d = sb.dispatch(
-        now,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    );
+    let d = dispatch(&mut sb, now, &invite, &mut rng);
     assert!(matches!(d, Dispatch::Drop(_)), "{d:?}");
 
     // The same INVITE from an allowed source is admitted.
     let cfg = config("", "127.0.0.0/8");
     let mut sb = switchboard(&cfg, &mut rng);
-    let d = sb.dispatch(
-        now,
-        SystemTime::now(),
-        &invite,
-        parse_datagram(&invite),
-        peer(),
-        |_| false,
-        &mut rng,
-    );
+    let d = dispatch(&mut sb, now, &invite, &mut rng);
     assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
 }
 
@@ -237,18 +189,23 @@ fn load_prompts(sb: &mut Switchboard) {
     );
 }
 
-/// Dispatches an INVITE that must be admitted and starts its `Call`, as the
-/// daemon does.
-fn start_call(sb: &mut Switchboard, t0: Instant, invite: &[u8], rng: &mut StdRng) -> Call {
-    let Dispatch::NewCall(admitted) = sb.dispatch(
-        t0,
+/// Dispatches one datagram from [`peer`] (no call exists yet).
+fn dispatch(sb: &mut Switchboard, now: Instant, bytes: &[u8], rng: &mut StdRng) -> Dispatch {
+    sb.dispatch(
+        now,
         SystemTime::now(),
-        invite,
-        parse_datagram(invite),
+        bytes,
+        parse_datagram(bytes),
         peer(),
         |_| false,
         rng,
-    ) else {
+    )
+}
+
+/// Dispatches an INVITE that must be admitted and starts its `Call`, as the
+/// daemon does.
+fn start_call(sb: &mut Switchboard, t0: Instant, invite: &[u8], rng: &mut StdRng) -> Call {
+    let Dispatch::NewCall(admitted) = dispatch(sb, t0, invite, rng) else {
         panic!("not admitted")
     };
     Call::new(

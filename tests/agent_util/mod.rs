@@ -152,6 +152,41 @@ pub(crate) fn capture(
     out
 }
 
+/// A call from SIPp to `number` whose media goes to a socket this test
+/// holds (`media_on_test_socket.xml`), held `hold_ms`; returns the RTP the
+/// caller received, `on_packet` seeing each packet as it arrives.
+pub(crate) fn call_capturing_rtp(
+    daemon: &crate::common::Daemon,
+    number: &str,
+    hold_ms: u32,
+    on_packet: impl FnMut(&Packet),
+) -> Vec<Packet> {
+    use crate::common::{sipp, sipp_scenario};
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let media_port = media.local_addr().unwrap().port().to_string();
+    let target = daemon.udp_addr();
+    let hold = hold_ms.to_string();
+    let number = number.to_owned();
+    let carrier = std::thread::spawn(move || {
+        sipp(
+            &sipp_scenario("media_on_test_socket.xml"),
+            target,
+            &[
+                "-key",
+                "test_rtp_port",
+                &media_port,
+                "-s",
+                &number,
+                "-d",
+                &hold,
+            ],
+        )
+    });
+    let packets = capture(&media, Duration::from_secs(15), on_packet);
+    carrier.join().unwrap().assert_success();
+    packets
+}
+
 /// Media time (ms) from `clear_at` to the end of the last audible packet
 /// sent before playout stopped. The media time of `clear_at` is read off the
 /// RTP clock: packets leave the bridge on a 20 ms wall-clock tick, so
