@@ -47,8 +47,8 @@ pub(crate) struct ConnLog {
     pub(crate) frames: usize,
 }
 
-/// A running scripted agent. Stops (and drops its connections) on [`TestAgent::finish`]
-/// or drop.
+/// A running scripted agent. Stops (and drops its connections, after up to 2 s for those
+/// still reading to see the bridge's last messages) on [`TestAgent::finish`] or drop.
 pub(crate) struct TestAgent {
     port: u16,
     stop: Option<oneshot::Sender<()>>,
@@ -162,8 +162,13 @@ async fn serve(
     // Script used up: refuse whatever comes next.
     drop(listener);
     let _ = stop.await;
-    for t in tasks {
-        t.abort();
+    // A connection still reading gets a moment to take what the bridge sent last (its
+    // `stop` and close frame) before it is cut; one that hangs or never reads is cut then.
+    let grace = tokio::time::Instant::now() + Duration::from_secs(2);
+    for mut t in tasks {
+        if tokio::time::timeout_at(grace, &mut t).await.is_err() {
+            t.abort();
+        }
     }
 }
 
