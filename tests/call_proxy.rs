@@ -17,12 +17,22 @@ use sipbridge::call::{
 use sipbridge::sip::message::{Message, Request, Response, parse_datagram};
 
 fn config() -> Arc<sipbridge::config::Config> {
+    config_with("")
+}
+
+/// The test profile; `tenant` is appended to the `demo` tenant.
+fn config_with(tenant: &str) -> Arc<sipbridge::config::Config> {
     let dir = tempfile::tempdir().unwrap();
-    let toml = r#"[profile]
+    let prompt = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sip-profiles/prompts/disclosure.wav"
+    );
+    let toml = format!(
+        r#"[profile]
 name = "t"
 var_dir = "var"
 max_calls = 10
-rtp_ports = { start = 40000, end = 40099 }
+rtp_ports = {{ start = 40000, end = 40099 }}
 [profile.listen]
 udp = ["127.0.0.1:5060"]
 tcp = ["127.0.0.1:5060"]
@@ -33,11 +43,14 @@ name = "carrier"
 allow = ["127.0.0.0/8"]
 [[tenant]]
 id = "demo"
-pipeline = { kind = "echo" }
+prompt = "{prompt}"
+pipeline = {{ kind = "echo" }}
+{tenant}
 [[route]]
 number = "*"
 tenant = "demo"
-"#;
+"#
+    );
     let path = dir.path().join("p.toml");
     std::fs::write(&path, toml).unwrap();
     Arc::new(sipbridge::config::load(&path).unwrap_or_else(|d| panic!("{d}")))
@@ -251,6 +264,41 @@ fn record_route_is_copied_in_order_into_180_and_200_only() {
     let ok = response(&sent[0]);
     assert_eq!(ok.status, 200);
     assert!(record_routes(&ok).is_empty(), "{ok:?}");
+}
+
+#[test]
+fn early_media_183_carries_the_record_route_too() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let t0 = Instant::now();
+    let cfg = config_with("early_media = true");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let prompt = sipbridge::media::prompt::Prompt::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sip-profiles/prompts/disclosure.wav"
+    ))
+    .unwrap();
+    sb.set_prompts(
+        [("demo".to_owned(), Arc::new(prompt))]
+            .into_iter()
+            .collect(),
+    );
+    let invite = request(&Req {
+        method: "INVITE",
+        branch: "e6",
+        cseq: 1,
+        to_tag: None,
+        via: "127.0.0.1:5070",
+        extra: TWO_RR,
+        body: SDP,
+    });
+    let mut call = start_call(&mut sb, t0, &invite, udp("127.0.0.1:5070"), &mut rng);
+    let sent: Vec<Response> = transmits(&mut call).iter().map(response).collect();
+    assert_eq!(sent[1].status, 183);
+    assert_eq!(record_routes(&sent[1]).len(), 3, "{:?}", sent[1]);
+    call.prompt_finished(t0 + Duration::from_secs(5));
+    let sent: Vec<Response> = transmits(&mut call).iter().map(response).collect();
+    let ok = sent.iter().find(|r| r.status == 200).unwrap();
+    assert_eq!(record_routes(ok).len(), 3);
 }
 
 #[test]
