@@ -360,16 +360,9 @@ impl Drop for Kamailio {
     }
 }
 
-/// The daemon for the proxy tests: 300 ms between 180 and 200, so that the proxy (which
-/// relays each response in whichever of its processes got it) forwards them in order.
+/// The daemon for the proxy tests: the test profile (180 and 200 back to back).
 fn proxied_daemon() -> Daemon {
-    Daemon::spawn(
-        &ProfileSpec {
-            sip: "answer_delay_ms = 300",
-            ..ProfileSpec::default()
-        }
-        .render(),
-    )
+    Daemon::spawn(&ProfileSpec::default().render())
 }
 
 #[test]
