@@ -7,6 +7,7 @@
 #   espeak-ng           speech synthesis (fixtures/make.sh)
 #   tshark              decoding captured SIP/RTP in failing tests
 #   systemd             systemd-analyze verify for the unit file
+#   kamailio            a record-routing SIP proxy in front of the daemon (tests/kamailio_proxy.rs)
 #
 # Idempotent: when every tool is present it does nothing (no apt-get update, no network).
 # As root it runs `apt-get update` then `apt-get install` for the missing packages only;
@@ -23,6 +24,7 @@ checks=(
     "espeak-ng:espeak-ng"
     "tshark:tshark"
     "systemd:systemd-analyze"
+    "kamailio:kamailio"
 )
 
 missing=()

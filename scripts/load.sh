@@ -14,6 +14,8 @@
 #      same uac load, once per recording setting; its CPU per call is measured the same
 #      way, its peak RSS is VmHWM from /proc/PID/status.
 # The machine may be noisy and shared, so compare the ratio daemon/uas, not the absolutes.
+# SIPp talks to the daemon directly: its built-in `uac` ignores Record-Route, so it cannot
+# load a daemon behind a record-routing proxy (use tests/sipp/proxy_call.xml for that).
 # Output: one table (rate, calls, failed, recording, daemon µs/call, uas µs/call, ratio,
 # peak RSS), then per daemon run a few /metrics counters — attempts by code, RTP packets
 # sent per call (50 per second of call when the daemon keeps pace), recording bytes,

@@ -13,6 +13,32 @@ use sipbridge::logging::{self, LogFormat};
 /// Exit code for an invalid configuration (distinct from 1, a runtime failure).
 const EXIT_INVALID_CONFIG: u8 = 2;
 
+/// The profile `check`, `run` and the data commands read without `--config`.
+const DEFAULT_CONFIG: &str = "sip-profiles/default.toml";
+
+/// What to do when a relative `--config` (the default one included) does not
+/// exist: it is looked up from the working directory, so outside the
+/// repository the default is not found.
+fn config_hint(path: &Path) -> Option<String> {
+    if path.is_absolute() || path.exists() {
+        return None;
+    }
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|_| "?".to_owned());
+    let default = if path == Path::new(DEFAULT_CONFIG) {
+        " (the default)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "hint: {}{default} is looked up relative to the working directory {cwd}; \
+         pass --config PATH to a profile file (e.g. /etc/sipbridge/sipbridge.toml), \
+         or run sipbridge from the repository (where sip-profiles/ is)",
+        path.display()
+    ))
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sipbridge",
@@ -44,7 +70,7 @@ enum Command {
     /// and 2 (after listing every problem as file:line:column) if not.
     Check {
         /// A profile file, or a directory whose *.toml files are each a profile.
-        #[arg(long, short, default_value = "sip-profiles/default.toml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Run the daemon: answer calls on the profile's listeners. SIGHUP
@@ -53,7 +79,7 @@ enum Command {
     /// SIGTERM ends the calls with BYE at once.
     Run {
         /// The profile file to serve.
-        #[arg(long, short, default_value = "sip-profiles/default.toml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Stored recordings: list them, decrypt one to a WAV file.
@@ -127,6 +153,9 @@ fn run(path: &Path) -> ExitCode {
                 tracing::error!(diagnostic = %d, "configuration invalid");
                 eprintln!("{d}");
             }
+            if let Some(hint) = config_hint(path) {
+                eprintln!("{hint}");
+            }
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
@@ -172,6 +201,9 @@ fn check(path: &Path) -> ExitCode {
             for d in diags.items() {
                 eprintln!("{d}");
             }
+            if let Some(hint) = config_hint(path) {
+                eprintln!("{hint}");
+            }
             let errors = diags.errors().count();
             let summary = format!(
                 "configuration {} is invalid: {errors} error(s)",
@@ -207,7 +239,7 @@ mod data {
     #[derive(Debug, Args)]
     pub(super) struct ConfigArg {
         /// The profile file (exactly one profile): its var_dir and master key.
-        #[arg(long, short, default_value = "sip-profiles/default.toml")]
+        #[arg(long, short, default_value = super::DEFAULT_CONFIG)]
         config: PathBuf,
     }
 
@@ -352,7 +384,8 @@ mod data {
 
     fn open(arg: &ConfigArg) -> Result<Opened, Failure> {
         let cfg = config::load(&arg.config).map_err(|diags| {
-            let lines: Vec<String> = diags.items().iter().map(ToString::to_string).collect();
+            let mut lines: Vec<String> = diags.items().iter().map(ToString::to_string).collect();
+            lines.extend(super::config_hint(&arg.config));
             usage(format!(
                 "configuration {} is invalid:\n{}",
                 arg.config.display(),

@@ -384,6 +384,42 @@ fn missing_config_file_exits_2_with_its_name() {
     );
 }
 
+/// Outside the repository the default `sip-profiles/default.toml` is not found: the
+/// error says where it was looked up and how to fix it, for `check` and for `run`.
+#[test]
+fn default_config_outside_the_repository_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for command in ["check", "run"] {
+        let out = sipbridge(dir.path(), &[command]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("sip-profiles/default.toml: cannot read configuration"),
+            "{command}: {stderr}"
+        );
+        let hint = stderr
+            .lines()
+            .find(|l| l.starts_with("hint: "))
+            .unwrap_or_else(|| panic!("{command}: no hint in {stderr}"));
+        assert!(hint.contains("--config PATH"), "{hint}");
+        assert!(hint.contains("run sipbridge from the repository"), "{hint}");
+        assert!(
+            hint.contains(&dir.path().canonicalize().unwrap().display().to_string())
+                || hint.contains(&dir.path().display().to_string()),
+            "names the working directory: {hint}"
+        );
+    }
+    // An absolute path that is missing needs no hint about the working directory.
+    let missing = dir.path().join("nope.toml");
+    let out = sipbridge(
+        dir.path(),
+        &["check", "--config", missing.to_str().unwrap()],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!stderr.contains("hint:"), "{stderr}");
+}
+
 #[test]
 fn version_and_help() {
     let dir = tempfile::tempdir().unwrap();

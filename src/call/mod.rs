@@ -76,6 +76,21 @@ pub struct Peer {
     pub flow: u64,
 }
 
+/// Where the response to `req`, received from `source`, goes (RFC 3261
+/// §18.2.2, RFC 3581): the same transport and socket or connection
+/// (`flow`), to the address the top Via names (`received`/`rport`, else
+/// sent-by). On TCP that address is only used if the connection has closed.
+/// A request without a usable Via is answered to its source.
+pub fn response_dest(req: &Request, source: Peer) -> Peer {
+    match req.top_via() {
+        Ok(via) => Peer {
+            addr: crate::sip::response_addr::response_addr(&via, source.addr),
+            ..source
+        },
+        Err(_) => source,
+    }
+}
+
 /// Bytes to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
@@ -212,6 +227,8 @@ enum State {
 /// An INVITE server transaction for a re-INVITE from the peer.
 struct ReInvite {
     branch: String,
+    /// Where its responses go (the re-INVITE's own Via and source).
+    dest: Peer,
     txn: ServerInviteTransaction,
     /// The 2xx was sent; we wait for its ACK (CSeq number).
     awaiting_ack: Option<u32>,
@@ -222,6 +239,8 @@ struct ReInvite {
 /// A non-INVITE server transaction (BYE, UPDATE, OPTIONS, CANCEL, …).
 struct ServerTxn {
     branch: String,
+    /// Where its response goes (the request's own Via and source).
+    dest: Peer,
     method: Method,
     txn: ServerNonInviteTransaction,
 }
@@ -246,6 +265,8 @@ pub struct Call {
     invite: Request,
     invite_branch: String,
     invite_txn: ServerInviteTransaction,
+    /// Where the INVITE's responses go (RFC 3261 §18.2.2).
+    invite_dest: Peer,
     dialog: Dialog,
     sdp: SdpSession,
     /// INVITE without SDP: our offer went in the 200, the answer comes in the ACK.
@@ -320,6 +341,7 @@ impl Call {
             settings.timers,
             Some(trying),
         );
+        let invite_dest = response_dest(&invite, peer);
         let dialog = Dialog::new_uas(&invite, random_token(rng), rng.next_u32() >> 1)?;
         let from = invite.from()?;
         let record = CallRecord {
@@ -346,6 +368,7 @@ impl Call {
             state: State::Ringing,
             invite_branch,
             invite_txn,
+            invite_dest,
             dialog,
             sdp: SdpSession::new(rng.next_u64() >> 1, "sipbridge"),
             delayed_offer: invite.body.is_empty(),
@@ -640,13 +663,30 @@ impl Call {
         }
     }
 
-    /// A request for this call's Call-ID.
+    /// A request for this call's Call-ID, as if it came from where the INVITE
+    /// came from (see [`Call::handle_request_from`]).
     pub fn handle_request(&mut self, now: Instant, req: Request, rng: &mut impl RngCore) {
+        let source = self.peer;
+        self.handle_request_from(now, req, source, rng);
+    }
+
+    /// A request for this call's Call-ID that arrived from `source`. It is
+    /// matched to the dialog by its identifiers, whatever its source; its
+    /// responses go where its own top Via and source say (RFC 3261 §18.2.2,
+    /// RFC 3581), not to where the INVITE came from.
+    pub fn handle_request_from(
+        &mut self,
+        now: Instant,
+        req: Request,
+        source: Peer,
+        rng: &mut impl RngCore,
+    ) {
+        let dest = response_dest(&req, source);
         let branch = branch_of(&req);
         let has_to_tag = req.to().ok().is_some_and(|t| t.tag().is_some());
         match req.method {
             Method::Ack => self.on_ack(now, &req, &branch),
-            Method::Cancel => self.on_cancel(now, &req, &branch),
+            Method::Cancel => self.on_cancel(now, &req, &branch, dest),
             Method::Invite if !has_to_tag && branch == self.invite_branch => {
                 self.invite_txn.on_request_retransmission(now);
                 self.drain_invite_txn();
@@ -654,9 +694,9 @@ impl Call {
             Method::Invite if !has_to_tag => {
                 // A new INVITE with our Call-ID but another branch and no To tag:
                 // a second call attempt reusing the Call-ID while this one lives.
-                self.respond_stateless(now, &req, 482);
+                self.respond_stateless(now, &req, 482, dest);
             }
-            _ => self.on_in_dialog(now, req, &branch, rng),
+            _ => self.on_in_dialog(now, req, &branch, dest, rng),
         }
     }
 
@@ -735,9 +775,9 @@ impl Call {
         self.invite.cseq().map(|c| c.seq).unwrap_or(0)
     }
 
-    fn on_cancel(&mut self, now: Instant, cancel: &Request, branch: &str) {
+    fn on_cancel(&mut self, now: Instant, cancel: &Request, branch: &str, dest: Peer) {
         if branch != self.invite_branch {
-            self.respond_stateless(now, cancel, 481);
+            self.respond_stateless(now, cancel, 481, dest);
             return;
         }
         if let Some(t) = self
@@ -751,13 +791,20 @@ impl Call {
         }
         // 200 to the CANCEL (RFC 3261 §9.2), To tag as in our provisional.
         let ok = self.dialog_response(cancel, 200, false);
-        self.start_server_txn(now, cancel, ok);
+        self.start_server_txn(now, cancel, ok, dest);
         if self.state == State::Ringing {
             self.reject(now, 487, HangupCause::Cancelled);
         }
     }
 
-    fn on_in_dialog(&mut self, now: Instant, req: Request, branch: &str, rng: &mut impl RngCore) {
+    fn on_in_dialog(
+        &mut self,
+        now: Instant,
+        req: Request,
+        branch: &str,
+        dest: Peer,
+        rng: &mut impl RngCore,
+    ) {
         // Retransmission of a request we already answer?
         if let Some(t) = self
             .server_txns
@@ -776,18 +823,18 @@ impl Call {
             return;
         }
         if !self.dialog.matches(&req) {
-            self.respond_stateless(now, &req, 481);
+            self.respond_stateless(now, &req, 481, dest);
             return;
         }
         let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
         if self.dialog.accept_remote_cseq(seq).is_err() {
-            self.respond_stateless(now, &req, 500);
+            self.respond_stateless(now, &req, 500, dest);
             return;
         }
         match req.method {
             Method::Bye => {
                 let ok = self.dialog_response(&req, 200, false);
-                self.start_server_txn(now, &req, ok);
+                self.start_server_txn(now, &req, ok, dest);
                 match self.state {
                     State::Ended => {}
                     State::Ringing => {
@@ -802,37 +849,37 @@ impl Call {
                     }
                 }
             }
-            Method::Invite => self.on_reinvite(now, req, branch),
-            Method::Update => self.on_update(now, &req),
+            Method::Invite => self.on_reinvite(now, req, branch, dest),
+            Method::Update => self.on_update(now, &req, dest),
             Method::Options => {
                 let mut ok = self.dialog_response(&req, 200, true);
                 ok.headers.push("Allow", ALLOW);
                 ok.headers.push("Accept", "application/sdp");
                 ok.headers.push("Supported", SUPPORTED);
-                self.start_server_txn(now, &req, ok);
+                self.start_server_txn(now, &req, ok, dest);
             }
             Method::Info => {
                 let ok = self.dialog_response(&req, 200, false);
-                self.start_server_txn(now, &req, ok);
+                self.start_server_txn(now, &req, ok, dest);
             }
-            Method::Extension(_) => self.respond_stateless(now, &req, 501),
+            Method::Extension(_) => self.respond_stateless(now, &req, 501, dest),
             _ => {
                 let mut resp = self.dialog_response(&req, 405, false);
                 resp.headers.push("Allow", ALLOW);
-                self.start_server_txn(now, &req, resp);
+                self.start_server_txn(now, &req, resp, dest);
             }
         }
         let _ = rng;
     }
 
-    fn on_reinvite(&mut self, now: Instant, req: Request, branch: &str) {
+    fn on_reinvite(&mut self, now: Instant, req: Request, branch: &str, dest: Peer) {
         let Ok(key) = txn_key(&req) else {
             return;
         };
         let mut txn = ServerInviteTransaction::new(
             now,
             key,
-            self.peer.transport.reliability(),
+            dest.transport.reliability(),
             self.settings.timers,
             None,
         );
@@ -881,6 +928,7 @@ impl Call {
         }
         self.reinvites.push(ReInvite {
             branch: branch.to_owned(),
+            dest,
             txn,
             awaiting_ack: (status == 200).then_some(seq),
             delayed,
@@ -888,7 +936,7 @@ impl Call {
         self.drain_reinvite();
     }
 
-    fn on_update(&mut self, now: Instant, req: &Request) {
+    fn on_update(&mut self, now: Instant, req: &Request, dest: Peer) {
         let resp = if req.body.is_empty() {
             self.dialog_response(req, 200, true)
         } else if self.offer_pending() {
@@ -912,7 +960,7 @@ impl Call {
                 s.apply(&mut resp.headers);
             }
         }
-        self.start_server_txn(now, req, resp);
+        self.start_server_txn(now, req, resp, dest);
     }
 
     /// A response for this call's Call-ID (to our BYE or refresh).
@@ -1033,11 +1081,22 @@ impl Call {
     }
 
     /// A response in this dialog: our To tag on everything but 100, our Contact
-    /// where a dialog is established or refreshed.
+    /// where a dialog is established or refreshed, and — in a response that
+    /// creates the dialog (1xx with our tag, 2xx to the initial INVITE) — the
+    /// INVITE's Record-Route, every value in its order (RFC 3261 §12.1.1), so
+    /// the caller's route set sends ACK, re-INVITE and BYE through the proxies.
     fn dialog_response(&self, req: &Request, status: u16, contact: bool) -> Response {
         let mut resp = Response::for_request(req, status);
         if status > 100 {
             self.dialog.tag_response(&mut resp);
+        }
+        let creates_dialog = req.method == Method::Invite
+            && (101..300).contains(&status)
+            && req.to().ok().is_some_and(|t| t.tag().is_none());
+        if creates_dialog {
+            for value in req.headers.get_all("Record-Route") {
+                resp.headers.push("Record-Route", value);
+            }
         }
         if contact {
             resp.headers
@@ -1100,48 +1159,47 @@ impl Call {
 
     /// A response that needs no dialog state (481, 482, 500, 501), still kept
     /// in a transaction so that retransmissions get it again.
-    fn respond_stateless(&mut self, now: Instant, req: &Request, status: u16) {
+    fn respond_stateless(&mut self, now: Instant, req: &Request, status: u16, dest: Peer) {
         let resp = Response::for_request(req, status);
-        self.start_server_txn(now, req, resp);
+        self.start_server_txn(now, req, resp, dest);
     }
 
-    fn start_server_txn(&mut self, now: Instant, req: &Request, resp: Response) {
+    fn start_server_txn(&mut self, now: Instant, req: &Request, resp: Response, dest: Peer) {
         let bytes = resp.encode();
         let Ok(key) = txn_key(req) else {
-            self.transmit(bytes);
+            self.transmit(dest, bytes);
             return;
         };
         if self.server_txns.len() >= MAX_SERVER_TXNS {
             // Bounded: answer without keeping state.
-            self.transmit(bytes);
+            self.transmit(dest, bytes);
             return;
         }
         let mut txn = ServerNonInviteTransaction::new(
             now,
             key,
-            self.peer.transport.reliability(),
+            dest.transport.reliability(),
             self.settings.timers,
         );
         let _ = txn.send_final(now, resp.status, bytes);
         self.server_txns.push(ServerTxn {
             branch: branch_of(req),
+            dest,
             method: req.method.clone(),
             txn,
         });
         self.drain_server_txns();
     }
 
-    fn transmit(&mut self, bytes: Bytes) {
-        self.out.push_back(CallOutput::Transmit(Transmit {
-            dest: self.peer,
-            bytes,
-        }));
+    fn transmit(&mut self, dest: Peer, bytes: Bytes) {
+        self.out
+            .push_back(CallOutput::Transmit(Transmit { dest, bytes }));
     }
 
     fn drain_invite_txn(&mut self) {
         while let Some(o) = self.invite_txn.poll_output() {
             match o {
-                TransactionOutput::Transmit(bytes) => self.transmit(bytes),
+                TransactionOutput::Transmit(bytes) => self.transmit(self.invite_dest, bytes),
                 TransactionOutput::Event(TransactionEvent::TimedOut(_)) => {
                     if self.state == State::Answered {
                         self.pending_hangup = Some(HangupCause::NoAck);
@@ -1166,22 +1224,26 @@ impl Call {
     fn drain_reinvite(&mut self) {
         let mut out = Vec::new();
         for re in &mut self.reinvites {
-            take_transmits(|| re.txn.poll_output(), &mut out);
+            let mut sent = Vec::new();
+            take_transmits(|| re.txn.poll_output(), &mut sent);
+            out.extend(sent.into_iter().map(|bytes| (re.dest, bytes)));
         }
         self.reinvites.retain(|re| !re.txn.is_terminated());
-        for bytes in out {
-            self.transmit(bytes);
+        for (dest, bytes) in out {
+            self.transmit(dest, bytes);
         }
     }
 
     fn drain_server_txns(&mut self) {
         let mut out = Vec::new();
         for t in &mut self.server_txns {
-            take_transmits(|| t.txn.poll_output(), &mut out);
+            let mut sent = Vec::new();
+            take_transmits(|| t.txn.poll_output(), &mut sent);
+            out.extend(sent.into_iter().map(|bytes| (t.dest, bytes)));
         }
         self.server_txns.retain(|t| !t.txn.is_terminated());
-        for bytes in out {
-            self.transmit(bytes);
+        for (dest, bytes) in out {
+            self.transmit(dest, bytes);
         }
     }
 

@@ -487,6 +487,8 @@ impl Switchboard {
         if has_call(&call_id) {
             return Dispatch::ToCall(call_id, Message::Request(req));
         }
+        // From here on every answer goes where the request's Via says.
+        let reply_to = super::response_dest(&req, peer);
         let in_dialog = req.to().ok().is_some_and(|t| t.tag().is_some());
         match (&req.method, in_dialog) {
             (Method::Ack, _) => Dispatch::Drop("ACK without a transaction"),
@@ -499,21 +501,21 @@ impl Switchboard {
                 if self.draining {
                     resp.headers.push("Retry-After", "30");
                 }
-                self.reply(peer, resp.encode())
+                self.reply(reply_to, resp.encode())
             }
             (Method::Invite, false) => self.admit(now, wall_now, req, peer, rng),
             (Method::Extension(_), _) => {
                 let mut resp = Response::for_request(&req, 501);
                 resp.headers.push("Allow", ALLOW);
-                self.reply(peer, resp.encode())
+                self.reply(reply_to, resp.encode())
             }
             (Method::Cancel | Method::Bye | Method::Invite | Method::Update | Method::Info, _) => {
-                self.reply(peer, Response::for_request(&req, 481).encode())
+                self.reply(reply_to, Response::for_request(&req, 481).encode())
             }
             _ => {
                 let mut resp = Response::for_request(&req, 405);
                 resp.headers.push("Allow", ALLOW);
-                self.reply(peer, resp.encode())
+                self.reply(reply_to, resp.encode())
             }
         }
     }
@@ -551,9 +553,10 @@ impl Switchboard {
                 .and_then(|v| v.branch().map(str::to_owned))
                 .unwrap_or_default()
         );
+        let reply_to = super::response_dest(&req, peer);
         if let Some(bytes) = self.rejected.get(&branch_key) {
             // A retransmission of an INVITE we already rejected.
-            return self.reply(peer, bytes.clone());
+            return self.reply(reply_to, bytes.clone());
         }
         let dialed = dialed_number(&req);
         let mut record = CallRecord {
@@ -602,7 +605,10 @@ impl Switchboard {
             }
             record.result_code = status;
             Dispatch::Reply {
-                transmit: Transmit { dest: peer, bytes },
+                transmit: Transmit {
+                    dest: reply_to,
+                    bytes,
+                },
                 record: Some(Box::new(record.clone())),
             }
         };

@@ -33,8 +33,8 @@ pub use transport::Transports;
 /// Messages to a call task.
 #[derive(Debug)]
 pub(crate) enum CallCommand {
-    /// A SIP message for the call.
-    Sip(Box<Message>),
+    /// A SIP message for the call and where it came from.
+    Sip(Box<Message>, crate::call::Peer),
     /// End the call.
     HangUp(HangupCause),
 }
@@ -221,7 +221,7 @@ impl Shared {
             Dispatch::ToCall(id, msg) => {
                 let tx = lock(&self.calls).get(&id).map(|e| e.tx.clone());
                 if let Some(tx) = tx
-                    && tx.try_send(CallCommand::Sip(Box::new(msg))).is_err()
+                    && tx.try_send(CallCommand::Sip(Box::new(msg), peer)).is_err()
                 {
                     debug!(call_id = %id, "call mailbox full; message dropped");
                 }
@@ -274,7 +274,7 @@ impl Shared {
             resp.headers.push("Retry-After", "5");
             self.transports
                 .send(Transmit {
-                    dest: admitted.peer,
+                    dest: crate::call::response_dest(&admitted.invite, admitted.peer),
                     bytes: resp.encode(),
                 })
                 .await;
@@ -678,8 +678,10 @@ async fn run_call(
                 },
             },
             cmd = rx.recv() => match cmd {
-                Some(CallCommand::Sip(msg)) => match *msg {
-                    Message::Request(req) => call.handle_request(Instant::now(), req, &mut rng),
+                Some(CallCommand::Sip(msg, from)) => match *msg {
+                    Message::Request(req) => {
+                        call.handle_request_from(Instant::now(), req, from, &mut rng);
+                    }
                     Message::Response(resp) => call.handle_response(Instant::now(), resp, &mut rng),
                 },
                 Some(CallCommand::HangUp(cause)) => {
