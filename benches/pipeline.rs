@@ -46,6 +46,7 @@ fn info(i: usize) -> CallInfo {
     CallInfo {
         call_id: format!("bench-{i}@127.0.0.1"),
         tenant: "bench".into(),
+        account_sid: None,
         from: "+15550001111".into(),
         to: "+15551234567".into(),
         custom: Vec::new(),

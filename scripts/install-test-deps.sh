@@ -9,6 +9,9 @@
 #   systemd             systemd-analyze verify for the unit file
 #   kamailio            a record-routing SIP proxy in front of the daemon (tests/kamailio_proxy.rs)
 #
+#   Pipecat (PyPI)      a real agent framework, in a virtual environment at
+#                       $SIPBRIDGE_TEST_VENV (default /opt/sipbridge-test-venv)
+#
 # Idempotent: when every tool is present it does nothing (no apt-get update, no network).
 # As root it runs `apt-get update` then `apt-get install` for the missing packages only;
 # as another user with tools missing it names them and exits 1.
@@ -39,19 +42,42 @@ for pair in "${checks[@]}"; do
     missing+=("$pkg")
 done
 
-if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "install-test-deps: all test tools present"
+install_packages() {
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "install-test-deps: all test tools present"
+        return 0
+    fi
+    if [[ "$(id -u)" -ne 0 ]]; then
+        echo "install-test-deps: missing packages: ${missing[*]}" >&2
+        echo "install-test-deps: run as root (sudo bash scripts/install-test-deps.sh) or:" >&2
+        echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "install-test-deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+}
+install_packages
+
+# Pipecat (tests/pipecat_bot.rs runs examples/pipecat_bot/bot.py) in its own virtual
+# environment, at the versions examples/pipecat_bot/requirements.txt pins. Skipped when
+# that environment already has them (no network then).
+venv="${SIPBRIDGE_TEST_VENV:-/opt/sipbridge-test-venv}"
+requirements="$(dirname "${BASH_SOURCE[0]}")/../examples/pipecat_bot/requirements.txt"
+stamp="$venv/.requirements"
+if [[ -x "$venv/bin/python" && -f "$stamp" ]] && cmp -s "$stamp" "$requirements"; then
+    echo "install-test-deps: Pipecat environment present ($venv)"
     exit 0
 fi
-
-if [[ "$(id -u)" -ne 0 ]]; then
-    echo "install-test-deps: missing packages: ${missing[*]}" >&2
-    echo "install-test-deps: run as root (sudo bash scripts/install-test-deps.sh) or:" >&2
-    echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
-    exit 1
+if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    if [[ "$(id -u)" -ne 0 ]]; then
+        echo "install-test-deps: python3 venv support is missing (Debian: python3-venv)" >&2
+        exit 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv
 fi
-
-echo "install-test-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update
-apt-get install -y --no-install-recommends "${missing[@]}"
+echo "install-test-deps: installing Pipecat into $venv"
+python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+cp "$requirements" "$stamp"

@@ -390,7 +390,7 @@ fn agent_hangup_sends_bye() {
     );
     assert!(result.messages.contains("BYE sip:"), "{}", result.report());
     let cdr = answered_cdr(&daemon);
-    assert_eq!(cdr["cause"], "local-hangup");
+    assert_eq!(cdr["cause"], "agent-hangup");
     assert_eq!(cdr["hangup_side"], "bridge");
     let log = agent.join().unwrap();
     let start = log.texts.first().unwrap();

@@ -487,7 +487,7 @@ fn twilio_agent_closing_the_socket_hangs_up_the_call() {
     );
     assert!(result.messages.contains("BYE sip:"), "{}", result.report());
     let cdr = answered_cdr(&daemon);
-    assert_eq!(cdr["cause"], "local-hangup");
+    assert_eq!(cdr["cause"], "agent-hangup");
     assert_eq!(cdr["hangup_side"], "bridge");
     let seen = agent.join().unwrap();
     assert_eq!(seen.texts[1].1["event"], "start");

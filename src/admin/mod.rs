@@ -1,7 +1,8 @@
 //! The admin HTTP surface (DESIGN §5): health and readiness for operators and
 //! load balancers, the authenticated `/v1` API (live calls, CDRs, recordings
 //! and their signed download links, transcripts, retention, erasure, export,
-//! reload, audit log) and the router `/metrics` mounts on.
+//! reload, audit log), the Twilio REST subset agent frameworks hang up with
+//! (`twilio_rest`) and the router `/metrics` mounts on.
 //!
 //! Owns: the admin listener (`[profile.admin] listen`, 127.0.0.1 in every
 //! shipped profile), its axum router, bearer-token checks (`auth`), link
@@ -16,6 +17,7 @@
 mod api;
 mod auth;
 mod links;
+mod twilio_rest;
 
 use crate::config::Config;
 use crate::daemon::Shared;
@@ -85,6 +87,8 @@ struct ApiSettings {
     tokens: auth::Tokens,
     callers: HashMap<String, CallerIdPolicy>,
     retention: HashMap<String, RetentionPolicy>,
+    /// Tenants' Twilio-compatible accounts (`[tenant.twilio_api]`).
+    twilio: Vec<twilio_rest::Account>,
 }
 
 impl ApiSettings {
@@ -108,6 +112,18 @@ impl ApiSettings {
                 .tenants
                 .iter()
                 .map(|t| (t.id.clone(), RetentionPolicy::from(&t.retention)))
+                .collect(),
+            twilio: config
+                .tenants
+                .iter()
+                .filter_map(|t| {
+                    let api = t.twilio_api.as_ref()?;
+                    Some(twilio_rest::Account {
+                        tenant: t.id.clone(),
+                        account_sid: api.account_sid.clone(),
+                        token_hash: auth::token_hash(api.auth_token.expose()),
+                    })
+                })
                 .collect(),
         }
     }
@@ -224,6 +240,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api::routes())
+        .merge(twilio_rest::routes())
         .with_state(state)
         .merge(extra_routes())
 }

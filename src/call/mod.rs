@@ -147,8 +147,11 @@ pub enum HangupCause {
     CallerBye,
     /// CANCEL before answer.
     Cancelled,
-    /// The bridge ended it on request (admin, agent, shutdown).
+    /// The bridge ended it on an operator's request (admin API).
     Local,
+    /// The agent ended it: a native `hangup`, a Twilio-mode close frame, or the
+    /// Twilio-compatible REST call `Status=completed`.
+    AgentHangup,
     /// No ACK for our 200 within 64·T1.
     NoAck,
     /// No RTP for the configured time.
@@ -176,6 +179,7 @@ impl HangupCause {
             HangupCause::CallerBye => "caller-bye",
             HangupCause::Cancelled => "cancelled",
             HangupCause::Local => "local-hangup",
+            HangupCause::AgentHangup => "agent-hangup",
             HangupCause::NoAck => "no-ack",
             HangupCause::RtpTimeout => "rtp-timeout",
             HangupCause::SessionExpired => "session-expired",

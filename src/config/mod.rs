@@ -283,6 +283,21 @@ pub struct Tenant {
     /// SHA-256 of the tenant's admin API bearer token
     /// (`admin_token_sha256`); `None`: the tenant has no API access.
     pub admin_token_sha256: Option<[u8; 32]>,
+    /// The account the Twilio-compatible REST subset (`/2010-04-01/…`) answers
+    /// for this tenant; `None`: not served for it.
+    pub twilio_api: Option<TwilioApi>,
+}
+
+/// `[tenant.twilio_api]`: what telephony frameworks written for Twilio (Pipecat's
+/// `auto_hang_up`) authenticate with, HTTP Basic `{account_sid}:{auth_token}`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct TwilioApi {
+    /// The account SID in the request path and the Basic user name; unique
+    /// across tenants.
+    pub account_sid: String,
+    /// The Basic password.
+    pub auth_token: Secret,
 }
 
 /// A checked disclosure prompt file.
@@ -653,6 +668,15 @@ impl Config {
                     out,
                     "    on failure: {}",
                     describe_failure(&t.pipeline_failure)
+                );
+            }
+            if let Some(api) = &t.twilio_api {
+                let _ = writeln!(
+                    out,
+                    "    twilio REST API: account {} auth token {} ({})",
+                    api.account_sid,
+                    api.auth_token.source(),
+                    api.auth_token.fingerprint()
                 );
             }
             let r = &t.retention;

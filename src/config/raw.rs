@@ -148,6 +148,16 @@ pub(crate) struct RawTenant {
     /// SHA-256 (hex) of the tenant's admin API bearer token.
     #[serde(default)]
     pub(crate) admin_token_sha256: Option<Spanned<String>>,
+    /// Credentials for the Twilio-compatible REST subset (`[tenant.twilio_api]`).
+    #[serde(default)]
+    pub(crate) twilio_api: Option<Spanned<RawTwilioApi>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTwilioApi {
+    pub(crate) account_sid: Spanned<String>,
+    pub(crate) auth_token: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -28,7 +28,7 @@ use super::{
     AdminSettings, AgentAuth, AgentMode, AgentSettings, CaFile, Config, DEEPGRAM_BASE_URL,
     DeepgramSettings, DigestCredentials, FailurePolicy, Listen, MAX_FALLBACK_PROMPT, MasterKey,
     MediaSettings, OnFailure, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings,
-    Tenant, Trunk, UnknownSource,
+    Tenant, Trunk, TwilioApi, UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -928,6 +928,7 @@ fn check_trunks(
 
 fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc)> {
     let mut ids = HashMap::new();
+    let mut account_sids = HashMap::new();
     let mut out = Vec::new();
     for Item {
         file,
@@ -1012,6 +1013,46 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 }
             }
         });
+        let twilio_api = t.twilio_api.as_ref().and_then(|api| {
+            let api = api.get_ref();
+            let sid = api.account_sid.get_ref();
+            let sid_ok =
+                (2..=64).contains(&sid.len()) && sid.bytes().all(|b| b.is_ascii_alphanumeric());
+            if !sid_ok {
+                cx.error(
+                    file,
+                    Some(api.account_sid.span()),
+                    format!(
+                        "twilio_api account_sid `{}` must be 2-64 letters and digits \
+                         (Twilio's form is AC followed by 32 hex digits)",
+                        sid.escape_default()
+                    ),
+                );
+            }
+            unique(
+                cx,
+                &mut account_sids,
+                file,
+                &api.account_sid,
+                "twilio_api account_sid",
+            );
+            let token = cx.secret(file, &api.auth_token, "twilio_api auth_token");
+            match token {
+                Some(t) if t.expose().len() < 16 => {
+                    cx.error(
+                        file,
+                        Some(api.auth_token.span()),
+                        "twilio_api auth_token must be at least 16 bytes",
+                    );
+                    None
+                }
+                Some(auth_token) if sid_ok => Some(TwilioApi {
+                    account_sid: sid.clone(),
+                    auth_token,
+                }),
+                _ => None,
+            }
+        });
         if let Some(pipeline) = pipeline {
             out.push((
                 Tenant {
@@ -1032,6 +1073,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     pipeline_failure,
                     max_calls,
                     admin_token_sha256,
+                    twilio_api,
                 },
                 (file, t.id.span()),
             ));

@@ -131,9 +131,10 @@ impl Shared {
     /// `start` message tells it, and its failure policy.
     fn agent_for(&self, tenant: &str, invite: &crate::sip::message::Request) -> Option<AgentPlan> {
         use crate::pipeline::deepgram::DeepgramTarget;
-        let (target, stt, sample_rate, policy) = {
+        let (target, stt, sample_rate, policy, account_sid) = {
             let sb = lock(&self.switchboard);
             let t = sb.config().tenant(tenant)?;
+            let account_sid = t.twilio_api.as_ref().map(|a| a.account_sid.clone());
             let rate = t.pipeline_rate;
             let (target, stt) = match &t.pipeline {
                 crate::config::Pipeline::Echo => return None,
@@ -146,13 +147,14 @@ impl Shared {
                     Some(DeepgramTarget::new(d, rate)),
                 ),
             };
-            (target, stt, rate, t.pipeline_failure.clone())
+            (target, stt, rate, t.pipeline_failure.clone(), account_sid)
         };
         let fallback = lock(&self.fallback_prompts).get(tenant).cloned();
         let info = CallInfo {
             sample_rate,
             call_id: invite.call_id().unwrap_or_default().to_owned(),
             tenant: tenant.to_owned(),
+            account_sid,
             from: invite
                 .from()
                 .ok()
@@ -834,7 +836,7 @@ fn apply_agent(
         }
         (AgentCommand::HangUp, _) => {
             info!("agent asked to hang up");
-            call.hang_up(now, HangupCause::Local, rng);
+            call.hang_up(now, HangupCause::AgentHangup, rng);
         }
         (AgentCommand::Play(pcm), Some(m)) => {
             link.supervisor.on_agent_output(now);

@@ -45,6 +45,9 @@ pub struct CallInfo {
     pub call_id: String,
     /// Tenant id.
     pub tenant: String,
+    /// The tenant's Twilio-compatible account SID (`[tenant.twilio_api]`), if it has
+    /// one: Twilio mode's `accountSid` (else the tenant id).
+    pub account_sid: Option<String>,
     /// Caller (From user part).
     pub from: String,
     /// Dialed number.

@@ -192,6 +192,7 @@ mod tests {
         let info = CallInfo {
             call_id: "abc@h".into(),
             tenant: "demo".into(),
+            account_sid: None,
             from: "+1555".into(),
             to: "+1666".into(),
             custom: vec![("X-Order".into(), "42".into())],

@@ -75,7 +75,7 @@ pub struct TwilioStream {
 
 impl TwilioStream {
     /// The stream for a call: `callSid` is its SIP Call-ID, `accountSid` its
-    /// tenant id. Fails for a pipeline rate other than 8 or 16 kHz.
+    /// tenant's `[tenant.twilio_api]` account SID, or else its tenant id. Fails for a pipeline rate other than 8 or 16 kHz.
     pub fn new(info: &CallInfo, stream_sid: String) -> Result<TwilioStream, TwilioError> {
         let rate = PipelineRate::from_hz(info.sample_rate)
             .ok_or(TwilioError::UnsupportedRate(info.sample_rate))?;
@@ -84,7 +84,10 @@ impl TwilioStream {
             up_skip: up.delay_samples(),
             stream_sid,
             call_sid: info.call_id.clone(),
-            account_sid: info.tenant.clone(),
+            account_sid: info
+                .account_sid
+                .clone()
+                .unwrap_or_else(|| info.tenant.clone()),
             sequence: 0,
             chunk: 0,
             down: Downsampler::new(rate),
@@ -381,6 +384,7 @@ mod tests {
         CallInfo {
             call_id: "abc@h".into(),
             tenant: "demo".into(),
+            account_sid: None,
             from: "+1555".into(),
             to: "+1666".into(),
             custom: vec![("X-Order".into(), "42".into())],
