@@ -8,7 +8,7 @@
 //! Must not touch: sockets, DNS (a sent-by that is a name falls back to the
 //! source address, which `received` also names for such a request).
 
-use super::message::{Host, Via};
+use super::message::Via;
 use std::net::{IpAddr, SocketAddr};
 
 /// The default port of a Via transport (RFC 3261 §18.2.2 "port 5060 if none
@@ -21,16 +21,8 @@ fn default_port(via: &Via) -> u16 {
     }
 }
 
-fn host_ip(host: &Host) -> Option<IpAddr> {
-    match host {
-        Host::V4(ip) => Some(IpAddr::V4(*ip)),
-        Host::V6(ip) => Some(IpAddr::V6(*ip)),
-        Host::Domain(_) => None,
-    }
-}
-
-/// An IP written as a Via parameter value: `received` and `maddr` may be a
-/// bare or a bracketed IPv6 address (RFC 5118 §4.5).
+/// An IP written as a Via parameter value: `maddr` may be a bare or a
+/// bracketed IPv6 address (RFC 5118 §4.5).
 fn param_ip(value: &str) -> Option<IpAddr> {
     let v = value.trim();
     let v = v
@@ -44,13 +36,16 @@ fn param_ip(value: &str) -> Option<IpAddr> {
 /// `source`, is sent to:
 ///
 /// 1. a multicast `maddr`, with the sent-by port (or the default);
-/// 2. else the `received` address (or the sent-by IP when it is a literal,
-///    or `source`'s IP), with the `rport` value when the request asked for
-///    it (RFC 3581 §4), else the sent-by port, else the default port.
+/// 2. else `source`'s IP — what the `received` parameter names once the
+///    switchboard has stamped it (§18.2.1) — with the `rport` value when the
+///    request asked for it (RFC 3581 §4), else the sent-by port, else the
+///    default port.
 ///
-/// A unicast `maddr` is ignored: honouring it would let any request direct
-/// our responses at a third party; `received` (which the transport stamps
-/// whenever the sent-by is not the source) names the real sender.
+/// The IP is never taken from the Via as written: the switchboard leaves a
+/// Via alone when its sent-by is the source and it asks for no `rport`, so a
+/// `received=` the sender wrote itself would survive and point our responses
+/// at a third party (a reflection attack). A unicast `maddr` is ignored for
+/// the same reason.
 pub fn response_addr(via: &Via, source: SocketAddr) -> SocketAddr {
     let sent_by_port = via.port.unwrap_or_else(|| default_port(via));
     if let Some(maddr) = via.params.get("maddr").flatten().and_then(param_ip)
@@ -58,11 +53,7 @@ pub fn response_addr(via: &Via, source: SocketAddr) -> SocketAddr {
     {
         return SocketAddr::new(maddr, sent_by_port);
     }
-    let ip = via
-        .received()
-        .and_then(param_ip)
-        .or_else(|| host_ip(&via.host))
-        .unwrap_or(source.ip());
+    let ip = source.ip();
     let port = match via.rport() {
         Some(Some(p)) if p != 0 => p,
         // Asked for but never filled in: the source port is what it asked for.
@@ -167,6 +158,16 @@ mod tests {
         );
         // A unicast maddr could point responses at anyone: ignored.
         let v = via("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1;maddr=127.0.0.9");
+        assert_eq!(
+            response_addr(&v, src("127.0.0.1:5070")),
+            src("127.0.0.1:5070")
+        );
+    }
+
+    #[test]
+    fn a_received_written_by_the_sender_is_not_followed() {
+        // Sent-by is the source and no rport: nothing restamps this Via.
+        let v = via("SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1;received=192.0.2.66");
         assert_eq!(
             response_addr(&v, src("127.0.0.1:5070")),
             src("127.0.0.1:5070")
