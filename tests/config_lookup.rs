@@ -249,3 +249,72 @@ fn rtp_range_must_cover_the_call_limits() {
     std::fs::write(&file, &text).unwrap();
     assert!(config::load_with_env(&file, &env).is_ok());
 }
+
+#[test]
+fn twilio_api_accounts_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("p.wav"));
+    let base = CONFIG
+        .replace("VAR", dir.path().join("var").to_str().unwrap())
+        .replace("PROMPT", dir.path().join("p.wav").to_str().unwrap());
+    let file = dir.path().join("tw.toml");
+    let env = |k: &str| match k {
+        "DG" => Some("dg-key".to_owned()),
+        "TW" => Some("a-long-enough-auth-token".to_owned()),
+        "SHORT" => Some("short".to_owned()),
+        _ => None,
+    };
+    let with = |demo: &str, acme: &str| {
+        base.replacen(
+            "id = \"demo\"\npipeline = { kind = \"echo\" }\n",
+            &format!("id = \"demo\"\npipeline = {{ kind = \"echo\" }}\n{demo}"),
+            1,
+        )
+        .replacen(
+            "mode = \"twilio\" }\n",
+            &format!("mode = \"twilio\" }}\n{acme}"),
+            1,
+        )
+    };
+    let api = |sid: &str, token: &str| {
+        format!("[tenant.twilio_api]\naccount_sid = \"{sid}\"\nauth_token = \"{token}\"\n")
+    };
+    // A good account loads, its token stays a secret.
+    std::fs::write(
+        &file,
+        with("", &api("AC0123456789abcdef0123456789abcdef", "env:TW")),
+    )
+    .unwrap();
+    let config = config::load_with_env(&file, &env).unwrap();
+    let acme = config.tenant("acme").unwrap();
+    let tw = acme.twilio_api.as_ref().unwrap();
+    assert_eq!(tw.account_sid, "AC0123456789abcdef0123456789abcdef");
+    assert_eq!(tw.auth_token.expose(), b"a-long-enough-auth-token");
+    assert!(!format!("{tw:?}").contains("a-long-enough"));
+    assert!(config.tenant("demo").unwrap().twilio_api.is_none());
+    // Bad SID, short token, unset token, and one SID for two tenants: each reported.
+    for (demo, acme, want) in [
+        (
+            "",
+            api("AC/../x", "env:TW"),
+            "must be 2-64 letters and digits",
+        ),
+        (
+            "",
+            api("ACshort0token", "env:SHORT"),
+            "auth_token must be at least 16 bytes",
+        ),
+        ("", api("ACunset", "env:NOPE"), "twilio_api auth_token: "),
+        (
+            &*api("ACsame", "env:TW"),
+            api("ACsame", "env:TW"),
+            "duplicate twilio_api account_sid `ACsame`",
+        ),
+    ] {
+        std::fs::write(&file, with(demo, &acme)).unwrap();
+        let err = config::load_with_env(&file, &env).unwrap_err();
+        let msgs: Vec<String> = err.errors().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 1, "{err}");
+        assert!(msgs[0].contains(want), "{want}: {}", msgs[0]);
+    }
+}
