@@ -16,6 +16,7 @@ use super::{
 use crate::config::Config;
 use crate::media::prompt::Prompt;
 use crate::media::resample::PipelineRate;
+use crate::media::rtp::RtpSourcePolicy;
 use crate::sip::digest::DigestServer;
 use crate::sip::error::SipError;
 use crate::sip::message::{
@@ -32,13 +33,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// RTP port pairs from the profile's range, handed out round-robin so a
-/// just-released port is not reused at once (late packets of the old call).
+/// RTP port pairs from the profile's range, each drawn uniformly at random
+/// from the free ones (the caller's RNG): ports handed out in order let an
+/// attacker guess the next call's port, and a just-released port is unlikely
+/// to be reused at once (late packets of the old call).
 #[derive(Debug)]
 pub struct PortAllocator {
     start: u16,
     pairs: usize,
-    next: usize,
     used: Vec<bool>,
     in_use: usize,
 }
@@ -55,24 +57,28 @@ impl PortAllocator {
         PortAllocator {
             start,
             pairs,
-            next: 0,
             used: vec![false; pairs],
             in_use: 0,
         }
     }
 
-    /// The next free even port, or `None` when every pair is taken.
-    pub fn allocate(&mut self) -> Option<u16> {
-        for i in 0..self.pairs {
-            let idx = (self.next + i) % self.pairs;
-            if !self.used[idx] {
-                self.used[idx] = true;
-                self.in_use += 1;
-                self.next = (idx + 1) % self.pairs;
-                return u16::try_from(idx * 2).ok().map(|off| self.start + off);
-            }
+    /// A free even port chosen at random, or `None` when every pair is taken.
+    pub fn allocate(&mut self, rng: &mut impl RngCore) -> Option<u16> {
+        let free = self.pairs - self.in_use;
+        if free == 0 {
+            return None;
         }
-        None
+        let nth = usize::try_from(rng.next_u64() % free as u64).unwrap_or(0);
+        let idx = self
+            .used
+            .iter()
+            .enumerate()
+            .filter(|(_, used)| !**used)
+            .nth(nth)
+            .map(|(i, _)| i)?;
+        self.used[idx] = true;
+        self.in_use += 1;
+        u16::try_from(idx * 2).ok().map(|off| self.start + off)
     }
 
     /// Gives a port back.
@@ -122,6 +128,8 @@ pub struct SwitchboardSettings {
     pub drop_unknown_sources: bool,
     /// Calls at once across all tenants.
     pub max_calls: usize,
+    /// Behind-NAT trunks: how long a call's RTP source may latch.
+    pub rtp_latch_window: Duration,
 }
 
 /// A new call the switchboard admitted: create a `Call` with these settings
@@ -289,6 +297,7 @@ impl SwitchboardSettings {
             max_duration: profile.media.max_call_duration,
             drop_unknown_sources: sip.unknown_source == crate::config::UnknownSource::Drop,
             max_calls: usize::try_from(profile.max_calls).unwrap_or(usize::MAX),
+            rtp_latch_window: profile.security.rtp_latch_window,
         }
     }
 }
@@ -532,6 +541,7 @@ impl Switchboard {
                 .unwrap_or(PipelineRate::Hz16000),
             echo_delay: echo.then_some(ECHO_DELAY),
             record: tenant.is_some_and(|t| t.recording),
+            rtp_source: RtpSourcePolicy::Strict,
         }
     }
 
@@ -703,7 +713,7 @@ impl Switchboard {
             return reject(self, &mut record, 486, vec![], true);
         }
         // 6. An RTP port pair.
-        let Some(rtp_port) = self.ports.allocate() else {
+        let Some(rtp_port) = self.ports.allocate(rng) else {
             record.cause = "no-rtp-ports".to_owned();
             return reject(
                 self,
@@ -720,7 +730,13 @@ impl Switchboard {
             TransportKind::Udp => self.settings.local_udp.clone(),
             TransportKind::Tcp => self.settings.local_tcp.clone(),
         };
-        let plan = self.media_plan(&tenant_id);
+        let mut plan = self.media_plan(&tenant_id);
+        if trunk.behind_nat {
+            plan.rtp_source = RtpSourcePolicy::Latch {
+                window: self.settings.rtp_latch_window,
+                signalling_ip: Some(peer.addr.ip()),
+            };
+        }
         let early_media = plan.prompt.is_some()
             && self
                 .config
@@ -759,18 +775,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_round_robin_and_release() {
+    fn ports_are_random_distinct_and_released() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
         let mut p = PortAllocator::new(20000, 20005);
-        assert_eq!(p.allocate(), Some(20000));
-        assert_eq!(p.allocate(), Some(20002));
-        assert_eq!(p.allocate(), Some(20004));
-        assert_eq!(p.allocate(), None);
+        let mut got: Vec<u16> = (0..3).filter_map(|_| p.allocate(&mut rng)).collect();
+        assert_eq!(p.allocate(&mut rng), None);
         assert_eq!(p.in_use(), 3);
+        got.sort_unstable();
+        assert_eq!(got, vec![20000, 20002, 20004]);
         p.release(20002);
         p.release(20002);
         assert_eq!(p.in_use(), 2);
-        assert_eq!(p.allocate(), Some(20002));
+        assert_eq!(p.allocate(&mut rng), Some(20002), "the only free pair");
         p.release(19000);
         assert_eq!(p.in_use(), 3);
+
+        // Not in order: 20 allocations from a 1000-pair range are not the
+        // sequence a round-robin allocator hands out, and all are even.
+        let mut big = PortAllocator::new(20000, 21999);
+        let seq: Vec<u16> = (0..20).filter_map(|_| big.allocate(&mut rng)).collect();
+        assert_eq!(seq.len(), 20);
+        assert!(seq.iter().all(|p| p % 2 == 0 && (20000..22000).contains(p)));
+        let ascending = seq.windows(2).filter(|w| w[1] == w[0] + 2).count();
+        assert!(ascending < 3, "consecutive pairs: {seq:?}");
+        let mut uniq = seq.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 20);
     }
 }

@@ -637,6 +637,10 @@ fn check_profiles(
             }
         });
         let drain_grace = drain_grace(cx, file, p.drain_grace_s.as_ref());
+        let (security, errors) = super::security::resolve(p.security.as_ref());
+        for (span, msg) in errors {
+            cx.error(file, Some(span), msg);
+        }
 
         out.push(Profile {
             name,
@@ -655,6 +659,7 @@ fn check_profiles(
             media,
             admin,
             drain_grace,
+            security,
         });
     }
     out
@@ -919,6 +924,7 @@ fn check_trunks(
                 digest,
                 tenant: t.tenant.as_ref().map(|s| s.get_ref().clone()),
                 max_calls,
+                behind_nat: t.behind_nat,
             },
             (file, t.name.span()),
         ));

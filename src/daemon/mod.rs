@@ -254,7 +254,7 @@ impl Shared {
                 Err(_) => {
                     let next = {
                         let mut sb = lock(&self.switchboard);
-                        let next = sb.ports.allocate();
+                        let next = sb.ports.allocate(rng);
                         sb.ports.release(port);
                         next
                     };
