@@ -98,6 +98,8 @@ pub struct LocalSip {
 /// reload never changes a live call.
 #[derive(Debug, Clone)]
 pub struct CallSettings {
+    /// The call's Call-ID (the switchboard's key for the call).
+    pub call_id: String,
     /// Tenant id.
     pub tenant: String,
     /// Trunk name.

@@ -191,6 +191,40 @@ impl RejectCache {
     }
 }
 
+/// Where a live call's in-dialog messages may come from: its trunk's
+/// `allow` networks, or a host of the dialog (the INVITE's source, its
+/// Contact — the remote target — and its Record-Route hosts, where they are
+/// IP literals). Anyone else who learnt the Call-ID and tags could otherwise
+/// end the call with a BYE or move its media with a re-INVITE (issue 19).
+#[derive(Debug, Clone)]
+struct DialogSources {
+    trunk: String,
+    hosts: Vec<IpAddr>,
+}
+
+impl DialogSources {
+    fn of(invite: &Request, peer: &Peer, trunk: &str) -> DialogSources {
+        let mut hosts = vec![peer.addr.ip()];
+        let contacts = invite.contacts().unwrap_or_default();
+        let routes = invite.record_routes().unwrap_or_default();
+        for na in contacts.iter().chain(routes.iter()) {
+            let ip = match &na.uri.host {
+                Some(crate::sip::message::Host::V4(v4)) => IpAddr::V4(*v4),
+                Some(crate::sip::message::Host::V6(v6)) => IpAddr::V6(*v6),
+                _ => continue,
+            };
+            if !hosts.contains(&ip) {
+                hosts.push(ip);
+            }
+        }
+        hosts.truncate(16);
+        DialogSources {
+            trunk: trunk.to_owned(),
+            hosts,
+        }
+    }
+}
+
 /// Counts of live calls, for limits.
 #[derive(Debug, Default)]
 struct Counts {
@@ -205,6 +239,8 @@ pub struct Switchboard {
     settings: SwitchboardSettings,
     digest: HashMap<String, DigestServer>,
     counts: Counts,
+    /// Live calls by Call-ID: where their in-dialog messages may come from.
+    dialogs: HashMap<String, DialogSources>,
     /// RTP ports.
     pub ports: PortAllocator,
     rejected: RejectCache,
@@ -332,6 +368,7 @@ impl Switchboard {
             settings,
             digest,
             counts: Counts::default(),
+            dialogs: HashMap::new(),
             ports,
             rejected: RejectCache {
                 order: VecDeque::new(),
@@ -428,6 +465,7 @@ impl Switchboard {
 
     /// A call admitted earlier ended: free its slot and RTP port.
     pub fn call_ended(&mut self, settings: &CallSettings) {
+        self.dialogs.remove(&settings.call_id);
         self.counts.total = self.counts.total.saturating_sub(1);
         if let Some(n) = self.counts.per_tenant.get_mut(&settings.tenant) {
             *n = n.saturating_sub(1);
@@ -472,6 +510,9 @@ impl Switchboard {
         let mut req = match msg {
             Message::Response(resp) => {
                 return match resp.call_id() {
+                    Ok(id) if has_call(id) && !self.dialog_source_allowed(id, &peer) => {
+                        Dispatch::Drop("response from outside the dialog")
+                    }
                     Ok(id) if has_call(id) => {
                         Dispatch::ToCall(id.to_owned(), Message::Response(resp))
                     }
@@ -494,6 +535,10 @@ impl Switchboard {
             return Dispatch::Drop("no Call-ID");
         };
         if has_call(&call_id) {
+            if !self.dialog_source_allowed(&call_id, &peer) {
+                // Silently: an answer would tell a spoofer the dialog exists.
+                return Dispatch::Drop("in-dialog request from outside the dialog");
+            }
             return Dispatch::ToCall(call_id, Message::Request(req));
         }
         let in_dialog = req.to().ok().is_some_and(|t| t.tag().is_some());
@@ -524,6 +569,27 @@ impl Switchboard {
                 resp.headers.push("Allow", ALLOW);
                 self.reply(peer, resp.encode())
             }
+        }
+    }
+
+    /// Whether a message for live call `call_id` may come from `peer`: its
+    /// trunk allows the source, or the source is a host of the dialog. A call
+    /// the switchboard did not admit (none in the daemon) needs a source some
+    /// trunk allows.
+    fn dialog_source_allowed(&self, call_id: &str, peer: &Peer) -> bool {
+        let ip = match peer.addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match self.dialogs.get(call_id) {
+            Some(d) => {
+                d.hosts.contains(&ip)
+                    || self
+                        .config
+                        .trunk(&d.trunk)
+                        .is_some_and(|t| t.allow.iter().any(|n| n.contains(&ip)))
+            }
+            None => self.config.trunk_for_source(ip).is_some(),
         }
     }
 
@@ -742,7 +808,12 @@ impl Switchboard {
                 .config
                 .tenant(&tenant_id)
                 .is_some_and(|t| t.early_media);
+        self.dialogs.insert(
+            record.call_id.clone(),
+            DialogSources::of(&req, &peer, &trunk_name),
+        );
         let settings = CallSettings {
+            call_id: record.call_id.clone(),
             tenant: tenant_id,
             trunk: trunk_name,
             timers: self.settings.timers,
