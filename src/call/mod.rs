@@ -8,6 +8,7 @@
 //! Must not touch: sockets, tokio, the wall clock (`SystemTime` values are
 //! passed in), the filesystem.
 
+pub mod auth_guard;
 mod media;
 pub mod pipeline;
 mod record;

@@ -9,6 +9,7 @@
 //! so that each attempt is decided — and recorded — once.
 
 use super::MediaPlan;
+use super::auth_guard::{AuthGuard, AuthLimits, AuthRefusal};
 use super::session::SessionTimer;
 use super::{
     ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, SUPPORTED, Transmit, TransportKind,
@@ -130,6 +131,10 @@ pub struct SwitchboardSettings {
     pub max_calls: usize,
     /// Behind-NAT trunks: how long a call's RTP source may latch.
     pub rtp_latch_window: Duration,
+    /// How long a digest nonce is accepted.
+    pub nonce_lifetime: Duration,
+    /// Digest guessing throttle and ban.
+    pub auth_limits: AuthLimits,
 }
 
 /// A new call the switchboard admitted: create a `Call` with these settings
@@ -238,6 +243,8 @@ pub struct Switchboard {
     config: Arc<Config>,
     settings: SwitchboardSettings,
     digest: HashMap<String, DigestServer>,
+    /// Failed digest checks per source and username; bans.
+    auth: AuthGuard,
     counts: Counts,
     /// Live calls by Call-ID: where their in-dialog messages may come from.
     dialogs: HashMap<String, DialogSources>,
@@ -334,6 +341,13 @@ impl SwitchboardSettings {
             drop_unknown_sources: sip.unknown_source == crate::config::UnknownSource::Drop,
             max_calls: usize::try_from(profile.max_calls).unwrap_or(usize::MAX),
             rtp_latch_window: profile.security.rtp_latch_window,
+            nonce_lifetime: profile.security.digest_nonce_lifetime,
+            auth_limits: AuthLimits {
+                failures: profile.security.auth_failures_per_minute,
+                window: Duration::from_secs(60),
+                ban: profile.security.auth_ban,
+                never_ban: profile.security.never_ban.clone(),
+            },
         }
     }
 }
@@ -358,13 +372,14 @@ impl Switchboard {
                 rng.fill_bytes(&mut key);
                 digest.insert(
                     trunk.name.clone(),
-                    DigestServer::new(&creds.realm, key, Duration::from_secs(300))
+                    DigestServer::new(&creds.realm, key, settings.nonce_lifetime)
                         .with_algorithms(&creds.algorithms),
                 );
             }
         }
         Switchboard {
             config,
+            auth: AuthGuard::new(settings.auth_limits.clone()),
             settings,
             digest,
             counts: Counts::default(),
@@ -413,19 +428,21 @@ impl Switchboard {
                 .config
                 .trunk(&trunk.name)
                 .and_then(|t| t.digest.as_ref())
-                .is_some_and(|old| old.realm == creds.realm && old.algorithms == creds.algorithms);
+                .is_some_and(|old| old.realm == creds.realm && old.algorithms == creds.algorithms)
+                && settings.nonce_lifetime == self.settings.nonce_lifetime;
             let server = match self.digest.remove(&trunk.name) {
                 Some(server) if unchanged => server,
                 _ => {
                     let mut key = [0u8; 32];
                     rng.fill_bytes(&mut key);
-                    DigestServer::new(&creds.realm, key, Duration::from_secs(300))
+                    DigestServer::new(&creds.realm, key, settings.nonce_lifetime)
                         .with_algorithms(&creds.algorithms)
                 }
             };
             digest.insert(trunk.name.clone(), server);
         }
         self.digest = digest;
+        self.auth.set_limits(settings.auth_limits.clone());
         self.config = config;
         self.settings = settings;
         self.prompts = prompts;
@@ -693,6 +710,10 @@ impl Switchboard {
                 true,
             );
         }
+        if self.auth.is_banned(now, peer.addr.ip()) {
+            // Failed digest too often: ignored until the ban expires.
+            return Dispatch::Drop("banned source");
+        }
         if req.max_forwards().ok().flatten() == Some(0) {
             return reject(self, &mut record, 483, vec![], true);
         }
@@ -708,13 +729,31 @@ impl Switchboard {
         // 2. Digest, where the trunk has credentials. A retransmitted INVITE
         // gets the same challenge (same nonce) from the cache, so each attempt
         // is challenged — and recorded — once.
-        if let (Some(creds), Some(server)) = (&trunk.digest, self.digest.get_mut(&trunk_name)) {
+        if let (Some(creds), true) = (&trunk.digest, self.digest.contains_key(&trunk_name)) {
             let unix = wall_now
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let uri = req.uri.to_string();
-            let verdict = match req.headers.get("Authorization") {
+            let ip = peer.addr.ip();
+            let authorization = req.headers.get("Authorization");
+            let user = authorization
+                .and_then(|a| crate::sip::digest::DigestCredentials::parse(a).ok())
+                .map(|c| c.username);
+            if authorization.is_some() {
+                match self.auth.before_check(now, ip, user.as_deref()) {
+                    Ok(()) => {}
+                    Err(AuthRefusal::Banned) => return Dispatch::Drop("banned source"),
+                    Err(AuthRefusal::Throttled) => {
+                        record.cause = "auth: throttled".to_owned();
+                        return reject(self, &mut record, 403, vec![], false);
+                    }
+                }
+            }
+            let Some(server) = self.digest.get_mut(&trunk_name) else {
+                return Dispatch::Drop("no digest server");
+            };
+            let verdict = match authorization {
                 None => Err(crate::sip::digest::DigestError::Missing),
                 Some(auth) => server.verify(
                     auth,
@@ -725,6 +764,13 @@ impl Switchboard {
                     unix,
                 ),
             };
+            if let Err(e) = verdict
+                && e.is_guess()
+                && self.auth.failed(now, ip, user.as_deref())
+            {
+                record.cause = format!("auth: {e}; source banned");
+                return reject(self, &mut record, 403, vec![], false);
+            }
             if let Err(e) = verdict {
                 let stale = matches!(e, crate::sip::digest::DigestError::StaleNonce);
                 let challenges = server.challenge(unix, rng, stale);

@@ -17,16 +17,34 @@ use toml::Spanned;
 pub(crate) struct RawSecurity {
     #[serde(default)]
     pub(crate) rtp_latch_window_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) digest_nonce_lifetime_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) auth_failures_per_minute: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) auth_ban_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) never_ban: Option<Vec<Spanned<String>>>,
 }
 
 /// The resolved `[profile.security]` of a profile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SecuritySettings {
     /// On a trunk with `behind_nat = true`: how long after the first packet
     /// from the SDP's or the signalling source's IP the call's RTP source may
     /// latch (then it is locked). Default 2 s.
     pub rtp_latch_window: Duration,
+    /// How long a digest nonce we issued is accepted (default 30 s; each is
+    /// also single-use per nonce-count, and burnt by a wrong answer).
+    pub digest_nonce_lifetime: Duration,
+    /// Failed digest checks per source (and per username) per minute before
+    /// the source is banned (default 10).
+    pub auth_failures_per_minute: u32,
+    /// How long a banned source is ignored (default 600 s).
+    pub auth_ban: Duration,
+    /// Sources never banned, only throttled (a carrier's own hosts).
+    pub never_ban: Vec<ipnet::IpNet>,
 }
 
 /// Default [`SecuritySettings::rtp_latch_window`].
@@ -38,6 +56,10 @@ impl Default for SecuritySettings {
     fn default() -> SecuritySettings {
         SecuritySettings {
             rtp_latch_window: DEFAULT_RTP_LATCH_WINDOW,
+            digest_nonce_lifetime: Duration::from_secs(30),
+            auth_failures_per_minute: 10,
+            auth_ban: Duration::from_secs(600),
+            never_ban: Vec::new(),
         }
     }
 }
@@ -51,6 +73,47 @@ pub(crate) fn resolve(
     let Some(r) = raw else {
         return (s, errors);
     };
+    let mut ranged = |v: &Option<Spanned<u32>>, name: &str, lo: u32, hi: u32| -> Option<u32> {
+        let v = v.as_ref()?;
+        let n = *v.get_ref();
+        if n < lo || n > hi {
+            errors.push((v.span(), format!("{name} {n} must be {lo} to {hi}")));
+            return None;
+        }
+        Some(n)
+    };
+    if let Some(n) = ranged(
+        &r.digest_nonce_lifetime_s,
+        "digest_nonce_lifetime_s",
+        5,
+        300,
+    ) {
+        s.digest_nonce_lifetime = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(
+        &r.auth_failures_per_minute,
+        "auth_failures_per_minute",
+        1,
+        1000,
+    ) {
+        s.auth_failures_per_minute = n;
+    }
+    if let Some(n) = ranged(&r.auth_ban_s, "auth_ban_s", 1, 86_400) {
+        s.auth_ban = Duration::from_secs(u64::from(n));
+    }
+    for v in r.never_ban.iter().flatten() {
+        let text = v.get_ref();
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(net) => s.never_ban.push(net),
+            Err(_) => errors.push((
+                v.span(),
+                format!("never_ban `{text}` is not a CIDR or IP address"),
+            )),
+        }
+    }
     if let Some(v) = &r.rtp_latch_window_ms {
         let ms = *v.get_ref();
         if ms == 0 || ms > MAX_RTP_LATCH_WINDOW_MS {
