@@ -487,6 +487,11 @@ impl Call {
         self.state == State::Ended
     }
 
+    /// Whether the caller's ACK for our 200 has arrived (the call is up).
+    pub fn is_confirmed(&self) -> bool {
+        self.state == State::Confirmed
+    }
+
     /// Whether every transaction is done too: the owner may drop the call.
     pub fn is_finished(&self) -> bool {
         self.state == State::Ended
@@ -1005,6 +1010,16 @@ impl Call {
         let mut resp = self.dialog_response(&invite, status, false);
         if status == 503 {
             resp.headers.push("Retry-After", "5");
+        }
+        if status == 488 {
+            // RFC 3261 §21.4.26: say why the offer was not acceptable.
+            resp.headers.push(
+                "Warning",
+                format!(
+                    "305 {} \"Incompatible media format\"",
+                    self.settings.local.host
+                ),
+            );
         }
         let _ = self.invite_txn.send_final(now, status, resp.encode());
         self.drain_invite_txn();

@@ -135,6 +135,8 @@ pub struct SwitchboardSettings {
     pub nonce_lifetime: Duration,
     /// Digest guessing throttle and ban.
     pub auth_limits: AuthLimits,
+    /// Calls not yet confirmed by ACK, per source address.
+    pub max_unconfirmed_per_source: usize,
 }
 
 /// A new call the switchboard admitted: create a `Call` with these settings
@@ -205,6 +207,9 @@ impl RejectCache {
 struct DialogSources {
     trunk: String,
     hosts: Vec<IpAddr>,
+    /// The INVITE's source address, while the call is not confirmed by ACK
+    /// (it holds one of that source's unconfirmed slots).
+    unconfirmed_from: Option<IpAddr>,
 }
 
 impl DialogSources {
@@ -226,6 +231,7 @@ impl DialogSources {
         DialogSources {
             trunk: trunk.to_owned(),
             hosts,
+            unconfirmed_from: Some(peer.addr.ip()),
         }
     }
 }
@@ -248,6 +254,8 @@ pub struct Switchboard {
     counts: Counts,
     /// Live calls by Call-ID: where their in-dialog messages may come from.
     dialogs: HashMap<String, DialogSources>,
+    /// Calls not yet confirmed by ACK, per source address.
+    unconfirmed: HashMap<IpAddr, usize>,
     /// RTP ports.
     pub ports: PortAllocator,
     rejected: RejectCache,
@@ -348,6 +356,10 @@ impl SwitchboardSettings {
                 ban: profile.security.auth_ban,
                 never_ban: profile.security.never_ban.clone(),
             },
+            max_unconfirmed_per_source: usize::try_from(
+                profile.security.max_unconfirmed_calls_per_source,
+            )
+            .unwrap_or(usize::MAX),
         }
     }
 }
@@ -384,6 +396,7 @@ impl Switchboard {
             digest,
             counts: Counts::default(),
             dialogs: HashMap::new(),
+            unconfirmed: HashMap::new(),
             ports,
             rejected: RejectCache {
                 order: VecDeque::new(),
@@ -482,6 +495,7 @@ impl Switchboard {
 
     /// A call admitted earlier ended: free its slot and RTP port.
     pub fn call_ended(&mut self, settings: &CallSettings) {
+        self.call_confirmed(&settings.call_id);
         self.dialogs.remove(&settings.call_id);
         self.counts.total = self.counts.total.saturating_sub(1);
         if let Some(n) = self.counts.per_tenant.get_mut(&settings.tenant) {
@@ -491,6 +505,75 @@ impl Switchboard {
             *n = n.saturating_sub(1);
         }
         self.ports.release(settings.media.rtp_port);
+    }
+
+    /// The caller ACKed our 200 (or its media arrived from the SDP address):
+    /// the call no longer holds one of its source's unconfirmed slots.
+    pub fn call_confirmed(&mut self, call_id: &str) {
+        let Some(ip) = self
+            .dialogs
+            .get_mut(call_id)
+            .and_then(|d| d.unconfirmed_from.take())
+        else {
+            return;
+        };
+        if let Some(n) = self.unconfirmed.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.unconfirmed.remove(&ip);
+            }
+        }
+    }
+
+    /// Calls from `ip` not yet confirmed by ACK.
+    pub fn unconfirmed_from(&self, ip: IpAddr) -> usize {
+        self.unconfirmed.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// No RTP port of an admitted call could be bound: frees its slot and
+    /// returns the `503` (with a To tag and `Retry-After`) to send and the
+    /// CDR of the attempt (cause `no-rtp-ports`).
+    pub fn rtp_bind_failed(
+        &mut self,
+        admitted: &Admitted,
+        wall_now: SystemTime,
+        rng: &mut impl RngCore,
+    ) -> (Transmit, CallRecord) {
+        self.call_ended(&admitted.settings);
+        let req = &admitted.invite;
+        let mut resp = Response::for_request(req, 503);
+        if let Ok(mut to) = req.to() {
+            to.params
+                .set("tag", Some(&format!("{:016x}", rng.next_u64())));
+            resp.headers.set("To", to.to_string());
+        }
+        resp.headers.push("Retry-After", "5");
+        let record = CallRecord {
+            call_id: admitted.settings.call_id.clone(),
+            tenant: Some(admitted.settings.tenant.clone()),
+            trunk: Some(admitted.settings.trunk.clone()),
+            from: req
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user_unescaped())
+                .unwrap_or_default(),
+            to: dialed_number(req).unwrap_or_default(),
+            source: admitted.peer.addr,
+            started_at: wall_now,
+            answered_at: None,
+            ended_at: Some(wall_now),
+            result_code: 503,
+            hangup_side: HangupSide::Bridge,
+            cause: "no-rtp-ports".to_owned(),
+            codec: None,
+            rtp: None,
+            pipeline: None,
+        };
+        let transmit = Transmit {
+            dest: admitted.peer,
+            bytes: resp.encode(),
+        };
+        (transmit, record)
     }
 
     fn reply(&self, dest: Peer, bytes: Bytes) -> Dispatch {
@@ -564,6 +647,14 @@ impl Switchboard {
             (Method::Options, _) => {
                 let status = if self.draining { 503 } else { 200 };
                 let mut resp = Response::for_request(&req, status);
+                // RFC 3261 §8.2.6.2: a final response carries a To tag.
+                if let Ok(mut to) = req.to()
+                    && to.tag().is_none()
+                {
+                    to.params
+                        .set("tag", Some(&format!("{:016x}", rng.next_u64())));
+                    resp.headers.set("To", to.to_string());
+                }
                 resp.headers.push("Allow", ALLOW);
                 resp.headers.push("Accept", "application/sdp");
                 resp.headers.push("Supported", SUPPORTED);
@@ -824,7 +915,19 @@ impl Switchboard {
             record.cause = "busy".to_owned();
             return reject(self, &mut record, 486, vec![], true);
         }
-        // 6. An RTP port pair.
+        // 6. Calls from this source the caller never confirmed (no ACK): a
+        // source that ignores our answers cannot hold every slot until Timer H.
+        if self.unconfirmed_from(peer.addr.ip()) >= self.settings.max_unconfirmed_per_source {
+            record.cause = "unconfirmed-limit".to_owned();
+            return reject(
+                self,
+                &mut record,
+                503,
+                vec![("Retry-After", "5".to_owned())],
+                true,
+            );
+        }
+        // 7. An RTP port pair.
         let Some(rtp_port) = self.ports.allocate(rng) else {
             record.cause = "no-rtp-ports".to_owned();
             return reject(
@@ -858,6 +961,7 @@ impl Switchboard {
             record.call_id.clone(),
             DialogSources::of(&req, &peer, &trunk_name),
         );
+        *self.unconfirmed.entry(peer.addr.ip()).or_default() += 1;
         let settings = CallSettings {
             call_id: record.call_id.clone(),
             tenant: tenant_id,

@@ -25,6 +25,8 @@ pub(crate) struct RawSecurity {
     pub(crate) auth_ban_s: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) never_ban: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) max_unconfirmed_calls_per_source: Option<Spanned<u32>>,
 }
 
 /// The resolved `[profile.security]` of a profile.
@@ -45,6 +47,9 @@ pub struct SecuritySettings {
     pub auth_ban: Duration,
     /// Sources never banned, only throttled (a carrier's own hosts).
     pub never_ban: Vec<ipnet::IpNet>,
+    /// Answered calls from one source address not yet confirmed by ACK
+    /// (default 10); beyond it new INVITEs from there get 503.
+    pub max_unconfirmed_calls_per_source: u32,
 }
 
 /// Default [`SecuritySettings::rtp_latch_window`].
@@ -60,6 +65,7 @@ impl Default for SecuritySettings {
             auth_failures_per_minute: 10,
             auth_ban: Duration::from_secs(600),
             never_ban: Vec::new(),
+            max_unconfirmed_calls_per_source: 10,
         }
     }
 }
@@ -100,6 +106,14 @@ pub(crate) fn resolve(
     }
     if let Some(n) = ranged(&r.auth_ban_s, "auth_ban_s", 1, 86_400) {
         s.auth_ban = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(
+        &r.max_unconfirmed_calls_per_source,
+        "max_unconfirmed_calls_per_source",
+        1,
+        100_000,
+    ) {
+        s.max_unconfirmed_calls_per_source = n;
     }
     for v in r.never_ban.iter().flatten() {
         let text = v.get_ref();

@@ -900,7 +900,19 @@ fn check_trunks(
                 file,
                 Some(t.name.span()),
                 format!(
-                    "trunk `{}` accepts nothing: give `allow` source CIDRs and/or [trunk.digest] credentials",
+                    "trunk `{}` accepts nothing: give `allow` source CIDRs (and optionally [trunk.digest] credentials)",
+                    t.name.get_ref()
+                ),
+            );
+        }
+        if t.allow.is_empty() && t.digest.is_some() && !damaged {
+            // Calls find their trunk by source address before any challenge:
+            // a digest trunk without networks could never be reached.
+            cx.error(
+                file,
+                Some(t.name.span()),
+                format!(
+                    "trunk `{}` has [trunk.digest] but no `allow`: calls are matched to a trunk by source address before the challenge, so it can never match; list the networks its calls come from (allow = [\"0.0.0.0/0\", \"::/0\"] for digest from anywhere)",
                     t.name.get_ref()
                 ),
             );

@@ -15,7 +15,7 @@ use crate::call::pipeline::{
 };
 use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
-    PcmFrame, Switchboard, Transmit,
+    PcmFrame, Switchboard,
 };
 use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
@@ -269,15 +269,13 @@ impl Shared {
         let Some(rtp) = socket else {
             warn!(%call_id, "no RTP port could be bound");
             crate::metrics::call_attempt(503, Some(&admitted.settings.tenant));
-            lock(&self.switchboard).call_ended(&admitted.settings);
-            let mut resp = crate::sip::message::Response::for_request(&admitted.invite, 503);
-            resp.headers.push("Retry-After", "5");
-            self.transports
-                .send(Transmit {
-                    dest: admitted.peer,
-                    bytes: resp.encode(),
-                })
-                .await;
+            let (transmit, record) =
+                lock(&self.switchboard).rtp_bind_failed(&admitted, SystemTime::now(), rng);
+            log_cdr(&record);
+            if let Some(r) = &self.records {
+                r.rejected(&record);
+            }
+            self.transports.send(transmit).await;
             return;
         };
         let mut call_rng = StdRng::from_rng(rng);
@@ -492,8 +490,28 @@ async fn run_call(
     let mut shutting_down = false;
     let mut active = Some(crate::metrics::ActiveCall::start(&call.settings().tenant));
     let mut rtp_meter = crate::metrics::RtpMeter::new();
+    // Answered (200 sent) but not yet confirmed: the recording and the
+    // pipeline wait for the ACK, or the first RTP from the SDP address, so a
+    // source that ignores our answers gets nothing recorded (issue 19).
+    let mut awaiting_ack: Option<crate::sip::sdp::Negotiated> = None;
+    let mut rtp_confirmed = false;
     info!(port = call.settings().media.rtp_port, "call started");
     loop {
+        if awaiting_ack.is_some() && (call.is_confirmed() || rtp_confirmed) && !call.is_ended() {
+            lock(&shared.switchboard).call_confirmed(&live.call_id);
+            if let Some(neg) = awaiting_ack.take() {
+                if media.is_none() {
+                    media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
+                }
+                if let Some(m) = &media
+                    && let Some(plan) = agent.take()
+                {
+                    let mut l = PipelineLink::new(plan, Instant::now(), m.prompt_done());
+                    apply_supervisor(&mut l, &mut call, media.as_mut(), &mut rng);
+                    link = Some(l);
+                }
+            }
+        }
         if let (Some(m), Some((rtp, rtcp))) = (&mut media, &sockets) {
             while let Some(out) = m.poll_output() {
                 match out {
@@ -569,16 +587,7 @@ async fn run_call(
                         crate::store::db::unix_ms(SystemTime::now()),
                         std::sync::atomic::Ordering::Relaxed,
                     );
-                    if media.is_none() {
-                        media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
-                    }
-                    if let Some(m) = &media
-                        && let Some(plan) = agent.take()
-                    {
-                        let mut l = PipelineLink::new(plan, Instant::now(), m.prompt_done());
-                        apply_supervisor(&mut l, &mut call, media.as_mut(), &mut rng);
-                        link = Some(l);
-                    }
+                    awaiting_ack = Some(neg);
                 }
                 CallOutput::Event(CallEvent::MediaChanged(neg)) => {
                     info!(direction = ?neg.remote_direction, remote = ?neg.remote_rtp, "media changed");
@@ -705,6 +714,11 @@ async fn run_call(
             r = recv_rtp => if let Ok((n, from)) = r {
                 let now = Instant::now();
                 let data = bytes::Bytes::copy_from_slice(&rtp_buf[..n]);
+                if media.is_none()
+                    && awaiting_ack.as_ref().is_some_and(|n| n.remote_rtp == Some(from))
+                {
+                    rtp_confirmed = true;
+                }
                 if let Some(m) = &mut media && m.on_rtp(now, from, data) {
                     call.media_activity(now);
                 }
