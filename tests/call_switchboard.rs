@@ -462,7 +462,7 @@ fn options_no_rtp_port_and_488_answers_are_complete() {
     assert!(text.contains("\r\nRetry-After: 5\r\n"), "{text}");
     assert_eq!(
         (record.result_code, record.cause.as_str()),
-        (503, "no-rtp-port")
+        (503, "no-rtp-ports")
     );
     assert_eq!(record.tenant.as_deref(), Some("demo"));
     assert_eq!(sb.active_calls(), 0);
