@@ -27,6 +27,12 @@ pub(crate) struct RawSecurity {
     pub(crate) never_ban: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub(crate) max_unconfirmed_calls_per_source: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) tcp_idle_timeout_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) tcp_max_connections: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) tcp_max_connections_per_source: Option<Spanned<u32>>,
 }
 
 /// The resolved `[profile.security]` of a profile.
@@ -50,6 +56,14 @@ pub struct SecuritySettings {
     /// Answered calls from one source address not yet confirmed by ACK
     /// (default 10); beyond it new INVITEs from there get 503.
     pub max_unconfirmed_calls_per_source: u32,
+    /// A TCP connection that has not completed a message this long after it
+    /// was opened, or after the last complete message while part of the next
+    /// one is buffered, is closed (default 10 s).
+    pub tcp_idle_timeout: Duration,
+    /// TCP connections open at once per listener (default 1024).
+    pub tcp_max_connections: u32,
+    /// TCP connections open at once per source address and listener (default 32).
+    pub tcp_max_connections_per_source: u32,
 }
 
 /// Default [`SecuritySettings::rtp_latch_window`].
@@ -66,6 +80,9 @@ impl Default for SecuritySettings {
             auth_ban: Duration::from_secs(600),
             never_ban: Vec::new(),
             max_unconfirmed_calls_per_source: 10,
+            tcp_idle_timeout: Duration::from_secs(10),
+            tcp_max_connections: 1024,
+            tcp_max_connections_per_source: 32,
         }
     }
 }
@@ -114,6 +131,20 @@ pub(crate) fn resolve(
         100_000,
     ) {
         s.max_unconfirmed_calls_per_source = n;
+    }
+    if let Some(n) = ranged(&r.tcp_idle_timeout_s, "tcp_idle_timeout_s", 1, 3600) {
+        s.tcp_idle_timeout = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(&r.tcp_max_connections, "tcp_max_connections", 1, 1_000_000) {
+        s.tcp_max_connections = n;
+    }
+    if let Some(n) = ranged(
+        &r.tcp_max_connections_per_source,
+        "tcp_max_connections_per_source",
+        1,
+        1_000_000,
+    ) {
+        s.tcp_max_connections_per_source = n;
     }
     for v in r.never_ban.iter().flatten() {
         let text = v.get_ref();
