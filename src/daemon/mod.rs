@@ -494,10 +494,16 @@ async fn run_call(
     // pipeline wait for the ACK, or the first RTP from the SDP address, so a
     // source that ignores our answers gets nothing recorded (issue 19).
     let mut awaiting_ack: Option<crate::sip::sdp::Negotiated> = None;
-    let mut rtp_confirmed = false;
+    // The packet that confirmed the call (it arrived before the ACK): fed to
+    // the media session once that has started, so none of the caller's audio
+    // is lost to the race between the ACK and the first RTP.
+    let mut confirming_rtp: Option<(Instant, std::net::SocketAddr, bytes::Bytes)> = None;
     info!(port = call.settings().media.rtp_port, "call started");
     loop {
-        if awaiting_ack.is_some() && (call.is_confirmed() || rtp_confirmed) && !call.is_ended() {
+        if awaiting_ack.is_some()
+            && (call.is_confirmed() || confirming_rtp.is_some())
+            && !call.is_ended()
+        {
             lock(&shared.switchboard).call_confirmed(&live.call_id);
             if let Some(neg) = awaiting_ack.take() {
                 if media.is_none() {
@@ -511,6 +517,12 @@ async fn run_call(
                     link = Some(l);
                 }
             }
+        }
+        if let Some(m) = &mut media
+            && let Some((at, from, data)) = confirming_rtp.take()
+            && m.on_rtp(at, from, data)
+        {
+            call.media_activity(at);
         }
         if let (Some(m), Some((rtp, rtcp))) = (&mut media, &sockets) {
             while let Some(out) = m.poll_output() {
@@ -716,8 +728,9 @@ async fn run_call(
                 let data = bytes::Bytes::copy_from_slice(&rtp_buf[..n]);
                 if media.is_none()
                     && awaiting_ack.as_ref().is_some_and(|n| n.remote_rtp == Some(from))
+                    && confirming_rtp.is_none()
                 {
-                    rtp_confirmed = true;
+                    confirming_rtp = Some((now, from, data.clone()));
                 }
                 if let Some(m) = &mut media && m.on_rtp(now, from, data) {
                     call.media_activity(now);
