@@ -53,6 +53,8 @@ pub(crate) mod names {
     pub(crate) const RTP_PACKETS_LOST: &str = "sipbridge_rtp_packets_lost_total";
     /// Counter: datagrams on RTP ports ignored (wrong source, payload type, malformed).
     pub(crate) const RTP_PACKETS_REJECTED: &str = "sipbridge_rtp_packets_rejected_total";
+    /// Counter: RTP packets from an address other than the call's (dropped).
+    pub(crate) const RTP_PACKETS_WRONG_SOURCE: &str = "sipbridge_rtp_packets_wrong_source_total";
     /// Counter: RTP packets that arrived after their playout slot.
     pub(crate) const RTP_PACKETS_LATE: &str = "sipbridge_rtp_packets_late_total";
     /// Counter: 20 ms frames concealed at playout because their packet was lost or late.
@@ -179,6 +181,11 @@ fn describe() {
         RTP_PACKETS_REJECTED,
         Unit::Count,
         "Datagrams on RTP ports ignored: wrong source, payload type or malformed."
+    );
+    describe_counter!(
+        RTP_PACKETS_WRONG_SOURCE,
+        Unit::Count,
+        "RTP packets from an address other than the call's (SDP or latched), dropped."
     );
     describe_counter!(
         RTP_PACKETS_LATE,
@@ -394,6 +401,7 @@ struct Reported {
     packets_out: u64,
     lost: u64,
     rejected: u64,
+    wrong_source: u64,
     concealed: u64,
     late: u64,
 }
@@ -440,6 +448,11 @@ impl RtpMeter {
         add(RTP_PACKETS_SENT, s.packets_out, &mut r.packets_out);
         add(RTP_PACKETS_LOST, lost, &mut r.lost);
         add(RTP_PACKETS_REJECTED, s.rejected, &mut r.rejected);
+        add(
+            RTP_PACKETS_WRONG_SOURCE,
+            s.wrong_source,
+            &mut r.wrong_source,
+        );
         add(RTP_FRAMES_CONCEALED, s.concealed, &mut r.concealed);
         add(RTP_PACKETS_LATE, s.late, &mut r.late);
         if had_packets {
@@ -641,6 +654,7 @@ mod tests {
             lost,
             jitter_ms: 0,
             rejected: 1,
+            wrong_source: 1,
             packets_out,
             concealed: 3,
             late: 4,
@@ -663,6 +677,7 @@ mod tests {
             ("sipbridge_rtp_packets_sent_total", "160"),
             ("sipbridge_rtp_packets_lost_total", "5"),
             ("sipbridge_rtp_packets_rejected_total", "1"),
+            ("sipbridge_rtp_packets_wrong_source_total", "1"),
             ("sipbridge_rtp_frames_concealed_total", "3"),
             ("sipbridge_rtp_packets_late_total", "4"),
             ("sipbridge_rtp_jitter_seconds_count", "2"),
@@ -698,6 +713,7 @@ mod tests {
             pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
             echo_delay: None,
             record: false,
+            rtp_source: crate::media::rtp::RtpSourcePolicy::Strict,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut m = MediaSession::new(t0, &neg, plan, &mut rng).unwrap();

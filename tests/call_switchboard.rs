@@ -425,3 +425,66 @@ fn ack_for_a_non_2xx_to_our_refresh_uses_our_branch() {
     assert_eq!(ack.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
     assert!(!call.is_ended());
 }
+
+/// RFC nits of issue 19: the OPTIONS 200 has a To tag; the 503 for a call whose RTP
+/// port could not be bound has a To tag, `Retry-After` and a CDR, and frees the slot;
+/// a 488 says why in a Warning.
+#[test]
+fn options_no_rtp_port_and_488_answers_are_complete() {
+    let mut rng = StdRng::seed_from_u64(19);
+    let now = Instant::now();
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let to_tag = |bytes: &[u8]| match parse_datagram(bytes) {
+        Ok(Message::Response(r)) => r.to().unwrap().tag().map(str::to_owned),
+        other => panic!("not a response: {other:?}"),
+    };
+
+    let options = request("OPTIONS", "op1", 1, None, "");
+    let Dispatch::Reply { transmit, .. } = dispatch(&mut sb, now, &options, &mut rng) else {
+        panic!("no answer")
+    };
+    assert_eq!(status_of(&transmit.bytes), 200);
+    assert!(
+        to_tag(&transmit.bytes).is_some(),
+        "OPTIONS 200 without a To tag"
+    );
+
+    let invite = request("INVITE", "in1", 1, None, &sdp("sendrecv"));
+    let Dispatch::NewCall(admitted) = dispatch(&mut sb, now, &invite, &mut rng) else {
+        panic!("not admitted")
+    };
+    assert_eq!(sb.active_calls(), 1);
+    let (transmit, record) = sb.rtp_bind_failed(&admitted, SystemTime::now(), &mut rng);
+    assert_eq!(status_of(&transmit.bytes), 503);
+    assert!(to_tag(&transmit.bytes).is_some(), "503 without a To tag");
+    let text = String::from_utf8_lossy(&transmit.bytes).into_owned();
+    assert!(text.contains("\r\nRetry-After: 5\r\n"), "{text}");
+    assert_eq!(
+        (record.result_code, record.cause.as_str()),
+        (503, "no-rtp-ports")
+    );
+    assert_eq!(record.tenant.as_deref(), Some("demo"));
+    assert_eq!(sb.active_calls(), 0);
+    assert_eq!(sb.ports.in_use(), 0);
+
+    // An offer of G.729 only: 488 with a Warning.
+    let g729 = sdp("sendrecv")
+        .replace("RTP/AVP 0 101", "RTP/AVP 18")
+        .replace("a=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:18 G729/8000\r\n");
+    let invite = request("INVITE", "in2", 1, None, &g729);
+    let mut call = start_call(&mut sb, now, &invite, &mut rng);
+    let mut answered = None;
+    while let Some(out) = call.poll_output() {
+        if let CallOutput::Transmit(t) = out
+            && status_of(&t.bytes) == 488
+        {
+            answered = Some(String::from_utf8_lossy(&t.bytes).into_owned());
+        }
+    }
+    let text = answered.expect("a 488");
+    assert!(
+        text.contains("\r\nWarning: 305 127.0.0.1 \"Incompatible media format\"\r\n"),
+        "{text}"
+    );
+}

@@ -488,3 +488,24 @@ fn log_filter_and_format_come_from_flags_or_environment() {
     );
     assert!(!text.trim_start().starts_with('{'));
 }
+
+#[test]
+fn a_digest_trunk_without_allow_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let body = profile(5011).replace(
+        "allow = [\"10.11.0.0/16\"]\n",
+        "[trunk.digest]\nusername = \"u\"\npassword = \"pw\"\n",
+    );
+    assert!(body.contains("[trunk.digest]"), "{body}");
+    std::fs::write(dir.path().join("p.toml"), &body).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "p.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert_reported(
+        &stderr,
+        "p.toml",
+        line_of(&body, "name = \"k5011\""),
+        "has [trunk.digest] but no `allow`",
+    );
+}

@@ -10,7 +10,9 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sipbridge::media::rtp::rtcp::{RtcpConfig, RtcpScheduler, ntp_timestamp};
-use sipbridge::media::rtp::{RejectReason, RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender};
+use sipbridge::media::rtp::{
+    RejectReason, RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender, RtpSourcePolicy,
+};
 use webrtc_util::marshal::Marshal;
 
 const PCMU: u8 = 0;
@@ -155,56 +157,72 @@ fn malformed_datagrams_are_counted_per_reason() {
 }
 
 #[test]
-fn latches_after_two_packets_and_ignores_other_sources() {
+fn strict_accepts_only_the_sdp_address_and_port() {
     let t0 = Instant::now();
     let mut rx = receiver();
-    // Before latching: the SDP address is accepted, others are not.
+    // Another address, however often it sends, before and after the SDP
+    // address spoke: never the call's media (issue 19's hijack).
+    for i in 0..3u16 {
+        assert_eq!(
+            rx.on_datagram(
+                t0 + ms(20 * u64::from(i)),
+                other_addr(),
+                pkt(PCMU, 100 + i, 0, 9)
+            ),
+            RtpInput::Rejected(RejectReason::WrongSource)
+        );
+    }
+    assert_eq!(rx.latched_source(), None);
+    let same_ip_other_port: SocketAddr = "192.0.2.1:5006".parse().unwrap();
+    assert_eq!(
+        rx.on_datagram(t0, same_ip_other_port, pkt(PCMU, 1, 0, 5)),
+        RtpInput::Rejected(RejectReason::WrongSource)
+    );
     assert!(accepted(&rx.on_datagram(
-        t0,
+        t0 + ms(60),
         sdp_addr(),
         pkt(PCMU, 1, 0, 5)
     )));
-    assert_eq!(rx.latched_source(), None);
-    assert_eq!(
-        rx.on_datagram(t0, other_addr(), pkt(PCMU, 2, 160, 5)),
-        RtpInput::Rejected(RejectReason::WrongSource)
-    );
-    // Not consecutive: SDP, other, SDP → the SDP address latches on its 2nd in a row.
-    assert!(accepted(&rx.on_datagram(
-        t0 + ms(20),
-        sdp_addr(),
-        pkt(PCMU, 3, 320, 5)
-    )));
-    assert!(accepted(&rx.on_datagram(
-        t0 + ms(40),
-        sdp_addr(),
-        pkt(PCMU, 4, 480, 5)
-    )));
     assert_eq!(rx.latched_source(), Some(sdp_addr()));
-    // After latching another address is ignored, however often it sends,
-    // while the latched one keeps talking.
+    // After a second of silence from the caller, a sender elsewhere still
+    // does not take over.
     for i in 0..5u16 {
-        let t = t0 + ms(50 + 20 * u64::from(i));
+        let t = t0 + ms(1100 + 20 * u64::from(i));
         assert_eq!(
-            rx.on_datagram(t, other_addr(), pkt(PCMU, 100 + i, 0, 9)),
+            rx.on_datagram(t, other_addr(), pkt(PCMU, 200 + i, 0, 9)),
             RtpInput::Rejected(RejectReason::WrongSource)
         );
-        assert!(accepted(&rx.on_datagram(
-            t,
-            sdp_addr(),
-            pkt(PCMU, 5 + i, 640, 5)
-        )));
     }
+    assert!(accepted(&rx.on_datagram(
+        t0 + ms(1300),
+        sdp_addr(),
+        pkt(PCMU, 2, 160, 5)
+    )));
     assert_eq!(rx.latched_source(), Some(sdp_addr()));
-    assert_eq!(rx.stats().rejected.wrong_source, 6);
+    assert_eq!(rx.stats().rejected.wrong_source, 9);
     assert_eq!(rx.stats().latches, 1);
 }
 
 #[test]
-fn nat_rebinding_relatches_only_after_silence() {
+fn behind_nat_latches_once_then_locks() {
     let t0 = Instant::now();
-    let mut rx = receiver();
-    // A NATed phone: the SDP address never sends; the real source latches.
+    let nat_ip = "198.51.100.7".parse().unwrap();
+    let mut config = RtpReceiverConfig::new(PCMU, Some(EVENT));
+    config.source = RtpSourcePolicy::Latch {
+        window: Duration::from_secs(2),
+        signalling_ip: Some(nat_ip),
+    };
+    let mut rx = RtpReceiver::new(config, sdp_addr()).unwrap();
+    // An attacker elsewhere sprays first: not a candidate.
+    let attacker: SocketAddr = "203.0.113.66:7000".parse().unwrap();
+    for i in 0..4u16 {
+        assert_eq!(
+            rx.on_datagram(t0, attacker, pkt(PCMU, 50 + i, 0, 9)),
+            RtpInput::Rejected(RejectReason::WrongSource)
+        );
+    }
+    // A NATed phone: the SDP address never sends; its public address (the
+    // signalling source's IP) latches on its 2nd packet.
     assert_eq!(
         rx.on_datagram(t0, other_addr(), pkt(PCMU, 1, 0, 5)),
         RtpInput::Rejected(RejectReason::WrongSource)
@@ -215,35 +233,27 @@ fn nat_rebinding_relatches_only_after_silence() {
         pkt(PCMU, 2, 160, 5)
     )));
     assert_eq!(rx.latched_source(), Some(other_addr()));
-    // The NAT rebinds to a new port. 500 ms of silence is not enough...
+    // Locked: after 5 s of silence neither a rebound port of the same NAT
+    // nor the attacker takes over.
     let rebound: SocketAddr = "198.51.100.7:40000".parse().unwrap();
-    for i in 0..3u16 {
-        let t = t0 + ms(520 + 20 * u64::from(i));
+    for i in 0..4u16 {
+        let t = t0 + ms(5000 + 20 * u64::from(i));
         assert_eq!(
             rx.on_datagram(t, rebound, pkt(PCMU, 3 + i, 320, 5)),
             RtpInput::Rejected(RejectReason::WrongSource)
         );
+        assert_eq!(
+            rx.on_datagram(t, attacker, pkt(PCMU, 60 + i, 0, 9)),
+            RtpInput::Rejected(RejectReason::WrongSource)
+        );
     }
-    // ...1 s is, and the new address needs 2 valid packets in a row.
-    assert_eq!(
-        rx.on_datagram(t0 + ms(1020), sdp_addr(), pkt(PCMU, 6, 800, 5)),
-        RtpInput::Rejected(RejectReason::WrongSource)
-    );
-    assert_eq!(
-        rx.on_datagram(t0 + ms(1030), rebound, pkt(PCMU, 7, 960, 5)),
-        RtpInput::Rejected(RejectReason::WrongSource)
-    );
     assert!(accepted(&rx.on_datagram(
-        t0 + ms(1050),
-        rebound,
-        pkt(PCMU, 8, 1120, 5)
+        t0 + ms(5100),
+        other_addr(),
+        pkt(PCMU, 3, 320, 5)
     )));
-    assert_eq!(rx.latched_source(), Some(rebound));
-    assert_eq!(
-        rx.on_datagram(t0 + ms(1060), other_addr(), pkt(PCMU, 9, 1280, 5)),
-        RtpInput::Rejected(RejectReason::WrongSource)
-    );
-    assert_eq!(rx.stats().latches, 2);
+    assert_eq!(rx.stats().latches, 1);
+    assert_eq!(rx.stats().rejected.wrong_source, 13);
 }
 
 #[test]

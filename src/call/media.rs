@@ -1,4 +1,5 @@
-//! The media side of one answered call, sans-IO: RTP in → symmetric latching →
+//! The media side of one answered call, sans-IO: RTP in → source check (the
+//! SDP address, or one latch behind NAT; see `media::rtp::source`) →
 //! jitter buffer → G.711 decode (concealment on loss) → resample to the
 //! pipeline rate → 20 ms PCM frames for the pipeline; and out: the disclosure
 //! prompt first, then the pipeline's audio (the echo pipeline's for now),
@@ -17,7 +18,7 @@ use crate::media::playout::{MarkEvent, PlayoutQueue};
 use crate::media::prompt::{Prompt, PromptPlayer};
 use crate::media::resample::{PipelineRate, Upsampler};
 use crate::media::rtp::rtcp::{RtcpConfig, RtcpScheduler};
-use crate::media::rtp::{RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender};
+use crate::media::rtp::{RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender, RtpSourcePolicy};
 use crate::sip::sdp::{Codec, Direction, Negotiated};
 use bytes::Bytes;
 use rand::RngCore;
@@ -51,6 +52,8 @@ pub struct MediaPlan {
     pub echo_delay: Option<Duration>,
     /// The tenant records calls: emit [`MediaOutput::Record`] every tick.
     pub record: bool,
+    /// Which source addresses are the call's RTP (from the trunk).
+    pub rtp_source: RtpSourcePolicy,
 }
 
 /// 20 ms of the caller's audio for the pipeline.
@@ -167,7 +170,8 @@ impl MediaSession {
         let sdp_addr = neg
             .remote_rtp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let rx_config = RtpReceiverConfig::new(neg.payload_type, neg.telephone_event_pt);
+        let mut rx_config = RtpReceiverConfig::new(neg.payload_type, neg.telephone_event_pt);
+        rx_config.source = plan.rtp_source;
         let receiver =
             RtpReceiver::new(rx_config, sdp_addr).map_err(|e| MediaSetupError(e.to_string()))?;
         let ptime = Duration::from_millis(u64::from(neg.ptime_ms.clamp(10, 60)));
@@ -524,6 +528,7 @@ mod tests {
             pipeline_rate: PipelineRate::Hz8000,
             echo_delay: None,
             record,
+            rtp_source: RtpSourcePolicy::Strict,
         }
     }
 

@@ -8,6 +8,7 @@
 //! Must not touch: sockets, tokio, the wall clock (`SystemTime` values are
 //! passed in), the filesystem.
 
+pub mod auth_guard;
 mod media;
 pub mod pipeline;
 mod record;
@@ -113,6 +114,8 @@ pub struct LocalSip {
 /// reload never changes a live call.
 #[derive(Debug, Clone)]
 pub struct CallSettings {
+    /// The call's Call-ID (the switchboard's key for the call).
+    pub call_id: String,
     /// Tenant id.
     pub tenant: String,
     /// Trunk name.
@@ -509,6 +512,11 @@ impl Call {
     /// Whether the call is over for the user (CDR written, media released).
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
+    }
+
+    /// Whether the caller's ACK for our 200 has arrived (the call is up).
+    pub fn is_confirmed(&self) -> bool {
+        self.state == State::Confirmed
     }
 
     /// Whether every transaction is done too: the owner may drop the call.
@@ -1054,6 +1062,16 @@ impl Call {
         let mut resp = self.dialog_response(&invite, status, false);
         if status == 503 {
             resp.headers.push("Retry-After", "5");
+        }
+        if status == 488 {
+            // RFC 3261 §21.4.26: say why the offer was not acceptable.
+            resp.headers.push(
+                "Warning",
+                format!(
+                    "305 {} \"Incompatible media format\"",
+                    self.settings.local.host
+                ),
+            );
         }
         let _ = self.invite_txn.send_final(now, status, resp.encode());
         self.drain_invite_txn();

@@ -69,6 +69,9 @@ pub struct RtpSummary {
     pub jitter_ms: u32,
     /// Datagrams ignored (wrong source, payload type, malformed).
     pub rejected: u64,
+    /// Of those, valid RTP from an address other than the call's (the SDP's,
+    /// or the one latched behind NAT): injection or hijack attempts.
+    pub wrong_source: u64,
     /// RTP packets sent.
     pub packets_out: u64,
     /// Frames concealed (lost or late at playout).
@@ -87,6 +90,7 @@ impl RtpSummary {
             lost: stats.cumulative_lost,
             jitter_ms: stats.jitter / 8,
             rejected: stats.rejected.total(),
+            wrong_source: stats.rejected.wrong_source,
             packets_out: counters.rtp_out,
             concealed: counters.concealed,
             late: media.jitter_stats().late,

@@ -9,6 +9,7 @@
 //! so that each attempt is decided — and recorded — once.
 
 use super::MediaPlan;
+use super::auth_guard::{AuthGuard, AuthLimits, AuthRefusal};
 use super::session::SessionTimer;
 use super::{
     ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, SUPPORTED, Transmit, TransportKind,
@@ -16,6 +17,7 @@ use super::{
 use crate::config::Config;
 use crate::media::prompt::Prompt;
 use crate::media::resample::PipelineRate;
+use crate::media::rtp::RtpSourcePolicy;
 use crate::sip::digest::DigestServer;
 use crate::sip::error::SipError;
 use crate::sip::message::{
@@ -32,13 +34,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// RTP port pairs from the profile's range, handed out round-robin so a
-/// just-released port is not reused at once (late packets of the old call).
+/// RTP port pairs from the profile's range, each drawn uniformly at random
+/// from the free ones (the caller's RNG): ports handed out in order let an
+/// attacker guess the next call's port, and a just-released port is unlikely
+/// to be reused at once (late packets of the old call).
 #[derive(Debug)]
 pub struct PortAllocator {
     start: u16,
     pairs: usize,
-    next: usize,
     used: Vec<bool>,
     in_use: usize,
 }
@@ -55,24 +58,28 @@ impl PortAllocator {
         PortAllocator {
             start,
             pairs,
-            next: 0,
             used: vec![false; pairs],
             in_use: 0,
         }
     }
 
-    /// The next free even port, or `None` when every pair is taken.
-    pub fn allocate(&mut self) -> Option<u16> {
-        for i in 0..self.pairs {
-            let idx = (self.next + i) % self.pairs;
-            if !self.used[idx] {
-                self.used[idx] = true;
-                self.in_use += 1;
-                self.next = (idx + 1) % self.pairs;
-                return u16::try_from(idx * 2).ok().map(|off| self.start + off);
-            }
+    /// A free even port chosen at random, or `None` when every pair is taken.
+    pub fn allocate(&mut self, rng: &mut impl RngCore) -> Option<u16> {
+        let free = self.pairs - self.in_use;
+        if free == 0 {
+            return None;
         }
-        None
+        let nth = usize::try_from(rng.next_u64() % free as u64).unwrap_or(0);
+        let idx = self
+            .used
+            .iter()
+            .enumerate()
+            .filter(|(_, used)| !**used)
+            .nth(nth)
+            .map(|(i, _)| i)?;
+        self.used[idx] = true;
+        self.in_use += 1;
+        u16::try_from(idx * 2).ok().map(|off| self.start + off)
     }
 
     /// Gives a port back.
@@ -122,6 +129,14 @@ pub struct SwitchboardSettings {
     pub drop_unknown_sources: bool,
     /// Calls at once across all tenants.
     pub max_calls: usize,
+    /// Behind-NAT trunks: how long a call's RTP source may latch.
+    pub rtp_latch_window: Duration,
+    /// How long a digest nonce is accepted.
+    pub nonce_lifetime: Duration,
+    /// Digest guessing throttle and ban.
+    pub auth_limits: AuthLimits,
+    /// Calls not yet confirmed by ACK, per source address.
+    pub max_unconfirmed_per_source: usize,
 }
 
 /// A new call the switchboard admitted: create a `Call` with these settings
@@ -183,6 +198,44 @@ impl RejectCache {
     }
 }
 
+/// Where a live call's in-dialog messages may come from: its trunk's
+/// `allow` networks, or a host of the dialog (the INVITE's source, its
+/// Contact — the remote target — and its Record-Route hosts, where they are
+/// IP literals). Anyone else who learnt the Call-ID and tags could otherwise
+/// end the call with a BYE or move its media with a re-INVITE (issue 19).
+#[derive(Debug, Clone)]
+struct DialogSources {
+    trunk: String,
+    hosts: Vec<IpAddr>,
+    /// The INVITE's source address, while the call is not confirmed by ACK
+    /// (it holds one of that source's unconfirmed slots).
+    unconfirmed_from: Option<IpAddr>,
+}
+
+impl DialogSources {
+    fn of(invite: &Request, peer: &Peer, trunk: &str) -> DialogSources {
+        let mut hosts = vec![peer.addr.ip()];
+        let contacts = invite.contacts().unwrap_or_default();
+        let routes = invite.record_routes().unwrap_or_default();
+        for na in contacts.iter().chain(routes.iter()) {
+            let ip = match &na.uri.host {
+                Some(crate::sip::message::Host::V4(v4)) => IpAddr::V4(*v4),
+                Some(crate::sip::message::Host::V6(v6)) => IpAddr::V6(*v6),
+                _ => continue,
+            };
+            if !hosts.contains(&ip) {
+                hosts.push(ip);
+            }
+        }
+        hosts.truncate(16);
+        DialogSources {
+            trunk: trunk.to_owned(),
+            hosts,
+            unconfirmed_from: Some(peer.addr.ip()),
+        }
+    }
+}
+
 /// Counts of live calls, for limits.
 #[derive(Debug, Default)]
 struct Counts {
@@ -196,7 +249,13 @@ pub struct Switchboard {
     config: Arc<Config>,
     settings: SwitchboardSettings,
     digest: HashMap<String, DigestServer>,
+    /// Failed digest checks per source and username; bans.
+    auth: AuthGuard,
     counts: Counts,
+    /// Live calls by Call-ID: where their in-dialog messages may come from.
+    dialogs: HashMap<String, DialogSources>,
+    /// Calls not yet confirmed by ACK, per source address.
+    unconfirmed: HashMap<IpAddr, usize>,
     /// RTP ports.
     pub ports: PortAllocator,
     rejected: RejectCache,
@@ -289,6 +348,18 @@ impl SwitchboardSettings {
             max_duration: profile.media.max_call_duration,
             drop_unknown_sources: sip.unknown_source == crate::config::UnknownSource::Drop,
             max_calls: usize::try_from(profile.max_calls).unwrap_or(usize::MAX),
+            rtp_latch_window: profile.security.rtp_latch_window,
+            nonce_lifetime: profile.security.digest_nonce_lifetime,
+            auth_limits: AuthLimits {
+                failures: profile.security.auth_failures_per_minute,
+                window: Duration::from_secs(60),
+                ban: profile.security.auth_ban,
+                never_ban: profile.security.never_ban.clone(),
+            },
+            max_unconfirmed_per_source: usize::try_from(
+                profile.security.max_unconfirmed_calls_per_source,
+            )
+            .unwrap_or(usize::MAX),
         }
     }
 }
@@ -313,16 +384,19 @@ impl Switchboard {
                 rng.fill_bytes(&mut key);
                 digest.insert(
                     trunk.name.clone(),
-                    DigestServer::new(&creds.realm, key, Duration::from_secs(300))
+                    DigestServer::new(&creds.realm, key, settings.nonce_lifetime)
                         .with_algorithms(&creds.algorithms),
                 );
             }
         }
         Switchboard {
             config,
+            auth: AuthGuard::new(settings.auth_limits.clone()),
             settings,
             digest,
             counts: Counts::default(),
+            dialogs: HashMap::new(),
+            unconfirmed: HashMap::new(),
             ports,
             rejected: RejectCache {
                 order: VecDeque::new(),
@@ -367,19 +441,21 @@ impl Switchboard {
                 .config
                 .trunk(&trunk.name)
                 .and_then(|t| t.digest.as_ref())
-                .is_some_and(|old| old.realm == creds.realm && old.algorithms == creds.algorithms);
+                .is_some_and(|old| old.realm == creds.realm && old.algorithms == creds.algorithms)
+                && settings.nonce_lifetime == self.settings.nonce_lifetime;
             let server = match self.digest.remove(&trunk.name) {
                 Some(server) if unchanged => server,
                 _ => {
                     let mut key = [0u8; 32];
                     rng.fill_bytes(&mut key);
-                    DigestServer::new(&creds.realm, key, Duration::from_secs(300))
+                    DigestServer::new(&creds.realm, key, settings.nonce_lifetime)
                         .with_algorithms(&creds.algorithms)
                 }
             };
             digest.insert(trunk.name.clone(), server);
         }
         self.digest = digest;
+        self.auth.set_limits(settings.auth_limits.clone());
         self.config = config;
         self.settings = settings;
         self.prompts = prompts;
@@ -419,6 +495,8 @@ impl Switchboard {
 
     /// A call admitted earlier ended: free its slot and RTP port.
     pub fn call_ended(&mut self, settings: &CallSettings) {
+        self.call_confirmed(&settings.call_id);
+        self.dialogs.remove(&settings.call_id);
         self.counts.total = self.counts.total.saturating_sub(1);
         if let Some(n) = self.counts.per_tenant.get_mut(&settings.tenant) {
             *n = n.saturating_sub(1);
@@ -427,6 +505,75 @@ impl Switchboard {
             *n = n.saturating_sub(1);
         }
         self.ports.release(settings.media.rtp_port);
+    }
+
+    /// The caller ACKed our 200 (or its media arrived from the SDP address):
+    /// the call no longer holds one of its source's unconfirmed slots.
+    pub fn call_confirmed(&mut self, call_id: &str) {
+        let Some(ip) = self
+            .dialogs
+            .get_mut(call_id)
+            .and_then(|d| d.unconfirmed_from.take())
+        else {
+            return;
+        };
+        if let Some(n) = self.unconfirmed.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.unconfirmed.remove(&ip);
+            }
+        }
+    }
+
+    /// Calls from `ip` not yet confirmed by ACK.
+    pub fn unconfirmed_from(&self, ip: IpAddr) -> usize {
+        self.unconfirmed.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// No RTP port of an admitted call could be bound: frees its slot and
+    /// returns the `503` (with a To tag and `Retry-After`) to send and the
+    /// CDR of the attempt (cause `no-rtp-ports`).
+    pub fn rtp_bind_failed(
+        &mut self,
+        admitted: &Admitted,
+        wall_now: SystemTime,
+        rng: &mut impl RngCore,
+    ) -> (Transmit, CallRecord) {
+        self.call_ended(&admitted.settings);
+        let req = &admitted.invite;
+        let mut resp = Response::for_request(req, 503);
+        if let Ok(mut to) = req.to() {
+            to.params
+                .set("tag", Some(&format!("{:016x}", rng.next_u64())));
+            resp.headers.set("To", to.to_string());
+        }
+        resp.headers.push("Retry-After", "5");
+        let record = CallRecord {
+            call_id: admitted.settings.call_id.clone(),
+            tenant: Some(admitted.settings.tenant.clone()),
+            trunk: Some(admitted.settings.trunk.clone()),
+            from: req
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user_unescaped())
+                .unwrap_or_default(),
+            to: dialed_number(req).unwrap_or_default(),
+            source: admitted.peer.addr,
+            started_at: wall_now,
+            answered_at: None,
+            ended_at: Some(wall_now),
+            result_code: 503,
+            hangup_side: HangupSide::Bridge,
+            cause: "no-rtp-ports".to_owned(),
+            codec: None,
+            rtp: None,
+            pipeline: None,
+        };
+        let transmit = Transmit {
+            dest: crate::call::response_dest(req, admitted.peer),
+            bytes: resp.encode(),
+        };
+        (transmit, record)
     }
 
     fn reply(&self, dest: Peer, bytes: Bytes) -> Dispatch {
@@ -463,6 +610,9 @@ impl Switchboard {
         let mut req = match msg {
             Message::Response(resp) => {
                 return match resp.call_id() {
+                    Ok(id) if has_call(id) && !self.dialog_source_allowed(id, &peer) => {
+                        Dispatch::Drop("response from outside the dialog")
+                    }
                     Ok(id) if has_call(id) => {
                         Dispatch::ToCall(id.to_owned(), Message::Response(resp))
                     }
@@ -485,6 +635,10 @@ impl Switchboard {
             return Dispatch::Drop("no Call-ID");
         };
         if has_call(&call_id) {
+            if !self.dialog_source_allowed(&call_id, &peer) {
+                // Silently: an answer would tell a spoofer the dialog exists.
+                return Dispatch::Drop("in-dialog request from outside the dialog");
+            }
             return Dispatch::ToCall(call_id, Message::Request(req));
         }
         // From here on every answer goes where the request's Via says.
@@ -495,6 +649,14 @@ impl Switchboard {
             (Method::Options, _) => {
                 let status = if self.draining { 503 } else { 200 };
                 let mut resp = Response::for_request(&req, status);
+                // RFC 3261 §8.2.6.2: a final response carries a To tag.
+                if let Ok(mut to) = req.to()
+                    && to.tag().is_none()
+                {
+                    to.params
+                        .set("tag", Some(&format!("{:016x}", rng.next_u64())));
+                    resp.headers.set("To", to.to_string());
+                }
                 resp.headers.push("Allow", ALLOW);
                 resp.headers.push("Accept", "application/sdp");
                 resp.headers.push("Supported", SUPPORTED);
@@ -520,6 +682,27 @@ impl Switchboard {
         }
     }
 
+    /// Whether a message for live call `call_id` may come from `peer`: its
+    /// trunk allows the source, or the source is a host of the dialog. A call
+    /// the switchboard did not admit (none in the daemon) needs a source some
+    /// trunk allows.
+    fn dialog_source_allowed(&self, call_id: &str, peer: &Peer) -> bool {
+        let ip = match peer.addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match self.dialogs.get(call_id) {
+            Some(d) => {
+                d.hosts.contains(&ip)
+                    || self
+                        .config
+                        .trunk(&d.trunk)
+                        .is_some_and(|t| t.allow.iter().any(|n| n.contains(&ip)))
+            }
+            None => self.config.trunk_for_source(ip).is_some(),
+        }
+    }
+
     fn media_plan(&self, tenant_id: &str) -> MediaPlan {
         let tenant = self.config.tenant(tenant_id);
         let echo = matches!(
@@ -534,6 +717,7 @@ impl Switchboard {
                 .unwrap_or(PipelineRate::Hz16000),
             echo_delay: echo.then_some(ECHO_DELAY),
             record: tenant.is_some_and(|t| t.recording),
+            rtp_source: RtpSourcePolicy::Strict,
         }
     }
 
@@ -623,6 +807,10 @@ impl Switchboard {
                 true,
             );
         }
+        if self.auth.is_banned(now, peer.addr.ip()) {
+            // Failed digest too often: ignored until the ban expires.
+            return Dispatch::Drop("banned source");
+        }
         if req.max_forwards().ok().flatten() == Some(0) {
             return reject(self, &mut record, 483, vec![], true);
         }
@@ -638,13 +826,31 @@ impl Switchboard {
         // 2. Digest, where the trunk has credentials. A retransmitted INVITE
         // gets the same challenge (same nonce) from the cache, so each attempt
         // is challenged — and recorded — once.
-        if let (Some(creds), Some(server)) = (&trunk.digest, self.digest.get_mut(&trunk_name)) {
+        if let (Some(creds), true) = (&trunk.digest, self.digest.contains_key(&trunk_name)) {
             let unix = wall_now
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let uri = req.uri.to_string();
-            let verdict = match req.headers.get("Authorization") {
+            let ip = peer.addr.ip();
+            let authorization = req.headers.get("Authorization");
+            let user = authorization
+                .and_then(|a| crate::sip::digest::DigestCredentials::parse(a).ok())
+                .map(|c| c.username);
+            if authorization.is_some() {
+                match self.auth.before_check(now, ip, user.as_deref()) {
+                    Ok(()) => {}
+                    Err(AuthRefusal::Banned) => return Dispatch::Drop("banned source"),
+                    Err(AuthRefusal::Throttled) => {
+                        record.cause = "auth: throttled".to_owned();
+                        return reject(self, &mut record, 403, vec![], false);
+                    }
+                }
+            }
+            let Some(server) = self.digest.get_mut(&trunk_name) else {
+                return Dispatch::Drop("no digest server");
+            };
+            let verdict = match authorization {
                 None => Err(crate::sip::digest::DigestError::Missing),
                 Some(auth) => server.verify(
                     auth,
@@ -655,6 +861,13 @@ impl Switchboard {
                     unix,
                 ),
             };
+            if let Err(e) = verdict
+                && e.is_guess()
+                && self.auth.failed(now, ip, user.as_deref())
+            {
+                record.cause = format!("auth: {e}; source banned");
+                return reject(self, &mut record, 403, vec![], false);
+            }
             if let Err(e) = verdict {
                 let stale = matches!(e, crate::sip::digest::DigestError::StaleNonce);
                 let challenges = server.challenge(unix, rng, stale);
@@ -708,8 +921,20 @@ impl Switchboard {
             record.cause = "busy".to_owned();
             return reject(self, &mut record, 486, vec![], true);
         }
-        // 6. An RTP port pair.
-        let Some(rtp_port) = self.ports.allocate() else {
+        // 6. Calls from this source the caller never confirmed (no ACK): a
+        // source that ignores our answers cannot hold every slot until Timer H.
+        if self.unconfirmed_from(peer.addr.ip()) >= self.settings.max_unconfirmed_per_source {
+            record.cause = "unconfirmed-limit".to_owned();
+            return reject(
+                self,
+                &mut record,
+                503,
+                vec![("Retry-After", "5".to_owned())],
+                true,
+            );
+        }
+        // 7. An RTP port pair.
+        let Some(rtp_port) = self.ports.allocate(rng) else {
             record.cause = "no-rtp-ports".to_owned();
             return reject(
                 self,
@@ -726,13 +951,25 @@ impl Switchboard {
             TransportKind::Udp => self.settings.local_udp.clone(),
             TransportKind::Tcp => self.settings.local_tcp.clone(),
         };
-        let plan = self.media_plan(&tenant_id);
+        let mut plan = self.media_plan(&tenant_id);
+        if trunk.behind_nat {
+            plan.rtp_source = RtpSourcePolicy::Latch {
+                window: self.settings.rtp_latch_window,
+                signalling_ip: Some(peer.addr.ip()),
+            };
+        }
         let early_media = plan.prompt.is_some()
             && self
                 .config
                 .tenant(&tenant_id)
                 .is_some_and(|t| t.early_media);
+        self.dialogs.insert(
+            record.call_id.clone(),
+            DialogSources::of(&req, &peer, &trunk_name),
+        );
+        *self.unconfirmed.entry(peer.addr.ip()).or_default() += 1;
         let settings = CallSettings {
+            call_id: record.call_id.clone(),
             tenant: tenant_id,
             trunk: trunk_name,
             timers: self.settings.timers,
@@ -765,18 +1002,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_round_robin_and_release() {
+    fn ports_are_random_distinct_and_released() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
         let mut p = PortAllocator::new(20000, 20005);
-        assert_eq!(p.allocate(), Some(20000));
-        assert_eq!(p.allocate(), Some(20002));
-        assert_eq!(p.allocate(), Some(20004));
-        assert_eq!(p.allocate(), None);
+        let mut got: Vec<u16> = (0..3).filter_map(|_| p.allocate(&mut rng)).collect();
+        assert_eq!(p.allocate(&mut rng), None);
         assert_eq!(p.in_use(), 3);
+        got.sort_unstable();
+        assert_eq!(got, vec![20000, 20002, 20004]);
         p.release(20002);
         p.release(20002);
         assert_eq!(p.in_use(), 2);
-        assert_eq!(p.allocate(), Some(20002));
+        assert_eq!(p.allocate(&mut rng), Some(20002), "the only free pair");
         p.release(19000);
         assert_eq!(p.in_use(), 3);
+
+        // Not in order: 20 allocations from a 1000-pair range are not the
+        // sequence a round-robin allocator hands out, and all are even.
+        let mut big = PortAllocator::new(20000, 21999);
+        let seq: Vec<u16> = (0..20).filter_map(|_| big.allocate(&mut rng)).collect();
+        assert_eq!(seq.len(), 20);
+        assert!(seq.iter().all(|p| p % 2 == 0 && (20000..22000).contains(p)));
+        let ascending = seq.windows(2).filter(|w| w[1] == w[0] + 2).count();
+        assert!(ascending < 3, "consecutive pairs: {seq:?}");
+        let mut uniq = seq.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 20);
     }
 }

@@ -13,6 +13,7 @@ mod diagnostics;
 pub mod number;
 mod raw;
 pub mod secret;
+mod security;
 mod validate;
 
 use std::fmt::Write as _;
@@ -25,6 +26,7 @@ use ipnet::IpNet;
 pub use diagnostics::{Diagnostic, Diagnostics, Severity};
 pub use number::NumberPattern;
 pub use secret::{Secret, SecretRef};
+pub use security::SecuritySettings;
 
 /// Loads a profile file, or every `*.toml` file of a directory (each one a
 /// profile), and validates everything. Environment variables for `env:`
@@ -88,6 +90,8 @@ pub struct Profile {
     pub drain_grace: Duration,
     /// The admin HTTP API (`[profile.admin]`); `None`: not served.
     pub admin: Option<AdminSettings>,
+    /// Limits against a hostile network (`[profile.security]`).
+    pub security: SecuritySettings,
 }
 
 /// The admin HTTP API of a profile (`[profile.admin]`).
@@ -231,6 +235,10 @@ pub struct Trunk {
     pub tenant: Option<String>,
     /// Concurrent calls from this trunk.
     pub max_calls: Option<u32>,
+    /// The trunk's phones may be behind NAT (`behind_nat`): a call's RTP
+    /// latches once to the first packets from the SDP's or the signalling
+    /// source's IP (any port) instead of the SDP's address and port only.
+    pub behind_nat: bool,
 }
 
 /// Digest credentials expected from a trunk.

@@ -32,6 +32,8 @@ pub(crate) struct RawProfile {
     pub(crate) drain_grace_s: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
+    pub(crate) security: Option<super::security::RawSecurity>,
 }
 
 /// `[profile.admin]`: the admin HTTP API (absent: no API).
@@ -107,6 +109,8 @@ pub(crate) struct RawTrunk {
     pub(crate) tenant: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) max_calls: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) behind_nat: bool,
 }
 
 #[derive(Debug, Deserialize)]

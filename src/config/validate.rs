@@ -637,6 +637,10 @@ fn check_profiles(
             }
         });
         let drain_grace = drain_grace(cx, file, p.drain_grace_s.as_ref());
+        let (security, errors) = super::security::resolve(p.security.as_ref());
+        for (span, msg) in errors {
+            cx.error(file, Some(span), msg);
+        }
 
         out.push(Profile {
             name,
@@ -655,6 +659,7 @@ fn check_profiles(
             media,
             admin,
             drain_grace,
+            security,
         });
     }
     out
@@ -895,7 +900,19 @@ fn check_trunks(
                 file,
                 Some(t.name.span()),
                 format!(
-                    "trunk `{}` accepts nothing: give `allow` source CIDRs and/or [trunk.digest] credentials",
+                    "trunk `{}` accepts nothing: give `allow` source CIDRs (and optionally [trunk.digest] credentials)",
+                    t.name.get_ref()
+                ),
+            );
+        }
+        if t.allow.is_empty() && t.digest.is_some() && !damaged {
+            // Calls find their trunk by source address before any challenge:
+            // a digest trunk without networks could never be reached.
+            cx.error(
+                file,
+                Some(t.name.span()),
+                format!(
+                    "trunk `{}` has [trunk.digest] but no `allow`: calls are matched to a trunk by source address before the challenge, so it can never match; list the networks its calls come from (allow = [\"0.0.0.0/0\", \"::/0\"] for digest from anywhere)",
                     t.name.get_ref()
                 ),
             );
@@ -919,6 +936,7 @@ fn check_trunks(
                 digest,
                 tenant: t.tenant.as_ref().map(|s| s.get_ref().clone()),
                 max_calls,
+                behind_nat: t.behind_nat,
             },
             (file, t.name.span()),
         ));

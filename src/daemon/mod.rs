@@ -15,7 +15,7 @@ use crate::call::pipeline::{
 };
 use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
-    PcmFrame, Switchboard, Transmit,
+    PcmFrame, Switchboard,
 };
 use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
@@ -256,7 +256,7 @@ impl Shared {
                 Err(_) => {
                     let next = {
                         let mut sb = lock(&self.switchboard);
-                        let next = sb.ports.allocate();
+                        let next = sb.ports.allocate(rng);
                         sb.ports.release(port);
                         next
                     };
@@ -271,15 +271,13 @@ impl Shared {
         let Some(rtp) = socket else {
             warn!(%call_id, "no RTP port could be bound");
             crate::metrics::call_attempt(503, Some(&admitted.settings.tenant));
-            lock(&self.switchboard).call_ended(&admitted.settings);
-            let mut resp = crate::sip::message::Response::for_request(&admitted.invite, 503);
-            resp.headers.push("Retry-After", "5");
-            self.transports
-                .send(Transmit {
-                    dest: crate::call::response_dest(&admitted.invite, admitted.peer),
-                    bytes: resp.encode(),
-                })
-                .await;
+            let (transmit, record) =
+                lock(&self.switchboard).rtp_bind_failed(&admitted, SystemTime::now(), rng);
+            log_cdr(&record);
+            if let Some(r) = &self.records {
+                r.rejected(&record);
+            }
+            self.transports.send(transmit).await;
             return;
         };
         let mut call_rng = StdRng::from_rng(rng);
@@ -494,8 +492,40 @@ async fn run_call(
     let mut shutting_down = false;
     let mut active = Some(crate::metrics::ActiveCall::start(&call.settings().tenant));
     let mut rtp_meter = crate::metrics::RtpMeter::new();
+    // Answered (200 sent) but not yet confirmed: the recording and the
+    // pipeline wait for the ACK, or the first RTP from the SDP address, so a
+    // source that ignores our answers gets nothing recorded (issue 19).
+    let mut awaiting_ack: Option<crate::sip::sdp::Negotiated> = None;
+    // The packet that confirmed the call (it arrived before the ACK): fed to
+    // the media session once that has started, so none of the caller's audio
+    // is lost to the race between the ACK and the first RTP.
+    let mut confirming_rtp: Option<(Instant, std::net::SocketAddr, bytes::Bytes)> = None;
     info!(port = call.settings().media.rtp_port, "call started");
     loop {
+        if awaiting_ack.is_some()
+            && (call.is_confirmed() || confirming_rtp.is_some())
+            && !call.is_ended()
+        {
+            lock(&shared.switchboard).call_confirmed(&live.call_id);
+            if let Some(neg) = awaiting_ack.take() {
+                if media.is_none() {
+                    media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
+                }
+                if let Some(m) = &media
+                    && let Some(plan) = agent.take()
+                {
+                    let mut l = PipelineLink::new(plan, Instant::now(), m.prompt_done());
+                    apply_supervisor(&mut l, &mut call, media.as_mut(), &mut rng);
+                    link = Some(l);
+                }
+            }
+        }
+        if let Some(m) = &mut media
+            && let Some((at, from, data)) = confirming_rtp.take()
+            && m.on_rtp(at, from, data)
+        {
+            call.media_activity(at);
+        }
         if let (Some(m), Some((rtp, rtcp))) = (&mut media, &sockets) {
             while let Some(out) = m.poll_output() {
                 match out {
@@ -571,16 +601,7 @@ async fn run_call(
                         crate::store::db::unix_ms(SystemTime::now()),
                         std::sync::atomic::Ordering::Relaxed,
                     );
-                    if media.is_none() {
-                        media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
-                    }
-                    if let Some(m) = &media
-                        && let Some(plan) = agent.take()
-                    {
-                        let mut l = PipelineLink::new(plan, Instant::now(), m.prompt_done());
-                        apply_supervisor(&mut l, &mut call, media.as_mut(), &mut rng);
-                        link = Some(l);
-                    }
+                    awaiting_ack = Some(neg);
                 }
                 CallOutput::Event(CallEvent::MediaChanged(neg)) => {
                     info!(direction = ?neg.remote_direction, remote = ?neg.remote_rtp, "media changed");
@@ -709,6 +730,12 @@ async fn run_call(
             r = recv_rtp => if let Ok((n, from)) = r {
                 let now = Instant::now();
                 let data = bytes::Bytes::copy_from_slice(&rtp_buf[..n]);
+                if media.is_none()
+                    && awaiting_ack.as_ref().is_some_and(|n| n.remote_rtp == Some(from))
+                    && confirming_rtp.is_none()
+                {
+                    confirming_rtp = Some((now, from, data.clone()));
+                }
                 if let Some(m) = &mut media && m.on_rtp(now, from, data) {
                     call.media_activity(now);
                 }

@@ -314,7 +314,52 @@ async fn udp_loop(shared: Arc<Shared>, sock: Arc<UdpSocket>, flow: u64, mut rng:
     }
 }
 
+/// Open TCP connections of one listener, in total and per source address
+/// (`[profile.security]` caps them; a connection over a cap is closed at once).
+#[derive(Default)]
+struct TcpCounts {
+    total: usize,
+    per_source: HashMap<std::net::IpAddr, usize>,
+}
+
+/// Gives a connection's place back when its task ends, however it ends.
+struct TcpSlot {
+    counts: Arc<Mutex<TcpCounts>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        let mut c = lock(&self.counts);
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_source.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_source.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn tcp_limits(shared: &Shared) -> (usize, usize, std::time::Duration) {
+    let sb = lock(&shared.switchboard);
+    let s = sb
+        .config()
+        .profiles
+        .first()
+        .map(|p| p.security.clone())
+        .unwrap_or_default();
+    let n = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
+    (
+        n(s.tcp_max_connections),
+        n(s.tcp_max_connections_per_source),
+        s.tcp_idle_timeout,
+    )
+}
+
 async fn tcp_accept_loop(shared: Arc<Shared>, listener: TcpListener, mut rng: StdRng) {
+    let counts = Arc::new(Mutex::new(TcpCounts::default()));
+    let mut refused = 0u64;
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(x) => x,
@@ -324,10 +369,37 @@ async fn tcp_accept_loop(shared: Arc<Shared>, listener: TcpListener, mut rng: St
                 continue;
             }
         };
+        let (max_total, max_per_source, idle) = tcp_limits(&shared);
+        let slot = {
+            let mut c = lock(&counts);
+            let mine = c.per_source.get(&from.ip()).copied().unwrap_or(0);
+            if c.total >= max_total || mine >= max_per_source {
+                None
+            } else {
+                c.total += 1;
+                *c.per_source.entry(from.ip()).or_default() += 1;
+                Some(TcpSlot {
+                    counts: Arc::clone(&counts),
+                    ip: from.ip(),
+                })
+            }
+        };
+        let Some(slot) = slot else {
+            // Over a cap: closed at once (dropping the stream), logged sparsely.
+            refused += 1;
+            if refused.is_power_of_two() {
+                warn!(%from, refused, "tcp connection over the connection caps; closed");
+            }
+            drop(stream);
+            continue;
+        };
         let flow = shared.transports.next_flow.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(&shared);
         let rng = StdRng::from_rng(&mut rng);
-        tokio::spawn(tcp_connection(shared, stream, from, flow, rng));
+        tokio::spawn(async move {
+            tcp_connection(shared, stream, from, flow, idle, rng).await;
+            drop(slot);
+        });
     }
 }
 
@@ -336,6 +408,7 @@ async fn tcp_connection(
     stream: TcpStream,
     from: SocketAddr,
     flow: u64,
+    idle: std::time::Duration,
     mut rng: StdRng,
 ) {
     let (mut rd, mut wr) = stream.into_split();
@@ -355,15 +428,39 @@ async fn tcp_connection(
         addr: from,
         flow,
     };
+    // Until its first complete message, and while part of a message is
+    // buffered, a connection must make progress within `idle`: half-sent
+    // headers and silent connections cannot hold a descriptor and a buffer.
+    let mut any_message = false;
+    let mut since = tokio::time::Instant::now();
     'conn: loop {
-        let n = match rd.read(&mut buf).await {
+        let read = rd.read(&mut buf);
+        let waiting = !any_message || decoder.buffered() > 0;
+        let got = if waiting {
+            match tokio::time::timeout_at(since + idle, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(%from, "tcp connection sent no complete message in time; closing");
+                    break;
+                }
+            }
+        } else {
+            read.await
+        };
+        let n = match got {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if !waiting {
+            // A new message starts now, after an idle (but complete) spell.
+            since = tokio::time::Instant::now();
+        }
         decoder.push(&buf[..n]);
         loop {
             match decoder.next_message() {
                 Ok(Some(msg)) => {
+                    any_message = true;
+                    since = tokio::time::Instant::now();
                     crate::metrics::sip_received(Some(&msg));
                     let raw = msg_bytes(&msg);
                     shared.inbound(&raw, Ok(msg), peer, &mut rng).await;

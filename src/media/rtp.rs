@@ -2,7 +2,8 @@
 //! datagram that arrives on the call's RTP port, [`RtpSender`] numbers and
 //! marshals what we send, and [`rtcp::RtcpScheduler`] reports both ways.
 //!
-//! Owns: RTP header validation, symmetric-RTP latching, payload-type checks,
+//! Owns: RTP header validation, the source-address check (delegated to
+//! [`source::SourceLock`]: SDP address only, or one latch behind NAT), payload-type checks,
 //! RFC 3550 A.1/A.3/A.8 reception statistics, sequence/timestamp numbering.
 //! Must not touch: sockets, clocks (`now`/`wall` are parameters), randomness
 //! (the caller draws SSRC/initial values from its injected RNG), audio
@@ -20,6 +21,9 @@
 //! emit; tests check the bytes against the crate's parser.
 
 pub mod rtcp;
+pub mod source;
+
+pub use source::{RtpSourcePolicy, SourceLock};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -67,7 +71,8 @@ pub enum RejectReason {
     BadPadding,
     /// Neither the negotiated codec nor telephone-event.
     WrongPayloadType,
-    /// From an address other than the latched (or, before latching, the SDP) one.
+    /// From an address other than the one the call's media is locked to (the
+    /// SDP's, or the one latched behind NAT).
     WrongSource,
     /// A sequence jump larger than RFC 3550 A.1's `MAX_DROPOUT`, not yet
     /// confirmed by a second sequential packet.
@@ -144,7 +149,7 @@ pub struct RtpStats {
     pub ssrc: Option<u32>,
     /// Number of SSRC changes after the first stream.
     pub ssrc_changes: u64,
-    /// Number of times a source address was (re-)latched.
+    /// Number of times a source address was locked (at most once per SDP address).
     pub latches: u64,
     /// Ignored datagrams by reason.
     pub rejected: RejectCounts,
@@ -183,26 +188,26 @@ pub struct RtpReceiverConfig {
     pub telephone_event_pt: Option<u8>,
     /// RTP clock rate of the codec (8000 for G.711).
     pub clock_rate: u32,
-    /// Consecutive valid packets from one address before it is latched.
+    /// Consecutive valid packets from one address before it is latched
+    /// (under [`RtpSourcePolicy::Latch`]).
     pub latch_after: u32,
-    /// How long the latched address must have been silent before another
-    /// address may take over (NAT rebinding).
-    pub relatch_after_silence: Duration,
+    /// Which source addresses are the call's media.
+    pub source: RtpSourcePolicy,
     /// After an SSRC change, packets of the previous SSRC arriving within
     /// this window are stale reorderings, not a switch back.
     pub ssrc_switch_guard: Duration,
 }
 
 impl RtpReceiverConfig {
-    /// Defaults: 8 kHz, latch after 2 packets, re-latch after 1 s of
-    /// silence, 200 ms SSRC switch guard.
+    /// Defaults: 8 kHz, the SDP address only ([`RtpSourcePolicy::Strict`]),
+    /// latch after 2 packets where latching is allowed, 200 ms SSRC switch guard.
     pub fn new(payload_type: u8, telephone_event_pt: Option<u8>) -> Self {
         Self {
             payload_type,
             telephone_event_pt,
             clock_rate: 8000,
             latch_after: 2,
-            relatch_after_silence: Duration::from_secs(1),
+            source: RtpSourcePolicy::Strict,
             ssrc_switch_guard: Duration::from_millis(200),
         }
     }
@@ -438,12 +443,7 @@ pub struct ReportBlock {
 #[derive(Debug, Clone)]
 pub struct RtpReceiver {
     config: RtpReceiverConfig,
-    sdp_addr: SocketAddr,
-    latched: Option<SocketAddr>,
-    /// Address seen in the last valid packets from a non-latched source, and
-    /// how many in a row.
-    candidate: Option<(SocketAddr, u32)>,
-    last_from_latched: Option<Instant>,
+    source: SourceLock,
     stream: Option<Stream>,
     /// Previous SSRC and when we switched away from it.
     previous_ssrc: Option<(u32, Instant)>,
@@ -465,11 +465,8 @@ impl RtpReceiver {
             return Err(RtpError::InvalidConfig("clock_rate must not be 0"));
         }
         Ok(Self {
+            source: SourceLock::new(config.source, sdp_addr, config.latch_after),
             config,
-            sdp_addr,
-            latched: None,
-            candidate: None,
-            last_from_latched: None,
             stream: None,
             previous_ssrc: None,
             prior_expected: 0,
@@ -480,17 +477,15 @@ impl RtpReceiver {
         })
     }
 
-    /// A re-INVITE changed the remote address: forget the latch.
+    /// A re-INVITE changed the remote address: decide the source afresh
+    /// (the same address keeps its lock).
     pub fn set_sdp_address(&mut self, addr: SocketAddr) {
-        self.sdp_addr = addr;
-        self.latched = None;
-        self.candidate = None;
-        self.last_from_latched = None;
+        self.source.set_sdp_address(addr);
     }
 
-    /// The latched source address, once latched.
+    /// The source address media is locked to, once decided.
     pub fn latched_source(&self) -> Option<SocketAddr> {
-        self.latched
+        self.source.locked()
     }
 
     /// When the last accepted packet arrived (for the RTP timeout).
@@ -525,12 +520,12 @@ impl RtpReceiver {
         if p.payload_type != self.config.payload_type && !is_event {
             return Err(RejectReason::WrongPayloadType);
         }
-        self.check_source(now, from)?;
+        if !self.source.admit(now, from) {
+            return Err(RejectReason::WrongSource);
+        }
+        self.stats.latches = self.source.latches();
         self.update_stream(now, &p, is_event)?;
         self.last_packet_at = Some(now);
-        if self.latched == Some(from) {
-            self.last_from_latched = Some(now);
-        }
         self.stats.bytes_received += p.payload.len() as u64;
         Ok(if is_event {
             RtpInput::TelephoneEvent {
@@ -550,41 +545,6 @@ impl RtpReceiver {
                 payload: p.payload,
             }
         })
-    }
-
-    /// Symmetric RTP: latch after `latch_after` consecutive valid packets
-    /// from one address; before that, accept the SDP address; after that,
-    /// only the latched one, unless it has been silent long enough for a new
-    /// address to take over.
-    fn check_source(&mut self, now: Instant, from: SocketAddr) -> Result<(), RejectReason> {
-        if self.latched == Some(from) {
-            self.candidate = None;
-            return Ok(());
-        }
-        let run = match self.candidate {
-            Some((addr, n)) if addr == from => n.saturating_add(1),
-            _ => 1,
-        };
-        self.candidate = Some((from, run));
-        let may_latch = match (self.latched, self.last_from_latched) {
-            (None, _) => true,
-            (Some(_), Some(last)) => {
-                now.saturating_duration_since(last) >= self.config.relatch_after_silence
-            }
-            (Some(_), None) => true,
-        };
-        if may_latch && run >= self.config.latch_after {
-            self.latched = Some(from);
-            self.last_from_latched = Some(now);
-            self.candidate = None;
-            self.stats.latches += 1;
-            return Ok(());
-        }
-        if self.latched.is_none() && from == self.sdp_addr {
-            Ok(())
-        } else {
-            Err(RejectReason::WrongSource)
-        }
     }
 
     fn update_stream(

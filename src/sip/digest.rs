@@ -182,6 +182,20 @@ impl DigestError {
     pub fn is_stale(&self) -> bool {
         matches!(self, Self::StaleNonce)
     }
+
+    /// Whether this refusal counts as a password guess for throttling: the
+    /// credentials were there and wrong (not missing, stale or unsupported).
+    pub fn is_guess(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownUser
+                | Self::WrongRealm
+                | Self::WrongUri
+                | Self::BadNonce
+                | Self::WrongResponse
+                | Self::ReplayedNonceCount
+        )
+    }
 }
 
 /// Parsed `Digest` credentials (RFC 3261 §25.1 `credentials`).
@@ -565,6 +579,9 @@ impl DigestServer {
         );
         let given = creds.response.to_ascii_lowercase();
         if !bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
+            // A wrong answer burns the nonce: every further guess needs a new
+            // challenge (and so passes the caller's throttle again).
+            let _ = self.record_nonce_count(stamp, u32::MAX, now_unix_secs);
             return Err(DigestError::WrongResponse);
         }
 
@@ -942,7 +959,16 @@ mod tests {
             v(&mut s, &zero_nc, "trunk1", b"pw", URI, NOW),
             Err(DigestError::Malformed)
         );
-        // None of the refusals burnt the nonce-count: the good header still passes.
+        // A wrong answer burnt the nonce (one guess per challenge): even the
+        // right answer to it is refused now, and counts as a guess.
+        assert_eq!(
+            v(&mut s, &good, "trunk1", b"pw", URI, NOW),
+            Err(DigestError::ReplayedNonceCount)
+        );
+        assert!(DigestError::ReplayedNonceCount.is_guess());
+        assert!(!DigestError::StaleNonce.is_guess() && !DigestError::Missing.is_guess());
+        let nonce = fresh_nonce(&s, NOW, 5);
+        let good = authorization(Algorithm::Sha256, &nonce, "00000001", b"pw", URI);
         assert_eq!(v(&mut s, &good, "trunk1", b"pw", URI, NOW), Ok(()));
         assert_eq!(DigestError::Malformed.status(), 400);
         assert_eq!(DigestError::WrongResponse.status(), 401);

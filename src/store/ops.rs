@@ -283,6 +283,22 @@ pub fn parse_since(s: &str) -> Option<UnixMs> {
 
 // ---- recordings ------------------------------------------------------------
 
+/// A string from the wire (a Call-ID, a tenant-supplied name) made safe for a
+/// terminal: control characters (escape sequences, NUL, newlines) and the
+/// backslash are written as Rust escapes (`\u{1b}`, `\\`), so a hostile
+/// Call-ID can neither drive the terminal nor forge table rows.
+pub fn terminal_safe(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The recordings table printed by `recordings list`: id, tenant, call,
 /// created (UTC), duration, size in bytes, state. Never a caller number.
 pub fn recordings_table(recs: &[RecordingRecord]) -> String {
@@ -294,8 +310,8 @@ pub fn recordings_table(recs: &[RecordingRecord]) -> String {
         .map(|r| {
             [
                 r.id.clone(),
-                r.tenant.clone(),
-                r.call_id.clone(),
+                terminal_safe(&r.tenant),
+                terminal_safe(&r.call_id),
                 format_time(r.created_at),
                 format!("{}.{}s", r.duration_ms / 1000, r.duration_ms % 1000 / 100),
                 r.size_bytes.to_string(),
@@ -1011,6 +1027,16 @@ pub fn tenant_delete_summary(tenant: &str, r: &TenantDeleteReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_strings_are_escaped_for_the_terminal() {
+        assert_eq!(terminal_safe("abc@host"), "abc@host");
+        assert_eq!(
+            terminal_safe("x\u{1b}[2J\0y\r\nz\\"),
+            "x\\u{1b}[2J\\u{0}y\\r\\nz\\\\"
+        );
+        assert_eq!(terminal_safe("é☎"), "é☎");
+    }
 
     #[test]
     fn time_round_trips_and_parses_offsets() {

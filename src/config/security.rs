@@ -1,0 +1,174 @@
+//! `[profile.security]`: the limits that keep a hostile network from taking
+//! over calls or exhausting the daemon (threat model and every default in
+//! `docs/security.md`).
+//!
+//! Owns: the section's TOML shape, its defaults and range checks. Must not
+//! enforce anything (the switchboard, media and transports do).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `[profile.security]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecurity {
+    #[serde(default)]
+    pub(crate) rtp_latch_window_ms: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) digest_nonce_lifetime_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) auth_failures_per_minute: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) auth_ban_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) never_ban: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) max_unconfirmed_calls_per_source: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) tcp_idle_timeout_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) tcp_max_connections: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) tcp_max_connections_per_source: Option<Spanned<u32>>,
+}
+
+/// The resolved `[profile.security]` of a profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SecuritySettings {
+    /// On a trunk with `behind_nat = true`: how long after the first packet
+    /// from the SDP's or the signalling source's IP the call's RTP source may
+    /// latch (then it is locked). Default 2 s.
+    pub rtp_latch_window: Duration,
+    /// How long a digest nonce we issued is accepted (default 30 s; each is
+    /// also single-use per nonce-count, and burnt by a wrong answer).
+    pub digest_nonce_lifetime: Duration,
+    /// Failed digest checks per source (and per username) per minute before
+    /// the source is banned (default 10).
+    pub auth_failures_per_minute: u32,
+    /// How long a banned source is ignored (default 600 s).
+    pub auth_ban: Duration,
+    /// Sources never banned, only throttled (a carrier's own hosts).
+    pub never_ban: Vec<ipnet::IpNet>,
+    /// Answered calls from one source address not yet confirmed by ACK
+    /// (default 10); beyond it new INVITEs from there get 503.
+    pub max_unconfirmed_calls_per_source: u32,
+    /// A TCP connection that has not completed a message this long after it
+    /// was opened, or after the last complete message while part of the next
+    /// one is buffered, is closed (default 10 s).
+    pub tcp_idle_timeout: Duration,
+    /// TCP connections open at once per listener (default 1024).
+    pub tcp_max_connections: u32,
+    /// TCP connections open at once per source address and listener (default 32).
+    pub tcp_max_connections_per_source: u32,
+}
+
+/// Default [`SecuritySettings::rtp_latch_window`].
+const DEFAULT_RTP_LATCH_WINDOW: Duration = Duration::from_secs(2);
+/// Largest `rtp_latch_window_ms`.
+const MAX_RTP_LATCH_WINDOW_MS: u32 = 10_000;
+
+impl Default for SecuritySettings {
+    fn default() -> SecuritySettings {
+        SecuritySettings {
+            rtp_latch_window: DEFAULT_RTP_LATCH_WINDOW,
+            digest_nonce_lifetime: Duration::from_secs(30),
+            auth_failures_per_minute: 10,
+            auth_ban: Duration::from_secs(600),
+            never_ban: Vec::new(),
+            max_unconfirmed_calls_per_source: 10,
+            tcp_idle_timeout: Duration::from_secs(10),
+            tcp_max_connections: 1024,
+            tcp_max_connections_per_source: 32,
+        }
+    }
+}
+
+/// Checks a `[profile.security]` section; errors carry the span of the value.
+pub(crate) fn resolve(
+    raw: Option<&RawSecurity>,
+) -> (SecuritySettings, Vec<(Range<usize>, String)>) {
+    let mut s = SecuritySettings::default();
+    let mut errors = Vec::new();
+    let Some(r) = raw else {
+        return (s, errors);
+    };
+    let mut ranged = |v: &Option<Spanned<u32>>, name: &str, lo: u32, hi: u32| -> Option<u32> {
+        let v = v.as_ref()?;
+        let n = *v.get_ref();
+        if n < lo || n > hi {
+            errors.push((v.span(), format!("{name} {n} must be {lo} to {hi}")));
+            return None;
+        }
+        Some(n)
+    };
+    if let Some(n) = ranged(
+        &r.digest_nonce_lifetime_s,
+        "digest_nonce_lifetime_s",
+        5,
+        300,
+    ) {
+        s.digest_nonce_lifetime = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(
+        &r.auth_failures_per_minute,
+        "auth_failures_per_minute",
+        1,
+        1000,
+    ) {
+        s.auth_failures_per_minute = n;
+    }
+    if let Some(n) = ranged(&r.auth_ban_s, "auth_ban_s", 1, 86_400) {
+        s.auth_ban = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(
+        &r.max_unconfirmed_calls_per_source,
+        "max_unconfirmed_calls_per_source",
+        1,
+        100_000,
+    ) {
+        s.max_unconfirmed_calls_per_source = n;
+    }
+    if let Some(n) = ranged(&r.tcp_idle_timeout_s, "tcp_idle_timeout_s", 1, 3600) {
+        s.tcp_idle_timeout = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(&r.tcp_max_connections, "tcp_max_connections", 1, 1_000_000) {
+        s.tcp_max_connections = n;
+    }
+    if let Some(n) = ranged(
+        &r.tcp_max_connections_per_source,
+        "tcp_max_connections_per_source",
+        1,
+        1_000_000,
+    ) {
+        s.tcp_max_connections_per_source = n;
+    }
+    for v in r.never_ban.iter().flatten() {
+        let text = v.get_ref();
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(net) => s.never_ban.push(net),
+            Err(_) => errors.push((
+                v.span(),
+                format!("never_ban `{text}` is not a CIDR or IP address"),
+            )),
+        }
+    }
+    if let Some(v) = &r.rtp_latch_window_ms {
+        let ms = *v.get_ref();
+        if ms == 0 || ms > MAX_RTP_LATCH_WINDOW_MS {
+            errors.push((
+                v.span(),
+                format!("rtp_latch_window_ms {ms} must be 1 to {MAX_RTP_LATCH_WINDOW_MS}"),
+            ));
+        } else {
+            s.rtp_latch_window = Duration::from_millis(u64::from(ms));
+        }
+    }
+    (s, errors)
+}
