@@ -97,6 +97,7 @@ fn main() -> ExitCode {
         eprintln!("sipbridge: {e:#}");
         return ExitCode::FAILURE;
     }
+    logging::install_panic_hook();
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),

@@ -778,3 +778,23 @@ fn unix_ms_converts_wall_clock_times() {
     );
     assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
 }
+
+#[test]
+fn privacy_erased_numbers_leave_no_bytes_in_the_database_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    for i in 0..50 {
+        s.insert_call(&call("acme", &format!("c{i}"), "+15559998888", T0 + i))
+            .unwrap();
+    }
+    s.erase_caller("acme", "+15559998888", "ops", "request", T0 + 100)
+        .unwrap();
+    s.checkpoint().unwrap();
+    for name in ["meta.db", "meta.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap_or_default();
+        assert!(
+            !bytes.windows(10).any(|w| w == b"5559998888"),
+            "the erased number is still in {name}"
+        );
+    }
+}

@@ -153,9 +153,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut body = json!({ "error": self.to_string() });
+        // Error texts may quote a request's values (a caller number in a
+        // malformed body): scrubbed like the logs (issue 15).
+        let text = self.to_string();
+        let mut body = json!({ "error": crate::logging::scrub(&text) });
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            error!(error = %self, "admin API request failed");
+            error!(error = %crate::logging::scrub(&text), "admin API request failed");
             body = json!({ "error": "internal error" });
         } else if status == StatusCode::NOT_FOUND {
             // Never echo which id or tenant was asked for.
@@ -1139,6 +1142,25 @@ async fn audit_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn error_bodies_do_not_echo_caller_numbers() {
+        // What serde says of `{"tenant":"demo","caller":15559998888,…}`.
+        let e = serde_json::from_slice::<EraseRequest>(
+            br#"{"tenant":"demo","caller":15559998888,"reason":"x"}"#,
+        )
+        .map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+        .unwrap_err();
+        assert!(e.to_string().contains("15559998888"), "{e}");
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!body.contains("5559998888"), "{body}");
+        assert!(body.contains("15559•••88"), "{body}");
+    }
 
     /// `(method, path)` of every `.route(…)` in the admin module's sources.
     fn routes_in_source() -> Vec<(String, String)> {

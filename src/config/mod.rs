@@ -88,6 +88,8 @@ pub struct Profile {
     pub drain_grace: Duration,
     /// The admin HTTP API (`[profile.admin]`); `None`: not served.
     pub admin: Option<AdminSettings>,
+    /// What logs show of callers (`[profile.logging] caller_data`).
+    pub log_caller_data: crate::logging::CallerData,
 }
 
 /// The admin HTTP API of a profile (`[profile.admin]`).

@@ -32,6 +32,25 @@ pub(crate) struct RawProfile {
     pub(crate) drain_grace_s: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) admin: Option<Spanned<RawAdmin>>,
+    /// `[profile.logging]` (issue 15).
+    #[serde(default)]
+    pub(crate) logging: Option<Spanned<RawLogging>>,
+}
+
+/// `[profile.logging]`: what logs may show of callers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLogging {
+    #[serde(default)]
+    pub(crate) caller_data: Option<Spanned<RawCallerData>>,
+}
+
+/// `caller_data = "masked" | "full"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawCallerData {
+    Masked,
+    Full,
 }
 
 /// `[profile.admin]`: the admin HTTP API (absent: no API).

@@ -637,6 +637,7 @@ fn check_profiles(
             }
         });
         let drain_grace = drain_grace(cx, file, p.drain_grace_s.as_ref());
+        let log_caller_data = log_caller_data(cx, file, p.logging.as_ref());
 
         out.push(Profile {
             name,
@@ -655,9 +656,34 @@ fn check_profiles(
             media,
             admin,
             drain_grace,
+            log_caller_data,
         });
     }
     out
+}
+
+/// `[profile.logging] caller_data`: `"masked"` (default) or `"full"`, which
+/// is accepted with a warning (journald keeps what `erase` cannot reach).
+fn log_caller_data(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: Option<&Spanned<super::raw::RawLogging>>,
+) -> crate::logging::CallerData {
+    let Some(v) = raw.and_then(|l| l.get_ref().caller_data.as_ref()) else {
+        return crate::logging::CallerData::Masked;
+    };
+    match v.get_ref() {
+        super::raw::RawCallerData::Masked => crate::logging::CallerData::Masked,
+        super::raw::RawCallerData::Full => {
+            cx.warning(
+                file,
+                Some(v.span()),
+                "caller_data = \"full\": logs will hold callers' numbers, dialled numbers, transcript text \
+                 and SIP bodies in full; `erase` cannot reach logs (journald, collectors). Use it only to debug",
+            );
+            crate::logging::CallerData::Full
+        }
+    }
 }
 
 /// `[profile] drain_grace_s`: 0 (BYE at once) up to [`super::MAX_DRAIN_GRACE_S`].

@@ -568,6 +568,7 @@ pub fn erase(
         },
     };
     remove_files(summary.recordings.iter().map(|r| r.path.as_path()))?;
+    ds.store.checkpoint()?;
     Ok(summary)
 }
 

@@ -807,6 +807,9 @@ impl Store {
             return Err(DbError::NoWal(mode));
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Deleted and blanked values are overwritten with zeros, not left in
+        // free pages where a copy of the file would still show them (issue 15).
+        conn.pragma_update(None, "secure_delete", true)?;
         schema::migrate(&mut conn)?;
         Ok(Self {
             conn,
@@ -1326,6 +1329,15 @@ impl Store {
     }
 
     // ---- erasure -----------------------------------------------------------
+
+    /// Copies the WAL into the database file and truncates it, so the old
+    /// page images an erasure replaced are gone from the WAL too. Best effort:
+    /// while another connection reads, the WAL stays until its next checkpoint.
+    pub fn checkpoint(&self) -> Result<(), DbError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
 
     /// Erases everything about caller `number` in `tenant` only: deletes their
     /// transcripts, marks their recordings deleted (paths returned for the file
