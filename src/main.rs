@@ -352,7 +352,7 @@ mod data {
     }
 
     fn open(arg: &ConfigArg) -> Result<Opened, Failure> {
-        let cfg = config::load(&arg.config).map_err(|diags| {
+        let cfg = config::load_for_data(&arg.config).map_err(|diags| {
             let lines: Vec<String> = diags.items().iter().map(ToString::to_string).collect();
             usage(format!(
                 "configuration {} is invalid:\n{}",

@@ -38,7 +38,16 @@ pub fn load_with_env(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, Diagnostics> {
-    validate::load(path, env)
+    validate::load(path, env, false)
+}
+
+/// [`load`] for the data commands (`export`, `erase`, `recordings`,
+/// `retention`, `tenant delete`): they use the store, the master key and the
+/// tenants' policies only, so a pipeline, agent, digest or admin secret that
+/// cannot be resolved (an unset `env:` variable) is no error. Such a secret is
+/// empty in the result: never use it to connect.
+pub fn load_for_data(path: &Path) -> Result<Config, Diagnostics> {
+    validate::load(path, &secret::process_env, true)
 }
 
 /// The validated configuration: profiles (listeners) plus one shared

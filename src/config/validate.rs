@@ -71,6 +71,9 @@ struct Cx<'a> {
     sources: Vec<Source>,
     diags: Diagnostics,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// Loading for a data command (issue 15): secrets other than the master
+    /// key are not needed, so one that cannot be resolved is no error.
+    data_only: bool,
 }
 
 impl Cx<'_> {
@@ -120,6 +123,10 @@ impl Cx<'_> {
                 tracing::trace!(place = %self.place(&(file, written.span())), secret = ?s, "resolved {what}");
                 Some(s)
             }
+            Err(_) if self.data_only && what != "master_key" => Some(Secret::new(
+                Vec::new(),
+                secret::SecretRef::parse(written.get_ref()),
+            )),
             Err(e) => {
                 self.error(file, Some(written.span()), format!("{what}: {e}"));
                 None
@@ -131,11 +138,13 @@ impl Cx<'_> {
 pub(super) fn load(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    data_only: bool,
 ) -> Result<Config, Diagnostics> {
     let mut cx = Cx {
         sources: Vec::new(),
         diags: Diagnostics::default(),
         env,
+        data_only,
     };
     let mut parsed = Parsed::default();
     for file in profile_files(path, &mut cx) {
