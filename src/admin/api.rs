@@ -526,6 +526,8 @@ impl From<&RecordingRecord> for RecordingJson {
 struct RecordingsQuery {
     tenant: Option<String>,
     since: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
 }
 
 async fn list_recordings(
@@ -536,12 +538,23 @@ async fn list_recordings(
     let q = query(q)?;
     let tenant = scope(&principal, q.tenant.as_deref())?;
     let since = time_param("since", q.since.as_deref())?;
+    let limit = limit_param(q.limit)?;
+    // The same cursor shape as the CDRs': `(created_at, id)` of the last item.
+    let after = q.cursor.as_deref().map(parse_cdr_cursor).transpose()?;
     state
         .api
         .with_store(move |ds| {
-            let recs = ds.store.list_recordings(tenant.as_deref(), since)?;
+            let after = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+            let recs = ds
+                .store
+                .list_recordings_page(tenant.as_deref(), since, after, limit)?;
+            let next = (recs.len() == limit as usize)
+                .then(|| recs.last().map(|r| cdr_cursor(r.created_at, &r.id)))
+                .flatten();
             let recs: Vec<RecordingJson> = recs.iter().map(RecordingJson::from).collect();
-            Ok(axum::Json(json!({ "recordings": recs })))
+            Ok(axum::Json(
+                json!({ "recordings": recs, "next_cursor": next }),
+            ))
         })
         .await
 }

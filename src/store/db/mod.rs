@@ -1261,6 +1261,29 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// One page of [`Store::list_recordings`]: at most `limit` recordings
+    /// after `after` (`(created_at, id)` of the last one of the page before).
+    pub fn list_recordings_page(
+        &self,
+        tenant: Option<&str>,
+        since: Option<UnixMs>,
+        after: Option<(UnixMs, &str)>,
+        limit: u32,
+    ) -> Result<Vec<RecordingRecord>, DbError> {
+        let (after_at, after_id) = after.unzip();
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state != 'deleted' \
+             AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR created_at >= ?2) \
+             AND (?3 IS NULL OR created_at > ?3 OR (created_at = ?3 AND id > ?4)) \
+             ORDER BY created_at, id LIMIT ?5"
+        ))?;
+        let rows = stmt.query_map(
+            params![tenant, since, after_at, after_id, limit],
+            recording_from_row,
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// All recordings of one call of `tenant` (any state).
     pub fn recordings_of_call(
         &self,
