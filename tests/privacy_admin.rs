@@ -123,3 +123,29 @@ fn privacy_admin_recordings_page_through_a_thousand() {
     let bad = get(addr, "/v1/recordings?cursor=junk!", Some(ADMIN_TOKEN));
     assert_eq!(bad.status, 400);
 }
+
+#[test]
+fn metrics_behind_a_bearer_token_when_configured() {
+    const METRICS_TOKEN: &str = "sbm_bWV0cmljcy10b2tlbi1mb3ItdGVzdHM";
+    let profile = profile().replace(
+        "token = \"env:SB_ADMIN_TOKEN\"\n",
+        "token = \"env:SB_ADMIN_TOKEN\"\nmetrics_token = \"env:SB_METRICS_TOKEN\"\n",
+    );
+    let daemon = Daemon::spawn_with_env(
+        &profile,
+        &[
+            ("SB_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SB_METRICS_TOKEN", METRICS_TOKEN),
+        ],
+    );
+    let addr = daemon.admin_addr();
+    let open = get(addr, "/metrics", None);
+    assert_eq!(open.status, 401);
+    assert!(!open.text().contains("sipbridge_"));
+    assert_eq!(get(addr, "/metrics", Some("wrong")).status, 401);
+    let ok = get(addr, "/metrics", Some(METRICS_TOKEN));
+    assert_eq!(ok.status, 200);
+    assert!(ok.text().contains("sipbridge_"), "{}", ok.text());
+    // Health stays open.
+    assert_eq!(get(addr, "/healthz", None).status, 200);
+}

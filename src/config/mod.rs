@@ -110,6 +110,9 @@ pub struct AdminSettings {
     /// The admin bearer token (`token = "<secret ref>"`); `None`: only
     /// tenant tokens are accepted.
     pub token: Option<Secret>,
+    /// The bearer token `/metrics` asks for (`metrics_token`); `None`:
+    /// `/metrics` is open like the health endpoints.
+    pub metrics_token: Option<Secret>,
 }
 
 /// Default `[profile] drain_grace_s`.

@@ -61,6 +61,9 @@ pub(crate) struct RawAdmin {
     /// Secret reference of the admin bearer token (hashed in memory at load).
     #[serde(default)]
     pub(crate) token: Option<Spanned<String>>,
+    /// Secret reference of the bearer token `/metrics` asks for (issue 15).
+    #[serde(default)]
+    pub(crate) metrics_token: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -630,8 +630,17 @@ fn check_profiles(
                 .token
                 .as_ref()
                 .and_then(|t| cx.secret(file, t, "admin token"));
+            let metrics_token = a
+                .get_ref()
+                .metrics_token
+                .as_ref()
+                .and_then(|t| cx.secret(file, t, "metrics token"));
             match listen.get_ref().parse::<SocketAddr>() {
-                Ok(listen) => Some(AdminSettings { listen, token }),
+                Ok(listen) => Some(AdminSettings {
+                    listen,
+                    token,
+                    metrics_token,
+                }),
                 Err(_) => {
                     cx.error(
                         file,
