@@ -323,6 +323,9 @@ pub struct Retention {
     pub transcripts_days: u32,
     /// Call metadata / CDRs (default 365).
     pub metadata_days: u32,
+    /// Audit rows (default 400, or the longest of the others if longer;
+    /// never shorter than that).
+    pub audit_days: u32,
 }
 
 impl Default for Retention {
@@ -331,6 +334,7 @@ impl Default for Retention {
             recordings_days: 90,
             transcripts_days: 90,
             metadata_days: 365,
+            audit_days: 400,
         }
     }
 }
@@ -672,8 +676,8 @@ impl Config {
             let r = &t.retention;
             let _ = writeln!(
                 out,
-                "    retention: recordings {} d, transcripts {} d, metadata {} d",
-                r.recordings_days, r.transcripts_days, r.metadata_days
+                "    retention: recordings {} d, transcripts {} d, metadata {} d, audit {} d",
+                r.recordings_days, r.transcripts_days, r.metadata_days, r.audit_days
             );
         }
         let _ = writeln!(out, "routes: {}", self.routes.len());

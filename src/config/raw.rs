@@ -181,6 +181,8 @@ pub(crate) struct RawRetention {
     pub(crate) transcripts_days: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) metadata_days: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) audit_days: Option<Spanned<u32>>,
 }
 
 /// One flat table for every pipeline kind; `validate` checks which keys

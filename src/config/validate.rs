@@ -1026,6 +1026,30 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 }
             }
         }
+        let longest = retention
+            .recordings_days
+            .max(retention.transcripts_days)
+            .max(retention.metadata_days);
+        retention.audit_days = retention.audit_days.max(longest);
+        if let Some(a) = t
+            .retention
+            .as_ref()
+            .and_then(|r| r.get_ref().audit_days.as_ref())
+        {
+            if *a.get_ref() < longest {
+                cx.error(
+                    file,
+                    Some(a.span()),
+                    format!(
+                        "audit_days {} is shorter than the longest data retention ({longest} days): \
+                         the record of a deletion must outlive the data",
+                        a.get_ref()
+                    ),
+                );
+            } else {
+                retention.audit_days = *a.get_ref();
+            }
+        }
         let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
         let pipeline_failure = check_failure_policy(cx, file, t.pipeline.get_ref());
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");

@@ -1353,6 +1353,30 @@ impl Store {
 
     // ---- erasure -----------------------------------------------------------
 
+    /// Deletes the audit rows of `tenant` older than `before` (unix ms):
+    /// audit retention (`audit_days`). Returns how many went. The only way
+    /// audit rows are ever deleted (a trigger refuses any other DELETE).
+    pub fn prune_audit(&mut self, tenant: &str, before: UnixMs) -> Result<usize, DbError> {
+        let tx = self.write_tx()?;
+        tx.execute("UPDATE audit_prune SET before = ?1", params![before])?;
+        let n = tx.execute(
+            "DELETE FROM audit WHERE tenant = ?1 AND at < ?2",
+            params![tenant, before],
+        )?;
+        tx.execute("UPDATE audit_prune SET before = 0", [])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Tenants that have audit rows.
+    pub fn audit_tenants(&self) -> Result<Vec<String>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT tenant FROM audit ORDER BY tenant")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Copies the WAL into the database file and truncates it, so the old
     /// page images an erasure replaced are gone from the WAL too. Best effort:
     /// while another connection reads, the WAL stays until its next checkpoint.
