@@ -455,7 +455,7 @@ fn retention_dry_run_lists_exactly_what_run_deletes() {
 }
 
 #[test]
-fn erase_by_caller_touches_only_that_caller_in_that_tenant() {
+fn privacy_erasure_by_caller_touches_only_that_caller_in_that_tenant() {
     let mut env = Env::new();
     env.call("acme", "a1", ALICE, 3);
     env.call("acme", "a2", BOB, 3);
@@ -642,7 +642,7 @@ fn export_writes_calls_transcripts_and_recordings_for_one_caller() {
 }
 
 #[test]
-fn tenant_delete_shreds_the_key_then_files_and_rows() {
+fn privacy_crypto_shredding_tenant_delete_shreds_the_key_then_files_and_rows() {
     let mut env = Env::new();
     env.call("acme", "a1", ALICE, 3);
     env.call("beta", "b1", ALICE, 3);

@@ -654,7 +654,7 @@ fn erase_tenant_removes_its_rows_keeps_audit_and_other_tenants() {
 }
 
 #[test]
-fn audit_rows_are_append_only() {
+fn privacy_audit_rows_are_append_only() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(dir.path());
     let id = s

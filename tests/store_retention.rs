@@ -218,7 +218,7 @@ fn owned(v: &[(ItemKind, &str)]) -> Vec<(ItemKind, String)> {
 }
 
 #[test]
-fn sweeps_exactly_the_expected_set_on_each_day() {
+fn privacy_retention_on_time_sweeps_exactly_the_expected_set_each_day() {
     let mut f = scene();
     let all_files: BTreeSet<String> =
         ["a1-r.sealed", "a2-r.sealed", "held-r.sealed", "b1-r.sealed"]
