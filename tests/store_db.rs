@@ -113,7 +113,7 @@ fn opens_in_wal_with_foreign_keys_private_file_and_current_schema() {
     assert_eq!(s.journal_mode().unwrap(), "wal");
     assert!(s.foreign_keys().unwrap());
     assert_eq!(s.schema_version().unwrap(), CURRENT_VERSION);
-    assert_eq!(CURRENT_VERSION, 3);
+    assert_eq!(CURRENT_VERSION, 4);
     s.insert_call(&call("acme", "c1", "+1", T0)).unwrap();
     let mode = std::fs::metadata(dir.path().join("meta.db"))
         .unwrap()
@@ -153,7 +153,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     }
     let mut s = Store::open(&path).unwrap();
     s.set_caller_policy("acme", CallerIdPolicy::Plain);
-    assert_eq!(s.schema_version().unwrap(), 3);
+    assert_eq!(s.schema_version().unwrap(), 4);
     let old = s.get_call("acme", "old").unwrap().unwrap();
     assert_eq!(old.caller.as_deref(), Some("+111"));
     assert_eq!(old.started_at, 5);
@@ -163,7 +163,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     drop(s);
     // Re-opening at the current version applies nothing and loses nothing.
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 3);
+    assert_eq!(s.schema_version().unwrap(), 4);
     assert_eq!(s.transcripts_of_call("acme", "old").unwrap().len(), 1);
 }
 

@@ -292,6 +292,15 @@ pub struct RtpStats {
     pub jitter_ms: f64,
 }
 
+/// A call's media frame counts (`frames_concealed`, `frames_dropped`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MediaFrames {
+    /// Frames concealed at playout (lost or late packets).
+    pub concealed: u64,
+    /// Caller frames dropped on the way to the pipeline (it was behind or away).
+    pub dropped: u64,
+}
+
 /// How a call ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallEnd {
@@ -362,6 +371,8 @@ pub struct CallRecord {
     pub codec: Option<String>,
     /// RTP statistics, once ended normally.
     pub rtp: Option<RtpStats>,
+    /// Media frame counts, once ended normally (`None` for older rows).
+    pub frames: Option<MediaFrames>,
     /// Consent events.
     pub consent: Consent,
     /// Under legal hold.
@@ -545,7 +556,8 @@ pub enum HoldTarget {
 
 const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, answered_at, \
      ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
-     disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at";
+     disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at, \
+     frames_concealed, frames_dropped";
 
 const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
      state, created_at, legal_hold, deleted_at";
@@ -590,6 +602,10 @@ fn call_from_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
         },
         legal_hold: r.get(18)?,
         erased_at: r.get(19)?,
+        frames: match (r.get::<_, Option<u64>>(20)?, r.get::<_, Option<u64>>(21)?) {
+            (Some(concealed), Some(dropped)) => Some(MediaFrames { concealed, dropped }),
+            _ => None,
+        },
     })
 }
 
@@ -1352,6 +1368,21 @@ impl Store {
     }
 
     // ---- erasure -----------------------------------------------------------
+
+    /// Stores a call's media frame counts (with its end).
+    pub fn set_call_frames(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        frames: MediaFrames,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE calls SET frames_concealed = ?1, frames_dropped = ?2 \
+             WHERE call_id = ?3 AND tenant = ?4",
+            params![frames.concealed, frames.dropped, call_id, tenant],
+        )?;
+        Ok(())
+    }
 
     /// Deletes the audit rows of `tenant` older than `before` (unix ms):
     /// audit retention (`audit_days`). Returns how many went. The only way

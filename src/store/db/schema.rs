@@ -99,6 +99,12 @@ pub const MIGRATIONS: &[&str] = &[
         WHEN OLD.at >= (SELECT before FROM audit_prune)
         BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
     "#,
+    // v4: media frame counts of a call (issue 15): concealed at playout,
+    // dropped on the way to the pipeline.
+    r#"
+    ALTER TABLE calls ADD COLUMN frames_concealed INTEGER;
+    ALTER TABLE calls ADD COLUMN frames_dropped INTEGER;
+    "#,
 ];
 
 /// The version this build writes.
