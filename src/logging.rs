@@ -11,8 +11,18 @@
 //! fields: in text as `call{call_id=…}:`, in JSON inside the `spans` list,
 //! e.g. `"spans":[{"call_id":"a84b4c76e66710","name":"call"}]`, so
 //! `grep '"call_id":"a84b4c76e66710"'` finds a whole call.
+//!
+//! Caller data (issue 15): logs end up in journald and collectors that
+//! `erase` cannot reach, so a caller's number, a hashed tenant's dialled
+//! number, transcript text and SIP bodies are never logged as they are.
+//! Log sites pass numbers through [`number`] (a masked form such as
+//! `+1555•••88`) and free text that may hold them (errors, panics, admin API
+//! error bodies) through [`scrub`]. `[profile.logging] caller_data = "full"`
+//! turns both off for debugging; it is process-wide because the subscriber is.
 
+use std::borrow::Cow;
 use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
@@ -56,6 +66,135 @@ pub enum LoggingError {
     /// A global subscriber was already installed.
     #[error("logging was already initialised")]
     AlreadySet,
+}
+
+/// What logs show of callers (`[profile.logging] caller_data`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallerData {
+    /// Numbers masked, free text scrubbed (the default).
+    #[default]
+    Masked,
+    /// Everything as it is: for debugging only.
+    Full,
+}
+
+static FULL_CALLER_DATA: AtomicBool = AtomicBool::new(false);
+
+/// Sets what logs show of callers from now on (start-up and reload).
+pub fn set_caller_data(mode: CallerData) {
+    FULL_CALLER_DATA.store(mode == CallerData::Full, Ordering::Relaxed);
+}
+
+/// Whether logs show caller data in full (`caller_data = "full"`).
+pub fn caller_data_full() -> bool {
+    FULL_CALLER_DATA.load(Ordering::Relaxed)
+}
+
+/// The masked form of a phone number or SIP user: its first five and last
+/// two characters around `•••` (`+15559998888` → `+1555•••88`); shorter ones
+/// (seven characters or fewer) show only `•••`.
+pub fn mask_number(n: &str) -> String {
+    let chars: Vec<char> = n.chars().collect();
+    if chars.is_empty() {
+        return String::new();
+    }
+    if chars.len() <= 8 {
+        return "•••".to_owned();
+    }
+    let head: String = chars.iter().take(5).collect();
+    let tail: String = chars.iter().skip(chars.len() - 2).collect();
+    format!("{head}•••{tail}")
+}
+
+/// A caller's (or a hashed tenant's dialled) number as logs may show it:
+/// masked unless `caller_data = "full"`.
+pub fn number(n: &str) -> String {
+    if caller_data_full() {
+        n.to_owned()
+    } else {
+        mask_number(n)
+    }
+}
+
+/// Runs of this many digits or more in free text are taken for phone numbers.
+const SCRUB_DIGITS: usize = 7;
+
+/// Free text (an error, a panic message, an admin API error body) with every
+/// run of seven or more digits — optionally led by `+` and broken by spaces,
+/// dashes or brackets as numbers are written — masked by
+/// [`mask_number`]. Unchanged when `caller_data = "full"`.
+pub fn scrub(text: &str) -> Cow<'_, str> {
+    if caller_data_full() {
+        return Cow::Borrowed(text);
+    }
+    scrub_always(text)
+}
+
+fn scrub_always(text: &str) -> Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts = bytes[i].is_ascii_digit() || (bytes[i] == b'+' && i + 1 < bytes.len());
+        if !starts {
+            i += 1;
+            continue;
+        }
+        // The longest stretch of digits and separators from here.
+        let mut end = i + 1;
+        let mut digits = usize::from(bytes[i].is_ascii_digit());
+        let mut last_digit = if digits > 0 { i + 1 } else { i };
+        while end < bytes.len() {
+            let b = bytes[end];
+            if b.is_ascii_digit() {
+                digits += 1;
+                last_digit = end + 1;
+            } else if !matches!(b, b' ' | b'-' | b'(' | b')') {
+                break;
+            }
+            end += 1;
+        }
+        if digits >= SCRUB_DIGITS {
+            let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+            o.push_str(&text[copied..i]);
+            o.push_str(&mask_number(&text[i..last_digit]));
+            copied = last_digit;
+        }
+        i = last_digit.max(i + 1);
+    }
+    match out {
+        None => Cow::Borrowed(text),
+        Some(mut o) => {
+            o.push_str(&text[copied..]);
+            Cow::Owned(o)
+        }
+    }
+}
+
+/// Replaces the default panic hook (which prints the message as it is) by one
+/// that logs the panic through `tracing`, its message [`scrub`]bed.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            %location,
+            message = %scrub(&message),
+            "panic"
+        );
+    }));
 }
 
 /// The default filter when neither `--log-filter`, `SIPBRIDGE_LOG` nor `RUST_LOG` is set.
@@ -172,6 +311,29 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert!(lines[0].contains("call{call_id=c1}"), "{}", lines[0]);
         assert!(lines[0].ends_with("shown"));
+    }
+
+    #[test]
+    fn numbers_are_masked_and_free_text_scrubbed() {
+        assert_eq!(mask_number("+15559998888"), "+1555•••88");
+        assert_eq!(mask_number("15559998888"), "15559•••88");
+        assert_eq!(mask_number("1234"), "•••");
+        assert_eq!(mask_number(""), "");
+        assert_eq!(
+            scrub_always("no call from +1 (555) 999-8888 today"),
+            "no call from +1 (5•••88 today"
+        );
+        assert_eq!(
+            scrub_always("body: invalid +15559998888"),
+            "body: invalid +1555•••88"
+        );
+        // Short numbers (ports, counts, ids) stay.
+        assert_eq!(
+            scrub_always("limit 1000 at 127.0.0.1:5060"),
+            "limit 1000 at 127.0.0.1:5060"
+        );
+        assert!(matches!(scrub_always("nothing here"), Cow::Borrowed(_)));
+        assert_eq!(scrub_always("ÿ+"), "ÿ+");
     }
 
     #[test]

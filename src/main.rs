@@ -123,6 +123,7 @@ fn main() -> ExitCode {
         eprintln!("sipbridge: {e:#}");
         return ExitCode::FAILURE;
     }
+    logging::install_panic_hook();
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
@@ -383,7 +384,7 @@ mod data {
     }
 
     fn open(arg: &ConfigArg) -> Result<Opened, Failure> {
-        let cfg = config::load(&arg.config).map_err(|diags| {
+        let cfg = config::load_for_data(&arg.config).map_err(|diags| {
             let mut lines: Vec<String> = diags.items().iter().map(ToString::to_string).collect();
             lines.extend(super::config_hint(&arg.config));
             usage(format!(

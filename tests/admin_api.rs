@@ -190,7 +190,7 @@ fn param<'a>(url: &'a str, name: &str) -> &'a str {
 }
 
 #[test]
-fn tenant_isolation_signed_links_and_audit() {
+fn privacy_tenant_isolation_on_every_endpoint_signed_links_and_audit() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = spawn();
     let addr = daemon.admin_addr();

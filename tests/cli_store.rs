@@ -455,7 +455,7 @@ fn retention_dry_run_lists_exactly_what_run_deletes() {
 }
 
 #[test]
-fn erase_by_caller_touches_only_that_caller_in_that_tenant() {
+fn privacy_erasure_by_caller_touches_only_that_caller_in_that_tenant() {
     let mut env = Env::new();
     env.call("acme", "a1", ALICE, 3);
     env.call("acme", "a2", BOB, 3);
@@ -642,7 +642,7 @@ fn export_writes_calls_transcripts_and_recordings_for_one_caller() {
 }
 
 #[test]
-fn tenant_delete_shreds_the_key_then_files_and_rows() {
+fn privacy_crypto_shredding_tenant_delete_shreds_the_key_then_files_and_rows() {
     let mut env = Env::new();
     env.call("acme", "a1", ALICE, 3);
     env.call("beta", "b1", ALICE, 3);
@@ -725,4 +725,61 @@ fn bad_configuration_exits_2_and_no_database_exits_1() {
 
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn privacy_data_commands_run_with_every_pipeline_secret_unset() {
+    let mut env = Env::new();
+    // Tenant beta talks to Deepgram and an agent, the admin API has a token:
+    // every one of those secrets is an unset environment variable.
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let text = text.replacen(
+        "id = \"beta\"\nrecording = false\npipeline = { kind = \"echo\" }",
+        "id = \"beta\"\nrecording = false\npipeline = { kind = \"deepgram+agent\", model = \"nova-3\", \
+         language = \"en-US\", api_key = \"env:SB_TEST_UNSET_DEEPGRAM_KEY\", \
+         url = \"ws://127.0.0.1:9/agent\", auth = \"env:SB_TEST_UNSET_AGENT_TOKEN\" }",
+        1,
+    );
+    let text = text.replacen(
+        "[[trunk]]",
+        "[profile.admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SB_TEST_UNSET_ADMIN_TOKEN\"\n\n[[trunk]]",
+        1,
+    );
+    assert!(text.contains("SB_TEST_UNSET_DEEPGRAM_KEY"), "{text}");
+    std::fs::write(&env.config, text).unwrap();
+    env.call("beta", "b1", ALICE, 2);
+    env.recording("beta", "b1", 2, 7, 100);
+
+    // The daemon needs them: `check` refuses the configuration.
+    let check = env.run(&["check"]);
+    assert_eq!(check.status.code(), Some(2));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(said.contains("SB_TEST_UNSET_DEEPGRAM_KEY"), "{said}");
+
+    let listed = env.ok(&["recordings", "list", "--tenant", "beta"]);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    env.ok(&["retention", "run", "--dry-run"]);
+    let dir = env.dir.join("export");
+    let out = env.ok(&[
+        "export",
+        "--tenant",
+        "beta",
+        "--caller",
+        ALICE,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.starts_with("exported 1 call(s)"), "{out}");
+    let out = env.ok(&[
+        "erase", "--tenant", "beta", "--caller", ALICE, "--reason", "asked",
+    ]);
+    assert!(
+        out.starts_with("erased: 1 call(s), 1 recording(s)"),
+        "{out}"
+    );
+    env.ok(&["tenant", "delete", "beta", "--yes"]);
 }

@@ -104,7 +104,10 @@ fn default_profile_passes_and_lists_the_demo_tenant() {
     assert!(stdout.contains("local: allow [127.0.0.0/8, ::1/128]"));
     assert!(stdout.contains("  demo: recording on, transcripts off, opt-out key 9"));
     assert!(stdout.contains("    pipeline: echo"));
-    assert!(stdout.contains("retention: recordings 90 d, transcripts 90 d, metadata 365 d"));
+    assert!(
+        stdout
+            .contains("retention: recordings 90 d, transcripts 90 d, metadata 365 d, audit 400 d")
+    );
     assert!(stdout.contains("* -> demo (any trunk)"));
 }
 

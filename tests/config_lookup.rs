@@ -251,6 +251,45 @@ fn rtp_range_must_cover_the_call_limits() {
 }
 
 #[test]
+fn audit_days_default_400_and_never_shorter_than_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(dir.path());
+    let acme = cfg.tenants.iter().find(|t| t.id == "acme").unwrap();
+    assert_eq!(acme.retention.audit_days, 400);
+
+    write_wav(&dir.path().join("p.wav"));
+    let base = CONFIG
+        .replace("VAR", dir.path().join("var").to_str().unwrap())
+        .replace("PROMPT", dir.path().join("p.wav").to_str().unwrap());
+    let env = |k: &str| (k == "DG").then(|| "dg-key".to_owned());
+    let file = dir.path().join("a.toml");
+    // Data kept 500 days: the audit default grows with it.
+    std::fs::write(
+        &file,
+        base.replace("recordings_days = 30", "recordings_days = 500"),
+    )
+    .unwrap();
+    let cfg = config::load_with_env(&file, &env).unwrap();
+    let acme = cfg.tenants.iter().find(|t| t.id == "acme").unwrap();
+    assert_eq!(acme.retention.audit_days, 500);
+    // Written shorter than the data: an error.
+    std::fs::write(
+        &file,
+        base.replace(
+            "recordings_days = 30",
+            "recordings_days = 30, audit_days = 100",
+        ),
+    )
+    .unwrap();
+    let err = config::load_with_env(&file, &env).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("audit_days 100 is shorter than the longest data retention (365 days)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn twilio_api_accounts_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     write_wav(&dir.path().join("p.wav"));

@@ -205,7 +205,7 @@ fn answered_call_id(daemon: &Daemon) -> String {
 }
 
 #[test]
-fn recorded_call_round_trips_and_leaves_no_plaintext() {
+fn privacy_disclosure_before_recording_round_trip_no_plaintext() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = spawn(true, tmp.path());
     let sc = scenario(
@@ -279,7 +279,7 @@ fn recorded_call_round_trips_and_leaves_no_plaintext() {
 }
 
 #[test]
-fn recording_off_leaves_no_audio_on_disk() {
+fn privacy_no_audio_at_rest_when_recording_is_off() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = spawn(false, tmp.path());
     let sc = scenario(
@@ -313,7 +313,7 @@ fn recording_off_leaves_no_audio_on_disk() {
 }
 
 #[test]
-fn opt_out_dtmf_during_the_prompt_deletes_the_recording() {
+fn privacy_opt_out_dtmf_during_the_prompt_deletes_the_recording() {
     let dtmf = Path::new("/usr/share/sip-tester/dtmf_2833_9.pcap");
     assert!(dtmf.exists(), "SIPp's RFC 4733 pcap of digit 9");
     let tmp = tempfile::tempdir().unwrap();
@@ -371,7 +371,7 @@ fn opt_out_dtmf_during_the_prompt_deletes_the_recording() {
 }
 
 #[test]
-fn kill_9_mid_call_leaves_a_partial_recording_recovered_at_restart() {
+fn privacy_crash_safety_kill_9_mid_call_recovers_a_partial_recording() {
     let tmp = tempfile::tempdir().unwrap();
     let first = spawn(true, tmp.path());
     let sc = scenario(

@@ -47,7 +47,7 @@ fn insert(store: &mut Store, id: &str, started_at: i64) {
 }
 
 #[test]
-fn sweeper_deletes_expired_cdrs_at_start_up() {
+fn privacy_retention_sweeper_deletes_expired_cdrs_at_start_up() {
     let tmp = tempfile::tempdir().unwrap();
     let var = tmp.path().join("var");
     std::fs::create_dir_all(&var).unwrap();

@@ -173,7 +173,7 @@ fn values_are_resolved_but_never_formatted() {
 }
 
 #[test]
-fn logs_at_trace_never_carry_the_values() {
+fn privacy_no_secrets_in_logs_at_trace() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
     for format in [LogFormat::Json, LogFormat::Text] {

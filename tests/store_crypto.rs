@@ -194,7 +194,7 @@ fn shares_a_run(disk: &[u8], plain: &[u8]) -> bool {
 }
 
 #[test]
-fn no_plaintext_on_disk_while_recording_or_after() {
+fn privacy_aes256gcm_at_rest_no_plaintext_while_recording_or_after() {
     let mut s = setup(4);
     let mut w = new_writer(&mut s, "acme");
     push_frames(&mut w, 0, 2 * 8000 + 4000);
@@ -560,7 +560,7 @@ fn a_crash_mid_write_keeps_every_complete_second() {
 }
 
 #[test]
-fn crypto_shredding_makes_every_file_of_the_tenant_undecryptable() {
+fn privacy_crypto_shredding_makes_every_file_of_the_tenant_undecryptable() {
     let mut s = setup(10);
     let a1 = recording(&mut s, "acme", 8000);
     let a2 = recording(&mut s, "acme", 100);

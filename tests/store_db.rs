@@ -113,7 +113,7 @@ fn opens_in_wal_with_foreign_keys_private_file_and_current_schema() {
     assert_eq!(s.journal_mode().unwrap(), "wal");
     assert!(s.foreign_keys().unwrap());
     assert_eq!(s.schema_version().unwrap(), CURRENT_VERSION);
-    assert_eq!(CURRENT_VERSION, 2);
+    assert_eq!(CURRENT_VERSION, 4);
     s.insert_call(&call("acme", "c1", "+1", T0)).unwrap();
     let mode = std::fs::metadata(dir.path().join("meta.db"))
         .unwrap()
@@ -153,7 +153,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     }
     let mut s = Store::open(&path).unwrap();
     s.set_caller_policy("acme", CallerIdPolicy::Plain);
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), 4);
     let old = s.get_call("acme", "old").unwrap().unwrap();
     assert_eq!(old.caller.as_deref(), Some("+111"));
     assert_eq!(old.started_at, 5);
@@ -163,7 +163,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     drop(s);
     // Re-opening at the current version applies nothing and loses nothing.
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), 4);
     assert_eq!(s.transcripts_of_call("acme", "old").unwrap().len(), 1);
 }
 
@@ -654,7 +654,7 @@ fn erase_tenant_removes_its_rows_keeps_audit_and_other_tenants() {
 }
 
 #[test]
-fn audit_rows_are_append_only() {
+fn privacy_audit_rows_are_append_only() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(dir.path());
     let id = s
@@ -777,4 +777,24 @@ fn unix_ms_converts_wall_clock_times() {
         1_760_000_000_123
     );
     assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
+}
+
+#[test]
+fn privacy_erased_numbers_leave_no_bytes_in_the_database_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    for i in 0..50 {
+        s.insert_call(&call("acme", &format!("c{i}"), "+15559998888", T0 + i))
+            .unwrap();
+    }
+    s.erase_caller("acme", "+15559998888", "ops", "request", T0 + 100)
+        .unwrap();
+    s.checkpoint().unwrap();
+    for name in ["meta.db", "meta.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap_or_default();
+        assert!(
+            !bytes.windows(10).any(|w| w == b"5559998888"),
+            "the erased number is still in {name}"
+        );
+    }
 }

@@ -28,6 +28,7 @@ fn policy(tenant: &str) -> Option<RetentionPolicy> {
             recordings_days: 30,
             transcripts_days: 30,
             metadata_days: 365,
+            audit_days: 400,
         }),
         _ => None,
     }
@@ -217,7 +218,7 @@ fn owned(v: &[(ItemKind, &str)]) -> Vec<(ItemKind, String)> {
 }
 
 #[test]
-fn sweeps_exactly_the_expected_set_on_each_day() {
+fn privacy_retention_on_time_sweeps_exactly_the_expected_set_each_day() {
     let mut f = scene();
     let all_files: BTreeSet<String> =
         ["a1-r.sealed", "a2-r.sealed", "held-r.sealed", "b1-r.sealed"]
@@ -400,4 +401,52 @@ fn expiring_a_cdr_removes_leftover_files_of_its_recordings() {
         owned(&[(ItemKind::Call, "a1")])
     );
     assert!(!f.file("a1").exists());
+}
+
+#[test]
+fn privacy_audit_rows_have_their_own_retention() {
+    let mut f = Fixture::new();
+    let entry =
+        |at: i64, tenant: &'static str, id: &'static str| sipbridge::store::db::AuditEntry {
+            at,
+            actor: "ops",
+            action: AuditAction::RecordingExport,
+            object_kind: ObjectKind::Recording,
+            object_id: id,
+            tenant,
+            reason: "asked",
+        };
+    for (at, tenant, id) in [
+        (DAY0, "acme", "old"),
+        (DAY0 + 300 * DAY_MS, "acme", "recent"),
+        (DAY0, "ghost", "unconfigured"),
+    ] {
+        f.store.audit(&entry(at, tenant, id)).unwrap();
+    }
+    let audit_ids = |s: &Store| -> BTreeSet<String> {
+        s.audit_log(&AuditFilter {
+            action: Some(AuditAction::RecordingExport),
+            ..AuditFilter::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|a| a.object_id)
+        .collect()
+    };
+    // One hour before 400 days: all kept.
+    let report = Sweeper::new(&policy, &remove)
+        .run(&mut f.store, morning_of(400))
+        .unwrap();
+    assert!(report.audit_pruned.is_empty());
+    assert_eq!(audit_ids(&f.store).len(), 3);
+    // A day later the 400-day-old row of acme goes; the tenant without a
+    // policy keeps its rows.
+    let report = Sweeper::new(&policy, &remove)
+        .run(&mut f.store, morning_of(401))
+        .unwrap();
+    assert_eq!(report.audit_pruned.get("acme"), Some(&1));
+    assert_eq!(
+        audit_ids(&f.store),
+        BTreeSet::from(["recent".to_owned(), "unconfigured".to_owned()])
+    );
 }

@@ -153,9 +153,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut body = json!({ "error": self.to_string() });
+        // Error texts may quote a request's values (a caller number in a
+        // malformed body): scrubbed like the logs (issue 15).
+        let text = self.to_string();
+        let mut body = json!({ "error": crate::logging::scrub(&text) });
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            error!(error = %self, "admin API request failed");
+            error!(error = %crate::logging::scrub(&text), "admin API request failed");
             body = json!({ "error": "internal error" });
         } else if status == StatusCode::NOT_FOUND {
             // Never echo which id or tenant was asked for.
@@ -523,6 +526,8 @@ impl From<&RecordingRecord> for RecordingJson {
 struct RecordingsQuery {
     tenant: Option<String>,
     since: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
 }
 
 async fn list_recordings(
@@ -533,12 +538,23 @@ async fn list_recordings(
     let q = query(q)?;
     let tenant = scope(&principal, q.tenant.as_deref())?;
     let since = time_param("since", q.since.as_deref())?;
+    let limit = limit_param(q.limit)?;
+    // The same cursor shape as the CDRs': `(created_at, id)` of the last item.
+    let after = q.cursor.as_deref().map(parse_cdr_cursor).transpose()?;
     state
         .api
         .with_store(move |ds| {
-            let recs = ds.store.list_recordings(tenant.as_deref(), since)?;
+            let after = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+            let recs = ds
+                .store
+                .list_recordings_page(tenant.as_deref(), since, after, limit)?;
+            let next = (recs.len() == limit as usize)
+                .then(|| recs.last().map(|r| cdr_cursor(r.created_at, &r.id)))
+                .flatten();
             let recs: Vec<RecordingJson> = recs.iter().map(RecordingJson::from).collect();
-            Ok(axum::Json(json!({ "recordings": recs })))
+            Ok(axum::Json(
+                json!({ "recordings": recs, "next_cursor": next }),
+            ))
         })
         .await
 }
@@ -1139,6 +1155,25 @@ async fn audit_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn error_bodies_do_not_echo_caller_numbers() {
+        // What serde says of `{"tenant":"demo","caller":15559998888,…}`.
+        let e = serde_json::from_slice::<EraseRequest>(
+            br#"{"tenant":"demo","caller":15559998888,"reason":"x"}"#,
+        )
+        .map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+        .unwrap_err();
+        assert!(e.to_string().contains("15559998888"), "{e}");
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!body.contains("5559998888"), "{body}");
+        assert!(body.contains("15559•••88"), "{body}");
+    }
 
     /// `(method, path)` of every `.route(…)` in the admin module's sources.
     fn routes_in_source() -> Vec<(String, String)> {

@@ -138,7 +138,7 @@ mod tests {
     }
 
     #[test]
-    fn a_link_is_valid_until_it_expires() {
+    fn privacy_expiring_links_a_link_is_valid_until_it_expires() {
         let s = LinkSigner::from_master(&[1u8; 32]);
         let link = s.link("abc123", "admin-api:admin", T0, 300);
         assert_eq!(link.expires, T0 + 300);

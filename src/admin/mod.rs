@@ -85,6 +85,8 @@ struct StoreConn {
 /// What the API takes from the configuration.
 struct ApiSettings {
     tokens: auth::Tokens,
+    /// The `/metrics` bearer token (`metrics_token`); `None`: open.
+    metrics: Option<auth::Tokens>,
     callers: HashMap<String, CallerIdPolicy>,
     retention: HashMap<String, RetentionPolicy>,
     /// Tenants' Twilio-compatible accounts (`[tenant.twilio_api]`).
@@ -95,11 +97,11 @@ impl ApiSettings {
     /// The admin token of the first profile, the tenants' token hashes,
     /// caller-id policies (keys derived from `master_key`) and retention.
     fn of(config: &Config, master_key: &[u8]) -> ApiSettings {
-        let admin_token = config
-            .profiles
-            .first()
-            .and_then(|p| p.admin.as_ref())
-            .and_then(|a| a.token.as_ref());
+        let admin = config.profiles.first().and_then(|p| p.admin.as_ref());
+        let admin_token = admin.and_then(|a| a.token.as_ref());
+        let metrics = admin
+            .and_then(|a| a.metrics_token.as_ref())
+            .map(|t| auth::Tokens::new(Some(t.expose()), Vec::new()));
         let tenants = config
             .tenants
             .iter()
@@ -107,6 +109,7 @@ impl ApiSettings {
             .collect();
         ApiSettings {
             tokens: auth::Tokens::new(admin_token.map(|s| s.expose()), tenants),
+            metrics,
             callers: caller_policies(config, master_key),
             retention: config
                 .tenants
@@ -267,10 +270,31 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
 }
 
 /// Prometheus scrape: the text exposition format 0.0.4 (`src/metrics.rs`).
-/// Unauthenticated like the health endpoints (docs/admin-api.md): it holds
-/// counts labelled by tenant id, code, method and kind, never a call id,
-/// a number or a secret.
-async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+/// It holds counts labelled by tenant id, code, method and kind, never a
+/// call id, a number or a secret. Unauthenticated like the health endpoints
+/// unless `[profile.admin] metrics_token` is set: then it asks for that
+/// bearer token (401 otherwise).
+async fn metrics(
+    State(state): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if let Some(tokens) = &state.api.settings().metrics {
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .map(axum::http::HeaderValue::as_bytes);
+        if tokens.check(header).is_err() {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"sipbridge-metrics\"",
+                )],
+                "unauthorized\n",
+            )
+                .into_response();
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -278,6 +302,7 @@ async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], Stri
         )],
         crate::metrics::render(),
     )
+        .into_response()
 }
 
 /// Binds the admin listener and serves `router` on it in a new task; logs

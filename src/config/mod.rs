@@ -40,7 +40,16 @@ pub fn load_with_env(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, Diagnostics> {
-    validate::load(path, env)
+    validate::load(path, env, false)
+}
+
+/// [`load`] for the data commands (`export`, `erase`, `recordings`,
+/// `retention`, `tenant delete`): they use the store, the master key and the
+/// tenants' policies only, so a pipeline, agent, digest or admin secret that
+/// cannot be resolved (an unset `env:` variable) is no error. Such a secret is
+/// empty in the result: never use it to connect.
+pub fn load_for_data(path: &Path) -> Result<Config, Diagnostics> {
+    validate::load(path, &secret::process_env, true)
 }
 
 /// The validated configuration: profiles (listeners) plus one shared
@@ -92,6 +101,8 @@ pub struct Profile {
     pub admin: Option<AdminSettings>,
     /// Limits against a hostile network (`[profile.security]`).
     pub security: SecuritySettings,
+    /// What logs show of callers (`[profile.logging] caller_data`).
+    pub log_caller_data: crate::logging::CallerData,
 }
 
 /// The admin HTTP API of a profile (`[profile.admin]`).
@@ -103,6 +114,9 @@ pub struct AdminSettings {
     /// The admin bearer token (`token = "<secret ref>"`); `None`: only
     /// tenant tokens are accepted.
     pub token: Option<Secret>,
+    /// The bearer token `/metrics` asks for (`metrics_token`); `None`:
+    /// `/metrics` is open like the health endpoints.
+    pub metrics_token: Option<Secret>,
 }
 
 /// Default `[profile] drain_grace_s`.
@@ -332,6 +346,9 @@ pub struct Retention {
     pub transcripts_days: u32,
     /// Call metadata / CDRs (default 365).
     pub metadata_days: u32,
+    /// Audit rows (default 400, or the longest of the others if longer;
+    /// never shorter than that).
+    pub audit_days: u32,
 }
 
 impl Default for Retention {
@@ -340,6 +357,7 @@ impl Default for Retention {
             recordings_days: 90,
             transcripts_days: 90,
             metadata_days: 365,
+            audit_days: 400,
         }
     }
 }
@@ -690,8 +708,8 @@ impl Config {
             let r = &t.retention;
             let _ = writeln!(
                 out,
-                "    retention: recordings {} d, transcripts {} d, metadata {} d",
-                r.recordings_days, r.transcripts_days, r.metadata_days
+                "    retention: recordings {} d, transcripts {} d, metadata {} d, audit {} d",
+                r.recordings_days, r.transcripts_days, r.metadata_days, r.audit_days
             );
         }
         let _ = writeln!(out, "routes: {}", self.routes.len());

@@ -34,6 +34,25 @@ pub(crate) struct RawProfile {
     pub(crate) admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     pub(crate) security: Option<super::security::RawSecurity>,
+    /// `[profile.logging]` (issue 15).
+    #[serde(default)]
+    pub(crate) logging: Option<Spanned<RawLogging>>,
+}
+
+/// `[profile.logging]`: what logs may show of callers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLogging {
+    #[serde(default)]
+    pub(crate) caller_data: Option<Spanned<RawCallerData>>,
+}
+
+/// `caller_data = "masked" | "full"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawCallerData {
+    Masked,
+    Full,
 }
 
 /// `[profile.admin]`: the admin HTTP API (absent: no API).
@@ -44,6 +63,9 @@ pub(crate) struct RawAdmin {
     /// Secret reference of the admin bearer token (hashed in memory at load).
     #[serde(default)]
     pub(crate) token: Option<Spanned<String>>,
+    /// Secret reference of the bearer token `/metrics` asks for (issue 15).
+    #[serde(default)]
+    pub(crate) metrics_token: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +195,8 @@ pub(crate) struct RawRetention {
     pub(crate) transcripts_days: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) metadata_days: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) audit_days: Option<Spanned<u32>>,
 }
 
 /// One flat table for every pipeline kind; `validate` checks which keys

@@ -71,6 +71,9 @@ struct Cx<'a> {
     sources: Vec<Source>,
     diags: Diagnostics,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// Loading for a data command (issue 15): secrets other than the master
+    /// key are not needed, so one that cannot be resolved is no error.
+    data_only: bool,
 }
 
 impl Cx<'_> {
@@ -120,6 +123,10 @@ impl Cx<'_> {
                 tracing::trace!(place = %self.place(&(file, written.span())), secret = ?s, "resolved {what}");
                 Some(s)
             }
+            Err(_) if self.data_only && what != "master_key" => Some(Secret::new(
+                Vec::new(),
+                secret::SecretRef::parse(written.get_ref()),
+            )),
             Err(e) => {
                 self.error(file, Some(written.span()), format!("{what}: {e}"));
                 None
@@ -131,11 +138,13 @@ impl Cx<'_> {
 pub(super) fn load(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    data_only: bool,
 ) -> Result<Config, Diagnostics> {
     let mut cx = Cx {
         sources: Vec::new(),
         diags: Diagnostics::default(),
         env,
+        data_only,
     };
     let mut parsed = Parsed::default();
     for file in profile_files(path, &mut cx) {
@@ -621,8 +630,17 @@ fn check_profiles(
                 .token
                 .as_ref()
                 .and_then(|t| cx.secret(file, t, "admin token"));
+            let metrics_token = a
+                .get_ref()
+                .metrics_token
+                .as_ref()
+                .and_then(|t| cx.secret(file, t, "metrics token"));
             match listen.get_ref().parse::<SocketAddr>() {
-                Ok(listen) => Some(AdminSettings { listen, token }),
+                Ok(listen) => Some(AdminSettings {
+                    listen,
+                    token,
+                    metrics_token,
+                }),
                 Err(_) => {
                     cx.error(
                         file,
@@ -641,6 +659,7 @@ fn check_profiles(
         for (span, msg) in errors {
             cx.error(file, Some(span), msg);
         }
+        let log_caller_data = log_caller_data(cx, file, p.logging.as_ref());
 
         out.push(Profile {
             name,
@@ -660,9 +679,34 @@ fn check_profiles(
             admin,
             drain_grace,
             security,
+            log_caller_data,
         });
     }
     out
+}
+
+/// `[profile.logging] caller_data`: `"masked"` (default) or `"full"`, which
+/// is accepted with a warning (journald keeps what `erase` cannot reach).
+fn log_caller_data(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: Option<&Spanned<super::raw::RawLogging>>,
+) -> crate::logging::CallerData {
+    let Some(v) = raw.and_then(|l| l.get_ref().caller_data.as_ref()) else {
+        return crate::logging::CallerData::Masked;
+    };
+    match v.get_ref() {
+        super::raw::RawCallerData::Masked => crate::logging::CallerData::Masked,
+        super::raw::RawCallerData::Full => {
+            cx.warning(
+                file,
+                Some(v.span()),
+                "caller_data = \"full\": logs will hold callers' numbers, dialled numbers, transcript text \
+                 and SIP bodies in full; `erase` cannot reach logs (journald, collectors). Use it only to debug",
+            );
+            crate::logging::CallerData::Full
+        }
+    }
 }
 
 /// `[profile] drain_grace_s`: 0 (BYE at once) up to [`super::MAX_DRAIN_GRACE_S`].
@@ -999,6 +1043,30 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 if v.as_ref().is_some_and(|v| *v.get_ref() == 0) {
                     positive(cx, file, v, what);
                 }
+            }
+        }
+        let longest = retention
+            .recordings_days
+            .max(retention.transcripts_days)
+            .max(retention.metadata_days);
+        retention.audit_days = retention.audit_days.max(longest);
+        if let Some(a) = t
+            .retention
+            .as_ref()
+            .and_then(|r| r.get_ref().audit_days.as_ref())
+        {
+            if *a.get_ref() < longest {
+                cx.error(
+                    file,
+                    Some(a.span()),
+                    format!(
+                        "audit_days {} is shorter than the longest data retention ({longest} days): \
+                         the record of a deletion must outlive the data",
+                        a.get_ref()
+                    ),
+                );
+            } else {
+                retention.audit_days = *a.get_ref();
             }
         }
         let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);

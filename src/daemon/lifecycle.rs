@@ -505,6 +505,7 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
     }
 
     // Nothing below fails.
+    crate::logging::set_caller_data(profile.log_caller_data);
     let mut rng = StdRng::from_os_rng();
     let describe =
         |kind: TransportKind, addr: SocketAddr| format!("{} {addr}", transport::kind_name(kind));

@@ -106,9 +106,26 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-pub(crate) fn log_cdr(record: &CallRecord) {
+/// Logs a call's CDR (`target: "cdr"`). The caller's number is masked, and
+/// so is the dialled number of a tenant that hashes caller numbers (or of a
+/// call with no known tenant), unless `[profile.logging] caller_data = "full"`:
+/// the database keeps the real record, the log only a trace of it.
+pub(crate) fn log_cdr(shared: &Shared, record: &CallRecord) {
     crate::metrics::call_attempt(record.result_code, record.tenant.as_deref());
-    let json = serde_json::to_string(record).unwrap_or_default();
+    let hashed_tenant = record.tenant.as_deref().is_none_or(|t| {
+        lock(&shared.switchboard)
+            .config()
+            .tenant(t)
+            .is_none_or(|t| t.hash_caller_numbers)
+    });
+    let mut value = serde_json::to_value(record).unwrap_or_default();
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("from".into(), crate::logging::number(&record.from).into());
+        if hashed_tenant {
+            obj.insert("to".into(), crate::logging::number(&record.to).into());
+        }
+    }
+    let json = value.to_string();
     info!(
         target: "cdr",
         call_id = %record.call_id,
@@ -230,7 +247,7 @@ impl Shared {
             }
             Dispatch::Reply { transmit, record } => {
                 if let Some(record) = record {
-                    log_cdr(&record);
+                    log_cdr(self, &record);
                     if let Some(r) = &self.records {
                         r.rejected(&record);
                     }
@@ -645,7 +662,7 @@ async fn run_call(
                         }
                         record.pipeline = Some(summary);
                     }
-                    log_cdr(&record);
+                    log_cdr(shared, &record);
                     if let Some(s) = &mut store {
                         s.ended(&record);
                     }
@@ -1002,6 +1019,9 @@ pub async fn run(
     config_path: std::path::PathBuf,
 ) -> anyhow::Result<()> {
     crate::metrics::install();
+    if let Some(p) = config.profiles.first() {
+        crate::logging::set_caller_data(p.log_caller_data);
+    }
     let signals = lifecycle::Signals::install()?;
     let mut os_rng = StdRng::from_os_rng();
     let (mut shared, bound) = transport::bind_all(&config, &config_path, &mut os_rng)

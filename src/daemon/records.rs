@@ -22,8 +22,8 @@
 use crate::call::CallRecord;
 use crate::store::crypto::KeyRing;
 use crate::store::db::{
-    CallEnd, CallRow, CallerIdPolicy, ConsentEvent, HangupSide, RecordingRow, RecordingState,
-    RtpStats, Store, TranscriptRow, UnixMs, unix_ms,
+    CallEnd, CallRow, CallerIdPolicy, ConsentEvent, HangupSide, MediaFrames, RecordingRow,
+    RecordingState, RtpStats, Store, TranscriptRow, UnixMs, unix_ms,
 };
 use crate::store::recording::{FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE};
 use crate::store::retention::{RetentionPolicy, Sweeper};
@@ -53,6 +53,7 @@ enum Op {
         tenant: String,
         call_id: String,
         end: CallEnd,
+        frames: MediaFrames,
     },
     Consent {
         tenant: String,
@@ -251,6 +252,7 @@ impl Records {
             tenant,
             call_id: record.call_id.clone(),
             end: call_end(record),
+            frames: media_frames(record),
         });
     }
 
@@ -298,6 +300,14 @@ impl Records {
         {
             error!("store thread panicked");
         }
+    }
+}
+
+/// A call's concealed (playout) and dropped (pipeline) frame counts.
+fn media_frames(record: &CallRecord) -> MediaFrames {
+    MediaFrames {
+        concealed: record.rtp.map_or(0, |r| r.concealed),
+        dropped: record.pipeline.as_ref().map_or(0, |p| p.dropped_frames),
     }
 }
 
@@ -546,6 +556,7 @@ impl CallStore {
             tenant: self.tenant.clone(),
             call_id: self.call_id.clone(),
             end: call_end(record),
+            frames: media_frames(record),
         });
     }
 }
@@ -713,8 +724,13 @@ impl Writer {
                 tenant,
                 call_id,
                 end,
+                frames,
             } => {
-                if let Err(e) = self.store.finish_call(&tenant, &call_id, &end) {
+                if let Err(e) = self
+                    .store
+                    .finish_call(&tenant, &call_id, &end)
+                    .and_then(|()| self.store.set_call_frames(&tenant, &call_id, frames))
+                {
                     warn!(%call_id, error = %e, "CDR end not stored");
                 }
             }

@@ -584,6 +584,7 @@ pub fn erase(
         },
     };
     remove_files(summary.recordings.iter().map(|r| r.path.as_path()))?;
+    ds.store.checkpoint()?;
     Ok(summary)
 }
 
@@ -676,6 +677,10 @@ pub struct ExportedCall {
     pub rtp_lost: Option<u64>,
     /// Interarrival jitter, ms.
     pub rtp_jitter_ms: Option<f64>,
+    /// Frames concealed at playout (lost or late packets).
+    pub frames_concealed: Option<u64>,
+    /// Caller frames dropped on the way to the pipeline.
+    pub frames_dropped: Option<u64>,
     /// Disclosure prompt start.
     pub disclosure_started_at: Option<String>,
     /// Disclosure prompt end.
@@ -706,6 +711,8 @@ impl ExportedCall {
             rtp_packets: c.rtp.map(|r| r.packets),
             rtp_lost: c.rtp.map(|r| r.lost),
             rtp_jitter_ms: c.rtp.map(|r| r.jitter_ms),
+            frames_concealed: c.frames.map(|f| f.concealed),
+            frames_dropped: c.frames.map(|f| f.dropped),
             disclosure_started_at: t(c.consent.disclosure_started_at),
             disclosure_finished_at: t(c.consent.disclosure_finished_at),
             opt_out_at: t(c.consent.opt_out_at),

@@ -31,6 +31,9 @@ pub struct RetentionPolicy {
     pub transcripts_days: u32,
     /// CDRs / call metadata.
     pub metadata_days: u32,
+    /// Audit rows (never shorter than the longest of the others; the
+    /// configuration checks it).
+    pub audit_days: u32,
 }
 
 impl From<&crate::config::Retention> for RetentionPolicy {
@@ -40,17 +43,19 @@ impl From<&crate::config::Retention> for RetentionPolicy {
             recordings_days: r.recordings_days,
             transcripts_days: r.transcripts_days,
             metadata_days: r.metadata_days,
+            audit_days: r.audit_days,
         }
     }
 }
 
 impl Default for RetentionPolicy {
-    /// 90 days of recordings and transcripts, 365 days of metadata.
+    /// 90 days of recordings and transcripts, 365 days of metadata, 400 of audit rows.
     fn default() -> Self {
         Self {
             recordings_days: 90,
             transcripts_days: 90,
             metadata_days: 365,
+            audit_days: 400,
         }
     }
 }
@@ -198,6 +203,9 @@ pub struct SweepReport {
     pub held: Vec<Expiry>,
     /// Tenants without a policy and how many items were kept for that.
     pub unknown_tenants: BTreeMap<String, usize>,
+    /// Audit rows deleted under `audit_days`, per tenant (tenants without a
+    /// policy keep theirs).
+    pub audit_pruned: BTreeMap<String, usize>,
 }
 
 /// Applies [`expired`] to a [`Store`]: deletes files through `deleter` first
@@ -247,6 +255,17 @@ impl<'a> Sweeper<'a> {
                 report.deleted.push(expiry);
             } else {
                 report.skipped.push(expiry);
+            }
+        }
+        // Audit rows last: the deletions above were just audited.
+        for tenant in store.audit_tenants()? {
+            let Some(policy) = (self.policy)(&tenant) else {
+                continue;
+            };
+            let before = now.saturating_sub(i64::from(policy.audit_days).saturating_mul(DAY_MS));
+            let n = store.prune_audit(&tenant, before)?;
+            if n > 0 {
+                report.audit_pruned.insert(tenant, n);
             }
         }
         Ok(report)
@@ -340,6 +359,7 @@ mod tests {
                 recordings_days: 1,
                 transcripts_days: 2,
                 metadata_days: 3,
+                audit_days: 400,
             })
         };
         let items = [
@@ -392,6 +412,7 @@ mod tests {
                 recordings_days: 0,
                 transcripts_days: u32::MAX,
                 metadata_days: u32::MAX,
+                audit_days: u32::MAX,
             })
         };
         let items = [

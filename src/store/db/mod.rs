@@ -292,6 +292,15 @@ pub struct RtpStats {
     pub jitter_ms: f64,
 }
 
+/// A call's media frame counts (`frames_concealed`, `frames_dropped`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MediaFrames {
+    /// Frames concealed at playout (lost or late packets).
+    pub concealed: u64,
+    /// Caller frames dropped on the way to the pipeline (it was behind or away).
+    pub dropped: u64,
+}
+
 /// How a call ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallEnd {
@@ -362,6 +371,8 @@ pub struct CallRecord {
     pub codec: Option<String>,
     /// RTP statistics, once ended normally.
     pub rtp: Option<RtpStats>,
+    /// Media frame counts, once ended normally (`None` for older rows).
+    pub frames: Option<MediaFrames>,
     /// Consent events.
     pub consent: Consent,
     /// Under legal hold.
@@ -545,7 +556,8 @@ pub enum HoldTarget {
 
 const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, answered_at, \
      ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
-     disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at";
+     disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at, \
+     frames_concealed, frames_dropped";
 
 const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
      state, created_at, legal_hold, deleted_at";
@@ -590,6 +602,10 @@ fn call_from_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
         },
         legal_hold: r.get(18)?,
         erased_at: r.get(19)?,
+        frames: match (r.get::<_, Option<u64>>(20)?, r.get::<_, Option<u64>>(21)?) {
+            (Some(concealed), Some(dropped)) => Some(MediaFrames { concealed, dropped }),
+            _ => None,
+        },
     })
 }
 
@@ -807,6 +823,9 @@ impl Store {
             return Err(DbError::NoWal(mode));
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Deleted and blanked values are overwritten with zeros, not left in
+        // free pages where a copy of the file would still show them (issue 15).
+        conn.pragma_update(None, "secure_delete", true)?;
         schema::migrate(&mut conn)?;
         Ok(Self {
             conn,
@@ -1258,6 +1277,29 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// One page of [`Store::list_recordings`]: at most `limit` recordings
+    /// after `after` (`(created_at, id)` of the last one of the page before).
+    pub fn list_recordings_page(
+        &self,
+        tenant: Option<&str>,
+        since: Option<UnixMs>,
+        after: Option<(UnixMs, &str)>,
+        limit: u32,
+    ) -> Result<Vec<RecordingRecord>, DbError> {
+        let (after_at, after_id) = after.unzip();
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state != 'deleted' \
+             AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR created_at >= ?2) \
+             AND (?3 IS NULL OR created_at > ?3 OR (created_at = ?3 AND id > ?4)) \
+             ORDER BY created_at, id LIMIT ?5"
+        ))?;
+        let rows = stmt.query_map(
+            params![tenant, since, after_at, after_id, limit],
+            recording_from_row,
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// All recordings of one call of `tenant` (any state).
     pub fn recordings_of_call(
         &self,
@@ -1326,6 +1368,54 @@ impl Store {
     }
 
     // ---- erasure -----------------------------------------------------------
+
+    /// Stores a call's media frame counts (with its end).
+    pub fn set_call_frames(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        frames: MediaFrames,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE calls SET frames_concealed = ?1, frames_dropped = ?2 \
+             WHERE call_id = ?3 AND tenant = ?4",
+            params![frames.concealed, frames.dropped, call_id, tenant],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the audit rows of `tenant` older than `before` (unix ms):
+    /// audit retention (`audit_days`). Returns how many went. The only way
+    /// audit rows are ever deleted (a trigger refuses any other DELETE).
+    pub fn prune_audit(&mut self, tenant: &str, before: UnixMs) -> Result<usize, DbError> {
+        let tx = self.write_tx()?;
+        tx.execute("UPDATE audit_prune SET before = ?1", params![before])?;
+        let n = tx.execute(
+            "DELETE FROM audit WHERE tenant = ?1 AND at < ?2",
+            params![tenant, before],
+        )?;
+        tx.execute("UPDATE audit_prune SET before = 0", [])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Tenants that have audit rows.
+    pub fn audit_tenants(&self) -> Result<Vec<String>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT tenant FROM audit ORDER BY tenant")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Copies the WAL into the database file and truncates it, so the old
+    /// page images an erasure replaced are gone from the WAL too. Best effort:
+    /// while another connection reads, the WAL stays until its next checkpoint.
+    pub fn checkpoint(&self) -> Result<(), DbError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
 
     /// Erases everything about caller `number` in `tenant` only: deletes their
     /// transcripts, marks their recordings deleted (paths returned for the file

@@ -87,6 +87,24 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX transcripts_call ON transcripts (call_id);
     CREATE INDEX transcripts_tenant_created ON transcripts (tenant, created_at);
     "#,
+    // v3: audit rows under their own retention (issue 15). Still append-only:
+    // a row can be deleted only when it is older than `audit_prune.before`,
+    // which `Store::prune_audit` raises inside its own transaction and sets
+    // back to 0 (no row) before committing.
+    r#"
+    CREATE TABLE audit_prune (before INTEGER NOT NULL);
+    INSERT INTO audit_prune (before) VALUES (0);
+    DROP TRIGGER audit_no_delete;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        WHEN OLD.at >= (SELECT before FROM audit_prune)
+        BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+    "#,
+    // v4: media frame counts of a call (issue 15): concealed at playout,
+    // dropped on the way to the pipeline.
+    r#"
+    ALTER TABLE calls ADD COLUMN frames_concealed INTEGER;
+    ALTER TABLE calls ADD COLUMN frames_dropped INTEGER;
+    "#,
 ];
 
 /// The version this build writes.

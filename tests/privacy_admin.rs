@@ -1,0 +1,151 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The admin API under load (issue 15): a tenant with 1,000 recordings is
+//! listed page by page through `limit` and `cursor`, each page at most the
+//! maximum, every recording exactly once, and another tenant's never.
+
+mod common;
+
+use common::http::get;
+use common::{Daemon, ProfileSpec};
+use sipbridge::store::db::{CallRow, CallerIdPolicy, RecordingRow, RecordingState, Store, unix_ms};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+const ADMIN_TOKEN: &str = "sbadm_cHJpdmFjeS1hZG1pbi10b2tlbi0wMQ";
+
+fn profile() -> String {
+    let extra = "[[tenant]]\nid = \"other\"\npipeline = { kind = \"echo\" }\n";
+    ProfileSpec {
+        extra,
+        ..ProfileSpec::default()
+    }
+    .render()
+    .replace(
+        "[profile.sip]",
+        "[profile.admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SB_ADMIN_TOKEN\"\n\n[profile.sip]",
+    )
+}
+
+/// Writes `n` complete recordings (rows only: listing reads no file) of
+/// `tenant` into the database the daemon will open.
+fn seed(store: &mut Store, tenant: &str, n: usize, now: i64) -> BTreeSet<String> {
+    store.set_caller_policy(tenant, CallerIdPolicy::Plain);
+    let mut ids = BTreeSet::new();
+    for i in 0..n {
+        let call_id = format!("{tenant}-call-{i}");
+        // Some share a millisecond, so the cursor must order by id too.
+        let at = now - 1_000_000 + (i as i64 / 3);
+        store
+            .insert_call(&CallRow {
+                call_id: call_id.clone(),
+                tenant: tenant.into(),
+                trunk: "local".into(),
+                from: "+15550001111".into(),
+                to: "+15551230000".into(),
+                started_at: at,
+            })
+            .unwrap();
+        let id = format!("{tenant}{i:06}");
+        store
+            .insert_recording(&RecordingRow {
+                id: id.clone(),
+                call_id,
+                tenant: tenant.into(),
+                path: PathBuf::from(format!("/nonexistent/{id}.sbrec")),
+                key_id: format!("{tenant}-k1"),
+                created_at: at,
+            })
+            .unwrap();
+        store
+            .set_recording_state(&id, RecordingState::Complete, 1000, 1000)
+            .unwrap();
+        ids.insert(id);
+    }
+    ids
+}
+
+#[test]
+fn privacy_admin_recordings_page_through_a_thousand() {
+    let dir = tempfile::tempdir().unwrap();
+    let var = dir.path().join("var");
+    std::fs::create_dir(&var).unwrap();
+    let now = unix_ms(std::time::SystemTime::now());
+    let (demo, other) = {
+        let mut store = Store::open(&var.join("sipbridge.db")).unwrap();
+        (
+            seed(&mut store, "demo", 1000, now),
+            seed(&mut store, "other", 5, now),
+        )
+    };
+    // The daemon's working directory holds `var/`: start it there.
+    let profile = profile().replace(
+        "var_dir = \"var\"",
+        &format!(
+            "var_dir = {}",
+            toml::Value::String(var.display().to_string())
+        ),
+    );
+    let daemon = Daemon::spawn_with_env(&profile, &[("SB_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    let addr = daemon.admin_addr();
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            None => "/v1/recordings?tenant=demo&limit=300".to_owned(),
+            Some(c) => format!("/v1/recordings?tenant=demo&limit=300&cursor={c}"),
+        };
+        let r = get(addr, &path, Some(ADMIN_TOKEN));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let page = v["recordings"].as_array().unwrap();
+        assert!(page.len() <= 300);
+        seen.extend(page.iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        assert!(pages <= 10, "the pages never end");
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(seen.len(), 1000, "each recording exactly once");
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), demo);
+    assert!(seen.iter().all(|id| !other.contains(id)));
+
+    // Without a limit a page holds the default; beyond the maximum, the maximum.
+    let r = get(addr, "/v1/recordings", Some(ADMIN_TOKEN)).json();
+    assert_eq!(r["recordings"].as_array().unwrap().len(), 100);
+    let r = get(addr, "/v1/recordings?limit=100000", Some(ADMIN_TOKEN)).json();
+    assert_eq!(r["recordings"].as_array().unwrap().len(), 1000);
+    assert!(r["next_cursor"].is_string());
+    let bad = get(addr, "/v1/recordings?cursor=junk!", Some(ADMIN_TOKEN));
+    assert_eq!(bad.status, 400);
+}
+
+#[test]
+fn metrics_behind_a_bearer_token_when_configured() {
+    const METRICS_TOKEN: &str = "sbm_bWV0cmljcy10b2tlbi1mb3ItdGVzdHM";
+    let profile = profile().replace(
+        "token = \"env:SB_ADMIN_TOKEN\"\n",
+        "token = \"env:SB_ADMIN_TOKEN\"\nmetrics_token = \"env:SB_METRICS_TOKEN\"\n",
+    );
+    let daemon = Daemon::spawn_with_env(
+        &profile,
+        &[
+            ("SB_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SB_METRICS_TOKEN", METRICS_TOKEN),
+        ],
+    );
+    let addr = daemon.admin_addr();
+    let open = get(addr, "/metrics", None);
+    assert_eq!(open.status, 401);
+    assert!(!open.text().contains("sipbridge_"));
+    assert_eq!(get(addr, "/metrics", Some("wrong")).status, 401);
+    let ok = get(addr, "/metrics", Some(METRICS_TOKEN));
+    assert_eq!(ok.status, 200);
+    assert!(ok.text().contains("sipbridge_"), "{}", ok.text());
+    // Health stays open.
+    assert_eq!(get(addr, "/healthz", None).status, 200);
+}
