@@ -1124,7 +1124,8 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
             );
             let token = cx.secret(file, &api.auth_token, "twilio_api auth_token");
             match token {
-                Some(t) if t.expose().len() < 16 => {
+                // Data commands leave unresolvable secrets empty: nothing to check.
+                Some(t) if t.expose().len() < 16 && !cx.data_only => {
                     cx.error(
                         file,
                         Some(api.auth_token.span()),

@@ -290,7 +290,7 @@ impl Shared {
             crate::metrics::call_attempt(503, Some(&admitted.settings.tenant));
             let (transmit, record) =
                 lock(&self.switchboard).rtp_bind_failed(&admitted, SystemTime::now(), rng);
-            log_cdr(&record);
+            log_cdr(self, &record);
             if let Some(r) = &self.records {
                 r.rejected(&record);
             }
