@@ -18,6 +18,7 @@ use crate::media::prompt::{Prompt, PromptPlayer};
 use crate::media::resample::{PipelineRate, Upsampler};
 use crate::media::rtp::rtcp::{RtcpConfig, RtcpScheduler};
 use crate::media::rtp::{RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender};
+use crate::media::srtp::SrtpSession;
 use crate::sip::sdp::{Codec, Direction, Negotiated};
 use bytes::Bytes;
 use rand::RngCore;
@@ -110,10 +111,14 @@ pub struct MediaCounters {
     pub frames_to_pipeline: u64,
     /// Frames concealed (lost or late).
     pub concealed: u64,
+    /// SRTP/SRTCP packets dropped: failed authentication, replays, plain RTP.
+    pub srtp_rejected: u64,
 }
 
 /// One call's media.
 pub struct MediaSession {
+    /// SRTP at the packet boundary, when negotiated.
+    srtp: Option<SrtpSession>,
     law: Law,
     plan: MediaPlan,
     receiver: RtpReceiver,
@@ -191,7 +196,14 @@ impl MediaSession {
             .prompt
             .as_ref()
             .map(|p| PromptPlayer::new(Arc::clone(p), law, now));
+        let srtp = neg
+            .srtp
+            .as_ref()
+            .map(SrtpSession::new)
+            .transpose()
+            .map_err(|e| MediaSetupError(e.to_string()))?;
         let mut session = MediaSession {
+            srtp,
             law,
             receiver,
             jitter,
@@ -222,6 +234,12 @@ impl MediaSession {
 
     /// A re-negotiation (hold, unhold, new address).
     pub fn update(&mut self, neg: &Negotiated) {
+        // New keys (a re-INVITE) get new contexts; the same ones keep theirs.
+        match (&neg.srtp, &self.srtp) {
+            (Some(p), Some(s)) if s.runs(p) => {}
+            (Some(p), _) => self.srtp = SrtpSession::new(p).ok(),
+            (None, _) => self.srtp = None,
+        }
         self.send_paused = !neg.local_direction.sends() || neg.remote_rtp.is_none();
         if let Some(addr) = neg.remote_rtp {
             self.receiver.set_sdp_address(addr);
@@ -292,6 +310,16 @@ impl MediaSession {
     /// An RTP datagram arrived on the call's RTP port. Returns whether it was
     /// valid media for this call (the RTP timeout only counts those).
     pub fn on_rtp(&mut self, now: Instant, from: SocketAddr, data: Bytes) -> bool {
+        let data = match &mut self.srtp {
+            None => data,
+            Some(srtp) => match srtp.unprotect_rtp(&data) {
+                Ok(plain) => plain,
+                Err(_) => {
+                    self.counters.srtp_rejected += 1;
+                    return false;
+                }
+            },
+        };
         match self.receiver.on_datagram(now, from, data) {
             RtpInput::Media {
                 timestamp,
@@ -321,6 +349,20 @@ impl MediaSession {
 
     /// An RTCP datagram arrived on the call's RTCP port.
     pub fn on_rtcp(&mut self, now: Instant, data: &[u8]) {
+        let plain;
+        let data = match &mut self.srtp {
+            None => data,
+            Some(srtp) => match srtp.unprotect_rtcp(data) {
+                Ok(p) => {
+                    plain = p;
+                    &plain[..]
+                }
+                Err(_) => {
+                    self.counters.srtp_rejected += 1;
+                    return;
+                }
+            },
+        };
         if let Some(rtcp) = &mut self.rtcp {
             // Malformed RTCP is counted by the scheduler and otherwise ignored.
             let _ = rtcp.on_rtcp(now, data);
@@ -349,7 +391,24 @@ impl MediaSession {
 
     /// Next output to act on.
     pub fn poll_output(&mut self) -> Option<MediaOutput> {
-        self.out.pop_front()
+        loop {
+            let out = self.out.pop_front()?;
+            let Some(srtp) = &mut self.srtp else {
+                return Some(out);
+            };
+            // Protected at the boundary: nothing plain leaves an SRTP call.
+            match out {
+                MediaOutput::Rtp { to, bytes } => match srtp.protect_rtp(&bytes) {
+                    Ok(bytes) => return Some(MediaOutput::Rtp { to, bytes }),
+                    Err(_) => continue,
+                },
+                MediaOutput::Rtcp { to, bytes } => match srtp.protect_rtcp(&bytes) {
+                    Ok(bytes) => return Some(MediaOutput::Rtcp { to, bytes }),
+                    Err(_) => continue,
+                },
+                other => return Some(other),
+            }
+        }
     }
 
     /// Runs every media tick due at `now`. Ticks that were missed (the task
@@ -507,6 +566,7 @@ mod tests {
 
     fn negotiated() -> Negotiated {
         Negotiated {
+            srtp: None,
             codec: Codec::Pcmu,
             payload_type: 0,
             telephone_event_pt: Some(101),

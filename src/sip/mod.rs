@@ -8,6 +8,7 @@ pub mod dialog;
 pub mod digest;
 pub mod error;
 pub mod message;
+pub mod sdes;
 pub mod sdp;
 pub mod timer;
 pub mod transaction;
