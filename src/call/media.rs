@@ -667,3 +667,75 @@ mod tests {
         assert!(records(&mut m).is_empty());
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod srtp_tests {
+    use super::*;
+    use crate::sip::sdp::{CryptoSuite, KeyMaterial, SrtpParams};
+    use rand::SeedableRng;
+
+    fn params(local: u8, remote: u8) -> SrtpParams {
+        SrtpParams {
+            suite: CryptoSuite::AesCm128HmacSha1_80,
+            tag: 1,
+            local: KeyMaterial::new(vec![local; 46]),
+            remote: KeyMaterial::new(vec![remote; 46]),
+        }
+    }
+
+    fn rtp(seq: u16, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+        p[2..4].copy_from_slice(&seq.to_be_bytes());
+        p[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// With SRTP negotiated, only packets the peer's key authenticates get in
+    /// (plain RTP is dropped and counted) and every RTP packet out is SRTP.
+    #[test]
+    fn srtp_call_takes_only_authenticated_packets_and_sends_only_srtp() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let neg = Negotiated {
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            telephone_event_pt: None,
+            remote_rtp: Some(SocketAddr::from(([127, 0, 0, 1], 40000))),
+            remote_direction: Direction::SendRecv,
+            local_direction: Direction::SendRecv,
+            ptime_ms: 20,
+            srtp: Some(params(1, 2)),
+        };
+        let plan = MediaPlan {
+            prompt: None,
+            gate_until_prompt_done: false,
+            pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            echo_delay: None,
+            record: false,
+        };
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &neg, plan, &mut rng).unwrap();
+        let mut peer = crate::media::srtp::SrtpSession::new(&params(2, 1)).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+
+        assert!(!m.on_rtp(t0, from, rtp(1, &[0x11; 160]).into()));
+        assert_eq!(m.counters().srtp_rejected, 1);
+        let wire = peer.protect_rtp(&rtp(2, &[0x11; 160])).unwrap();
+        assert!(m.on_rtp(t0, from, wire.clone()));
+        assert!(!m.on_rtp(t0, from, wire), "replay");
+        assert_eq!(m.counters().srtp_rejected, 2);
+
+        m.handle_timeout(t0 + TICK, SystemTime::UNIX_EPOCH, &mut rng);
+        let mut sent = 0;
+        while let Some(o) = m.poll_output() {
+            if let MediaOutput::Rtp { bytes, .. } = o {
+                assert_eq!(bytes.len(), 12 + 160 + 10, "SRTP tag appended");
+                let plain = peer.unprotect_rtp(&bytes).unwrap();
+                assert_eq!(plain.len(), 12 + 160);
+                sent += 1;
+            }
+        }
+        assert!(sent >= 1);
+    }
+}

@@ -162,11 +162,6 @@ impl ClientAuth {
         }
         Ok(())
     }
-
-    /// The CAs of every mutual-TLS trunk, for [`server_config`].
-    pub fn any(&self) -> bool {
-        !self.trunks.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -488,13 +488,6 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
     .map_err(|e| ReloadError::Load(e.to_string()))?
     .map_err(|e| ReloadError::Prompt(format!("{e:#}")))?;
 
-    // New TLS handshakes use the new certificate; connections up keep theirs.
-    shared
-        .transports
-        .tls
-        .configure(profile, &config.trunks)
-        .map_err(|e| ReloadError::Load(format!("{e:#}")))?;
-
     // Bind what is new before changing anything: a failure leaves all as it was.
     let wanted = transport::wanted(profile);
     let mut fresh = Vec::new();
@@ -510,6 +503,14 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
             fresh.push(bound);
         }
     }
+
+    // New TLS handshakes use the new certificate (checked at load; a failure
+    // here drops the fresh sockets and keeps all else); connections up keep theirs.
+    shared
+        .transports
+        .tls
+        .configure(profile, &config.trunks)
+        .map_err(|e| ReloadError::Load(format!("{e:#}")))?;
 
     // Nothing below fails.
     let mut rng = StdRng::from_os_rng();

@@ -250,6 +250,17 @@ mod tests {
         assert!(theirs.unprotect_rtcp(&wire).is_err(), "SRTCP replay");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            for suite in SUITES {
+                let (_, mut theirs) = pair(suite);
+                let _ = theirs.unprotect_rtp(&data);
+                let _ = theirs.unprotect_rtcp(&data);
+            }
+        }
+    }
+
     #[test]
     fn forged_ssrcs_are_bounded() {
         let (_, mut theirs) = pair(CryptoSuite::AesCm128HmacSha1_80);

@@ -1135,7 +1135,7 @@ mod tests {
         );
         // An answer without a key to our SRTP offer is not taken.
         let _ = s.offer(&local, Direction::SendRecv);
-        let plain = sdp(&TWILIO[..]);
+        let plain = sdp(TWILIO);
         assert_eq!(
             s.accept_answer(&plain, &local),
             Err(SdpError::EncryptionRequired)
