@@ -54,6 +54,16 @@ fn profile(suite: CryptoSuite) -> ProtectionProfile {
     }
 }
 
+/// Bytes SRTP adds to an RTP packet (the tag), and SRTCP to an RTCP one
+/// (E flag + index, then the tag).
+fn overhead(suite: CryptoSuite) -> (usize, usize) {
+    match suite {
+        CryptoSuite::AesCm128HmacSha1_80 | CryptoSuite::AesCm256HmacSha1_80 => (10, 4 + 10),
+        CryptoSuite::AesCm128HmacSha1_32 | CryptoSuite::AesCm256HmacSha1_32 => (4, 4 + 10),
+        CryptoSuite::AeadAes128Gcm | CryptoSuite::AeadAes256Gcm => (16, 4 + 16),
+    }
+}
+
 fn context(suite: CryptoSuite, key: &KeyMaterial) -> Result<Context, SrtpError> {
     let (k, s) = key.split(suite);
     Context::new(
@@ -107,6 +117,9 @@ impl SrtpSession {
             .get(8..12)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
             .ok_or_else(|| SrtpError::Rejected("too short".to_owned()))?;
+        if packet.len() < 12 + overhead(self.params.suite).0 {
+            return Err(SrtpError::Rejected("too short".to_owned()));
+        }
         admit(&mut self.rtp_ssrcs, ssrc)?;
         self.inbound
             .decrypt_rtp(packet)
@@ -119,6 +132,11 @@ impl SrtpSession {
             .get(4..8)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
             .ok_or_else(|| SrtpError::Rejected("too short".to_owned()))?;
+        // webrtc-srtp 0.17.2 reads the SRTCP index before checking the length
+        // (an arithmetic underflow panic on a short packet): checked here.
+        if packet.len() < 8 + overhead(self.params.suite).1 {
+            return Err(SrtpError::Rejected("too short".to_owned()));
+        }
         admit(&mut self.rtcp_ssrcs, ssrc)?;
         self.inbound
             .decrypt_rtcp(packet)
@@ -250,7 +268,24 @@ mod tests {
         assert!(theirs.unprotect_rtcp(&wire).is_err(), "SRTCP replay");
     }
 
+    #[test]
+    fn short_srtcp_is_rejected_not_a_panic() {
+        // Found by `arbitrary_datagrams_never_panic`: an RTCP header and no room
+        // for the index and tag made webrtc-srtp 0.17.2 underflow.
+        for suite in SUITES {
+            let (_, mut theirs) = pair(suite);
+            for len in 0..40 {
+                let mut p = vec![0x80, 201, 0, 1, 0xca, 0xfe, 0, 1];
+                p.resize(len.max(8), 0);
+                p.truncate(len);
+                let _ = theirs.unprotect_rtcp(&p);
+                let _ = theirs.unprotect_rtp(&p);
+            }
+        }
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
         #[test]
         fn arbitrary_datagrams_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             for suite in SUITES {
