@@ -699,6 +699,7 @@ mod tests {
         use crate::sip::sdp::{Codec, Direction, Negotiated};
         use rand::SeedableRng;
         let neg = Negotiated {
+            srtp: None,
             codec: Codec::Pcmu,
             payload_type: 0,
             telephone_event_pt: None,

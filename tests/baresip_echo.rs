@@ -234,6 +234,15 @@ struct Baresip {
 
 impl Baresip {
     fn new(source: &[i16]) -> Baresip {
+        Baresip::with(
+            source,
+            "",
+            "<sip:caller@127.0.0.1>;regint=0;audio_codecs=PCMU\n",
+        )
+    }
+
+    /// A caller with `extra` config lines (modules, TLS files) and this `accounts` file.
+    fn with(source: &[i16], extra: &str, accounts: &str) -> Baresip {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         std::fs::create_dir(root.join("snd")).unwrap();
@@ -259,16 +268,13 @@ impl Baresip {
              module_app menu.so\n\
              module_tmp account.so\n\
              module_tmp uuid.so\n\
-             snd_path {snd}\n",
+             snd_path {snd}\n\
+             {extra}",
             source = root.join("source.wav").display(),
             snd = root.join("snd").display(),
         );
         std::fs::write(root.join("config"), config).unwrap();
-        std::fs::write(
-            root.join("accounts"),
-            "<sip:caller@127.0.0.1>;regint=0;audio_codecs=PCMU\n",
-        )
-        .unwrap();
+        std::fs::write(root.join("accounts"), accounts).unwrap();
         Baresip { dir }
     }
 
@@ -760,6 +766,262 @@ fn sipp_call_rtp_to_test_socket() {
     assert!(
         drift_ms < 60.0,
         "arrivals drift {drift_ms:.1} ms from the RTP clock (bursty sending)"
+    );
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------------------
+// Test 3: baresip over TLS with SRTP, captured on the wire
+// ---------------------------------------------------------------------------------------
+
+/// A test CA and a certificate for 127.0.0.1 it signed, as PEM files in `dir`:
+/// (ca, cert, key).
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca_pem).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// `tshark` capturing `filter` on loopback into `path` until dropped.
+struct Capture {
+    child: std::process::Child,
+}
+
+impl Capture {
+    fn start(path: &Path, filter: &str) -> Capture {
+        let mut child = Command::new("tshark")
+            .args(["-i", "lo", "-F", "pcap", "-f", filter, "-w"])
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tshark (bash scripts/install-test-deps.sh installs it)");
+        // Wait for "Capturing on" (bounded), then a moment for the filter to apply.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Capturing on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("tshark did not start capturing");
+        thread::sleep(Duration::from_millis(300));
+        Capture { child }
+    }
+
+    /// Stops the capture (SIGINT lets tshark flush the file).
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `(src port, dst port, payload)` of every UDP or TCP segment with a payload.
+fn captured(path: &Path, proto: &str) -> Vec<(u16, u16, Vec<u8>)> {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(path)
+        .args([
+            "-Y",
+            &format!("{proto} && {proto}.payload"),
+            "-T",
+            "fields",
+            "-e",
+            &format!("{proto}.srcport"),
+            "-e",
+            &format!("{proto}.dstport"),
+            "-e",
+            &format!("{proto}.payload"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let src = f.next()?.parse().ok()?;
+            let dst = f.next()?.parse().ok()?;
+            let payload = hex::decode(f.next()?.replace(':', "")).ok()?;
+            Some((src, dst, payload))
+        })
+        .collect()
+}
+
+#[test]
+fn baresip_over_tls_with_srtp_hears_the_prompt_and_its_echo_and_nothing_is_plain_on_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(dir.path());
+    let tls = format!(
+        "[profile.tls]\ncert = \"file:{}\"\nkey = \"file:{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let toml = common::ProfileSpec {
+        listen: "tls = [\"127.0.0.1:0\"]",
+        trunk: "media_encryption = \"required\"",
+        extra: &tls,
+        ..common::ProfileSpec::default()
+    }
+    .render();
+    let daemon = Daemon::spawn(&toml);
+    let tls_line = daemon
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l.contains("sip listener bound") && l.contains("\"transport\":\"tls\"")
+        })
+        .expect("tls listener");
+    let v: serde_json::Value = serde_json::from_str(&tls_line).unwrap();
+    let tls_addr: SocketAddr = v.get("fields").unwrap_or(&v)["local"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let prompt = read_wav(&repo_path("sip-profiles/prompts/disclosure.wav"));
+    let caller = read_wav(&repo_path("fixtures/audio/caller1.wav"));
+    let mut source = vec![0i16; LEAD_SILENCE];
+    source.extend_from_slice(&caller);
+    source.resize(source.len() + TAIL_SILENCE, 0);
+    let phone = Baresip::with(
+        &source,
+        &format!("module srtp.so\nsip_cafile {}\n", ca.display()),
+        "<sip:caller@127.0.0.1;transport=tls>;regint=0;audio_codecs=PCMU;mediaenc=srtp-mand\n",
+    );
+
+    let (rtp_start, rtp_end) = common::rtp_range_for(&common::current_test_name());
+    let pcap = dir.path().join("call.pcap");
+    let capture = Capture::start(
+        &pcap,
+        &format!(
+            "tcp port {} or udp port {} or udp portrange {rtp_start}-{}",
+            tls_addr.port(),
+            daemon.udp_addr().port(),
+            rtp_end
+        ),
+    );
+    let output = phone.dial(&format!(
+        "sip:+15551234567@127.0.0.1:{};transport=tls",
+        tls_addr.port()
+    ));
+    capture.stop();
+    let context = || format!("---- baresip output ----\n{output}");
+
+    // What the caller heard: the prompt, then its own speech echoed by the pipeline.
+    let recording = phone
+        .heard()
+        .unwrap_or_else(|| panic!("baresip wrote no dump-*-dec.wav\n{}", context()));
+    let heard = to_f64(&read_wav(&recording));
+    let prompt_ref = to_f64(&mulaw_round_trip(&prompt));
+    let caller_ref = to_f64(&mulaw_round_trip(&caller));
+    // The bridge starts the prompt at the answer; baresip can decrypt only once it has
+    // read the key in that 200 OK (over TLS), so the first few packets (~60 ms seen)
+    // can arrive before it can use them. The prompt is checked from 200 ms in.
+    let clipped = &prompt_ref[RATE / 5..];
+    let found_prompt = best_match(&heard, clipped, 0..3 * RATE)
+        .unwrap_or_else(|| panic!("recording too short\n{}", context()));
+    let prompt_end = found_prompt.lag + clipped.len();
+    let found_echo = best_match(&heard, &caller_ref, prompt_end..heard.len())
+        .unwrap_or_else(|| panic!("recording too short\n{}", context()));
+    eprintln!(
+        "tls+srtp: prompt ncc {:.4} at {:.3} s, echo ncc {:.4} at {:.3} s",
+        found_prompt.ncc,
+        seconds(found_prompt.lag),
+        found_echo.ncc,
+        seconds(found_echo.lag)
+    );
+    let audio_ok = found_prompt.ncc >= 0.9;
+    assert!(
+        found_echo.ncc >= 0.9,
+        "caller's speech did not come back: {found_echo:?}\n{}",
+        context()
+    );
+
+    // The wire: SIP only inside TLS, media only as SRTP.
+    let tcp = captured(&pcap, "tcp");
+    assert!(
+        tcp.iter().any(|(_, _, p)| p.first() == Some(&0x16)),
+        "no TLS handshake captured ({} segments)",
+        tcp.len()
+    );
+    for (src, dst, p) in &tcp {
+        let text = String::from_utf8_lossy(p);
+        assert!(
+            !text.contains("SIP/2.0") && !text.contains("a=crypto"),
+            "plaintext SIP on the wire ({src} -> {dst}): {text}"
+        );
+    }
+    let udp = captured(&pcap, "udp");
+    let rtp: Vec<&Vec<u8>> = udp
+        .iter()
+        .filter(|(src, _, p)| {
+            (rtp_start..=rtp_end).contains(src)
+                && p.len() > 12
+                && p[0] >> 6 == 2
+                && p[1] & 0x7f == 0
+        })
+        .map(|(_, _, p)| p)
+        .collect();
+    assert!(
+        rtp.len() > 200,
+        "only {} RTP packets from the bridge captured",
+        rtp.len()
+    );
+    // Every packet is 160 bytes of payload plus the 80-bit tag; decoded as µ-law the
+    // payloads do not correlate with the prompt the bridge was sending.
+    assert!(
+        rtp.iter().all(|p| p.len() == 12 + 160 + 10),
+        "not SRTP-sized"
+    );
+    let mut as_audio = Vec::new();
+    for p in &rtp {
+        for &b in &p[12..172] {
+            as_audio.push(g711::decode_sample(Law::Mu, b));
+        }
+    }
+    let as_audio = to_f64(&as_audio);
+    let plain_prompt = best_match(&as_audio, &prompt_ref[..2 * RATE], 0..as_audio.len()).unwrap();
+    assert!(
+        plain_prompt.ncc < 0.3,
+        "the prompt is readable in the captured RTP: {plain_prompt:?}"
+    );
+    assert!(
+        udp.iter()
+            .all(|(_, _, p)| !String::from_utf8_lossy(p).contains("SIP/2.0"))
+    );
+    assert!(
+        audio_ok,
+        "prompt not heard: {found_prompt:?}\n{}",
+        context()
     );
     drop(daemon);
 }

@@ -121,6 +121,14 @@ fn every_example_passes_with_its_secrets_provided() {
     ] {
         std::fs::write(creds.path().join(name), value).unwrap();
     }
+    // The secure-trunking example's TLS identity: a real certificate and key.
+    let ck = rcgen::generate_simple_self_signed(vec!["sbc.example.com".to_owned()]).unwrap();
+    std::fs::write(creds.path().join("sip-tls-cert"), ck.cert.pem()).unwrap();
+    std::fs::write(
+        creds.path().join("sip-tls-key"),
+        ck.signing_key.serialize_pem(),
+    )
+    .unwrap();
     let examples = repo_root().join("sip-profiles/examples");
     let mut names: Vec<_> = std::fs::read_dir(&examples)
         .unwrap()
@@ -128,7 +136,15 @@ fn every_example_passes_with_its_secrets_provided() {
         .filter(|n| n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert_eq!(names, ["pbx.toml", "telnyx.toml", "twilio.toml"]);
+    assert_eq!(
+        names,
+        [
+            "pbx.toml",
+            "secure-trunking.toml",
+            "telnyx.toml",
+            "twilio.toml"
+        ]
+    );
     for name in names {
         let path = format!("sip-profiles/examples/{name}");
         let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
@@ -510,5 +526,82 @@ fn a_digest_trunk_without_allow_is_rejected() {
         "p.toml",
         line_of(&body, "name = \"k5011\""),
         "has [trunk.digest] but no `allow`",
+    );
+}
+
+#[test]
+fn check_validates_the_tls_certificate_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let a = rcgen::generate_simple_self_signed(vec!["a.example".to_owned()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["b.example".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), a.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), a.signing_key.serialize_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("other-key.pem"),
+        b.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("junk.pem"), "not a certificate\n").unwrap();
+    let with_tls = |cert: &str, key: &str| {
+        profile(5061).replace(
+            "udp = [\"127.0.0.1:5061\"]\n",
+            &format!(
+                "tls = [\"127.0.0.1:5061\"]\n\n[profile.tls]\ncert = \"file:{cert}\"\nkey = \"file:{key}\"\n"
+            ),
+        )
+    };
+    let check = |name: &str, body: &str| {
+        std::fs::write(dir.path().join(name), body).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+            .args(["check", "--config", name])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        (out.status.code(), stdout, stderr)
+    };
+
+    let good = with_tls("cert.pem", "key.pem");
+    let (code, stdout, stderr) = check("good.toml", &good);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("listen: tls 127.0.0.1:5061"), "{stdout}");
+
+    let mismatched = with_tls("cert.pem", "other-key.pem");
+    let (code, _, stderr) = check("mismatched.toml", &mismatched);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "mismatched.toml",
+        line_of(&mismatched, "cert = "),
+        "certificate and key do not form a usable identity",
+    );
+
+    let junk = with_tls("junk.pem", "key.pem");
+    let (code, _, stderr) = check("junk.toml", &junk);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "junk.toml",
+        line_of(&junk, "cert = "),
+        "CERTIFICATE",
+    );
+
+    let missing = with_tls("no-such.pem", "key.pem");
+    let (code, _, stderr) = check("missing.toml", &missing);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "missing.toml",
+        line_of(&missing, "cert = "),
+        "cannot read",
+    );
+
+    let no_table = profile(5061).replace("udp = [", "tls = [");
+    let (code, _, stderr) = check("no-table.toml", &no_table);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("listen.tls needs [profile.tls]"),
+        "{stderr}"
     );
 }

@@ -297,7 +297,15 @@ mod props {
             let _ = SdpSession::new(1, "b").answer(&body, &local());
             let mut s = SdpSession::new(1, "b");
             s.offer(&local(), Direction::SendRecv);
-            let _ = s.accept_answer(&body);
+            let _ = s.accept_answer(&body, &local());
+            // The same with SRTP possible (a=crypto parsed and keys decoded).
+            let srtp = LocalMedia {
+                encryption: sipbridge::sip::sdp::Encryption::Optional,
+                secure_signalling: true,
+                srtp_key: Some(sipbridge::sip::sdp::KeyMaterial::new(vec![7; 46])),
+                ..local()
+            };
+            let _ = SdpSession::new(1, "b").answer(&body, &srtp);
         }
 
         #[test]

@@ -19,6 +19,7 @@ use crate::media::prompt::{Prompt, PromptPlayer};
 use crate::media::resample::{PipelineRate, Upsampler};
 use crate::media::rtp::rtcp::{RtcpConfig, RtcpScheduler};
 use crate::media::rtp::{RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender, RtpSourcePolicy};
+use crate::media::srtp::SrtpSession;
 use crate::sip::sdp::{Codec, Direction, Negotiated};
 use bytes::Bytes;
 use rand::RngCore;
@@ -113,10 +114,14 @@ pub struct MediaCounters {
     pub frames_to_pipeline: u64,
     /// Frames concealed (lost or late).
     pub concealed: u64,
+    /// SRTP/SRTCP packets dropped: failed authentication, replays, plain RTP.
+    pub srtp_rejected: u64,
 }
 
 /// One call's media.
 pub struct MediaSession {
+    /// SRTP at the packet boundary, when negotiated.
+    srtp: Option<SrtpSession>,
     law: Law,
     plan: MediaPlan,
     receiver: RtpReceiver,
@@ -195,7 +200,14 @@ impl MediaSession {
             .prompt
             .as_ref()
             .map(|p| PromptPlayer::new(Arc::clone(p), law, now));
+        let srtp = neg
+            .srtp
+            .as_ref()
+            .map(SrtpSession::new)
+            .transpose()
+            .map_err(|e| MediaSetupError(e.to_string()))?;
         let mut session = MediaSession {
+            srtp,
             law,
             receiver,
             jitter,
@@ -226,6 +238,12 @@ impl MediaSession {
 
     /// A re-negotiation (hold, unhold, new address).
     pub fn update(&mut self, neg: &Negotiated) {
+        // New keys (a re-INVITE) get new contexts; the same ones keep theirs.
+        match (&neg.srtp, &self.srtp) {
+            (Some(p), Some(s)) if s.runs(p) => {}
+            (Some(p), _) => self.srtp = SrtpSession::new(p).ok(),
+            (None, _) => self.srtp = None,
+        }
         self.send_paused = !neg.local_direction.sends() || neg.remote_rtp.is_none();
         if let Some(addr) = neg.remote_rtp {
             self.receiver.set_sdp_address(addr);
@@ -296,6 +314,16 @@ impl MediaSession {
     /// An RTP datagram arrived on the call's RTP port. Returns whether it was
     /// valid media for this call (the RTP timeout only counts those).
     pub fn on_rtp(&mut self, now: Instant, from: SocketAddr, data: Bytes) -> bool {
+        let data = match &mut self.srtp {
+            None => data,
+            Some(srtp) => match srtp.unprotect_rtp(&data) {
+                Ok(plain) => plain,
+                Err(_) => {
+                    self.counters.srtp_rejected += 1;
+                    return false;
+                }
+            },
+        };
         match self.receiver.on_datagram(now, from, data) {
             RtpInput::Media {
                 timestamp,
@@ -325,6 +353,20 @@ impl MediaSession {
 
     /// An RTCP datagram arrived on the call's RTCP port.
     pub fn on_rtcp(&mut self, now: Instant, data: &[u8]) {
+        let plain;
+        let data = match &mut self.srtp {
+            None => data,
+            Some(srtp) => match srtp.unprotect_rtcp(data) {
+                Ok(p) => {
+                    plain = p;
+                    &plain[..]
+                }
+                Err(_) => {
+                    self.counters.srtp_rejected += 1;
+                    return;
+                }
+            },
+        };
         if let Some(rtcp) = &mut self.rtcp {
             // Malformed RTCP is counted by the scheduler and otherwise ignored.
             let _ = rtcp.on_rtcp(now, data);
@@ -353,7 +395,24 @@ impl MediaSession {
 
     /// Next output to act on.
     pub fn poll_output(&mut self) -> Option<MediaOutput> {
-        self.out.pop_front()
+        loop {
+            let out = self.out.pop_front()?;
+            let Some(srtp) = &mut self.srtp else {
+                return Some(out);
+            };
+            // Protected at the boundary: nothing plain leaves an SRTP call.
+            match out {
+                MediaOutput::Rtp { to, bytes } => match srtp.protect_rtp(&bytes) {
+                    Ok(bytes) => return Some(MediaOutput::Rtp { to, bytes }),
+                    Err(_) => continue,
+                },
+                MediaOutput::Rtcp { to, bytes } => match srtp.protect_rtcp(&bytes) {
+                    Ok(bytes) => return Some(MediaOutput::Rtcp { to, bytes }),
+                    Err(_) => continue,
+                },
+                other => return Some(other),
+            }
+        }
     }
 
     /// Runs every media tick due at `now`. Ticks that were missed (the task
@@ -511,6 +570,7 @@ mod tests {
 
     fn negotiated() -> Negotiated {
         Negotiated {
+            srtp: None,
             codec: Codec::Pcmu,
             payload_type: 0,
             telephone_event_pt: Some(101),
@@ -610,5 +670,77 @@ mod tests {
         }
         assert!(!m.is_recording());
         assert!(records(&mut m).is_empty());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod srtp_tests {
+    use super::*;
+    use crate::sip::sdp::{CryptoSuite, KeyMaterial, SrtpParams};
+    use rand::SeedableRng;
+
+    fn params(local: u8, remote: u8) -> SrtpParams {
+        SrtpParams {
+            suite: CryptoSuite::AesCm128HmacSha1_80,
+            tag: 1,
+            local: KeyMaterial::new(vec![local; 46]),
+            remote: KeyMaterial::new(vec![remote; 46]),
+        }
+    }
+
+    fn rtp(seq: u16, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+        p[2..4].copy_from_slice(&seq.to_be_bytes());
+        p[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// With SRTP negotiated, only packets the peer's key authenticates get in
+    /// (plain RTP is dropped and counted) and every RTP packet out is SRTP.
+    #[test]
+    fn srtp_call_takes_only_authenticated_packets_and_sends_only_srtp() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let neg = Negotiated {
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            telephone_event_pt: None,
+            remote_rtp: Some(SocketAddr::from(([127, 0, 0, 1], 40000))),
+            remote_direction: Direction::SendRecv,
+            local_direction: Direction::SendRecv,
+            ptime_ms: 20,
+            srtp: Some(params(1, 2)),
+        };
+        let plan = MediaPlan {
+            prompt: None,
+            gate_until_prompt_done: false,
+            pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            echo_delay: None,
+            record: false,
+        };
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &neg, plan, &mut rng).unwrap();
+        let mut peer = crate::media::srtp::SrtpSession::new(&params(2, 1)).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+
+        assert!(!m.on_rtp(t0, from, rtp(1, &[0x11; 160]).into()));
+        assert_eq!(m.counters().srtp_rejected, 1);
+        let wire = peer.protect_rtp(&rtp(2, &[0x11; 160])).unwrap();
+        assert!(m.on_rtp(t0, from, wire.clone()));
+        assert!(!m.on_rtp(t0, from, wire), "replay");
+        assert_eq!(m.counters().srtp_rejected, 2);
+
+        m.handle_timeout(t0 + TICK, SystemTime::UNIX_EPOCH, &mut rng);
+        let mut sent = 0;
+        while let Some(o) = m.poll_output() {
+            if let MediaOutput::Rtp { bytes, .. } = o {
+                assert_eq!(bytes.len(), 12 + 160 + 10, "SRTP tag appended");
+                let plain = peer.unprotect_rtp(&bytes).unwrap();
+                assert_eq!(plain.len(), 12 + 160);
+                sent += 1;
+            }
+        }
+        assert!(sent >= 1);
     }
 }

@@ -45,6 +45,8 @@ pub enum TransportKind {
     Udp,
     /// A byte stream.
     Tcp,
+    /// A byte stream inside TLS (RFC 3261 §26.2).
+    Tls,
 }
 
 impl TransportKind {
@@ -53,13 +55,14 @@ impl TransportKind {
         match self {
             TransportKind::Udp => "UDP",
             TransportKind::Tcp => "TCP",
+            TransportKind::Tls => "TLS",
         }
     }
 
     fn reliability(self) -> Transport {
         match self {
             TransportKind::Udp => Transport::Unreliable,
-            TransportKind::Tcp => Transport::Reliable,
+            TransportKind::Tcp | TransportKind::Tls => Transport::Reliable,
         }
     }
 }
@@ -744,7 +747,7 @@ impl Call {
         let delayed = std::mem::take(&mut re.delayed);
         if answered
             && delayed
-            && let Ok(neg) = self.sdp.accept_answer(&ack.body)
+            && let Ok(neg) = self.sdp.accept_answer(&ack.body, &self.settings.media)
         {
             self.negotiated = Some(neg.clone());
             self.out
@@ -763,7 +766,7 @@ impl Call {
         if !self.delayed_offer {
             return;
         }
-        match self.sdp.accept_answer(&ack.body) {
+        match self.sdp.accept_answer(&ack.body, &self.settings.media) {
             Ok(neg) => {
                 self.record.codec = Some(neg.codec.encoding_name().to_owned());
                 self.negotiated = Some(neg.clone());
@@ -1140,8 +1143,15 @@ impl Call {
             self.local_host(),
             Some(self.settings.local.port),
         );
-        if self.peer.transport == TransportKind::Tcp {
-            uri.params.set("transport", Some("tcp"));
+        match self.peer.transport {
+            TransportKind::Udp => {}
+            TransportKind::Tcp => uri.params.set("transport", Some("tcp")),
+            // A `sips:` request gets a `sips:` Contact (RFC 5630 §3.1.2);
+            // otherwise `transport=tls` keeps the dialog on TLS.
+            TransportKind::Tls if self.invite.uri.scheme == crate::sip::message::Scheme::Sips => {
+                uri.scheme = crate::sip::message::Scheme::Sips;
+            }
+            TransportKind::Tls => uri.params.set("transport", Some("tls")),
         }
         NameAddr::new(uri)
     }
@@ -1170,7 +1180,7 @@ impl Call {
             _ => None,
         };
         match (self.peer.transport, ip) {
-            (TransportKind::Tcp, _) | (_, None) => self.peer,
+            (TransportKind::Tcp | TransportKind::Tls, _) | (_, None) => self.peer,
             (TransportKind::Udp, Some(ip)) => Peer {
                 transport: TransportKind::Udp,
                 addr: SocketAddr::new(ip, port),
@@ -1330,7 +1340,7 @@ impl Call {
     }
 
     fn ack_refresh(&mut self, seq: u32, ok: &Response, rng: &mut impl RngCore) {
-        if let Ok(neg) = self.sdp.accept_answer(&ok.body) {
+        if let Ok(neg) = self.sdp.accept_answer(&ok.body, &self.settings.media) {
             self.negotiated = Some(neg);
         }
         let via = self.via(rng);

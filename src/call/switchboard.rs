@@ -111,6 +111,9 @@ pub struct SwitchboardSettings {
     pub local_udp: LocalSip,
     /// Advertised signalling address for TCP.
     pub local_tcp: LocalSip,
+    /// Advertised signalling address for TLS (port 5061 until a TLS
+    /// listener is bound: the daemon sets it).
+    pub local_tls: LocalSip,
     /// Address put into SDP `c=`.
     pub media_addr: IpAddr,
     /// Codec preference.
@@ -336,9 +339,10 @@ impl SwitchboardSettings {
                 port: udp_local.map_or(5060, |a| a.port()),
             },
             local_tcp: LocalSip {
-                host,
+                host: host.clone(),
                 port: tcp_local.map_or(5060, |a| a.port()),
             },
+            local_tls: LocalSip { host, port: 5061 },
             media_addr: host_ip,
             codecs: vec![crate::sip::sdp::Codec::Pcmu, crate::sip::sdp::Codec::Pcma],
             answer_delay: sip.answer_delay,
@@ -365,6 +369,31 @@ impl SwitchboardSettings {
 }
 
 impl Switchboard {
+    /// The trunk's SRTP policy, and our master key + salt for the call when
+    /// it may use SRTP (drawn from the injected RNG).
+    fn srtp_for(
+        &self,
+        trunk: &str,
+        rng: &mut impl RngCore,
+    ) -> (
+        crate::sip::sdp::Encryption,
+        Option<crate::sip::sdp::KeyMaterial>,
+    ) {
+        use crate::config::MediaEncryption;
+        use crate::sip::sdp::Encryption;
+        let encryption = match self.config.trunk(trunk).map(|t| t.media_encryption) {
+            Some(MediaEncryption::Required) => Encryption::Required,
+            Some(MediaEncryption::Optional) => Encryption::Optional,
+            _ => Encryption::Off,
+        };
+        let key = (encryption != Encryption::Off).then(|| {
+            let mut bytes = vec![0u8; crate::sip::sdp::MAX_KEY_MATERIAL];
+            rng.fill_bytes(&mut bytes);
+            crate::sip::sdp::KeyMaterial::new(bytes)
+        });
+        (encryption, key)
+    }
+
     /// The configuration the switchboard routes with.
     pub fn config(&self) -> &Arc<Config> {
         &self.config
@@ -950,7 +979,9 @@ impl Switchboard {
         let local = match peer.transport {
             TransportKind::Udp => self.settings.local_udp.clone(),
             TransportKind::Tcp => self.settings.local_tcp.clone(),
+            TransportKind::Tls => self.settings.local_tls.clone(),
         };
+        let (encryption, srtp_key) = self.srtp_for(&trunk_name, rng);
         let mut plan = self.media_plan(&tenant_id);
         if trunk.behind_nat {
             plan.rtp_source = RtpSourcePolicy::Latch {
@@ -980,6 +1011,9 @@ impl Switchboard {
                 codecs: self.settings.codecs.clone(),
                 telephone_event_pt: 101,
                 ptime_ms: 20,
+                encryption,
+                secure_signalling: peer.transport == TransportKind::Tls,
+                srtp_key,
             },
             answer_delay: self.settings.answer_delay,
             session_expires: self.settings.session_expires,

@@ -14,6 +14,7 @@ pub mod number;
 mod raw;
 pub mod secret;
 mod security;
+pub mod tls;
 mod validate;
 
 use std::fmt::Write as _;
@@ -103,6 +104,35 @@ pub struct Profile {
     pub security: SecuritySettings,
     /// What logs show of callers (`[profile.logging] caller_data`).
     pub log_caller_data: crate::logging::CallerData,
+    /// Certificate and key of the TLS listeners (`[profile.tls]`); set
+    /// whenever `listen.tls` is not empty.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// The server certificate chain and private key (PEM, checked at load).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TlsIdentity {
+    /// PEM certificate chain, leaf first.
+    pub cert: Secret,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Secret,
+    /// Extra PEM CAs (beside the Mozilla roots) that outbound TLS to a
+    /// trunk accepts, e.g. a carrier's private CA.
+    pub outbound_ca: Option<Secret>,
+}
+
+/// Whether a trunk's media is SRTP (RFC 3711, SDES keys of RFC 4568).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MediaEncryption {
+    /// SRTP only: a plain `RTP/AVP` offer gets 488.
+    Required,
+    /// SRTP when offered (over TLS), plain RTP otherwise.
+    Optional,
+    /// Plain RTP only (the default): an `RTP/SAVP`-only offer gets 488.
+    #[default]
+    Off,
 }
 
 /// The admin HTTP API of a profile (`[profile.admin]`).
@@ -153,6 +183,8 @@ pub struct Listen {
     pub udp: Vec<SocketAddr>,
     /// TCP sockets.
     pub tcp: Vec<SocketAddr>,
+    /// TLS sockets (SIP over TLS, RFC 3261 §26.2; certificate in `[profile.tls]`).
+    pub tls: Vec<SocketAddr>,
 }
 
 /// An inclusive port range.
@@ -253,6 +285,11 @@ pub struct Trunk {
     /// latches once to the first packets from the SDP's or the signalling
     /// source's IP (any port) instead of the SDP's address and port only.
     pub behind_nat: bool,
+    /// SRTP policy for this trunk's calls.
+    pub media_encryption: MediaEncryption,
+    /// PEM CA bundle: TLS connections from this trunk's addresses must present
+    /// a client certificate it signed (mutual TLS); `None`: none asked for.
+    pub tls_client_ca: Option<Secret>,
 }
 
 /// Digest credentials expected from a trunk.
@@ -610,6 +647,7 @@ impl Config {
                 .iter()
                 .map(|a| format!("udp {a}"))
                 .chain(p.listen.tcp.iter().map(|a| format!("tcp {a}")))
+                .chain(p.listen.tls.iter().map(|a| format!("tls {a}")))
                 .collect();
             let _ = writeln!(out, "  listen: {}", listeners.join(", "));
             if let Some(a) = p.advertised_address {

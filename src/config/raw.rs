@@ -37,6 +37,9 @@ pub(crate) struct RawProfile {
     /// `[profile.logging]` (issue 15).
     #[serde(default)]
     pub(crate) logging: Option<Spanned<RawLogging>>,
+    /// `[profile.tls]`: certificate and key of the `listen.tls` listeners.
+    #[serde(default)]
+    pub(crate) tls: Option<Spanned<RawTls>>,
 }
 
 /// `[profile.logging]`: what logs may show of callers.
@@ -53,6 +56,16 @@ pub(crate) struct RawLogging {
 pub(crate) enum RawCallerData {
     Masked,
     Full,
+}
+
+/// `[profile.tls]`: secret references of the PEM certificate chain and key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub(crate) cert: Spanned<String>,
+    pub(crate) key: Spanned<String>,
+    #[serde(default)]
+    pub(crate) outbound_ca: Option<Spanned<String>>,
 }
 
 /// `[profile.admin]`: the admin HTTP API (absent: no API).
@@ -84,6 +97,8 @@ pub(crate) struct RawListen {
     pub(crate) udp: Vec<Spanned<String>>,
     #[serde(default)]
     pub(crate) tcp: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) tls: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +148,19 @@ pub(crate) struct RawTrunk {
     pub(crate) max_calls: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) behind_nat: bool,
+    pub(crate) media_encryption: Option<RawMediaEncryption>,
+    /// Secret reference of a PEM CA bundle: TLS clients from this trunk's
+    /// addresses must present a certificate it signed (mutual TLS).
+    #[serde(default)]
+    pub(crate) tls_client_ca: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawMediaEncryption {
+    Required,
+    Optional,
+    Off,
 }
 
 #[derive(Debug, Deserialize)]

@@ -500,7 +500,11 @@ fn check_profiles(
 
         let mut listen = Listen::default();
         let raw_listen = p.listen.get_ref();
-        for (transport, addrs) in [("udp", &raw_listen.udp), ("tcp", &raw_listen.tcp)] {
+        for (transport, addrs) in [
+            ("udp", &raw_listen.udp),
+            ("tcp", &raw_listen.tcp),
+            ("tls", &raw_listen.tls),
+        ] {
             for a in addrs {
                 let loc = (file, a.span());
                 let Ok(addr) = a.get_ref().parse::<SocketAddr>() else {
@@ -530,20 +534,21 @@ fn check_profiles(
                     continue;
                 }
                 sockets.push((transport, addr, name.clone(), loc));
-                if transport == "udp" {
-                    listen.udp.push(addr);
-                } else {
-                    listen.tcp.push(addr);
+                match transport {
+                    "udp" => listen.udp.push(addr),
+                    "tcp" => listen.tcp.push(addr),
+                    _ => listen.tls.push(addr),
                 }
             }
         }
-        if raw_listen.udp.is_empty() && raw_listen.tcp.is_empty() {
+        if raw_listen.udp.is_empty() && raw_listen.tcp.is_empty() && raw_listen.tls.is_empty() {
             cx.error(
                 file,
                 Some(p.listen.span()),
-                "no listen address: give `udp` and/or `tcp`",
+                "no listen address: give `udp`, `tcp` and/or `tls`",
             );
         }
+        let tls = check_tls_identity(cx, file, &p, !raw_listen.tls.is_empty());
 
         let advertised_address =
             p.advertised_address
@@ -680,6 +685,7 @@ fn check_profiles(
             drain_grace,
             security,
             log_caller_data,
+            tls,
         });
     }
     out
@@ -707,6 +713,55 @@ fn log_caller_data(
             crate::logging::CallerData::Full
         }
     }
+}
+
+/// `[profile.tls]`: required by `listen.tls`; the PEM chain and key must
+/// parse and belong together (what `check` reports).
+fn check_tls_identity(
+    cx: &mut Cx<'_>,
+    file: usize,
+    p: &RawProfile,
+    listens: bool,
+) -> Option<super::TlsIdentity> {
+    let Some(raw) = p.tls.as_ref() else {
+        if listens {
+            cx.error(
+                file,
+                Some(p.listen.span()),
+                "listen.tls needs [profile.tls] with `cert` and `key` (e.g. file:/etc/sipbridge/tls.pem)",
+            );
+        }
+        return None;
+    };
+    let raw = raw.get_ref();
+    let cert = cx.secret(file, &raw.cert, "tls cert")?;
+    let key = cx.secret(file, &raw.key, "tls key")?;
+    let outbound_ca = match raw.outbound_ca.as_ref() {
+        Some(c) => {
+            let ca = cx.secret(file, c, "tls outbound_ca")?;
+            if !cx.data_only
+                && let Err(e) = super::tls::client_config(Some(ca.expose()))
+            {
+                cx.error(file, Some(c.span()), format!("tls outbound_ca: {e}"));
+                return None;
+            }
+            Some(ca)
+        }
+        None => None,
+    };
+    let identity = super::TlsIdentity {
+        cert,
+        key,
+        outbound_ca,
+    };
+    // Data commands leave unresolvable secrets empty: nothing to check then.
+    if !cx.data_only
+        && let Err(e) = super::tls::server_config(&identity, &[])
+    {
+        cx.error(file, Some(raw.cert.span()), format!("tls cert/key: {e}"));
+        return None;
+    }
+    Some(identity)
 }
 
 /// `[profile] drain_grace_s`: 0 (BYE at once) up to [`super::MAX_DRAIN_GRACE_S`].
@@ -973,6 +1028,24 @@ fn check_trunks(
             );
         }
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
+        let media_encryption = match t.media_encryption {
+            Some(super::raw::RawMediaEncryption::Required) => super::MediaEncryption::Required,
+            Some(super::raw::RawMediaEncryption::Optional) => super::MediaEncryption::Optional,
+            Some(super::raw::RawMediaEncryption::Off) | None => super::MediaEncryption::Off,
+        };
+        let tls_client_ca = t.tls_client_ca.as_ref().and_then(|c| {
+            let ca = cx.secret(file, c, "tls_client_ca")?;
+            if cx.data_only {
+                return Some(ca);
+            }
+            match super::tls::client_verifier(ca.expose()) {
+                Ok(_) => Some(ca),
+                Err(e) => {
+                    cx.error(file, Some(c.span()), format!("tls_client_ca: {e}"));
+                    None
+                }
+            }
+        });
         out.push((
             Trunk {
                 name: t.name.get_ref().clone(),
@@ -981,6 +1054,8 @@ fn check_trunks(
                 tenant: t.tenant.as_ref().map(|s| s.get_ref().clone()),
                 max_calls,
                 behind_nat: t.behind_nat,
+                media_encryption,
+                tls_client_ca,
             },
             (file, t.name.span()),
         ));

@@ -504,6 +504,14 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
         }
     }
 
+    // New TLS handshakes use the new certificate (checked at load; a failure
+    // here drops the fresh sockets and keeps all else); connections up keep theirs.
+    shared
+        .transports
+        .tls
+        .configure(profile, &config.trunks)
+        .map_err(|e| ReloadError::Load(format!("{e:#}")))?;
+
     // Nothing below fails.
     crate::logging::set_caller_data(profile.log_caller_data);
     let mut rng = StdRng::from_os_rng();

@@ -8,6 +8,7 @@
 
 mod lifecycle;
 mod records;
+mod tls;
 mod transport;
 
 use crate::call::pipeline::{

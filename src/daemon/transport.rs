@@ -22,9 +22,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 /// Largest SIP message accepted on a stream before the connection is closed.
-const MAX_STREAM_MESSAGE: usize = 64 * 1024;
+pub(super) const MAX_STREAM_MESSAGE: usize = 64 * 1024;
 /// Outbound queue per TCP connection.
 const TCP_QUEUE: usize = 256;
+/// Outbound queue per TLS connection.
+pub(super) const STREAM_QUEUE: usize = TCP_QUEUE;
 /// TCP flow ids start here, above any UDP listener index.
 const FIRST_TCP_FLOW: u64 = 1 << 32;
 
@@ -33,8 +35,11 @@ pub struct Transports {
     /// UDP listeners by flow id (their slot); a listener removed by a reload
     /// leaves `None`, so the flows of the others keep their meaning.
     udp: RwLock<Vec<Option<Arc<UdpSocket>>>>,
-    tcp: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
-    next_flow: AtomicU64,
+    /// TCP and TLS connections by flow id.
+    pub(super) tcp: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    pub(super) next_flow: AtomicU64,
+    /// Certificates and client authentication of SIP over TLS.
+    pub(crate) tls: super::tls::TlsState,
 }
 
 impl Transports {
@@ -43,6 +48,7 @@ impl Transports {
             udp: RwLock::new(Vec::new()),
             tcp: Mutex::new(HashMap::new()),
             next_flow: AtomicU64::new(FIRST_TCP_FLOW),
+            tls: super::tls::TlsState::new(),
         }
     }
 
@@ -75,6 +81,13 @@ impl Transports {
                     _ => self.connect_and_send(t.dest.addr, t.bytes),
                 }
             }
+            TransportKind::Tls => {
+                let tx = lock(&self.tcp).get(&t.dest.flow).cloned();
+                match tx {
+                    Some(tx) if tx.try_send(t.bytes.clone()).is_ok() => {}
+                    _ => super::tls::connect_and_send(&self.tls, t.dest.addr, t.bytes),
+                }
+            }
         }
     }
 
@@ -104,6 +117,7 @@ impl Transports {
 pub(crate) enum Socket {
     Udp(Arc<UdpSocket>),
     Tcp(TcpListener),
+    Tls(TcpListener),
 }
 
 /// A listener bound for a configured address, not yet serving.
@@ -121,6 +135,7 @@ impl Bound {
         match self.socket {
             Socket::Udp(_) => TransportKind::Udp,
             Socket::Tcp(_) => TransportKind::Tcp,
+            Socket::Tls(_) => TransportKind::Tls,
         }
     }
 }
@@ -163,6 +178,7 @@ pub(crate) fn kind_name(kind: TransportKind) -> &'static str {
     match kind {
         TransportKind::Udp => "udp",
         TransportKind::Tcp => "tcp",
+        TransportKind::Tls => "tls",
     }
 }
 
@@ -180,10 +196,15 @@ pub(crate) async fn bind(kind: TransportKind, addr: SocketAddr) -> anyhow::Resul
                 .await
                 .map_err(|e| anyhow::anyhow!("{name} {addr}: {e}"))?,
         ),
+        TransportKind::Tls => Socket::Tls(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("{name} {addr}: {e}"))?,
+        ),
     };
     let local = match &socket {
         Socket::Udp(s) => s.local_addr()?,
-        Socket::Tcp(l) => l.local_addr()?,
+        Socket::Tcp(l) | Socket::Tls(l) => l.local_addr()?,
     };
     info!(transport = name, local = %local, "sip listener bound");
     Ok(Bound {
@@ -193,11 +214,12 @@ pub(crate) async fn bind(kind: TransportKind, addr: SocketAddr) -> anyhow::Resul
     })
 }
 
-/// A profile's listen addresses, in order: UDP first, then TCP.
+/// A profile's listen addresses, in order: UDP first, then TCP, then TLS.
 pub(crate) fn wanted(profile: &crate::config::Profile) -> Vec<(TransportKind, SocketAddr)> {
     let udp = profile.listen.udp.iter().map(|a| (TransportKind::Udp, *a));
     let tcp = profile.listen.tcp.iter().map(|a| (TransportKind::Tcp, *a));
-    udp.chain(tcp).collect()
+    let tls = profile.listen.tls.iter().map(|a| (TransportKind::Tls, *a));
+    udp.chain(tcp).chain(tls).collect()
 }
 
 /// The switchboard's settings and the RTP bind address for a profile served
@@ -213,9 +235,15 @@ pub(crate) fn settings_for<'a>(
             .map(|(_, local)| local)
     };
     let (udp_local, tcp_local) = (first(TransportKind::Udp), first(TransportKind::Tcp));
-    let settings = crate::call::SwitchboardSettings::from_profile(profile, udp_local, tcp_local);
+    let tls_local = first(TransportKind::Tls);
+    let mut settings =
+        crate::call::SwitchboardSettings::from_profile(profile, udp_local, tcp_local);
+    if let Some(tls) = tls_local {
+        settings.local_tls.port = tls.port();
+    }
     let rtp_bind = udp_local
         .or(tcp_local)
+        .or(tls_local)
         .map(|a| a.ip())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     (settings, rtp_bind)
@@ -253,6 +281,7 @@ pub(crate) async fn bind_all(
         life: super::lifecycle::Life::new(config_path),
         fallback_prompts: Mutex::new(HashMap::new()),
     };
+    shared.transports.tls.configure(profile, &config.trunks)?;
     Ok((shared, bound))
 }
 
@@ -278,6 +307,13 @@ pub(crate) fn start(shared: &Arc<Shared>, bound: Bound, rng: &mut StdRng) -> Lis
             None,
             tokio::spawn(tcp_accept_loop(Arc::clone(shared), l, rng)),
         ),
+        Socket::Tls(l) => {
+            shared.transports.tls.attach(shared);
+            (
+                None,
+                tokio::spawn(super::tls::accept_loop(Arc::clone(shared), l, rng)),
+            )
+        }
     };
     Listener {
         kind,
@@ -480,7 +516,7 @@ async fn tcp_connection(
     writer.abort();
 }
 
-fn msg_bytes(msg: &crate::sip::message::Message) -> Bytes {
+pub(super) fn msg_bytes(msg: &crate::sip::message::Message) -> Bytes {
     match msg {
         crate::sip::message::Message::Request(r) => r.encode(),
         crate::sip::message::Message::Response(r) => r.encode(),

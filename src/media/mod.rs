@@ -11,3 +11,4 @@ pub mod playout;
 pub mod prompt;
 pub mod resample;
 pub mod rtp;
+pub mod srtp;

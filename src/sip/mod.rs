@@ -9,6 +9,7 @@ pub mod digest;
 pub mod error;
 pub mod message;
 pub mod response_addr;
+pub mod sdes;
 pub mod sdp;
 pub mod timer;
 pub mod transaction;

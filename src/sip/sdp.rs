@@ -24,6 +24,9 @@ use bytes::Bytes;
 use bytesstr::BytesStr;
 use ezk_sdp_types::{MediaDescription, MediaType, SessionDescription, TaggedAddress};
 
+use super::sdes;
+pub use super::sdes::{CryptoSuite, KeyMaterial, MAX_KEY_MATERIAL, SrtpParams};
+
 /// Largest SDP body accepted from a peer.
 pub const MAX_SDP_LEN: usize = 32 * 1024;
 
@@ -166,6 +169,26 @@ pub struct LocalMedia {
     pub telephone_event_pt: u8,
     /// The packetisation time we ask for, in milliseconds (usually 20).
     pub ptime_ms: u32,
+    /// Whether media is SRTP (SDES keys, RFC 4568).
+    pub encryption: Encryption,
+    /// The signalling carrying this SDP is TLS end to end (`a=crypto` keys
+    /// are only ever read or sent then).
+    pub secure_signalling: bool,
+    /// Our SRTP master key and salt (at least [`MAX_KEY_MATERIAL`] bytes,
+    /// from the caller's RNG); `None`: we cannot do SRTP.
+    pub srtp_key: Option<KeyMaterial>,
+}
+
+/// SRTP policy of a call (a trunk's `media_encryption`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encryption {
+    /// Plain RTP only.
+    #[default]
+    Off,
+    /// SRTP when the peer offers it, plain RTP otherwise.
+    Optional,
+    /// SRTP only: a plain offer is 488.
+    Required,
 }
 
 impl LocalMedia {
@@ -177,7 +200,15 @@ impl LocalMedia {
             codecs: vec![Codec::Pcmu, Codec::Pcma],
             telephone_event_pt: 101,
             ptime_ms: 20,
+            encryption: Encryption::Off,
+            secure_signalling: false,
+            srtp_key: None,
         }
+    }
+
+    /// Whether SDES keys may be exchanged at all (policy, TLS, our key).
+    fn srtp_possible(&self) -> bool {
+        self.encryption != Encryption::Off && self.secure_signalling && self.srtp_key.is_some()
     }
 }
 
@@ -202,6 +233,8 @@ pub struct Negotiated {
     /// Packetisation time to send with: the peer's `a=ptime` when it asks for
     /// one in 10–60 ms, otherwise ours.
     pub ptime_ms: u32,
+    /// SRTP suite and keys; `None`: plain RTP.
+    pub srtp: Option<SrtpParams>,
 }
 
 /// Offer/answer failures, each with the SIP status it answers (see [`SdpError::status`]).
@@ -217,6 +250,10 @@ pub enum SdpError {
     /// Audio offered, but only over a transport we do not speak (e.g. RTP/SAVP).
     #[error("unsupported media transport {0}")]
     UnsupportedTransport(String),
+    /// The trunk requires SRTP and the offer has no usable `RTP/SAVP` stream
+    /// (or came over signalling that is not TLS).
+    #[error("media encryption required")]
+    EncryptionRequired,
     /// Audio offered, but neither PCMU nor PCMA (in our list) among its formats.
     #[error("no common codec")]
     NoCommonCodec,
@@ -235,6 +272,7 @@ impl SdpError {
             Self::Malformed(_) => 400,
             Self::NoAudio
             | Self::UnsupportedTransport(_)
+            | Self::EncryptionRequired
             | Self::NoCommonCodec
             | Self::UnresolvedAddress(_) => 488,
             Self::NoPendingOffer => 500,
@@ -259,6 +297,8 @@ struct PendingOffer {
     codecs: Vec<Codec>,
     direction: Direction,
     ptime_ms: u32,
+    /// The suite of our `a=crypto` line, when we offered SRTP.
+    srtp: Option<CryptoSuite>,
 }
 
 impl SdpSession {
@@ -305,8 +345,17 @@ impl SdpSession {
         local: &LocalMedia,
     ) -> Result<(Negotiated, Bytes), SdpError> {
         let parsed = ParsedSdp::parse(offer)?;
-        let chosen = choose_audio(&parsed, &local.codecs)?;
+        let chosen = choose_audio(&parsed, local)?;
         let md = &parsed.session.media_descriptions[chosen.index];
+        let srtp = match (&chosen.crypto, &local.srtp_key) {
+            (Some(c), Some(ours)) => Some(SrtpParams {
+                suite: c.suite,
+                tag: c.tag,
+                local: ours.clone(),
+                remote: c.key.clone(),
+            }),
+            _ => None,
+        };
 
         let remote_ip = connection_ip(&parsed.session, md)?;
         let remote_direction = effective_direction(md.direction, remote_ip);
@@ -323,6 +372,9 @@ impl SdpSession {
                     telephone_event_pt,
                     ptime_ms: local.ptime_ms,
                     direction: local_direction,
+                    crypto: srtp
+                        .as_ref()
+                        .map(|p| sdes::crypto_attribute(p.tag, p.suite, &p.local)),
                 }));
             } else {
                 lines.push(MLine::Rejected(raw.clone()));
@@ -337,6 +389,7 @@ impl SdpSession {
             remote_direction,
             local_direction,
             ptime_ms: ptime(&parsed.session, md).unwrap_or(local.ptime_ms),
+            srtp,
         };
         self.pending_offer = None;
         let body = self.commit(local.addr, &lines);
@@ -355,9 +408,21 @@ impl SdpSession {
                 codecs.push(c);
             }
         }
+        // SRTP in our own offer only where plain RTP would be refused anyway.
+        let srtp = (local.srtp_possible() && local.encryption == Encryption::Required)
+            .then_some(CryptoSuite::AesCm128HmacSha1_80);
+        let crypto = srtp
+            .zip(local.srtp_key.as_ref())
+            .map(|(suite, key)| sdes::crypto_attribute(1, suite, key));
         let line = MLine::Audio(AudioLine {
             port: local.rtp_port,
-            proto: "RTP/AVP".to_owned(),
+            proto: if crypto.is_some() {
+                "RTP/SAVP"
+            } else {
+                "RTP/AVP"
+            }
+            .to_owned(),
+            crypto,
             formats: codecs
                 .iter()
                 .map(|&c| (c.static_payload_type(), c))
@@ -370,13 +435,18 @@ impl SdpSession {
             codecs,
             direction,
             ptime_ms: local.ptime_ms,
+            srtp,
         });
         self.commit(local.addr, &[line])
     }
 
     /// Reads the peer's answer to our last [`offer`](Self::offer) (in the ACK
     /// after a delayed offer, or in the 200 to our re-INVITE).
-    pub fn accept_answer(&mut self, answer: &[u8]) -> Result<Negotiated, SdpError> {
+    pub fn accept_answer(
+        &mut self,
+        answer: &[u8],
+        local: &LocalMedia,
+    ) -> Result<Negotiated, SdpError> {
         let pending = self.pending_offer.take().ok_or(SdpError::NoPendingOffer)?;
         let parsed = ParsedSdp::parse(answer)?;
         // We offered exactly one stream; RFC 3264 §6 keeps it first.
@@ -404,6 +474,18 @@ impl SdpSession {
             })
             .ok_or(SdpError::NoCommonCodec)?;
 
+        let srtp = match (pending.srtp, &local.srtp_key) {
+            (Some(suite), Some(ours)) => {
+                let c = sdes::answered(&md.crypto, suite).ok_or(SdpError::EncryptionRequired)?;
+                Some(SrtpParams {
+                    suite,
+                    tag: c.tag,
+                    local: ours.clone(),
+                    remote: c.key,
+                })
+            }
+            _ => None,
+        };
         let remote_ip = connection_ip(&parsed.session, md)?;
         let remote_direction = effective_direction(md.direction, remote_ip);
         let mirrored = remote_direction.reversed();
@@ -419,6 +501,7 @@ impl SdpSession {
             remote_direction,
             local_direction,
             ptime_ms: ptime(&parsed.session, md).unwrap_or(pending.ptime_ms),
+            srtp,
         })
     }
 
@@ -484,6 +567,10 @@ impl SdpSession {
                             "a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} {TELEPHONE_EVENTS}\r\n"
                         );
                     }
+                    if let Some(crypto) = &a.crypto {
+                        s.push_str(crypto);
+                        s.push_str("\r\n");
+                    }
                     let _ = write!(
                         s,
                         "a=ptime:{}\r\na={}\r\n",
@@ -510,6 +597,8 @@ struct AudioLine {
     telephone_event_pt: Option<u8>,
     ptime_ms: u32,
     direction: Direction,
+    /// Our `a=crypto` line (SRTP).
+    crypto: Option<String>,
 }
 
 /// The tokens of a peer's `m=` line as written (ezk cannot keep all of them).
@@ -590,43 +679,73 @@ struct ChosenAudio {
     index: usize,
     codec: Codec,
     payload_type: u8,
+    /// The offer's `a=crypto` line we accept (an `RTP/SAVP` stream).
+    crypto: Option<sdes::OfferedCrypto>,
 }
 
-/// The first audio stream (port ≠ 0, RTP/AVP(F)) carrying a codec of ours,
-/// with the codec picked by our preference order.
-fn choose_audio(parsed: &ParsedSdp, prefs: &[Codec]) -> Result<ChosenAudio, SdpError> {
+/// The first audio stream (port ≠ 0) carrying a codec of ours, with the
+/// codec picked by our preference order. SRTP streams (`RTP/SAVP(F)` with a
+/// usable `a=crypto`) are taken first when the policy allows SRTP and the
+/// signalling is TLS; plain `RTP/AVP(F)` ones unless SRTP is required.
+fn choose_audio(parsed: &ParsedSdp, local: &LocalMedia) -> Result<ChosenAudio, SdpError> {
     let mut live_audio = false;
     let mut saw_rtp = false;
     let mut bad_transport = None;
-    for (index, md) in parsed.session.media_descriptions.iter().enumerate() {
-        if md.media.media_type != MediaType::Audio || md.media.port == 0 {
-            continue;
-        }
-        live_audio = true;
-        let proto = parsed.raw.get(index).map(|r| r.proto.as_str());
-        if !matches!(proto, Some("RTP/AVP" | "RTP/AVPF")) {
-            bad_transport.get_or_insert_with(|| proto.unwrap_or_default().to_owned());
-            continue;
-        }
-        saw_rtp = true;
-        for &codec in prefs {
-            if let Some(&payload_type) = md
-                .media
-                .fmts
-                .iter()
-                .find(|&&pt| payload_codec(md, pt) == Some(codec))
-            {
-                return Ok(ChosenAudio {
-                    index,
-                    codec,
-                    payload_type,
-                });
+    let mut plain_refused = false;
+    let passes: &[bool] = match local.encryption {
+        Encryption::Off => &[false],
+        Encryption::Optional => &[true, false],
+        Encryption::Required => &[true],
+    };
+    for &secure in passes {
+        for (index, md) in parsed.session.media_descriptions.iter().enumerate() {
+            if md.media.media_type != MediaType::Audio || md.media.port == 0 {
+                continue;
+            }
+            live_audio = true;
+            let proto = parsed.raw.get(index).map(|r| r.proto.as_str());
+            let crypto = match (secure, proto) {
+                (false, Some("RTP/AVP" | "RTP/AVPF")) => None,
+                (true, Some("RTP/SAVP" | "RTP/SAVPF")) if local.srtp_possible() => {
+                    match sdes::choose(&md.crypto) {
+                        Some(c) => Some(c),
+                        None => continue,
+                    }
+                }
+                (true, Some("RTP/AVP" | "RTP/AVPF")) => {
+                    plain_refused = true;
+                    continue;
+                }
+                _ => {
+                    bad_transport.get_or_insert_with(|| proto.unwrap_or_default().to_owned());
+                    continue;
+                }
+            };
+            saw_rtp = true;
+            for &codec in &local.codecs {
+                if let Some(&payload_type) = md
+                    .media
+                    .fmts
+                    .iter()
+                    .find(|&&pt| payload_codec(md, pt) == Some(codec))
+                {
+                    return Ok(ChosenAudio {
+                        index,
+                        codec,
+                        payload_type,
+                        crypto,
+                    });
+                }
             }
         }
     }
+    if local.encryption == Encryption::Required && live_audio && !saw_rtp {
+        return Err(SdpError::EncryptionRequired);
+    }
     match (live_audio, saw_rtp, bad_transport) {
         (false, _, _) => Err(SdpError::NoAudio),
-        (true, false, Some(proto)) => Err(SdpError::UnsupportedTransport(proto)),
+        (true, false, Some(proto)) if !plain_refused => Err(SdpError::UnsupportedTransport(proto)),
+        (true, false, _) => Err(SdpError::EncryptionRequired),
         _ => Err(SdpError::NoCommonCodec),
     }
 }
@@ -750,6 +869,7 @@ mod tests {
         assert_eq!(
             n,
             Negotiated {
+                srtp: None,
                 codec: Codec::Pcmu,
                 payload_type: 0,
                 telephone_event_pt: Some(101),
@@ -891,6 +1011,137 @@ mod tests {
         assert_eq!(err.status(), 488);
     }
 
+    fn srtp_local(encryption: Encryption, secure: bool) -> LocalMedia {
+        LocalMedia {
+            encryption,
+            secure_signalling: secure,
+            srtp_key: Some(KeyMaterial::new((100u8..146).collect())),
+            ..local()
+        }
+    }
+
+    /// An SDES offer: `RTP/SAVP` with a GCM line the peer prefers, then AES_CM_80.
+    const SDES_OFFER: &[&str] = &[
+        "v=0",
+        "o=- 1 1 IN IP4 192.0.2.1",
+        "s=-",
+        "c=IN IP4 192.0.2.1",
+        "t=0 0",
+        "m=audio 5006 RTP/SAVP 0 101",
+        "a=rtpmap:101 telephone-event/8000",
+        "a=crypto:1 F8_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz",
+        "a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz",
+    ];
+
+    #[test]
+    fn sdes_offer_over_tls_is_answered_with_our_own_key() {
+        for enc in [Encryption::Optional, Encryption::Required] {
+            let local = srtp_local(enc, true);
+            let (n, body) = SdpSession::new(1, "b")
+                .answer(&sdp(SDES_OFFER), &local)
+                .unwrap();
+            let srtp = n.srtp.expect("srtp negotiated");
+            // F8 is not ours: the offerer's second choice, tag 2.
+            assert_eq!(
+                (srtp.tag, srtp.suite),
+                (2, CryptoSuite::AesCm128HmacSha1_80)
+            );
+            let body = text(&body);
+            assert!(body.contains("m=audio 40000 RTP/SAVP 0 101\r\n"), "{body}");
+            let ours = sdes::crypto_attribute(2, CryptoSuite::AesCm128HmacSha1_80, &srtp.local);
+            assert!(body.contains(&format!("{ours}\r\n")), "{body}");
+            assert_eq!(srtp.remote.split(srtp.suite).0, b"YS___semctl () {");
+            assert!(!body.contains("WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz"));
+        }
+    }
+
+    #[test]
+    fn sdes_keys_are_never_taken_over_plain_signalling() {
+        // Optional over UDP/TCP: the SAVP-only offer cannot be answered.
+        let err = SdpSession::new(1, "b")
+            .answer(&sdp(SDES_OFFER), &srtp_local(Encryption::Optional, false))
+            .unwrap_err();
+        assert_eq!(err.status(), 488);
+        // Required over UDP/TCP: refused too, with the encryption error.
+        let err = SdpSession::new(1, "b")
+            .answer(&sdp(SDES_OFFER), &srtp_local(Encryption::Required, false))
+            .unwrap_err();
+        assert_eq!(err, SdpError::EncryptionRequired);
+        assert_eq!(err.status(), 488);
+    }
+
+    #[test]
+    fn required_refuses_a_plain_offer_and_optional_takes_it() {
+        let err = SdpSession::new(1, "b")
+            .answer(&sdp(TWILIO), &srtp_local(Encryption::Required, true))
+            .unwrap_err();
+        assert_eq!(err, SdpError::EncryptionRequired);
+        assert_eq!(err.status(), 488);
+        let (n, body) = SdpSession::new(1, "b")
+            .answer(&sdp(TWILIO), &srtp_local(Encryption::Optional, true))
+            .unwrap();
+        assert!(n.srtp.is_none());
+        assert!(!text(&body).contains("a=crypto"));
+    }
+
+    #[test]
+    fn optional_prefers_the_srtp_stream_of_a_best_effort_offer() {
+        let lines = [
+            "v=0",
+            "o=- 1 1 IN IP4 192.0.2.1",
+            "s=-",
+            "c=IN IP4 192.0.2.1",
+            "t=0 0",
+            "m=audio 5004 RTP/AVP 0",
+            "m=audio 5006 RTP/SAVP 0",
+            "a=crypto:1 AES_CM_128_HMAC_SHA1_32 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz",
+        ];
+        let (n, body) = SdpSession::new(1, "b")
+            .answer(&sdp(&lines), &srtp_local(Encryption::Optional, true))
+            .unwrap();
+        assert_eq!(n.remote_rtp, Some("192.0.2.1:5006".parse().unwrap()));
+        assert_eq!(n.srtp.unwrap().suite, CryptoSuite::AesCm128HmacSha1_32);
+        assert!(text(&body).contains("m=audio 0 RTP/AVP 0\r\nm=audio 40000 RTP/SAVP 0\r\n"));
+    }
+
+    #[test]
+    fn a_required_delayed_offer_is_srtp_and_reads_the_answer_key() {
+        let local = srtp_local(Encryption::Required, true);
+        let mut s = SdpSession::new(1, "b");
+        let offer = s.offer(&local, Direction::SendRecv);
+        let offer = text(&offer);
+        assert!(offer.contains("RTP/SAVP"), "{offer}");
+        assert!(
+            offer.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"),
+            "{offer}"
+        );
+        let answer = sdp(&[
+            "v=0",
+            "o=- 1 1 IN IP4 192.0.2.1",
+            "s=-",
+            "c=IN IP4 192.0.2.1",
+            "t=0 0",
+            "m=audio 5006 RTP/SAVP 0",
+            "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz",
+        ]);
+        let n = s.accept_answer(&answer, &local).unwrap();
+        assert_eq!(
+            n.srtp
+                .unwrap()
+                .remote
+                .split(CryptoSuite::AesCm128HmacSha1_80)
+                .0,
+            b"YS___semctl () {"
+        );
+        // An answer without a key to our SRTP offer is not taken.
+        let _ = s.offer(&local, Direction::SendRecv);
+        let plain = sdp(TWILIO);
+        assert_eq!(
+            s.accept_answer(&plain, &local),
+            Err(SdpError::EncryptionRequired)
+        );
+    }
+
     #[test]
     fn srtp_and_rtp_streams_pick_rtp_and_reject_srtp() {
         let lines = [
@@ -1025,10 +1276,11 @@ mod tests {
             "a=fmtp:101 0-15",
             "a=recvonly",
         ]);
-        let n = s.accept_answer(&answer).unwrap();
+        let n = s.accept_answer(&answer, &local()).unwrap();
         assert_eq!(
             n,
             Negotiated {
+                srtp: None,
                 codec: Codec::Pcma,
                 payload_type: 8,
                 telephone_event_pt: Some(101),
@@ -1039,7 +1291,10 @@ mod tests {
             }
         );
         // The offer is consumed.
-        assert_eq!(s.accept_answer(&answer), Err(SdpError::NoPendingOffer));
+        assert_eq!(
+            s.accept_answer(&answer, &local()),
+            Err(SdpError::NoPendingOffer)
+        );
         assert_eq!(SdpError::NoPendingOffer.status(), 500);
     }
 
@@ -1068,7 +1323,10 @@ mod tests {
             "t=0 0",
             "m=audio 0 RTP/AVP 0",
         ]);
-        assert_eq!(s.accept_answer(&rejected), Err(SdpError::NoCommonCodec));
+        assert_eq!(
+            s.accept_answer(&rejected, &local()),
+            Err(SdpError::NoCommonCodec)
+        );
         s.offer(&l, Direction::SendRecv);
         // PCMA was never offered: an answer choosing it is not acceptable.
         let wrong = sdp(&[
@@ -1079,7 +1337,10 @@ mod tests {
             "t=0 0",
             "m=audio 30000 RTP/AVP 8",
         ]);
-        assert_eq!(s.accept_answer(&wrong), Err(SdpError::NoCommonCodec));
+        assert_eq!(
+            s.accept_answer(&wrong, &local()),
+            Err(SdpError::NoCommonCodec)
+        );
     }
 
     #[test]
@@ -1095,7 +1356,7 @@ mod tests {
             "m=audio 30000 RTP/AVP 0",
             "a=sendrecv",
         ]);
-        let n = s.accept_answer(&answer).unwrap();
+        let n = s.accept_answer(&answer, &local()).unwrap();
         assert_eq!(n.remote_rtp, None);
         assert_eq!(n.remote_direction, Direction::SendOnly);
         // We offered sendonly, the peer does not receive: nothing flows.

@@ -126,6 +126,8 @@ pub(crate) struct ProfileSpec<'a> {
     pub(crate) routes: Option<&'a str>,
     /// Appended verbatim at the end.
     pub(crate) extra: &'a str,
+    /// Lines added to `[profile.listen]`, e.g. `tls = ["127.0.0.1:0"]`.
+    pub(crate) listen: &'a str,
 }
 
 impl Default for ProfileSpec<'_> {
@@ -138,6 +140,7 @@ impl Default for ProfileSpec<'_> {
             tenant: "",
             routes: None,
             extra: "",
+            listen: "",
         }
     }
 }
@@ -161,6 +164,7 @@ impl ProfileSpec<'_> {
             tenant,
             routes,
             extra,
+            listen,
         } = *self;
         let routes = routes.unwrap_or("[[route]]\nnumber = \"*\"\ntenant = \"demo\"\n");
         format!(
@@ -173,6 +177,7 @@ rtp_ports = {{ start = {start}, end = {end} }}
 [profile.listen]
 udp = ["127.0.0.1:0"]
 tcp = ["127.0.0.1:0"]
+{listen}
 
 [profile.sip]
 {sip}
