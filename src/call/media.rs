@@ -718,6 +718,7 @@ mod srtp_tests {
             pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
             echo_delay: None,
             record: false,
+            rtp_source: RtpSourcePolicy::Strict,
         };
         let t0 = Instant::now();
         let mut m = MediaSession::new(t0, &neg, plan, &mut rng).unwrap();
