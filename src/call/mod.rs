@@ -9,6 +9,7 @@
 //! passed in), the filesystem.
 
 pub mod auth_guard;
+pub mod bridged;
 mod media;
 pub mod pipeline;
 mod record;

@@ -11,19 +11,18 @@ mod records;
 mod tls;
 mod transport;
 
-use crate::call::pipeline::{
-    FALLBACK_MARK, FailureAction, PipelineSummary, PipelineSupervisor, SupervisorOutput,
+use crate::call::bridged::{
+    AgentEvent, AgentPlan as BridgeAgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup,
+    BridgedCall, FallbackAudio, PipelineOp, RecordingRules,
 };
-use crate::call::{
-    Call, CallEvent, CallOutput, CallRecord, Dispatch, HangupCause, MediaOutput, MediaSession,
-    PcmFrame, Switchboard,
-};
+use crate::call::pipeline::FailureAction;
+use crate::call::{Call, CallRecord, Dispatch, HangupCause, Switchboard};
 use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
 use anyhow::Context;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 use tokio::net::UdpSocket;
@@ -82,14 +81,8 @@ pub(crate) struct Shared {
     pub(crate) fallback_prompts: Mutex<HashMap<String, Arc<FallbackAudio>>>,
 }
 
-/// A tenant's fallback prompt as PCM at its pipeline rate, ready to queue.
-#[derive(Debug)]
-pub(crate) struct FallbackAudio {
-    pcm: Vec<i16>,
-    duration: std::time::Duration,
-}
-
-/// How a call connects to its network pipeline, and what it does when that fails.
+/// How a call connects to its network pipeline (the shell's half: where to
+/// connect), and what the call core needs to know of it (the policy).
 #[derive(Debug)]
 struct AgentPlan {
     spec: PipelineSpec,
@@ -97,8 +90,7 @@ struct AgentPlan {
     /// whole call, whatever happens to the agent's connections.
     stt: Option<crate::pipeline::deepgram::DeepgramTarget>,
     info: CallInfo,
-    policy: crate::config::FailurePolicy,
-    fallback: Option<Arc<FallbackAudio>>,
+    core: BridgeAgentPlan,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,6 +160,12 @@ impl Shared {
             (target, stt, rate, t.pipeline_failure.clone(), account_sid)
         };
         let fallback = lock(&self.fallback_prompts).get(tenant).cloned();
+        let core = BridgeAgentPlan {
+            policy,
+            fallback,
+            beside_stt: stt.is_some(),
+            deepgram_only: matches!(target, PipelineSpec::Deepgram(_)),
+        };
         let info = CallInfo {
             sample_rate,
             call_id: invite.call_id().unwrap_or_default().to_owned(),
@@ -192,8 +190,7 @@ impl Shared {
             spec: target,
             stt,
             info,
-            policy,
-            fallback,
+            core,
         })
     }
 
@@ -339,13 +336,23 @@ impl Shared {
                 return;
             }
         };
-        let store = self.records.as_ref().map(|r| {
-            let opt_out_key = lock(&self.switchboard)
-                .config()
-                .tenant(&settings.tenant)
-                .and_then(|t| t.opt_out_key);
-            records::CallStore::start(Arc::clone(r), row, settings.plan.record, opt_out_key)
-        });
+        let opt_out_key = lock(&self.switchboard)
+            .config()
+            .tenant(&settings.tenant)
+            .and_then(|t| t.opt_out_key);
+        let store = self
+            .records
+            .as_ref()
+            .map(|r| records::CallStore::start(Arc::clone(r), row));
+        let link = agent.as_ref().map(PipelineLink::new);
+        let setup = BridgeSetup {
+            agent: agent.map(|a| a.core),
+            recording: RecordingRules {
+                record: settings.plan.record,
+                opt_out_key,
+            },
+        };
+        let bridged = BridgedCall::new(call, setup, Instant::now(), SystemTime::now());
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
         let entry = CallEntry {
             tx,
@@ -356,7 +363,7 @@ impl Shared {
         let span = info_span!("call", call_id = %call_id, tenant = %settings.tenant);
         tokio::spawn(
             async move {
-                run_call(&shared, call, rtp, rx, call_rng, agent, store, &live).await;
+                run_call(&shared, bridged, rtp, rx, call_rng, link, store, &live).await;
                 lock(&shared.calls).remove(&call_id);
             }
             .instrument(span),
@@ -381,65 +388,33 @@ async fn recv_on(
     }
 }
 
-/// A call's network pipeline: how to reach it, the supervisor that applies
-/// the tenant's failure policy, the current connection (one handle per
-/// attempt), and the caller audio held while reconnecting.
+/// A call's network pipeline as the shell holds it: where to connect, the
+/// agent's current connection (one handle per attempt) and the Deepgram
+/// stream beside it. What to do with them is the call core's decision
+/// ([`PipelineOp`]).
 struct PipelineLink {
     spec: PipelineSpec,
+    /// Deepgram beside the agent, opened once for the whole call.
+    stt_target: Option<crate::pipeline::deepgram::DeepgramTarget>,
     info: CallInfo,
-    fallback: Option<Arc<FallbackAudio>>,
-    supervisor: PipelineSupervisor,
     /// The agent's current connection (one per attempt).
     handle: Option<PipelineHandle>,
     /// Deepgram beside the agent, for the whole call (it reconnects by
     /// itself; the supervisor does not govern it).
     stt: Option<PipelineHandle>,
-    /// Caller frames held between a loss and the next connection attempt
-    /// (at most one handle queue's worth; the oldest go first).
-    backlog: VecDeque<PcmFrame>,
-    /// Frames dropped by handles already gone and by the backlog.
+    /// Frames dropped by handles already gone.
     dropped: u64,
 }
 
 impl PipelineLink {
-    fn new(plan: AgentPlan, now: Instant, prompt_done: bool) -> PipelineLink {
-        let mut supervisor =
-            PipelineSupervisor::new(&plan.policy, plan.fallback.as_ref().map(|f| f.duration));
-        if prompt_done {
-            supervisor.prompt_finished(now);
-        }
-        supervisor.start(now);
-        let stt = plan
-            .stt
-            .map(|t| PipelineHandle::spawn(PipelineSpec::Deepgram(t), plan.info.clone(), 0));
+    fn new(plan: &AgentPlan) -> PipelineLink {
         PipelineLink {
-            spec: plan.spec,
-            stt,
-            info: plan.info,
-            fallback: plan.fallback,
-            supervisor,
+            spec: plan.spec.clone(),
+            stt_target: plan.stt.clone(),
+            info: plan.info.clone(),
             handle: None,
-            backlog: VecDeque::new(),
+            stt: None,
             dropped: 0,
-        }
-    }
-
-    fn send_audio(&mut self, frame: PcmFrame) {
-        use crate::call::pipeline::ConnectionState;
-        if let Some(s) = &mut self.stt {
-            s.send_audio(&frame);
-        }
-        if let Some(h) = &mut self.handle {
-            h.send_audio(&frame);
-        } else if matches!(
-            self.supervisor.state(),
-            ConnectionState::Reconnecting { .. }
-        ) {
-            if self.backlog.len() >= crate::pipeline::AUDIO_QUEUE_FRAMES {
-                self.backlog.pop_front();
-                self.dropped += 1;
-            }
-            self.backlog.push_back(frame);
         }
     }
 
@@ -449,15 +424,60 @@ impl PipelineLink {
         }
     }
 
-    fn summary(&self) -> PipelineSummary {
-        PipelineSummary {
-            dropped_frames: self.dropped
-                + [&self.handle, &self.stt]
-                    .into_iter()
-                    .flatten()
-                    .map(PipelineHandle::dropped_frames)
-                    .sum::<u64>(),
-            ..self.supervisor.summary()
+    /// Does what the call core asks of the pipeline.
+    fn apply(&mut self, op: PipelineOp, store: Option<&records::CallStore>) {
+        match op {
+            PipelineOp::Open => {
+                if let Some(t) = self.stt_target.take() {
+                    self.stt = Some(PipelineHandle::spawn(
+                        PipelineSpec::Deepgram(t),
+                        self.info.clone(),
+                        0,
+                    ));
+                }
+            }
+            PipelineOp::Connect { attempt, backlog } => {
+                self.close();
+                let mut handle =
+                    PipelineHandle::spawn(self.spec.clone(), self.info.clone(), attempt);
+                for frame in &backlog {
+                    handle.send_audio(frame);
+                }
+                self.handle = Some(handle);
+            }
+            PipelineOp::Disconnect => self.close(),
+            PipelineOp::Audio { frame, to_agent } => {
+                if let Some(s) = &mut self.stt {
+                    s.send_audio(&frame);
+                }
+                if to_agent && let Some(h) = &mut self.handle {
+                    h.send_audio(&frame);
+                }
+            }
+            PipelineOp::Dtmf(digit) => {
+                if let Some(h) = &mut self.handle {
+                    h.send_dtmf(digit);
+                }
+            }
+            PipelineOp::Mark { name, cleared } => {
+                if let Some(h) = &mut self.handle {
+                    h.send_mark(name, cleared);
+                }
+            }
+            PipelineOp::Close { deepgram_only } => {
+                // Deepgram closes its stream now; the transcripts it still
+                // sends (its last Results) reach the store. An agent
+                // connection is simply dropped (`stop`, close).
+                let streams = [self.stt.take(), self.handle.take_if(|_| deepgram_only)];
+                for h in streams.into_iter().flatten() {
+                    self.dropped += h.dropped_frames();
+                    let rest = h.finish();
+                    if let Some(s) = store {
+                        s.transcripts_after_end(rest);
+                    }
+                }
+                self.close();
+            }
         }
     }
 
@@ -488,422 +508,223 @@ impl PipelineLink {
     }
 }
 
-/// One call's task: owns the `Call`, its media session, its RTP/RTCP sockets,
-/// its pipeline link and its timer.
+/// What one call task holds besides the call itself.
+struct CallTask<'a> {
+    shared: &'a Arc<Shared>,
+    live: &'a LiveCall,
+    sockets: Option<(UdpSocket, UdpSocket)>,
+    link: Option<PipelineLink>,
+    store: Option<records::CallStore>,
+    ended_settings: Option<crate::call::CallSettings>,
+    active: Option<crate::metrics::ActiveCall>,
+    rtp_meter: crate::metrics::RtpMeter,
+}
+
+impl CallTask<'_> {
+    /// Carries out one output of the call core.
+    async fn output(&mut self, out: BridgeOutput) {
+        match out {
+            BridgeOutput::Sip(t) => self.shared.transports.send(t).await,
+            BridgeOutput::Rtp { to, bytes } => {
+                if let Some((rtp, _)) = &self.sockets {
+                    let _ = rtp.send_to(&bytes, to).await;
+                }
+            }
+            BridgeOutput::Rtcp { to, bytes } => {
+                if let Some((_, rtcp)) = &self.sockets {
+                    let _ = rtcp.send_to(&bytes, to).await;
+                }
+            }
+            BridgeOutput::Pipeline(op) => {
+                if let Some(l) = &mut self.link {
+                    l.apply(op, self.store.as_ref());
+                }
+            }
+            BridgeOutput::Store(op) => {
+                if let Some(s) = &mut self.store {
+                    s.apply(op);
+                }
+            }
+            BridgeOutput::Event(ev) => self.event(ev),
+        }
+    }
+
+    fn event(&mut self, ev: BridgeEvent) {
+        match ev {
+            BridgeEvent::EarlyMedia(neg) => {
+                info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "early media");
+            }
+            BridgeEvent::Answered(neg) => {
+                info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
+                self.live.answered_at.store(
+                    crate::store::db::unix_ms(SystemTime::now()),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            BridgeEvent::Confirmed => {
+                lock(&self.shared.switchboard).call_confirmed(&self.live.call_id);
+            }
+            BridgeEvent::MediaChanged(neg) => {
+                info!(direction = ?neg.remote_direction, remote = ?neg.remote_rtp, "media changed");
+            }
+            BridgeEvent::MediaFailed(error) => warn!(%error, "no media for this call"),
+            BridgeEvent::PromptFinished => info!("disclosure prompt finished"),
+            BridgeEvent::Dtmf { duration_ms, .. } => debug!(duration_ms, "dtmf received"),
+            BridgeEvent::OptedOut => info!("caller opted out: recording discarded and stopped"),
+            BridgeEvent::MarkPlayed { name, cleared } => {
+                debug!(name = %name, cleared, "mark played");
+            }
+            BridgeEvent::Reconnecting { attempt, held } => {
+                info!(attempt, held_frames = held, "reconnecting to the agent");
+            }
+            BridgeEvent::GaveUp { reason, action } => match action {
+                FailureAction::Continue => warn!(
+                    %reason,
+                    "agent pipeline given up; call continues without agent"
+                ),
+                FailureAction::HangUp => warn!(%reason, "agent pipeline given up; hanging up"),
+                FailureAction::PlayFallback => warn!(
+                    %reason,
+                    "agent pipeline given up; playing the fallback prompt, then hanging up"
+                ),
+            },
+            BridgeEvent::FallbackTruncated(dropped) => {
+                debug!(dropped, "fallback prompt truncated");
+            }
+            BridgeEvent::FallbackPlayed => info!("fallback prompt played"),
+            BridgeEvent::HangingUpAfterFailure => info!("hanging up after the pipeline failure"),
+            BridgeEvent::AgentHangUp => info!("agent asked to hang up"),
+            BridgeEvent::PlayoutFull(dropped) => {
+                debug!(dropped, "playout queue full; agent audio dropped");
+            }
+            BridgeEvent::MarkDropped(name) => debug!(mark = %name, "mark dropped"),
+            BridgeEvent::Ended { mut record, media } => {
+                self.live
+                    .ended
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.rtp_meter.finish(media.as_deref());
+                if let (Some(summary), Some(l)) = (&mut record.pipeline, &self.link) {
+                    summary.dropped_frames += l.dropped;
+                    if summary.dropped_frames > 0 {
+                        crate::metrics::caller_frames_dropped(summary.dropped_frames);
+                        warn!(
+                            dropped = summary.dropped_frames,
+                            "pipeline was behind; caller frames dropped"
+                        );
+                    }
+                }
+                log_cdr(self.shared, &record);
+                if let Some(s) = &mut self.store {
+                    s.ended(&record);
+                }
+                self.sockets = None;
+                if let Some(settings) = self.ended_settings.take() {
+                    lock(&self.shared.switchboard).call_ended(&settings);
+                }
+                drop(self.active.take());
+            }
+        }
+    }
+}
+
+/// One call's task: socket/select glue around its [`BridgedCall`], which
+/// makes every decision; the task owns the RTP/RTCP sockets, the pipeline's
+/// connections, the link to the store and the timer.
 #[allow(clippy::too_many_arguments)]
 async fn run_call(
     shared: &Arc<Shared>,
-    mut call: Call,
+    mut bridged: BridgedCall,
     sockets: (UdpSocket, UdpSocket),
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
-    mut agent: Option<AgentPlan>,
-    mut store: Option<records::CallStore>,
+    link: Option<PipelineLink>,
+    store: Option<records::CallStore>,
     live: &LiveCall,
 ) {
-    let mut link: Option<PipelineLink> = None;
-    let mut sockets = Some(sockets);
-    let mut media: Option<MediaSession> = None;
+    let settings = bridged.call().settings().clone();
+    let mut task = CallTask {
+        shared,
+        live,
+        sockets: Some(sockets),
+        link,
+        store,
+        active: Some(crate::metrics::ActiveCall::start(&settings.tenant)),
+        ended_settings: Some(settings),
+        rtp_meter: crate::metrics::RtpMeter::new(),
+    };
     let mut rtp_buf = vec![0u8; 2048];
     let mut rtcp_buf = vec![0u8; 2048];
-    let mut ended_settings = Some(call.settings().clone());
-    let mut shutting_down = false;
-    let mut active = Some(crate::metrics::ActiveCall::start(&call.settings().tenant));
-    let mut rtp_meter = crate::metrics::RtpMeter::new();
-    // Answered (200 sent) but not yet confirmed: the recording and the
-    // pipeline wait for the ACK, or the first RTP from the SDP address, so a
-    // source that ignores our answers gets nothing recorded (issue 19).
-    let mut awaiting_ack: Option<crate::sip::sdp::Negotiated> = None;
-    // The packet that confirmed the call (it arrived before the ACK): fed to
-    // the media session once that has started, so none of the caller's audio
-    // is lost to the race between the ACK and the first RTP.
-    let mut confirming_rtp: Option<(Instant, std::net::SocketAddr, bytes::Bytes)> = None;
-    info!(port = call.settings().media.rtp_port, "call started");
+    info!(
+        port = bridged.call().settings().media.rtp_port,
+        "call started"
+    );
     loop {
-        if awaiting_ack.is_some()
-            && (call.is_confirmed() || confirming_rtp.is_some())
-            && !call.is_ended()
-        {
-            lock(&shared.switchboard).call_confirmed(&live.call_id);
-            if let Some(neg) = awaiting_ack.take() {
-                if media.is_none() {
-                    media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
-                }
-                if let Some(m) = &media
-                    && let Some(plan) = agent.take()
-                {
-                    let mut l = PipelineLink::new(plan, Instant::now(), m.prompt_done());
-                    apply_supervisor(&mut l, &mut call, media.as_mut(), &mut rng);
-                    link = Some(l);
-                }
-            }
+        while let Some(out) = bridged.poll_output() {
+            task.output(out).await;
         }
-        if let Some(m) = &mut media
-            && let Some((at, from, data)) = confirming_rtp.take()
-            && m.on_rtp(at, from, data)
-        {
-            call.media_activity(at);
-        }
-        if let (Some(m), Some((rtp, rtcp))) = (&mut media, &sockets) {
-            while let Some(out) = m.poll_output() {
-                match out {
-                    MediaOutput::Rtp { to, bytes } => {
-                        let _ = rtp.send_to(&bytes, to).await;
-                    }
-                    MediaOutput::Rtcp { to, bytes } => {
-                        let _ = rtcp.send_to(&bytes, to).await;
-                    }
-                    // The echo pipeline runs inside the media session; the
-                    // network ones get frames, DTMF and marks here.
-                    MediaOutput::CallerAudio(frame) => {
-                        if let Some(l) = &mut link {
-                            l.send_audio(frame);
-                        }
-                    }
-                    MediaOutput::Dtmf(ev) => {
-                        debug!(duration_ms = ev.duration_ms, "dtmf received");
-                        if let Some(s) = &mut store
-                            && s.dtmf(ev.digit)
-                        {
-                            info!("caller opted out: recording discarded and stopped");
-                            m.stop_recording();
-                        }
-                        if let Some(h) = link.as_mut().and_then(|l| l.handle.as_mut()) {
-                            h.send_dtmf(ev.digit);
-                        }
-                    }
-                    MediaOutput::PromptFinished => {
-                        info!("disclosure prompt finished");
-                        if let Some(s) = &store {
-                            s.prompt_finished();
-                        }
-                        call.prompt_finished(Instant::now());
-                        if let Some(l) = &mut link {
-                            l.supervisor.prompt_finished(Instant::now());
-                        }
-                    }
-                    MediaOutput::Record { left, right } => {
-                        if let Some(s) = &mut store {
-                            s.audio(&left, &right);
-                        }
-                    }
-                    MediaOutput::Mark(mark) => {
-                        debug!(name = %mark.name, cleared = mark.cleared, "mark played");
-                        let Some(l) = &mut link else { continue };
-                        match &mut l.handle {
-                            Some(h) => h.send_mark(mark.name, mark.cleared),
-                            None if mark.name == FALLBACK_MARK && !mark.cleared => {
-                                info!("fallback prompt played");
-                                l.supervisor.fallback_played(Instant::now());
-                            }
-                            None => {}
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(l) = &mut link {
-            apply_supervisor(l, &mut call, media.as_mut(), &mut rng);
-        }
-        // Act on everything the call has to say.
-        while let Some(out) = call.poll_output() {
-            match out {
-                CallOutput::Transmit(t) => shared.transports.send(t).await,
-                CallOutput::Event(CallEvent::EarlyMedia(neg)) => {
-                    info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "early media");
-                    media = start_media(&mut call, &neg, store.as_mut(), &mut rng);
-                }
-                CallOutput::Event(CallEvent::Answered(neg)) => {
-                    info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
-                    live.answered_at.store(
-                        crate::store::db::unix_ms(SystemTime::now()),
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    awaiting_ack = Some(neg);
-                }
-                CallOutput::Event(CallEvent::MediaChanged(neg)) => {
-                    info!(direction = ?neg.remote_direction, remote = ?neg.remote_rtp, "media changed");
-                    if let Some(m) = &mut media {
-                        m.update(&neg);
-                    }
-                    // On hold (the caller no longer listens) an agent has
-                    // nothing to say: no silence timer meanwhile.
-                    if let Some(l) = &mut link {
-                        l.supervisor
-                            .set_held(Instant::now(), !neg.remote_direction.receives());
-                    }
-                }
-                CallOutput::Event(CallEvent::Ended(mut record)) => {
-                    live.ended.store(true, std::sync::atomic::Ordering::Relaxed);
-                    if let Some(m) = &media {
-                        record.rtp = Some(crate::call::RtpSummary::of(m));
-                    }
-                    rtp_meter.finish(media.as_ref());
-                    if let Some(mut l) = link.take() {
-                        // Deepgram closes its stream now; the transcripts it
-                        // still sends (its last Results) reach the store. An
-                        // agent connection is simply dropped (`stop`, close).
-                        let deepgram_only = matches!(l.spec, PipelineSpec::Deepgram(_));
-                        let streams = [l.stt.take(), l.handle.take_if(|_| deepgram_only)];
-                        for h in streams.into_iter().flatten() {
-                            l.dropped += h.dropped_frames();
-                            let rest = h.finish();
-                            if let Some(s) = &store {
-                                s.transcripts_after_end(rest);
-                            }
-                        }
-                        l.close();
-                        let summary = l.summary();
-                        if summary.dropped_frames > 0 {
-                            crate::metrics::caller_frames_dropped(summary.dropped_frames);
-                            warn!(
-                                dropped = summary.dropped_frames,
-                                "pipeline was behind; caller frames dropped"
-                            );
-                        }
-                        record.pipeline = Some(summary);
-                    }
-                    log_cdr(shared, &record);
-                    if let Some(s) = &mut store {
-                        s.ended(&record);
-                    }
-                    media = None;
-                    sockets = None;
-                    if let Some(settings) = ended_settings.take() {
-                        lock(&shared.switchboard).call_ended(&settings);
-                    }
-                    drop(active.take());
-                }
-            }
-        }
-        // During shutdown a call is done once its BYE is answered (or timed
-        // out): the lingering retransmission absorbers are not waited for.
-        if call.is_finished() || (shutting_down && call.is_ended() && !call.bye_pending()) {
+        if bridged.is_done() {
             break;
         }
-        let deadline = [
-            call.poll_timeout(),
-            media.as_ref().map(MediaSession::poll_timeout),
-            link.as_ref().and_then(|l| l.supervisor.poll_timeout()),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let deadline = bridged.poll_timeout();
         let sleep = async {
             match deadline {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
                 None => std::future::pending().await,
             }
         };
-        let recv_rtp = recv_on(sockets.as_ref().map(|s| &s.0), &mut rtp_buf);
-        let recv_rtcp = recv_on(sockets.as_ref().map(|s| &s.1), &mut rtcp_buf);
+        let recv_rtp = recv_on(task.sockets.as_ref().map(|s| &s.0), &mut rtp_buf);
+        let recv_rtcp = recv_on(task.sockets.as_ref().map(|s| &s.1), &mut rtcp_buf);
         let from_agent = async {
-            match &mut link {
+            match &mut task.link {
                 Some(l) => l.recv().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let input = tokio::select! {
             cmd = from_agent => match cmd {
                 AgentCommand::Transcript(t) => {
                     // Beside an agent, the agent hears it too.
-                    if let Some(h) = link.as_mut().and_then(|l| l.handle.as_mut()) {
+                    if let Some(h) = task.link.as_mut().and_then(|l| l.handle.as_mut()) {
                         h.send_transcript(t.clone());
                     }
-                    if let Some(s) = &store {
+                    if let Some(s) = &task.store {
                         s.transcript(t);
                     }
+                    continue;
                 }
-                cmd => if let Some(l) = &mut link {
-                    apply_agent(cmd, l, &mut call, media.as_mut(), &mut rng);
-                },
+                AgentCommand::Play(pcm) => BridgeInput::Agent(AgentEvent::Play(pcm)),
+                AgentCommand::Mark(name) => BridgeInput::Agent(AgentEvent::Mark(name)),
+                AgentCommand::Clear => BridgeInput::Agent(AgentEvent::Clear),
+                AgentCommand::HangUp => BridgeInput::Agent(AgentEvent::HangUp),
+                AgentCommand::Connected => BridgeInput::Agent(AgentEvent::Connected),
+                AgentCommand::Failed(f) => BridgeInput::Agent(AgentEvent::Failed(f)),
             },
             cmd = rx.recv() => match cmd {
-                Some(CallCommand::Sip(msg, from)) => match *msg {
-                    Message::Request(req) => {
-                        call.handle_request_from(Instant::now(), req, from, &mut rng);
-                    }
-                    Message::Response(resp) => call.handle_response(Instant::now(), resp, &mut rng),
+                Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),
+                Some(CallCommand::HangUp(cause)) => BridgeInput::HangUp(cause),
+                None => BridgeInput::HangUp(HangupCause::Shutdown),
+            },
+            () = sleep => BridgeInput::Timeout,
+            r = recv_rtp => match r {
+                Ok((n, from)) => BridgeInput::Rtp {
+                    from,
+                    data: bytes::Bytes::copy_from_slice(&rtp_buf[..n]),
                 },
-                Some(CallCommand::HangUp(cause)) => {
-                    shutting_down |= cause == HangupCause::Shutdown;
-                    call.hang_up(Instant::now(), cause, &mut rng);
-                }
-                None => {
-                    shutting_down = true;
-                    call.hang_up(Instant::now(), HangupCause::Shutdown, &mut rng);
-                }
+                Err(_) => continue,
             },
-            () = sleep => {
-                let now = Instant::now();
-                call.handle_timeout(now, &mut rng);
-                if let Some(m) = &mut media {
-                    m.handle_timeout(now, SystemTime::now(), &mut rng);
-                    rtp_meter.tick(now, m);
-                }
-                if let Some(l) = &mut link {
-                    l.supervisor.handle_timeout(now, &mut rng);
-                }
-            }
-            r = recv_rtp => if let Ok((n, from)) = r {
-                let now = Instant::now();
-                let data = bytes::Bytes::copy_from_slice(&rtp_buf[..n]);
-                if media.is_none()
-                    && awaiting_ack.as_ref().is_some_and(|n| n.remote_rtp == Some(from))
-                    && confirming_rtp.is_none()
-                {
-                    confirming_rtp = Some((now, from, data.clone()));
-                }
-                if let Some(m) = &mut media && m.on_rtp(now, from, data) {
-                    call.media_activity(now);
-                }
+            r = recv_rtcp => match r {
+                Ok((n, _)) => BridgeInput::Rtcp(bytes::Bytes::copy_from_slice(&rtcp_buf[..n])),
+                Err(_) => continue,
             },
-            r = recv_rtcp => if let Ok((n, _)) = r && let Some(m) = &mut media {
-                m.on_rtcp(Instant::now(), &rtcp_buf[..n]);
-            },
+        };
+        let timeout = matches!(input, BridgeInput::Timeout);
+        let now = Instant::now();
+        bridged.handle(now, input, &mut rng);
+        if timeout && let Some(m) = bridged.media() {
+            task.rtp_meter.tick(now, m);
         }
     }
     debug!("call task finished");
-}
-
-/// Starts a call's media; the store hears of it (the recording opens).
-fn start_media(
-    call: &mut Call,
-    neg: &crate::sip::sdp::Negotiated,
-    store: Option<&mut records::CallStore>,
-    rng: &mut StdRng,
-) -> Option<MediaSession> {
-    let plan = call.settings().plan.clone();
-    let has_prompt = plan.prompt.is_some();
-    match MediaSession::new(Instant::now(), neg, plan, rng) {
-        Ok(m) => {
-            if let Some(s) = store {
-                s.media_started(has_prompt);
-            }
-            Some(m)
-        }
-        Err(e) => {
-            warn!(error = %e, "no media for this call");
-            call.hang_up(Instant::now(), HangupCause::MediaFailed, rng);
-            None
-        }
-    }
-}
-
-/// Does what the pipeline supervisor asks: (re)connect, drop the
-/// connection, give up per the tenant's policy, hang up after the fallback.
-fn apply_supervisor(
-    link: &mut PipelineLink,
-    call: &mut Call,
-    mut media: Option<&mut MediaSession>,
-    rng: &mut StdRng,
-) {
-    while let Some(out) = link.supervisor.poll_output() {
-        match out {
-            SupervisorOutput::Connect { attempt } => {
-                link.close();
-                if attempt > 0 {
-                    info!(
-                        attempt,
-                        held_frames = link.backlog.len(),
-                        "reconnecting to the agent"
-                    );
-                }
-                let mut handle =
-                    PipelineHandle::spawn(link.spec.clone(), link.info.clone(), attempt);
-                for frame in link.backlog.drain(..) {
-                    handle.send_audio(&frame);
-                }
-                link.handle = Some(handle);
-            }
-            SupervisorOutput::Disconnect => link.close(),
-            SupervisorOutput::GaveUp { reason, action } => {
-                link.close();
-                link.dropped += link.backlog.len() as u64;
-                link.backlog.clear();
-                match action {
-                    FailureAction::Continue => warn!(
-                        %reason,
-                        "agent pipeline given up; call continues without agent"
-                    ),
-                    FailureAction::HangUp => {
-                        warn!(%reason, "agent pipeline given up; hanging up");
-                        call.hang_up(Instant::now(), HangupCause::PipelineFailed, rng);
-                    }
-                    FailureAction::PlayFallback => {
-                        warn!(
-                            %reason,
-                            "agent pipeline given up; playing the fallback prompt, then hanging up"
-                        );
-                        match (media.as_deref_mut(), &link.fallback) {
-                            (Some(m), Some(f)) => {
-                                m.clear();
-                                let queued = m.push_pipeline_audio(&f.pcm);
-                                if queued < f.pcm.len() {
-                                    debug!(
-                                        dropped = f.pcm.len() - queued,
-                                        "fallback prompt truncated"
-                                    );
-                                }
-                                if m.mark(FALLBACK_MARK.to_owned()).is_err() {
-                                    // No mark will come: the supervisor's bound hangs up.
-                                    debug!("fallback mark not queued");
-                                }
-                            }
-                            _ => link.supervisor.fallback_played(Instant::now()),
-                        }
-                    }
-                }
-            }
-            SupervisorOutput::HangUp => {
-                info!("hanging up after the pipeline failure");
-                call.hang_up(Instant::now(), HangupCause::PipelineFailed, rng);
-            }
-        }
-    }
-}
-
-/// Applies one message from the call's pipeline connection.
-fn apply_agent(
-    cmd: AgentCommand,
-    link: &mut PipelineLink,
-    call: &mut Call,
-    media: Option<&mut MediaSession>,
-    rng: &mut StdRng,
-) {
-    let now = Instant::now();
-    match (cmd, media) {
-        (AgentCommand::Connected, _) => link.supervisor.on_connected(now),
-        (AgentCommand::Failed(failure), _) => {
-            // The connection task has ended (and logged why).
-            link.close();
-            link.supervisor.on_failed(now, failure, rng);
-        }
-        (AgentCommand::HangUp, _) => {
-            info!("agent asked to hang up");
-            call.hang_up(now, HangupCause::AgentHangup, rng);
-        }
-        (AgentCommand::Play(pcm), Some(m)) => {
-            link.supervisor.on_agent_output(now);
-            let accepted = m.push_pipeline_audio(&pcm);
-            if accepted < pcm.len() {
-                debug!(
-                    dropped = pcm.len() - accepted,
-                    "playout queue full; agent audio dropped"
-                );
-            }
-        }
-        (AgentCommand::Mark(name), Some(m)) => {
-            link.supervisor.on_agent_output(now);
-            if let Err(e) = m.mark(name) {
-                debug!(error = %e, "agent mark dropped");
-            }
-        }
-        (AgentCommand::Clear, Some(m)) => m.clear(),
-        // Handled by `run_call` (they go to the store).
-        (AgentCommand::Transcript(_), _) => {}
-        (_, None) => {}
-    }
 }
 
 /// Loads every tenant's fallback prompt once, as PCM at the tenant's

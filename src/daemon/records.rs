@@ -20,6 +20,7 @@
 //! cause `crash-recovered`.
 
 use crate::call::CallRecord;
+use crate::call::bridged::{Consent, StoreOp};
 use crate::store::crypto::KeyRing;
 use crate::store::db::{
     CallEnd, CallRow, CallerIdPolicy, ConsentEvent, HangupSide, MediaFrames, RecordingRow,
@@ -343,10 +344,6 @@ pub(crate) struct CallStore {
     records: Arc<Records>,
     tenant: String,
     call_id: String,
-    /// The tenant records calls.
-    record: bool,
-    opt_out_key: Option<char>,
-    opted_out: bool,
     recording: Option<Batch>,
     /// Transcript segments are stored (the tenant keeps transcripts and the
     /// caller has not opted out); shared with the task that takes the
@@ -393,12 +390,7 @@ struct Batch {
 
 impl CallStore {
     /// Opens the call's CDR (the INVITE was accepted).
-    pub(crate) fn start(
-        records: Arc<Records>,
-        row: CallRow,
-        record: bool,
-        opt_out_key: Option<char>,
-    ) -> CallStore {
+    pub(crate) fn start(records: Arc<Records>, row: CallRow) -> CallStore {
         let transcripts = Arc::new(TranscriptSink {
             records: Arc::clone(&records),
             tenant: row.tenant.clone(),
@@ -415,9 +407,6 @@ impl CallStore {
             tenant: row.tenant.clone(),
             call_id: row.call_id.clone(),
             records,
-            record,
-            opt_out_key,
-            opted_out: false,
             recording: None,
             transcripts,
         };
@@ -425,44 +414,52 @@ impl CallStore {
         store
     }
 
-    fn consent(&self, event: ConsentEvent) {
+    /// Does what the call core decided ([`StoreOp`]).
+    pub(crate) fn apply(&mut self, op: StoreOp) {
+        match op {
+            StoreOp::StartRecording(at) => self.start_recording(at),
+            StoreOp::Consent(Consent::DisclosureStarted, at) => {
+                self.consent(ConsentEvent::DisclosureStarted, at);
+            }
+            StoreOp::Consent(Consent::DisclosureFinished, at) => {
+                self.consent(ConsentEvent::DisclosureFinished, at);
+            }
+            StoreOp::Audio { left, right } => self.audio(&left, &right),
+            StoreOp::OptedOut(at) => self.opted_out(at),
+        }
+    }
+
+    fn consent(&self, event: ConsentEvent, at: SystemTime) {
         self.records.send(Op::Consent {
             tenant: self.tenant.clone(),
             call_id: self.call_id.clone(),
             event,
-            at: unix_ms(SystemTime::now()),
+            at: unix_ms(at),
         });
     }
 
-    /// Media started: the recording (if the tenant records) opens now, so
-    /// it begins with the disclosure prompt, whose start is recorded.
-    pub(crate) fn media_started(&mut self, has_prompt: bool) {
-        if self.record && !self.opted_out && self.recording.is_none() {
-            let handle = self.records.next_handle.fetch_add(1, Ordering::Relaxed);
-            self.records.send(Op::StartRecording {
-                handle,
-                tenant: self.tenant.clone(),
-                call_id: self.call_id.clone(),
-                created_at: unix_ms(SystemTime::now()),
-            });
-            self.recording = Some(Batch {
-                handle,
-                left: Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
-                right: Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
-            });
+    /// The call's recording opens (the media started: it begins with the
+    /// disclosure prompt).
+    fn start_recording(&mut self, at: SystemTime) {
+        if self.recording.is_some() {
+            return;
         }
-        if has_prompt {
-            self.consent(ConsentEvent::DisclosureStarted);
-        }
-    }
-
-    /// The disclosure prompt ended.
-    pub(crate) fn prompt_finished(&self) {
-        self.consent(ConsentEvent::DisclosureFinished);
+        let handle = self.records.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.records.send(Op::StartRecording {
+            handle,
+            tenant: self.tenant.clone(),
+            call_id: self.call_id.clone(),
+            created_at: unix_ms(at),
+        });
+        self.recording = Some(Batch {
+            handle,
+            left: Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
+            right: Zeroizing::new(Vec::with_capacity(FRAMES_PER_CHUNK)),
+        });
     }
 
     /// One tick of recorded audio; a full second goes to the writer.
-    pub(crate) fn audio(&mut self, left: &[i16], right: &[i16]) {
+    fn audio(&mut self, left: &[i16], right: &[i16]) {
         let Some(b) = &mut self.recording else {
             return;
         };
@@ -486,17 +483,11 @@ impl CallStore {
         }
     }
 
-    /// A DTMF key. Returns true when it is the tenant's opt-out key pressed
-    /// for the first time: the recording is discarded, the opt-out recorded
-    /// (audited), and the caller must stop being recorded.
-    pub(crate) fn dtmf(&mut self, digit: char) -> bool {
-        if self.opted_out || self.opt_out_key != Some(digit) {
-            return false;
-        }
-        self.opted_out = true;
-        // Opting out of recording stops transcript storage too.
+    /// The caller opted out (the call core's decision): the recording is
+    /// discarded, transcript storage stops, and the opt-out is audited.
+    fn opted_out(&mut self, at: SystemTime) {
         self.transcripts.enabled.store(false, Ordering::Relaxed);
-        let at = unix_ms(SystemTime::now());
+        let at = unix_ms(at);
         if let Some(b) = self.recording.take() {
             self.records.send(Op::DiscardRecording {
                 handle: b.handle,
@@ -510,7 +501,6 @@ impl CallStore {
             event: ConsentEvent::OptOut,
             at,
         });
-        true
     }
 
     /// A final transcript segment: sealed under the tenant's data key and

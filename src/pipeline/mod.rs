@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 /// Caller frames buffered towards the pipeline at most (50 × 20 ms = 1 s);
 /// beyond it frames are dropped and counted.
-pub const AUDIO_QUEUE_FRAMES: usize = 50;
+pub const AUDIO_QUEUE_FRAMES: usize = crate::call::bridged::BACKLOG_FRAMES;
 /// DTMF and mark events buffered towards the pipeline at most.
 pub const EVENT_QUEUE: usize = 64;
 /// Commands from the pipeline buffered towards the call task at most (the

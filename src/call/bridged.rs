@@ -1,0 +1,804 @@
+//! One call, one place: [`BridgedCall`] owns a call's signalling ([`Call`]),
+//! its media session, its pipeline supervisor, its recording control and the
+//! consent rules, and joins them. Sans-IO like its parts (quinn-proto's
+//! `Connection`): the owner feeds it [`BridgeInput`]s at given instants and
+//! does what [`BridgedCall::poll_output`] says — SIP and RTP to send,
+//! pipeline and store operations, events to log — and wakes it at
+//! [`BridgedCall::poll_timeout`]. Nothing here reads a clock or draws its own
+//! randomness, so the privacy rules are tested in virtual time (`tests/sim`):
+//!
+//! - no caller audio reaches the pipeline before the disclosure prompt has
+//!   finished (the media session gates it; the pipeline link starts only
+//!   once the call is confirmed);
+//! - the recording opens with the media, so it begins with the disclosure,
+//!   and only once the call is confirmed (ACK, or the caller's first RTP from
+//!   the SDP address): a source that ignores our answers gets nothing
+//!   recorded;
+//! - the tenant's opt-out key stops the recording within the frame that
+//!   carried it: no [`StoreOp::Audio`] follows [`StoreOp::OptedOut`].
+//!
+//! Wall-clock times (consent events, the recording's creation) are derived
+//! from the instants passed in and the wall time given at creation.
+
+use super::pipeline::{
+    ConnectionFailure, ConnectionState, FALLBACK_MARK, FailureAction, GiveUpReason,
+    PipelineSummary, PipelineSupervisor, SupervisorOutput,
+};
+use super::{
+    Call, CallEvent, CallOutput, CallRecord, HangupCause, MediaOutput, MediaSession, PcmFrame,
+    Peer, RtpSummary, Transmit,
+};
+use crate::config::FailurePolicy;
+use crate::sip::message::Message;
+use crate::sip::sdp::Negotiated;
+use bytes::Bytes;
+use rand::RngCore;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Caller frames held while the agent reconnects: one pipeline handle
+/// queue's worth (the oldest go first).
+pub const BACKLOG_FRAMES: usize = 50;
+
+/// A tenant's fallback prompt as PCM at its pipeline rate, ready to queue.
+#[derive(Debug)]
+pub struct FallbackAudio {
+    /// Samples at the tenant's pipeline rate.
+    pub pcm: Vec<i16>,
+    /// How long it plays.
+    pub duration: Duration,
+}
+
+/// How a call uses a network pipeline (none for the echo pipeline).
+#[derive(Debug, Clone)]
+pub struct AgentPlan {
+    /// The tenant's failure policy.
+    pub policy: FailurePolicy,
+    /// The fallback prompt, if the tenant has one.
+    pub fallback: Option<Arc<FallbackAudio>>,
+    /// A Deepgram stream runs beside the agent for the whole call: it gets
+    /// every caller frame, whatever happens to the agent's connections.
+    pub beside_stt: bool,
+    /// The pipeline is Deepgram alone: its stream is closed (not dropped)
+    /// when the call ends, so its last transcripts arrive.
+    pub deepgram_only: bool,
+}
+
+/// What the tenant's recording and consent rules are for this call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecordingRules {
+    /// The tenant records calls.
+    pub record: bool,
+    /// The DTMF key that opts the caller out of recording and transcripts.
+    pub opt_out_key: Option<char>,
+}
+
+/// Everything a bridged call starts from.
+#[derive(Debug)]
+pub struct BridgeSetup {
+    /// The call's network pipeline, if not echo.
+    pub agent: Option<AgentPlan>,
+    /// Recording and consent.
+    pub recording: RecordingRules,
+}
+
+/// What the agent's connection (or the pipeline task) reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The connection is up.
+    Connected,
+    /// The connection attempt or the connection failed; its task has ended.
+    Failed(ConnectionFailure),
+    /// The agent asked to end the call.
+    HangUp,
+    /// PCM at the pipeline rate to play after what is queued.
+    Play(Vec<i16>),
+    /// A mark after the audio queued so far.
+    Mark(String),
+    /// Barge-in: drop the queued audio.
+    Clear,
+}
+
+/// One input to a bridged call.
+#[derive(Debug)]
+pub enum BridgeInput {
+    /// A SIP message routed to this call, and where it came from.
+    Sip(Box<Message>, Peer),
+    /// A datagram on the call's RTP port.
+    Rtp {
+        /// Its source.
+        from: SocketAddr,
+        /// Its bytes.
+        data: Bytes,
+    },
+    /// A datagram on the call's RTCP port.
+    Rtcp(Bytes),
+    /// From the agent's connection.
+    Agent(AgentEvent),
+    /// End the call (admin, agent API, shutdown).
+    HangUp(HangupCause),
+    /// The instant of [`BridgedCall::poll_timeout`] has come.
+    Timeout,
+}
+
+/// What to do with the call's network pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipelineOp {
+    /// The pipeline starts (the call is confirmed): open the streams that
+    /// live for the whole call (Deepgram beside an agent).
+    Open,
+    /// Open a connection to the agent (`attempt` 0 first, then reconnects),
+    /// replacing any previous one, and send it `backlog` first.
+    Connect {
+        /// 0 for the first connection.
+        attempt: u32,
+        /// Caller frames held while reconnecting, oldest first.
+        backlog: Vec<PcmFrame>,
+    },
+    /// Drop the agent's connection.
+    Disconnect,
+    /// A caller frame: to the stream beside the agent, and to the agent when
+    /// `to_agent`.
+    Audio {
+        /// The frame.
+        frame: PcmFrame,
+        /// The agent's connection is open and gets it.
+        to_agent: bool,
+    },
+    /// A key the caller pressed, for the agent.
+    Dtmf(char),
+    /// A mark the agent set has played out (or was cleared).
+    Mark {
+        /// Its name.
+        name: String,
+        /// Cleared by barge-in rather than played.
+        cleared: bool,
+    },
+    /// The call ended: close the streams (`deepgram_only`: close it so its
+    /// last transcripts still come; an agent connection is just dropped).
+    Close {
+        /// The pipeline is Deepgram alone.
+        deepgram_only: bool,
+    },
+}
+
+/// The consent trail of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consent {
+    /// The disclosure prompt started playing.
+    DisclosureStarted,
+    /// The disclosure prompt played to its end.
+    DisclosureFinished,
+}
+
+/// What to write to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Open the call's recording now (encrypted; it begins with the prompt).
+    StartRecording(SystemTime),
+    /// A consent event at a time.
+    Consent(Consent, SystemTime),
+    /// One 20 ms tick of the recording: caller left, what we sent right.
+    Audio {
+        /// The caller.
+        left: Vec<i16>,
+        /// What we sent.
+        right: Vec<i16>,
+    },
+    /// The caller pressed the opt-out key: discard the recording, stop
+    /// storing transcripts, audit the opt-out.
+    OptedOut(SystemTime),
+}
+
+/// Something that happened, for the owner to log or count.
+pub enum BridgeEvent {
+    /// 183 with SDP sent; media started before the answer.
+    EarlyMedia(Negotiated),
+    /// 200 OK sent.
+    Answered(Negotiated),
+    /// ACK (or the caller's RTP) confirmed the call: recording and the
+    /// pipeline start now.
+    Confirmed,
+    /// Re-negotiated media (hold, unhold, new address).
+    MediaChanged(Negotiated),
+    /// No media could be set up: the call is hung up.
+    MediaFailed(String),
+    /// The disclosure prompt finished.
+    PromptFinished,
+    /// A DTMF key.
+    Dtmf {
+        /// The key.
+        digit: char,
+        /// How long it was held.
+        duration_ms: u32,
+    },
+    /// The caller opted out: recording discarded and stopped.
+    OptedOut,
+    /// A mark played out.
+    MarkPlayed {
+        /// Its name.
+        name: String,
+        /// Cleared by barge-in.
+        cleared: bool,
+    },
+    /// Reconnecting to the agent, holding this many caller frames.
+    Reconnecting {
+        /// The attempt (1 = first reconnect).
+        attempt: u32,
+        /// Frames held for the new connection.
+        held: usize,
+    },
+    /// The supervisor gave up on the pipeline.
+    GaveUp {
+        /// Why.
+        reason: GiveUpReason,
+        /// What the tenant's policy does now.
+        action: FailureAction,
+    },
+    /// The fallback prompt was queued, this many samples short (queue full).
+    FallbackTruncated(usize),
+    /// The fallback prompt has played.
+    FallbackPlayed,
+    /// Hanging up after the pipeline failure (fallback done).
+    HangingUpAfterFailure,
+    /// The agent asked to hang up.
+    AgentHangUp,
+    /// Agent audio dropped: the playout queue was full.
+    PlayoutFull(usize),
+    /// An agent mark could not be queued.
+    MarkDropped(String),
+    /// The call is over for the user. The media session's last state goes
+    /// with it (for the final counters); the owner closes the sockets, the
+    /// CDR is final once the pipeline's own dropped frames are added.
+    Ended {
+        /// The CDR.
+        record: Box<CallRecord>,
+        /// The media session as it ended.
+        media: Option<Box<MediaSession>>,
+    },
+}
+
+/// One output of a bridged call.
+pub enum BridgeOutput {
+    /// SIP to send.
+    Sip(Transmit),
+    /// An RTP packet to send from the call's RTP port.
+    Rtp {
+        /// Destination.
+        to: SocketAddr,
+        /// The packet.
+        bytes: Bytes,
+    },
+    /// An RTCP packet to send from the call's RTCP port.
+    Rtcp {
+        /// Destination.
+        to: SocketAddr,
+        /// The packet.
+        bytes: Bytes,
+    },
+    /// For the pipeline.
+    Pipeline(PipelineOp),
+    /// For the store.
+    Store(StoreOp),
+    /// To log or count.
+    Event(BridgeEvent),
+}
+
+/// The pipeline side of a live call: the supervisor and what the
+/// connections need that outlives each of them.
+#[derive(Debug)]
+struct Link {
+    supervisor: PipelineSupervisor,
+    fallback: Option<Arc<FallbackAudio>>,
+    beside_stt: bool,
+    deepgram_only: bool,
+    /// An agent connection is open (between `Connect` and its end).
+    connected: bool,
+    /// Caller frames held between a loss and the next attempt.
+    backlog: VecDeque<PcmFrame>,
+    /// Frames dropped from the backlog.
+    dropped: u64,
+}
+
+/// A call with everything joined to it. See the module docs.
+pub struct BridgedCall {
+    call: Call,
+    media: Option<MediaSession>,
+    rules: RecordingRules,
+    /// The recording is open (until the call ends or the caller opts out).
+    recording: bool,
+    opted_out: bool,
+    /// The agent plan, until the call is confirmed and the link starts.
+    agent: Option<AgentPlan>,
+    link: Option<Link>,
+    /// Answered (200 sent) but not yet confirmed.
+    awaiting_ack: Option<Negotiated>,
+    /// The packet that confirmed the call before the ACK: fed to the media
+    /// session once that has started, so none of the caller's audio is lost.
+    confirming_rtp: Option<(Instant, SocketAddr, Bytes)>,
+    shutting_down: bool,
+    out: VecDeque<BridgeOutput>,
+    t0: Instant,
+    wall0: SystemTime,
+}
+
+impl std::fmt::Debug for BridgedCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BridgedCall")
+            .field("call_id", &self.call.call_id())
+            .field("media", &self.media.is_some())
+            .field("recording", &self.recording)
+            .field("opted_out", &self.opted_out)
+            .field("pipeline", &self.pipeline_state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BridgedCall {
+    /// Joins a new call (already accepted by the switchboard) to its plan.
+    pub fn new(call: Call, setup: BridgeSetup, now: Instant, wall: SystemTime) -> BridgedCall {
+        BridgedCall {
+            call,
+            media: None,
+            rules: setup.recording,
+            recording: false,
+            opted_out: false,
+            agent: setup.agent,
+            link: None,
+            awaiting_ack: None,
+            confirming_rtp: None,
+            shutting_down: false,
+            out: VecDeque::new(),
+            t0: now,
+            wall0: wall,
+        }
+    }
+
+    /// The signalling side.
+    pub fn call(&self) -> &Call {
+        &self.call
+    }
+
+    /// The media session, while the call has one.
+    pub fn media(&self) -> Option<&MediaSession> {
+        self.media.as_ref()
+    }
+
+    /// The caller opted out of recording.
+    pub fn opted_out(&self) -> bool {
+        self.opted_out
+    }
+
+    /// The pipeline supervisor's state, once the pipeline has started.
+    pub fn pipeline_state(&self) -> Option<ConnectionState> {
+        self.link.as_ref().map(|l| l.supervisor.state())
+    }
+
+    /// The task can end: the call is finished, or (shutting down) ended with
+    /// its BYE answered or timed out — lingering retransmission absorbers are
+    /// not waited for then.
+    pub fn is_done(&self) -> bool {
+        self.call.is_finished()
+            || (self.shutting_down && self.call.is_ended() && !self.call.bye_pending())
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<BridgeOutput> {
+        self.out.pop_front()
+    }
+
+    /// When to call [`BridgedCall::handle`] with [`BridgeInput::Timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.call.poll_timeout(),
+            self.media.as_ref().map(MediaSession::poll_timeout),
+            self.link.as_ref().and_then(|l| l.supervisor.poll_timeout()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Feeds one input at `now`; the outputs it causes are queued.
+    pub fn handle(&mut self, now: Instant, input: BridgeInput, rng: &mut impl RngCore) {
+        match input {
+            BridgeInput::Sip(msg, from) => match *msg {
+                Message::Request(req) => self.call.handle_request_from(now, req, from, rng),
+                Message::Response(resp) => self.call.handle_response(now, resp, rng),
+            },
+            BridgeInput::Rtp { from, data } => {
+                if self.media.is_none()
+                    && self.confirming_rtp.is_none()
+                    && self
+                        .awaiting_ack
+                        .as_ref()
+                        .is_some_and(|n| n.remote_rtp == Some(from))
+                {
+                    self.confirming_rtp = Some((now, from, data.clone()));
+                }
+                if let Some(m) = &mut self.media
+                    && m.on_rtp(now, from, data)
+                {
+                    self.call.media_activity(now);
+                }
+            }
+            BridgeInput::Rtcp(data) => {
+                if let Some(m) = &mut self.media {
+                    m.on_rtcp(now, &data);
+                }
+            }
+            BridgeInput::Agent(ev) => self.agent_event(now, ev, rng),
+            BridgeInput::HangUp(cause) => {
+                self.shutting_down |= cause == HangupCause::Shutdown;
+                self.call.hang_up(now, cause, rng);
+            }
+            BridgeInput::Timeout => {
+                self.call.handle_timeout(now, rng);
+                let wall = self.wall(now);
+                if let Some(m) = &mut self.media {
+                    m.handle_timeout(now, wall, rng);
+                }
+                if let Some(l) = &mut self.link {
+                    l.supervisor.handle_timeout(now, rng);
+                }
+            }
+        }
+        self.drive(now, rng);
+    }
+
+    fn wall(&self, now: Instant) -> SystemTime {
+        self.wall0 + now.saturating_duration_since(self.t0)
+    }
+
+    fn emit(&mut self, o: BridgeOutput) {
+        self.out.push_back(o);
+    }
+
+    fn event(&mut self, e: BridgeEvent) {
+        self.out.push_back(BridgeOutput::Event(e));
+    }
+
+    /// Joins the parts until none has anything more to say.
+    fn drive(&mut self, now: Instant, rng: &mut impl RngCore) {
+        // Each pass can only start things once (media, the link), so a few
+        // passes reach the fixed point; the bound is a guard, not a budget.
+        for _ in 0..8 {
+            let before = self.out.len();
+            let mut progress = self.confirm(now, rng);
+            progress |= self.media_outputs(now);
+            progress |= self.supervisor_outputs(now, rng);
+            progress |= self.call_outputs(now, rng);
+            if !progress && self.out.len() == before {
+                break;
+            }
+        }
+    }
+
+    /// Answered and now confirmed (ACK, or the caller's RTP from the SDP
+    /// address): the recording and the pipeline start.
+    fn confirm(&mut self, now: Instant, rng: &mut impl RngCore) -> bool {
+        let mut progress = false;
+        if self.awaiting_ack.is_some()
+            && (self.call.is_confirmed() || self.confirming_rtp.is_some())
+            && !self.call.is_ended()
+            && let Some(neg) = self.awaiting_ack.take()
+        {
+            progress = true;
+            self.event(BridgeEvent::Confirmed);
+            if self.media.is_none() {
+                self.start_media(now, &neg, rng);
+            }
+            if let Some(m) = &self.media
+                && let Some(plan) = self.agent.take()
+            {
+                let mut supervisor = PipelineSupervisor::new(
+                    &plan.policy,
+                    plan.fallback.as_ref().map(|f| f.duration),
+                );
+                if m.prompt_done() {
+                    supervisor.prompt_finished(now);
+                }
+                supervisor.start(now);
+                self.link = Some(Link {
+                    supervisor,
+                    fallback: plan.fallback,
+                    beside_stt: plan.beside_stt,
+                    deepgram_only: plan.deepgram_only,
+                    connected: false,
+                    backlog: VecDeque::new(),
+                    dropped: 0,
+                });
+                self.emit(BridgeOutput::Pipeline(PipelineOp::Open));
+            }
+        }
+        if let Some(m) = &mut self.media
+            && let Some((at, from, data)) = self.confirming_rtp.take()
+        {
+            progress = true;
+            if m.on_rtp(at, from, data) {
+                self.call.media_activity(at);
+            }
+        }
+        progress
+    }
+
+    /// Starts the media; the recording opens with it (the tenant records and
+    /// the caller has not opted out), so it begins with the disclosure.
+    fn start_media(&mut self, now: Instant, neg: &Negotiated, rng: &mut impl RngCore) {
+        let plan = self.call.settings().plan.clone();
+        let has_prompt = plan.prompt.is_some();
+        match MediaSession::new(now, neg, plan, rng) {
+            Ok(m) => {
+                self.media = Some(m);
+                let wall = self.wall(now);
+                if self.rules.record && !self.opted_out && !self.recording {
+                    self.recording = true;
+                    self.emit(BridgeOutput::Store(StoreOp::StartRecording(wall)));
+                }
+                if has_prompt {
+                    self.emit(BridgeOutput::Store(StoreOp::Consent(
+                        Consent::DisclosureStarted,
+                        wall,
+                    )));
+                }
+            }
+            Err(e) => {
+                self.event(BridgeEvent::MediaFailed(e.to_string()));
+                self.call.hang_up(now, HangupCause::MediaFailed, rng);
+            }
+        }
+    }
+
+    fn media_outputs(&mut self, now: Instant) -> bool {
+        let mut progress = false;
+        while let Some(o) = self.media.as_mut().and_then(MediaSession::poll_output) {
+            progress = true;
+            match o {
+                MediaOutput::Rtp { to, bytes } => self.emit(BridgeOutput::Rtp { to, bytes }),
+                MediaOutput::Rtcp { to, bytes } => self.emit(BridgeOutput::Rtcp { to, bytes }),
+                MediaOutput::CallerAudio(frame) => self.caller_audio(frame),
+                MediaOutput::Dtmf(ev) => {
+                    self.event(BridgeEvent::Dtmf {
+                        digit: ev.digit,
+                        duration_ms: ev.duration_ms,
+                    });
+                    if !self.opted_out && self.rules.opt_out_key == Some(ev.digit) {
+                        // Within the frame that carried the key: the tap stops
+                        // before the media session's next tick.
+                        self.opted_out = true;
+                        self.recording = false;
+                        if let Some(m) = &mut self.media {
+                            m.stop_recording();
+                        }
+                        let wall = self.wall(now);
+                        self.emit(BridgeOutput::Store(StoreOp::OptedOut(wall)));
+                        self.event(BridgeEvent::OptedOut);
+                    }
+                    if self.link.as_ref().is_some_and(|l| l.connected) {
+                        self.emit(BridgeOutput::Pipeline(PipelineOp::Dtmf(ev.digit)));
+                    }
+                }
+                MediaOutput::PromptFinished => {
+                    self.event(BridgeEvent::PromptFinished);
+                    let wall = self.wall(now);
+                    self.emit(BridgeOutput::Store(StoreOp::Consent(
+                        Consent::DisclosureFinished,
+                        wall,
+                    )));
+                    self.call.prompt_finished(now);
+                    if let Some(l) = &mut self.link {
+                        l.supervisor.prompt_finished(now);
+                    }
+                }
+                MediaOutput::Record { left, right } => {
+                    if self.recording && !self.opted_out {
+                        self.emit(BridgeOutput::Store(StoreOp::Audio { left, right }));
+                    }
+                }
+                MediaOutput::Mark(mark) => {
+                    self.event(BridgeEvent::MarkPlayed {
+                        name: mark.name.clone(),
+                        cleared: mark.cleared,
+                    });
+                    let Some(l) = &mut self.link else { continue };
+                    if l.connected {
+                        self.emit(BridgeOutput::Pipeline(PipelineOp::Mark {
+                            name: mark.name,
+                            cleared: mark.cleared,
+                        }));
+                    } else if mark.name == FALLBACK_MARK && !mark.cleared {
+                        l.supervisor.fallback_played(now);
+                        self.event(BridgeEvent::FallbackPlayed);
+                    }
+                }
+            }
+        }
+        progress
+    }
+
+    /// A caller frame (the media session sends none before the prompt has
+    /// finished): to the streams that are open, or held while reconnecting.
+    fn caller_audio(&mut self, frame: PcmFrame) {
+        let Some(l) = &mut self.link else { return };
+        let to_agent = l.connected;
+        if !to_agent && matches!(l.supervisor.state(), ConnectionState::Reconnecting { .. }) {
+            if l.backlog.len() >= BACKLOG_FRAMES {
+                l.backlog.pop_front();
+                l.dropped += 1;
+            }
+            l.backlog.push_back(frame.clone());
+        }
+        if to_agent || l.beside_stt {
+            self.emit(BridgeOutput::Pipeline(PipelineOp::Audio {
+                frame,
+                to_agent,
+            }));
+        }
+    }
+
+    /// Does what the pipeline supervisor asks: (re)connect, drop the
+    /// connection, give up per the tenant's policy, hang up after the fallback.
+    fn supervisor_outputs(&mut self, now: Instant, rng: &mut impl RngCore) -> bool {
+        let mut progress = false;
+        while let Some(o) = self.link.as_mut().and_then(|l| l.supervisor.poll_output()) {
+            progress = true;
+            let Some(l) = &mut self.link else { break };
+            match o {
+                SupervisorOutput::Connect { attempt } => {
+                    l.connected = true;
+                    let backlog: Vec<PcmFrame> = l.backlog.drain(..).collect();
+                    if attempt > 0 {
+                        let held = backlog.len();
+                        self.event(BridgeEvent::Reconnecting { attempt, held });
+                    }
+                    self.emit(BridgeOutput::Pipeline(PipelineOp::Connect {
+                        attempt,
+                        backlog,
+                    }));
+                }
+                SupervisorOutput::Disconnect => {
+                    l.connected = false;
+                    self.emit(BridgeOutput::Pipeline(PipelineOp::Disconnect));
+                }
+                SupervisorOutput::GaveUp { reason, action } => {
+                    l.connected = false;
+                    l.dropped += l.backlog.len() as u64;
+                    l.backlog.clear();
+                    let fallback = l.fallback.clone();
+                    self.emit(BridgeOutput::Pipeline(PipelineOp::Disconnect));
+                    self.event(BridgeEvent::GaveUp { reason, action });
+                    match action {
+                        FailureAction::Continue => {}
+                        FailureAction::HangUp => {
+                            self.call.hang_up(now, HangupCause::PipelineFailed, rng);
+                        }
+                        FailureAction::PlayFallback => self.play_fallback(now, fallback),
+                    }
+                }
+                SupervisorOutput::HangUp => {
+                    self.event(BridgeEvent::HangingUpAfterFailure);
+                    self.call.hang_up(now, HangupCause::PipelineFailed, rng);
+                }
+            }
+        }
+        progress
+    }
+
+    fn play_fallback(&mut self, now: Instant, fallback: Option<Arc<FallbackAudio>>) {
+        match (self.media.as_mut(), fallback) {
+            (Some(m), Some(f)) => {
+                m.clear();
+                let queued = m.push_pipeline_audio(&f.pcm);
+                let marked = m.mark(FALLBACK_MARK.to_owned()).is_ok();
+                if queued < f.pcm.len() {
+                    self.event(BridgeEvent::FallbackTruncated(f.pcm.len() - queued));
+                }
+                if !marked {
+                    // No mark will come: the supervisor's bound hangs up.
+                    self.event(BridgeEvent::MarkDropped(FALLBACK_MARK.to_owned()));
+                }
+            }
+            _ => {
+                if let Some(l) = &mut self.link {
+                    l.supervisor.fallback_played(now);
+                }
+            }
+        }
+    }
+
+    fn agent_event(&mut self, now: Instant, ev: AgentEvent, rng: &mut impl RngCore) {
+        let Some(l) = &mut self.link else { return };
+        let out = &mut self.out;
+        match ev {
+            AgentEvent::Connected => l.supervisor.on_connected(now),
+            AgentEvent::Failed(failure) => {
+                // The connection's task has ended; the owner drops its handle.
+                if l.connected {
+                    l.connected = false;
+                    out.push_back(BridgeOutput::Pipeline(PipelineOp::Disconnect));
+                }
+                l.supervisor.on_failed(now, failure, rng);
+            }
+            AgentEvent::HangUp => {
+                out.push_back(BridgeOutput::Event(BridgeEvent::AgentHangUp));
+                self.call.hang_up(now, HangupCause::AgentHangup, rng);
+            }
+            AgentEvent::Play(pcm) => {
+                let Some(m) = &mut self.media else { return };
+                l.supervisor.on_agent_output(now);
+                let accepted = m.push_pipeline_audio(&pcm);
+                if accepted < pcm.len() {
+                    out.push_back(BridgeOutput::Event(BridgeEvent::PlayoutFull(
+                        pcm.len() - accepted,
+                    )));
+                }
+            }
+            AgentEvent::Mark(name) => {
+                let Some(m) = &mut self.media else { return };
+                l.supervisor.on_agent_output(now);
+                if m.mark(name.clone()).is_err() {
+                    out.push_back(BridgeOutput::Event(BridgeEvent::MarkDropped(name)));
+                }
+            }
+            AgentEvent::Clear => {
+                if let Some(m) = &mut self.media {
+                    m.clear();
+                }
+            }
+        }
+    }
+
+    fn call_outputs(&mut self, now: Instant, rng: &mut impl RngCore) -> bool {
+        let mut progress = false;
+        while let Some(o) = self.call.poll_output() {
+            progress = true;
+            match o {
+                CallOutput::Transmit(t) => self.emit(BridgeOutput::Sip(t)),
+                CallOutput::Event(CallEvent::EarlyMedia(neg)) => {
+                    self.event(BridgeEvent::EarlyMedia(neg.clone()));
+                    self.start_media(now, &neg, rng);
+                }
+                CallOutput::Event(CallEvent::Answered(neg)) => {
+                    self.awaiting_ack = Some(neg.clone());
+                    self.event(BridgeEvent::Answered(neg));
+                }
+                CallOutput::Event(CallEvent::MediaChanged(neg)) => {
+                    if let Some(m) = &mut self.media {
+                        m.update(&neg);
+                    }
+                    // On hold (the caller no longer listens) an agent has
+                    // nothing to say: no silence timer meanwhile.
+                    if let Some(l) = &mut self.link {
+                        l.supervisor.set_held(now, !neg.remote_direction.receives());
+                    }
+                    self.event(BridgeEvent::MediaChanged(neg));
+                }
+                CallOutput::Event(CallEvent::Ended(mut record)) => {
+                    let media = self.media.take();
+                    if let Some(m) = &media {
+                        record.rtp = Some(RtpSummary::of(m));
+                    }
+                    self.recording = false;
+                    self.awaiting_ack = None;
+                    self.confirming_rtp = None;
+                    if let Some(l) = self.link.take() {
+                        self.emit(BridgeOutput::Pipeline(PipelineOp::Close {
+                            deepgram_only: l.deepgram_only,
+                        }));
+                        record.pipeline = Some(PipelineSummary {
+                            dropped_frames: l.dropped,
+                            ..l.supervisor.summary()
+                        });
+                    }
+                    self.event(BridgeEvent::Ended {
+                        record,
+                        media: media.map(Box::new),
+                    });
+                }
+            }
+        }
+        progress
+    }
+}
