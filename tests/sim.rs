@@ -3,7 +3,9 @@
 //! and without sockets (quinn's `Pair::drive`, str0m's `netem`).
 //!
 //! `Sim { bridge, carrier, net }`: the bridge is the real `Switchboard` and
-//! `Call`s driven the way `src/daemon` drives them; the carrier is a set of
+//! the daemon's own call core, `BridgedCall` (signalling, media, pipeline
+//! supervisor, recording and consent), with a caller's RTP and an agent
+//! modelled around each call (`sim/bridge.rs`); the carrier is a set of
 //! scripted UACs (`sim/carrier.rs`); the net is a queue of datagrams in
 //! flight with seeded loss, duplication and delay (so reordering). Time jumps
 //! straight to the next event: the earliest of a delivery, a bridge timeout
@@ -15,7 +17,12 @@
 //! one `Call` per Call-ID, one `Ended` CDR per call with the scenario's cause,
 //! one distinct final response per transaction (a retransmitted request gets
 //! the same bytes, never a second decision), at most one BYE per call from
-//! the bridge. The focused tests pin exact timer behaviour (lost ACK, Timer G
+//! the bridge — and the privacy rules over each call's media: no caller
+//! audio to the pipeline before the disclosure prompt has finished, the
+//! recording opened only once the call is confirmed and beginning with the
+//! disclosure, nothing recorded after the opt-out key, no media, recording or
+//! pipeline for a call never confirmed; agents that refuse or drop
+//! connections are reconnected with the caller's audio in order. The focused tests pin exact timer behaviour (lost ACK, Timer G
 //! schedule, session timers) on a clean network.
 
 mod sim {
@@ -33,11 +40,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sipbridge::call::{HangupSide, PortAllocator, Switchboard, SwitchboardSettings};
 use sipbridge::config::Config;
+use sipbridge::media::prompt::Prompt;
 use sipbridge::sip::message::{Message, Request, Response, parse_datagram};
 use sipbridge::sip::sdp::Direction;
 use tempfile::TempDir;
 
-use sim::bridge::Bridge;
+use sim::bridge::{Bridge, MediaScript, Seen};
 use sim::carrier::{Carrier, ReInviteStep, Script};
 use sim::net::{Impairment, Net, Side};
 
@@ -83,9 +91,9 @@ allow = ["192.0.2.0/24"]
 
 [[tenant]]
 id = "sim"
-recording = false
+recording = true
 prompt = "{prompt}"
-pipeline = {{ kind = "echo" }}
+pipeline = {{ kind = "agent", url = "ws://127.0.0.1:9/agent", on_failure = "continue", reconnect_attempts = 3, reconnect_within_ms = 5000 }}
 
 [[route]]
 number = "*"
@@ -96,6 +104,15 @@ tenant = "sim"
     std::fs::write(&path, toml).unwrap();
     let config = sipbridge::config::load(&path).unwrap_or_else(|d| panic!("{d:?}"));
     (dir, Arc::new(config))
+}
+
+/// The disclosure prompt of the simulation: 300 ms of a 400 Hz tone (short,
+/// so that a seed's calls are mostly conversation).
+fn short_prompt() -> Prompt {
+    let pcm: Vec<i16> = (0..2400)
+        .map(|i| ((f64::from(i) * 400.0 * std::f64::consts::TAU / 8000.0).sin() * 8000.0) as i16)
+        .collect();
+    Prompt::from_pcm(&pcm, 8000).unwrap()
 }
 
 /// Switchboard settings from the profile, with the ringing time the test
@@ -133,12 +150,16 @@ impl Sim {
         let t0 = Instant::now();
         let timers = settings.timers;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let switchboard = Switchboard::new(
+        let mut switchboard = Switchboard::new(
             Arc::clone(config),
             settings,
             PortAllocator::new(RTP_START, RTP_END),
             &mut rng,
         );
+        switchboard.set_prompts(std::collections::HashMap::from([(
+            "sim".to_owned(),
+            Arc::new(short_prompt()),
+        )]));
         Sim {
             t0,
             now: t0,
@@ -404,6 +425,27 @@ struct Plan {
     calls: Vec<(Duration, String, Scenario)>,
     /// Bridge hang-up delay after the call's creation, for BridgeHangup calls.
     hangups: Vec<(String, Duration)>,
+    /// What each call's caller (RTP) and agent do.
+    media: Vec<(String, MediaScript)>,
+}
+
+/// The caller's and the agent's behaviour in one call: some callers press
+/// the opt-out key, some agents refuse their first connections or drop one.
+fn media_script(rng: &mut ChaCha8Rng) -> MediaScript {
+    MediaScript {
+        opt_out_after: rng
+            .random_bool(0.3)
+            .then(|| Duration::from_millis(rng.random_range(100..=2000))),
+        agent_refusals: if rng.random_bool(0.2) {
+            rng.random_range(1..=2)
+        } else {
+            0
+        },
+        agent_drop_after: rng
+            .random_bool(0.25)
+            .then(|| Duration::from_millis(rng.random_range(100..=2000))),
+        agent_connect_delay: Duration::from_millis(rng.random_range(5..=200)),
+    }
 }
 
 fn plan(seed: u64, rng: &mut ChaCha8Rng) -> Plan {
@@ -420,6 +462,7 @@ fn plan(seed: u64, rng: &mut ChaCha8Rng) -> Plan {
     let n = rng.random_range(1..=4);
     let mut calls = Vec::new();
     let mut hangups = Vec::new();
+    let mut media = Vec::new();
     for i in 0..n {
         let mut scenario = SCENARIOS[rng.random_range(0..SCENARIOS.len())];
         if scenario == Scenario::Cancel && answer_delay.is_zero() {
@@ -431,6 +474,7 @@ fn plan(seed: u64, rng: &mut ChaCha8Rng) -> Plan {
             let after = answer_delay + Duration::from_millis(rng.random_range(1000..=3000));
             hangups.push((id.clone(), after));
         }
+        media.push((id.clone(), media_script(rng)));
         calls.push((start, id, scenario));
     }
     Plan {
@@ -438,6 +482,7 @@ fn plan(seed: u64, rng: &mut ChaCha8Rng) -> Plan {
         answer_delay,
         calls,
         hangups,
+        media,
     }
 }
 
@@ -454,6 +499,117 @@ struct Tally {
     outcomes: BTreeMap<(Scenario, &'static str), u32>,
     calls: u32,
     datagrams: usize,
+    /// Calls whose caller audio reached the agent (media and pipeline ran).
+    media_calls: u32,
+    /// Calls recorded (a recording opened).
+    recorded: u32,
+    /// Callers who opted out.
+    opt_outs: u32,
+    /// Reconnects to the agent.
+    reconnects: u32,
+}
+
+/// The privacy and pipeline rules over what one call's core did, in order:
+/// nothing reaches the pipeline before the prompt has finished, the
+/// recording opens only once the call is confirmed, starts with the
+/// disclosure and stops at the opt-out; an unconfirmed call gets no media,
+/// recording or pipeline at all.
+fn check_media(id: &str, seen: &[(Instant, Seen)], tally: &mut Tally) -> Result<(), String> {
+    let pos = |want: &dyn Fn(&Seen) -> bool| seen.iter().position(|(_, s)| want(s));
+    let confirmed = pos(&|s| *s == Seen::Confirmed);
+    let prompt_done = pos(&|s| *s == Seen::PromptFinished);
+    let first_audio = pos(&|s| matches!(s, Seen::PipelineAudio { .. }));
+    let start_rec = pos(&|s| *s == Seen::StartRecording);
+    let disclosure = pos(&|s| *s == Seen::DisclosureStarted);
+    let first_rec = pos(&|s| matches!(s, Seen::RecordAudio { .. }));
+    let opted_out = pos(&|s| *s == Seen::OptedOut);
+    let rtp_out = pos(&|s| *s == Seen::RtpOut);
+    let ended = pos(&|s| *s == Seen::Ended);
+    let Some(confirmed) = confirmed else {
+        return check(
+            first_audio.is_none()
+                && start_rec.is_none()
+                && first_rec.is_none()
+                && rtp_out.is_none(),
+            || format!("{id}: unconfirmed, yet media, recording or pipeline ran: {seen:?}"),
+        );
+    };
+    if let Some(a) = first_audio {
+        tally.media_calls += 1;
+        check(prompt_done.is_some_and(|p| p < a), || {
+            format!("{id}: caller audio to the pipeline before the prompt ended")
+        })?;
+    }
+    if let Some(r) = start_rec {
+        tally.recorded += 1;
+        check(r > confirmed, || {
+            format!("{id}: recording opened before the call was confirmed")
+        })?;
+        check(disclosure.is_some_and(|d| d > confirmed), || {
+            format!("{id}: no disclosure start after the confirmation")
+        })?;
+        check(
+            seen.iter()
+                .filter(|(_, s)| *s == Seen::StartRecording)
+                .count()
+                == 1,
+            || format!("{id}: the recording opened twice"),
+        )?;
+    }
+    if let Some(f) = first_rec {
+        check(
+            start_rec.is_some_and(|r| r < f) && disclosure.is_some_and(|d| d < f),
+            || format!("{id}: recorded audio before the recording and the disclosure started"),
+        )?;
+        // The recording begins with the disclosure: its first ticks carry the prompt.
+        let prompt_heard = seen[f..]
+            .iter()
+            .filter(|(_, s)| matches!(s, Seen::RecordAudio { .. }))
+            .take(5)
+            .any(|(_, s)| *s == Seen::RecordAudio { sent_sound: true });
+        let short = opted_out.is_some() || ended.is_some_and(|e| e < f + 40);
+        check(prompt_heard || short, || {
+            format!("{id}: the recording does not begin with the disclosure")
+        })?;
+    }
+    if let Some(o) = opted_out {
+        tally.opt_outs += 1;
+        check(
+            !seen[o..]
+                .iter()
+                .any(|(_, s)| matches!(s, Seen::RecordAudio { .. })),
+            || format!("{id}: recorded audio after the opt-out"),
+        )?;
+    }
+    if let Some(e) = ended {
+        check(
+            !seen[e..]
+                .iter()
+                .any(|(_, s)| matches!(s, Seen::RecordAudio { .. } | Seen::PipelineAudio { .. })),
+            || format!("{id}: audio after the call ended"),
+        )?;
+    }
+    let mut last = None;
+    for (_, s) in seen {
+        match s {
+            Seen::PipelineAudio { media_ms, .. } => {
+                check(last.is_none_or(|l| l < *media_ms), || {
+                    format!("{id}: pipeline frames out of order ({last:?} then {media_ms})")
+                })?;
+                last = Some(*media_ms);
+            }
+            Seen::Connect { attempt, backlog } => {
+                if *attempt > 0 {
+                    tally.reconnects += 1;
+                }
+                check(*backlog <= 50, || {
+                    format!("{id}: backlog of {backlog} frames")
+                })?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
@@ -478,6 +634,8 @@ fn run_seed(
     for (id, after) in &plan.hangups {
         sim.bridge.hangup_after.insert(id.clone(), *after);
     }
+    sim.bridge.media_scripts = plan.media.iter().cloned().collect();
+    sim.bridge.media_loss = plan.impairment.loss / 2.0;
     let mut last_start = Duration::ZERO;
     for (start, id, scenario) in &plan.calls {
         let script = scenario.script(&mut rng, knobs);
@@ -545,6 +703,13 @@ fn run_seed(
                 )
             })?;
         *tally.outcomes.entry((*scenario, allowed.0)).or_default() += 1;
+        let seen = b.seen.get(id).map_or(&[][..], Vec::as_slice);
+        check_media(id, seen, tally).map_err(|e| format!("{}: {e}", ctx()))?;
+        if *scenario == Scenario::NoAck {
+            check(!seen.iter().any(|(_, s)| *s == Seen::Confirmed), || {
+                format!("{}: a call never ACKed was confirmed", ctx())
+            })?;
+        }
         let answered = b.answered.get(id).map_or(0, Vec::len);
         check(answered <= 1, || {
             format!("{}: {answered} Answered events", ctx())
@@ -665,9 +830,32 @@ fn thousand_seeded_call_flows() {
             .contains_key(&(Scenario::Cancel, "cancelled"))
     );
     assert!(tally.calls >= 2000, "only {} calls", tally.calls);
+    // Media, pipeline, recording, opt-out and reconnects all ran.
+    assert!(
+        tally.media_calls >= 1000,
+        "only {} calls with media and pipeline",
+        tally.media_calls
+    );
+    assert!(
+        tally.recorded >= 1000,
+        "only {} recorded calls",
+        tally.recorded
+    );
+    assert!(tally.opt_outs >= 100, "only {} opt-outs", tally.opt_outs);
+    assert!(
+        tally.reconnects >= 100,
+        "only {} reconnects",
+        tally.reconnects
+    );
     eprintln!(
-        "{} calls, {} datagrams; outcomes: {:?}",
-        tally.calls, tally.datagrams, tally.outcomes
+        "{} calls ({} with media and pipeline, {} recorded, {} opt-outs, {} reconnects), {} datagrams; outcomes: {:?}",
+        tally.calls,
+        tally.media_calls,
+        tally.recorded,
+        tally.opt_outs,
+        tally.reconnects,
+        tally.datagrams,
+        tally.outcomes
     );
 }
 
@@ -731,6 +919,8 @@ fn trace_seed() {
     for (id, after) in &plan.hangups {
         sim.bridge.hangup_after.insert(id.clone(), *after);
     }
+    sim.bridge.media_scripts = plan.media.iter().cloned().collect();
+    sim.bridge.media_loss = plan.impairment.loss / 2.0;
     for (start, id, scenario) in &plan.calls {
         let script = scenario.script(&mut rng, AVOID_REINVITE_BUGS);
         sim.carrier.schedule(sim.at(*start), id.clone(), script);

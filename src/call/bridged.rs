@@ -337,9 +337,16 @@ impl std::fmt::Debug for BridgedCall {
 }
 
 impl BridgedCall {
-    /// Joins a new call (already accepted by the switchboard) to its plan.
-    pub fn new(call: Call, setup: BridgeSetup, now: Instant, wall: SystemTime) -> BridgedCall {
-        BridgedCall {
+    /// Joins a new call (already accepted by the switchboard) to its plan;
+    /// what the call has to say at once (100/180, an immediate 200) is queued.
+    pub fn new(
+        call: Call,
+        setup: BridgeSetup,
+        now: Instant,
+        wall: SystemTime,
+        rng: &mut impl RngCore,
+    ) -> BridgedCall {
+        let mut bridged = BridgedCall {
             call,
             media: None,
             rules: setup.recording,
@@ -353,7 +360,9 @@ impl BridgedCall {
             out: VecDeque::new(),
             t0: now,
             wall0: wall,
-        }
+        };
+        bridged.drive(now, rng);
+        bridged
     }
 
     /// The signalling side.

@@ -352,7 +352,13 @@ impl Shared {
                 opt_out_key,
             },
         };
-        let bridged = BridgedCall::new(call, setup, Instant::now(), SystemTime::now());
+        let bridged = BridgedCall::new(
+            call,
+            setup,
+            Instant::now(),
+            SystemTime::now(),
+            &mut call_rng,
+        );
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
         let entry = CallEntry {
             tx,
