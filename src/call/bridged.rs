@@ -20,7 +20,7 @@
 //! Wall-clock times (consent events, the recording's creation) are derived
 //! from the instants passed in and the wall time given at creation.
 
-use super::pipeline::{
+use super::supervisor::{
     ConnectionFailure, ConnectionState, FALLBACK_MARK, FailureAction, GiveUpReason,
     PipelineSummary, PipelineSupervisor, SupervisorOutput,
 };

@@ -10,14 +10,14 @@
 
 pub mod auth_guard;
 pub mod bridged;
+mod cdr;
 mod media;
-pub mod pipeline;
-mod record;
 mod session;
+pub mod supervisor;
 mod switchboard;
 
+pub use cdr::{CallRecord, HangupSide, RtpSummary};
 pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
-pub use record::{CallRecord, HangupSide, RtpSummary};
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
 };
@@ -175,7 +175,7 @@ pub enum HangupCause {
     DialogGone,
     /// No usable SDP answer (delayed offer answered badly in the ACK).
     MediaFailed,
-    /// The pipeline failed and the tenant's policy hangs up (`pipeline::PipelineSupervisor`).
+    /// The pipeline failed and the tenant's policy hangs up (`supervisor::PipelineSupervisor`).
     PipelineFailed,
 }
 

@@ -15,7 +15,7 @@ use crate::call::bridged::{
     AgentEvent, AgentPlan as BridgeAgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup,
     BridgedCall, FallbackAudio, PipelineOp, RecordingRules,
 };
-use crate::call::pipeline::FailureAction;
+use crate::call::supervisor::FailureAction;
 use crate::call::{Call, CallRecord, Dispatch, HangupCause, Switchboard};
 use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;

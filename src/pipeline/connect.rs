@@ -12,7 +12,7 @@
 //! here.
 
 use super::{AgentCommand, AgentTarget, redact_url};
-use crate::call::pipeline::ConnectionFailure;
+use crate::call::supervisor::ConnectionFailure;
 use crate::config::AgentAuth;
 use futures_util::StreamExt;
 use hmac::{Hmac, KeyInit, Mac};

@@ -14,7 +14,7 @@
 //! One [`PipelineHandle`] is one connection attempt. Its task reports how the
 //! attempt went ([`AgentCommand::Connected`], [`AgentCommand::Failed`]) and
 //! ends after a failure; whether and when to reconnect is decided by the
-//! call's sans-IO `call::pipeline::PipelineSupervisor`, and the call task
+//! call's sans-IO `call::supervisor::PipelineSupervisor`, and the call task
 //! spawns a new handle when it says so.
 
 pub mod connect;
@@ -23,7 +23,7 @@ pub mod native;
 pub mod twilio;
 
 use crate::call::PcmFrame;
-use crate::call::pipeline::ConnectionFailure;
+use crate::call::supervisor::ConnectionFailure;
 use crate::config::{AgentAuth, AgentMode, AgentSettings};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;

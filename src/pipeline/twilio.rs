@@ -14,7 +14,7 @@
 use super::connect::{AgentError, AgentSocket, close, open, report_end};
 use super::native::{CLOSE_TIMEOUT, Channels};
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
-use crate::call::pipeline::ConnectionFailure;
+use crate::call::supervisor::ConnectionFailure;
 use crate::media::g711::{self, Law};
 use crate::media::resample::{Downsampler, PipelineRate, Upsampler};
 use base64::Engine as _;

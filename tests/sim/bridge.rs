@@ -25,7 +25,7 @@ use sipbridge::call::bridged::{
     AgentEvent, AgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup, BridgedCall,
     Consent, PipelineOp, RecordingRules, StoreOp,
 };
-use sipbridge::call::pipeline::ConnectionFailure;
+use sipbridge::call::supervisor::ConnectionFailure;
 use sipbridge::call::{
     Call, CallRecord, CallSettings, Dispatch, HangupCause, Peer, Switchboard, TransportKind,
 };

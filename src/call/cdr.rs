@@ -55,7 +55,7 @@ pub struct CallRecord {
     /// Network pipeline statistics (connections, dropped frames, failure),
     /// for answered calls with one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pipeline: Option<super::pipeline::PipelineSummary>,
+    pub pipeline: Option<super::supervisor::PipelineSummary>,
 }
 
 /// RTP statistics of a call (RFC 3550 receive side, plus what we sent).
