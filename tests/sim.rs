@@ -445,6 +445,12 @@ fn media_script(rng: &mut ChaCha8Rng) -> MediaScript {
             .random_bool(0.25)
             .then(|| Duration::from_millis(rng.random_range(100..=2000))),
         agent_connect_delay: Duration::from_millis(rng.random_range(5..=200)),
+        agent_pause: rng.random_bool(0.3).then(|| {
+            (
+                Duration::from_millis(rng.random_range(0..=1500)),
+                Duration::from_millis(rng.random_range(100..=1500)),
+            )
+        }),
     }
 }
 
@@ -507,6 +513,10 @@ struct Tally {
     opt_outs: u32,
     /// Reconnects to the agent.
     reconnects: u32,
+    /// Recording pauses (PCI).
+    pauses: u32,
+    /// Keys that reached the agent masked during a pause.
+    masked_keys: u32,
 }
 
 /// The privacy and pipeline rules over what one call's core did, in order:
@@ -566,7 +576,15 @@ fn check_media(id: &str, seen: &[(Instant, Seen)], tally: &mut Tally) -> Result<
             .iter()
             .filter(|(_, s)| matches!(s, Seen::RecordAudio { .. }))
             .take(5)
-            .any(|(_, s)| *s == Seen::RecordAudio { sent_sound: true });
+            .any(|(_, s)| {
+                matches!(
+                    s,
+                    Seen::RecordAudio {
+                        sent_sound: true,
+                        ..
+                    }
+                )
+            });
         let short = opted_out.is_some() || ended.is_some_and(|e| e < f + 40);
         check(prompt_heard || short, || {
             format!("{id}: the recording does not begin with the disclosure")
@@ -590,8 +608,30 @@ fn check_media(id: &str, seen: &[(Instant, Seen)], tally: &mut Tally) -> Result<
         )?;
     }
     let mut last = None;
+    let mut paused = false;
     for (_, s) in seen {
         match s {
+            Seen::Paused(p) => {
+                check(*p != paused, || format!("{id}: pause state repeated ({p})"))?;
+                paused = *p;
+                if *p {
+                    tally.pauses += 1;
+                }
+            }
+            Seen::RecordAudio {
+                sent_sound,
+                caller_sound,
+            } if paused => {
+                check(!sent_sound && !caller_sound, || {
+                    format!("{id}: sound recorded during a PCI pause")
+                })?;
+            }
+            Seen::AgentDtmf(d) if paused => {
+                check(*d == '*', || {
+                    format!("{id}: key {d} reached the agent during a pause")
+                })?;
+                tally.masked_keys += 1;
+            }
             Seen::PipelineAudio { media_ms, .. } => {
                 check(last.is_none_or(|l| l < *media_ms), || {
                     format!("{id}: pipeline frames out of order ({last:?} then {media_ms})")
@@ -847,13 +887,20 @@ fn thousand_seeded_call_flows() {
         "only {} reconnects",
         tally.reconnects
     );
+    assert!(
+        tally.pauses >= 100,
+        "only {} recording pauses",
+        tally.pauses
+    );
     eprintln!(
-        "{} calls ({} with media and pipeline, {} recorded, {} opt-outs, {} reconnects), {} datagrams; outcomes: {:?}",
+        "{} calls ({} with media and pipeline, {} recorded, {} opt-outs, {} reconnects, {} pauses, {} masked keys), {} datagrams; outcomes: {:?}",
         tally.calls,
         tally.media_calls,
         tally.recorded,
         tally.opt_outs,
         tally.reconnects,
+        tally.pauses,
+        tally.masked_keys,
         tally.datagrams,
         tally.outcomes
     );

@@ -15,7 +15,12 @@
 //!   the SDP address): a source that ignores our answers gets nothing
 //!   recorded;
 //! - the tenant's opt-out key stops the recording within the frame that
-//!   carried it: no [`StoreOp::Audio`] follows [`StoreOp::OptedOut`].
+//!   carried it: no [`StoreOp::Audio`] follows [`StoreOp::OptedOut`];
+//! - while the recording is paused (PCI: the agent's `pause_recording` or
+//!   the admin API), the recording gets silence of the same length, the
+//!   transcribing stream gets silence (nothing to transcribe), the store
+//!   keeps no transcript, and keys reach the agent as `*` unless the tenant
+//!   allows them; the CDR lists each paused stretch.
 //!
 //! Wall-clock times (consent events, the recording's creation) are derived
 //! from the instants passed in and the wall time given at creation.
@@ -73,6 +78,9 @@ pub struct RecordingRules {
     pub record: bool,
     /// The DTMF key that opts the caller out of recording and transcripts.
     pub opt_out_key: Option<char>,
+    /// Keys pressed during a recording pause reach the agent as they are
+    /// (otherwise as `*`).
+    pub paused_dtmf_to_agent: bool,
 }
 
 /// Everything a bridged call starts from.
@@ -99,6 +107,8 @@ pub enum AgentEvent {
     Mark(String),
     /// Barge-in: drop the queued audio.
     Clear,
+    /// Pause (`true`) or resume (`false`) the recording and the transcript.
+    PauseRecording(bool),
 }
 
 /// One input to a bridged call.
@@ -119,6 +129,9 @@ pub enum BridgeInput {
     Agent(AgentEvent),
     /// End the call (admin, agent API, shutdown).
     HangUp(HangupCause),
+    /// Pause (`true`) or resume (`false`) the recording and the transcript
+    /// (the admin API).
+    PauseRecording(bool),
     /// The instant of [`BridgedCall::poll_timeout`] has come.
     Timeout,
 }
@@ -142,10 +155,13 @@ pub enum PipelineOp {
     /// A caller frame: to the stream beside the agent, and to the agent when
     /// `to_agent`.
     Audio {
-        /// The frame.
+        /// The frame (silence for a Deepgram-only pipeline while paused).
         frame: PcmFrame,
         /// The agent's connection is open and gets it.
         to_agent: bool,
+        /// The recording is paused: the stream beside the agent gets
+        /// silence of the same length instead.
+        stt_silence: bool,
     },
     /// A key the caller pressed, for the agent.
     Dtmf(char),
@@ -190,6 +206,8 @@ pub enum StoreOp {
     /// The caller pressed the opt-out key: discard the recording, stop
     /// storing transcripts, audit the opt-out.
     OptedOut(SystemTime),
+    /// The recording and the transcript are paused (`true`) or resumed.
+    Paused(bool, SystemTime),
 }
 
 /// Something that happened, for the owner to log or count.
@@ -216,6 +234,8 @@ pub enum BridgeEvent {
     },
     /// The caller opted out: recording discarded and stopped.
     OptedOut,
+    /// The recording was paused (`true`) or resumed.
+    Paused(bool),
     /// A mark played out.
     MarkPlayed {
         /// Its name.
@@ -310,6 +330,9 @@ pub struct BridgedCall {
     /// The recording is open (until the call ends or the caller opts out).
     recording: bool,
     opted_out: bool,
+    /// The recording is paused since this wall time.
+    paused_since: Option<SystemTime>,
+    paused: Vec<crate::call::PausedStretch>,
     /// The agent plan, until the call is confirmed and the link starts.
     agent: Option<AgentPlan>,
     link: Option<Link>,
@@ -352,6 +375,8 @@ impl BridgedCall {
             rules: setup.recording,
             recording: false,
             opted_out: false,
+            paused_since: None,
+            paused: Vec::new(),
             agent: setup.agent,
             link: None,
             awaiting_ack: None,
@@ -443,6 +468,7 @@ impl BridgedCall {
                 self.shutting_down |= cause == HangupCause::Shutdown;
                 self.call.hang_up(now, cause, rng);
             }
+            BridgeInput::PauseRecording(pause) => self.pause_recording(now, pause),
             BridgeInput::Timeout => {
                 self.call.handle_timeout(now, rng);
                 let wall = self.wall(now);
@@ -455,6 +481,30 @@ impl BridgedCall {
             }
         }
         self.drive(now, rng);
+    }
+
+    /// The recording is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused_since.is_some()
+    }
+
+    /// Pauses or resumes the recording and the transcript; a repeated
+    /// request changes nothing. Ignored once the call has ended.
+    fn pause_recording(&mut self, now: Instant, pause: bool) {
+        if self.call.is_ended() || pause == self.paused_since.is_some() {
+            return;
+        }
+        let wall = self.wall(now);
+        if pause {
+            self.paused_since = Some(wall);
+        } else if let Some(from) = self.paused_since.take() {
+            self.paused.push(crate::call::PausedStretch {
+                paused_at: from,
+                resumed_at: wall,
+            });
+        }
+        self.emit(BridgeOutput::Store(StoreOp::Paused(pause, wall)));
+        self.event(BridgeEvent::Paused(pause));
     }
 
     fn wall(&self, now: Instant) -> SystemTime {
@@ -586,7 +636,13 @@ impl BridgedCall {
                         self.event(BridgeEvent::OptedOut);
                     }
                     if self.link.as_ref().is_some_and(|l| l.connected) {
-                        self.emit(BridgeOutput::Pipeline(PipelineOp::Dtmf(ev.digit)));
+                        let digit =
+                            if self.paused_since.is_some() && !self.rules.paused_dtmf_to_agent {
+                                '*'
+                            } else {
+                                ev.digit
+                            };
+                        self.emit(BridgeOutput::Pipeline(PipelineOp::Dtmf(digit)));
                     }
                 }
                 MediaOutput::PromptFinished => {
@@ -603,6 +659,11 @@ impl BridgedCall {
                 }
                 MediaOutput::Record { left, right } => {
                     if self.recording && !self.opted_out {
+                        let (left, right) = if self.paused_since.is_some() {
+                            (vec![0; left.len()], vec![0; right.len()])
+                        } else {
+                            (left, right)
+                        };
                         self.emit(BridgeOutput::Store(StoreOp::Audio { left, right }));
                     }
                 }
@@ -629,9 +690,13 @@ impl BridgedCall {
 
     /// A caller frame (the media session sends none before the prompt has
     /// finished): to the streams that are open, or held while reconnecting.
-    fn caller_audio(&mut self, frame: PcmFrame) {
+    fn caller_audio(&mut self, mut frame: PcmFrame) {
         let Some(l) = &mut self.link else { return };
         let to_agent = l.connected;
+        let stt_silence = self.paused_since.is_some();
+        if stt_silence && l.deepgram_only {
+            frame.samples.fill(0);
+        }
         if !to_agent && matches!(l.supervisor.state(), ConnectionState::Reconnecting { .. }) {
             if l.backlog.len() >= BACKLOG_FRAMES {
                 l.backlog.pop_front();
@@ -643,6 +708,7 @@ impl BridgedCall {
             self.emit(BridgeOutput::Pipeline(PipelineOp::Audio {
                 frame,
                 to_agent,
+                stt_silence,
             }));
         }
     }
@@ -756,6 +822,7 @@ impl BridgedCall {
                     m.clear();
                 }
             }
+            AgentEvent::PauseRecording(pause) => self.pause_recording(now, pause),
         }
     }
 
@@ -790,6 +857,14 @@ impl BridgedCall {
                         record.rtp = Some(RtpSummary::of(m));
                     }
                     self.recording = false;
+                    if let Some(from) = self.paused_since.take() {
+                        let to = self.wall(now);
+                        self.paused.push(crate::call::PausedStretch {
+                            paused_at: from,
+                            resumed_at: to,
+                        });
+                    }
+                    record.recording_paused = std::mem::take(&mut self.paused);
                     self.awaiting_ack = None;
                     self.confirming_rtp = None;
                     if let Some(l) = self.link.take() {

@@ -56,6 +56,21 @@ pub struct CallRecord {
     /// for answered calls with one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<super::supervisor::PipelineSummary>,
+    /// Stretches during which the recording and the transcript were paused
+    /// (PCI: the agent or the admin API asked), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recording_paused: Vec<PausedStretch>,
+}
+
+/// A stretch of a call that was not recorded or transcribed (PCI pause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PausedStretch {
+    /// When the pause began (Unix ms in the CDR).
+    #[serde(serialize_with = "unix_ms")]
+    pub paused_at: SystemTime,
+    /// When it ended: resumed, or the call's end.
+    #[serde(serialize_with = "unix_ms")]
+    pub resumed_at: SystemTime,
 }
 
 /// RTP statistics of a call (RFC 3550 receive side, plus what we sent).

@@ -16,7 +16,7 @@ mod session;
 pub mod supervisor;
 mod switchboard;
 
-pub use cdr::{CallRecord, HangupSide, RtpSummary};
+pub use cdr::{CallRecord, HangupSide, PausedStretch, RtpSummary};
 pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
@@ -371,6 +371,7 @@ impl Call {
             codec: None,
             rtp: None,
             pipeline: None,
+            recording_paused: Vec::new(),
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {

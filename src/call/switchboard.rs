@@ -597,6 +597,7 @@ impl Switchboard {
             codec: None,
             rtp: None,
             pipeline: None,
+            recording_paused: Vec::new(),
         };
         let transmit = Transmit {
             dest: crate::call::response_dest(req, admitted.peer),
@@ -792,6 +793,7 @@ impl Switchboard {
             codec: None,
             rtp: None,
             pipeline: None,
+            recording_paused: Vec::new(),
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());

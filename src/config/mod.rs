@@ -321,6 +321,9 @@ pub struct Tenant {
     pub prompt: Option<Prompt>,
     /// DTMF key (0-9, *, #) that opts the caller out of recording.
     pub opt_out_key: Option<char>,
+    /// Keys pressed while the recording is paused (PCI) reach the agent as
+    /// they are; by default (false) each reaches it as `*`.
+    pub paused_dtmf_to_agent: bool,
     /// The caller's audio reaches the pipeline only once the disclosure
     /// prompt has finished (default true).
     pub caller_audio_after_prompt: bool,

@@ -187,6 +187,8 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) opt_out_key: Option<Spanned<String>>,
     #[serde(default)]
+    pub(crate) paused_dtmf_to_agent: bool,
+    #[serde(default)]
     pub(crate) caller_audio_after_prompt: Option<bool>,
     #[serde(default)]
     pub(crate) pipeline_rate: Option<Spanned<u32>>,

@@ -1223,6 +1223,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     transcripts: t.transcripts,
                     prompt,
                     opt_out_key,
+                    paused_dtmf_to_agent: t.paused_dtmf_to_agent,
                     caller_audio_after_prompt: t.caller_audio_after_prompt.unwrap_or(true),
                     pipeline_rate,
                     early_media: t.early_media,

@@ -336,10 +336,10 @@ impl Shared {
                 return;
             }
         };
-        let opt_out_key = lock(&self.switchboard)
+        let (opt_out_key, paused_dtmf_to_agent) = lock(&self.switchboard)
             .config()
             .tenant(&settings.tenant)
-            .and_then(|t| t.opt_out_key);
+            .map_or((None, false), |t| (t.opt_out_key, t.paused_dtmf_to_agent));
         let store = self
             .records
             .as_ref()
@@ -350,6 +350,7 @@ impl Shared {
             recording: RecordingRules {
                 record: settings.plan.record,
                 opt_out_key,
+                paused_dtmf_to_agent,
             },
         };
         let bridged = BridgedCall::new(
@@ -452,9 +453,21 @@ impl PipelineLink {
                 self.handle = Some(handle);
             }
             PipelineOp::Disconnect => self.close(),
-            PipelineOp::Audio { frame, to_agent } => {
+            PipelineOp::Audio {
+                frame,
+                to_agent,
+                stt_silence,
+            } => {
                 if let Some(s) = &mut self.stt {
-                    s.send_audio(&frame);
+                    if stt_silence {
+                        let silent = crate::call::PcmFrame {
+                            samples: vec![0; frame.samples.len()],
+                            ..frame.clone()
+                        };
+                        s.send_audio(&silent);
+                    } else {
+                        s.send_audio(&frame);
+                    }
                 }
                 if to_agent && let Some(h) = &mut self.handle {
                     h.send_audio(&frame);
@@ -577,6 +590,8 @@ impl CallTask<'_> {
             BridgeEvent::PromptFinished => info!("disclosure prompt finished"),
             BridgeEvent::Dtmf { duration_ms, .. } => debug!(duration_ms, "dtmf received"),
             BridgeEvent::OptedOut => info!("caller opted out: recording discarded and stopped"),
+            BridgeEvent::Paused(true) => info!("recording and transcript paused"),
+            BridgeEvent::Paused(false) => info!("recording and transcript resumed"),
             BridgeEvent::MarkPlayed { name, cleared } => {
                 debug!(name = %name, cleared, "mark played");
             }
@@ -704,6 +719,7 @@ async fn run_call(
                 AgentCommand::HangUp => BridgeInput::Agent(AgentEvent::HangUp),
                 AgentCommand::Connected => BridgeInput::Agent(AgentEvent::Connected),
                 AgentCommand::Failed(f) => BridgeInput::Agent(AgentEvent::Failed(f)),
+                AgentCommand::PauseRecording(p) => BridgeInput::Agent(AgentEvent::PauseRecording(p)),
             },
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),

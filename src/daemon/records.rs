@@ -358,6 +358,8 @@ struct TranscriptSink {
     tenant: String,
     call_id: String,
     enabled: std::sync::atomic::AtomicBool,
+    /// The recording is paused (PCI): segments arriving meanwhile are dropped.
+    paused: std::sync::atomic::AtomicBool,
     next: AtomicU64,
 }
 
@@ -367,7 +369,7 @@ const TRANSCRIPT_TAIL: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl TranscriptSink {
     fn store(&self, t: crate::pipeline::Transcript) {
-        if !self.enabled.load(Ordering::Relaxed) {
+        if !self.enabled.load(Ordering::Relaxed) || self.paused.load(Ordering::Relaxed) {
             return;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +403,7 @@ impl CallStore {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .contains(&row.tenant)
                 .into(),
+            paused: false.into(),
             next: AtomicU64::new(1),
         });
         let store = CallStore {
@@ -426,6 +429,9 @@ impl CallStore {
             }
             StoreOp::Audio { left, right } => self.audio(&left, &right),
             StoreOp::OptedOut(at) => self.opted_out(at),
+            // Transcripts of a paused stretch are not kept (the stream got
+            // silence meanwhile; a segment still in flight is dropped too).
+            StoreOp::Paused(paused, _) => self.transcripts.paused.store(paused, Ordering::Relaxed),
         }
     }
 

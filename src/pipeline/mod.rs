@@ -186,6 +186,9 @@ pub enum AgentCommand {
     Clear,
     /// End the call (BYE).
     HangUp,
+    /// Pause (`true`) or resume (`false`) the recording and the transcript
+    /// (PCI: card numbers read out).
+    PauseRecording(bool),
     /// A final transcript segment (for the store).
     Transcript(Transcript),
     /// The connection is up (before any other command of this connection).

@@ -88,6 +88,8 @@ pub fn parse_agent_text(text: &str) -> Option<AgentCommand> {
         "mark" => Some(AgentCommand::Mark(v.get("name")?.as_str()?.to_owned())),
         "clear" => Some(AgentCommand::Clear),
         "hangup" => Some(AgentCommand::HangUp),
+        "pause_recording" => Some(AgentCommand::PauseRecording(true)),
+        "resume_recording" => Some(AgentCommand::PauseRecording(false)),
         _ => None,
     }
 }
@@ -238,6 +240,14 @@ mod tests {
         assert_eq!(
             parse_agent_text(r#"{"event":"hangup"}"#),
             Some(AgentCommand::HangUp)
+        );
+        assert_eq!(
+            parse_agent_text(r#"{"event":"pause_recording"}"#),
+            Some(AgentCommand::PauseRecording(true))
+        );
+        assert_eq!(
+            parse_agent_text(r#"{"event":"resume_recording"}"#),
+            Some(AgentCommand::PauseRecording(false))
         );
         assert_eq!(parse_agent_text(r#"{"event":"mark"}"#), None);
         assert_eq!(parse_agent_text(r#"{"event":"nope"}"#), None);

@@ -239,6 +239,9 @@ impl TwilioStream {
                 self.up_skip = self.up.delay_samples();
                 Some(AgentCommand::Clear)
             }
+            // sipbridge's extension (Twilio has no such message): PCI pause.
+            "pause_recording" => Some(AgentCommand::PauseRecording(true)),
+            "resume_recording" => Some(AgentCommand::PauseRecording(false)),
             _ => None,
         }
     }

@@ -55,6 +55,9 @@ pub(crate) struct MediaScript {
     pub(crate) agent_drop_after: Option<Duration>,
     /// The agent takes this long to accept (or refuse) a connection.
     pub(crate) agent_connect_delay: Duration,
+    /// The agent pauses the recording this long after its first accepted
+    /// connection, for this long (PCI: a card number read out).
+    pub(crate) agent_pause: Option<(Duration, Duration)>,
 }
 
 /// One thing seen of a call, in the order the call core produced it.
@@ -76,10 +79,16 @@ pub(crate) enum Seen {
     StartRecording,
     DisclosureStarted,
     DisclosureFinished,
-    /// One recorded tick: whether the right channel (what we sent) held sound.
+    /// One recorded tick: whether each channel (what we sent, the caller)
+    /// held sound.
     RecordAudio {
         sent_sound: bool,
+        caller_sound: bool,
     },
+    /// The recording was paused (true) or resumed.
+    Paused(bool),
+    /// A key sent to the agent.
+    AgentDtmf(char),
     OptedOut,
     /// An RTP packet to the caller.
     RtpOut,
@@ -104,6 +113,7 @@ struct AgentModel {
     /// The open connection's attempt number.
     connected: Option<u32>,
     dropped_once: bool,
+    paused_once: bool,
     /// Events due to the call core: (at, event); at most a few.
     due: Vec<(Instant, AgentEvent)>,
 }
@@ -306,6 +316,7 @@ impl Bridge {
                             recording: RecordingRules {
                                 record: settings.plan.record,
                                 opt_out_key: Some(OPT_OUT_KEY),
+                                paused_dtmf_to_agent: false,
                             },
                         };
                         let script = self.media_scripts.get(&id).copied().unwrap_or_default();
@@ -503,10 +514,12 @@ impl Bridge {
                     StoreOp::StartRecording(_) => Seen::StartRecording,
                     StoreOp::Consent(Consent::DisclosureStarted, _) => Seen::DisclosureStarted,
                     StoreOp::Consent(Consent::DisclosureFinished, _) => Seen::DisclosureFinished,
-                    StoreOp::Audio { right, .. } => Seen::RecordAudio {
+                    StoreOp::Audio { left, right } => Seen::RecordAudio {
                         sent_sound: right.iter().any(|s| s.unsigned_abs() > 64),
+                        caller_sound: left.iter().any(|s| s.unsigned_abs() > 64),
                     },
                     StoreOp::OptedOut(_) => Seen::OptedOut,
+                    StoreOp::Paused(p, _) => Seen::Paused(p),
                 };
                 self.see(now, id, seen);
             }
@@ -552,7 +565,10 @@ impl Bridge {
                 backlog: backlog.len(),
             }),
             PipelineOp::Disconnect => Some(Seen::Disconnect),
-            PipelineOp::Audio { frame, to_agent } => Some(Seen::PipelineAudio {
+            PipelineOp::Dtmf(d) => Some(Seen::AgentDtmf(*d)),
+            PipelineOp::Audio {
+                frame, to_agent, ..
+            } => Some(Seen::PipelineAudio {
                 to_agent: *to_agent,
                 media_ms: frame.media_time.as_millis() as u64,
             }),
@@ -578,6 +594,17 @@ impl Bridge {
                 } else {
                     agent.connected = Some(attempt);
                     agent.due.push((at, AgentEvent::Connected));
+                    if let Some((after, len)) = agent.script.agent_pause
+                        && !agent.paused_once
+                    {
+                        agent.paused_once = true;
+                        agent
+                            .due
+                            .push((at + after, AgentEvent::PauseRecording(true)));
+                        agent
+                            .due
+                            .push((at + after + len, AgentEvent::PauseRecording(false)));
+                    }
                     if let Some(d) = agent.script.agent_drop_after
                         && !agent.dropped_once
                     {
@@ -596,6 +623,7 @@ impl Bridge {
             PipelineOp::Audio {
                 frame,
                 to_agent: true,
+                ..
             } if agent.connected.is_some() => {
                 replies.push(AgentEvent::Play(frame.samples));
             }
