@@ -59,6 +59,11 @@ const RTP_END: u16 = 30199;
 /// A profile for the simulation: the carrier's network is the only trunk,
 /// every number goes to one tenant, the bridge advertises 198.51.100.1.
 fn sim_config() -> (TempDir, Arc<Config>) {
+    sim_config_with("")
+}
+
+/// [`sim_config`] with more keys for the tenant.
+fn sim_config_with(tenant_keys: &str) -> (TempDir, Arc<Config>) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     let prompt = concat!(
@@ -93,6 +98,7 @@ allow = ["192.0.2.0/24"]
 id = "sim"
 recording = true
 prompt = "{prompt}"
+{tenant_keys}
 pipeline = {{ kind = "agent", url = "ws://127.0.0.1:9/agent", on_failure = "continue", reconnect_attempts = 3, reconnect_within_ms = 5000 }}
 
 [[route]]
@@ -555,8 +561,10 @@ fn check_media(id: &str, seen: &[(Instant, Seen)], tally: &mut Tally) -> Result<
         check(r > confirmed, || {
             format!("{id}: recording opened before the call was confirmed")
         })?;
-        check(disclosure.is_some_and(|d| d > confirmed), || {
-            format!("{id}: no disclosure start after the confirmation")
+        // Without early media the disclosure starts with the media, at the
+        // confirmation; with early media it played before the answer.
+        check(disclosure.is_some(), || {
+            format!("{id}: recorded without a disclosure")
         })?;
         check(
             seen.iter()
@@ -1385,4 +1393,76 @@ fn refresh_reinvite_200_carries_session_expires() {
         Some("90;refresher=uac")
     );
     assert_eq!(header(refresh_ok, "Require"), Some("timer"));
+}
+
+/// Early media (the prompt in the 183, RFC 3960) plays before any answer, but
+/// the recording and the pipeline still wait for the confirmation: a call
+/// that is never ACKed has its prompt played and nothing recorded; an ACKed
+/// one starts recording at the ACK.
+#[test]
+fn early_media_is_not_recorded_before_the_ack() {
+    let (_dir, config) = sim_config_with("early_media = true");
+    let mut sim = Sim::new(
+        &config,
+        settings(&config, Duration::ZERO),
+        Impairment::clean(ONE_WAY),
+        3,
+    );
+    sim.bridge.early_media_ok = true;
+    let never = "early-noack@192.0.2.10";
+    let acked = "early-ok@192.0.2.10";
+    let no_ack = Script {
+        ack: false,
+        bye_after: None,
+        ..Script::basic(Duration::ZERO)
+    };
+    sim.carrier
+        .schedule(sim.at(Duration::ZERO), never.to_owned(), no_ack);
+    sim.carrier
+        .schedule(sim.at(ms(100)), acked.to_owned(), Script::basic(ms(2000)));
+    sim.run_for(Duration::from_secs(120));
+    assert!(
+        sim.bridge.violations.is_empty(),
+        "{:?}",
+        sim.bridge.violations
+    );
+    assert!(sim.bridge.calls.is_empty());
+
+    let seen = |id: &str| sim.bridge.seen.get(id).cloned().unwrap_or_default();
+    let never_seen = seen(never);
+    assert!(
+        never_seen.iter().any(|(_, s)| *s == Seen::RtpOut),
+        "the prompt played as early media: {never_seen:?}"
+    );
+    for s in [Seen::Confirmed, Seen::StartRecording] {
+        assert!(
+            !never_seen.iter().any(|(_, x)| *x == s),
+            "{s:?} for a call never ACKed"
+        );
+    }
+    assert!(
+        !never_seen
+            .iter()
+            .any(|(_, s)| matches!(s, Seen::RecordAudio { .. } | Seen::PipelineAudio { .. }))
+    );
+    let cdr = sim
+        .bridge
+        .ended
+        .iter()
+        .find(|r| r.call_id == never)
+        .unwrap();
+    assert_eq!(cdr.cause, "no-ack");
+
+    let acked_seen = seen(acked);
+    let pos = |want: &Seen| acked_seen.iter().position(|(_, s)| s == want);
+    let confirmed = pos(&Seen::Confirmed).expect("confirmed");
+    let recording = pos(&Seen::StartRecording).expect("recorded");
+    assert!(recording > confirmed);
+    let first_rtp = pos(&Seen::RtpOut).expect("early media");
+    assert!(first_rtp < confirmed, "the prompt played before the answer");
+    let first_rec = acked_seen
+        .iter()
+        .position(|(_, s)| matches!(s, Seen::RecordAudio { .. }))
+        .expect("recorded audio");
+    assert!(first_rec > recording);
 }

@@ -10,10 +10,10 @@
 //! - no caller audio reaches the pipeline before the disclosure prompt has
 //!   finished (the media session gates it; the pipeline link starts only
 //!   once the call is confirmed);
-//! - the recording opens with the media, so it begins with the disclosure,
-//!   and only once the call is confirmed (ACK, or the caller's first RTP from
-//!   the SDP address): a source that ignores our answers gets nothing
-//!   recorded;
+//! - the recording opens only once the call is confirmed (ACK, or the
+//!   caller's first RTP from the SDP address) — with the media, so it begins
+//!   with the disclosure; with early media (the prompt in the 183) at the
+//!   confirmation: a source that ignores our answers gets nothing recorded;
 //! - the tenant's opt-out key stops the recording within the frame that
 //!   carried it: no [`StoreOp::Audio`] follows [`StoreOp::OptedOut`];
 //! - while the recording is paused (PCI: the agent's `pause_recording` or
@@ -549,6 +549,9 @@ impl BridgedCall {
             if self.media.is_none() {
                 self.start_media(now, &neg, rng);
             }
+            // The recording opens now, not with early media: nothing of a
+            // call that is never confirmed is recorded.
+            self.open_recording(now);
             if let Some(m) = &self.media
                 && let Some(plan) = self.agent.take()
             {
@@ -583,8 +586,20 @@ impl BridgedCall {
         progress
     }
 
-    /// Starts the media; the recording opens with it (the tenant records and
-    /// the caller has not opted out), so it begins with the disclosure.
+    /// The recording opens (the tenant records, the caller has not opted
+    /// out, the call is confirmed and has media). Without early media this is
+    /// the moment the media starts, so the recording begins with the
+    /// disclosure; with early media the disclosure has played in the 183
+    /// before the answer, and the recording begins at the confirmation.
+    fn open_recording(&mut self, now: Instant) {
+        if self.rules.record && !self.opted_out && !self.recording && self.media.is_some() {
+            self.recording = true;
+            let wall = self.wall(now);
+            self.emit(BridgeOutput::Store(StoreOp::StartRecording(wall)));
+        }
+    }
+
+    /// Starts the media (the prompt plays first).
     fn start_media(&mut self, now: Instant, neg: &Negotiated, rng: &mut impl RngCore) {
         let plan = self.call.settings().plan.clone();
         let has_prompt = plan.prompt.is_some();
@@ -592,10 +607,6 @@ impl BridgedCall {
             Ok(m) => {
                 self.media = Some(m);
                 let wall = self.wall(now);
-                if self.rules.record && !self.opted_out && !self.recording {
-                    self.recording = true;
-                    self.emit(BridgeOutput::Store(StoreOp::StartRecording(wall)));
-                }
                 if has_prompt {
                     self.emit(BridgeOutput::Store(StoreOp::Consent(
                         Consent::DisclosureStarted,

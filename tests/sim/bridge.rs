@@ -151,6 +151,8 @@ pub(crate) struct Bridge {
     pub(crate) policy: FailurePolicy,
     /// Share of the caller's RTP packets lost on the way.
     pub(crate) media_loss: f64,
+    /// The tenant plays its prompt as early media (otherwise a violation).
+    pub(crate) early_media_ok: bool,
     callers: BTreeMap<String, CallerRtp>,
     agents: BTreeMap<String, AgentModel>,
     /// Caller RTP in flight: (arrival, sequence) → (Call-ID, packet).
@@ -223,6 +225,7 @@ impl Bridge {
             media_scripts: BTreeMap::new(),
             policy,
             media_loss: 0.0,
+            early_media_ok: false,
             callers: BTreeMap::new(),
             agents: BTreeMap::new(),
             rtp_in_flight: BTreeMap::new(),
@@ -528,7 +531,7 @@ impl Bridge {
                     self.answered.entry(id.to_owned()).or_default().push(neg);
                 }
                 // The simulated tenant has no early media.
-                BridgeEvent::EarlyMedia(_) => self
+                BridgeEvent::EarlyMedia(_) if !self.early_media_ok => self
                     .violations
                     .push(format!("unexpected early media for {id} at {now:?}")),
                 BridgeEvent::MediaChanged(neg) => {
