@@ -25,7 +25,6 @@ pub mod schema;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use std::time::SystemTime;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{
@@ -34,17 +33,8 @@ use rusqlite::{
 
 pub use caller_id::CallerIdPolicy;
 
-use super::retention::{Expiry, ItemKind, RetentionItem};
-
-/// Milliseconds since the Unix epoch (UTC).
-pub type UnixMs = i64;
-
-/// Converts a wall-clock time to [`UnixMs`] (times before 1970 clamp to 0).
-pub fn unix_ms(t: SystemTime) -> UnixMs {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use super::retention::{Expiry, ItemKind, RetentionItem, RetentionStore};
+pub use super::time::{UnixMs, unix_ms};
 
 /// How long a writer waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1733,6 +1723,45 @@ impl Store {
         };
         tx.commit()?;
         Ok(done)
+    }
+}
+
+/// The retention sweeper's view of the store: the inherent methods above,
+/// and the files behind an item.
+impl RetentionStore for Store {
+    type Error = DbError;
+
+    fn retention_items(&self) -> Result<Vec<RetentionItem>, DbError> {
+        Store::retention_items(self)
+    }
+
+    fn files_of(&self, item: &RetentionItem) -> Result<Vec<PathBuf>, DbError> {
+        Ok(match item.kind {
+            ItemKind::Transcript => Vec::new(),
+            ItemKind::Recording => self
+                .get_recording(Some(&item.tenant), &item.id)?
+                .filter(|r| matches!(r.state, RecordingState::Complete | RecordingState::Partial))
+                .map(|r| r.path)
+                .into_iter()
+                .collect(),
+            ItemKind::Call => self
+                .recordings_of_call(&item.tenant, &item.id)?
+                .into_iter()
+                .map(|r| r.path)
+                .collect(),
+        })
+    }
+
+    fn delete_expired(&mut self, expiry: &Expiry, now: UnixMs) -> Result<bool, DbError> {
+        Store::delete_expired(self, expiry, now)
+    }
+
+    fn audit_tenants(&self) -> Result<Vec<String>, DbError> {
+        Store::audit_tenants(self)
+    }
+
+    fn prune_audit(&mut self, tenant: &str, before: UnixMs) -> Result<usize, DbError> {
+        Store::prune_audit(self, tenant, before)
     }
 }
 
