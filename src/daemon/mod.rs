@@ -8,7 +8,6 @@
 
 mod lifecycle;
 mod records;
-mod tls;
 mod transport;
 
 use crate::call::pipeline::{
@@ -1025,9 +1024,19 @@ pub async fn run(
     }
     let signals = lifecycle::Signals::install()?;
     let mut os_rng = StdRng::from_os_rng();
-    let (mut shared, bound) = transport::bind_all(&config, &config_path, &mut os_rng)
+    let bound = transport::bind_all(&config, &mut os_rng)
         .await
         .context("binding listeners")?;
+    let mut shared = Shared {
+        switchboard: Mutex::new(bound.switchboard),
+        calls: Mutex::new(HashMap::new()),
+        transports: bound.transports,
+        records: None,
+        rtp_bind: Mutex::new(bound.rtp_bind),
+        life: lifecycle::Life::new(&config_path),
+        fallback_prompts: Mutex::new(HashMap::new()),
+    };
+    let bound = bound.listeners;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
     *lock(&shared.fallback_prompts) = load_fallback_prompts(&config)?;
     ensure_master_key(&config, &mut os_rng)?;
