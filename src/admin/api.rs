@@ -429,7 +429,7 @@ fn parse_cdr_cursor(c: &str) -> ApiResult<(UnixMs, String)> {
     Ok((at.parse().map_err(|_| bad())?, id.to_owned()))
 }
 
-fn cdr_json(ds: &DataStore, c: &crate::store::db::CallRecord) -> ApiResult<ExportedCall> {
+fn cdr_json(ds: &DataStore, c: &crate::store::db::StoredCdr) -> ApiResult<ExportedCall> {
     let recordings = ds
         .store
         .recordings_of_call(&c.tenant, &c.call_id)?

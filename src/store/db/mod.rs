@@ -332,9 +332,10 @@ pub struct Consent {
     pub opt_out_at: Option<UnixMs>,
 }
 
-/// A CDR as stored.
+/// A CDR as stored and read back (the call core's record of a call attempt
+/// is `call::CallRecord`; [`CallRow`] and [`CallEnd`] are what is written).
 #[derive(Debug, Clone, PartialEq)]
-pub struct CallRecord {
+pub struct StoredCdr {
     /// SIP Call-ID.
     pub call_id: String,
     /// Tenant.
@@ -559,7 +560,7 @@ const TRANSCRIPT_COLUMNS: &str =
 const CALL_HELD: &str = "(c.legal_hold = 1 OR EXISTS \
      (SELECT 1 FROM recordings h WHERE h.call_id = c.call_id AND h.legal_hold = 1))";
 
-fn call_from_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
+fn call_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCdr> {
     let packets: Option<u64> = r.get(12)?;
     let lost: Option<u64> = r.get(13)?;
     let jitter: Option<f64> = r.get(14)?;
@@ -571,7 +572,7 @@ fn call_from_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
         }),
         _ => None,
     };
-    Ok(CallRecord {
+    Ok(StoredCdr {
         call_id: r.get(0)?,
         tenant: r.get(1)?,
         trunk: r.get(2)?,
@@ -1007,7 +1008,7 @@ impl Store {
     }
 
     /// One CDR of `tenant`.
-    pub fn get_call(&self, tenant: &str, call_id: &str) -> Result<Option<CallRecord>, DbError> {
+    pub fn get_call(&self, tenant: &str, call_id: &str) -> Result<Option<StoredCdr>, DbError> {
         Ok(self
             .conn
             .query_row(
@@ -1023,7 +1024,7 @@ impl Store {
         &self,
         tenant: Option<&str>,
         call_id: &str,
-    ) -> Result<Option<CallRecord>, DbError> {
+    ) -> Result<Option<StoredCdr>, DbError> {
         Ok(self
             .conn
             .query_row(
@@ -1038,7 +1039,7 @@ impl Store {
     }
 
     /// CDRs matching `filter`, ordered by (`started_at`, `call_id`).
-    pub fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, DbError> {
+    pub fn list_calls(&self, filter: &CallFilter) -> Result<Vec<StoredCdr>, DbError> {
         let (after_at, after_id) = match &filter.after {
             Some((at, id)) => (Some(*at), Some(id.as_str())),
             None => (None, None),
@@ -1065,7 +1066,7 @@ impl Store {
 
     /// The CDRs of `tenant` whose caller is `number` (matched through the
     /// tenant's caller-id policy, so hashed ids are found by number too).
-    pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<CallRecord>, DbError> {
+    pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<StoredCdr>, DbError> {
         let forms = self.caller_policy(tenant)?.lookup_forms(number)?;
         let mut out = Vec::new();
         let mut stmt = self.conn.prepare(&format!(
@@ -1812,7 +1813,7 @@ mod tests {
         (dir, s)
     }
 
-    fn ids(calls: &[CallRecord]) -> Vec<&str> {
+    fn ids(calls: &[StoredCdr]) -> Vec<&str> {
         calls.iter().map(|c| c.call_id.as_str()).collect()
     }
 
