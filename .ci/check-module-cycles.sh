@@ -104,8 +104,7 @@ def group_names(text, start):
             elif expect and (c.isalnum() or c == "_"):
                 token += c
             elif token:
-                if token:
-                    names.append(token)
+                names.append(token)
                 token, expect = "", False
         i += 1
     return names, i
@@ -191,8 +190,6 @@ for full, rel, mp in files:
                 a, b = mp[1], target[1]
                 if a != b and b in children.get(mp[0], ()):
                     add(sub_edges.setdefault(mp[0], {}), a, b, where)
-            elif len(target) == 1 and head != "crate":
-                pass
 
 
 def cycles(nodes, edges):
