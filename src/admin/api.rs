@@ -13,9 +13,9 @@
 
 use super::auth::Principal;
 use super::links::{DEFAULT_TTL_S, LinkError};
-use super::{AdminState, Api, ReloadError};
+use super::{AdminState, Api};
 use crate::call::HangupCause;
-use crate::daemon::{CallCommand, lock};
+use crate::control::{CommandError, LiveCall, ReloadError};
 use crate::store::db::{
     AuditAction, AuditEntry, AuditFilter, CallFilter, DbError, ObjectKind, RecordingRecord,
     RecordingState, UnixMs, unix_ms,
@@ -99,7 +99,7 @@ pub(crate) enum ApiError {
     #[error("{0}")]
     Conflict(String),
     /// A reload that did not happen.
-    #[error(transparent)]
+    #[error("{}", reload_refusal(.0))]
     Reload(#[from] ReloadError),
     /// The daemon runs without a store.
     #[error("no store is open")]
@@ -127,10 +127,10 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Gone => StatusCode::GONE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Conflict(_) | ApiError::Reload(ReloadError::Unavailable(_)) => {
-                StatusCode::CONFLICT
-            }
-            ApiError::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Reload(ReloadError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            // Draining, a change that needs a restart, a prompt or listener
+            // that could not be set up: not done, the running one stays.
+            ApiError::Conflict(_) | ApiError::Reload(_) => StatusCode::CONFLICT,
             ApiError::NoStore => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Ops(e) => match e {
                 OpsError::UnknownRecording(_)
@@ -147,6 +147,16 @@ impl ApiError {
             },
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+}
+
+/// What the client reads of a refused reload: invalid files in one line (the
+/// diagnostics follow in their own field), any other refusal as the daemon
+/// words it.
+fn reload_refusal(e: &ReloadError) -> String {
+    match e {
+        ReloadError::Invalid(_) => "configuration invalid; the running configuration stays".into(),
+        other => other.to_string(),
     }
 }
 
@@ -210,7 +220,9 @@ impl Api {
         let data = Arc::clone(self.data.as_ref().ok_or(ApiError::NoStore)?);
         let settings = self.settings();
         tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&data);
+            let mut conn = data
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             // After a reload, the connection learns the new caller-id policies.
             if !conn
                 .policies_of
@@ -297,7 +309,7 @@ struct LiveCallJson {
     state: &'static str,
 }
 
-fn live_json(api: &Api, c: &crate::daemon::LiveCall) -> LiveCallJson {
+fn live_json(api: &Api, c: &LiveCall) -> LiveCallJson {
     use std::sync::atomic::Ordering;
     let answered = c.answered_at.load(Ordering::Relaxed);
     let state = if answered > 0 { "answered" } else { "ringing" };
@@ -317,22 +329,6 @@ fn live_json(api: &Api, c: &crate::daemon::LiveCall) -> LiveCallJson {
     }
 }
 
-/// Whether the call has ended (its task may linger to absorb retransmissions:
-/// it is no longer an active call, its CDR is written).
-fn has_ended(c: &crate::daemon::LiveCall) -> bool {
-    c.ended.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-fn live_calls(state: &AdminState, tenant: Option<&str>) -> Vec<Arc<crate::daemon::LiveCall>> {
-    let mut calls: Vec<_> = lock(&state.shared.calls)
-        .values()
-        .filter(|e| tenant.is_none_or(|t| e.info.tenant == t) && !has_ended(&e.info))
-        .map(|e| Arc::clone(&e.info))
-        .collect();
-    calls.sort_by(|a, b| (a.started_at, &a.call_id).cmp(&(b.started_at, &b.call_id)));
-    calls
-}
-
 async fn list_calls(
     State(state): State<AdminState>,
     principal: Principal,
@@ -340,24 +336,26 @@ async fn list_calls(
 ) -> ApiResult<axum::Json<Value>> {
     let q = query(q)?;
     let tenant = scope(&principal, q.tenant.as_deref())?;
-    let calls: Vec<LiveCallJson> = live_calls(&state, tenant.as_deref())
+    // An ended call's task may linger to absorb retransmissions: it is no
+    // longer an active call (its CDR is written), so `Control` leaves it out.
+    let calls: Vec<LiveCallJson> = (state.control.live_calls(tenant.as_deref()))
         .iter()
         .map(|c| live_json(&state.api, c))
         .collect();
     Ok(axum::Json(json!({ "calls": calls })))
 }
 
+/// The live call `call_id` if `principal` sees its tenant.
 fn visible_call(
     state: &AdminState,
     principal: &Principal,
     call_id: &str,
-) -> ApiResult<(Arc<crate::daemon::LiveCall>, mpsc::Sender<CallCommand>)> {
-    let calls = lock(&state.shared.calls);
-    let entry = calls.get(call_id).ok_or(ApiError::NotFound)?;
-    if !principal.sees(&entry.info.tenant) || has_ended(&entry.info) {
-        return Err(ApiError::NotFound);
-    }
-    Ok((Arc::clone(&entry.info), entry.tx.clone()))
+) -> ApiResult<Arc<LiveCall>> {
+    state
+        .control
+        .live_call(call_id)
+        .filter(|c| principal.sees(&c.tenant))
+        .ok_or(ApiError::NotFound)
 }
 
 async fn call_detail(
@@ -365,7 +363,7 @@ async fn call_detail(
     principal: Principal,
     Path(call_id): Path<String>,
 ) -> ApiResult<axum::Json<LiveCallJson>> {
-    let (info, _) = visible_call(&state, &principal, &call_id)?;
+    let info = visible_call(&state, &principal, &call_id)?;
     Ok(axum::Json(live_json(&state.api, &info)))
 }
 
@@ -376,8 +374,8 @@ async fn hang_up(
     principal: Principal,
     Path(call_id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
-    let (info, tx) = visible_call(&state, &principal, &call_id)?;
-    match tx.try_send(CallCommand::HangUp(HangupCause::Local)) {
+    let info = visible_call(&state, &principal, &call_id)?;
+    match state.control.hang_up(&call_id, HangupCause::Local) {
         Ok(()) => {
             info!(%call_id, actor = %principal.actor(), "hang-up requested through the admin API");
             let actor = principal.actor();
@@ -403,10 +401,8 @@ async fn hang_up(
                 axum::Json(json!({ "call_id": call_id, "hangup": "requested" })),
             ))
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => Err(ApiError::NotFound),
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            Err(ApiError::Conflict("the call is busy; try again".into()))
-        }
+        Err(CommandError::Gone) => Err(ApiError::NotFound),
+        Err(CommandError::Busy) => Err(ApiError::Conflict("the call is busy; try again".into())),
     }
 }
 
@@ -433,7 +429,7 @@ fn parse_cdr_cursor(c: &str) -> ApiResult<(UnixMs, String)> {
     Ok((at.parse().map_err(|_| bad())?, id.to_owned()))
 }
 
-fn cdr_json(ds: &DataStore, c: &crate::store::db::CallRecord) -> ApiResult<ExportedCall> {
+fn cdr_json(ds: &DataStore, c: &crate::store::db::StoredCdr) -> ApiResult<ExportedCall> {
     let recordings = ds
         .store
         .recordings_of_call(&c.tenant, &c.call_id)?
@@ -1055,11 +1051,11 @@ async fn reload(
     principal: Principal,
 ) -> ApiResult<axum::Json<Value>> {
     admin_only(&principal)?;
-    let outcome = (state.api.reload)().await;
+    let outcome = Arc::clone(&state.control).reload().await;
     let reason = match &outcome {
         Ok(_) => "reloaded".to_owned(),
         Err(ReloadError::Invalid(d)) => format!("rejected: {} diagnostic(s)", d.len()),
-        Err(ReloadError::Unavailable(why)) => format!("not done: {why}"),
+        Err(why) => format!("not done: {why}"),
     };
     info!(actor = %principal.actor(), outcome = %reason, "reload requested through the admin API");
     let actor = principal.actor();
@@ -1078,7 +1074,10 @@ async fn reload(
             Ok(())
         })
         .await?;
-    Ok(axum::Json(outcome?))
+    // The summary as JSON, returned to the client as is.
+    Ok(axum::Json(
+        serde_json::to_value(outcome?).unwrap_or_default(),
+    ))
 }
 
 // ---- audit log -------------------------------------------------------------------
@@ -1239,11 +1238,20 @@ mod tests {
         assert_eq!(s(ApiError::Link(LinkError::Expired)), 403);
         assert_eq!(s(ApiError::Link(LinkError::Tampered)), 403);
         assert_eq!(s(ApiError::AdminOnly), 403);
+        assert_eq!(s(ApiError::Reload(ReloadError::Draining)), 409);
         assert_eq!(
-            s(ApiError::Reload(ReloadError::Unavailable("x".into()))),
+            s(ApiError::Reload(ReloadError::NeedsRestart("x".into()))),
             409
         );
         assert_eq!(s(ApiError::Reload(ReloadError::Invalid(vec![]))), 422);
+        assert_eq!(
+            ApiError::Reload(ReloadError::Invalid(vec!["a".into()])).to_string(),
+            "configuration invalid; the running configuration stays"
+        );
+        assert_eq!(
+            ApiError::Reload(ReloadError::Draining).to_string(),
+            "the daemon is draining; reload refused"
+        );
         assert_eq!(
             s(ApiError::from(DbError::TenantMismatch {
                 tenant: "a".into(),

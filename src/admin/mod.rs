@@ -6,9 +6,10 @@
 //!
 //! Owns: the admin listener (`[profile.admin] listen`, 127.0.0.1 in every
 //! shipped profile), its axum router, bearer-token checks (`auth`), link
-//! signing (`links`) and the handlers (`api`). Must not hold protocol state:
-//! it reads the daemon's [`Shared`] and asks call tasks to act through their
-//! mailboxes, like the SIP listeners do. Stored data is read and changed only
+//! signing (`links`) and the handlers (`api`). Must not hold protocol state
+//! nor import the daemon: it sees live calls, the configuration in force and
+//! the reload through [`Control`] (which the daemon implements and hands to
+//! [`start`]), and asks calls to act through it. Stored data is read and changed only
 //! through `store::ops` and `store::db` on the API's own SQLite connection
 //! (WAL: the daemon's store thread keeps writing meanwhile). Tokens and
 //! policies are derived from the switchboard's configuration each time it
@@ -20,7 +21,7 @@ mod links;
 mod twilio_rest;
 
 use crate::config::Config;
-use crate::daemon::Shared;
+use crate::control::Control;
 use crate::store::db::CallerIdPolicy;
 use crate::store::ops::DataStore;
 use crate::store::retention::RetentionPolicy;
@@ -28,50 +29,29 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use futures_util::future::BoxFuture;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 
-/// Why a reload did not happen.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub(crate) enum ReloadError {
-    /// The new configuration is invalid; the running one stays. One line per
-    /// diagnostic.
-    #[error("configuration invalid; the running configuration stays")]
-    Invalid(Vec<String>),
-    /// This daemon cannot reload (yet), or one is already running.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// What `POST /v1/reload` runs: the daemon's reload, whatever it is. The
-/// JSON value on success is returned to the client as is.
-pub(crate) type ReloadFn =
-    Arc<dyn Fn() -> BoxFuture<'static, Result<serde_json::Value, ReloadError>> + Send + Sync>;
-
 /// What every handler gets.
 #[derive(Clone)]
 pub(crate) struct AdminState {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) control: Arc<dyn Control>,
     pub(crate) api: Arc<Api>,
 }
 
-/// The configuration in force (the switchboard's: a reload that swaps it
-/// moves the API's tokens and policies with it, with no further wiring).
-pub(crate) type ConfigSource = Box<dyn Fn() -> Arc<Config> + Send + Sync>;
-
 /// The `/v1` API's own state.
 pub(crate) struct Api {
-    current: ConfigSource,
+    /// The daemon; its configuration in force (`Control::config`: a reload
+    /// that swaps it moves the API's tokens and policies with it, with no
+    /// further wiring).
+    control: Arc<dyn Control>,
     /// Settings derived from the configuration they were derived from.
     settings: RwLock<Option<(Arc<Config>, Arc<ApiSettings>)>>,
     /// The API's connection to the store (`None`: the daemon has no store).
     data: Option<Arc<Mutex<StoreConn>>>,
     links: links::LinkSigner,
-    reload: ReloadFn,
     master_key: zeroize::Zeroizing<Vec<u8>>,
 }
 
@@ -144,17 +124,16 @@ fn caller_policies(config: &Config, master_key: &[u8]) -> HashMap<String, Caller
 }
 
 impl Api {
-    /// The API reading the configuration in force from `current`, signing
+    /// The API reading the configuration in force from `control`, signing
     /// links under a key derived from `master_key`, on the store connection
-    /// `data`, reloading with `reload`.
+    /// `data`.
     pub(crate) fn new(
-        current: ConfigSource,
+        control: Arc<dyn Control>,
         master_key: &[u8],
         data: Option<DataStore>,
-        reload: ReloadFn,
     ) -> Api {
         Api {
-            current,
+            control,
             settings: RwLock::new(None),
             data: data.map(|ds| {
                 Arc::new(Mutex::new(StoreConn {
@@ -163,7 +142,6 @@ impl Api {
                 }))
             }),
             links: links::LinkSigner::from_master(master_key),
-            reload,
             master_key: zeroize::Zeroizing::new(master_key.to_vec()),
         }
     }
@@ -171,7 +149,7 @@ impl Api {
     /// The settings of the configuration in force, derived again only when
     /// it changed.
     fn settings(&self) -> Arc<ApiSettings> {
-        let config = (self.current)();
+        let config = self.control.config();
         if let Some((of, s)) = &*self
             .settings
             .read()
@@ -208,26 +186,21 @@ pub fn new_token(rng: &mut impl rand::CryptoRng) -> (String, String) {
 /// the database exists) and serves the admin router on `listen`.
 pub(crate) async fn start(
     config: &Config,
-    shared: Arc<Shared>,
+    control: Arc<dyn Control>,
     listen: SocketAddr,
     master_key: Option<&[u8]>,
-    reload: ReloadFn,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context;
-    let data = match (config.profiles.first(), master_key, &shared.records) {
-        (Some(profile), Some(key), Some(_)) => Some(
+    let data = match (config.profiles.first(), master_key, control.has_store()) {
+        (Some(profile), Some(key), true) => Some(
             DataStore::open(&profile.var_dir, key, caller_policies(config, key))
                 .context("opening the admin API's store connection")?,
         ),
         _ => None,
     };
-    let current: ConfigSource = {
-        let shared = Arc::clone(&shared);
-        Box::new(move || Arc::clone(crate::daemon::lock(&shared.switchboard).config()))
-    };
-    let api = Api::new(current, master_key.unwrap_or_default(), data, reload);
+    let api = Api::new(Arc::clone(&control), master_key.unwrap_or_default(), data);
     let router = router(AdminState {
-        shared,
+        control,
         api: Arc::new(api),
     });
     spawn(listen, router)
@@ -262,7 +235,7 @@ async fn healthz() -> &'static str {
 /// Readiness: listeners bound and the store open (the listener is only
 /// started then), and not draining — a draining daemon refuses new calls.
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.shared.is_draining() {
+    if state.control.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else {
         (StatusCode::OK, "ready\n")
@@ -326,6 +299,42 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
+    /// A daemon with no calls whose configuration a test swaps.
+    struct FakeControl(Mutex<Arc<Config>>);
+
+    impl Control for FakeControl {
+        fn config(&self) -> Arc<Config> {
+            Arc::clone(&self.0.lock().unwrap())
+        }
+        fn is_draining(&self) -> bool {
+            false
+        }
+        fn has_store(&self) -> bool {
+            false
+        }
+        fn live_calls(&self, _: Option<&str>) -> Vec<Arc<crate::control::LiveCall>> {
+            Vec::new()
+        }
+        fn live_call(&self, _: &str) -> Option<Arc<crate::control::LiveCall>> {
+            None
+        }
+        fn hang_up(
+            &self,
+            _: &str,
+            _: crate::call::HangupCause,
+        ) -> Result<(), crate::control::CommandError> {
+            Err(crate::control::CommandError::Gone)
+        }
+        fn reload(
+            self: Arc<Self>,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            Result<crate::control::ReloadSummary, crate::control::ReloadError>,
+        > {
+            Box::pin(async { Err(crate::control::ReloadError::Draining) })
+        }
+    }
+
     /// A configuration whose tenant `acme` accepts `token`.
     fn config_with(dir: &std::path::Path, token: &str) -> Arc<Config> {
         let path = dir.join(format!("{token}.toml"));
@@ -347,17 +356,8 @@ mod tests {
     fn tokens_follow_the_configuration_in_force() {
         let dir = tempfile::tempdir().unwrap();
         let first = config_with(dir.path(), "token-one");
-        let current = Arc::new(Mutex::new(Arc::clone(&first)));
-        let source: ConfigSource = {
-            let current = Arc::clone(&current);
-            Box::new(move || Arc::clone(&current.lock().unwrap()))
-        };
-        let api = Api::new(
-            source,
-            &[3u8; 32],
-            None,
-            Arc::new(|| Box::pin(async { Err(ReloadError::Unavailable("test".into())) })),
-        );
+        let control = Arc::new(FakeControl(Mutex::new(Arc::clone(&first))));
+        let api = Api::new(Arc::clone(&control) as Arc<dyn Control>, &[3u8; 32], None);
         let check = |t: &str| {
             api.settings()
                 .tokens
@@ -371,7 +371,7 @@ mod tests {
             "derived once per configuration"
         );
         // A reload swaps the configuration: the old token stops working.
-        *current.lock().unwrap() = config_with(dir.path(), "token-two");
+        *control.0.lock().unwrap() = config_with(dir.path(), "token-two");
         assert_eq!(check("token-one"), Err(auth::AuthError::Unknown));
         assert_eq!(check("token-two"), acme);
         assert!(!Arc::ptr_eq(&cached, &api.settings()));

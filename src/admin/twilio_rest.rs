@@ -18,12 +18,12 @@
 //! caller's number in the tenant's stored form (its keyed hash when numbers are hashed).
 //!
 //! Written here rather than taken from a crate: no crate serves Twilio's API; this is a
-//! few handlers over the admin listener's own call table.
+//! few handlers over the daemon's live calls as `Control` shows them.
 
 use super::AdminState;
 use super::auth::token_hash;
 use crate::call::HangupCause;
-use crate::daemon::{CallCommand, LiveCall, lock};
+use crate::control::{CommandError, LiveCall};
 use crate::store::db::{AuditAction, AuditEntry, ObjectKind, UnixMs, unix_ms};
 use axum::Router;
 use axum::extract::{Form, Path, State};
@@ -35,7 +35,6 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use subtle::ConstantTimeEq as _;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 /// The API version Twilio's paths carry.
@@ -141,20 +140,18 @@ fn call_sid(rest: &str) -> Option<&str> {
     rest.strip_suffix(".json").filter(|s| !s.is_empty())
 }
 
-/// The live call `sid` of `account`'s tenant and its mailbox, or Twilio's 404.
+/// The live call `sid` of `account`'s tenant, or Twilio's 404.
 fn visible(
     state: &AdminState,
     account: &Account,
     sid: &str,
     path: &str,
-) -> Result<(Arc<LiveCall>, mpsc::Sender<CallCommand>), RestError> {
-    let calls = lock(&state.shared.calls);
-    match calls.get(sid) {
-        Some(e) if e.info.tenant == account.tenant && !e.info.ended.load(Ordering::Relaxed) => {
-            Ok((Arc::clone(&e.info), e.tx.clone()))
-        }
-        _ => Err(RestError::NotFound(path.to_owned())),
-    }
+) -> Result<Arc<LiveCall>, RestError> {
+    state
+        .control
+        .live_call(sid)
+        .filter(|c| c.tenant == account.tenant)
+        .ok_or_else(|| RestError::NotFound(path.to_owned()))
 }
 
 /// The resource path of a call, as Twilio writes it in `uri`.
@@ -217,7 +214,7 @@ async fn fetch_call(
     })?;
     let path = resource_path(&account_sid, &rest);
     let sid = call_sid(&rest).ok_or_else(|| RestError::NotFound(path.clone()))?;
-    let (info, _) = visible(&state, &account, sid, &path)?;
+    let info = visible(&state, &account, sid, &path)?;
     Ok(axum::Json(call_json(
         &state,
         &account,
@@ -250,7 +247,7 @@ async fn update_call(
             }
         }
     }
-    let (info, tx) = visible(&state, &account, sid, &path)?;
+    let info = visible(&state, &account, sid, &path)?;
     let answered = info.answered_at.load(Ordering::Relaxed) > 0;
     let ends = match status {
         Some("completed") => true,
@@ -273,10 +270,10 @@ async fn update_call(
             live_status(&info),
         )));
     }
-    match tx.try_send(CallCommand::HangUp(HangupCause::AgentHangup)) {
+    match state.control.hang_up(sid, HangupCause::AgentHangup) {
         Ok(()) => {}
-        Err(mpsc::error::TrySendError::Closed(_)) => return Err(RestError::NotFound(path)),
-        Err(mpsc::error::TrySendError::Full(_)) => return Err(RestError::Busy),
+        Err(CommandError::Gone) => return Err(RestError::NotFound(path)),
+        Err(CommandError::Busy) => return Err(RestError::Busy),
     }
     let actor = format!("twilio-api:tenant:{}", account.tenant);
     info!(call_id = %info.call_id, %actor, "hang-up requested through the Twilio REST API");

@@ -423,7 +423,7 @@ impl Call {
             // RFC 3960 early media: the same SDP answer in the 183 and the 200.
             let mut progress = call.ok_with_sdp(&call.invite, body);
             progress.status = 183;
-            progress.reason = "Session Progress".to_owned();
+            progress.reason = crate::sip::error::reason_phrase(183).to_owned();
             let _ = call.invite_txn.send_provisional(now, progress.encode());
             call.drain_invite_txn();
             call.out

@@ -2,8 +2,8 @@
 //! notifications, configuration reload and the SIGTERM drain.
 //!
 //! Owns the main loop [`serve`] that runs once the listeners are bound and
-//! the store is open, [`reload`] (SIGHUP; the admin API calls the same
-//! function), and the shutdown sequence. Must not touch call state: it talks
+//! the store is open, [`reload`] (SIGHUP; the admin API reaches the same
+//! function through `control::Control`), and the shutdown sequence. Must not touch call state: it talks
 //! to calls only through their mailboxes (`CallCommand::HangUp`) and to the
 //! switchboard through `reconfigure`/`start_draining`.
 //!
@@ -27,10 +27,10 @@
 use super::transport::{self, Listener};
 use super::{CallCommand, Shared, lock};
 use crate::call::{HangupCause, TransportKind};
+use crate::control::{ReloadError, ReloadSummary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use sd_notify::NotifyState;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -335,68 +335,6 @@ async fn wait_until(deadline: Instant, done: impl Fn() -> bool) {
     }
 }
 
-/// What a reload changed (serialisable for the admin API's answer).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub(crate) struct ReloadSummary {
-    pub(crate) trunks: usize,
-    pub(crate) tenants: usize,
-    pub(crate) routes: usize,
-    /// Listeners opened, as `udp 127.0.0.1:5062`.
-    pub(crate) listeners_added: Vec<String>,
-    /// Listeners closed.
-    pub(crate) listeners_removed: Vec<String>,
-    /// Listeners kept as they were (their sockets were not touched).
-    pub(crate) listeners_kept: usize,
-}
-
-impl fmt::Display for ReloadSummary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |v: &[String]| {
-            if v.is_empty() {
-                "none".to_owned()
-            } else {
-                v.join(", ")
-            }
-        };
-        write!(
-            f,
-            "{} trunks, {} tenants, {} routes; listeners added: {}; removed: {}; kept: {}",
-            self.trunks,
-            self.tenants,
-            self.routes,
-            list(&self.listeners_added),
-            list(&self.listeners_removed),
-            self.listeners_kept
-        )
-    }
-}
-
-/// Why a reload was rejected. Whatever the reason, nothing changed: the
-/// running configuration stays as it was.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub(crate) enum ReloadError {
-    /// SIGTERM came first: the daemon no longer takes configuration.
-    #[error("the daemon is draining; reload refused")]
-    Draining,
-    /// The files do not validate (`sipbridge check` lists the same problems).
-    #[error("configuration invalid ({} error(s)): {}", .0.len(), .0.join("; "))]
-    Invalid(Vec<String>),
-    /// A change only a restart can make.
-    #[error("{0}: restart the daemon to change it")]
-    NeedsRestart(String),
-    /// A disclosure prompt could not be loaded.
-    #[error("loading prompts: {0}")]
-    Prompt(String),
-    /// A new listen address could not be bound.
-    #[error("binding a new listener: {0}")]
-    Bind(String),
-    /// The blocking loader task failed.
-    #[error("reading the configuration: {0}")]
-    Load(String),
-}
-
 /// Re-reads the configuration `run` was started with and, if the whole of it
 /// is valid, applies it: calls admitted from now on use the new trunks,
 /// tenants, routes, pipelines and prompts; live calls keep the settings they
@@ -567,31 +505,6 @@ mod tests {
         assert_eq!(status_text(0, false), "serving: 0 active calls");
         assert_eq!(status_text(1, false), "serving: 1 active call");
         assert_eq!(status_text(3, true), "draining: 3 active calls");
-    }
-
-    #[test]
-    fn summary_lists_listener_changes() {
-        let s = ReloadSummary {
-            trunks: 1,
-            tenants: 2,
-            routes: 3,
-            listeners_added: vec!["udp 127.0.0.1:5062".to_owned()],
-            listeners_removed: vec![],
-            listeners_kept: 2,
-        };
-        assert_eq!(
-            s.to_string(),
-            "1 trunks, 2 tenants, 3 routes; listeners added: udp 127.0.0.1:5062; removed: none; kept: 2"
-        );
-    }
-
-    #[test]
-    fn invalid_reload_error_carries_every_diagnostic() {
-        let e = ReloadError::Invalid(vec!["a.toml:1:1: x".to_owned(), "a.toml:2:1: y".to_owned()]);
-        assert_eq!(
-            e.to_string(),
-            "configuration invalid (2 error(s)): a.toml:1:1: x; a.toml:2:1: y"
-        );
     }
 
     #[test]

@@ -8,7 +8,6 @@
 
 mod lifecycle;
 mod records;
-mod tls;
 mod transport;
 
 use crate::call::bridged::{
@@ -17,9 +16,11 @@ use crate::call::bridged::{
 };
 use crate::call::supervisor::FailureAction;
 use crate::call::{Call, CallRecord, Dispatch, HangupCause, Switchboard};
+use crate::control::{CommandError, Control, LiveCall, ReloadError, ReloadSummary};
 use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
 use crate::sip::message::Message;
 use anyhow::Context;
+use futures_util::future::BoxFuture;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::collections::HashMap;
@@ -48,22 +49,6 @@ const CALL_QUEUE: usize = 64;
 pub(crate) struct CallEntry {
     pub(crate) tx: mpsc::Sender<CallCommand>,
     pub(crate) info: Arc<LiveCall>,
-}
-
-/// What is known about a live call outside its task.
-#[derive(Debug)]
-pub(crate) struct LiveCall {
-    pub(crate) call_id: String,
-    pub(crate) tenant: String,
-    pub(crate) trunk: String,
-    /// Caller number as received (the admin API applies the tenant's policy).
-    pub(crate) from: String,
-    pub(crate) to: String,
-    pub(crate) started_at: crate::store::db::UnixMs,
-    /// Unix ms of the answer; 0 until answered.
-    pub(crate) answered_at: std::sync::atomic::AtomicI64,
-    /// Set once the call has ended (its task may still be finishing).
-    pub(crate) ended: std::sync::atomic::AtomicBool,
 }
 
 /// State shared by listener tasks and call tasks.
@@ -838,21 +823,55 @@ fn ensure_master_key(config: &crate::config::Config, rng: &mut StdRng) -> anyhow
     Ok(())
 }
 
-/// The admin API's reload: the SIGHUP path ([`lifecycle::reload`]), its
-/// summary as JSON; invalid files answer with their diagnostics, any other
-/// refusal (draining, a change that needs a restart) as unavailable.
-fn admin_reload(shared: Arc<Shared>) -> crate::admin::ReloadFn {
-    use crate::admin::ReloadError as AdminError;
-    Arc::new(move || {
-        let shared = Arc::clone(&shared);
-        Box::pin(async move {
-            match lifecycle::reload(&shared).await {
-                Ok(summary) => Ok(serde_json::to_value(&summary).unwrap_or_default()),
-                Err(lifecycle::ReloadError::Invalid(lines)) => Err(AdminError::Invalid(lines)),
-                Err(e) => Err(AdminError::Unavailable(e.to_string())),
-            }
-        })
-    })
+/// What the admin API may ask of the daemon (`control`): views of the call
+/// table and the switchboard, hang-ups through the calls' mailboxes, and the
+/// SIGHUP reload ([`lifecycle::reload`]).
+impl Control for Shared {
+    fn config(&self) -> Arc<crate::config::Config> {
+        Arc::clone(lock(&self.switchboard).config())
+    }
+
+    fn is_draining(&self) -> bool {
+        Shared::is_draining(self)
+    }
+
+    fn has_store(&self) -> bool {
+        self.records.is_some()
+    }
+
+    fn live_calls(&self, tenant: Option<&str>) -> Vec<Arc<LiveCall>> {
+        let ended = |c: &LiveCall| c.ended.load(std::sync::atomic::Ordering::Relaxed);
+        let mut calls: Vec<_> = lock(&self.calls)
+            .values()
+            .filter(|e| tenant.is_none_or(|t| e.info.tenant == t) && !ended(&e.info))
+            .map(|e| Arc::clone(&e.info))
+            .collect();
+        calls.sort_by(|a, b| (a.started_at, &a.call_id).cmp(&(b.started_at, &b.call_id)));
+        calls
+    }
+
+    fn live_call(&self, call_id: &str) -> Option<Arc<LiveCall>> {
+        lock(&self.calls)
+            .get(call_id)
+            .filter(|e| !e.info.ended.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|e| Arc::clone(&e.info))
+    }
+
+    fn hang_up(&self, call_id: &str, cause: HangupCause) -> Result<(), CommandError> {
+        let tx = lock(&self.calls)
+            .get(call_id)
+            .map(|e| e.tx.clone())
+            .ok_or(CommandError::Gone)?;
+        tx.try_send(CallCommand::HangUp(cause))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Closed(_) => CommandError::Gone,
+                mpsc::error::TrySendError::Full(_) => CommandError::Busy,
+            })
+    }
+
+    fn reload(self: Arc<Self>) -> BoxFuture<'static, Result<ReloadSummary, ReloadError>> {
+        Box::pin(async move { lifecycle::reload(&self).await })
+    }
 }
 
 /// Runs the daemon on the configuration read from `config_path` until it is
@@ -868,9 +887,19 @@ pub async fn run(
     }
     let signals = lifecycle::Signals::install()?;
     let mut os_rng = StdRng::from_os_rng();
-    let (mut shared, bound) = transport::bind_all(&config, &config_path, &mut os_rng)
+    let bound = transport::bind_all(&config, &mut os_rng)
         .await
         .context("binding listeners")?;
+    let mut shared = Shared {
+        switchboard: Mutex::new(bound.switchboard),
+        calls: Mutex::new(HashMap::new()),
+        transports: bound.transports,
+        records: None,
+        rtp_bind: Mutex::new(bound.rtp_bind),
+        life: lifecycle::Life::new(&config_path),
+        fallback_prompts: Mutex::new(HashMap::new()),
+    };
+    let bound = bound.listeners;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
     *lock(&shared.fallback_prompts) = load_fallback_prompts(&config)?;
     ensure_master_key(&config, &mut os_rng)?;
@@ -892,15 +921,15 @@ pub async fn run(
         .collect();
     let admin = match config.profiles.first().and_then(|p| p.admin.as_ref()) {
         Some(a) => {
+            // The admin API sees the daemon through `Control` only; its
             // `POST /v1/reload` runs the same reload as SIGHUP.
-            let reload = admin_reload(Arc::clone(&shared));
+            let control: Arc<dyn Control> = Arc::clone(&shared) as Arc<dyn Control>;
             Some(
                 crate::admin::start(
                     &config,
-                    Arc::clone(&shared),
+                    control,
                     a.listen,
                     master_key.as_deref().map(Vec::as_slice),
-                    reload,
                 )
                 .await?,
             )

@@ -4,7 +4,10 @@
 //! UDP: a response goes out of the socket the request came in on (flow =
 //! listener index). TCP: each accepted connection is a flow; responses and
 //! in-dialog requests reuse it; if it has closed, a new connection is opened
-//! to the peer address (RFC 3261 §18.2.2).
+//! to the peer address (RFC 3261 §18.2.2). TLS (`tls`, a part of this
+//! module) shares the TCP path's framing and flow table.
+
+mod tls;
 
 use super::{Shared, lock};
 use crate::call::{Peer, Transmit, TransportKind};
@@ -39,7 +42,7 @@ pub struct Transports {
     pub(super) tcp: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
     pub(super) next_flow: AtomicU64,
     /// Certificates and client authentication of SIP over TLS.
-    pub(crate) tls: super::tls::TlsState,
+    pub(crate) tls: tls::TlsState,
 }
 
 impl Transports {
@@ -48,7 +51,7 @@ impl Transports {
             udp: RwLock::new(Vec::new()),
             tcp: Mutex::new(HashMap::new()),
             next_flow: AtomicU64::new(FIRST_TCP_FLOW),
-            tls: super::tls::TlsState::new(),
+            tls: tls::TlsState::new(),
         }
     }
 
@@ -85,7 +88,7 @@ impl Transports {
                 let tx = lock(&self.tcp).get(&t.dest.flow).cloned();
                 match tx {
                     Some(tx) if tx.try_send(t.bytes.clone()).is_ok() => {}
-                    _ => super::tls::connect_and_send(&self.tls, t.dest.addr, t.bytes),
+                    _ => tls::connect_and_send(&self.tls, t.dest.addr, t.bytes),
                 }
             }
         }
@@ -249,12 +252,13 @@ pub(crate) fn settings_for<'a>(
     (settings, rtp_bind)
 }
 
-/// Binds every listener of the profile and builds the shared state.
+/// Binds every listener of the profile and sets up what the shared state is
+/// built from: the switchboard for those listeners, the address RTP sockets
+/// bind to, and the sending side (its TLS configured).
 pub(crate) async fn bind_all(
     config: &Arc<crate::config::Config>,
-    config_path: &std::path::Path,
     rng: &mut StdRng,
-) -> anyhow::Result<(Shared, Vec<Bound>)> {
+) -> anyhow::Result<BoundAll> {
     let profile = match config.profiles.as_slice() {
         [profile] => profile,
         [] => anyhow::bail!("no profile to run"),
@@ -272,17 +276,24 @@ pub(crate) async fn bind_all(
         crate::call::PortAllocator::new(start, end),
         rng,
     );
-    let shared = Shared {
-        switchboard: Mutex::new(switchboard),
-        calls: Mutex::new(HashMap::new()),
-        transports: Transports::new(),
-        records: None,
-        rtp_bind: Mutex::new(rtp_bind),
-        life: super::lifecycle::Life::new(config_path),
-        fallback_prompts: Mutex::new(HashMap::new()),
-    };
-    shared.transports.tls.configure(profile, &config.trunks)?;
-    Ok((shared, bound))
+    let transports = Transports::new();
+    transports.tls.configure(profile, &config.trunks)?;
+    Ok(BoundAll {
+        switchboard,
+        rtp_bind,
+        transports,
+        listeners: bound,
+    })
+}
+
+/// What [`bind_all`] set up.
+pub(crate) struct BoundAll {
+    pub(crate) switchboard: crate::call::Switchboard,
+    /// Where RTP sockets bind: the first listener's IP.
+    pub(crate) rtp_bind: std::net::IpAddr,
+    pub(crate) transports: Transports,
+    /// The bound listeners, not started yet ([`start`]).
+    pub(crate) listeners: Vec<Bound>,
 }
 
 /// Starts the task of a bound listener.
@@ -311,7 +322,7 @@ pub(crate) fn start(shared: &Arc<Shared>, bound: Bound, rng: &mut StdRng) -> Lis
             shared.transports.tls.attach(shared);
             (
                 None,
-                tokio::spawn(super::tls::accept_loop(Arc::clone(shared), l, rng)),
+                tokio::spawn(tls::accept_loop(Arc::clone(shared), l, rng)),
             )
         }
     };

@@ -33,6 +33,8 @@ use md5::Md5;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::error::SipError;
+
 /// Longest credentials header value we parse.
 pub const MAX_AUTHORIZATION_LEN: usize = 4096;
 
@@ -168,14 +170,22 @@ pub enum DigestError {
     UnsupportedQop,
 }
 
+impl From<&DigestError> for SipError {
+    /// Unparsable credentials are a malformed request; any other refusal asks
+    /// for credentials again.
+    fn from(e: &DigestError) -> SipError {
+        match e {
+            DigestError::Malformed => SipError::Malformed(e.to_string()),
+            _ => SipError::Unauthorized,
+        }
+    }
+}
+
 impl DigestError {
     /// 400 for unparsable credentials; otherwise 401, meaning "challenge
     /// again" (407 when the caller challenges with `Proxy-Authenticate`).
     pub fn status(&self) -> u16 {
-        match self {
-            Self::Malformed => 400,
-            _ => 401,
-        }
+        SipError::from(self).code()
     }
 
     /// Whether the new challenge carries `stale=true`.

@@ -1,10 +1,13 @@
 //! The one table that maps SIP-level failures to wire responses (status code, reason
 //! phrase, and the extra headers RFC 3261 requires with them).
 //!
-//! Owns: [`SipError`] and its status table. It does not build messages (see
-//! `message::error_response` and `Response::for_error`) and never looks at sockets.
-
-use super::message::ParseError;
+//! Owns: [`SipError`], its status table ([`SipError::code`]) and the reason phrases
+//! of every status code ([`reason_phrase`]): the only place in the crate that maps
+//! SIP failures to status codes and codes to phrases. The other layers' errors
+//! (`message::ParseError`, `sdp::SdpError`, `digest::DigestError`) convert into
+//! [`SipError`] beside their own definitions, so this module imports none of them.
+//! It does not build messages (see `message::error_response` and
+//! `Response::for_error`) and never looks at sockets.
 
 /// Methods a UAS on this daemon answers; sent in `Allow` with 405/501.
 pub const ALLOWED_METHODS: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE";
@@ -60,6 +63,10 @@ pub enum SipError {
         /// Our minimum, sent back in `Min-SE`.
         min_se: u32,
     },
+    /// Credentials missing, stale or wrong: challenge again (401, or 407 when
+    /// the challenge goes in `Proxy-Authenticate`; the caller builds it).
+    #[error("unauthorized")]
+    Unauthorized,
     /// Callee busy / per-tenant limit reached.
     #[error("busy here")]
     BusyHere,
@@ -78,28 +85,35 @@ pub enum SipError {
 }
 
 impl SipError {
-    /// The status code and reason phrase for this error: the single table.
-    pub fn status(&self) -> (u16, &'static str) {
+    /// The status code for this error: the single table.
+    pub fn code(&self) -> u16 {
         match self {
-            SipError::Malformed(_) => (400, "Bad Request"),
-            SipError::Forbidden => (403, "Forbidden"),
-            SipError::NotFound => (404, "Not Found"),
-            SipError::MethodNotAllowed => (405, "Method Not Allowed"),
-            SipError::NotAcceptable => (406, "Not Acceptable"),
-            SipError::UnsupportedMediaType => (415, "Unsupported Media Type"),
-            SipError::UnsupportedUriScheme => (416, "Unsupported URI Scheme"),
-            SipError::BadExtension(_) => (420, "Bad Extension"),
-            SipError::IntervalTooBrief { .. } => (422, "Session Interval Too Small"),
-            SipError::CallDoesNotExist => (481, "Call/Transaction Does Not Exist"),
-            SipError::TooManyHops => (483, "Too Many Hops"),
-            SipError::BusyHere => (486, "Busy Here"),
-            SipError::NotAcceptableHere => (488, "Not Acceptable Here"),
-            SipError::ServerInternal => (500, "Server Internal Error"),
-            SipError::UnknownMethod => (501, "Not Implemented"),
-            SipError::ServiceUnavailable { .. } => (503, "Service Unavailable"),
-            SipError::VersionNotSupported => (505, "Version Not Supported"),
-            SipError::MessageTooLarge => (513, "Message Too Large"),
+            SipError::Malformed(_) => 400,
+            SipError::Unauthorized => 401,
+            SipError::Forbidden => 403,
+            SipError::NotFound => 404,
+            SipError::MethodNotAllowed => 405,
+            SipError::NotAcceptable => 406,
+            SipError::UnsupportedMediaType => 415,
+            SipError::UnsupportedUriScheme => 416,
+            SipError::BadExtension(_) => 420,
+            SipError::IntervalTooBrief { .. } => 422,
+            SipError::CallDoesNotExist => 481,
+            SipError::TooManyHops => 483,
+            SipError::BusyHere => 486,
+            SipError::NotAcceptableHere => 488,
+            SipError::ServerInternal => 500,
+            SipError::UnknownMethod => 501,
+            SipError::ServiceUnavailable { .. } => 503,
+            SipError::VersionNotSupported => 505,
+            SipError::MessageTooLarge => 513,
         }
+    }
+
+    /// The status code and its reason phrase ([`reason_phrase`]).
+    pub fn status(&self) -> (u16, &'static str) {
+        let code = self.code();
+        (code, reason_phrase(code))
     }
 
     /// Headers RFC 3261/4028 require alongside this status.
@@ -118,16 +132,6 @@ impl SipError {
                 retry_after: Some(s),
             } => vec![("Retry-After", s.to_string())],
             _ => Vec::new(),
-        }
-    }
-}
-
-impl From<ParseError> for SipError {
-    fn from(e: ParseError) -> Self {
-        match e {
-            ParseError::VersionNotSupported(_) => SipError::VersionNotSupported,
-            ParseError::TooLarge(_) => SipError::MessageTooLarge,
-            other => SipError::Malformed(other.to_string()),
         }
     }
 }
@@ -208,6 +212,8 @@ mod tests {
         assert_eq!(SipError::BadExtension(vec![]).status().0, 420);
         assert_eq!(SipError::UnsupportedMediaType.status().0, 415);
         assert_eq!(SipError::UnsupportedUriScheme.status().0, 416);
+        assert_eq!(SipError::Unauthorized.status(), (401, "Unauthorized"));
+        assert_eq!(SipError::BusyHere.status(), (486, "Busy Here"));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use bytesstr::BytesStr;
 use ezk_sdp_types::{MediaDescription, MediaType, SessionDescription, TaggedAddress};
 
+use super::error::SipError;
 use super::sdes;
 pub use super::sdes::{CryptoSuite, KeyMaterial, MAX_KEY_MATERIAL, SrtpParams};
 
@@ -266,16 +267,25 @@ pub enum SdpError {
 }
 
 impl SdpError {
-    /// The SIP response status for this error when it comes from a request's SDP.
+    /// The SIP response status for this error when it comes from a request's
+    /// SDP (the status table's code for the [`SipError`] it is).
     pub fn status(&self) -> u16 {
-        match self {
-            Self::Malformed(_) => 400,
-            Self::NoAudio
-            | Self::UnsupportedTransport(_)
-            | Self::EncryptionRequired
-            | Self::NoCommonCodec
-            | Self::UnresolvedAddress(_) => 488,
-            Self::NoPendingOffer => 500,
+        SipError::from(self).code()
+    }
+}
+
+impl From<&SdpError> for SipError {
+    /// An SDP that does not parse is a malformed request (400); one we cannot
+    /// answer is not acceptable here (488); our own misuse is internal (500).
+    fn from(e: &SdpError) -> SipError {
+        match e {
+            SdpError::Malformed(why) => SipError::Malformed(why.clone()),
+            SdpError::NoAudio
+            | SdpError::UnsupportedTransport(_)
+            | SdpError::EncryptionRequired
+            | SdpError::NoCommonCodec
+            | SdpError::UnresolvedAddress(_) => SipError::NotAcceptableHere,
+            SdpError::NoPendingOffer => SipError::ServerInternal,
         }
     }
 }

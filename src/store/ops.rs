@@ -33,8 +33,8 @@ use super::crypto::{
     sealed::MAX_CHUNK_PLAINTEXT, validate_tenant,
 };
 use super::db::{
-    AuditAction, AuditEntry, CallRecord, CallerIdPolicy, DbError, ErasedSummary, ObjectKind,
-    RecordingRecord, RecordingState, Store, UnixMs,
+    AuditAction, AuditEntry, CallerIdPolicy, DbError, ErasedSummary, ObjectKind, RecordingRecord,
+    RecordingState, Store, StoredCdr, UnixMs,
 };
 use super::recording::{RecordingError, export_wav_to, recover_wav};
 use super::retention::{
@@ -693,7 +693,7 @@ pub struct ExportedCall {
 
 impl ExportedCall {
     /// The exported form of a stored CDR, listing `recordings`.
-    pub fn new(c: &CallRecord, recordings: Vec<String>) -> Self {
+    pub fn new(c: &StoredCdr, recordings: Vec<String>) -> Self {
         let t = |v: Option<UnixMs>| v.map(format_time);
         Self {
             call_id: c.call_id.clone(),

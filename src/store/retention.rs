@@ -2,10 +2,12 @@
 //! the sweeper that deletes them.
 //!
 //! Owns the selection rule ([`expired`], a pure function of time, items and
-//! policies) and its application ([`Sweeper`]: files through an injected
-//! deleter, rows and audit through `db::Store`). Must not read the clock (time
-//! is a parameter, so tests run in virtual days) nor decide anything about
-//! keys or file formats.
+//! policies), the items it judges ([`RetentionItem`], plain data) and its
+//! application ([`Sweeper`]: files through an injected deleter, rows and
+//! audit through a [`RetentionStore`], which `db::Store` implements). Must not
+//! read the clock (time is a parameter, so tests run in virtual days), import
+//! the database (it is given items, not rows) nor decide anything about keys
+//! or file formats.
 //!
 //! Boundary rule: an item created at `t` (unix ms) with a policy of `d` days
 //! expires when `now >= t + d * 86_400_000`; one millisecond earlier it is
@@ -17,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::db::{DbError, RecordingState, Store, UnixMs};
+use super::time::UnixMs;
 
 /// One day in milliseconds.
 pub const DAY_MS: i64 = 86_400_000;
@@ -208,7 +210,29 @@ pub struct SweepReport {
     pub audit_pruned: BTreeMap<String, usize>,
 }
 
-/// Applies [`expired`] to a [`Store`]: deletes files through `deleter` first
+/// What the [`Sweeper`] needs from the store it sweeps (`db::Store` is the
+/// one): the items to judge, the files behind one, the deletion of its rows
+/// and the pruning of audit rows.
+pub trait RetentionStore {
+    /// The store's error.
+    type Error;
+    /// Everything retention may delete.
+    fn retention_items(&self) -> Result<Vec<RetentionItem>, Self::Error>;
+    /// The files behind one expired item: a recording's own file; for a CDR,
+    /// every recording file it indexes (including ones already marked
+    /// deleted, so a file left behind by an interrupted erasure goes at the
+    /// latest with its CDR); none for a transcript.
+    fn files_of(&self, item: &RetentionItem) -> Result<Vec<PathBuf>, Self::Error>;
+    /// Deletes the rows of one expired item with its audit rows; `false` if
+    /// it was already gone or is now held.
+    fn delete_expired(&mut self, expiry: &Expiry, now: UnixMs) -> Result<bool, Self::Error>;
+    /// The tenants that have audit rows.
+    fn audit_tenants(&self) -> Result<Vec<String>, Self::Error>;
+    /// Deletes `tenant`'s audit rows older than `before`; returns how many.
+    fn prune_audit(&mut self, tenant: &str, before: UnixMs) -> Result<usize, Self::Error>;
+}
+
+/// Applies [`expired`] to a [`RetentionStore`]: deletes files through `deleter` first
 /// (a file already missing counts as deleted), then the rows with their audit
 /// rows. A failed file deletion keeps the row, so the next sweep retries.
 pub struct Sweeper<'a> {
@@ -233,12 +257,20 @@ impl<'a> Sweeper<'a> {
     }
 
     /// What a sweep at `now` would delete, deleting nothing.
-    pub fn dry_run(&self, store: &Store, now: UnixMs) -> Result<Selection, DbError> {
+    pub fn dry_run<S: RetentionStore>(
+        &self,
+        store: &S,
+        now: UnixMs,
+    ) -> Result<Selection, S::Error> {
         Ok(expired(now, &store.retention_items()?, self.policy))
     }
 
     /// Deletes everything expired at `now`.
-    pub fn run(&self, store: &mut Store, now: UnixMs) -> Result<SweepReport, DbError> {
+    pub fn run<S: RetentionStore>(
+        &self,
+        store: &mut S,
+        now: UnixMs,
+    ) -> Result<SweepReport, S::Error> {
         let selection = self.dry_run(store, now)?;
         let mut report = SweepReport {
             held: selection.held,
@@ -246,7 +278,7 @@ impl<'a> Sweeper<'a> {
             ..SweepReport::default()
         };
         for expiry in selection.expired {
-            let paths = Self::files_of(store, &expiry.item)?;
+            let paths = store.files_of(&expiry.item)?;
             if let Err(e) = self.delete_files(&paths) {
                 report.failed.push((expiry, e));
                 continue;
@@ -269,27 +301,6 @@ impl<'a> Sweeper<'a> {
             }
         }
         Ok(report)
-    }
-
-    /// The files behind one expired item: a recording's own file; for a CDR,
-    /// every recording file it indexes (including ones already marked deleted,
-    /// so a file left behind by an interrupted erasure goes at the latest with
-    /// its CDR); none for a transcript (it lives in the database).
-    fn files_of(store: &Store, item: &RetentionItem) -> Result<Vec<PathBuf>, DbError> {
-        Ok(match item.kind {
-            ItemKind::Transcript => Vec::new(),
-            ItemKind::Recording => store
-                .get_recording(Some(&item.tenant), &item.id)?
-                .filter(|r| matches!(r.state, RecordingState::Complete | RecordingState::Partial))
-                .map(|r| r.path)
-                .into_iter()
-                .collect(),
-            ItemKind::Call => store
-                .recordings_of_call(&item.tenant, &item.id)?
-                .into_iter()
-                .map(|r| r.path)
-                .collect(),
-        })
     }
 
     /// Deletes `paths`; a file already missing counts as deleted.

@@ -82,6 +82,19 @@ pub enum ParseError {
     Invalid(String),
 }
 
+/// A message that does not parse is answered as the status table says
+/// (`SipError::code`): 505 for another SIP version, 513 over the limits,
+/// 400 otherwise.
+impl From<ParseError> for SipError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::VersionNotSupported(_) => SipError::VersionNotSupported,
+            ParseError::TooLarge(_) => SipError::MessageTooLarge,
+            other => SipError::Malformed(other.to_string()),
+        }
+    }
+}
+
 /// SIP method. Matching is case-sensitive (RFC 3261 §7.1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Method {

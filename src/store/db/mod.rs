@@ -25,7 +25,6 @@ pub mod schema;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use std::time::SystemTime;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{
@@ -34,17 +33,8 @@ use rusqlite::{
 
 pub use caller_id::CallerIdPolicy;
 
-use super::retention::{Expiry, ItemKind, RetentionItem};
-
-/// Milliseconds since the Unix epoch (UTC).
-pub type UnixMs = i64;
-
-/// Converts a wall-clock time to [`UnixMs`] (times before 1970 clamp to 0).
-pub fn unix_ms(t: SystemTime) -> UnixMs {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use super::retention::{Expiry, ItemKind, RetentionItem, RetentionStore};
+pub use super::time::{UnixMs, unix_ms};
 
 /// How long a writer waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -342,9 +332,10 @@ pub struct Consent {
     pub opt_out_at: Option<UnixMs>,
 }
 
-/// A CDR as stored.
+/// A CDR as stored and read back (the call core's record of a call attempt
+/// is `call::CallRecord`; [`CallRow`] and [`CallEnd`] are what is written).
 #[derive(Debug, Clone, PartialEq)]
-pub struct CallRecord {
+pub struct StoredCdr {
     /// SIP Call-ID.
     pub call_id: String,
     /// Tenant.
@@ -569,7 +560,7 @@ const TRANSCRIPT_COLUMNS: &str =
 const CALL_HELD: &str = "(c.legal_hold = 1 OR EXISTS \
      (SELECT 1 FROM recordings h WHERE h.call_id = c.call_id AND h.legal_hold = 1))";
 
-fn call_from_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
+fn call_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCdr> {
     let packets: Option<u64> = r.get(12)?;
     let lost: Option<u64> = r.get(13)?;
     let jitter: Option<f64> = r.get(14)?;
@@ -581,7 +572,7 @@ fn call_from_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
         }),
         _ => None,
     };
-    Ok(CallRecord {
+    Ok(StoredCdr {
         call_id: r.get(0)?,
         tenant: r.get(1)?,
         trunk: r.get(2)?,
@@ -1017,7 +1008,7 @@ impl Store {
     }
 
     /// One CDR of `tenant`.
-    pub fn get_call(&self, tenant: &str, call_id: &str) -> Result<Option<CallRecord>, DbError> {
+    pub fn get_call(&self, tenant: &str, call_id: &str) -> Result<Option<StoredCdr>, DbError> {
         Ok(self
             .conn
             .query_row(
@@ -1033,7 +1024,7 @@ impl Store {
         &self,
         tenant: Option<&str>,
         call_id: &str,
-    ) -> Result<Option<CallRecord>, DbError> {
+    ) -> Result<Option<StoredCdr>, DbError> {
         Ok(self
             .conn
             .query_row(
@@ -1048,7 +1039,7 @@ impl Store {
     }
 
     /// CDRs matching `filter`, ordered by (`started_at`, `call_id`).
-    pub fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, DbError> {
+    pub fn list_calls(&self, filter: &CallFilter) -> Result<Vec<StoredCdr>, DbError> {
         let (after_at, after_id) = match &filter.after {
             Some((at, id)) => (Some(*at), Some(id.as_str())),
             None => (None, None),
@@ -1075,7 +1066,7 @@ impl Store {
 
     /// The CDRs of `tenant` whose caller is `number` (matched through the
     /// tenant's caller-id policy, so hashed ids are found by number too).
-    pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<CallRecord>, DbError> {
+    pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<StoredCdr>, DbError> {
         let forms = self.caller_policy(tenant)?.lookup_forms(number)?;
         let mut out = Vec::new();
         let mut stmt = self.conn.prepare(&format!(
@@ -1736,6 +1727,45 @@ impl Store {
     }
 }
 
+/// The retention sweeper's view of the store: the inherent methods above,
+/// and the files behind an item.
+impl RetentionStore for Store {
+    type Error = DbError;
+
+    fn retention_items(&self) -> Result<Vec<RetentionItem>, DbError> {
+        Store::retention_items(self)
+    }
+
+    fn files_of(&self, item: &RetentionItem) -> Result<Vec<PathBuf>, DbError> {
+        Ok(match item.kind {
+            ItemKind::Transcript => Vec::new(),
+            ItemKind::Recording => self
+                .get_recording(Some(&item.tenant), &item.id)?
+                .filter(|r| matches!(r.state, RecordingState::Complete | RecordingState::Partial))
+                .map(|r| r.path)
+                .into_iter()
+                .collect(),
+            ItemKind::Call => self
+                .recordings_of_call(&item.tenant, &item.id)?
+                .into_iter()
+                .map(|r| r.path)
+                .collect(),
+        })
+    }
+
+    fn delete_expired(&mut self, expiry: &Expiry, now: UnixMs) -> Result<bool, DbError> {
+        Store::delete_expired(self, expiry, now)
+    }
+
+    fn audit_tenants(&self) -> Result<Vec<String>, DbError> {
+        Store::audit_tenants(self)
+    }
+
+    fn prune_audit(&mut self, tenant: &str, before: UnixMs) -> Result<usize, DbError> {
+        Store::prune_audit(self, tenant, before)
+    }
+}
+
 /// Creates the database file with mode 0600 if it does not exist, so the WAL
 /// and shared-memory files SQLite derives from it are private too.
 fn create_private(path: &Path) -> Result<(), DbError> {
@@ -1783,7 +1813,7 @@ mod tests {
         (dir, s)
     }
 
-    fn ids(calls: &[CallRecord]) -> Vec<&str> {
+    fn ids(calls: &[StoredCdr]) -> Vec<&str> {
         calls.iter().map(|c| c.call_id.as_str()).collect()
     }
 

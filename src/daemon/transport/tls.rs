@@ -11,9 +11,9 @@
 //! must present a certificate that CA signed, or the connection is closed
 //! before any SIP is read.
 
-use super::{Shared, lock};
 use crate::call::{Peer, TransportKind};
 use crate::config::tls::ClientAuth;
+use crate::daemon::{Shared, lock};
 use crate::sip::message::StreamDecoder;
 use bytes::Bytes;
 use rand::SeedableRng;
@@ -159,7 +159,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(super::transport::STREAM_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(super::STREAM_QUEUE);
     shared.transports.register_stream(flow, tx);
     let writer = tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
@@ -169,7 +169,7 @@ where
         }
         let _ = wr.shutdown().await;
     });
-    let mut decoder = StreamDecoder::new(super::transport::MAX_STREAM_MESSAGE);
+    let mut decoder = StreamDecoder::new(super::MAX_STREAM_MESSAGE);
     let mut buf = vec![0u8; 16 * 1024];
     let peer = Peer {
         transport: TransportKind::Tls,
@@ -186,7 +186,7 @@ where
             match decoder.next_message() {
                 Ok(Some(msg)) => {
                     crate::metrics::sip_received(Some(&msg));
-                    let raw = super::transport::msg_bytes(&msg);
+                    let raw = super::msg_bytes(&msg);
                     shared.inbound(&raw, Ok(msg), peer, &mut rng).await;
                 }
                 Ok(None) => break,
@@ -235,7 +235,7 @@ pub(super) fn connect_and_send(state: &TlsState, addr: SocketAddr, bytes: Bytes)
     });
 }
 
-impl super::transport::Transports {
+impl super::Transports {
     fn next_flow(&self) -> u64 {
         self.next_flow.fetch_add(1, Ordering::Relaxed)
     }
