@@ -13,8 +13,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sipbridge::store::crypto::{CryptoError, KeyRing};
 use sipbridge::store::db::{
-    AuditAction, AuditFilter, CallEnd, CallRow, CallerIdPolicy, HangupSide, ObjectKind,
-    RecordingRow, RecordingState, RtpStats, Speaker, Store, TranscriptRow, unix_ms,
+    AuditAction, AuditFilter, CallEnd, CallRow, CallerIdPolicy, ObjectKind, RecordingRow,
+    RecordingState, RtpStats, Speaker, Store, StoredHangupSide, TranscriptRow, unix_ms,
 };
 use sipbridge::store::ops::{format_time, seal_transcript};
 use sipbridge::store::recording::{RecordingDate, RecordingError, RecordingWriter, export_wav};
@@ -160,7 +160,7 @@ tenant = "acme"
                 answered_at: Some(started + 1000),
                 ended_at: started + 60_000,
                 result_code: 200,
-                hangup_side: HangupSide::Remote,
+                hangup_side: StoredHangupSide::Remote,
                 cause: "bye".into(),
                 codec: Some("PCMU/8000".into()),
                 rtp: RtpStats {

@@ -619,7 +619,9 @@ fn recording_bytes_and_pipeline_failures_are_counted() {
 /// database before the daemon starts): counted as one `call` deletion.
 #[test]
 fn retention_deletions_are_counted_by_kind() {
-    use sipbridge::store::db::{CallEnd, CallRow, CallerIdPolicy, HangupSide, RtpStats, Store};
+    use sipbridge::store::db::{
+        CallEnd, CallRow, CallerIdPolicy, RtpStats, Store, StoredHangupSide,
+    };
     let tmp = tempfile::tempdir().unwrap();
     let var = tmp.path().join("var");
     std::fs::create_dir_all(&var).unwrap();
@@ -643,7 +645,7 @@ fn retention_deletions_are_counted_by_kind() {
                 answered_at: None,
                 ended_at: started_at + 1_000,
                 result_code: 486,
-                hangup_side: HangupSide::Local,
+                hangup_side: StoredHangupSide::Local,
                 cause: "busy".to_owned(),
                 codec: None,
                 rtp: RtpStats {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use common::{Daemon, profile_toml};
 use sipbridge::store::db::{
-    AuditFilter, CallEnd, CallRow, CallerIdPolicy, HangupSide, RtpStats, Store, unix_ms,
+    AuditFilter, CallEnd, CallRow, CallerIdPolicy, RtpStats, Store, StoredHangupSide, unix_ms,
 };
 
 const DAY_MS: i64 = 86_400_000;
@@ -33,7 +33,7 @@ fn insert(store: &mut Store, id: &str, started_at: i64) {
                 answered_at: Some(started_at + 1_000),
                 ended_at: started_at + 60_000,
                 result_code: 200,
-                hangup_side: HangupSide::Remote,
+                hangup_side: StoredHangupSide::Remote,
                 cause: "caller-bye".to_owned(),
                 codec: Some("PCMU".to_owned()),
                 rtp: RtpStats {

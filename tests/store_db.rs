@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use sipbridge::store::db::schema::{CURRENT_VERSION, MIGRATIONS};
 use sipbridge::store::db::{
     AuditAction, AuditFilter, CRASH_RECOVERED_CAUSE, CallEnd, CallRow, CallerIdPolicy,
-    ConsentEvent, DbError, ErasedRecording, HangupSide, HoldTarget, ObjectKind, RecordingRow,
-    RecordingState, RtpStats, Speaker, Store, TranscriptRow,
+    ConsentEvent, DbError, ErasedRecording, HoldTarget, ObjectKind, RecordingRow, RecordingState,
+    RtpStats, Speaker, Store, StoredHangupSide, TranscriptRow,
 };
 
 const T0: i64 = 1_760_000_000_000;
@@ -69,7 +69,7 @@ fn end(at: i64) -> CallEnd {
         answered_at: Some(at - 50_000),
         ended_at: at,
         result_code: 200,
-        hangup_side: HangupSide::Remote,
+        hangup_side: StoredHangupSide::Remote,
         cause: "bye".into(),
         codec: Some("PCMU/8000".into()),
         rtp: RtpStats {
@@ -201,7 +201,7 @@ fn cdr_records_end_rtp_and_consent() {
     assert_eq!(c.answered_at, Some(T0 + 10_000));
     assert_eq!(c.ended_at, Some(T0 + 60_000));
     assert_eq!(c.result_code, Some(200));
-    assert_eq!(c.hangup_side, Some(HangupSide::Remote));
+    assert_eq!(c.hangup_side, Some(StoredHangupSide::Remote));
     assert_eq!(c.cause.as_deref(), Some("bye"));
     assert_eq!(c.codec.as_deref(), Some("PCMU/8000"));
     assert_eq!(

@@ -8,8 +8,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use sipbridge::store::db::{
-    AuditAction, AuditFilter, CallEnd, CallRow, CallerIdPolicy, HangupSide, HoldTarget, ObjectKind,
-    RecordingRow, RecordingState, RtpStats, Speaker, Store, TranscriptRow,
+    AuditAction, AuditFilter, CallEnd, CallRow, CallerIdPolicy, HoldTarget, ObjectKind,
+    RecordingRow, RecordingState, RtpStats, Speaker, Store, StoredHangupSide, TranscriptRow,
 };
 use sipbridge::store::retention::{DAY_MS, ItemKind, RetentionPolicy, Sweeper};
 
@@ -103,7 +103,7 @@ impl Fixture {
                 answered_at: Some(DAY0 + 1000),
                 ended_at: DAY0 + 60_000,
                 result_code: 200,
-                hangup_side: HangupSide::Local,
+                hangup_side: StoredHangupSide::Local,
                 cause: "agent-hangup".into(),
                 codec: Some("PCMA/8000".into()),
                 rtp: RtpStats {

@@ -408,7 +408,7 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
             profile.var_dir.display()
         )));
     }
-    let key = super::records::master_key_bytes(&profile.master_key)
+    let key = super::store_link::master_key_bytes(&profile.master_key)
         .map_err(|e| ReloadError::NeedsRestart(format!("master key: {e:#}")))?;
     if state.master_key.is_some_and(|fp| fp != fingerprint(&key)) {
         return Err(ReloadError::NeedsRestart(

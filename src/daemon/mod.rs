@@ -7,7 +7,7 @@
 //! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
 
 mod lifecycle;
-mod records;
+mod store_link;
 mod transport;
 
 use crate::call::bridged::{
@@ -57,7 +57,7 @@ pub(crate) struct Shared {
     pub(crate) calls: Mutex<HashMap<String, CallEntry>>,
     pub(crate) transports: Transports,
     /// The store's writer (CDRs, consent, recordings); set once at start-up.
-    pub(crate) records: Option<Arc<records::Records>>,
+    pub(crate) records: Option<Arc<store_link::Records>>,
     /// Where RTP sockets bind: the first listener's IP (a reload may move it).
     pub(crate) rtp_bind: Mutex<std::net::IpAddr>,
     /// Signals, notifications, reload and drain (lifecycle.rs).
@@ -328,7 +328,7 @@ impl Shared {
         let store = self
             .records
             .as_ref()
-            .map(|r| records::CallStore::start(Arc::clone(r), row));
+            .map(|r| store_link::CallStore::start(Arc::clone(r), row));
         let link = agent.as_ref().map(PipelineLink::new);
         let setup = BridgeSetup {
             agent: agent.map(|a| a.core),
@@ -417,7 +417,7 @@ impl PipelineLink {
     }
 
     /// Does what the call core asks of the pipeline.
-    fn apply(&mut self, op: PipelineOp, store: Option<&records::CallStore>) {
+    fn apply(&mut self, op: PipelineOp, store: Option<&store_link::CallStore>) {
         match op {
             PipelineOp::Open => {
                 if let Some(t) = self.stt_target.take() {
@@ -518,7 +518,7 @@ struct CallTask<'a> {
     live: &'a LiveCall,
     sockets: Option<(UdpSocket, UdpSocket)>,
     link: Option<PipelineLink>,
-    store: Option<records::CallStore>,
+    store: Option<store_link::CallStore>,
     ended_settings: Option<crate::call::CallSettings>,
     active: Option<crate::metrics::ActiveCall>,
     rtp_meter: crate::metrics::RtpMeter,
@@ -644,7 +644,7 @@ async fn run_call(
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
     link: Option<PipelineLink>,
-    store: Option<records::CallStore>,
+    store: Option<store_link::CallStore>,
     live: &LiveCall,
 ) {
     let settings = bridged.call().settings().clone();
@@ -906,9 +906,9 @@ pub async fn run(
     let mut master_key = None;
     let mut key_fingerprint = None;
     if let Some(profile) = config.profiles.first() {
-        let key = records::master_key_bytes(&profile.master_key)?;
+        let key = store_link::master_key_bytes(&profile.master_key)?;
         key_fingerprint = Some(lifecycle::fingerprint(&key));
-        let records = records::Records::open(&profile.var_dir, &key, &config.tenants)
+        let records = store_link::Records::open(&profile.var_dir, &key, &config.tenants)
             .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));

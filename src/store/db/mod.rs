@@ -182,7 +182,7 @@ text_enum! {
 
 text_enum! {
     /// Which side ended the call.
-    HangupSide {
+    StoredHangupSide {
         /// The carrier / caller sent BYE or CANCEL.
         Remote = "remote",
         /// The bridge ended it (agent hang-up, timeout, shutdown).
@@ -301,7 +301,7 @@ pub struct CallEnd {
     /// Final SIP status of the INVITE (200 for answered calls).
     pub result_code: u16,
     /// Which side hung up.
-    pub hangup_side: HangupSide,
+    pub hangup_side: StoredHangupSide,
     /// Why (free text, e.g. "bye", "agent-hangup", "rtp-timeout").
     pub cause: String,
     /// Negotiated codec, e.g. "PCMU/8000".
@@ -355,7 +355,7 @@ pub struct StoredCdr {
     /// Final SIP status.
     pub result_code: Option<u16>,
     /// Which side hung up (`None` while up or after crash recovery).
-    pub hangup_side: Option<HangupSide>,
+    pub hangup_side: Option<StoredHangupSide>,
     /// End cause.
     pub cause: Option<String>,
     /// Codec.

@@ -23,8 +23,8 @@ use crate::call::CallRecord;
 use crate::call::bridged::{Consent, StoreOp};
 use crate::store::crypto::KeyRing;
 use crate::store::db::{
-    CallEnd, CallRow, CallerIdPolicy, ConsentEvent, HangupSide, MediaFrames, RecordingRow,
-    RecordingState, RtpStats, Store, TranscriptRow, UnixMs, unix_ms,
+    CallEnd, CallRow, CallerIdPolicy, ConsentEvent, MediaFrames, RecordingRow, RecordingState,
+    RtpStats, Store, StoredHangupSide, TranscriptRow, UnixMs, unix_ms,
 };
 use crate::store::recording::{FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE};
 use crate::store::retention::{RetentionPolicy, Sweeper};
@@ -319,8 +319,8 @@ fn call_end(record: &CallRecord) -> CallEnd {
         ended_at: unix_ms(record.ended_at.unwrap_or_else(SystemTime::now)),
         result_code: record.result_code,
         hangup_side: match record.hangup_side {
-            crate::call::HangupSide::Caller => HangupSide::Remote,
-            _ => HangupSide::Local,
+            crate::call::HangupSide::Caller => StoredHangupSide::Remote,
+            _ => StoredHangupSide::Local,
         },
         cause: record.cause.clone(),
         codec: record.codec.clone(),
