@@ -40,6 +40,10 @@ pub(crate) trait Control: Send + Sync {
     /// response before the answer). Does not wait for it.
     fn hang_up(&self, call_id: &str, cause: HangupCause) -> Result<(), CommandError>;
 
+    /// Asks the call's task to pause (`true`) or resume its recording and
+    /// transcript (PCI). Does not wait for it.
+    fn pause_recording(&self, call_id: &str, pause: bool) -> Result<(), CommandError>;
+
     /// Re-reads and applies the configuration: the same reload as SIGHUP.
     fn reload(self: Arc<Self>) -> BoxFuture<'static, Result<ReloadSummary, ReloadError>>;
 }

@@ -730,3 +730,82 @@ fn admin_token_prints_a_token_and_its_hash() {
     );
     assert_eq!(lines.next(), None);
 }
+
+/// PCI pause through the admin API: only the call's tenant (or the admin) may pause it;
+/// a pause and a resume are audited and the CDR lists the stretch.
+#[test]
+fn privacy_pci_pause_through_the_admin_api_is_audited_and_in_the_cdr() {
+    let daemon = spawn();
+    let addr = daemon.admin_addr();
+    let udp = daemon.udp_addr();
+    let started = Instant::now();
+    let carrier = std::thread::spawn(move || {
+        sipp(
+            &sipp_scenario("bridge_bye.xml"),
+            udp,
+            &["-s", GLOBEX_NUMBER, "-timeout", "20s"],
+        )
+    });
+    let call_id = loop {
+        let r = get(addr, "/v1/calls", Some(GLOBEX_TOKEN));
+        let calls = r.json()["calls"].as_array().unwrap().clone();
+        if let Some(c) = calls.iter().find(|c| c["state"] == "answered") {
+            break c["call_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no answered call"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let path = |what: &str| format!("/v1/calls/{call_id}/{what}");
+    status(
+        &post(addr, &path("pause_recording"), Some(DEMO_TOKEN), &json!({})),
+        404,
+    );
+    let r = post(
+        addr,
+        &path("pause_recording"),
+        Some(GLOBEX_TOKEN),
+        &json!({}),
+    );
+    status(&r, 202);
+    assert_eq!(r.json()["recording"], "paused");
+    std::thread::sleep(Duration::from_millis(700));
+    let r = post(
+        addr,
+        &path("resume_recording"),
+        Some(GLOBEX_TOKEN),
+        &json!({}),
+    );
+    status(&r, 202);
+    assert_eq!(r.json()["recording"], "resumed");
+    status(
+        &post(addr, &path("hangup"), Some(GLOBEX_TOKEN), &json!({})),
+        202,
+    );
+    carrier.join().unwrap().assert_success();
+    let cdr = daemon
+        .wait_for_cdr(Duration::from_secs(5), |c| c["call_id"] == call_id.as_str())
+        .unwrap();
+    let stretches = cdr["recording_paused"]
+        .as_array()
+        .expect("recording_paused");
+    assert_eq!(stretches.len(), 1, "{cdr}");
+    let ms =
+        stretches[0]["resumed_at"].as_u64().unwrap() - stretches[0]["paused_at"].as_u64().unwrap();
+    assert!((600..2000).contains(&ms), "paused {ms} ms");
+    let rows = audit(addr, GLOBEX_TOKEN, "action=recording-pause");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r["object_id"] == call_id.as_str()));
+    // A call that is gone: 404.
+    status(
+        &post(
+            addr,
+            &path("pause_recording"),
+            Some(GLOBEX_TOKEN),
+            &json!({}),
+        ),
+        404,
+    );
+}

@@ -56,6 +56,11 @@ pub(super) fn routes() -> Router<AdminState> {
         .route("/v1/calls", get(list_calls))
         .route("/v1/calls/{call_id}", get(call_detail))
         .route("/v1/calls/{call_id}/hangup", post(hang_up))
+        .route("/v1/calls/{call_id}/pause_recording", post(pause_recording))
+        .route(
+            "/v1/calls/{call_id}/resume_recording",
+            post(resume_recording),
+        )
         .route("/v1/cdrs", get(list_cdrs))
         .route("/v1/cdrs/{call_id}", get(cdr_detail))
         .route("/v1/recordings", get(list_recordings))
@@ -399,6 +404,65 @@ async fn hang_up(
             Ok((
                 StatusCode::ACCEPTED,
                 axum::Json(json!({ "call_id": call_id, "hangup": "requested" })),
+            ))
+        }
+        Err(CommandError::Gone) => Err(ApiError::NotFound),
+        Err(CommandError::Busy) => Err(ApiError::Conflict("the call is busy; try again".into())),
+    }
+}
+
+/// PCI pause: the call's recording gets silence and its transcript nothing
+/// until `resume_recording` (or the call's end); the CDR lists the stretch.
+async fn pause_recording(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(call_id): Path<String>,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    set_paused(state, principal, call_id, true).await
+}
+
+/// Ends a PCI pause.
+async fn resume_recording(
+    State(state): State<AdminState>,
+    principal: Principal,
+    Path(call_id): Path<String>,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    set_paused(state, principal, call_id, false).await
+}
+
+async fn set_paused(
+    state: AdminState,
+    principal: Principal,
+    call_id: String,
+    pause: bool,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    let info = visible_call(&state, &principal, &call_id)?;
+    match state.control.pause_recording(&call_id, pause) {
+        Ok(()) => {
+            let what = if pause { "paused" } else { "resumed" };
+            info!(%call_id, actor = %principal.actor(), "recording {what} through the admin API");
+            let actor = principal.actor();
+            let tenant = info.tenant.clone();
+            let id = call_id.clone();
+            let reason = format!("recording {what} through the admin API");
+            state
+                .api
+                .with_store(move |ds| {
+                    ds.store.audit(&AuditEntry {
+                        at: now_ms(),
+                        actor: &actor,
+                        action: AuditAction::RecordingPause,
+                        object_kind: ObjectKind::Call,
+                        object_id: &id,
+                        tenant: &tenant,
+                        reason: &reason,
+                    })?;
+                    Ok(())
+                })
+                .await?;
+            Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "call_id": call_id, "recording": what })),
             ))
         }
         Err(CommandError::Gone) => Err(ApiError::NotFound),

@@ -325,6 +325,9 @@ mod tests {
         ) -> Result<(), crate::control::CommandError> {
             Err(crate::control::CommandError::Gone)
         }
+        fn pause_recording(&self, _: &str, _: bool) -> Result<(), crate::control::CommandError> {
+            Err(crate::control::CommandError::Gone)
+        }
         fn reload(
             self: Arc<Self>,
         ) -> futures_util::future::BoxFuture<

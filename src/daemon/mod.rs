@@ -38,6 +38,8 @@ pub(crate) enum CallCommand {
     Sip(Box<Message>, crate::call::Peer),
     /// End the call.
     HangUp(HangupCause),
+    /// Pause (`true`) or resume the recording and transcript (PCI).
+    PauseRecording(bool),
 }
 
 /// Per-call mailbox depth: beyond it, datagrams for a busy call are dropped
@@ -117,6 +119,18 @@ pub(crate) fn log_cdr(shared: &Shared, record: &CallRecord) {
 }
 
 impl Shared {
+    /// Sends a live call's task a command, without waiting.
+    fn command(&self, call_id: &str, cmd: CallCommand) -> Result<(), CommandError> {
+        let tx = lock(&self.calls)
+            .get(call_id)
+            .map(|e| e.tx.clone())
+            .ok_or(CommandError::Gone)?;
+        tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Closed(_) => CommandError::Gone,
+            mpsc::error::TrySendError::Full(_) => CommandError::Busy,
+        })
+    }
+
     /// Whether the daemon is draining (new calls refused).
     pub(crate) fn is_draining(&self) -> bool {
         lock(&self.switchboard).is_draining()
@@ -709,6 +723,7 @@ async fn run_call(
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),
                 Some(CallCommand::HangUp(cause)) => BridgeInput::HangUp(cause),
+                Some(CallCommand::PauseRecording(p)) => BridgeInput::PauseRecording(p),
                 None => BridgeInput::HangUp(HangupCause::Shutdown),
             },
             () = sleep => BridgeInput::Timeout,
@@ -858,15 +873,11 @@ impl Control for Shared {
     }
 
     fn hang_up(&self, call_id: &str, cause: HangupCause) -> Result<(), CommandError> {
-        let tx = lock(&self.calls)
-            .get(call_id)
-            .map(|e| e.tx.clone())
-            .ok_or(CommandError::Gone)?;
-        tx.try_send(CallCommand::HangUp(cause))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Closed(_) => CommandError::Gone,
-                mpsc::error::TrySendError::Full(_) => CommandError::Busy,
-            })
+        self.command(call_id, CallCommand::HangUp(cause))
+    }
+
+    fn pause_recording(&self, call_id: &str, pause: bool) -> Result<(), CommandError> {
+        self.command(call_id, CallCommand::PauseRecording(pause))
     }
 
     fn reload(self: Arc<Self>) -> BoxFuture<'static, Result<ReloadSummary, ReloadError>> {

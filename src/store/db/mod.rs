@@ -251,6 +251,8 @@ text_enum! {
         Reload = "reload",
         /// A live call was hung up by an operator (admin API).
         CallHangup = "call-hangup",
+        /// A live call's recording was paused or resumed by an operator (PCI).
+        RecordingPause = "recording-pause",
     }
 }
 
