@@ -3,6 +3,7 @@
 //! call (an UPDATE with a hold offer is answered without dropping the call).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -486,5 +487,32 @@ fn options_no_rtp_port_and_488_answers_are_complete() {
     assert!(
         text.contains("\r\nWarning: 305 127.0.0.1 \"Incompatible media format\"\r\n"),
         "{text}"
+    );
+}
+
+/// A call keeps the tenant it was admitted with: a reload between the admission and
+/// the call's start (the daemon binds the RTP port in between, an await) does not
+/// change its opt-out key or pipeline — `Admitted` carries the configuration.
+#[test]
+fn an_admitted_call_keeps_its_tenant_across_a_reload() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let now = Instant::now();
+    let before = config_with("", "127.0.0.0/8", "opt_out_key = \"9\"");
+    let mut sb = switchboard(&before, &mut rng);
+    let invite = request("INVITE", "r1", 1, None, &sdp("sendrecv"));
+    let Dispatch::NewCall(admitted) = dispatch(&mut sb, now, &invite, &mut rng) else {
+        panic!("not admitted");
+    };
+    let after = config_with("", "127.0.0.0/8", "opt_out_key = \"#\"");
+    let settings = SwitchboardSettings::from_profile(
+        &after.profiles[0],
+        Some("127.0.0.1:5060".parse().unwrap()),
+        None,
+    );
+    sb.reconfigure(Arc::clone(&after), settings, HashMap::new(), &mut rng);
+    assert_eq!(sb.config().tenant("demo").unwrap().opt_out_key, Some('#'));
+    assert_eq!(
+        admitted.config.tenant("demo").unwrap().opt_out_key,
+        Some('9')
     );
 }

@@ -153,6 +153,10 @@ pub struct Admitted {
     pub peer: Peer,
     /// Settings for the call.
     pub settings: CallSettings,
+    /// The configuration the call was admitted under: everything else the
+    /// call needs of its tenant (pipeline, consent keys) is read from this,
+    /// never from a configuration reloaded meanwhile.
+    pub config: Arc<Config>,
 }
 
 /// What to do with an inbound message.
@@ -1029,6 +1033,7 @@ impl Switchboard {
             invite: req,
             peer,
             settings,
+            config: Arc::clone(&self.config),
         }))
     }
 }

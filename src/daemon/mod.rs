@@ -138,11 +138,15 @@ impl Shared {
 
     /// The agent pipeline a new call of `tenant` connects to, with what the
     /// `start` message tells it, and its failure policy.
-    fn agent_for(&self, tenant: &str, invite: &crate::sip::message::Request) -> Option<AgentPlan> {
+    fn agent_for(
+        &self,
+        config: &crate::config::Config,
+        tenant: &str,
+        invite: &crate::sip::message::Request,
+    ) -> Option<AgentPlan> {
         use crate::pipeline::deepgram::DeepgramTarget;
         let (target, stt, sample_rate, policy, account_sid) = {
-            let sb = lock(&self.switchboard);
-            let t = sb.config().tenant(tenant)?;
+            let t = config.tenant(tenant)?;
             let account_sid = t.twilio_api.as_ref().map(|a| a.account_sid.clone());
             let rate = t.pipeline_rate;
             let (target, stt) = match &t.pipeline {
@@ -296,7 +300,10 @@ impl Shared {
         };
         let mut call_rng = StdRng::from_rng(rng);
         let settings = admitted.settings.clone();
-        let agent = self.agent_for(&admitted.settings.tenant, &admitted.invite);
+        // The tenant as admitted: a reload since (the bind above awaits)
+        // does not change what this call was admitted with.
+        let config = Arc::clone(&admitted.config);
+        let agent = self.agent_for(&config, &admitted.settings.tenant, &admitted.invite);
         let row = crate::store::db::CallRow {
             call_id: call_id.clone(),
             tenant: settings.tenant.clone(),
@@ -335,8 +342,7 @@ impl Shared {
                 return;
             }
         };
-        let (opt_out_key, paused_dtmf_to_agent) = lock(&self.switchboard)
-            .config()
+        let (opt_out_key, paused_dtmf_to_agent) = config
             .tenant(&settings.tenant)
             .map_or((None, false), |t| (t.opt_out_key, t.paused_dtmf_to_agent));
         let store = self
