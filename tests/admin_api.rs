@@ -615,6 +615,23 @@ fn privacy_tenant_isolation_on_every_endpoint_signed_links_and_audit() {
     }
 }
 
+/// The first answered call `token` sees in `/v1/calls`, waiting up to 10 s from `started`.
+fn answered_call(addr: SocketAddr, token: &str, started: Instant) -> Value {
+    loop {
+        let r = get(addr, "/v1/calls", Some(token));
+        status(&r, 200);
+        let calls = r.json()["calls"].as_array().unwrap().clone();
+        if let Some(c) = calls.iter().find(|c| c["state"] == "answered") {
+            return c.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no answered call: {calls:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn hang_up_through_the_api_sends_bye() {
     let daemon = spawn();
@@ -628,19 +645,7 @@ fn hang_up_through_the_api_sends_bye() {
             &["-s", GLOBEX_NUMBER, "-timeout", "20s"],
         )
     });
-    let call = loop {
-        let r = get(addr, "/v1/calls", Some(GLOBEX_TOKEN));
-        status(&r, 200);
-        let calls = r.json()["calls"].as_array().unwrap().clone();
-        if let Some(c) = calls.iter().find(|c| c["state"] == "answered") {
-            break c.clone();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no answered call: {calls:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let call = answered_call(addr, GLOBEX_TOKEN, started);
     assert_eq!(
         (&call["tenant"], &call["to"]),
         (&json!("globex"), &json!(GLOBEX_NUMBER))
@@ -746,18 +751,10 @@ fn privacy_pci_pause_through_the_admin_api_is_audited_and_in_the_cdr() {
             &["-s", GLOBEX_NUMBER, "-timeout", "20s"],
         )
     });
-    let call_id = loop {
-        let r = get(addr, "/v1/calls", Some(GLOBEX_TOKEN));
-        let calls = r.json()["calls"].as_array().unwrap().clone();
-        if let Some(c) = calls.iter().find(|c| c["state"] == "answered") {
-            break c["call_id"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no answered call"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let call_id = answered_call(addr, GLOBEX_TOKEN, started)["call_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let path = |what: &str| format!("/v1/calls/{call_id}/{what}");
     status(
         &post(addr, &path("pause_recording"), Some(DEMO_TOKEN), &json!({})),

@@ -380,35 +380,20 @@ async fn hang_up(
     Path(call_id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     let info = visible_call(&state, &principal, &call_id)?;
-    match state.control.hang_up(&call_id, HangupCause::Local) {
-        Ok(()) => {
-            info!(%call_id, actor = %principal.actor(), "hang-up requested through the admin API");
-            let actor = principal.actor();
-            let tenant = info.tenant.clone();
-            let id = call_id.clone();
-            state
-                .api
-                .with_store(move |ds| {
-                    ds.store.audit(&AuditEntry {
-                        at: now_ms(),
-                        actor: &actor,
-                        action: AuditAction::CallHangup,
-                        object_kind: ObjectKind::Call,
-                        object_id: &id,
-                        tenant: &tenant,
-                        reason: "hung up through the admin API",
-                    })?;
-                    Ok(())
-                })
-                .await?;
-            Ok((
-                StatusCode::ACCEPTED,
-                axum::Json(json!({ "call_id": call_id, "hangup": "requested" })),
-            ))
-        }
-        Err(CommandError::Gone) => Err(ApiError::NotFound),
-        Err(CommandError::Busy) => Err(ApiError::Conflict("the call is busy; try again".into())),
-    }
+    taken(state.control.hang_up(&call_id, HangupCause::Local))?;
+    info!(%call_id, actor = %principal.actor(), "hang-up requested through the admin API");
+    audit_call(
+        &state,
+        &principal,
+        &info,
+        AuditAction::CallHangup,
+        "hung up",
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "call_id": call_id, "hangup": "requested" })),
+    ))
 }
 
 /// PCI pause: the call's recording gets silence and its transcript nothing
@@ -437,37 +422,62 @@ async fn set_paused(
     pause: bool,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     let info = visible_call(&state, &principal, &call_id)?;
-    match state.control.pause_recording(&call_id, pause) {
-        Ok(()) => {
-            let what = if pause { "paused" } else { "resumed" };
-            info!(%call_id, actor = %principal.actor(), "recording {what} through the admin API");
-            let actor = principal.actor();
-            let tenant = info.tenant.clone();
-            let id = call_id.clone();
-            let reason = format!("recording {what} through the admin API");
-            state
-                .api
-                .with_store(move |ds| {
-                    ds.store.audit(&AuditEntry {
-                        at: now_ms(),
-                        actor: &actor,
-                        action: AuditAction::RecordingPause,
-                        object_kind: ObjectKind::Call,
-                        object_id: &id,
-                        tenant: &tenant,
-                        reason: &reason,
-                    })?;
-                    Ok(())
-                })
-                .await?;
-            Ok((
-                StatusCode::ACCEPTED,
-                axum::Json(json!({ "call_id": call_id, "recording": what })),
-            ))
-        }
+    let what = if pause { "paused" } else { "resumed" };
+    taken(state.control.pause_recording(&call_id, pause))?;
+    info!(%call_id, actor = %principal.actor(), "recording {what} through the admin API");
+    let done = format!("recording {what}");
+    audit_call(
+        &state,
+        &principal,
+        &info,
+        AuditAction::RecordingPause,
+        &done,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "call_id": call_id, "recording": what })),
+    ))
+}
+
+/// A command sent to a live call: taken, or the call is gone (404) or its
+/// mailbox full (409).
+fn taken(sent: Result<(), CommandError>) -> ApiResult<()> {
+    match sent {
+        Ok(()) => Ok(()),
         Err(CommandError::Gone) => Err(ApiError::NotFound),
         Err(CommandError::Busy) => Err(ApiError::Conflict("the call is busy; try again".into())),
     }
+}
+
+/// Audits an operator's command to a live call as `action`, with the reason
+/// "`done` through the admin API".
+async fn audit_call(
+    state: &AdminState,
+    principal: &Principal,
+    info: &LiveCall,
+    action: AuditAction,
+    done: &str,
+) -> ApiResult<()> {
+    let actor = principal.actor();
+    let tenant = info.tenant.clone();
+    let id = info.call_id.clone();
+    let reason = format!("{done} through the admin API");
+    state
+        .api
+        .with_store(move |ds| {
+            ds.store.audit(&AuditEntry {
+                at: now_ms(),
+                actor: &actor,
+                action,
+                object_kind: ObjectKind::Call,
+                object_id: &id,
+                tenant: &tenant,
+                reason: &reason,
+            })?;
+            Ok(())
+        })
+        .await
 }
 
 // ---- CDRs --------------------------------------------------------------------

@@ -497,14 +497,21 @@ impl BridgedCall {
         let wall = self.wall(now);
         if pause {
             self.paused_since = Some(wall);
-        } else if let Some(from) = self.paused_since.take() {
-            self.paused.push(crate::call::PausedStretch {
-                paused_at: from,
-                resumed_at: wall,
-            });
+        } else {
+            self.end_pause(wall);
         }
         self.emit(BridgeOutput::Store(StoreOp::Paused(pause, wall)));
         self.event(BridgeEvent::Paused(pause));
+    }
+
+    /// Closes the open pause, if any, as a stretch for the CDR.
+    fn end_pause(&mut self, at: SystemTime) {
+        if let Some(from) = self.paused_since.take() {
+            self.paused.push(crate::call::PausedStretch {
+                paused_at: from,
+                resumed_at: at,
+            });
+        }
     }
 
     fn wall(&self, now: Instant) -> SystemTime {
@@ -868,13 +875,7 @@ impl BridgedCall {
                         record.rtp = Some(RtpSummary::of(m));
                     }
                     self.recording = false;
-                    if let Some(from) = self.paused_since.take() {
-                        let to = self.wall(now);
-                        self.paused.push(crate::call::PausedStretch {
-                            paused_at: from,
-                            resumed_at: to,
-                        });
-                    }
+                    self.end_pause(self.wall(now));
                     record.recording_paused = std::mem::take(&mut self.paused);
                     self.awaiting_ack = None;
                     self.confirming_rtp = None;
