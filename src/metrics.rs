@@ -658,6 +658,7 @@ mod tests {
             packets_out,
             concealed: 3,
             late: 4,
+            send_skipped: 0,
         }
     }
 

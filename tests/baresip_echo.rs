@@ -442,11 +442,6 @@ fn baresip_hears_prompt_then_its_own_echo() {
         early.ncc < 0.5,
         "caller1 audible before the prompt ended: {early:?}"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
     drop(daemon);
 }
 

@@ -89,10 +89,15 @@ pub struct RtpSummary {
     pub wrong_source: u64,
     /// RTP packets sent.
     pub packets_out: u64,
-    /// Frames concealed (lost or late at playout).
+    /// Frames concealed at playout for lost or late packets (a gap that
+    /// audio followed; at most the 60 ms fade per gap: a stream that stops
+    /// is not loss).
     pub concealed: u64,
     /// Packets that arrived after their playout slot (discarded).
     pub late: u64,
+    /// Outbound 20 ms frames not sent because the media task stalled for
+    /// more than 60 ms (shorter delays are caught up, every frame sent).
+    pub send_skipped: u64,
 }
 
 impl RtpSummary {
@@ -109,6 +114,7 @@ impl RtpSummary {
             packets_out: counters.rtp_out,
             concealed: counters.concealed,
             late: media.jitter_stats().late,
+            send_skipped: counters.ticks_skipped,
         }
     }
 }

@@ -13,7 +13,7 @@
 
 use crate::media::dtmf::{DtmfEvent, DtmfReceiver};
 use crate::media::g711::{self, Law};
-use crate::media::jitter::{Frame, JitterBuffer, JitterConfig, conceal};
+use crate::media::jitter::{CONCEAL_FADE_FRAMES, Frame, JitterBuffer, JitterConfig, conceal};
 use crate::media::playout::{MarkEvent, PlayoutQueue};
 use crate::media::prompt::{Prompt, PromptPlayer};
 use crate::media::resample::{PipelineRate, Upsampler};
@@ -32,6 +32,9 @@ use std::time::{Duration, Instant, SystemTime};
 const FRAME: usize = 160;
 /// The media clock period.
 const TICK: Duration = Duration::from_millis(20);
+/// Outbound ticks sent late, back to back, when the task woke late; older
+/// ones are skipped (the same bound as the prompt's and playout's catch-up).
+const MAX_SEND_CATCH_UP: u32 = 3;
 /// Echoed audio waiting to be played back, at most (memory bound).
 const MAX_ECHO_FRAMES: usize = 250;
 
@@ -112,10 +115,14 @@ pub struct MediaCounters {
     pub rtp_out: u64,
     /// PCM frames handed to the pipeline.
     pub frames_to_pipeline: u64,
-    /// Frames concealed (lost or late).
+    /// Frames concealed for lost or late packets (gaps that audio followed;
+    /// at most the fade length per gap).
     pub concealed: u64,
     /// SRTP/SRTCP packets dropped: failed authentication, replays, plain RTP.
     pub srtp_rejected: u64,
+    /// Outbound 20 ms ticks not sent because the task woke more than
+    /// [`MAX_SEND_CATCH_UP`] ticks late.
+    pub ticks_skipped: u64,
 }
 
 /// One call's media.
@@ -135,6 +142,9 @@ pub struct MediaSession {
     /// The last upsampled sample, held back one sample (see `inbound_tick`).
     up_carry: i16,
     prev: Vec<i16>,
+    /// Frames concealed since the last audio frame (at most the fade
+    /// length), added to the counters when audio resumes.
+    conceal_run: u64,
     /// Decoded caller audio not yet cut into 20 ms frames (packets of other
     /// ptimes than 20 ms decode to other lengths).
     inbound: VecDeque<i16>,
@@ -219,6 +229,7 @@ impl MediaSession {
             upsampler: Upsampler::new(plan.pipeline_rate),
             up_carry: 0,
             prev: vec![0; FRAME],
+            conceal_run: 0,
             inbound: VecDeque::with_capacity(4 * FRAME),
             remote: neg.remote_rtp,
             send_paused: false,
@@ -415,22 +426,27 @@ impl MediaSession {
         }
     }
 
-    /// Runs every media tick due at `now`. Ticks that were missed (the task
-    /// was late) are caught up for the inbound side, but outbound audio is
-    /// never burst: a late tick sends one packet and skips the timestamps of
-    /// the others.
+    /// Runs every media tick due at `now`, each at its own tick time, so what
+    /// is sent and heard depends on media time only, never on how promptly
+    /// the task woke. Ticks missed by at most [`MAX_SEND_CATCH_UP`] are sent
+    /// late, back to back, with their own timestamps (the far end's jitter
+    /// buffer absorbs that; a skipped frame would be an audible gap and a
+    /// slip of everything queued after it). Further behind (the task stalled),
+    /// the older ticks keep their timestamps but send nothing, so the stream
+    /// resumes on time rather than ever further behind. The inbound side
+    /// runs every tick.
     pub fn handle_timeout(&mut self, now: Instant, wall: SystemTime, rng: &mut impl RngCore) {
-        let mut sent_this_call = false;
         while self.next_tick() <= now {
             let tick_at = self.next_tick();
             let caller = self.inbound_tick(tick_at);
-            let sent = if sent_this_call {
+            let behind = now.saturating_duration_since(tick_at);
+            let sent = if behind > TICK * MAX_SEND_CATCH_UP {
                 self.sender.skip(FRAME as u32);
                 self.talkspurt = true;
+                self.counters.ticks_skipped += 1;
                 None
             } else {
-                sent_this_call = true;
-                self.outbound_tick(now)
+                self.outbound_tick(tick_at)
             };
             if self.recording {
                 let left = caller.unwrap_or_else(|| vec![0; FRAME]);
@@ -462,6 +478,8 @@ impl MediaSession {
     fn inbound_tick(&mut self, at: Instant) -> Option<Vec<i16>> {
         match self.jitter.pop(at) {
             Some(Frame::Audio { payload, .. }) => {
+                // The gap before this frame was loss or lateness: count it.
+                self.counters.concealed += std::mem::take(&mut self.conceal_run);
                 let mut pcm = vec![0i16; payload.len()];
                 g711::decode(self.law, &payload, &mut pcm);
                 let keep = pcm.len().min(FRAME);
@@ -470,7 +488,12 @@ impl MediaSession {
                 self.inbound.extend(pcm);
             }
             Some(Frame::Concealed { consecutive, .. }) if self.inbound.len() < FRAME => {
-                self.counters.concealed += 1;
+                // Counted once audio resumes, and only the frames concealment
+                // fills (after the fade it is silence): a stream that stops
+                // (the caller's last packet before BYE, a hold) lost nothing.
+                if consecutive as usize <= CONCEAL_FADE_FRAMES {
+                    self.conceal_run += 1;
+                }
                 self.inbound.extend(conceal(&self.prev, consecutive));
             }
             Some(Frame::Concealed { .. }) | None => {}
@@ -657,6 +680,71 @@ mod tests {
         assert!(!m.is_recording());
         m.handle_timeout(t0 + TICK * 20, SystemTime::UNIX_EPOCH, &mut rng);
         assert!(records(&mut m).is_empty());
+    }
+
+    fn sent_rtp(m: &mut MediaSession) -> Vec<(u16, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(o) = m.poll_output() {
+            if let MediaOutput::Rtp { bytes, .. } = o {
+                let seq = u16::from_be_bytes([bytes[2], bytes[3]]);
+                let ts = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+                out.push((seq, ts, bytes[12..].to_vec()));
+            }
+        }
+        out
+    }
+
+    /// A task that wakes late (by up to three ticks) still sends every tick's
+    /// frame, with its own timestamp and in order: the caller hears the whole
+    /// prompt, late but whole, however irregular the wake-ups. A stall beyond
+    /// that skips the older ticks' frames and resumes on the media clock.
+    #[test]
+    fn late_wake_ups_send_every_frame_and_a_stall_resumes_on_time() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // 40 distinct prompt frames.
+        let prompt: Vec<i16> = (0..40 * FRAME)
+            .map(|i| (((i / FRAME) as i32 - 20) * 1000 + (i % 7) as i32 * 50) as i16)
+            .collect();
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &negotiated(), plan(false, &prompt), &mut rng).unwrap();
+        let frames = m.plan.prompt.clone().unwrap();
+        let frames = frames.frames(Law::Mu);
+        // Wake-ups in ms: prompt, 1 and 2.5 ticks late, then a 200 ms stall.
+        let mut sent = Vec::new();
+        for ms in [0u64, 20, 45, 50, 60, 130, 140, 160, 180, 200, 420, 440, 460] {
+            m.handle_timeout(
+                t0 + Duration::from_millis(ms),
+                SystemTime::UNIX_EPOCH,
+                &mut rng,
+            );
+            sent.extend(sent_rtp(&mut m));
+        }
+        let (seq0, ts0, _) = sent[0].clone();
+        // Up to the stall (ticks 0..=10 at 200 ms): one packet per tick, in
+        // order, each with its tick's timestamp and its prompt frame.
+        for (k, (seq, ts, payload)) in sent.iter().take(11).enumerate() {
+            assert_eq!(*seq, seq0.wrapping_add(k as u16), "sequence of packet {k}");
+            assert_eq!(
+                ts.wrapping_sub(ts0),
+                160 * k as u32,
+                "timestamp of packet {k}"
+            );
+            assert_eq!(payload[..], frames[k][..], "prompt frame {k}");
+        }
+        // After the stall (ticks 11..=21 due at 420 ms): the current tick and
+        // the three before it are sent, with their own timestamps; the older
+        // ones (11..=17) are not; then 22 and 23 on time.
+        let after: Vec<u32> = sent[11..]
+            .iter()
+            .map(|(_, ts, _)| ts.wrapping_sub(ts0) / 160)
+            .collect();
+        assert_eq!(
+            after,
+            vec![18, 19, 20, 21, 22, 23],
+            "ticks sent after the stall"
+        );
+        assert_eq!(m.counters().ticks_skipped, 7);
+        assert_eq!(m.counters().rtp_out, sent.len() as u64);
     }
 
     #[test]
