@@ -503,6 +503,120 @@ fn drop_mid_call_reconnects_under_continue() {
     drop_then_reconnect(Policy::Continue);
 }
 
+/// Issue 14: an agent killed mid-call and restarted on its port 3 s later gets the call
+/// back (a `start` with the same call id and `"reconnect"` > 0, then the caller's audio),
+/// under the default reconnect policy; meanwhile the caller hears comfort noise, not
+/// silence (before the kill, with the agent up and silent, it heard silence); the call
+/// does not end until the caller's BYE.
+#[test]
+fn agent_killed_and_restarted_within_5_s_gets_the_call_back_with_comfort_noise_meanwhile() {
+    let agent = TestAgent::spawn(vec![Behaviour::Silent]);
+    let port = agent.port();
+    let setup = start(port, Policy::Fallback, "");
+    let outage: std::sync::Mutex<Option<(Instant, Instant)>> = std::sync::Mutex::new(None);
+    let (result, heard, restarted) = thread::scope(|s| {
+        let agent_side = s.spawn(|| {
+            assert!(
+                agent.wait_for_conns(1, Duration::from_secs(10)),
+                "first connection"
+            );
+            setup
+                .daemon
+                .wait_for_log(Duration::from_secs(15), |l| {
+                    l.contains("disclosure prompt finished")
+                })
+                .expect("the disclosure prompt ends");
+            thread::sleep(Duration::from_millis(1000));
+            let killed_at = Instant::now();
+            let first = agent.kill();
+            thread::sleep(Duration::from_secs(3));
+            let again = TestAgent::spawn_on(port, vec![Behaviour::Silent]);
+            assert!(
+                again.wait_for_conns(1, Duration::from_secs(10)),
+                "the bridge came back to the restarted agent"
+            );
+            *outage.lock().unwrap() = Some((killed_at, Instant::now()));
+            (first, again)
+        });
+        let (result, heard) = call_on_socket(
+            &setup.daemon,
+            "media_on_test_socket.xml",
+            &["-d", "14000"],
+            true,
+        );
+        (result, heard, agent_side.join().unwrap())
+    });
+    result.assert_success();
+    let (first, again) = restarted;
+    let cdr = answered_cdr(&setup.daemon);
+    assert_eq!(cdr["cause"], "caller-bye", "{cdr}");
+    assert_eq!(cdr["hangup_side"], "caller");
+    assert_eq!(cdr["pipeline"]["failure"], Value::Null, "{cdr}");
+    assert!(
+        cdr["pipeline"]["reconnects"].as_u64().unwrap() >= 1,
+        "{cdr}"
+    );
+    assert_eq!(first.len(), 1);
+    let conns = again.finish();
+    let start = &conns[0].texts[0];
+    assert_eq!(start["event"], "start");
+    assert_eq!(start["call_id"], cdr["call_id"]);
+    assert!(start["reconnect"].as_u64().unwrap() >= 1, "{start}");
+    assert!(
+        conns[0].frames >= 50,
+        "{} caller frames after",
+        conns[0].frames
+    );
+
+    // What the caller heard: silence while the silent agent was up, noise while it
+    // was away.
+    let (killed_at, back_at) = outage.lock().unwrap().unwrap();
+    let level = |payload: &[u8]| {
+        let e: f64 = payload
+            .iter()
+            .map(|&c| f64::from(mu_to_linear(c)).powi(2))
+            .sum();
+        (e / payload.len() as f64).sqrt()
+    };
+    let before: Vec<f64> = heard
+        .iter()
+        .filter(|(at, _)| *at < killed_at && *at + Duration::from_millis(500) > killed_at)
+        .map(|(_, p)| level(p))
+        .collect();
+    let away: Vec<f64> = heard
+        .iter()
+        .filter(|(at, _)| {
+            *at > killed_at + Duration::from_millis(200)
+                && *at + Duration::from_millis(200) < back_at
+        })
+        .map(|(_, p)| level(p))
+        .collect();
+    assert!(
+        before.len() >= 15,
+        "{} packets before the kill",
+        before.len()
+    );
+    assert!(away.len() >= 100, "{} packets while away", away.len());
+    assert!(
+        before.iter().all(|&l| l < 10.0),
+        "not silence before the kill: {before:?}"
+    );
+    let noisy = away.iter().filter(|&&l| l > 50.0).count();
+    assert!(
+        noisy * 100 >= away.len() * 95,
+        "comfort noise in {noisy} of {} packets while the agent was away",
+        away.len()
+    );
+    assert!(
+        setup
+            .daemon
+            .logs()
+            .iter()
+            .all(|l| !l.contains("agent pipeline given up"))
+    );
+    assert_no_secret_in_logs(&setup.daemon);
+}
+
 /// The agent drops right after `start` and then refuses every reconnect.
 fn drop_then_refuse(policy: Policy) {
     let agent = TestAgent::spawn(vec![Behaviour::DropAfterStart]);
@@ -678,13 +792,14 @@ fn policy_keys_are_validated_and_defaulted() {
             p.connect_timeout,
             p.agent_silence
         ),
-        (3, Duration::from_secs(5), Duration::from_secs(3), None)
+        (10, Duration::from_secs(10), Duration::from_secs(3), None)
     );
+    assert_eq!(p.away_audio, sipbridge::config::AwayAudio::ComfortNoise);
 
     let wav = toml::Value::String(fallback_wav(dir.path()).display().to_string());
     let config = load(
         &format!(
-            "pipeline = {{ {agent}, fallback_prompt = {wav}, reconnect_attempts = 0, reconnect_within_ms = 800, connect_timeout_ms = 250, agent_silence_s = 7 }}"
+            "pipeline = {{ {agent}, fallback_prompt = {wav}, reconnect_attempts = 0, reconnect_within_ms = 800, connect_timeout_ms = 250, agent_silence_s = 7, away_audio = \"silence\" }}"
         ),
         dir.path(),
     )
@@ -705,8 +820,9 @@ fn policy_keys_are_validated_and_defaulted() {
             Some(Duration::from_secs(7))
         )
     );
+    assert_eq!(p.away_audio, sipbridge::config::AwayAudio::Silence);
     assert!(config.summary().contains(
-        "on failure: 0 reconnects within 800 ms (connect timeout 250 ms), agent silence 7 s; then play"
+        "on failure: 0 reconnects within 800 ms (connect timeout 250 ms, silence meanwhile), agent silence 7 s; then play"
     ));
 
     for (keys, message) in [
@@ -737,6 +853,10 @@ fn policy_keys_are_validated_and_defaulted() {
         (
             "agent_silence_s = 4000",
             "agent_silence_s 4000 must be 0-3600",
+        ),
+        (
+            r#"away_audio = "music""#,
+            "away_audio `music` must be `comfort-noise` or `silence`",
         ),
     ] {
         let err = load(&format!("pipeline = {{ {agent}, {keys} }}"), dir.path()).unwrap_err();

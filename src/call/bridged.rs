@@ -33,7 +33,7 @@ use super::{
     Call, CallEvent, CallOutput, CallRecord, HangupCause, MediaOutput, MediaSession, PcmFrame,
     Peer, RtpSummary, Transmit,
 };
-use crate::config::FailurePolicy;
+use crate::config::{AwayAudio, FailurePolicy};
 use crate::sip::message::Message;
 use crate::sip::sdp::Negotiated;
 use bytes::Bytes;
@@ -320,6 +320,8 @@ struct Link {
     backlog: VecDeque<PcmFrame>,
     /// Frames dropped from the backlog.
     dropped: u64,
+    /// What the caller hears while the agent is away.
+    away_audio: AwayAudio,
 }
 
 /// A call with everything joined to it. See the module docs.
@@ -540,6 +542,24 @@ impl BridgedCall {
                 break;
             }
         }
+        self.fill_while_away();
+    }
+
+    /// While the agent is away (its connection being made or re-made, not
+    /// given up), the caller's silence is filled with comfort noise, if the
+    /// tenant wants it: the line is audibly alive, not dead air. The prompt
+    /// and any agent audio still queued play first.
+    fn fill_while_away(&mut self) {
+        let (Some(m), Some(l)) = (&mut self.media, &self.link) else {
+            return;
+        };
+        let away = !l.deepgram_only
+            && l.away_audio == AwayAudio::ComfortNoise
+            && matches!(
+                l.supervisor.state(),
+                ConnectionState::Connecting { .. } | ConnectionState::Reconnecting { .. }
+            );
+        m.set_comfort_noise(away);
     }
 
     /// Answered and now confirmed (ACK, or the caller's RTP from the SDP
@@ -578,6 +598,7 @@ impl BridgedCall {
                     connected: false,
                     backlog: VecDeque::new(),
                     dropped: 0,
+                    away_audio: plan.policy.away_audio,
                 });
                 self.emit(BridgeOutput::Pipeline(PipelineOp::Open));
             }

@@ -14,6 +14,7 @@
 use crate::media::dtmf::{DtmfEvent, DtmfReceiver};
 use crate::media::g711::{self, Law};
 use crate::media::jitter::{CONCEAL_FADE_FRAMES, Frame, JitterBuffer, JitterConfig, conceal};
+use crate::media::noise::ComfortNoise;
 use crate::media::playout::{MarkEvent, PlayoutQueue};
 use crate::media::prompt::{Prompt, PromptPlayer};
 use crate::media::resample::{PipelineRate, Upsampler};
@@ -142,6 +143,13 @@ pub struct MediaSession {
     /// The last upsampled sample, held back one sample (see `inbound_tick`).
     up_carry: i16,
     prev: Vec<i16>,
+    /// Comfort noise fills the caller's silence while this is set (the
+    /// agent is away: its connection is being re-established).
+    comfort_noise: Option<ComfortNoise>,
+    /// The seed the comfort noise starts from (drawn at creation).
+    noise_seed: u32,
+    /// Frames of comfort noise sent.
+    noise_frames: u64,
     /// Frames concealed since the last audio frame (at most the fade
     /// length), added to the counters when audio resumes.
     conceal_run: u64,
@@ -230,6 +238,9 @@ impl MediaSession {
             up_carry: 0,
             prev: vec![0; FRAME],
             conceal_run: 0,
+            comfort_noise: None,
+            noise_seed: rng.next_u32(),
+            noise_frames: 0,
             inbound: VecDeque::with_capacity(4 * FRAME),
             remote: neg.remote_rtp,
             send_paused: false,
@@ -289,6 +300,25 @@ impl MediaSession {
         while let Some(mark) = self.playout.poll_marks() {
             self.out.push_back(MediaOutput::Mark(mark));
         }
+    }
+
+    /// Fill the caller's silence with comfort noise (`true`: the agent is
+    /// away) or not. Prompt and agent audio always take precedence.
+    pub fn set_comfort_noise(&mut self, on: bool) {
+        match (on, self.comfort_noise.is_some()) {
+            (true, false) => {
+                self.comfort_noise = Some(ComfortNoise::new(
+                    self.noise_seed.wrapping_add(self.noise_frames as u32),
+                ));
+            }
+            (false, true) => self.comfort_noise = None,
+            _ => {}
+        }
+    }
+
+    /// Frames of comfort noise sent so far.
+    pub fn comfort_noise_frames(&self) -> u64 {
+        self.noise_frames
     }
 
     /// Stops the recording tap for the rest of the call (consent opt-out):
@@ -563,6 +593,11 @@ impl MediaSession {
         // is delayed, not dropped) and starts when the disclosure has ended.
         if !have_audio && let Some(frame) = self.playout.poll(now) {
             payload = frame.payload;
+            have_audio = !frame.is_silence;
+        }
+        if !have_audio && let Some(noise) = &mut self.comfort_noise {
+            payload = noise.frame(self.law);
+            self.noise_frames += 1;
         }
         while let Some(mark) = self.playout.poll_marks() {
             self.out.push_back(MediaOutput::Mark(mark));

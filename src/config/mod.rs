@@ -431,8 +431,8 @@ impl Pipeline {
 /// What a tenant's calls do when their network pipeline (agent, Deepgram)
 /// cannot be reached, rejects the bridge, drops, or (agents) stays silent:
 /// the keys `on_failure`, `fallback_prompt`, `reconnect_attempts`,
-/// `reconnect_within_ms`, `connect_timeout_ms` and `agent_silence_s` of the
-/// tenant's `pipeline` table.
+/// `reconnect_within_ms`, `connect_timeout_ms`, `agent_silence_s` and
+/// `away_audio` of the tenant's `pipeline` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FailurePolicy {
@@ -449,6 +449,20 @@ pub struct FailurePolicy {
     /// An agent that sends neither audio nor a mark for this long after the
     /// disclosure prompt has ended has failed (None: never).
     pub agent_silence: Option<Duration>,
+    /// What the caller hears while the agent is away (reconnecting).
+    pub away_audio: AwayAudio,
+}
+
+/// What the caller hears while the agent's connection is being
+/// re-established (`away_audio`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AwayAudio {
+    /// A soft hiss (about −45 dBov): the line is audibly alive (the default).
+    #[default]
+    ComfortNoise,
+    /// Nothing (silence frames keep the RTP stream going).
+    Silence,
 }
 
 impl Default for FailurePolicy {
@@ -456,10 +470,11 @@ impl Default for FailurePolicy {
         FailurePolicy {
             on_failure: OnFailure::Fallback,
             fallback_prompt: None,
-            reconnect_attempts: 3,
-            reconnect_within: Duration::from_millis(5000),
+            reconnect_attempts: 10,
+            reconnect_within: Duration::from_millis(10_000),
             connect_timeout: Duration::from_millis(3000),
             agent_silence: None,
+            away_audio: AwayAudio::ComfortNoise,
         }
     }
 }
@@ -818,8 +833,12 @@ fn describe_failure(f: &FailurePolicy) -> String {
     let silence = f
         .agent_silence
         .map_or("off".to_owned(), |d| format!("{} s", d.as_secs()));
+    let away = match f.away_audio {
+        AwayAudio::ComfortNoise => "comfort noise",
+        AwayAudio::Silence => "silence",
+    };
     format!(
-        "{} reconnects within {} ms (connect timeout {} ms), agent silence {silence}; then {then}",
+        "{} reconnects within {} ms (connect timeout {} ms, {away} meanwhile), agent silence {silence}; then {then}",
         f.reconnect_attempts,
         f.reconnect_within.as_millis(),
         f.connect_timeout.as_millis()

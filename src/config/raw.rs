@@ -273,6 +273,8 @@ pub(crate) struct RawPipeline {
     pub(crate) connect_timeout_ms: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) agent_silence_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) away_audio: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

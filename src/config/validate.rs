@@ -25,10 +25,10 @@ use super::number::NumberPattern;
 use super::raw::{RawPipeline, RawProfile, RawRoute, RawTenant, RawTrunk, RawUnknownSource};
 use super::secret::{self, Secret, SecretRef};
 use super::{
-    AdminSettings, AgentAuth, AgentMode, AgentSettings, CaFile, Config, DEEPGRAM_BASE_URL,
-    DeepgramSettings, DigestCredentials, FailurePolicy, Listen, MAX_FALLBACK_PROMPT, MasterKey,
-    MediaSettings, OnFailure, Pipeline, PortRange, Profile, Prompt, Retention, Route, SipSettings,
-    Tenant, Trunk, TwilioApi, UnknownSource,
+    AdminSettings, AgentAuth, AgentMode, AgentSettings, AwayAudio, CaFile, Config,
+    DEEPGRAM_BASE_URL, DeepgramSettings, DigestCredentials, FailurePolicy, Listen,
+    MAX_FALLBACK_PROMPT, MasterKey, MediaSettings, OnFailure, Pipeline, PortRange, Profile, Prompt,
+    Retention, Route, SipSettings, Tenant, Trunk, TwilioApi, UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -1529,6 +1529,7 @@ fn check_failure_policy(cx: &mut Cx<'_>, file: usize, p: &RawPipeline) -> Failur
             "agent_silence_s",
             p.agent_silence_s.as_ref().map(Spanned::span),
         ),
+        ("away_audio", p.away_audio.as_ref().map(Spanned::span)),
     ];
     if !network {
         for (name, span) in spans {
@@ -1550,6 +1551,17 @@ fn check_failure_policy(cx: &mut Cx<'_>, file: usize, p: &RawPipeline) -> Failur
                 file,
                 Some(v.span()),
                 format!("on_failure `{other}` must be `fallback` or `continue`"),
+            ),
+        }
+    }
+    if let Some(v) = &p.away_audio {
+        match v.get_ref().as_str() {
+            "comfort-noise" => policy.away_audio = AwayAudio::ComfortNoise,
+            "silence" => policy.away_audio = AwayAudio::Silence,
+            other => cx.error(
+                file,
+                Some(v.span()),
+                format!("away_audio `{other}` must be `comfort-noise` or `silence`"),
             ),
         }
     }

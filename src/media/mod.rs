@@ -7,6 +7,7 @@
 pub mod dtmf;
 pub mod g711;
 pub mod jitter;
+pub mod noise;
 pub mod playout;
 pub mod prompt;
 pub mod resample;

@@ -71,6 +71,8 @@ pub struct TwilioStream {
     up_skip: usize,
     pcm8: Vec<i16>,
     ulaw: Vec<u8>,
+    /// 0 on a call's first stream, n on its n-th reconnect.
+    reconnect: u32,
 }
 
 impl TwilioStream {
@@ -82,6 +84,7 @@ impl TwilioStream {
         let up = Upsampler::new(rate);
         Ok(TwilioStream {
             up_skip: up.delay_samples(),
+            reconnect: 0,
             stream_sid,
             call_sid: info.call_id.clone(),
             account_sid: info
@@ -115,11 +118,19 @@ impl TwilioStream {
 
     /// `start`, right after `connected` (`sequenceNumber` "1").
     pub fn start_message(&mut self, info: &CallInfo) -> String {
-        let custom: serde_json::Map<String, serde_json::Value> = info
+        let mut custom: serde_json::Map<String, serde_json::Value> = info
             .custom
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
+        if self.reconnect > 0 {
+            // The same call resumed (same callSid): Twilio has no field for
+            // it, so it rides in customParameters, a string like the rest.
+            custom.insert(
+                "sipbridge_reconnect".to_owned(),
+                serde_json::Value::String(self.reconnect.to_string()),
+            );
+        }
         serde_json::json!({
             "event": "start",
             "sequenceNumber": self.next_sequence(),
@@ -134,6 +145,12 @@ impl TwilioStream {
             "streamSid": self.stream_sid,
         })
         .to_string()
+    }
+
+    /// This stream resumes the call after its `n`-th reconnect: `start`
+    /// says so in `customParameters.sipbridge_reconnect`.
+    pub fn set_reconnect(&mut self, n: u32) {
+        self.reconnect = n;
     }
 
     /// `media` for one caller frame at the pipeline rate (20 ms): converted
@@ -266,6 +283,7 @@ pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, mut c
             return;
         }
     };
+    stream.set_reconnect(attempt);
     let Some(ws) = open(&target, &info.call_id, attempt, &chans.commands, "twilio").await else {
         return;
     };
@@ -443,6 +461,18 @@ mod tests {
             json!({"event":"stop","sequenceNumber":"4","streamSid":SID,
                 "stop":{"accountSid":"demo","callSid":"abc@h"}})
         );
+    }
+
+    #[test]
+    fn a_reconnected_stream_says_so_in_custom_parameters() {
+        let mut s = TwilioStream::new(&info(8000), SID.into()).unwrap();
+        s.set_reconnect(2);
+        let start = json(&s.start_message(&info(8000)));
+        assert_eq!(
+            start["start"]["customParameters"],
+            json!({"X-Order":"42","sipbridge_reconnect":"2"})
+        );
+        assert_eq!(start["start"]["callSid"], "abc@h", "the same call");
     }
 
     #[test]

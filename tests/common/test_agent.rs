@@ -51,7 +51,7 @@ pub(crate) struct ConnLog {
 /// still reading to see the bridge's last messages) on [`TestAgent::finish`] or drop.
 pub(crate) struct TestAgent {
     port: u16,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<Duration>>,
     thread: Option<JoinHandle<()>>,
     conns: Arc<Mutex<Vec<ConnLog>>>,
 }
@@ -63,9 +63,18 @@ const RECV_BUFFER: u32 = 4096;
 impl TestAgent {
     /// Starts the agent on `127.0.0.1:0`.
     pub(crate) fn spawn(script: Vec<Behaviour>) -> TestAgent {
+        TestAgent::spawn_on(0, script)
+    }
+
+    /// Starts the agent on `127.0.0.1:port` (0: any free port), e.g. again on the
+    /// port of one that was killed.
+    pub(crate) fn spawn_on(port: u16, script: Vec<Behaviour>) -> TestAgent {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(RECV_BUFFER).unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .unwrap();
         let port = socket.local_addr().unwrap().port();
         let conns = Arc::new(Mutex::new(Vec::new()));
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -117,9 +126,20 @@ impl TestAgent {
         self.conns()
     }
 
+    /// Kills the agent as a crash would: its listener and every connection are cut at
+    /// once (no close handshake, no grace). Returns what its connections saw.
+    pub(crate) fn kill(mut self) -> Vec<ConnLog> {
+        self.stop_within(Duration::ZERO);
+        self.conns()
+    }
+
     fn shutdown(&mut self) {
+        self.stop_within(Duration::from_secs(2));
+    }
+
+    fn stop_within(&mut self, grace: Duration) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(grace);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -137,7 +157,7 @@ async fn serve(
     socket: tokio::net::TcpSocket,
     script: Vec<Behaviour>,
     conns: Arc<Mutex<Vec<ConnLog>>>,
-    mut stop: oneshot::Receiver<()>,
+    mut stop: oneshot::Receiver<Duration>,
     bound: std::sync::mpsc::Sender<()>,
 ) {
     let listener = socket.listen(16).unwrap();
@@ -161,10 +181,10 @@ async fn serve(
     }
     // Script used up: refuse whatever comes next.
     drop(listener);
-    let _ = stop.await;
+    let grace = stop.await.unwrap_or(Duration::ZERO);
     // A connection still reading gets a moment to take what the bridge sent last (its
     // `stop` and close frame) before it is cut; one that hangs or never reads is cut then.
-    let grace = tokio::time::Instant::now() + Duration::from_secs(2);
+    let grace = tokio::time::Instant::now() + grace;
     for mut t in tasks {
         if tokio::time::timeout_at(grace, &mut t).await.is_err() {
             t.abort();
