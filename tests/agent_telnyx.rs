@@ -12,7 +12,8 @@
 //! matching the fixture (NCC), the agent's `media` played to the caller (NCC), its
 //! `mark` echoed after that audio; `clear` stopping playout and echoing the pending mark;
 //! `dtmf`; `error` frames for a malformed frame and a payload that is not base64; `stop`
-//! last; the agent closing the socket → BYE.
+//! last; the agent closing the socket → BYE; the agent dropping the connection → the
+//! supervisor's reconnect, on a new stream.
 
 mod agent_util;
 mod common;
@@ -343,12 +344,23 @@ enum Script {
     PlayThenClear(Vec<u8>, oneshot::Receiver<()>),
     /// Close the WebSocket (close handshake) right after `start`.
     CloseAfterStart,
+    /// Drop the TCP connection, with no close frame, after this many `media` messages.
+    DropAfterMedia(usize),
 }
 
 /// A one-connection agent on a free port; the thread returns what it saw once the
 /// bridge closes the connection (or after 30 s). The upgrade is refused with 401
 /// without the bearer token.
 fn spawn_agent(script: Script, enc: Enc) -> (u16, thread::JoinHandle<Seen>) {
+    let (port, handle) = spawn_agents(vec![script], enc);
+    (
+        port,
+        thread::spawn(move || handle.join().unwrap().remove(0)),
+    )
+}
+
+/// An agent that serves one connection per script, one after the other, on one port.
+fn spawn_agents(scripts: Vec<Script>, enc: Enc) -> (u16, thread::JoinHandle<Vec<Seen>>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -359,12 +371,17 @@ fn spawn_agent(script: Script, enc: Enc) -> (u16, thread::JoinHandle<Seen>) {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let Ok(Ok((tcp, _))) =
-                tokio::time::timeout(Duration::from_secs(20), listener.accept()).await
-            else {
-                return Seen::default();
-            };
-            serve(tcp, script, enc).await
+            let mut seen = Vec::new();
+            for script in scripts {
+                let Ok(Ok((tcp, _))) =
+                    tokio::time::timeout(Duration::from_secs(20), listener.accept()).await
+                else {
+                    seen.push(Seen::default());
+                    continue;
+                };
+                seen.push(serve(tcp, script, enc).await);
+            }
+            seen
         })
     });
     (port, handle)
@@ -391,11 +408,15 @@ async fn serve(stream: tokio::net::TcpStream, script: Script, enc: Enc) -> Seen 
         return seen;
     };
     let close_after_start = matches!(script, Script::CloseAfterStart);
+    let drop_after = match script {
+        Script::DropAfterMedia(n) => Some(n),
+        _ => None,
+    };
     let bad_frames = matches!(script, Script::PlayThenMark(_));
     let (audio, mut clear_rx) = match script {
         Script::PlayThenMark(a) => (Some(a), None),
         Script::PlayThenClear(a, rx) => (Some(a), Some(rx)),
-        Script::Listen | Script::CloseAfterStart => (None, None),
+        Script::Listen | Script::CloseAfterStart | Script::DropAfterMedia(_) => (None, None),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -423,6 +444,10 @@ async fn serve(stream: tokio::net::TcpStream, script: Script, enc: Enc) -> Seen 
                 let start = v["event"] == "start";
                 let stream_id = v["stream_id"].as_str().unwrap_or_default().to_owned();
                 seen.texts.push((Instant::now(), v));
+                if drop_after.is_some_and(|n| seen.events("media").len() >= n) {
+                    // Gone without a close frame (the socket is dropped with `ws`).
+                    return seen;
+                }
                 if !start {
                     continue;
                 }
@@ -872,5 +897,41 @@ fn telnyx_agent_closing_the_socket_hangs_up_the_call() {
         seen.events("stop").is_empty(),
         "no stop after the agent's close"
     );
+    assert_no_secret_in_logs(&daemon);
+}
+
+#[test]
+fn telnyx_agent_dropped_mid_call_is_reconnected_on_a_new_stream() {
+    let (port, agent) = spawn_agents(vec![Script::DropAfterMedia(10), Script::Listen], Enc::Pcmu);
+    let daemon = spawn_daemon(&profile(
+        &format!("ws://127.0.0.1:{port}/telnyx"),
+        Enc::Pcmu,
+        false,
+    ));
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    let cdr = answered_cdr(&daemon);
+    assert_eq!(cdr["cause"], "caller-bye");
+    assert_eq!(cdr["pipeline"]["connections"], 2, "{cdr}");
+    assert_eq!(cdr["pipeline"]["reconnects"], 1, "{cdr}");
+    let conns = agent.join().unwrap();
+    for c in &conns {
+        assert_documented(&c.texts);
+        assert_eq!(c.texts[0].1["event"], "connected");
+        assert_eq!(c.texts[1].1["event"], "start");
+        assert_eq!(c.texts[1].1["start"]["call_control_id"], cdr["call_id"]);
+    }
+    // A new stream: its own stream_id, counters from the start again.
+    let (first, second) = (&conns[0].texts[1].1, &conns[1].texts[1].1);
+    assert_ne!(first["stream_id"], second["stream_id"]);
+    assert_eq!(second["sequence_number"], "1");
+    let media = conns[1].events("media");
+    assert!(media.len() >= 100, "{} media messages", media.len());
+    assert_eq!(media[0]["media"]["chunk"], "1");
+    assert_eq!(conns[1].texts.last().unwrap().1["event"], "stop");
     assert_no_secret_in_logs(&daemon);
 }
