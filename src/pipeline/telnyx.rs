@@ -654,6 +654,28 @@ mod tests {
         assert_eq!(error_code(&s.agent_binary()), Some(100_003));
     }
 
+    proptest::proptest! {
+        /// Any text from the agent, and any payload bytes in any encoding, give a
+        /// command, an error frame or nothing: never a panic.
+        #[test]
+        fn agent_frames_never_panic(
+            text in ".{0,200}",
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            enc in 0..3usize,
+        ) {
+            let encoding = [TelnyxEncoding::Pcmu, TelnyxEncoding::Pcma, TelnyxEncoding::L16][enc];
+            let mut s = stream(16_000, encoding);
+            let _ = s.parse_agent_text(&text);
+            let media = json!({"event":"media","media":{"payload":BASE64.encode(&payload)}});
+            match s.parse_agent_text(&media.to_string()) {
+                AgentFrame::Command(AgentCommand::Play(pcm)) => proptest::prop_assert!(!pcm.is_empty()),
+                // Too short for a sample, or all of it the upsampler's start-up.
+                AgentFrame::Ignored => proptest::prop_assert!(payload.len() < 14),
+                other => proptest::prop_assert!(false, "{other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn l16_needs_a_16k_pipeline() {
         assert!(matches!(
