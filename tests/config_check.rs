@@ -605,3 +605,101 @@ fn check_validates_the_tls_certificate_and_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn telnyx_mode_and_its_encoding_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let agent = |port: u16, keys: &str, extra_tenant: &str| {
+        profile(port).replace(
+            "pipeline = { kind = \"echo\" }",
+            &format!(
+                "{extra_tenant}pipeline = {{ kind = \"agent\", url = \"ws://127.0.0.1:9/\"{keys} }}"
+            ),
+        )
+    };
+    // Valid: PCMA on an 8 kHz pipeline, and the PCMU default.
+    let good = dir.path().join("good");
+    std::fs::create_dir(&good).unwrap();
+    std::fs::write(
+        good.join("a.toml"),
+        agent(
+            5030,
+            ", mode = \"telnyx\", encoding = \"PCMA\"",
+            "pipeline_rate = 8000\n",
+        ),
+    )
+    .unwrap();
+    std::fs::write(good.join("b.toml"), agent(5031, ", mode = \"telnyx\"", "")).unwrap();
+    std::fs::write(
+        good.join("c.toml"),
+        agent(5032, ", mode = \"telnyx\", encoding = \"L16\"", ""),
+    )
+    .unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "good"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("mode telnyx (PCMA)"), "{stdout}");
+    assert!(stdout.contains("mode telnyx (PCMU)"), "{stdout}");
+    assert!(stdout.contains("mode telnyx (L16)"), "{stdout}");
+
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let files = [
+        (
+            "a.toml",
+            agent(5033, ", mode = \"twilio\", encoding = \"PCMU\"", ""),
+            "encoding",
+            "`encoding` applies only to mode = \"telnyx\"",
+        ),
+        (
+            "b.toml",
+            agent(5034, ", mode = \"telnyx\", encoding = \"l16\"", ""),
+            "encoding",
+            "telnyx encoding `l16` must be `PCMU`, `PCMA` or `L16`",
+        ),
+        (
+            "c.toml",
+            agent(
+                5035,
+                ", mode = \"telnyx\", encoding = \"L16\"",
+                "pipeline_rate = 8000\n",
+            ),
+            "encoding",
+            "telnyx encoding `L16` is 16 kHz: it needs pipeline_rate 16000",
+        ),
+        (
+            "d.toml",
+            profile(5036).replace(
+                "pipeline = { kind = \"echo\" }",
+                "pipeline = { kind = \"echo\", encoding = \"PCMU\" }",
+            ),
+            "encoding",
+            "`encoding` does not apply to pipeline kind `echo`",
+        ),
+        (
+            "e.toml",
+            agent(5037, ", mode = \"telnix\"", ""),
+            "telnix",
+            "agent mode `telnix` must be `native`, `twilio` or `telnyx`",
+        ),
+    ];
+    for (name, body, _, _) in &files {
+        std::fs::write(bad.join(name), body).unwrap();
+    }
+    let out = sipbridge(dir.path(), &["check", "--config", "bad"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    for (name, body, needle, message) in &files {
+        assert_reported(
+            &stderr,
+            &format!("bad/{name}"),
+            line_of(body, needle),
+            message,
+        );
+    }
+    assert!(
+        stderr.contains(&format!("is invalid: {} error(s)", files.len())),
+        "{stderr}"
+    );
+}

@@ -591,6 +591,52 @@ pub enum AgentMode {
     Native,
     /// Twilio Media Streams compatible.
     Twilio,
+    /// Telnyx Media Streaming compatible (bidirectional RTP mode), in this
+    /// stream encoding.
+    Telnyx(TelnyxEncoding),
+}
+
+/// The audio encoding of a Telnyx-mode stream, both ways (Telnyx's
+/// `media_format.encoding` and `stream_bidirectional_codec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TelnyxEncoding {
+    /// G.711 µ-law, 8000 Hz (Telnyx's default).
+    Pcmu,
+    /// G.711 A-law, 8000 Hz.
+    Pcma,
+    /// 16-bit linear PCM, 16000 Hz, network byte order (RTP L16); needs a
+    /// `pipeline_rate` of 16000.
+    L16,
+}
+
+impl TelnyxEncoding {
+    /// The name as Telnyx writes it (and as configured).
+    pub fn name(self) -> &'static str {
+        match self {
+            TelnyxEncoding::Pcmu => "PCMU",
+            TelnyxEncoding::Pcma => "PCMA",
+            TelnyxEncoding::L16 => "L16",
+        }
+    }
+
+    /// The encoding named `name` (case-sensitive, as Telnyx's API).
+    pub fn from_name(name: &str) -> Option<TelnyxEncoding> {
+        match name {
+            "PCMU" => Some(TelnyxEncoding::Pcmu),
+            "PCMA" => Some(TelnyxEncoding::Pcma),
+            "L16" => Some(TelnyxEncoding::L16),
+            _ => None,
+        }
+    }
+
+    /// Samples per second on the stream.
+    pub fn sample_rate(self) -> u32 {
+        match self {
+            TelnyxEncoding::Pcmu | TelnyxEncoding::Pcma => 8000,
+            TelnyxEncoding::L16 => 16_000,
+        }
+    }
 }
 
 /// A dialed number (pattern) sent to a tenant.
@@ -806,8 +852,9 @@ fn describe_pipeline(p: &Pipeline) -> String {
             format!(" ca_file {} ({} certs)", c.path.display(), c.certs.len())
         });
         let mode = match a.mode {
-            AgentMode::Native => "native",
-            AgentMode::Twilio => "twilio",
+            AgentMode::Native => "native".to_owned(),
+            AgentMode::Twilio => "twilio".to_owned(),
+            AgentMode::Telnyx(e) => format!("telnyx ({})", e.name()),
         };
         // A URL may carry credentials in its query or userinfo: print neither.
         format!("url {} mode {mode} auth {auth}{ca}", redact_url(&a.url))

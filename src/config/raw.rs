@@ -255,6 +255,9 @@ pub(crate) struct RawPipeline {
     pub(crate) url: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) mode: Option<Spanned<String>>,
+    /// Telnyx mode's stream encoding: `PCMU`, `PCMA` or `L16`.
+    #[serde(default)]
+    pub(crate) encoding: Option<Spanned<String>>,
     /// `"<secret ref>"` (bearer) or `{ kind = "bearer" | "hmac", secret = "<secret ref>" }`;
     /// the table's keys are checked in `validate`.
     #[serde(default)]

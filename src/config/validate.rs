@@ -28,7 +28,7 @@ use super::{
     AdminSettings, AgentAuth, AgentMode, AgentSettings, AwayAudio, CaFile, Config,
     DEEPGRAM_BASE_URL, DeepgramSettings, DigestCredentials, FailurePolicy, Listen,
     MAX_FALLBACK_PROMPT, MasterKey, MediaSettings, OnFailure, Pipeline, PortRange, Profile, Prompt,
-    Retention, Route, SipSettings, Tenant, Trunk, TwilioApi, UnknownSource,
+    Retention, Route, SipSettings, TelnyxEncoding, Tenant, Trunk, TwilioApi, UnknownSource,
 };
 
 const DEFAULT_VAR_DIR: &str = "var";
@@ -1159,6 +1159,22 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 16_000
             }
         };
+        // L16 streams the 16 kHz pipeline audio as it is: no 8 kHz pipeline.
+        let raw_pipeline = t.pipeline.get_ref();
+        if let (Some(e), Some(r)) = (&raw_pipeline.encoding, &t.pipeline_rate)
+            && e.get_ref() == "L16"
+            && raw_pipeline
+                .mode
+                .as_ref()
+                .is_some_and(|m| m.get_ref() == "telnyx")
+            && *r.get_ref() == 8_000
+        {
+            cx.error(
+                file,
+                Some(e.span()),
+                "telnyx encoding `L16` is 16 kHz: it needs pipeline_rate 16000 (the default)",
+            );
+        }
         let admin_token_sha256 = t.admin_token_sha256.as_ref().and_then(|h| {
             let mut hash = [0u8; 32];
             match hex::decode_to_slice(h.get_ref(), &mut hash) {
@@ -1318,12 +1334,13 @@ fn check_pipeline(
         }
     };
     let mut ok = true;
-    let fields: [(&str, Option<Range<usize>>, bool); 7] = [
+    let fields: [(&str, Option<Range<usize>>, bool); 8] = [
         ("model", p.model.as_ref().map(Spanned::span), deepgram),
         ("language", p.language.as_ref().map(Spanned::span), deepgram),
         ("api_key", p.api_key.as_ref().map(Spanned::span), deepgram),
         ("url", p.url.as_ref().map(Spanned::span), agent),
         ("mode", p.mode.as_ref().map(Spanned::span), agent),
+        ("encoding", p.encoding.as_ref().map(Spanned::span), agent),
         ("auth", p.auth.as_ref().map(Spanned::span), agent),
         ("ca_file", p.ca_file.as_ref().map(Spanned::span), agent),
     ];
@@ -1449,15 +1466,42 @@ fn check_pipeline(
         let mode = match p.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
             None | Some(("native", _)) => Some(AgentMode::Native),
             Some(("twilio", _)) => Some(AgentMode::Twilio),
+            Some(("telnyx", _)) => match &p.encoding {
+                None => Some(AgentMode::Telnyx(TelnyxEncoding::Pcmu)),
+                Some(e) => match TelnyxEncoding::from_name(e.get_ref()) {
+                    Some(enc) => Some(AgentMode::Telnyx(enc)),
+                    None => {
+                        cx.error(
+                            file,
+                            Some(e.span()),
+                            format!(
+                                "telnyx encoding `{}` must be `PCMU`, `PCMA` or `L16`",
+                                e.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                },
+            },
             Some((other, span)) => {
                 cx.error(
                     file,
                     Some(span),
-                    format!("agent mode `{other}` must be `native` or `twilio`"),
+                    format!("agent mode `{other}` must be `native`, `twilio` or `telnyx`"),
                 );
                 None
             }
         };
+        if let Some(e) = &p.encoding
+            && p.mode.as_ref().is_none_or(|m| m.get_ref() != "telnyx")
+        {
+            cx.error(
+                file,
+                Some(e.span()),
+                "`encoding` applies only to mode = \"telnyx\"",
+            );
+            ok = false;
+        }
         let auth = match &p.auth {
             Some(a) => check_agent_auth(cx, file, a).map(Some),
             None => Some(None),

@@ -1,4 +1,4 @@
-//! Opening an agent WebSocket, for every agent dialect (native, Twilio): the
+//! Opening an agent WebSocket, for every agent dialect (native, Twilio, Telnyx): the
 //! upgrade request with the tenant's authentication (bearer token or HMAC
 //! signature, `docs/agent-protocol.md`), TLS for `wss://` (rustls with the
 //! webpki roots plus the tenant's `ca_file`), the connect time limit and the

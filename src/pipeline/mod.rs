@@ -4,8 +4,10 @@
 //! Owns: one tokio task per call per pipeline connection, the bounded
 //! channels between it and the call task ([`PipelineHandle`]), and the wire
 //! protocols (the native agent protocol, `docs/agent-protocol.md`; Twilio
-//! Media Streams, [`twilio`]; Deepgram live speech-to-text, [`deepgram`]),
-//! agents' connections opened by [`connect`].
+//! Media Streams, [`twilio`]; Telnyx Media Streaming, [`telnyx`]; the two
+//! carrier dialects share one connection task, [`media_stream`]; Deepgram
+//! live speech-to-text, [`deepgram`]), agents' connections opened by
+//! [`connect`].
 //! Must not touch: SIP or media state. The call task (`daemon::run_call`)
 //! feeds frames in with non-blocking sends and applies the
 //! [`AgentCommand`]s it receives to its `Call` and `MediaSession`; a slow or
@@ -19,12 +21,14 @@
 
 pub mod connect;
 pub mod deepgram;
+pub mod media_stream;
 pub mod native;
+pub mod telnyx;
 pub mod twilio;
 
 use crate::call::PcmFrame;
 use crate::call::supervisor::ConnectionFailure;
-use crate::config::{AgentAuth, AgentMode, AgentSettings};
+use crate::config::{AgentAuth, AgentMode, AgentSettings, TelnyxEncoding};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
@@ -108,6 +112,8 @@ pub enum PipelineSpec {
     Native(AgentTarget),
     /// An agent speaking Twilio Media Streams.
     Twilio(AgentTarget),
+    /// An agent speaking Telnyx Media Streaming, in this encoding.
+    Telnyx(AgentTarget, TelnyxEncoding),
     /// Deepgram live transcription of the caller.
     Deepgram(deepgram::DeepgramTarget),
 }
@@ -118,6 +124,7 @@ impl PipelineSpec {
         let target = AgentTarget::for_settings(settings);
         match settings.mode {
             AgentMode::Twilio => PipelineSpec::Twilio(target),
+            AgentMode::Telnyx(encoding) => PipelineSpec::Telnyx(target, encoding),
             _ => PipelineSpec::Native(target),
         }
     }
@@ -129,6 +136,9 @@ fn spawn_agent(spec: PipelineSpec, info: CallInfo, attempt: u32, chans: native::
     match spec {
         PipelineSpec::Twilio(target) => {
             tokio::spawn(twilio::run(target, info, attempt, chans));
+        }
+        PipelineSpec::Telnyx(target, encoding) => {
+            tokio::spawn(telnyx::run(target, info, attempt, chans, encoding));
         }
         PipelineSpec::Native(target) => {
             tokio::spawn(native::run(target, info, attempt, chans));
@@ -234,7 +244,9 @@ impl PipelineHandle {
         };
         let mut stt = None;
         match spec {
-            spec @ (PipelineSpec::Native(_) | PipelineSpec::Twilio(_)) => {
+            spec @ (PipelineSpec::Native(_)
+            | PipelineSpec::Twilio(_)
+            | PipelineSpec::Telnyx(..)) => {
                 spawn_agent(spec, info, attempt, chans);
             }
             PipelineSpec::Deepgram(target) => {
@@ -285,7 +297,7 @@ impl PipelineHandle {
     }
 
     /// Queues a final transcript for the agent without waiting (a native
-    /// agent gets a `transcript` event; Twilio Media Streams has none).
+    /// agent gets a `transcript` event; Twilio and Telnyx streams have none).
     pub fn send_transcript(&mut self, transcript: Transcript) {
         let _ = self.events.try_send(Event::Transcript(transcript));
     }

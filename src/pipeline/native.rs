@@ -6,7 +6,7 @@
 //! Must not touch: call or media state (it only talks to the call task
 //! through the channels in [`Channels`]). The WebSocket itself is
 //! tokio-tungstenite's; nothing of RFC 6455 is written here, and the
-//! connection is opened by [`super::connect`] (shared with Twilio mode).
+//! connection is opened by [`super::connect`] (shared with the Twilio and Telnyx modes).
 
 use super::connect::{AgentSocket, close, open, report_end};
 use super::{AgentCommand, AgentTarget, CallInfo, Event};

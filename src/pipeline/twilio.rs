@@ -6,22 +6,23 @@
 //!
 //! Owns: the message formats and the per-stream state ([`TwilioStream`]:
 //! streamSid, the string counters, the µ-law 8 kHz ⇄ pipeline-rate PCM
-//! conversion with its resampler state) and the connection task ([`run`]).
-//! Must not touch: call or media state (only the channels in
-//! [`Channels`]); the connection is opened by [`super::connect`]. G.711 and
+//! conversion with its resampler state). Must not touch: call or media
+//! state; the connection task is [`super::media_stream`]'s (shared with
+//! Telnyx mode) and the connection is opened by [`super::connect`]. G.711 and
 //! resampling are `crate::media`'s; base64 is the `base64` crate's.
 
-use super::connect::{AgentError, AgentSocket, close, open, report_end};
-use super::native::{CLOSE_TIMEOUT, Channels};
+use super::connect::AgentError;
+use super::media_stream::{self, AgentFrame, StreamDialect};
+use super::native::Channels;
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
 use crate::call::supervisor::ConnectionFailure;
 use crate::media::g711::{self, Law};
 use crate::media::resample::{Downsampler, PipelineRate, Upsampler};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tracing::{debug, info, warn};
+use std::time::SystemTime;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tracing::warn;
 
 /// Samples in one 20 ms µ-law frame at 8 kHz.
 const FRAME_8K: usize = 160;
@@ -264,133 +265,54 @@ impl TwilioStream {
     }
 }
 
-/// The connection task: connect (reported to the call's supervisor like
-/// the native dialect, see [`super::connect::open`]), `connected` + `start`
-/// with a fresh `streamSid`, then relay both ways until the call task drops
-/// its handle (→ `stop`, close), the agent closes the stream (→ hang up, as
-/// Twilio ends a `<Connect><Stream>` call) or the connection fails
-/// (→ reported, the supervisor decides).
-pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, mut chans: Channels) {
+impl StreamDialect for TwilioStream {
+    const MODE: &'static str = "twilio";
+
+    fn opening(&mut self, info: &CallInfo) -> Vec<String> {
+        vec![self.connected_message(), self.start_message(info)]
+    }
+
+    fn media_message(&mut self, pcm: &[i16]) -> String {
+        TwilioStream::media_message(self, pcm)
+    }
+
+    fn event_message(&mut self, ev: &Event, _now: SystemTime) -> Option<String> {
+        TwilioStream::event_message(self, ev)
+    }
+
+    fn stop_message(&mut self) -> String {
+        TwilioStream::stop_message(self)
+    }
+
+    fn agent_text(&mut self, text: &str) -> AgentFrame {
+        self.parse_agent_text(text)
+            .map_or(AgentFrame::Ignored, AgentFrame::Command)
+    }
+
+    /// Twilio rejects binary frames (warning 31950); so do we.
+    fn agent_binary(&mut self) -> AgentFrame {
+        AgentFrame::Ignored
+    }
+}
+
+/// The connection task ([`super::media_stream::run`]) with a fresh
+/// `streamSid`; the agent closing the stream hangs up, as Twilio ends a
+/// `<Connect><Stream>` call.
+pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, chans: Channels) {
     let stream_sid = new_stream_sid(&mut rand::rng());
-    let mut stream = match TwilioStream::new(&info, stream_sid) {
-        Ok(s) => s,
+    match TwilioStream::new(&info, stream_sid) {
+        Ok(mut stream) => {
+            stream.set_reconnect(attempt);
+            media_stream::run(target, info, attempt, chans, stream).await;
+        }
         Err(e) => {
             warn!(call_id = %info.call_id, error = %e, "twilio stream not started");
             let _ = chans
                 .commands
                 .send(AgentCommand::Failed(ConnectionFailure::Unreachable))
                 .await;
-            return;
-        }
-    };
-    stream.set_reconnect(attempt);
-    let Some(ws) = open(&target, &info.call_id, attempt, &chans.commands, "twilio").await else {
-        return;
-    };
-    let result = session(ws, &mut stream, &info, &mut chans).await;
-    report_end(
-        &target,
-        &info.call_id,
-        attempt,
-        result,
-        &chans.commands,
-        "twilio",
-    )
-    .await;
-}
-
-async fn session(
-    mut ws: AgentSocket,
-    stream: &mut TwilioStream,
-    info: &CallInfo,
-    chans: &mut Channels,
-) -> Result<(), TwilioError> {
-    debug!(call_id = %info.call_id, stream_sid = stream.stream_sid(), "twilio stream starting");
-    ws.send(Message::text(stream.connected_message())).await?;
-    ws.send(Message::text(stream.start_message(info))).await?;
-    // The call task dropping its handle ends the relay even while a send
-    // waits for an agent that stopped reading.
-    let dropped = chans.commands.clone();
-    let agent_closed = tokio::select! {
-        r = relay(&mut ws, stream, info, chans) => r?,
-        () = dropped.closed() => false,
-    };
-    if agent_closed {
-        return Ok(());
-    }
-    // Bounded: an agent that stopped reading cannot keep this task alive.
-    tokio::time::timeout(CLOSE_TIMEOUT, finish(&mut ws, stream, chans))
-        .await
-        .unwrap_or(Ok(()))
-}
-
-/// Relays both ways until the call task drops its handle (`Ok(false)`), the
-/// agent closes the stream (`Ok(true)`: the call is asked to hang up) or the
-/// connection fails.
-async fn relay(
-    ws: &mut AgentSocket,
-    stream: &mut TwilioStream,
-    info: &CallInfo,
-    chans: &mut Channels,
-) -> Result<bool, TwilioError> {
-    loop {
-        tokio::select! {
-            frame = chans.audio.recv() => match frame {
-                Some(pcm) => ws.send(Message::text(stream.media_message(&pcm))).await?,
-                None => return Ok(false),
-            },
-            ev = chans.events.recv() => match ev {
-                Some(ev) => {
-                    if let Some(m) = stream.event_message(&ev) {
-                        ws.send(Message::text(m)).await?;
-                    }
-                }
-                None => return Ok(false),
-            },
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => match stream.parse_agent_text(&text) {
-                    Some(cmd) => {
-                        if chans.commands.send(cmd).await.is_err() {
-                            return Ok(false);
-                        }
-                    }
-                    None => debug!("agent message ignored"),
-                },
-                Some(Ok(Message::Close(_))) => {
-                    info!(call_id = %info.call_id, "agent closed the stream: hanging up");
-                    let _ = chans.commands.send(AgentCommand::HangUp).await;
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
-                    return Ok(true);
-                }
-                // Twilio rejects binary frames (warning 31950); so do we.
-                Some(Ok(Message::Binary(_))) => debug!("agent binary message ignored"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => {
-                    return Err(AgentError::Ws("agent dropped the connection".to_owned()).into());
-                }
-            },
         }
     }
-}
-
-/// The call ended: send what is still queued, then `stop`, then close.
-async fn finish(
-    ws: &mut AgentSocket,
-    stream: &mut TwilioStream,
-    chans: &mut Channels,
-) -> Result<(), TwilioError> {
-    while let Ok(pcm) = chans.audio.try_recv() {
-        ws.send(Message::text(stream.media_message(&pcm))).await?;
-    }
-    while let Ok(ev) = chans.events.try_recv() {
-        if let Some(m) = stream.event_message(&ev) {
-            ws.send(Message::text(m)).await?;
-        }
-    }
-    ws.send(Message::text(stream.stop_message())).await?;
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close(ws)).await;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Helpers for the agent acceptance tests (`tests/agent_native.rs`,
-//! `tests/agent_twilio.rs`), written from the specs and independent of the
+//! `tests/agent_twilio.rs`, `tests/agent_telnyx.rs`), written from the specs and independent of the
 //! bridge's own code: a µ-law decode table and base64, normalised
 //! cross-correlation, capture of the RTP that reaches the caller, the
 //! "playout stopped within N ms of media time after `clear`" measurement, an
