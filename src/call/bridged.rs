@@ -109,6 +109,8 @@ pub enum AgentEvent {
     Clear,
     /// Pause (`true`) or resume (`false`) the recording and the transcript.
     PauseRecording(bool),
+    /// Keys to send to the caller's side (an IVR), after the audio queued.
+    SendDtmf(String),
 }
 
 /// One input to a bridged call.
@@ -269,6 +271,8 @@ pub enum BridgeEvent {
     PlayoutFull(usize),
     /// An agent mark could not be queued.
     MarkDropped(String),
+    /// Keys the agent asked to send were refused (why; never the keys).
+    DtmfRefused(String),
     /// The call is over for the user. The media session's last state goes
     /// with it (for the final counters); the owner closes the sockets, the
     /// CDR is final once the pipeline's own dropped frames are added.
@@ -862,6 +866,18 @@ impl BridgedCall {
                 }
             }
             AgentEvent::PauseRecording(pause) => self.pause_recording(now, pause),
+            AgentEvent::SendDtmf(keys) => {
+                let Some(m) = &mut self.media else { return };
+                l.supervisor.on_agent_output(now);
+                if let Err(e) = m.send_dtmf(&keys) {
+                    // The keys may be a PIN: the reason only.
+                    let why = match e {
+                        super::media::DtmfOutError::InvalidKey(_) => "not a DTMF key".to_owned(),
+                        other => other.to_string(),
+                    };
+                    out.push_back(BridgeOutput::Event(BridgeEvent::DtmfRefused(why)));
+                }
+            }
         }
     }
 

@@ -11,7 +11,7 @@
 //! clocks (`now`/`wall` are passed in), SIP (the `Call` hands over the
 //! negotiated session).
 
-use crate::media::dtmf::{DtmfEvent, DtmfReceiver};
+use crate::media::dtmf::{self as dtmf, DtmfEvent, DtmfReceiver, DtmfSender};
 use crate::media::g711::{self, Law};
 use crate::media::jitter::{CONCEAL_FADE_FRAMES, Frame, JitterBuffer, JitterConfig, conceal};
 use crate::media::noise::ComfortNoise;
@@ -33,6 +33,12 @@ use std::time::{Duration, Instant, SystemTime};
 const FRAME: usize = 160;
 /// The media clock period.
 const TICK: Duration = Duration::from_millis(20);
+/// How long each key of an agent's DTMF is held, and the pause after it.
+const DTMF_KEY: Duration = Duration::from_millis(100);
+/// Ticks of silence between two keys.
+const DTMF_GAP_TICKS: u32 = 3;
+/// Keys an agent may have waiting at once (more are refused).
+const MAX_DTMF_QUEUED: usize = 64;
 /// Outbound ticks sent late, back to back, when the task woke late; older
 /// ones are skipped (the same bound as the prompt's and playout's catch-up).
 const MAX_SEND_CATCH_UP: u32 = 3;
@@ -43,6 +49,24 @@ const MAX_ECHO_FRAMES: usize = 250;
 #[derive(Debug, thiserror::Error)]
 #[error("media set-up failed: {0}")]
 pub struct MediaSetupError(String);
+
+/// Keys an agent asked to send that cannot be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DtmfOutError {
+    /// Not a key: only `0`–`9`, `*`, `#` and `A`–`D`.
+    #[error("not a DTMF key: {0:?}")]
+    InvalidKey(char),
+    /// Nothing to send.
+    #[error("no keys")]
+    Empty,
+    /// Too many keys waiting already.
+    #[error("more than {MAX_DTMF_QUEUED} keys waiting")]
+    TooMany,
+    /// The playout queue's marks are full.
+    #[error("too many marks pending")]
+    Marks,
+}
 
 /// What the media of a call is configured to do (from the tenant).
 #[derive(Debug, Clone)]
@@ -143,6 +167,23 @@ pub struct MediaSession {
     /// The last upsampled sample, held back one sample (see `inbound_tick`).
     up_carry: i16,
     prev: Vec<i16>,
+    /// The negotiated RFC 4733 payload type (none: keys go in-band).
+    te_pt: Option<u8>,
+    /// The RFC 4733 key being sent.
+    dtmf_out: DtmfSender,
+    /// Keys the agent sent, each group behind the audio queued before it
+    /// (the playout mark that releases it, and the keys).
+    dtmf_waiting: VecDeque<(String, Vec<char>)>,
+    /// Keys released: sent one after the other.
+    dtmf_now: VecDeque<char>,
+    /// The in-band key being played, and the frames of it sent.
+    dtmf_tone: Option<(char, u32)>,
+    /// Ticks of silence still due after a key.
+    dtmf_gap: u32,
+    /// Names the internal marks apart.
+    dtmf_marks: u64,
+    /// Keys sent to the caller.
+    dtmf_sent: u64,
     /// Comfort noise fills the caller's silence while this is set (the
     /// agent is away: its connection is being re-established).
     comfort_noise: Option<ComfortNoise>,
@@ -238,6 +279,14 @@ impl MediaSession {
             up_carry: 0,
             prev: vec![0; FRAME],
             conceal_run: 0,
+            te_pt: neg.telephone_event_pt,
+            dtmf_out: DtmfSender::new(8000),
+            dtmf_waiting: VecDeque::new(),
+            dtmf_now: VecDeque::new(),
+            dtmf_tone: None,
+            dtmf_gap: 0,
+            dtmf_marks: 0,
+            dtmf_sent: 0,
             comfort_noise: None,
             noise_seed: rng.next_u32(),
             noise_frames: 0,
@@ -267,6 +316,7 @@ impl MediaSession {
             (None, _) => self.srtp = None,
         }
         self.send_paused = !neg.local_direction.sends() || neg.remote_rtp.is_none();
+        self.te_pt = neg.telephone_event_pt;
         if let Some(addr) = neg.remote_rtp {
             self.receiver.set_sdp_address(addr);
             if self.receiver.latched_source().is_none() {
@@ -294,11 +344,67 @@ impl MediaSession {
         self.playout.mark(name)
     }
 
+    /// Keys from the agent to send to the caller (an IVR on the far end),
+    /// after the agent audio queued so far: RFC 4733 events when the far end
+    /// negotiated telephone-event, else in-band tones; each key held 100 ms
+    /// with 60 ms between keys. A `clear` before they start drops them.
+    pub fn send_dtmf(&mut self, keys: &str) -> Result<(), DtmfOutError> {
+        let keys: Vec<char> = keys.chars().collect();
+        if keys.is_empty() {
+            return Err(DtmfOutError::Empty);
+        }
+        if let Some(&bad) = keys
+            .iter()
+            .find(|&&k| k == '!' || dtmf::key_frequencies(k).is_none())
+        {
+            return Err(DtmfOutError::InvalidKey(bad));
+        }
+        let waiting: usize = self.dtmf_waiting.iter().map(|(_, k)| k.len()).sum();
+        if waiting + self.dtmf_now.len() + keys.len() > MAX_DTMF_QUEUED {
+            return Err(DtmfOutError::TooMany);
+        }
+        self.dtmf_marks += 1;
+        let name = format!("\u{1}sipbridge-dtmf-{}", self.dtmf_marks);
+        self.playout
+            .mark(name.clone())
+            .map_err(|_| DtmfOutError::Marks)?;
+        self.dtmf_waiting.push_back((name, keys));
+        Ok(())
+    }
+
+    /// Keys sent to the caller so far.
+    pub fn dtmf_sent(&self) -> u64 {
+        self.dtmf_sent
+    }
+
+    /// A mark the playout queue reports: the agent's, or one that releases
+    /// the agent's keys (never reported to the agent).
+    fn on_playout_mark(&mut self, mark: MarkEvent) {
+        if let Some(i) = self.dtmf_waiting.iter().position(|(n, _)| *n == mark.name) {
+            if let Some((_, keys)) = self.dtmf_waiting.remove(i)
+                && !mark.cleared
+            {
+                self.dtmf_now.extend(keys);
+            }
+            return;
+        }
+        self.out.push_back(MediaOutput::Mark(mark));
+    }
+
+    /// Whether a key is being sent (or its pause runs): the agent's audio
+    /// queued after it waits.
+    fn dtmf_busy(&self) -> bool {
+        !self.dtmf_out.is_idle()
+            || self.dtmf_tone.is_some()
+            || self.dtmf_gap > 0
+            || !self.dtmf_now.is_empty()
+    }
+
     /// Barge-in: drop all queued pipeline audio at once.
     pub fn clear(&mut self) {
         self.playout.clear();
         while let Some(mark) = self.playout.poll_marks() {
-            self.out.push_back(MediaOutput::Mark(mark));
+            self.on_playout_mark(mark);
         }
     }
 
@@ -591,16 +697,32 @@ impl MediaSession {
         // While the prompt plays the playout queue is not polled: audio the
         // pipeline sends meanwhile waits (its slot clock skips ahead, the audio
         // is delayed, not dropped) and starts when the disclosure has ended.
-        if !have_audio && let Some(frame) = self.playout.poll(now) {
+        // While the agent's keys are sent, its audio queued after them waits
+        // (the playout's slot clock skips ahead: delayed, not dropped).
+        let dtmf_busy = self.dtmf_busy();
+        if !have_audio
+            && !dtmf_busy
+            && let Some(frame) = self.playout.poll(now)
+        {
             payload = frame.payload;
             have_audio = !frame.is_silence;
+        }
+        while let Some(mark) = self.playout.poll_marks() {
+            self.on_playout_mark(mark);
+        }
+        if !have_audio && self.dtmf_busy() {
+            match self.dtmf_tick(now) {
+                DtmfTick::Events(packets) => return self.send_events(packets),
+                DtmfTick::Tone(pcm) => {
+                    g711::encode(self.law, &pcm[..], &mut payload);
+                    have_audio = true;
+                }
+                DtmfTick::Pause => have_audio = true,
+            }
         }
         if !have_audio && let Some(noise) = &mut self.comfort_noise {
             payload = noise.frame(self.law);
             self.noise_frames += 1;
-        }
-        while let Some(mark) = self.playout.poll_marks() {
-            self.out.push_back(MediaOutput::Mark(mark));
         }
         match (self.remote, self.send_paused) {
             (Some(to), false) if to.port() != 0 => {
@@ -617,6 +739,87 @@ impl MediaSession {
                 None
             }
         }
+    }
+}
+
+/// What the agent's keys do with one outbound tick.
+enum DtmfTick {
+    /// RFC 4733 packets to send instead of audio (possibly none this tick).
+    Events(Vec<dtmf::DtmfPacket>),
+    /// An in-band tone frame to send as audio.
+    Tone(Box<[i16; FRAME]>),
+    /// The pause between keys: silence.
+    Pause,
+}
+
+impl MediaSession {
+    /// Advances the agent's keys by one tick at `now`.
+    fn dtmf_tick(&mut self, now: Instant) -> DtmfTick {
+        if self.dtmf_gap > 0 && self.dtmf_out.is_idle() && self.dtmf_tone.is_none() {
+            self.dtmf_gap -= 1;
+            return DtmfTick::Pause;
+        }
+        match self.te_pt {
+            Some(_) => {
+                if self.dtmf_out.is_idle()
+                    && let Some(key) = self.dtmf_now.pop_front()
+                    && self
+                        .dtmf_out
+                        .press(key, DTMF_KEY, now, self.sender.timestamp())
+                        .is_ok()
+                {
+                    self.dtmf_sent += 1;
+                }
+                let mut packets = Vec::new();
+                while let Some(p) = self.dtmf_out.poll(now) {
+                    packets.push(p);
+                }
+                if self.dtmf_out.is_idle() {
+                    self.dtmf_gap = DTMF_GAP_TICKS;
+                }
+                DtmfTick::Events(packets)
+            }
+            None => {
+                if self.dtmf_tone.is_none()
+                    && let Some(key) = self.dtmf_now.pop_front()
+                {
+                    self.dtmf_sent += 1;
+                    self.dtmf_tone = Some((key, 0));
+                }
+                let Some((key, n)) = self.dtmf_tone else {
+                    return DtmfTick::Pause;
+                };
+                let pcm = Box::new(dtmf::tone_frame(key, n * FRAME as u32));
+                let frames = (DTMF_KEY.as_millis() / TICK.as_millis()) as u32;
+                if n + 1 >= frames {
+                    self.dtmf_tone = None;
+                    self.dtmf_gap = DTMF_GAP_TICKS;
+                } else {
+                    self.dtmf_tone = Some((key, n + 1));
+                }
+                DtmfTick::Tone(pcm)
+            }
+        }
+    }
+
+    /// Sends this tick's RFC 4733 packets (none between updates) in place of
+    /// audio; the audio clock runs on, and audio after the key starts a new
+    /// talkspurt.
+    fn send_events(&mut self, packets: Vec<dtmf::DtmfPacket>) -> Option<[u8; FRAME]> {
+        self.talkspurt = true;
+        if let (Some(to), false, Some(pt)) = (self.remote, self.send_paused, self.te_pt)
+            && to.port() != 0
+        {
+            for p in packets {
+                let bytes = self
+                    .sender
+                    .packet_with(pt, p.timestamp, &p.payload, p.marker);
+                self.counters.rtp_out += 1;
+                self.out.push_back(MediaOutput::Rtp { to, bytes });
+            }
+        }
+        self.sender.skip(FRAME as u32);
+        None
     }
 }
 
@@ -780,6 +983,91 @@ mod tests {
         );
         assert_eq!(m.counters().ticks_skipped, 7);
         assert_eq!(m.counters().rtp_out, sent.len() as u64);
+    }
+
+    /// The agent's keys go out after the audio queued before them, as RFC 4733
+    /// events (start with marker, updates, three end packets with E set, all
+    /// with the key's timestamp and the negotiated payload type), one key after
+    /// the other; then the agent's later audio. Without telephone-event they
+    /// are in-band tones. Invalid keys are refused.
+    #[test]
+    fn agent_keys_go_out_as_rfc4733_events_after_the_queued_audio() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let t0 = Instant::now();
+        let no_prompt = || MediaPlan {
+            prompt: None,
+            ..plan(false, &[0; 160])
+        };
+        let mut m = MediaSession::new(t0, &negotiated(), no_prompt(), &mut rng).unwrap();
+        // 60 ms of agent audio, the keys, 40 ms more.
+        m.push_pipeline_audio(&[3000; 480]);
+        m.send_dtmf("1#").unwrap();
+        m.push_pipeline_audio(&[-3000; 320]);
+        assert_eq!(m.send_dtmf("12x"), Err(DtmfOutError::InvalidKey('x')));
+        assert_eq!(m.send_dtmf(""), Err(DtmfOutError::Empty));
+        let mut sent = Vec::new();
+        for tick in 0u32..40 {
+            m.handle_timeout(t0 + TICK * tick, SystemTime::UNIX_EPOCH, &mut rng);
+            while let Some(o) = m.poll_output() {
+                assert!(!matches!(o, MediaOutput::Mark(_)), "internal mark leaked");
+                if let MediaOutput::Rtp { bytes, .. } = o {
+                    sent.push((tick, bytes.to_vec()));
+                }
+            }
+        }
+        let pt = |b: &[u8]| b[1] & 0x7f;
+        let events: Vec<&(u32, Vec<u8>)> = sent.iter().filter(|(_, b)| pt(b) == 101).collect();
+        // Per key: start (marker), one update, three ends.
+        assert_eq!(events.len(), 10, "{events:?}");
+        for (key, code) in [(0usize, 1u8), (1, 11)] {
+            let e = &events[key * 5..key * 5 + 5];
+            let ts = &e[0].1[4..8];
+            assert!(
+                e.iter().all(|(_, b)| &b[4..8] == ts),
+                "one timestamp per key"
+            );
+            assert!(e.iter().all(|(_, b)| b[12] == code), "event code");
+            assert_eq!(e[0].1[1] & 0x80, 0x80, "marker on the first");
+            let ends = e.iter().filter(|(_, b)| b[13] & 0x80 != 0).count();
+            assert_eq!(ends, 3, "three end packets");
+            assert_eq!(u16::from_be_bytes([e[4].1[14], e[4].1[15]]), 800, "100 ms");
+        }
+        // The first key starts after the 3 frames of audio queued before it;
+        // audio queued after the keys comes after the last end packet.
+        let first_event = events[0].0;
+        let audio_before = sent
+            .iter()
+            .filter(|(t, b)| *t < first_event && pt(b) == 0 && b[12..].iter().any(|&c| c != 0xff))
+            .count();
+        assert_eq!(audio_before, 3);
+        let last_event = events.last().unwrap().0;
+        let later_audio = sent
+            .iter()
+            .filter(|(t, b)| *t > last_event && pt(b) == 0 && b[12..].iter().any(|&c| c != 0xff))
+            .count();
+        assert_eq!(later_audio, 2, "the audio sent after the keys");
+        assert_eq!(m.dtmf_sent(), 2);
+
+        // No telephone-event negotiated: in-band tones, 100 ms per key.
+        let mut neg = negotiated();
+        neg.telephone_event_pt = None;
+        let mut m = MediaSession::new(t0, &neg, no_prompt(), &mut rng).unwrap();
+        m.send_dtmf("5").unwrap();
+        let mut tones = 0;
+        for tick in 0u32..20 {
+            m.handle_timeout(t0 + TICK * tick, SystemTime::UNIX_EPOCH, &mut rng);
+            while let Some(o) = m.poll_output() {
+                if let MediaOutput::Rtp { bytes, .. } = o {
+                    assert_eq!(pt(&bytes), 0);
+                    let mut pcm = [0i16; FRAME];
+                    g711::decode(Law::Mu, &bytes[12..], &mut pcm);
+                    if pcm.iter().map(|&s| i32::from(s).abs()).max().unwrap() > 4000 {
+                        tones += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(tones, 5);
     }
 
     #[test]

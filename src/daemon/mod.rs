@@ -624,6 +624,7 @@ impl CallTask<'_> {
                 debug!(dropped, "playout queue full; agent audio dropped");
             }
             BridgeEvent::MarkDropped(name) => debug!(mark = %name, "mark dropped"),
+            BridgeEvent::DtmfRefused(why) => warn!(%why, "agent's DTMF refused"),
             BridgeEvent::Ended { mut record, media } => {
                 self.live
                     .ended
@@ -725,6 +726,7 @@ async fn run_call(
                 AgentCommand::Connected => BridgeInput::Agent(AgentEvent::Connected),
                 AgentCommand::Failed(f) => BridgeInput::Agent(AgentEvent::Failed(f)),
                 AgentCommand::PauseRecording(p) => BridgeInput::Agent(AgentEvent::PauseRecording(p)),
+                AgentCommand::SendDtmf(keys) => BridgeInput::Agent(AgentEvent::SendDtmf(keys)),
             },
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),

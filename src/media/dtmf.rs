@@ -350,6 +350,51 @@ impl DtmfSender {
     }
 }
 
+/// The two frequencies (low, high) of a DTMF key (ITU-T Q.23), `None` for
+/// flash and anything else.
+pub fn key_frequencies(digit: char) -> Option<(f64, f64)> {
+    const LOW: [f64; 4] = [697.0, 770.0, 852.0, 941.0];
+    const HIGH: [f64; 4] = [1209.0, 1336.0, 1477.0, 1633.0];
+    let (row, col) = match digit.to_ascii_uppercase() {
+        '1' => (0, 0),
+        '2' => (0, 1),
+        '3' => (0, 2),
+        'A' => (0, 3),
+        '4' => (1, 0),
+        '5' => (1, 1),
+        '6' => (1, 2),
+        'B' => (1, 3),
+        '7' => (2, 0),
+        '8' => (2, 1),
+        '9' => (2, 2),
+        'C' => (2, 3),
+        '*' => (3, 0),
+        '0' => (3, 1),
+        '#' => (3, 2),
+        'D' => (3, 3),
+        _ => return None,
+    };
+    Some((LOW[row], HIGH[col]))
+}
+
+/// 160 samples (20 ms at 8 kHz) of the in-band tone of `digit`, starting
+/// `offset` samples into the tone (so consecutive frames join without a
+/// click): both frequencies at about −9 dBm0 each. Silence for a key that
+/// has no tone.
+pub fn tone_frame(digit: char, offset: u32) -> [i16; 160] {
+    let mut pcm = [0i16; 160];
+    let Some((low, high)) = key_frequencies(digit) else {
+        return pcm;
+    };
+    for (i, s) in pcm.iter_mut().enumerate() {
+        let t = f64::from(offset + i as u32) / 8000.0;
+        let v = 5000.0 * (2.0 * std::f64::consts::PI * low * t).sin()
+            + 5000.0 * (2.0 * std::f64::consts::PI * high * t).sin();
+        *s = v as i16;
+    }
+    pcm
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -702,6 +702,11 @@ impl RtpSender {
         self.ssrc
     }
 
+    /// The RTP timestamp the next packet gets.
+    pub fn timestamp(&self) -> u32 {
+        self.timestamp
+    }
+
     /// Sequence number of the next packet.
     pub fn next_seq(&self) -> u16 {
         self.seq

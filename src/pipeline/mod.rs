@@ -199,6 +199,8 @@ pub enum AgentCommand {
     /// Pause (`true`) or resume (`false`) the recording and the transcript
     /// (PCI: card numbers read out).
     PauseRecording(bool),
+    /// Keys to send to the caller's side (`{"event":"dtmf","digits":…}`).
+    SendDtmf(String),
     /// A final transcript segment (for the store).
     Transcript(Transcript),
     /// The connection is up (before any other command of this connection).

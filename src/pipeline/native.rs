@@ -88,6 +88,9 @@ pub fn parse_agent_text(text: &str) -> Option<AgentCommand> {
         "mark" => Some(AgentCommand::Mark(v.get("name")?.as_str()?.to_owned())),
         "clear" => Some(AgentCommand::Clear),
         "hangup" => Some(AgentCommand::HangUp),
+        "dtmf" => Some(AgentCommand::SendDtmf(
+            v.get("digits")?.as_str()?.chars().take(256).collect(),
+        )),
         "pause_recording" => Some(AgentCommand::PauseRecording(true)),
         "resume_recording" => Some(AgentCommand::PauseRecording(false)),
         _ => None,
@@ -261,5 +264,15 @@ mod tests {
         assert_eq!(bytes, vec![1, 0, 0xfe, 0xff, 0xff, 0x7f]);
         assert_eq!(bytes_to_pcm(&bytes), vec![1, -2, i16::MAX]);
         assert_eq!(bytes_to_pcm(&[1, 0, 9]), vec![1]);
+    }
+
+    #[test]
+    fn dtmf_from_the_agent_is_a_command() {
+        assert_eq!(
+            parse_agent_text(r#"{"event":"dtmf","digits":"12#"}"#),
+            Some(AgentCommand::SendDtmf("12#".into()))
+        );
+        assert_eq!(parse_agent_text(r#"{"event":"dtmf"}"#), None);
+        assert_eq!(parse_agent_text(r#"{"event":"dtmf","digits":7}"#), None);
     }
 }

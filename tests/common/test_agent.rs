@@ -32,6 +32,8 @@ pub(crate) enum Behaviour {
     /// Upgrade, then never read from the socket again (with a small receive buffer,
     /// the bridge's sends soon block).
     NeverRead,
+    /// Upgrade, send this text message right after `start`, then read everything.
+    SayAfterStart(&'static str),
 }
 
 /// What one connection saw.
@@ -235,6 +237,12 @@ async fn connection(
                 record(&|c: &mut ConnLog| c.texts.push(v.clone()));
                 if start && behaviour == Behaviour::DropAfterStart {
                     return;
+                }
+                if let (true, Behaviour::SayAfterStart(text)) = (start, behaviour) {
+                    use futures_util::SinkExt;
+                    if ws.send(Message::text(text.to_owned())).await.is_err() {
+                        return;
+                    }
                 }
             }
             Message::Binary(_) => record(&|c: &mut ConnLog| c.frames += 1),
