@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The admin API under load (issue 15): a tenant with 1,000 recordings is
 //! listed page by page through `limit` and `cursor`, each page at most the
-//! maximum, every recording exactly once, and another tenant's never.
+//! maximum, every recording exactly once, and another tenant's never; the
+//! retention endpoints read only the token's tenant's rows.
 
 mod common;
 
@@ -148,4 +149,79 @@ fn metrics_behind_a_bearer_token_when_configured() {
     assert!(ok.text().contains("sipbridge_"), "{}", ok.text());
     // Health stays open.
     assert_eq!(get(addr, "/healthz", None).status, 200);
+}
+
+/// A tenant's token on `/v1/retention` and `/v1/retention/dry-run` reads its
+/// own rows only: another tenant's row that cannot be read (its creation
+/// time damaged in the database) does not fail the tenant's answer, while
+/// the admin's, which reads every tenant, fails on it.
+#[test]
+fn privacy_retention_endpoints_read_only_the_token_tenants_rows() {
+    use sha2::{Digest, Sha256};
+    const DEMO_TOKEN: &str = "sbt_cmV0ZW50aW9uLWRlbW8tdG9rZW4tMDE";
+    let dir = tempfile::tempdir().unwrap();
+    let var = dir.path().join("var");
+    std::fs::create_dir(&var).unwrap();
+    let now = unix_ms(std::time::SystemTime::now());
+    let db = var.join("sipbridge.db");
+    let (demo, _other) = {
+        let mut store = Store::open(&db).unwrap();
+        (
+            seed(&mut store, "demo", 3, now),
+            seed(&mut store, "other", 2, now),
+        )
+    };
+    let hash = hex::encode(Sha256::digest(DEMO_TOKEN.as_bytes()));
+    let profile = profile()
+        .replace(
+            "var_dir = \"var\"",
+            &format!(
+                "var_dir = {}",
+                toml::Value::String(var.display().to_string())
+            ),
+        )
+        .replacen(
+            "pipeline = { kind = \"echo\" }\n",
+            &format!("pipeline = {{ kind = \"echo\" }}\nadmin_token_sha256 = \"{hash}\"\n"),
+            1,
+        );
+    let daemon = Daemon::spawn_with_env(&profile, &[("SB_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    let addr = daemon.admin_addr();
+
+    // Before the damage both views answer.
+    let r = get(addr, "/v1/retention", Some(DEMO_TOKEN));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(get(addr, "/v1/retention", Some(ADMIN_TOKEN)).status, 200);
+
+    // Damage one of `other`'s recording rows (a time that is not a number).
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    let n = conn
+        .execute(
+            "UPDATE recordings SET created_at = 'damaged' WHERE tenant = 'other'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 2);
+
+    let r = get(addr, "/v1/retention", Some(DEMO_TOKEN));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let tenants = v["tenants"].as_object().unwrap();
+    assert_eq!(tenants.keys().collect::<Vec<_>>(), ["demo"]);
+    assert_eq!(
+        v["tenants"]["demo"]["stored"]["recordings"],
+        demo.len() as u64
+    );
+    let r = get(addr, "/v1/retention/dry-run", Some(DEMO_TOKEN));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.text().contains("other"), "{}", r.text());
+    // Asking for the other tenant is still not found.
+    assert_eq!(
+        get(addr, "/v1/retention?tenant=other", Some(DEMO_TOKEN)).status,
+        404
+    );
+    // The admin's view reads every tenant's rows: it meets the damage.
+    assert_eq!(get(addr, "/v1/retention", Some(ADMIN_TOKEN)).status, 500);
 }

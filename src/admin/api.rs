@@ -1003,25 +1003,16 @@ fn expiry_json(e: &Expiry) -> Value {
     })
 }
 
-/// The dry-run selection at `now`, limited to `tenant`.
+/// What a sweep at `now` would do to `items` (one tenant's, or every
+/// tenant's for the admin), under the policies in force.
 fn dry_run(
     api: &Api,
-    ds: &mut DataStore,
-    tenant: Option<&str>,
+    items: &[crate::store::retention::RetentionItem],
     now: UnixMs,
-) -> ApiResult<crate::store::retention::Selection> {
+) -> crate::store::retention::Selection {
     let policies = api.settings().retention.clone();
     let policy = move |t: &str| policies.get(t).copied();
-    let outcome = ops::run_retention(ds, &policy, now, true)?;
-    let ops::RetentionOutcome::DryRun(mut sel) = outcome else {
-        return Err(ApiError::Internal);
-    };
-    if let Some(t) = tenant {
-        sel.expired.retain(|e| e.item.tenant == t);
-        sel.held.retain(|e| e.item.tenant == t);
-        sel.unknown_tenants.retain(|k, _| k == t);
-    }
-    Ok(sel)
+    crate::store::retention::expired(now, items, &policy)
 }
 
 fn bump(v: &mut Value) {
@@ -1061,8 +1052,9 @@ async fn retention_status(
         .api
         .with_store(move |ds| {
             let now = now_ms();
-            let items = ds.store.retention_items()?;
-            let sel = dry_run(&api, ds, tenant.as_deref(), now)?;
+            // A tenant's token reads only its own rows.
+            let items = ds.store.retention_items_of(tenant.as_deref())?;
+            let sel = dry_run(&api, &items, now);
             let policies = api.settings().retention.clone();
             let mut tenants: BTreeMap<String, Value> = BTreeMap::new();
             let visible = |t: &str| tenant.as_deref().is_none_or(|s| s == t);
@@ -1106,7 +1098,8 @@ async fn retention_dry_run(
         .api
         .with_store(move |ds| {
             let now = now_ms();
-            let sel = dry_run(&api, ds, tenant.as_deref(), now)?;
+            let items = ds.store.retention_items_of(tenant.as_deref())?;
+            let sel = dry_run(&api, &items, now);
             Ok(axum::Json(json!({
                 "now": format_time(now),
                 "would_delete": sel.expired.iter().map(expiry_json).collect::<Vec<_>>(),
