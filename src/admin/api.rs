@@ -1393,6 +1393,25 @@ mod tests {
     }
 
     #[test]
+    fn download_slots_cap_each_tenant_and_free_on_drop() {
+        let slots = Arc::new(DownloadSlots::default());
+        let a1 = slots.take("acme", 2).unwrap();
+        let a2 = slots.take("acme", 2).unwrap();
+        assert!(slots.take("acme", 2).is_none(), "acme is at its cap");
+        // Another tenant has its own.
+        let b1 = slots.take("beta", 2).unwrap();
+        drop(a1);
+        let a3 = slots.take("acme", 2).unwrap();
+        // A lower cap after a reload applies to new downloads at once.
+        assert!(slots.take("acme", 1).is_none());
+        drop((a2, a3, b1));
+        assert!(slots.running.lock().unwrap().is_empty());
+        assert_eq!(ApiError::TooManyDownloads.status().as_u16(), 429);
+        let resp = ApiError::TooManyDownloads.into_response();
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "5");
+    }
+
+    #[test]
     fn cdr_cursors_round_trip_and_reject_junk() {
         let c = cdr_cursor(1_700_000_000_123, "abc:def@host");
         assert_eq!(

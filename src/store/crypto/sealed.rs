@@ -628,6 +628,48 @@ mod tests {
     }
 
     #[test]
+    fn skipping_gives_each_chunks_length_and_catches_what_framing_shows() {
+        let bytes = sealed(&[b"one", b"two", b"three"], b"end");
+        let mut r = SealedReader::new(&bytes[..], &key("acme", 1)).unwrap();
+        let mut lens = Vec::new();
+        while let Some(n) = r.skip_chunk().unwrap() {
+            lens.push(n);
+        }
+        assert_eq!(lens, [3, 3, 5, 3]);
+        // Every cut inside the chunks fails while skipping.
+        let header_end = bytes.len() - (4 * (FRAMING_LEN + TAG_LEN) + 14);
+        for cut in header_end + 1..bytes.len() {
+            let mut r = SealedReader::new(&bytes[..cut], &key("acme", 1)).unwrap();
+            let skipped = std::iter::from_fn(|| r.skip_chunk().transpose()).find(Result::is_err);
+            assert!(skipped.is_some(), "cut {cut}");
+        }
+        // Trailing bytes too.
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let mut r = SealedReader::new(&longer[..], &key("acme", 1)).unwrap();
+        let errs: Vec<_> = std::iter::from_fn(|| r.skip_chunk().transpose())
+            .filter_map(Result::err)
+            .collect();
+        assert!(matches!(
+            errs[..],
+            [CryptoError::TrailingData { after_chunks: 4 }]
+        ));
+        // A flipped ciphertext byte is not seen by skipping: only decrypting
+        // (`next_chunk`) authenticates.
+        let mut flipped = bytes.clone();
+        let at = bytes.len() - TAG_LEN - 1;
+        flipped[at] ^= 1;
+        let mut r = SealedReader::new(&flipped[..], &key("acme", 1)).unwrap();
+        assert!(std::iter::from_fn(|| r.skip_chunk().transpose()).all(|c| c.is_ok()));
+        assert!(
+            SealedReader::new(&flipped[..], &key("acme", 1))
+                .unwrap()
+                .read_all()
+                .is_err()
+        );
+    }
+
+    #[test]
     fn trailing_data_after_final_is_reported_after_the_final_chunk() {
         let mut bytes = sealed(&[b"a"], b"z");
         bytes.push(0);
