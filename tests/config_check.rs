@@ -703,3 +703,37 @@ fn telnyx_mode_and_its_encoding_are_checked() {
         "{stderr}"
     );
 }
+
+#[test]
+fn admin_download_limits_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let admin = "\n[profile.admin]\nlisten = \"127.0.0.1:0\"\n";
+    let with =
+        |lines: &str| profile(5101).replace("\n[[trunk]]", &format!("{admin}{lines}\n[[trunk]]"));
+    // In range: valid.
+    let good = with("download_deadline_s = 30\nmax_downloads_per_tenant = 2\n");
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "good.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+
+    // Zero and beyond the maximum: each reported on its line.
+    let bad = with("download_deadline_s = 0\nmax_downloads_per_tenant = 100000\n");
+    std::fs::write(dir.path().join("bad.toml"), &bad).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "bad.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "download_deadline_s"),
+        "download_deadline_s 0 is out of range: write 1 to 86400",
+    );
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "max_downloads_per_tenant"),
+        "max_downloads_per_tenant 100000 is out of range: write 1 to 256",
+    );
+}

@@ -6,7 +6,9 @@
 //!   complete and decrypt;
 //! - a call still up when `drain_grace_s` passes gets BYE then (not before), its CDR
 //!   says `shutdown`, its recording is complete, exit 0;
-//! - a second SIGTERM ends the calls with BYE at once, exit 0.
+//! - a second SIGTERM ends the calls with BYE at once, exit 0;
+//! - Deepgram's last transcripts, still arriving while the daemon drains, are
+//!   stored before it exits.
 
 mod common;
 mod lifecycle_support;
@@ -285,4 +287,81 @@ fn sigterm_uses_the_drain_grace_of_the_reloaded_profile() {
         })
         .unwrap();
     assert_eq!(log_field(&draining, "grace_s").as_deref(), Some("1"));
+}
+
+/// Deepgram's last Results arriving while the daemon drains (here 2 s after
+/// `CloseStream`, which the bridge sends when SIGTERM ends the call) are in
+/// the store after the process exited: `sipbridge export` decrypts them.
+#[test]
+fn privacy_transcripts_in_flight_at_sigterm_are_stored_before_exit() {
+    use common::deepgram_mock::{DeepgramMock, MockConfig, Scripted};
+    const KEY: &str = "dg-drain-test-key";
+    const LATE: &str = "said as the daemon drained";
+    let mut config = MockConfig::new(KEY);
+    config.on_close_stream = vec![Scripted::final_result(0.2, 0.5, LATE, 0.9)];
+    config.close_stream_delay = Duration::from_secs(2);
+    let mock = DeepgramMock::start(config);
+    let pipeline = format!(
+        r#"pipeline = {{ kind = "deepgram", model = "nova-2", language = "en-US", api_key = "env:DG_KEY", base_url = "{}" }}"#,
+        mock.base_url()
+    );
+    let text = ProfileSpec {
+        media: "rtp_timeout_s = 60",
+        tenant: "caller_audio_after_prompt = false",
+        ..ProfileSpec::default()
+    }
+    .render()
+    .replace(r#"pipeline = { kind = "echo" }"#, &pipeline)
+    .replace("transcripts = false", "transcripts = true");
+    let daemon = Daemon::spawn_with_env(&with_drain_grace(&text, 0), &[("DG_KEY", KEY)]);
+    let target = daemon.udp_addr();
+    let carrier =
+        thread::spawn(move || sipp(&sipp_scenario("bridge_bye.xml"), target, &["-s", NUMBER]));
+    wait_count(&daemon, "answered", 1);
+    wait_count(&daemon, "deepgram connected", 1);
+    thread::sleep(Duration::from_millis(500));
+
+    let pid = daemon.pid();
+    signal(pid, "-TERM");
+    let exit = wait_for_exit(pid, Duration::from_secs(20));
+    assert_eq!(exit, Some(0), "wait status {exit:?}");
+    let result = carrier.join().unwrap();
+    result.assert_success();
+    // The mock sent the late Results; the bridge was still listening.
+    let conns = mock.connections();
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    assert!(
+        conns[0].sent.iter().any(|m| m.contains(LATE)),
+        "{:#?}",
+        conns[0]
+    );
+
+    // Read back from the store the daemon left.
+    let out = daemon.dir().join("export");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args([
+            "export",
+            "--tenant",
+            "demo",
+            "--caller",
+            "+15550001111",
+            "--out",
+        ])
+        .arg(&out)
+        .args(["--config", "profile.toml"])
+        .current_dir(daemon.dir())
+        .env_remove("DG_KEY")
+        .env("SIPBRIDGE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "export: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.join("transcripts.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = list.iter().filter_map(|t| t["text"].as_str()).collect();
+    assert_eq!(texts, [LATE], "{list:#?}");
 }

@@ -4,6 +4,8 @@
 //! `resume_recording` 1.5 s later. The decrypted recording holds silence of the same
 //! length on both channels for that stretch (and sound around it: the prompt on the right,
 //! the caller on the left), its length is the whole call, and the CDR lists the stretch.
+//! With Deepgram, a pause through the admin API keeps what Deepgram transcribes of the
+//! paused stretch out of the store (what comes before and after is stored).
 
 mod common;
 
@@ -193,4 +195,128 @@ fn privacy_pci_pause_leaves_silence_of_the_same_length_and_the_cdr_shows_it() {
     );
     drop(daemon);
     agent.join().unwrap();
+}
+
+/// A PCI pause through the admin API keeps Deepgram's transcript of the
+/// paused stretch out of the store: the mock answers the `Finalize` the
+/// bridge sends into the pause (it streams silence then) with a final
+/// Results, which is dropped; the Results before the pause and the one at the
+/// call's end (after the resume) are stored, read back with `export`.
+#[test]
+fn privacy_pci_pause_keeps_the_paused_stretch_out_of_the_stored_transcript() {
+    use common::deepgram_mock::{ConnScript, DeepgramMock, MockConfig, Scripted};
+    use common::http;
+    const KEY: &str = "dg-pci-pause-key";
+    const ADMIN: &str = "sbadm_cGNpLXBhdXNlLWFkbWluLXRva2VuLTAx";
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = MockConfig::new(KEY);
+    config.scripts = vec![ConnScript {
+        at_audio: vec![(
+            0.3,
+            Scripted::final_result(0.1, 0.2, "before the card", 0.9),
+        )],
+        on_close: vec![Scripted::final_result(0.6, 0.4, "four one one one", 0.9)],
+        drop_at_audio: None,
+    }];
+    config.on_close_stream = vec![Scripted::final_result(2.5, 0.3, "after the card", 0.9)];
+    let mock = DeepgramMock::start(config);
+    let pipeline = format!(
+        r#"pipeline = {{ kind = "deepgram", model = "nova-2", language = "en-US", api_key = "env:DG_KEY", base_url = "{}" }}"#,
+        mock.base_url()
+    );
+    let profile = ProfileSpec {
+        tenant: "caller_audio_after_prompt = false",
+        ..ProfileSpec::default()
+    }
+    .render()
+    .replace(r#"pipeline = { kind = "echo" }"#, &pipeline)
+    .replace("recording = false", "recording = true")
+    .replace("transcripts = false", "transcripts = true")
+    .replace(
+        "[profile.sip]",
+        "[profile.admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SB_ADMIN_TOKEN\"\n\n[profile.sip]",
+    );
+    let daemon = Daemon::spawn_with_env(&profile, &[("DG_KEY", KEY), ("SB_ADMIN_TOKEN", ADMIN)]);
+    let addr = daemon.admin_addr();
+    let (sc, udp) = (scenario(tmp.path()), daemon.udp_addr());
+    let carrier = std::thread::spawn(move || sipp(&sc, udp, &["-s", NUMBER]));
+
+    let sent = |text: &str| {
+        mock.connections()
+            .first()
+            .is_some_and(|c| c.sent.iter().any(|m| m.contains(text)))
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < until, "waited in vain for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("the first transcript", &|| sent("before the card"));
+    let calls = http::get(addr, "/v1/calls", Some(ADMIN)).json();
+    let call_id = calls["calls"][0]["call_id"].as_str().unwrap().to_owned();
+    let post = |what: &str| {
+        http::request(
+            addr,
+            "POST",
+            &format!("/v1/calls/{call_id}/{what}"),
+            &[("Authorization", &format!("Bearer {ADMIN}"))],
+            b"",
+        )
+    };
+    assert_eq!(post("pause_recording").status, 202);
+    // Paused, the bridge streams silence; after a second of it, Finalize,
+    // answered with the card number.
+    wait("the paused stretch's transcript", &|| {
+        sent("four one one one")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(post("resume_recording").status, 202);
+    carrier.join().unwrap().assert_success();
+    wait("the last transcript", &|| sent("after the card"));
+    daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["result_code"] == 200)
+        .expect("CDR of the answered call");
+
+    // What the store holds, decrypted by `export` (polled: the last one is
+    // written after the call's end).
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut attempt = 0;
+    let texts = loop {
+        attempt += 1;
+        let out = daemon.dir().join(format!("export-{attempt}"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+            .args([
+                "export",
+                "--tenant",
+                "demo",
+                "--caller",
+                "+15550001111",
+                "--out",
+            ])
+            .arg(&out)
+            .args(["--config", "profile.toml"])
+            .current_dir(daemon.dir())
+            .env("SIPBRIDGE_LOG", "warn")
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let list: Vec<serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(out.join("transcripts.json")).unwrap()).unwrap();
+        let texts: Vec<String> = list
+            .iter()
+            .filter_map(|t| t["text"].as_str().map(str::to_owned))
+            .collect();
+        if texts.len() >= 2 || Instant::now() >= until {
+            break texts;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(texts, ["before the card", "after the card"]);
 }

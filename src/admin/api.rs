@@ -21,7 +21,7 @@ use crate::store::db::{
     RecordingState, UnixMs, unix_ms,
 };
 use crate::store::ops::{self, DataStore, EraseTarget, ExportedCall, OpsError, format_time};
-use crate::store::recording::WavStream;
+use crate::store::recording::{WavPieces, WavStream};
 use crate::store::retention::{Expiry, ItemKind};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -33,21 +33,17 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
-use tokio::sync::mpsc;
 use tracing::{debug, error, info};
 
 /// Rows per page when the query names no `limit`.
 const DEFAULT_LIMIT: u32 = 100;
 /// Largest `limit` accepted.
 const MAX_LIMIT: u32 = 1000;
-/// Bytes of WAV gathered before one body chunk is sent.
-const BODY_CHUNK: usize = 64 * 1024;
-/// Body chunks in flight between the decrypting thread and the connection.
-const BODY_QUEUE: usize = 4;
+/// `Retry-After` (seconds) of a download refused for the tenant's cap.
+const DOWNLOAD_RETRY_AFTER_S: u32 = 5;
 
 /// The `/v1` routes (every one is in `docs/admin-api.openapi.yaml`; a test
 /// checks).
@@ -112,6 +108,9 @@ pub(crate) enum ApiError {
     /// Store, crypto or I/O failure (logged; the client sees no detail).
     #[error(transparent)]
     Ops(#[from] OpsError),
+    /// The tenant has `max_downloads_per_tenant` downloads running.
+    #[error("too many downloads of this tenant's recordings at once; retry later")]
+    TooManyDownloads,
     /// A blocking task died.
     #[error("internal error")]
     Internal,
@@ -137,6 +136,7 @@ impl ApiError {
             // that could not be set up: not done, the running one stays.
             ApiError::Conflict(_) | ApiError::Reload(_) => StatusCode::CONFLICT,
             ApiError::NoStore => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyDownloads => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Ops(e) => match e {
                 OpsError::UnknownRecording(_)
                 | OpsError::Db(
@@ -187,6 +187,12 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"sipbridge-admin\""),
+            );
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(DOWNLOAD_RETRY_AFTER_S),
             );
         }
         resp
@@ -742,47 +748,129 @@ struct DownloadQuery {
     sig: String,
 }
 
-/// Feeds a response body from a blocking thread, `BODY_CHUNK` bytes at a time.
-struct BodyWriter {
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    buf: Vec<u8>,
+/// Recording downloads running now, per tenant (`max_downloads_per_tenant`).
+#[derive(Debug, Default)]
+pub(super) struct DownloadSlots {
+    running: Mutex<HashMap<String, u32>>,
 }
 
-impl BodyWriter {
-    fn send(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
+impl DownloadSlots {
+    /// A slot for one more download of `tenant`'s recordings, if fewer than
+    /// `max` run; freed when the slot is dropped (the body ended, failed or
+    /// its connection closed).
+    fn take(self: &Arc<Self>, tenant: &str, max: u32) -> Option<DownloadSlot> {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = running.entry(tenant.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
         }
-        let chunk = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(BODY_CHUNK),
-        ));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))
+        *n += 1;
+        Some(DownloadSlot {
+            slots: Arc::clone(self),
+            tenant: tenant.to_owned(),
+        })
     }
 }
 
-impl Write for BodyWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(b);
-        if self.buf.len() >= BODY_CHUNK {
-            self.send()?;
-        }
-        Ok(b.len())
-    }
+/// One running download (see [`DownloadSlots::take`]).
+#[derive(Debug)]
+struct DownloadSlot {
+    slots: Arc<DownloadSlots>,
+    tenant: String,
+}
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send()
+impl Drop for DownloadSlot {
+    fn drop(&mut self) {
+        let mut running = self
+            .slots
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = running.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A download's body: pulled by hyper piece by piece, each piece decrypted
+/// on a blocking thread only while hyper asks for it. A client that stops
+/// reading stops the pulls: no thread waits for it and nothing more is
+/// decrypted; the connection's deadline then cuts it.
+struct DownloadBody {
+    pieces: Option<WavPieces>,
+    deadline: tokio::time::Instant,
+    recording: String,
+    /// The last byte was handed to hyper.
+    finished: bool,
+    started: std::time::Instant,
+    /// Held until the body is dropped.
+    _slot: DownloadSlot,
+}
+
+impl Drop for DownloadBody {
+    fn drop(&mut self) {
+        if !self.finished {
+            info!(
+                recording = %self.recording,
+                after_ms = self.started.elapsed().as_millis(),
+                "recording download cut before its last byte (deadline, client gone or error)"
+            );
+        }
+    }
+}
+
+impl DownloadBody {
+    /// The next piece, or `None` at the end; an error aborts the response (a
+    /// truncated transfer, never a short file that looks whole).
+    async fn next(mut self) -> Option<(Result<Bytes, std::io::Error>, Self)> {
+        let mut pieces = self.pieces.take()?;
+        let pulled = tokio::time::timeout_at(
+            self.deadline,
+            tokio::task::spawn_blocking(move || {
+                let piece = pieces.next_piece();
+                (pieces, piece)
+            }),
+        )
+        .await;
+        let failure = match pulled {
+            Ok(Ok((pieces, Ok(Some(piece))))) => {
+                // Hyper may stop polling once Content-Length bytes are out.
+                self.finished = pieces.is_done();
+                self.pieces = Some(pieces);
+                // The plaintext leaves its zeroing buffer for the socket.
+                return Some((Ok(Bytes::copy_from_slice(&piece)), self));
+            }
+            Ok(Ok((_, Ok(None)))) => {
+                self.finished = true;
+                return None;
+            }
+            Ok(Ok((_, Err(e)))) => e.to_string(),
+            Ok(Err(_)) => "the decrypting task died".to_owned(),
+            Err(_) => "the download deadline passed".to_owned(),
+        };
+        debug!(recording = %self.recording, reason = %failure, "recording download aborted");
+        Some((Err(std::io::Error::other(failure)), self))
     }
 }
 
 /// `GET` on a signed link: the decrypted WAV, streamed (nothing written to
 /// disk). No bearer token: the link is the authorisation. Audited
 /// `recording-export` with the actor the link was issued to.
+///
+/// At most `max_downloads_per_tenant` run at once for the recording's
+/// tenant (429 with `Retry-After` beyond); each must end within
+/// `download_deadline_s`, after which its connection is closed whether or
+/// not the client reads.
 async fn download(
     State(state): State<AdminState>,
     Path(id): Path<String>,
+    extensions: axum::http::Extensions,
     q: Result<Query<DownloadQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let q = q.map_err(|_| ApiError::Link(LinkError::Tampered))?.0;
@@ -792,8 +880,12 @@ async fn download(
         .api
         .links
         .verify(&id, &q.by, q.expires, &q.sig, now_s)?;
+    let settings = state.api.settings();
+    let deadline = tokio::time::Instant::now() + settings.download_deadline;
+    let max = settings.max_downloads_per_tenant;
+    let slots = Arc::clone(&state.api.downloads);
     let link_tenant = q.by.strip_prefix("admin-api:tenant:").map(str::to_owned);
-    let (stream, rec) = state
+    let (rec, slot, key) = state
         .api
         .with_store(move |ds| {
             let rec = ds
@@ -801,41 +893,57 @@ async fn download(
                 .get_recording(link_tenant.as_deref(), &id)?
                 .ok_or(ApiError::NotFound)?;
             downloadable(&rec)?;
-            let whole = rec.state == RecordingState::Complete;
-            let stream = WavStream::open(&rec.path, &ds.keyring, whole)
-                .map_err(|e| ApiError::Ops(e.into()))?;
+            let slot = slots.take(&rec.tenant, max).ok_or_else(|| {
+                info!(tenant = %rec.tenant, max, "recording download refused: the tenant's downloads are at their cap");
+                ApiError::TooManyDownloads
+            })?;
+            let key = ds.keyring.load(&rec.tenant).map_err(|e| ApiError::Ops(e.into()))?;
+            Ok((rec, slot, key))
+        })
+        .await?;
+    // Authenticating the whole file reads all of it: off the API's store
+    // connection, which other requests share.
+    let (path, whole) = (rec.path.clone(), rec.state == RecordingState::Complete);
+    let stream = tokio::task::spawn_blocking(move || WavStream::open_with_key(&path, key, whole))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| ApiError::Ops(e.into()))?;
+    let (audited, actor) = (rec.clone(), q.by);
+    state
+        .api
+        .with_store(move |ds| {
             // Audited before the first byte: no unaudited plaintext leaves.
             ds.store.audit(&AuditEntry {
                 at: now,
-                actor: &q.by,
+                actor: &actor,
                 action: AuditAction::RecordingExport,
                 object_kind: ObjectKind::Recording,
-                object_id: &rec.id,
-                tenant: &rec.tenant,
+                object_id: &audited.id,
+                tenant: &audited.tenant,
                 reason: "downloaded through a signed admin API link",
             })?;
-            Ok((stream, rec))
+            Ok(())
         })
         .await?;
     info!(recording = %rec.id, tenant = %rec.tenant, frames = stream.frames(), "recording download started");
     let len = stream.len();
-    let (tx, rx) = mpsc::channel(BODY_QUEUE);
-    let recording_id = rec.id.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut w = BodyWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(BODY_CHUNK),
-        };
-        if let Err(e) = stream.write_to(&mut w) {
-            debug!(recording = %recording_id, error = %e, "recording download aborted");
-            // An error item makes hyper abort the response: the client sees
-            // a truncated transfer, never a short file that looks whole.
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-        }
-    });
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }));
+    let pieces = stream.into_pieces().map_err(|e| ApiError::Ops(e.into()))?;
+    // The connection is this download's alone (`Connection: close`), so its
+    // write deadline is the download's.
+    if let Some(axum::extract::ConnectInfo(conn)) =
+        extensions.get::<axum::extract::ConnectInfo<super::conn::ConnDeadline>>()
+    {
+        conn.set(deadline);
+    }
+    let body = DownloadBody {
+        pieces: Some(pieces),
+        deadline,
+        recording: rec.id.clone(),
+        finished: false,
+        started: std::time::Instant::now(),
+        _slot: slot,
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(body, DownloadBody::next));
     let headers = [
         (header::CONTENT_TYPE, "audio/wav".to_owned()),
         (header::CONTENT_LENGTH, len.to_string()),
@@ -844,6 +952,7 @@ async fn download(
             format!("attachment; filename=\"{}.wav\"", rec.id),
         ),
         (header::CACHE_CONTROL, "no-store".to_owned()),
+        (header::CONNECTION, "close".to_owned()),
     ];
     Ok((headers, body).into_response())
 }
@@ -894,25 +1003,16 @@ fn expiry_json(e: &Expiry) -> Value {
     })
 }
 
-/// The dry-run selection at `now`, limited to `tenant`.
+/// What a sweep at `now` would do to `items` (one tenant's, or every
+/// tenant's for the admin), under the policies in force.
 fn dry_run(
     api: &Api,
-    ds: &mut DataStore,
-    tenant: Option<&str>,
+    items: &[crate::store::retention::RetentionItem],
     now: UnixMs,
-) -> ApiResult<crate::store::retention::Selection> {
+) -> crate::store::retention::Selection {
     let policies = api.settings().retention.clone();
     let policy = move |t: &str| policies.get(t).copied();
-    let outcome = ops::run_retention(ds, &policy, now, true)?;
-    let ops::RetentionOutcome::DryRun(mut sel) = outcome else {
-        return Err(ApiError::Internal);
-    };
-    if let Some(t) = tenant {
-        sel.expired.retain(|e| e.item.tenant == t);
-        sel.held.retain(|e| e.item.tenant == t);
-        sel.unknown_tenants.retain(|k, _| k == t);
-    }
-    Ok(sel)
+    crate::store::retention::expired(now, items, &policy)
 }
 
 fn bump(v: &mut Value) {
@@ -952,8 +1052,9 @@ async fn retention_status(
         .api
         .with_store(move |ds| {
             let now = now_ms();
-            let items = ds.store.retention_items()?;
-            let sel = dry_run(&api, ds, tenant.as_deref(), now)?;
+            // A tenant's token reads only its own rows.
+            let items = ds.store.retention_items_of(tenant.as_deref())?;
+            let sel = dry_run(&api, &items, now);
             let policies = api.settings().retention.clone();
             let mut tenants: BTreeMap<String, Value> = BTreeMap::new();
             let visible = |t: &str| tenant.as_deref().is_none_or(|s| s == t);
@@ -997,7 +1098,8 @@ async fn retention_dry_run(
         .api
         .with_store(move |ds| {
             let now = now_ms();
-            let sel = dry_run(&api, ds, tenant.as_deref(), now)?;
+            let items = ds.store.retention_items_of(tenant.as_deref())?;
+            let sel = dry_run(&api, &items, now);
             Ok(axum::Json(json!({
                 "now": format_time(now),
                 "would_delete": sel.expired.iter().map(expiry_json).collect::<Vec<_>>(),
@@ -1288,6 +1390,25 @@ mod tests {
                 "{method} {path} missing from the OpenAPI file"
             );
         }
+    }
+
+    #[test]
+    fn download_slots_cap_each_tenant_and_free_on_drop() {
+        let slots = Arc::new(DownloadSlots::default());
+        let a1 = slots.take("acme", 2).unwrap();
+        let a2 = slots.take("acme", 2).unwrap();
+        assert!(slots.take("acme", 2).is_none(), "acme is at its cap");
+        // Another tenant has its own.
+        let b1 = slots.take("beta", 2).unwrap();
+        drop(a1);
+        let a3 = slots.take("acme", 2).unwrap();
+        // A lower cap after a reload applies to new downloads at once.
+        assert!(slots.take("acme", 1).is_none());
+        drop((a2, a3, b1));
+        assert!(slots.running.lock().unwrap().is_empty());
+        assert_eq!(ApiError::TooManyDownloads.status().as_u16(), 429);
+        let resp = ApiError::TooManyDownloads.into_response();
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "5");
     }
 
     #[test]

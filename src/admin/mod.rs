@@ -17,6 +17,7 @@
 
 mod api;
 mod auth;
+mod conn;
 mod links;
 mod twilio_rest;
 
@@ -53,6 +54,8 @@ pub(crate) struct Api {
     data: Option<Arc<Mutex<StoreConn>>>,
     links: links::LinkSigner,
     master_key: zeroize::Zeroizing<Vec<u8>>,
+    /// Recording downloads running now, per tenant.
+    downloads: Arc<api::DownloadSlots>,
 }
 
 /// The API's store connection and the settings whose caller-id policies it
@@ -71,6 +74,10 @@ struct ApiSettings {
     retention: HashMap<String, RetentionPolicy>,
     /// Tenants' Twilio-compatible accounts (`[tenant.twilio_api]`).
     twilio: Vec<twilio_rest::Account>,
+    /// How long a recording download may take.
+    download_deadline: std::time::Duration,
+    /// Downloads of one tenant's recordings at once.
+    max_downloads_per_tenant: u32,
 }
 
 impl ApiSettings {
@@ -108,6 +115,16 @@ impl ApiSettings {
                     })
                 })
                 .collect(),
+            download_deadline: admin.map_or(
+                std::time::Duration::from_secs(u64::from(
+                    crate::config::DEFAULT_DOWNLOAD_DEADLINE_S,
+                )),
+                |a| a.download_deadline,
+            ),
+            max_downloads_per_tenant: admin
+                .map_or(crate::config::DEFAULT_MAX_DOWNLOADS_PER_TENANT, |a| {
+                    a.max_downloads_per_tenant
+                }),
         }
     }
 }
@@ -143,6 +160,7 @@ impl Api {
             }),
             links: links::LinkSigner::from_master(master_key),
             master_key: zeroize::Zeroizing::new(master_key.to_vec()),
+            downloads: Arc::default(),
         }
     }
 
@@ -287,8 +305,10 @@ pub(crate) async fn spawn(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     info!(addr = %local, "admin API listening");
+    // Each request sees its connection's write deadline (`ConnectInfo`).
+    let service = router.into_make_service_with_connect_info::<conn::ConnDeadline>();
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        if let Err(e) = axum::serve(conn::AdminListener(listener), service).await {
             warn!(error = %e, "admin API stopped");
         }
     }))

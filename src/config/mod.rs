@@ -147,7 +147,26 @@ pub struct AdminSettings {
     /// The bearer token `/metrics` asks for (`metrics_token`); `None`:
     /// `/metrics` is open like the health endpoints.
     pub metrics_token: Option<Secret>,
+    /// How long one recording download may take, first byte to last
+    /// (`download_deadline_s`); the connection is cut when it passes.
+    pub download_deadline: Duration,
+    /// Downloads of one tenant's recordings running at once
+    /// (`max_downloads_per_tenant`); beyond it, 429 with `Retry-After`.
+    pub max_downloads_per_tenant: u32,
 }
+
+/// Default `[profile.admin] download_deadline_s` (10 minutes: an hour-long
+/// recording is 115 MB).
+pub const DEFAULT_DOWNLOAD_DEADLINE_S: u32 = 600;
+
+/// Largest `[profile.admin] download_deadline_s` (a day).
+pub const MAX_DOWNLOAD_DEADLINE_S: u32 = 86_400;
+
+/// Default `[profile.admin] max_downloads_per_tenant`.
+pub const DEFAULT_MAX_DOWNLOADS_PER_TENANT: u32 = 4;
+
+/// Largest `[profile.admin] max_downloads_per_tenant`.
+pub const MAX_DOWNLOADS_PER_TENANT: u32 = 256;
 
 /// Default `[profile] drain_grace_s`.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);

@@ -79,6 +79,12 @@ pub(crate) struct RawAdmin {
     /// Secret reference of the bearer token `/metrics` asks for (issue 15).
     #[serde(default)]
     pub(crate) metrics_token: Option<Spanned<String>>,
+    /// Seconds a recording download may take, start to last byte.
+    #[serde(default)]
+    pub(crate) download_deadline_s: Option<Spanned<u32>>,
+    /// Downloads of one tenant's recordings running at once.
+    #[serde(default)]
+    pub(crate) max_downloads_per_tenant: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -640,11 +640,29 @@ fn check_profiles(
                 .metrics_token
                 .as_ref()
                 .and_then(|t| cx.secret(file, t, "metrics token"));
+            let download_deadline = Duration::from_secs(u64::from(bounded(
+                cx,
+                file,
+                a.get_ref().download_deadline_s.as_ref(),
+                "download_deadline_s",
+                super::MAX_DOWNLOAD_DEADLINE_S,
+                super::DEFAULT_DOWNLOAD_DEADLINE_S,
+            )));
+            let max_downloads_per_tenant = bounded(
+                cx,
+                file,
+                a.get_ref().max_downloads_per_tenant.as_ref(),
+                "max_downloads_per_tenant",
+                super::MAX_DOWNLOADS_PER_TENANT,
+                super::DEFAULT_MAX_DOWNLOADS_PER_TENANT,
+            );
             match listen.get_ref().parse::<SocketAddr>() {
                 Ok(listen) => Some(AdminSettings {
                     listen,
                     token,
                     metrics_token,
+                    download_deadline,
+                    max_downloads_per_tenant,
                 }),
                 Err(_) => {
                     cx.error(
@@ -765,6 +783,31 @@ fn check_tls_identity(
 }
 
 /// `[profile] drain_grace_s`: 0 (BYE at once) up to [`super::MAX_DRAIN_GRACE_S`].
+/// A setting from 1 to `max`; `default` when absent (or, with an error,
+/// when out of range).
+fn bounded(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: Option<&Spanned<u32>>,
+    what: &str,
+    max: u32,
+    default: u32,
+) -> u32 {
+    let Some(v) = raw else {
+        return default;
+    };
+    let n = *v.get_ref();
+    if n == 0 || n > max {
+        cx.error(
+            file,
+            Some(v.span()),
+            format!("{what} {n} is out of range: write 1 to {max}"),
+        );
+        return default;
+    }
+    n
+}
+
 fn drain_grace(cx: &mut Cx<'_>, file: usize, raw: Option<&Spanned<u32>>) -> Duration {
     let Some(v) = raw else {
         return super::DEFAULT_DRAIN_GRACE;

@@ -21,8 +21,10 @@
 //! Signals: SIGHUP reloads. SIGTERM drains: new INVITEs get 503 with
 //! Retry-After and OPTIONS 503, live calls go on until they end or
 //! `[profile] drain_grace_s` passes, then get BYE. SIGINT, or a second
-//! SIGTERM, ends the calls with BYE at once. Either way the store is
-//! finalised (open recordings finished, CDRs closed) and the exit status is 0.
+//! SIGTERM, ends the calls with BYE at once. Either way the transcripts the
+//! ended calls' pipelines still send are awaited (bounded), the store is
+//! finalised (open recordings finished, CDRs closed, transcripts written) and
+//! the exit status is 0.
 
 use super::transport::{self, Listener};
 use super::{CallCommand, Shared, lock};
@@ -44,6 +46,12 @@ const BYE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the shutdown waits for TCP peers to close their connections.
 const TCP_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the shutdown waits, after the last call ended, for the
+/// transcripts its pipeline still sends while closing (Deepgram's last
+/// Results after `CloseStream` come within its close wait).
+const TRANSCRIPT_GRACE: Duration =
+    Duration::from_secs(crate::pipeline::deepgram::CLOSE_WAIT.as_secs() + 1);
 
 /// Added to systemd's stop timeout on drain beyond the grace and the waits.
 const STOP_MARGIN: Duration = Duration::from_secs(10);
@@ -214,7 +222,8 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
                     };
                     // systemd's stop timeout must outlast the grace plus the
                     // BYE and TCP waits after it, whatever TimeoutStopSec= says.
-                    let stop_within = grace + BYE_GRACE + TCP_CLOSE_GRACE + STOP_MARGIN;
+                    let stop_within =
+                        grace + BYE_GRACE + TCP_CLOSE_GRACE + TRANSCRIPT_GRACE + STOP_MARGIN;
                     let usec = u32::try_from(stop_within.as_micros()).unwrap_or(u32::MAX);
                     notify(&[NotifyState::Stopping, NotifyState::ExtendTimeoutUsec(usec)]);
                     let calls = active_calls(shared);
@@ -275,8 +284,9 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
 }
 
 /// Ends every live call with BYE, waits (bounded) for the BYEs to be
-/// answered and TCP peers to close, stops the listeners and finalises the
-/// store. A further SIGTERM/SIGINT cuts the waits short.
+/// answered, TCP peers to close and the ended calls' pipelines to hand over
+/// their last transcripts, stops the listeners and finalises the store. A
+/// further SIGTERM/SIGINT cuts the waits short.
 async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
     lock(&shared.switchboard).start_draining();
     // Until every call's BYE is answered or has timed out, so TCP connections
@@ -312,6 +322,25 @@ async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
             shared.transports.open_connections() == 0
         })
         .await;
+        // The ended calls' pipelines may still be closing their streams:
+        // their last transcripts reach the store before it closes.
+        if let Some(records) = &shared.records {
+            let tails = records.transcript_tails();
+            if tails > 0 {
+                debug!(calls = tails, "waiting for the last transcripts");
+                wait_until(Instant::now() + TRANSCRIPT_GRACE, || {
+                    records.transcript_tails() == 0
+                })
+                .await;
+                let left = records.transcript_tails();
+                if left > 0 {
+                    warn!(
+                        calls = left,
+                        "pipelines still closing at exit: their last transcripts are lost"
+                    );
+                }
+            }
+        }
     };
     tokio::select! {
         () = waits => {}

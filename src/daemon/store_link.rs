@@ -106,6 +106,9 @@ pub(crate) struct Records {
     backlog: Arc<AtomicUsize>,
     /// Tenants that store transcripts (`transcripts = true`); replaced on reload.
     transcript_tenants: Mutex<HashSet<String>>,
+    /// Ended calls whose pipeline may still send transcripts
+    /// ([`CallStore::transcripts_after_end`]); the shutdown waits for them.
+    tails: Arc<AtomicUsize>,
 }
 
 /// The tenants whose calls store transcripts (`transcripts = true`).
@@ -201,7 +204,14 @@ impl Records {
             dropped: AtomicU64::new(0),
             backlog,
             transcript_tenants: Mutex::new(transcript_tenants(tenants)),
+            tails: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Ended calls whose pipeline is still closing its stream: transcripts
+    /// may yet arrive for them (the drain waits until this is 0, bounded).
+    pub(crate) fn transcript_tails(&self) -> usize {
+        self.tails.load(Ordering::Relaxed)
     }
 
     /// Whether the writer is so far behind that new calls should wait
@@ -361,6 +371,23 @@ struct TranscriptSink {
     /// The recording is paused (PCI): segments arriving meanwhile are dropped.
     paused: std::sync::atomic::AtomicBool,
     next: AtomicU64,
+}
+
+/// One ended call's transcript tail, counted in [`Records::transcript_tails`]
+/// while it lives.
+struct TailGuard(Arc<AtomicUsize>);
+
+impl TailGuard {
+    fn new(count: &Arc<AtomicUsize>) -> TailGuard {
+        count.fetch_add(1, Ordering::Relaxed);
+        TailGuard(Arc::clone(count))
+    }
+}
+
+impl Drop for TailGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How long the store listens for a pipeline's last transcripts after a call
@@ -524,7 +551,10 @@ impl CallStore {
         mut rest: tokio::sync::mpsc::Receiver<crate::pipeline::AgentCommand>,
     ) {
         let sink = Arc::clone(&self.transcripts);
+        // Counted from now until the task ends, however it ends.
+        let tail = TailGuard::new(&self.records.tails);
         tokio::spawn(async move {
+            let _tail = tail;
             let _ = tokio::time::timeout(TRANSCRIPT_TAIL, async {
                 while let Some(cmd) = rest.recv().await {
                     if let crate::pipeline::AgentCommand::Transcript(t) = cmd {

@@ -268,9 +268,13 @@ pub fn export_wav_with_key(path: &Path, key: &DataKey) -> Result<Vec<u8>> {
 pub const WAV_HEADER_LEN: u64 = 44;
 
 /// A recording decrypted as a WAV stream of known length, for senders that
-/// cannot seek (an HTTP body): [`WavStream::open`] authenticates every chunk
-/// once to count the frames, [`WavStream::write_to`] then writes the header
-/// and decrypts again chunk by chunk (constant memory, nothing on disk).
+/// cannot seek (an HTTP body): [`WavStream::open`] counts the frames (from
+/// the chunks' framing for a whole file; by authenticating each chunk for a
+/// partial one), [`WavStream::write_to`] then writes the header and decrypts
+/// chunk by chunk, authenticating each before it is written (constant
+/// memory, nothing on disk). A whole file damaged after its header fails
+/// there, after a prefix was written: a sender must abort, never end the
+/// stream short.
 ///
 /// The 44-byte header is written here rather than by `hound`, because
 /// `hound` needs `Seek` to fill in the sizes after the samples; the sizes
@@ -289,22 +293,40 @@ impl WavStream {
     /// `complete` recording); without, the stream ends before the first
     /// chunk that does not authenticate (a `partial` one, see [`recover_wav`]).
     pub fn open(path: &Path, keyring: &KeyRing, whole: bool) -> Result<Self> {
-        let (mut file, key) = open_with_keyring(path, keyring)?;
+        let (file, key) = open_with_keyring(path, keyring)?;
+        Self::verify(file, key, whole)
+    }
+
+    /// [`WavStream::open`] with the tenant's data key already unwrapped (it
+    /// must be the key the file names, or this fails).
+    pub fn open_with_key(path: &Path, key: DataKey, whole: bool) -> Result<Self> {
+        Self::verify(BufReader::new(File::open(path)?), key, whole)
+    }
+
+    fn verify(mut file: BufReader<File>, key: DataKey, whole: bool) -> Result<Self> {
         let (mut chunks, mut frames) = (0u64, 0u64);
         {
             let mut reader = SealedReader::new(&mut file, &key)?;
             check_content(reader.header())?;
             loop {
-                match reader.next_chunk() {
-                    Ok(Some(chunk)) => {
-                        if !chunk.len().is_multiple_of(BYTES_PER_FRAME) {
-                            return Err(RecordingError::PartialFrame {
-                                chunk: chunks,
-                                len: chunk.len(),
-                            });
+                // A whole file's length is in its framing: read without
+                // decrypting (each chunk is authenticated as it is written
+                // out). A partial one ends at the first chunk that does not
+                // authenticate, so only decrypting finds its length.
+                let next = if whole {
+                    reader.skip_chunk()
+                } else {
+                    reader
+                        .next_chunk()
+                        .map(|c| c.map(|c| Zeroizing::new(c).len()))
+                };
+                match next {
+                    Ok(Some(len)) => {
+                        if !len.is_multiple_of(BYTES_PER_FRAME) {
+                            return Err(RecordingError::PartialFrame { chunk: chunks, len });
                         }
                         chunks += 1;
-                        frames += (chunk.len() / BYTES_PER_FRAME) as u64;
+                        frames += (len / BYTES_PER_FRAME) as u64;
                     }
                     Ok(None) => break,
                     Err(e) if whole => return Err(e.into()),
@@ -341,7 +363,20 @@ impl WavStream {
 
     /// Writes the WAV into `out`; returns the frames written. Fails if the
     /// file changed since [`WavStream::open`] (then `out` got a prefix).
-    pub fn write_to(mut self, mut out: impl Write) -> Result<u64> {
+    pub fn write_to(self, mut out: impl Write) -> Result<u64> {
+        let mut pieces = self.into_pieces()?;
+        while let Some(piece) = pieces.next_piece()? {
+            out.write_all(&piece)?;
+        }
+        out.flush()?;
+        Ok(pieces.frames)
+    }
+
+    /// The WAV as pieces a caller pulls one at a time ([`WavPieces::next_piece`]):
+    /// the header, then one decrypted chunk (a second of audio) per call. Nothing
+    /// is read ahead, so a consumer that stops pulling holds one open file and
+    /// no buffered audio.
+    pub fn into_pieces(self) -> Result<WavPieces> {
         let data_len = u32::try_from(self.frames * BYTES_PER_FRAME as u64).map_err(|_| {
             RecordingError::TooLong {
                 frames: self.frames,
@@ -360,22 +395,67 @@ impl WavStream {
         header.extend_from_slice(&16u16.to_le_bytes());
         header.extend_from_slice(b"data");
         header.extend_from_slice(&data_len.to_le_bytes());
-        out.write_all(&header)?;
-        let mut reader = SealedReader::new(&mut self.file, &self.key)?;
-        let mut frames = 0u64;
-        for _ in 0..self.chunks {
-            let chunk = Zeroizing::new(reader.next_chunk()?.ok_or(RecordingError::Changed)?);
-            frames += (chunk.len() / BYTES_PER_FRAME) as u64;
-            if frames > self.frames || !chunk.len().is_multiple_of(BYTES_PER_FRAME) {
+        let reader = SealedReader::new(self.file, &self.key)?;
+        Ok(WavPieces {
+            header: Some(header),
+            reader,
+            chunks_left: self.chunks,
+            expected_frames: self.frames,
+            frames: 0,
+        })
+    }
+}
+
+/// A [`WavStream`] being read piece by piece (see [`WavStream::into_pieces`]).
+pub struct WavPieces {
+    header: Option<Vec<u8>>,
+    reader: SealedReader<BufReader<File>>,
+    chunks_left: u64,
+    expected_frames: u64,
+    frames: u64,
+}
+
+impl std::fmt::Debug for WavPieces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WavPieces")
+            .field("chunks_left", &self.chunks_left)
+            .field("frames", &self.frames)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WavPieces {
+    /// The next piece: the 44-byte header first, then each chunk's
+    /// plaintext; `Ok(None)` once every frame [`WavStream::open`] counted
+    /// was returned. Fails if the file changed since it was opened.
+    pub fn next_piece(&mut self) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        if let Some(header) = self.header.take() {
+            return Ok(Some(Zeroizing::new(header)));
+        }
+        if self.chunks_left == 0 {
+            if self.frames != self.expected_frames {
                 return Err(RecordingError::Changed);
             }
-            out.write_all(&chunk)?;
+            return Ok(None);
         }
-        if frames != self.frames {
+        let chunk = Zeroizing::new(self.reader.next_chunk()?.ok_or(RecordingError::Changed)?);
+        self.chunks_left -= 1;
+        self.frames += (chunk.len() / BYTES_PER_FRAME) as u64;
+        if self.frames > self.expected_frames || !chunk.len().is_multiple_of(BYTES_PER_FRAME) {
             return Err(RecordingError::Changed);
         }
-        out.flush()?;
-        Ok(frames)
+        Ok(Some(chunk))
+    }
+
+    /// Stereo frames returned so far.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Every byte of the WAV was returned (what follows is at most an
+    /// empty final chunk, then `Ok(None)`).
+    pub fn is_done(&self) -> bool {
+        self.header.is_none() && self.frames == self.expected_frames
     }
 }
 
@@ -525,9 +605,24 @@ mod tests {
         let at = bytes.len() - 20;
         bytes[at] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
+        // Whole: the length comes from the framing; the damage stops the
+        // stream at the chunk, after the clean ones were written.
+        let whole = WavStream::open(&path, &keyring, true).unwrap();
+        assert_eq!(whole.frames(), 20_000);
+        let mut prefix = Vec::new();
         assert!(matches!(
-            WavStream::open(&path, &keyring, true),
+            whole.write_to(&mut prefix),
             Err(RecordingError::Crypto(CryptoError::ChunkTampered {
+                index: 2
+            }))
+        ));
+        assert_eq!(prefix.len(), 44 + 64_000);
+        // A truncated whole file fails at once.
+        let cut = dir.path().join("cut.sbrec");
+        std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+        assert!(matches!(
+            WavStream::open(&cut, &keyring, true),
+            Err(RecordingError::Crypto(CryptoError::TruncatedChunk {
                 index: 2
             }))
         ));

@@ -6,8 +6,8 @@
 //! `Authorization: Token <key>` → 401 with `dg-error`, query → 400), the idle
 //! close (1011 `NET-0001` after [`MockConfig::idle_timeout`] without a binary or
 //! text frame), scripted server messages keyed on the audio received per
-//! connection, the `Finalize`/`CloseStream` sequence (last Results, Metadata
-//! with the sha256 and duration of the audio, close 1000), and a log of
+//! connection, the `Finalize`/`CloseStream` sequence (last Results, optionally
+//! late, Metadata with the sha256 and duration of the audio, close 1000), and a log of
 //! everything each connection saw, with arrival times.
 
 use futures_util::{SinkExt, StreamExt};
@@ -145,6 +145,12 @@ pub(crate) struct MockConfig {
     pub(crate) scripts: Vec<ConnScript>,
     /// Refuse every upgrade that passes the checks with this status (e.g. 503).
     pub(crate) reject_status: Option<u16>,
+    /// Results every connection sends after `CloseStream` (before Metadata),
+    /// once [`MockConfig::close_stream_delay`] has passed: Deepgram's last
+    /// results arriving while the bridge is closing.
+    pub(crate) on_close_stream: Vec<Scripted>,
+    /// How long the mock waits after `CloseStream` before it answers.
+    pub(crate) close_stream_delay: Duration,
 }
 
 impl MockConfig {
@@ -155,6 +161,8 @@ impl MockConfig {
             idle_timeout: Duration::from_secs(10),
             scripts: Vec::new(),
             reject_status: None,
+            on_close_stream: Vec::new(),
+            close_stream_delay: Duration::ZERO,
         }
     }
 }
@@ -572,10 +580,12 @@ async fn serve(
                     _ => {}
                 }
                 if close_stream {
+                    tokio::time::sleep(config.close_stream_delay).await;
                     let mut out: Vec<String> = on_close
                         .take()
                         .unwrap_or_default()
                         .iter()
+                        .chain(&config.on_close_stream)
                         .map(|s| s.json(&id, false))
                         .collect();
                     let digest = std::mem::replace(&mut sha, sha2::Sha256::new()).finalize();

@@ -338,6 +338,62 @@ impl<R: Read> SealedReader<R> {
         Ok(all)
     }
 
+    /// The plaintext length of the next chunk, its body read past without
+    /// decrypting: only the framing is checked (length cap, index, the
+    /// final flag, truncation, trailing bytes), nothing is authenticated but
+    /// the header. For learning a file's length cheaply; the content must
+    /// still be authenticated chunk by chunk ([`SealedReader::next_chunk`]
+    /// on another reader) before it is trusted. `Ok(None)` after the final
+    /// chunk; after an error, always `Ok(None)`.
+    pub fn skip_chunk(&mut self) -> Result<Option<usize>> {
+        let out = match self.state {
+            ReadState::Done => return Ok(None),
+            ReadState::AfterFinal => self.check_end().map(|()| None),
+            ReadState::Chunks => self.skip_one().map(Some),
+        };
+        if out.is_err() || matches!(out, Ok(None)) {
+            self.state = ReadState::Done;
+        }
+        out
+    }
+
+    fn skip_one(&mut self) -> Result<usize> {
+        let expected = self.next_index;
+        let mut framing = [0u8; FRAMING_LEN];
+        match read_full(&mut self.r, &mut framing)? {
+            0 => return Err(CryptoError::MissingFinal { chunks: expected }),
+            FRAMING_LEN => {}
+            _ => return Err(CryptoError::TruncatedChunk { index: expected }),
+        }
+        let found = u32::from_be_bytes([framing[5], framing[6], framing[7], framing[8]]);
+        let len = u32::from_be_bytes([framing[9], framing[10], framing[11], framing[12]]);
+        let body_len = u64::from(len);
+        if body_len > (MAX_CHUNK_PLAINTEXT + TAG_LEN) as u64 {
+            return Err(CryptoError::ChunkTooLong {
+                index: expected,
+                len,
+            });
+        }
+        let Some(ct_len) = body_len.checked_sub(TAG_LEN as u64) else {
+            return Err(CryptoError::ChunkTampered { index: expected });
+        };
+        if io::copy(&mut (&mut self.r).take(body_len), &mut io::sink())? < body_len {
+            return Err(CryptoError::TruncatedChunk { index: expected });
+        }
+        if u64::from(found) != expected {
+            return Err(CryptoError::ChunkOutOfOrder {
+                expected,
+                found: u64::from(found),
+            });
+        }
+        self.next_index = expected + 1;
+        if framing[0] & FLAG_FINAL != 0 {
+            self.state = ReadState::AfterFinal;
+        }
+        // At most MAX_CHUNK_PLAINTEXT (checked above).
+        Ok(usize::try_from(ct_len).unwrap_or(MAX_CHUNK_PLAINTEXT))
+    }
+
     fn check_end(&mut self) -> Result<()> {
         let mut b = [0u8; 1];
         if read_full(&mut self.r, &mut b)? == 0 {
@@ -569,6 +625,48 @@ mod tests {
         let rec = recover(&bytes[..], &key("acme", 1)).unwrap();
         assert!(rec.complete);
         assert_eq!(rec.chunks.len(), 4);
+    }
+
+    #[test]
+    fn skipping_gives_each_chunks_length_and_catches_what_framing_shows() {
+        let bytes = sealed(&[b"one", b"two", b"three"], b"end");
+        let mut r = SealedReader::new(&bytes[..], &key("acme", 1)).unwrap();
+        let mut lens = Vec::new();
+        while let Some(n) = r.skip_chunk().unwrap() {
+            lens.push(n);
+        }
+        assert_eq!(lens, [3, 3, 5, 3]);
+        // Every cut inside the chunks fails while skipping.
+        let header_end = bytes.len() - (4 * (FRAMING_LEN + TAG_LEN) + 14);
+        for cut in header_end + 1..bytes.len() {
+            let mut r = SealedReader::new(&bytes[..cut], &key("acme", 1)).unwrap();
+            let skipped = std::iter::from_fn(|| r.skip_chunk().transpose()).find(Result::is_err);
+            assert!(skipped.is_some(), "cut {cut}");
+        }
+        // Trailing bytes too.
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let mut r = SealedReader::new(&longer[..], &key("acme", 1)).unwrap();
+        let errs: Vec<_> = std::iter::from_fn(|| r.skip_chunk().transpose())
+            .filter_map(Result::err)
+            .collect();
+        assert!(matches!(
+            errs[..],
+            [CryptoError::TrailingData { after_chunks: 4 }]
+        ));
+        // A flipped ciphertext byte is not seen by skipping: only decrypting
+        // (`next_chunk`) authenticates.
+        let mut flipped = bytes.clone();
+        let at = bytes.len() - TAG_LEN - 1;
+        flipped[at] ^= 1;
+        let mut r = SealedReader::new(&flipped[..], &key("acme", 1)).unwrap();
+        assert!(std::iter::from_fn(|| r.skip_chunk().transpose()).all(|c| c.is_ok()));
+        assert!(
+            SealedReader::new(&flipped[..], &key("acme", 1))
+                .unwrap()
+                .read_all()
+                .is_err()
+        );
     }
 
     #[test]

@@ -1589,12 +1589,19 @@ impl Store {
     /// held if it or any of its recordings is; its recordings and transcripts
     /// inherit the call's hold.
     pub fn retention_items(&self) -> Result<Vec<RetentionItem>, DbError> {
+        self.retention_items_of(None)
+    }
+
+    /// [`Store::retention_items`] of one tenant (`None`: every tenant); the
+    /// other tenants' rows are not read.
+    pub fn retention_items_of(&self, tenant: Option<&str>) -> Result<Vec<RetentionItem>, DbError> {
         let queries = [
             (
                 ItemKind::Recording,
                 "SELECT r.id, r.tenant, r.created_at, (r.legal_hold = 1 OR c.legal_hold = 1) \
                  FROM recordings r JOIN calls c ON c.call_id = r.call_id \
-                 WHERE r.state IN ('complete', 'partial') ORDER BY r.created_at, r.id"
+                 WHERE r.state IN ('complete', 'partial') AND (?1 IS NULL OR r.tenant = ?1) \
+                 ORDER BY r.created_at, r.id"
                     .to_owned(),
             ),
             (
@@ -1602,6 +1609,7 @@ impl Store {
                 format!(
                     "SELECT t.id, t.tenant, t.created_at, {CALL_HELD} \
                      FROM transcripts t JOIN calls c ON c.call_id = t.call_id \
+                     WHERE (?1 IS NULL OR t.tenant = ?1) \
                      ORDER BY t.created_at, t.id"
                 ),
             ),
@@ -1609,14 +1617,15 @@ impl Store {
                 ItemKind::Call,
                 format!(
                     "SELECT c.call_id, c.tenant, c.started_at, {CALL_HELD} FROM calls c \
-                     WHERE c.ended_at IS NOT NULL ORDER BY c.started_at, c.call_id"
+                     WHERE c.ended_at IS NOT NULL AND (?1 IS NULL OR c.tenant = ?1) \
+                     ORDER BY c.started_at, c.call_id"
                 ),
             ),
         ];
         let mut out = Vec::new();
         for (kind, sql) in &queries {
             let mut stmt = self.conn.prepare(sql)?;
-            let rows = stmt.query_map([], |r| {
+            let rows = stmt.query_map([tenant], |r| {
                 Ok(RetentionItem {
                     kind: *kind,
                     id: r.get(0)?,
