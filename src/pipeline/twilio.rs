@@ -258,7 +258,7 @@ pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, mut c
     let mut stream = match TwilioStream::new(&info, stream_sid) {
         Ok(s) => s,
         Err(e) => {
-            warn!(call_id = %info.call_id, error = %e, "twilio stream not started");
+            warn!(call_id = %crate::logging::wire(&info.call_id), error = %e, "twilio stream not started");
             let _ = chans
                 .commands
                 .send(AgentCommand::Failed(ConnectionFailure::Unreachable))
@@ -287,7 +287,7 @@ async fn session(
     info: &CallInfo,
     chans: &mut Channels,
 ) -> Result<(), TwilioError> {
-    debug!(call_id = %info.call_id, stream_sid = stream.stream_sid(), "twilio stream starting");
+    debug!(call_id = %crate::logging::wire(&info.call_id), stream_sid = stream.stream_sid(), "twilio stream starting");
     ws.send(Message::text(stream.connected_message())).await?;
     ws.send(Message::text(stream.start_message(info))).await?;
     // The call task dropping its handle ends the relay even while a send
@@ -339,7 +339,7 @@ async fn relay(
                     None => debug!("agent message ignored"),
                 },
                 Some(Ok(Message::Close(_))) => {
-                    info!(call_id = %info.call_id, "agent closed the stream: hanging up");
+                    info!(call_id = %crate::logging::wire(&info.call_id), "agent closed the stream: hanging up");
                     let _ = chans.commands.send(AgentCommand::HangUp).await;
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
                     return Ok(true);
