@@ -717,6 +717,12 @@ impl Config {
             };
             let _ = writeln!(out, "  var_dir: {}; master key: {key}", p.var_dir.display());
             let _ = writeln!(out, "  drain grace: {} s", p.drain_grace.as_secs());
+            let _ = writeln!(
+                out,
+                "  store: min free {} MiB, checked every {} s",
+                p.store.min_free_bytes / (1024 * 1024),
+                p.store.check_interval.as_secs()
+            );
             let s = &p.sip;
             let _ = writeln!(
                 out,
@@ -774,6 +780,16 @@ impl Config {
                 limit(t.max_calls)
             );
             let _ = writeln!(out, "    prompt: {prompt}");
+            if t.recording {
+                let _ = writeln!(
+                    out,
+                    "    store cannot write: {}",
+                    match t.on_store_failure {
+                        OnStoreFailure::AnswerUnrecorded => "answer unrecorded",
+                        OnStoreFailure::Reject => "reject (503)",
+                    }
+                );
+            }
             let _ = writeln!(out, "    pipeline: {}", describe_pipeline(&t.pipeline));
             if !matches!(t.pipeline, Pipeline::Echo) {
                 let _ = writeln!(
