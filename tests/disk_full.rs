@@ -13,6 +13,8 @@
 //!   with a zero-byte file), the restart leaves neither.
 //! - `reject`: on the full disk new calls get `503` + `Retry-After`, their CDR says
 //!   `store-unavailable`; once the disk is freed calls are answered again.
+//! - without root (no tmpfs): a recorded call, `kill -9`, the same planted orphans, a
+//!   restart that removes them and keeps the recording.
 
 mod common;
 
@@ -205,6 +207,97 @@ fn assert_no_orphans(var: &Path) {
     assert!(open.is_empty(), "CDRs without an end: {open:?}");
 }
 
+/// What a crash around a full disk can leave, planted by hand while the daemon is
+/// down: a zero-byte `.sbrec` no row names, and a row stuck in `recording` whose file
+/// is zero bytes. Returns both files.
+fn plant_orphans(var: &Path) -> (PathBuf, PathBuf) {
+    let day = var.join("recordings/demo/2026/01/02");
+    std::fs::create_dir_all(&day).unwrap();
+    let unindexed = day.join(format!("{}.sbrec", "ab".repeat(16)));
+    std::fs::write(&unindexed, b"").unwrap();
+    let stuck_file = day.join(format!("{}.sbrec", "cd".repeat(16)));
+    std::fs::write(&stuck_file, b"").unwrap();
+    let mut store = Store::open(&var.join("sipbridge.db")).unwrap();
+    store.set_caller_policy("demo", CallerIdPolicy::Plain);
+    store
+        .insert_call(&CallRow {
+            call_id: "crashed-on-full-disk".into(),
+            tenant: "demo".into(),
+            trunk: "local".into(),
+            from: "+15550001111".into(),
+            to: "+15551234567".into(),
+            started_at: 1_767_312_000_000,
+        })
+        .unwrap();
+    store
+        .insert_recording(&RecordingRow {
+            id: "cd".repeat(16),
+            call_id: "crashed-on-full-disk".into(),
+            tenant: "demo".into(),
+            path: stuck_file.clone(),
+            key_id: "k".into(),
+            created_at: 1_767_312_000_000,
+        })
+        .unwrap();
+    (unindexed, stuck_file)
+}
+
+/// After the restart: both planted files gone, the stuck row deleted, no orphans.
+fn assert_orphans_gone(daemon: &Daemon, var: &Path, unindexed: &Path, stuck_file: &Path) {
+    assert!(
+        !unindexed.exists(),
+        "the unindexed zero-byte file survived the restart"
+    );
+    assert!(
+        !stuck_file.exists(),
+        "the stuck zero-byte file survived the restart"
+    );
+    assert_no_orphans(var);
+    let store = Store::open(&var.join("sipbridge.db")).unwrap();
+    let stuck = store
+        .recordings_of_call("demo", "crashed-on-full-disk")
+        .unwrap();
+    assert_eq!(stuck.len(), 1);
+    assert_eq!(stuck[0].state.as_str(), "deleted", "{stuck:?}");
+    assert!(
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains("removed recording files no recording row names")),
+        "no line about the unindexed file"
+    );
+}
+
+/// The start-up clean-up without root (no tmpfs): a recorded call, a kill -9, the
+/// planted orphans, a restart.
+#[test]
+fn restart_removes_orphan_recordings() {
+    let owned = tempfile::tempdir().unwrap();
+    let var = owned.path().join("var");
+    let text = profile(&var, "");
+    let daemon = Daemon::spawn(&text);
+    wait_ready(&daemon);
+    let r = sipp(
+        &sipp_scenario("basic_call.xml"),
+        daemon.udp_addr(),
+        &["-s", "+15551234567", "-m", "1"],
+    );
+    r.assert_success();
+    let cdr = daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["result_code"] == 200)
+        .expect("CDR");
+    assert_eq!(cdr["recording"], "recorded", "{cdr}");
+    let rows = wait_for_closed_rows(&var.join("sipbridge.db"), 1);
+    assert_eq!(rows[0].recording.map(|r| r.as_str()), Some("recorded"));
+    drop(daemon);
+    let (unindexed, stuck_file) = plant_orphans(&var);
+    let daemon = Daemon::spawn(&text);
+    wait_ready(&daemon);
+    assert_orphans_gone(&daemon, &var, &unindexed, &stuck_file);
+    // The recorded call's file is kept.
+    assert_eq!(sbrec_files(&var).len(), 1);
+}
+
 #[test]
 fn full_disk_answers_unrecorded_says_so_and_leaves_no_orphans() {
     let Some(fs) = Tmpfs::mount("4m") else {
@@ -346,60 +439,10 @@ fn full_disk_answers_unrecorded_says_so_and_leaves_no_orphans() {
 
     // 5. kill -9, what a crash around a full disk leaves, restart.
     drop(daemon);
-    let day = var.join("recordings/demo/2026/01/02");
-    std::fs::create_dir_all(&day).unwrap();
-    let unindexed = day.join(format!("{}.sbrec", "ab".repeat(16)));
-    std::fs::write(&unindexed, b"").unwrap();
-    let stuck_file = day.join(format!("{}.sbrec", "cd".repeat(16)));
-    std::fs::write(&stuck_file, b"").unwrap();
-    {
-        let mut store = Store::open(&db).unwrap();
-        store.set_caller_policy("demo", CallerIdPolicy::Plain);
-        store
-            .insert_call(&CallRow {
-                call_id: "crashed-on-full-disk".into(),
-                tenant: "demo".into(),
-                trunk: "local".into(),
-                from: "+15550001111".into(),
-                to: "+15551234567".into(),
-                started_at: 1_767_312_000_000,
-            })
-            .unwrap();
-        store
-            .insert_recording(&RecordingRow {
-                id: "cd".repeat(16),
-                call_id: "crashed-on-full-disk".into(),
-                tenant: "demo".into(),
-                path: stuck_file.clone(),
-                key_id: "k".into(),
-                created_at: 1_767_312_000_000,
-            })
-            .unwrap();
-    }
+    let (unindexed, stuck_file) = plant_orphans(&var);
     let daemon = Daemon::spawn(&text);
     wait_ready(&daemon);
-    assert!(
-        !unindexed.exists(),
-        "the unindexed zero-byte file survived the restart"
-    );
-    assert!(
-        !stuck_file.exists(),
-        "the stuck zero-byte file survived the restart"
-    );
-    assert_no_orphans(&var);
-    let store = Store::open(&db).unwrap();
-    let stuck = store
-        .recordings_of_call("demo", "crashed-on-full-disk")
-        .unwrap();
-    assert_eq!(stuck.len(), 1);
-    assert_eq!(stuck[0].state.as_str(), "deleted", "{stuck:?}");
-    assert!(
-        daemon
-            .logs()
-            .iter()
-            .any(|l| l.contains("removed recording files no recording row names")),
-        "no line about the unindexed file"
-    );
+    assert_orphans_gone(&daemon, &var, &unindexed, &stuck_file);
     drop(daemon);
 }
 
