@@ -88,6 +88,7 @@ enum Op {
     DiscardRecording {
         handle: u64,
         tenant: String,
+        call_id: String,
         at: UnixMs,
     },
     Transcript {
@@ -395,6 +396,9 @@ pub(crate) struct CallStore {
     /// Set by the writer thread when the recording could not be started
     /// ([`REC_NOT_RECORDED`]) or was cut short ([`REC_PARTIAL`]).
     recording_status: Arc<AtomicU8>,
+    /// The recording the writer stopped (disk full): an opt-out still
+    /// discards what it kept.
+    stopped_handle: Option<u64>,
     /// Transcript segments are stored (the tenant keeps transcripts and the
     /// caller has not opted out); shared with the task that takes the
     /// pipeline's last transcripts after the call.
@@ -462,6 +466,7 @@ impl CallStore {
             records,
             recording: None,
             recording_status: Arc::new(AtomicU8::new(REC_OK)),
+            stopped_handle: None,
             transcripts,
         };
         store.records.send(Op::InsertCall(row));
@@ -518,6 +523,11 @@ impl CallStore {
 
     /// One tick of recorded audio; a full second goes to the writer.
     fn audio(&mut self, left: &[i16], right: &[i16]) {
+        if self.recording.is_some() && self.recording_status.load(Ordering::Relaxed) != REC_OK {
+            // The writer could not start it or stopped it (disk full): the
+            // audio gathered here would go nowhere.
+            self.stopped_handle = self.recording.take().map(|b| b.handle);
+        }
         let Some(b) = &mut self.recording else {
             return;
         };
@@ -546,10 +556,18 @@ impl CallStore {
     fn opted_out(&mut self, at: SystemTime) {
         self.transcripts.enabled.store(false, Ordering::Relaxed);
         let at = unix_ms(at);
-        if let Some(b) = self.recording.take() {
+        // A recording cut short by a full disk is discarded too (what was
+        // sealed of it is kept as `partial` otherwise).
+        let handle = self
+            .recording
+            .take()
+            .map(|b| b.handle)
+            .or(self.stopped_handle.take());
+        if let Some(handle) = handle {
             self.records.send(Op::DiscardRecording {
-                handle: b.handle,
+                handle,
                 tenant: self.tenant.clone(),
+                call_id: self.call_id.clone(),
                 at,
             });
         }
@@ -929,7 +947,25 @@ struct RecordingMeta {
     status: Arc<AtomicU8>,
 }
 
-/// [`OpenRecording::status`] values.
+/// How a call's recording failed.
+#[derive(Debug)]
+enum Failed {
+    /// Not started, or nothing of it kept.
+    NotRecorded,
+    /// Stopped; what was sealed is kept (an opt-out still deletes it).
+    Partial { id: String, path: PathBuf },
+}
+
+impl Failed {
+    fn outcome(&self) -> CallRecording {
+        match self {
+            Failed::NotRecorded => CallRecording::NotRecorded,
+            Failed::Partial { .. } => CallRecording::Partial,
+        }
+    }
+}
+
+/// [`RecordingMeta::status`] values.
 const REC_OK: u8 = 0;
 const REC_NOT_RECORDED: u8 = 1;
 const REC_PARTIAL: u8 = 2;
@@ -946,7 +982,7 @@ struct Writer {
     open: HashMap<u64, OpenRecording>,
     /// Calls whose recording failed (not started, or cut short): what their
     /// CDR's `recording` says instead of what the call believed.
-    failed: HashMap<String, CallRecording>,
+    failed: HashMap<String, Failed>,
     /// Each tenant's retention policy, for the sweeper.
     policies: HashMap<String, RetentionPolicy>,
     settings: StoreSettings,
@@ -1165,7 +1201,12 @@ impl Writer {
                 frames,
                 recording,
             } => {
-                let recording = self.failed.remove(&call_id).unwrap_or(recording);
+                let recording = match self.failed.remove(&call_id) {
+                    // The caller's opt-out stands: what was kept is gone.
+                    Some(_) if recording == CallRecording::OptedOut => recording,
+                    Some(f) => f.outcome(),
+                    None => recording,
+                };
                 self.db(DbWrite::CloseCall {
                     tenant,
                     call_id,
@@ -1207,14 +1248,38 @@ impl Writer {
                 }
             }
             Op::FinishRecording { handle } => self.finish(handle),
-            Op::DiscardRecording { handle, tenant, at } => {
-                if let Some(rec) = self.open.remove(&handle) {
-                    if let Err(e) = rec.writer.discard() {
-                        warn!(recording = %rec.meta.id, error = %e, "opt-out: removing the file failed");
+            Op::DiscardRecording {
+                handle,
+                tenant,
+                call_id,
+                at,
+            } => {
+                let kept = match self.open.remove(&handle) {
+                    Some(rec) => {
+                        if let Err(e) = rec.writer.discard() {
+                            warn!(recording = %rec.meta.id, error = %e, "opt-out: removing the file failed");
+                        }
+                        Some(rec.meta.id)
                     }
+                    // Stopped by a full disk and kept as `partial`.
+                    None => match self.failed.remove(&call_id) {
+                        Some(Failed::Partial { id, path }) => {
+                            if let Err(e) = std::fs::remove_file(&path) {
+                                warn!(recording = %id, error = %e, "opt-out: removing the file failed (start-up retries)");
+                            }
+                            Some(id)
+                        }
+                        Some(other) => {
+                            self.failed.insert(call_id, other);
+                            None
+                        }
+                        None => None,
+                    },
+                };
+                if let Some(id) = kept {
                     self.db(DbWrite::DeleteRecording {
                         tenant,
-                        id: rec.meta.id,
+                        id,
                         actor: "caller",
                         reason: "consent opt-out",
                         at,
@@ -1282,7 +1347,7 @@ impl Writer {
         let not_recorded = |w: &mut Writer, why: &str| {
             warn!(call_id = %crate::logging::wire(&call_id), why, "recording not started; the call goes on unrecorded");
             status.store(REC_NOT_RECORDED, Ordering::Relaxed);
-            w.failed.insert(call_id.clone(), CallRecording::NotRecorded);
+            w.failed.insert(call_id.clone(), Failed::NotRecorded);
         };
         if !self.writable() {
             // Its CDR row may still wait in the retry queue, too.
@@ -1373,13 +1438,16 @@ impl Writer {
         let at = unix_ms(SystemTime::now());
         let outcome = if frames > 0 {
             self.db(DbWrite::RecordingState {
-                id: rec.id,
+                id: rec.id.clone(),
                 state: RecordingState::Partial,
                 size: file_len(path),
                 duration_ms: duration_ms(frames),
             });
             rec.status.store(REC_PARTIAL, Ordering::Relaxed);
-            CallRecording::Partial
+            Failed::Partial {
+                id: rec.id,
+                path: path.to_owned(),
+            }
         } else {
             if let Err(e) = std::fs::remove_file(path) {
                 warn!(error = %e, "recording without audio could not be removed (start-up retries)");
@@ -1392,7 +1460,7 @@ impl Writer {
                 at,
             });
             rec.status.store(REC_NOT_RECORDED, Ordering::Relaxed);
-            CallRecording::NotRecorded
+            Failed::NotRecorded
         };
         if self.failed.len() >= RETRY_QUEUE {
             // Their CDR ends were lost (queue full): nothing will take them.
@@ -1460,5 +1528,119 @@ mod tests {
         std::fs::write(&path, [7u8; 32]).unwrap();
         let key = master_key_bytes(&crate::config::MasterKey::ToGenerate(path)).unwrap();
         assert_eq!(key.as_slice(), &[7u8; 32]);
+    }
+
+    /// A writer on `dir` with tenant `demo` and one open call `c1`.
+    fn writer(dir: &Path) -> Writer {
+        let keyring = KeyRing::open(dir, &[7u8; 32]).unwrap();
+        let mut store = Store::open(&dir.join(DB_FILE)).unwrap();
+        store.set_caller_policy("demo", CallerIdPolicy::Plain);
+        store
+            .insert_call(&CallRow {
+                call_id: "c1".into(),
+                tenant: "demo".into(),
+                trunk: "t".into(),
+                from: "+15550001111".into(),
+                to: "+15551234567".into(),
+                started_at: 1_767_312_000_000,
+            })
+            .unwrap();
+        Writer {
+            backlog: Arc::new(AtomicUsize::new(0)),
+            store,
+            keyring,
+            var_dir: dir.to_owned(),
+            rng: StdRng::seed_from_u64(19),
+            open: HashMap::new(),
+            failed: HashMap::new(),
+            policies: HashMap::new(),
+            settings: StoreSettings::default(),
+            health: Arc::new(Health {
+                writable: true.into(),
+            }),
+            low_space: false,
+            failed_since_check: false,
+            retry: VecDeque::new(),
+            retried: 0,
+            retry_dropped: 0,
+            retry_dropped_total: 0,
+        }
+    }
+
+    /// A recording stopped by a failed write keeps what was sealed (`partial`);
+    /// the caller's opt-out afterwards still deletes it, and the CDR says
+    /// `opted-out`. Without an opt-out the CDR says `partial`.
+    #[test]
+    fn a_recording_cut_by_the_disk_is_partial_and_an_opt_out_still_deletes_it() {
+        for opt_out in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = writer(dir.path());
+            let status = Arc::new(AtomicU8::new(REC_OK));
+            w.apply(Op::StartRecording {
+                handle: 1,
+                tenant: "demo".into(),
+                call_id: "c1".into(),
+                created_at: 1_767_312_000_000,
+                status: Arc::clone(&status),
+            });
+            let second = Zeroizing::new(vec![100i16; FRAMES_PER_CHUNK]);
+            w.apply(Op::Push {
+                handle: 1,
+                left: second.clone(),
+                right: second,
+            });
+            // The next write fails (as on a full disk): what the writer does then.
+            let rec = w.open.remove(&1).unwrap();
+            let path = rec.writer.path().to_owned();
+            drop(rec.writer);
+            w.salvage(rec.meta, &path);
+            assert_eq!(status.load(Ordering::Relaxed), REC_PARTIAL);
+            assert!(!w.writable(), "a failed write makes the store unwritable");
+            let id = w.store.recordings_of_call("demo", "c1").unwrap()[0]
+                .id
+                .clone();
+            let state = |w: &Writer| w.store.recordings_of_call("demo", "c1").unwrap()[0].state;
+            assert_eq!(state(&w), RecordingState::Partial);
+            let mut recording = CallRecording::Recorded;
+            if opt_out {
+                w.apply(Op::DiscardRecording {
+                    handle: 1,
+                    tenant: "demo".into(),
+                    call_id: "c1".into(),
+                    at: 1_767_312_005_000,
+                });
+                assert!(!path.exists(), "the opted-out partial file is deleted");
+                assert_eq!(state(&w), RecordingState::Deleted);
+                recording = CallRecording::OptedOut;
+            } else {
+                assert!(path.exists());
+            }
+            w.apply(Op::FinishCall {
+                tenant: "demo".into(),
+                call_id: "c1".into(),
+                end: CallEnd {
+                    answered_at: Some(1_767_312_000_000),
+                    ended_at: 1_767_312_010_000,
+                    result_code: 200,
+                    hangup_side: StoredHangupSide::Remote,
+                    cause: "caller-bye".into(),
+                    codec: None,
+                    rtp: RtpStats {
+                        packets: 0,
+                        lost: 0,
+                        jitter_ms: 0.0,
+                    },
+                },
+                frames: MediaFrames::default(),
+                recording,
+            });
+            let cdr = w.store.get_call("demo", "c1").unwrap().unwrap();
+            let want = if opt_out {
+                CallRecording::OptedOut
+            } else {
+                CallRecording::Partial
+            };
+            assert_eq!(cdr.recording, Some(want), "{id}");
+        }
     }
 }
