@@ -16,8 +16,18 @@
 //!
 //! At start-up [`Records::open`] recovers what a crash left: recordings still
 //! in state `recording` are verified chunk by chunk and marked `partial`
-//! (unreadable ones are deleted, audited), then open CDRs are closed with
-//! cause `crash-recovered`.
+//! (those without audio are deleted with their file, audited), `.sbrec` files
+//! no row names are deleted, then open CDRs are closed with cause
+//! `crash-recovered`.
+//!
+//! A full disk (issue 19): the writer checks free space against
+//! `[profile.store] min_free_mb` every `check_interval_s`, counts the store
+//! unable to write from a failed write until the next check finds it fine,
+//! and publishes whether the store can write; the daemon admits
+//! recording tenants' calls by it (answered unrecorded, or 503). A recording
+//! whose write fails stops (what was sealed is kept as `partial`); database
+//! writes that fail wait in a bounded queue, in order, and are retried at each
+//! check. Every CDR says whether its call was recorded.
 
 use crate::call::CallRecord;
 use crate::call::RecordingStatus;
@@ -188,7 +198,12 @@ impl Records {
             let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
             store.set_caller_policy(&t.id, policy);
         }
-        recover(&mut store, &keyring, var_dir, unix_ms(SystemTime::now()))?;
+        if let Err(e) = recover(&mut store, &keyring, var_dir, unix_ms(SystemTime::now())) {
+            // Not fatal: a disk too full for the clean-up's writes must not
+            // keep the daemon down (recording tenants then fail closed); what
+            // is left is cleaned up at the next start.
+            error!(error = %format!("{e:#}"), "start-up recovery incomplete; the next start tries again");
+        }
         let (tx, rx) = sync_channel(QUEUE);
         let backlog = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(Health {
