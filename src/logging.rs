@@ -173,6 +173,54 @@ fn scrub_always(text: &str) -> Cow<'_, str> {
     }
 }
 
+/// A string from the wire (Call-ID, From, User-Agent, a tag) as a log field:
+/// control characters (escape sequences, NUL, CR/LF, DEL, C1) and the
+/// backslash are written as Rust escapes (`\u{1b}`, `\\`), so a hostile
+/// value can neither drive the terminal that shows the log nor forge lines.
+/// Use as `call_id = %wire(&id)`.
+pub fn wire(s: &str) -> Wire<'_> {
+    Wire(s)
+}
+
+/// See [`wire`].
+#[derive(Debug, Clone, Copy)]
+pub struct Wire<'a>(&'a str);
+
+impl std::fmt::Display for Wire<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            if c.is_control() || c == '\\' {
+                for e in c.escape_default() {
+                    f.write_char(e)?;
+                }
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// JSON text (serde_json's, which escapes what JSON requires) with the
+/// control characters JSON allows raw — DEL and C1, such as the one-byte
+/// CSI `U+009B` — escaped as `\u00XX` too, so the JSON stays the same value
+/// and no terminal acts on it.
+pub fn json_terminal_safe(json: String) -> String {
+    if !json.chars().any(char::is_control) {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Replaces the default panic hook (which prints the message as it is) by one
 /// that logs the panic through `tracing`, its message [`scrub`]bed.
 pub fn install_panic_hook() {

@@ -73,6 +73,19 @@ pub(crate) mod names {
     pub(crate) const RECORDING_BYTES: &str = "sipbridge_recording_bytes_written_total";
     /// Counter: store operations dropped because the writer's queue was full.
     pub(crate) const STORE_DROPPED: &str = "sipbridge_store_queue_dropped_total";
+    /// Gauge: free bytes on `var_dir`'s filesystem (for unprivileged users).
+    pub(crate) const STORE_FREE_BYTES: &str = "sipbridge_store_free_bytes";
+    /// Gauge: 1 while the store can write, 0 while it cannot (free space
+    /// below `min_free_mb`, or a failed write since the last check).
+    pub(crate) const STORE_WRITABLE: &str = "sipbridge_store_writable";
+    /// Counter by `kind` (`database`, `recording`): writes that failed.
+    pub(crate) const STORE_WRITE_FAILURES: &str = "sipbridge_store_write_failures_total";
+    /// Gauge: database writes (CDRs, consent, recording states) waiting to be retried.
+    pub(crate) const STORE_RETRY_PENDING: &str = "sipbridge_store_retry_pending";
+    /// Counter: database writes stored on a retry.
+    pub(crate) const STORE_RETRIED: &str = "sipbridge_store_retried_total";
+    /// Counter: database writes lost because the retry queue was full.
+    pub(crate) const STORE_RETRY_DROPPED: &str = "sipbridge_store_retry_dropped_total";
     /// Counter by `kind`: objects deleted by the retention sweeper.
     pub(crate) const RETENTION_DELETIONS: &str = "sipbridge_retention_deletions_total";
     /// Counter by `kind`: retention deletions that failed (retried next sweep).
@@ -247,11 +260,46 @@ fn describe() {
         Unit::Count,
         "Configuration reloads, by result (ok, rejected)."
     );
+    describe_gauge!(
+        STORE_FREE_BYTES,
+        Unit::Bytes,
+        "Free bytes on the filesystem of var_dir (checked every check_interval_s)."
+    );
+    describe_gauge!(
+        STORE_WRITABLE,
+        "1 while the store can write; 0 while free space is below min_free_mb or a write failed since the last check."
+    );
+    describe_counter!(
+        STORE_WRITE_FAILURES,
+        Unit::Count,
+        "Store writes that failed, by kind (database, recording)."
+    );
+    describe_gauge!(
+        STORE_RETRY_PENDING,
+        Unit::Count,
+        "Database writes (CDRs, consent, recording states) waiting to be retried."
+    );
+    describe_counter!(
+        STORE_RETRIED,
+        Unit::Count,
+        "Database writes stored on a retry after a failure."
+    );
+    describe_counter!(
+        STORE_RETRY_DROPPED,
+        Unit::Count,
+        "Database writes lost because the retry queue was full."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(UPTIME).set(0.0);
     for result in ["ok", "rejected"] {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
+    for kind in ["database", "recording"] {
+        counter!(STORE_WRITE_FAILURES, "kind" => kind).absolute(0);
+    }
+    counter!(STORE_RETRIED).absolute(0);
+    counter!(STORE_RETRY_DROPPED).absolute(0);
+    gauge!(STORE_RETRY_PENDING).set(0.0);
 }
 
 /// Installs the process-wide recorder once (later calls do nothing) and,
@@ -498,6 +546,31 @@ pub(crate) fn recording_bytes(n: u64) {
 /// The store writer's queue was full: one operation dropped.
 pub(crate) fn store_dropped() {
     counter!(STORE_DROPPED).increment(1);
+}
+
+/// The store's free space and whether it can write (writer thread).
+pub(crate) fn store_state(free_bytes: Option<u64>, writable: bool) {
+    if let Some(free) = free_bytes {
+        gauge!(STORE_FREE_BYTES).set(free as f64);
+    }
+    gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+}
+
+/// A store write failed: `database` or `recording`.
+pub(crate) fn store_write_failed(kind: &'static str) {
+    counter!(STORE_WRITE_FAILURES, "kind" => kind).increment(1);
+}
+
+/// The retry queue's length now, with `stored` writes stored on a retry
+/// and `dropped` lost (queue full) since the last report.
+pub(crate) fn store_retry(pending: usize, stored: u64, dropped: u64) {
+    gauge!(STORE_RETRY_PENDING).set(pending as f64);
+    if stored > 0 {
+        counter!(STORE_RETRIED).increment(stored);
+    }
+    if dropped > 0 {
+        counter!(STORE_RETRY_DROPPED).increment(dropped);
+    }
 }
 
 fn kind_label(kind: ItemKind) -> &'static str {

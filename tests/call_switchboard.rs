@@ -516,3 +516,55 @@ fn an_admitted_call_keeps_its_tenant_across_a_reload() {
         Some('9')
     );
 }
+
+/// Issue 19: while the store cannot write, a recording tenant's new calls are answered
+/// unrecorded (`on_store_failure = "answer-unrecorded"`, the default) or refused with
+/// 503 (`"reject"`); a tenant that does not record is unaffected.
+#[test]
+fn store_that_cannot_write_fails_recording_tenants_closed() {
+    use sipbridge::call::RecordingStatus;
+    let now = Instant::now();
+    let admitted = |tenant: &str, writable: bool, branch: &str| {
+        let mut rng = StdRng::seed_from_u64(19);
+        let cfg = config_with("", "127.0.0.0/8", tenant);
+        let mut sb = switchboard(&cfg, &mut rng);
+        sb.set_store_writable(writable);
+        let invite = request("INVITE", branch, 1, None, &sdp("sendrecv"));
+        dispatch(&mut sb, now, &invite, &mut rng)
+    };
+    let new_call = |d: Dispatch| match d {
+        Dispatch::NewCall(a) => a,
+        other => panic!("expected a call, got {other:?}"),
+    };
+
+    let a = new_call(admitted("recording = true", false, "s1"));
+    assert!(!a.settings.plan.record, "answered unrecorded");
+    assert!(a.settings.store_unavailable);
+    let a = new_call(admitted("recording = true", true, "s2"));
+    assert!(a.settings.plan.record && !a.settings.store_unavailable);
+    let a = new_call(admitted("recording = false", false, "s3"));
+    assert!(!a.settings.plan.record && !a.settings.store_unavailable);
+
+    match admitted(
+        "recording = true\non_store_failure = \"reject\"",
+        false,
+        "s4",
+    ) {
+        Dispatch::Reply { transmit, record } => {
+            assert_eq!(status_of(&transmit.bytes), 503);
+            let text = String::from_utf8_lossy(&transmit.bytes).into_owned();
+            assert!(text.contains("\r\nRetry-After: 30\r\n"), "{text}");
+            let record = record.expect("a CDR for the attempt");
+            assert_eq!(record.cause, "store-unavailable");
+            assert_eq!(record.recording, RecordingStatus::NotRecorded);
+            assert!(!record.recording.recorded());
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    let a = new_call(admitted(
+        "recording = true\non_store_failure = \"reject\"",
+        true,
+        "s5",
+    ));
+    assert!(a.settings.plan.record);
+}

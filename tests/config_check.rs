@@ -737,3 +737,77 @@ fn admin_download_limits_are_checked() {
         "max_downloads_per_tenant 100000 is out of range: write 1 to 256",
     );
 }
+
+/// Issue 19: `[profile.store]` and `on_store_failure` are checked with their locations;
+/// `on_store_failure` on a tenant that does not record is a warning.
+#[test]
+fn store_failure_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let good = profile(5030)
+        .replace(
+            "[[trunk]]",
+            "[profile.store]\nmin_free_mb = 256\ncheck_interval_s = 10\n\n[[trunk]]",
+        )
+        .replace(
+            "pipeline = { kind = \"echo\" }",
+            "pipeline = { kind = \"echo\" }\non_store_failure = \"reject\"",
+        );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "good.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("on_store_failure"), "{stdout}");
+    assert!(
+        stdout.contains("store: min free 256 MiB, checked every 10 s"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("    store cannot write: reject (503)"),
+        "{stdout}"
+    );
+
+    let unrecorded = good.replace("recording = true", "recording = false");
+    std::fs::write(dir.path().join("warn.toml"), &unrecorded).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "warn.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_reported(
+        &stdout,
+        "warn.toml",
+        line_of(&unrecorded, "on_store_failure"),
+        "on_store_failure has no effect: tenant `t5030` does not record",
+    );
+
+    let bad = good
+        .replace("min_free_mb = 256", "min_free_mb = 2000000000")
+        .replace("check_interval_s = 10", "check_interval_s = 0");
+    std::fs::write(dir.path().join("bad.toml"), &bad).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "bad.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "min_free_mb"),
+        "min_free_mb 2000000000 is larger than 1 PiB",
+    );
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "check_interval_s"),
+        "check_interval_s 0 must be 1 to 3600",
+    );
+
+    let unknown = good.replace("\"reject\"", "\"drop\"");
+    std::fs::write(dir.path().join("unknown.toml"), &unknown).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "unknown.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "unknown.toml",
+        line_of(&unknown, "on_store_failure"),
+        "unknown variant `drop`, expected `answer-unrecorded` or `reject`",
+    );
+}

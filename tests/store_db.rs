@@ -113,7 +113,7 @@ fn opens_in_wal_with_foreign_keys_private_file_and_current_schema() {
     assert_eq!(s.journal_mode().unwrap(), "wal");
     assert!(s.foreign_keys().unwrap());
     assert_eq!(s.schema_version().unwrap(), CURRENT_VERSION);
-    assert_eq!(CURRENT_VERSION, 4);
+    assert_eq!(CURRENT_VERSION, 5);
     s.insert_call(&call("acme", "c1", "+1", T0)).unwrap();
     let mode = std::fs::metadata(dir.path().join("meta.db"))
         .unwrap()
@@ -153,7 +153,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     }
     let mut s = Store::open(&path).unwrap();
     s.set_caller_policy("acme", CallerIdPolicy::Plain);
-    assert_eq!(s.schema_version().unwrap(), 4);
+    assert_eq!(s.schema_version().unwrap(), 5);
     let old = s.get_call("acme", "old").unwrap().unwrap();
     assert_eq!(old.caller.as_deref(), Some("+111"));
     assert_eq!(old.started_at, 5);
@@ -163,7 +163,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     drop(s);
     // Re-opening at the current version applies nothing and loses nothing.
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 4);
+    assert_eq!(s.schema_version().unwrap(), 5);
     assert_eq!(s.transcripts_of_call("acme", "old").unwrap().len(), 1);
 }
 
@@ -797,4 +797,34 @@ fn privacy_erased_numbers_leave_no_bytes_in_the_database_files() {
             "the erased number is still in {name}"
         );
     }
+}
+
+/// Issue 19: a CDR says whether its call was recorded (schema v5), closed in one
+/// statement with its frame counts; rows closed otherwise say nothing.
+#[test]
+fn close_call_stores_whether_the_call_was_recorded() {
+    use sipbridge::store::db::{CallRecording, MediaFrames};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    s.insert_call(&call("acme", "c1", "+1", T0)).unwrap();
+    s.insert_call(&call("acme", "c2", "+1", T0)).unwrap();
+    let frames = MediaFrames {
+        concealed: 3,
+        dropped: 4,
+    };
+    s.close_call("acme", "c1", &end(T0 + 5), frames, CallRecording::Partial)
+        .unwrap();
+    let c1 = s.get_call("acme", "c1").unwrap().unwrap();
+    assert_eq!(c1.recording, Some(CallRecording::Partial));
+    assert!(c1.recording.unwrap().recorded());
+    assert_eq!(c1.frames, Some(frames));
+    assert_eq!(c1.ended_at, Some(T0 + 5));
+    // Closing twice is refused, as with finish_call.
+    assert!(
+        s.close_call("acme", "c1", &end(T0 + 6), frames, CallRecording::Off)
+            .is_err()
+    );
+    s.finish_call("acme", "c2", &end(T0 + 5)).unwrap();
+    assert_eq!(s.get_call("acme", "c2").unwrap().unwrap().recording, None);
+    assert!(!CallRecording::NotRecorded.recorded());
 }

@@ -387,7 +387,7 @@ async fn hang_up(
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     let info = visible_call(&state, &principal, &call_id)?;
     taken(state.control.hang_up(&call_id, HangupCause::Local))?;
-    info!(%call_id, actor = %principal.actor(), "hang-up requested through the admin API");
+    info!(call_id = %crate::logging::wire(&call_id), actor = %principal.actor(), "hang-up requested through the admin API");
     audit_call(
         &state,
         &principal,
@@ -430,7 +430,7 @@ async fn set_paused(
     let info = visible_call(&state, &principal, &call_id)?;
     let what = if pause { "paused" } else { "resumed" };
     taken(state.control.pause_recording(&call_id, pause))?;
-    info!(%call_id, actor = %principal.actor(), "recording {what} through the admin API");
+    info!(call_id = %crate::logging::wire(&call_id), actor = %principal.actor(), "recording {what} through the admin API");
     let done = format!("recording {what}");
     audit_call(
         &state,

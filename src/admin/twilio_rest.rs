@@ -276,7 +276,7 @@ async fn update_call(
         Err(CommandError::Busy) => return Err(RestError::Busy),
     }
     let actor = format!("twilio-api:tenant:{}", account.tenant);
-    info!(call_id = %info.call_id, %actor, "hang-up requested through the Twilio REST API");
+    info!(call_id = %crate::logging::wire(&info.call_id), %actor, "hang-up requested through the Twilio REST API");
     let (tenant, id) = (info.tenant.clone(), info.call_id.clone());
     let audit = state
         .api

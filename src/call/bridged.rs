@@ -31,7 +31,7 @@ use super::supervisor::{
 };
 use super::{
     Call, CallEvent, CallOutput, CallRecord, HangupCause, MediaOutput, MediaSession, PcmFrame,
-    Peer, RtpSummary, Transmit,
+    Peer, RecordingStatus, RtpSummary, Transmit,
 };
 use crate::config::{AwayAudio, FailurePolicy};
 use crate::sip::message::Message;
@@ -335,6 +335,8 @@ pub struct BridgedCall {
     rules: RecordingRules,
     /// The recording is open (until the call ends or the caller opts out).
     recording: bool,
+    /// A recording was opened at some point (for the CDR's `recording`).
+    recording_opened: bool,
     opted_out: bool,
     /// The recording is paused since this wall time.
     paused_since: Option<SystemTime>,
@@ -380,6 +382,7 @@ impl BridgedCall {
             media: None,
             rules: setup.recording,
             recording: false,
+            recording_opened: false,
             opted_out: false,
             paused_since: None,
             paused: Vec::new(),
@@ -409,6 +412,22 @@ impl BridgedCall {
     /// The caller opted out of recording.
     pub fn opted_out(&self) -> bool {
         self.opted_out
+    }
+
+    /// Whether the call was recorded, as far as the call knows (the store
+    /// may still have failed to write it).
+    fn recording_status(&self) -> RecordingStatus {
+        if self.opted_out {
+            RecordingStatus::OptedOut
+        } else if self.recording_opened {
+            RecordingStatus::Recorded
+        } else if self.call.settings().store_unavailable {
+            RecordingStatus::NotRecorded
+        } else if self.rules.record {
+            RecordingStatus::NotStarted
+        } else {
+            RecordingStatus::Off
+        }
     }
 
     /// The pipeline supervisor's state, once the pipeline has started.
@@ -626,6 +645,7 @@ impl BridgedCall {
     fn open_recording(&mut self, now: Instant) {
         if self.rules.record && !self.opted_out && !self.recording && self.media.is_some() {
             self.recording = true;
+            self.recording_opened = true;
             let wall = self.wall(now);
             self.emit(BridgeOutput::Store(StoreOp::StartRecording(wall)));
         }
@@ -912,6 +932,7 @@ impl BridgedCall {
                         record.rtp = Some(RtpSummary::of(m));
                     }
                     self.recording = false;
+                    record.recording = self.recording_status();
                     self.end_pause(self.wall(now));
                     record.recording_paused = std::mem::take(&mut self.paused);
                     self.awaiting_ack = None;

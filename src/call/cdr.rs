@@ -60,6 +60,37 @@ pub struct CallRecord {
     /// (PCI: the agent or the admin API asked), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recording_paused: Vec<PausedStretch>,
+    /// Whether the call was recorded, as far as the call knows; the store
+    /// link corrects it when a write failed (issue 19).
+    pub recording: RecordingStatus,
+}
+
+/// Whether a call was recorded (its CDR's `recording`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordingStatus {
+    /// The tenant does not record.
+    #[default]
+    Off,
+    /// The tenant records, but the call never got as far as a recording
+    /// (rejected, cancelled, never confirmed).
+    NotStarted,
+    /// Recorded.
+    Recorded,
+    /// Recorded up to a failed write (what was sealed before is kept).
+    Partial,
+    /// The tenant records, but the store could not write: answered without
+    /// a recording (`on_store_failure = "answer-unrecorded"`), or refused.
+    NotRecorded,
+    /// The caller opted out: the recording was discarded.
+    OptedOut,
+}
+
+impl RecordingStatus {
+    /// Whether audio of the call is kept.
+    pub fn recorded(self) -> bool {
+        matches!(self, Self::Recorded | Self::Partial)
+    }
 }
 
 /// A stretch of a call that was not recorded or transcribed (PCI pause).

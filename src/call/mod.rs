@@ -16,7 +16,7 @@ mod session;
 pub mod supervisor;
 mod switchboard;
 
-pub use cdr::{CallRecord, HangupSide, PausedStretch, RtpSummary};
+pub use cdr::{CallRecord, HangupSide, PausedStretch, RecordingStatus, RtpSummary};
 pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
@@ -145,6 +145,10 @@ pub struct CallSettings {
     /// Play the disclosure in `183 Session Progress` and answer once it has
     /// finished (the caller hears the notice before the call is answered).
     pub early_media: bool,
+    /// The tenant records, but the store could not write when the call was
+    /// admitted: it is answered without a recording (`plan.record` is off)
+    /// and its CDR says so (issue 19).
+    pub store_unavailable: bool,
 }
 
 /// Why a call ended, as recorded in the CDR.
@@ -372,6 +376,7 @@ impl Call {
             rtp: None,
             pipeline: None,
             recording_paused: Vec::new(),
+            recording: RecordingStatus::Off,
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {

@@ -12,9 +12,10 @@ use super::MediaPlan;
 use super::auth_guard::{AuthGuard, AuthLimits, AuthRefusal};
 use super::session::SessionTimer;
 use super::{
-    ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, SUPPORTED, Transmit, TransportKind,
+    ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, RecordingStatus, SUPPORTED,
+    Transmit, TransportKind,
 };
-use crate::config::Config;
+use crate::config::{Config, OnStoreFailure};
 use crate::media::prompt::Prompt;
 use crate::media::resample::PipelineRate;
 use crate::media::rtp::RtpSourcePolicy;
@@ -269,6 +270,10 @@ pub struct Switchboard {
     draining: bool,
     /// The daemon cannot keep up (its store is behind): new INVITEs get 503.
     overloaded: bool,
+    /// The store can write (free space above the watermark, no failed
+    /// write since the last check); when not, recording tenants' new calls
+    /// are answered unrecorded or refused (`on_store_failure`).
+    store_writable: bool,
     prompts: HashMap<String, Arc<Prompt>>,
 }
 
@@ -437,6 +442,7 @@ impl Switchboard {
             },
             draining: false,
             overloaded: false,
+            store_writable: true,
             prompts: HashMap::new(),
         }
     }
@@ -514,6 +520,17 @@ impl Switchboard {
     /// calls and OPTIONS are unaffected.
     pub fn set_overloaded(&mut self, on: bool) {
         self.overloaded = on;
+    }
+
+    /// Whether the store can write (the shell checks free space and failed
+    /// writes); see `on_store_failure`. Live calls are unaffected.
+    pub fn set_store_writable(&mut self, writable: bool) {
+        self.store_writable = writable;
+    }
+
+    /// Whether [`Switchboard::set_store_writable`] is on.
+    pub fn is_store_writable(&self) -> bool {
+        self.store_writable
     }
 
     /// Whether [`Switchboard::set_overloaded`] is on.
@@ -602,6 +619,15 @@ impl Switchboard {
             rtp: None,
             pipeline: None,
             recording_paused: Vec::new(),
+            recording: if self
+                .config
+                .tenant(&admitted.settings.tenant)
+                .is_some_and(|t| t.recording)
+            {
+                RecordingStatus::NotStarted
+            } else {
+                RecordingStatus::Off
+            },
         };
         let transmit = Transmit {
             dest: crate::call::response_dest(req, admitted.peer),
@@ -798,6 +824,7 @@ impl Switchboard {
             rtp: None,
             pipeline: None,
             recording_paused: Vec::new(),
+            recording: RecordingStatus::Off,
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());
@@ -924,6 +951,29 @@ impl Switchboard {
         };
         let tenant_id = route.tenant.clone();
         record.tenant = Some(tenant_id.clone());
+        // 3b. A recording tenant while the store cannot write (issue 19):
+        // answered unrecorded, or refused, as the tenant chose.
+        let (records, on_store_failure) = self
+            .config
+            .tenant(&tenant_id)
+            .map_or((false, OnStoreFailure::default()), |t| {
+                (t.recording, t.on_store_failure)
+            });
+        if records {
+            record.recording = RecordingStatus::NotStarted;
+        }
+        let store_unavailable = records && !self.store_writable;
+        if store_unavailable && on_store_failure == OnStoreFailure::Reject {
+            record.cause = "store-unavailable".to_owned();
+            record.recording = RecordingStatus::NotRecorded;
+            return reject(
+                self,
+                &mut record,
+                503,
+                vec![("Retry-After", "30".to_owned())],
+                true,
+            );
+        }
         // 4. Session timer floor (RFC 4028 §6: 422 with our Min-SE).
         if let Err(e) =
             SessionTimer::negotiate(&req, self.settings.session_expires, self.settings.min_se)
@@ -989,6 +1039,9 @@ impl Switchboard {
         };
         let (encryption, srtp_key) = self.srtp_for(&trunk_name, rng);
         let mut plan = self.media_plan(&tenant_id);
+        if store_unavailable {
+            plan.record = false;
+        }
         if trunk.behind_nat {
             plan.rtp_source = RtpSourcePolicy::Latch {
                 window: self.settings.rtp_latch_window,
@@ -1028,6 +1081,7 @@ impl Switchboard {
             max_duration: self.settings.max_duration,
             plan,
             early_media,
+            store_unavailable,
         };
         Dispatch::NewCall(Box::new(Admitted {
             invite: req,

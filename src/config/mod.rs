@@ -107,6 +107,49 @@ pub struct Profile {
     /// Certificate and key of the TLS listeners (`[profile.tls]`); set
     /// whenever `listen.tls` is not empty.
     pub tls: Option<TlsIdentity>,
+    /// When the store counts as unable to write (`[profile.store]`).
+    pub store: StoreSettings,
+}
+
+/// `[profile.store]`: the free-space watermark of `var_dir` (issue 19).
+/// Below it, or after a write failed, the store counts as unable to write:
+/// recording tenants' new calls are answered unrecorded or refused with 503
+/// (their `on_store_failure`) until a check finds the space back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreSettings {
+    /// Free bytes `var_dir`'s filesystem must keep (`min_free_mb`, default 64).
+    pub min_free_bytes: u64,
+    /// How often free space is checked and failed writes retried
+    /// (`check_interval_s`, default 5 s).
+    pub check_interval: Duration,
+}
+
+/// Default `[profile.store] min_free_mb`.
+pub const DEFAULT_MIN_FREE_MB: u64 = 64;
+/// Default `[profile.store] check_interval_s`.
+pub const DEFAULT_STORE_CHECK_S: u32 = 5;
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            min_free_bytes: DEFAULT_MIN_FREE_MB * 1024 * 1024,
+            check_interval: Duration::from_secs(u64::from(DEFAULT_STORE_CHECK_S)),
+        }
+    }
+}
+
+/// What a recording tenant's new calls get while the store cannot write
+/// (`on_store_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnStoreFailure {
+    /// Answer without recording; the CDR says `recording = "not-recorded"`
+    /// (the default).
+    #[default]
+    AnswerUnrecorded,
+    /// `503 Service Unavailable` with `Retry-After`.
+    Reject,
 }
 
 /// The server certificate chain and private key (PEM, checked at load).
@@ -350,6 +393,8 @@ pub struct Tenant {
     pub pipeline_rate: u32,
     /// Play the prompt in 183 Session Progress and answer after it.
     pub early_media: bool,
+    /// What new calls get while the store cannot write (recording tenants).
+    pub on_store_failure: OnStoreFailure,
     /// Store caller numbers as received, or as a keyed hash (erasure and
     /// export by number still work: the hash is recomputed from the number).
     pub hash_caller_numbers: bool,
@@ -752,6 +797,12 @@ impl Config {
             };
             let _ = writeln!(out, "  var_dir: {}; master key: {key}", p.var_dir.display());
             let _ = writeln!(out, "  drain grace: {} s", p.drain_grace.as_secs());
+            let _ = writeln!(
+                out,
+                "  store: min free {} MiB, checked every {} s",
+                p.store.min_free_bytes / (1024 * 1024),
+                p.store.check_interval.as_secs()
+            );
             let s = &p.sip;
             let _ = writeln!(
                 out,
@@ -809,6 +860,16 @@ impl Config {
                 limit(t.max_calls)
             );
             let _ = writeln!(out, "    prompt: {prompt}");
+            if t.recording {
+                let _ = writeln!(
+                    out,
+                    "    store cannot write: {}",
+                    match t.on_store_failure {
+                        OnStoreFailure::AnswerUnrecorded => "answer unrecorded",
+                        OnStoreFailure::Reject => "reject (503)",
+                    }
+                );
+            }
             let _ = writeln!(out, "    pipeline: {}", describe_pipeline(&t.pipeline));
             if !matches!(t.pipeline, Pipeline::Echo) {
                 let _ = writeln!(

@@ -40,6 +40,27 @@ pub(crate) struct RawProfile {
     /// `[profile.tls]`: certificate and key of the `listen.tls` listeners.
     #[serde(default)]
     pub(crate) tls: Option<Spanned<RawTls>>,
+    /// `[profile.store]`: the free-space watermark (issue 19).
+    #[serde(default)]
+    pub(crate) store: Option<Spanned<RawStore>>,
+}
+
+/// `[profile.store]`: when the store counts as unable to write.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    #[serde(default)]
+    pub(crate) min_free_mb: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub(crate) check_interval_s: Option<Spanned<u32>>,
+}
+
+/// A recording tenant's `on_store_failure`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum RawOnStoreFailure {
+    AnswerUnrecorded,
+    Reject,
 }
 
 /// `[profile.logging]`: what logs may show of callers.
@@ -200,6 +221,9 @@ pub(crate) struct RawTenant {
     pub(crate) pipeline_rate: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) early_media: bool,
+    /// What a recording tenant's new calls get while the store cannot write.
+    #[serde(default)]
+    pub(crate) on_store_failure: Option<Spanned<RawOnStoreFailure>>,
     #[serde(default)]
     pub(crate) caller_numbers: Option<RawCallerNumbers>,
     #[serde(default)]

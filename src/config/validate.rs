@@ -683,6 +683,7 @@ fn check_profiles(
             cx.error(file, Some(span), msg);
         }
         let log_caller_data = log_caller_data(cx, file, p.logging.as_ref());
+        let store = store_settings(cx, file, p.store.as_ref());
 
         out.push(Profile {
             name,
@@ -704,7 +705,44 @@ fn check_profiles(
             security,
             log_caller_data,
             tls,
+            store,
         });
+    }
+    out
+}
+
+/// `[profile.store]`: `min_free_mb` (0 turns the watermark off: only failed
+/// writes count) and `check_interval_s` (1 to 3600).
+fn store_settings(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: Option<&Spanned<super::raw::RawStore>>,
+) -> super::StoreSettings {
+    let mut out = super::StoreSettings::default();
+    let Some(raw) = raw.map(Spanned::get_ref) else {
+        return out;
+    };
+    if let Some(v) = &raw.min_free_mb {
+        match v.get_ref().checked_mul(1024 * 1024) {
+            Some(bytes) if *v.get_ref() <= 1 << 30 => out.min_free_bytes = bytes,
+            _ => cx.error(
+                file,
+                Some(v.span()),
+                format!("min_free_mb {} is larger than 1 PiB", v.get_ref()),
+            ),
+        }
+    }
+    if let Some(v) = &raw.check_interval_s {
+        let secs = *v.get_ref();
+        if (1..=3600).contains(&secs) {
+            out.check_interval = Duration::from_secs(u64::from(secs));
+        } else {
+            cx.error(
+                file,
+                Some(v.span()),
+                format!("check_interval_s {secs} must be 1 to 3600"),
+            );
+        }
     }
     out
 }
@@ -1187,6 +1225,27 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 retention.audit_days = *a.get_ref();
             }
         }
+        let on_store_failure = match &t.on_store_failure {
+            None => super::OnStoreFailure::AnswerUnrecorded,
+            Some(v) => {
+                if !t.recording {
+                    cx.warning(
+                        file,
+                        Some(v.span()),
+                        format!(
+                            "on_store_failure has no effect: tenant `{}` does not record",
+                            t.id.get_ref()
+                        ),
+                    );
+                }
+                match v.get_ref() {
+                    super::raw::RawOnStoreFailure::AnswerUnrecorded => {
+                        super::OnStoreFailure::AnswerUnrecorded
+                    }
+                    super::raw::RawOnStoreFailure::Reject => super::OnStoreFailure::Reject,
+                }
+            }
+        };
         let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
         let pipeline_failure = check_failure_policy(cx, file, t.pipeline.get_ref());
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
@@ -1286,6 +1345,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     caller_audio_after_prompt: t.caller_audio_after_prompt.unwrap_or(true),
                     pipeline_rate,
                     early_media: t.early_media,
+                    on_store_failure,
                     hash_caller_numbers: matches!(
                         t.caller_numbers,
                         Some(super::raw::RawCallerNumbers::Hashed)

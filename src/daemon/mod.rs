@@ -7,6 +7,7 @@
 //! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
 
 mod lifecycle;
+mod reject_log;
 mod store_link;
 mod transport;
 
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) life: lifecycle::Life,
     /// Tenants' fallback prompts (pipeline failure policy), loaded once.
     pub(crate) fallback_prompts: Mutex<HashMap<String, Arc<FallbackAudio>>>,
+    /// Rejected call attempts of the current interval, per source.
+    pub(crate) reject_log: Mutex<reject_log::RejectLog>,
 }
 
 /// How a call connects to its network pipeline (the shell's half: where to
@@ -105,20 +108,67 @@ pub(crate) fn log_cdr(shared: &Shared, record: &CallRecord) {
             obj.insert("to".into(), crate::logging::number(&record.to).into());
         }
     }
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("recorded".into(), record.recording.recorded().into());
+    }
     let json = value.to_string();
     info!(
         target: "cdr",
-        call_id = %record.call_id,
+        call_id = %crate::logging::wire(&record.call_id),
         tenant = record.tenant.as_deref().unwrap_or(""),
         trunk = record.trunk.as_deref().unwrap_or(""),
         result = record.result_code,
         cause = %record.cause,
-        cdr = %json,
+        cdr = %crate::logging::json_terminal_safe(json),
         "call record"
     );
 }
 
+/// Logs the summaries of a closed interval of rejected call attempts.
+fn log_reject_summaries(summaries: Vec<reject_log::Summary>) {
+    let secs = reject_log::INTERVAL.as_secs();
+    for s in summaries {
+        let reasons = crate::logging::wire(&s.reasons);
+        match s.source {
+            Some(ip) => info!(
+                source = %ip,
+                rejected = s.rejected,
+                not_logged = s.suppressed,
+                "{} requests from {ip} rejected in the last {secs} s ({} not logged one by one): {reasons}",
+                s.rejected,
+                s.suppressed,
+            ),
+            None => info!(
+                rejected = s.rejected,
+                "{} requests from further sources rejected in the last {secs} s (not logged one by one): {reasons}",
+                s.rejected,
+            ),
+        }
+    }
+}
+
 impl Shared {
+    /// A rejected call attempt: counted, its CDR logged in full unless its
+    /// source already had its share of full lines this interval (then it
+    /// goes into the interval's summary line), its database row written.
+    fn rejected_attempt(&self, record: &CallRecord) {
+        let (full, summaries) = {
+            let mut log = lock(&self.reject_log);
+            let summaries = log.flush(Instant::now());
+            let full = log.rejected(record.source.ip(), record.result_code, &record.cause);
+            (full, summaries)
+        };
+        log_reject_summaries(summaries);
+        if full {
+            log_cdr(self, record);
+        } else {
+            crate::metrics::call_attempt(record.result_code, record.tenant.as_deref());
+        }
+        if let Some(r) = &self.records {
+            r.rejected(record);
+        }
+    }
+
     /// Sends a live call's task a command, without waiting.
     fn command(&self, call_id: &str, cmd: CallCommand) -> Result<(), CommandError> {
         let tx = lock(&self.calls)
@@ -217,6 +267,12 @@ impl Shared {
             }
             sb.set_overloaded(behind);
         }
+        // A recording tenant's calls while the store cannot write: answered
+        // unrecorded or refused (the writer thread logs the change).
+        let writable = self.records.as_ref().is_none_or(|r| r.is_writable());
+        if writable != sb.is_store_writable() {
+            sb.set_store_writable(writable);
+        }
         sb.dispatch(
             Instant::now(),
             SystemTime::now(),
@@ -243,15 +299,12 @@ impl Shared {
                 if let Some(tx) = tx
                     && tx.try_send(CallCommand::Sip(Box::new(msg), peer)).is_err()
                 {
-                    debug!(call_id = %id, "call mailbox full; message dropped");
+                    debug!(call_id = %crate::logging::wire(&id), "call mailbox full; message dropped");
                 }
             }
             Dispatch::Reply { transmit, record } => {
                 if let Some(record) = record {
-                    log_cdr(self, &record);
-                    if let Some(r) = &self.records {
-                        r.rejected(&record);
-                    }
+                    self.rejected_attempt(&record);
                 }
                 self.transports.send(transmit).await;
             }
@@ -287,7 +340,7 @@ impl Shared {
         }
         let call_id = admitted.invite.call_id().unwrap_or_default().to_owned();
         let Some(rtp) = socket else {
-            warn!(%call_id, "no RTP port could be bound");
+            warn!(call_id = %crate::logging::wire(&call_id), "no RTP port could be bound");
             crate::metrics::call_attempt(503, Some(&admitted.settings.tenant));
             let (transmit, record) =
                 lock(&self.switchboard).rtp_bind_failed(&admitted, SystemTime::now(), rng);
@@ -337,7 +390,7 @@ impl Shared {
         ) {
             Ok(c) => c,
             Err(e) => {
-                warn!(%call_id, error = %e, "call refused");
+                warn!(call_id = %crate::logging::wire(&call_id), error = %e, "call refused");
                 lock(&self.switchboard).call_ended(&settings);
                 return;
             }
@@ -372,7 +425,11 @@ impl Shared {
         };
         lock(&self.calls).insert(call_id.clone(), entry);
         let shared = Arc::clone(self);
-        let span = info_span!("call", call_id = %call_id, tenant = %settings.tenant);
+        let span = info_span!(
+            "call",
+            call_id = %crate::logging::wire(&call_id),
+            tenant = %settings.tenant
+        );
         tokio::spawn(
             async move {
                 run_call(&shared, bridged, rtp, rx, call_rng, link, store, &live).await;
@@ -639,6 +696,9 @@ impl CallTask<'_> {
                             "pipeline was behind; caller frames dropped"
                         );
                     }
+                }
+                if let Some(s) = &self.store {
+                    s.correct(&mut record);
                 }
                 log_cdr(self.shared, &record);
                 if let Some(s) = &mut self.store {
@@ -917,6 +977,7 @@ pub async fn run(
         rtp_bind: Mutex::new(bound.rtp_bind),
         life: lifecycle::Life::new(&config_path),
         fallback_prompts: Mutex::new(HashMap::new()),
+        reject_log: Mutex::new(reject_log::RejectLog::new(Instant::now())),
     };
     let bound = bound.listeners;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
@@ -927,13 +988,27 @@ pub async fn run(
     if let Some(profile) = config.profiles.first() {
         let key = store_link::master_key_bytes(&profile.master_key)?;
         key_fingerprint = Some(lifecycle::fingerprint(&key));
-        let records = store_link::Records::open(&profile.var_dir, &key, &config.tenants)
-            .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
+        let records =
+            store_link::Records::open(&profile.var_dir, &key, &config.tenants, profile.store)
+                .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
         master_key = Some(key);
     }
     let shared = Arc::new(shared);
+    // Closes each interval of rejected attempts with its summary lines, also
+    // when no further rejection comes to do it.
+    let reject_summaries = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let summaries = lock(&shared.reject_log).flush(Instant::now());
+                log_reject_summaries(summaries);
+            }
+        })
+    };
     let listeners = bound
         .into_iter()
         .map(|b| transport::start(&shared, b, &mut os_rng))
@@ -961,6 +1036,7 @@ pub async fn run(
     if let Some(admin) = admin {
         admin.abort();
     }
+    reject_summaries.abort();
     info!("stopped");
     Ok(())
 }

@@ -16,24 +16,39 @@
 //!
 //! At start-up [`Records::open`] recovers what a crash left: recordings still
 //! in state `recording` are verified chunk by chunk and marked `partial`
-//! (unreadable ones are deleted, audited), then open CDRs are closed with
-//! cause `crash-recovered`.
+//! (those without audio are deleted with their file, audited), `.sbrec` files
+//! no row names are deleted, then open CDRs are closed with cause
+//! `crash-recovered`.
+//!
+//! A full disk (issue 19): the writer checks free space against
+//! `[profile.store] min_free_mb` every `check_interval_s`, counts the store
+//! unable to write from a failed write until the next check finds it fine,
+//! and publishes whether the store can write; the daemon admits
+//! recording tenants' calls by it (answered unrecorded, or 503). A recording
+//! whose write fails stops (what was sealed is kept as `partial`); database
+//! writes that fail wait in a bounded queue, in order, and are retried at each
+//! check. Every CDR says whether its call was recorded.
 
 use crate::call::CallRecord;
+use crate::call::RecordingStatus;
 use crate::call::bridged::{Consent, StoreOp};
+use crate::config::StoreSettings;
 use crate::store::crypto::KeyRing;
 use crate::store::db::{
-    CallEnd, CallRow, CallerIdPolicy, ConsentEvent, MediaFrames, RecordingRow, RecordingState,
-    RtpStats, Store, StoredHangupSide, TranscriptRow, UnixMs, unix_ms,
+    CallEnd, CallRecording, CallRow, CallerIdPolicy, ConsentEvent, DbError, MediaFrames,
+    RecordingRow, RecordingState, RtpStats, Store, StoredHangupSide, TranscriptRow, UnixMs,
+    unix_ms,
 };
-use crate::store::recording::{FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE};
+use crate::store::recording::{
+    EXTENSION, FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE,
+};
 use crate::store::retention::{RetentionPolicy, Sweeper};
 use anyhow::Context;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -55,6 +70,8 @@ enum Op {
         call_id: String,
         end: CallEnd,
         frames: MediaFrames,
+        /// As the call saw it; the writer corrects it when a write failed.
+        recording: CallRecording,
     },
     Consent {
         tenant: String,
@@ -67,6 +84,8 @@ enum Op {
         tenant: String,
         call_id: String,
         created_at: UnixMs,
+        /// Where the writer tells the call's task that the recording failed.
+        status: Arc<AtomicU8>,
     },
     Push {
         handle: u64,
@@ -79,6 +98,7 @@ enum Op {
     DiscardRecording {
         handle: u64,
         tenant: String,
+        call_id: String,
         at: UnixMs,
     },
     Transcript {
@@ -109,6 +129,8 @@ pub(crate) struct Records {
     /// Ended calls whose pipeline may still send transcripts
     /// ([`CallStore::transcripts_after_end`]); the shutdown waits for them.
     tails: Arc<AtomicUsize>,
+    /// Whether the store can write (the writer thread decides).
+    health: Arc<Health>,
 }
 
 /// The tenants whose calls store transcripts (`transcripts = true`).
@@ -159,6 +181,7 @@ impl Records {
         var_dir: &Path,
         master_key: &[u8],
         tenants: &[crate::config::Tenant],
+        settings: StoreSettings,
     ) -> anyhow::Result<Records> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -178,10 +201,18 @@ impl Records {
             let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
             store.set_caller_policy(&t.id, policy);
         }
-        recover(&mut store, &keyring, unix_ms(SystemTime::now()))?;
+        if let Err(e) = recover(&mut store, &keyring, var_dir, unix_ms(SystemTime::now())) {
+            // Not fatal: a disk too full for the clean-up's writes must not
+            // keep the daemon down (recording tenants then fail closed); what
+            // is left is cleaned up at the next start.
+            error!(error = %format!("{e:#}"), "start-up recovery incomplete; the next start tries again");
+        }
         let (tx, rx) = sync_channel(QUEUE);
         let backlog = Arc::new(AtomicUsize::new(0));
-        let writer = Writer {
+        let health = Arc::new(Health {
+            writable: true.into(),
+        });
+        let mut writer = Writer {
             backlog: Arc::clone(&backlog),
             store,
             keyring,
@@ -192,7 +223,18 @@ impl Records {
                 .iter()
                 .map(|t| (t.id.clone(), RetentionPolicy::from(&t.retention)))
                 .collect(),
+            failed: HashMap::new(),
+            settings,
+            health: Arc::clone(&health),
+            low_space: false,
+            failed_since_check: false,
+            retry: VecDeque::new(),
+            retried: 0,
+            retry_dropped: 0,
+            retry_dropped_total: 0,
         };
+        // Free space is known before the first call is admitted.
+        writer.check();
         let thread = std::thread::Builder::new()
             .name("sipbridge-store".into())
             .spawn(move || writer.run(rx))
@@ -205,6 +247,7 @@ impl Records {
             backlog,
             transcript_tenants: Mutex::new(transcript_tenants(tenants)),
             tails: Arc::new(AtomicUsize::new(0)),
+            health,
         })
     }
 
@@ -212,6 +255,13 @@ impl Records {
     /// may yet arrive for them (the drain waits until this is 0, bounded).
     pub(crate) fn transcript_tails(&self) -> usize {
         self.tails.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store can write: free space above `min_free_mb` and no
+    /// failed write since the last check. When not, recording tenants' new
+    /// calls are answered unrecorded or refused (`on_store_failure`).
+    pub(crate) fn is_writable(&self) -> bool {
+        self.health.writable.load(Ordering::Relaxed)
     }
 
     /// Whether the writer is so far behind that new calls should wait
@@ -264,6 +314,7 @@ impl Records {
             call_id: record.call_id.clone(),
             end: call_end(record),
             frames: media_frames(record),
+            recording: call_recording(record.recording),
         });
     }
 
@@ -322,6 +373,18 @@ fn media_frames(record: &CallRecord) -> MediaFrames {
     }
 }
 
+/// The database's form of whether a call was recorded.
+fn call_recording(status: RecordingStatus) -> CallRecording {
+    match status {
+        RecordingStatus::Off => CallRecording::Off,
+        RecordingStatus::NotStarted => CallRecording::NotStarted,
+        RecordingStatus::Recorded => CallRecording::Recorded,
+        RecordingStatus::Partial => CallRecording::Partial,
+        RecordingStatus::NotRecorded => CallRecording::NotRecorded,
+        RecordingStatus::OptedOut => CallRecording::OptedOut,
+    }
+}
+
 /// What the database says about how a call ended.
 fn call_end(record: &CallRecord) -> CallEnd {
     CallEnd {
@@ -355,6 +418,12 @@ pub(crate) struct CallStore {
     tenant: String,
     call_id: String,
     recording: Option<Batch>,
+    /// Set by the writer thread when the recording could not be started
+    /// ([`REC_NOT_RECORDED`]) or was cut short ([`REC_PARTIAL`]).
+    recording_status: Arc<AtomicU8>,
+    /// The recording the writer stopped (disk full): an opt-out still
+    /// discards what it kept.
+    stopped_handle: Option<u64>,
     /// Transcript segments are stored (the tenant keeps transcripts and the
     /// caller has not opted out); shared with the task that takes the
     /// pipeline's last transcripts after the call.
@@ -438,6 +507,8 @@ impl CallStore {
             call_id: row.call_id.clone(),
             records,
             recording: None,
+            recording_status: Arc::new(AtomicU8::new(REC_OK)),
+            stopped_handle: None,
             transcripts,
         };
         store.records.send(Op::InsertCall(row));
@@ -483,6 +554,7 @@ impl CallStore {
             tenant: self.tenant.clone(),
             call_id: self.call_id.clone(),
             created_at: unix_ms(at),
+            status: Arc::clone(&self.recording_status),
         });
         self.recording = Some(Batch {
             handle,
@@ -493,6 +565,11 @@ impl CallStore {
 
     /// One tick of recorded audio; a full second goes to the writer.
     fn audio(&mut self, left: &[i16], right: &[i16]) {
+        if self.recording.is_some() && self.recording_status.load(Ordering::Relaxed) != REC_OK {
+            // The writer could not start it or stopped it (disk full): the
+            // audio gathered here would go nowhere.
+            self.stopped_handle = self.recording.take().map(|b| b.handle);
+        }
         let Some(b) = &mut self.recording else {
             return;
         };
@@ -521,10 +598,18 @@ impl CallStore {
     fn opted_out(&mut self, at: SystemTime) {
         self.transcripts.enabled.store(false, Ordering::Relaxed);
         let at = unix_ms(at);
-        if let Some(b) = self.recording.take() {
+        // A recording cut short by a full disk is discarded too (what was
+        // sealed of it is kept as `partial` otherwise).
+        let handle = self
+            .recording
+            .take()
+            .map(|b| b.handle)
+            .or(self.stopped_handle.take());
+        if let Some(handle) = handle {
             self.records.send(Op::DiscardRecording {
-                handle: b.handle,
+                handle,
                 tenant: self.tenant.clone(),
+                call_id: self.call_id.clone(),
                 at,
             });
         }
@@ -566,6 +651,21 @@ impl CallStore {
         });
     }
 
+    /// Corrects what the call believes of its recording with what the
+    /// writer thread reported so far (not started, or cut short by a full
+    /// disk): the CDR log line says the same as the database. A write that
+    /// fails after this (the last second) is corrected in the database only.
+    pub(crate) fn correct(&self, record: &mut CallRecord) {
+        if record.recording != RecordingStatus::Recorded {
+            return;
+        }
+        match self.recording_status.load(Ordering::Relaxed) {
+            REC_NOT_RECORDED => record.recording = RecordingStatus::NotRecorded,
+            REC_PARTIAL => record.recording = RecordingStatus::Partial,
+            _ => {}
+        }
+    }
+
     /// The call ended: the recording is finished and the CDR closed.
     pub(crate) fn ended(&mut self, record: &CallRecord) {
         if let Some(b) = self.recording.take() {
@@ -583,6 +683,7 @@ impl CallStore {
             call_id: self.call_id.clone(),
             end: call_end(record),
             frames: media_frames(record),
+            recording: call_recording(record.recording),
         });
     }
 }
@@ -594,14 +695,42 @@ fn file_len(path: &Path) -> u64 {
 }
 
 /// Start-up recovery: recordings left in state `recording` are verified and
-/// marked `partial` (or deleted when nothing can be read), then open CDRs
-/// are closed as crash-recovered.
-fn recover(store: &mut Store, keyring: &KeyRing, now: UnixMs) -> anyhow::Result<()> {
+/// marked `partial`, or deleted when they hold no audio (a crash or a full
+/// disk right after the file was created; nothing unreadable is kept, so
+/// no zero-byte `.sbrec` stays behind); `.sbrec` files the index does not
+/// know are deleted (a crash between creating the file and indexing it);
+/// then open CDRs are closed as crash-recovered.
+fn recover(
+    store: &mut Store,
+    keyring: &KeyRing,
+    var_dir: &Path,
+    now: UnixMs,
+) -> anyhow::Result<()> {
+    use crate::store::crypto::CryptoError;
+    use crate::store::recording::RecordingError;
     for rec in store
         .open_recordings_of_crashed()
         .context("listing crashed recordings")?
     {
+        let empty = |store: &mut Store, why: &str| -> anyhow::Result<()> {
+            match std::fs::remove_file(&rec.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // The row stays `recording`: the next start tries again.
+                    error!(recording = %rec.id, path = %rec.path.display(), error = %e,
+                        "recording without audio could not be removed");
+                    return Ok(());
+                }
+            }
+            warn!(recording = %rec.id, why, "recording the previous process was writing holds no audio; deleted");
+            store
+                .delete_recording(&rec.tenant, &rec.id, "startup", why, now)
+                .context("deleting a recording without audio")?;
+            Ok(())
+        };
         match crate::store::recording::recover_wav(&rec.path, keyring) {
+            Ok(r) if r.frames == 0 => empty(store, "no sealed audio after a crash or a full disk")?,
             Ok(r) => {
                 let size = std::fs::metadata(&rec.path).map_or(0, |m| m.len());
                 store
@@ -619,9 +748,7 @@ fn recover(store: &mut Store, keyring: &KeyRing, now: UnixMs) -> anyhow::Result<
                     "recovered a recording the previous process was writing"
                 );
             }
-            Err(crate::store::recording::RecordingError::Io(e))
-                if e.kind() == std::io::ErrorKind::NotFound =>
-            {
+            Err(RecordingError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Created in the database but the file is gone: nothing to keep.
                 warn!(recording = %rec.id, "crashed recording has no file; marking it deleted");
                 store
@@ -634,6 +761,13 @@ fn recover(store: &mut Store, keyring: &KeyRing, now: UnixMs) -> anyhow::Result<
                     )
                     .context("deleting a recording without file")?;
             }
+            // Not even the header was written: there is nothing to decrypt.
+            Err(RecordingError::Crypto(CryptoError::TruncatedHeader)) => {
+                empty(store, "file ends inside its header (crash or full disk)")?;
+            }
+            Err(RecordingError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                empty(store, "file ends inside its header (crash or full disk)")?;
+            }
             Err(e) => {
                 // Not deleted: the cause may be fixable (e.g. the wrong master
                 // key); the next start tries again.
@@ -642,11 +776,58 @@ fn recover(store: &mut Store, keyring: &KeyRing, now: UnixMs) -> anyhow::Result<
             }
         }
     }
+    remove_unindexed(store, var_dir)?;
     let closed = store
         .close_crashed_calls(now)
         .context("closing crashed calls")?;
     if !closed.is_empty() {
         info!(calls = closed.len(), "closed CDRs left open by a crash");
+    }
+    Ok(())
+}
+
+/// Deletes `.sbrec` files under `var_dir/recordings` whose name is no live
+/// recording's id: retention would never reach them. Only this daemon
+/// writes there. By name, not path: a moved `var_dir` keeps its files.
+fn remove_unindexed(store: &Store, var_dir: &Path) -> anyhow::Result<()> {
+    let known = store
+        .live_recording_ids()
+        .context("listing recording ids")?;
+    let mut stack = vec![var_dir.join("recordings")];
+    let (mut removed, mut failed) = (0u64, 0u64);
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && path.extension().is_some_and(|e| e == EXTENSION)
+                && !path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .is_some_and(|id| known.contains(id))
+            {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        failed += 1;
+                        error!(path = %path.display(), error = %e, "unindexed recording file could not be removed");
+                    }
+                }
+            }
+        }
+    }
+    if removed > 0 {
+        warn!(
+            removed,
+            failed, "removed recording files no recording row names (crash or full disk)"
+        );
     }
     Ok(())
 }
@@ -676,6 +857,164 @@ fn utc_date(ms: UnixMs) -> Option<RecordingDate> {
     .ok()
 }
 
+/// Database writes kept for a retry when they fail for want of space (or
+/// another I/O error): CDRs, consent events and recording states must not
+/// be lost silently while the disk is full (issue 19).
+const RETRY_QUEUE: usize = 10_000;
+
+/// A database write that can be retried.
+#[derive(Debug)]
+enum DbWrite {
+    InsertCall(CallRow),
+    CloseCall {
+        tenant: String,
+        call_id: String,
+        end: CallEnd,
+        frames: MediaFrames,
+        recording: CallRecording,
+    },
+    Consent {
+        tenant: String,
+        call_id: String,
+        event: ConsentEvent,
+        at: UnixMs,
+    },
+    RecordingState {
+        id: String,
+        state: RecordingState,
+        size: u64,
+        duration_ms: u64,
+    },
+    DeleteRecording {
+        tenant: String,
+        id: String,
+        actor: &'static str,
+        reason: &'static str,
+        at: UnixMs,
+    },
+}
+
+impl DbWrite {
+    fn apply(&self, store: &mut Store) -> Result<(), DbError> {
+        match self {
+            DbWrite::InsertCall(row) => store.insert_call(row),
+            DbWrite::CloseCall {
+                tenant,
+                call_id,
+                end,
+                frames,
+                recording,
+            } => store.close_call(tenant, call_id, end, *frames, *recording),
+            DbWrite::Consent {
+                tenant,
+                call_id,
+                event,
+                at,
+            } => store.record_consent(tenant, call_id, *event, *at),
+            DbWrite::RecordingState {
+                id,
+                state,
+                size,
+                duration_ms,
+            } => store.set_recording_state(id, *state, *size, *duration_ms),
+            DbWrite::DeleteRecording {
+                tenant,
+                id,
+                actor,
+                reason,
+                at,
+            } => store
+                .delete_recording(tenant, id, actor, reason, *at)
+                .map(|_| ()),
+        }
+    }
+
+    /// What it is, for a log line (no caller data).
+    fn what(&self) -> &'static str {
+        match self {
+            DbWrite::InsertCall(_) => "CDR",
+            DbWrite::CloseCall { .. } => "CDR end",
+            DbWrite::Consent { .. } => "consent event",
+            DbWrite::RecordingState { .. } => "recording state",
+            DbWrite::DeleteRecording { .. } => "recording deletion",
+        }
+    }
+}
+
+/// Whether a failed database write may succeed later (space freed, lock
+/// released) rather than being wrong in itself.
+fn retryable(e: &DbError) -> bool {
+    use rusqlite::ErrorCode;
+    match e {
+        DbError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+            f.code,
+            ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+        ),
+        _ => false,
+    }
+}
+
+/// Free bytes for unprivileged users on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    #[allow(clippy::useless_conversion)]
+    let (avail, frsize) = (
+        u64::from(st.blocks_available()),
+        u64::from(st.fragment_size()),
+    );
+    Some(avail.saturating_mul(frsize))
+}
+
+/// Whether the store can write, shared by the writer thread (which decides)
+/// and the daemon (which admits calls by it).
+#[derive(Debug)]
+struct Health {
+    writable: std::sync::atomic::AtomicBool,
+}
+
+/// An open recording.
+struct OpenRecording {
+    meta: RecordingMeta,
+    writer: RecordingWriter,
+}
+
+/// Whose an open recording is.
+struct RecordingMeta {
+    id: String,
+    tenant: String,
+    call_id: String,
+    /// What the call's task learns of a failure (see [`CallStore`]).
+    status: Arc<AtomicU8>,
+}
+
+/// How a call's recording failed.
+#[derive(Debug)]
+enum Failed {
+    /// Not started, or nothing of it kept.
+    NotRecorded,
+    /// Stopped; what was sealed is kept (an opt-out still deletes it).
+    Partial { id: String, path: PathBuf },
+}
+
+impl Failed {
+    fn outcome(&self) -> CallRecording {
+        match self {
+            Failed::NotRecorded => CallRecording::NotRecorded,
+            Failed::Partial { .. } => CallRecording::Partial,
+        }
+    }
+}
+
+/// [`RecordingMeta::status`] values.
+const REC_OK: u8 = 0;
+const REC_NOT_RECORDED: u8 = 1;
+const REC_PARTIAL: u8 = 2;
+
 /// The writer thread's state.
 struct Writer {
     /// Shared with [`Records`]: decremented for every operation taken.
@@ -684,23 +1023,47 @@ struct Writer {
     keyring: KeyRing,
     var_dir: PathBuf,
     rng: StdRng,
-    /// Open recordings by handle: (recording id, writer).
-    open: HashMap<u64, (String, RecordingWriter)>,
+    /// Open recordings by handle.
+    open: HashMap<u64, OpenRecording>,
+    /// Calls whose recording failed (not started, or cut short): what their
+    /// CDR's `recording` says instead of what the call believed.
+    failed: HashMap<String, Failed>,
     /// Each tenant's retention policy, for the sweeper.
     policies: HashMap<String, RetentionPolicy>,
+    settings: StoreSettings,
+    health: Arc<Health>,
+    /// Free space was below `min_free_mb` at the last check.
+    low_space: bool,
+    /// A write failed since the last check.
+    failed_since_check: bool,
+    /// Database writes waiting for a retry, oldest first.
+    retry: VecDeque<DbWrite>,
+    /// Stored on a retry, and lost for a full queue, since the last report.
+    retried: u64,
+    retry_dropped: u64,
+    retry_dropped_total: u64,
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<Op>) {
         // DESIGN §4: the retention sweeper runs at start-up and on an interval,
-        // here on the thread that owns the database.
+        // here on the thread that owns the database. Free space is checked
+        // and failed writes retried every `check_interval_s`.
         let mut next_sweep = std::time::Instant::now();
+        let mut next_check = std::time::Instant::now() + self.settings.check_interval;
         loop {
-            if std::time::Instant::now() >= next_sweep {
-                self.sweep();
-                next_sweep = std::time::Instant::now() + SWEEP_INTERVAL;
+            let now = std::time::Instant::now();
+            if now >= next_check {
+                self.check();
+                next_check = now + self.settings.check_interval;
             }
-            let wait = next_sweep.saturating_duration_since(std::time::Instant::now());
+            if now >= next_sweep && self.writable() {
+                self.sweep();
+                next_sweep = now + SWEEP_INTERVAL;
+            }
+            let wait = next_sweep
+                .min(next_check)
+                .saturating_duration_since(std::time::Instant::now());
             let received = rx.recv_timeout(wait);
             if received.is_ok() {
                 self.backlog.fetch_sub(1, Ordering::Relaxed);
@@ -715,6 +1078,140 @@ impl Writer {
         for handle in handles {
             self.finish(handle);
         }
+        self.flush_retries();
+        if !self.retry.is_empty() {
+            error!(
+                lost = self.retry.len(),
+                "store writes lost at shutdown: the database still cannot write (disk full?)"
+            );
+        }
+    }
+
+    fn writable(&self) -> bool {
+        self.health.writable.load(Ordering::Relaxed)
+    }
+
+    /// Every `check_interval_s`: free space against the watermark (one log
+    /// line when it crosses, either way), the retry queue, and whether the
+    /// store counts as writable until the next check.
+    fn check(&mut self) {
+        let free = free_bytes(&self.var_dir);
+        let min = self.settings.min_free_bytes;
+        let low = free.is_some_and(|f| f < min);
+        if low != self.low_space {
+            let free_mb = free.unwrap_or(0) / (1024 * 1024);
+            let min_free_mb = min / (1024 * 1024);
+            if low {
+                warn!(
+                    free_mb,
+                    min_free_mb,
+                    var_dir = %self.var_dir.display(),
+                    "store free space below min_free_mb: recording tenants' new calls are answered \
+                     unrecorded or refused (on_store_failure) until it recovers"
+                );
+            } else {
+                info!(
+                    free_mb,
+                    min_free_mb,
+                    var_dir = %self.var_dir.display(),
+                    "store free space back above min_free_mb"
+                );
+            }
+            self.low_space = low;
+        }
+        self.flush_retries();
+        let writable = !low && !self.failed_since_check && self.retry.is_empty();
+        self.failed_since_check = false;
+        self.set_writable(writable);
+        crate::metrics::store_state(free, writable);
+    }
+
+    fn set_writable(&mut self, writable: bool) {
+        let was = self.health.writable.swap(writable, Ordering::Relaxed);
+        if was && !writable && !self.low_space {
+            warn!(
+                "store write failed: recording tenants' new calls are answered unrecorded or \
+                 refused (on_store_failure) until a check finds it writable"
+            );
+        } else if !was && writable {
+            info!("store writable again");
+        }
+    }
+
+    /// A write failed for want of space (or another I/O error): the store
+    /// does not count as writable until the next check.
+    fn write_failed(&mut self, kind: &'static str) {
+        crate::metrics::store_write_failed(kind);
+        self.failed_since_check = true;
+        self.set_writable(false);
+    }
+
+    /// A database write, or its place in the retry queue: while writes wait
+    /// there, later ones queue behind them, so a call's end is never stored
+    /// before its start.
+    fn db(&mut self, w: DbWrite) {
+        if !self.retry.is_empty() {
+            self.queue_retry(w);
+            return;
+        }
+        match w.apply(&mut self.store) {
+            Ok(()) => {}
+            Err(e) if retryable(&e) => {
+                warn!(what = w.what(), error = %e, "store write failed; kept for a retry");
+                self.write_failed("database");
+                self.queue_retry(w);
+            }
+            Err(e) => warn!(what = w.what(), error = %e, "store write refused"),
+        }
+    }
+
+    fn queue_retry(&mut self, w: DbWrite) {
+        if self.retry.len() >= RETRY_QUEUE {
+            self.retry_dropped += 1;
+            self.retry_dropped_total += 1;
+        } else {
+            self.retry.push_back(w);
+        }
+    }
+
+    /// Retries the queued writes in order, up to the first that still fails;
+    /// reports (one log line per check while any wait) and counts them.
+    fn flush_retries(&mut self) {
+        let waiting = self.retry.len();
+        let mut error = None;
+        while let Some(w) = self.retry.front() {
+            match w.apply(&mut self.store) {
+                Ok(()) => self.retried += 1,
+                Err(e) if retryable(&e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+                Err(e) => warn!(what = w.what(), error = %e, "retried store write refused"),
+            }
+            self.retry.pop_front();
+        }
+        if !self.retry.is_empty() || self.retry_dropped > 0 {
+            warn!(
+                pending = self.retry.len(),
+                stored = self.retried,
+                dropped = self.retry_dropped,
+                dropped_total = self.retry_dropped_total,
+                error = error.as_deref().unwrap_or(""),
+                "store writes waiting for a retry (CDRs, consent, recording states)"
+            );
+        } else if waiting > 0 {
+            info!(
+                stored = self.retried,
+                "store writes kept for a retry are stored"
+            );
+        }
+        crate::metrics::store_retry(self.retry.len(), self.retried, self.retry_dropped);
+        if error.is_some() {
+            crate::metrics::store_write_failed("database");
+            self.failed_since_check = true;
+        }
+        self.retried = 0;
+        self.retry_dropped = 0;
     }
 
     /// Deletes what the tenants' retention policies say has expired (each
@@ -741,74 +1238,97 @@ impl Writer {
 
     fn apply(&mut self, op: Op) {
         match op {
-            Op::InsertCall(row) => {
-                if let Err(e) = self.store.insert_call(&row) {
-                    warn!(call_id = %row.call_id, error = %e, "CDR not stored");
-                }
-            }
+            Op::InsertCall(row) => self.db(DbWrite::InsertCall(row)),
             Op::FinishCall {
                 tenant,
                 call_id,
                 end,
                 frames,
+                recording,
             } => {
-                if let Err(e) = self
-                    .store
-                    .finish_call(&tenant, &call_id, &end)
-                    .and_then(|()| self.store.set_call_frames(&tenant, &call_id, frames))
-                {
-                    warn!(%call_id, error = %e, "CDR end not stored");
-                }
+                let recording = match self.failed.remove(&call_id) {
+                    // The caller's opt-out stands: what was kept is gone.
+                    Some(_) if recording == CallRecording::OptedOut => recording,
+                    Some(f) => f.outcome(),
+                    None => recording,
+                };
+                self.db(DbWrite::CloseCall {
+                    tenant,
+                    call_id,
+                    end,
+                    frames,
+                    recording,
+                });
             }
             Op::Consent {
                 tenant,
                 call_id,
                 event,
                 at,
-            } => {
-                if let Err(e) = self.store.record_consent(&tenant, &call_id, event, at) {
-                    warn!(%call_id, ?event, error = %e, "consent event not stored");
-                }
-            }
+            } => self.db(DbWrite::Consent {
+                tenant,
+                call_id,
+                event,
+                at,
+            }),
             Op::StartRecording {
                 handle,
                 tenant,
                 call_id,
                 created_at,
-            } => {
-                if let Err(e) = self.start(handle, &tenant, &call_id, created_at) {
-                    warn!(%call_id, error = %e, "recording not started");
-                }
-            }
+                status,
+            } => self.start(handle, tenant, call_id, created_at, status),
             Op::Push {
                 handle,
                 left,
                 right,
             } => {
-                if let Some((id, w)) = self.open.get_mut(&handle) {
-                    let before = file_len(w.path());
-                    let pushed = w.push(&left, &right);
-                    crate::metrics::recording_bytes(file_len(w.path()).saturating_sub(before));
+                if let Some(OpenRecording { writer, .. }) = self.open.get_mut(&handle) {
+                    let before = file_len(writer.path());
+                    let pushed = writer.push(&left, &right);
+                    crate::metrics::recording_bytes(file_len(writer.path()).saturating_sub(before));
                     if let Err(e) = pushed {
-                        // The file keeps what was sealed; the row stays
-                        // `recording` and becomes `partial` at the next start.
-                        warn!(recording = %id, error = %e, "recording write failed; stopped");
-                        self.open.remove(&handle);
+                        self.recording_failed(handle, &e);
                     }
                 }
             }
             Op::FinishRecording { handle } => self.finish(handle),
-            Op::DiscardRecording { handle, tenant, at } => {
-                if let Some((id, w)) = self.open.remove(&handle) {
-                    if let Err(e) = w.discard() {
-                        warn!(recording = %id, error = %e, "opt-out: removing the file failed");
+            Op::DiscardRecording {
+                handle,
+                tenant,
+                call_id,
+                at,
+            } => {
+                let kept = match self.open.remove(&handle) {
+                    Some(rec) => {
+                        if let Err(e) = rec.writer.discard() {
+                            warn!(recording = %rec.meta.id, error = %e, "opt-out: removing the file failed");
+                        }
+                        Some(rec.meta.id)
                     }
-                    if let Err(e) =
-                        self.store
-                            .delete_recording(&tenant, &id, "caller", "consent opt-out", at)
-                    {
-                        warn!(recording = %id, error = %e, "opt-out: recording row not deleted");
-                    }
+                    // Stopped by a full disk and kept as `partial`.
+                    None => match self.failed.remove(&call_id) {
+                        Some(Failed::Partial { id, path }) => {
+                            if let Err(e) = std::fs::remove_file(&path) {
+                                warn!(recording = %id, error = %e, "opt-out: removing the file failed (start-up retries)");
+                            }
+                            Some(id)
+                        }
+                        Some(other) => {
+                            self.failed.insert(call_id, other);
+                            None
+                        }
+                        None => None,
+                    },
+                };
+                if let Some(id) = kept {
+                    self.db(DbWrite::DeleteRecording {
+                        tenant,
+                        id,
+                        actor: "caller",
+                        reason: "consent opt-out",
+                        at,
+                    });
                 }
             }
             Op::Transcript {
@@ -819,7 +1339,7 @@ impl Writer {
                 at,
             } => {
                 if let Err(e) = self.transcript(&tenant, &call_id, id, &transcript, at) {
-                    warn!(%call_id, error = %e, "transcript not stored");
+                    warn!(call_id = %crate::logging::wire(&call_id), error = %e, "transcript not stored");
                 }
             }
             Op::Tenants { callers, retention } => {
@@ -859,16 +1379,70 @@ impl Writer {
         Ok(())
     }
 
+    /// Opens a call's recording, unless the store cannot write: then the
+    /// call goes on unrecorded and its CDR says so (fail closed).
     fn start(
         &mut self,
         handle: u64,
+        tenant: String,
+        call_id: String,
+        created_at: UnixMs,
+        status: Arc<AtomicU8>,
+    ) {
+        let not_recorded = |w: &mut Writer, why: &str| {
+            warn!(call_id = %crate::logging::wire(&call_id), why, "recording not started; the call goes on unrecorded");
+            status.store(REC_NOT_RECORDED, Ordering::Relaxed);
+            w.failed.insert(call_id.clone(), Failed::NotRecorded);
+        };
+        if !self.writable() {
+            // Its CDR row may still wait in the retry queue, too.
+            not_recorded(self, "the store cannot write (disk full)");
+            return;
+        }
+        match self.create(&tenant, &call_id, created_at) {
+            Ok((id, writer)) => {
+                info!(call_id = %crate::logging::wire(&call_id), recording = %id, "recording started");
+                crate::metrics::recording_bytes(file_len(writer.path()));
+                self.open.insert(
+                    handle,
+                    OpenRecording {
+                        meta: RecordingMeta {
+                            id,
+                            tenant,
+                            call_id,
+                            status,
+                        },
+                        writer,
+                    },
+                );
+            }
+            Err(e) => {
+                let io = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>().is_some()
+                        || matches!(
+                            c.downcast_ref::<crate::store::recording::RecordingError>(),
+                            Some(crate::store::recording::RecordingError::Io(_))
+                        )
+                        || c.downcast_ref::<DbError>().is_some_and(retryable)
+                });
+                if io {
+                    self.write_failed("recording");
+                }
+                not_recorded(self, &format!("{e:#}"));
+            }
+        }
+    }
+
+    fn create(
+        &mut self,
         tenant: &str,
         call_id: &str,
         created_at: UnixMs,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<(String, RecordingWriter)> {
         let key = self.keyring.data_key(tenant, &mut self.rng)?;
         let date = utc_date(created_at).context("recording date out of range")?;
         let created_unix = u64::try_from(created_at / 1000).unwrap_or(0);
+        // On failure `create` leaves no file behind.
         let writer =
             RecordingWriter::create(&self.var_dir, &key, date, created_unix, &mut self.rng)?;
         let id = writer.file_id().to_hex();
@@ -885,30 +1459,81 @@ impl Writer {
             let _ = writer.discard();
             return Err(e.into());
         }
-        info!(%call_id, recording = %id, "recording started");
-        crate::metrics::recording_bytes(file_len(writer.path()));
-        self.open.insert(handle, (id, writer));
-        Ok(())
+        Ok((id, writer))
+    }
+
+    /// A write into an open recording failed (the disk is full): it stops.
+    fn recording_failed(&mut self, handle: u64, e: &crate::store::recording::RecordingError) {
+        let Some(rec) = self.open.remove(&handle) else {
+            return;
+        };
+        warn!(recording = %rec.meta.id, error = %e, "recording write failed; the recording stops here");
+        let path = rec.writer.path().to_owned();
+        drop(rec.writer);
+        self.salvage(rec.meta, &path);
+    }
+
+    /// After a failed write: what was sealed before is kept and marked
+    /// `partial`; a file with no whole second is deleted (audited). The
+    /// CDR says which.
+    fn salvage(&mut self, rec: RecordingMeta, path: &Path) {
+        self.write_failed("recording");
+        let frames = crate::store::recording::WavStream::open(path, &self.keyring, false)
+            .map_or(0, |s| s.frames());
+        let at = unix_ms(SystemTime::now());
+        let outcome = if frames > 0 {
+            self.db(DbWrite::RecordingState {
+                id: rec.id.clone(),
+                state: RecordingState::Partial,
+                size: file_len(path),
+                duration_ms: duration_ms(frames),
+            });
+            rec.status.store(REC_PARTIAL, Ordering::Relaxed);
+            Failed::Partial {
+                id: rec.id,
+                path: path.to_owned(),
+            }
+        } else {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(error = %e, "recording without audio could not be removed (start-up retries)");
+            }
+            self.db(DbWrite::DeleteRecording {
+                tenant: rec.tenant,
+                id: rec.id,
+                actor: "store",
+                reason: "no audio could be written (disk full)",
+                at,
+            });
+            rec.status.store(REC_NOT_RECORDED, Ordering::Relaxed);
+            Failed::NotRecorded
+        };
+        if self.failed.len() >= RETRY_QUEUE {
+            // Their CDR ends were lost (queue full): nothing will take them.
+            self.failed.clear();
+        }
+        self.failed.insert(rec.call_id, outcome);
     }
 
     fn finish(&mut self, handle: u64) {
-        let Some((id, w)) = self.open.remove(&handle) else {
+        let Some(rec) = self.open.remove(&handle) else {
             return;
         };
-        let before = file_len(w.path());
-        match w.finish() {
+        let path = rec.writer.path().to_owned();
+        let before = file_len(&path);
+        match rec.writer.finish() {
             Ok(s) => {
                 crate::metrics::recording_bytes(s.bytes.saturating_sub(before));
-                if let Err(e) = self.store.set_recording_state(
-                    &id,
-                    RecordingState::Complete,
-                    s.bytes,
-                    duration_ms(s.frames),
-                ) {
-                    warn!(recording = %id, error = %e, "recording state not stored");
-                }
+                self.db(DbWrite::RecordingState {
+                    id: rec.meta.id,
+                    state: RecordingState::Complete,
+                    size: s.bytes,
+                    duration_ms: duration_ms(s.frames),
+                });
             }
-            Err(e) => warn!(recording = %id, error = %e, "finishing the recording failed"),
+            Err(e) => {
+                warn!(recording = %rec.meta.id, error = %e, "finishing the recording failed");
+                self.salvage(rec.meta, &path);
+            }
         }
     }
 }
@@ -948,5 +1573,119 @@ mod tests {
         std::fs::write(&path, [7u8; 32]).unwrap();
         let key = master_key_bytes(&crate::config::MasterKey::ToGenerate(path)).unwrap();
         assert_eq!(key.as_slice(), &[7u8; 32]);
+    }
+
+    /// A writer on `dir` with tenant `demo` and one open call `c1`.
+    fn writer(dir: &Path) -> Writer {
+        let keyring = KeyRing::open(dir, &[7u8; 32]).unwrap();
+        let mut store = Store::open(&dir.join(DB_FILE)).unwrap();
+        store.set_caller_policy("demo", CallerIdPolicy::Plain);
+        store
+            .insert_call(&CallRow {
+                call_id: "c1".into(),
+                tenant: "demo".into(),
+                trunk: "t".into(),
+                from: "+15550001111".into(),
+                to: "+15551234567".into(),
+                started_at: 1_767_312_000_000,
+            })
+            .unwrap();
+        Writer {
+            backlog: Arc::new(AtomicUsize::new(0)),
+            store,
+            keyring,
+            var_dir: dir.to_owned(),
+            rng: StdRng::seed_from_u64(19),
+            open: HashMap::new(),
+            failed: HashMap::new(),
+            policies: HashMap::new(),
+            settings: StoreSettings::default(),
+            health: Arc::new(Health {
+                writable: true.into(),
+            }),
+            low_space: false,
+            failed_since_check: false,
+            retry: VecDeque::new(),
+            retried: 0,
+            retry_dropped: 0,
+            retry_dropped_total: 0,
+        }
+    }
+
+    /// A recording stopped by a failed write keeps what was sealed (`partial`);
+    /// the caller's opt-out afterwards still deletes it, and the CDR says
+    /// `opted-out`. Without an opt-out the CDR says `partial`.
+    #[test]
+    fn a_recording_cut_by_the_disk_is_partial_and_an_opt_out_still_deletes_it() {
+        for opt_out in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = writer(dir.path());
+            let status = Arc::new(AtomicU8::new(REC_OK));
+            w.apply(Op::StartRecording {
+                handle: 1,
+                tenant: "demo".into(),
+                call_id: "c1".into(),
+                created_at: 1_767_312_000_000,
+                status: Arc::clone(&status),
+            });
+            let second = Zeroizing::new(vec![100i16; FRAMES_PER_CHUNK]);
+            w.apply(Op::Push {
+                handle: 1,
+                left: second.clone(),
+                right: second,
+            });
+            // The next write fails (as on a full disk): what the writer does then.
+            let rec = w.open.remove(&1).unwrap();
+            let path = rec.writer.path().to_owned();
+            drop(rec.writer);
+            w.salvage(rec.meta, &path);
+            assert_eq!(status.load(Ordering::Relaxed), REC_PARTIAL);
+            assert!(!w.writable(), "a failed write makes the store unwritable");
+            let id = w.store.recordings_of_call("demo", "c1").unwrap()[0]
+                .id
+                .clone();
+            let state = |w: &Writer| w.store.recordings_of_call("demo", "c1").unwrap()[0].state;
+            assert_eq!(state(&w), RecordingState::Partial);
+            let mut recording = CallRecording::Recorded;
+            if opt_out {
+                w.apply(Op::DiscardRecording {
+                    handle: 1,
+                    tenant: "demo".into(),
+                    call_id: "c1".into(),
+                    at: 1_767_312_005_000,
+                });
+                assert!(!path.exists(), "the opted-out partial file is deleted");
+                assert_eq!(state(&w), RecordingState::Deleted);
+                recording = CallRecording::OptedOut;
+            } else {
+                assert!(path.exists());
+            }
+            w.apply(Op::FinishCall {
+                tenant: "demo".into(),
+                call_id: "c1".into(),
+                end: CallEnd {
+                    answered_at: Some(1_767_312_000_000),
+                    ended_at: 1_767_312_010_000,
+                    result_code: 200,
+                    hangup_side: StoredHangupSide::Remote,
+                    cause: "caller-bye".into(),
+                    codec: None,
+                    rtp: RtpStats {
+                        packets: 0,
+                        lost: 0,
+                        jitter_ms: 0.0,
+                    },
+                },
+                frames: MediaFrames::default(),
+                recording,
+            });
+            let cdr = w.store.get_call("demo", "c1").unwrap().unwrap();
+            let want = if opt_out {
+                CallRecording::OptedOut
+            } else {
+                CallRecording::Partial
+            };
+            assert_eq!(cdr.recording, Some(want), "{id}");
+        }
     }
 }

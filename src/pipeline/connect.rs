@@ -273,13 +273,13 @@ pub(crate) async fn open(
     let ws = tokio::select! {
         ws = connect(target, call_id) => ws,
         () = commands.closed() => {
-            debug!(%call_id, %url, attempt, "agent connection attempt abandoned");
+            debug!(call_id = %crate::logging::wire(call_id), %url, attempt, "agent connection attempt abandoned");
             return None;
         }
     };
     match ws {
         Ok(ws) => {
-            info!(%call_id, %url, attempt, mode = kind, "agent connected");
+            info!(call_id = %crate::logging::wire(call_id), %url, attempt, mode = kind, "agent connected");
             crate::metrics::pipeline_connected("agent");
             if attempt > 0 {
                 crate::metrics::pipeline_reconnect("agent");
@@ -294,7 +294,7 @@ pub(crate) async fn open(
                 _ => ConnectionFailure::Unreachable,
             };
             crate::metrics::pipeline_failed("agent");
-            warn!(%call_id, %url, attempt, mode = kind, error = %e, "agent pipeline failed");
+            warn!(call_id = %crate::logging::wire(call_id), %url, attempt, mode = kind, error = %e, "agent pipeline failed");
             let _ = commands.send(AgentCommand::Failed(failure)).await;
             None
         }
@@ -322,10 +322,12 @@ pub(crate) async fn report_end<E: std::fmt::Display>(
 ) {
     let url = redact_url(&target.url);
     match result {
-        Ok(()) => info!(%call_id, %url, attempt, mode = kind, "agent session ended"),
+        Ok(()) => {
+            info!(call_id = %crate::logging::wire(call_id), %url, attempt, mode = kind, "agent session ended")
+        }
         Err(e) => {
             crate::metrics::pipeline_failed("agent");
-            warn!(%call_id, %url, attempt, mode = kind, error = %e, "agent pipeline failed");
+            warn!(call_id = %crate::logging::wire(call_id), %url, attempt, mode = kind, error = %e, "agent pipeline failed");
             let _ = commands
                 .send(AgentCommand::Failed(ConnectionFailure::Dropped))
                 .await;

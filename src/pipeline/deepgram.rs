@@ -565,7 +565,7 @@ pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Chan
         let attempt = connect(&target, &mut chans.audio, &mut backlog).await;
         let err = match attempt {
             Ok(ws) => {
-                info!(%call_id, %url, connection = connections, "deepgram connected");
+                info!(call_id = %crate::logging::wire(&call_id), %url, connection = connections, "deepgram connected");
                 crate::metrics::pipeline_connected("deepgram");
                 if connections > 1 {
                     crate::metrics::pipeline_reconnect("deepgram");
@@ -587,23 +587,23 @@ pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Chan
         if let DeepgramError::Rejected { .. } = err
             && err.is_permanent()
         {
-            warn!(%call_id, %url, error = %err, "deepgram refused the stream; call continues without transcription");
+            warn!(call_id = %crate::logging::wire(&call_id), %url, error = %err, "deepgram refused the stream; call continues without transcription");
             break;
         }
         if err.is_permanent() {
-            warn!(%call_id, %url, error = %err, "deepgram stream cannot start; call continues without transcription");
+            warn!(call_id = %crate::logging::wire(&call_id), %url, error = %err, "deepgram stream cannot start; call continues without transcription");
             break;
         }
         let Some(pause) = RECONNECT_BACKOFF.get(failures).copied() else {
-            warn!(%call_id, %url, error = %err, "deepgram unreachable after retries; call continues without transcription");
+            warn!(call_id = %crate::logging::wire(&call_id), %url, error = %err, "deepgram unreachable after retries; call continues without transcription");
             break;
         };
         if connections >= MAX_CONNECTIONS {
-            warn!(%call_id, %url, error = %err, "deepgram dropped too often; call continues without transcription");
+            warn!(call_id = %crate::logging::wire(&call_id), %url, error = %err, "deepgram dropped too often; call continues without transcription");
             break;
         }
         failures += 1;
-        warn!(%call_id, %url, error = %err, retry_in_ms = pause.as_millis() as u64, "deepgram connection lost; reconnecting");
+        warn!(call_id = %crate::logging::wire(&call_id), %url, error = %err, retry_in_ms = pause.as_millis() as u64, "deepgram connection lost; reconnecting");
         let wake = Instant::now() + pause;
         loop {
             tokio::select! {
@@ -614,9 +614,9 @@ pub(crate) async fn run(target: DeepgramTarget, call_id: String, mut chans: Chan
     }
     if backlog.dropped > 0 {
         crate::metrics::caller_frames_dropped(backlog.dropped);
-        warn!(%call_id, dropped = backlog.dropped, "caller frames dropped while deepgram was unreachable");
+        warn!(call_id = %crate::logging::wire(&call_id), dropped = backlog.dropped, "caller frames dropped while deepgram was unreachable");
     }
-    debug!(%call_id, "deepgram task finished");
+    debug!(call_id = %crate::logging::wire(&call_id), "deepgram task finished");
 }
 
 /// One connection attempt; the call's audio keeps arriving into the backlog.
@@ -651,7 +651,7 @@ async fn on_text(text: &str, clock: &StreamClock, chans: &Channels, call_id: &st
     match parse_server_text(text) {
         Some(ServerMessage::Results(seg)) => {
             if let Some(t) = clock.transcript(&seg) {
-                debug!(%call_id, start_ms = t.start_ms, end_ms = t.end_ms, "transcript");
+                debug!(call_id = %crate::logging::wire(call_id), start_ms = t.start_ms, end_ms = t.end_ms, "transcript");
                 // The call task stores it and forwards it to a native agent.
                 // It may be gone (call over): nothing to do then.
                 let _ = commands.send(AgentCommand::Transcript(t)).await;
@@ -661,16 +661,20 @@ async fn on_text(text: &str, clock: &StreamClock, chans: &Channels, call_id: &st
             request_id,
             duration,
         }) => {
-            info!(%call_id, %request_id, audio_s = duration, "deepgram stream summary");
+            info!(call_id = %crate::logging::wire(call_id), %request_id, audio_s = duration, "deepgram stream summary");
         }
         Some(ServerMessage::SpeechStarted { timestamp }) => {
-            debug!(%call_id, at_ms = clock.call_ms(timestamp), "speech started");
+            debug!(call_id = %crate::logging::wire(call_id), at_ms = clock.call_ms(timestamp), "speech started");
         }
         Some(ServerMessage::UtteranceEnd { last_word_end }) => {
-            debug!(%call_id, at_ms = clock.call_ms(last_word_end), "utterance end");
+            debug!(call_id = %crate::logging::wire(call_id), at_ms = clock.call_ms(last_word_end), "utterance end");
         }
-        Some(ServerMessage::Other(kind)) => debug!(%call_id, %kind, "deepgram message ignored"),
-        None => debug!(%call_id, "unparsable deepgram message ignored"),
+        Some(ServerMessage::Other(kind)) => {
+            debug!(call_id = %crate::logging::wire(call_id), %kind, "deepgram message ignored")
+        }
+        None => {
+            debug!(call_id = %crate::logging::wire(call_id), "unparsable deepgram message ignored")
+        }
     }
 }
 
@@ -715,10 +719,12 @@ async fn session(
         Ok::<(), WsError>(())
     };
     match tokio::time::timeout(CLOSE_WAIT, closing).await {
-        Ok(Ok(())) => info!(%call_id, "deepgram stream closed"),
-        Ok(Err(e)) => warn!(%call_id, error = %DeepgramError::from(e), "deepgram close failed"),
+        Ok(Ok(())) => info!(call_id = %crate::logging::wire(call_id), "deepgram stream closed"),
+        Ok(Err(e)) => {
+            warn!(call_id = %crate::logging::wire(call_id), error = %DeepgramError::from(e), "deepgram close failed")
+        }
         Err(_) => {
-            warn!(%call_id, "deepgram did not close within the wait; last results may be missing")
+            warn!(call_id = %crate::logging::wire(call_id), "deepgram did not close within the wait; last results may be missing")
         }
     }
     SessionEnd::Finished
@@ -758,7 +764,7 @@ async fn stream(
                     Admit::Skip => {}
                     Admit::FinalizeAndSkip => {
                         ws.send(Message::text(control_message("Finalize"))).await?;
-                        debug!(%call_id, "no caller audio: finalize, then keepalive");
+                        debug!(call_id = %crate::logging::wire(call_id), "no caller audio: finalize, then keepalive");
                         last_sent = Instant::now();
                     }
                     Admit::Send => {
@@ -784,7 +790,7 @@ async fn stream(
             },
             () = tokio::time::sleep_until(last_sent + KEEPALIVE_INTERVAL) => {
                 ws.send(Message::text(control_message("KeepAlive"))).await?;
-                debug!(%call_id, "deepgram keepalive");
+                debug!(call_id = %crate::logging::wire(call_id), "deepgram keepalive");
                 last_sent = Instant::now();
             }
         }

@@ -81,7 +81,7 @@ async fn session<D: StreamDialect>(
     info: &CallInfo,
     chans: &mut Channels,
 ) -> Result<(), AgentError> {
-    debug!(call_id = %info.call_id, mode = D::MODE, "media stream starting");
+    debug!(call_id = %crate::logging::wire(&info.call_id), mode = D::MODE, "media stream starting");
     for m in stream.opening(info) {
         ws.send(Message::text(m)).await?;
     }
@@ -129,7 +129,7 @@ async fn relay<D: StreamDialect>(
                     Some(Ok(Message::Text(text))) => stream.agent_text(&text),
                     Some(Ok(Message::Binary(_))) => stream.agent_binary(),
                     Some(Ok(Message::Close(_))) => {
-                        info!(call_id = %info.call_id, mode = D::MODE, "agent closed the stream: hanging up");
+                        info!(call_id = %crate::logging::wire(&info.call_id), mode = D::MODE, "agent closed the stream: hanging up");
                         let _ = chans.commands.send(AgentCommand::HangUp).await;
                         let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
                         return Ok(true);

@@ -416,7 +416,7 @@ pub(crate) async fn run(
     match TelnyxStream::new(&info, stream_id, encoding) {
         Ok(stream) => media_stream::run(target, info, attempt, chans, stream).await,
         Err(e) => {
-            warn!(call_id = %info.call_id, error = %e, "telnyx stream not started");
+            warn!(call_id = %crate::logging::wire(&info.call_id), error = %e, "telnyx stream not started");
             let _ = chans
                 .commands
                 .send(AgentCommand::Failed(ConnectionFailure::Unreachable))

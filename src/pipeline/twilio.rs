@@ -306,7 +306,7 @@ pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, chans
             media_stream::run(target, info, attempt, chans, stream).await;
         }
         Err(e) => {
-            warn!(call_id = %info.call_id, error = %e, "twilio stream not started");
+            warn!(call_id = %crate::logging::wire(&info.call_id), error = %e, "twilio stream not started");
             let _ = chans
                 .commands
                 .send(AgentCommand::Failed(ConnectionFailure::Unreachable))

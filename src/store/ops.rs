@@ -681,6 +681,10 @@ pub struct ExportedCall {
     pub frames_concealed: Option<u64>,
     /// Caller frames dropped on the way to the pipeline.
     pub frames_dropped: Option<u64>,
+    /// Whether the call was recorded (`off`, `not-started`, `recorded`,
+    /// `partial`, `not-recorded`, `opted-out`); `null` for older rows and
+    /// calls closed by crash recovery.
+    pub recording: Option<&'static str>,
     /// Disclosure prompt start.
     pub disclosure_started_at: Option<String>,
     /// Disclosure prompt end.
@@ -713,6 +717,7 @@ impl ExportedCall {
             rtp_jitter_ms: c.rtp.map(|r| r.jitter_ms),
             frames_concealed: c.frames.map(|f| f.concealed),
             frames_dropped: c.frames.map(|f| f.dropped),
+            recording: c.recording.map(|r| r.as_str()),
             disclosure_started_at: t(c.consent.disclosure_started_at),
             disclosure_finished_at: t(c.consent.disclosure_finished_at),
             opt_out_at: t(c.consent.opt_out_at),

@@ -144,7 +144,8 @@ pub struct RecordingWriter {
 
 impl RecordingWriter {
     /// Creates the directories (0700) and the file (0600, must not exist)
-    /// for a new recording of `key`'s tenant, and writes the sealed header.
+    /// for a new recording of `key`'s tenant, and writes the sealed header;
+    /// when the header cannot be written the file is removed again.
     pub fn create(
         var_dir: &Path,
         key: &DataKey,
@@ -166,7 +167,15 @@ impl RecordingWriter {
             content_type: CONTENT_PCM_S16LE_STEREO_8K,
             created_unix,
         };
-        let sealed = SealedWriter::new(file, key, file_id, meta)?;
+        let sealed = match SealedWriter::new(file, key, file_id, meta) {
+            Ok(s) => s,
+            Err(e) => {
+                // The header did not fit (disk full): no empty file is left
+                // behind for nobody to index (issue 19).
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        };
         Ok(Self {
             sealed,
             path,

@@ -181,6 +181,34 @@ text_enum! {
 }
 
 text_enum! {
+    /// Whether a call was recorded (its CDR's `recording` column).
+    CallRecording {
+        /// The tenant does not record.
+        Off = "off",
+        /// The tenant records, but the call was never confirmed (rejected,
+        /// cancelled, never ACKed): nothing was recorded.
+        NotStarted = "not-started",
+        /// Recorded in full.
+        Recorded = "recorded",
+        /// Recorded up to a failed write (the store ran out of space); what
+        /// was sealed before is kept.
+        Partial = "partial",
+        /// The tenant records, but the store could not write: the call was
+        /// answered without a recording.
+        NotRecorded = "not-recorded",
+        /// The caller opted out: what was recorded was discarded.
+        OptedOut = "opted-out",
+    }
+}
+
+impl CallRecording {
+    /// Whether audio of the call is kept.
+    pub fn recorded(self) -> bool {
+        matches!(self, Self::Recorded | Self::Partial)
+    }
+}
+
+text_enum! {
     /// Which side ended the call.
     StoredHangupSide {
         /// The carrier / caller sent BYE or CANCEL.
@@ -366,6 +394,9 @@ pub struct StoredCdr {
     pub rtp: Option<RtpStats>,
     /// Media frame counts, once ended normally (`None` for older rows).
     pub frames: Option<MediaFrames>,
+    /// Whether the call was recorded, once ended normally (`None` for
+    /// older rows, open calls and calls closed by crash recovery).
+    pub recording: Option<CallRecording>,
     /// Consent events.
     pub consent: Consent,
     /// Under legal hold.
@@ -550,7 +581,7 @@ pub enum HoldTarget {
 const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, answered_at, \
      ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
      disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at, \
-     frames_concealed, frames_dropped";
+     frames_concealed, frames_dropped, recording";
 
 const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
      state, created_at, legal_hold, deleted_at";
@@ -598,6 +629,10 @@ fn call_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCdr> {
         frames: match (r.get::<_, Option<u64>>(20)?, r.get::<_, Option<u64>>(21)?) {
             (Some(concealed), Some(dropped)) => Some(MediaFrames { concealed, dropped }),
             _ => None,
+        },
+        recording: match r.get_ref(22)? {
+            ValueRef::Null => None,
+            v => Some(CallRecording::column_result(v)?),
         },
     })
 }
@@ -905,6 +940,46 @@ impl Store {
                 end.rtp.packets,
                 end.rtp.lost,
                 end.rtp.jitter_ms
+            ],
+        )?;
+        if n == 0 {
+            check_call_tenant(&self.conn, tenant, call_id)?;
+            return Err(DbError::CallAlreadyEnded(call_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Closes a CDR with its media frame counts and whether it was
+    /// recorded, in one statement: a retried close (the disk was full) is
+    /// all or nothing.
+    pub fn close_call(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        end: &CallEnd,
+        frames: MediaFrames,
+        recording: CallRecording,
+    ) -> Result<(), DbError> {
+        let n = self.conn.execute(
+            "UPDATE calls SET answered_at = ?3, ended_at = ?4, result_code = ?5, hangup_side = ?6, \
+             cause = ?7, codec = ?8, rtp_packets = ?9, rtp_lost = ?10, rtp_jitter_ms = ?11, \
+             frames_concealed = ?12, frames_dropped = ?13, recording = ?14 \
+             WHERE call_id = ?1 AND tenant = ?2 AND ended_at IS NULL",
+            params![
+                call_id,
+                tenant,
+                end.answered_at,
+                end.ended_at,
+                end.result_code,
+                end.hangup_side,
+                end.cause,
+                end.codec,
+                end.rtp.packets,
+                end.rtp.lost,
+                end.rtp.jitter_ms,
+                frames.concealed,
+                frames.dropped,
+                recording
             ],
         )?;
         if n == 0 {
@@ -1375,6 +1450,17 @@ impl Store {
             params![frames.concealed, frames.dropped, call_id, tenant],
         )?;
         Ok(())
+    }
+
+    /// Ids of every recording the index knows that is not deleted (a
+    /// recording's file is named `<id>.sbrec`): at start-up, a file whose
+    /// name is not among them is an orphan.
+    pub fn live_recording_ids(&self) -> Result<std::collections::HashSet<String>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM recordings WHERE state != 'deleted'")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Deletes the audit rows of `tenant` older than `before` (unix ms):

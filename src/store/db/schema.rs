@@ -105,6 +105,13 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE calls ADD COLUMN frames_concealed INTEGER;
     ALTER TABLE calls ADD COLUMN frames_dropped INTEGER;
     "#,
+    // v5: whether the call was recorded (issue 19: a full disk must not
+    // leave a call that claims a recording it does not have). NULL for
+    // older rows and open calls.
+    r#"
+    ALTER TABLE calls ADD COLUMN recording TEXT CHECK (recording IN
+        ('off', 'not-started', 'recorded', 'partial', 'not-recorded', 'opted-out'));
+    "#,
 ];
 
 /// The version this build writes.
