@@ -732,6 +732,7 @@ mod tests {
             concealed: 3,
             late: 4,
             send_skipped: 0,
+            agent_dropped: 0,
         }
     }
 

@@ -129,6 +129,9 @@ pub struct RtpSummary {
     /// Outbound 20 ms frames not sent because the media task stalled for
     /// more than 60 ms (shorter delays are caught up, every frame sent).
     pub send_skipped: u64,
+    /// Agent audio frames dropped (the oldest) because more than the
+    /// prompt's length plus 2 s of it arrived while the disclosure played.
+    pub agent_dropped: u64,
 }
 
 impl RtpSummary {
@@ -146,6 +149,7 @@ impl RtpSummary {
             concealed: counters.concealed,
             late: media.jitter_stats().late,
             send_skipped: counters.ticks_skipped,
+            agent_dropped: counters.agent_frames_dropped,
         }
     }
 }

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant, SystemTime};
 const FRAME: usize = 160;
 /// The media clock period.
 const TICK: Duration = Duration::from_millis(20);
+/// Agent audio held while the disclosure plays: the prompt's length plus this.
+const PROMPT_BACKLOG_SLACK: Duration = Duration::from_secs(2);
 /// How long each key of an agent's DTMF is held, and the pause after it.
 const DTMF_KEY: Duration = Duration::from_millis(100);
 /// Ticks of silence between two keys.
@@ -145,6 +147,9 @@ pub struct MediaCounters {
     pub concealed: u64,
     /// SRTP/SRTCP packets dropped: failed authentication, replays, plain RTP.
     pub srtp_rejected: u64,
+    /// Agent audio frames dropped (the oldest) because more than the prompt's
+    /// length plus 2 s of it arrived while the disclosure played.
+    pub agent_frames_dropped: u64,
     /// Outbound 20 ms ticks not sent because the task woke more than
     /// [`MAX_SEND_CATCH_UP`] ticks late.
     pub ticks_skipped: u64,
@@ -335,7 +340,21 @@ impl MediaSession {
     /// to the caller after what is queued. Returns the samples accepted (the
     /// queue is bounded).
     pub fn push_pipeline_audio(&mut self, pcm: &[i16]) -> usize {
-        self.playout.push_pcm(pcm)
+        let accepted = self.playout.push_pcm(pcm);
+        // While the disclosure plays, the agent's audio waits behind it (an
+        // agent that greets at once loses nothing), but at most the prompt's
+        // length plus 2 s of it: beyond that the oldest goes, counted.
+        if !self.prompt_done
+            && let Some(prompt) = &self.plan.prompt
+        {
+            let cap = (prompt.duration() + PROMPT_BACKLOG_SLACK).as_millis() as u64 * 8;
+            let over = self.playout.queued().saturating_sub(cap);
+            if over > 0 {
+                self.counters.agent_frames_dropped +=
+                    self.playout.drop_oldest_frames(over.div_ceil(FRAME as u64));
+            }
+        }
+        accepted
     }
 
     /// A mark after the pipeline audio queued so far; reported as
@@ -1068,6 +1087,46 @@ mod tests {
             }
         }
         assert_eq!(tones, 5);
+    }
+
+    /// Agent audio sent while the disclosure plays waits and is played right
+    /// after it, up to the prompt's length plus 2 s; beyond that the oldest
+    /// goes (counted). After the prompt, no such cap.
+    #[test]
+    fn agent_audio_during_the_prompt_waits_bounded_then_plays() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let t0 = Instant::now();
+        // A 0.5 s prompt (25 frames).
+        let prompt: Vec<i16> = (0..4000).map(|i| ((i % 40) * 300 - 6000) as i16).collect();
+        let mut m = MediaSession::new(t0, &negotiated(), plan(false, &prompt), &mut rng).unwrap();
+        // 4 s of agent audio at once (200 frames, each its own level), at the start.
+        let level = |k: usize| ((k % 100) as i16 - 50) * 100 + 7;
+        let agent: Vec<i16> = (0..200 * FRAME).map(|i| level(i / FRAME)).collect();
+        m.push_pipeline_audio(&agent);
+        // Capped at 0.5 + 2 s = 125 frames: the oldest 75 went.
+        assert_eq!(m.counters().agent_frames_dropped, 75);
+        let mut payloads = Vec::new();
+        for tick in 0u32..160 {
+            m.handle_timeout(t0 + TICK * tick, SystemTime::UNIX_EPOCH, &mut rng);
+            payloads.extend(sent_rtp(&mut m).into_iter().map(|(_, _, p)| p));
+        }
+        // The prompt, then frames 75.. of the agent's audio, in order.
+        let encoded = |k: usize| {
+            let mut out = vec![0u8; FRAME];
+            g711::encode(Law::Mu, &agent[k * FRAME..(k + 1) * FRAME], &mut out);
+            out
+        };
+        let first = payloads
+            .iter()
+            .position(|p| *p == encoded(75))
+            .expect("agent audio played");
+        assert_eq!(first, 25, "right after the prompt");
+        for k in 0..125 {
+            assert_eq!(payloads[25 + k], encoded(75 + k), "agent frame {}", 75 + k);
+        }
+        // After the prompt a long push is not capped.
+        m.push_pipeline_audio(&agent);
+        assert_eq!(m.counters().agent_frames_dropped, 75);
     }
 
     #[test]

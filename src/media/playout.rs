@@ -440,6 +440,35 @@ impl PlayoutQueue {
         self.audio_frames_sent
     }
 
+    /// Drops up to `n` of the oldest whole frames queued (never the partial
+    /// frame still being filled), as if they had been sent: marks behind
+    /// them fall due. Returns the frames dropped.
+    pub fn drop_oldest_frames(&mut self, n: u64) -> u64 {
+        let mut dropped = 0;
+        while dropped < n && self.frames.pop_front().is_some() {
+            self.sent_pos = self.sent_pos.saturating_add(FRAME_LEN);
+            dropped += 1;
+        }
+        while let Some(m) = self.marks.front() {
+            if m.position > self.sent_pos {
+                break;
+            }
+            if let Some(m) = self.marks.pop_front() {
+                self.events.push_back(MarkEvent {
+                    name: m.name,
+                    played_at: self.last_audio_at,
+                    cleared: false,
+                });
+            }
+        }
+        dropped
+    }
+
+    /// 8 kHz samples queued and not yet sent.
+    pub fn queued(&self) -> u64 {
+        self.queued_samples()
+    }
+
     /// The law frames are encoded in.
     pub fn law(&self) -> Law {
         self.law
