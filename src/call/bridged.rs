@@ -804,8 +804,8 @@ impl BridgedCall {
         match (self.media.as_mut(), fallback) {
             (Some(m), Some(f)) => {
                 m.clear();
-                let queued = m.push_pipeline_audio(&f.pcm);
-                let marked = m.mark(FALLBACK_MARK.to_owned()).is_ok();
+                let queued = m.push_pipeline_audio(now, &f.pcm);
+                let marked = m.mark(now, FALLBACK_MARK.to_owned()).is_ok();
                 if queued < f.pcm.len() {
                     self.event(BridgeEvent::FallbackTruncated(f.pcm.len() - queued));
                 }
@@ -842,7 +842,7 @@ impl BridgedCall {
             AgentEvent::Play(pcm) => {
                 let Some(m) = &mut self.media else { return };
                 l.supervisor.on_agent_output(now);
-                let accepted = m.push_pipeline_audio(&pcm);
+                let accepted = m.push_pipeline_audio(now, &pcm);
                 if accepted < pcm.len() {
                     out.push_back(BridgeOutput::Event(BridgeEvent::PlayoutFull(
                         pcm.len() - accepted,
@@ -852,7 +852,7 @@ impl BridgedCall {
             AgentEvent::Mark(name) => {
                 let Some(m) = &mut self.media else { return };
                 l.supervisor.on_agent_output(now);
-                if m.mark(name.clone()).is_err() {
+                if m.mark(now, name.clone()).is_err() {
                     out.push_back(BridgeOutput::Event(BridgeEvent::MarkDropped(name)));
                 }
             }
