@@ -31,7 +31,7 @@ use super::supervisor::{
 };
 use super::{
     Call, CallEvent, CallOutput, CallRecord, HangupCause, MediaOutput, MediaSession, PcmFrame,
-    Peer, RtpSummary, Transmit,
+    Peer, QualitySummary, RtpSummary, Transmit,
 };
 use crate::config::{AwayAudio, FailurePolicy};
 use crate::sip::message::Message;
@@ -894,6 +894,7 @@ impl BridgedCall {
                     let media = self.media.take();
                     if let Some(m) = &media {
                         record.rtp = Some(RtpSummary::of(m));
+                        record.quality = Some(QualitySummary::of(m));
                     }
                     self.recording = false;
                     self.end_pause(self.wall(now));

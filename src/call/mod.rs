@@ -16,8 +16,12 @@ mod session;
 pub mod supervisor;
 mod switchboard;
 
-pub use cdr::{CallRecord, HangupSide, PausedStretch, RtpSummary};
-pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
+pub use cdr::{
+    CallRecord, DepthSummary, HangupSide, LatencySummary, PausedStretch, QualitySummary, RtpSummary,
+};
+pub use media::{
+    MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError, PcmFrame,
+};
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
 };
@@ -372,6 +376,7 @@ impl Call {
             rtp: None,
             pipeline: None,
             recording_paused: Vec::new(),
+            quality: None,
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {

@@ -602,6 +602,7 @@ impl Switchboard {
             rtp: None,
             pipeline: None,
             recording_paused: Vec::new(),
+            quality: None,
         };
         let transmit = Transmit {
             dest: crate::call::response_dest(req, admitted.peer),
@@ -798,6 +799,7 @@ impl Switchboard {
             rtp: None,
             pipeline: None,
             recording_paused: Vec::new(),
+            quality: None,
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());
