@@ -69,6 +69,9 @@ pub struct AgentPlan {
     /// The pipeline is Deepgram alone: its stream is closed (not dropped)
     /// when the call ends, so its last transcripts arrive.
     pub deepgram_only: bool,
+    /// Send the agent the call's quality figures this often while its
+    /// connection is open ([`PipelineOp::Stats`]); `None`: never.
+    pub stats_interval: Option<Duration>,
 }
 
 /// What the tenant's recording and consent rules are for this call.
@@ -137,7 +140,7 @@ pub enum BridgeInput {
 }
 
 /// What to do with the call's network pipeline.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PipelineOp {
     /// The pipeline starts (the call is confirmed): open the streams that
     /// live for the whole call (Deepgram beside an agent).
@@ -171,6 +174,14 @@ pub enum PipelineOp {
         name: String,
         /// Cleared by barge-in rather than played.
         cleared: bool,
+    },
+    /// The call's quality so far (cumulative since the media started), for
+    /// the agent's connection: every `stats_interval` while it is open.
+    Stats {
+        /// Media time since the call's media started.
+        media_time: Duration,
+        /// The figures.
+        quality: Box<super::QualitySummary>,
     },
     /// The call ended: close the streams (`deepgram_only`: close it so its
     /// last transcripts still come; an agent connection is just dropped).
@@ -322,6 +333,10 @@ struct Link {
     dropped: u64,
     /// What the caller hears while the agent is away.
     away_audio: AwayAudio,
+    /// How often the agent gets a `stats` event, if at all.
+    stats_interval: Option<Duration>,
+    /// When the next one is due (while a connection is open).
+    next_stats: Option<Instant>,
 }
 
 /// A call with everything joined to it. See the module docs.
@@ -431,6 +446,7 @@ impl BridgedCall {
             self.call.poll_timeout(),
             self.media.as_ref().map(MediaSession::poll_timeout),
             self.link.as_ref().and_then(|l| l.supervisor.poll_timeout()),
+            self.link.as_ref().and_then(|l| l.next_stats),
         ]
         .into_iter()
         .flatten()
@@ -542,7 +558,36 @@ impl BridgedCall {
                 break;
             }
         }
+        self.stats_due(now);
         self.fill_while_away();
+    }
+
+    /// Every `stats_interval` of an open agent connection (counted from its
+    /// opening), the call's quality figures go to the agent.
+    fn stats_due(&mut self, now: Instant) {
+        let (Some(l), Some(m)) = (&mut self.link, &self.media) else {
+            return;
+        };
+        let Some(every) = l.stats_interval else {
+            return;
+        };
+        if !l.connected || self.call.is_ended() {
+            l.next_stats = None;
+            return;
+        }
+        match l.next_stats {
+            None => l.next_stats = Some(now + every),
+            Some(due) if now >= due => {
+                let next = due + every;
+                l.next_stats = Some(if next > now { next } else { now + every });
+                self.out
+                    .push_back(BridgeOutput::Pipeline(PipelineOp::Stats {
+                        media_time: m.media_time(now),
+                        quality: Box::new(QualitySummary::of(m)),
+                    }));
+            }
+            Some(_) => {}
+        }
     }
 
     /// While the agent is away (its connection being made or re-made, not
@@ -599,6 +644,8 @@ impl BridgedCall {
                     backlog: VecDeque::new(),
                     dropped: 0,
                     away_audio: plan.policy.away_audio,
+                    stats_interval: plan.stats_interval,
+                    next_stats: None,
                 });
                 self.emit(BridgeOutput::Pipeline(PipelineOp::Open));
             }

@@ -447,6 +447,11 @@ impl MediaSession {
         }
     }
 
+    /// Media time at `now`: since the session started.
+    pub fn media_time(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
     /// The call's quality figures so far.
     pub fn quality(&self) -> MediaQuality {
         let stats = self.receiver.stats();

@@ -195,6 +195,8 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) early_media: bool,
     #[serde(default)]
+    pub(crate) stats_interval_s: Option<Spanned<u32>>,
+    #[serde(default)]
     pub(crate) caller_numbers: Option<RawCallerNumbers>,
     #[serde(default)]
     pub(crate) retention: Option<Spanned<RawRetention>>,

@@ -315,6 +315,7 @@ impl Bridge {
                                 fallback: None,
                                 beside_stt: false,
                                 deepgram_only: false,
+                                stats_interval: None,
                             }),
                             recording: RecordingRules {
                                 record: settings.plan.record,
