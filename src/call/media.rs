@@ -21,7 +21,9 @@
 //! - **Outbound latency**: pipeline audio pushed into an empty playout queue
 //!   (after the prompt) to the emission of its first RTP packet: the wait for
 //!   the next 20 ms slot (the RTP stream is paced; under 20 ms) plus the
-//!   task's lateness.
+//!   task's lateness; at a 16 kHz pipeline rate the downsampler's look-ahead
+//!   also holds a burst's first frame until more audio comes. Not timed
+//!   while on hold (nothing is sent).
 //! - **Mark to playout**: a mark's arrival to its [`MediaOutput::Mark`]
 //!   (played, not cleared, marks only): the queued audio before it plus the
 //!   above.
@@ -567,9 +569,14 @@ impl MediaSession {
             } => {
                 self.follow_source();
                 match self.jitter.push(now, ssrc, timestamp, payload) {
-                    PushOutcome::Buffered
-                    | PushOutcome::Resynced { .. }
-                    | PushOutcome::Overflow { .. } => self.quality.arrived(timestamp, now),
+                    PushOutcome::Resynced { .. } => {
+                        // A new grid: what was buffered is gone.
+                        self.quality.arrivals = Default::default();
+                        self.quality.arrived(timestamp, now);
+                    }
+                    PushOutcome::Buffered | PushOutcome::Overflow { .. } => {
+                        self.quality.arrived(timestamp, now);
+                    }
                     _ => {}
                 }
                 true
@@ -789,6 +796,7 @@ impl MediaSession {
     fn outbound_tick(&mut self, now: Instant) -> Option<[u8; FRAME]> {
         let mut payload = [self.law.silence(); FRAME];
         let mut have_audio = false;
+        let mut first_of_burst = None;
         // Silence fills the gaps: carriers' SBCs and NATs expect a steady stream.
         if let Some(player) = &mut self.prompt {
             if let Some(frame) = player.poll(now) {
@@ -812,11 +820,8 @@ impl MediaSession {
         if !have_audio && let Some(frame) = self.playout.poll(now) {
             payload = frame.payload;
             have_audio = !frame.is_silence;
-            if have_audio && let Some(pushed) = self.quality.out_pending.take() {
-                let emitted = self.wake.max(pushed);
-                self.quality
-                    .latency_out
-                    .record(emitted.saturating_duration_since(pushed));
+            if have_audio {
+                first_of_burst = self.quality.out_pending.take();
             }
         }
         if !have_audio && let Some(noise) = &mut self.comfort_noise {
@@ -829,6 +834,12 @@ impl MediaSession {
                 let bytes = self.sender.packet(&payload, self.talkspurt, FRAME as u32);
                 self.talkspurt = false;
                 self.counters.rtp_out += 1;
+                if let Some(pushed) = first_of_burst {
+                    let emitted = self.wake.max(pushed);
+                    self.quality
+                        .latency_out
+                        .record(emitted.saturating_duration_since(pushed));
+                }
                 self.out.push_back(MediaOutput::Rtp { to, bytes });
                 Some(payload)
             }
