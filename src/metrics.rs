@@ -521,8 +521,8 @@ fn report_quality(q: &MediaQuality) {
         histogram!(MEDIA_ADDED_LATENCY, "direction" => "out"),
     );
     fold(&q.mark_to_playout, histogram!(MARK_TO_PLAYOUT));
-    if q.latency_in.count() > 0 {
-        histogram!(CALL_MOS).record(q.mos);
+    if let Some(mos) = q.mos {
+        histogram!(CALL_MOS).record(mos);
     }
 }
 

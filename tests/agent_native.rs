@@ -640,6 +640,25 @@ fn agent_audio_reaches_the_caller_matching_what_was_sent() {
     // One frame of slack for the two receiving threads' scheduling.
     assert!(mark_at + Duration::from_millis(20) >= last_audio_at);
     assert!(mark_at < last_audio_at + Duration::from_millis(100));
+    // The CDR's quality: the mark waited for the whole fixture to play (its
+    // mark-to-playout is the fixture's length, give or take the agent's
+    // sending), and the agent's audio went out within a tick and the
+    // resampler's look-ahead of arriving into the empty queue.
+    let q = answered_cdr(&daemon)["quality"].clone();
+    eprintln!("quality: {q}");
+    let fixture_ms = (needle.len() / 8) as f64;
+    let m = &q["mark_to_playout_ms"];
+    assert_eq!(m["count"].as_u64(), Some(1), "{q}");
+    let waited = m["max"].as_f64().unwrap();
+    assert!(
+        waited >= fixture_ms - 500.0 && waited <= fixture_ms + 500.0,
+        "{waited} ms for {fixture_ms} ms of audio: {q}"
+    );
+    let out = &q["latency_out_ms"];
+    assert!(out["count"].as_u64().unwrap() >= 1, "{q}");
+    assert!(out["p50"].as_f64().unwrap() <= 45.0, "{q}");
+    // The caller sent no audio: nothing to rate.
+    assert!(q["mos"].is_null(), "{q}");
     assert_no_secret_in_logs(&daemon);
 }
 
@@ -692,12 +711,12 @@ fn assert_stats_shape(v: &Value) {
         "media_time_ms",
         "jitter_ms",
         "loss_pct",
-        "mos",
         "one_way_delay_ms",
         "jb_target_ms",
     ] {
         assert!(v[key].is_number(), "{key} in {v}");
     }
+    assert!(v["mos"].is_number() || v["mos"].is_null(), "{v}");
     assert!(v["concealed"].is_u64(), "{v}");
     assert!(
         v["jb_depth"]["avg"].is_number() && v["jb_depth"]["max"].is_u64(),

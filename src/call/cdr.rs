@@ -113,8 +113,9 @@ pub struct QualitySummary {
     pub jb_depth: DepthSummary,
     /// The jitter buffer's target delay, ms.
     pub jb_target_ms: u64,
-    /// Estimated MOS (G.107 E-model, simplified).
-    pub mos: f64,
+    /// Estimated MOS (G.107 E-model, simplified); `None` (null) when none
+    /// of the caller's RTP arrived.
+    pub mos: Option<f64>,
     /// The one-way delay the MOS assumes, ms.
     pub one_way_delay_ms: f64,
     /// RTP arrival to caller audio handed to the pipeline.
@@ -148,7 +149,7 @@ impl QualitySummary {
                 max: q.jb_depth_max,
             },
             jb_target_ms: u64::try_from(q.jb_target.as_millis()).unwrap_or(u64::MAX),
-            mos: (q.mos * 100.0).round() / 100.0,
+            mos: q.mos.map(|m| (m * 100.0).round() / 100.0),
             one_way_delay_ms: round1(q.one_way_delay_ms),
             latency_in_ms: LatencySummary::of(&q.latency_in),
             latency_in_beyond_target_ms: LatencySummary::of(&q.latency_in_beyond_target),

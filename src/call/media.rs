@@ -180,8 +180,9 @@ pub struct MediaQuality {
     pub jb_depth_max: u32,
     /// The jitter buffer's target delay.
     pub jb_target: Duration,
-    /// Estimated MOS (G.107 E-model, simplified).
-    pub mos: f64,
+    /// Estimated MOS (G.107 E-model, simplified); `None` before any of the
+    /// caller's RTP arrived (nothing to rate).
+    pub mos: Option<f64>,
     /// The one-way delay the MOS assumes, ms.
     pub one_way_delay_ms: f64,
     /// RTP arrival to caller audio emitted.
@@ -488,7 +489,7 @@ impl MediaSession {
             },
             jb_depth_max: q.jb_max,
             jb_target: self.jitter.target_delay(),
-            mos: estimated_mos(one_way_delay_ms, loss_pct),
+            mos: (stats.packets_received > 0).then(|| estimated_mos(one_way_delay_ms, loss_pct)),
             one_way_delay_ms,
             latency_in: q.latency_in.clone(),
             latency_in_beyond_target: q.latency_in_beyond.clone(),
@@ -1064,7 +1065,8 @@ mod tests {
                 assert_eq!(q.latency_in_beyond_target.max(), Duration::ZERO);
             }
             assert_eq!(q.loss_pct, 0.0);
-            assert!((q.mos - 4.41).abs() < 0.01, "{}", q.mos);
+            let mos = q.mos.unwrap();
+            assert!((mos - 4.41).abs() < 0.01, "{mos}");
             assert!(q.jb_depth_max >= 1 && q.jb_depth_max <= 3, "{q:?}");
             assert!(q.jb_depth_avg > 0.5 && q.jb_depth_avg <= 3.0, "{q:?}");
         }
@@ -1103,13 +1105,15 @@ mod tests {
         assert!((q.loss_pct - 10.0).abs() < 0.6, "{}", q.loss_pct);
         assert_eq!(q.concealed, 20);
         let expected = estimated_mos(q.one_way_delay_ms, q.loss_pct);
-        assert!((q.mos - expected).abs() < 1e-9);
-        assert!(q.mos < 1.8, "{}", q.mos);
+        let mos = q.mos.unwrap();
+        assert!((mos - expected).abs() < 1e-9);
+        assert!(mos < 1.8, "{mos}");
         let clean = fed(Duration::from_millis(5), 200, |_| false).quality();
-        assert!(clean.mos > 4.4);
+        assert!(clean.mos.unwrap() > 4.4);
         // 1 % loss: MOS about 3.8.
         let one = fed(Duration::from_millis(5), 200, |k| k == 50 || k == 150).quality();
-        assert!((one.mos - 3.83).abs() < 0.05, "{}", one.mos);
+        let mos = one.mos.unwrap();
+        assert!((mos - 3.83).abs() < 0.05, "{mos}");
     }
 
     /// Agent audio that finds the queue empty leaves at the next tick: 15 ms

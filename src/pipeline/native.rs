@@ -264,7 +264,7 @@ mod tests {
             jb_depth_avg: 1.5,
             jb_depth_max: 3,
             jb_target: Duration::from_millis(40),
-            mos: 4.0123,
+            mos: Some(4.0123),
             one_way_delay_ms: 60.0,
             latency_in: m.clone(),
             latency_in_beyond_target: Default::default(),

@@ -587,7 +587,7 @@ impl Bridge {
             } => Some(Seen::Stats {
                 media_ms: media_time.as_millis() as u64,
                 loss_bp: (quality.loss_pct * 100.0).round() as u64,
-                mos_centi: (quality.mos * 100.0).round() as u64,
+                mos_centi: (quality.mos.unwrap_or(0.0) * 100.0).round() as u64,
                 frames_in: quality.latency_in_ms.count,
             }),
             PipelineOp::Audio {
