@@ -15,7 +15,8 @@
 //! pipeline kinds and a few fixed words. Never a call id, a number or free text.
 //! The text format itself is the exporter's; nothing of it is written here.
 
-use crate::call::{MediaSession, RtpSummary};
+use crate::call::{MediaQuality, MediaSession, RtpSummary};
+use crate::media::quality::LatencyHistogram;
 use crate::sip::message::{Message, Method};
 use crate::store::retention::{ItemKind, SweepReport};
 use ::metrics::{
@@ -61,6 +62,14 @@ pub(crate) mod names {
     pub(crate) const RTP_FRAMES_CONCEALED: &str = "sipbridge_rtp_frames_concealed_total";
     /// Histogram: interarrival jitter of calls (RFC 3550 A.8), sampled.
     pub(crate) const RTP_JITTER: &str = "sipbridge_rtp_jitter_seconds";
+    /// Histogram by `direction` (`in`, `out`): the bridge's added latency
+    /// (inbound beyond the jitter buffer's target; outbound to the first RTP
+    /// packet), every timed frame of a call, folded in at its end.
+    pub(crate) const MEDIA_ADDED_LATENCY: &str = "sipbridge_media_added_latency_seconds";
+    /// Histogram: a mark's arrival to its report, every played mark.
+    pub(crate) const MARK_TO_PLAYOUT: &str = "sipbridge_media_mark_to_playout_seconds";
+    /// Histogram: the estimated MOS (E-model) of each call with media.
+    pub(crate) const CALL_MOS: &str = "sipbridge_call_mos";
     /// Counter by `kind`: pipeline connections established.
     pub(crate) const PIPELINE_CONNECTS: &str = "sipbridge_pipeline_connects_total";
     /// Counter by `kind`: pipeline connections that failed (at connect or mid-call).
@@ -100,6 +109,16 @@ use names::*;
 pub(crate) const JITTER_BUCKETS: &[f64] =
     &[0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5];
 
+/// Upper bounds of the latency histograms' buckets, in seconds.
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0, 2.0,
+];
+
+/// Upper bounds of the MOS histogram's buckets.
+pub(crate) const MOS_BUCKETS: &[f64] = &[
+    1.5, 2.0, 2.5, 3.0, 3.5, 3.8, 4.0, 4.1, 4.2, 4.3, 4.35, 4.4, 4.45, 4.5,
+];
+
 /// How often a live call reports its RTP counters (and one jitter sample).
 pub(crate) const RTP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -130,11 +149,19 @@ static INSTALLED: OnceLock<Option<(PrometheusHandle, Instant)>> = OnceLock::new(
 
 /// The exporter as this daemon configures it (histograms with buckets).
 fn builder() -> PrometheusBuilder {
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(RTP_JITTER.to_owned()), JITTER_BUCKETS)
-        // Only an empty bucket list is refused, and JITTER_BUCKETS is not
-        // empty; were it, jitter would render as a summary instead.
-        .unwrap_or_else(|_| PrometheusBuilder::new())
+    let with_buckets = || {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(RTP_JITTER.to_owned()), JITTER_BUCKETS)?
+            .set_buckets_for_metric(
+                Matcher::Full(MEDIA_ADDED_LATENCY.to_owned()),
+                LATENCY_BUCKETS,
+            )?
+            .set_buckets_for_metric(Matcher::Full(MARK_TO_PLAYOUT.to_owned()), LATENCY_BUCKETS)?
+            .set_buckets_for_metric(Matcher::Full(CALL_MOS.to_owned()), MOS_BUCKETS)
+    };
+    // Only an empty bucket list is refused, and none of these is empty; were
+    // one, the histograms would render as summaries instead.
+    with_buckets().unwrap_or_else(|_| PrometheusBuilder::new())
 }
 
 /// Help text and unit of every metric, and the series that exist from the start.
@@ -214,6 +241,20 @@ fn describe() {
         RTP_JITTER,
         Unit::Seconds,
         "RTP interarrival jitter (RFC 3550), sampled every 5 s of a call with media and at its end."
+    );
+    describe_histogram!(
+        MEDIA_ADDED_LATENCY,
+        Unit::Seconds,
+        "Latency the bridge adds, by direction: in = RTP arrival to caller audio handed to the pipeline, beyond the jitter buffer's target; out = agent audio into an empty playout queue to its first RTP packet. Every timed frame, recorded when the call ends."
+    );
+    describe_histogram!(
+        MARK_TO_PLAYOUT,
+        Unit::Seconds,
+        "A mark's arrival from the agent to its report (its audio sent), every played mark, recorded when the call ends."
+    );
+    describe_histogram!(
+        CALL_MOS,
+        "Estimated MOS (ITU-T G.107 E-model, simplified) of each call with media, at its end."
     );
     describe_counter!(
         PIPELINE_CONNECTS,
@@ -472,10 +513,12 @@ impl RtpMeter {
         }
     }
 
-    /// The call ended; `media` is its media session if it had one.
+    /// The call ended; `media` is its media session if it had one: its
+    /// last counters, and its quality figures into the histograms.
     pub(crate) fn finish(&mut self, media: Option<&MediaSession>) {
         if let Some(m) = media {
             self.report(&RtpSummary::of(m), jitter_seconds(m));
+            report_quality(&m.quality());
         }
     }
 
@@ -506,6 +549,28 @@ impl RtpMeter {
         if had_packets {
             histogram!(RTP_JITTER).record(jitter);
         }
+    }
+}
+
+/// Folds one call's latency histograms (each bucket at its midpoint) and
+/// its MOS into the process-wide histograms.
+fn report_quality(q: &MediaQuality) {
+    let fold = |h: &LatencyHistogram, target: ::metrics::Histogram| {
+        for (value, count) in h.buckets() {
+            target.record_many(value, count as usize);
+        }
+    };
+    fold(
+        &q.latency_in_beyond_target,
+        histogram!(MEDIA_ADDED_LATENCY, "direction" => "in"),
+    );
+    fold(
+        &q.latency_out,
+        histogram!(MEDIA_ADDED_LATENCY, "direction" => "out"),
+    );
+    fold(&q.mark_to_playout, histogram!(MARK_TO_PLAYOUT));
+    if let Some(mos) = q.mos {
+        histogram!(CALL_MOS).record(mos);
     }
 }
 

@@ -640,6 +640,25 @@ fn agent_audio_reaches_the_caller_matching_what_was_sent() {
     // One frame of slack for the two receiving threads' scheduling.
     assert!(mark_at + Duration::from_millis(20) >= last_audio_at);
     assert!(mark_at < last_audio_at + Duration::from_millis(100));
+    // The CDR's quality: the mark waited for the whole fixture to play (its
+    // mark-to-playout is the fixture's length, give or take the agent's
+    // sending), and the agent's audio went out within a tick and the
+    // resampler's look-ahead of arriving into the empty queue.
+    let q = answered_cdr(&daemon)["quality"].clone();
+    eprintln!("quality: {q}");
+    let fixture_ms = (needle.len() / 8) as f64;
+    let m = &q["mark_to_playout_ms"];
+    assert_eq!(m["count"].as_u64(), Some(1), "{q}");
+    let waited = m["max"].as_f64().unwrap();
+    assert!(
+        waited >= fixture_ms - 500.0 && waited <= fixture_ms + 500.0,
+        "{waited} ms for {fixture_ms} ms of audio: {q}"
+    );
+    let out = &q["latency_out_ms"];
+    assert!(out["count"].as_u64().unwrap() >= 1, "{q}");
+    assert!(out["p50"].as_f64().unwrap() <= 45.0, "{q}");
+    // The caller sent no audio: nothing to rate.
+    assert!(q["mos"].is_null(), "{q}");
     assert_no_secret_in_logs(&daemon);
 }
 
@@ -682,4 +701,105 @@ fn clear_stops_playout_within_40_ms_of_media_time() {
     );
     assert!(log.mark_at.unwrap() < clear_at + Duration::from_millis(100));
     assert_no_secret_in_logs(&daemon);
+}
+
+/// The fields of a `stats` event (docs/agent-protocol.md), each present with
+/// its type.
+fn assert_stats_shape(v: &Value) {
+    assert_eq!(v["event"], "stats");
+    for key in [
+        "media_time_ms",
+        "jitter_ms",
+        "loss_pct",
+        "one_way_delay_ms",
+        "jb_target_ms",
+    ] {
+        assert!(v[key].is_number(), "{key} in {v}");
+    }
+    assert!(v["mos"].is_number() || v["mos"].is_null(), "{v}");
+    assert!(v["concealed"].is_u64(), "{v}");
+    assert!(
+        v["jb_depth"]["avg"].is_number() && v["jb_depth"]["max"].is_u64(),
+        "{v}"
+    );
+    for key in [
+        "latency_in_ms",
+        "latency_in_beyond_target_ms",
+        "latency_out_ms",
+        "mark_to_playout_ms",
+    ] {
+        let l = &v[key];
+        assert!(l["count"].is_u64(), "{key} in {v}");
+        for p in ["p50", "p99", "max"] {
+            assert!(l[p].is_number() || l[p].is_null(), "{key}.{p} in {v}");
+        }
+    }
+}
+
+/// With `stats_interval_s = 1` a native agent gets a `stats` event every
+/// second of its connection, with the documented fields: the caller's audio
+/// counted in, no loss on loopback, a MOS of a clean G.711 call.
+#[test]
+fn stats_events_arrive_at_the_configured_interval() {
+    let (port, agent) = spawn_agent(Script::Listen);
+    let profile = profile(&format!("ws://127.0.0.1:{port}/agent")).replace(
+        "caller_audio_after_prompt = false",
+        "caller_audio_after_prompt = false\nstats_interval_s = 1",
+    );
+    assert!(profile.contains("stats_interval_s = 1"));
+    let daemon = Daemon::spawn_with_env(&profile, &[("AGENT_TOKEN", TOKEN)]);
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    answered_cdr(&daemon);
+    let log = agent.join().unwrap();
+    let stats: Vec<&Value> = log.texts.iter().filter(|v| v["event"] == "stats").collect();
+    // The call holds ~3.5 s after the answer: three events (two at least
+    // under load).
+    assert!((2..=4).contains(&stats.len()), "{:?}", log.texts);
+    for s in &stats {
+        assert_stats_shape(s);
+    }
+    let times: Vec<u64> = stats
+        .iter()
+        .map(|s| s["media_time_ms"].as_u64().unwrap())
+        .collect();
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!((750..=1250).contains(&gap), "interval {gap} ms: {times:?}");
+    }
+    let last = stats.last().unwrap();
+    assert!(
+        last["latency_in_ms"]["count"].as_u64().unwrap() > 50,
+        "{last}"
+    );
+    assert_eq!(last["loss_pct"].as_f64(), Some(0.0), "{last}");
+    let mos = last["mos"].as_f64().unwrap();
+    assert!((4.0..=4.5).contains(&mos), "{last}");
+    // stats come between start and stop.
+    assert_eq!(log.texts.first().unwrap()["event"], "start");
+    assert_eq!(log.texts.last().unwrap()["event"], "stop");
+}
+
+/// Without `stats_interval_s` (the default) no `stats` event is sent.
+#[test]
+fn no_stats_events_by_default() {
+    let (port, agent) = spawn_agent(Script::Listen);
+    let daemon = spawn_daemon(&format!("ws://127.0.0.1:{port}/agent"));
+    sipp(
+        &sipp_scenario("basic_call.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    answered_cdr(&daemon);
+    let log = agent.join().unwrap();
+    assert!(
+        log.texts.iter().all(|v| v["event"] != "stats"),
+        "{:?}",
+        log.texts
+    );
 }

@@ -618,3 +618,36 @@ fn twilio_dtmf_reaches_the_agent() {
     assert!(is_decimal_string(&seq).is_some_and(|n| n > 1));
     assert_no_secret_in_logs(&daemon);
 }
+
+/// `stats_interval_s` does not reach a Twilio-mode agent: a Twilio agent would
+/// not understand a `stats` event, so none is sent, only Twilio's own events.
+#[test]
+fn twilio_agent_gets_no_stats_event_even_with_stats_interval() {
+    let (port, agent) = spawn_agent(Script::Listen, None, true);
+    let profile = profile(&format!("ws://127.0.0.1:{port}/twilio"), "", true).replace(
+        "caller_audio_after_prompt = false",
+        "caller_audio_after_prompt = false\nstats_interval_s = 1",
+    );
+    assert!(profile.contains("stats_interval_s = 1"));
+    let daemon = spawn_daemon(&profile);
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    answered_cdr(&daemon);
+    let seen = agent.join().unwrap();
+    assert!(
+        !seen.events("media").is_empty(),
+        "the call ran: {:?}",
+        seen.texts
+    );
+    for (_, v) in &seen.texts {
+        let event = v["event"].as_str().unwrap();
+        assert!(
+            ["connected", "start", "media", "dtmf", "mark", "stop"].contains(&event),
+            "{v}"
+        );
+    }
+}

@@ -357,3 +357,47 @@ fn twilio_api_accounts_are_checked() {
         assert!(msgs[0].contains(want), "{want}: {}", msgs[0]);
     }
 }
+
+/// `stats_interval_s`: off by default, 1–3600 s, anything else reported.
+#[test]
+fn stats_interval_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("p.wav"));
+    let base = CONFIG
+        .replace("VAR", dir.path().join("var").to_str().unwrap())
+        .replace("PROMPT", dir.path().join("p.wav").to_str().unwrap());
+    let file = dir.path().join("stats.toml");
+    let env = |k: &str| (k == "DG").then(|| "dg-key".to_owned());
+    let with = |line: &str| {
+        base.replacen(
+            "id = \"demo\"\npipeline = { kind = \"echo\" }\n",
+            &format!("id = \"demo\"\npipeline = {{ kind = \"echo\" }}\n{line}\n"),
+            1,
+        )
+    };
+    std::fs::write(&file, with("")).unwrap();
+    let config = config::load_with_env(&file, &env).unwrap();
+    assert_eq!(config.tenant("demo").unwrap().stats_interval, None);
+    std::fs::write(&file, with("stats_interval_s = 5")).unwrap();
+    let config = config::load_with_env(&file, &env).unwrap();
+    assert_eq!(
+        config.tenant("demo").unwrap().stats_interval,
+        Some(std::time::Duration::from_secs(5))
+    );
+    for (line, want) in [
+        (
+            "stats_interval_s = 0",
+            "stats_interval_s must be at least 1",
+        ),
+        (
+            "stats_interval_s = 3601",
+            "stats_interval_s 3601 must be at most 3600",
+        ),
+    ] {
+        std::fs::write(&file, with(line)).unwrap();
+        let err = config::load_with_env(&file, &env).unwrap_err();
+        let msgs: Vec<String> = err.errors().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 1, "{err}");
+        assert!(msgs[0].contains(want), "{want}: {}", msgs[0]);
+    }
+}

@@ -343,7 +343,11 @@ const UNROUTED: &str = "+15559999999";
 const CALLER_PACKETS: f64 = 146.0;
 
 fn spawn() -> Daemon {
-    let toml = ProfileSpec {
+    Daemon::spawn(&spawn_toml())
+}
+
+fn spawn_toml() -> String {
+    ProfileSpec {
         routes: Some("[[route]]\nnumber = \"+15551230000\"\ntenant = \"demo\"\n"),
         ..ProfileSpec::default()
     }
@@ -351,8 +355,7 @@ fn spawn() -> Daemon {
     .replace(
         "[profile.sip]",
         "[profile.admin]\nlisten = \"127.0.0.1:0\"\n\n[profile.sip]",
-    );
-    Daemon::spawn(&toml)
+    )
 }
 
 fn scrape(addr: SocketAddr) -> Exposition {
@@ -535,6 +538,100 @@ fn counters_move_as_calls_are_made() {
         "{uptime_before} -> {uptime_after}"
     );
     assert_eq!(after.kind("sipbridge_uptime_seconds"), Some("gauge"));
+}
+
+/// A clean loopback call with caller audio and the echo pipeline (no prompt,
+/// so the caller's audio reaches the pipeline and comes back at once): the
+/// CDR's `quality` object is there and sane — no loss, MOS 4.0–4.5, the
+/// jitter buffer held about its target, the bridge adds at most 5 ms beyond
+/// it inbound and outbound (p50; an 8 kHz pipeline, see below) — and
+/// `/metrics` carries the latency and MOS histograms with every timed frame.
+#[test]
+fn call_quality_is_in_the_cdr_and_in_metrics() {
+    // At 8 kHz: at 16 kHz the downsampler's 1.6 ms look-ahead keeps the
+    // first frame of each burst waiting for the agent's next chunk (20 ms
+    // with the echo), which is the resampler's, not the pacing's, delay.
+    let toml = spawn_toml()
+        .lines()
+        .filter(|l| !l.starts_with("prompt = "))
+        .map(|l| {
+            if l.starts_with("pipeline = ") {
+                format!("{l}\npipeline_rate = 8000")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let daemon = Daemon::spawn(&toml);
+    let admin = daemon.admin_addr();
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    let cdr = daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["result_code"] == 200)
+        .expect("a CDR");
+    let q = &cdr["quality"];
+    let report = format!("{cdr:#}");
+    assert!(q.is_object(), "{report}");
+    assert_eq!(q["loss_pct"].as_f64(), Some(0.0), "{report}");
+    let mos = q["mos"].as_f64().unwrap();
+    assert!((4.0..=4.5).contains(&mos), "{report}");
+    assert!(q["jitter_ms"].as_f64().unwrap() < 20.0, "{report}");
+    assert_eq!(q["jb_target_ms"].as_u64(), Some(40), "{report}");
+    let jb_max = q["jb_depth"]["max"].as_u64().unwrap();
+    assert!((1..=10).contains(&jb_max), "{report}");
+    assert!(q["jb_depth"]["avg"].as_f64().unwrap() > 0.0, "{report}");
+    // Every caller packet was timed in; the median buffering is the target
+    // within half a tick, and the bridge adds at most 5 ms beyond it.
+    let inbound = &q["latency_in_ms"];
+    let timed = inbound["count"].as_u64().unwrap();
+    assert!(timed as f64 >= CALLER_PACKETS - 2.0, "{report}");
+    let p50 = inbound["p50"].as_f64().unwrap();
+    assert!((25.0..=56.0).contains(&p50), "{report}");
+    let beyond = q["latency_in_beyond_target_ms"]["p50"].as_f64().unwrap();
+    assert!(beyond <= 5.0, "{report}");
+    // The echo's audio went out: timed from each push into an empty queue.
+    let out = &q["latency_out_ms"];
+    assert!(out["count"].as_u64().unwrap() >= 1, "{report}");
+    assert!(out["p50"].as_f64().unwrap() <= 5.0, "{report}");
+    assert_eq!(
+        q["mark_to_playout_ms"]["count"].as_u64(),
+        Some(0),
+        "{report}"
+    );
+
+    let exp = scrape_until(admin, |e| e.value("sipbridge_call_mos_count", &[]) >= 1.0);
+    let text = http::get(admin, "/metrics", None).text();
+    assert_eq!(
+        exp.kind("sipbridge_media_added_latency_seconds"),
+        Some("histogram")
+    );
+    assert_eq!(exp.kind("sipbridge_call_mos"), Some("histogram"));
+    assert_eq!(exp.value("sipbridge_call_mos_count", &[]), 1.0, "{text}");
+    let mos_sum = exp.value("sipbridge_call_mos_sum", &[]);
+    assert!((mos - mos_sum).abs() < 0.01, "{text}");
+    let inbound_samples = exp.value(
+        "sipbridge_media_added_latency_seconds_count",
+        &[("direction", "in")],
+    );
+    assert_eq!(inbound_samples, timed as f64, "{text}");
+    // All of them within 5 ms beyond the target but the odd late wake-up.
+    let within_5ms = exp.value(
+        "sipbridge_media_added_latency_seconds_bucket",
+        &[("direction", "in"), ("le", "0.005")],
+    );
+    assert!(within_5ms >= inbound_samples * 0.5, "{text}");
+    assert!(
+        exp.value(
+            "sipbridge_media_added_latency_seconds_count",
+            &[("direction", "out")]
+        ) >= 1.0,
+        "{text}"
+    );
 }
 
 /// Sizes of the sealed recordings under `dir`, summed.

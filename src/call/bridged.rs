@@ -31,7 +31,7 @@ use super::supervisor::{
 };
 use super::{
     Call, CallEvent, CallOutput, CallRecord, HangupCause, MediaOutput, MediaSession, PcmFrame,
-    Peer, RecordingStatus, RtpSummary, Transmit,
+    Peer, QualitySummary, RecordingStatus, RtpSummary, Transmit,
 };
 use crate::config::{AwayAudio, FailurePolicy};
 use crate::sip::message::Message;
@@ -69,6 +69,9 @@ pub struct AgentPlan {
     /// The pipeline is Deepgram alone: its stream is closed (not dropped)
     /// when the call ends, so its last transcripts arrive.
     pub deepgram_only: bool,
+    /// Send the agent the call's quality figures this often while its
+    /// connection is open ([`PipelineOp::Stats`]); `None`: never.
+    pub stats_interval: Option<Duration>,
 }
 
 /// What the tenant's recording and consent rules are for this call.
@@ -139,7 +142,7 @@ pub enum BridgeInput {
 }
 
 /// What to do with the call's network pipeline.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PipelineOp {
     /// The pipeline starts (the call is confirmed): open the streams that
     /// live for the whole call (Deepgram beside an agent).
@@ -173,6 +176,14 @@ pub enum PipelineOp {
         name: String,
         /// Cleared by barge-in rather than played.
         cleared: bool,
+    },
+    /// The call's quality so far (cumulative since the media started), for
+    /// the agent's connection: every `stats_interval` while it is open.
+    Stats {
+        /// Media time since the call's media started.
+        media_time: Duration,
+        /// The figures.
+        quality: Box<super::QualitySummary>,
     },
     /// The call ended: close the streams (`deepgram_only`: close it so its
     /// last transcripts still come; an agent connection is just dropped).
@@ -326,6 +337,10 @@ struct Link {
     dropped: u64,
     /// What the caller hears while the agent is away.
     away_audio: AwayAudio,
+    /// How often the agent gets a `stats` event, if at all.
+    stats_interval: Option<Duration>,
+    /// When the next one is due (while a connection is open).
+    next_stats: Option<Instant>,
 }
 
 /// A call with everything joined to it. See the module docs.
@@ -454,6 +469,7 @@ impl BridgedCall {
             self.call.poll_timeout(),
             self.media.as_ref().map(MediaSession::poll_timeout),
             self.link.as_ref().and_then(|l| l.supervisor.poll_timeout()),
+            self.link.as_ref().and_then(|l| l.next_stats),
         ]
         .into_iter()
         .flatten()
@@ -565,7 +581,36 @@ impl BridgedCall {
                 break;
             }
         }
+        self.stats_due(now);
         self.fill_while_away();
+    }
+
+    /// Every `stats_interval` of an open agent connection (counted from its
+    /// opening), the call's quality figures go to the agent.
+    fn stats_due(&mut self, now: Instant) {
+        let (Some(l), Some(m)) = (&mut self.link, &self.media) else {
+            return;
+        };
+        let Some(every) = l.stats_interval else {
+            return;
+        };
+        if !l.connected || self.call.is_ended() {
+            l.next_stats = None;
+            return;
+        }
+        match l.next_stats {
+            None => l.next_stats = Some(now + every),
+            Some(due) if now >= due => {
+                let next = due + every;
+                l.next_stats = Some(if next > now { next } else { now + every });
+                self.out
+                    .push_back(BridgeOutput::Pipeline(PipelineOp::Stats {
+                        media_time: m.media_time(now),
+                        quality: Box::new(QualitySummary::of(m)),
+                    }));
+            }
+            Some(_) => {}
+        }
     }
 
     /// While the agent is away (its connection being made or re-made, not
@@ -622,6 +667,8 @@ impl BridgedCall {
                     backlog: VecDeque::new(),
                     dropped: 0,
                     away_audio: plan.policy.away_audio,
+                    stats_interval: plan.stats_interval,
+                    next_stats: None,
                 });
                 self.emit(BridgeOutput::Pipeline(PipelineOp::Open));
             }
@@ -828,8 +875,8 @@ impl BridgedCall {
         match (self.media.as_mut(), fallback) {
             (Some(m), Some(f)) => {
                 m.clear();
-                let queued = m.push_pipeline_audio(&f.pcm);
-                let marked = m.mark(FALLBACK_MARK.to_owned()).is_ok();
+                let queued = m.push_pipeline_audio(now, &f.pcm);
+                let marked = m.mark(now, FALLBACK_MARK.to_owned()).is_ok();
                 if queued < f.pcm.len() {
                     self.event(BridgeEvent::FallbackTruncated(f.pcm.len() - queued));
                 }
@@ -866,7 +913,7 @@ impl BridgedCall {
             AgentEvent::Play(pcm) => {
                 let Some(m) = &mut self.media else { return };
                 l.supervisor.on_agent_output(now);
-                let accepted = m.push_pipeline_audio(&pcm);
+                let accepted = m.push_pipeline_audio(now, &pcm);
                 if accepted < pcm.len() {
                     out.push_back(BridgeOutput::Event(BridgeEvent::PlayoutFull(
                         pcm.len() - accepted,
@@ -876,7 +923,7 @@ impl BridgedCall {
             AgentEvent::Mark(name) => {
                 let Some(m) = &mut self.media else { return };
                 l.supervisor.on_agent_output(now);
-                if m.mark(name.clone()).is_err() {
+                if m.mark(now, name.clone()).is_err() {
                     out.push_back(BridgeOutput::Event(BridgeEvent::MarkDropped(name)));
                 }
             }
@@ -930,6 +977,7 @@ impl BridgedCall {
                     let media = self.media.take();
                     if let Some(m) = &media {
                         record.rtp = Some(RtpSummary::of(m));
+                        record.quality = Some(QualitySummary::of(m));
                     }
                     self.recording = false;
                     record.recording = self.recording_status();

@@ -63,6 +63,10 @@ pub struct CallRecord {
     /// Whether the call was recorded, as far as the call knows; the store
     /// link corrects it when a write failed (issue 19).
     pub recording: RecordingStatus,
+    /// Call quality (jitter, loss, jitter buffer, MOS, the bridge's added
+    /// latency), for answered calls with media.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualitySummary>,
 }
 
 /// Whether a call was recorded (its CDR's `recording`).
@@ -90,6 +94,99 @@ impl RecordingStatus {
     /// Whether audio of the call is kept.
     pub fn recorded(self) -> bool {
         matches!(self, Self::Recorded | Self::Partial)
+    }
+}
+
+/// A latency distribution in the CDR, ms (`None` without samples).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median (upper bound of its 1 ms bucket below 100 ms).
+    pub p50: Option<f64>,
+    /// 99th percentile (same resolution).
+    pub p99: Option<f64>,
+    /// Largest sample.
+    pub max: Option<f64>,
+}
+
+impl LatencySummary {
+    fn of(h: &crate::media::quality::LatencyHistogram) -> LatencySummary {
+        LatencySummary {
+            count: h.count(),
+            p50: h.percentile_ms(50.0).map(round1),
+            p99: h.percentile_ms(99.0).map(round1),
+            max: (h.count() > 0).then(|| round1(h.max().as_secs_f64() * 1000.0)),
+        }
+    }
+}
+
+/// Jitter-buffer depth in frames.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DepthSummary {
+    /// Mean over the call's ticks.
+    pub avg: f64,
+    /// Most.
+    pub max: u32,
+}
+
+/// The `quality` object of the CDR (see `call::media`'s docs for how each
+/// figure is measured and `media::quality` for the E-model).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QualitySummary {
+    /// Interarrival jitter at the end, ms.
+    pub jitter_ms: f64,
+    /// Packets lost or discarded late, percent.
+    pub loss_pct: f64,
+    /// Frames concealed.
+    pub concealed: u64,
+    /// Jitter-buffer depth.
+    pub jb_depth: DepthSummary,
+    /// The jitter buffer's target delay, ms.
+    pub jb_target_ms: u64,
+    /// Estimated MOS (G.107 E-model, simplified); `None` (null) when none
+    /// of the caller's RTP arrived.
+    pub mos: Option<f64>,
+    /// The one-way delay the MOS assumes, ms.
+    pub one_way_delay_ms: f64,
+    /// RTP arrival to caller audio handed to the pipeline.
+    pub latency_in_ms: LatencySummary,
+    /// The same beyond the jitter buffer's target: what the bridge adds.
+    pub latency_in_beyond_target_ms: LatencySummary,
+    /// Agent audio into an empty playout queue to its first RTP packet.
+    pub latency_out_ms: LatencySummary,
+    /// A mark's arrival to its report (played marks).
+    pub mark_to_playout_ms: LatencySummary,
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+impl QualitySummary {
+    /// The quality figures of a media session.
+    pub fn of(media: &super::MediaSession) -> QualitySummary {
+        QualitySummary::from_quality(&media.quality())
+    }
+
+    /// The CDR form of [`super::MediaQuality`].
+    pub fn from_quality(q: &super::MediaQuality) -> QualitySummary {
+        QualitySummary {
+            jitter_ms: round1(q.jitter_ms),
+            loss_pct: (q.loss_pct * 100.0).round() / 100.0,
+            concealed: q.concealed,
+            jb_depth: DepthSummary {
+                avg: (q.jb_depth_avg * 100.0).round() / 100.0,
+                max: q.jb_depth_max,
+            },
+            jb_target_ms: u64::try_from(q.jb_target.as_millis()).unwrap_or(u64::MAX),
+            mos: q.mos.map(|m| (m * 100.0).round() / 100.0),
+            one_way_delay_ms: round1(q.one_way_delay_ms),
+            latency_in_ms: LatencySummary::of(&q.latency_in),
+            latency_in_beyond_target_ms: LatencySummary::of(&q.latency_in_beyond_target),
+            latency_out_ms: LatencySummary::of(&q.latency_out),
+            mark_to_playout_ms: LatencySummary::of(&q.mark_to_playout),
+        }
     }
 }
 

@@ -4,7 +4,38 @@
 //! pipeline rate → 20 ms PCM frames for the pipeline; and out: the disclosure
 //! prompt first, then the pipeline's audio (the echo pipeline's for now),
 //! silence in between, paced by one 20 ms media clock; RTCP SR/RR; RFC 4733
-//! DTMF received.
+//! DTMF received; the call's quality figures ([`MediaQuality`]).
+//!
+//! # Quality accounting
+//! Time is what the owner passes in: an RTP packet's arrival is the `now`
+//! of [`MediaSession::on_rtp`], an emission is the `now` of the
+//! [`MediaSession::handle_timeout`] that produced it (the moment the owner
+//! sends it or hands it on, however late the task woke).
+//! - **Inbound latency**: a packet's arrival to the emission of the
+//!   [`MediaOutput::CallerAudio`] frame its audio starts (the tick that pops
+//!   it from the jitter buffer); "beyond target" subtracts the jitter
+//!   buffer's target delay (negative values count as 0). The jitter buffer
+//!   places a stream's first slot on the media tick nearest its target
+//!   ([`JitterBuffer::with_playout_clock`]), so on a clean stream the bridge
+//!   adds only how late the task wakes.
+//! - **Outbound latency**: pipeline audio pushed into an empty playout queue
+//!   (after the prompt) to the emission of its first RTP packet: the wait for
+//!   the next 20 ms slot (the RTP stream is paced; under 20 ms) plus the
+//!   task's lateness; at a 16 kHz pipeline rate the downsampler's look-ahead
+//!   also holds a burst's first frame until more audio comes. Not timed
+//!   while on hold (nothing is sent).
+//! - **Mark to playout**: a mark's arrival to its [`MediaOutput::Mark`]
+//!   (played, not cleared, marks only): the queued audio before it plus the
+//!   above.
+//! - **Jitter-buffer depth**: frames held, sampled every tick once a stream
+//!   has started.
+//! - **MOS**: [`crate::media::quality::estimated_mos`] of the loss seen at
+//!   playout (lost and late packets) and a one-way delay of one ptime
+//!   (packetisation) + the inbound latency's median + half the RTCP round
+//!   trip when known.
+//!
+//! Every summary is fixed-size ([`LatencyHistogram`]), whatever the call's
+//! length.
 //!
 //! Owns: the per-call media clock and everything that runs on it. Must not
 //! touch: sockets (the daemon passes datagrams in and sends what comes out),
@@ -13,10 +44,13 @@
 
 use crate::media::dtmf::{self as dtmf, DtmfEvent, DtmfReceiver, DtmfSender};
 use crate::media::g711::{self, Law};
-use crate::media::jitter::{CONCEAL_FADE_FRAMES, Frame, JitterBuffer, JitterConfig, conceal};
+use crate::media::jitter::{
+    CONCEAL_FADE_FRAMES, Frame, JitterBuffer, JitterConfig, PushOutcome, conceal,
+};
 use crate::media::noise::ComfortNoise;
 use crate::media::playout::{MarkEvent, PlayoutQueue};
 use crate::media::prompt::{Prompt, PromptPlayer};
+use crate::media::quality::{LatencyHistogram, estimated_mos};
 use crate::media::resample::{PipelineRate, Upsampler};
 use crate::media::rtp::rtcp::{RtcpConfig, RtcpScheduler};
 use crate::media::rtp::{RtpInput, RtpReceiver, RtpReceiverConfig, RtpSender, RtpSourcePolicy};
@@ -46,6 +80,9 @@ const MAX_DTMF_QUEUED: usize = 64;
 const MAX_SEND_CATCH_UP: u32 = 3;
 /// Echoed audio waiting to be played back, at most (memory bound).
 const MAX_ECHO_FRAMES: usize = 250;
+/// Arrival times remembered for the packets in the jitter buffer (it holds
+/// at most 10 at 20 ms; older entries are overwritten).
+const ARRIVALS: usize = 32;
 
 /// The media of a call could not be set up (an invalid negotiated session).
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +192,76 @@ pub struct MediaCounters {
     pub ticks_skipped: u64,
 }
 
+/// The call's quality figures so far (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MediaQuality {
+    /// Interarrival jitter (RFC 3550), ms.
+    pub jitter_ms: f64,
+    /// Packets lost or discarded late, percent of those expected.
+    pub loss_pct: f64,
+    /// Frames concealed.
+    pub concealed: u64,
+    /// Jitter-buffer depth now, frames.
+    pub jb_depth_current: u32,
+    /// Jitter-buffer depth, mean over the ticks since the stream started.
+    pub jb_depth_avg: f64,
+    /// Jitter-buffer depth, most.
+    pub jb_depth_max: u32,
+    /// The jitter buffer's target delay.
+    pub jb_target: Duration,
+    /// Estimated MOS (G.107 E-model, simplified); `None` before any of the
+    /// caller's RTP arrived (nothing to rate).
+    pub mos: Option<f64>,
+    /// The one-way delay the MOS assumes, ms.
+    pub one_way_delay_ms: f64,
+    /// RTP arrival to caller audio emitted.
+    pub latency_in: LatencyHistogram,
+    /// The same, beyond the jitter buffer's target.
+    pub latency_in_beyond_target: LatencyHistogram,
+    /// Pipeline audio into an empty queue to its first RTP packet.
+    pub latency_out: LatencyHistogram,
+    /// A mark's arrival to its report (played marks).
+    pub mark_to_playout: LatencyHistogram,
+}
+
+/// The call's quality accounting (bounded).
+#[derive(Debug, Clone, Default)]
+struct QualityMeter {
+    /// (RTP timestamp, arrival) of recently buffered packets, a ring.
+    arrivals: [(u32, Option<Instant>); ARRIVALS],
+    next_arrival: usize,
+    latency_in: LatencyHistogram,
+    latency_in_beyond: LatencyHistogram,
+    latency_out: LatencyHistogram,
+    mark_to_playout: LatencyHistogram,
+    /// Pipeline audio went into an empty queue at this instant, not yet sent.
+    out_pending: Option<Instant>,
+    /// Arrival of each mark not yet reported, in order (as many as the
+    /// playout queue holds, at most `MAX_MARKS`).
+    marks: VecDeque<Instant>,
+    jb_ticks: u64,
+    jb_sum: u64,
+    jb_max: u32,
+    jb_current: u32,
+}
+
+impl QualityMeter {
+    fn arrived(&mut self, timestamp: u32, at: Instant) {
+        self.arrivals[self.next_arrival] = (timestamp, Some(at));
+        self.next_arrival = (self.next_arrival + 1) % ARRIVALS;
+    }
+
+    /// The arrival of the packet for the slot at `timestamp` (within half a
+    /// frame of `spf` samples), forgotten once found.
+    fn take_arrival(&mut self, timestamp: u32, spf: u32) -> Option<Instant> {
+        let half = i64::from(spf / 2);
+        let entry = self.arrivals.iter_mut().find(|(ts, at)| {
+            at.is_some() && i64::from(ts.wrapping_sub(timestamp) as i32).abs() <= half
+        })?;
+        entry.1.take()
+    }
+}
+
 /// One call's media.
 pub struct MediaSession {
     /// SRTP at the packet boundary, when negotiated.
@@ -217,6 +324,11 @@ pub struct MediaSession {
     counters: MediaCounters,
     /// Recording tap active (the plan records and no opt-out stopped it).
     recording: bool,
+    /// The negotiated ptime.
+    ptime: Duration,
+    quality: QualityMeter,
+    /// The `now` of the running `handle_timeout`: when what it emits leaves.
+    wake: Instant,
     out: VecDeque<MediaOutput>,
 }
 
@@ -245,7 +357,8 @@ impl MediaSession {
             RtpReceiver::new(rx_config, sdp_addr).map_err(|e| MediaSetupError(e.to_string()))?;
         let ptime = Duration::from_millis(u64::from(neg.ptime_ms.clamp(10, 60)));
         let jitter = JitterBuffer::new(JitterConfig::new(ptime))
-            .map_err(|e| MediaSetupError(e.to_string()))?;
+            .map_err(|e| MediaSetupError(e.to_string()))?
+            .with_playout_clock(now, TICK);
         let ssrc = rng.next_u32();
         let sender = RtpSender::new(
             ssrc,
@@ -305,6 +418,9 @@ impl MediaSession {
             playout: PlayoutQueue::new(law, plan.pipeline_rate, now, true),
             counters: MediaCounters::default(),
             recording: plan.record,
+            ptime,
+            quality: QualityMeter::default(),
+            wake: now,
             out: VecDeque::new(),
             plan,
         };
@@ -336,11 +452,11 @@ impl MediaSession {
         }
     }
 
-    /// Audio from the pipeline (PCM at the pipeline rate, any length) to play
-    /// to the caller after what is queued. Returns the samples accepted (the
-    /// queue is bounded).
-    pub fn push_pipeline_audio(&mut self, pcm: &[i16]) -> usize {
-        let accepted = self.playout.push_pcm(pcm);
+    /// Audio from the pipeline (PCM at the pipeline rate, any length),
+    /// arriving at `now`, to play to the caller after what is queued.
+    /// Returns the samples accepted (the queue is bounded).
+    pub fn push_pipeline_audio(&mut self, now: Instant, pcm: &[i16]) -> usize {
+        let accepted = self.push_playout(now, pcm);
         // While the disclosure plays, the agent's audio waits behind it (an
         // agent that greets at once loses nothing), but at most the prompt's
         // length plus 2 s of it: beyond that the oldest goes, counted.
@@ -352,15 +468,33 @@ impl MediaSession {
             if over > 0 {
                 self.counters.agent_frames_dropped +=
                     self.playout.drop_oldest_frames(over.div_ceil(FRAME as u64));
+                self.drain_marks();
             }
         }
         accepted
     }
 
-    /// A mark after the pipeline audio queued so far; reported as
-    /// [`MediaOutput::Mark`] once that audio has been sent.
-    pub fn mark(&mut self, name: String) -> Result<(), crate::media::playout::PlayoutError> {
-        self.playout.mark(name)
+    fn push_playout(&mut self, now: Instant, pcm: &[i16]) -> usize {
+        let was_empty = self.playout.queued_ms() == 0;
+        let accepted = self.playout.push_pcm(pcm);
+        // Outbound latency is timed from audio that finds the queue empty,
+        // once the prompt is done (before that it waits for the prompt).
+        if was_empty && accepted > 0 && self.prompt_done && self.quality.out_pending.is_none() {
+            self.quality.out_pending = Some(now);
+        }
+        accepted
+    }
+
+    /// A mark, arriving at `now`, after the pipeline audio queued so far;
+    /// reported as [`MediaOutput::Mark`] once that audio has been sent.
+    pub fn mark(
+        &mut self,
+        now: Instant,
+        name: String,
+    ) -> Result<(), crate::media::playout::PlayoutError> {
+        self.playout.mark(name)?;
+        self.quality.marks.push_back(now);
+        Ok(())
     }
 
     /// Keys from the agent to send to the caller (an IVR on the far end),
@@ -407,6 +541,14 @@ impl MediaSession {
             }
             return;
         }
+        if let Some(at) = self.quality.marks.pop_front()
+            && !mark.cleared
+        {
+            let emitted = self.wake.max(at);
+            self.quality
+                .mark_to_playout
+                .record(emitted.saturating_duration_since(at));
+        }
         self.out.push_back(MediaOutput::Mark(mark));
     }
 
@@ -422,8 +564,63 @@ impl MediaSession {
     /// Barge-in: drop all queued pipeline audio at once.
     pub fn clear(&mut self) {
         self.playout.clear();
+        self.quality.out_pending = None;
+        self.drain_marks();
+    }
+
+    /// Reports the marks the playout queue has done with (mark-to-playout
+    /// timed for the played ones).
+    fn drain_marks(&mut self) {
         while let Some(mark) = self.playout.poll_marks() {
             self.on_playout_mark(mark);
+        }
+    }
+
+    /// Media time at `now`: since the session started.
+    pub fn media_time(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    /// The call's quality figures so far.
+    pub fn quality(&self) -> MediaQuality {
+        let stats = self.receiver.stats();
+        let q = &self.quality;
+        let late = self.jitter.stats().late;
+        let lost = u64::try_from(stats.cumulative_lost.max(0)).unwrap_or(0) + late;
+        let expected = stats.expected.max(stats.packets_received);
+        let loss_pct = if expected == 0 {
+            0.0
+        } else {
+            (lost as f64 * 100.0 / expected as f64).min(100.0)
+        };
+        let rtt_half_ms = self
+            .rtcp
+            .as_ref()
+            .and_then(|r| r.remote_stats().rtt)
+            .map_or(0.0, |rtt| rtt.as_secs_f64() * 500.0);
+        let buffered_ms = q
+            .latency_in
+            .percentile_ms(50.0)
+            .unwrap_or_else(|| self.jitter.target_delay().as_secs_f64() * 1000.0);
+        let one_way_delay_ms = self.ptime.as_secs_f64() * 1000.0 + buffered_ms + rtt_half_ms;
+        MediaQuality {
+            jitter_ms: f64::from(stats.jitter) / 8.0,
+            loss_pct,
+            concealed: self.counters.concealed,
+            jb_depth_current: q.jb_current,
+            jb_depth_avg: if q.jb_ticks == 0 {
+                0.0
+            } else {
+                q.jb_sum as f64 / q.jb_ticks as f64
+            },
+            jb_depth_max: q.jb_max,
+            jb_target: self.jitter.target_delay(),
+            mos: (stats.packets_received > 0).then(|| estimated_mos(one_way_delay_ms, loss_pct)),
+            one_way_delay_ms,
+            latency_in: q.latency_in.clone(),
+            latency_in_beyond_target: q.latency_in_beyond.clone(),
+            latency_out: q.latency_out.clone(),
+            mark_to_playout: q.mark_to_playout.clone(),
         }
     }
 
@@ -498,7 +695,17 @@ impl MediaSession {
                 ..
             } => {
                 self.follow_source();
-                self.jitter.push(now, ssrc, timestamp, payload);
+                match self.jitter.push(now, ssrc, timestamp, payload) {
+                    PushOutcome::Resynced { .. } => {
+                        // A new grid: what was buffered is gone.
+                        self.quality.arrivals = Default::default();
+                        self.quality.arrived(timestamp, now);
+                    }
+                    PushOutcome::Buffered | PushOutcome::Overflow { .. } => {
+                        self.quality.arrived(timestamp, now);
+                    }
+                    _ => {}
+                }
                 true
             }
             RtpInput::TelephoneEvent {
@@ -591,6 +798,7 @@ impl MediaSession {
     /// resumes on time rather than ever further behind. The inbound side
     /// runs every tick.
     pub fn handle_timeout(&mut self, now: Instant, wall: SystemTime, rng: &mut impl RngCore) {
+        self.wake = now;
         while self.next_tick() <= now {
             let tick_at = self.next_tick();
             let caller = self.inbound_tick(tick_at);
@@ -631,8 +839,20 @@ impl MediaSession {
     /// Returns the caller's 20 ms (8 kHz) taken from the buffer this tick,
     /// gated or not (the recording hears the caller from the start).
     fn inbound_tick(&mut self, at: Instant) -> Option<Vec<i16>> {
-        match self.jitter.pop(at) {
-            Some(Frame::Audio { payload, .. }) => {
+        let popped = self.jitter.pop(at);
+        if self.jitter.next_playout_at().is_some() {
+            let depth = u32::try_from(self.jitter.buffered()).unwrap_or(u32::MAX);
+            let q = &mut self.quality;
+            q.jb_current = depth;
+            q.jb_max = q.jb_max.max(depth);
+            q.jb_sum = q.jb_sum.saturating_add(u64::from(depth));
+            q.jb_ticks += 1;
+        }
+        let mut arrived = None;
+        match popped {
+            Some(Frame::Audio { payload, timestamp }) => {
+                let spf = u32::try_from(self.ptime.as_millis() * 8).unwrap_or(FRAME as u32);
+                arrived = self.quality.take_arrival(timestamp, spf);
                 // The gap before this frame was loss or lateness: count it.
                 self.counters.concealed += std::mem::take(&mut self.conceal_run);
                 let mut pcm = vec![0i16; payload.len()];
@@ -684,6 +904,13 @@ impl MediaSession {
             self.echo.push_back((at + delay, samples.clone()));
         }
         self.counters.frames_to_pipeline += 1;
+        if let Some(arrived) = arrived {
+            let latency = self.wake.max(arrived).saturating_duration_since(arrived);
+            self.quality.latency_in.record(latency);
+            self.quality
+                .latency_in_beyond
+                .record(latency.saturating_sub(self.jitter.target_delay()));
+        }
         self.out.push_back(MediaOutput::CallerAudio(PcmFrame {
             samples,
             rate: self.plan.pipeline_rate,
@@ -696,6 +923,7 @@ impl MediaSession {
     fn outbound_tick(&mut self, now: Instant) -> Option<[u8; FRAME]> {
         let mut payload = [self.law.silence(); FRAME];
         let mut have_audio = false;
+        let mut first_of_burst = None;
         // Silence fills the gaps: carriers' SBCs and NATs expect a steady stream.
         if let Some(player) = &mut self.prompt {
             if let Some(frame) = player.poll(now) {
@@ -711,7 +939,7 @@ impl MediaSession {
             && *due <= now
             && let Some((_, pcm)) = self.echo.pop_front()
         {
-            self.playout.push_pcm(&pcm);
+            self.push_playout(self.wake, &pcm);
         }
         // While the prompt plays the playout queue is not polled: audio the
         // pipeline sends meanwhile waits (its slot clock skips ahead, the audio
@@ -725,10 +953,11 @@ impl MediaSession {
         {
             payload = frame.payload;
             have_audio = !frame.is_silence;
+            if have_audio {
+                first_of_burst = self.quality.out_pending.take();
+            }
         }
-        while let Some(mark) = self.playout.poll_marks() {
-            self.on_playout_mark(mark);
-        }
+        self.drain_marks();
         if !have_audio && self.dtmf_busy() {
             match self.dtmf_tick(now) {
                 DtmfTick::Events(packets) => return self.send_events(packets),
@@ -748,6 +977,12 @@ impl MediaSession {
                 let bytes = self.sender.packet(&payload, self.talkspurt, FRAME as u32);
                 self.talkspurt = false;
                 self.counters.rtp_out += 1;
+                if let Some(pushed) = first_of_burst {
+                    let emitted = self.wake.max(pushed);
+                    self.quality
+                        .latency_out
+                        .record(emitted.saturating_duration_since(pushed));
+                }
                 self.out.push_back(MediaOutput::Rtp { to, bytes });
                 Some(payload)
             }
@@ -1019,9 +1254,9 @@ mod tests {
         };
         let mut m = MediaSession::new(t0, &negotiated(), no_prompt(), &mut rng).unwrap();
         // 60 ms of agent audio, the keys, 40 ms more.
-        m.push_pipeline_audio(&[3000; 480]);
+        m.push_pipeline_audio(t0, &[3000; 480]);
         m.send_dtmf("1#").unwrap();
-        m.push_pipeline_audio(&[-3000; 320]);
+        m.push_pipeline_audio(t0, &[-3000; 320]);
         assert_eq!(m.send_dtmf("12x"), Err(DtmfOutError::InvalidKey('x')));
         assert_eq!(m.send_dtmf(""), Err(DtmfOutError::Empty));
         let mut sent = Vec::new();
@@ -1102,7 +1337,7 @@ mod tests {
         // 4 s of agent audio at once (200 frames, each its own level), at the start.
         let level = |k: usize| ((k % 100) as i16 - 50) * 100 + 7;
         let agent: Vec<i16> = (0..200 * FRAME).map(|i| level(i / FRAME)).collect();
-        m.push_pipeline_audio(&agent);
+        m.push_pipeline_audio(t0, &agent);
         // Capped at 0.5 + 2 s = 125 frames: the oldest 75 went.
         assert_eq!(m.counters().agent_frames_dropped, 75);
         let mut payloads = Vec::new();
@@ -1125,8 +1360,148 @@ mod tests {
             assert_eq!(payloads[25 + k], encoded(75 + k), "agent frame {}", 75 + k);
         }
         // After the prompt a long push is not capped.
-        m.push_pipeline_audio(&agent);
+        m.push_pipeline_audio(t0, &agent);
         assert_eq!(m.counters().agent_frames_dropped, 75);
+    }
+
+    fn bare_plan() -> MediaPlan {
+        MediaPlan {
+            prompt: None,
+            gate_until_prompt_done: false,
+            pipeline_rate: PipelineRate::Hz8000,
+            echo_delay: None,
+            record: false,
+            rtp_source: RtpSourcePolicy::Strict,
+        }
+    }
+
+    /// Feeds `packets` 20 ms packets (skipping those `drop` says), the first
+    /// arriving `phase` after the session's start, and runs every tick
+    /// exactly on time; returns the session.
+    fn fed(phase: Duration, packets: u16, drop: impl Fn(u16) -> bool) -> MediaSession {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &negotiated(), bare_plan(), &mut rng).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let payload = [0x55u8; FRAME];
+        for k in 0..packets + 5 {
+            let tick = t0 + TICK * u32::from(k);
+            m.handle_timeout(tick, SystemTime::UNIX_EPOCH, &mut rng);
+            while m.poll_output().is_some() {}
+            if k < packets && !drop(k) {
+                m.on_rtp(tick + phase, from, rtp(k, u32::from(k) * 160, &payload));
+            }
+        }
+        m
+    }
+
+    /// A clean stream, whatever its phase against the media clock: the
+    /// jitter buffer holds it for its target (within half a tick: its first
+    /// slot is on the nearest tick), the bridge adds at most one tick beyond
+    /// it, and none at all on a stream in phase; every frame is timed; no
+    /// loss, MOS 4.41.
+    #[test]
+    fn inbound_latency_beyond_target_is_within_a_tick() {
+        for phase_ms in [0u64, 3, 9, 11, 13, 19] {
+            let m = fed(Duration::from_millis(phase_ms), 100, |_| false);
+            let q = m.quality();
+            assert_eq!(q.latency_in.count(), 100, "phase {phase_ms}");
+            assert!(q.latency_in_beyond_target.max() <= TICK / 2, "{q:?}");
+            let raw = q.latency_in.max().as_millis() as i64;
+            assert!((raw - 40).abs() <= 10, "raw {raw} ms at phase {phase_ms}");
+            if phase_ms <= 10 {
+                assert_eq!(q.latency_in_beyond_target.max(), Duration::ZERO);
+            }
+            assert_eq!(q.loss_pct, 0.0);
+            let mos = q.mos.unwrap();
+            assert!((mos - 4.41).abs() < 0.01, "{mos}");
+            assert!(q.jb_depth_max >= 1 && q.jb_depth_max <= 3, "{q:?}");
+            assert!(q.jb_depth_avg > 0.5 && q.jb_depth_avg <= 3.0, "{q:?}");
+        }
+    }
+
+    /// A task that wakes late adds its lateness, and only that.
+    #[test]
+    fn a_late_wake_up_shows_as_latency_beyond_target() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &negotiated(), bare_plan(), &mut rng).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        for k in 0u16..50 {
+            let tick = t0 + TICK * u32::from(k);
+            // Every tick runs 7 ms late.
+            m.handle_timeout(
+                tick + Duration::from_millis(7),
+                SystemTime::UNIX_EPOCH,
+                &mut rng,
+            );
+            while m.poll_output().is_some() {}
+            m.on_rtp(tick, from, rtp(k, u32::from(k) * 160, &[0x55; FRAME]));
+        }
+        let q = m.quality();
+        assert!(q.latency_in.count() >= 45);
+        assert_eq!(q.latency_in_beyond_target.percentile_ms(50.0), Some(7.0));
+        assert_eq!(q.latency_in_beyond_target.max(), Duration::from_millis(7));
+    }
+
+    /// 10 % of the packets lost: the loss shows, concealment counts the
+    /// gaps, and the MOS is the E-model's for that loss (far below 4.41).
+    #[test]
+    fn a_lossy_stream_lowers_the_mos_as_the_e_model_says() {
+        let m = fed(Duration::from_millis(5), 200, |k| k % 10 == 5);
+        let q = m.quality();
+        assert!((q.loss_pct - 10.0).abs() < 0.6, "{}", q.loss_pct);
+        assert_eq!(q.concealed, 20);
+        let expected = estimated_mos(q.one_way_delay_ms, q.loss_pct);
+        let mos = q.mos.unwrap();
+        assert!((mos - expected).abs() < 1e-9);
+        assert!(mos < 1.8, "{mos}");
+        let clean = fed(Duration::from_millis(5), 200, |_| false).quality();
+        assert!(clean.mos.unwrap() > 4.4);
+        // 1 % loss: MOS about 3.8.
+        let one = fed(Duration::from_millis(5), 200, |k| k == 50 || k == 150).quality();
+        let mos = one.mos.unwrap();
+        assert!((mos - 3.83).abs() < 0.05, "{mos}");
+    }
+
+    /// Agent audio that finds the queue empty leaves at the next tick: 15 ms
+    /// when it comes 5 ms after one; a mark behind two frames of it is
+    /// reported with the second frame, 35 ms after it came.
+    #[test]
+    fn outbound_and_mark_to_playout_latency() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &negotiated(), bare_plan(), &mut rng).unwrap();
+        let ms = Duration::from_millis;
+        for k in 0u32..3 {
+            m.handle_timeout(t0 + TICK * k, SystemTime::UNIX_EPOCH, &mut rng);
+        }
+        let at = t0 + TICK * 2 + ms(5);
+        assert_eq!(m.push_pipeline_audio(at, &[3000; 2 * FRAME]), 2 * FRAME);
+        m.mark(at, "end".into()).unwrap();
+        let mut marks = 0;
+        for k in 3u32..8 {
+            m.handle_timeout(t0 + TICK * k, SystemTime::UNIX_EPOCH, &mut rng);
+            while let Some(o) = m.poll_output() {
+                marks += usize::from(matches!(o, MediaOutput::Mark(_)));
+            }
+        }
+        assert_eq!(marks, 1);
+        let q = m.quality();
+        assert_eq!(q.latency_out.count(), 1);
+        assert_eq!(q.latency_out.max(), ms(15));
+        assert_eq!(q.mark_to_playout.count(), 1);
+        assert_eq!(q.mark_to_playout.max(), ms(35));
+        // More audio while some is queued is not a new measurement; after
+        // the queue ran dry it is.
+        m.push_pipeline_audio(t0 + TICK * 8 + ms(1), &[3000; FRAME]);
+        m.push_pipeline_audio(t0 + TICK * 8 + ms(2), &[3000; FRAME]);
+        for k in 9u32..12 {
+            m.handle_timeout(t0 + TICK * k, SystemTime::UNIX_EPOCH, &mut rng);
+        }
+        let q = m.quality();
+        assert_eq!(q.latency_out.count(), 2);
+        assert_eq!(q.latency_out.percentile_ms(100.0), Some(19.0));
     }
 
     #[test]

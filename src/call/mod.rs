@@ -16,8 +16,13 @@ mod session;
 pub mod supervisor;
 mod switchboard;
 
-pub use cdr::{CallRecord, HangupSide, PausedStretch, RecordingStatus, RtpSummary};
-pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
+pub use cdr::{
+    CallRecord, DepthSummary, HangupSide, LatencySummary, PausedStretch, QualitySummary,
+    RecordingStatus, RtpSummary,
+};
+pub use media::{
+    MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError, PcmFrame,
+};
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
 };
@@ -377,6 +382,7 @@ impl Call {
             pipeline: None,
             recording_paused: Vec::new(),
             recording: RecordingStatus::Off,
+            quality: None,
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {

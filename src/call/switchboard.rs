@@ -628,6 +628,7 @@ impl Switchboard {
             } else {
                 RecordingStatus::Off
             },
+            quality: None,
         };
         let transmit = Transmit {
             dest: crate::call::response_dest(req, admitted.peer),
@@ -825,6 +826,7 @@ impl Switchboard {
             pipeline: None,
             recording_paused: Vec::new(),
             recording: RecordingStatus::Off,
+            quality: None,
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());

@@ -412,6 +412,9 @@ pub struct Tenant {
     /// The account the Twilio-compatible REST subset (`/2010-04-01/…`) answers
     /// for this tenant; `None`: not served for it.
     pub twilio_api: Option<TwilioApi>,
+    /// Send a native-protocol agent a `stats` event this often
+    /// (`stats_interval_s`, 1–3600 s); `None` (the default): never.
+    pub stats_interval: Option<std::time::Duration>,
 }
 
 /// `[tenant.twilio_api]`: what telephony frameworks written for Twilio (Pipecat's

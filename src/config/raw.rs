@@ -225,6 +225,8 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) on_store_failure: Option<Spanned<RawOnStoreFailure>>,
     #[serde(default)]
+    pub(crate) stats_interval_s: Option<Spanned<u32>>,
+    #[serde(default)]
     pub(crate) caller_numbers: Option<RawCallerNumbers>,
     #[serde(default)]
     pub(crate) retention: Option<Spanned<RawRetention>>,

@@ -1249,6 +1249,18 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
         let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
         let pipeline_failure = check_failure_policy(cx, file, t.pipeline.get_ref());
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
+        let stats_interval = match &t.stats_interval_s {
+            Some(v) if *v.get_ref() > 3600 => {
+                cx.error(
+                    file,
+                    Some(v.span()),
+                    format!("stats_interval_s {} must be at most 3600", v.get_ref()),
+                );
+                None
+            }
+            _ => positive(cx, file, &t.stats_interval_s, "stats_interval_s")
+                .map(|s| std::time::Duration::from_secs(u64::from(s))),
+        };
         let pipeline_rate = match &t.pipeline_rate {
             None => 16_000,
             Some(r) if matches!(*r.get_ref(), 8_000 | 16_000) => *r.get_ref(),
@@ -1356,6 +1368,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     max_calls,
                     admin_token_sha256,
                     twilio_api,
+                    stats_interval,
                 },
                 (file, t.id.span()),
             ));

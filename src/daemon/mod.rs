@@ -195,7 +195,7 @@ impl Shared {
         invite: &crate::sip::message::Request,
     ) -> Option<AgentPlan> {
         use crate::pipeline::deepgram::DeepgramTarget;
-        let (target, stt, sample_rate, policy, account_sid) = {
+        let (target, stt, sample_rate, policy, account_sid, stats_interval) = {
             let t = config.tenant(tenant)?;
             let account_sid = t.twilio_api.as_ref().map(|a| a.account_sid.clone());
             let rate = t.pipeline_rate;
@@ -210,7 +210,14 @@ impl Shared {
                     Some(DeepgramTarget::new(d, rate)),
                 ),
             };
-            (target, stt, rate, t.pipeline_failure.clone(), account_sid)
+            (
+                target,
+                stt,
+                rate,
+                t.pipeline_failure.clone(),
+                account_sid,
+                t.stats_interval,
+            )
         };
         let fallback = lock(&self.fallback_prompts).get(tenant).cloned();
         let core = BridgeAgentPlan {
@@ -218,6 +225,9 @@ impl Shared {
             fallback,
             beside_stt: stt.is_some(),
             deepgram_only: matches!(target, PipelineSpec::Deepgram(_)),
+            // Only the native protocol has a `stats` event: Twilio- and
+            // Telnyx-protocol agents would not understand it.
+            stats_interval: stats_interval.filter(|_| matches!(target, PipelineSpec::Native(_))),
         };
         let info = CallInfo {
             sample_rate,
@@ -543,6 +553,14 @@ impl PipelineLink {
             PipelineOp::Mark { name, cleared } => {
                 if let Some(h) = &mut self.handle {
                     h.send_mark(name, cleared);
+                }
+            }
+            PipelineOp::Stats {
+                media_time,
+                quality,
+            } => {
+                if let Some(h) = &mut self.handle {
+                    h.send_stats(media_time, quality);
                 }
             }
             PipelineOp::Close { deepgram_only } => {

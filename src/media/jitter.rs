@@ -19,6 +19,13 @@
 //! or a backward jump of more than `resync_after` confirmed by a second
 //! consecutive packet, restarts the grid as for a first packet.
 //!
+//! With a playout clock set ([`JitterBuffer::with_playout_clock`]: the
+//! owner pops only at that clock's ticks), the first slot is moved to the
+//! tick nearest `arrival + target_delay` (never before the arrival): a slot
+//! that fell between two ticks would otherwise wait up to a whole tick
+//! beyond the target. The buffering then stays within half a tick of the
+//! target, on average the target itself.
+//!
 //! Written by hand: the crates we looked at either own the clock (async
 //! timers) or reorder by sequence number only, which cannot express our
 //! playout-time contract.
@@ -143,6 +150,8 @@ pub struct JitterBuffer {
     previous_ssrc: Option<(u32, Instant)>,
     /// Timestamp of an unconfirmed large backward jump.
     pending_jump: Option<u32>,
+    /// The owner's playout clock: origin and period.
+    clock: Option<(Instant, Duration)>,
     stats: JitterStats,
 }
 
@@ -172,8 +181,43 @@ impl JitterBuffer {
             playout: None,
             previous_ssrc: None,
             pending_jump: None,
+            clock: None,
             stats: JitterStats::default(),
         })
+    }
+
+    /// The owner pops at `origin + k · period` only: each stream's first
+    /// slot is placed on the tick nearest its target (see the module docs).
+    pub fn with_playout_clock(mut self, origin: Instant, period: Duration) -> Self {
+        if !period.is_zero() {
+            self.clock = Some((origin, period));
+        }
+        self
+    }
+
+    /// The configured target delay.
+    pub fn target_delay(&self) -> Duration {
+        self.config.target_delay
+    }
+
+    /// When a stream whose first packet arrives at `now` starts playing.
+    fn first_playout(&self, now: Instant) -> Instant {
+        let target = now + self.config.target_delay;
+        let Some((origin, period)) = self.clock else {
+            return target;
+        };
+        let since = target.saturating_duration_since(origin);
+        let period_ns = period.as_nanos();
+        let k = (since.as_nanos() + period_ns / 2) / period_ns;
+        let mut at =
+            origin + Duration::from_nanos(u64::try_from(k * period_ns).unwrap_or(u64::MAX));
+        if target < origin {
+            at = origin;
+        }
+        while at < now {
+            at += period;
+        }
+        at
     }
 
     pub fn stats(&self) -> &JitterStats {
@@ -279,7 +323,7 @@ impl JitterBuffer {
         if let Some(old) = self.playout.take() {
             self.stats.resync_dropped += old.slots.iter().flatten().count() as u64;
         }
-        let plays_at = now + self.config.target_delay;
+        let plays_at = self.first_playout(now);
         self.pending_jump = None;
         self.playout = Some(Playout {
             ssrc,
@@ -372,6 +416,38 @@ mod tests {
         assert_eq!(
             JitterBuffer::new(c).unwrap_err(),
             JitterError::InvalidConfig("target_delay must not exceed max_delay")
+        );
+    }
+
+    /// With a 20 ms playout clock, a first packet arriving 3 ms after a
+    /// tick plays at the tick nearest arrival + 40 ms (37 ms later, not the
+    /// 57 ms the next tick after 43 ms would give); one arriving 13 ms after
+    /// a tick plays at the tick after (47 ms later).
+    #[test]
+    fn playout_clock_puts_the_first_slot_on_the_nearest_tick() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut jb = buffer().with_playout_clock(t0, ms(20));
+        assert_eq!(
+            jb.push(t0 + ms(3), 7, 0, b(1)),
+            PushOutcome::Resynced {
+                plays_at: t0 + ms(40)
+            }
+        );
+        let mut jb = buffer().with_playout_clock(t0, ms(20));
+        assert_eq!(
+            jb.push(t0 + ms(13), 7, 0, b(1)),
+            PushOutcome::Resynced {
+                plays_at: t0 + ms(60)
+            }
+        );
+        // Before the clock's origin: never earlier than the origin.
+        let mut jb = buffer().with_playout_clock(t0 + ms(100), ms(20));
+        assert_eq!(
+            jb.push(t0, 7, 0, b(1)),
+            PushOutcome::Resynced {
+                plays_at: t0 + ms(100)
+            }
         );
     }
 

@@ -211,11 +211,20 @@ pub enum AgentCommand {
 }
 
 /// Events towards the pipeline other than audio.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Event {
     Dtmf(char),
-    Mark { name: String, cleared: bool },
+    Mark {
+        name: String,
+        cleared: bool,
+    },
     Transcript(Transcript),
+    /// The call's quality figures (native protocol only: the other modes
+    /// send nothing for it).
+    Stats {
+        media_time: std::time::Duration,
+        quality: Box<crate::call::QualitySummary>,
+    },
 }
 
 /// The call task's end of a pipeline connection. Dropping it ends the
@@ -307,6 +316,19 @@ impl PipelineHandle {
     /// Queues a "mark played" (or cleared) report without waiting.
     pub fn send_mark(&mut self, name: String, cleared: bool) {
         let _ = self.events.try_send(Event::Mark { name, cleared });
+    }
+
+    /// Queues the call's quality figures without waiting (a native agent
+    /// gets a `stats` event; Twilio and Telnyx streams have none).
+    pub fn send_stats(
+        &mut self,
+        media_time: std::time::Duration,
+        quality: Box<crate::call::QualitySummary>,
+    ) {
+        let _ = self.events.try_send(Event::Stats {
+            media_time,
+            quality,
+        });
     }
 
     /// Caller frames dropped because the pipeline was behind.

@@ -58,8 +58,31 @@ fn event_message(ev: &Event) -> String {
             serde_json::json!({"event": "mark", "name": name, "cleared": cleared})
         }
         Event::Transcript(t) => return super::deepgram::transcript_message(t),
+        Event::Stats {
+            media_time,
+            quality,
+        } => return stats_message(*media_time, quality),
     }
     .to_string()
+}
+
+/// The `stats` event: the CDR's `quality` object as it stands, with
+/// `event` and `media_time_ms` (since the call's media started).
+pub fn stats_message(
+    media_time: std::time::Duration,
+    quality: &crate::call::QualitySummary,
+) -> String {
+    let mut v = serde_json::to_value(quality).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("event".into(), "stats".into());
+        obj.insert(
+            "media_time_ms".into(),
+            u64::try_from(media_time.as_millis())
+                .unwrap_or(u64::MAX)
+                .into(),
+        );
+    }
+    v.to_string()
 }
 
 /// The `stop` message.
@@ -228,6 +251,40 @@ mod tests {
             serde_json::json!({"event":"mark","name":"m1","cleared":false})
         );
         assert_eq!(stop_message(), r#"{"event":"stop"}"#);
+    }
+
+    /// `stats` is the CDR's `quality` object plus `event` and
+    /// `media_time_ms`.
+    #[test]
+    fn stats_message_is_the_quality_object_with_event_and_media_time() {
+        let mut m = crate::media::quality::LatencyHistogram::default();
+        m.record(Duration::from_millis(12));
+        let q = crate::call::QualitySummary::from_quality(&crate::call::MediaQuality {
+            jitter_ms: 1.25,
+            loss_pct: 0.5,
+            concealed: 2,
+            jb_depth_current: 1,
+            jb_depth_avg: 1.5,
+            jb_depth_max: 3,
+            jb_target: Duration::from_millis(40),
+            mos: Some(4.0123),
+            one_way_delay_ms: 60.0,
+            latency_in: m.clone(),
+            latency_in_beyond_target: Default::default(),
+            latency_out: m.clone(),
+            mark_to_playout: m,
+        });
+        let v: serde_json::Value =
+            serde_json::from_str(&stats_message(Duration::from_millis(3020), &q)).unwrap();
+        let lat = serde_json::json!({"count":1,"p50":12.0,"p99":12.0,"max":12.0});
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"stats","media_time_ms":3020,"jitter_ms":1.3,
+                "loss_pct":0.5,"concealed":2,"jb_depth":{"avg":1.5,"max":3},"jb_target_ms":40,
+                "mos":4.01,"one_way_delay_ms":60.0,"latency_in_ms":lat,
+                "latency_in_beyond_target_ms":{"count":0,"p50":null,"p99":null,"max":null},
+                "latency_out_ms":lat,"mark_to_playout_ms":lat})
+        );
     }
 
     #[test]

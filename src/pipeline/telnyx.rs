@@ -383,7 +383,7 @@ impl StreamDialect for TelnyxStream {
         match ev {
             Event::Dtmf(d) => Some(self.dtmf_message(*d, now)),
             Event::Mark { name, .. } => Some(self.mark_message(name)),
-            Event::Transcript(_) => None,
+            Event::Transcript(_) | Event::Stats { .. } => None,
         }
     }
 

@@ -216,7 +216,7 @@ impl TwilioStream {
         match ev {
             Event::Dtmf(d) => Some(self.dtmf_message(*d)),
             Event::Mark { name, .. } => Some(self.mark_message(name)),
-            Event::Transcript(_) => None,
+            Event::Transcript(_) | Event::Stats { .. } => None,
         }
     }
 

@@ -92,6 +92,14 @@ pub(crate) enum Seen {
     OptedOut,
     /// An RTP packet to the caller.
     RtpOut,
+    /// The agent's `stats` event: media time, loss in hundredths of a
+    /// percent, MOS in hundredths, caller frames timed in.
+    Stats {
+        media_ms: u64,
+        loss_bp: u64,
+        mos_centi: u64,
+        frames_in: u64,
+    },
     Ended,
 }
 
@@ -151,6 +159,8 @@ pub(crate) struct Bridge {
     pub(crate) policy: FailurePolicy,
     /// Share of the caller's RTP packets lost on the way.
     pub(crate) media_loss: f64,
+    /// The tenant's `stats_interval_s` (a native agent's `stats` events).
+    pub(crate) stats_interval: Option<Duration>,
     /// The tenant plays its prompt as early media (otherwise a violation).
     pub(crate) early_media_ok: bool,
     callers: BTreeMap<String, CallerRtp>,
@@ -225,6 +235,7 @@ impl Bridge {
             media_scripts: BTreeMap::new(),
             policy,
             media_loss: 0.0,
+            stats_interval: None,
             early_media_ok: false,
             callers: BTreeMap::new(),
             agents: BTreeMap::new(),
@@ -315,6 +326,7 @@ impl Bridge {
                                 fallback: None,
                                 beside_stt: false,
                                 deepgram_only: false,
+                                stats_interval: self.stats_interval,
                             }),
                             recording: RecordingRules {
                                 record: settings.plan.record,
@@ -569,6 +581,15 @@ impl Bridge {
             }),
             PipelineOp::Disconnect => Some(Seen::Disconnect),
             PipelineOp::Dtmf(d) => Some(Seen::AgentDtmf(*d)),
+            PipelineOp::Stats {
+                media_time,
+                quality,
+            } => Some(Seen::Stats {
+                media_ms: media_time.as_millis() as u64,
+                loss_bp: (quality.loss_pct * 100.0).round() as u64,
+                mos_centi: (quality.mos.unwrap_or(0.0) * 100.0).round() as u64,
+                frames_in: quality.latency_in_ms.count,
+            }),
             PipelineOp::Audio {
                 frame, to_agent, ..
             } => Some(Seen::PipelineAudio {
