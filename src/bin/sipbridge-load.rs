@@ -6,7 +6,8 @@
 //!    load below; its CPU per packet is the floor.
 //! 2. **Daemon**, once per recording setting: the release daemon (`sipbridge run`) with a
 //!    temporary profile (echo pipeline, a 100 ms silent prompt, trunk 127.0.0.0/8,
-//!    `max_calls` and `rtp_ports` sized for N, `rtp_timeout_s = 0`) answers N calls set up
+//!    `max_calls`, `rtp_ports` and `max_unconfirmed_calls_per_source` sized for N,
+//!    `rtp_timeout_s = 0`) answers N calls set up
 //!    by this tool's own UAC over SIP/UDP (INVITE with SDP, ACK, later BYE; requests are
 //!    retransmitted on T1 doubling until answered; responses are parsed with
 //!    `sipbridge::sip`).
@@ -50,7 +51,8 @@ use nix::sys::epoll::{
     EpollCreateFlags, EpollEvent, EpollFlags, EpollOp, epoll_create1, epoll_ctl, epoll_wait,
 };
 use nix::sys::socket::{
-    ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, setsockopt, sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg,
+    setsockopt, sockopt,
 };
 use nix::sys::time::TimeSpec;
 use sipbridge::sip::message::{Message, Request, Response, parse_datagram};
@@ -62,7 +64,9 @@ const PTIME: Duration = Duration::from_millis(20);
 /// Most datagrams handed to one sendmmsg/recvmmsg call.
 const BATCH: usize = 256;
 /// Calls per shared media socket (more sockets: more kernel queues to absorb bursts).
-const CALLS_PER_SOCKET: usize = 64;
+const CALLS_PER_SOCKET: usize = 250;
+/// The generator's send/receive tick.
+const SLOT: Duration = Duration::from_millis(1);
 const SOCKET_BUFFER: usize = 8 << 20;
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
@@ -167,9 +171,11 @@ fn floor_echo(count: usize) -> Result<i32> {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
+        // One datagram per ready socket per wake-up: level-triggered epoll reports the
+        // socket again if more are queued, so no call ends in a recvfrom that fails.
         for ev in &events[..n] {
             let s = &sockets[ev.data() as usize];
-            while let Ok((len, from)) = s.recv_from(&mut buf) {
+            if let Ok((len, from)) = s.recv_from(&mut buf) {
                 let _ = s.send_to(&buf[..len], from);
             }
         }
@@ -192,6 +198,15 @@ struct Outcome {
     cpu_s: f64,
     rss_kb_per_call: Option<f64>,
     unmatched: u64,
+    /// Datagrams the generator could not send (its socket buffer full).
+    send_failed: u64,
+    /// How late the generator sent each packet against its schedule, µs.
+    send_lag: Vec<u32>,
+    /// Packets that came back carrying speech (not silence or comfort noise).
+    voiced: u64,
+    /// The generator's own CPU in the window, seconds.
+    generator_cpu_s: f64,
+    window_s: f64,
     silent_calls: usize,
 }
 
@@ -331,10 +346,25 @@ fn row(name: &str, o: &mut Outcome, floor_us: Option<f64>) -> String {
             .map_or("-".to_string(), |k| format!("{k:.0}")),
         o.failed,
     );
-    if o.unmatched > 0 || o.silent_calls > 0 {
+    o.send_lag.sort_unstable();
+    let lag = |p: f64| {
+        o.send_lag
+            .get(((o.send_lag.len().max(1) - 1) as f64 * p).round() as usize)
+            .map_or(f64::NAN, |us| f64::from(*us) / 1000.0)
+    };
+    s.push_str(&format!(
+        "\n{:<15} speech in {:.0} % of returned packets; generator: {:.0} % of a core, \
+         send lag p99 {:.1} ms max {:.1} ms",
+        "",
+        o.voiced as f64 * 100.0 / o.received.max(1) as f64,
+        o.generator_cpu_s * 100.0 / o.window_s,
+        lag(0.99),
+        lag(1.0)
+    ));
+    if o.unmatched > 0 || o.silent_calls > 0 || o.send_failed > 0 {
         s.push_str(&format!(
-            "   ({} datagrams from unknown sources, {} calls silent in the window)",
-            o.unmatched, o.silent_calls
+            "   ({} datagrams from unknown sources, {} calls silent in the window, {} not sent)",
+            o.unmatched, o.silent_calls, o.send_failed
         ));
     }
     s
@@ -467,6 +497,9 @@ udp = ["127.0.0.1:0"]
 
 [profile.media]
 rtp_timeout_s = 0
+
+[profile.security]
+max_unconfirmed_calls_per_source = {max_calls}
 
 [[tenant]]
 id = "demo"
@@ -609,6 +642,7 @@ impl MediaSockets {
             if setsockopt(fd, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
                 let _ = setsockopt(fd, sockopt::RcvBuf, &SOCKET_BUFFER);
             }
+            setsockopt(fd, sockopt::ReceiveTimestampns, &true)?;
             if setsockopt(fd, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
                 let _ = setsockopt(fd, sockopt::SndBuf, &SOCKET_BUFFER);
             }
@@ -649,8 +683,11 @@ struct ThreadResult {
     received: u64,
     expected: u64,
     unmatched: u64,
+    send_failed: u64,
     silent: usize,
+    voiced: u64,
     lateness: Vec<u32>,
+    send_lag: Vec<u32>,
 }
 
 fn extend(last: i64, low: i64, modulus: i64) -> i64 {
@@ -686,7 +723,8 @@ fn stream(
             if socket % threads != t {
                 continue;
             }
-            let phase = PTIME.mul_f64(i as f64 / n as f64);
+            // Phases spread over the 20 ms on a 1 ms grid: each slot sends about N/20.
+            let phase = SLOT * ((i * 20 / n) as u32);
             calls.push(CallState {
                 socket,
                 dest: SockaddrIn::from(*d),
@@ -722,8 +760,10 @@ fn stream(
     // The target's CPU over the window.
     sleep_until(window_start);
     let cpu0 = cpu_seconds(pid)?;
+    let own0 = cpu_seconds(std::process::id())?;
     sleep_until(window_end);
     let cpu1 = cpu_seconds(pid)?;
+    let own1 = cpu_seconds(std::process::id())?;
     let rss_kb_per_call = match daemon {
         Some((before, live)) => {
             let live = live.iter().filter(|l| **l).count().max(1);
@@ -735,6 +775,8 @@ fn stream(
     let mut o = Outcome {
         cpu_s: cpu1 - cpu0,
         rss_kb_per_call,
+        generator_cpu_s: own1 - own0,
+        window_s: cli.seconds,
         ..Outcome::default()
     };
     for h in handles {
@@ -743,6 +785,9 @@ fn stream(
         o.received += r.received;
         o.expected += r.expected;
         o.unmatched += r.unmatched;
+        o.send_failed += r.send_failed;
+        o.send_lag.extend(r.send_lag);
+        o.voiced += r.voiced;
         o.silent_calls += r.silent;
         o.lateness.extend(r.lateness);
     }
@@ -805,53 +850,52 @@ fn media_thread(
     let mut out_addrs: Vec<Option<SockaddrIn>> = vec![None; BATCH];
     let mut send_hdrs = primed_headers()?;
     let mut in_bufs = vec![[0u8; 2048]; BATCH];
-    let mut recv_hdrs = MultiHeaders::<SockaddrIn>::preallocate(BATCH, None);
-    let mut got: Vec<(usize, Option<SockaddrIn>)> = Vec::with_capacity(BATCH);
-    // Due calls per socket of this thread.
+    // Room for one SCM_TIMESTAMPNS per datagram (CMSG_SPACE(16) is 32 on Linux).
+    let mut recv_hdrs =
+        MultiHeaders::<SockaddrIn>::preallocate(BATCH, Some(Vec::with_capacity(64)));
+    let mut got: Vec<(usize, Option<SockaddrIn>, Option<i64>)> = Vec::with_capacity(BATCH);
+    // Due calls per socket.
     let mut due: Vec<Vec<usize>> = vec![Vec::new(); sockets.len()];
-    while !stop.load(Ordering::Relaxed) {
+    let mut slot = t0;
+    loop {
+        sleep_until(slot);
         let now = Instant::now();
-        if now >= we + Duration::from_millis(200) {
+        if stop.load(Ordering::Relaxed) || now >= we + Duration::from_millis(200) {
             break;
         }
-        // Send what is due.
+        while slot <= now {
+            slot += SLOT;
+        }
+        // Send what is due, one sendmmsg per socket.
         for d in &mut due {
             d.clear();
         }
-        let mut next = now + Duration::from_millis(5);
-        for (k, c) in calls.iter_mut().enumerate() {
-            if !c.live {
-                continue;
-            }
-            if c.next_send <= now {
+        for (k, c) in calls.iter().enumerate() {
+            if c.live && c.next_send <= now {
                 due[c.socket].push(k);
-            } else if c.next_send < next {
-                next = c.next_send;
             }
         }
         for &j in mine {
             let fd = sockets[j].as_raw_fd();
             for chunk in due[j].chunks(BATCH) {
-                for (slot, &k) in chunk.iter().enumerate() {
+                for (b, &k) in chunk.iter().enumerate() {
                     let c = &mut calls[k];
-                    let b = &mut out_bufs[slot];
-                    b[0] = 0x80;
-                    b[1] = if c.seq == 0 && c.ts == 0 { 0x80 } else { 0 };
-                    b[2..4].copy_from_slice(&c.seq.to_be_bytes());
-                    b[4..8].copy_from_slice(&c.ts.to_be_bytes());
-                    b[8..12].copy_from_slice(&c.ssrc.to_be_bytes());
-                    b[12..].copy_from_slice(&fixture[c.pos..c.pos + FRAME]);
-                    out_addrs[slot] = Some(c.dest);
+                    let p = &mut out_bufs[b];
+                    p[0] = 0x80;
+                    p[1] = 0;
+                    p[2..4].copy_from_slice(&c.seq.to_be_bytes());
+                    p[4..8].copy_from_slice(&c.ts.to_be_bytes());
+                    p[8..12].copy_from_slice(&c.ssrc.to_be_bytes());
+                    p[12..].copy_from_slice(&fixture[c.pos..c.pos + FRAME]);
+                    out_addrs[b] = Some(c.dest);
+                    if now >= ws && now < we {
+                        let lag = now.saturating_duration_since(c.next_send).as_micros();
+                        r.send_lag.push(u32::try_from(lag).unwrap_or(u32::MAX));
+                    }
                     c.seq = c.seq.wrapping_add(1);
                     c.ts = c.ts.wrapping_add(FRAME as u32);
                     c.pos = (c.pos + FRAME) % fix_len;
                     c.next_send += PTIME;
-                    if c.next_send < next {
-                        next = c.next_send;
-                    }
-                    if now >= ws && now < we {
-                        r.sent += 1;
-                    }
                 }
                 let iovs: Vec<[IoSlice<'_>; 1]> = out_bufs[..chunk.len()]
                     .iter()
@@ -875,30 +919,18 @@ fn media_thread(
                             offset += sent;
                         }
                         Err(nix::errno::Errno::EINTR) => {}
-                        // A full socket buffer drops the rest of the batch: the target's
-                        // loss will show it.
+                        // A full socket buffer: the rest of the batch is not sent.
                         Err(_) => break,
                     }
                 }
+                if now >= ws && now < we {
+                    r.sent += offset as u64;
+                    r.send_failed += (chunk.len() - offset) as u64;
+                }
             }
         }
-        // Receive until the next send is due.
-        let mut fds: Vec<PollFd> = mine
-            .iter()
-            .map(|&j| PollFd::new(sockets[j].as_raw_fd(), PollFlags::POLLIN))
-            .collect();
-        let wait = next.saturating_duration_since(Instant::now());
-        match ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        for (fi, &j) in mine.iter().enumerate() {
-            let ready = fds[fi]
-                .revents()
-                .is_some_and(|e| e.contains(PollFlags::POLLIN));
-            if !ready {
-                continue;
-            }
+        // Everything that came back since the last slot, with the kernel's arrival time.
+        for &j in mine {
             let fd = sockets[j].as_raw_fd();
             loop {
                 got.clear();
@@ -906,7 +938,15 @@ fn media_thread(
                     let iovs: Vec<[IoSliceMut<'_>; 1]> =
                         in_bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
                     match recvmmsg(fd, &mut recv_hdrs, &iovs, MsgFlags::MSG_DONTWAIT, None) {
-                        Ok(res) => got.extend(res.map(|m| (m.bytes, m.address))),
+                        Ok(res) => got.extend(res.map(|m| {
+                            let at = m.cmsgs().find_map(|c| match c {
+                                ControlMessageOwned::ScmTimestampns(t) => {
+                                    Some(t.tv_sec() * 1_000_000 + t.tv_nsec() / 1000)
+                                }
+                                _ => None,
+                            });
+                            (m.bytes, m.address, at)
+                        })),
                         Err(nix::errno::Errno::EINTR) => continue,
                         Err(_) => break,
                     }
@@ -914,9 +954,10 @@ fn media_thread(
                 if got.is_empty() {
                     break;
                 }
-                let at = Instant::now();
-                let in_window = at >= ws && at < we;
-                for (slot, &(len, from)) in got.iter().enumerate() {
+                let drained = Instant::now();
+                let in_window = drained >= ws && drained < we;
+                let fallback = realtime_us();
+                for (b, &(len, from, at)) in got.iter().enumerate() {
                     if !in_window || len < 12 {
                         continue;
                     }
@@ -926,9 +967,9 @@ fn media_thread(
                         r.unmatched += 1;
                         continue;
                     };
-                    let b = &in_bufs[slot];
-                    let seq = i64::from(u16::from_be_bytes([b[2], b[3]]));
-                    let ts = i64::from(u32::from_be_bytes([b[4], b[5], b[6], b[7]]));
+                    let p = &in_bufs[b];
+                    let seq = i64::from(u16::from_be_bytes([p[2], p[3]]));
+                    let ts = i64::from(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
                     let c = &mut calls[k];
                     let (eseq, ets) = match c.first_seq {
                         None => {
@@ -948,8 +989,12 @@ fn media_thread(
                         *f = (*f).min(eseq);
                     }
                     c.rx += 1;
-                    let arrival_us = at.duration_since(t0).as_micros() as i64;
-                    c.offsets.push(arrival_us - ets * 125);
+                    // Speech, not silence or comfort noise: a sample above about -36 dBov
+                    // (µ-law magnitude code below 0x50).
+                    if len > 12 && p[12..len.min(PKT + 64)].iter().any(|b| b & 0x7f < 0x50) {
+                        r.voiced += 1;
+                    }
+                    c.offsets.push(at.unwrap_or(fallback) - ets * 125);
                 }
                 if got.len() < BATCH {
                     break;
@@ -977,6 +1022,13 @@ fn media_thread(
         }
     }
     Ok(r)
+}
+
+/// Wall-clock time, µs since the epoch (the clock of SO_TIMESTAMPNS).
+fn realtime_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1010,6 +1062,8 @@ struct Uac {
     local: SocketAddrV4,
     run: u32,
     calls: Vec<Call>,
+    /// Final failure statuses to INVITEs, and how many.
+    rejected: std::collections::BTreeMap<u16, usize>,
 }
 
 fn header_value<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
@@ -1062,6 +1116,7 @@ impl Uac {
             local,
             run,
             calls,
+            rejected: Default::default(),
         })
     }
 
@@ -1171,6 +1226,21 @@ impl Uac {
                 break;
             }
             self.receive(&mut buf, Duration::from_millis(2))?;
+        }
+        for (status, count) in &self.rejected {
+            eprintln!(
+                "sipbridge-load: {count} of {} INVITEs answered {status}",
+                self.calls.len()
+            );
+        }
+        let timed_out = self
+            .calls
+            .iter()
+            .filter(|c| c.phase == Phase::Failed)
+            .count()
+            - self.rejected.values().sum::<usize>();
+        if timed_out > 0 {
+            eprintln!("sipbridge-load: {timed_out} INVITEs got no final response (or no SDP)");
         }
         Ok(self
             .calls
