@@ -521,6 +521,8 @@ tenant = "demo"
             prompt = prompt.display(),
         ),
     )?;
+    // The tool finds the SIP port in the listener's INFO line, whatever the filter.
+    let filter = format!("{},sipbridge::daemon::transport=info", cli.log_filter);
     let log_path = dir.join("daemon.log");
     let log = fs::File::create(&log_path)?;
     let child = Guard(
@@ -529,7 +531,7 @@ tenant = "demo"
                 "--log-format",
                 "json",
                 "--log-filter",
-                &cli.log_filter,
+                &filter,
                 "run",
                 "--config",
             ])
