@@ -13,11 +13,12 @@
 //!    `sipbridge::sip`).
 //!
 //! The load: every call streams 20 ms PCMU frames of a real recording (`--fixture`, raw
-//! µ-law, looped) at 50 packets/s, the calls' phases spread evenly over the 20 ms. The
-//! packets leave from a few shared sockets (the SDP offer names them), batched with
-//! `sendmmsg` and read back with `recvmmsg` by `--threads` threads, so the generator is not
-//! the bottleneck; what comes back is told apart by its source address (the daemon's RTP
-//! socket of that call, or the floor's socket of that call).
+//! µ-law, looped) at 50 packets/s, the calls' phases spread over the 20 ms on a 1 ms grid.
+//! The packets leave from a few shared sockets (the SDP offer names them), one `sendmmsg`
+//! per socket per millisecond, and are read back with `recvmmsg` once per millisecond, by
+//! `--threads` threads, so the generator is not the bottleneck; what comes back is told
+//! apart by its source address (the daemon's RTP socket of that call, or the floor's
+//! socket of that call) and timed by the kernel (`SO_TIMESTAMPNS`).
 //!
 //! Measured over a window of `--seconds` after `--warmup` (the prompt plays and the jitter
 //! buffer fills during the warm-up): per call, the packets that came back, loss by RTP
@@ -25,12 +26,14 @@
 //! schedule (arrival − timestamp, less the smallest such offset of that call: 0 ms is the
 //! earliest packet); the target's CPU (utime + stime from /proc/PID/stat) divided by the
 //! packets in + out in the window; the daemon's RSS growth (VmRSS with the calls up less
-//! VmRSS before the first INVITE) divided by N.
+//! VmRSS before the first INVITE) divided by the calls answered. Also reported: the
+//! generator's own CPU and how late it sent (send lag), and the share of returned packets
+//! that carry speech (the echo came back, not silence).
 //!
 //! Output: one table per N (a floor row and a row per daemon run: loss, p50/p99/max
 //! lateness, µs per packet, ratio daemon/floor, RSS per call, failed calls), then a
 //! `ratio daemon/floor` line per daemon run. Exits 1 if a call failed or lost packets
-//! (`--allow-loss` keeps 0 for loss), 2 on a set-up error.
+//! (`--allow-loss`: exit 0 despite loss), 2 on a set-up error.
 
 use std::collections::HashMap;
 use std::fs;
