@@ -673,13 +673,60 @@ struct CallState {
     ts: u32,
     ssrc: u32,
     pos: usize,
-    // Receive side (window only).
-    rx: u64,
-    first_seq: Option<i64>,
+    /// What came back in the window.
+    rx: RxStats,
+}
+
+/// One returned stream, in the window: sequence numbers and timestamps extended past
+/// their wrap, and each packet's arrival time less its RTP timestamp.
+#[derive(Debug, Default)]
+struct RxStats {
+    received: u64,
+    first_seq: i64,
     last_seq: i64,
     max_seq: i64,
     last_ts: i64,
+    /// Arrival (µs, any fixed origin) − timestamp (µs of the stream's 8 kHz clock).
     offsets: Vec<i64>,
+}
+
+impl RxStats {
+    fn on_packet(&mut self, seq: u16, ts: u32, arrival_us: i64) {
+        let (seq, ts) = if self.received == 0 {
+            self.first_seq = i64::from(seq);
+            self.max_seq = i64::from(seq);
+            (i64::from(seq), i64::from(ts))
+        } else {
+            (
+                extend(self.last_seq, i64::from(seq), 1 << 16),
+                extend(self.last_ts, i64::from(ts), 1 << 32),
+            )
+        };
+        self.last_seq = seq;
+        self.last_ts = ts;
+        self.max_seq = self.max_seq.max(seq);
+        self.first_seq = self.first_seq.min(seq);
+        self.received += 1;
+        self.offsets.push(arrival_us - ts * 125);
+    }
+
+    /// Packets the stream should have delivered: highest − lowest sequence number + 1, or
+    /// a whole window's worth if nothing came.
+    fn expected(&self, window_packets: u64) -> u64 {
+        if self.received == 0 {
+            return window_packets;
+        }
+        ((self.max_seq - self.first_seq + 1) as u64).max(self.received)
+    }
+
+    /// Each packet's lateness against the stream's timestamp schedule, µs: its offset
+    /// less the smallest offset (the earliest packet reads 0).
+    fn lateness_us(&self) -> impl Iterator<Item = u32> + '_ {
+        let min = self.offsets.iter().copied().min().unwrap_or(0);
+        self.offsets
+            .iter()
+            .map(move |o| u32::try_from(o - min).unwrap_or(u32::MAX))
+    }
 }
 
 #[derive(Default)]
@@ -739,12 +786,7 @@ fn stream(
                 ts: (i as u32).wrapping_mul(104_729),
                 ssrc: 0x5151_0000 ^ i as u32,
                 pos: (i * FRAME * 13) % (fixture.len() - fixture.len() % FRAME).max(FRAME),
-                rx: 0,
-                first_seq: None,
-                last_seq: 0,
-                max_seq: 0,
-                last_ts: 0,
-                offsets: Vec::new(),
+                rx: RxStats::default(),
             });
         }
         let my_sockets: Vec<usize> = (0..sockets.len()).filter(|j| j % threads == t).collect();
@@ -973,33 +1015,15 @@ fn media_thread(
                         continue;
                     };
                     let p = &in_bufs[b];
-                    let seq = i64::from(u16::from_be_bytes([p[2], p[3]]));
-                    let ts = i64::from(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+                    let seq = u16::from_be_bytes([p[2], p[3]]);
+                    let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
                     let c = &mut calls[k];
-                    let (eseq, ets) = match c.first_seq {
-                        None => {
-                            c.first_seq = Some(seq);
-                            c.max_seq = seq;
-                            (seq, ts)
-                        }
-                        Some(_) => (
-                            extend(c.last_seq, seq, 1 << 16),
-                            extend(c.last_ts, ts, 1 << 32),
-                        ),
-                    };
-                    c.last_seq = eseq;
-                    c.last_ts = ets;
-                    c.max_seq = c.max_seq.max(eseq);
-                    if let Some(f) = c.first_seq.as_mut() {
-                        *f = (*f).min(eseq);
-                    }
-                    c.rx += 1;
+                    c.rx.on_packet(seq, ts, at.unwrap_or(fallback));
                     // Speech, not silence or comfort noise: a sample above about -36 dBov
                     // (µ-law magnitude code below 0x50).
                     if len > 12 && p[12..len.min(PKT + 64)].iter().any(|b| b & 0x7f < 0x50) {
                         r.voiced += 1;
                     }
-                    c.offsets.push(at.unwrap_or(fallback) - ets * 125);
                 }
                 if got.len() < BATCH {
                     break;
@@ -1008,23 +1032,13 @@ fn media_thread(
         }
     }
     let window_packets = (we - ws).as_secs_f64() / PTIME.as_secs_f64();
-    for c in calls.iter_mut().filter(|c| c.live) {
-        r.received += c.rx;
-        match c.first_seq {
-            Some(first) => {
-                r.expected += (c.max_seq - first + 1).max(c.rx as i64) as u64;
-                let min = c.offsets.iter().copied().min().unwrap_or(0);
-                r.lateness.extend(
-                    c.offsets
-                        .iter()
-                        .map(|o| (o - min).min(i64::from(u32::MAX)) as u32),
-                );
-            }
-            None => {
-                r.silent += 1;
-                r.expected += window_packets as u64;
-            }
+    for c in calls.iter().filter(|c| c.live) {
+        r.received += c.rx.received;
+        r.expected += c.rx.expected(window_packets as u64);
+        if c.rx.received == 0 {
+            r.silent += 1;
         }
+        r.lateness.extend(c.rx.lateness_us());
     }
     Ok(r)
 }
@@ -1409,5 +1423,72 @@ impl Uac {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream of `n` packets from `seq0`/`ts0`, 20 ms apart, each `delay_us(i)` late.
+    fn stream(seq0: u16, ts0: u32, n: u16, skip: &[u16], delay_us: impl Fn(u16) -> i64) -> RxStats {
+        let mut rx = RxStats::default();
+        for i in 0..n {
+            if skip.contains(&i) {
+                continue;
+            }
+            let ts = ts0.wrapping_add(u32::from(i) * 160);
+            rx.on_packet(
+                seq0.wrapping_add(i),
+                ts,
+                7_000_000 + i64::from(i) * 20_000 + delay_us(i),
+            );
+        }
+        rx
+    }
+
+    #[test]
+    fn a_whole_stream_across_both_wraps_loses_nothing_and_is_on_time() {
+        let rx = stream(65_500, u32::MAX - 800, 200, &[], |_| 0);
+        assert_eq!(rx.received, 200);
+        assert_eq!(rx.expected(500), 200);
+        assert!(rx.lateness_us().all(|l| l == 0));
+    }
+
+    #[test]
+    fn gaps_by_sequence_number_are_loss() {
+        let rx = stream(65_530, 1000, 100, &[3, 4, 50], |_| 0);
+        assert_eq!(rx.received, 97);
+        assert_eq!(rx.expected(500), 100);
+    }
+
+    #[test]
+    fn lateness_is_against_the_timestamp_schedule() {
+        // Packet 10 arrives 30 ms late, the rest on time: p-max 30 ms, others 0.
+        let rx = stream(1, 5, 50, &[], |i| if i == 10 { 30_000 } else { 0 });
+        let late: Vec<u32> = rx.lateness_us().collect();
+        assert_eq!(late[10], 30_000);
+        assert_eq!(late.iter().filter(|l| **l != 0).count(), 1);
+        // Reordered: a packet that comes after its successor still counts once.
+        let mut rx = RxStats::default();
+        rx.on_packet(10, 1600, 0);
+        rx.on_packet(12, 1920, 40_000);
+        rx.on_packet(11, 1760, 41_000);
+        assert_eq!((rx.received, rx.expected(0)), (3, 3));
+        assert_eq!(rx.lateness_us().collect::<Vec<_>>(), vec![0, 0, 21_000]);
+    }
+
+    #[test]
+    fn a_silent_call_loses_the_whole_window() {
+        assert_eq!(RxStats::default().expected(500), 500);
+        assert_eq!(RxStats::default().lateness_us().count(), 0);
+    }
+
+    #[test]
+    fn the_answer_gives_the_media_address() {
+        let sdp = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+                    m=audio 40002 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n";
+        assert_eq!(sdp_media(sdp), Some("127.0.0.1:40002".parse().unwrap()));
+        assert_eq!(sdp_media(b"v=0\r\nc=IN IP4 127.0.0.1\r\n"), None);
     }
 }
