@@ -264,7 +264,11 @@ fn run(cli: &Cli) -> Result<i32> {
     if !daemon_bin.exists() {
         bail!("no daemon binary at {} (--sipbridge)", daemon_bin.display());
     }
-    let work = tempfile_dir()?;
+    let work = WorkDir {
+        path: tempfile_dir()?,
+        keep: cli.keep,
+    };
+    let work = &work.path;
     let prompt = work.join("prompt.wav");
     write_silent_prompt(&prompt)?;
     let fixture = Arc::new(fixture);
@@ -320,11 +324,6 @@ fn run(cli: &Cli) -> Result<i32> {
     println!();
     for l in &ratio_lines {
         println!("{l}");
-    }
-    if cli.keep {
-        eprintln!("work directory: {}", work.display());
-    } else {
-        let _ = fs::remove_dir_all(&work);
     }
     Ok(exit)
 }
@@ -407,6 +406,22 @@ fn write_silent_prompt(path: &Path) -> Result<()> {
     }
     w.finalize()?;
     Ok(())
+}
+
+/// The run's temporary directory: removed when the run ends, on error too, unless kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("work directory: {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// A child process killed when dropped.
