@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -519,6 +519,9 @@ rtp_timeout_s = 0
 [profile.security]
 max_unconfirmed_calls_per_source = {max_calls}
 
+[profile.admin]
+listen = "127.0.0.1:0"
+
 [[tenant]]
 id = "demo"
 recording = {recording}
@@ -578,6 +581,15 @@ tenant = "demo"
     let live: Vec<bool> = answered.iter().map(Option::is_some).collect();
     let mut o = stream(cli, media, dests, pid, fixture, Some((rss_before, &live)))?;
     let failed_bye = uac.tear_down()?;
+    // The calls' CDRs (and their quality histograms) are written as they end.
+    thread::sleep(Duration::from_millis(1000));
+    match added_latency(&log_path) {
+        Ok(line) => println!(
+            "added latency (calls={n} recording={}): {line}",
+            if recording { "on" } else { "off" }
+        ),
+        Err(e) => println!("added latency: not read ({e})"),
+    }
     o.calls = n;
     o.failed = failed_setup + failed_bye;
     if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
@@ -613,6 +625,62 @@ fn wait_for_listener(log: &Path, pid: u32) -> Result<SocketAddrV4> {
         "the daemon did not bind its SIP listener in 20 s; see {}",
         log.display()
     )
+}
+
+/// The bridge's added latency over every call of the run, from the daemon's
+/// `/metrics` (`sipbridge_media_added_latency_seconds`, in = beyond the jitter
+/// buffer's target, out = agent audio into an empty playout queue to its
+/// first RTP packet): p50 and p99 as the upper bounds of their buckets.
+fn added_latency(log: &Path) -> Result<String> {
+    let text = fs::read_to_string(log)?;
+    let addr = text
+        .lines()
+        .filter(|l| l.contains("admin API listening"))
+        .find_map(|l| {
+            l.split("\"addr\":\"")
+                .nth(1)?
+                .split('"')
+                .next()
+                .map(str::to_owned)
+        })
+        .ok_or_else(|| anyhow!("no admin listener in the daemon's log"))?;
+    let mut conn = std::net::TcpStream::connect(&addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: load\r\n\r\n")?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body)?;
+    let mut parts = Vec::new();
+    for direction in ["in", "out"] {
+        let prefix = format!(
+            "sipbridge_media_added_latency_seconds_bucket{{direction=\"{direction}\",le=\""
+        );
+        let buckets: Vec<(f64, f64)> = body
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect();
+        let total = buckets.last().map_or(0.0, |b| b.1);
+        let at = |q: f64| {
+            buckets
+                .iter()
+                .find(|(_, c)| *c >= q * total)
+                .map_or("-".to_owned(), |(le, _)| format!("≤ {:.0} ms", le * 1000.0))
+        };
+        parts.push(format!(
+            "{direction} p50 {} p99 {} ({total:.0} samples)",
+            at(0.5),
+            at(0.99)
+        ));
+    }
+    Ok(parts.join("; "))
 }
 
 /// utime + stime of a process, seconds.
