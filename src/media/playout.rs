@@ -380,18 +380,7 @@ impl PlayoutQueue {
                 self.sent_pos = self.sent_pos.saturating_add(FRAME_LEN);
                 self.audio_frames_sent = self.audio_frames_sent.saturating_add(1);
                 self.last_audio_at = at;
-                while let Some(m) = self.marks.front() {
-                    if m.position > self.sent_pos {
-                        break;
-                    }
-                    if let Some(m) = self.marks.pop_front() {
-                        self.events.push_back(MarkEvent {
-                            name: m.name,
-                            played_at: at,
-                            cleared: false,
-                        });
-                    }
-                }
+                self.release_marks(at);
                 Some(self.emit(slot, payload, false))
             }
             None if self.silence_when_empty => {
@@ -449,6 +438,13 @@ impl PlayoutQueue {
             self.sent_pos = self.sent_pos.saturating_add(FRAME_LEN);
             dropped += 1;
         }
+        self.release_marks(self.last_audio_at);
+        dropped
+    }
+
+    /// Reports (as played at `at`) the marks whose audio is all behind the
+    /// stream position sent so far.
+    fn release_marks(&mut self, at: Instant) {
         while let Some(m) = self.marks.front() {
             if m.position > self.sent_pos {
                 break;
@@ -456,12 +452,11 @@ impl PlayoutQueue {
             if let Some(m) = self.marks.pop_front() {
                 self.events.push_back(MarkEvent {
                     name: m.name,
-                    played_at: self.last_audio_at,
+                    played_at: at,
                     cleared: false,
                 });
             }
         }
-        dropped
     }
 
     /// 8 kHz samples queued and not yet sent.

@@ -12,10 +12,11 @@
 use super::connect::{AgentError, AgentSocket, close, open, report_end};
 use super::native::{CLOSE_TIMEOUT, Channels};
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
+use crate::call::supervisor::ConnectionFailure;
 use futures_util::{SinkExt, StreamExt};
 use std::time::SystemTime;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// What a frame from the agent comes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +35,9 @@ pub enum AgentFrame {
 pub(crate) trait StreamDialect: Send {
     /// `twilio` or `telnyx`, for logs.
     const MODE: &'static str;
+    /// This stream resumes the call after its `n`-th reconnect (0: the
+    /// first); `start` says so in its custom parameters.
+    fn set_reconnect(&mut self, n: u32);
     /// The messages that open the stream (`connected`, `start`).
     fn opening(&mut self, info: &CallInfo) -> Vec<String>;
     /// `media` for one caller frame at the pipeline rate.
@@ -46,6 +50,36 @@ pub(crate) trait StreamDialect: Send {
     fn agent_text(&mut self, text: &str) -> AgentFrame;
     /// A binary frame from the agent (neither dialect uses them).
     fn agent_binary(&mut self) -> AgentFrame;
+}
+
+/// Runs the connection task on a stream the dialect built for the call, or,
+/// when it could not build one (an unsupported rate), reports the failure
+/// to the call's supervisor at once.
+pub(crate) async fn start<D: StreamDialect, E: std::fmt::Display>(
+    target: AgentTarget,
+    info: CallInfo,
+    attempt: u32,
+    chans: Channels,
+    stream: Result<D, E>,
+) {
+    match stream {
+        Ok(mut stream) => {
+            stream.set_reconnect(attempt);
+            run(target, info, attempt, chans, stream).await;
+        }
+        Err(e) => {
+            warn!(
+                call_id = %crate::logging::wire(&info.call_id),
+                mode = D::MODE,
+                error = %e,
+                "media stream not started"
+            );
+            let _ = chans
+                .commands
+                .send(AgentCommand::Failed(ConnectionFailure::Unreachable))
+                .await;
+        }
+    }
 }
 
 /// The connection task: connect (reported to the call's supervisor, see

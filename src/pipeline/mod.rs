@@ -62,6 +62,27 @@ pub struct CallInfo {
     pub sample_rate: u32,
 }
 
+impl CallInfo {
+    /// The `X-` headers as a JSON object of strings (each dialect's custom
+    /// parameters); the n-th reconnected stream of a carrier dialect
+    /// (`reconnect` n, not 0) also says `"sipbridge_reconnect": "n"` there,
+    /// as neither Twilio nor Telnyx has a field for it.
+    pub fn custom_parameters(&self, reconnect: u32) -> serde_json::Map<String, serde_json::Value> {
+        let mut custom: serde_json::Map<String, serde_json::Value> = self
+            .custom
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        if reconnect > 0 {
+            custom.insert(
+                "sipbridge_reconnect".to_owned(),
+                serde_json::Value::String(reconnect.to_string()),
+            );
+        }
+        custom
+    }
+}
+
 /// How to reach a tenant's agent.
 #[derive(Clone)]
 pub struct AgentTarget {

@@ -32,11 +32,8 @@ pub(crate) struct Channels {
 /// The `start` message; `reconnect` is 0 on a call's first connection and n
 /// on its n-th reconnect.
 pub fn start_message(info: &CallInfo, reconnect: u32) -> String {
-    let custom: serde_json::Map<String, serde_json::Value> = info
-        .custom
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect();
+    // The native `start` has its own `reconnect` field.
+    let custom = info.custom_parameters(0);
     serde_json::json!({
         "event": "start",
         "call_id": info.call_id,

@@ -15,14 +15,12 @@
 use super::media_stream::{self, AgentFrame, StreamDialect};
 use super::native::Channels;
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
-use crate::call::supervisor::ConnectionFailure;
 use crate::config::TelnyxEncoding;
 use crate::media::g711::{self, Law};
 use crate::media::resample::{Downsampler, PipelineRate, Upsampler};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use std::time::SystemTime;
-use tracing::warn;
 
 /// Samples in one 20 ms frame at 8 kHz.
 const FRAME_8K: usize = 160;
@@ -123,6 +121,8 @@ pub struct TelnyxStream {
     up_skip: usize,
     pcm8: Vec<i16>,
     codes: Vec<u8>,
+    /// 0 on a call's first stream, n on its n-th reconnect.
+    reconnect: u32,
 }
 
 impl TelnyxStream {
@@ -152,6 +152,7 @@ impl TelnyxStream {
         }
         let up = Upsampler::new(rate);
         Ok(TelnyxStream {
+            reconnect: 0,
             up_skip: up.delay_samples(),
             stream_id,
             call_control_id: info.call_id.clone(),
@@ -184,11 +185,7 @@ impl TelnyxStream {
 
     /// `start`, right after `connected` (`sequence_number` "1").
     pub fn start_message(&mut self, info: &CallInfo) -> String {
-        let custom: serde_json::Map<String, serde_json::Value> = info
-            .custom
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
+        let custom = info.custom_parameters(self.reconnect);
         serde_json::json!({
             "event": "start",
             "sequence_number": self.next_sequence(),
@@ -370,6 +367,10 @@ impl TelnyxStream {
 impl StreamDialect for TelnyxStream {
     const MODE: &'static str = "telnyx";
 
+    fn set_reconnect(&mut self, n: u32) {
+        self.reconnect = n;
+    }
+
     fn opening(&mut self, info: &CallInfo) -> Vec<String> {
         vec![self.connected_message(), self.start_message(info)]
     }
@@ -412,17 +413,8 @@ pub(crate) async fn run(
     chans: Channels,
     encoding: TelnyxEncoding,
 ) {
-    let stream_id = new_stream_id(&mut rand::rng());
-    match TelnyxStream::new(&info, stream_id, encoding) {
-        Ok(stream) => media_stream::run(target, info, attempt, chans, stream).await,
-        Err(e) => {
-            warn!(call_id = %crate::logging::wire(&info.call_id), error = %e, "telnyx stream not started");
-            let _ = chans
-                .commands
-                .send(AgentCommand::Failed(ConnectionFailure::Unreachable))
-                .await;
-        }
-    }
+    let stream = TelnyxStream::new(&info, new_stream_id(&mut rand::rng()), encoding);
+    media_stream::start(target, info, attempt, chans, stream).await;
 }
 
 #[cfg(test)]
@@ -684,5 +676,17 @@ mod tests {
         ));
         assert!(TelnyxStream::new(&info(44_100), ID.into(), TelnyxEncoding::Pcmu).is_err());
         assert!(TelnyxStream::new(&info(8000), ID.into(), TelnyxEncoding::Pcmu).is_ok());
+    }
+
+    #[test]
+    fn a_reconnected_stream_says_so_in_custom_parameters() {
+        let mut s = stream(8000, TelnyxEncoding::Pcmu);
+        s.set_reconnect(3);
+        let start: Value = serde_json::from_str(&s.start_message(&info(8000))).unwrap();
+        assert_eq!(
+            start["start"]["custom_parameters"],
+            json!({"X-Order":"42","sipbridge_reconnect":"3"})
+        );
+        assert_eq!(start["start"]["call_control_id"], "abc@h", "the same call");
     }
 }

@@ -15,14 +15,12 @@ use super::connect::AgentError;
 use super::media_stream::{self, AgentFrame, StreamDialect};
 use super::native::Channels;
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
-use crate::call::supervisor::ConnectionFailure;
 use crate::media::g711::{self, Law};
 use crate::media::resample::{Downsampler, PipelineRate, Upsampler};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use std::time::SystemTime;
 use tokio_tungstenite::tungstenite::Error as WsError;
-use tracing::warn;
 
 /// Samples in one 20 ms µ-law frame at 8 kHz.
 const FRAME_8K: usize = 160;
@@ -119,19 +117,7 @@ impl TwilioStream {
 
     /// `start`, right after `connected` (`sequenceNumber` "1").
     pub fn start_message(&mut self, info: &CallInfo) -> String {
-        let mut custom: serde_json::Map<String, serde_json::Value> = info
-            .custom
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
-        if self.reconnect > 0 {
-            // The same call resumed (same callSid): Twilio has no field for
-            // it, so it rides in customParameters, a string like the rest.
-            custom.insert(
-                "sipbridge_reconnect".to_owned(),
-                serde_json::Value::String(self.reconnect.to_string()),
-            );
-        }
+        let custom = info.custom_parameters(self.reconnect);
         serde_json::json!({
             "event": "start",
             "sequenceNumber": self.next_sequence(),
@@ -146,12 +132,6 @@ impl TwilioStream {
             "streamSid": self.stream_sid,
         })
         .to_string()
-    }
-
-    /// This stream resumes the call after its `n`-th reconnect: `start`
-    /// says so in `customParameters.sipbridge_reconnect`.
-    pub fn set_reconnect(&mut self, n: u32) {
-        self.reconnect = n;
     }
 
     /// `media` for one caller frame at the pipeline rate (20 ms): converted
@@ -268,6 +248,10 @@ impl TwilioStream {
 impl StreamDialect for TwilioStream {
     const MODE: &'static str = "twilio";
 
+    fn set_reconnect(&mut self, n: u32) {
+        self.reconnect = n;
+    }
+
     fn opening(&mut self, info: &CallInfo) -> Vec<String> {
         vec![self.connected_message(), self.start_message(info)]
     }
@@ -299,20 +283,8 @@ impl StreamDialect for TwilioStream {
 /// `streamSid`; the agent closing the stream hangs up, as Twilio ends a
 /// `<Connect><Stream>` call.
 pub(crate) async fn run(target: AgentTarget, info: CallInfo, attempt: u32, chans: Channels) {
-    let stream_sid = new_stream_sid(&mut rand::rng());
-    match TwilioStream::new(&info, stream_sid) {
-        Ok(mut stream) => {
-            stream.set_reconnect(attempt);
-            media_stream::run(target, info, attempt, chans, stream).await;
-        }
-        Err(e) => {
-            warn!(call_id = %crate::logging::wire(&info.call_id), error = %e, "twilio stream not started");
-            let _ = chans
-                .commands
-                .send(AgentCommand::Failed(ConnectionFailure::Unreachable))
-                .await;
-        }
-    }
+    let stream = TwilioStream::new(&info, new_stream_sid(&mut rand::rng()));
+    media_stream::start(target, info, attempt, chans, stream).await;
 }
 
 #[cfg(test)]
