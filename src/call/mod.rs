@@ -13,13 +13,15 @@ pub mod bridged;
 mod cdr;
 mod media;
 mod session;
+pub mod source_gate;
 pub mod supervisor;
 mod switchboard;
 
 pub use cdr::{CallRecord, HangupSide, PausedStretch, RtpSummary};
 pub use media::{MediaCounters, MediaOutput, MediaPlan, MediaSession, MediaSetupError, PcmFrame};
 pub use switchboard::{
-    Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
+    Admitted, Dispatch, PortAllocator, SecurityCounts, Switchboard, SwitchboardSettings,
+    dialed_number,
 };
 
 use crate::sip::dialog::Dialog;
