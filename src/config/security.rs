@@ -11,6 +11,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+/// `unknown_source` as written (`[profile.security]`, or the older
+/// `[profile.sip]` spelling).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawUnknownSource {
+    Reject,
+    Drop,
+}
+
 /// `[profile.security]` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +43,7 @@ pub(crate) struct RawSecurity {
     #[serde(default)]
     pub(crate) tcp_max_connections_per_source: Option<Spanned<u32>>,
     #[serde(default)]
-    pub(crate) unknown_source: Option<super::raw::RawUnknownSource>,
+    pub(crate) unknown_source: Option<RawUnknownSource>,
     #[serde(default)]
     pub(crate) requests_per_second_per_source: Option<Spanned<u32>>,
     #[serde(default)]
@@ -217,8 +226,8 @@ pub(crate) fn resolve(
         s.tcp_max_connections_per_source = n;
     }
     s.unknown_source = r.unknown_source.map(|u| match u {
-        super::raw::RawUnknownSource::Reject => super::UnknownSource::Reject,
-        super::raw::RawUnknownSource::Drop => super::UnknownSource::Drop,
+        RawUnknownSource::Reject => super::UnknownSource::Reject,
+        RawUnknownSource::Drop => super::UnknownSource::Drop,
     });
     let counts: [(&Option<Spanned<u32>>, &str, u32, &mut u32); 5] = [
         (
