@@ -11,6 +11,9 @@
 #
 #   Pipecat (PyPI)      a real agent framework, in a virtual environment at
 #                       $SIPBRIDGE_TEST_VENV (default /opt/sipbridge-test-venv)
+#   sipvicious (PyPI)   svmap and svcrack, the scanners tests/sipvicious.rs runs, in a
+#                       virtual environment at $SIPBRIDGE_SIPVICIOUS_VENV
+#                       (default /opt/sipvicious-venv)
 #
 # Idempotent: when every tool is present it does nothing (no apt-get update, no network).
 # As root it runs `apt-get update` then `apt-get install` for the missing packages only;
@@ -59,6 +62,26 @@ install_packages() {
     apt-get install -y --no-install-recommends "${missing[@]}"
 }
 install_packages
+
+# SIPVicious (tests/sipvicious.rs runs svmap and svcrack against the daemon) in its own
+# virtual environment, pinned. Skipped when that environment already has it.
+sipvicious_venv="${SIPBRIDGE_SIPVICIOUS_VENV:-/opt/sipvicious-venv}"
+sipvicious_version="0.3.8"
+if [[ -x "$sipvicious_venv/bin/sipvicious_svmap" ]] \
+    && "$sipvicious_venv/bin/pip" show sipvicious 2>/dev/null | grep -qx "Version: $sipvicious_version"; then
+    echo "install-test-deps: sipvicious $sipvicious_version present ($sipvicious_venv)"
+else
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+        if [[ "$(id -u)" -ne 0 ]]; then
+            echo "install-test-deps: python3 venv support is missing (Debian: python3-venv)" >&2
+            exit 1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv
+    fi
+    echo "install-test-deps: installing sipvicious $sipvicious_version into $sipvicious_venv"
+    python3 -m venv "$sipvicious_venv"
+    "$sipvicious_venv/bin/pip" install --quiet --disable-pip-version-check "sipvicious==$sipvicious_version"
+fi
 
 # Pipecat (tests/pipecat_bot.rs runs examples/pipecat_bot/bot.py) in its own virtual
 # environment, at the versions examples/pipecat_bot/requirements.txt pins. Skipped when

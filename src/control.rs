@@ -46,6 +46,10 @@ pub(crate) trait Control: Send + Sync {
 
     /// Re-reads and applies the configuration: the same reload as SIGHUP.
     fn reload(self: Arc<Self>) -> BoxFuture<'static, Result<ReloadSummary, ReloadError>>;
+
+    /// The sources banned now (the SIP ban list), longest remaining first,
+    /// at most `max`.
+    fn bans(&self, max: usize) -> Vec<crate::call::source_gate::Ban>;
 }
 
 /// What is known about a live call outside its task.

@@ -101,7 +101,28 @@ pub(crate) mod names {
     pub(crate) const RETENTION_FAILURES: &str = "sipbridge_retention_failures_total";
     /// Counter by `result` (`ok`, `rejected`): configuration reloads.
     pub(crate) const CONFIG_RELOADS: &str = "sipbridge_config_reloads_total";
+    /// Counter by `reason`: SIP messages dropped unanswered (rate limits,
+    /// bans, unknown sources, scanners, …).
+    pub(crate) const SIP_DROPPED: &str = "sipbridge_sip_dropped_total";
+    /// Counter by `reason` (`digest`, `malformed`, `scanner`): sources banned.
+    pub(crate) const SIP_BANS: &str = "sipbridge_sip_bans_total";
+    /// Counter: digest checks that failed (wrong password, unknown user, …).
+    pub(crate) const SIP_DIGEST_FAILURES: &str = "sipbridge_sip_digest_failures_total";
+    /// Gauge: source addresses the rate limiter tracks now.
+    pub(crate) const SIP_TRACKED_SOURCES: &str = "sipbridge_sip_tracked_sources";
 }
+
+/// The `reason` label values of [`names::SIP_DROPPED`].
+const DROP_REASONS: &[&str] = &[
+    "rate_limited",
+    "call_rate_limited",
+    "banned",
+    "unknown_source",
+    "scanner",
+    "malformed",
+    "out_of_dialog",
+    "other",
+];
 
 use names::*;
 
@@ -143,6 +164,42 @@ const METHODS: &[&str] = &[
     "MESSAGE",
     "PUBLISH",
 ];
+
+/// A SIP message dropped unanswered; `reason` is one of [`DROP_REASONS`].
+pub(crate) fn sip_dropped(reason: &'static str) {
+    let reason = if DROP_REASONS.contains(&reason) {
+        reason
+    } else {
+        "other"
+    };
+    counter!(SIP_DROPPED, "reason" => reason).increment(1);
+}
+
+/// The metric label of a switchboard `Dispatch::Drop` reason.
+pub(crate) fn drop_label(why: &str) -> &'static str {
+    match why {
+        "unknown source" => "unknown_source",
+        "banned source" => "banned",
+        "scanner" => "scanner",
+        "unparseable" | "invalid request" | "invalid ACK" | "malformed: source banned" => {
+            "malformed"
+        }
+        "in-dialog request from outside the dialog" | "response from outside the dialog" => {
+            "out_of_dialog"
+        }
+        _ => "other",
+    }
+}
+
+/// The switchboard's defence counters, as they stand.
+pub(crate) fn security(counts: &crate::call::SecurityCounts) {
+    for (reason, n) in counts.bans {
+        counter!(SIP_BANS, "reason" => reason.as_str()).absolute(n);
+    }
+    counter!(SIP_DIGEST_FAILURES).absolute(counts.digest_failures);
+    #[allow(clippy::cast_precision_loss)]
+    gauge!(SIP_TRACKED_SOURCES).set(counts.tracked_sources as f64);
+}
 
 /// The handle of the installed recorder, and when it was installed.
 static INSTALLED: OnceLock<Option<(PrometheusHandle, Instant)>> = OnceLock::new();
@@ -330,6 +387,34 @@ fn describe() {
         Unit::Count,
         "Database writes lost because the retry queue was full."
     );
+    describe_counter!(
+        SIP_DROPPED,
+        Unit::Count,
+        "SIP messages dropped without an answer, by reason (rate_limited, call_rate_limited, banned, unknown_source, scanner, malformed, out_of_dialog, other)."
+    );
+    describe_counter!(
+        SIP_BANS,
+        Unit::Count,
+        "Source addresses banned, by reason (digest, malformed, scanner)."
+    );
+    describe_counter!(
+        SIP_DIGEST_FAILURES,
+        Unit::Count,
+        "Digest authentication checks that failed."
+    );
+    describe_gauge!(
+        SIP_TRACKED_SOURCES,
+        Unit::Count,
+        "Source addresses the per-source rate limiter tracks."
+    );
+    for reason in DROP_REASONS {
+        counter!(SIP_DROPPED, "reason" => *reason).absolute(0);
+    }
+    for reason in ["digest", "malformed", "scanner"] {
+        counter!(SIP_BANS, "reason" => reason).absolute(0);
+    }
+    counter!(SIP_DIGEST_FAILURES).absolute(0);
+    gauge!(SIP_TRACKED_SOURCES).set(0.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(UPTIME).set(0.0);
     for result in ["ok", "rejected"] {

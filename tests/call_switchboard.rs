@@ -1,6 +1,8 @@
 //! Sans-IO tests of the switchboard's trunk identification (unknown source →
-//! 403, or silence when configured to drop) and of UPDATE handling in a live
-//! call (an UPDATE with a hold offer is answered without dropping the call).
+//! silence by default, 403 when configured to reject), of its source gate
+//! (rate limits, scanner and malformed-message bans, never for a trunk's own
+//! addresses) and of UPDATE handling in a live call (an UPDATE with a hold
+//! offer is answered without dropping the call).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -145,13 +147,39 @@ fn an_overloaded_switchboard_sheds_new_invites_with_503_and_recovers() {
 }
 
 #[test]
-fn unknown_source_gets_403_or_silence() {
+fn unknown_source_gets_silence_or_403() {
     let mut rng = StdRng::seed_from_u64(1);
     let now = Instant::now();
     let invite = request("INVITE", "u1", 1, None, &sdp("sendrecv"));
+    let options = request("OPTIONS", "u2", 1, None, "");
+    let garbage = b"OPTIONS sip:x SIP/2.0\r\nVia: nonsense\r\n\r\n".to_vec();
 
-    // The only trunk allows 10.0.0.0/8; we come from 127.0.0.1.
+    // The only trunk allows 10.0.0.0/8; we come from 127.0.0.1. By default
+    // nothing at all is answered: not the INVITE, not an OPTIONS ping (what
+    // svmap sends), not a malformed message.
     let cfg = config("", "10.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    for msg in [&invite, &options, &garbage] {
+        let d = dispatch(&mut sb, now, msg, &mut rng);
+        assert!(matches!(d, Dispatch::Drop("unknown source")), "{d:?}");
+    }
+
+    // `unknown_source = "reject"` (either spelling): 403 to the INVITE (with a
+    // CDR) and to the OPTIONS.
+    let cfg = config_with(
+        "[profile.security]\nunknown_source = \"reject\"",
+        "10.0.0.0/8",
+        "",
+    );
+    let mut sb = switchboard(&cfg, &mut rng);
+    match dispatch(&mut sb, now, &options, &mut rng) {
+        Dispatch::Reply { transmit, record } => {
+            assert_eq!(status_of(&transmit.bytes), 403);
+            assert!(record.is_none());
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    let cfg = config("unknown_source = \"reject\"", "10.0.0.0/8");
     let mut sb = switchboard(&cfg, &mut rng);
     let d = dispatch(&mut sb, now, &invite, &mut rng);
     match d {
@@ -168,12 +196,115 @@ fn unknown_source_gets_403_or_silence() {
     let mut sb = switchboard(&cfg, &mut rng);
     let d = dispatch(&mut sb, now, &invite, &mut rng);
     assert!(matches!(d, Dispatch::Drop(_)), "{d:?}");
+    // [profile.security] wins over the older [profile.sip] spelling.
+    let cfg = config_with(
+        "unknown_source = \"reject\"\n[profile.security]\nunknown_source = \"drop\"",
+        "10.0.0.0/8",
+        "",
+    );
+    let mut sb = switchboard(&cfg, &mut rng);
+    let d = dispatch(&mut sb, now, &options, &mut rng);
+    assert!(matches!(d, Dispatch::Drop(_)), "{d:?}");
 
     // The same INVITE from an allowed source is admitted.
     let cfg = config("", "127.0.0.0/8");
     let mut sb = switchboard(&cfg, &mut rng);
     let d = dispatch(&mut sb, now, &invite, &mut rng);
     assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
+}
+
+/// A config whose trunk `carrier` has digest credentials: its `allow` does
+/// not make its sources trusted.
+fn digest_config(security: &str) -> Arc<sipbridge::config::Config> {
+    config_with(
+        &format!("[profile.security]\n{security}"),
+        "127.0.0.0/8",
+        "[trunk.digest]\nusername = \"u\"\npassword = \"pw-for-switchboard-tests\"\nrealm = \"r\"",
+    )
+}
+
+#[test]
+fn the_gate_rate_limits_untrusted_sources_before_parsing() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let t0 = Instant::now();
+    let cfg = digest_config("request_burst_per_source = 10\ncall_burst_per_source = 4");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let ip = "127.0.0.9".parse().unwrap();
+    let invites = (0..20)
+        .filter(|_| sb.screen(t0, ip, b"INVITE sip:x SIP/2.0").is_ok())
+        .count();
+    assert_eq!(invites, 4, "the INVITE bucket");
+    let others = (0..20)
+        .filter(|_| sb.screen(t0, ip, b"OPTIONS sip:x SIP/2.0").is_ok())
+        .count();
+    assert_eq!(others, 6, "the message bucket (4 INVITEs took 4 of 10)");
+    // The refill: 50 messages and 5 INVITEs a second by default.
+    let t1 = t0 + Duration::from_millis(200);
+    assert!(sb.screen(t1, ip, b"INVITE sip:x SIP/2.0").is_ok());
+    assert!(sb.screen(t1, ip, b"INVITE sip:x SIP/2.0").is_err());
+
+    // A trunk identified by address alone is trusted: never limited.
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    for _ in 0..1000 {
+        assert!(sb.screen(t0, ip, b"INVITE sip:x SIP/2.0").is_ok());
+    }
+}
+
+#[test]
+fn scanners_and_malformed_floods_are_banned_but_never_a_trunk_address() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let t0 = Instant::now();
+    let cfg = digest_config("malformed_ban_after = 3\nban_s = 30");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let peer_ip = PEER.parse::<SocketAddr>().unwrap().ip();
+
+    // A scanner's User-Agent: dropped and banned.
+    let mut scan = String::from_utf8(request("OPTIONS", "s1", 1, None, "")).unwrap();
+    scan = scan.replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nUser-Agent: friendly-scanner\r\n",
+    );
+    let d = dispatch(&mut sb, t0, scan.as_bytes(), &mut rng);
+    assert!(matches!(d, Dispatch::Drop("scanner")), "{d:?}");
+    assert!(sb.screen(t0, peer_ip, b"OPTIONS sip:x SIP/2.0").is_err());
+    let bans = sb.bans_in_force(t0, 10);
+    assert_eq!(bans.len(), 1);
+    assert_eq!(bans[0].reason.as_str(), "scanner");
+    assert_eq!(bans[0].remaining, Duration::from_secs(30));
+    // The ban expires.
+    let later = t0 + Duration::from_secs(31);
+    assert!(sb.screen(later, peer_ip, b"OPTIONS sip:x SIP/2.0").is_ok());
+
+    // Three malformed messages: the third bans.
+    let garbage = b"NOT SIP AT ALL\r\n\r\n";
+    for i in 0..3 {
+        let d = dispatch(&mut sb, later, garbage, &mut rng);
+        if i < 2 {
+            assert!(
+                !matches!(d, Dispatch::Drop("malformed: source banned")),
+                "{d:?}"
+            );
+        } else {
+            assert!(
+                matches!(d, Dispatch::Drop("malformed: source banned")),
+                "{d:?}"
+            );
+        }
+    }
+    assert!(sb.screen(later, peer_ip, b"OPTIONS sip:x SIP/2.0").is_err());
+    assert_eq!(sb.security_counts().bans[1].1, 1, "one malformed ban");
+
+    // A trunk address (a trunk without digest allows it): never banned.
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let d = dispatch(&mut sb, t0, scan.as_bytes(), &mut rng);
+    assert!(!matches!(d, Dispatch::Drop(_)), "{d:?}");
+    for _ in 0..100 {
+        let _ = dispatch(&mut sb, t0, garbage, &mut rng);
+    }
+    assert!(sb.screen(t0, peer_ip, b"OPTIONS sip:x SIP/2.0").is_ok());
+    assert!(sb.bans_in_force(t0, 10).is_empty());
 }
 
 /// The daemon loads each tenant's prompt once at start; early media needs it.

@@ -1,21 +1,54 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! Replays every file of the committed fuzz corpus (`fuzz/corpus/parse_message/`)
-//! through the fuzz target's function, without cargo-fuzz or nightly.
+//! Replays every file of the committed fuzz corpora (`fuzz/corpus/<target>/`)
+//! through the fuzz targets' own functions, without cargo-fuzz or nightly: a
+//! crash the fuzzers found (its input is kept in the corpus) stays fixed.
 
 #[path = "../fuzz/exercise.rs"]
 mod exercise;
+#[path = "../fuzz/exercise_agent.rs"]
+mod exercise_agent;
+#[path = "../fuzz/exercise_rtp.rs"]
+mod exercise_rtp;
+#[path = "../fuzz/exercise_sdp.rs"]
+mod exercise_sdp;
 
-#[test]
-fn replay_parse_message_corpus() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_message");
+/// Runs `f` on every file of `fuzz/corpus/<target>`; returns how many.
+fn replay(target: &str, f: fn(&[u8])) -> usize {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
-        let res = std::panic::catch_unwind(|| exercise::exercise(&data));
+        let res = std::panic::catch_unwind(|| f(&data));
         assert!(res.is_ok(), "corpus file {} panicked", path.display());
         n += 1;
     }
+    n
+}
+
+#[test]
+fn replay_parse_message_corpus() {
+    let n = replay("parse_message", exercise::exercise);
     // the torture files (49 + 12 + 12) plus our own literals
     assert!(n >= 90, "corpus has only {n} files");
+}
+
+#[test]
+fn replay_sdp_corpus() {
+    let n = replay("sdp", exercise_sdp::exercise);
+    assert!(n >= 9, "corpus has only {n} files");
+}
+
+#[test]
+fn replay_rtp_corpus() {
+    let n = replay("rtp", exercise_rtp::exercise);
+    assert!(n >= 8, "corpus has only {n} files");
+}
+
+#[test]
+fn replay_agent_json_corpus() {
+    let n = replay("agent_json", exercise_agent::exercise);
+    assert!(n >= 18, "corpus has only {n} files");
 }

@@ -70,6 +70,7 @@ pub(super) fn routes() -> Router<AdminState> {
         .route("/v1/export", post(export))
         .route("/v1/reload", post(reload))
         .route("/v1/audit", get(audit_log))
+        .route("/v1/security/bans", get(list_bans))
 }
 
 // ---- errors ------------------------------------------------------------------
@@ -1222,6 +1223,31 @@ async fn export(
 // ---- reload --------------------------------------------------------------------
 
 /// Runs the daemon's reload; audited whatever the outcome.
+/// Most bans one `GET /v1/security/bans` lists.
+const MAX_BANS_LISTED: usize = 1000;
+
+/// The SIP ban list (admin token only): each banned source, why, and the
+/// seconds left (rounded up).
+async fn list_bans(
+    State(state): State<AdminState>,
+    principal: Principal,
+) -> ApiResult<axum::Json<Value>> {
+    admin_only(&principal)?;
+    let bans: Vec<Value> = state
+        .control
+        .bans(MAX_BANS_LISTED)
+        .into_iter()
+        .map(|b| {
+            json!({
+                "source": b.source.to_string(),
+                "reason": b.reason.as_str(),
+                "expires_in_s": b.remaining.as_millis().div_ceil(1000),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "bans": bans })))
+}
+
 async fn reload(
     State(state): State<AdminState>,
     principal: Principal,

@@ -356,6 +356,9 @@ mod tests {
         > {
             Box::pin(async { Err(crate::control::ReloadError::Draining) })
         }
+        fn bans(&self, _: usize) -> Vec<crate::call::source_gate::Ban> {
+            Vec::new()
+        }
     }
 
     /// A configuration whose tenant `acme` accepts `token`.

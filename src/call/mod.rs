@@ -13,6 +13,7 @@ pub mod bridged;
 mod cdr;
 mod media;
 mod session;
+pub mod source_gate;
 pub mod supervisor;
 mod switchboard;
 
@@ -24,7 +25,8 @@ pub use media::{
     MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError, PcmFrame,
 };
 pub use switchboard::{
-    Admitted, Dispatch, PortAllocator, Switchboard, SwitchboardSettings, dialed_number,
+    Admitted, Dispatch, PortAllocator, SecurityCounts, Switchboard, SwitchboardSettings,
+    dialed_number,
 };
 
 use crate::sip::dialog::Dialog;

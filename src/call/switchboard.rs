@@ -11,6 +11,7 @@
 use super::MediaPlan;
 use super::auth_guard::{AuthGuard, AuthLimits, AuthRefusal};
 use super::session::SessionTimer;
+use super::source_gate::{BanReason, GateDrop, GateLimits, SourceGate};
 use super::{
     ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, RecordingStatus, SUPPORTED,
     Transmit, TransportKind,
@@ -141,6 +142,9 @@ pub struct SwitchboardSettings {
     pub auth_limits: AuthLimits,
     /// Calls not yet confirmed by ACK, per source address.
     pub max_unconfirmed_per_source: usize,
+    /// Per-source rate limits and bans (the switchboard adds the trusted
+    /// sources from the trunks: [`Switchboard::new`]).
+    pub gate: GateLimits,
 }
 
 /// A new call the switchboard admitted: create a `Call` with these settings
@@ -177,6 +181,22 @@ pub enum Dispatch {
     /// Ignore it (responses without a call, ACKs without a transaction,
     /// unknown sources when configured to drop, garbage).
     Drop(&'static str),
+}
+
+/// Counters of the edge's defences since start ([`Switchboard::security_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecurityCounts {
+    /// Sources banned, by reason: digest, malformed, scanner.
+    pub bans: [(BanReason, u64); 3],
+    /// Digest checks that failed.
+    pub digest_failures: u64,
+    /// Sources the gate tracks now.
+    pub tracked_sources: usize,
+}
+
+/// Whether `req` names a live call (its Call-ID, before validation).
+fn has_call_id(req: &Request, has_call: &impl Fn(&str) -> bool) -> bool {
+    req.call_id().is_ok_and(has_call)
 }
 
 /// Remembered answers to rejected INVITEs (branch → bytes), bounded.
@@ -259,6 +279,10 @@ pub struct Switchboard {
     digest: HashMap<String, DigestServer>,
     /// Failed digest checks per source and username; bans.
     auth: AuthGuard,
+    /// Per-source rate limits and the ban list (screened before parsing).
+    gate: SourceGate,
+    /// Digest checks that failed (wrong answers), for metrics.
+    digest_failures: u64,
     counts: Counts,
     /// Live calls by Call-ID: where their in-dialog messages may come from.
     dialogs: HashMap<String, DialogSources>,
@@ -373,8 +397,36 @@ impl SwitchboardSettings {
                 profile.security.max_unconfirmed_calls_per_source,
             )
             .unwrap_or(usize::MAX),
+            gate: GateLimits {
+                requests_per_second: f64::from(profile.security.requests_per_second_per_source),
+                requests_burst: f64::from(profile.security.request_burst_per_source),
+                calls_per_second: f64::from(profile.security.calls_per_second_per_source),
+                calls_burst: f64::from(profile.security.call_burst_per_source),
+                malformed: profile.security.malformed_ban_after,
+                malformed_window: profile.security.malformed_window,
+                ban: profile.security.ban,
+                scanner_user_agents: profile.security.scanner_user_agents.clone(),
+                trusted: profile.security.never_ban.clone(),
+            },
         }
     }
+}
+
+/// The gate's limits for `config`: `settings.gate` with the trusted sources
+/// completed, and the auth guard's never-ban list the same: `never_ban`, and
+/// the `allow` networks of trunks identified by address alone (no digest).
+/// A trunk with digest credentials is not trusted by address: its `allow`
+/// is often the whole internet.
+fn with_trusted(config: &Config, mut settings: SwitchboardSettings) -> SwitchboardSettings {
+    let mut trusted = settings.gate.trusted.clone();
+    for trunk in config.trunks.iter().filter(|t| t.digest.is_none()) {
+        trusted.extend(trunk.allow.iter().copied());
+    }
+    trusted.sort();
+    trusted.dedup();
+    settings.gate.trusted = trusted.clone();
+    settings.auth_limits.never_ban = trusted;
+    settings
 }
 
 impl Switchboard {
@@ -415,6 +467,7 @@ impl Switchboard {
         ports: PortAllocator,
         rng: &mut impl RngCore,
     ) -> Self {
+        let settings = with_trusted(&config, settings);
         let mut digest = HashMap::new();
         for trunk in &config.trunks {
             if let Some(creds) = &trunk.digest {
@@ -430,6 +483,8 @@ impl Switchboard {
         Switchboard {
             config,
             auth: AuthGuard::new(settings.auth_limits.clone()),
+            gate: SourceGate::new(settings.gate.clone()),
+            digest_failures: 0,
             settings,
             digest,
             counts: Counts::default(),
@@ -461,6 +516,7 @@ impl Switchboard {
         prompts: HashMap<String, Arc<Prompt>>,
         rng: &mut impl RngCore,
     ) {
+        let settings = with_trusted(&config, settings);
         let range = |c: &Config| {
             c.profiles
                 .first()
@@ -495,9 +551,45 @@ impl Switchboard {
         }
         self.digest = digest;
         self.auth.set_limits(settings.auth_limits.clone());
+        self.gate.set_limits(settings.gate.clone());
         self.config = config;
         self.settings = settings;
         self.prompts = prompts;
+    }
+
+    /// Screens a message by its source and first line, before it is parsed
+    /// ([`SourceGate::screen`]): `Err` drops it unanswered.
+    pub fn screen(&mut self, now: Instant, ip: IpAddr, first_line: &[u8]) -> Result<(), GateDrop> {
+        self.gate.screen(now, ip, first_line)
+    }
+
+    /// Whether `ip` is banned now (a TCP/TLS connection from it is closed
+    /// as soon as it is accepted).
+    pub fn is_banned_at(&self, now: Instant, ip: IpAddr) -> bool {
+        self.gate.is_banned(now, ip)
+    }
+
+    /// Bans in force (at most `max`), longest remaining first.
+    pub fn bans_in_force(&self, now: Instant, max: usize) -> Vec<super::source_gate::Ban> {
+        self.gate.bans_in_force(now, max)
+    }
+
+    /// Counters of the edge's defences since start (for metrics).
+    pub fn security_counts(&self) -> SecurityCounts {
+        SecurityCounts {
+            bans: self.gate.bans_by_reason(),
+            digest_failures: self.digest_failures,
+            tracked_sources: self.gate.tracked(),
+        }
+    }
+
+    /// Whether some trunk allows `ip` by address.
+    fn source_known(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.config.trunk_for_source(ip).is_some()
     }
 
     /// Whether new calls are being refused (SIGTERM drain).
@@ -658,9 +750,16 @@ impl Switchboard {
         has_call: impl Fn(&str) -> bool,
         rng: &mut impl RngCore,
     ) -> Dispatch {
+        let ip = peer.addr.ip();
         let msg = match parsed {
             Ok(m) => m,
             Err(e) => {
+                if self.gate.malformed(now, ip) {
+                    return Dispatch::Drop("malformed: source banned");
+                }
+                if self.settings.drop_unknown_sources && !self.source_known(ip) {
+                    return Dispatch::Drop("unknown source");
+                }
                 let err = SipError::from(e);
                 return match error_response(raw, &err) {
                     Some(bytes) => self.reply(peer, bytes),
@@ -682,6 +781,19 @@ impl Switchboard {
             }
             Message::Request(req) => req,
         };
+        if let Some(ua) = req.headers.get("User-Agent")
+            && self.gate.user_agent(now, ip, ua)
+        {
+            return Dispatch::Drop("scanner");
+        }
+        if self.settings.drop_unknown_sources
+            && !self.source_known(ip)
+            && !has_call_id(&req, &has_call)
+        {
+            // Nothing at all for a source no trunk allows: not even a 400
+            // tells a scanner there is a SIP service here.
+            return Dispatch::Drop("unknown source");
+        }
         if let Err(e) = validate_request(&req) {
             if req.method == Method::Ack {
                 return Dispatch::Drop("invalid ACK");
@@ -705,6 +817,22 @@ impl Switchboard {
         // From here on every answer goes where the request's Via says.
         let reply_to = super::response_dest(&req, peer);
         let in_dialog = req.to().ok().is_some_and(|t| t.tag().is_some());
+        if req.method != Method::Invite && !self.source_known(ip) {
+            // `unknown_source = "reject"`: 403 to anything but a new call
+            // (which gets its 403 and CDR in `admit`); never an answer to ACK.
+            if req.method == Method::Ack {
+                return Dispatch::Drop("ACK without a transaction");
+            }
+            let mut resp = Response::for_request(&req, 403);
+            if let Ok(mut to) = req.to()
+                && to.tag().is_none()
+            {
+                to.params
+                    .set("tag", Some(&format!("{:016x}", rng.next_u64())));
+                resp.headers.set("To", to.to_string());
+            }
+            return self.reply(reply_to, resp.encode());
+        }
         match (&req.method, in_dialog) {
             (Method::Ack, _) => Dispatch::Drop("ACK without a transaction"),
             (Method::Options, _) => {
@@ -925,12 +1053,16 @@ impl Switchboard {
                     unix,
                 ),
             };
-            if let Err(e) = verdict
+            if let Err(e) = &verdict
                 && e.is_guess()
-                && self.auth.failed(now, ip, user.as_deref())
             {
-                record.cause = format!("auth: {e}; source banned");
-                return reject(self, &mut record, 403, vec![], false);
+                self.digest_failures += 1;
+                if self.auth.failed(now, ip, user.as_deref()) {
+                    let ban = self.settings.auth_limits.ban;
+                    self.gate.ban(now, ip, BanReason::Digest, ban);
+                    record.cause = format!("auth: {e}; source banned");
+                    return reject(self, &mut record, 403, vec![], false);
+                }
             }
             if let Err(e) = verdict {
                 let stale = matches!(e, crate::sip::digest::DigestError::StaleNonce);

@@ -309,7 +309,9 @@ pub struct SipSettings {
     pub session_expires: Duration,
     /// Smallest Session-Expires we accept (default and floor 90 s).
     pub min_se: Duration,
-    /// Requests from unknown sources.
+    /// Requests from sources no trunk allows (default: drop, no answer).
+    /// Set by `[profile.security] unknown_source`, or the older spelling
+    /// `[profile.sip] unknown_source` when the former is absent.
     pub unknown_source: UnknownSource,
     /// Ringing time between 180 and 200 (default 0: answer at once).
     pub answer_delay: Duration,
@@ -323,7 +325,7 @@ impl Default for SipSettings {
             t4: Duration::from_millis(5000),
             session_expires: Duration::from_secs(1800),
             min_se: Duration::from_secs(90),
-            unknown_source: UnknownSource::Reject,
+            unknown_source: UnknownSource::Drop,
             answer_delay: Duration::ZERO,
         }
     }

@@ -154,12 +154,7 @@ pub(crate) struct RawSip {
     pub(crate) answer_delay_ms: Option<Spanned<u32>>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum RawUnknownSource {
-    Reject,
-    Drop,
-}
+pub(crate) use super::security::RawUnknownSource;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

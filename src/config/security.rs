@@ -11,6 +11,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+/// `unknown_source` as written (`[profile.security]`, or the older
+/// `[profile.sip]` spelling).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawUnknownSource {
+    Reject,
+    Drop,
+}
+
 /// `[profile.security]` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +42,26 @@ pub(crate) struct RawSecurity {
     pub(crate) tcp_max_connections: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) tcp_max_connections_per_source: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) unknown_source: Option<RawUnknownSource>,
+    #[serde(default)]
+    pub(crate) requests_per_second_per_source: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) request_burst_per_source: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) calls_per_second_per_source: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) call_burst_per_source: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) malformed_ban_after: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) malformed_window_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) ban_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) scanner_user_agents: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) udp_receive_buffer_bytes: Option<Spanned<u32>>,
 }
 
 /// The resolved `[profile.security]` of a profile.
@@ -64,7 +93,47 @@ pub struct SecuritySettings {
     pub tcp_max_connections: u32,
     /// TCP connections open at once per source address and listener (default 32).
     pub tcp_max_connections_per_source: u32,
+    /// Set when the profile says `unknown_source` here (it overrides the
+    /// older `[profile.sip] unknown_source`; the resolved value is
+    /// [`super::SipSettings::unknown_source`], default drop).
+    pub unknown_source: Option<super::UnknownSource>,
+    /// SIP messages per second per source (token-bucket refill; 0: no limit;
+    /// default 50). Trusted sources (`never_ban`, the `allow` networks of
+    /// trunks without digest) are never limited.
+    pub requests_per_second_per_source: u32,
+    /// Messages a source may send at once (bucket size, default 100).
+    pub request_burst_per_source: u32,
+    /// New INVITEs per second per source (0: no limit; default 5).
+    pub calls_per_second_per_source: u32,
+    /// INVITEs a source may send at once (default 20).
+    pub call_burst_per_source: u32,
+    /// Unparseable messages within `malformed_window` that ban a source
+    /// (0: never; default 20).
+    pub malformed_ban_after: u32,
+    /// Window of `malformed_ban_after` (default 60 s).
+    pub malformed_window: Duration,
+    /// How long a malformed-message or scanner ban lasts (default 600 s).
+    pub ban: Duration,
+    /// Lower-case `User-Agent` substrings of scanners: a source that sends
+    /// one is banned for `ban` (default [`DEFAULT_SCANNERS`]).
+    pub scanner_user_agents: Vec<String>,
+    /// SO_RCVBUF asked for on SIP UDP sockets (default 4 MiB; the kernel
+    /// caps it at `net.core.rmem_max` unless the daemon may force it).
+    pub udp_receive_buffer_bytes: u32,
 }
+
+/// `User-Agent`s of SIP scanners and password crackers (SIPVicious and its
+/// clones, sipcli, the Vax SDK's default, sundayddr, iWar, SIPScan).
+pub(crate) const DEFAULT_SCANNERS: &[&str] = &[
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "vaxsipuseragent",
+    "sundayddr",
+    "iwar",
+    "sipscan",
+    "sip-scan",
+];
 
 /// Default [`SecuritySettings::rtp_latch_window`].
 const DEFAULT_RTP_LATCH_WINDOW: Duration = Duration::from_secs(2);
@@ -83,6 +152,16 @@ impl Default for SecuritySettings {
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
             tcp_max_connections_per_source: 32,
+            unknown_source: None,
+            requests_per_second_per_source: 50,
+            request_burst_per_source: 100,
+            calls_per_second_per_source: 5,
+            call_burst_per_source: 20,
+            malformed_ban_after: 20,
+            malformed_window: Duration::from_secs(60),
+            ban: Duration::from_secs(600),
+            scanner_user_agents: DEFAULT_SCANNERS.iter().map(|s| (*s).to_owned()).collect(),
+            udp_receive_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -145,6 +224,75 @@ pub(crate) fn resolve(
         1_000_000,
     ) {
         s.tcp_max_connections_per_source = n;
+    }
+    s.unknown_source = r.unknown_source.map(|u| match u {
+        RawUnknownSource::Reject => super::UnknownSource::Reject,
+        RawUnknownSource::Drop => super::UnknownSource::Drop,
+    });
+    let counts: [(&Option<Spanned<u32>>, &str, u32, &mut u32); 5] = [
+        (
+            &r.requests_per_second_per_source,
+            "requests_per_second_per_source",
+            0,
+            &mut s.requests_per_second_per_source,
+        ),
+        (
+            &r.request_burst_per_source,
+            "request_burst_per_source",
+            1,
+            &mut s.request_burst_per_source,
+        ),
+        (
+            &r.calls_per_second_per_source,
+            "calls_per_second_per_source",
+            0,
+            &mut s.calls_per_second_per_source,
+        ),
+        (
+            &r.call_burst_per_source,
+            "call_burst_per_source",
+            1,
+            &mut s.call_burst_per_source,
+        ),
+        (
+            &r.malformed_ban_after,
+            "malformed_ban_after",
+            0,
+            &mut s.malformed_ban_after,
+        ),
+    ];
+    for (v, name, lo, slot) in counts {
+        if let Some(n) = ranged(v, name, lo, 1_000_000) {
+            *slot = n;
+        }
+    }
+    if let Some(n) = ranged(&r.malformed_window_s, "malformed_window_s", 1, 86_400) {
+        s.malformed_window = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(&r.ban_s, "ban_s", 1, 604_800) {
+        s.ban = Duration::from_secs(u64::from(n));
+    }
+    if let Some(n) = ranged(
+        &r.udp_receive_buffer_bytes,
+        "udp_receive_buffer_bytes",
+        65_536,
+        1 << 30,
+    ) {
+        s.udp_receive_buffer_bytes = n;
+    }
+    if let Some(list) = &r.scanner_user_agents {
+        s.scanner_user_agents.clear();
+        for v in list {
+            let text = v.get_ref().trim().to_ascii_lowercase();
+            if text.is_empty() || text.len() > 128 {
+                errors.push((
+                    v.span(),
+                    "scanner_user_agents entries must be 1 to 128 characters".to_owned(),
+                ));
+            } else {
+                s.scanner_user_agents.push(text);
+            }
+        }
     }
     for v in r.never_ban.iter().flatten() {
         let text = v.get_ref();

@@ -682,6 +682,10 @@ fn check_profiles(
         for (span, msg) in errors {
             cx.error(file, Some(span), msg);
         }
+        let mut sip = sip;
+        if let Some(u) = security.unknown_source {
+            sip.unknown_source = u;
+        }
         let log_caller_data = log_caller_data(cx, file, p.logging.as_ref());
         let store = store_settings(cx, file, p.store.as_ref());
 

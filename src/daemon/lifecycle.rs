@@ -464,7 +464,7 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
             .iter()
             .any(|l| l.kind == kind && l.configured == addr)
         {
-            let bound = transport::bind(kind, addr)
+            let bound = transport::bind(kind, addr, profile.security.udp_receive_buffer_bytes)
                 .await
                 .map_err(|e| ReloadError::Bind(format!("{e:#}")))?;
             fresh.push(bound);

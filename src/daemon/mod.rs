@@ -257,6 +257,20 @@ impl Shared {
         })
     }
 
+    /// Screens a message by its source and first line before it is parsed
+    /// (rate limits, bans: [`crate::call::source_gate`]). False: drop it.
+    pub(crate) fn screen(&self, ip: std::net::IpAddr, raw: &[u8]) -> bool {
+        let head = &raw[..raw.len().min(256)];
+        let first_line = head.split(|b| *b == b'\n').next().unwrap_or(head);
+        match lock(&self.switchboard).screen(Instant::now(), ip, first_line) {
+            Ok(()) => true,
+            Err(why) => {
+                crate::metrics::sip_dropped(why.as_str());
+                false
+            }
+        }
+    }
+
     fn decide(
         &self,
         raw: &[u8],
@@ -283,7 +297,7 @@ impl Shared {
         if writable != sb.is_store_writable() {
             sb.set_store_writable(writable);
         }
-        sb.dispatch(
+        let dispatch = sb.dispatch(
             Instant::now(),
             SystemTime::now(),
             raw,
@@ -291,7 +305,9 @@ impl Shared {
             peer,
             |id| calls.contains_key(id),
             rng,
-        )
+        );
+        crate::metrics::security(&sb.security_counts());
+        dispatch
     }
 
     /// Acts on one inbound message (already parsed or failed to parse).
@@ -318,7 +334,10 @@ impl Shared {
                 }
                 self.transports.send(transmit).await;
             }
-            Dispatch::Drop(why) => debug!(%peer.addr, why, "dropped"),
+            Dispatch::Drop(why) => {
+                crate::metrics::sip_dropped(crate::metrics::drop_label(why));
+                debug!(%peer.addr, why, "dropped");
+            }
             Dispatch::NewCall(admitted) => self.start_call(*admitted, rng).await,
         }
     }
@@ -930,6 +949,10 @@ fn ensure_master_key(config: &crate::config::Config, rng: &mut StdRng) -> anyhow
 impl Control for Shared {
     fn config(&self) -> Arc<crate::config::Config> {
         Arc::clone(lock(&self.switchboard).config())
+    }
+
+    fn bans(&self, max: usize) -> Vec<crate::call::source_gate::Ban> {
+        lock(&self.switchboard).bans_in_force(Instant::now(), max)
     }
 
     fn is_draining(&self) -> bool {

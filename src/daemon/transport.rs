@@ -185,15 +185,44 @@ pub(crate) fn kind_name(kind: TransportKind) -> &'static str {
     }
 }
 
-/// Binds one listener.
-pub(crate) async fn bind(kind: TransportKind, addr: SocketAddr) -> anyhow::Result<Bound> {
+/// Asks for a `bytes` receive buffer (SO_RCVBUF) on a SIP UDP socket, so a
+/// burst (300 BYEs at once from one carrier) waits in the kernel instead of
+/// being dropped there. Linux caps the request at `net.core.rmem_max` (and
+/// reports twice what it grants); a smaller grant is logged.
+fn size_receive_buffer(sock: &UdpSocket, addr: SocketAddr, bytes: u32) {
+    let sock = socket2::SockRef::from(sock);
+    let wanted = usize::try_from(bytes).unwrap_or(usize::MAX);
+    if let Err(e) = sock.set_recv_buffer_size(wanted) {
+        warn!(%addr, error = %e, "SO_RCVBUF not set");
+        return;
+    }
+    match sock.recv_buffer_size() {
+        Ok(got) if got < wanted => warn!(
+            %addr,
+            wanted,
+            got,
+            "udp receive buffer smaller than configured (raise net.core.rmem_max)"
+        ),
+        Ok(got) => debug!(%addr, got, "udp receive buffer"),
+        Err(_) => {}
+    }
+}
+
+/// Binds one listener (a UDP one with a `udp_receive_buffer`-byte SO_RCVBUF).
+pub(crate) async fn bind(
+    kind: TransportKind,
+    addr: SocketAddr,
+    udp_receive_buffer: u32,
+) -> anyhow::Result<Bound> {
     let name = kind_name(kind);
     let socket = match kind {
-        TransportKind::Udp => Socket::Udp(Arc::new(
-            UdpSocket::bind(addr)
+        TransportKind::Udp => {
+            let sock = UdpSocket::bind(addr)
                 .await
-                .map_err(|e| anyhow::anyhow!("{name} {addr}: {e}"))?,
-        )),
+                .map_err(|e| anyhow::anyhow!("{name} {addr}: {e}"))?;
+            size_receive_buffer(&sock, addr, udp_receive_buffer);
+            Socket::Udp(Arc::new(sock))
+        }
         TransportKind::Tcp => Socket::Tcp(
             TcpListener::bind(addr)
                 .await
@@ -266,7 +295,7 @@ pub(crate) async fn bind_all(
     };
     let mut bound = Vec::new();
     for (kind, addr) in wanted(profile) {
-        bound.push(bind(kind, addr).await?);
+        bound.push(bind(kind, addr, profile.security.udp_receive_buffer_bytes).await?);
     }
     let (settings, rtp_bind) = settings_for(profile, bound.iter().map(|b| (b.kind(), b.local)));
     let (start, end) = (profile.rtp_ports.start, profile.rtp_ports.end);
@@ -350,6 +379,11 @@ async fn udp_loop(shared: Arc<Shared>, sock: Arc<UdpSocket>, flow: u64, mut rng:
         if raw.iter().all(|b| matches!(b, b'\r' | b'\n' | b' ' | 0)) {
             continue; // keep-alive
         }
+        // Rate limits and bans, on the first line only: a flood costs a
+        // lookup per datagram, never a parse.
+        if !shared.screen(from.ip(), raw) {
+            continue;
+        }
         let peer = Peer {
             transport: TransportKind::Udp,
             addr: from,
@@ -364,13 +398,13 @@ async fn udp_loop(shared: Arc<Shared>, sock: Arc<UdpSocket>, flow: u64, mut rng:
 /// Open TCP connections of one listener, in total and per source address
 /// (`[profile.security]` caps them; a connection over a cap is closed at once).
 #[derive(Default)]
-struct TcpCounts {
+pub(super) struct TcpCounts {
     total: usize,
     per_source: HashMap<std::net::IpAddr, usize>,
 }
 
 /// Gives a connection's place back when its task ends, however it ends.
-struct TcpSlot {
+pub(super) struct TcpSlot {
     counts: Arc<Mutex<TcpCounts>>,
     ip: std::net::IpAddr,
 }
@@ -388,7 +422,7 @@ impl Drop for TcpSlot {
     }
 }
 
-fn tcp_limits(shared: &Shared) -> (usize, usize, std::time::Duration) {
+pub(super) fn tcp_limits(shared: &Shared) -> (usize, usize, std::time::Duration) {
     let sb = lock(&shared.switchboard);
     let s = sb
         .config()
@@ -404,6 +438,44 @@ fn tcp_limits(shared: &Shared) -> (usize, usize, std::time::Duration) {
     )
 }
 
+/// A connection just accepted from `from`: its place under the connection
+/// caps, or `None` (over a cap, or its source is banned: close it at once;
+/// `refused` counts those, logged at the 1st, 2nd, 4th … refusal).
+pub(super) fn admit_connection(
+    shared: &Shared,
+    counts: &Arc<Mutex<TcpCounts>>,
+    from: SocketAddr,
+    refused: &mut u64,
+    kind: &'static str,
+) -> Option<TcpSlot> {
+    if lock(&shared.switchboard).is_banned_at(std::time::Instant::now(), from.ip()) {
+        crate::metrics::sip_dropped("banned");
+        return None;
+    }
+    let (max_total, max_per_source, _) = tcp_limits(shared);
+    let slot = {
+        let mut c = lock(counts);
+        let mine = c.per_source.get(&from.ip()).copied().unwrap_or(0);
+        if c.total >= max_total || mine >= max_per_source {
+            None
+        } else {
+            c.total += 1;
+            *c.per_source.entry(from.ip()).or_default() += 1;
+            Some(TcpSlot {
+                counts: Arc::clone(counts),
+                ip: from.ip(),
+            })
+        }
+    };
+    if slot.is_none() {
+        *refused += 1;
+        if refused.is_power_of_two() {
+            warn!(%from, refused = *refused, transport = kind, "connection over the connection caps; closed");
+        }
+    }
+    slot
+}
+
 async fn tcp_accept_loop(shared: Arc<Shared>, listener: TcpListener, mut rng: StdRng) {
     let counts = Arc::new(Mutex::new(TcpCounts::default()));
     let mut refused = 0u64;
@@ -416,30 +488,11 @@ async fn tcp_accept_loop(shared: Arc<Shared>, listener: TcpListener, mut rng: St
                 continue;
             }
         };
-        let (max_total, max_per_source, idle) = tcp_limits(&shared);
-        let slot = {
-            let mut c = lock(&counts);
-            let mine = c.per_source.get(&from.ip()).copied().unwrap_or(0);
-            if c.total >= max_total || mine >= max_per_source {
-                None
-            } else {
-                c.total += 1;
-                *c.per_source.entry(from.ip()).or_default() += 1;
-                Some(TcpSlot {
-                    counts: Arc::clone(&counts),
-                    ip: from.ip(),
-                })
-            }
-        };
-        let Some(slot) = slot else {
-            // Over a cap: closed at once (dropping the stream), logged sparsely.
-            refused += 1;
-            if refused.is_power_of_two() {
-                warn!(%from, refused, "tcp connection over the connection caps; closed");
-            }
+        let Some(slot) = admit_connection(&shared, &counts, from, &mut refused, "tcp") else {
             drop(stream);
             continue;
         };
+        let (_, _, idle) = tcp_limits(&shared);
         let flow = shared.transports.next_flow.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(&shared);
         let rng = StdRng::from_rng(&mut rng);
@@ -510,6 +563,9 @@ async fn tcp_connection(
                     since = tokio::time::Instant::now();
                     crate::metrics::sip_received(Some(&msg));
                     let raw = msg_bytes(&msg);
+                    if !shared.screen(from.ip(), &raw) {
+                        continue;
+                    }
                     shared.inbound(&raw, Ok(msg), peer, &mut rng).await;
                 }
                 Ok(None) => break,

@@ -228,6 +228,25 @@ struct Parsed {
 /// elements, padding) and return the payload range. Everything the `rtp`
 /// crate would index is proven in bounds here first.
 fn check_layout(d: &[u8]) -> Result<(usize, usize), RejectReason> {
+    let header_len = check_header(d)?;
+    let b0 = d[0];
+    let mut payload_end = d.len();
+    if b0 & 0x20 != 0 {
+        let pad = usize::from(d.last().copied().unwrap_or(0));
+        if pad == 0 || pad > d.len() - header_len {
+            return Err(RejectReason::BadPadding);
+        }
+        payload_end -= pad;
+    }
+    Ok((header_len, payload_end))
+}
+
+/// Walk the RTP header (fixed part, CSRCs, extension and its RFC 8285
+/// elements) and return its length: everything the `rtp` crate's header
+/// parser reads is then in bounds. SRTP checks this before handing a packet
+/// to `webrtc-srtp`, which parses the header (and panics on an extension
+/// element longer than its block) before checking the authentication tag.
+pub(crate) fn check_header(d: &[u8]) -> Result<usize, RejectReason> {
     let (Some(&b0), true) = (d.first(), d.len() >= FIXED_HEADER) else {
         return Err(RejectReason::Truncated);
     };
@@ -254,15 +273,7 @@ fn check_layout(d: &[u8]) -> Result<(usize, usize), RejectReason> {
         walk_extension_elements(profile, block)?;
         header_len = ext_end;
     }
-    let mut payload_end = d.len();
-    if b0 & 0x20 != 0 {
-        let pad = usize::from(d.last().copied().unwrap_or(0));
-        if pad == 0 || pad > d.len() - header_len {
-            return Err(RejectReason::BadPadding);
-        }
-        payload_end -= pad;
-    }
-    Ok((header_len, payload_end))
+    Ok(header_len)
 }
 
 /// Check that every RFC 8285 element of a one-byte (0xBEDE) or two-byte

@@ -120,6 +120,12 @@ impl SrtpSession {
         if packet.len() < 12 + overhead(self.params.suite).0 {
             return Err(SrtpError::Rejected("too short".to_owned()));
         }
+        // webrtc-srtp 0.17.2 parses the header (with the `rtp` crate) before
+        // it checks the tag, and that parser panics on an RFC 8285 element
+        // longer than its extension block (found by fuzz/fuzz_targets/rtp.rs):
+        // the header is walked here first.
+        crate::media::rtp::check_header(packet)
+            .map_err(|e| SrtpError::Rejected(format!("malformed RTP header: {e:?}")))?;
         admit(&mut self.rtp_ssrcs, ssrc)?;
         self.inbound
             .decrypt_rtp(packet)
@@ -206,6 +212,25 @@ mod tests {
         ];
         p.extend_from_slice(payload);
         p
+    }
+
+    /// The fuzzer's find (fuzz/corpus/rtp/crash-615ca3e7…): an RFC 8285
+    /// one-byte extension whose element claims 16 bytes of a 4-byte block
+    /// made webrtc-srtp's header parser panic before any tag check.
+    #[test]
+    fn an_extension_element_past_its_block_is_rejected_not_a_panic() {
+        for suite in SUITES {
+            let (mut ours, _) = pair(suite);
+            let mut p = vec![0x90, 0, 0, 1, 0, 0, 0, 160, 0xca, 0xfe, 0, 1];
+            // profile 0xBEDE, one 32-bit word: element id 1, length 16.
+            p.extend_from_slice(&[0xbe, 0xde, 0, 1, 0x1f, 0, 0, 0]);
+            p.extend_from_slice(&[0u8; 40]);
+            let got = ours.unprotect_rtp(&p);
+            assert!(
+                matches!(&got, Err(SrtpError::Rejected(why)) if why.contains("malformed")),
+                "{suite:?}: {got:?}"
+            );
+        }
     }
 
     const SUITES: [CryptoSuite; 6] = [

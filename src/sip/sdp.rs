@@ -548,11 +548,27 @@ impl SdpSession {
         for line in lines {
             match line {
                 MLine::Rejected(raw) => {
-                    let _ = write!(s, "m={} 0 {}", raw.media, raw.proto);
-                    if let Some(fmt) = &raw.first_fmt {
-                        let _ = write!(s, " {fmt}");
-                    }
-                    s.push_str("\r\n");
+                    // Echo the peer's media, proto and first format where they
+                    // are well-formed tokens (RFC 4566 §5.14); otherwise print
+                    // a placeholder we and any parser can read (a peer whose
+                    // garbage m= line ezk tolerated must not get an answer
+                    // nobody can parse — found by fuzz/fuzz_targets/sdp.rs).
+                    let media = if is_token(&raw.media, false) {
+                        raw.media.as_str()
+                    } else {
+                        "application"
+                    };
+                    let proto = if is_token(&raw.proto, true) {
+                        raw.proto.as_str()
+                    } else {
+                        "RTP/AVP"
+                    };
+                    let fmt = raw
+                        .first_fmt
+                        .as_deref()
+                        .filter(|f| is_token(f, false))
+                        .unwrap_or("0");
+                    let _ = write!(s, "m={media} 0 {proto} {fmt}\r\n");
                 }
                 MLine::Audio(a) => {
                     let _ = write!(s, "m=audio {} {}", a.port, a.proto);
@@ -591,6 +607,21 @@ impl SdpSession {
             }
         }
         s
+    }
+}
+
+/// Whether `s` is a non-empty run of letters, digits, `.`, `-`, `_` and `+`
+/// (with `slashes`: such runs joined by single `/`, as `RTP/SAVP`).
+fn is_token(s: &str, slashes: bool) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+    };
+    if slashes {
+        s.split('/').all(part)
+    } else {
+        part(s)
     }
 }
 

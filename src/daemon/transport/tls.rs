@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -102,8 +102,11 @@ impl TlsState {
     }
 }
 
-/// Accepts TCP connections on a `listen.tls` socket and runs a TLS session on each.
+/// Accepts TCP connections on a `listen.tls` socket and runs a TLS session on
+/// each, under the same connection caps as TCP (`[profile.security]`).
 pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut rng: StdRng) {
+    let counts = Arc::new(Mutex::new(super::TcpCounts::default()));
+    let mut refused = 0u64;
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(x) => x,
@@ -113,12 +116,18 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut 
                 continue;
             }
         };
+        let Some(slot) = super::admit_connection(&shared, &counts, from, &mut refused, "tls")
+        else {
+            drop(stream);
+            continue;
+        };
         let shared = Arc::clone(&shared);
         let rng = StdRng::from_rng(&mut rng);
         tokio::spawn(async move {
             if let Err(e) = accept_one(shared, stream, from, rng).await {
                 debug!(%from, error = %e, "tls connection refused");
             }
+            drop(slot);
         });
     }
 }
@@ -138,7 +147,9 @@ async fn accept_one(
         .server
         .ok_or_else(|| anyhow::anyhow!("no TLS certificate"))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(server);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+    // A handshake is the first thing a connection must complete.
+    let (_, _, idle) = super::tcp_limits(&shared);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT.min(idle), acceptor.accept(stream))
         .await
         .map_err(|_| anyhow::anyhow!("handshake timed out"))??;
     let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
@@ -148,14 +159,22 @@ async fn accept_one(
         return Ok(());
     }
     let flow = shared.transports.next_flow();
-    session(shared, tls, from, flow, rng).await;
+    session(shared, tls, from, flow, Some(idle), rng).await;
     Ok(())
 }
 
 /// One TLS connection (accepted or dialled): registers it as `flow`,
 /// decodes SIP from it and writes what is queued for it, until it closes.
-async fn session<S>(shared: Arc<Shared>, stream: S, from: SocketAddr, flow: u64, mut rng: StdRng)
-where
+/// An accepted one (`idle` set) must complete a message within `idle` of
+/// opening, and of starting each message, as on TCP.
+async fn session<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    from: SocketAddr,
+    flow: u64,
+    idle: Option<Duration>,
+    mut rng: StdRng,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -176,17 +195,39 @@ where
         addr: from,
         flow,
     };
+    let mut any_message = false;
+    let mut since = tokio::time::Instant::now();
     'conn: loop {
-        let n = match rd.read(&mut buf).await {
+        let read = rd.read(&mut buf);
+        let waiting = !any_message || decoder.buffered() > 0;
+        let got = match idle {
+            Some(idle) if waiting => match tokio::time::timeout_at(since + idle, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(%from, "tls connection sent no complete message in time; closing");
+                    break;
+                }
+            },
+            _ => read.await,
+        };
+        let n = match got {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if !waiting {
+            since = tokio::time::Instant::now();
+        }
         decoder.push(&buf[..n]);
         loop {
             match decoder.next_message() {
                 Ok(Some(msg)) => {
+                    any_message = true;
+                    since = tokio::time::Instant::now();
                     crate::metrics::sip_received(Some(&msg));
                     let raw = super::msg_bytes(&msg);
+                    if !shared.screen(from.ip(), &raw) {
+                        continue;
+                    }
                     shared.inbound(&raw, Ok(msg), peer, &mut rng).await;
                 }
                 Ok(None) => break,
@@ -227,7 +268,7 @@ pub(super) fn connect_and_send(state: &TlsState, addr: SocketAddr, bytes: Bytes)
                 }
                 info!(%addr, "outbound tls connection up");
                 let flow = shared.transports.next_flow();
-                session(shared, tls, addr, flow, StdRng::from_os_rng()).await;
+                session(shared, tls, addr, flow, None, StdRng::from_os_rng()).await;
             }
             Ok(Err(e)) => warn!(%addr, error = %e, "outbound tls failed"),
             Err(_) => warn!(%addr, "outbound tls timed out"),

@@ -58,6 +58,36 @@ fn lost_from_wire(v: u32) -> i32 {
     ((v << 8) as i32) >> 8
 }
 
+/// The SR, RR and BYE packets of a compound RTCP datagram, the only ones we
+/// read, each within the datagram by its length field (RFC 3550 §6.4);
+/// the others (SDES, APP, feedback, XR, unknown types) are skipped unread.
+/// `rtcp` 0.17.2 panics on some of those (a transport-layer NACK whose
+/// length field is shorter than its FCI reads past it: found by
+/// `fuzz/fuzz_targets/rtp.rs`), so they never reach its parser.
+fn reports_only(data: &[u8]) -> Result<Vec<u8>, RtpError> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (Some(&b0), Some(&pt), Some(&l0), Some(&l1)) =
+            (rest.first(), rest.get(1), rest.get(2), rest.get(3))
+        else {
+            return Err(RtpError::RtcpMalformed(rtcp::Error::PacketTooShort));
+        };
+        if b0 >> 6 != 2 {
+            return Err(RtpError::RtcpMalformed(rtcp::Error::BadVersion));
+        }
+        let len = 4 * (usize::from(u16::from_be_bytes([l0, l1])) + 1);
+        let Some(packet) = rest.get(..len) else {
+            return Err(RtpError::RtcpMalformed(rtcp::Error::PacketTooShort));
+        };
+        if matches!(pt, 200 | 201 | 203) {
+            out.extend_from_slice(packet);
+        }
+        rest = &rest[len..];
+    }
+    Ok(out)
+}
+
 /// Encode a (clamped) cumulative loss as 24-bit two's complement.
 fn lost_to_wire(v: i32) -> u32 {
     (v.clamp(-(1 << 23), (1 << 23) - 1) as u32) & 0x00ff_ffff
@@ -253,9 +283,15 @@ impl RtcpScheduler {
         }
     }
 
-    /// Digest one received RTCP datagram (compound or not).
+    /// Digest one received RTCP datagram (compound or not). Only its SR, RR
+    /// and BYE packets are read ([`reports_only`]).
     pub fn on_rtcp(&mut self, now: Instant, data: &[u8]) -> Result<(), RtpError> {
-        let packets = rtcp::packet::unmarshal(&mut &data[..]).map_err(RtpError::RtcpMalformed)?;
+        let reports = reports_only(data)?;
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let packets =
+            rtcp::packet::unmarshal(&mut &reports[..]).map_err(RtpError::RtcpMalformed)?;
         for p in &packets {
             let any = p.as_any();
             if let Some(sr) = any.downcast_ref::<SenderReport>() {
@@ -316,6 +352,34 @@ mod tests {
             compact(ntp),
             (((1_700_000_000 + NTP_UNIX_OFFSET) & 0xffff) << 16) as u32 | 0x8000
         );
+    }
+
+    /// The fuzzer's find (fuzz/corpus/rtp/crash-99ef0c1b…): a transport-layer
+    /// NACK (PT 205, FMT 1) whose length field covers only its SSRCs made the
+    /// `rtcp` crate read past it. Such packets are skipped; an RR beside them
+    /// is still read, and a length past the datagram is an error.
+    #[test]
+    fn feedback_packets_are_skipped_and_reports_still_read() {
+        let now = Instant::now();
+        let mut s = RtcpScheduler::new(
+            RtcpConfig::new("t"),
+            0x1234,
+            now,
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1),
+        )
+        .unwrap();
+        // NACK: V=2 FMT=1, PT 205, length 2 (sender and media SSRC, no FCI).
+        let mut d = vec![0x81, 205, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2];
+        // RR from SSRC 9 with one block about our SSRC 0x1234.
+        d.extend_from_slice(&[0x81, 201, 0, 7, 0, 0, 0, 9, 0, 0, 0x12, 0x34]);
+        d.extend_from_slice(&[0; 20]);
+        s.on_rtcp(now, &d).unwrap();
+        assert_eq!(s.remote_stats().ssrc, Some(9));
+        assert_eq!(s.remote_stats().reports, 1);
+        // Only the NACK: nothing read, no error.
+        s.on_rtcp(now, &d[..12]).unwrap();
+        // A length past the end.
+        assert!(s.on_rtcp(now, &[0x81, 201, 0, 9, 0, 0, 0, 9]).is_err());
     }
 
     #[test]

@@ -1,0 +1,53 @@
+//! One input through every parser of text the pipeline's peers send: the
+//! native agent protocol, Twilio Media Streams mode, and Deepgram's live
+//! results. Shared by the cargo-fuzz target (`fuzz_targets/agent_json.rs`)
+//! and the corpus replay test (`tests/fuzz_corpus.rs`).
+//!
+//! Properties beyond "no panic": Twilio mode ignores any message whose
+//! `streamSid` is not the stream's; decoded `media` is whole 20 ms-or-less
+//! PCM at the pipeline rate, never more samples than the payload implies.
+
+use sipbridge::pipeline::{AgentCommand, CallInfo};
+use sipbridge::pipeline::{deepgram, native, twilio::TwilioStream};
+
+/// The stream SID the corpus uses (Twilio's shape: `MZ` + 32 hex digits).
+pub(crate) const STREAM_SID: &str = "MZ00112233445566778899aabbccddeeff";
+
+fn info(rate: u32) -> CallInfo {
+    CallInfo {
+        call_id: "fuzz@example".to_owned(),
+        tenant: "t".to_owned(),
+        account_sid: None,
+        from: "+15550000001".to_owned(),
+        to: "+15550000002".to_owned(),
+        custom: Vec::new(),
+        sample_rate: rate,
+    }
+}
+
+pub(crate) fn exercise(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = native::parse_agent_text(&text);
+    let _ = deepgram::parse_server_text(&text);
+    for rate in [8000, 16000] {
+        let Ok(mut stream) = TwilioStream::new(&info(rate), STREAM_SID.to_owned()) else {
+            panic!("rate {rate} refused");
+        };
+        let cmd = stream.parse_agent_text(&text);
+        if cmd.is_some() {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            assert_eq!(
+                v.get("streamSid").and_then(serde_json::Value::as_str),
+                Some(STREAM_SID),
+                "command from a message for another stream"
+            );
+        }
+        if let Some(AgentCommand::Play(pcm)) = &cmd {
+            // base64 gives at most 3 bytes per 4 characters, one µ-law
+            // sample per byte, and at most 2 output samples per 8 kHz sample.
+            assert!(pcm.len() <= text.len() * 3 / 4 * (rate as usize / 8000) + 64);
+        }
+        // The same text twice: stateful decoding never panics on a second pass.
+        let _ = stream.parse_agent_text(&text);
+    }
+}
