@@ -145,6 +145,26 @@ fn rfc5118_ipv6_offer_with_pcmu_added() {
     ));
 }
 
+/// The `sdp` fuzz target's find: a second `m=` line whose tokens ezk tolerates but
+/// which has no readable proto or format was echoed as `m=audio 0 /0`, an answer no
+/// parser reads. Now the rejected line is a readable placeholder.
+#[test]
+fn a_garbage_m_line_is_rejected_with_a_readable_placeholder() {
+    let offer = sdp(&[
+        "v=0",
+        "o=- 1 2 IN IP4 10.0.0.20",
+        "s=-",
+        "c=IN IP4 10.0.0.20",
+        "t=0 0",
+        "m=audio 12000 RTP/AVP 0",
+        "m=audio 5-\u{0}\u{0}_SHA1 /0",
+    ]);
+    let (_, body) = SdpSession::new(1, "b").answer(&offer, &local()).unwrap();
+    let text = std::str::from_utf8(&body).unwrap();
+    assert!(!text.contains(" /0"), "{text}");
+    assert_eq!(reparse(&body).media_descriptions.len(), 2, "{text}");
+}
+
 #[test]
 fn t38_image_stream_is_rejected_with_its_own_type() {
     let offer = sdp(&[

@@ -610,6 +610,32 @@ impl SdpSession {
     }
 }
 
+/// An `a=crypto` line with every `|2^N` lifetime above 2^31 written as
+/// `|2^31`. ezk-sdp-types 0.6.1 computes `2u32.pow(N)`, which overflows (a
+/// panic where overflow checks are on) for N ≥ 32, and RFC 4568 allows up to
+/// 2^48; every lifetime of at least 2^31 means the same to us (long enough,
+/// see `sdes::choose`). Found by replaying the `sdp` fuzz corpus in a debug
+/// build.
+fn clamp_crypto_lifetimes(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains("|2^") {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find("|2^") {
+        out.push_str(&rest[..at + 3]);
+        rest = &rest[at + 3..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let big = digits > 2 || rest[..digits].parse::<u32>().is_ok_and(|n| n > 31);
+        if big {
+            out.push_str("31");
+            rest = &rest[digits..];
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Whether `s` is a non-empty run of letters, digits, `.`, `-`, `_` and `+`
 /// (with `slashes`: such runs joined by single `/`, as `RTP/SAVP`).
 fn is_token(s: &str, slashes: bool) -> bool {
@@ -696,6 +722,8 @@ impl ParsedSdp {
                     normalized.push_str("m=application");
                     normalized.push_str(after_type);
                 }
+            } else if line.starts_with("a=crypto:") {
+                normalized.push_str(&clamp_crypto_lifetimes(line));
             } else {
                 normalized.push_str(line);
             }
@@ -852,6 +880,29 @@ fn ptime(session: &SessionDescription, md: &MediaDescription) -> Option<u32> {
         .filter(|a| a.name == "ptime")
         .find_map(|a| a.value.as_deref()?.trim().parse::<u32>().ok())
         .filter(|p| PTIME_RANGE_MS.contains(p))
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::clamp_crypto_lifetimes;
+
+    #[test]
+    fn lifetimes_above_2_pow_31_are_clamped_and_others_kept() {
+        let l = "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:QUFB|2^48|1:1";
+        assert_eq!(
+            clamp_crypto_lifetimes(l),
+            "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:QUFB|2^31|1:1"
+        );
+        let l = "a=crypto:1 X inline:QUFB|2^20 inline:QkJC|2^99999999999999";
+        assert_eq!(
+            clamp_crypto_lifetimes(l),
+            "a=crypto:1 X inline:QUFB|2^20 inline:QkJC|2^31"
+        );
+        assert_eq!(
+            clamp_crypto_lifetimes("a=crypto:1 X inline:QUFB|2^"),
+            "a=crypto:1 X inline:QUFB|2^"
+        );
+    }
 }
 
 #[cfg(test)]
