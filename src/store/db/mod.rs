@@ -924,29 +924,7 @@ impl Store {
         call_id: &str,
         end: &CallEnd,
     ) -> Result<(), DbError> {
-        let n = self.conn.execute(
-            "UPDATE calls SET answered_at = ?3, ended_at = ?4, result_code = ?5, hangup_side = ?6, \
-             cause = ?7, codec = ?8, rtp_packets = ?9, rtp_lost = ?10, rtp_jitter_ms = ?11 \
-             WHERE call_id = ?1 AND tenant = ?2 AND ended_at IS NULL",
-            params![
-                call_id,
-                tenant,
-                end.answered_at,
-                end.ended_at,
-                end.result_code,
-                end.hangup_side,
-                end.cause,
-                end.codec,
-                end.rtp.packets,
-                end.rtp.lost,
-                end.rtp.jitter_ms
-            ],
-        )?;
-        if n == 0 {
-            check_call_tenant(&self.conn, tenant, call_id)?;
-            return Err(DbError::CallAlreadyEnded(call_id.to_owned()));
-        }
-        Ok(())
+        self.close_with(tenant, call_id, end, "", &[])
     }
 
     /// Closes a CDR with its media frame counts and whether it was
@@ -960,28 +938,45 @@ impl Store {
         frames: MediaFrames,
         recording: CallRecording,
     ) -> Result<(), DbError> {
-        let n = self.conn.execute(
+        self.close_with(
+            tenant,
+            call_id,
+            end,
+            ", frames_concealed = ?12, frames_dropped = ?13, recording = ?14",
+            &[&frames.concealed, &frames.dropped, &recording],
+        )
+    }
+
+    /// The one statement that closes a CDR: the end's columns, then
+    /// `more_columns` (assignments from `?12` on) with `more` values.
+    fn close_with(
+        &mut self,
+        tenant: &str,
+        call_id: &str,
+        end: &CallEnd,
+        more_columns: &str,
+        more: &[&dyn rusqlite::ToSql],
+    ) -> Result<(), DbError> {
+        let sql = format!(
             "UPDATE calls SET answered_at = ?3, ended_at = ?4, result_code = ?5, hangup_side = ?6, \
-             cause = ?7, codec = ?8, rtp_packets = ?9, rtp_lost = ?10, rtp_jitter_ms = ?11, \
-             frames_concealed = ?12, frames_dropped = ?13, recording = ?14 \
-             WHERE call_id = ?1 AND tenant = ?2 AND ended_at IS NULL",
-            params![
-                call_id,
-                tenant,
-                end.answered_at,
-                end.ended_at,
-                end.result_code,
-                end.hangup_side,
-                end.cause,
-                end.codec,
-                end.rtp.packets,
-                end.rtp.lost,
-                end.rtp.jitter_ms,
-                frames.concealed,
-                frames.dropped,
-                recording
-            ],
-        )?;
+             cause = ?7, codec = ?8, rtp_packets = ?9, rtp_lost = ?10, rtp_jitter_ms = ?11\
+             {more_columns} WHERE call_id = ?1 AND tenant = ?2 AND ended_at IS NULL"
+        );
+        let mut values: Vec<&dyn rusqlite::ToSql> = vec![
+            &call_id,
+            &tenant,
+            &end.answered_at,
+            &end.ended_at,
+            &end.result_code,
+            &end.hangup_side,
+            &end.cause,
+            &end.codec,
+            &end.rtp.packets,
+            &end.rtp.lost,
+            &end.rtp.jitter_ms,
+        ];
+        values.extend_from_slice(more);
+        let n = self.conn.execute(&sql, values.as_slice())?;
         if n == 0 {
             check_call_tenant(&self.conn, tenant, call_id)?;
             return Err(DbError::CallAlreadyEnded(call_id.to_owned()));
