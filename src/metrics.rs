@@ -110,6 +110,13 @@ pub(crate) mod names {
     pub(crate) const SIP_DIGEST_FAILURES: &str = "sipbridge_sip_digest_failures_total";
     /// Gauge: source addresses the rate limiter tracks now.
     pub(crate) const SIP_TRACKED_SOURCES: &str = "sipbridge_sip_tracked_sources";
+    /// Counter by `tenant` and `result` (`ok`, `failed`): webhook delivery attempts.
+    pub(crate) const WEBHOOK_DELIVERIES: &str = "sipbridge_webhook_deliveries_total";
+    /// Counter by `tenant` and `reason` (`queue_full`, `expired`, `shutdown`,
+    /// `reconfigured`): call events never delivered.
+    pub(crate) const WEBHOOK_DROPPED: &str = "sipbridge_webhook_events_dropped_total";
+    /// Gauge by `tenant`: call events waiting for the receiver.
+    pub(crate) const WEBHOOK_QUEUED: &str = "sipbridge_webhook_events_queued";
 }
 
 /// The `reason` label values of [`names::SIP_DROPPED`].
@@ -337,6 +344,21 @@ fn describe() {
         RECORDING_BYTES,
         Unit::Bytes,
         "Bytes of sealed recording files written."
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        Unit::Count,
+        "Call event webhook delivery attempts, by tenant and result (ok: a 2xx answer)."
+    );
+    describe_counter!(
+        WEBHOOK_DROPPED,
+        Unit::Count,
+        "Call events never delivered, by tenant and reason (queue_full drops the oldest)."
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUED,
+        Unit::Count,
+        "Call events waiting for the tenant's webhook receiver."
     );
     describe_counter!(
         STORE_DROPPED,
@@ -691,6 +713,22 @@ pub(crate) fn recording_bytes(n: u64) {
     if n > 0 {
         counter!(RECORDING_BYTES).increment(n);
     }
+}
+
+/// One webhook delivery attempt for `tenant`.
+pub(crate) fn webhook_delivery(tenant: &str, ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!(WEBHOOK_DELIVERIES, "tenant" => tenant.to_owned(), "result" => result).increment(1);
+}
+
+/// `n` call events for `tenant` dropped undelivered.
+pub(crate) fn webhook_dropped(tenant: &str, reason: &'static str, n: u64) {
+    counter!(WEBHOOK_DROPPED, "tenant" => tenant.to_owned(), "reason" => reason).increment(n);
+}
+
+/// Call events waiting for `tenant`'s receiver now.
+pub(crate) fn webhook_queued(tenant: &str, n: usize) {
+    gauge!(WEBHOOK_QUEUED, "tenant" => tenant.to_owned()).set(n as f64);
 }
 
 /// The store writer's queue was full: one operation dropped.

@@ -417,6 +417,62 @@ pub struct Tenant {
     /// Send a native-protocol agent a `stats` event this often
     /// (`stats_interval_s`, 1–3600 s); `None` (the default): never.
     pub stats_interval: Option<std::time::Duration>,
+    /// Call event webhooks (`events_url`, …); `None`: no events are sent.
+    pub events: Option<EventsTarget>,
+}
+
+/// Every call event type a webhook receiver can get (docs/webhooks.md,
+/// docs/events.schema.json), in the order of a call.
+pub const EVENT_TYPES: &[&str] = &[
+    "call.started",
+    "call.answered",
+    "call.ended",
+    "recording.ready",
+    "transcript.ready",
+    "transfer.started",
+    "transfer.completed",
+    "transfer.failed",
+];
+
+/// Default of `events_queue`: events waiting per tenant, at most.
+pub const DEFAULT_EVENTS_QUEUE: usize = 1000;
+/// Largest `events_queue`.
+pub const MAX_EVENTS_QUEUE: u32 = 100_000;
+
+/// A tenant's call event webhook receiver (`events_url`, `events_secret`,
+/// `events_ca`, `events_types`, `events_queue`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EventsTarget {
+    /// The URL as configured (`https://host[:port]/path[?query]`).
+    pub url: String,
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port (443 unless the URL names one).
+    pub port: u16,
+    /// Path and query of the request line.
+    pub path: String,
+    /// The HMAC-SHA256 key of `Sipbridge-Signature`.
+    pub secret: Secret,
+    /// Extra CA certificates (PEM) the receiver's chain may end at.
+    pub ca: Option<Secret>,
+    /// Event types sent: exact names or `family.*`; empty: all.
+    pub types: Vec<String>,
+    /// Events waiting for the receiver, at most (the oldest is dropped).
+    pub queue: usize,
+}
+
+impl EventsTarget {
+    /// Whether events of type `kind` go to this receiver.
+    pub fn wants(&self, kind: &str) -> bool {
+        self.types.is_empty()
+            || self.types.iter().any(|t| match t.strip_suffix(".*") {
+                Some(family) => kind
+                    .strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with('.')),
+                None => t == kind,
+            })
+    }
 }
 
 /// `[tenant.twilio_api]`: what telephony frameworks written for Twilio (Pipecat's

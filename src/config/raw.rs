@@ -234,6 +234,22 @@ pub(crate) struct RawTenant {
     /// Credentials for the Twilio-compatible REST subset (`[tenant.twilio_api]`).
     #[serde(default)]
     pub(crate) twilio_api: Option<Spanned<RawTwilioApi>>,
+    /// Call event webhooks: the receiver's `https://` URL.
+    #[serde(default)]
+    pub(crate) events_url: Option<Spanned<String>>,
+    /// Secret reference of the webhooks' HMAC-SHA256 key.
+    #[serde(default)]
+    pub(crate) events_secret: Option<Spanned<String>>,
+    /// Secret reference of a PEM CA bundle the receiver's certificate may
+    /// chain to (besides the Mozilla roots).
+    #[serde(default)]
+    pub(crate) events_ca: Option<Spanned<String>>,
+    /// Event types sent (`call.ended`, `transfer.*`, …); absent: all.
+    #[serde(default)]
+    pub(crate) events_types: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Events waiting for the receiver, at most.
+    #[serde(default)]
+    pub(crate) events_queue: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1308,6 +1308,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                 }
             }
         });
+        let events = check_events(cx, file, &t);
         let twilio_api = t.twilio_api.as_ref().and_then(|api| {
             let api = api.get_ref();
             let sid = api.account_sid.get_ref();
@@ -1373,12 +1374,160 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     admin_token_sha256,
                     twilio_api,
                     stats_interval,
+                    events,
                 },
                 (file, t.id.span()),
             ));
         }
     }
     out
+}
+
+/// A tenant's call event webhook settings (`events_*`): an `https://` URL
+/// with a host and no user info, a signing secret of at least 16 bytes, a
+/// CA bundle that parses, known event types, a queue of 1 to
+/// [`super::MAX_EVENTS_QUEUE`].
+fn check_events(cx: &mut Cx<'_>, file: usize, t: &RawTenant) -> Option<super::EventsTarget> {
+    let (url, secret) = match (&t.events_url, &t.events_secret) {
+        (None, None) => {
+            let stray = [
+                t.events_ca.as_ref().map(|c| (c.span(), "events_ca")),
+                t.events_types.as_ref().map(|c| (c.span(), "events_types")),
+                t.events_queue.as_ref().map(|c| (c.span(), "events_queue")),
+            ];
+            for (span, what) in stray.into_iter().flatten() {
+                cx.error(file, Some(span), format!("{what} needs events_url"));
+            }
+            return None;
+        }
+        (Some(u), None) => {
+            cx.error(
+                file,
+                Some(u.span()),
+                "events_url needs events_secret (the HMAC-SHA256 key of Sipbridge-Signature, \
+                 e.g. env:EVENTS_SECRET)",
+            );
+            return None;
+        }
+        (None, Some(s)) => {
+            cx.error(file, Some(s.span()), "events_secret needs events_url");
+            return None;
+        }
+        (Some(u), Some(s)) => (u, s),
+    };
+    let parsed = parse_events_url(url.get_ref());
+    if let Err(why) = &parsed {
+        cx.error(
+            file,
+            Some(url.span()),
+            format!("events_url `{}`: {why}", url.get_ref().escape_default()),
+        );
+    }
+    let secret = match cx.secret(file, secret, "events_secret") {
+        Some(v) if v.expose().len() < 16 && !cx.data_only => {
+            cx.error(
+                file,
+                Some(secret.span()),
+                "events_secret must be at least 16 bytes",
+            );
+            None
+        }
+        other => other,
+    };
+    let ca = match &t.events_ca {
+        Some(c) => match cx.secret(file, c, "events_ca") {
+            Some(ca) => {
+                if !cx.data_only
+                    && let Err(e) = super::tls::client_config(Some(ca.expose()))
+                {
+                    cx.error(file, Some(c.span()), format!("events_ca: {e}"));
+                    return None;
+                }
+                Some(ca)
+            }
+            None => return None,
+        },
+        None => None,
+    };
+    let mut types = Vec::new();
+    if let Some(list) = &t.events_types {
+        if list.get_ref().is_empty() {
+            cx.error(
+                file,
+                Some(list.span()),
+                "events_types is empty: leave it out to send every event",
+            );
+        }
+        for ty in list.get_ref() {
+            let name = ty.get_ref();
+            let known = match name.strip_suffix(".*") {
+                Some(family) => super::EVENT_TYPES
+                    .iter()
+                    .any(|k| k.split('.').next() == Some(family)),
+                None => super::EVENT_TYPES.contains(&name.as_str()),
+            };
+            if known {
+                types.push(name.clone());
+            } else {
+                cx.error(
+                    file,
+                    Some(ty.span()),
+                    format!(
+                        "events_types: unknown event type `{}` (known: {}, or a family such as `transfer.*`)",
+                        name.escape_default(),
+                        super::EVENT_TYPES.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    let queue = bounded(
+        cx,
+        file,
+        t.events_queue.as_ref(),
+        "events_queue",
+        super::MAX_EVENTS_QUEUE,
+        u32::try_from(super::DEFAULT_EVENTS_QUEUE).unwrap_or(1000),
+    );
+    let (host, port, path) = parsed.ok()?;
+    Some(super::EventsTarget {
+        url: url.get_ref().clone(),
+        host,
+        port,
+        path,
+        secret: secret?,
+        ca,
+        types,
+        queue: usize::try_from(queue).unwrap_or(super::DEFAULT_EVENTS_QUEUE),
+    })
+}
+
+/// `https://host[:port][/path][?query]` → (host, port, path and query).
+fn parse_events_url(url: &str) -> Result<(String, u16, String), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err("must start with https:// (events are signed, and sent only over TLS)".into());
+    }
+    let authority = uri.authority().ok_or("has no host")?;
+    if authority.as_str().contains('@') {
+        return Err("must not carry a user name or password (the signature authenticates)".into());
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    let path = uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let path = if path.is_empty() { "/" } else { path };
+    Ok((
+        host.to_owned(),
+        authority.port_u16().unwrap_or(443),
+        path.to_owned(),
+    ))
 }
 
 /// Checks that a prompt is a RIFF WAV, 16-bit integer PCM, mono or stereo, 8–48 kHz.

@@ -355,6 +355,11 @@ async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
         // Drains the queue: CDRs closed, open recordings finished.
         let _ = tokio::task::spawn_blocking(move || records.shutdown()).await;
     }
+    // The last events (call.ended, recording.ready) get a bounded moment.
+    shared
+        .events
+        .shutdown(super::webhooks::SHUTDOWN_GRACE)
+        .await;
 }
 
 /// Polls `done` every 20 ms until it holds or `deadline` passes.
@@ -512,6 +517,7 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
     if let Some(records) = &shared.records {
         records.configure(&key, &config.tenants);
     }
+    shared.events.configure(&config.tenants);
     let summary = ReloadSummary {
         trunks: config.trunks.len(),
         tenants: config.tenants.len(),

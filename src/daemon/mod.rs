@@ -10,6 +10,7 @@ mod lifecycle;
 mod reject_log;
 mod store_link;
 mod transport;
+pub(crate) mod webhooks;
 
 use crate::call::bridged::{
     AgentEvent, AgentPlan as BridgeAgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup,
@@ -69,6 +70,8 @@ pub(crate) struct Shared {
     pub(crate) fallback_prompts: Mutex<HashMap<String, Arc<FallbackAudio>>>,
     /// Rejected call attempts of the current interval, per source.
     pub(crate) reject_log: Mutex<reject_log::RejectLog>,
+    /// Call event webhooks (`events_url`); emitters never wait.
+    pub(crate) events: Arc<webhooks::Events>,
 }
 
 /// How a call connects to its network pipeline (the shell's half: where to
@@ -95,23 +98,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// the database keeps the real record, the log only a trace of it.
 pub(crate) fn log_cdr(shared: &Shared, record: &CallRecord) {
     crate::metrics::call_attempt(record.result_code, record.tenant.as_deref());
-    let hashed_tenant = record.tenant.as_deref().is_none_or(|t| {
-        lock(&shared.switchboard)
-            .config()
-            .tenant(t)
-            .is_none_or(|t| t.hash_caller_numbers)
-    });
-    let mut value = serde_json::to_value(record).unwrap_or_default();
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("from".into(), crate::logging::number(&record.from).into());
-        if hashed_tenant {
-            obj.insert("to".into(), crate::logging::number(&record.to).into());
-        }
-    }
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("recorded".into(), record.recording.recorded().into());
-    }
-    let json = value.to_string();
+    let json = masked_cdr(shared, record).to_string();
     info!(
         target: "cdr",
         call_id = %crate::logging::wire(&record.call_id),
@@ -122,6 +109,36 @@ pub(crate) fn log_cdr(shared: &Shared, record: &CallRecord) {
         cdr = %crate::logging::json_terminal_safe(json),
         "call record"
     );
+}
+
+/// A CDR as the CDR log and the `call.ended` event show it: the caller's
+/// number masked, the dialled one too for a tenant that hashes caller
+/// numbers (or a call with no known tenant), unless `caller_data = "full"`.
+pub(crate) fn masked_cdr(shared: &Shared, record: &CallRecord) -> serde_json::Value {
+    let (from, to) = masked_numbers(shared, record.tenant.as_deref(), &record.from, &record.to);
+    let mut value = serde_json::to_value(record).unwrap_or_default();
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("from".into(), from.into());
+        obj.insert("to".into(), to.into());
+        obj.insert("recorded".into(), record.recording.recorded().into());
+    }
+    value
+}
+
+/// The caller's and the dialled number as the CDR log shows them.
+fn masked_numbers(shared: &Shared, tenant: Option<&str>, from: &str, to: &str) -> (String, String) {
+    let hashed_tenant = tenant.is_none_or(|t| {
+        lock(&shared.switchboard)
+            .config()
+            .tenant(t)
+            .is_none_or(|t| t.hash_caller_numbers)
+    });
+    let to = if hashed_tenant {
+        crate::logging::number(to)
+    } else {
+        to.to_owned()
+    };
+    (crate::logging::number(from), to)
 }
 
 /// Logs the summaries of a closed interval of rejected call attempts.
@@ -453,6 +470,20 @@ impl Shared {
             info: Arc::clone(&live),
         };
         lock(&self.calls).insert(call_id.clone(), entry);
+        if self.events.enabled(&live.tenant) {
+            let (from, to) = masked_numbers(self, Some(&live.tenant), &live.from, &live.to);
+            self.events.call_started(
+                &live.tenant,
+                &webhooks::CallStarted {
+                    call_id: call_id.clone(),
+                    trunk: live.trunk.clone(),
+                    from,
+                    to,
+                    started_at: live.started_at,
+                    recording: settings.plan.record,
+                },
+            );
+        }
         let shared = Arc::clone(self);
         let span = info_span!(
             "call",
@@ -674,9 +705,15 @@ impl CallTask<'_> {
             }
             BridgeEvent::Answered(neg) => {
                 info!(codec = ?neg.codec, remote = ?neg.remote_rtp, "answered");
-                self.live.answered_at.store(
-                    crate::store::db::unix_ms(SystemTime::now()),
-                    std::sync::atomic::Ordering::Relaxed,
+                let at = crate::store::db::unix_ms(SystemTime::now());
+                self.live
+                    .answered_at
+                    .store(at, std::sync::atomic::Ordering::Relaxed);
+                self.shared.events.call_answered(
+                    &self.live.tenant,
+                    &self.live.call_id,
+                    at,
+                    neg.codec.encoding_name(),
                 );
             }
             BridgeEvent::Confirmed => {
@@ -738,6 +775,12 @@ impl CallTask<'_> {
                     s.correct(&mut record);
                 }
                 log_cdr(self.shared, &record);
+                if self.shared.events.enabled(&self.live.tenant) {
+                    let cdr = masked_cdr(self.shared, &record);
+                    self.shared
+                        .events
+                        .call_ended(&self.live.tenant, &self.live.call_id, cdr);
+                }
                 if let Some(s) = &mut self.store {
                     s.ended(&record);
                 }
@@ -1019,7 +1062,9 @@ pub async fn run(
         life: lifecycle::Life::new(&config_path),
         fallback_prompts: Mutex::new(HashMap::new()),
         reject_log: Mutex::new(reject_log::RejectLog::new(Instant::now())),
+        events: Arc::new(webhooks::Events::default()),
     };
+    shared.events.configure(&config.tenants);
     let bound = bound.listeners;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
     *lock(&shared.fallback_prompts) = load_fallback_prompts(&config)?;
@@ -1029,9 +1074,14 @@ pub async fn run(
     if let Some(profile) = config.profiles.first() {
         let key = store_link::master_key_bytes(&profile.master_key)?;
         key_fingerprint = Some(lifecycle::fingerprint(&key));
-        let records =
-            store_link::Records::open(&profile.var_dir, &key, &config.tenants, profile.store)
-                .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
+        let records = store_link::Records::open(
+            &profile.var_dir,
+            &key,
+            &config.tenants,
+            profile.store,
+            Arc::clone(&shared.events),
+        )
+        .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
         master_key = Some(key);

@@ -108,6 +108,12 @@ enum Op {
         transcript: Box<crate::pipeline::Transcript>,
         at: UnixMs,
     },
+    /// A call's transcript sink is gone (the call and its pipeline's tail
+    /// ended): every segment it sent is ahead of this in the queue.
+    TranscriptsDone {
+        tenant: String,
+        call_id: String,
+    },
     /// A reloaded configuration's tenants (issue 7).
     Tenants {
         callers: Vec<(String, CallerIdPolicy)>,
@@ -182,6 +188,7 @@ impl Records {
         master_key: &[u8],
         tenants: &[crate::config::Tenant],
         settings: StoreSettings,
+        events: Arc<super::webhooks::Events>,
     ) -> anyhow::Result<Records> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -232,6 +239,8 @@ impl Records {
             retried: 0,
             retry_dropped: 0,
             retry_dropped_total: 0,
+            events,
+            transcripts_stored: HashMap::new(),
         };
         // Free space is known before the first call is admitted.
         writer.check();
@@ -440,6 +449,20 @@ struct TranscriptSink {
     /// The recording is paused (PCI): segments arriving meanwhile are dropped.
     paused: std::sync::atomic::AtomicBool,
     next: AtomicU64,
+}
+
+impl Drop for TranscriptSink {
+    /// The last holder (the call's store link, or the task that took the
+    /// pipeline's last transcripts) is gone: `transcript.ready` can go out
+    /// once the writer has stored what was sent.
+    fn drop(&mut self) {
+        if self.next.load(Ordering::Relaxed) > 1 {
+            self.records.send(Op::TranscriptsDone {
+                tenant: std::mem::take(&mut self.tenant),
+                call_id: std::mem::take(&mut self.call_id),
+            });
+        }
+    }
 }
 
 /// One ended call's transcript tail, counted in [`Records::transcript_tails`]
@@ -1042,6 +1065,10 @@ struct Writer {
     retried: u64,
     retry_dropped: u64,
     retry_dropped_total: u64,
+    /// `recording.ready` and `transcript.ready` go out from here.
+    events: Arc<super::webhooks::Events>,
+    /// Transcript segments stored per call whose sink is still open.
+    transcripts_stored: HashMap<String, u64>,
 }
 
 impl Writer {
@@ -1338,8 +1365,24 @@ impl Writer {
                 transcript,
                 at,
             } => {
-                if let Err(e) = self.transcript(&tenant, &call_id, id, &transcript, at) {
-                    warn!(call_id = %crate::logging::wire(&call_id), error = %e, "transcript not stored");
+                match self.transcript(&tenant, &call_id, id, &transcript, at) {
+                    Ok(()) => {
+                        if self.transcripts_stored.len() >= RETRY_QUEUE
+                            && !self.transcripts_stored.contains_key(&call_id)
+                        {
+                            // Their `TranscriptsDone` was lost (queue full).
+                            self.transcripts_stored.clear();
+                        }
+                        *self.transcripts_stored.entry(call_id).or_default() += 1;
+                    }
+                    Err(e) => {
+                        warn!(call_id = %crate::logging::wire(&call_id), error = %e, "transcript not stored");
+                    }
+                }
+            }
+            Op::TranscriptsDone { tenant, call_id } => {
+                if let Some(n) = self.transcripts_stored.remove(&call_id) {
+                    self.events.transcript_ready(&tenant, &call_id, n);
                 }
             }
             Op::Tenants { callers, retention } => {
@@ -1489,6 +1532,16 @@ impl Writer {
                 duration_ms: duration_ms(frames),
             });
             rec.status.store(REC_PARTIAL, Ordering::Relaxed);
+            self.events.recording_ready(
+                &rec.tenant,
+                &rec.call_id,
+                &super::webhooks::RecordingReady {
+                    recording_id: rec.id.clone(),
+                    state: "partial",
+                    duration_ms: duration_ms(frames),
+                    bytes: file_len(path),
+                },
+            );
             Failed::Partial {
                 id: rec.id,
                 path: path.to_owned(),
@@ -1523,6 +1576,16 @@ impl Writer {
         match rec.writer.finish() {
             Ok(s) => {
                 crate::metrics::recording_bytes(s.bytes.saturating_sub(before));
+                self.events.recording_ready(
+                    &rec.meta.tenant,
+                    &rec.meta.call_id,
+                    &super::webhooks::RecordingReady {
+                        recording_id: rec.meta.id.clone(),
+                        state: "complete",
+                        duration_ms: duration_ms(s.frames),
+                        bytes: s.bytes,
+                    },
+                );
                 self.db(DbWrite::RecordingState {
                     id: rec.meta.id,
                     state: RecordingState::Complete,
@@ -1609,6 +1672,8 @@ mod tests {
             retried: 0,
             retry_dropped: 0,
             retry_dropped_total: 0,
+            events: Arc::default(),
+            transcripts_stored: HashMap::new(),
         }
     }
 
