@@ -247,16 +247,22 @@ impl Events {
     /// task per tenant with an `events_url`. A changed receiver takes over
     /// the old one's queue. Call within the tokio runtime.
     pub(crate) fn configure(&self, tenants: &[crate::config::Tenant]) {
+        self.configure_targets(
+            tenants
+                .iter()
+                .filter_map(|t| Some((t.id.as_str(), t.events.as_ref()?))),
+        );
+    }
+
+    /// [`Events::configure`] with each tenant's receiver.
+    fn configure_targets<'a>(&self, targets: impl Iterator<Item = (&'a str, &'a EventsTarget)>) {
         let mut map = super::lock(&self.tenants);
         let mut next = HashMap::new();
-        for t in tenants {
-            let Some(target) = &t.events else {
-                continue;
-            };
-            if let Some(q) = map.get(&t.id)
+        for (id, target) in targets {
+            if let Some(q) = map.get(id)
                 && q.target == *target
             {
-                next.insert(t.id.clone(), Arc::clone(q));
+                next.insert(id.to_owned(), Arc::clone(q));
                 continue;
             }
             let tls = match crate::config::tls::client_config(
@@ -265,12 +271,12 @@ impl Events {
                 Ok(c) => c,
                 Err(e) => {
                     // Checked at load; a CA that stopped parsing since is logged.
-                    warn!(tenant = %t.id, error = %e, "events_ca unusable; call events not sent");
+                    warn!(tenant = %id, error = %e, "events_ca unusable; call events not sent");
                     continue;
                 }
             };
             let q = Arc::new(TenantQueue {
-                tenant: t.id.clone(),
+                tenant: id.to_owned(),
                 target: target.clone(),
                 tls,
                 events: Mutex::new(VecDeque::new()),
@@ -281,12 +287,12 @@ impl Events {
                 successor: Mutex::new(None),
                 dropped: AtomicU64::new(0),
             });
-            info!(tenant = %t.id, url = %crate::logging::wire(&target.url), "call events webhook");
+            info!(tenant = %id, url = %crate::logging::wire(&target.url), "call events webhook");
             tokio::spawn(deliver(Arc::clone(&q)));
-            if let Some(old) = map.get(&t.id) {
+            if let Some(old) = map.get(id) {
                 *super::lock(&old.successor) = Some(Arc::clone(&q));
             }
-            next.insert(t.id.clone(), q);
+            next.insert(id.to_owned(), q);
         }
         for (_, old) in map.drain() {
             let kept = next.get(&old.tenant).is_some_and(|q| Arc::ptr_eq(q, &old));
@@ -650,8 +656,238 @@ async fn deliver(q: Arc<TenantQueue>) {
 }
 
 #[cfg(test)]
+#[path = "../../tests/common/json_schema.rs"]
+mod json_schema;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Secret, SecretRef};
+
+    const KEY: &[u8] = b"0123456789abcdef-test";
+
+    /// A local HTTPS receiver (certificate from a test CA): records each
+    /// body, answers 200. Returns its port, the CA (PEM) and the bodies.
+    async fn receiver() -> (u16, String, Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(params, ca_key);
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        let key = KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        let identity = crate::config::TlsIdentity {
+            cert: Secret::new(cert.pem().into_bytes(), SecretRef::Inline),
+            key: Secret::new(key.serialize_pem().into_bytes(), SecretRef::Inline),
+            outbound_ca: None,
+        };
+        let config = crate::config::tls::server_config(&identity, &[]).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let record = Arc::clone(&record);
+                            async move {
+                                let headers = req.headers().clone();
+                                let body = req.into_body().collect().await?.to_bytes();
+                                record.lock().unwrap().push((headers, body));
+                                Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (port, ca_pem, hits)
+    }
+
+    fn target(port: u16, ca: &str, types: &[&str], queue: usize) -> EventsTarget {
+        EventsTarget {
+            url: format!("https://127.0.0.1:{port}/hook"),
+            host: "127.0.0.1".into(),
+            port,
+            path: "/hook".into(),
+            secret: Secret::new(KEY.to_vec(), SecretRef::Inline),
+            ca: Some(Secret::new(ca.as_bytes().to_vec(), SecretRef::Inline)),
+            types: types.iter().map(|t| (*t).to_owned()).collect(),
+            queue,
+        }
+    }
+
+    async fn wait_for(
+        hits: &Mutex<Vec<(http::HeaderMap, Bytes)>>,
+        n: usize,
+    ) -> Vec<serde_json::Value> {
+        for _ in 0..500 {
+            if hits.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let hits = hits.lock().unwrap();
+        for (headers, body) in hits.iter() {
+            let sig = headers[SIGNATURE_HEADER].to_str().unwrap();
+            let t: u64 = sig
+                .strip_prefix("t=")
+                .and_then(|r| r.split(',').next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(KEY).unwrap();
+            mac.update(format!("{t}.").as_bytes());
+            mac.update(body);
+            let v1 = sig.split(",v1=").nth(1).unwrap();
+            mac.verify_slice(&hex::decode(v1).unwrap()).unwrap();
+        }
+        hits.iter()
+            .map(|(_, b)| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
+    fn schema() -> serde_json::Value {
+        let text = include_str!("../../docs/events.schema.json");
+        serde_json::from_str(text).unwrap()
+    }
+
+    /// The transfer code's emitters reach the receiver, signed, in order,
+    /// valid against the schema; types the filter leaves out are not sent.
+    #[tokio::test]
+    async fn transfer_events_are_sent_signed_filtered_and_valid() {
+        let (port, ca, hits) = receiver().await;
+        let events = Events::default();
+        let t = target(port, &ca, &["transfer.*", "transcript.ready"], 10);
+        events.configure_targets([("acme", &t)].into_iter());
+        let blind = Transfer {
+            to: "tel:+15557654321".into(),
+            mode: "blind",
+        };
+        let bridge = Transfer {
+            to: "sip:desk@pbx.example.com".into(),
+            mode: "bridge",
+        };
+        events.call_answered("acme", "c1", 1, "PCMU");
+        events.transfer_started("acme", "c1", &blind);
+        events.transfer_failed("acme", "c1", &blind, "refused", Some(403));
+        events.transfer_started("acme", "c1", &bridge);
+        events.transfer_completed("acme", "c1", &bridge, Some(200));
+        events.transcript_ready("acme", "c1", 7);
+        events.transfer_started("other-tenant", "c2", &bridge);
+        let got = wait_for(&hits, 5).await;
+        let kinds: Vec<&str> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "transfer.started",
+                "transfer.failed",
+                "transfer.started",
+                "transfer.completed",
+                "transcript.ready"
+            ]
+        );
+        let schema = schema();
+        for v in &got {
+            let errors = super::json_schema::violations(&schema, v);
+            assert!(errors.is_empty(), "{v}: {errors:?}");
+            assert_eq!(v["tenant"], "acme");
+            assert_eq!(v["call_id"], "c1");
+        }
+        assert_eq!(got[1]["data"]["reason"], "refused");
+        assert_eq!(got[1]["data"]["sip_status"], 403);
+        assert_eq!(got[3]["data"]["to"], "sip:desk@pbx.example.com");
+        assert_eq!(got[4]["data"]["segments"], 7);
+        events.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// The schema rejects what the daemon must never send.
+    #[test]
+    fn the_schema_rejects_a_wrong_event() {
+        let schema = schema();
+        let ok = serde_json::json!({"id": "evt_0123456789abcdef01234567", "type": "transcript.ready",
+            "created_at": 1, "tenant": "a", "call_id": "c", "data": {"segments": 2}});
+        assert!(super::json_schema::violations(&schema, &ok).is_empty());
+        for bad in [
+            serde_json::json!({"type": "transcript.ready"}),
+            serde_json::json!({"id": "evt_0123456789abcdef01234567", "type": "call.exploded",
+                "created_at": 1, "tenant": "a", "call_id": "c", "data": {}}),
+            serde_json::json!({"id": "evt_0123456789abcdef01234567", "type": "recording.ready",
+                "created_at": 1, "tenant": "a", "call_id": "c",
+                "data": {"recording_id": "r", "state": "complete", "duration_ms": 1, "bytes": 2, "key": "k"}}),
+        ] {
+            assert!(
+                !super::json_schema::violations(&schema, &bad).is_empty(),
+                "{bad}"
+            );
+        }
+    }
+
+    /// A full queue drops its oldest event and counts it; the newest stay.
+    #[tokio::test]
+    async fn a_full_queue_drops_the_oldest() {
+        let events = Events::default();
+        // Nothing listens on port 9 of 127.0.0.1 (discard): deliveries fail.
+        let t = target(9, "", &[], 2);
+        let mut t = t;
+        t.ca = None;
+        events.configure_targets([("acme", &t)].into_iter());
+        let q = super::super::lock(&events.tenants)["acme"].clone();
+        // Let the task take the first event and hold it in its back-off.
+        events.transcript_ready("acme", "held", 1);
+        for _ in 0..100 {
+            if q.busy.load(Ordering::Relaxed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for n in 1..=5 {
+            events.transcript_ready("acme", &format!("c{n}"), n);
+        }
+        let queued: Vec<String> = super::super::lock(&q.events)
+            .iter()
+            .map(|e| e.envelope.call_id.clone())
+            .collect();
+        assert_eq!(queued, ["c4", "c5"]);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 3);
+        events.shutdown(Duration::ZERO).await;
+    }
+
+    /// A reload that changes the receiver hands the old one's queue (and the
+    /// event it was retrying) to the new one, in order.
+    #[tokio::test]
+    async fn a_new_receiver_takes_over_the_queue() {
+        let events = Events::default();
+        let mut down = target(9, "", &[], 10);
+        down.ca = None;
+        events.configure_targets([("acme", &down)].into_iter());
+        for n in 1..=3 {
+            events.transcript_ready("acme", &format!("c{n}"), n);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (port, ca, hits) = receiver().await;
+        let up = target(port, &ca, &[], 10);
+        events.configure_targets([("acme", &up)].into_iter());
+        let got = wait_for(&hits, 3).await;
+        let calls: Vec<&str> = got.iter().map(|v| v["call_id"].as_str().unwrap()).collect();
+        assert_eq!(calls, ["c1", "c2", "c3"]);
+        events.shutdown(Duration::from_secs(1)).await;
+    }
 
     #[test]
     fn types_match_the_configuration_list() {
