@@ -152,6 +152,7 @@ fn every_example_passes_with_its_secrets_provided() {
             .current_dir(repo_root())
             .env("DEEPGRAM_API_KEY", "dg-env-key")
             .env("AGENT_TOKEN", "agent-env-token")
+            .env("EVENTS_SECRET", "events-env-secret-0123")
             .env("CREDENTIALS_DIRECTORY", creds.path())
             .output()
             .unwrap();
@@ -168,6 +169,7 @@ fn examples_without_their_secrets_name_each_missing_one() {
         .current_dir(repo_root())
         .env_remove("DEEPGRAM_API_KEY")
         .env_remove("AGENT_TOKEN")
+        .env_remove("EVENTS_SECRET")
         .output()
         .unwrap();
     let (_, stderr) = text(&out);
@@ -186,6 +188,110 @@ fn examples_without_their_secrets_name_each_missing_one() {
         f,
         line_of(&src, "auth = "),
         "`AGENT_TOKEN` is not set",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&src, "events_secret = "),
+        "`EVENTS_SECRET` is not set",
+    );
+}
+
+#[test]
+fn event_webhook_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let ck = rcgen::generate_simple_self_signed(vec!["hooks.example.com".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("hooks-ca.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("not-a-ca.pem"), "hello").unwrap();
+    let good = profile(5031).replace(
+        "pipeline = { kind = \"echo\" }",
+        "pipeline = { kind = \"echo\" }\n\
+         events_url = \"https://hooks.example.com:8443/sipbridge?src=pbx\"\n\
+         events_secret = \"env:EVENTS_SECRET\"\n\
+         events_ca = \"file:hooks-ca.pem\"\n\
+         events_types = [\"call.ended\", \"transfer.*\"]\n\
+         events_queue = 50",
+    );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let run = |name: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+            .args(["check", "--config", name])
+            .current_dir(dir.path())
+            .env("EVENTS_SECRET", "a-secret-of-24-bytes-xyz")
+            .env_remove("SIPBRIDGE_LOG")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        (out.status.code(), stdout, stderr)
+    };
+    let (code, stdout, stderr) = run("good.toml");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(
+            "    events: https://hooks.example.com:8443/sipbridge?src=pbx (call.ended, transfer.*; \
+             queue 50; secret env:EVENTS_SECRET (sha256:"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("; own CA)"), "{stdout}");
+    assert!(!stdout.contains("a-secret-of-24-bytes-xyz"), "{stdout}");
+
+    let bad = good
+        .replace("https://hooks.example.com:8443", "http://hooks.example.com")
+        .replace("file:hooks-ca.pem", "file:not-a-ca.pem")
+        .replace("\"transfer.*\"", "\"call.exploded\"")
+        .replace("events_queue = 50", "events_queue = 0");
+    std::fs::write(dir.path().join("bad.toml"), &bad).unwrap();
+    let (code, _, stderr) = run("bad.toml");
+    assert_eq!(code, Some(2), "{stderr}");
+    for (needle, message) in [
+        ("events_url", "must start with https://"),
+        ("events_ca", "events_ca:"),
+        ("events_types", "unknown event type `call.exploded`"),
+        (
+            "events_queue",
+            "events_queue 0 is out of range: write 1 to 100000",
+        ),
+    ] {
+        assert_reported(&stderr, "bad.toml", line_of(&bad, needle), message);
+    }
+
+    let lonely = good
+        .replace("events_secret = \"env:EVENTS_SECRET\"\n", "")
+        .replace(
+            "events_url = \"https://hooks.example.com:8443/sipbridge?src=pbx\"\n",
+            "",
+        );
+    std::fs::write(dir.path().join("lonely.toml"), &lonely).unwrap();
+    let (code, _, stderr) = run("lonely.toml");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "lonely.toml",
+        line_of(&lonely, "events_ca"),
+        "events_ca needs events_url",
+    );
+    let no_secret = good.replace("events_secret = \"env:EVENTS_SECRET\"\n", "");
+    std::fs::write(dir.path().join("nosecret.toml"), &no_secret).unwrap();
+    let (code, _, stderr) = run("nosecret.toml");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "nosecret.toml",
+        line_of(&no_secret, "events_url"),
+        "events_url needs events_secret",
+    );
+    let short = good.replace("env:EVENTS_SECRET", "short");
+    std::fs::write(dir.path().join("short.toml"), &short).unwrap();
+    let (code, _, stderr) = run("short.toml");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "short.toml",
+        line_of(&short, "events_secret"),
+        "events_secret must be at least 16 bytes",
     );
 }
 

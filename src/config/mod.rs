@@ -948,6 +948,22 @@ impl Config {
                     api.auth_token.fingerprint()
                 );
             }
+            if let Some(e) = &t.events {
+                let types = if e.types.is_empty() {
+                    "all events".to_owned()
+                } else {
+                    e.types.join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "    events: {} ({types}; queue {}; secret {} ({}){})",
+                    crate::logging::wire(&e.url),
+                    e.queue,
+                    e.secret.source(),
+                    e.secret.fingerprint(),
+                    if e.ca.is_some() { "; own CA" } else { "" }
+                );
+            }
             let r = &t.retention;
             let _ = writeln!(
                 out,

@@ -1434,6 +1434,7 @@ fn check_events(cx: &mut Cx<'_>, file: usize, t: &RawTenant) -> Option<super::Ev
         }
         other => other,
     };
+    // `Some(None)`: no extra CA; `None`: a wrong one (reported).
     let ca = match &t.events_ca {
         Some(c) => match cx.secret(file, c, "events_ca") {
             Some(ca) => {
@@ -1441,13 +1442,14 @@ fn check_events(cx: &mut Cx<'_>, file: usize, t: &RawTenant) -> Option<super::Ev
                     && let Err(e) = super::tls::client_config(Some(ca.expose()))
                 {
                     cx.error(file, Some(c.span()), format!("events_ca: {e}"));
-                    return None;
+                    None
+                } else {
+                    Some(Some(ca))
                 }
-                Some(ca)
             }
-            None => return None,
+            None => None,
         },
-        None => None,
+        None => Some(None),
     };
     let mut types = Vec::new();
     if let Some(list) = &t.events_types {
@@ -1496,7 +1498,7 @@ fn check_events(cx: &mut Cx<'_>, file: usize, t: &RawTenant) -> Option<super::Ev
         port,
         path,
         secret: secret?,
-        ca,
+        ca: ca?,
         types,
         queue: usize::try_from(queue).unwrap_or(super::DEFAULT_EVENTS_QUEUE),
     })
