@@ -230,12 +230,16 @@ fn event_webhook_settings_are_checked() {
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(
         stdout.contains(
-            "    events: https://hooks.example.com:8443/sipbridge?src=pbx (call.ended, transfer.*; \
+            "    events: https://hooks.example.com:8443/sipbridge (call.ended, transfer.*; \
              queue 50; secret env:EVENTS_SECRET (sha256:"
         ),
         "{stdout}"
     );
     assert!(stdout.contains("; own CA)"), "{stdout}");
+    assert!(
+        !stdout.contains("src=pbx"),
+        "the query is not shown: {stdout}"
+    );
     assert!(!stdout.contains("a-secret-of-24-bytes-xyz"), "{stdout}");
 
     let bad = good

@@ -33,6 +33,8 @@ const SECRET: &str = "whsec-test-0123456789abcdef";
 /// One POST the receiver got.
 #[derive(Debug, Clone)]
 struct Hit {
+    /// The request target (path and query).
+    target: String,
     headers: HashMap<String, String>,
     body: Vec<u8>,
     /// What the receiver answered.
@@ -133,6 +135,7 @@ impl Receiver {
                             let seen = Arc::clone(&seen);
                             async move {
                                 use http_body_util::BodyExt;
+                                let target = req.uri().to_string();
                                 let headers = req
                                     .headers()
                                     .iter()
@@ -144,6 +147,7 @@ impl Receiver {
                                 let n = seen.fetch_add(1, Ordering::SeqCst);
                                 let status = if n < fail_first { 500 } else { 200 };
                                 record.lock().unwrap().push(Hit {
+                                    target,
                                     headers,
                                     body,
                                     status,
@@ -202,7 +206,7 @@ impl Drop for Receiver {
 
 fn profile(port: u16, pki: &Pki, tenant_extra: &str) -> String {
     let tenant = format!(
-        "events_url = \"https://127.0.0.1:{port}/hooks/sipbridge?x=1\"\n\
+        "events_url = \"https://127.0.0.1:{port}/hooks/sipbridge?token=q-5ecr3t\"\n\
          events_secret = \"env:TEST_EVENTS_SECRET\"\n\
          events_ca = \"file:{}\"\n{tenant_extra}",
         pki.ca_path.display()
@@ -355,6 +359,12 @@ fn a_recorded_call_sends_every_event_signed_in_order_and_valid() {
     // The secret is in no log line and no body.
     for line in daemon.logs() {
         assert!(!line.contains(SECRET), "secret logged: {line}");
+        assert!(!line.contains("q-5ecr3t"), "the URL's query logged: {line}");
+    }
+    assert!(daemon.logs().iter().any(|l| l.contains("/hooks/sipbridge")));
+    // The receiver got the URL as configured, query included.
+    for h in &hits {
+        assert_eq!(h.target, "/hooks/sipbridge?token=q-5ecr3t");
     }
     for h in &hits {
         assert!(!String::from_utf8_lossy(&h.body).contains(SECRET));

@@ -463,6 +463,17 @@ pub struct EventsTarget {
 }
 
 impl EventsTarget {
+    /// The URL as logs and `check` show it: `https://host:port/path`, no
+    /// query (receivers sometimes take a key there).
+    pub fn display_url(&self) -> String {
+        let path = self.path.split('?').next().unwrap_or("/");
+        if self.host.contains(':') {
+            format!("https://[{}]:{}{path}", self.host, self.port)
+        } else {
+            format!("https://{}:{}{path}", self.host, self.port)
+        }
+    }
+
     /// Whether events of type `kind` go to this receiver.
     pub fn wants(&self, kind: &str) -> bool {
         self.types.is_empty()
@@ -957,7 +968,7 @@ impl Config {
                 let _ = writeln!(
                     out,
                     "    events: {} ({types}; queue {}; secret {} ({}){})",
-                    crate::logging::wire(&e.url),
+                    crate::logging::wire(&e.display_url()),
                     e.queue,
                     e.secret.source(),
                     e.secret.fingerprint(),

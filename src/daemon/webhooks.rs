@@ -287,7 +287,7 @@ impl Events {
                 successor: Mutex::new(None),
                 dropped: AtomicU64::new(0),
             });
-            info!(tenant = %id, url = %crate::logging::wire(&target.url), "call events webhook");
+            info!(tenant = %id, url = %crate::logging::wire(&target.display_url()), "call events webhook");
             tokio::spawn(deliver(Arc::clone(&q)));
             if let Some(old) = map.get(id) {
                 *super::lock(&old.successor) = Some(Arc::clone(&q));
