@@ -471,3 +471,89 @@ fn a_full_queue_drops_the_oldest_event_and_counts_it() {
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{got:?}");
 }
+
+/// examples/webhook_receiver.py (the receiver docs/webhooks.md points to) verifies
+/// the daemon's signatures and prints each event once.
+#[test]
+fn the_example_receiver_verifies_the_daemons_events() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path());
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let mut child = std::process::Command::new("python3")
+        .arg(repo_path("examples/webhook_receiver.py"))
+        .args(["--port", "0", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .env("EVENTS_SECRET", SECRET)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err_tx = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = err_tx.send(("stderr", line));
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(("stdout", line));
+        }
+    });
+    let port: u16 = loop {
+        let (_, line) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("receiver start");
+        if let Some(addr) = line.strip_prefix("receiver: listening on 127.0.0.1:") {
+            break addr.parse().unwrap();
+        }
+    };
+    let daemon = spawn(&profile(port, &pki, ""), tmp.path());
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    let mut events = Vec::new();
+    let mut log = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let posts = |log: &[String]| log.iter().filter(|l| l.contains("\"POST ")).count();
+    while (events.len() < 3 || posts(&log) < 3) && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(("stdout", line)) => {
+                events.push(serde_json::from_str::<serde_json::Value>(&line).unwrap())
+            }
+            Ok((_, line)) => log.push(line),
+            Err(_) => {}
+        }
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["call.started", "call.answered", "call.ended"],
+        "{log:#?}"
+    );
+    // Every POST was accepted: none answered 401.
+    assert!(log.iter().all(|l| !l.contains(" 401 ")), "{log:#?}");
+    assert_eq!(
+        log.iter().filter(|l| l.contains("\"POST ")).count(),
+        3,
+        "{log:#?}"
+    );
+}

@@ -816,6 +816,21 @@ mod tests {
         events.shutdown(Duration::from_secs(1)).await;
     }
 
+    /// The schema names exactly the types the daemon sends.
+    #[test]
+    fn the_schema_lists_every_type() {
+        let schema = schema();
+        let listed: Vec<&str> = schema["properties"]["type"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(listed, crate::config::EVENT_TYPES);
+        let branches = schema["oneOf"].as_array().unwrap();
+        assert_eq!(branches.len(), crate::config::EVENT_TYPES.len());
+    }
+
     /// The schema rejects what the daemon must never send.
     #[test]
     fn the_schema_rejects_a_wrong_event() {
