@@ -557,3 +557,68 @@ fn the_example_receiver_verifies_the_daemons_events() {
         "{log:#?}"
     );
 }
+
+/// A Deepgram tenant that stores transcripts gets `transcript.ready` once the call and
+/// its stream's last results (sent after the call ended) are stored: after
+/// `call.ended`, counting every segment.
+#[test]
+fn transcript_ready_follows_the_streams_last_results() {
+    use common::deepgram_mock::{ConnScript, DeepgramMock, MockConfig, Scripted};
+    const DG_KEY: &str = "dg-webhook-test-key";
+    let mut config = MockConfig::new(DG_KEY);
+    config.scripts = vec![ConnScript {
+        at_audio: vec![
+            (1.2, Scripted::final_result(0.30, 0.50, "hi", 0.97)),
+            (
+                2.2,
+                Scripted::final_result(0.80, 1.20, "i would like to check", 0.91),
+            ),
+        ],
+        on_close: vec![Scripted::final_result(2.00, 0.90, "my order status", 0.88)],
+        drop_at_audio: None,
+    }];
+    let mock = DeepgramMock::start(config);
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path());
+    let receiver = Receiver::start(&pki, 0, 0);
+    let pipeline = format!(
+        r#"pipeline = {{ kind = "deepgram", model = "nova-3", language = "en-US", api_key = "env:DG_KEY", base_url = "{}" }}"#,
+        mock.base_url()
+    );
+    let text = profile(
+        receiver.addr.port(),
+        &pki,
+        "caller_audio_after_prompt = false\n",
+    )
+    .replace(r#"pipeline = { kind = "echo" }"#, &pipeline)
+    .replace("transcripts = false", "transcripts = true");
+    let daemon =
+        Daemon::spawn_with_env(&text, &[("TEST_EVENTS_SECRET", SECRET), ("DG_KEY", DG_KEY)]);
+    sipp(
+        &sipp_scenario("call_with_audio.xml"),
+        daemon.udp_addr(),
+        &["-s", NUMBER],
+    )
+    .assert_success();
+    let hits = receiver.wait_accepted(|h| h.iter().any(|h| h.kind() == "transcript.ready"));
+    assert_eq!(
+        kinds(&hits),
+        [
+            "call.started",
+            "call.answered",
+            "call.ended",
+            "transcript.ready"
+        ],
+        "{hits:#?}"
+    );
+    let schema = schema();
+    for h in &hits {
+        assert_signed(h);
+        assert_valid(h, &schema);
+    }
+    let ready = hits[3].json();
+    assert_eq!(ready["data"]["segments"], 3, "{ready}");
+    assert_eq!(ready["call_id"], hits[0].json()["call_id"]);
+    // Never the text.
+    assert!(!String::from_utf8_lossy(&hits[3].body).contains("order status"));
+}

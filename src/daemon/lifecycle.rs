@@ -223,7 +223,9 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
                     // systemd's stop timeout must outlast the grace plus the
                     // BYE and TCP waits after it, whatever TimeoutStopSec= says.
                     let stop_within =
-                        grace + BYE_GRACE + TCP_CLOSE_GRACE + TRANSCRIPT_GRACE + STOP_MARGIN;
+                        grace + BYE_GRACE + TCP_CLOSE_GRACE + TRANSCRIPT_GRACE
+                            + super::webhooks::SHUTDOWN_GRACE
+                            + STOP_MARGIN;
                     let usec = u32::try_from(stop_within.as_micros()).unwrap_or(u32::MAX);
                     notify(&[NotifyState::Stopping, NotifyState::ExtendTimeoutUsec(usec)]);
                     let calls = active_calls(shared);
@@ -285,8 +287,9 @@ pub(crate) async fn serve(shared: &Arc<Shared>, mut signals: Signals) {
 
 /// Ends every live call with BYE, waits (bounded) for the BYEs to be
 /// answered, TCP peers to close and the ended calls' pipelines to hand over
-/// their last transcripts, stops the listeners and finalises the store. A
-/// further SIGTERM/SIGINT cuts the waits short.
+/// their last transcripts, stops the listeners, finalises the store and
+/// gives the call event queues [`super::webhooks::SHUTDOWN_GRACE`] to
+/// empty. A further SIGTERM/SIGINT cuts the waits short.
 async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
     lock(&shared.switchboard).start_draining();
     // Until every call's BYE is answered or has timed out, so TCP connections
@@ -342,11 +345,17 @@ async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
             }
         }
     };
-    tokio::select! {
-        () = waits => {}
-        _ = signals.term.recv() => info!("SIGTERM: not waiting for the BYEs"),
-        _ = signals.int.recv() => info!("SIGINT: not waiting for the BYEs"),
-    }
+    let hurried = tokio::select! {
+        () = waits => false,
+        _ = signals.term.recv() => {
+            info!("SIGTERM: not waiting for the BYEs");
+            true
+        }
+        _ = signals.int.recv() => {
+            info!("SIGINT: not waiting for the BYEs");
+            true
+        }
+    };
     let listeners = std::mem::take(&mut shared.life.state.lock().await.listeners);
     for l in listeners {
         l.stop(shared);
@@ -355,11 +364,18 @@ async fn shut_down(shared: &Arc<Shared>, signals: &mut Signals) {
         // Drains the queue: CDRs closed, open recordings finished.
         let _ = tokio::task::spawn_blocking(move || records.shutdown()).await;
     }
-    // The last events (call.ended, recording.ready) get a bounded moment.
-    shared
-        .events
-        .shutdown(super::webhooks::SHUTDOWN_GRACE)
-        .await;
+    // The last call events (call.ended, recording.ready) get a bounded
+    // moment to reach their receivers, unless a signal hurries the exit.
+    let grace = if hurried {
+        Duration::ZERO
+    } else {
+        super::webhooks::SHUTDOWN_GRACE
+    };
+    tokio::select! {
+        () = shared.events.shutdown(grace) => {}
+        _ = signals.term.recv() => shared.events.shutdown(Duration::ZERO).await,
+        _ = signals.int.recv() => shared.events.shutdown(Duration::ZERO).await,
+    }
 }
 
 /// Polls `done` every 20 ms until it holds or `deadline` passes.

@@ -781,8 +781,13 @@ impl CallTask<'_> {
                         .events
                         .call_ended(&self.live.tenant, &self.live.call_id, cdr);
                 }
-                if let Some(s) = &mut self.store {
+                if let Some(mut s) = self.store.take() {
                     s.ended(&record);
+                    // The call is over for the store (the pipeline's last
+                    // transcripts go through the tails `Close` started): the
+                    // task may linger for retransmissions, the store link not,
+                    // so `transcript.ready` does not wait for it.
+                    drop(s);
                 }
                 self.sockets = None;
                 if let Some(settings) = self.ended_settings.take() {

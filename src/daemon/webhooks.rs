@@ -529,7 +529,9 @@ impl Client {
         Ok(sender)
     }
 
-    /// POSTs `body`, signed now; Ok on a 2xx answer.
+    /// POSTs `body`, signed now; Ok on a 2xx answer. A kept-alive
+    /// connection the receiver closed meanwhile (idle timeouts) is replaced
+    /// once at no cost to the attempt.
     async fn post(
         &mut self,
         ev: &Envelope,
@@ -540,36 +542,23 @@ impl Client {
             Some(mut s) if !s.is_closed() => s.ready().await.is_ok().then_some(s),
             _ => None,
         };
+        let was_reused = reused.is_some();
         let mut sender = match reused {
             Some(s) => s,
             None => self.connect().await?,
         };
-        let t = &self.queue.target;
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let host = if t.host.contains(':') {
-            format!("[{}]:{}", t.host, t.port)
-        } else {
-            format!("{}:{}", t.host, t.port)
+        let answer = match sender.send_request(self.request(ev, body, attempt)?).await {
+            Ok(a) => a,
+            Err(e) if was_reused => {
+                debug!(tenant = %self.queue.tenant, error = %e, "kept-alive connection failed; reconnecting");
+                sender = self.connect().await?;
+                sender
+                    .send_request(self.request(ev, body, attempt)?)
+                    .await
+                    .map_err(|e| DeliveryError::Http(e.to_string()))?
+            }
+            Err(e) => return Err(DeliveryError::Http(e.to_string())),
         };
-        let request = http::Request::post(t.path.as_str())
-            .header(http::header::HOST, host)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(
-                http::header::USER_AGENT,
-                concat!("sipbridge/", env!("CARGO_PKG_VERSION")),
-            )
-            .header(SIGNATURE_HEADER, signature(t.secret.expose(), now, body))
-            .header("sipbridge-event-id", ev.id.as_str())
-            .header("sipbridge-event-type", ev.kind)
-            .header("sipbridge-delivery-attempt", attempt)
-            .body(Full::new(body.clone()))
-            .map_err(|e| DeliveryError::Http(e.to_string()))?;
-        let answer = sender
-            .send_request(request)
-            .await
-            .map_err(|e| DeliveryError::Http(e.to_string()))?;
         let status = answer.status();
         // Read (and drop) a bounded body so the connection can be reused.
         if Limited::new(answer.into_body(), MAX_ANSWER_BODY)
@@ -584,6 +573,37 @@ impl Client {
         } else {
             Err(DeliveryError::Status(status.as_u16()))
         }
+    }
+
+    /// The signed request for one attempt.
+    fn request(
+        &self,
+        ev: &Envelope,
+        body: &Bytes,
+        attempt: u32,
+    ) -> Result<http::Request<Full<Bytes>>, DeliveryError> {
+        let t = &self.queue.target;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let host = if t.host.contains(':') {
+            format!("[{}]:{}", t.host, t.port)
+        } else {
+            format!("{}:{}", t.host, t.port)
+        };
+        http::Request::post(t.path.as_str())
+            .header(http::header::HOST, host)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("sipbridge/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(SIGNATURE_HEADER, signature(t.secret.expose(), now, body))
+            .header("sipbridge-event-id", ev.id.as_str())
+            .header("sipbridge-event-type", ev.kind)
+            .header("sipbridge-delivery-attempt", attempt)
+            .body(Full::new(body.clone()))
+            .map_err(|e| DeliveryError::Http(e.to_string()))
     }
 }
 
@@ -669,6 +689,15 @@ mod tests {
     /// A local HTTPS receiver (certificate from a test CA): records each
     /// body, answers 200. Returns its port, the CA (PEM) and the bodies.
     async fn receiver() -> (u16, String, Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>) {
+        receiver_with(false).await
+    }
+
+    /// [`receiver`]; with `drop_second`, each connection's second request
+    /// gets no answer: the connection is dropped (a receiver's idle
+    /// timeout racing the next event).
+    async fn receiver_with(
+        drop_second: bool,
+    ) -> (u16, String, Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -699,14 +728,26 @@ mod tests {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let on_conn = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                     let service = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
                             let record = Arc::clone(&record);
+                            let nth = on_conn.fetch_add(1, Ordering::SeqCst);
                             async move {
+                                if drop_second && nth == 1 {
+                                    return Err(std::io::Error::other("dropped"));
+                                }
                                 let headers = req.headers().clone();
-                                let body = req.into_body().collect().await?.to_bytes();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map_err(std::io::Error::other)?
+                                    .to_bytes();
                                 record.lock().unwrap().push((headers, body));
-                                Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                                Ok::<_, std::io::Error>(http::Response::new(
+                                    Full::new(Bytes::new()),
+                                ))
                             }
                         },
                     );
@@ -851,6 +892,26 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A kept-alive connection that fails on reuse is replaced at once: the
+    /// event goes out on its first attempt over a new connection.
+    #[tokio::test]
+    async fn a_dead_kept_alive_connection_costs_no_attempt() {
+        let (port, ca, hits) = receiver_with(true).await;
+        let events = Events::default();
+        let t = target(port, &ca, &[], 10);
+        events.configure_targets([("acme", &t)].into_iter());
+        for n in 1..=3 {
+            events.transcript_ready("acme", &format!("c{n}"), n);
+            wait_for(&hits, usize::try_from(n).unwrap()).await;
+        }
+        let hits = hits.lock().unwrap().clone();
+        assert_eq!(hits.len(), 3);
+        for (headers, _) in &hits {
+            assert_eq!(headers["sipbridge-delivery-attempt"], "1");
+        }
+        events.shutdown(Duration::from_secs(1)).await;
     }
 
     /// A full queue drops its oldest event and counts it; the newest stay.
