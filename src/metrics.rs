@@ -117,6 +117,10 @@ pub(crate) mod names {
     pub(crate) const WEBHOOK_DROPPED: &str = "sipbridge_webhook_events_dropped_total";
     /// Gauge by `tenant`: call events waiting for the receiver.
     pub(crate) const WEBHOOK_QUEUED: &str = "sipbridge_webhook_events_queued";
+    /// Gauge: ended calls kept only to answer retransmissions.
+    pub(crate) const SIP_LINGERING_CALLS: &str = "sipbridge_sip_lingering_calls";
+    /// Gauge: heap bytes of those entries.
+    pub(crate) const SIP_LINGERING_BYTES: &str = "sipbridge_sip_lingering_bytes";
 }
 
 /// The `reason` label values of [`names::SIP_DROPPED`].
@@ -206,6 +210,15 @@ pub(crate) fn security(counts: &crate::call::SecurityCounts) {
     counter!(SIP_DIGEST_FAILURES).absolute(counts.digest_failures);
     #[allow(clippy::cast_precision_loss)]
     gauge!(SIP_TRACKED_SOURCES).set(counts.tracked_sources as f64);
+}
+
+/// Ended calls held only to answer retransmissions, and their heap bytes.
+pub(crate) fn lingering_calls(calls: usize, bytes: usize) {
+    #[allow(clippy::cast_precision_loss)]
+    {
+        gauge!(SIP_LINGERING_CALLS).set(calls as f64);
+        gauge!(SIP_LINGERING_BYTES).set(bytes as f64);
+    }
 }
 
 /// The handle of the installed recorder, and when it was installed.
@@ -429,6 +442,16 @@ fn describe() {
         Unit::Count,
         "Source addresses the per-source rate limiter tracks."
     );
+    describe_gauge!(
+        SIP_LINGERING_CALLS,
+        Unit::Count,
+        "Ended calls kept only to answer retransmissions (Timers J, K, I, L), as compact entries."
+    );
+    describe_gauge!(
+        SIP_LINGERING_BYTES,
+        Unit::Bytes,
+        "Heap bytes those entries hold (Call-IDs, branches, responses to resend)."
+    );
     for reason in DROP_REASONS {
         counter!(SIP_DROPPED, "reason" => *reason).absolute(0);
     }
@@ -437,6 +460,8 @@ fn describe() {
     }
     counter!(SIP_DIGEST_FAILURES).absolute(0);
     gauge!(SIP_TRACKED_SOURCES).set(0.0);
+    gauge!(SIP_LINGERING_CALLS).set(0.0);
+    gauge!(SIP_LINGERING_BYTES).set(0.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(UPTIME).set(0.0);
     for result in ["ok", "rejected"] {

@@ -699,3 +699,168 @@ fn store_that_cannot_write_fails_recording_tenants_closed() {
     ));
     assert!(a.settings.plan.record);
 }
+
+fn parse_request(bytes: &[u8]) -> sipbridge::sip::message::Request {
+    let Ok(Message::Request(req)) = parse_datagram(bytes) else {
+        panic!("not a request")
+    };
+    req
+}
+
+/// Issue 17 item 5: an ended call whose transactions only absorb
+/// retransmissions compacts to a small entry that answers them with the very
+/// bytes the call would have sent, until Timer J/L runs out.
+#[test]
+fn an_ended_call_lingers_as_a_compact_entry_that_answers_like_the_call() {
+    use sipbridge::call::linger::{LingerReply, LingerTable};
+    let mut rng = StdRng::seed_from_u64(21);
+    let t0 = Instant::now();
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let invite = request("INVITE", "l1", 1, None, &sdp("sendrecv"));
+    let mut call = start_call(&mut sb, t0, &invite, &mut rng);
+    let (sent, _) = transmits(&mut call);
+    let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
+    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
+        panic!()
+    };
+    let tag = ok.to().unwrap().tag().unwrap().to_owned();
+    assert!(call.compact().is_none(), "a live call does not linger");
+    call.handle_request(
+        t0 + Duration::from_millis(10),
+        parse_request(&request("ACK", "a1", 1, Some(&tag), "")),
+        &mut rng,
+    );
+    let bye_at = t0 + Duration::from_secs(5);
+    let bye = request("BYE", "b2", 2, Some(&tag), "");
+    call.handle_request(bye_at, parse_request(&bye), &mut rng);
+    let (sent, _) = transmits(&mut call);
+    assert_eq!(sent.iter().map(|b| status_of(b)).collect::<Vec<_>>(), [200]);
+    assert!(call.is_ended() && !call.is_finished());
+
+    let lingering = call.compact().expect("only retransmissions are left");
+    // Timer J (64·T1 on UDP) from the BYE's 200 is the last to run out.
+    assert_eq!(lingering.until(), bye_at + Duration::from_secs(32));
+    // The two responses it may resend (the INVITE's 200 with its SDP, the
+    // BYE's 200), the Call-ID and two branches: about a kilobyte.
+    assert!(
+        lingering.heap_bytes() < 2048,
+        "two responses and a few keys, not a call: {}",
+        lingering.heap_bytes()
+    );
+
+    // The same input to the call and to its residue: the same bytes out.
+    let later = bye_at + Duration::from_secs(2);
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("BYE retransmission", bye.clone()),
+        ("INVITE retransmission", invite.clone()),
+        (
+            "ACK retransmission",
+            request("ACK", "a1", 1, Some(&tag), ""),
+        ),
+    ];
+    for (what, bytes) in cases {
+        call.handle_request(later, parse_request(&bytes), &mut rng);
+        let (from_call, _) = transmits(&mut call);
+        let from_residue = match lingering.on_message(&parse_datagram(&bytes).unwrap(), peer()) {
+            LingerReply::Send(t) => {
+                assert_eq!(t.dest, peer(), "{what}");
+                vec![t.bytes.to_vec()]
+            }
+            LingerReply::Absorbed => Vec::new(),
+        };
+        assert_eq!(from_residue, from_call, "{what}");
+    }
+    // The BYE's 200 is resent byte for byte.
+    let LingerReply::Send(again) = lingering.on_message(&parse_datagram(&bye).unwrap(), peer())
+    else {
+        panic!("BYE retransmission unanswered")
+    };
+    assert_eq!(status_of(&again.bytes), 200);
+    // A new request in the ended dialog: 481, as once the call is gone.
+    let options = request("OPTIONS", "o3", 3, Some(&tag), "");
+    let LingerReply::Send(reply) = lingering.on_message(&parse_datagram(&options).unwrap(), peer())
+    else {
+        panic!("new request unanswered")
+    };
+    assert_eq!(status_of(&reply.bytes), 481);
+
+    // The table forgets it when its time is up.
+    let mut table = LingerTable::new(10);
+    table.insert(bye_at, lingering);
+    assert!(table.contains(later, "cs-1@127.0.0.1"));
+    assert!(
+        table
+            .on_message(
+                later,
+                "cs-1@127.0.0.1",
+                &parse_datagram(&bye).unwrap(),
+                peer()
+            )
+            .is_some()
+    );
+    let expired = bye_at + Duration::from_secs(32);
+    assert!(!table.contains(expired, "cs-1@127.0.0.1"));
+    assert!(
+        table
+            .on_message(
+                expired,
+                "cs-1@127.0.0.1",
+                &parse_datagram(&bye).unwrap(),
+                peer()
+            )
+            .is_none()
+    );
+    assert!(table.is_empty(), "expired entries are dropped");
+}
+
+/// A call we hung up lingers only once our BYE has its answer: until then
+/// the BYE still retransmits on its own.
+#[test]
+fn our_bye_must_be_answered_before_a_call_compacts() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let t0 = Instant::now();
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let invite = request("INVITE", "l2", 1, None, &sdp("sendrecv"));
+    let mut call = start_call(&mut sb, t0, &invite, &mut rng);
+    let (sent, _) = transmits(&mut call);
+    let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
+    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
+        panic!()
+    };
+    let tag = ok.to().unwrap().tag().unwrap().to_owned();
+    call.handle_request(
+        t0 + Duration::from_millis(10),
+        parse_request(&request("ACK", "a1", 1, Some(&tag), "")),
+        &mut rng,
+    );
+    let hangup_at = t0 + Duration::from_secs(3);
+    call.hang_up(
+        hangup_at,
+        sipbridge::call::HangupCause::MaxDuration,
+        &mut rng,
+    );
+    let (sent, _) = transmits(&mut call);
+    let our_bye = sent
+        .iter()
+        .find_map(|b| match parse_datagram(b) {
+            Ok(Message::Request(r)) if r.method.as_str() == "BYE" => Some(r),
+            _ => None,
+        })
+        .expect("our BYE");
+    assert!(call.is_ended());
+    assert!(call.compact().is_none(), "our BYE is still unanswered");
+    // The caller's 200 to our BYE.
+    let ok = sipbridge::sip::message::Response::for_request(&our_bye, 200);
+    call.handle_response(hangup_at + Duration::from_millis(50), ok.clone(), &mut rng);
+    transmits(&mut call);
+    let lingering = call.compact().expect("answered: it may linger");
+    // The INVITE's Timer L (64·T1 from the 200) outlasts Timer K (T4).
+    assert_eq!(lingering.until(), t0 + Duration::from_secs(32));
+    assert_eq!(
+        lingering.on_message(&Message::Response(ok), peer()),
+        sipbridge::call::linger::LingerReply::Absorbed,
+        "retransmitted 200s to our BYE are absorbed"
+    );
+}

@@ -197,3 +197,100 @@ fn spoofed_bye_and_reinvite_from_another_address_neither_end_nor_move_the_call()
     assert_eq!(cdr["hangup_side"], "caller", "{cdr}");
     assert_eq!(cdr["cause"], "caller-bye", "{cdr}");
 }
+
+fn metric(daemon: &Daemon, name: &str) -> Option<f64> {
+    let text = common::http::get(daemon.admin_addr(), "/metrics", None).text();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Issue 17 item 5: once a call has ended, its task and state are gone and a
+/// compact entry answers what is left: a retransmitted BYE gets the very
+/// same 200 (Timer J), a retransmitted ACK nothing, a new request in the
+/// ended dialog 481. `/metrics` counts the entry.
+#[test]
+fn after_the_call_a_compact_entry_answers_its_retransmissions() {
+    let text = ProfileSpec {
+        extra: "[profile.admin]\nlisten = \"127.0.0.1:0\"\n",
+        ..ProfileSpec::default()
+    }
+    .render();
+    let daemon = Daemon::spawn(&text);
+    let target = daemon.udp_addr();
+    let sip = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sip.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let from = sip.local_addr().unwrap();
+    let media_port = media.local_addr().unwrap().port();
+    let call_id = "linger-17@127.0.0.1";
+    let invite = request(
+        "INVITE",
+        target,
+        from,
+        call_id,
+        None,
+        1,
+        "linv1",
+        &sdp("127.0.0.1", media_port),
+    );
+    sip.send_to(invite.as_bytes(), target).unwrap();
+    let ok = wait_response(&sip, 200, Duration::from_secs(10)).expect("200 OK");
+    let to = header(&ok, "To").unwrap();
+    let to_tag = to.split(";tag=").nth(1).unwrap().split(';').next().unwrap();
+    let to_tag = to_tag.to_owned();
+    let ack = request("ACK", target, from, call_id, Some(&to_tag), 1, "lack1", "");
+    sip.send_to(ack.as_bytes(), target).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(&daemon, "sipbridge_sip_lingering_calls"),
+        Some(0.0),
+        "nothing lingers while the call lives"
+    );
+
+    let bye = request("BYE", target, from, call_id, Some(&to_tag), 2, "lbye2", "");
+    sip.send_to(bye.as_bytes(), target).unwrap();
+    let first = wait_response(&sip, 200, Duration::from_secs(5)).expect("200 to the BYE");
+    daemon
+        .wait_for_cdr(Duration::from_secs(5), |c| c["cause"] == "caller-bye")
+        .expect("the call's CDR");
+    // The call's task hands over to the compact entry as soon as it ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&daemon, "sipbridge_sip_lingering_calls") != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the ended call never became a lingering entry"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bytes = metric(&daemon, "sipbridge_sip_lingering_bytes").unwrap();
+    assert!(
+        bytes > 0.0 && bytes < 4096.0,
+        "a compact entry, not a call: {bytes} bytes"
+    );
+
+    // The caller did not hear the 200 and retransmits its BYE (and ACK).
+    sip.send_to(ack.as_bytes(), target).unwrap();
+    sip.send_to(bye.as_bytes(), target).unwrap();
+    let again = wait_response(&sip, 200, Duration::from_secs(5)).expect("the 200 again");
+    assert_eq!(again, first, "the same 200, byte for byte");
+    // A new request in the ended dialog.
+    let options = request(
+        "OPTIONS",
+        target,
+        from,
+        call_id,
+        Some(&to_tag),
+        3,
+        "lopt3",
+        "",
+    );
+    sip.send_to(options.as_bytes(), target).unwrap();
+    let gone =
+        wait_response(&sip, 481, Duration::from_secs(5)).expect("481: the dialog no longer exists");
+    assert_eq!(header(&gone, "CSeq"), Some("3 OPTIONS"));
+    // Nothing else came: the ACK was absorbed.
+    assert_eq!(count_datagrams(&sip, Duration::from_millis(300)), 0);
+}

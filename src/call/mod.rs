@@ -11,6 +11,7 @@
 pub mod auth_guard;
 pub mod bridged;
 mod cdr;
+pub mod linger;
 mod media;
 mod session;
 pub mod source_gate;
@@ -36,7 +37,7 @@ use crate::sip::sdp::{Direction, LocalMedia, Negotiated, SdpSession};
 use crate::sip::timer::TimerConfig;
 use crate::sip::transaction::{
     ClientInviteTransaction, ClientNonInviteState, ClientNonInviteTransaction,
-    ServerInviteTransaction, ServerNonInviteTransaction, TransactionEvent, TransactionKey,
+    ServerInviteTransaction, ServerNonInviteTransaction, Settled, TransactionEvent, TransactionKey,
     TransactionOutput, Transport, TxMethod,
 };
 use bytes::Bytes;
@@ -544,6 +545,68 @@ impl Call {
             && self.reinvites.is_empty()
             && self.server_txns.is_empty()
             && self.client.is_none()
+    }
+
+    /// The call's residue once it has ended and none of its transactions
+    /// sends anything on its own any more (see [`linger`]): the owner may
+    /// then drop the call and keep this instead. `None` while the call lives,
+    /// while a transaction still retransmits or waits for an answer, or when
+    /// nothing lingers at all ([`Call::is_finished`]).
+    pub fn compact(&self) -> Option<linger::Lingering> {
+        if self.state != State::Ended || self.pending_hangup.is_some() || !self.out.is_empty() {
+            return None;
+        }
+        let mut pending = Vec::new();
+        let mut until: Option<Instant> = None;
+        let mut keep = |settled: Settled, pending_entry: Option<(&str, Method, Peer)>| -> bool {
+            match settled {
+                Settled::Done => true,
+                Settled::Active => false,
+                Settled::Absorbing(residue) => {
+                    until = Some(until.map_or(residue.until, |u| u.max(residue.until)));
+                    if let Some((branch, method, dest)) = pending_entry {
+                        pending.push(linger::Pending {
+                            branch: branch.to_owned(),
+                            method,
+                            dest,
+                            resend: residue.resend,
+                        });
+                    }
+                    true
+                }
+            }
+        };
+        if !keep(
+            self.invite_txn.settled(),
+            Some((&self.invite_branch, Method::Invite, self.invite_dest)),
+        ) {
+            return None;
+        }
+        for re in &self.reinvites {
+            if !keep(
+                re.txn.settled(),
+                Some((&re.branch, Method::Invite, re.dest)),
+            ) {
+                return None;
+            }
+        }
+        for t in &self.server_txns {
+            if !keep(t.txn.settled(), Some((&t.branch, t.method.clone(), t.dest))) {
+                return None;
+            }
+        }
+        let client = match &self.client {
+            None => Settled::Done,
+            Some(ClientTxn::Bye(t)) => t.settled(),
+            Some(ClientTxn::Refresh { txn, .. }) => txn.settled(),
+        };
+        // Our BYE's response retransmissions are absorbed by any lingering
+        // call: only its time counts.
+        if !keep(client, None) {
+            return None;
+        }
+        let until = until?;
+        Some(linger::Lingering::new(self.call_id.clone(), until, pending))
     }
 
     /// Our BYE has been sent and neither answered nor timed out yet. A daemon

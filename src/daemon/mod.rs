@@ -16,6 +16,7 @@ use crate::call::bridged::{
     AgentEvent, AgentPlan as BridgeAgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup,
     BridgedCall, FallbackAudio, PipelineOp, RecordingRules,
 };
+use crate::call::linger::{LingerReply, LingerTable};
 use crate::call::supervisor::FailureAction;
 use crate::call::{Call, CallRecord, Dispatch, HangupCause, Switchboard};
 use crate::control::{CommandError, Control, LiveCall, ReloadError, ReloadSummary};
@@ -47,6 +48,9 @@ pub(crate) enum CallCommand {
 /// Per-call mailbox depth: beyond it, datagrams for a busy call are dropped
 /// (UDP peers retransmit), so a flood cannot grow memory.
 const CALL_QUEUE: usize = 64;
+/// Ended calls kept to answer retransmissions ([`crate::call::linger`]):
+/// 32 s of 1,000 calls/s, a few hundred bytes each.
+const MAX_LINGERING_CALLS: usize = 40_000;
 
 /// A live call as the daemon's maps hold it: its task's mailbox and what
 /// the admin API shows about it.
@@ -59,6 +63,9 @@ pub(crate) struct CallEntry {
 pub(crate) struct Shared {
     pub(crate) switchboard: Mutex<Switchboard>,
     pub(crate) calls: Mutex<HashMap<String, CallEntry>>,
+    /// Ended calls compacted to what answers their retransmissions
+    /// ([`crate::call::linger`]), after their tasks have gone.
+    pub(crate) lingering: Mutex<LingerTable>,
     pub(crate) transports: Transports,
     /// The store's writer (CDRs, consent, recordings); set once at start-up.
     pub(crate) records: Option<Arc<store_link::Records>>,
@@ -314,13 +321,15 @@ impl Shared {
         if writable != sb.is_store_writable() {
             sb.set_store_writable(writable);
         }
+        let now = Instant::now();
+        let lingering = lock(&self.lingering);
         let dispatch = sb.dispatch(
-            Instant::now(),
+            now,
             SystemTime::now(),
             raw,
             parsed,
             peer,
-            |id| calls.contains_key(id),
+            |id| calls.contains_key(id) || lingering.contains(now, id),
             rng,
         );
         crate::metrics::security(&sb.security_counts());
@@ -339,10 +348,20 @@ impl Shared {
         match dispatch {
             Dispatch::ToCall(id, msg) => {
                 let tx = lock(&self.calls).get(&id).map(|e| e.tx.clone());
-                if let Some(tx) = tx
-                    && tx.try_send(CallCommand::Sip(Box::new(msg), peer)).is_err()
-                {
-                    debug!(call_id = %crate::logging::wire(&id), "call mailbox full; message dropped");
+                if let Some(tx) = tx {
+                    if tx.try_send(CallCommand::Sip(Box::new(msg), peer)).is_err() {
+                        debug!(call_id = %crate::logging::wire(&id), "call mailbox full; message dropped");
+                    }
+                    return;
+                }
+                let reply = {
+                    let mut lingering = lock(&self.lingering);
+                    let reply = lingering.on_message(Instant::now(), &id, &msg, peer);
+                    crate::metrics::lingering_calls(lingering.len(), lingering.heap_bytes());
+                    reply
+                };
+                if let Some(LingerReply::Send(transmit)) = reply {
+                    self.transports.send(transmit).await;
                 }
             }
             Dispatch::Reply { transmit, record } => {
@@ -837,6 +856,18 @@ async fn run_call(
         if bridged.is_done() {
             break;
         }
+        // Ended, with nothing left but answering retransmissions: keep only
+        // that (a few hundred bytes) and let the call go.
+        if let Some(residue) = bridged.call().compact() {
+            // Under the calls lock, so that no message for this Call-ID is
+            // routed to this task's mailbox after it stops reading it.
+            let mut calls = lock(&shared.calls);
+            let mut lingering = lock(&shared.lingering);
+            lingering.insert(Instant::now(), residue);
+            crate::metrics::lingering_calls(lingering.len(), lingering.heap_bytes());
+            calls.remove(&live.call_id);
+            break;
+        }
         let deadline = bridged.poll_timeout();
         let sleep = async {
             match deadline {
@@ -1061,6 +1092,7 @@ pub async fn run(
     let mut shared = Shared {
         switchboard: Mutex::new(bound.switchboard),
         calls: Mutex::new(HashMap::new()),
+        lingering: Mutex::new(LingerTable::new(MAX_LINGERING_CALLS)),
         transports: bound.transports,
         records: None,
         rtp_bind: Mutex::new(bound.rtp_bind),

@@ -203,6 +203,44 @@ pub enum TransactionEvent {
     Terminated,
 }
 
+/// What a transaction still owes the network once it only absorbs
+/// retransmissions: the bytes resent, unchanged, to each retransmission of its
+/// request (none for an ACK-absorbing or client transaction) and when it ends.
+/// The owner may then drop the transaction and keep only this (see
+/// [`crate::call::linger`]): a finished call need not hold its whole state
+/// for the 32 s of Timer J.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Residue {
+    /// Resent for every retransmission of the request.
+    pub resend: Option<Bytes>,
+    /// When the transaction would have terminated.
+    pub until: Instant,
+}
+
+/// Where a transaction is with respect to [`Residue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Terminated: nothing is owed.
+    Done,
+    /// Only absorbs (and answers) retransmissions until `until`.
+    Absorbing(Residue),
+    /// It still sends on its own (retransmissions, timeouts the TU must see).
+    Active,
+}
+
+impl Settled {
+    fn absorbing(resend: Option<&Bytes>, until: Option<Instant>) -> Self {
+        match until {
+            Some(until) => Settled::Absorbing(Residue {
+                resend: resend.cloned(),
+                until,
+            }),
+            // No timer left: it would terminate at its next input.
+            None => Settled::Done,
+        }
+    }
+}
+
 fn check_status(
     status: u16,
     range: std::ops::RangeInclusive<u16>,
@@ -544,6 +582,21 @@ impl ServerInviteTransaction {
         }
     }
 
+    /// See [`Settled`]: Confirmed absorbs ACKs (Timer I); Accepted, once the
+    /// ACK is in, answers INVITE retransmissions with the 2xx (Timer L).
+    pub fn settled(&self) -> Settled {
+        match self.state {
+            ServerInviteState::Terminated => Settled::Done,
+            ServerInviteState::Confirmed => Settled::absorbing(None, self.poll_timeout()),
+            ServerInviteState::Accepted if self.ack_seen => {
+                Settled::absorbing(self.last_response.as_ref(), self.poll_timeout())
+            }
+            ServerInviteState::Proceeding
+            | ServerInviteState::Completed
+            | ServerInviteState::Accepted => Settled::Active,
+        }
+    }
+
     common_accessors!(ServerInviteState);
 }
 
@@ -665,6 +718,18 @@ impl ServerNonInviteTransaction {
         TransactionError::InvalidState {
             operation,
             state: self.state.name(),
+        }
+    }
+
+    /// See [`Settled`]: Completed answers retransmissions with its final
+    /// response until Timer J.
+    pub fn settled(&self) -> Settled {
+        match self.state {
+            ServerNonInviteState::Terminated => Settled::Done,
+            ServerNonInviteState::Completed => {
+                Settled::absorbing(self.last_response.as_ref(), self.poll_timeout())
+            }
+            ServerNonInviteState::Trying | ServerNonInviteState::Proceeding => Settled::Active,
         }
     }
 
@@ -800,6 +865,17 @@ impl ClientInviteTransaction {
         }
     }
 
+    /// See [`Settled`]: Done once terminated; otherwise Active (in
+    /// Completed it resends its ACK to response retransmissions, which a
+    /// [`Residue`] does not express).
+    pub fn settled(&self) -> Settled {
+        if self.state == ClientInviteState::Terminated {
+            Settled::Done
+        } else {
+            Settled::Active
+        }
+    }
+
     common_accessors!(ClientInviteState);
 }
 
@@ -905,6 +981,16 @@ impl ClientNonInviteTransaction {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// See [`Settled`]: Completed absorbs response retransmissions until
+    /// Timer K.
+    pub fn settled(&self) -> Settled {
+        match self.state {
+            ClientNonInviteState::Terminated => Settled::Done,
+            ClientNonInviteState::Completed => Settled::absorbing(None, self.poll_timeout()),
+            ClientNonInviteState::Trying | ClientNonInviteState::Proceeding => Settled::Active,
         }
     }
 
