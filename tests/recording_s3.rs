@@ -469,3 +469,117 @@ fn s3_outage_keeps_recordings_in_a_bounded_spool_until_the_store_is_back() {
         .expect("the spool is back under its bound");
     assert_no_secrets(&daemon);
 }
+
+#[test]
+fn s3_an_upload_a_crash_left_is_aborted_and_the_file_uploaded_again_from_its_first_byte() {
+    let s3 = S3Server::start("recordings");
+    let objects = RecordingObjects::new(&settings(&s3)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("recordings/acme/2026/12/07");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}.sbrec", "ab".repeat(16)));
+    let bytes: Vec<u8> = (0..6 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let key = object_key(&path).unwrap();
+
+    // One part goes up while the file is open; then the process "dies".
+    let mut upload = None;
+    assert_eq!(
+        objects.ship(&path, &mut upload, false).unwrap(),
+        Shipped::Pending
+    );
+    assert_eq!(upload.as_ref().unwrap().parts(), 1);
+    assert_eq!(s3.pending_uploads(), vec![key.clone()]);
+    let marker = tmp.path().join(format!(
+        "recordings/acme/2026/12/07/{}.sbrec.upload",
+        "ab".repeat(16)
+    ));
+    assert!(marker.exists(), "the upload is named beside the file");
+    drop(upload);
+
+    // The next start: the marker's upload is aborted, the file shipped whole.
+    assert!(objects.abort_stale_upload(&path).unwrap());
+    assert!(
+        s3.pending_uploads().is_empty(),
+        "the crashed upload is aborted"
+    );
+    assert!(!marker.exists());
+    let mut upload = None;
+    assert_eq!(
+        objects.ship(&path, &mut upload, true).unwrap(),
+        Shipped::Done
+    );
+    assert!(s3.get(&key).unwrap() == bytes);
+    assert!(!path.exists() && !marker.exists());
+    assert!(s3.pending_uploads().is_empty());
+}
+
+#[test]
+fn s3_kill_9_mid_call_then_restart_uploads_the_recovered_partial_recording() {
+    let s3 = S3Server::start("recordings");
+    let tmp = tempfile::tempdir().unwrap();
+    let var = tmp.path().join("var");
+    let first = spawn(&s3, &var, "", "");
+    let sc = scenario(tmp.path(), 8000);
+    let target = first.udp_addr();
+    let carrier = std::thread::spawn(move || {
+        // The BYE after the kill goes unanswered; the result does not matter.
+        let _ = sipp(&sc, target, &["-s", NUMBER, "-timeout", "12s"]);
+    });
+    first
+        .wait_for_log(Duration::from_secs(10), |l| l.contains("recording started"))
+        .expect("the recording starts");
+    std::thread::sleep(Duration::from_millis(3500));
+    let status = std::process::Command::new("kill")
+        .args(["-9", &first.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        s3.list("recordings/").is_empty(),
+        "nothing complete before the kill"
+    );
+
+    let second = spawn(&s3, &var, "", "");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let rec = loop {
+        let recs = store(&var).list_recordings(Some("demo"), None).unwrap();
+        if let Some(r) = recs
+            .into_iter()
+            .find(|r| r.state == RecordingState::Partial)
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{:?}", second.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let key = object_key(&rec.path).unwrap();
+    wait_bucket(&s3, "the recovered recording", |k| k.contains(&key));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rec.path.exists() {
+        assert!(Instant::now() < deadline, "the spool file stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let object = s3.get(&key).unwrap();
+    assert!(!has_riff(&object));
+    // Decrypted from the bucket: the seconds before the kill, the caller's audio.
+    let master = std::fs::read(var.join("master.key")).unwrap();
+    let keyring = KeyRing::open(&var, &master).unwrap();
+    let objects = RecordingObjects::new(&settings(&s3)).unwrap();
+    let recovered = sipbridge::store::recording::recover_wav_from(
+        objects.open_sealed(&rec.path, &var).unwrap(),
+        &keyring,
+    )
+    .unwrap();
+    assert_eq!(rec.duration_ms, recovered.frames * 1000 / 8000);
+    assert!(rec.duration_ms >= 2000, "recovered {} ms", rec.duration_ms);
+    let (left, _) = channels(&recovered.wav);
+    let caller = caller1_pcm();
+    let needle = &caller[..caller.len().min(left.len().saturating_sub(2000))];
+    let (lag, score) = best(&left, needle, 0..2000);
+    assert!(score >= 0.95, "left channel NCC {score:.4} at lag {lag}");
+    let _ = carrier.join();
+    assert_no_secrets(&second);
+}
