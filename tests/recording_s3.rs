@@ -367,6 +367,22 @@ fn s3_recordings_of_calls_are_encrypted_objects_downloadable_and_deleted_by_eras
         score >= 0.95,
         "downloaded left channel NCC {score:.4} at lag {lag}"
     );
+    // Not in the bucket (as for another node while this one still spools it): 503,
+    // ask again.
+    let kept = s3.get(&key1).unwrap();
+    s3.delete(&key1);
+    let missing = http::get(daemon.admin_addr(), &url, None);
+    assert_eq!(missing.status, 503, "{}", missing.text());
+    assert_eq!(missing.header("retry-after"), Some("5"));
+    assert!(!missing.text().contains(&rec1.path.display().to_string()));
+    let restored = http::request(
+        s3.addr(),
+        "PUT",
+        &format!("/{}/{key1}", s3.bucket()),
+        &[],
+        &kept,
+    );
+    assert_eq!(restored.status, 200);
 
     // 3. Erasure of a second call deletes its object.
     let call2 = call(&daemon, tmp.path(), 1);

@@ -103,6 +103,7 @@ fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spo
             (files, markers, bytes)
         };
         spool.bytes.store(bytes, Ordering::Relaxed);
+        crate::metrics::recording_spool(bytes);
         if first {
             first = false;
             if !files.is_empty() {
@@ -154,6 +155,7 @@ fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spo
                     entry.next_try = None;
                 }
                 Ok(Shipped::Done) => {
+                    crate::metrics::recording_upload("ok");
                     if entry.failures > 0 {
                         info!(path = %path.display(), "recording uploaded after the object store recovered");
                     } else {
@@ -165,6 +167,7 @@ fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spo
                     entries.remove(path);
                 }
                 Err(e) => {
+                    crate::metrics::recording_upload("failed");
                     entry.failures += 1;
                     let wait = Duration::from_secs(1u64 << entry.failures.min(6)).min(MAX_BACKOFF);
                     entry.next_try = Some(Instant::now() + wait);
