@@ -468,6 +468,24 @@ fn s3_outage_keeps_recordings_in_a_bounded_spool_until_the_store_is_back() {
     assert_eq!(cdrs[1]["call_id"], call2.as_str());
     assert_eq!(cdrs[1]["recording"], "not-recorded", "{}", cdrs[1]);
 
+    // Where recordings go is fixed until a restart: a reload that changes it is
+    // refused, and the running configuration stays.
+    let profile = daemon.dir().join("profile.toml");
+    let text = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(
+        &profile,
+        text.replace("bucket = \"recordings\"", "bucket = \"elsewhere\""),
+    )
+    .unwrap();
+    let reload = admin_post(&daemon, "/v1/reload", "{}");
+    assert_eq!(reload.status, 409, "{}", reload.text());
+    assert!(
+        reload.text().contains("[profile.recordings] changed"),
+        "{}",
+        reload.text()
+    );
+    std::fs::write(&profile, text).unwrap();
+
     // The store is back: the spool drains into the bucket.
     s3.restart();
     let key1 = object_key(&rec1.path).unwrap();
