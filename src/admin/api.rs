@@ -149,6 +149,8 @@ impl ApiError {
                 OpsError::StillRecording(_)
                 | OpsError::LegalHold { .. }
                 | OpsError::Db(DbError::LegalHold { .. }) => StatusCode::CONFLICT,
+                // In another node's spool, not uploaded yet: ask again.
+                OpsError::NotInObjectStore(_) => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -190,7 +192,9 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Bearer realm=\"sipbridge-admin\""),
             );
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS
+            || matches!(self, ApiError::Ops(OpsError::NotInObjectStore(_)))
+        {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(DOWNLOAD_RETRY_AFTER_S),
@@ -886,7 +890,7 @@ async fn download(
     let max = settings.max_downloads_per_tenant;
     let slots = Arc::clone(&state.api.downloads);
     let link_tenant = q.by.strip_prefix("admin-api:tenant:").map(str::to_owned);
-    let (rec, slot, key) = state
+    let (rec, slot, key, fetch) = state
         .api
         .with_store(move |ds| {
             let rec = ds
@@ -899,16 +903,28 @@ async fn download(
                 ApiError::TooManyDownloads
             })?;
             let key = ds.keyring.load(&rec.tenant).map_err(|e| ApiError::Ops(e.into()))?;
-            Ok((rec, slot, key))
+            let fetch = ds.objects().map(|o| (Arc::clone(o), ds.var_dir().to_path_buf()));
+            Ok((rec, slot, key, fetch))
         })
         .await?;
     // Authenticating the whole file reads all of it: off the API's store
-    // connection, which other requests share.
+    // connection, which other requests share. A recording in the bucket and
+    // no longer in this node's spool is fetched first (ciphertext, into an
+    // anonymous file), then decrypted chunk by chunk like a local one.
     let (path, whole) = (rec.path.clone(), rec.state == RecordingState::Complete);
-    let stream = tokio::task::spawn_blocking(move || WavStream::open_with_key(&path, key, whole))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(|e| ApiError::Ops(e.into()))?;
+    let stream = tokio::task::spawn_blocking(move || {
+        let file = match &fetch {
+            Some((objects, tmp)) => objects
+                .open_sealed(&path, tmp)
+                .map_err(|e| ops::object_error(&path, e))?,
+            None => std::fs::File::open(&path)
+                .map_err(|e| OpsError::from(crate::store::recording::RecordingError::Io(e)))?,
+        };
+        WavStream::from_file(file, key, whole).map_err(OpsError::from)
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+    .map_err(ApiError::Ops)?;
     let (audited, actor) = (rec.clone(), q.by);
     state
         .api
