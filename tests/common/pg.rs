@@ -18,6 +18,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -194,6 +196,39 @@ impl PgServer {
             "postgres did not accept connections in 30 s:\n{}",
             self.log()
         );
+    }
+
+    /// One server for the whole test process, started on first use. Statics
+    /// are never dropped, so a watchdog shell stops the server (fast
+    /// shutdown) once this process has exited.
+    pub(crate) fn shared() -> &'static PgServer {
+        static SHARED: OnceLock<PgServer> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let server = PgServer::start();
+            let me = std::process::id();
+            let pg = server.pid().expect("running");
+            // Outlives this process by design: it is what stops the server.
+            #[allow(clippy::zombie_processes)]
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -INT {pg}"
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn postgres watchdog");
+            server
+        })
+    }
+
+    /// Creates a database with a name no other call in this process got
+    /// (`<prefix>_<n>`) and returns its URL.
+    pub(crate) fn fresh_database(&self, prefix: &str) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{prefix}_{}", N.fetch_add(1, Ordering::Relaxed));
+        self.create_database(&name)
     }
 
     /// The TCP port on 127.0.0.1.
