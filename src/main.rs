@@ -427,7 +427,8 @@ mod data {
                 (t.id.clone(), policy)
             })
             .collect();
-        let ds = DataStore::open(&profile.var_dir, &master, policies)?;
+        let ds =
+            DataStore::open_engine(&profile.var_dir, &profile.store.engine, &master, policies)?;
         Ok(Opened { cfg, ds })
     }
 

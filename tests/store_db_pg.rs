@@ -372,6 +372,63 @@ fn two_daemons_sweeping_at_once_delete_and_audit_each_item_once() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+/// Tenants' data keys live in PostgreSQL: a key one daemon creates is the
+/// key the other loads (same master key), two creating at once agree, and
+/// a key destroyed by one (crypto-shredding) is gone for the other.
+#[test]
+fn data_keys_are_shared_and_shredded_across_daemons() {
+    use sipbridge::config::{Secret, SecretRef, StoreEngine};
+    use sipbridge::store::crypto::{CryptoError, KeyRing};
+    let pg = PgServer::shared();
+    let url = pg.fresh_database("keys");
+    let engine = StoreEngine::Postgres {
+        url: Secret::new(url.clone().into_bytes(), SecretRef::Inline),
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let master = [0x5a; 32];
+    let a = KeyRing::open_engine(dir_a.path(), &master, &engine).unwrap();
+    let b = KeyRing::open_engine(dir_b.path(), &master, &engine).unwrap();
+    let mut rng = rand::rng();
+    let barrier = Arc::new(Barrier::new(2));
+    let (ka, kb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| {
+            barrier.wait();
+            a.data_key("acme", &mut rand::rng()).unwrap()
+        });
+        let hb = s.spawn(|| {
+            barrier.wait();
+            b.data_key("acme", &mut rand::rng()).unwrap()
+        });
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    assert_eq!(ka.id(), kb.id(), "both daemons must use one key");
+    assert_eq!(b.load("acme").unwrap().id(), ka.id());
+    let db = db_name(&url);
+    assert_eq!(pg.query_i64(db, "SELECT count(*) FROM data_keys"), 1);
+    assert_eq!(
+        pg.query_i64(db, "SELECT length(wrapped)::bigint FROM data_keys"),
+        85
+    );
+    // Nothing under var_dir/keys: the key is in the database only.
+    assert_eq!(std::fs::read_dir(a.dir()).unwrap().count(), 0);
+    // A daemon with another master key cannot use it.
+    let other = KeyRing::open_engine(dir_b.path(), &[0x11; 32], &engine).unwrap();
+    assert!(matches!(
+        other.load("acme"),
+        Err(CryptoError::MasterKeyMismatch { .. })
+    ));
+    b.data_key("beta", &mut rng).unwrap();
+    assert_eq!(a.tenants().unwrap(), ["acme", "beta"]);
+
+    assert!(a.destroy("acme").unwrap());
+    assert!(matches!(b.load("acme"), Err(CryptoError::NoKey { .. })));
+    assert_eq!(
+        pg.query_i64(db, "SELECT count(*) FROM data_keys WHERE tenant = 'acme'"),
+        0
+    );
+    assert!(!b.destroy("acme").unwrap());
+}
+
 /// What one daemon writes the other lists; an erasure on one is what both see.
 #[test]
 fn erasure_on_one_daemon_is_seen_by_the_other() {

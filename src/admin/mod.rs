@@ -211,8 +211,13 @@ pub(crate) async fn start(
     use anyhow::Context;
     let data = match (config.profiles.first(), master_key, control.has_store()) {
         (Some(profile), Some(key), true) => Some(
-            DataStore::open(&profile.var_dir, key, caller_policies(config, key))
-                .context("opening the admin API's store connection")?,
+            DataStore::open_engine(
+                &profile.var_dir,
+                &profile.store.engine,
+                key,
+                caller_policies(config, key),
+            )
+            .context("opening the admin API's store connection")?,
         ),
         _ => None,
     };

@@ -1029,9 +1029,13 @@ pub async fn run(
     if let Some(profile) = config.profiles.first() {
         let key = store_link::master_key_bytes(&profile.master_key)?;
         key_fingerprint = Some(lifecycle::fingerprint(&key));
-        let records =
-            store_link::Records::open(&profile.var_dir, &key, &config.tenants, profile.store)
-                .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
+        let records = store_link::Records::open(
+            &profile.var_dir,
+            &key,
+            &config.tenants,
+            profile.store.clone(),
+        )
+        .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
         master_key = Some(key);

@@ -193,10 +193,16 @@ impl Records {
         // another working directory still finds them.
         let var_dir = &std::fs::canonicalize(var_dir)
             .with_context(|| format!("resolving var_dir {}", var_dir.display()))?;
-        let keyring = KeyRing::open(var_dir, master_key).context("opening the key ring")?;
+        let keyring = KeyRing::open_engine(var_dir, master_key, &settings.engine)
+            .context("opening the key ring")?;
         let db = var_dir.join(DB_FILE);
         let mut store =
-            Store::open(&db).with_context(|| format!("opening database {}", db.display()))?;
+            Store::open_engine(&settings.engine, &db).with_context(|| match settings.engine {
+                crate::config::StoreEngine::Postgres { ref url } => {
+                    format!("opening the PostgreSQL store ({})", url.source())
+                }
+                _ => format!("opening database {}", db.display()),
+            })?;
         for t in tenants {
             let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
             store.set_caller_policy(&t.id, policy);

@@ -213,8 +213,27 @@ impl Dialect {
 }
 
 struct Pg {
-    client: postgres::Client,
+    /// `None` only while being dropped.
+    client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
+}
+
+impl Drop for Pg {
+    /// Closing the client blocks on its runtime: off any tokio runtime.
+    fn drop(&mut self) {
+        self.statements.clear();
+        if let Some(client) = self.client.take() {
+            off_runtime(move || drop(client));
+        }
+    }
+}
+
+impl Pg {
+    fn client(&mut self) -> Result<&mut postgres::Client, DbError> {
+        self.client
+            .as_mut()
+            .ok_or(DbError::Misuse("connection closed"))
+    }
 }
 
 enum Engine {
@@ -283,6 +302,22 @@ impl PgToSql for Value {
     to_sql_checked!();
 }
 
+/// Runs `f` where the synchronous PostgreSQL client may block: the client
+/// drives its own small runtime, which tokio refuses to start on a thread
+/// that is inside a runtime (the admin API's blocking tasks, start-up code in
+/// `async fn`s). There `f` runs on a scoped thread of its own; on the store
+/// thread and in the CLI it runs in place.
+pub(crate) fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// `?N` placeholders to `$N` (statements never contain `?` otherwise).
 fn pg_sql(sql: &str) -> String {
     sql.replace('?', "$")
@@ -324,7 +359,7 @@ impl Conn {
     pub fn postgres(client: postgres::Client) -> Conn {
         Conn {
             engine: Engine::Postgres(Box::new(RefCell::new(Pg {
-                client,
+                client: Some(client),
                 statements: HashMap::new(),
             }))),
             in_tx: Cell::new(false),
@@ -351,26 +386,36 @@ impl Conn {
     pub fn batch(&self, sql: &str) -> Result<(), DbError> {
         match &self.engine {
             Engine::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Engine::Postgres(pg) => Ok(pg.borrow_mut().client.batch_execute(sql)?),
+            Engine::Postgres(pg) => {
+                let mut pg = pg.borrow_mut();
+                let client = pg.client()?;
+                Ok(off_runtime(|| client.batch_execute(sql))?)
+            }
         }
     }
 
-    fn with_pg_statement<R>(
+    fn with_pg_statement<R: Send>(
         pg: &RefCell<Pg>,
         sql: &str,
-        run: impl FnOnce(&mut postgres::Client, &postgres::Statement) -> Result<R, postgres::Error>,
+        run: impl FnOnce(&mut postgres::Client, &postgres::Statement) -> Result<R, postgres::Error>
+        + Send,
     ) -> Result<R, DbError> {
         let mut pg = pg.borrow_mut();
         let Pg { client, statements } = &mut *pg;
-        let stmt = match statements.get(sql) {
-            Some(s) => s.clone(),
-            None => {
-                let s = client.prepare(&pg_sql(sql))?;
-                statements.insert(sql.to_owned(), s.clone());
-                s
-            }
-        };
-        Ok(run(client, &stmt)?)
+        let client = client
+            .as_mut()
+            .ok_or(DbError::Misuse("connection closed"))?;
+        off_runtime(|| {
+            let stmt = match statements.get(sql) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = client.prepare(&pg_sql(sql))?;
+                    statements.insert(sql.to_owned(), s.clone());
+                    s
+                }
+            };
+            Ok(run(client, &stmt)?)
+        })
     }
 
     /// Runs one statement; returns the number of rows it changed.

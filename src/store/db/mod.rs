@@ -868,13 +868,29 @@ impl Store {
     /// tunnel) and migrates it. Several daemons may do this at once: the
     /// migrations run under an advisory lock.
     pub fn open_postgres(url: &str) -> Result<Self, DbError> {
-        let client = postgres::Client::connect(url, postgres::NoTls)?;
+        let client = conn::off_runtime(|| postgres::Client::connect(url, postgres::NoTls))?;
         let conn = Conn::postgres(client);
         schema::migrate(&conn)?;
         Ok(Self {
             conn,
             caller_policies: HashMap::new(),
         })
+    }
+
+    /// Opens the store `engine` names (`[profile.store] kind`): the SQLite
+    /// file at `sqlite_path`, or the PostgreSQL database at its `url`.
+    pub fn open_engine(
+        engine: &crate::config::StoreEngine,
+        sqlite_path: &Path,
+    ) -> Result<Self, DbError> {
+        match engine {
+            crate::config::StoreEngine::Sqlite => Self::open(sqlite_path),
+            crate::config::StoreEngine::Postgres { url } => {
+                let url = std::str::from_utf8(url.expose())
+                    .map_err(|_| DbError::Misuse("store url is not UTF-8"))?;
+                Self::open_postgres(url.trim())
+            }
+        }
     }
 
     /// Which engine this store runs on.

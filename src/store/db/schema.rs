@@ -216,6 +216,14 @@ pub const PG_MIGRATIONS: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION audit_no_delete();
     CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
         FOR EACH STATEMENT EXECUTE FUNCTION audit_no_update();
+
+    -- The tenants' data keys, wrapped by the master key (the 85 bytes of a
+    -- SQLite store's var_dir/keys/<tenant>.key), so every daemon reads the
+    -- same key and a destroyed key is gone for all of them.
+    CREATE TABLE data_keys (
+        tenant  TEXT PRIMARY KEY NOT NULL,
+        wrapped BYTEA NOT NULL
+    );
     "#,
     // v2..v5 of SQLite are in v1 above; these keep the version numbers of
     // both engines equal (a future migration is entry 5 of both lists).
