@@ -129,6 +129,11 @@ fn every_example_passes_with_its_secrets_provided() {
         ck.signing_key.serialize_pem(),
     )
     .unwrap();
+    std::fs::write(
+        creds.path().join("pg-url"),
+        "postgres://sipbridge@127.0.0.1:5432/sipbridge\n",
+    )
+    .unwrap();
     let examples = repo_root().join("sip-profiles/examples");
     let mut names: Vec<_> = std::fs::read_dir(&examples)
         .unwrap()
@@ -140,6 +145,7 @@ fn every_example_passes_with_its_secrets_provided() {
         names,
         [
             "pbx.toml",
+            "postgres-store.toml",
             "secure-trunking.toml",
             "telnyx.toml",
             "twilio.toml"

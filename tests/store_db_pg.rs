@@ -429,6 +429,59 @@ fn data_keys_are_shared_and_shredded_across_daemons() {
     assert!(!b.destroy("acme").unwrap());
 }
 
+/// A daemon restarting closes its own open CDRs and recovers its own open
+/// recordings, never another node's live calls.
+#[test]
+fn start_up_recovery_touches_only_this_nodes_rows() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database("recovery");
+    let mut a = node(&url);
+    a.set_node("node-a");
+    let mut b = node(&url);
+    b.set_node("node-b");
+    for (s, id) in [(&mut a, "a-live"), (&mut b, "b-crashed")] {
+        s.insert_call(&CallRow {
+            call_id: id.into(),
+            tenant: "acme".into(),
+            trunk: "t".into(),
+            from: "+1555".into(),
+            to: "+1556".into(),
+            started_at: T0,
+        })
+        .unwrap();
+        s.insert_recording(&RecordingRow {
+            id: format!("{id}-r"),
+            call_id: id.into(),
+            tenant: "acme".into(),
+            path: PathBuf::from(format!("/nonexistent/{id}.sbrec")),
+            key_id: "k".into(),
+            created_at: T0,
+        })
+        .unwrap();
+    }
+    let ids = |v: Vec<sipbridge::store::db::RecordingRecord>| -> Vec<String> {
+        v.into_iter().map(|r| r.id).collect()
+    };
+    assert_eq!(
+        ids(b.open_recordings_of_crashed().unwrap()),
+        ["b-crashed-r"]
+    );
+    assert_eq!(b.close_crashed_calls(T0 + 5).unwrap(), ["b-crashed"]);
+    let db = db_name(&url);
+    assert_eq!(
+        pg.query_i64(db, "SELECT count(*) FROM calls WHERE ended_at IS NULL"),
+        1
+    );
+    assert_eq!(
+        pg.query_i64(
+            db,
+            "SELECT count(*) FROM calls WHERE call_id = 'a-live' AND node = 'node-a' AND ended_at IS NULL"
+        ),
+        1
+    );
+    assert_eq!(ids(a.open_recordings_of_crashed().unwrap()), ["a-live-r"]);
+}
+
 /// What one daemon writes the other lists; an erasure on one is what both see.
 #[test]
 fn erasure_on_one_daemon_is_seen_by_the_other() {

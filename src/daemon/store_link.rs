@@ -207,6 +207,11 @@ impl Records {
             let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
             store.set_caller_policy(&t.id, policy);
         }
+        if let crate::config::StoreEngine::Postgres { .. } = settings.engine {
+            let node = node_id(var_dir).context("reading var_dir/node-id")?;
+            info!(node = %node, "store: PostgreSQL, shared with other nodes");
+            store.set_node(&node);
+        }
         if let Err(e) = recover(&mut store, &keyring, var_dir, unix_ms(SystemTime::now())) {
             // Not fatal: a disk too full for the clean-up's writes must not
             // keep the daemon down (recording tenants then fail closed); what
@@ -698,6 +703,33 @@ impl CallStore {
 /// counted as the growth of the sealed file, header and chunk overhead included.
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// This daemon's id among nodes sharing one PostgreSQL store: 16 random hex
+/// digits in `var_dir/node-id` (0600), created at the first start. It marks
+/// the CDRs this daemon opens, so its start-up recovery closes only those.
+fn node_id(var_dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = var_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut raw = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
+    let id = hex::encode(raw);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    Ok(id)
 }
 
 /// Start-up recovery: recordings left in state `recording` are verified and

@@ -837,6 +837,8 @@ fn ids(conn: &Conn, sql: &str, a: &str, tenant: &str) -> Result<Vec<String>, DbE
 pub struct Store {
     conn: Conn,
     caller_policies: HashMap<String, CallerIdPolicy>,
+    /// This daemon's id among several on one PostgreSQL database.
+    node: Option<String>,
 }
 
 impl Store {
@@ -860,6 +862,7 @@ impl Store {
         Ok(Self {
             conn,
             caller_policies: HashMap::new(),
+            node: None,
         })
     }
 
@@ -874,7 +877,33 @@ impl Store {
         Ok(Self {
             conn,
             caller_policies: HashMap::new(),
+            node: None,
         })
+    }
+
+    /// Names this daemon among several sharing a PostgreSQL database: its
+    /// new CDRs carry the id, and start-up recovery
+    /// ([`Store::close_crashed_calls`], [`Store::open_recordings_of_crashed`])
+    /// touches only its own rows. Without it (and always on SQLite, which
+    /// one daemon owns) recovery takes every open row.
+    pub fn set_node(&mut self, node: &str) {
+        self.node = Some(node.to_owned());
+    }
+
+    /// `AND <column> = ?n` restricting recovery to this node's calls on
+    /// PostgreSQL once a node is set; empty otherwise.
+    fn node_filter(&self, column: &str, n: usize) -> String {
+        match (self.conn.dialect(), &self.node) {
+            (Dialect::Postgres, Some(_)) => format!(" AND {column} = ?{n}"),
+            _ => String::new(),
+        }
+    }
+
+    fn node_param(&self) -> Vec<Value> {
+        match (self.conn.dialect(), &self.node) {
+            (Dialect::Postgres, Some(n)) => vec![Value::Text(n.clone())],
+            _ => Vec::new(),
+        }
     }
 
     /// Opens the store `engine` names (`[profile.store] kind`): the SQLite
@@ -939,18 +968,27 @@ impl Store {
     /// Writes a new CDR, storing the caller as the tenant's policy says.
     pub fn insert_call(&mut self, call: &CallRow) -> Result<(), DbError> {
         let caller = self.caller_policy(&call.tenant)?.stored_form(&call.from)?;
-        self.conn.execute(
-            "INSERT INTO calls (call_id, tenant, trunk, caller, callee, started_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            &vals![
-                call.call_id,
-                call.tenant,
-                call.trunk,
-                caller,
-                call.to,
-                call.started_at
-            ],
-        )?;
+        let values = vals![
+            call.call_id,
+            call.tenant,
+            call.trunk,
+            caller,
+            call.to,
+            call.started_at,
+            self.node
+        ];
+        match self.conn.dialect() {
+            Dialect::Sqlite => self.conn.execute(
+                "INSERT INTO calls (call_id, tenant, trunk, caller, callee, started_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &values[..6],
+            )?,
+            Dialect::Postgres => self.conn.execute(
+                "INSERT INTO calls (call_id, tenant, trunk, caller, callee, started_at, node) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                &values,
+            )?,
+        };
         Ok(())
     }
 
@@ -1186,15 +1224,15 @@ impl Store {
     /// previous process was handling when it died. Cause `crash-recovered`,
     /// ended at `now` (the true end is unknown), audited. Returns their ids.
     pub fn close_crashed_calls(&mut self, now: UnixMs) -> Result<Vec<String>, DbError> {
+        let sql = format!(
+            "SELECT call_id, tenant FROM calls WHERE ended_at IS NULL{} ORDER BY call_id{}",
+            self.node_filter("node", 1),
+            self.conn.dialect().for_update()
+        );
+        let params = self.node_param();
         let tx = self.write_tx()?;
-        let open: Vec<(String, String)> = tx.query_map(
-            &format!(
-                "SELECT call_id, tenant FROM calls WHERE ended_at IS NULL ORDER BY call_id{}",
-                tx.dialect().for_update()
-            ),
-            &[],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let open: Vec<(String, String)> =
+            tx.query_map(&sql, &params, |r| Ok((r.get(0)?, r.get(1)?)))?;
         for (call_id, tenant) in &open {
             tx.execute(
                 "UPDATE calls SET ended_at = ?2, cause = ?3 WHERE call_id = ?1",
@@ -1410,12 +1448,20 @@ impl Store {
     /// Recordings still in state `recording`: at start-up, files the previous
     /// process was writing when it died, to verify and mark `partial`.
     pub fn open_recordings_of_crashed(&self) -> Result<Vec<RecordingRecord>, DbError> {
+        let node = self.node_filter("c.node", 1);
+        let of_node = if node.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " AND EXISTS (SELECT 1 FROM calls c WHERE c.call_id = recordings.call_id{node})"
+            )
+        };
         self.conn.query_map(
             &format!(
-                "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state = 'recording' \
-             ORDER BY created_at, id"
+                "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state = 'recording'{of_node} \
+                 ORDER BY created_at, id"
             ),
-            &[],
+            &self.node_param(),
             recording_from_row,
         )
     }

@@ -148,8 +148,13 @@ pub const PG_MIGRATIONS: &[&str] = &[
         frames_concealed       BIGINT,
         frames_dropped         BIGINT,
         recording              TEXT CHECK (recording IN
-            ('off', 'not-started', 'recorded', 'partial', 'not-recorded', 'opted-out'))
+            ('off', 'not-started', 'recorded', 'partial', 'not-recorded', 'opted-out')),
+        -- The daemon that took the call (its var_dir/node-id), so a daemon
+        -- restarting closes only its own open CDRs, never a live call of
+        -- another node. PostgreSQL only: SQLite has one daemon.
+        node                   TEXT
     );
+    CREATE INDEX calls_open_node ON calls (node) WHERE ended_at IS NULL;
     CREATE INDEX calls_tenant_caller ON calls (tenant, caller);
     CREATE INDEX calls_tenant_started ON calls (tenant, started_at);
 
@@ -225,7 +230,7 @@ pub const PG_MIGRATIONS: &[&str] = &[
         wrapped BYTEA NOT NULL
     );
     "#,
-    // v2..v5 of SQLite are in v1 above; these keep the version numbers of
+    // v2..v5 of SQLite are in v1 above (PostgreSQL adds `calls.node`); these keep the version numbers of
     // both engines equal (a future migration is entry 5 of both lists).
     "",
     "",
