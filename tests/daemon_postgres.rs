@@ -16,6 +16,7 @@ use common::pg::PgServer;
 use common::{Daemon, ProfileSpec, sipp, sipp_scenario};
 
 const MASTER: [u8; 32] = [0x37; 32];
+const ADMIN_TOKEN: &str = "sbadm_Qm9yZWFsLWFkbWluLXRva2VuLTAx";
 
 fn node_profile(var: &Path, url_file: &Path) -> String {
     std::fs::create_dir_all(var).unwrap();
@@ -28,7 +29,8 @@ fn node_profile(var: &Path, url_file: &Path) -> String {
     .unwrap();
     ProfileSpec {
         extra: &format!(
-            "[profile.store]\nkind = \"postgres\"\nurl = \"file:{}\"\n",
+            "[profile.store]\nkind = \"postgres\"\nurl = \"file:{}\"\n\n\
+             [profile.admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SB_ADMIN_TOKEN\"\n",
             url_file.display()
         ),
         ..ProfileSpec::default()
@@ -99,8 +101,9 @@ fn two_daemons_record_into_one_postgres_and_each_sees_the_others_recordings() {
     let (config_a, config_b) = (tmp.path().join("a.toml"), tmp.path().join("b.toml"));
     std::fs::write(&config_a, &text_a).unwrap();
     std::fs::write(&config_b, &text_b).unwrap();
-    let a = Daemon::spawn(&text_a);
-    let b = Daemon::spawn(&text_b);
+    let env = [("SB_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let a = Daemon::spawn_with_env(&text_a, &env);
+    let b = Daemon::spawn_with_env(&text_b, &env);
     for d in [&a, &b] {
         let r = sipp(
             &sipp_scenario("basic_call.xml"),
@@ -174,6 +177,39 @@ fn two_daemons_record_into_one_postgres_and_each_sees_the_others_recordings() {
     let bytes = std::fs::read(&wav).unwrap();
     assert_eq!(&bytes[..4], b"RIFF");
     assert!(bytes.len() > 44 + 8000, "{} bytes", bytes.len());
+
+    // The admin API of B lists A's recordings; a link B signs downloads from A.
+    let a_file = &sbrec_files(&var_a)[0];
+    let a_id = a_file.file_stem().unwrap().to_str().unwrap().to_owned();
+    let page = common::http::get(b.admin_addr(), "/v1/recordings", Some(ADMIN_TOKEN));
+    assert_eq!(page.status, 200, "{}", page.text());
+    let mut api_ids: Vec<String> = page.json()["recordings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    api_ids.sort();
+    assert_eq!(api_ids, from_a);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let link = common::http::request(
+        b.admin_addr(),
+        "POST",
+        &format!("/v1/recordings/{a_id}/link"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(link.status, 201, "{}", link.text());
+    let url = link.json()["url"].as_str().unwrap().to_owned();
+    for node in [&a, &b] {
+        let wav = common::http::get(node.admin_addr(), &url, None);
+        assert_eq!(wav.status, 200, "{}", wav.text());
+        assert_eq!(&wav.body[..4], b"RIFF");
+        assert!(wav.body.len() > 44 + 8000);
+    }
 
     // Erasure on B deletes A's recordings too: rows, files.
     let out = cli(
