@@ -8,6 +8,9 @@
 #   tshark              decoding captured SIP/RTP in failing tests
 #   systemd             systemd-analyze verify for the unit file
 #   kamailio            a record-routing SIP proxy in front of the daemon (tests/proxy_routing.rs)
+#   postgresql          the PostgreSQL store backend's tests start their own server from
+#                       /usr/lib/postgresql/<n>/bin (tests/common/pg.rs), as the `postgres`
+#                       user the package creates
 #
 #   Pipecat (PyPI)      a real agent framework, in a virtual environment at
 #                       $SIPBRIDGE_TEST_VENV (default /opt/sipbridge-test-venv)
@@ -34,6 +37,7 @@ checks=(
     "tshark:tshark"
     "systemd:systemd-analyze"
     "kamailio:kamailio"
+    "postgresql:"
 )
 
 missing=()

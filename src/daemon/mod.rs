@@ -1121,7 +1121,7 @@ pub async fn run(
             &profile.var_dir,
             &key,
             &config.tenants,
-            profile.store,
+            profile.store.clone(),
             Arc::clone(&shared.events),
             objects,
         )

@@ -208,13 +208,24 @@ impl Records {
         // another working directory still finds them.
         let var_dir = &std::fs::canonicalize(var_dir)
             .with_context(|| format!("resolving var_dir {}", var_dir.display()))?;
-        let keyring = KeyRing::open(var_dir, master_key).context("opening the key ring")?;
+        let keyring = KeyRing::open_engine(var_dir, master_key, &settings.engine)
+            .context("opening the key ring")?;
         let db = var_dir.join(DB_FILE);
         let mut store =
-            Store::open(&db).with_context(|| format!("opening database {}", db.display()))?;
+            Store::open_engine(&settings.engine, &db).with_context(|| match settings.engine {
+                crate::config::StoreEngine::Postgres { ref url } => {
+                    format!("opening the PostgreSQL store ({})", url.source())
+                }
+                _ => format!("opening database {}", db.display()),
+            })?;
         for t in tenants {
             let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
             store.set_caller_policy(&t.id, policy);
+        }
+        if let crate::config::StoreEngine::Postgres { .. } = settings.engine {
+            let node = node_id(var_dir).context("reading var_dir/node-id")?;
+            info!(node = %node, "store: PostgreSQL, shared with other nodes");
+            store.set_node(&node);
         }
         if let Err(e) = recover(&mut store, &keyring, var_dir, unix_ms(SystemTime::now())) {
             // Not fatal: a disk too full for the clean-up's writes must not
@@ -764,6 +775,33 @@ fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
+/// This daemon's id among nodes sharing one PostgreSQL store: 16 random hex
+/// digits in `var_dir/node-id` (0600), created at the first start. It marks
+/// the CDRs this daemon opens, so its start-up recovery closes only those.
+fn node_id(var_dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = var_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut raw = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
+    let id = hex::encode(raw);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    Ok(id)
+}
+
 /// Start-up recovery: recordings left in state `recording` are verified and
 /// marked `partial`, or deleted when they hold no audio (a crash or a full
 /// disk right after the file was created; nothing unreadable is kept, so
@@ -1025,6 +1063,19 @@ fn retryable(e: &DbError) -> bool {
                 | ErrorCode::CannotOpen
                 | ErrorCode::ReadOnly
         ),
+        // PostgreSQL: a broken or refused connection (the next statement
+        // reconnects), or a server-side condition that passes: connection
+        // exceptions (08), serialization failures and deadlocks (40),
+        // insufficient resources (53), operator intervention such as a
+        // restart (57).
+        DbError::Postgres(e) => {
+            e.is_closed()
+                || e.as_db_error().is_none_or(|d| {
+                    ["08", "40", "53", "57"]
+                        .iter()
+                        .any(|class| d.code().code().starts_with(class))
+                })
+        }
         _ => false,
     }
 }
