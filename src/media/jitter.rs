@@ -31,12 +31,15 @@
 //! keeps the task busy) would hold every later packet that much beyond the
 //! target for the rest of the call. So the buffer watches how long each
 //! packet waits for its slot: once per [`REANCHOR_WINDOW`] packets, if even
-//! the longest wait in the window (the packet that came soonest) exceeded
+//! the shortest wait in the window (the packet that came latest) exceeded
 //! the target by more than [`REANCHOR_TOLERANCE`], the grid moves that
 //! excess earlier (the next slots fall due at once: nothing is dropped, the
-//! buffered audio is handed out sooner). The buffer only ever shrinks this
-//! way; a stream that arrives later than its grid meets late packets and
-//! concealment, as before.
+//! buffered audio is handed out sooner). So every packet of the window
+//! would still have waited at least the target: re-anchoring never takes
+//! away margin the stream's jitter used. The first window holds the late
+//! start itself, so a late start is gone within two windows (2 s). The
+//! buffer only ever shrinks this way; a stream that arrives later than its
+//! grid meets late packets and concealment, as before.
 //!
 //! Written by hand: the crates we looked at either own the clock (async
 //! timers) or reorder by sequence number only, which cannot express our
@@ -155,8 +158,8 @@ struct Playout {
     concealed_run: u32,
     /// Packets placed in the current re-anchoring window.
     window_packets: u32,
-    /// The longest wait (slot time − arrival) in the window.
-    window_max_wait: Duration,
+    /// The shortest wait (slot time − arrival) in the window.
+    window_min_wait: Duration,
 }
 
 /// Reorders, de-duplicates and paces one call's received audio.
@@ -336,12 +339,12 @@ impl JitterBuffer {
             _ => return PushOutcome::Duplicate,
         }
         let slot_time = p.head_time + self.config.frame * u32::try_from(k).unwrap_or(0);
-        p.window_max_wait = p
-            .window_max_wait
-            .max(slot_time.saturating_duration_since(now));
+        p.window_min_wait = p
+            .window_min_wait
+            .min(slot_time.saturating_duration_since(now));
         p.window_packets += 1;
         if p.window_packets >= REANCHOR_WINDOW {
-            let excess = p.window_max_wait.saturating_sub(self.config.target_delay);
+            let excess = p.window_min_wait.saturating_sub(self.config.target_delay);
             if excess > REANCHOR_TOLERANCE
                 && let Some(earlier) = p.head_time.checked_sub(excess)
             {
@@ -349,7 +352,7 @@ impl JitterBuffer {
                 self.stats.reanchors += 1;
             }
             p.window_packets = 0;
-            p.window_max_wait = Duration::ZERO;
+            p.window_min_wait = Duration::MAX;
         }
         if dropped > 0 {
             PushOutcome::Overflow { dropped }
@@ -372,7 +375,7 @@ impl JitterBuffer {
             played_audio: 0,
             concealed_run: 0,
             window_packets: 1,
-            window_max_wait: plays_at.saturating_duration_since(now),
+            window_min_wait: plays_at.saturating_duration_since(now),
         });
         PushOutcome::Resynced { plays_at }
     }
