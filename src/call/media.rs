@@ -510,10 +510,16 @@ impl MediaSession {
     }
 
     fn push_playout(&mut self, now: Instant, pcm: &[i16]) -> usize {
+        self.push_playout_paced(now, pcm, true)
+    }
+
+    /// [`MediaSession::push_playout`]; `slack`: a re-phased send clock keeps
+    /// [`OUT_SLACK`] behind the audio's phase (a producer with jitter).
+    fn push_playout_paced(&mut self, now: Instant, pcm: &[i16], slack: bool) -> usize {
         let was_empty = self.playout.queued() == 0;
         let accepted = self.playout.push_pcm(pcm);
         if was_empty && accepted > 0 {
-            self.maybe_rephase(now);
+            self.maybe_rephase(now, slack);
         }
         // Outbound latency is timed from audio that finds the queue empty,
         // once the prompt is done (before that it waits for the prompt).
@@ -870,8 +876,9 @@ impl MediaSession {
             } else if echo == Some(at) {
                 if let Some((_, pcm)) = self.echo.pop_front() {
                     // The echo pipeline's audio comes back the way an
-                    // agent's does.
-                    self.push_playout(at, &pcm);
+                    // agent's does, but on the jitter buffer's clock: no
+                    // slack, so one wake-up serves both directions.
+                    self.push_playout_paced(at, &pcm, false);
                 }
             } else {
                 self.outbound_step(at, now);
@@ -924,7 +931,7 @@ impl MediaSession {
     /// tick). The marker bit tells the far end; the RTP timestamp runs on by
     /// 160 a packet, and the time this gains on the sampling clock is given
     /// back by holding back filler packets (see the module docs).
-    fn maybe_rephase(&mut self, now: Instant) {
+    fn maybe_rephase(&mut self, now: Instant, slack: bool) {
         if !self.last_out_filler
             || !self.prompt_done
             || self.send_paused
@@ -935,7 +942,7 @@ impl MediaSession {
         }
         self.out_ahead += duration_ns(self.out_next.saturating_duration_since(now));
         self.out_next = now;
-        self.out_slack_pending = true;
+        self.out_slack_pending = slack;
         self.talkspurt = true;
         self.playout.rephase(now);
     }
