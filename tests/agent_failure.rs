@@ -503,16 +503,48 @@ fn drop_mid_call_reconnects_under_continue() {
     drop_then_reconnect(Policy::Continue);
 }
 
+/// A hold prompt for the tenant: 2 s at 16 kHz (converted on load like the disclosure
+/// prompt), a rising sweep 300 → 1500 Hz then a falling one, distinct at every lag.
+fn hold_wav(dir: &Path) -> PathBuf {
+    let path = dir.join("hold.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&path, spec).unwrap();
+    let mut phase = 0.0f64;
+    for i in 0..32000 {
+        let t = f64::from(i) / 16000.0;
+        let f = if t < 1.0 {
+            300.0 + 1200.0 * t
+        } else {
+            1500.0 - 900.0 * (t - 1.0)
+        };
+        phase += 2.0 * std::f64::consts::PI * f / 16000.0;
+        w.write_sample((9000.0 * phase.sin()) as i16).unwrap();
+    }
+    w.finalize().unwrap();
+    path
+}
+
+/// What the caller heard around an agent outage.
+struct Outage {
+    setup: Setup,
+    heard: Vec<(Instant, Vec<u8>)>,
+    killed_at: Instant,
+    back_at: Instant,
+}
+
 /// Issue 14: an agent killed mid-call and restarted on its port 3 s later gets the call
 /// back (a `start` with the same call id and `"reconnect"` > 0, then the caller's audio),
-/// under the default reconnect policy; meanwhile the caller hears comfort noise, not
-/// silence (before the kill, with the agent up and silent, it heard silence); the call
-/// does not end until the caller's BYE.
-#[test]
-fn agent_killed_and_restarted_within_5_s_gets_the_call_back_with_comfort_noise_meanwhile() {
+/// under the default reconnect policy and the pipeline `keys`; the call does not end
+/// until the caller's BYE. Returns what the caller heard, for the test to judge.
+fn agent_killed_and_restarted(keys: &str) -> Outage {
     let agent = TestAgent::spawn(vec![Behaviour::Silent]);
     let port = agent.port();
-    let setup = start(port, Policy::Fallback, "");
+    let setup = start(port, Policy::Fallback, keys);
     let outage: std::sync::Mutex<Option<(Instant, Instant)>> = std::sync::Mutex::new(None);
     let (result, heard, restarted) = thread::scope(|s| {
         let agent_side = s.spawn(|| {
@@ -567,30 +599,63 @@ fn agent_killed_and_restarted_within_5_s_gets_the_call_back_with_comfort_noise_m
         "{} caller frames after",
         conns[0].frames
     );
-
-    // What the caller heard: silence while the silent agent was up, noise while it
-    // was away.
-    let (killed_at, back_at) = outage.lock().unwrap().unwrap();
-    let level = |payload: &[u8]| {
-        let e: f64 = payload
+    assert!(
+        setup
+            .daemon
+            .logs()
             .iter()
-            .map(|&c| f64::from(mu_to_linear(c)).powi(2))
-            .sum();
-        (e / payload.len() as f64).sqrt()
-    };
-    let before: Vec<f64> = heard
+            .all(|l| !l.contains("agent pipeline given up"))
+    );
+    assert_no_secret_in_logs(&setup.daemon);
+    let (killed_at, back_at) = outage.lock().unwrap().unwrap();
+    Outage {
+        setup,
+        heard,
+        killed_at,
+        back_at,
+    }
+}
+
+fn level(payload: &[u8]) -> f64 {
+    let e: f64 = payload
         .iter()
-        .filter(|(at, _)| *at < killed_at && *at + Duration::from_millis(500) > killed_at)
-        .map(|(_, p)| level(p))
-        .collect();
-    let away: Vec<f64> = heard
-        .iter()
-        .filter(|(at, _)| {
-            *at > killed_at + Duration::from_millis(200)
-                && *at + Duration::from_millis(200) < back_at
-        })
-        .map(|(_, p)| level(p))
-        .collect();
+        .map(|&c| f64::from(mu_to_linear(c)).powi(2))
+        .sum();
+    (e / payload.len() as f64).sqrt()
+}
+
+impl Outage {
+    /// Payloads heard in the 500 ms before the kill.
+    fn before(&self) -> Vec<&[u8]> {
+        self.heard
+            .iter()
+            .filter(|(at, _)| {
+                *at < self.killed_at && *at + Duration::from_millis(500) > self.killed_at
+            })
+            .map(|(_, p)| &p[..])
+            .collect()
+    }
+
+    /// Payloads heard while the agent was away (200 ms margins).
+    fn away(&self) -> Vec<&[u8]> {
+        self.heard
+            .iter()
+            .filter(|(at, _)| {
+                *at > self.killed_at + Duration::from_millis(200)
+                    && *at + Duration::from_millis(200) < self.back_at
+            })
+            .map(|(_, p)| &p[..])
+            .collect()
+    }
+}
+
+/// The default `away_audio`: the caller hears comfort noise while the agent is away,
+/// not silence (before the kill, with the agent up and silent, it heard silence).
+#[test]
+fn agent_killed_and_restarted_within_5_s_gets_the_call_back_with_comfort_noise_meanwhile() {
+    let o = agent_killed_and_restarted("");
+    let before: Vec<f64> = o.before().into_iter().map(level).collect();
+    let away: Vec<f64> = o.away().into_iter().map(level).collect();
     assert!(
         before.len() >= 15,
         "{} packets before the kill",
@@ -607,14 +672,62 @@ fn agent_killed_and_restarted_within_5_s_gets_the_call_back_with_comfort_noise_m
         "comfort noise in {noisy} of {} packets while the agent was away",
         away.len()
     );
+}
+
+/// `hold_prompt`: while the agent is away the caller hears the tenant's WAV, looped —
+/// the audio heard correlates with the prompt (as the daemon converts it) at ≥ 0.9 over
+/// a whole second, and it plays on past its 2 s length — not silence, not noise; the
+/// call goes on and the agent gets it back.
+#[test]
+fn agent_killed_and_restarted_within_5_s_gets_the_call_back_with_the_hold_prompt_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = hold_wav(dir.path());
+    let keys = format!(
+        "away_audio = \"hold-prompt\", hold_prompt = {}",
+        toml::Value::String(wav.display().to_string())
+    );
+    let o = agent_killed_and_restarted(&keys);
     assert!(
-        setup
+        o.setup
             .daemon
             .logs()
             .iter()
-            .all(|l| !l.contains("agent pipeline given up"))
+            .any(|l| l.contains("hold prompt loaded"))
     );
-    assert_no_secret_in_logs(&setup.daemon);
+    let before: Vec<f64> = o.before().into_iter().map(level).collect();
+    assert!(
+        before.len() >= 15 && before.iter().all(|&l| l < 10.0),
+        "{before:?}"
+    );
+    let away = o.away();
+    assert!(away.len() >= 100, "{} packets while away", away.len());
+    let mut pcm = Vec::new();
+    for p in &away {
+        pcm.extend(p.iter().map(|&c| f64::from(mu_to_linear(c))));
+    }
+    let prompt = sipbridge::media::prompt::Prompt::load(&wav).unwrap();
+    let reference: Vec<f64> = prompt.pcm8k().iter().map(|&s| f64::from(s)).collect();
+    assert_eq!(reference.len(), 16000);
+    // One second heard, looped reference: the best lag's normalised correlation.
+    let window = &pcm[..8000];
+    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let best = (0..reference.len())
+        .map(|lag| {
+            let r: Vec<f64> = (0..window.len())
+                .map(|i| reference[(lag + i) % reference.len()])
+                .collect();
+            let dot: f64 = window.iter().zip(&r).map(|(a, b)| a * b).sum();
+            dot / (norm(window) * norm(&r)).max(1.0)
+        })
+        .fold(f64::MIN, f64::max);
+    assert!(best >= 0.9, "the hold prompt heard: correlation {best:.3}");
+    // It loops: what is heard 2 s (the prompt's length) after its first 300 ms is
+    // those 300 ms again.
+    assert!(pcm.len() >= 18_400, "{} samples while away", pcm.len());
+    let (first, again) = (&pcm[..2400], &pcm[16_000..18_400]);
+    let dot: f64 = first.iter().zip(again).map(|(a, b)| a * b).sum();
+    let c = dot / (norm(first) * norm(again)).max(1.0);
+    assert!(c >= 0.9, "looped: correlation {c:.3}");
 }
 
 /// The agent drops right after `start` and then refuses every reconnect.
@@ -856,7 +969,19 @@ fn policy_keys_are_validated_and_defaulted() {
         ),
         (
             r#"away_audio = "music""#,
-            "away_audio `music` must be `comfort-noise` or `silence`",
+            "away_audio `music` must be `comfort-noise`, `silence` or `hold-prompt`",
+        ),
+        (
+            r#"away_audio = "hold-prompt""#,
+            "away_audio = \"hold-prompt\" needs `hold_prompt` (a WAV file)",
+        ),
+        (
+            r#"hold_prompt = "nope.wav""#,
+            "prompt nope.wav: cannot read",
+        ),
+        (
+            &format!(r#"away_audio = "silence", hold_prompt = {wav}"#),
+            "`hold_prompt` needs away_audio = \"hold-prompt\" (or no away_audio)",
         ),
     ] {
         let err = load(&format!("pipeline = {{ {agent}, {keys} }}"), dir.path()).unwrap_err();
@@ -892,4 +1017,39 @@ fn policy_keys_are_validated_and_defaulted() {
     )
     .unwrap_err();
     assert!(err.contains("31.0 s; at most 30 s"), "{err}");
+
+    // A hold prompt: `hold_prompt` alone (or with away_audio = "hold-prompt").
+    let hold = hold_wav(dir.path());
+    let hold_value = toml::Value::String(hold.display().to_string());
+    for keys in [
+        format!("hold_prompt = {hold_value}"),
+        format!(r#"away_audio = "hold-prompt", hold_prompt = {hold_value}"#),
+    ] {
+        let config = load(&format!("pipeline = {{ {agent}, {keys} }}"), dir.path()).unwrap();
+        let p = &config.tenant("demo").unwrap().pipeline_failure;
+        match &p.away_audio {
+            sipbridge::config::AwayAudio::HoldPrompt(prompt) => {
+                assert_eq!(prompt.path, hold);
+                assert_eq!((prompt.sample_rate, prompt.duration_ms), (16000, 2000));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            config.summary().contains(&format!(
+                "hold prompt {} (2.0 s, looped) meanwhile",
+                hold.display()
+            )),
+            "{}",
+            config.summary()
+        );
+    }
+    let err = load(
+        &format!(r#"pipeline = {{ kind = "echo", hold_prompt = {hold_value} }}"#),
+        dir.path(),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("`hold_prompt` does not apply to pipeline kind `echo`"),
+        "{err}"
+    );
 }

@@ -30,8 +30,8 @@ use super::supervisor::{
     PipelineSummary, PipelineSupervisor, SupervisorOutput,
 };
 use super::{
-    Call, CallEvent, CallOutput, CallRecord, HangupCause, MediaOutput, MediaSession, PcmFrame,
-    Peer, QualitySummary, RecordingStatus, RtpSummary, Transmit,
+    Call, CallEvent, CallOutput, CallRecord, HangupCause, HoldAudio, MediaOutput, MediaSession,
+    PcmFrame, Peer, QualitySummary, RecordingStatus, RtpSummary, Transmit,
 };
 use crate::config::{AwayAudio, FailurePolicy};
 use crate::sip::message::Message;
@@ -63,6 +63,8 @@ pub struct AgentPlan {
     pub policy: FailurePolicy,
     /// The fallback prompt, if the tenant has one.
     pub fallback: Option<Arc<FallbackAudio>>,
+    /// The hold prompt, loaded, when the policy's `away_audio` is one.
+    pub hold_prompt: Option<Arc<crate::media::prompt::Prompt>>,
     /// A Deepgram stream runs beside the agent for the whole call: it gets
     /// every caller frame, whatever happens to the agent's connections.
     pub beside_stt: bool,
@@ -335,8 +337,8 @@ struct Link {
     backlog: VecDeque<PcmFrame>,
     /// Frames dropped from the backlog.
     dropped: u64,
-    /// What the caller hears while the agent is away.
-    away_audio: AwayAudio,
+    /// What the caller hears while the agent is away (`None`: silence).
+    away_audio: Option<HoldAudio>,
     /// How often the agent gets a `stats` event, if at all.
     stats_interval: Option<Duration>,
     /// When the next one is due (while a connection is open).
@@ -614,20 +616,19 @@ impl BridgedCall {
     }
 
     /// While the agent is away (its connection being made or re-made, not
-    /// given up), the caller's silence is filled with comfort noise, if the
-    /// tenant wants it: the line is audibly alive, not dead air. The prompt
-    /// and any agent audio still queued play first.
+    /// given up), the caller's silence is filled with comfort noise or the
+    /// hold prompt, as the tenant wants: the line is audibly alive, not dead
+    /// air. The prompt and any agent audio still queued play first.
     fn fill_while_away(&mut self) {
         let (Some(m), Some(l)) = (&mut self.media, &self.link) else {
             return;
         };
         let away = !l.deepgram_only
-            && l.away_audio == AwayAudio::ComfortNoise
             && matches!(
                 l.supervisor.state(),
                 ConnectionState::Connecting { .. } | ConnectionState::Reconnecting { .. }
             );
-        m.set_comfort_noise(away);
+        m.set_hold_audio(if away { l.away_audio.clone() } else { None });
     }
 
     /// Answered and now confirmed (ACK, or the caller's RTP from the SDP
@@ -666,7 +667,13 @@ impl BridgedCall {
                     connected: false,
                     backlog: VecDeque::new(),
                     dropped: 0,
-                    away_audio: plan.policy.away_audio,
+                    away_audio: match &plan.policy.away_audio {
+                        AwayAudio::Silence => None,
+                        AwayAudio::HoldPrompt(_) if plan.hold_prompt.is_some() => {
+                            plan.hold_prompt.clone().map(HoldAudio::Prompt)
+                        }
+                        _ => Some(HoldAudio::ComfortNoise),
+                    },
                     stats_interval: plan.stats_interval,
                     next_stats: None,
                 });

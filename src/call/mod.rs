@@ -23,7 +23,8 @@ pub use cdr::{
     RecordingStatus, RtpSummary,
 };
 pub use media::{
-    MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError, PcmFrame,
+    HoldAudio, MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError,
+    PcmFrame,
 };
 pub use switchboard::{
     Admitted, Dispatch, PortAllocator, SecurityCounts, Switchboard, SwitchboardSettings,

@@ -622,8 +622,8 @@ impl Pipeline {
 /// What a tenant's calls do when their network pipeline (agent, Deepgram)
 /// cannot be reached, rejects the bridge, drops, or (agents) stays silent:
 /// the keys `on_failure`, `fallback_prompt`, `reconnect_attempts`,
-/// `reconnect_within_ms`, `connect_timeout_ms`, `agent_silence_s` and
-/// `away_audio` of the tenant's `pipeline` table.
+/// `reconnect_within_ms`, `connect_timeout_ms`, `agent_silence_s`,
+/// `away_audio` and `hold_prompt` of the tenant's `pipeline` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FailurePolicy {
@@ -645,8 +645,8 @@ pub struct FailurePolicy {
 }
 
 /// What the caller hears while the agent's connection is being
-/// re-established (`away_audio`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// re-established (`away_audio`, `hold_prompt`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum AwayAudio {
     /// A soft hiss (about −45 dBov): the line is audibly alive (the default).
@@ -654,6 +654,9 @@ pub enum AwayAudio {
     ComfortNoise,
     /// Nothing (silence frames keep the RTP stream going).
     Silence,
+    /// The tenant's hold prompt (a WAV file, converted like the disclosure
+    /// prompt), looped, from its start each time the agent goes away.
+    HoldPrompt(Prompt),
 }
 
 impl Default for FailurePolicy {
@@ -1127,9 +1130,14 @@ fn describe_failure(f: &FailurePolicy) -> String {
     let silence = f
         .agent_silence
         .map_or("off".to_owned(), |d| format!("{} s", d.as_secs()));
-    let away = match f.away_audio {
-        AwayAudio::ComfortNoise => "comfort noise",
-        AwayAudio::Silence => "silence",
+    let away = match &f.away_audio {
+        AwayAudio::ComfortNoise => "comfort noise".to_owned(),
+        AwayAudio::Silence => "silence".to_owned(),
+        AwayAudio::HoldPrompt(p) => format!(
+            "hold prompt {} ({:.1} s, looped)",
+            p.path.display(),
+            p.duration_ms as f64 / 1000.0
+        ),
     };
     format!(
         "{} reconnects within {} ms (connect timeout {} ms, {away} meanwhile), agent silence {silence}; then {then}",

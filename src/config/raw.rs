@@ -350,6 +350,8 @@ pub(crate) struct RawPipeline {
     pub(crate) agent_silence_s: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) away_audio: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) hold_prompt: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2072,6 +2072,7 @@ fn check_failure_policy(cx: &mut Cx<'_>, file: usize, p: &RawPipeline) -> Failur
             p.agent_silence_s.as_ref().map(Spanned::span),
         ),
         ("away_audio", p.away_audio.as_ref().map(Spanned::span)),
+        ("hold_prompt", p.hold_prompt.as_ref().map(Spanned::span)),
     ];
     if !network {
         for (name, span) in spans {
@@ -2096,15 +2097,54 @@ fn check_failure_policy(cx: &mut Cx<'_>, file: usize, p: &RawPipeline) -> Failur
             ),
         }
     }
+    let hold_prompt = p
+        .hold_prompt
+        .as_ref()
+        .and_then(|written| check_prompt(cx, file, written));
     if let Some(v) = &p.away_audio {
         match v.get_ref().as_str() {
             "comfort-noise" => policy.away_audio = AwayAudio::ComfortNoise,
             "silence" => policy.away_audio = AwayAudio::Silence,
+            "hold-prompt" if p.hold_prompt.is_none() => cx.error(
+                file,
+                Some(v.span()),
+                "away_audio = \"hold-prompt\" needs `hold_prompt` (a WAV file)",
+            ),
+            "hold-prompt" => {}
             other => cx.error(
                 file,
                 Some(v.span()),
-                format!("away_audio `{other}` must be `comfort-noise` or `silence`"),
+                format!("away_audio `{other}` must be `comfort-noise`, `silence` or `hold-prompt`"),
             ),
+        }
+    }
+    if let Some(written) = &p.hold_prompt {
+        let wanted = p
+            .away_audio
+            .as_ref()
+            .is_none_or(|v| v.get_ref() == "hold-prompt");
+        if !wanted {
+            cx.error(
+                file,
+                Some(written.span()),
+                "`hold_prompt` needs away_audio = \"hold-prompt\" (or no away_audio)",
+            );
+        } else if let Some(prompt) = hold_prompt {
+            let max = u64::from(crate::media::prompt::MAX_PROMPT_SECONDS) * 1000;
+            if prompt.duration_ms > max {
+                cx.error(
+                    file,
+                    Some(written.span()),
+                    format!(
+                        "hold_prompt {}: {:.1} s; at most {} s",
+                        prompt.path.display(),
+                        prompt.duration_ms as f64 / 1000.0,
+                        max / 1000
+                    ),
+                );
+            } else {
+                policy.away_audio = AwayAudio::HoldPrompt(prompt);
+            }
         }
     }
     if let Some(written) = &p.fallback_prompt {

@@ -475,10 +475,11 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
         ));
     }
     let for_prompts = Arc::clone(&config);
-    let (prompts, fallbacks) = tokio::task::spawn_blocking(move || {
+    let (prompts, fallbacks, holds) = tokio::task::spawn_blocking(move || {
         Ok::<_, anyhow::Error>((
             super::load_prompts(&for_prompts)?,
             super::load_fallback_prompts(&for_prompts)?,
+            super::load_hold_prompts(&for_prompts)?,
         ))
     })
     .await
@@ -552,6 +553,7 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
         listeners_kept,
     };
     *lock(&shared.fallback_prompts) = fallbacks;
+    *lock(&shared.hold_prompts) = holds;
     lock(&shared.switchboard).reconfigure(Arc::clone(&config), settings, prompts, &mut rng);
     Ok(summary)
 }

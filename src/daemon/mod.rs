@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     pub(crate) life: lifecycle::Life,
     /// Tenants' fallback prompts (pipeline failure policy), loaded once.
     pub(crate) fallback_prompts: Mutex<HashMap<String, Arc<FallbackAudio>>>,
+    /// Tenants' hold prompts (`away_audio = "hold-prompt"`), loaded once.
+    pub(crate) hold_prompts: Mutex<HashMap<String, Arc<crate::media::prompt::Prompt>>>,
     /// Rejected call attempts of the current interval, per source.
     pub(crate) reject_log: Mutex<reject_log::RejectLog>,
     /// Call event webhooks (`events_url`); emitters never wait.
@@ -245,9 +247,11 @@ impl Shared {
             )
         };
         let fallback = lock(&self.fallback_prompts).get(tenant).cloned();
+        let hold_prompt = lock(&self.hold_prompts).get(tenant).cloned();
         let core = BridgeAgentPlan {
             policy,
             fallback,
+            hold_prompt,
             beside_stt: stt.is_some(),
             deepgram_only: matches!(target, PipelineSpec::Deepgram(_)),
             // Only the native protocol has a `stats` event: Twilio- and
@@ -968,6 +972,24 @@ fn load_fallback_prompts(
     Ok(out)
 }
 
+/// Loads every tenant's hold prompt once (converted to 8 kHz G.711 frames
+/// like the disclosure prompt; looped while the agent is away).
+fn load_hold_prompts(
+    config: &crate::config::Config,
+) -> anyhow::Result<HashMap<String, Arc<crate::media::prompt::Prompt>>> {
+    let mut out = HashMap::new();
+    for tenant in &config.tenants {
+        let crate::config::AwayAudio::HoldPrompt(p) = &tenant.pipeline_failure.away_audio else {
+            continue;
+        };
+        let prompt = crate::media::prompt::Prompt::load(&p.path)
+            .with_context(|| format!("tenant {}: hold prompt {}", tenant.id, p.path.display()))?;
+        info!(tenant = %tenant.id, ms = prompt.duration().as_millis() as u64, "hold prompt loaded");
+        out.insert(tenant.id.clone(), Arc::new(prompt));
+    }
+    Ok(out)
+}
+
 /// Loads every tenant's disclosure prompt once (converted to 8 kHz G.711 frames).
 fn load_prompts(
     config: &crate::config::Config,
@@ -1099,6 +1121,7 @@ pub async fn run(
         rtp_bind: Mutex::new(bound.rtp_bind),
         life: lifecycle::Life::new(&config_path),
         fallback_prompts: Mutex::new(HashMap::new()),
+        hold_prompts: Mutex::new(HashMap::new()),
         reject_log: Mutex::new(reject_log::RejectLog::new(Instant::now())),
         events: Arc::new(webhooks::Events::default()),
     };
@@ -1106,6 +1129,7 @@ pub async fn run(
     let bound = bound.listeners;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
     *lock(&shared.fallback_prompts) = load_fallback_prompts(&config)?;
+    *lock(&shared.hold_prompts) = load_hold_prompts(&config)?;
     ensure_master_key(&config, &mut os_rng)?;
     let mut master_key = None;
     let mut key_fingerprint = None;

@@ -26,6 +26,21 @@
 //! beyond the target. The buffering then stays within half a tick of the
 //! target, on average the target itself.
 //!
+//! Re-anchoring. A grid anchored on a packet that reached us late (the
+//! first packets of a call are often handled late: a burst of call set-ups
+//! keeps the task busy) would hold every later packet that much beyond the
+//! target for the rest of the call. So the buffer watches how long each
+//! packet waits for its slot: once per [`REANCHOR_WINDOW`] packets, if even
+//! the shortest wait in the window (the packet that came latest) exceeded
+//! the target by more than [`REANCHOR_TOLERANCE`], the grid moves that
+//! excess earlier (the next slots fall due at once: nothing is dropped, the
+//! buffered audio is handed out sooner). So every packet of the window
+//! would still have waited at least the target: re-anchoring never takes
+//! away margin the stream's jitter used. The first window holds the late
+//! start itself, so a late start is gone within two windows (2 s). The
+//! buffer only ever shrinks this way; a stream that arrives later than its
+//! grid meets late packets and concealment, as before.
+//!
 //! Written by hand: the crates we looked at either own the clock (async
 //! timers) or reorder by sequence number only, which cannot express our
 //! playout-time contract.
@@ -34,6 +49,11 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+/// Packets per re-anchoring window (1 s at 20 ms).
+pub const REANCHOR_WINDOW: u32 = 50;
+/// Longest wait beyond the target a window may show without re-anchoring.
+pub const REANCHOR_TOLERANCE: Duration = Duration::from_millis(2);
 
 /// Errors of the jitter buffer (only configuration: pushes never fail).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -119,6 +139,8 @@ pub struct JitterStats {
     pub resync_dropped: u64,
     pub jump_pending: u64,
     pub stale_ssrc: u64,
+    /// Times the grid moved earlier (see the module docs).
+    pub reanchors: u64,
 }
 
 /// The playout grid of one stream.
@@ -134,6 +156,10 @@ struct Playout {
     /// Bit i: the slot `i + 1` before the head played audio.
     played_audio: u64,
     concealed_run: u32,
+    /// Packets placed in the current re-anchoring window.
+    window_packets: u32,
+    /// The shortest wait (slot time − arrival) in the window.
+    window_min_wait: Duration,
 }
 
 /// Reorders, de-duplicates and paces one call's received audio.
@@ -312,6 +338,22 @@ impl JitterBuffer {
             Some(slot @ None) => *slot = Some(payload),
             _ => return PushOutcome::Duplicate,
         }
+        let slot_time = p.head_time + self.config.frame * u32::try_from(k).unwrap_or(0);
+        p.window_min_wait = p
+            .window_min_wait
+            .min(slot_time.saturating_duration_since(now));
+        p.window_packets += 1;
+        if p.window_packets >= REANCHOR_WINDOW {
+            let excess = p.window_min_wait.saturating_sub(self.config.target_delay);
+            if excess > REANCHOR_TOLERANCE
+                && let Some(earlier) = p.head_time.checked_sub(excess)
+            {
+                p.head_time = earlier;
+                self.stats.reanchors += 1;
+            }
+            p.window_packets = 0;
+            p.window_min_wait = Duration::MAX;
+        }
         if dropped > 0 {
             PushOutcome::Overflow { dropped }
         } else {
@@ -332,6 +374,8 @@ impl JitterBuffer {
             slots: VecDeque::from([Some(payload)]),
             played_audio: 0,
             concealed_run: 0,
+            window_packets: 1,
+            window_min_wait: plays_at.saturating_duration_since(now),
         });
         PushOutcome::Resynced { plays_at }
     }

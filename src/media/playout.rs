@@ -176,6 +176,8 @@ pub struct PlayoutQueue {
     factor: u64,
     /// The downsampler's delay in output samples (0 or 13).
     delay: u64,
+    /// The filter runs causal (see [`PlayoutQueue::with_causal_filter`]).
+    causal: bool,
     /// Downsampler outputs still to drop (start-up of the current segment).
     skip: usize,
     /// Stream position where the current segment (audio since the last
@@ -228,6 +230,7 @@ impl PlayoutQueue {
             downsampler,
             factor,
             delay,
+            causal: false,
             skip: usize::try_from(delay).unwrap_or(0),
             segment_base: 0,
             segment_in: 0,
@@ -245,6 +248,31 @@ impl PlayoutQueue {
             frames_skipped: 0,
             truncated: 0,
             audio_frames_sent: 0,
+        }
+    }
+
+    /// Runs the 16 kHz filter causal instead of zero-phase: its start-up
+    /// outputs are kept (the stream starts with the filter's 13-sample, 1.6 ms
+    /// delay) instead of dropped, so every whole 20 ms the pipeline pushes
+    /// completes a whole frame at once; the filter's look-ahead is then the
+    /// last 1.6 ms of the audio pushed, which a tick with nothing else to
+    /// send pads and sends at once. Marks stay at the end of the audio
+    /// pushed before them, less that 1.6 ms. Meant for a live call: it
+    /// trades 1.6 ms of delay for a frame's wait (20 ms). A no-op at 8 kHz;
+    /// call before pushing.
+    pub fn with_causal_filter(mut self) -> Self {
+        self.causal = true;
+        self.skip = 0;
+        self
+    }
+
+    /// Moves the slot clock so that the next slot is due at `now` (the
+    /// caller re-phases its send clock to the start of a talkspurt). Slot
+    /// numbers run on: the next frame's timestamp advance stays 160.
+    pub fn rephase(&mut self, now: Instant) {
+        let nanos = (FRAME_DURATION.as_nanos() as u64).saturating_mul(self.next_slot);
+        if let Some(start) = now.checked_sub(Duration::from_nanos(nanos)) {
+            self.start = start;
         }
     }
 
@@ -283,7 +311,7 @@ impl PlayoutQueue {
         if self.marks.len() + self.events.len() >= MAX_MARKS {
             return Err(PlayoutError::TooManyMarks { limit: MAX_MARKS });
         }
-        let position = self.input_end();
+        let position = self.input_end() - self.lead();
         if position <= self.sent_pos {
             self.events.push_back(MarkEvent {
                 name,
@@ -365,7 +393,9 @@ impl PlayoutQueue {
 
         let audio = match self.frames.pop_front() {
             Some(frame) => Some(frame),
-            None if has_audio && (!self.marks.is_empty() || self.head_waited) => {
+            None if has_audio
+                && (!self.marks.is_empty() || self.head_waited || self.only_tail()) =>
+            {
                 self.pad_segment();
                 self.frames.pop_front()
             }
@@ -474,9 +504,34 @@ impl PlayoutQueue {
         self.rate
     }
 
-    /// Stream position just after the audio pushed so far.
+    /// Stream position just after the audio pushed so far (with a causal
+    /// filter, its delayed tail included).
     fn input_end(&self) -> u64 {
-        self.segment_base + self.segment_in.div_ceil(self.factor)
+        if self.segment_in == 0 {
+            return self.segment_base;
+        }
+        self.segment_base + self.lead() + self.segment_in.div_ceil(self.factor)
+    }
+
+    /// Samples the causal filter delays the segment's audio by (0 when
+    /// zero-phase or when nothing was pushed since the last padding).
+    fn lead(&self) -> u64 {
+        if self.causal && self.segment_in > 0 {
+            self.delay
+        } else {
+            0
+        }
+    }
+
+    /// With a causal filter: everything queued is the filter's look-ahead
+    /// (the tail of audio already converted), no whole or partial frame of
+    /// converted audio waits.
+    fn only_tail(&self) -> bool {
+        self.causal
+            && self.delay > 0
+            && self.frames.is_empty()
+            && self.partial.is_empty()
+            && self.segment_in > 0
     }
 
     /// Samples (8 kHz) pushed and not yet sent.
@@ -528,7 +583,8 @@ impl PlayoutQueue {
         }
         let target = self.input_end().div_ceil(FRAME_LEN) * FRAME_LEN;
         // Downsampler outputs needed, counting the ones dropped at start-up.
-        let outputs = target - self.segment_base + self.delay;
+        let dropped = if self.causal { 0 } else { self.delay };
+        let outputs = target - self.segment_base + dropped;
         let mut zeros = (outputs * self.factor).saturating_sub(self.segment_in);
         while zeros > 0 {
             let n = usize::try_from(zeros)
@@ -546,7 +602,11 @@ impl PlayoutQueue {
         self.segment_base = base;
         self.segment_in = 0;
         self.downsampler.reset();
-        self.skip = usize::try_from(self.delay).unwrap_or(0);
+        self.skip = if self.causal {
+            0
+        } else {
+            usize::try_from(self.delay).unwrap_or(0)
+        };
     }
 
     fn emit(&mut self, slot: u64, payload: [u8; FRAME_SAMPLES], is_silence: bool) -> PlayoutFrame {
@@ -616,6 +676,51 @@ mod tests {
         // frame to send.
         assert_eq!(q.clear().dropped_ms, 20 + 1);
         assert_eq!((q.skip, q.segment_base, q.sent_pos), (13, 0, 0));
+    }
+
+    /// Causal at 16 kHz: 20 ms pushed is a whole frame at once (the
+    /// one-shot causal downsample of it, sample for sample); with nothing
+    /// more pushed the next tick sends the filter's tail padded, not a
+    /// silence frame first; a mark sits before the tail.
+    #[test]
+    fn causal_filter_completes_a_frame_per_push_and_flushes_its_tail() {
+        let start = Instant::now();
+        let mut q =
+            PlayoutQueue::new(Law::Mu, PipelineRate::Hz16000, start, true).with_causal_filter();
+        let pcm: Vec<i16> = (0..320).map(|i| ((i * 37) % 2000 - 1000) as i16).collect();
+        q.push_pcm(&pcm);
+        q.mark("end".into()).unwrap();
+        assert_eq!(q.frames.len(), 1);
+        assert_eq!(q.queued_samples(), 160 + 13);
+        let mut reference = Vec::new();
+        Downsampler::new(PipelineRate::Hz16000).process(&pcm, &mut reference);
+        let f = q.poll(start).unwrap();
+        assert_eq!(f.payload, encode_frame(Law::Mu, &reference));
+        assert!(!f.is_silence);
+        assert_eq!(q.poll_marks().map(|m| m.name), Some("end".into()));
+        let tail = q.poll(start + FRAME_DURATION).unwrap();
+        assert!(!tail.is_silence, "the tail goes at once");
+        let mut rest = Downsampler::new(PipelineRate::Hz16000);
+        let mut all = Vec::new();
+        rest.process(&pcm, &mut all);
+        rest.process(&[0; 320], &mut all);
+        assert_eq!(tail.payload, encode_frame(Law::Mu, &all[160..320]));
+        assert_eq!(q.queued_samples(), 0);
+        assert!(q.poll(start + FRAME_DURATION * 2).unwrap().is_silence);
+    }
+
+    #[test]
+    fn rephase_makes_the_next_slot_due_now() {
+        let start = Instant::now();
+        let mut q = PlayoutQueue::new(Law::Mu, PipelineRate::Hz8000, start, true);
+        assert!(q.poll(start).is_some());
+        let now = start + Duration::from_micros(7_300);
+        assert_eq!(q.poll(now), None);
+        q.rephase(now);
+        assert_eq!(q.next_deadline(), Some(now));
+        let f = q.poll(now).unwrap();
+        assert_eq!((f.timestamp_advance, f.marker), (160, false));
+        assert_eq!(q.next_deadline(), Some(now + FRAME_DURATION));
     }
 
     #[test]

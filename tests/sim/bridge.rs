@@ -324,6 +324,7 @@ impl Bridge {
                             agent: Some(AgentPlan {
                                 policy: self.policy.clone(),
                                 fallback: None,
+                                hold_prompt: None,
                                 beside_stt: false,
                                 deepgram_only: false,
                                 stats_interval: self.stats_interval,
