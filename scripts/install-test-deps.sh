@@ -7,7 +7,8 @@
 #   espeak-ng           speech synthesis (fixtures/make.sh)
 #   tshark              decoding captured SIP/RTP in failing tests
 #   systemd             systemd-analyze verify for the unit file
-#   kamailio            a record-routing SIP proxy in front of the daemon (tests/proxy_routing.rs)
+#   kamailio            a record-routing SIP proxy in front of the daemon (tests/proxy_routing.rs),
+#                       and the dispatcher in front of two daemons (tests/scale_out.rs)
 #
 #   Pipecat (PyPI)      a real agent framework, in a virtual environment at
 #                       $SIPBRIDGE_TEST_VENV (default /opt/sipbridge-test-venv)
