@@ -1329,6 +1329,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_proxys_source_header_holds_an_address_and_nothing_else() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (value, want) in [
+            ("198.51.100.7", Some(ip("198.51.100.7"))),
+            (" 198.51.100.7 ", Some(ip("198.51.100.7"))),
+            ("198.51.100.7:5060", Some(ip("198.51.100.7"))),
+            ("2001:db8::5", Some(ip("2001:db8::5"))),
+            ("[2001:db8::5]", Some(ip("2001:db8::5"))),
+            ("[2001:db8::5]:5060", Some(ip("2001:db8::5"))),
+            ("", None),
+            ("carrier.example.com", None),
+            ("198.51.100.7, 203.0.113.9", None),
+            ("198.51.100.7.evil", None),
+            ("[198.51.100.7]", None),
+        ] {
+            assert_eq!(parse_source_address(value), want, "{value:?}");
+        }
+        let long = format!("1.2.3.4{}", "0".repeat(100));
+        assert_eq!(parse_source_address(&long), None);
+    }
+
+    #[test]
     fn ports_are_random_distinct_and_released() {
         use rand::SeedableRng;
         let mut rng = rand::rngs::StdRng::seed_from_u64(19);
