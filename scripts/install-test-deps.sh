@@ -12,6 +12,9 @@
 #
 #   Pipecat (PyPI)      a real agent framework, in a virtual environment at
 #                       $SIPBRIDGE_TEST_VENV (default /opt/sipbridge-test-venv)
+#   moto (PyPI)         moto_server, an S3-compatible object store the recording tests
+#                       upload to (tests/common/s3.rs), in a virtual environment at
+#                       $SIPBRIDGE_MOTO_VENV (default /opt/moto-venv)
 #   sipvicious (PyPI)   svmap and svcrack, the scanners tests/sipvicious.rs runs, in a
 #                       virtual environment at $SIPBRIDGE_SIPVICIOUS_VENV
 #                       (default /opt/sipvicious-venv)
@@ -82,6 +85,26 @@ else
     echo "install-test-deps: installing sipvicious $sipvicious_version into $sipvicious_venv"
     python3 -m venv "$sipvicious_venv"
     "$sipvicious_venv/bin/pip" install --quiet --disable-pip-version-check "sipvicious==$sipvicious_version"
+fi
+
+# moto's S3 server (tests/common/s3.rs: recordings in object storage) in its own virtual
+# environment, pinned. Skipped when that environment already has it.
+moto_venv="${SIPBRIDGE_MOTO_VENV:-/opt/moto-venv}"
+moto_version="5.1.18"
+if [[ -x "$moto_venv/bin/moto_server" ]] \
+    && "$moto_venv/bin/pip" show moto 2>/dev/null | grep -qx "Version: $moto_version"; then
+    echo "install-test-deps: moto $moto_version present ($moto_venv)"
+else
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+        if [[ "$(id -u)" -ne 0 ]]; then
+            echo "install-test-deps: python3 venv support is missing (Debian: python3-venv)" >&2
+            exit 1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv
+    fi
+    echo "install-test-deps: installing moto $moto_version into $moto_venv"
+    python3 -m venv "$moto_venv"
+    "$moto_venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$moto_version"
 fi
 
 # Pipecat (tests/pipecat_bot.rs runs examples/pipecat_bot/bot.py) in its own virtual

@@ -118,6 +118,8 @@ fn every_example_passes_with_its_secrets_provided() {
         ("master.key", "0123456789abcdef0123456789abcdef"),
         ("pbx-password", "pbx-pass\n"),
         ("deepgram-api-key", "dg-key\n"),
+        ("s3-access-key-id", "AKIAEXAMPLE\n"),
+        ("s3-secret-access-key", "s3-example-secret\n"),
     ] {
         std::fs::write(creds.path().join(name), value).unwrap();
     }
@@ -140,6 +142,7 @@ fn every_example_passes_with_its_secrets_provided() {
         names,
         [
             "pbx.toml",
+            "s3-recordings.toml",
             "secure-trunking.toml",
             "telnyx.toml",
             "twilio.toml"
@@ -867,5 +870,117 @@ fn trusted_proxies_are_checked() {
         "spaced.toml",
         line_of(&spaced, "trusted_proxy_source_header"),
         "is not a header name",
+    );
+}
+
+#[test]
+fn recordings_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let good = profile(5031).replace(
+        "[[trunk]]",
+        "[profile.recordings]\nkind = \"s3\"\nendpoint = \"https://s3.example.com\"\n\
+         bucket = \"call-recordings\"\nregion = \"eu-west-1\"\naccess_key_id = \"env:S3_KEY_ID\"\n\
+         secret_access_key = \"env:S3_SECRET\"\nspool_max_mb = 512\n\n[[trunk]]",
+    );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(["check", "--config", "good.toml"])
+        .current_dir(dir.path())
+        .env("S3_KEY_ID", "AKIAEXAMPLE")
+        .env("S3_SECRET", "s3-secret-never-shown-4f1a")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(
+            "recordings: s3 bucket call-recordings at https://s3.example.com (region eu-west-1, \
+             key id env:S3_KEY_ID, secret env:S3_SECRET), spool max 512 MiB"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("s3-secret-never-shown") && !stderr.contains("s3-secret-never-shown"));
+
+    // Without the secrets: each missing one named at its line.
+    let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(["check", "--config", "good.toml"])
+        .current_dir(dir.path())
+        .env_remove("S3_KEY_ID")
+        .env_remove("S3_SECRET")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "good.toml",
+        line_of(&good, "secret_access_key"),
+        "recordings secret_access_key: environment variable `S3_SECRET` is not set",
+    );
+
+    let bad = good
+        .replace("kind = \"s3\"", "kind = \"s3\"\n")
+        .replace("https://s3.example.com", "s3.example.com")
+        .replace("call-recordings", "Call_Recordings")
+        .replace("spool_max_mb = 512", "spool_max_mb = 0")
+        .replace("region = \"eu-west-1\"\n", "");
+    std::fs::write(dir.path().join("bad.toml"), &bad).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(["check", "--config", "bad.toml"])
+        .current_dir(dir.path())
+        .env("S3_KEY_ID", "AKIAEXAMPLE")
+        .env("S3_SECRET", "s3-secret-never-shown-4f1a")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "endpoint"),
+        "endpoint `s3.example.com` is not an http:// or https:// URL",
+    );
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "bucket"),
+        "bucket `Call_Recordings` is not a valid S3 bucket name",
+    );
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "spool_max_mb"),
+        "spool_max_mb 0 must be 1 to 1048576",
+    );
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "[profile.recordings]"),
+        "[profile.recordings] kind = \"s3\" needs region",
+    );
+
+    let other = good.replace("kind = \"s3\"", "kind = \"gcs\"");
+    std::fs::write(dir.path().join("kind.toml"), &other).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "kind.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "kind.toml",
+        line_of(&other, "kind = \"gcs\""),
+        "recordings kind `gcs` is not \"local\" or \"s3\"",
+    );
+
+    let local = good.replace("kind = \"s3\"", "kind = \"local\"");
+    std::fs::write(dir.path().join("local.toml"), &local).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "local.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "local.toml",
+        line_of(&local, "bucket"),
+        "bucket is only for kind = \"s3\" recordings",
     );
 }

@@ -3,7 +3,14 @@
 //! `sip-profiles/examples/kamailio-dispatcher.cfg` in front of two `sipbridge run`
 //! daemons, SIPp as the carrier, all real processes on loopback.
 //!
-//! [`kamailio_spreads_drains_and_fails_over_between_two_daemons`], in three phases:
+//! [`kamailio_spreads_drains_and_fails_over_between_two_daemons`], in four phases:
+//! 0. both daemons record to one S3-compatible bucket (moto's server, `common::s3`):
+//!    six calls with the caller's audio to a recording tenant, spread over both; each
+//!    recording is an object in the bucket with no RIFF header and no run of the
+//!    caller's audio, listed by `sipbridge recordings list` on the daemon that took the
+//!    call and downloadable through that daemon's signed link (decrypting to the
+//!    caller's audio). Each daemon still has its own SQLite store, so the other daemon
+//!    neither lists nor serves it;
 //! 1. 200 calls through Kamailio: 0 failed, both daemons answered some (their CDRs);
 //! 2. 3-second calls; node A gets SIGTERM mid-run (long `drain_grace_s`): its live
 //!    calls end normally (caller's BYE, 200), every INVITE it sees afterwards is
@@ -32,7 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Daemon, ProfileSpec, SippResult, free_port, repo_path, sipp, sipp_scenario};
+use common::s3::S3Server;
+use common::{Daemon, ProfileSpec, SippResult, free_port, http, repo_path, sipp, sipp_scenario};
+use sipbridge::media::g711;
 
 /// The dispatcher's OPTIONS interval in the test (seconds).
 const PING_INTERVAL_S: u64 = 1;
@@ -41,6 +50,10 @@ const PING_INTERVAL_S: u64 = 1;
 const NODE_TIMEOUT_MS: u64 = 1000;
 /// Where Kamailio listens: another loopback address than SIPp's and the daemons'.
 const PROXY_IP: &str = "127.0.0.2";
+/// The number of the recording tenant `rec` (every other number reaches `demo`).
+const RECORDED_NUMBER: &str = "15559990000";
+/// The daemons' admin token.
+const ADMIN_TOKEN: &str = "admin-token-of-the-scale-out-test";
 
 // ---------------------------------------------------------------------------------------
 // Kamailio
@@ -240,15 +253,31 @@ impl Drop for Kamailio {
 // The daemons
 // ---------------------------------------------------------------------------------------
 
-/// A daemon's profile: UDP on `port`, the trunk allowing SIPp's 127.0.0.1 only,
-/// Kamailio's address a trusted proxy, unknown sources dropped, a long drain.
-/// `node` names its RTP range (distinct per node).
-fn node_profile(node: &str, port: u16) -> String {
+/// A daemon's profile: UDP on `port`, the trunk allowing SIPp's 127.0.0.1 only and
+/// no longer dedicated to `demo`, Kamailio's address a trusted proxy, unknown sources
+/// dropped, a long drain, the admin API, a recording tenant `rec` for
+/// [`RECORDED_NUMBER`] with its recordings in `s3`. `node` names its RTP range.
+fn node_profile(node: &str, port: u16, s3: &S3Server) -> String {
+    let prompt = toml::Value::String(
+        repo_path("sip-profiles/prompts/disclosure.wav")
+            .display()
+            .to_string(),
+    );
+    let routes = format!(
+        "[[route]]\nnumber = \"{RECORDED_NUMBER}\"\ntenant = \"rec\"\n\n\
+         [[route]]\nnumber = \"*\"\ntenant = \"demo\"\n"
+    );
+    let extra = format!(
+        "[[tenant]]\nid = \"rec\"\nrecording = true\ntranscripts = false\nprompt = {prompt}\n\
+         pipeline = {{ kind = \"echo\" }}\n\n\
+         [profile.security]\nunknown_source = \"drop\"\ntrusted_proxies = [\"{PROXY_IP}\"]\n\n\
+         [profile.admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SB_ADMIN_TOKEN\"\n\n{}",
+        s3.recordings_section()
+    );
     let text = ProfileSpec {
         max_calls: 50,
-        extra: &format!(
-            "[profile.security]\nunknown_source = \"drop\"\ntrusted_proxies = [\"{PROXY_IP}\"]\n"
-        ),
+        routes: Some(&routes),
+        extra: &extra,
         ..ProfileSpec::default()
     }
     .render_for(&format!("scale_out::{node}"));
@@ -257,11 +286,137 @@ fn node_profile(node: &str, port: u16) -> String {
             "udp = [\"127.0.0.1:0\"]",
             &format!("udp = [\"127.0.0.1:{port}\"]"),
         )
-        .replace("allow = [\"127.0.0.0/8\"]", "allow = [\"127.0.0.1/32\"]")
+        .replace(
+            "allow = [\"127.0.0.0/8\"]\ntenant = \"demo\"\n",
+            "allow = [\"127.0.0.1/32\"]\n",
+        )
         .replace("max_calls = 50\n", "max_calls = 50\ndrain_grace_s = 60\n");
     assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
-    assert!(text.contains("127.0.0.1/32") && text.contains("drain_grace_s"));
+    assert!(
+        text.contains("127.0.0.1/32") && text.contains("drain_grace_s"),
+        "{text}"
+    );
     text
+}
+
+fn spawn_node(node: &str, port: u16, s3: &S3Server) -> Daemon {
+    Daemon::spawn_with_env(
+        &node_profile(node, port, s3),
+        &[("SB_ADMIN_TOKEN", ADMIN_TOKEN)],
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Recordings
+// ---------------------------------------------------------------------------------------
+
+/// `proxy_call.xml` with caller1's audio (PCMU, 2.92 s) played after the ACK and the
+/// BYE 3.5 s later.
+fn audio_scenario(dir: &Path) -> std::path::PathBuf {
+    let xml = std::fs::read_to_string(sipp_scenario("proxy_call.xml")).unwrap();
+    let pcap = repo_path("fixtures/pcap/caller1_pcmu.pcap");
+    let play = format!(
+        "<nop>\n    <action>\n      <exec play_pcap_audio=\"{}\"/>\n    </action>\n  </nop>\n\n  \
+         <pause milliseconds=\"3500\"/>",
+        pcap.display()
+    );
+    assert!(xml.contains("<pause milliseconds=\"500\"/>"));
+    let path = dir.join("proxy_call_audio.xml");
+    std::fs::write(&path, xml.replace("<pause milliseconds=\"500\"/>", &play)).unwrap();
+    path
+}
+
+fn caller1_pcm() -> Vec<i16> {
+    std::fs::read(repo_path("fixtures/audio/caller1.ulaw"))
+        .unwrap()
+        .iter()
+        .map(|&c| g711::mu_to_linear(c))
+        .collect()
+}
+
+/// The best normalised cross-correlation of `needle` within `hay` over `lags`.
+fn best_ncc(hay: &[i16], needle: &[i16], lags: std::ops::Range<usize>) -> f64 {
+    lags.map(|lag| {
+        let (mut dot, mut e_hay, mut e_needle) = (0.0, 0.0, 0.0);
+        for (i, &n) in needle.iter().enumerate() {
+            let h = f64::from(hay.get(lag + i).copied().unwrap_or(0));
+            let n = f64::from(n);
+            dot += h * n;
+            e_hay += h * h;
+            e_needle += n * n;
+        }
+        let d = (e_hay * e_needle).sqrt();
+        if d == 0.0 { 0.0 } else { dot / d }
+    })
+    .fold(f64::MIN, f64::max)
+}
+
+/// 16-byte windows of the caller's audio, as µ-law and as 16-bit PCM (windows with at
+/// least 8 distinct bytes: silence would match anything).
+fn caller_windows() -> HashSet<[u8; 16]> {
+    let mut set = HashSet::new();
+    let mut add = |bytes: &[u8], step: usize| {
+        let mut i = 0;
+        while i + 16 <= bytes.len() {
+            let w: [u8; 16] = bytes[i..i + 16].try_into().unwrap();
+            if w.iter().collect::<HashSet<_>>().len() >= 8 {
+                set.insert(w);
+            }
+            i += step;
+        }
+    };
+    add(
+        &std::fs::read(repo_path("fixtures/audio/caller1.ulaw")).unwrap(),
+        1,
+    );
+    let pcm: Vec<u8> = caller1_pcm().iter().flat_map(|s| s.to_le_bytes()).collect();
+    add(&pcm, 2);
+    set
+}
+
+/// `sipbridge recordings list` of a daemon's profile: (recording id, call id) per row.
+fn recordings_list(d: &Daemon) -> Vec<(String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(["recordings", "list", "--config", "profile.toml"])
+        .current_dir(d.dir())
+        .env("SB_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "recordings list: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let id = cols.next()?.to_owned();
+            let _tenant = cols.next()?;
+            Some((id, cols.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// A signed link to recording `id` from `d`'s admin API, and what it serves.
+fn download(d: &Daemon, id: &str) -> http::Response {
+    let link = http::request(
+        d.admin_addr(),
+        "POST",
+        &format!("/v1/recordings/{id}/link"),
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"ttl_s": 600}"#,
+    );
+    if link.status != 201 {
+        return link;
+    }
+    let url = link.json()["url"].as_str().unwrap().to_owned();
+    http::get(d.admin_addr(), &url, None)
 }
 
 fn signal(daemon: &Daemon, sig: &str) {
@@ -272,11 +427,11 @@ fn signal(daemon: &Daemon, sig: &str) {
     assert!(status.success());
 }
 
-/// Answered calls (CDR result 200) in a daemon's log.
+/// Answered calls (CDR result 200) of tenant `demo` in a daemon's log.
 fn answered(d: &Daemon) -> Vec<serde_json::Value> {
     d.cdrs()
         .into_iter()
-        .filter(|c| c["result_code"] == 200)
+        .filter(|c| c["result_code"] == 200 && c["tenant"] == "demo")
         .collect()
 }
 
@@ -320,12 +475,92 @@ fn sipp_in_background(
 
 #[test]
 fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
+    let s3 = S3Server::start("recordings");
     let (port_a, port_b) = (free_port(), free_port());
-    let mut a = Daemon::spawn(&node_profile("a", port_a));
-    let b = Daemon::spawn(&node_profile("b", port_b));
+    let mut a = spawn_node("a", port_a, &s3);
+    let b = spawn_node("b", port_b, &s3);
     let (addr_a, addr_b) = (a.udp_addr(), b.udp_addr());
     let kam = Kamailio::start(&[addr_a, addr_b]);
     let context = |kam: &Kamailio| format!("---- kamailio ----\n{}", kam.log());
+
+    // ---- 0. recordings of calls on both daemons, in one bucket ------------------------
+    let tmp = tempfile::tempdir().unwrap();
+    let result = sipp(
+        &audio_scenario(tmp.path()),
+        kam.addr,
+        &[
+            "-m",
+            "6",
+            "-r",
+            "2",
+            "-l",
+            "6",
+            "-s",
+            RECORDED_NUMBER,
+            "-timeout",
+            "60s",
+        ],
+    );
+    assert!(
+        result.succeeded() && result.successful_calls == Some(6),
+        "phase 0:\n{}\n{}",
+        result.report(),
+        context(&kam)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut list_a, mut list_b) = (Vec::new(), Vec::new());
+    while Instant::now() < deadline {
+        (list_a, list_b) = (recordings_list(&a), recordings_list(&b));
+        if list_a.len() + list_b.len() == 6 && s3.list("recordings/").len() == 6 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        !list_a.is_empty() && !list_b.is_empty() && list_a.len() + list_b.len() == 6,
+        "recordings: A {list_a:?}, B {list_b:?}"
+    );
+    let keys = s3.list("recordings/");
+    assert_eq!(keys.len(), 6, "bucket: {keys:?}");
+    let plain = caller_windows();
+    for key in &keys {
+        let object = s3.get(key).unwrap();
+        assert!(
+            !object.windows(4).any(|w| w == b"RIFF"),
+            "RIFF in object {key}"
+        );
+        assert!(
+            !object.windows(16).any(|w| plain.contains(w)),
+            "a run of the caller's audio is in object {key}"
+        );
+    }
+    let caller = caller1_pcm();
+    for (node, own, other, list) in [("A", &a, &b, &list_a), ("B", &b, &a, &list_b)] {
+        for (id, call_id) in list {
+            let got = download(own, id);
+            assert_eq!(got.status, 200, "{node} {id} ({call_id}): {}", got.text());
+            let mut wav = hound::WavReader::new(std::io::Cursor::new(&got.body)).unwrap();
+            let left: Vec<i16> = wav
+                .samples::<i16>()
+                .step_by(2)
+                .map(Result::unwrap)
+                .collect();
+            let score = best_ncc(&left, &caller[..8000], 0..8000);
+            assert!(score >= 0.9, "{node} {id}: caller NCC {score:.3}");
+            // Each daemon has its own SQLite store: the other does not know it.
+            let elsewhere = download(other, id);
+            assert_ne!(
+                elsewhere.status, 200,
+                "{node}'s {id} served by the other node"
+            );
+        }
+    }
+    eprintln!(
+        "phase 0: {} recordings on A, {} on B, {} objects in the bucket",
+        list_a.len(),
+        list_b.len(),
+        keys.len()
+    );
 
     // ---- 1. 200 calls, spread over both ---------------------------------------------
     let result = sipp_in_background(&sipp_scenario("proxy_call.xml"), kam.addr, 200, 20, 20)
@@ -428,7 +663,7 @@ fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
 
     // ---- 3. A back; SIGKILL B mid-run ------------------------------------------------
     let restart_at = Instant::now();
-    let a2 = Daemon::spawn(&node_profile("a", port_a));
+    let a2 = spawn_node("a", port_a, &s3);
     assert_eq!(a2.udp_addr(), addr_a);
     kam.wait_for(
         restart_at,

@@ -886,7 +886,7 @@ async fn download(
     let max = settings.max_downloads_per_tenant;
     let slots = Arc::clone(&state.api.downloads);
     let link_tenant = q.by.strip_prefix("admin-api:tenant:").map(str::to_owned);
-    let (rec, slot, key) = state
+    let (rec, slot, key, fetch) = state
         .api
         .with_store(move |ds| {
             let rec = ds
@@ -899,16 +899,27 @@ async fn download(
                 ApiError::TooManyDownloads
             })?;
             let key = ds.keyring.load(&rec.tenant).map_err(|e| ApiError::Ops(e.into()))?;
-            Ok((rec, slot, key))
+            let fetch = ds.objects().map(|o| (Arc::clone(o), ds.var_dir().to_path_buf()));
+            Ok((rec, slot, key, fetch))
         })
         .await?;
     // Authenticating the whole file reads all of it: off the API's store
-    // connection, which other requests share.
+    // connection, which other requests share. A recording in the bucket and
+    // no longer in this node's spool is fetched first (ciphertext, into an
+    // anonymous file), then decrypted chunk by chunk like a local one.
     let (path, whole) = (rec.path.clone(), rec.state == RecordingState::Complete);
-    let stream = tokio::task::spawn_blocking(move || WavStream::open_with_key(&path, key, whole))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(|e| ApiError::Ops(e.into()))?;
+    let stream = tokio::task::spawn_blocking(move || {
+        let file = match &fetch {
+            Some((objects, tmp)) => objects
+                .open_sealed(&path, tmp)
+                .map_err(|e| crate::store::recording::RecordingError::Io(e.into_io()))?,
+            None => std::fs::File::open(&path)?,
+        };
+        WavStream::from_file(file, key, whole)
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+    .map_err(|e| ApiError::Ops(e.into()))?;
     let (audited, actor) = (rec.clone(), q.by);
     state
         .api

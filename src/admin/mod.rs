@@ -210,10 +210,15 @@ pub(crate) async fn start(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context;
     let data = match (config.profiles.first(), master_key, control.has_store()) {
-        (Some(profile), Some(key), true) => Some(
-            DataStore::open(&profile.var_dir, key, caller_policies(config, key))
-                .context("opening the admin API's store connection")?,
-        ),
+        (Some(profile), Some(key), true) => {
+            let mut ds = DataStore::open(&profile.var_dir, key, caller_policies(config, key))
+                .context("opening the admin API's store connection")?;
+            ds.set_objects(
+                crate::store::objects::RecordingObjects::for_config(&profile.recordings)
+                    .context("[profile.recordings]: the object store client")?,
+            );
+            Some(ds)
+        }
         _ => None,
     };
     let api = Api::new(Arc::clone(&control), master_key.unwrap_or_default(), data);

@@ -109,7 +109,42 @@ pub struct Profile {
     pub tls: Option<TlsIdentity>,
     /// When the store counts as unable to write (`[profile.store]`).
     pub store: StoreSettings,
+    /// Where recordings are kept (`[profile.recordings]`).
+    pub recordings: Recordings,
 }
+
+/// `[profile.recordings]`: where sealed recordings are kept (issue 16).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum Recordings {
+    /// Files under `var_dir/recordings` (the default).
+    #[default]
+    Local,
+    /// Objects in an S3-compatible bucket; `var_dir/recordings` is the spool.
+    S3(S3Recordings),
+}
+
+/// `[profile.recordings] kind = "s3"`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct S3Recordings {
+    /// `http(s)://host[:port]` of the service.
+    pub endpoint: String,
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// The region requests are signed for.
+    pub region: String,
+    /// Access key id (a secret reference).
+    pub access_key_id: Secret,
+    /// Secret access key (a secret reference).
+    pub secret_access_key: Secret,
+    /// Bytes of recordings not yet in the bucket `var_dir` may hold
+    /// (`spool_max_mb`, default 1024) before the store counts as unable to write.
+    pub spool_max_bytes: u64,
+}
+
+/// Default `[profile.recordings] spool_max_mb`.
+pub const DEFAULT_SPOOL_MAX_MB: u64 = 1024;
 
 /// `[profile.store]`: the free-space watermark of `var_dir` (issue 19).
 /// Below it, or after a write failed, the store counts as unable to write:
@@ -808,6 +843,23 @@ impl Config {
                 p.store.min_free_bytes / (1024 * 1024),
                 p.store.check_interval.as_secs()
             );
+            match &p.recordings {
+                Recordings::Local => {
+                    let _ = writeln!(out, "  recordings: local files under var_dir");
+                }
+                Recordings::S3(s3) => {
+                    let _ = writeln!(
+                        out,
+                        "  recordings: s3 bucket {} at {} (region {}, key id {}, secret {}), spool max {} MiB",
+                        s3.bucket,
+                        s3.endpoint,
+                        s3.region,
+                        s3.access_key_id.source(),
+                        s3.secret_access_key.source(),
+                        s3.spool_max_bytes / (1024 * 1024)
+                    );
+                }
+            }
             let s = &p.sip;
             let _ = writeln!(
                 out,

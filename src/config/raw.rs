@@ -43,6 +43,29 @@ pub(crate) struct RawProfile {
     /// `[profile.store]`: the free-space watermark (issue 19).
     #[serde(default)]
     pub(crate) store: Option<Spanned<RawStore>>,
+    /// `[profile.recordings]`: where recordings are kept (issue 16).
+    #[serde(default)]
+    pub(crate) recordings: Option<Spanned<RawRecordings>>,
+}
+
+/// `[profile.recordings]`: local files (default) or an S3-compatible bucket.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRecordings {
+    #[serde(default)]
+    pub(crate) kind: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) endpoint: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) bucket: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) region: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) access_key_id: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) secret_access_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) spool_max_mb: Option<Spanned<u64>>,
 }
 
 /// `[profile.store]`: when the store counts as unable to write.

@@ -688,6 +688,7 @@ fn check_profiles(
         }
         let log_caller_data = log_caller_data(cx, file, p.logging.as_ref());
         let store = store_settings(cx, file, p.store.as_ref());
+        let recordings = recordings_settings(cx, file, p.recordings.as_ref());
 
         out.push(Profile {
             name,
@@ -710,6 +711,7 @@ fn check_profiles(
             log_caller_data,
             tls,
             store,
+            recordings,
         });
     }
     out
@@ -749,6 +751,163 @@ fn store_settings(
         }
     }
     out
+}
+
+/// `[profile.recordings]`: `kind = "local"` (default; no other key) or
+/// `kind = "s3"` with `endpoint` (http:// or https://), `bucket` (S3 naming
+/// rules), `region`, `access_key_id` and `secret_access_key` (secret
+/// references) and `spool_max_mb` (1 to 1 TiB, default 1024).
+fn recordings_settings(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: Option<&Spanned<super::raw::RawRecordings>>,
+) -> super::Recordings {
+    let Some(section) = raw else {
+        return super::Recordings::Local;
+    };
+    let r = section.get_ref();
+    let kind = r.kind.as_ref().map_or("local", |k| k.get_ref().as_str());
+    match kind {
+        "local" => {
+            let extra = [
+                ("endpoint", r.endpoint.as_ref().map(Spanned::span)),
+                ("bucket", r.bucket.as_ref().map(Spanned::span)),
+                ("region", r.region.as_ref().map(Spanned::span)),
+                ("access_key_id", r.access_key_id.as_ref().map(Spanned::span)),
+                (
+                    "secret_access_key",
+                    r.secret_access_key.as_ref().map(Spanned::span),
+                ),
+                ("spool_max_mb", r.spool_max_mb.as_ref().map(Spanned::span)),
+            ];
+            for (key, span) in extra {
+                if let Some(span) = span {
+                    cx.error(
+                        file,
+                        Some(span),
+                        format!("{key} is only for kind = \"s3\" recordings"),
+                    );
+                }
+            }
+            return super::Recordings::Local;
+        }
+        "s3" => {}
+        other => {
+            let span = r.kind.as_ref().map(Spanned::span);
+            cx.error(
+                file,
+                span,
+                format!("recordings kind `{other}` is not \"local\" or \"s3\""),
+            );
+            return super::Recordings::Local;
+        }
+    }
+    let mut ok = true;
+    let mut required = |cx: &mut Cx<'_>, v: &Option<Spanned<String>>, key: &str| match v {
+        Some(v) if !v.get_ref().trim().is_empty() => Some(v.get_ref().trim().to_owned()),
+        Some(v) => {
+            cx.error(file, Some(v.span()), format!("{key} is empty"));
+            ok = false;
+            None
+        }
+        None => {
+            cx.error(
+                file,
+                Some(section.span()),
+                format!("[profile.recordings] kind = \"s3\" needs {key}"),
+            );
+            ok = false;
+            None
+        }
+    };
+    let endpoint = required(cx, &r.endpoint, "endpoint");
+    let bucket = required(cx, &r.bucket, "bucket");
+    let region = required(cx, &r.region, "region");
+    let _ = required(cx, &r.access_key_id, "access_key_id");
+    let _ = required(cx, &r.secret_access_key, "secret_access_key");
+    if let (Some(e), Some(span)) = (&endpoint, r.endpoint.as_ref().map(Spanned::span)) {
+        let host = e
+            .strip_prefix("https://")
+            .or_else(|| e.strip_prefix("http://"));
+        if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+            cx.error(
+                file,
+                Some(span),
+                format!("endpoint `{e}` is not an http:// or https:// URL"),
+            );
+            ok = false;
+        } else if e.starts_with("http://") {
+            cx.warning(
+                file,
+                Some(span),
+                "endpoint is plain http://: credentials' signatures and the (encrypted) recordings cross the network unprotected by TLS",
+            );
+        }
+    }
+    if let (Some(b), Some(span)) = (&bucket, r.bucket.as_ref().map(Spanned::span)) {
+        let valid = (3..=63).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+            && b.as_bytes()[0].is_ascii_alphanumeric()
+            && b.as_bytes()[b.len() - 1].is_ascii_alphanumeric();
+        if !valid {
+            cx.error(
+                file,
+                Some(span),
+                format!(
+                    "bucket `{b}` is not a valid S3 bucket name (3 to 63 of a-z, 0-9, '-', '.')"
+                ),
+            );
+            ok = false;
+        }
+    }
+    let access_key_id = r
+        .access_key_id
+        .as_ref()
+        .and_then(|v| cx.secret(file, v, "recordings access_key_id"));
+    let secret_access_key = r
+        .secret_access_key
+        .as_ref()
+        .and_then(|v| cx.secret(file, v, "recordings secret_access_key"));
+    let mut spool_max_bytes = super::DEFAULT_SPOOL_MAX_MB * 1024 * 1024;
+    if let Some(v) = &r.spool_max_mb {
+        let mb = *v.get_ref();
+        if (1..=1 << 20).contains(&mb) {
+            spool_max_bytes = mb * 1024 * 1024;
+        } else {
+            cx.error(
+                file,
+                Some(v.span()),
+                format!("spool_max_mb {mb} must be 1 to 1048576"),
+            );
+            ok = false;
+        }
+    }
+    match (
+        endpoint,
+        bucket,
+        region,
+        access_key_id,
+        secret_access_key,
+        ok,
+    ) {
+        (
+            Some(endpoint),
+            Some(bucket),
+            Some(region),
+            Some(access_key_id),
+            Some(secret_access_key),
+            true,
+        ) => super::Recordings::S3(super::S3Recordings {
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            bucket,
+            region,
+            access_key_id,
+            secret_access_key,
+            spool_max_bytes,
+        }),
+        _ => super::Recordings::Local,
+    }
 }
 
 /// `[profile.logging] caller_data`: `"masked"` (default) or `"full"`, which

@@ -10,6 +10,7 @@ mod lifecycle;
 mod reject_log;
 mod store_link;
 mod transport;
+mod uploader;
 
 use crate::call::bridged::{
     AgentEvent, AgentPlan as BridgeAgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup,
@@ -1029,9 +1030,19 @@ pub async fn run(
     if let Some(profile) = config.profiles.first() {
         let key = store_link::master_key_bytes(&profile.master_key)?;
         key_fingerprint = Some(lifecycle::fingerprint(&key));
-        let records =
-            store_link::Records::open(&profile.var_dir, &key, &config.tenants, profile.store)
-                .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
+        let objects = crate::store::objects::RecordingObjects::for_config(&profile.recordings)
+            .context("[profile.recordings]: the object store client")?;
+        if let Some(o) = &objects {
+            info!(bucket = %o.bucket(), "recordings go to the object store");
+        }
+        let records = store_link::Records::open(
+            &profile.var_dir,
+            &key,
+            &config.tenants,
+            profile.store,
+            objects,
+        )
+        .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;
         info!(var_dir = %profile.var_dir.display(), "store open");
         shared.records = Some(Arc::new(records));
         master_key = Some(key);

@@ -39,6 +39,7 @@ use crate::store::db::{
     RecordingRow, RecordingState, RtpStats, Store, StoredHangupSide, TranscriptRow, UnixMs,
     unix_ms,
 };
+use crate::store::objects::RecordingObjects;
 use crate::store::recording::{
     EXTENSION, FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE,
 };
@@ -131,6 +132,8 @@ pub(crate) struct Records {
     tails: Arc<AtomicUsize>,
     /// Whether the store can write (the writer thread decides).
     health: Arc<Health>,
+    /// The uploader to the bucket (`[profile.recordings] kind = "s3"`).
+    uploader: Mutex<Option<(Arc<super::uploader::Spool>, std::thread::JoinHandle<()>)>>,
 }
 
 /// The tenants whose calls store transcripts (`transcripts = true`).
@@ -182,6 +185,7 @@ impl Records {
         master_key: &[u8],
         tenants: &[crate::config::Tenant],
         settings: StoreSettings,
+        objects: Option<Arc<RecordingObjects>>,
     ) -> anyhow::Result<Records> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -212,7 +216,23 @@ impl Records {
         let health = Arc::new(Health {
             writable: true.into(),
         });
+        let open_paths = super::uploader::OpenSet::default();
+        let uploader = match &objects {
+            Some(o) => Some(
+                super::uploader::start(
+                    Arc::clone(o),
+                    var_dir.join("recordings"),
+                    Arc::clone(&open_paths),
+                )
+                .context("starting the recording uploader")?,
+            ),
+            None => None,
+        };
         let mut writer = Writer {
+            objects,
+            open_paths,
+            spool: uploader.as_ref().map(|(s, _)| Arc::clone(s)),
+            spool_full: false,
             backlog: Arc::clone(&backlog),
             store,
             keyring,
@@ -248,6 +268,7 @@ impl Records {
             transcript_tenants: Mutex::new(transcript_tenants(tenants)),
             tails: Arc::new(AtomicUsize::new(0)),
             health,
+            uploader: Mutex::new(uploader),
         })
     }
 
@@ -361,6 +382,18 @@ impl Records {
             && t.join().is_err()
         {
             error!("store thread panicked");
+        }
+        // After the store thread: every recording is closed for its last pass.
+        let uploader = self
+            .uploader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((spool, t)) = uploader {
+            super::uploader::stop(&spool);
+            if t.join().is_err() {
+                error!("recording uploader panicked");
+            }
         }
     }
 }
@@ -1017,6 +1050,14 @@ const REC_PARTIAL: u8 = 2;
 
 /// The writer thread's state.
 struct Writer {
+    /// The bucket recordings go to (`kind = "s3"`); `None` for local files.
+    objects: Option<Arc<RecordingObjects>>,
+    /// Recordings being written, for the uploader (empty for local files).
+    open_paths: super::uploader::OpenSet,
+    /// The uploader's spool size (`kind = "s3"`).
+    spool: Option<Arc<super::uploader::Spool>>,
+    /// The spool was above `spool_max_mb` at the last check.
+    spool_full: bool,
     /// Shared with [`Records`]: decremented for every operation taken.
     backlog: Arc<AtomicUsize>,
     store: Store,
@@ -1120,10 +1161,57 @@ impl Writer {
             self.low_space = low;
         }
         self.flush_retries();
-        let writable = !low && !self.failed_since_check && self.retry.is_empty();
+        let spool_full = self.spool_full();
+        let writable = !low && !spool_full && !self.failed_since_check && self.retry.is_empty();
         self.failed_since_check = false;
         self.set_writable(writable);
         crate::metrics::store_state(free, writable);
+    }
+
+    /// Whether recordings waiting for the bucket exceed `spool_max_mb` (one
+    /// log line when it crosses, either way).
+    fn spool_full(&mut self) -> bool {
+        let (Some(spool), Some(objects)) = (&self.spool, &self.objects) else {
+            return false;
+        };
+        let (bytes, max) = (spool.bytes(), objects.spool_max_bytes());
+        let full = bytes > max;
+        if full != self.spool_full {
+            let (spool_mb, spool_max_mb) = (bytes / (1024 * 1024), max / (1024 * 1024));
+            if full {
+                warn!(
+                    spool_mb,
+                    spool_max_mb,
+                    "recordings waiting for the object store exceed spool_max_mb: recording \
+                     tenants' new calls are answered unrecorded or refused (on_store_failure) \
+                     until uploads catch up"
+                );
+            } else {
+                info!(
+                    spool_mb,
+                    spool_max_mb, "recording spool back under spool_max_mb"
+                );
+            }
+            self.spool_full = full;
+        }
+        full
+    }
+
+    /// Deletes a recording's file: locally, or the spooled file, any upload
+    /// and the object when recordings go to a bucket.
+    fn remove_recording_file(&self, path: &Path) -> std::io::Result<()> {
+        match &self.objects {
+            Some(o) => o.remove_recording(path).map_err(|e| e.into_io()),
+            None => std::fs::remove_file(path),
+        }
+    }
+
+    /// The store thread no longer writes the recording at `path`.
+    fn closed(&self, path: &Path) {
+        self.open_paths
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(path);
     }
 
     fn set_writable(&mut self, writable: bool) {
@@ -1220,7 +1308,11 @@ impl Writer {
     fn sweep(&mut self) {
         let policies = &self.policies;
         let policy = |tenant: &str| policies.get(tenant).copied();
-        let deleter = |p: &Path| std::fs::remove_file(p);
+        let objects = self.objects.clone();
+        let deleter = |p: &Path| match &objects {
+            Some(o) => o.remove_recording(p).map_err(|e| e.into_io()),
+            None => std::fs::remove_file(p),
+        };
         let sweeper = Sweeper::new(&policy, &deleter);
         match sweeper.run(&mut self.store, unix_ms(SystemTime::now())) {
             Ok(report) => {
@@ -1301,15 +1393,17 @@ impl Writer {
             } => {
                 let kept = match self.open.remove(&handle) {
                     Some(rec) => {
+                        let path = rec.writer.path().to_owned();
                         if let Err(e) = rec.writer.discard() {
                             warn!(recording = %rec.meta.id, error = %e, "opt-out: removing the file failed");
                         }
+                        self.closed(&path);
                         Some(rec.meta.id)
                     }
                     // Stopped by a full disk and kept as `partial`.
                     None => match self.failed.remove(&call_id) {
                         Some(Failed::Partial { id, path }) => {
-                            if let Err(e) = std::fs::remove_file(&path) {
+                            if let Err(e) = self.remove_recording_file(&path) {
                                 warn!(recording = %id, error = %e, "opt-out: removing the file failed (start-up retries)");
                             }
                             Some(id)
@@ -1399,7 +1493,18 @@ impl Writer {
             not_recorded(self, "the store cannot write (disk full)");
             return;
         }
-        match self.create(&tenant, &call_id, created_at) {
+        // The uploader walks the spool under this lock: it never sees the new
+        // file before the file is known to be open.
+        let open_paths = Arc::clone(&self.open_paths);
+        let mut open_guard = open_paths
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let created = self.create(&tenant, &call_id, created_at);
+        if let (Ok((_, writer)), true) = (&created, self.objects.is_some()) {
+            open_guard.insert(writer.path().to_owned());
+        }
+        drop(open_guard);
+        match created {
             Ok((id, writer)) => {
                 info!(call_id = %crate::logging::wire(&call_id), recording = %id, "recording started");
                 crate::metrics::recording_bytes(file_len(writer.path()));
@@ -1471,6 +1576,7 @@ impl Writer {
         let path = rec.writer.path().to_owned();
         drop(rec.writer);
         self.salvage(rec.meta, &path);
+        self.closed(&path);
     }
 
     /// After a failed write: what was sealed before is kept and marked
@@ -1535,6 +1641,7 @@ impl Writer {
                 self.salvage(rec.meta, &path);
             }
         }
+        self.closed(&path);
     }
 }
 
@@ -1591,6 +1698,10 @@ mod tests {
             })
             .unwrap();
         Writer {
+            objects: None,
+            open_paths: Default::default(),
+            spool: None,
+            spool_full: false,
             backlog: Arc::new(AtomicUsize::new(0)),
             store,
             keyring,

@@ -6,6 +6,7 @@
 
 pub mod crypto;
 pub mod db;
+pub mod objects;
 pub mod ops;
 pub mod recording;
 pub mod retention;

@@ -24,6 +24,7 @@ use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rand::CryptoRng;
 use serde::Serialize;
@@ -36,7 +37,8 @@ use super::db::{
     AuditAction, AuditEntry, CallerIdPolicy, DbError, ErasedSummary, ObjectKind, RecordingRecord,
     RecordingState, Store, StoredCdr, UnixMs,
 };
-use super::recording::{RecordingError, export_wav_to, recover_wav};
+use super::objects::RecordingObjects;
+use super::recording::{RecordingError, export_wav_from, recover_wav_from};
 use super::retention::{
     DAY_MS, Expiry, ItemKind, RetentionPolicy, Selection, SweepReport, Sweeper,
 };
@@ -123,6 +125,8 @@ pub struct DataStore {
     /// The tenants' data keys.
     pub keyring: KeyRing,
     with_policy: HashSet<String>,
+    /// The bucket recordings are in (`[profile.recordings] kind = "s3"`).
+    objects: Option<Arc<RecordingObjects>>,
 }
 
 impl DataStore {
@@ -151,7 +155,47 @@ impl DataStore {
             store,
             keyring,
             with_policy,
+            objects: None,
         })
+    }
+
+    /// Recordings are objects in this bucket (spooled under `var_dir` while
+    /// they are written): exports fetch them, deletions remove them.
+    pub fn set_objects(&mut self, objects: Option<Arc<RecordingObjects>>) {
+        self.objects = objects;
+    }
+
+    /// The profile's `var_dir`.
+    pub fn var_dir(&self) -> &Path {
+        &self.var_dir
+    }
+
+    /// The bucket recordings are in, if not local files.
+    pub fn objects(&self) -> Option<&Arc<RecordingObjects>> {
+        self.objects.as_ref()
+    }
+
+    /// The sealed recording at `path`, open: the local (or spooled) file,
+    /// else its object fetched into an anonymous file under `var_dir`.
+    pub fn open_sealed(&self, path: &Path) -> Result<File, OpsError> {
+        match &self.objects {
+            Some(o) => o
+                .open_sealed(path, &self.var_dir)
+                .map_err(|e| OpsError::Io {
+                    path: path.to_path_buf(),
+                    source: e.into_io(),
+                }),
+            None => File::open(path).map_err(io_err(path)),
+        }
+    }
+
+    /// Deletes a recording's file (and, with a bucket, its object and any
+    /// upload of it); a missing one counts as deleted.
+    fn remove_recording(&self, path: &Path) -> io::Result<()> {
+        match &self.objects {
+            Some(o) => o.remove_recording(path).map_err(|e| e.into_io()),
+            None => std::fs::remove_file(path),
+        }
     }
 
     /// Sets `tenant`'s caller-id policy (e.g. after a configuration reload).
@@ -366,27 +410,25 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), OpsError> {
 /// Decrypts `rec` into a new 0600 WAV at `out`; a `partial` recording gives
 /// every authenticated second. Returns the stereo frames written. On failure
 /// nothing is left at `out`.
-fn write_recording_wav(
-    keyring: &KeyRing,
-    rec: &RecordingRecord,
-    out: &Path,
-) -> Result<u64, OpsError> {
+fn write_recording_wav(ds: &DataStore, rec: &RecordingRecord, out: &Path) -> Result<u64, OpsError> {
     match rec.state {
         RecordingState::Deleted => return Err(OpsError::RecordingDeleted(rec.id.clone())),
         RecordingState::Recording => return Err(OpsError::StillRecording(rec.id.clone())),
         RecordingState::Complete | RecordingState::Partial => {}
     }
+    let keyring = &ds.keyring;
+    let sealed = ds.open_sealed(&rec.path)?;
     let file = create_private(out)?;
     let result = (|| {
         let frames = if rec.state == RecordingState::Partial {
-            let recovered = recover_wav(&rec.path, keyring)?;
+            let recovered = recover_wav_from(sealed, keyring)?;
             let mut w = BufWriter::new(&file);
             w.write_all(&recovered.wav).map_err(io_err(out))?;
             w.flush().map_err(io_err(out))?;
             recovered.frames
         } else {
             let mut w = BufWriter::new(&file);
-            let frames = export_wav_to(&rec.path, keyring, &mut w)?;
+            let frames = export_wav_from(sealed, keyring, &mut w)?;
             w.flush().map_err(io_err(out))?;
             frames
         };
@@ -413,7 +455,7 @@ pub fn export_recording(
         .store
         .get_recording(None, id)?
         .ok_or_else(|| OpsError::UnknownRecording(id.to_owned()))?;
-    let frames = write_recording_wav(&ds.keyring, &rec, out)?;
+    let frames = write_recording_wav(ds, &rec, out)?;
     let reason = format!("decrypted to {}", out.display());
     let audited = ds.store.audit(&AuditEntry {
         at: now,
@@ -513,7 +555,11 @@ pub fn run_retention(
     now: UnixMs,
     dry_run: bool,
 ) -> Result<RetentionOutcome, OpsError> {
-    let deleter = |p: &Path| std::fs::remove_file(p);
+    let objects = ds.objects.clone();
+    let deleter = |p: &Path| match &objects {
+        Some(o) => o.remove_recording(p).map_err(|e| e.into_io()),
+        None => std::fs::remove_file(p),
+    };
     let sweeper = Sweeper::new(policy, &deleter);
     Ok(if dry_run {
         RetentionOutcome::DryRun(sweeper.dry_run(&ds.store, now)?)
@@ -538,11 +584,14 @@ pub enum EraseTarget {
 
 /// Removes recording files whose rows are already marked deleted; a file
 /// already missing counts as removed.
-fn remove_files<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<usize, OpsError> {
+fn remove_files<'a>(
+    ds: &DataStore,
+    paths: impl IntoIterator<Item = &'a Path>,
+) -> Result<usize, OpsError> {
     let mut removed = 0;
     let mut left = Vec::new();
     for path in paths {
-        match std::fs::remove_file(path) {
+        match ds.remove_recording(path) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => left.push((path.to_path_buf(), e)),
@@ -583,7 +632,7 @@ pub fn erase(
             other => other?,
         },
     };
-    remove_files(summary.recordings.iter().map(|r| r.path.as_path()))?;
+    remove_files(ds, summary.recordings.iter().map(|r| r.path.as_path()))?;
     ds.store.checkpoint()?;
     Ok(summary)
 }
@@ -918,7 +967,7 @@ fn write_export(
         .create(&rec_dir)
         .map_err(io_err(&rec_dir))?;
     for rec in &bundle.recordings {
-        write_recording_wav(&ds.keyring, rec, &rec_dir.join(format!("{}.wav", rec.id)))?;
+        write_recording_wav(ds, rec, &rec_dir.join(format!("{}.wav", rec.id)))?;
     }
     write_private(
         &out.join("calls.json"),
@@ -998,7 +1047,7 @@ pub fn delete_tenant(
         .into_iter()
         .map(|r| r.path)
         .collect();
-    remove_files(indexed.iter().map(PathBuf::as_path))?;
+    remove_files(ds, indexed.iter().map(PathBuf::as_path))?;
     let summary = match ds.store.erase_tenant(tenant, CLI_ACTOR, reason, now) {
         Err(DbError::LegalHold { tenant, held }) => {
             return Err(OpsError::LegalHold {
@@ -1009,7 +1058,7 @@ pub fn delete_tenant(
         other => other?,
     };
     // Files indexed only by rows already marked deleted (leftovers).
-    remove_files(summary.recordings.iter().map(|r| r.path.as_path()))?;
+    remove_files(ds, summary.recordings.iter().map(|r| r.path.as_path()))?;
     Ok(TenantDeleteReport {
         key_destroyed,
         summary,

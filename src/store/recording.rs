@@ -264,6 +264,13 @@ pub fn export_wav_to<W: Write + Seek>(path: &Path, keyring: &KeyRing, out: W) ->
     write_wav(SealedReader::new(file, &key)?, out)
 }
 
+/// [`export_wav_to`] from a sealed recording already open (e.g. fetched
+/// from the object store into an anonymous file).
+pub fn export_wav_from<W: Write + Seek>(file: File, keyring: &KeyRing, out: W) -> Result<u64> {
+    let (file, key) = keyed(BufReader::new(file), keyring)?;
+    write_wav(SealedReader::new(file, &key)?, out)
+}
+
 /// [`export_wav`] with an explicit key instead of the key ring.
 pub fn export_wav_with_key(path: &Path, key: &DataKey) -> Result<Vec<u8>> {
     let file = BufReader::new(File::open(path)?);
@@ -309,7 +316,13 @@ impl WavStream {
     /// [`WavStream::open`] with the tenant's data key already unwrapped (it
     /// must be the key the file names, or this fails).
     pub fn open_with_key(path: &Path, key: DataKey, whole: bool) -> Result<Self> {
-        Self::verify(BufReader::new(File::open(path)?), key, whole)
+        Self::from_file(File::open(path)?, key, whole)
+    }
+
+    /// [`WavStream::open_with_key`] of a sealed recording already open
+    /// (the object store's, fetched into an anonymous file).
+    pub fn from_file(file: File, key: DataKey, whole: bool) -> Result<Self> {
+        Self::verify(BufReader::new(file), key, whole)
     }
 
     fn verify(mut file: BufReader<File>, key: DataKey, whole: bool) -> Result<Self> {
@@ -484,7 +497,12 @@ pub struct RecoveredWav {
 /// Crash recovery: a WAV of every chunk up to the first bad or missing one
 /// (at most the last second before a crash is lost).
 pub fn recover_wav(path: &Path, keyring: &KeyRing) -> Result<RecoveredWav> {
-    let (file, key) = open_with_keyring(path, keyring)?;
+    recover_wav_from(File::open(path)?, keyring)
+}
+
+/// [`recover_wav`] of a sealed recording already open.
+pub fn recover_wav_from(file: File, keyring: &KeyRing) -> Result<RecoveredWav> {
+    let (file, key) = keyed(BufReader::new(file), keyring)?;
     let mut reader = SealedReader::new(file, &key)?;
     check_content(reader.header())?;
     let mut out = Cursor::new(Vec::new());
@@ -511,7 +529,10 @@ pub fn recover_wav(path: &Path, keyring: &KeyRing) -> Result<RecoveredWav> {
 }
 
 fn open_with_keyring(path: &Path, keyring: &KeyRing) -> Result<(BufReader<File>, DataKey)> {
-    let mut file = BufReader::new(File::open(path)?);
+    keyed(BufReader::new(File::open(path)?), keyring)
+}
+
+fn keyed(mut file: BufReader<File>, keyring: &KeyRing) -> Result<(BufReader<File>, DataKey)> {
     // Only to pick the key: the header is verified by `SealedReader::new`
     // before anything in it (content type included) is trusted.
     let header = SealedHeader::read_unverified(&mut file)?;
