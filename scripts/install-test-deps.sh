@@ -9,6 +9,10 @@
 #   systemd             systemd-analyze verify for the unit file
 #   kamailio            a record-routing SIP proxy in front of the daemon (tests/proxy_routing.rs),
 #                       and the dispatcher in front of two daemons (tests/scale_out.rs)
+#   kamailio            a record-routing SIP proxy in front of the daemon (tests/proxy_routing.rs)
+#   postgresql          the PostgreSQL store backend's tests start their own server from
+#                       /usr/lib/postgresql/<n>/bin (tests/common/pg.rs), as the `postgres`
+#                       user the package creates
 #
 #   Pipecat (PyPI)      a real agent framework, in a virtual environment at
 #                       $SIPBRIDGE_TEST_VENV (default /opt/sipbridge-test-venv)
@@ -35,6 +39,7 @@ checks=(
     "tshark:tshark"
     "systemd:systemd-analyze"
     "kamailio:kamailio"
+    "postgresql:"
 )
 
 missing=()

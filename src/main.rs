@@ -427,7 +427,8 @@ mod data {
                 (t.id.clone(), policy)
             })
             .collect();
-        let mut ds = DataStore::open(&profile.var_dir, &master, policies)?;
+        let mut ds =
+            DataStore::open_engine(&profile.var_dir, &profile.store.engine, &master, policies)?;
         match sipbridge::store::objects::RecordingObjects::for_config(&profile.recordings) {
             Ok(objects) => ds.set_objects(objects),
             Err(e) => return Err(usage(format!("[profile.recordings]: {e}"))),

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+use sipbridge::config::StoreEngine;
 use sipbridge::store::crypto::{CryptoError, KeyRing};
 use sipbridge::store::db::{
     AuditAction, AuditFilter, CallEnd, CallRow, CallerIdPolicy, ObjectKind, RecordingRow,
@@ -31,6 +32,17 @@ struct Env {
     config: PathBuf,
     rng: ChaCha20Rng,
     now: i64,
+    engine: StoreEngine,
+}
+
+/// The store the tests run on: the `[profile.store]` lines of the test
+/// profile and the engine they name, for a test directory `dir`. Here
+/// SQLite (no lines); `tests/cli_store_pg.rs` includes this file as a module
+/// and its own `store_engine` (reached through `crate::`) runs the same tests
+/// on PostgreSQL.
+#[allow(dead_code)]
+fn store_engine(_dir: &Path) -> (String, StoreEngine) {
+    (String::new(), StoreEngine::Sqlite)
 }
 
 /// Samples of recording `seed`: left and right channels differ.
@@ -53,6 +65,7 @@ impl Env {
         std::fs::set_permissions(&var, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::write(var.join("master.key"), MASTER).unwrap();
         let config = dir.join("profile.toml");
+        let (store_toml, engine) = crate::store_engine(&dir);
         std::fs::write(
             &config,
             format!(
@@ -62,7 +75,7 @@ var_dir = "{var}"
 master_key = "file:{var}/master.key"
 max_calls = 10
 rtp_ports = {{ start = 30000, end = 30099 }}
-
+{store_toml}
 [profile.listen]
 udp = ["127.0.0.1:5999"]
 
@@ -94,7 +107,7 @@ tenant = "acme"
         )
         .unwrap();
         // The database exists as the daemon leaves it.
-        drop(Store::open(&var.join("sipbridge.db")).unwrap());
+        drop(Store::open_engine(&engine, &var.join("sipbridge.db")).unwrap());
         Self {
             _tmp: tmp,
             dir,
@@ -102,18 +115,19 @@ tenant = "acme"
             config,
             rng: ChaCha20Rng::seed_from_u64(7),
             now: unix_ms(SystemTime::now()),
+            engine,
         }
     }
 
     fn store(&self) -> Store {
-        let mut s = Store::open(&self.var.join("sipbridge.db")).unwrap();
+        let mut s = Store::open_engine(&self.engine, &self.var.join("sipbridge.db")).unwrap();
         s.set_caller_policy("acme", CallerIdPolicy::Plain);
         s.set_caller_policy("beta", CallerIdPolicy::Plain);
         s
     }
 
     fn ring(&self) -> KeyRing {
-        KeyRing::open(&self.var, &MASTER).unwrap()
+        KeyRing::open_engine(&self.var, &MASTER, &self.engine).unwrap()
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -715,6 +729,9 @@ fn bad_configuration_exits_2_and_no_database_exits_1() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    if env.engine != StoreEngine::Sqlite {
+        return; // no database file to remove
+    }
     std::fs::remove_file(env.var.join("sipbridge.db")).unwrap();
     let out = env.run(&["recordings", "list"]);
     assert_eq!(out.status.code(), Some(1));
@@ -782,4 +799,93 @@ fn privacy_data_commands_run_with_every_pipeline_secret_unset() {
         "{out}"
     );
     env.ok(&["tenant", "delete", "beta", "--yes"]);
+}
+
+/// Issue 16: two nodes, each with its own var_dir and configuration, on one
+/// PostgreSQL database with the same master key. What one records the other
+/// lists and exports (the data key is in the database); retention and
+/// erasure run on the other delete the recording for both. Runs in
+/// `tests/cli_store_pg.rs` (SQLite has no second node to ask).
+#[test]
+fn two_nodes_on_one_database_list_export_retain_and_erase_each_others_recordings() {
+    let mut env = Env::new();
+    if env.engine == StoreEngine::Sqlite {
+        return;
+    }
+    let var_b = env.dir.join("var-b");
+    std::fs::create_dir(&var_b).unwrap();
+    std::fs::set_permissions(&var_b, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(var_b.join("master.key"), MASTER).unwrap();
+    let config_b = env.dir.join("node-b.toml");
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let var_a = env.var.display().to_string();
+    std::fs::write(
+        &config_b,
+        text.replace(&var_a, &var_b.display().to_string()),
+    )
+    .unwrap();
+    let dir = env.dir.clone();
+    let on_b = |args: &[&str]| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+            .args(args)
+            .arg("--config")
+            .arg(&config_b)
+            .current_dir(&dir)
+            .env("SIPBRIDGE_LOG", "warn")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "node b {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    env.call("acme", "old", ALICE, 100);
+    env.call("acme", "new", BOB, 1);
+    let (r_old, p_old) = env.recording("acme", "old", 100, 4, 8000);
+    let (r_new, p_new) = env.recording("acme", "new", 1, 5, 8000);
+    assert_eq!(
+        listed(&on_b(&["recordings", "list"])),
+        listed(&env.ok(&["recordings", "list"]))
+    );
+    assert_eq!(
+        listed(&on_b(&["recordings", "list"])),
+        BTreeSet::from([r_old.clone(), r_new.clone()])
+    );
+    let out = env.dir.join("from-b.wav");
+    on_b(&[
+        "recordings",
+        "export",
+        &r_new,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        wav_samples(&std::fs::read(&out).unwrap()).1,
+        interleave(5, 8000)
+    );
+
+    // Retention on B deletes A's expired recording: file and row.
+    let run = on_b(&["retention", "run"]);
+    assert!(run.contains(&format!("recording {r_old}")), "{run}");
+    assert!(!p_old.exists());
+    assert_eq!(
+        env.store()
+            .get_recording(None, &r_old)
+            .unwrap()
+            .unwrap()
+            .state,
+        RecordingState::Deleted
+    );
+    // Erasure on B deletes the other one.
+    on_b(&[
+        "erase", "--tenant", "acme", "--caller", BOB, "--reason", "request",
+    ]);
+    assert!(!p_new.exists());
+    assert!(env.store().list_recordings(None, None).unwrap().is_empty());
+    assert!(listed(&env.ok(&["recordings", "list"])).is_empty());
+    assert_eq!(env.audit(AuditAction::EraseCaller).len(), 2);
 }

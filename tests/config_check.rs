@@ -131,6 +131,11 @@ fn every_example_passes_with_its_secrets_provided() {
         ck.signing_key.serialize_pem(),
     )
     .unwrap();
+    std::fs::write(
+        creds.path().join("pg-url"),
+        "postgres://sipbridge@127.0.0.1:5432/sipbridge\n",
+    )
+    .unwrap();
     let examples = repo_root().join("sip-profiles/examples");
     let mut names: Vec<_> = std::fs::read_dir(&examples)
         .unwrap()
@@ -142,6 +147,7 @@ fn every_example_passes_with_its_secrets_provided() {
         names,
         [
             "pbx.toml",
+            "postgres-store.toml",
             "s3-recordings.toml",
             "secure-trunking.toml",
             "telnyx.toml",
@@ -739,6 +745,75 @@ fn admin_download_limits_are_checked() {
         line_of(&bad, "max_downloads_per_tenant"),
         "max_downloads_per_tenant 100000 is out of range: write 1 to 256",
     );
+}
+
+/// Issue 16: `[profile.store] kind = "postgres"` needs `url`, a secret
+/// reference holding a PostgreSQL URL; the summary names where the URL comes
+/// from, never the URL; wrong kinds and URLs are reported on their lines.
+#[test]
+fn postgres_store_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    std::fs::write(
+        dir.path().join("pg-url"),
+        "postgres://sipbridge:s3cret-pw@127.0.0.1:5432/sipbridge\n",
+    )
+    .unwrap();
+    let good = profile(5031).replace(
+        "[[trunk]]",
+        "[profile.store]\nkind = \"postgres\"\nurl = \"file:pg-url\"\n\n[[trunk]]",
+    );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "good.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("metadata: PostgreSQL (url from file:pg-url)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("s3cret-pw") && !stderr.contains("s3cret-pw"));
+
+    let cases = [
+        (
+            good.replace("kind = \"postgres\"", "kind = \"mysql\""),
+            "kind",
+            "store kind \"mysql\" is not \"sqlite\" or \"postgres\"",
+        ),
+        (
+            good.replace("url = \"file:pg-url\"\n", ""),
+            "kind",
+            "kind = \"postgres\" needs url",
+        ),
+        (
+            good.replace("kind = \"postgres\"", "kind = \"sqlite\""),
+            "url",
+            "url is for kind = \"postgres\"",
+        ),
+        (
+            good.replace("file:pg-url", "file:missing-url"),
+            "url",
+            "store url: cannot read secret file",
+        ),
+        (
+            good.replace("file:pg-url", "file:not-a-url"),
+            "url",
+            "store url (file:not-a-url) is not a PostgreSQL connection URL",
+        ),
+    ];
+    std::fs::write(dir.path().join("not-a-url"), "mysql://h/db").unwrap();
+    for (i, (bad, key, message)) in cases.iter().enumerate() {
+        let name = format!("bad{i}.toml");
+        std::fs::write(dir.path().join(&name), bad).unwrap();
+        let out = sipbridge(dir.path(), &["check", "--config", &name]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        let line = bad
+            .lines()
+            .position(|l| l.starts_with(&format!("{key} =")))
+            .unwrap()
+            + 1;
+        assert_reported(&stderr, &name, line, message);
+    }
 }
 
 /// Issue 19: `[profile.store]` and `on_store_failure` are checked with their locations;

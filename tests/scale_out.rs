@@ -4,13 +4,13 @@
 //! daemons, SIPp as the carrier, all real processes on loopback.
 //!
 //! [`kamailio_spreads_drains_and_fails_over_between_two_daemons`], in four phases:
-//! 0. both daemons record to one S3-compatible bucket (moto's server, `common::s3`):
-//!    six calls with the caller's audio to a recording tenant, spread over both; each
-//!    recording is an object in the bucket with no RIFF header and no run of the
-//!    caller's audio, listed by `sipbridge recordings list` on the daemon that took the
-//!    call and downloadable through that daemon's signed link (decrypting to the
-//!    caller's audio). Each daemon still has its own SQLite store, so the other daemon
-//!    neither lists nor serves it;
+//! 0. both daemons share one PostgreSQL store (`common::pg`, one master key) and one
+//!    S3-compatible bucket (moto's server, `common::s3`): six calls with the caller's
+//!    audio to a recording tenant, spread over both; each recording is an object in the
+//!    bucket with no RIFF header and no run of the caller's audio, listed by
+//!    `sipbridge recordings list` on either daemon and downloadable through a signed
+//!    link from either (decrypting to the caller's audio); erasing a call through the
+//!    daemon that did not take it deletes its object from the bucket;
 //! 1. 200 calls through Kamailio: 0 failed, both daemons answered some (their CDRs);
 //! 2. 3-second calls; node A gets SIGTERM mid-run (long `drain_grace_s`): its live
 //!    calls end normally (caller's BYE, 200), every INVITE it sees afterwards is
@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::pg::PgServer;
 use common::s3::S3Server;
 use common::{Daemon, ProfileSpec, SippResult, free_port, http, repo_path, sipp, sipp_scenario};
 use sipbridge::media::g711;
@@ -257,7 +258,7 @@ impl Drop for Kamailio {
 /// no longer dedicated to `demo`, Kamailio's address a trusted proxy, unknown sources
 /// dropped, a long drain, the admin API, a recording tenant `rec` for
 /// [`RECORDED_NUMBER`] with its recordings in `s3`. `node` names its RTP range.
-fn node_profile(node: &str, port: u16, s3: &S3Server) -> String {
+fn node_profile(node: &str, port: u16, s3: &S3Server, shared: &Path) -> String {
     let prompt = toml::Value::String(
         repo_path("sip-profiles/prompts/disclosure.wav")
             .display()
@@ -271,7 +272,9 @@ fn node_profile(node: &str, port: u16, s3: &S3Server) -> String {
         "[[tenant]]\nid = \"rec\"\nrecording = true\ntranscripts = false\nprompt = {prompt}\n\
          pipeline = {{ kind = \"echo\" }}\n\n\
          [profile.security]\nunknown_source = \"drop\"\ntrusted_proxies = [\"{PROXY_IP}\"]\n\n\
-         [profile.admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SB_ADMIN_TOKEN\"\n\n{}",
+         [profile.admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SB_ADMIN_TOKEN\"\n\n\
+         [profile.store]\nkind = \"postgres\"\nurl = \"file:{}\"\n\n{}",
+        shared.join("pg-url").display(),
         s3.recordings_section()
     );
     let text = ProfileSpec {
@@ -290,7 +293,13 @@ fn node_profile(node: &str, port: u16, s3: &S3Server) -> String {
             "allow = [\"127.0.0.0/8\"]\ntenant = \"demo\"\n",
             "allow = [\"127.0.0.1/32\"]\n",
         )
-        .replace("max_calls = 50\n", "max_calls = 50\ndrain_grace_s = 60\n");
+        .replace(
+            "max_calls = 50\n",
+            &format!(
+                "max_calls = 50\ndrain_grace_s = 60\nmaster_key = \"file:{}\"\n",
+                shared.join("master.key").display()
+            ),
+        );
     assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
     assert!(
         text.contains("127.0.0.1/32") && text.contains("drain_grace_s"),
@@ -299,9 +308,9 @@ fn node_profile(node: &str, port: u16, s3: &S3Server) -> String {
     text
 }
 
-fn spawn_node(node: &str, port: u16, s3: &S3Server) -> Daemon {
+fn spawn_node(node: &str, port: u16, s3: &S3Server, shared: &Path) -> Daemon {
     Daemon::spawn_with_env(
-        &node_profile(node, port, s3),
+        &node_profile(node, port, s3, shared),
         &[("SB_ADMIN_TOKEN", ADMIN_TOKEN)],
     )
 }
@@ -476,9 +485,21 @@ fn sipp_in_background(
 #[test]
 fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
     let s3 = S3Server::start("recordings");
+    let pg = PgServer::start();
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(
+        shared.path().join("pg-url"),
+        pg.create_database("sipbridge"),
+    )
+    .unwrap();
+    std::fs::write(
+        shared.path().join("master.key"),
+        "scale-out-test-master-key-32byte",
+    )
+    .unwrap();
     let (port_a, port_b) = (free_port(), free_port());
-    let mut a = spawn_node("a", port_a, &s3);
-    let b = spawn_node("b", port_b, &s3);
+    let mut a = spawn_node("a", port_a, &s3, shared.path());
+    let b = spawn_node("b", port_b, &s3, shared.path());
     let (addr_a, addr_b) = (a.udp_addr(), b.udp_addr());
     let kam = Kamailio::start(&[addr_a, addr_b]);
     let context = |kam: &Kamailio| format!("---- kamailio ----\n{}", kam.log());
@@ -507,19 +528,33 @@ fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
         result.report(),
         context(&kam)
     );
+    // Which daemon took which recorded call: their CDRs.
+    let took = |d: &Daemon| -> HashSet<String> {
+        d.cdrs()
+            .iter()
+            .filter(|c| c["tenant"] == "rec" && c["result_code"] == 200)
+            .filter_map(|c| c["call_id"].as_str().map(str::to_owned))
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut list_a, mut list_b) = (Vec::new(), Vec::new());
     while Instant::now() < deadline {
         (list_a, list_b) = (recordings_list(&a), recordings_list(&b));
-        if list_a.len() + list_b.len() == 6 && s3.list("recordings/").len() == 6 {
+        if list_a.len() == 6 && s3.list("recordings/").len() == 6 {
             break;
         }
         thread::sleep(Duration::from_millis(250));
     }
+    let (took_a, took_b) = (took(&a), took(&b));
     assert!(
-        !list_a.is_empty() && !list_b.is_empty() && list_a.len() + list_b.len() == 6,
-        "recordings: A {list_a:?}, B {list_b:?}"
+        !took_a.is_empty() && !took_b.is_empty() && took_a.len() + took_b.len() == 6,
+        "recorded calls: A {took_a:?}, B {took_b:?}"
     );
+    // One store: both daemons list all six.
+    list_a.sort();
+    list_b.sort();
+    assert_eq!(list_a.len(), 6, "A lists {list_a:?}");
+    assert_eq!(list_a, list_b, "the two daemons list different recordings");
     let keys = s3.list("recordings/");
     assert_eq!(keys.len(), 6, "bucket: {keys:?}");
     let plain = caller_windows();
@@ -535,10 +570,15 @@ fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
         );
     }
     let caller = caller1_pcm();
-    for (node, own, other, list) in [("A", &a, &b, &list_a), ("B", &b, &a, &list_b)] {
-        for (id, call_id) in list {
-            let got = download(own, id);
-            assert_eq!(got.status, 200, "{node} {id} ({call_id}): {}", got.text());
+    for (id, call_id) in &list_a {
+        for (node, d) in [("A", &a), ("B", &b)] {
+            let got = download(d, id);
+            assert_eq!(
+                got.status,
+                200,
+                "{id} ({call_id}) from {node}: {}",
+                got.text()
+            );
             let mut wav = hound::WavReader::new(std::io::Cursor::new(&got.body)).unwrap();
             let left: Vec<i16> = wav
                 .samples::<i16>()
@@ -546,19 +586,36 @@ fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
                 .map(Result::unwrap)
                 .collect();
             let score = best_ncc(&left, &caller[..8000], 0..8000);
-            assert!(score >= 0.9, "{node} {id}: caller NCC {score:.3}");
-            // Each daemon has its own SQLite store: the other does not know it.
-            let elsewhere = download(other, id);
-            assert_ne!(
-                elsewhere.status, 200,
-                "{node}'s {id} served by the other node"
-            );
+            assert!(score >= 0.9, "{id} from {node}: caller NCC {score:.3}");
         }
     }
+    // Erasure through the daemon that did not take the call deletes its object.
+    let victim = took_a.iter().next().unwrap().clone();
+    let erased = http::request(
+        b.admin_addr(),
+        "POST",
+        "/v1/erase",
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("Content-Type", "application/json"),
+        ],
+        format!(r#"{{"tenant": "rec", "call": "{victim}", "reason": "data subject request"}}"#)
+            .as_bytes(),
+    );
+    assert_eq!(erased.status, 200, "{}", erased.text());
+    let left_keys = s3.list("recordings/");
+    assert_eq!(
+        left_keys.len(),
+        5,
+        "erasure from B of A's call: {left_keys:?}"
+    );
+    assert_eq!(recordings_list(&a).len(), 5);
     eprintln!(
-        "phase 0: {} recordings on A, {} on B, {} objects in the bucket",
+        "phase 0: A took {}, B took {} recorded calls; both list {}; {} objects, 5 after \
+         erasing one of A's through B",
+        took_a.len(),
+        took_b.len(),
         list_a.len(),
-        list_b.len(),
         keys.len()
     );
 
@@ -663,7 +720,7 @@ fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
 
     // ---- 3. A back; SIGKILL B mid-run ------------------------------------------------
     let restart_at = Instant::now();
-    let a2 = spawn_node("a", port_a, &s3);
+    let a2 = spawn_node("a", port_a, &s3, shared.path());
     assert_eq!(a2.udp_addr(), addr_a);
     kam.wait_for(
         restart_at,

@@ -34,6 +34,13 @@ fn policy(tenant: &str) -> Option<RetentionPolicy> {
     }
 }
 
+/// The engine the tests run on. Here SQLite; `tests/store_db_pg.rs` includes
+/// this file as a module with its own `open_backend` (PostgreSQL).
+#[allow(dead_code)]
+fn open_backend(dir: &Path) -> Store {
+    Store::open(&dir.join("meta.db")).unwrap()
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
     rec_dir: PathBuf,
@@ -45,7 +52,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let rec_dir = dir.path().join("recordings");
         std::fs::create_dir(&rec_dir).unwrap();
-        let mut store = Store::open(&dir.path().join("meta.db")).unwrap();
+        let mut store = crate::open_backend(dir.path());
         for t in ["acme", "brisk", "ghost"] {
             store.set_caller_policy(t, CallerIdPolicy::Plain);
         }

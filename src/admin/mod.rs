@@ -211,8 +211,13 @@ pub(crate) async fn start(
     use anyhow::Context;
     let data = match (config.profiles.first(), master_key, control.has_store()) {
         (Some(profile), Some(key), true) => {
-            let mut ds = DataStore::open(&profile.var_dir, key, caller_policies(config, key))
-                .context("opening the admin API's store connection")?;
+            let mut ds = DataStore::open_engine(
+                &profile.var_dir,
+                &profile.store.engine,
+                key,
+                caller_policies(config, key),
+            )
+            .context("opening the admin API's store connection")?;
             ds.set_objects(
                 crate::store::objects::RecordingObjects::for_config(&profile.recordings)
                     .context("[profile.recordings]: the object store client")?,

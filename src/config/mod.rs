@@ -150,7 +150,7 @@ pub const DEFAULT_SPOOL_MAX_MB: u64 = 1024;
 /// Below it, or after a write failed, the store counts as unable to write:
 /// recording tenants' new calls are answered unrecorded or refused with 503
 /// (their `on_store_failure`) until a check finds the space back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreSettings {
     /// Free bytes `var_dir`'s filesystem must keep (`min_free_mb`, default 64).
@@ -158,6 +158,25 @@ pub struct StoreSettings {
     /// How often free space is checked and failed writes retried
     /// (`check_interval_s`, default 5 s).
     pub check_interval: Duration,
+    /// Where the metadata (CDRs, recordings' index, transcripts, audit log,
+    /// tenants' data keys) lives (`kind`, `url`).
+    pub engine: StoreEngine,
+}
+
+/// `[profile.store] kind`: the metadata database.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StoreEngine {
+    /// `var_dir/sipbridge.db`, the embedded default.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database several daemons share (issue 16); `url` is
+    /// `postgres://user[:password]@host:port/db` or the key/value form,
+    /// resolved from a secret reference.
+    Postgres {
+        /// The connection URL.
+        url: Secret,
+    },
 }
 
 /// Default `[profile.store] min_free_mb`.
@@ -170,6 +189,7 @@ impl Default for StoreSettings {
         StoreSettings {
             min_free_bytes: DEFAULT_MIN_FREE_MB * 1024 * 1024,
             check_interval: Duration::from_secs(u64::from(DEFAULT_STORE_CHECK_S)),
+            engine: StoreEngine::Sqlite,
         }
     }
 }
@@ -859,6 +879,13 @@ impl Config {
                         s3.spool_max_bytes / (1024 * 1024)
                     );
                 }
+            }
+            if let StoreEngine::Postgres { url } = &p.store.engine {
+                let _ = writeln!(
+                    out,
+                    "  metadata: PostgreSQL (url from {}), data keys in its data_keys table",
+                    url.source()
+                );
             }
             let s = &p.sip;
             let _ = writeln!(

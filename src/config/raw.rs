@@ -76,6 +76,12 @@ pub(crate) struct RawStore {
     pub(crate) min_free_mb: Option<Spanned<u64>>,
     #[serde(default)]
     pub(crate) check_interval_s: Option<Spanned<u32>>,
+    /// `"sqlite"` (default) or `"postgres"` (issue 16).
+    #[serde(default)]
+    pub(crate) kind: Option<Spanned<String>>,
+    /// The PostgreSQL URL, as a secret reference (it may hold a password).
+    #[serde(default)]
+    pub(crate) url: Option<Spanned<String>>,
 }
 
 /// A recording tenant's `on_store_failure`.

@@ -750,6 +750,7 @@ fn store_settings(
             );
         }
     }
+    out.engine = store_engine(cx, file, raw);
     out
 }
 
@@ -907,6 +908,73 @@ fn recordings_settings(
             spool_max_bytes,
         }),
         _ => super::Recordings::Local,
+    }
+}
+
+/// `[profile.store] kind` (`"sqlite"`, the default, or `"postgres"`) and,
+/// for PostgreSQL, `url`: a secret reference whose value must be a
+/// `postgres://`/`postgresql://` URL or a key/value connection string the
+/// client parses. The value is never shown; errors name its place.
+fn store_engine(cx: &mut Cx<'_>, file: usize, raw: &super::raw::RawStore) -> super::StoreEngine {
+    let kind = raw.kind.as_ref().map_or("sqlite", |k| k.get_ref().as_str());
+    match kind {
+        "sqlite" => {
+            if let Some(url) = &raw.url {
+                cx.error(
+                    file,
+                    Some(url.span()),
+                    "url is for kind = \"postgres\"; the SQLite store is var_dir/sipbridge.db",
+                );
+            }
+            super::StoreEngine::Sqlite
+        }
+        "postgres" => {
+            let Some(written) = &raw.url else {
+                let span = raw.kind.as_ref().map(Spanned::span);
+                cx.error(
+                    file,
+                    span,
+                    "kind = \"postgres\" needs url (a secret reference: env:NAME, file:PATH or credential:NAME)",
+                );
+                return super::StoreEngine::Sqlite;
+            };
+            let Some(url) = cx.secret(file, written, "store url") else {
+                return super::StoreEngine::Sqlite;
+            };
+            // data_only runs (the CLI without the secret) get an empty value.
+            if !url.expose().is_empty() {
+                let parsed = std::str::from_utf8(url.expose())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<postgres::Config>().ok());
+                match parsed {
+                    None => cx.error(
+                        file,
+                        Some(written.span()),
+                        format!(
+                            "store url ({}) is not a PostgreSQL connection URL \
+                             (postgres://user@host:port/database)",
+                            url.source()
+                        ),
+                    ),
+                    Some(c) if c.get_hosts().is_empty() => cx.error(
+                        file,
+                        Some(written.span()),
+                        format!("store url ({}) names no host", url.source()),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            super::StoreEngine::Postgres { url }
+        }
+        other => {
+            let span = raw.kind.as_ref().map(Spanned::span);
+            cx.error(
+                file,
+                span,
+                format!("store kind {other:?} is not \"sqlite\" or \"postgres\""),
+            );
+            super::StoreEngine::Sqlite
+        }
     }
 }
 

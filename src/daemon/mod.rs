@@ -1039,7 +1039,7 @@ pub async fn run(
             &profile.var_dir,
             &key,
             &config.tenants,
-            profile.store,
+            profile.store.clone(),
             objects,
         )
         .with_context(|| format!("opening the store in {}", profile.var_dir.display()))?;

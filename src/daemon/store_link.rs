@@ -197,13 +197,24 @@ impl Records {
         // another working directory still finds them.
         let var_dir = &std::fs::canonicalize(var_dir)
             .with_context(|| format!("resolving var_dir {}", var_dir.display()))?;
-        let keyring = KeyRing::open(var_dir, master_key).context("opening the key ring")?;
+        let keyring = KeyRing::open_engine(var_dir, master_key, &settings.engine)
+            .context("opening the key ring")?;
         let db = var_dir.join(DB_FILE);
         let mut store =
-            Store::open(&db).with_context(|| format!("opening database {}", db.display()))?;
+            Store::open_engine(&settings.engine, &db).with_context(|| match settings.engine {
+                crate::config::StoreEngine::Postgres { ref url } => {
+                    format!("opening the PostgreSQL store ({})", url.source())
+                }
+                _ => format!("opening database {}", db.display()),
+            })?;
         for t in tenants {
             let policy = CallerIdPolicy::for_tenant(t.hash_caller_numbers, master_key, &t.id);
             store.set_caller_policy(&t.id, policy);
+        }
+        if let crate::config::StoreEngine::Postgres { .. } = settings.engine {
+            let node = node_id(var_dir).context("reading var_dir/node-id")?;
+            info!(node = %node, "store: PostgreSQL, shared with other nodes");
+            store.set_node(&node);
         }
         if let Err(e) = recover(&mut store, &keyring, var_dir, unix_ms(SystemTime::now())) {
             // Not fatal: a disk too full for the clean-up's writes must not
@@ -725,6 +736,33 @@ impl CallStore {
 /// counted as the growth of the sealed file, header and chunk overhead included.
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// This daemon's id among nodes sharing one PostgreSQL store: 16 random hex
+/// digits in `var_dir/node-id` (0600), created at the first start. It marks
+/// the CDRs this daemon opens, so its start-up recovery closes only those.
+fn node_id(var_dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = var_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut raw = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
+    let id = hex::encode(raw);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    Ok(id)
 }
 
 /// Start-up recovery: recordings left in state `recording` are verified and

@@ -139,17 +139,33 @@ impl DataStore {
         master_key: &[u8],
         caller_policies: HashMap<String, CallerIdPolicy>,
     ) -> Result<Self, OpsError> {
+        Self::open_engine(
+            var_dir,
+            &crate::config::StoreEngine::Sqlite,
+            master_key,
+            caller_policies,
+        )
+    }
+
+    /// [`DataStore::open`] on the engine of `[profile.store]`: the SQLite
+    /// file (which must exist) or the PostgreSQL database.
+    pub fn open_engine(
+        var_dir: &Path,
+        engine: &crate::config::StoreEngine,
+        master_key: &[u8],
+        caller_policies: HashMap<String, CallerIdPolicy>,
+    ) -> Result<Self, OpsError> {
         let db = var_dir.join(DB_FILE);
-        if !db.is_file() {
+        if *engine == crate::config::StoreEngine::Sqlite && !db.is_file() {
             return Err(OpsError::NoDatabase(db));
         }
-        let mut store = Store::open(&db)?;
+        let mut store = Store::open_engine(engine, &db)?;
         let mut with_policy = HashSet::new();
         for (tenant, policy) in caller_policies {
             store.set_caller_policy(&tenant, policy);
             with_policy.insert(tenant);
         }
-        let keyring = KeyRing::open(var_dir, master_key)?;
+        let keyring = KeyRing::open_engine(var_dir, master_key, engine)?;
         Ok(Self {
             var_dir: var_dir.to_path_buf(),
             store,

@@ -29,6 +29,7 @@ use tempfile::TempDir;
 
 pub(crate) mod deepgram_mock;
 pub(crate) mod http;
+pub(crate) mod pg;
 pub(crate) mod s3;
 
 /// The repository root (where `Cargo.toml` is).

@@ -26,6 +26,8 @@
 //! apart from backups of the recordings (or not kept at all).
 
 use super::{CryptoError, DataKey, KEY_LEN, KeyId, MasterKey, Result, validate_tenant};
+use crate::store::db::conn::{Conn, off_runtime, vals};
+use crate::store::db::schema;
 use aes_gcm::aead::AeadInOut;
 use rand::CryptoRng;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -46,10 +48,21 @@ pub const KEY_FILE_LEN: usize = CT_AT + KEY_LEN + 16;
 /// The tenants' wrapped data keys in one directory. Holds no unwrapped key:
 /// every call reads the file, so a key destroyed by another process (the
 /// CLI) is gone for this one too.
+///
+/// With the PostgreSQL store (`[profile.store] kind = "postgres"`) the
+/// wrapped keys live in its `data_keys` table instead of `keys/`, with the
+/// same 85 bytes per tenant: every daemon sharing the database reads the
+/// same key (each needs the same master key), and a key destroyed by one is
+/// gone for all.
 #[derive(Debug)]
 pub struct KeyRing {
     dir: PathBuf,
     master: MasterKey,
+    shared: Option<std::sync::Mutex<Conn>>,
+}
+
+fn key_store(e: impl std::fmt::Display) -> CryptoError {
+    CryptoError::KeyStore(e.to_string())
 }
 
 impl KeyRing {
@@ -59,7 +72,48 @@ impl KeyRing {
         let master = MasterKey::from_bytes(master_key)?;
         let dir = var_dir.join("keys");
         DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        Ok(Self { dir, master })
+        Ok(Self {
+            dir,
+            master,
+            shared: None,
+        })
+    }
+
+    /// The key ring of the store `engine` names: `var_dir/keys` for SQLite,
+    /// the `data_keys` table for PostgreSQL (its own connection; the schema
+    /// is migrated if this opens first).
+    pub fn open_engine(
+        var_dir: &Path,
+        master_key: &[u8],
+        engine: &crate::config::StoreEngine,
+    ) -> Result<Self> {
+        let mut ring = Self::open(var_dir, master_key)?;
+        if let crate::config::StoreEngine::Postgres { url } = engine {
+            let url = std::str::from_utf8(url.expose()).map_err(key_store)?;
+            let client = off_runtime(|| postgres::Client::connect(url.trim(), postgres::NoTls))
+                .map_err(key_store)?;
+            let conn = Conn::postgres(client);
+            schema::migrate(&conn).map_err(key_store)?;
+            ring.shared = Some(std::sync::Mutex::new(conn));
+        }
+        Ok(ring)
+    }
+
+    fn shared(&self) -> Option<std::sync::MutexGuard<'_, Conn>> {
+        self.shared
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The wrapped bytes of `tenant`'s key in the shared table, if any.
+    fn shared_wrapped(conn: &Conn, tenant: &str) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        conn.query_row(
+            "SELECT wrapped FROM data_keys WHERE tenant = ?1",
+            &vals![tenant],
+            |r| r.get::<Vec<u8>>(0),
+        )
+        .map(|v| v.map(Zeroizing::new))
+        .map_err(key_store)
     }
 
     /// The `keys/` directory.
@@ -84,6 +138,18 @@ impl KeyRing {
         rng.fill_bytes(&mut id);
         let key = DataKey::new(tenant.to_owned(), KeyId(id), raw);
         let bytes = wrap(&self.master, &key, rng)?;
+        if let Some(conn) = self.shared() {
+            // Another daemon creating the same tenant's key at once: the
+            // first insert wins and both use its key.
+            conn.execute(
+                "INSERT INTO data_keys (tenant, wrapped) VALUES (?1, ?2) \
+                 ON CONFLICT (tenant) DO NOTHING",
+                &vals![tenant, bytes],
+            )
+            .map_err(key_store)?;
+            drop(conn);
+            return self.load(tenant);
+        }
         let tmp = self.write_temp(tenant, &bytes, rng)?;
         let linked = fs::hard_link(&tmp, self.key_path(tenant));
         fs::remove_file(&tmp)?;
@@ -101,6 +167,14 @@ impl KeyRing {
     /// The tenant's existing data key; [`CryptoError::NoKey`] if there is none.
     pub fn load(&self, tenant: &str) -> Result<DataKey> {
         validate_tenant(tenant)?;
+        if let Some(conn) = self.shared() {
+            return match Self::shared_wrapped(&conn, tenant)? {
+                Some(bytes) => unwrap(&self.master, tenant, &bytes),
+                None => Err(CryptoError::NoKey {
+                    tenant: tenant.to_owned(),
+                }),
+            };
+        }
         let file = match File::open(self.key_path(tenant)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -120,6 +194,15 @@ impl KeyRing {
     /// key existed. Afterwards no sealed file of this tenant decrypts.
     pub fn destroy(&self, tenant: &str) -> Result<bool> {
         validate_tenant(tenant)?;
+        if let Some(conn) = self.shared() {
+            let n = conn
+                .execute("DELETE FROM data_keys WHERE tenant = ?1", &vals![tenant])
+                .map_err(key_store)?;
+            // Reclaims the dead row's space now rather than at autovacuum's
+            // leisure (best effort: the row is already unreadable).
+            let _ = conn.batch("VACUUM data_keys");
+            return Ok(n > 0);
+        }
         let existed = shred(&self.key_path(tenant))?;
         let prefix = format!(".tmp-{tenant}.");
         for entry in fs::read_dir(&self.dir)? {
@@ -134,6 +217,13 @@ impl KeyRing {
 
     /// The tenants that have a key file, sorted.
     pub fn tenants(&self) -> Result<Vec<String>> {
+        if let Some(conn) = self.shared() {
+            return conn
+                .query_map("SELECT tenant FROM data_keys ORDER BY tenant", &[], |r| {
+                    r.get(0)
+                })
+                .map_err(key_store);
+        }
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
@@ -157,6 +247,38 @@ impl KeyRing {
         let new_master = MasterKey::from_bytes(new_master)?;
         let new_fp = new_master.fingerprint();
         let mut count = 0;
+        if self.shared.is_some() {
+            for tenant in self.tenants()? {
+                let conn = self
+                    .shared()
+                    .ok_or(CryptoError::KeyStore("closed".into()))?;
+                let tx = conn.begin().map_err(key_store)?;
+                let Some(bytes) = tx
+                    .query_row(
+                        "SELECT wrapped FROM data_keys WHERE tenant = ?1 FOR UPDATE",
+                        &vals![tenant],
+                        |r| r.get::<Vec<u8>>(0),
+                    )
+                    .map_err(key_store)?
+                else {
+                    continue;
+                };
+                if bytes.get(FP_AT..ID_AT) == Some(&new_fp[..]) {
+                    continue;
+                }
+                let key = unwrap(&self.master, &tenant, &bytes)?;
+                let wrapped = wrap(&new_master, &key, rng)?;
+                tx.execute(
+                    "UPDATE data_keys SET wrapped = ?2 WHERE tenant = ?1",
+                    &vals![tenant, wrapped],
+                )
+                .map_err(key_store)?;
+                tx.commit().map_err(key_store)?;
+                count += 1;
+            }
+            self.master = new_master;
+            return Ok(count);
+        }
         for tenant in self.tenants()? {
             let mut bytes = Vec::with_capacity(KEY_FILE_LEN + 1);
             File::open(self.key_path(&tenant))?

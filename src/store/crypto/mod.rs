@@ -95,6 +95,9 @@ pub enum CryptoError {
     /// A chunk's length field exceeds the format's cap (never allocated).
     #[error("chunk {index}: length {len} exceeds the cap")]
     ChunkTooLong { index: u64, len: u32 },
+    /// The shared key table (PostgreSQL store) could not be read or written.
+    #[error("key store: {0}")]
+    KeyStore(String),
     /// The file ends inside a chunk.
     #[error("sealed file truncated inside chunk {index}")]
     TruncatedChunk { index: u64 },

@@ -20,16 +20,14 @@
 //! about 1,000 calls/s (`scripts/load.sh`), dropping records instead.
 
 mod caller_id;
+pub mod conn;
 pub mod schema;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
-use rusqlite::{
-    Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior, params,
-};
+use conn::{Conn, Dialect, FromValue, Row, ToValue, Tx, Value, vals};
 
 pub use caller_id::CallerIdPolicy;
 
@@ -52,6 +50,12 @@ pub enum DbError {
     /// SQLite failed (I/O, constraint, lock timeout, corrupt file).
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (connection, constraint, serialization).
+    #[error("postgres: {0}")]
+    Postgres(#[from] postgres::Error),
+    /// A column held a value of another type than the code reads.
+    #[error("column type: {0}")]
+    Type(String),
     /// Preparing the database file failed.
     #[error("database file {path}: {source}")]
     File {
@@ -149,17 +153,17 @@ macro_rules! text_enum {
             }
         }
 
-        impl ToSql for $name {
-            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-                Ok(ToSqlOutput::from(self.as_str()))
+        impl ToValue for $name {
+            fn to_value(&self) -> Value {
+                Value::Text(self.as_str().to_owned())
             }
         }
 
-        impl FromSql for $name {
-            fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
-                let s = v.as_str()?;
-                Self::parse(s).ok_or_else(|| {
-                    FromSqlError::Other(format!("unknown {} {s:?}", stringify!($name)).into())
+        impl FromValue for $name {
+            fn from_value(v: &Value) -> Result<Self, DbError> {
+                let s = String::from_value(v)?;
+                Self::parse(&s).ok_or_else(|| {
+                    DbError::Type(format!("unknown {} {s:?}", stringify!($name)))
                 })
             }
         }
@@ -593,7 +597,7 @@ const TRANSCRIPT_COLUMNS: &str =
 const CALL_HELD: &str = "(c.legal_hold = 1 OR EXISTS \
      (SELECT 1 FROM recordings h WHERE h.call_id = c.call_id AND h.legal_hold = 1))";
 
-fn call_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCdr> {
+fn call_from_row(r: &Row) -> Result<StoredCdr, DbError> {
     let packets: Option<u64> = r.get(12)?;
     let lost: Option<u64> = r.get(13)?;
     let jitter: Option<f64> = r.get(14)?;
@@ -626,23 +630,20 @@ fn call_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCdr> {
         },
         legal_hold: r.get(18)?,
         erased_at: r.get(19)?,
-        frames: match (r.get::<_, Option<u64>>(20)?, r.get::<_, Option<u64>>(21)?) {
+        frames: match (r.get::<Option<u64>>(20)?, r.get::<Option<u64>>(21)?) {
             (Some(concealed), Some(dropped)) => Some(MediaFrames { concealed, dropped }),
             _ => None,
         },
-        recording: match r.get_ref(22)? {
-            ValueRef::Null => None,
-            v => Some(CallRecording::column_result(v)?),
-        },
+        recording: r.get(22)?,
     })
 }
 
-fn recording_from_row(r: &Row<'_>) -> rusqlite::Result<RecordingRecord> {
+fn recording_from_row(r: &Row) -> Result<RecordingRecord, DbError> {
     Ok(RecordingRecord {
         id: r.get(0)?,
         call_id: r.get(1)?,
         tenant: r.get(2)?,
-        path: PathBuf::from(r.get::<_, String>(3)?),
+        path: PathBuf::from(r.get::<String>(3)?),
         size_bytes: r.get(4)?,
         duration_ms: r.get(5)?,
         key_id: r.get(6)?,
@@ -653,7 +654,7 @@ fn recording_from_row(r: &Row<'_>) -> rusqlite::Result<RecordingRecord> {
     })
 }
 
-fn transcript_from_row(r: &Row<'_>) -> rusqlite::Result<TranscriptRow> {
+fn transcript_from_row(r: &Row) -> Result<TranscriptRow, DbError> {
     Ok(TranscriptRow {
         id: r.get(0)?,
         call_id: r.get(1)?,
@@ -663,12 +664,12 @@ fn transcript_from_row(r: &Row<'_>) -> rusqlite::Result<TranscriptRow> {
         end_ms: r.get(5)?,
         ciphertext: r.get(6)?,
         key_id: r.get(7)?,
-        confidence: r.get::<_, f64>(8)? as f32,
+        confidence: r.get::<f64>(8)? as f32,
         created_at: r.get(9)?,
     })
 }
 
-fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditRecord> {
+fn audit_from_row(r: &Row) -> Result<AuditRecord, DbError> {
     Ok(AuditRecord {
         id: r.get(0)?,
         at: r.get(1)?,
@@ -686,11 +687,11 @@ fn path_text(path: &Path) -> Result<&str, DbError> {
         .ok_or_else(|| DbError::NonUtf8Path(path.to_path_buf()))
 }
 
-fn insert_audit(conn: &Connection, e: &AuditEntry<'_>) -> Result<i64, DbError> {
-    conn.execute(
+fn insert_audit(conn: &Conn, e: &AuditEntry<'_>) -> Result<i64, DbError> {
+    conn.query_one(
         "INSERT INTO audit (at, actor, action, object_kind, object_id, tenant, reason) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+        &vals![
             e.at,
             e.actor,
             e.action,
@@ -699,19 +700,17 @@ fn insert_audit(conn: &Connection, e: &AuditEntry<'_>) -> Result<i64, DbError> {
             e.tenant,
             e.reason
         ],
-    )?;
-    Ok(conn.last_insert_rowid())
+    )?
+    .get(0)
 }
 
 /// Checks that `call_id` exists and belongs to `tenant`.
-fn check_call_tenant(conn: &Connection, tenant: &str, call_id: &str) -> Result<(), DbError> {
-    let owner: Option<String> = conn
-        .query_row(
-            "SELECT tenant FROM calls WHERE call_id = ?1",
-            [call_id],
-            |r| r.get(0),
-        )
-        .optional()?;
+fn check_call_tenant(conn: &Conn, tenant: &str, call_id: &str) -> Result<(), DbError> {
+    let owner: Option<String> = conn.query_row(
+        "SELECT tenant FROM calls WHERE call_id = ?1",
+        &vals![call_id],
+        |r| r.get(0),
+    )?;
     match owner {
         Some(t) if t == tenant => Ok(()),
         Some(_) => Err(DbError::TenantMismatch {
@@ -735,7 +734,7 @@ struct Eraser<'a> {
 }
 
 impl Eraser<'_> {
-    fn audit(&self, tx: &Transaction<'_>, kind: ObjectKind, id: &str) -> Result<(), DbError> {
+    fn audit(&self, tx: &Tx<'_>, kind: ObjectKind, id: &str) -> Result<(), DbError> {
         insert_audit(
             tx,
             &AuditEntry {
@@ -755,15 +754,23 @@ impl Eraser<'_> {
     /// its live recordings deleted, blanks the caller id.
     fn erase_call(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         call_id: &str,
         out: &mut ErasedSummary,
     ) -> Result<(), DbError> {
-        let held: bool = tx.query_row(
-            &format!("SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1 AND c.tenant = ?2"),
-            params![call_id, self.tenant],
-            |r| r.get(0),
-        )?;
+        let held: bool = tx
+            .query_row(
+                &format!(
+                    "SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1 AND c.tenant = ?2{}",
+                    tx.dialect().for_update()
+                ),
+                &vals![call_id, self.tenant],
+                |r| r.get(0),
+            )?
+            .ok_or_else(|| DbError::UnknownCall {
+                tenant: self.tenant.to_owned(),
+                call_id: call_id.to_owned(),
+            })?;
         if held {
             out.held.push(call_id.to_owned());
             return Ok(());
@@ -776,30 +783,28 @@ impl Eraser<'_> {
         )?;
         tx.execute(
             "DELETE FROM transcripts WHERE call_id = ?1 AND tenant = ?2",
-            params![call_id, self.tenant],
+            &vals![call_id, self.tenant],
         )?;
         for id in &transcripts {
             self.audit(tx, ObjectKind::Transcript, id)?;
         }
         out.transcripts.extend(transcripts);
 
-        let recordings = {
-            let mut stmt = tx.prepare(
-                "SELECT id, path FROM recordings WHERE call_id = ?1 AND tenant = ?2 \
-                 AND state != 'deleted' ORDER BY id",
-            )?;
-            let rows = stmt.query_map(params![call_id, self.tenant], |r| {
+        let recordings = tx.query_map(
+            "SELECT id, path FROM recordings WHERE call_id = ?1 AND tenant = ?2 \
+             AND state != 'deleted' ORDER BY id",
+            &vals![call_id, self.tenant],
+            |r| {
                 Ok(ErasedRecording {
                     id: r.get(0)?,
-                    path: PathBuf::from(r.get::<_, String>(1)?),
+                    path: PathBuf::from(r.get::<String>(1)?),
                 })
-            })?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
+            },
+        )?;
         tx.execute(
             "UPDATE recordings SET state = 'deleted', deleted_at = ?3 \
              WHERE call_id = ?1 AND tenant = ?2 AND state != 'deleted'",
-            params![call_id, self.tenant, self.now],
+            &vals![call_id, self.tenant, self.now],
         )?;
         for rec in &recordings {
             self.audit(tx, ObjectKind::Recording, &rec.id)?;
@@ -808,7 +813,7 @@ impl Eraser<'_> {
 
         tx.execute(
             "UPDATE calls SET caller = NULL, erased_at = ?3 WHERE call_id = ?1 AND tenant = ?2",
-            params![call_id, self.tenant, self.now],
+            &vals![call_id, self.tenant, self.now],
         )?;
         self.audit(tx, ObjectKind::Call, call_id)?;
         out.calls.push(call_id.to_owned());
@@ -817,32 +822,30 @@ impl Eraser<'_> {
 }
 
 /// Runs a one-column text query with a single tenant parameter.
-fn tenant_ids(conn: &Connection, sql: &str, tenant: &str) -> Result<Vec<String>, DbError> {
-    let mut stmt = conn.prepare(sql)?;
-    let rows = stmt.query_map([tenant], |r| r.get::<_, String>(0))?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+fn tenant_ids(conn: &Conn, sql: &str, tenant: &str) -> Result<Vec<String>, DbError> {
+    conn.query_map(sql, &vals![tenant], |r| r.get(0))
 }
 
 /// Runs a one-column text query with (call_id or other key, tenant) parameters.
-fn ids(conn: &Connection, sql: &str, a: &str, tenant: &str) -> Result<Vec<String>, DbError> {
-    let mut stmt = conn.prepare(sql)?;
-    let rows = stmt.query_map(params![a, tenant], |r| r.get::<_, String>(0))?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+fn ids(conn: &Conn, sql: &str, a: &str, tenant: &str) -> Result<Vec<String>, DbError> {
+    conn.query_map(sql, &vals![a, tenant], |r| r.get(0))
 }
 
 /// The metadata database. Not `Sync`: the daemon keeps it on one thread (or
 /// behind a mutex); writes take `&mut self`.
 #[derive(Debug)]
 pub struct Store {
-    conn: Connection,
+    conn: Conn,
     caller_policies: HashMap<String, CallerIdPolicy>,
+    /// This daemon's id among several on one PostgreSQL database.
+    node: Option<String>,
 }
 
 impl Store {
     /// Opens (creating if needed, mode 0600) and migrates the database at `path`.
     pub fn open(path: &Path) -> Result<Self, DbError> {
         create_private(path)?;
-        let mut conn = Connection::open(path)?;
+        let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "foreign_keys", true)?;
         let mode: String =
@@ -854,11 +857,74 @@ impl Store {
         // Deleted and blanked values are overwritten with zeros, not left in
         // free pages where a copy of the file would still show them (issue 15).
         conn.pragma_update(None, "secure_delete", true)?;
-        schema::migrate(&mut conn)?;
+        let conn = Conn::sqlite(conn);
+        schema::migrate(&conn)?;
         Ok(Self {
             conn,
             caller_policies: HashMap::new(),
+            node: None,
         })
+    }
+
+    /// Connects to the PostgreSQL database at `url` (`postgres://user@host:port/db`
+    /// or the key/value form; no TLS: a loopback or unix-socket connection, or a
+    /// tunnel) and migrates it. Several daemons may do this at once: the
+    /// migrations run under an advisory lock.
+    pub fn open_postgres(url: &str) -> Result<Self, DbError> {
+        let client = conn::off_runtime(|| postgres::Client::connect(url, postgres::NoTls))?;
+        let conn = Conn::postgres(client);
+        schema::migrate(&conn)?;
+        Ok(Self {
+            conn,
+            caller_policies: HashMap::new(),
+            node: None,
+        })
+    }
+
+    /// Names this daemon among several sharing a PostgreSQL database: its
+    /// new CDRs carry the id, and start-up recovery
+    /// ([`Store::close_crashed_calls`], [`Store::open_recordings_of_crashed`])
+    /// touches only its own rows. Without it (and always on SQLite, which
+    /// one daemon owns) recovery takes every open row.
+    pub fn set_node(&mut self, node: &str) {
+        self.node = Some(node.to_owned());
+    }
+
+    /// `AND <column> = ?n` restricting recovery to this node's calls on
+    /// PostgreSQL once a node is set; empty otherwise.
+    fn node_filter(&self, column: &str, n: usize) -> String {
+        match (self.conn.dialect(), &self.node) {
+            (Dialect::Postgres, Some(_)) => format!(" AND {column} = ?{n}"),
+            _ => String::new(),
+        }
+    }
+
+    fn node_param(&self) -> Vec<Value> {
+        match (self.conn.dialect(), &self.node) {
+            (Dialect::Postgres, Some(n)) => vec![Value::Text(n.clone())],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Opens the store `engine` names (`[profile.store] kind`): the SQLite
+    /// file at `sqlite_path`, or the PostgreSQL database at its `url`.
+    pub fn open_engine(
+        engine: &crate::config::StoreEngine,
+        sqlite_path: &Path,
+    ) -> Result<Self, DbError> {
+        match engine {
+            crate::config::StoreEngine::Sqlite => Self::open(sqlite_path),
+            crate::config::StoreEngine::Postgres { url } => {
+                let url = std::str::from_utf8(url.expose())
+                    .map_err(|_| DbError::Misuse("store url is not UTF-8"))?;
+                Self::open_postgres(url.trim())
+            }
+        }
+    }
+
+    /// Which engine this store runs on.
+    pub fn dialect(&self) -> Dialect {
+        self.conn.dialect()
     }
 
     /// Sets how `tenant`'s caller numbers are stored and looked up.
@@ -877,24 +943,24 @@ impl Store {
         schema::version(&self.conn)
     }
 
-    /// Current journal mode (`"wal"`).
+    /// Current journal mode (`"wal"`; PostgreSQL: `"postgres"`).
     pub fn journal_mode(&self) -> Result<String, DbError> {
-        Ok(self
-            .conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))?)
+        match self.conn.as_sqlite() {
+            Some(c) => Ok(c.pragma_query_value(None, "journal_mode", |r| r.get(0))?),
+            None => Ok("postgres".to_owned()),
+        }
     }
 
-    /// Whether foreign keys are enforced on this connection.
+    /// Whether foreign keys are enforced on this connection (always on PostgreSQL).
     pub fn foreign_keys(&self) -> Result<bool, DbError> {
-        Ok(self
-            .conn
-            .pragma_query_value(None, "foreign_keys", |r| r.get(0))?)
+        match self.conn.as_sqlite() {
+            Some(c) => Ok(c.pragma_query_value(None, "foreign_keys", |r| r.get(0))?),
+            None => Ok(true),
+        }
     }
 
-    fn write_tx(&mut self) -> Result<Transaction<'_>, DbError> {
-        Ok(self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    fn write_tx(&mut self) -> Result<Tx<'_>, DbError> {
+        self.conn.begin()
     }
 
     // ---- calls -------------------------------------------------------------
@@ -902,18 +968,27 @@ impl Store {
     /// Writes a new CDR, storing the caller as the tenant's policy says.
     pub fn insert_call(&mut self, call: &CallRow) -> Result<(), DbError> {
         let caller = self.caller_policy(&call.tenant)?.stored_form(&call.from)?;
-        self.conn.execute(
-            "INSERT INTO calls (call_id, tenant, trunk, caller, callee, started_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                call.call_id,
-                call.tenant,
-                call.trunk,
-                caller,
-                call.to,
-                call.started_at
-            ],
-        )?;
+        let values = vals![
+            call.call_id,
+            call.tenant,
+            call.trunk,
+            caller,
+            call.to,
+            call.started_at,
+            self.node
+        ];
+        match self.conn.dialect() {
+            Dialect::Sqlite => self.conn.execute(
+                "INSERT INTO calls (call_id, tenant, trunk, caller, callee, started_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &values[..6],
+            )?,
+            Dialect::Postgres => self.conn.execute(
+                "INSERT INTO calls (call_id, tenant, trunk, caller, callee, started_at, node) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                &values,
+            )?,
+        };
         Ok(())
     }
 
@@ -943,7 +1018,7 @@ impl Store {
             call_id,
             end,
             ", frames_concealed = ?12, frames_dropped = ?13, recording = ?14",
-            &[&frames.concealed, &frames.dropped, &recording],
+            &vals![frames.concealed, frames.dropped, recording],
         )
     }
 
@@ -955,28 +1030,28 @@ impl Store {
         call_id: &str,
         end: &CallEnd,
         more_columns: &str,
-        more: &[&dyn rusqlite::ToSql],
+        more: &[Value],
     ) -> Result<(), DbError> {
         let sql = format!(
             "UPDATE calls SET answered_at = ?3, ended_at = ?4, result_code = ?5, hangup_side = ?6, \
              cause = ?7, codec = ?8, rtp_packets = ?9, rtp_lost = ?10, rtp_jitter_ms = ?11\
              {more_columns} WHERE call_id = ?1 AND tenant = ?2 AND ended_at IS NULL"
         );
-        let mut values: Vec<&dyn rusqlite::ToSql> = vec![
-            &call_id,
-            &tenant,
-            &end.answered_at,
-            &end.ended_at,
-            &end.result_code,
-            &end.hangup_side,
-            &end.cause,
-            &end.codec,
-            &end.rtp.packets,
-            &end.rtp.lost,
-            &end.rtp.jitter_ms,
-        ];
+        let mut values = Vec::from(vals![
+            call_id,
+            tenant,
+            end.answered_at,
+            end.ended_at,
+            end.result_code,
+            end.hangup_side,
+            end.cause,
+            end.codec,
+            end.rtp.packets,
+            end.rtp.lost,
+            end.rtp.jitter_ms,
+        ]);
         values.extend_from_slice(more);
-        let n = self.conn.execute(&sql, values.as_slice())?;
+        let n = self.conn.execute(&sql, &values)?;
         if n == 0 {
             check_call_tenant(&self.conn, tenant, call_id)?;
             return Err(DbError::CallAlreadyEnded(call_id.to_owned()));
@@ -1000,7 +1075,7 @@ impl Store {
         let tx = self.write_tx()?;
         let n = tx.execute(
             &format!("UPDATE calls SET {column} = ?3 WHERE call_id = ?1 AND tenant = ?2"),
-            params![call_id, tenant, at],
+            &vals![call_id, tenant, at],
         )?;
         if n == 0 {
             return Err(DbError::UnknownCall {
@@ -1049,7 +1124,7 @@ impl Store {
             ),
         };
         let tx = self.write_tx()?;
-        if tx.execute(sql, params![id, tenant, hold])? == 0 {
+        if tx.execute(sql, &vals![id, tenant, hold])? == 0 {
             return Err(match target {
                 HoldTarget::Call => DbError::UnknownCall {
                     tenant: tenant.to_owned(),
@@ -1081,14 +1156,11 @@ impl Store {
 
     /// One CDR of `tenant`.
     pub fn get_call(&self, tenant: &str, call_id: &str) -> Result<Option<StoredCdr>, DbError> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = ?1 AND tenant = ?2"),
-                params![call_id, tenant],
-                call_from_row,
-            )
-            .optional()?)
+        self.conn.query_row(
+            &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = ?1 AND tenant = ?2"),
+            &vals![call_id, tenant],
+            call_from_row,
+        )
     }
 
     /// One CDR, scoped to `tenant` when given.
@@ -1097,17 +1169,14 @@ impl Store {
         tenant: Option<&str>,
         call_id: &str,
     ) -> Result<Option<StoredCdr>, DbError> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!(
-                    "SELECT {CALL_COLUMNS} FROM calls WHERE call_id = ?1 \
-                     AND (?2 IS NULL OR tenant = ?2)"
-                ),
-                params![call_id, tenant],
-                call_from_row,
-            )
-            .optional()?)
+        self.conn.query_row(
+            &format!(
+                "SELECT {CALL_COLUMNS} FROM calls WHERE call_id = ?1 \
+                     AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2)"
+            ),
+            &vals![call_id, tenant],
+            call_from_row,
+        )
     }
 
     /// CDRs matching `filter`, ordered by (`started_at`, `call_id`).
@@ -1116,14 +1185,12 @@ impl Store {
             Some((at, id)) => (Some(*at), Some(id.as_str())),
             None => (None, None),
         };
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {CALL_COLUMNS} FROM calls WHERE (?1 IS NULL OR tenant = ?1) \
-             AND (?2 IS NULL OR started_at >= ?2) AND (?3 IS NULL OR started_at < ?3) \
-             AND (?4 IS NULL OR started_at > ?4 OR (started_at = ?4 AND call_id > ?5)) \
+        self.conn.query_map(&format!(
+            "SELECT {CALL_COLUMNS} FROM calls WHERE (CAST(?1 AS TEXT) IS NULL OR tenant = ?1) \
+             AND (CAST(?2 AS BIGINT) IS NULL OR started_at >= ?2) AND (CAST(?3 AS BIGINT) IS NULL OR started_at < ?3) \
+             AND (CAST(?4 AS BIGINT) IS NULL OR started_at > ?4 OR (started_at = ?4 AND call_id > ?5)) \
              ORDER BY started_at, call_id LIMIT ?6"
-        ))?;
-        let rows = stmt.query_map(
-            params![
+        ), &vals![
                 filter.tenant,
                 filter.since,
                 filter.until,
@@ -1131,9 +1198,7 @@ impl Store {
                 after_id,
                 filter.limit
             ],
-            call_from_row,
-        )?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            call_from_row,)
     }
 
     /// The CDRs of `tenant` whose caller is `number` (matched through the
@@ -1141,15 +1206,15 @@ impl Store {
     pub fn calls_by_caller(&self, tenant: &str, number: &str) -> Result<Vec<StoredCdr>, DbError> {
         let forms = self.caller_policy(tenant)?.lookup_forms(number)?;
         let mut out = Vec::new();
-        let mut stmt = self.conn.prepare(&format!(
+        let sql = format!(
             "SELECT {CALL_COLUMNS} FROM calls WHERE tenant = ?1 AND caller = ?2 \
              ORDER BY started_at, call_id"
-        ))?;
+        );
         for form in &forms {
-            let rows = stmt.query_map(params![tenant, form], call_from_row)?;
-            for row in rows {
-                out.push(row?);
-            }
+            out.extend(
+                self.conn
+                    .query_map(&sql, &vals![tenant, form], call_from_row)?,
+            );
         }
         out.sort_by(|a, b| (a.started_at, &a.call_id).cmp(&(b.started_at, &b.call_id)));
         Ok(out)
@@ -1159,18 +1224,19 @@ impl Store {
     /// previous process was handling when it died. Cause `crash-recovered`,
     /// ended at `now` (the true end is unknown), audited. Returns their ids.
     pub fn close_crashed_calls(&mut self, now: UnixMs) -> Result<Vec<String>, DbError> {
+        let sql = format!(
+            "SELECT call_id, tenant FROM calls WHERE ended_at IS NULL{} ORDER BY call_id{}",
+            self.node_filter("node", 1),
+            self.conn.dialect().for_update()
+        );
+        let params = self.node_param();
         let tx = self.write_tx()?;
-        let open: Vec<(String, String)> = {
-            let mut stmt = tx.prepare(
-                "SELECT call_id, tenant FROM calls WHERE ended_at IS NULL ORDER BY call_id",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
+        let open: Vec<(String, String)> =
+            tx.query_map(&sql, &params, |r| Ok((r.get(0)?, r.get(1)?)))?;
         for (call_id, tenant) in &open {
             tx.execute(
                 "UPDATE calls SET ended_at = ?2, cause = ?3 WHERE call_id = ?1",
-                params![call_id, now, CRASH_RECOVERED_CAUSE],
+                &vals![call_id, now, CRASH_RECOVERED_CAUSE],
             )?;
             insert_audit(
                 &tx,
@@ -1199,7 +1265,7 @@ impl Store {
         tx.execute(
             "INSERT INTO recordings (id, call_id, tenant, path, key_id, state, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, 'recording', ?6)",
-            params![
+            &vals![
                 rec.id,
                 rec.call_id,
                 rec.tenant,
@@ -1224,10 +1290,14 @@ impl Store {
     ) -> Result<(), DbError> {
         let tx = self.write_tx()?;
         let from: RecordingState = tx
-            .query_row("SELECT state FROM recordings WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?
+            .query_row(
+                &format!(
+                    "SELECT state FROM recordings WHERE id = ?1{}",
+                    tx.dialect().for_update()
+                ),
+                &vals![id],
+                |r| r.get(0),
+            )?
             .ok_or_else(|| DbError::UnknownRecording(id.to_owned()))?;
         let allowed = from == RecordingState::Recording
             && matches!(state, RecordingState::Complete | RecordingState::Partial);
@@ -1240,7 +1310,7 @@ impl Store {
         }
         tx.execute(
             "UPDATE recordings SET state = ?2, size_bytes = ?3, duration_ms = ?4 WHERE id = ?1",
-            params![id, state, size_bytes, duration_ms],
+            &vals![id, state, size_bytes, duration_ms],
         )?;
         tx.commit()?;
         Ok(())
@@ -1260,12 +1330,12 @@ impl Store {
         let rec = tx
             .query_row(
                 &format!(
-                    "SELECT {RECORDING_COLUMNS} FROM recordings WHERE id = ?1 AND tenant = ?2"
+                    "SELECT {RECORDING_COLUMNS} FROM recordings WHERE id = ?1 AND tenant = ?2{}",
+                    tx.dialect().for_update()
                 ),
-                params![id, tenant],
+                &vals![id, tenant],
                 recording_from_row,
-            )
-            .optional()?
+            )?
             .ok_or_else(|| DbError::UnknownRecording(id.to_owned()))?;
         if rec.state == RecordingState::Deleted {
             return Err(DbError::InvalidTransition {
@@ -1274,11 +1344,12 @@ impl Store {
                 to: RecordingState::Deleted,
             });
         }
-        let held: bool = tx.query_row(
-            &format!("SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1"),
-            [&rec.call_id],
-            |r| r.get(0),
-        )?;
+        let held: bool = tx
+            .query_one(
+                &format!("SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1"),
+                &vals![rec.call_id],
+            )?
+            .get(0)?;
         if held {
             return Err(DbError::LegalHold {
                 tenant: tenant.to_owned(),
@@ -1287,7 +1358,7 @@ impl Store {
         }
         tx.execute(
             "UPDATE recordings SET state = 'deleted', deleted_at = ?2 WHERE id = ?1",
-            params![id, now],
+            &vals![id, now],
         )?;
         insert_audit(
             &tx,
@@ -1311,17 +1382,14 @@ impl Store {
         tenant: Option<&str>,
         id: &str,
     ) -> Result<Option<RecordingRecord>, DbError> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!(
-                    "SELECT {RECORDING_COLUMNS} FROM recordings \
-                     WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)"
-                ),
-                params![id, tenant],
-                recording_from_row,
-            )
-            .optional()?)
+        self.conn.query_row(
+            &format!(
+                "SELECT {RECORDING_COLUMNS} FROM recordings \
+                     WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2)"
+            ),
+            &vals![id, tenant],
+            recording_from_row,
+        )
     }
 
     /// Recordings that still have a file (not `deleted`), oldest first,
@@ -1331,13 +1399,15 @@ impl Store {
         tenant: Option<&str>,
         since: Option<UnixMs>,
     ) -> Result<Vec<RecordingRecord>, DbError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state != 'deleted' \
-             AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR created_at >= ?2) \
-             ORDER BY created_at, id"
-        ))?;
-        let rows = stmt.query_map(params![tenant, since], recording_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        self.conn.query_map(
+            &format!(
+                "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state != 'deleted' \
+                 AND (CAST(?1 AS TEXT) IS NULL OR tenant = ?1) AND (CAST(?2 AS BIGINT) IS NULL OR created_at >= ?2) \
+                 ORDER BY created_at, id"
+            ),
+            &vals![tenant, since],
+            recording_from_row,
+        )
     }
 
     /// One page of [`Store::list_recordings`]: at most `limit` recordings
@@ -1350,17 +1420,13 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<RecordingRecord>, DbError> {
         let (after_at, after_id) = after.unzip();
-        let mut stmt = self.conn.prepare(&format!(
+        self.conn.query_map(&format!(
             "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state != 'deleted' \
-             AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR created_at >= ?2) \
-             AND (?3 IS NULL OR created_at > ?3 OR (created_at = ?3 AND id > ?4)) \
+             AND (CAST(?1 AS TEXT) IS NULL OR tenant = ?1) AND (CAST(?2 AS BIGINT) IS NULL OR created_at >= ?2) \
+             AND (CAST(?3 AS BIGINT) IS NULL OR created_at > ?3 OR (created_at = ?3 AND id > ?4)) \
              ORDER BY created_at, id LIMIT ?5"
-        ))?;
-        let rows = stmt.query_map(
-            params![tenant, since, after_at, after_id, limit],
-            recording_from_row,
-        )?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        ), &vals![tenant, since, after_at, after_id, limit],
+            recording_from_row,)
     }
 
     /// All recordings of one call of `tenant` (any state).
@@ -1369,23 +1435,35 @@ impl Store {
         tenant: &str,
         call_id: &str,
     ) -> Result<Vec<RecordingRecord>, DbError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE call_id = ?1 AND tenant = ?2 \
+        self.conn.query_map(
+            &format!(
+                "SELECT {RECORDING_COLUMNS} FROM recordings WHERE call_id = ?1 AND tenant = ?2 \
              ORDER BY created_at, id"
-        ))?;
-        let rows = stmt.query_map(params![call_id, tenant], recording_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            ),
+            &vals![call_id, tenant],
+            recording_from_row,
+        )
     }
 
     /// Recordings still in state `recording`: at start-up, files the previous
     /// process was writing when it died, to verify and mark `partial`.
     pub fn open_recordings_of_crashed(&self) -> Result<Vec<RecordingRecord>, DbError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state = 'recording' \
-             ORDER BY created_at, id"
-        ))?;
-        let rows = stmt.query_map([], recording_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let node = self.node_filter("c.node", 1);
+        let of_node = if node.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " AND EXISTS (SELECT 1 FROM calls c WHERE c.call_id = recordings.call_id{node})"
+            )
+        };
+        self.conn.query_map(
+            &format!(
+                "SELECT {RECORDING_COLUMNS} FROM recordings WHERE state = 'recording'{of_node} \
+                 ORDER BY created_at, id"
+            ),
+            &self.node_param(),
+            recording_from_row,
+        )
     }
 
     // ---- transcripts -------------------------------------------------------
@@ -1399,7 +1477,7 @@ impl Store {
                 "INSERT INTO transcripts ({TRANSCRIPT_COLUMNS}) \
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
             ),
-            params![
+            &vals![
                 t.id,
                 t.call_id,
                 t.tenant,
@@ -1422,12 +1500,14 @@ impl Store {
         tenant: &str,
         call_id: &str,
     ) -> Result<Vec<TranscriptRow>, DbError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {TRANSCRIPT_COLUMNS} FROM transcripts WHERE call_id = ?1 AND tenant = ?2 \
+        self.conn.query_map(
+            &format!(
+                "SELECT {TRANSCRIPT_COLUMNS} FROM transcripts WHERE call_id = ?1 AND tenant = ?2 \
              ORDER BY start_ms, id"
-        ))?;
-        let rows = stmt.query_map(params![call_id, tenant], transcript_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            ),
+            &vals![call_id, tenant],
+            transcript_from_row,
+        )
     }
 
     // ---- erasure -----------------------------------------------------------
@@ -1442,7 +1522,7 @@ impl Store {
         self.conn.execute(
             "UPDATE calls SET frames_concealed = ?1, frames_dropped = ?2 \
              WHERE call_id = ?3 AND tenant = ?4",
-            params![frames.concealed, frames.dropped, call_id, tenant],
+            &vals![frames.concealed, frames.dropped, call_id, tenant],
         )?;
         Ok(())
     }
@@ -1451,11 +1531,15 @@ impl Store {
     /// recording's file is named `<id>.sbrec`): at start-up, a file whose
     /// name is not among them is an orphan.
     pub fn live_recording_ids(&self) -> Result<std::collections::HashSet<String>, DbError> {
-        let mut stmt = self
+        Ok(self
             .conn
-            .prepare("SELECT id FROM recordings WHERE state != 'deleted'")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .query_map(
+                "SELECT id FROM recordings WHERE state != 'deleted'",
+                &[],
+                |r| r.get::<String>(0),
+            )?
+            .into_iter()
+            .collect())
     }
 
     /// Deletes the audit rows of `tenant` older than `before` (unix ms):
@@ -1463,31 +1547,33 @@ impl Store {
     /// audit rows are ever deleted (a trigger refuses any other DELETE).
     pub fn prune_audit(&mut self, tenant: &str, before: UnixMs) -> Result<usize, DbError> {
         let tx = self.write_tx()?;
-        tx.execute("UPDATE audit_prune SET before = ?1", params![before])?;
+        tx.execute("UPDATE audit_prune SET before = ?1", &vals![before])?;
         let n = tx.execute(
             "DELETE FROM audit WHERE tenant = ?1 AND at < ?2",
-            params![tenant, before],
+            &vals![tenant, before],
         )?;
-        tx.execute("UPDATE audit_prune SET before = 0", [])?;
+        tx.execute("UPDATE audit_prune SET before = 0", &[])?;
         tx.commit()?;
         Ok(n)
     }
 
     /// Tenants that have audit rows.
     pub fn audit_tenants(&self) -> Result<Vec<String>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT DISTINCT tenant FROM audit ORDER BY tenant")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        self.conn.query_map(
+            "SELECT DISTINCT tenant FROM audit ORDER BY tenant",
+            &[],
+            |r| r.get(0),
+        )
     }
 
     /// Copies the WAL into the database file and truncates it, so the old
     /// page images an erasure replaced are gone from the WAL too. Best effort:
     /// while another connection reads, the WAL stays until its next checkpoint.
     pub fn checkpoint(&self) -> Result<(), DbError> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        // PostgreSQL has no file of ours to truncate: VACUUM is its business.
+        if let Some(c) = self.conn.as_sqlite() {
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        }
         Ok(())
     }
 
@@ -1516,16 +1602,12 @@ impl Store {
         // Selected inside the write transaction, so a call inserted meanwhile
         // by another connection cannot slip between selection and erasure.
         let mut calls: BTreeSet<(UnixMs, String)> = BTreeSet::new();
-        {
-            let mut stmt = tx.prepare(
-                "SELECT started_at, call_id FROM calls WHERE caller = ?1 AND tenant = ?2",
-            )?;
-            for form in &forms {
-                let rows = stmt.query_map(params![form, tenant], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                for row in rows {
-                    calls.insert(row?);
-                }
-            }
+        let sql = format!(
+            "SELECT started_at, call_id FROM calls WHERE caller = ?1 AND tenant = ?2{}",
+            tx.dialect().for_update()
+        );
+        for form in &forms {
+            calls.extend(tx.query_map(&sql, &vals![form, tenant], |r| Ok((r.get(0)?, r.get(1)?)))?);
         }
         let call_ids: Vec<String> = calls.into_iter().map(|(_, id)| id).collect();
         let mut out = ErasedSummary::default();
@@ -1580,6 +1662,12 @@ impl Store {
             now,
         };
         let tx = self.write_tx()?;
+        if tx.dialect() == Dialect::Postgres {
+            // What SQLite's immediate transaction gives: no other daemon
+            // writes these tables until the tenant is gone, so every row
+            // deleted below was listed and audited.
+            tx.batch("LOCK TABLE calls, recordings, transcripts IN SHARE ROW EXCLUSIVE MODE")?;
+        }
         let held = tenant_ids(
             &tx,
             &format!(
@@ -1594,31 +1682,32 @@ impl Store {
                 held,
             });
         }
-        let mut out = ErasedSummary::default();
-        {
-            let mut stmt =
-                tx.prepare("SELECT id, path FROM recordings WHERE tenant = ?1 ORDER BY id")?;
-            let rows = stmt.query_map([tenant], |r| {
-                Ok(ErasedRecording {
-                    id: r.get(0)?,
-                    path: PathBuf::from(r.get::<_, String>(1)?),
-                })
-            })?;
-            out.recordings = rows.collect::<Result<Vec<_>, _>>()?;
-        }
-        out.transcripts = tenant_ids(
-            &tx,
-            "SELECT id FROM transcripts WHERE tenant = ?1 ORDER BY id",
-            tenant,
-        )?;
-        out.calls = tenant_ids(
-            &tx,
-            "SELECT call_id FROM calls WHERE tenant = ?1 ORDER BY call_id",
-            tenant,
-        )?;
-        tx.execute("DELETE FROM transcripts WHERE tenant = ?1", [tenant])?;
-        tx.execute("DELETE FROM recordings WHERE tenant = ?1", [tenant])?;
-        tx.execute("DELETE FROM calls WHERE tenant = ?1", [tenant])?;
+        let out = ErasedSummary {
+            recordings: tx.query_map(
+                "SELECT id, path FROM recordings WHERE tenant = ?1 ORDER BY id",
+                &vals![tenant],
+                |r| {
+                    Ok(ErasedRecording {
+                        id: r.get(0)?,
+                        path: PathBuf::from(r.get::<String>(1)?),
+                    })
+                },
+            )?,
+            transcripts: tenant_ids(
+                &tx,
+                "SELECT id FROM transcripts WHERE tenant = ?1 ORDER BY id",
+                tenant,
+            )?,
+            calls: tenant_ids(
+                &tx,
+                "SELECT call_id FROM calls WHERE tenant = ?1 ORDER BY call_id",
+                tenant,
+            )?,
+            ..ErasedSummary::default()
+        };
+        tx.execute("DELETE FROM transcripts WHERE tenant = ?1", &vals![tenant])?;
+        tx.execute("DELETE FROM recordings WHERE tenant = ?1", &vals![tenant])?;
+        tx.execute("DELETE FROM calls WHERE tenant = ?1", &vals![tenant])?;
         for rec in &out.recordings {
             eraser.audit(&tx, ObjectKind::Recording, &rec.id)?;
         }
@@ -1642,15 +1731,14 @@ impl Store {
 
     /// Audit rows matching `filter`, oldest first.
     pub fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, DbError> {
-        let mut stmt = self.conn.prepare(
+        // No limit is i64::MAX: SQLite reads -1 as "none", PostgreSQL refuses it.
+        let limit = filter.limit.map_or(i64::MAX, i64::from);
+        self.conn.query_map(
             "SELECT id, at, actor, action, object_kind, object_id, tenant, reason FROM audit \
-             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR action = ?2) \
-             AND (?3 IS NULL OR object_id = ?3) AND (?4 IS NULL OR at >= ?4) \
-             AND (?5 IS NULL OR id > ?5) ORDER BY id LIMIT ?6",
-        )?;
-        let limit = filter.limit.map_or(-1, i64::from);
-        let rows = stmt.query_map(
-            params![
+             WHERE (CAST(?1 AS TEXT) IS NULL OR tenant = ?1) AND (CAST(?2 AS TEXT) IS NULL OR action = ?2) \
+             AND (CAST(?3 AS TEXT) IS NULL OR object_id = ?3) AND (CAST(?4 AS BIGINT) IS NULL OR at >= ?4) \
+             AND (CAST(?5 AS BIGINT) IS NULL OR id > ?5) ORDER BY id LIMIT ?6",
+            &vals![
                 filter.tenant,
                 filter.action,
                 filter.object_id,
@@ -1658,9 +1746,7 @@ impl Store {
                 filter.after_id,
                 limit
             ],
-            audit_from_row,
-        )?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            audit_from_row,)
     }
 
     // ---- retention ---------------------------------------------------------
@@ -1681,7 +1767,7 @@ impl Store {
                 ItemKind::Recording,
                 "SELECT r.id, r.tenant, r.created_at, (r.legal_hold = 1 OR c.legal_hold = 1) \
                  FROM recordings r JOIN calls c ON c.call_id = r.call_id \
-                 WHERE r.state IN ('complete', 'partial') AND (?1 IS NULL OR r.tenant = ?1) \
+                 WHERE r.state IN ('complete', 'partial') AND (CAST(?1 AS TEXT) IS NULL OR r.tenant = ?1) \
                  ORDER BY r.created_at, r.id"
                     .to_owned(),
             ),
@@ -1690,7 +1776,7 @@ impl Store {
                 format!(
                     "SELECT t.id, t.tenant, t.created_at, {CALL_HELD} \
                      FROM transcripts t JOIN calls c ON c.call_id = t.call_id \
-                     WHERE (?1 IS NULL OR t.tenant = ?1) \
+                     WHERE (CAST(?1 AS TEXT) IS NULL OR t.tenant = ?1) \
                      ORDER BY t.created_at, t.id"
                 ),
             ),
@@ -1698,15 +1784,14 @@ impl Store {
                 ItemKind::Call,
                 format!(
                     "SELECT c.call_id, c.tenant, c.started_at, {CALL_HELD} FROM calls c \
-                     WHERE c.ended_at IS NOT NULL AND (?1 IS NULL OR c.tenant = ?1) \
+                     WHERE c.ended_at IS NOT NULL AND (CAST(?1 AS TEXT) IS NULL OR c.tenant = ?1) \
                      ORDER BY c.started_at, c.call_id"
                 ),
             ),
         ];
         let mut out = Vec::new();
         for (kind, sql) in &queries {
-            let mut stmt = self.conn.prepare(sql)?;
-            let rows = stmt.query_map([tenant], |r| {
+            out.extend(self.conn.query_map(sql, &vals![tenant], |r| {
                 Ok(RetentionItem {
                     kind: *kind,
                     id: r.get(0)?,
@@ -1714,10 +1799,7 @@ impl Store {
                     created_at: r.get(2)?,
                     legal_hold: r.get(3)?,
                 })
-            })?;
-            for row in rows {
-                out.push(row?);
-            }
+            })?);
         }
         Ok(out)
     }
@@ -1732,7 +1814,7 @@ impl Store {
         let item = &expiry.item;
         let reason = expiry.reason.to_string();
         let tx = self.write_tx()?;
-        let audit = |tx: &Transaction<'_>, kind: ObjectKind, id: &str| {
+        let audit = |tx: &Tx<'_>, kind: ObjectKind, id: &str| {
             insert_audit(
                 tx,
                 &AuditEntry {
@@ -1753,7 +1835,7 @@ impl Store {
                      WHERE id = ?1 AND tenant = ?2 AND state IN ('complete', 'partial') \
                      AND legal_hold = 0 AND NOT EXISTS (SELECT 1 FROM calls c \
                      WHERE c.call_id = recordings.call_id AND c.legal_hold = 1)",
-                    params![item.id, item.tenant, now],
+                    &vals![item.id, item.tenant, now],
                 )?;
                 if n == 1 {
                     audit(&tx, ObjectKind::Recording, &item.id)?;
@@ -1767,7 +1849,7 @@ impl Store {
                          (SELECT 1 FROM calls c WHERE c.call_id = transcripts.call_id \
                          AND {CALL_HELD})"
                     ),
-                    params![item.id, item.tenant],
+                    &vals![item.id, item.tenant],
                 )?;
                 if n == 1 {
                     audit(&tx, ObjectKind::Transcript, &item.id)?;
@@ -1775,15 +1857,16 @@ impl Store {
                 n == 1
             }
             ItemKind::Call => {
-                let held: Option<bool> = tx
-                    .query_row(
-                        &format!(
-                            "SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1 AND c.tenant = ?2"
-                        ),
-                        params![item.id, item.tenant],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+                // Locked on PostgreSQL: a second daemon sweeping the same
+                // call waits here, then finds it gone.
+                let held: Option<bool> = tx.query_row(
+                    &format!(
+                        "SELECT {CALL_HELD} FROM calls c WHERE c.call_id = ?1 AND c.tenant = ?2{}",
+                        tx.dialect().for_update()
+                    ),
+                    &vals![item.id, item.tenant],
+                    |r| r.get(0),
+                )?;
                 if held == Some(false) {
                     let recordings = ids(
                         &tx,
@@ -1797,10 +1880,13 @@ impl Store {
                         &item.id,
                         &item.tenant,
                     )?;
-                    tx.execute(
+                    let n = tx.execute(
                         "DELETE FROM calls WHERE call_id = ?1 AND tenant = ?2",
-                        params![item.id, item.tenant],
+                        &vals![item.id, item.tenant],
                     )?;
+                    if n == 0 {
+                        return Ok(false);
+                    }
                     for id in &recordings {
                         audit(&tx, ObjectKind::Recording, id)?;
                     }
