@@ -482,6 +482,42 @@ fn start_up_recovery_touches_only_this_nodes_rows() {
     assert_eq!(ids(a.open_recordings_of_crashed().unwrap()), ["a-live-r"]);
 }
 
+/// A connection the server drops (restart, failover, network cut) fails
+/// the statement that finds it broken; the next one reconnects.
+#[test]
+fn a_dropped_connection_fails_one_statement_and_the_next_reconnects() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database("reconnect");
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = node(&url);
+    full_call(&mut s, dir.path(), "acme", "before", "+1555", T0);
+    let db = db_name(&url);
+    let killed = pg.query_i64(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{db}') k"
+        ),
+    );
+    assert!(killed >= 1, "no backend to terminate");
+    // Let the client see the termination notice.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let call = |id: &str| CallRow {
+        call_id: id.into(),
+        tenant: "acme".into(),
+        trunk: "t".into(),
+        from: "+1555".into(),
+        to: "+1556".into(),
+        started_at: T0,
+    };
+    let first = s.insert_call(&call("during"));
+    let second = s.insert_call(&call("after"));
+    assert!(second.is_ok(), "{second:?}");
+    let rows = pg.query_i64(db, "SELECT count(*) FROM calls");
+    assert_eq!(rows, if first.is_ok() { 3 } else { 2 }, "{first:?}");
+    assert!(s.get_call("acme", "before").unwrap().is_some());
+}
+
 /// What one daemon writes the other lists; an erasure on one is what both see.
 #[test]
 fn erasure_on_one_daemon_is_seen_by_the_other() {

@@ -1026,6 +1026,19 @@ fn retryable(e: &DbError) -> bool {
                 | ErrorCode::CannotOpen
                 | ErrorCode::ReadOnly
         ),
+        // PostgreSQL: a broken or refused connection (the next statement
+        // reconnects), or a server-side condition that passes: connection
+        // exceptions (08), serialization failures and deadlocks (40),
+        // insufficient resources (53), operator intervention such as a
+        // restart (57).
+        DbError::Postgres(e) => {
+            e.is_closed()
+                || e.as_db_error().is_none_or(|d| {
+                    ["08", "40", "53", "57"]
+                        .iter()
+                        .any(|class| d.code().code().starts_with(class))
+                })
+        }
         _ => false,
     }
 }

@@ -26,7 +26,7 @@
 //! apart from backups of the recordings (or not kept at all).
 
 use super::{CryptoError, DataKey, KEY_LEN, KeyId, MasterKey, Result, validate_tenant};
-use crate::store::db::conn::{Conn, off_runtime, vals};
+use crate::store::db::conn::{Conn, vals};
 use crate::store::db::schema;
 use aes_gcm::aead::AeadInOut;
 use rand::CryptoRng;
@@ -90,9 +90,7 @@ impl KeyRing {
         let mut ring = Self::open(var_dir, master_key)?;
         if let crate::config::StoreEngine::Postgres { url } = engine {
             let url = std::str::from_utf8(url.expose()).map_err(key_store)?;
-            let client = off_runtime(|| postgres::Client::connect(url.trim(), postgres::NoTls))
-                .map_err(key_store)?;
-            let conn = Conn::postgres(client);
+            let conn = Conn::connect_postgres(url.trim()).map_err(key_store)?;
             schema::migrate(&conn).map_err(key_store)?;
             ring.shared = Some(std::sync::Mutex::new(conn));
         }

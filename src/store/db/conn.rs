@@ -216,6 +216,8 @@ struct Pg {
     /// `None` only while being dropped.
     client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
+    /// To reconnect after the server restarted or the connection broke.
+    url: zeroize::Zeroizing<String>,
 }
 
 impl Drop for Pg {
@@ -229,7 +231,22 @@ impl Drop for Pg {
 }
 
 impl Pg {
-    fn client(&mut self) -> Result<&mut postgres::Client, DbError> {
+    /// The client, reconnected first when the last statement found the
+    /// connection closed (server restart, network cut) and no transaction
+    /// was open on it: the statement that saw the break failed (its caller
+    /// retries), the next one runs on a new connection. Inside a
+    /// transaction the break stays an error until the transaction ends, so a
+    /// COMMIT never lands on a connection that did not run its statements.
+    fn client(&mut self, may_reconnect: bool) -> Result<&mut postgres::Client, DbError> {
+        let closed = self.client.as_ref().is_none_or(postgres::Client::is_closed);
+        if closed && may_reconnect {
+            self.statements.clear();
+            let url: &str = &self.url;
+            let fresh = off_runtime(|| postgres::Client::connect(url, postgres::NoTls))?;
+            if let Some(old) = self.client.replace(fresh) {
+                off_runtime(move || drop(old));
+            }
+        }
         self.client
             .as_mut()
             .ok_or(DbError::Misuse("connection closed"))
@@ -355,15 +372,17 @@ impl Conn {
         }
     }
 
-    /// Wraps a connected PostgreSQL client.
-    pub fn postgres(client: postgres::Client) -> Conn {
-        Conn {
+    /// Connects to the PostgreSQL database at `url` (no TLS).
+    pub fn connect_postgres(url: &str) -> Result<Conn, DbError> {
+        let client = off_runtime(|| postgres::Client::connect(url, postgres::NoTls))?;
+        Ok(Conn {
             engine: Engine::Postgres(Box::new(RefCell::new(Pg {
                 client: Some(client),
                 statements: HashMap::new(),
+                url: zeroize::Zeroizing::new(url.to_owned()),
             }))),
             in_tx: Cell::new(false),
-        }
+        })
     }
 
     /// The engine's dialect.
@@ -388,20 +407,24 @@ impl Conn {
             Engine::Sqlite(c) => Ok(c.execute_batch(sql)?),
             Engine::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
-                let client = pg.client()?;
+                let client = pg.client(!self.in_tx.get())?;
                 Ok(off_runtime(|| client.batch_execute(sql))?)
             }
         }
     }
 
     fn with_pg_statement<R: Send>(
+        &self,
         pg: &RefCell<Pg>,
         sql: &str,
         run: impl FnOnce(&mut postgres::Client, &postgres::Statement) -> Result<R, postgres::Error>
         + Send,
     ) -> Result<R, DbError> {
         let mut pg = pg.borrow_mut();
-        let Pg { client, statements } = &mut *pg;
+        pg.client(!self.in_tx.get())?;
+        let Pg {
+            client, statements, ..
+        } = &mut *pg;
         let client = client
             .as_mut()
             .ok_or(DbError::Misuse("connection closed"))?;
@@ -428,7 +451,7 @@ impl Conn {
             Engine::Postgres(pg) => {
                 let refs: Vec<&(dyn PgToSql + Sync)> =
                     params.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
-                let n = Self::with_pg_statement(pg, sql, |c, s| c.execute(s, &refs))?;
+                let n = self.with_pg_statement(pg, sql, |c, s| c.execute(s, &refs))?;
                 Ok(usize::try_from(n).unwrap_or(usize::MAX))
             }
         }
@@ -463,7 +486,7 @@ impl Conn {
             Engine::Postgres(pg) => {
                 let refs: Vec<&(dyn PgToSql + Sync)> =
                     params.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
-                let rows = Self::with_pg_statement(pg, sql, |c, s| c.query(s, &refs))?;
+                let rows = self.with_pg_statement(pg, sql, |c, s| c.query(s, &refs))?;
                 rows.iter()
                     .map(|r| (0..r.len()).map(|i| pg_value(r, i)).collect())
                     .map(|v: Result<Vec<Value>, DbError>| v.map(Row))
@@ -534,14 +557,17 @@ impl Tx<'_> {
     /// Commits.
     pub fn commit(mut self) -> Result<(), DbError> {
         self.done = true;
-        self.conn.in_tx.set(false);
-        match self.conn.batch("COMMIT") {
+        // `in_tx` stays set while COMMIT runs: a broken connection is not
+        // replaced under it (see `Pg::client`).
+        let result = match self.conn.batch("COMMIT") {
             Ok(()) => Ok(()),
             Err(e) => {
                 let _ = self.conn.batch("ROLLBACK");
                 Err(e)
             }
-        }
+        };
+        self.conn.in_tx.set(false);
+        result
     }
 }
 
@@ -555,8 +581,8 @@ impl std::ops::Deref for Tx<'_> {
 impl Drop for Tx<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.conn.in_tx.set(false);
             let _ = self.conn.batch("ROLLBACK");
+            self.conn.in_tx.set(false);
         }
     }
 }

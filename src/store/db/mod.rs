@@ -871,8 +871,7 @@ impl Store {
     /// tunnel) and migrates it. Several daemons may do this at once: the
     /// migrations run under an advisory lock.
     pub fn open_postgres(url: &str) -> Result<Self, DbError> {
-        let client = conn::off_runtime(|| postgres::Client::connect(url, postgres::NoTls))?;
-        let conn = Conn::postgres(client);
+        let conn = Conn::connect_postgres(url)?;
         schema::migrate(&conn)?;
         Ok(Self {
             conn,
