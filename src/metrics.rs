@@ -84,6 +84,10 @@ pub(crate) mod names {
     pub(crate) const STORE_DROPPED: &str = "sipbridge_store_queue_dropped_total";
     /// Gauge: free bytes on `var_dir`'s filesystem (for unprivileged users).
     pub(crate) const STORE_FREE_BYTES: &str = "sipbridge_store_free_bytes";
+    /// Gauge: bytes of recordings in the spool, not yet in the S3 bucket.
+    pub(crate) const RECORDING_SPOOL_BYTES: &str = "sipbridge_recording_spool_bytes";
+    /// Counter by `result` (`ok`, `failed`): recordings uploads to the bucket.
+    pub(crate) const RECORDING_UPLOADS: &str = "sipbridge_recording_uploads_total";
     /// Gauge: 1 while the store can write, 0 while it cannot (free space
     /// below `min_free_mb`, or a failed write since the last check).
     pub(crate) const STORE_WRITABLE: &str = "sipbridge_store_writable";
@@ -362,6 +366,16 @@ fn describe() {
         STORE_FREE_BYTES,
         Unit::Bytes,
         "Free bytes on the filesystem of var_dir (checked every check_interval_s)."
+    );
+    describe_gauge!(
+        RECORDING_SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes of recordings in the spool, not yet uploaded to the S3 bucket ([profile.recordings] kind = \"s3\")."
+    );
+    describe_counter!(
+        RECORDING_UPLOADS,
+        Unit::Count,
+        "Recordings completed in the S3 bucket (result ok) and upload attempts that failed (result failed, retried)."
     );
     describe_gauge!(
         STORE_WRITABLE,
@@ -706,6 +720,16 @@ pub(crate) fn store_state(free_bytes: Option<u64>, writable: bool) {
     gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }
 
+/// Bytes of recordings waiting in the spool for the bucket (uploader thread).
+pub(crate) fn recording_spool(bytes: u64) {
+    gauge!(RECORDING_SPOOL_BYTES).set(bytes as f64);
+}
+
+/// A recording's upload to the bucket completed (`ok`) or failed (`failed`).
+pub(crate) fn recording_upload(result: &'static str) {
+    counter!(RECORDING_UPLOADS, "result" => result).increment(1);
+}
+
 /// A store write failed: `database` or `recording`.
 pub(crate) fn store_write_failed(kind: &'static str) {
     counter!(STORE_WRITE_FAILURES, "kind" => kind).increment(1);
@@ -998,6 +1022,10 @@ mod tests {
             recording_bytes(0);
             recording_bytes(1234);
             store_dropped();
+            recording_spool(4096);
+            recording_upload("ok");
+            recording_upload("failed");
+            recording_upload("failed");
             reload(true);
             reload(false);
             reload(false);
@@ -1009,6 +1037,9 @@ mod tests {
             ("sipbridge_pipeline_caller_frames_dropped_total", "7"),
             ("sipbridge_recording_bytes_written_total", "1234"),
             ("sipbridge_store_queue_dropped_total", "1"),
+            ("sipbridge_recording_spool_bytes", "4096"),
+            ("sipbridge_recording_uploads_total{result=\"ok\"}", "1"),
+            ("sipbridge_recording_uploads_total{result=\"failed\"}", "2"),
             ("sipbridge_config_reloads_total{result=\"ok\"}", "1"),
             ("sipbridge_config_reloads_total{result=\"rejected\"}", "2"),
         ];

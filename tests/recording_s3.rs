@@ -367,6 +367,22 @@ fn s3_recordings_of_calls_are_encrypted_objects_downloadable_and_deleted_by_eras
         score >= 0.95,
         "downloaded left channel NCC {score:.4} at lag {lag}"
     );
+    // Not in the bucket (as for another node while this one still spools it): 503,
+    // ask again.
+    let kept = s3.get(&key1).unwrap();
+    s3.delete(&key1);
+    let missing = http::get(daemon.admin_addr(), &url, None);
+    assert_eq!(missing.status, 503, "{}", missing.text());
+    assert_eq!(missing.header("retry-after"), Some("5"));
+    assert!(!missing.text().contains(&rec1.path.display().to_string()));
+    let restored = http::request(
+        s3.addr(),
+        "PUT",
+        &format!("/{}/{key1}", s3.bucket()),
+        &[],
+        &kept,
+    );
+    assert_eq!(restored.status, 200);
 
     // 3. Erasure of a second call deletes its object.
     let call2 = call(&daemon, tmp.path(), 1);
@@ -436,6 +452,20 @@ fn s3_outage_keeps_recordings_in_a_bounded_spool_until_the_store_is_back() {
     assert!(rec1.path.exists(), "the recording waits in the spool");
     let spooled = std::fs::read(&rec1.path).unwrap();
     assert!(!has_riff(&spooled));
+    // A second recording is erased meanwhile by another node on the same database
+    // (its row marked deleted, its file out of that node's reach).
+    let erased_call = call(&daemon, tmp.path(), 1);
+    let erased = wait_recording(&var, &erased_call);
+    {
+        let db = rusqlite::Connection::open(var.join("sipbridge.db")).unwrap();
+        let n = db
+            .execute(
+                "UPDATE recordings SET state = 'deleted' WHERE id = ?1",
+                rusqlite::params![erased.id],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
 
     // Over spool_max_mb (1 MiB): the next call is answered but not recorded.
     let filler = var.join("recordings/demo/2026/01/01");
@@ -447,10 +477,28 @@ fn s3_outage_keeps_recordings_in_a_bounded_spool_until_the_store_is_back() {
             l.contains("exceed spool_max_mb")
         })
         .expect("the spool's bound is logged");
-    let call2 = call(&daemon, tmp.path(), 1);
-    let cdrs = daemon.wait_for_cdrs(2, Duration::from_secs(10));
-    assert_eq!(cdrs[1]["call_id"], call2.as_str());
-    assert_eq!(cdrs[1]["recording"], "not-recorded", "{}", cdrs[1]);
+    let call2 = call(&daemon, tmp.path(), 2);
+    let cdrs = daemon.wait_for_cdrs(3, Duration::from_secs(10));
+    assert_eq!(cdrs[2]["call_id"], call2.as_str());
+    assert_eq!(cdrs[2]["recording"], "not-recorded", "{}", cdrs[2]);
+
+    // Where recordings go is fixed until a restart: a reload that changes it is
+    // refused, and the running configuration stays.
+    let profile = daemon.dir().join("profile.toml");
+    let text = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(
+        &profile,
+        text.replace("bucket = \"recordings\"", "bucket = \"elsewhere\""),
+    )
+    .unwrap();
+    let reload = admin_post(&daemon, "/v1/reload", "{}");
+    assert_eq!(reload.status, 409, "{}", reload.text());
+    assert!(
+        reload.text().contains("[profile.recordings] changed"),
+        "{}",
+        reload.text()
+    );
+    std::fs::write(&profile, text).unwrap();
 
     // The store is back: the spool drains into the bucket.
     s3.restart();
@@ -467,6 +515,15 @@ fn s3_outage_keeps_recordings_in_a_bounded_spool_until_the_store_is_back() {
             l.contains("recording spool back under spool_max_mb")
         })
         .expect("the spool is back under its bound");
+    // The erased recording's object does not outlive its row.
+    daemon
+        .wait_for_log(Duration::from_secs(10), |l| {
+            l.contains("recording deleted while it was uploading")
+        })
+        .expect("the erased recording's object is deleted after its upload");
+    let erased_key = object_key(&erased.path).unwrap();
+    assert!(!s3.list("recordings/").contains(&erased_key));
+    assert!(!erased.path.exists());
     assert_no_secrets(&daemon);
 }
 

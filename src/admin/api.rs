@@ -149,6 +149,8 @@ impl ApiError {
                 OpsError::StillRecording(_)
                 | OpsError::LegalHold { .. }
                 | OpsError::Db(DbError::LegalHold { .. }) => StatusCode::CONFLICT,
+                // In another node's spool, not uploaded yet: ask again.
+                OpsError::NotInObjectStore(_) => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -190,7 +192,9 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Bearer realm=\"sipbridge-admin\""),
             );
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS
+            || matches!(self, ApiError::Ops(OpsError::NotInObjectStore(_)))
+        {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(DOWNLOAD_RETRY_AFTER_S),
@@ -912,14 +916,15 @@ async fn download(
         let file = match &fetch {
             Some((objects, tmp)) => objects
                 .open_sealed(&path, tmp)
-                .map_err(|e| crate::store::recording::RecordingError::Io(e.into_io()))?,
-            None => std::fs::File::open(&path)?,
+                .map_err(|e| ops::object_error(&path, e))?,
+            None => std::fs::File::open(&path)
+                .map_err(|e| OpsError::from(crate::store::recording::RecordingError::Io(e)))?,
         };
-        WavStream::from_file(file, key, whole)
+        WavStream::from_file(file, key, whole).map_err(OpsError::from)
     })
     .await
     .map_err(|_| ApiError::Internal)?
-    .map_err(|e| ApiError::Ops(e.into()))?;
+    .map_err(ApiError::Ops)?;
     let (audited, actor) = (rec.clone(), q.by);
     state
         .api

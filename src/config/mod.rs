@@ -114,7 +114,7 @@ pub struct Profile {
 }
 
 /// `[profile.recordings]`: where sealed recordings are kept (issue 16).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Recordings {
     /// Files under `var_dir/recordings` (the default).
@@ -125,7 +125,7 @@ pub enum Recordings {
 }
 
 /// `[profile.recordings] kind = "s3"`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct S3Recordings {
     /// `http(s)://host[:port]` of the service.

@@ -437,6 +437,15 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
             profile.var_dir.display()
         )));
     }
+    // The store thread and its uploader were built for the running section.
+    if let Some(old) = old.profiles.first()
+        && old.recordings != profile.recordings
+    {
+        return Err(ReloadError::NeedsRestart(
+            "[profile.recordings] changed (where recordings are kept, or its credentials)"
+                .to_owned(),
+        ));
+    }
     let key = super::store_link::master_key_bytes(&profile.master_key)
         .map_err(|e| ReloadError::NeedsRestart(format!("master key: {e:#}")))?;
     if state.master_key.is_some_and(|fp| fp != fingerprint(&key)) {

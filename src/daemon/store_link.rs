@@ -65,6 +65,10 @@ pub(crate) const DB_FILE: &str = "sipbridge.db";
 
 /// Work for the writer thread.
 enum Op {
+    /// The uploader completed a recording's object (`kind = "s3"`).
+    Uploaded {
+        path: PathBuf,
+    },
     InsertCall(CallRow),
     FinishCall {
         tenant: String,
@@ -229,14 +233,24 @@ impl Records {
         });
         let open_paths = super::uploader::OpenSet::default();
         let uploader = match &objects {
-            Some(o) => Some(
-                super::uploader::start(
-                    Arc::clone(o),
-                    var_dir.join("recordings"),
-                    Arc::clone(&open_paths),
+            Some(o) => {
+                let (tx, backlog) = (tx.clone(), Arc::clone(&backlog));
+                let uploaded: super::uploader::Uploaded = Box::new(move |path| {
+                    backlog.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(Op::Uploaded { path }).is_err() {
+                        backlog.fetch_sub(1, Ordering::Relaxed);
+                    }
+                });
+                Some(
+                    super::uploader::start(
+                        Arc::clone(o),
+                        var_dir.join("recordings"),
+                        Arc::clone(&open_paths),
+                        uploaded,
+                    )
+                    .context("starting the recording uploader")?,
                 )
-                .context("starting the recording uploader")?,
-            ),
+            }
             None => None,
         };
         let mut writer = Writer {
@@ -1493,7 +1507,36 @@ impl Writer {
                 }
                 self.policies = retention;
             }
+            Op::Uploaded { path } => self.uploaded(&path),
             Op::Shutdown => {}
+        }
+    }
+
+    /// The uploader completed the object of the recording at `path`: if its
+    /// row is gone or deleted (erased on another node while this one still
+    /// spooled it), the object is deleted again.
+    fn uploaded(&mut self, path: &Path) {
+        let Some(objects) = &self.objects else {
+            return;
+        };
+        let Some(id) = path.file_stem().and_then(|s| s.to_str()) else {
+            return;
+        };
+        let live = match self.store.get_recording(None, id) {
+            Ok(Some(r)) => r.state != RecordingState::Deleted,
+            Ok(None) => false,
+            // Unknown: keep the object; retention or erasure will reach it.
+            Err(_) => true,
+        };
+        if !live {
+            match objects.delete(path, None) {
+                Ok(()) => {
+                    warn!(recording = %id, "recording deleted while it was uploading: its object is deleted too");
+                }
+                Err(e) => {
+                    error!(recording = %id, error = %e, "the object of a deleted recording could not be deleted");
+                }
+            }
         }
     }
 

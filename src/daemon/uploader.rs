@@ -64,17 +64,23 @@ struct Entry {
     next_try: Option<Instant>,
 }
 
+/// Told the spool path of each recording whose object was completed: the
+/// store thread checks its row, and deletes the object again if the row was
+/// deleted meanwhile (another node's erasure, while this one still spooled it).
+pub(crate) type Uploaded = Box<dyn Fn(PathBuf) + Send>;
+
 /// Starts the uploader thread; it ends when [`stop`] is called.
 pub(crate) fn start(
     objects: Arc<RecordingObjects>,
     spool_dir: PathBuf,
     open: OpenSet,
+    uploaded: Uploaded,
 ) -> std::io::Result<(Arc<Spool>, std::thread::JoinHandle<()>)> {
     let spool = Arc::new(Spool::default());
     let shared = Arc::clone(&spool);
     let thread = std::thread::Builder::new()
         .name("sipbridge-upload".into())
-        .spawn(move || run(&objects, &spool_dir, &open, &shared))?;
+        .spawn(move || run(&objects, &spool_dir, &open, &shared, &uploaded))?;
     Ok((spool, thread))
 }
 
@@ -83,7 +89,13 @@ pub(crate) fn stop(spool: &Spool) {
     spool.stop.store(true, Ordering::Relaxed);
 }
 
-fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spool) {
+fn run(
+    objects: &RecordingObjects,
+    spool_dir: &Path,
+    open: &OpenSet,
+    spool: &Spool,
+    uploaded: &Uploaded,
+) {
     let mut entries: HashMap<PathBuf, Entry> = HashMap::new();
     let mut first = true;
     while !spool.stop.load(Ordering::Relaxed) {
@@ -103,6 +115,7 @@ fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spo
             (files, markers, bytes)
         };
         spool.bytes.store(bytes, Ordering::Relaxed);
+        crate::metrics::recording_spool(bytes);
         if first {
             first = false;
             if !files.is_empty() {
@@ -154,6 +167,8 @@ fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spo
                     entry.next_try = None;
                 }
                 Ok(Shipped::Done) => {
+                    crate::metrics::recording_upload("ok");
+                    uploaded(path.clone());
                     if entry.failures > 0 {
                         info!(path = %path.display(), "recording uploaded after the object store recovered");
                     } else {
@@ -165,6 +180,7 @@ fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spo
                     entries.remove(path);
                 }
                 Err(e) => {
+                    crate::metrics::recording_upload("failed");
                     entry.failures += 1;
                     let wait = Duration::from_secs(1u64 << entry.failures.min(6)).min(MAX_BACKOFF);
                     entry.next_try = Some(Instant::now() + wait);
@@ -193,7 +209,10 @@ fn run(objects: &RecordingObjects, spool_dir: &Path, open: &OpenSet, spool: &Spo
         }
         let mut upload = entries.remove(&path).and_then(|e| e.upload);
         match objects.ship(&path, &mut upload, true) {
-            Ok(Shipped::Done) => info!(path = %path.display(), "recording uploaded"),
+            Ok(Shipped::Done) => {
+                info!(path = %path.display(), "recording uploaded");
+                uploaded(path);
+            }
             Ok(_) => {}
             Err(e) => {
                 left += 1;

@@ -82,6 +82,12 @@ pub enum OpsError {
     /// The recording's file was deleted (retention, erasure, opt-out).
     #[error("recording {0:?} was deleted")]
     RecordingDeleted(String),
+    /// The recording's object is not in the bucket (yet: the node that
+    /// recorded it has not uploaded it from its spool).
+    #[error(
+        "recording is not in the object store yet (the node that recorded it is still uploading it)"
+    )]
+    NotInObjectStore(PathBuf),
     /// The recording is still being written by a running call.
     #[error("recording {0:?} is still being recorded")]
     StillRecording(String),
@@ -197,10 +203,7 @@ impl DataStore {
         match &self.objects {
             Some(o) => o
                 .open_sealed(path, &self.var_dir)
-                .map_err(|e| OpsError::Io {
-                    path: path.to_path_buf(),
-                    source: e.into_io(),
-                }),
+                .map_err(|e| object_error(path, e)),
             None => File::open(path).map_err(io_err(path)),
         }
     }
@@ -225,6 +228,17 @@ impl DataStore {
         if self.with_policy.insert(tenant.to_owned()) {
             self.store.set_caller_policy(tenant, CallerIdPolicy::Plain);
         }
+    }
+}
+
+/// An object-store failure on the recording at `path` as an [`OpsError`].
+pub fn object_error(path: &Path, e: super::objects::ObjectError) -> OpsError {
+    match e {
+        super::objects::ObjectError::NotFound(_) => OpsError::NotInObjectStore(path.to_path_buf()),
+        e => OpsError::Io {
+            path: path.to_path_buf(),
+            source: e.into_io(),
+        },
     }
 }
 

@@ -157,6 +157,19 @@ impl S3Server {
         }
     }
 
+    /// Deletes an object behind the daemon's back (a lost object, or one not
+    /// uploaded yet as another node would see it).
+    pub(crate) fn delete(&self, key: &str) {
+        let r = http::request(
+            self.addr,
+            "DELETE",
+            &format!("/{}/{key}", self.bucket),
+            &[],
+            b"",
+        );
+        assert!(matches!(r.status, 200 | 204), "DELETE {key}: {}", r.text());
+    }
+
     /// Multipart uploads started and neither completed nor aborted: their keys.
     pub(crate) fn pending_uploads(&self) -> Vec<String> {
         let r = http::get(self.addr, &format!("/{}?uploads", self.bucket), None);
