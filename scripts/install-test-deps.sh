@@ -7,6 +7,8 @@
 #   espeak-ng           speech synthesis (fixtures/make.sh)
 #   tshark              decoding captured SIP/RTP in failing tests
 #   systemd             systemd-analyze verify for the unit file
+#   kamailio            a record-routing SIP proxy in front of the daemon (tests/proxy_routing.rs),
+#                       and the dispatcher in front of two daemons (tests/scale_out.rs)
 #   kamailio            a record-routing SIP proxy in front of the daemon (tests/proxy_routing.rs)
 #   postgresql          the PostgreSQL store backend's tests start their own server from
 #                       /usr/lib/postgresql/<n>/bin (tests/common/pg.rs), as the `postgres`

@@ -1,7 +1,8 @@
 //! Sans-IO tests of the switchboard's trunk identification (unknown source →
 //! silence by default, 403 when configured to reject), of its source gate
 //! (rate limits, scanner and malformed-message bans, never for a trunk's own
-//! addresses) and of UPDATE handling in a live call (an UPDATE with a hold
+//! addresses), of trusted proxies (OPTIONS health answers, the caller's address
+//! taken from the proxy's header and never from anyone else's) and of UPDATE handling in a live call (an UPDATE with a hold
 //! offer is answered without dropping the call).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -134,13 +135,23 @@ fn an_overloaded_switchboard_sheds_new_invites_with_503_and_recovers() {
         other => panic!("expected a 503, got {other:?}"),
     }
     assert_eq!(sb.ports.in_use(), 0);
-    // OPTIONS still answer 200: the daemon is up, only new calls wait.
+    // OPTIONS answer 503 too (issue 16): a load balancer pinging the daemon sends new
+    // calls elsewhere until it recovers.
     let options = request("OPTIONS", "o2", 1, None, "");
+    match dispatch(&mut sb, now, &options, &mut rng) {
+        Dispatch::Reply { transmit, .. } => {
+            assert_eq!(status_of(&transmit.bytes), 503);
+            let text = String::from_utf8_lossy(&transmit.bytes).into_owned();
+            assert!(text.contains("\r\nRetry-After: 5\r\n"), "{text}");
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    sb.set_overloaded(false);
+    let options = request("OPTIONS", "o4", 1, None, "");
     match dispatch(&mut sb, now, &options, &mut rng) {
         Dispatch::Reply { transmit, .. } => assert_eq!(status_of(&transmit.bytes), 200),
         other => panic!("expected a 200, got {other:?}"),
     }
-    sb.set_overloaded(false);
     let invite = request("INVITE", "o3", 1, None, &sdp("sendrecv"));
     let d = dispatch(&mut sb, now, &invite, &mut rng);
     assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
@@ -698,6 +709,205 @@ fn store_that_cannot_write_fails_recording_tenants_closed() {
         "s5",
     ));
     assert!(a.settings.plan.record);
+}
+
+// ---------------------------------------------------------------------------------------
+// Trusted proxies (issue 16)
+// ---------------------------------------------------------------------------------------
+
+/// A config whose only trunk allows the carrier's 198.51.100.0/24, with 127.0.0.1 (the
+/// test's [`peer`]) a trusted proxy when `proxy` is set; `unknown_source = "drop"`.
+fn proxied_config(proxy: bool, extra_security: &str) -> Arc<sipbridge::config::Config> {
+    let proxies = if proxy {
+        "trusted_proxies = [\"127.0.0.1\"]"
+    } else {
+        ""
+    };
+    config_with(
+        &format!("[profile.security]\nunknown_source = \"drop\"\n{proxies}\n{extra_security}"),
+        "198.51.100.0/24",
+        "",
+    )
+}
+
+/// `msg` with `headers` (CRLF-terminated lines) added after its first line.
+fn with_headers(msg: &[u8], headers: &str) -> Vec<u8> {
+    let text = String::from_utf8(msg.to_vec()).unwrap();
+    let (first, rest) = text.split_once("\r\n").unwrap();
+    format!("{first}\r\n{headers}{rest}").into_bytes()
+}
+
+fn reply_status(d: &Dispatch) -> Option<u16> {
+    match d {
+        Dispatch::Reply { transmit, .. } => Some(status_of(&transmit.bytes)),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_trusted_proxy_gets_options_answers_that_say_whether_to_send_calls() {
+    let mut rng = StdRng::seed_from_u64(16);
+    let now = Instant::now();
+    let options = request("OPTIONS", "p1", 1, None, "");
+    // Not a trusted proxy, no trunk allows 127.0.0.1: silence (unknown_source = drop).
+    let cfg = proxied_config(false, "");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let d = dispatch(&mut sb, now, &options, &mut rng);
+    assert!(matches!(d, Dispatch::Drop("unknown source")), "{d:?}");
+
+    // A trusted proxy: 200 while serving.
+    let cfg = proxied_config(true, "");
+    let mut sb = switchboard(&cfg, &mut rng);
+    assert_eq!(
+        reply_status(&dispatch(&mut sb, now, &options, &mut rng)),
+        Some(200)
+    );
+    // The global limit reached (max_calls = 10): 503 + Retry-After: 5, then 200 again.
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            let invite = request("INVITE", &format!("c{i}"), 1, None, &sdp("sendrecv"));
+            let invite = String::from_utf8(invite)
+                .unwrap()
+                .replace("Call-ID: cs-1@", &format!("Call-ID: cs-limit-{i}@"));
+            let invite = with_headers(invite.as_bytes(), "X-Src-IP: 198.51.100.7\r\n");
+            match dispatch(&mut sb, now, &invite, &mut rng) {
+                Dispatch::NewCall(a) => a,
+                other => panic!("call {i} not admitted: {other:?}"),
+            }
+        })
+        .collect();
+    let d = dispatch(&mut sb, now, &options, &mut rng);
+    assert_eq!(reply_status(&d), Some(503), "{d:?}");
+    let Dispatch::Reply { transmit, .. } = &d else {
+        unreachable!()
+    };
+    let text = String::from_utf8_lossy(&transmit.bytes).into_owned();
+    assert!(text.contains("\r\nRetry-After: 5\r\n"), "{text}");
+    sb.call_ended(&calls[0].settings);
+    assert_eq!(
+        reply_status(&dispatch(&mut sb, now, &options, &mut rng)),
+        Some(200)
+    );
+    // Draining: 503 + Retry-After: 30.
+    sb.start_draining();
+    let d = dispatch(&mut sb, now, &options, &mut rng);
+    let Dispatch::Reply { transmit, .. } = &d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(status_of(&transmit.bytes), 503);
+    let text = String::from_utf8_lossy(&transmit.bytes).into_owned();
+    assert!(text.contains("\r\nRetry-After: 30\r\n"), "{text}");
+}
+
+#[test]
+fn a_trusted_proxys_source_header_picks_the_trunk_and_nobody_elses_does() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let now = Instant::now();
+    let invite = request("INVITE", "x1", 1, None, &sdp("sendrecv"));
+    let carrier = with_headers(&invite, "X-Src-IP: 198.51.100.7\r\n");
+
+    // From a trusted proxy, naming the carrier: admitted on the carrier's trunk.
+    let cfg = proxied_config(true, "");
+    let mut sb = switchboard(&cfg, &mut rng);
+    match dispatch(&mut sb, now, &carrier, &mut rng) {
+        Dispatch::NewCall(a) => {
+            assert_eq!(a.settings.trunk, "carrier");
+            // Responses still go to the proxy (the top Via).
+            assert_eq!(a.peer.addr, PEER.parse::<SocketAddr>().unwrap());
+        }
+        other => panic!("not admitted: {other:?}"),
+    }
+    assert_eq!(sb.unconfirmed_from("198.51.100.7".parse().unwrap()), 1);
+    assert_eq!(sb.unconfirmed_from("127.0.0.1".parse().unwrap()), 0);
+
+    // The same header from a source that is not a trusted proxy is ignored: the packet's
+    // source (no trunk) decides, and it is dropped unanswered.
+    let cfg = proxied_config(false, "");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let d = dispatch(&mut sb, now, &carrier, &mut rng);
+    assert!(matches!(d, Dispatch::Drop("unknown source")), "{d:?}");
+    // ... also with `unknown_source = "reject"`: 403, not the carrier's trunk.
+    let cfg = config_with(
+        "[profile.security]\nunknown_source = \"reject\"",
+        "198.51.100.0/24",
+        "",
+    );
+    let mut sb = switchboard(&cfg, &mut rng);
+    assert_eq!(
+        reply_status(&dispatch(&mut sb, now, &carrier, &mut rng)),
+        Some(403)
+    );
+
+    // A proxy relaying a caller no trunk allows: 403 (never silence to the proxy, which
+    // would retry on another node), with a CDR.
+    let cfg = proxied_config(true, "");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let stranger = with_headers(&invite, "X-Src-IP: 203.0.113.9\r\n");
+    match dispatch(&mut sb, now, &stranger, &mut rng) {
+        Dispatch::Reply { transmit, record } => {
+            assert_eq!(status_of(&transmit.bytes), 403);
+            assert_eq!(record.expect("a CDR").result_code, 403);
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    // A caller's own header comes before the proxy's: the last one counts.
+    let smuggled = with_headers(
+        &request("INVITE", "x2", 1, None, &sdp("sendrecv")),
+        "X-Src-IP: 198.51.100.7\r\nX-Src-IP: 203.0.113.9\r\n",
+    );
+    assert_eq!(
+        reply_status(&dispatch(&mut sb, now, &smuggled, &mut rng)),
+        Some(403)
+    );
+    // No header, or garbage in it: the proxy's own address, which no trunk allows.
+    for (branch, extra) in [("x3", ""), ("x4", "X-Src-IP: 198.51.100.7.evil\r\n")] {
+        let msg = with_headers(&request("INVITE", branch, 1, None, &sdp("sendrecv")), extra);
+        assert_eq!(
+            reply_status(&dispatch(&mut sb, now, &msg, &mut rng)),
+            Some(403),
+            "{extra}"
+        );
+    }
+    // Another header name, IPv6 with a port in brackets.
+    let cfg = config_with(
+        "[profile.security]\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
+         trusted_proxy_source_header = \"X-Carrier-Addr\"",
+        "2001:db8::/32",
+        "",
+    );
+    let mut sb = switchboard(&cfg, &mut rng);
+    let v6 = with_headers(
+        &request("INVITE", "x5", 1, None, &sdp("sendrecv")),
+        "X-Src-IP: 198.51.100.7\r\nx-carrier-addr: [2001:db8::5]:5060\r\n",
+    );
+    let d = dispatch(&mut sb, now, &v6, &mut rng);
+    assert!(matches!(d, Dispatch::NewCall(_)), "{d:?}");
+}
+
+#[test]
+fn a_trusted_proxy_is_never_rate_limited() {
+    let mut rng = StdRng::seed_from_u64(18);
+    let now = Instant::now();
+    // Two INVITEs a second per source at most: the proxy carries many callers.
+    let cfg = proxied_config(
+        true,
+        "calls_per_second_per_source = 1\ncall_burst_per_source = 2",
+    );
+    let mut sb = switchboard(&cfg, &mut rng);
+    let passed = (0..50)
+        .filter(|_| {
+            sb.screen(now, "127.0.0.1".parse().unwrap(), b"INVITE sip:x SIP/2.0")
+                .is_ok()
+        })
+        .count();
+    assert_eq!(passed, 50);
+    let passed = (0..50)
+        .filter(|_| {
+            sb.screen(now, "127.0.0.2".parse().unwrap(), b"INVITE sip:x SIP/2.0")
+                .is_ok()
+        })
+        .count();
+    assert_eq!(passed, 2);
 }
 
 fn parse_request(bytes: &[u8]) -> sipbridge::sip::message::Request {

@@ -147,8 +147,8 @@ fn every_example_passes_with_its_secrets_provided() {
         names,
         [
             "pbx.toml",
-            "s3-recordings.toml",
             "postgres-store.toml",
+            "s3-recordings.toml",
             "secure-trunking.toml",
             "telnyx.toml",
             "twilio.toml"
@@ -997,6 +997,64 @@ fn store_failure_settings_are_checked() {
         "unknown.toml",
         line_of(&unknown, "on_store_failure"),
         "unknown variant `drop`, expected `answer-unrecorded` or `reject`",
+    );
+}
+
+/// Issue 16: `[profile.security] trusted_proxies` and `trusted_proxy_source_header` are
+/// checked, each wrong value named by file:line; a right one passes.
+#[test]
+fn trusted_proxies_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let security = |body: &str| {
+        profile(5011).replace(
+            "[profile.listen]",
+            &format!("[profile.security]\n{body}\n\n[profile.listen]"),
+        )
+    };
+    let good = security(
+        "trusted_proxies = [\"10.9.0.5\", \"fd00::/64\"]\ntrusted_proxy_source_header = \"X-Src-IP\"",
+    );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "good.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+
+    let bad = security(
+        "trusted_proxies = [\"10.9.0.5\",\n  \"proxy.example.com\",\n  \"0.0.0.0/0\"]\n\
+         trusted_proxy_source_header = \"Via\"",
+    );
+    std::fs::write(dir.path().join("bad.toml"), &bad).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "bad.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "proxy.example.com"),
+        "trusted_proxies `proxy.example.com` is not a CIDR or IP address",
+    );
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "0.0.0.0/0"),
+        "would trust every address",
+    );
+    assert_reported(
+        &stderr,
+        "bad.toml",
+        line_of(&bad, "trusted_proxy_source_header"),
+        "trusted_proxy_source_header `Via` is a header callers write",
+    );
+    let spaced = security("trusted_proxy_source_header = \"X Src\"");
+    std::fs::write(dir.path().join("spaced.toml"), &spaced).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "spaced.toml"]);
+    let (_, stderr) = text(&out);
+    assert_reported(
+        &stderr,
+        "spaced.toml",
+        line_of(&spaced, "trusted_proxy_source_header"),
+        "is not a header name",
     );
 }
 

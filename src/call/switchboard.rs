@@ -102,6 +102,11 @@ impl PortAllocator {
     pub fn in_use(&self) -> usize {
         self.in_use
     }
+
+    /// Whether every pair is handed out.
+    pub fn is_full(&self) -> bool {
+        self.in_use >= self.pairs
+    }
 }
 
 /// Settings the switchboard applies to every call, from the profile.
@@ -145,6 +150,11 @@ pub struct SwitchboardSettings {
     /// Per-source rate limits and bans (the switchboard adds the trusted
     /// sources from the trunks: [`Switchboard::new`]).
     pub gate: GateLimits,
+    /// SIP proxies in front of the daemon (`[profile.security]
+    /// trusted_proxies`): see [`Switchboard::caller_source`].
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header those proxies write the caller's address in.
+    pub proxy_source_header: String,
 }
 
 /// A new call the switchboard admitted: create a `Call` with these settings
@@ -194,6 +204,33 @@ pub struct SecurityCounts {
     pub tracked_sources: usize,
 }
 
+/// `ip` with an IPv4-mapped IPv6 address as the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The address in a proxy's source header: `IP`, `IP:PORT`, `[IPv6]` or
+/// `[IPv6]:PORT` (the port is not used); anything else is `None`.
+fn parse_source_address(value: &str) -> Option<IpAddr> {
+    let v = value.trim();
+    if v.len() > 64 {
+        return None;
+    }
+    if let Ok(ip) = v.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = v.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    v.strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|r| r.parse::<std::net::Ipv6Addr>().ok())
+        .map(IpAddr::V6)
+}
+
 /// Whether `req` names a live call (its Call-ID, before validation).
 fn has_call_id(req: &Request, has_call: &impl Fn(&str) -> bool) -> bool {
     req.call_id().is_ok_and(has_call)
@@ -241,7 +278,7 @@ struct DialogSources {
 }
 
 impl DialogSources {
-    fn of(invite: &Request, peer: &Peer, trunk: &str) -> DialogSources {
+    fn of(invite: &Request, peer: &Peer, caller: IpAddr, trunk: &str) -> DialogSources {
         let mut hosts = vec![peer.addr.ip()];
         let contacts = invite.contacts().unwrap_or_default();
         let routes = invite.record_routes().unwrap_or_default();
@@ -259,7 +296,7 @@ impl DialogSources {
         DialogSources {
             trunk: trunk.to_owned(),
             hosts,
-            unconfirmed_from: Some(peer.addr.ip()),
+            unconfirmed_from: Some(caller),
         }
     }
 }
@@ -408,17 +445,22 @@ impl SwitchboardSettings {
                 scanner_user_agents: profile.security.scanner_user_agents.clone(),
                 trusted: profile.security.never_ban.clone(),
             },
+            trusted_proxies: profile.security.trusted_proxies.clone(),
+            proxy_source_header: profile.security.trusted_proxy_source_header.clone(),
         }
     }
 }
 
 /// The gate's limits for `config`: `settings.gate` with the trusted sources
-/// completed, and the auth guard's never-ban list the same: `never_ban`, and
+/// completed, and the auth guard's never-ban list the same: `never_ban`, the
+/// trusted proxies (each relays many callers: limits and bans apply to the
+/// callers it names, [`Switchboard::caller_source`]), and
 /// the `allow` networks of trunks identified by address alone (no digest).
 /// A trunk with digest credentials is not trusted by address: its `allow`
 /// is often the whole internet.
 fn with_trusted(config: &Config, mut settings: SwitchboardSettings) -> SwitchboardSettings {
     let mut trusted = settings.gate.trusted.clone();
+    trusted.extend(settings.trusted_proxies.iter().copied());
     for trunk in config.trunks.iter().filter(|t| t.digest.is_none()) {
         trusted.extend(trunk.allow.iter().copied());
     }
@@ -592,6 +634,43 @@ impl Switchboard {
         self.config.trunk_for_source(ip).is_some()
     }
 
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.settings
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&ip))
+    }
+
+    /// The address a request came from, for trunk matching, digest bans and
+    /// the unconfirmed-call limit: the packet's source, except that a request
+    /// from a trusted proxy is the caller's whose address the proxy wrote in
+    /// the source header (the last one of that name: a proxy appends its own
+    /// after any the caller sent). A proxied request without a readable one
+    /// is the proxy's own. The header of anyone else is never read.
+    pub fn caller_source(&self, req: &Request, packet_source: IpAddr) -> IpAddr {
+        if !self.is_trusted_proxy(packet_source) {
+            return packet_source;
+        }
+        req.headers
+            .values(&self.settings.proxy_source_header)
+            .last()
+            .and_then(parse_source_address)
+            .map_or(packet_source, canonical)
+    }
+
+    /// Whether a new call would be refused now whoever sent it: draining, the
+    /// store behind (`overloaded`), the global `max_calls` reached, or no RTP
+    /// port free. OPTIONS report it as 503, so that a load balancer sends
+    /// new calls elsewhere.
+    pub fn refuses_new_calls(&self) -> bool {
+        self.draining
+            || self.overloaded
+            || self.counts.total >= self.settings.max_calls
+            || self.ports.is_full()
+    }
+
     /// Whether new calls are being refused (SIGTERM drain).
     pub fn is_draining(&self) -> bool {
         self.draining
@@ -757,7 +836,10 @@ impl Switchboard {
                 if self.gate.malformed(now, ip) {
                     return Dispatch::Drop("malformed: source banned");
                 }
-                if self.settings.drop_unknown_sources && !self.source_known(ip) {
+                if self.settings.drop_unknown_sources
+                    && !self.source_known(ip)
+                    && !self.is_trusted_proxy(ip)
+                {
                     return Dispatch::Drop("unknown source");
                 }
                 let err = SipError::from(e);
@@ -786,7 +868,12 @@ impl Switchboard {
         {
             return Dispatch::Drop("scanner");
         }
+        // Behind a trusted proxy the caller is whom the proxy names; the
+        // proxy itself is never an unknown source.
+        let from_proxy = self.is_trusted_proxy(ip);
+        let caller = self.caller_source(&req, ip);
         if self.settings.drop_unknown_sources
+            && !from_proxy
             && !self.source_known(ip)
             && !has_call_id(&req, &has_call)
         {
@@ -817,7 +904,7 @@ impl Switchboard {
         // From here on every answer goes where the request's Via says.
         let reply_to = super::response_dest(&req, peer);
         let in_dialog = req.to().ok().is_some_and(|t| t.tag().is_some());
-        if req.method != Method::Invite && !self.source_known(ip) {
+        if req.method != Method::Invite && !from_proxy && !self.source_known(ip) {
             // `unknown_source = "reject"`: 403 to anything but a new call
             // (which gets its 403 and CDR in `admit`); never an answer to ACK.
             if req.method == Method::Ack {
@@ -836,7 +923,9 @@ impl Switchboard {
         match (&req.method, in_dialog) {
             (Method::Ack, _) => Dispatch::Drop("ACK without a transaction"),
             (Method::Options, _) => {
-                let status = if self.draining { 503 } else { 200 };
+                // A load balancer's health ping: 503 while a new call would be.
+                let refusing = self.refuses_new_calls();
+                let status = if refusing { 503 } else { 200 };
                 let mut resp = Response::for_request(&req, status);
                 // RFC 3261 §8.2.6.2: a final response carries a To tag.
                 if let Ok(mut to) = req.to()
@@ -849,12 +938,13 @@ impl Switchboard {
                 resp.headers.push("Allow", ALLOW);
                 resp.headers.push("Accept", "application/sdp");
                 resp.headers.push("Supported", SUPPORTED);
-                if self.draining {
-                    resp.headers.push("Retry-After", "30");
+                if refusing {
+                    let retry_after = if self.draining { "30" } else { "5" };
+                    resp.headers.push("Retry-After", retry_after);
                 }
                 self.reply(reply_to, resp.encode())
             }
-            (Method::Invite, false) => self.admit(now, wall_now, req, peer, rng),
+            (Method::Invite, false) => self.admit(now, wall_now, req, peer, caller, rng),
             (Method::Extension(_), _) => {
                 let mut resp = Response::for_request(&req, 501);
                 resp.headers.push("Allow", ALLOW);
@@ -910,14 +1000,20 @@ impl Switchboard {
         }
     }
 
+    /// A new INVITE from `peer`; `caller` is the address it came from
+    /// ([`Switchboard::caller_source`]: the peer's, or the one a trusted
+    /// proxy named).
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
         now: Instant,
         wall_now: SystemTime,
         req: Request,
         peer: Peer,
+        caller: IpAddr,
         rng: &mut impl RngCore,
     ) -> Dispatch {
+        let from_proxy = self.is_trusted_proxy(peer.addr.ip());
         let branch_key = format!(
             "{}|{}",
             req.call_id().unwrap_or_default(),
@@ -999,16 +1095,18 @@ impl Switchboard {
                 true,
             );
         }
-        if self.auth.is_banned(now, peer.addr.ip()) {
+        if self.auth.is_banned(now, caller) {
             // Failed digest too often: ignored until the ban expires.
             return Dispatch::Drop("banned source");
         }
         if req.max_forwards().ok().flatten() == Some(0) {
             return reject(self, &mut record, 483, vec![], true);
         }
-        // 1. Trunk by source address.
-        let Some(trunk) = self.config.trunk_for_source(peer.addr.ip()) else {
-            if self.settings.drop_unknown_sources {
+        // 1. Trunk by source address (behind a trusted proxy: the caller's).
+        let Some(trunk) = self.config.trunk_for_source(caller) else {
+            // A trusted proxy gets its 403: silence would only make it retry
+            // the call on the next node.
+            if self.settings.drop_unknown_sources && !from_proxy {
                 return Dispatch::Drop("unknown source");
             }
             return reject(self, &mut record, 403, vec![], true);
@@ -1024,7 +1122,7 @@ impl Switchboard {
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let uri = req.uri.to_string();
-            let ip = peer.addr.ip();
+            let ip = caller;
             let authorization = req.headers.get("Authorization");
             let user = authorization
                 .and_then(|a| crate::sip::digest::DigestCredentials::parse(a).ok())
@@ -1142,7 +1240,7 @@ impl Switchboard {
         }
         // 6. Calls from this source the caller never confirmed (no ACK): a
         // source that ignores our answers cannot hold every slot until Timer H.
-        if self.unconfirmed_from(peer.addr.ip()) >= self.settings.max_unconfirmed_per_source {
+        if self.unconfirmed_from(caller) >= self.settings.max_unconfirmed_per_source {
             record.cause = "unconfirmed-limit".to_owned();
             return reject(
                 self,
@@ -1179,7 +1277,7 @@ impl Switchboard {
         if trunk.behind_nat {
             plan.rtp_source = RtpSourcePolicy::Latch {
                 window: self.settings.rtp_latch_window,
-                signalling_ip: Some(peer.addr.ip()),
+                signalling_ip: Some(caller),
             };
         }
         let early_media = plan.prompt.is_some()
@@ -1189,9 +1287,9 @@ impl Switchboard {
                 .is_some_and(|t| t.early_media);
         self.dialogs.insert(
             record.call_id.clone(),
-            DialogSources::of(&req, &peer, &trunk_name),
+            DialogSources::of(&req, &peer, caller, &trunk_name),
         );
-        *self.unconfirmed.entry(peer.addr.ip()).or_default() += 1;
+        *self.unconfirmed.entry(caller).or_default() += 1;
         let settings = CallSettings {
             call_id: record.call_id.clone(),
             tenant: tenant_id,
@@ -1229,6 +1327,28 @@ impl Switchboard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxys_source_header_holds_an_address_and_nothing_else() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (value, want) in [
+            ("198.51.100.7", Some(ip("198.51.100.7"))),
+            (" 198.51.100.7 ", Some(ip("198.51.100.7"))),
+            ("198.51.100.7:5060", Some(ip("198.51.100.7"))),
+            ("2001:db8::5", Some(ip("2001:db8::5"))),
+            ("[2001:db8::5]", Some(ip("2001:db8::5"))),
+            ("[2001:db8::5]:5060", Some(ip("2001:db8::5"))),
+            ("", None),
+            ("carrier.example.com", None),
+            ("198.51.100.7, 203.0.113.9", None),
+            ("198.51.100.7.evil", None),
+            ("[198.51.100.7]", None),
+        ] {
+            assert_eq!(parse_source_address(value), want, "{value:?}");
+        }
+        let long = format!("1.2.3.4{}", "0".repeat(100));
+        assert_eq!(parse_source_address(&long), None);
+    }
 
     #[test]
     fn ports_are_random_distinct_and_released() {

@@ -62,6 +62,10 @@ pub(crate) struct RawSecurity {
     pub(crate) scanner_user_agents: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub(crate) udp_receive_buffer_bytes: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) trusted_proxies: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) trusted_proxy_source_header: Option<Spanned<String>>,
 }
 
 /// The resolved `[profile.security]` of a profile.
@@ -120,7 +124,47 @@ pub struct SecuritySettings {
     /// SO_RCVBUF asked for on SIP UDP sockets (default 4 MiB; the kernel
     /// caps it at `net.core.rmem_max` unless the daemon may force it).
     pub udp_receive_buffer_bytes: u32,
+    /// SIP proxies in front of the daemon (a Kamailio dispatcher): their
+    /// requests are never rate-limited or banned, their OPTIONS pings are
+    /// answered whatever `unknown_source` says, and the trunk of a request
+    /// they relay is found from the address in
+    /// [`SecuritySettings::trusted_proxy_source_header`], not from theirs.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header a trusted proxy puts the caller's address in (default
+    /// `X-Src-IP`). Read only on requests whose packet came from a
+    /// [`SecuritySettings::trusted_proxies`] address (the last one of that
+    /// name); anyone else's is ignored.
+    pub trusted_proxy_source_header: String,
 }
+
+/// Default [`SecuritySettings::trusted_proxy_source_header`].
+pub(crate) const DEFAULT_PROXY_SOURCE_HEADER: &str = "X-Src-IP";
+
+/// Headers a caller writes or every hop rewrites: never the proxy's word on
+/// where a request came from.
+const NOT_A_SOURCE_HEADER: &[&str] = &[
+    "via",
+    "v",
+    "from",
+    "f",
+    "to",
+    "t",
+    "call-id",
+    "i",
+    "cseq",
+    "contact",
+    "m",
+    "route",
+    "record-route",
+    "max-forwards",
+    "content-length",
+    "l",
+    "content-type",
+    "c",
+    "user-agent",
+    "authorization",
+    "proxy-authorization",
+];
 
 /// `User-Agent`s of SIP scanners and password crackers (SIPVicious and its
 /// clones, sipcli, the Vax SDK's default, sundayddr, iWar, SIPScan).
@@ -162,6 +206,8 @@ impl Default for SecuritySettings {
             ban: Duration::from_secs(600),
             scanner_user_agents: DEFAULT_SCANNERS.iter().map(|s| (*s).to_owned()).collect(),
             udp_receive_buffer_bytes: 4 * 1024 * 1024,
+            trusted_proxies: Vec::new(),
+            trusted_proxy_source_header: DEFAULT_PROXY_SOURCE_HEADER.to_owned(),
         }
     }
 }
@@ -305,6 +351,56 @@ pub(crate) fn resolve(
                 v.span(),
                 format!("never_ban `{text}` is not a CIDR or IP address"),
             )),
+        }
+    }
+    for v in r.trusted_proxies.iter().flatten() {
+        let text = v.get_ref();
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(net) if net.prefix_len() == 0 => errors.push((
+                v.span(),
+                format!(
+                    "trusted_proxies `{text}` would trust every address to say where a call \
+                     came from: list the proxies' own addresses"
+                ),
+            )),
+            Ok(net) => s.trusted_proxies.push(net.trunc()),
+            Err(_) => errors.push((
+                v.span(),
+                format!("trusted_proxies `{text}` is not a CIDR or IP address"),
+            )),
+        }
+    }
+    if let Some(v) = &r.trusted_proxy_source_header {
+        let name = v.get_ref().trim();
+        let token = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!%*+`'~".contains(&b));
+        if !token {
+            errors.push((
+                v.span(),
+                format!(
+                    "trusted_proxy_source_header `{name}` is not a header name (1 to 64 letters, \
+                     digits or -_.!%*+`'~)"
+                ),
+            ));
+        } else if NOT_A_SOURCE_HEADER
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+        {
+            errors.push((
+                v.span(),
+                format!(
+                    "trusted_proxy_source_header `{name}` is a header callers write: use one \
+                     only the proxy sets, e.g. `{DEFAULT_PROXY_SOURCE_HEADER}`"
+                ),
+            ));
+        } else {
+            s.trusted_proxy_source_header = name.to_owned();
         }
     }
     if let Some(v) = &r.rtp_latch_window_ms {

@@ -10,8 +10,8 @@ mod lifecycle;
 mod reject_log;
 mod store_link;
 mod transport;
-pub(crate) mod webhooks;
 mod uploader;
+pub(crate) mod webhooks;
 
 use crate::call::bridged::{
     AgentEvent, AgentPlan as BridgeAgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup,

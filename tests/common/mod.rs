@@ -29,8 +29,8 @@ use tempfile::TempDir;
 
 pub(crate) mod deepgram_mock;
 pub(crate) mod http;
-pub(crate) mod s3;
 pub(crate) mod pg;
+pub(crate) mod s3;
 
 /// The repository root (where `Cargo.toml` is).
 pub(crate) const REPO: &str = env!("CARGO_MANIFEST_DIR");
