@@ -812,8 +812,15 @@ fn close_call_stores_whether_the_call_was_recorded() {
         concealed: 3,
         dropped: 4,
     };
-    s.close_call("acme", "c1", &end(T0 + 5), frames, CallRecording::Partial)
-        .unwrap();
+    s.close_call(
+        "acme",
+        "c1",
+        &end(T0 + 5),
+        frames,
+        CallRecording::Partial,
+        None,
+    )
+    .unwrap();
     let c1 = s.get_call("acme", "c1").unwrap().unwrap();
     assert_eq!(c1.recording, Some(CallRecording::Partial));
     assert!(c1.recording.unwrap().recorded());
@@ -821,7 +828,7 @@ fn close_call_stores_whether_the_call_was_recorded() {
     assert_eq!(c1.ended_at, Some(T0 + 5));
     // Closing twice is refused, as with finish_call.
     assert!(
-        s.close_call("acme", "c1", &end(T0 + 6), frames, CallRecording::Off)
+        s.close_call("acme", "c1", &end(T0 + 6), frames, CallRecording::Off, None)
             .is_err()
     );
     s.finish_call("acme", "c2", &end(T0 + 5)).unwrap();

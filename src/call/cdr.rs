@@ -67,6 +67,10 @@ pub struct CallRecord {
     /// latency), for answered calls with media.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality: Option<QualitySummary>,
+    /// The call's last transfer the agent asked for (`transferred_to`,
+    /// its result), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<super::transfer::TransferRecord>,
 }
 
 /// Whether a call was recorded (its CDR's `recording`).

@@ -16,6 +16,7 @@ mod session;
 pub mod source_gate;
 pub mod supervisor;
 mod switchboard;
+pub mod transfer;
 
 pub use cdr::{
     CallRecord, DepthSummary, HangupSide, LatencySummary, PausedStretch, QualitySummary,
@@ -188,6 +189,9 @@ pub enum HangupCause {
     MediaFailed,
     /// The pipeline failed and the tenant's policy hangs up (`supervisor::PipelineSupervisor`).
     PipelineFailed,
+    /// The agent transferred the caller and the transfer completed (the
+    /// REFER's final NOTIFY said 2xx): our leg ends with a BYE.
+    Transferred,
 }
 
 impl HangupCause {
@@ -207,6 +211,7 @@ impl HangupCause {
             HangupCause::DialogGone => "dialog-gone",
             HangupCause::MediaFailed => "media-failed",
             HangupCause::PipelineFailed => "pipeline-failed",
+            HangupCause::Transferred => "transferred",
         }
     }
 }
@@ -223,6 +228,9 @@ pub enum CallEvent {
     /// The call is over for the user: release its media and counters. The
     /// `Call` may live on a little to absorb retransmissions.
     Ended(Box<CallRecord>),
+    /// A step of a transfer the agent asked for (accepted, progress,
+    /// completed, failed).
+    Transfer(transfer::TransferUpdate),
 }
 
 /// Output of [`Call::poll_output`].
@@ -301,6 +309,8 @@ pub struct Call {
     reinvites: Vec<ReInvite>,
     server_txns: Vec<ServerTxn>,
     client: Option<ClientTxn>,
+    /// The agent's blind transfer (REFER) and its subscription, if any.
+    refer: Option<transfer::Refer>,
     /// The last ACK we sent for a 2xx to our refresh, resent on 2xx retransmissions.
     last_ack: Option<(u32, Bytes)>,
     session: Option<SessionTimer>,
@@ -335,7 +345,7 @@ fn is_held(neg: &Negotiated) -> bool {
 }
 
 /// The Allow header value: every method the bridge handles.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, NOTIFY";
 /// The Supported header value.
 pub const SUPPORTED: &str = "timer";
 
@@ -385,6 +395,7 @@ impl Call {
             recording_paused: Vec::new(),
             recording: RecordingStatus::Off,
             quality: None,
+            transfer: None,
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {
@@ -402,6 +413,7 @@ impl Call {
             reinvites: Vec::new(),
             server_txns: Vec::new(),
             client: None,
+            refer: None,
             last_ack: None,
             session,
             pending_hangup: None,
@@ -544,6 +556,10 @@ impl Call {
             && self.reinvites.is_empty()
             && self.server_txns.is_empty()
             && self.client.is_none()
+            && !self
+                .refer
+                .as_ref()
+                .is_some_and(transfer::Refer::txn_running)
     }
 
     /// Our BYE has been sent and neither answered nor timed out yet. A daemon
@@ -578,6 +594,7 @@ impl Call {
             Some(ClientTxn::Refresh { txn, .. }) => consider(txn.poll_timeout()),
             None => {}
         }
+        consider(self.refer.as_ref().and_then(transfer::Refer::poll_timeout));
         if self.state != State::Ended {
             consider(self.answer_at);
             consider(self.deadline);
@@ -629,6 +646,7 @@ impl Call {
             None => {}
         }
         self.drain_client(now, rng);
+        self.refer_timeout(now, rng);
         if self.state == State::Ended {
             return;
         }
@@ -892,6 +910,7 @@ impl Call {
                 let ok = self.dialog_response(&req, 200, false);
                 self.start_server_txn(now, &req, ok, dest);
             }
+            Method::Notify => self.on_notify(now, &req, dest, rng),
             Method::Extension(_) => self.respond_stateless(now, &req, 501, dest),
             _ => {
                 let mut resp = self.dialog_response(&req, 405, false);
@@ -899,7 +918,6 @@ impl Call {
                 self.start_server_txn(now, &req, resp, dest);
             }
         }
-        let _ = rng;
     }
 
     fn on_reinvite(&mut self, now: Instant, req: Request, branch: &str, dest: Peer) {
@@ -998,6 +1016,10 @@ impl Call {
         let Ok(cseq) = resp.cseq() else {
             return;
         };
+        if cseq.method == Method::Refer {
+            self.on_refer_response(now, cseq.seq, resp.status, rng);
+            return;
+        }
         match (&mut self.client, &cseq.method) {
             (Some(ClientTxn::Bye(txn)), Method::Bye) => {
                 // A response in the wrong state is absorbed by the transaction.
@@ -1107,6 +1129,11 @@ impl Call {
             return;
         }
         self.state = State::Ended;
+        if let Some(r) = &mut self.refer {
+            // Whatever comes later (a late NOTIFY) is answered, not reported.
+            r.done = true;
+            r.deadline = None;
+        }
         self.record.ended_at = Some(self.wall(now));
         self.record.hangup_side = side;
         self.record.cause = cause.as_str().to_owned();

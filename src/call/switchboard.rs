@@ -721,6 +721,7 @@ impl Switchboard {
                 RecordingStatus::Off
             },
             quality: None,
+            transfer: None,
         };
         let transmit = Transmit {
             dest: crate::call::response_dest(req, admitted.peer),
@@ -955,6 +956,7 @@ impl Switchboard {
             recording_paused: Vec::new(),
             recording: RecordingStatus::Off,
             quality: None,
+            transfer: None,
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());

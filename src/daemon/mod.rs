@@ -110,6 +110,13 @@ pub(crate) fn log_cdr(shared: &Shared, record: &CallRecord) {
     }
     if let Some(obj) = value.as_object_mut() {
         obj.insert("recorded".into(), record.recording.recorded().into());
+        // A transfer target may be a person's number: masked like one.
+        if let (Some(t), Some(to)) = (
+            &record.transfer,
+            obj.get_mut("transfer").and_then(|t| t.get_mut("to")),
+        ) {
+            *to = crate::logging::scrub(&t.to).into_owned().into();
+        }
     }
     let json = value.to_string();
     info!(
@@ -582,6 +589,11 @@ impl PipelineLink {
                     h.send_stats(media_time, quality);
                 }
             }
+            PipelineOp::Transfer(update) => {
+                if let Some(h) = &mut self.handle {
+                    h.send_transfer(update);
+                }
+            }
             PipelineOp::Close { deepgram_only } => {
                 // Deepgram closes its stream now; the transcripts it still
                 // sends (its last Results) reach the store. An agent
@@ -719,6 +731,20 @@ impl CallTask<'_> {
             }
             BridgeEvent::MarkDropped(name) => debug!(mark = %name, "mark dropped"),
             BridgeEvent::DtmfRefused(why) => warn!(%why, "agent's DTMF refused"),
+            BridgeEvent::Transfer(u) => {
+                let reason = match u.state {
+                    crate::call::transfer::TransferState::Failed(f) => f.as_str(),
+                    _ => "",
+                };
+                info!(
+                    to = %crate::logging::wire(&crate::logging::scrub(&u.to)),
+                    mode = u.mode.as_str(),
+                    result = u.state.result(),
+                    status = u.status,
+                    reason,
+                    "transfer"
+                );
+            }
             BridgeEvent::Ended { mut record, media } => {
                 self.live
                     .ended
@@ -824,6 +850,7 @@ async fn run_call(
                 AgentCommand::Failed(f) => BridgeInput::Agent(AgentEvent::Failed(f)),
                 AgentCommand::PauseRecording(p) => BridgeInput::Agent(AgentEvent::PauseRecording(p)),
                 AgentCommand::SendDtmf(keys) => BridgeInput::Agent(AgentEvent::SendDtmf(keys)),
+                AgentCommand::Transfer { to, mode } => BridgeInput::Agent(AgentEvent::Transfer { to, mode }),
             },
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),

@@ -35,9 +35,9 @@ use crate::call::bridged::{Consent, StoreOp};
 use crate::config::StoreSettings;
 use crate::store::crypto::KeyRing;
 use crate::store::db::{
-    CallEnd, CallRecording, CallRow, CallerIdPolicy, ConsentEvent, DbError, MediaFrames,
-    RecordingRow, RecordingState, RtpStats, Store, StoredHangupSide, TranscriptRow, UnixMs,
-    unix_ms,
+    CallEnd, CallRecording, CallRow, CallTransfer, CallerIdPolicy, ConsentEvent, DbError,
+    MediaFrames, RecordingRow, RecordingState, RtpStats, Store, StoredHangupSide, TranscriptRow,
+    UnixMs, unix_ms,
 };
 use crate::store::recording::{
     EXTENSION, FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE,
@@ -72,6 +72,8 @@ enum Op {
         frames: MediaFrames,
         /// As the call saw it; the writer corrects it when a write failed.
         recording: CallRecording,
+        /// The call's last transfer.
+        transfer: Option<CallTransfer>,
     },
     Consent {
         tenant: String,
@@ -315,6 +317,7 @@ impl Records {
             end: call_end(record),
             frames: media_frames(record),
             recording: call_recording(record.recording),
+            transfer: call_transfer(record),
         });
     }
 
@@ -383,6 +386,17 @@ fn call_recording(status: RecordingStatus) -> CallRecording {
         RecordingStatus::NotRecorded => CallRecording::NotRecorded,
         RecordingStatus::OptedOut => CallRecording::OptedOut,
     }
+}
+
+/// The database's form of the call's last transfer.
+fn call_transfer(record: &CallRecord) -> Option<CallTransfer> {
+    record.transfer.as_ref().map(|t| CallTransfer {
+        to: t.to.clone(),
+        mode: t.mode.as_str().to_owned(),
+        result: t.result.to_owned(),
+        reason: t.reason.map(str::to_owned),
+        status: t.status,
+    })
 }
 
 /// What the database says about how a call ended.
@@ -684,6 +698,7 @@ impl CallStore {
             end: call_end(record),
             frames: media_frames(record),
             recording: call_recording(record.recording),
+            transfer: call_transfer(record),
         });
     }
 }
@@ -872,6 +887,7 @@ enum DbWrite {
         end: CallEnd,
         frames: MediaFrames,
         recording: CallRecording,
+        transfer: Option<CallTransfer>,
     },
     Consent {
         tenant: String,
@@ -904,7 +920,8 @@ impl DbWrite {
                 end,
                 frames,
                 recording,
-            } => store.close_call(tenant, call_id, end, *frames, *recording),
+                transfer,
+            } => store.close_call(tenant, call_id, end, *frames, *recording, transfer.as_ref()),
             DbWrite::Consent {
                 tenant,
                 call_id,
@@ -1245,6 +1262,7 @@ impl Writer {
                 end,
                 frames,
                 recording,
+                transfer,
             } => {
                 let recording = match self.failed.remove(&call_id) {
                     // The caller's opt-out stands: what was kept is gone.
@@ -1258,6 +1276,7 @@ impl Writer {
                     end,
                     frames,
                     recording,
+                    transfer,
                 });
             }
             Op::Consent {
@@ -1678,6 +1697,7 @@ mod tests {
                 },
                 frames: MediaFrames::default(),
                 recording,
+                transfer: None,
             });
             let cdr = w.store.get_call("demo", "c1").unwrap().unwrap();
             let want = if opt_out {

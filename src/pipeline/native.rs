@@ -59,6 +59,11 @@ fn event_message(ev: &Event) -> String {
             media_time,
             quality,
         } => return stats_message(*media_time, quality),
+        Event::Transfer(u) => {
+            let mut m = super::transfer_fields(u);
+            m.insert("event".into(), "transfer".into());
+            serde_json::Value::Object(m)
+        }
     }
     .to_string()
 }
@@ -113,6 +118,7 @@ pub fn parse_agent_text(text: &str) -> Option<AgentCommand> {
         )),
         "pause_recording" => Some(AgentCommand::PauseRecording(true)),
         "resume_recording" => Some(AgentCommand::PauseRecording(false)),
+        "transfer" => super::transfer_command(&v),
         _ => None,
     }
 }

@@ -246,6 +246,18 @@ impl TelnyxStream {
         .to_string()
     }
 
+    /// `transfer`: sipbridge's extension (Telnyx Media Streaming has no
+    /// transfer), one step of the agent's transfer, in Telnyx's shape.
+    pub fn transfer_message(&mut self, u: &crate::call::transfer::TransferUpdate) -> String {
+        serde_json::json!({
+            "event": "transfer",
+            "stream_id": self.stream_id,
+            "sequence_number": self.next_sequence(),
+            "transfer": super::transfer_fields(u),
+        })
+        .to_string()
+    }
+
     /// `mark`: the echo of an agent's mark, once the audio before it has
     /// played (or was thrown away by `clear`).
     pub fn mark_message(&mut self, name: &str) -> String {
@@ -336,6 +348,12 @@ impl TelnyxStream {
             // sipbridge's extension (Telnyx has no such message): PCI pause.
             "pause_recording" => AgentFrame::Command(AgentCommand::PauseRecording(true)),
             "resume_recording" => AgentFrame::Command(AgentCommand::PauseRecording(false)),
+            // sipbridge's extension: `{"event":"transfer","stream_id":…,
+            // "transfer":{"to":…,"mode":…}}`.
+            "transfer" => match v.get("transfer").and_then(super::transfer_command) {
+                Some(cmd) => AgentFrame::Command(cmd),
+                None => self.refuse(MalformedFrame, "transfer.to is missing"),
+            },
             _ => self.refuse(MalformedFrame, "unknown event"),
         }
     }
@@ -384,6 +402,7 @@ impl StreamDialect for TelnyxStream {
         match ev {
             Event::Dtmf(d) => Some(self.dtmf_message(*d, now)),
             Event::Mark { name, .. } => Some(self.mark_message(name)),
+            Event::Transfer(u) => Some(self.transfer_message(u)),
             Event::Transcript(_) | Event::Stats { .. } => None,
         }
     }

@@ -190,12 +190,25 @@ impl TwilioStream {
         .to_string()
     }
 
+    /// `transfer`: sipbridge's extension (Twilio Media Streams has no
+    /// transfer), one step of the agent's transfer, in Twilio's shape.
+    pub fn transfer_message(&mut self, u: &crate::call::transfer::TransferUpdate) -> String {
+        serde_json::json!({
+            "event": "transfer",
+            "sequenceNumber": self.next_sequence(),
+            "streamSid": self.stream_sid,
+            "transfer": super::transfer_fields(u),
+        })
+        .to_string()
+    }
+
     /// An event towards the agent as its message (`None`: Twilio Media
     /// Streams has no message for it — transcripts).
     fn event_message(&mut self, ev: &Event) -> Option<String> {
         match ev {
             Event::Dtmf(d) => Some(self.dtmf_message(*d)),
             Event::Mark { name, .. } => Some(self.mark_message(name)),
+            Event::Transfer(u) => Some(self.transfer_message(u)),
             Event::Transcript(_) | Event::Stats { .. } => None,
         }
     }
@@ -240,6 +253,9 @@ impl TwilioStream {
             // sipbridge's extension (Twilio has no such message): PCI pause.
             "pause_recording" => Some(AgentCommand::PauseRecording(true)),
             "resume_recording" => Some(AgentCommand::PauseRecording(false)),
+            // sipbridge's extension: `{"event":"transfer","streamSid":…,
+            // "transfer":{"to":…,"mode":…}}`.
+            "transfer" => super::transfer_command(v.get("transfer")?),
             _ => None,
         }
     }
