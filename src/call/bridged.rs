@@ -994,7 +994,7 @@ impl BridgedCall {
         let result = match mode {
             TransferMode::Blind => self.call.refer(now, target.clone(), rng),
             // The bridge leg needs an outbound trunk leg (issue 13 item 2).
-            TransferMode::Bridge => Err(TransferFailure::InvalidMode),
+            TransferMode::Bridge => Err(TransferFailure::UnsupportedMode),
         };
         if let Err(why) = result {
             self.transfer_update(fail(target.to_string(), mode, why));

@@ -108,8 +108,11 @@ impl std::fmt::Display for TransferTarget {
 pub enum TransferFailure {
     /// `to` is not a `sip:`/`sips:` URI or a `tel:`/E.164 number.
     InvalidTarget,
-    /// `mode` is not one the daemon knows or can do for this call.
+    /// `mode` is neither `blind` nor `bridge`.
     InvalidMode,
+    /// `bridge`: this build cannot dial the target itself yet (the
+    /// outbound leg is issue 13 item 2); use `blind`.
+    UnsupportedMode,
     /// Another transfer of this call is still running.
     InProgress,
     /// The call is not answered and confirmed yet, or already ending.
@@ -131,6 +134,7 @@ impl TransferFailure {
         match self {
             TransferFailure::InvalidTarget => "invalid-target",
             TransferFailure::InvalidMode => "invalid-mode",
+            TransferFailure::UnsupportedMode => "unsupported-mode",
             TransferFailure::InProgress => "in-progress",
             TransferFailure::NotConnected => "not-connected",
             TransferFailure::Refused => "refused",
