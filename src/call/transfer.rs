@@ -522,6 +522,401 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::call::{CallSettings, LocalSip, MediaPlan, Peer, TransportKind};
+    use crate::media::resample::PipelineRate;
+    use crate::sip::message::{Message, Response, parse_datagram};
+    use crate::sip::sdp::{Codec, Encryption, LocalMedia};
+    use crate::sip::timer::TimerConfig;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use std::time::SystemTime;
+
+    const SDP: &str = "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
+t=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+
+    fn invite() -> Request {
+        request(&format!(
+            "INVITE sip:+15550001111@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-inv;rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15551112222@127.0.0.1>;tag=car\r\n\
+To: <sip:+15550001111@127.0.0.1>\r\n\
+Call-ID: xfer-1@127.0.0.1\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:carrier@127.0.0.1:5070>\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: {}\r\n\r\n{SDP}",
+            SDP.len()
+        ))
+    }
+
+    struct Leg {
+        call: Call,
+        now: Instant,
+        rng: ChaCha8Rng,
+        /// Our To tag.
+        tag: String,
+        /// The carrier's CSeq counter.
+        cseq: u32,
+        /// What the last NOTIFY made the call send.
+        last: Vec<Message>,
+    }
+
+    fn request(text: &str) -> Request {
+        match parse_datagram(text.as_bytes()) {
+            Ok(Message::Request(r)) => r,
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    fn parse_out(bytes: &[u8]) -> Message {
+        parse_datagram(bytes).expect("our own message parses")
+    }
+
+    impl Leg {
+        /// A confirmed call (INVITE, 200 at once, ACK).
+        fn confirmed() -> Leg {
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            let now = Instant::now();
+            let settings = CallSettings {
+                call_id: "xfer-1@127.0.0.1".into(),
+                tenant: "demo".into(),
+                trunk: "local".into(),
+                timers: TimerConfig::default(),
+                local: LocalSip {
+                    host: "127.0.0.1".into(),
+                    port: 5060,
+                },
+                media: LocalMedia {
+                    addr: "127.0.0.1".parse().unwrap(),
+                    rtp_port: 20_000,
+                    codecs: vec![Codec::Pcmu],
+                    telephone_event_pt: 101,
+                    ptime_ms: 20,
+                    encryption: Encryption::Off,
+                    secure_signalling: false,
+                    srtp_key: None,
+                },
+                answer_delay: Duration::ZERO,
+                session_expires: Duration::from_secs(1800),
+                min_se: Duration::from_secs(90),
+                rtp_timeout: None,
+                max_duration: None,
+                plan: MediaPlan {
+                    prompt: None,
+                    gate_until_prompt_done: false,
+                    pipeline_rate: PipelineRate::Hz8000,
+                    echo_delay: None,
+                    record: false,
+                    rtp_source: Default::default(),
+                },
+                early_media: false,
+                store_unavailable: false,
+            };
+            let peer = Peer {
+                transport: TransportKind::Udp,
+                addr: "127.0.0.1:5070".parse().unwrap(),
+                flow: 0,
+            };
+            let mut call = Call::new(
+                now,
+                SystemTime::UNIX_EPOCH,
+                invite(),
+                peer,
+                settings,
+                &mut rng,
+            )
+            .unwrap();
+            call.handle_timeout(now, &mut rng);
+            let mut tag = String::new();
+            while let Some(o) = call.poll_output() {
+                if let CallOutput::Transmit(t) = o
+                    && let Message::Response(r) = parse_out(&t.bytes)
+                    && r.status == 200
+                {
+                    tag = r.to().unwrap().tag().unwrap().to_owned();
+                }
+            }
+            assert!(!tag.is_empty(), "answered");
+            let mut leg = Leg {
+                call,
+                now,
+                rng,
+                tag,
+                cseq: 1,
+                last: Vec::new(),
+            };
+            let ack = leg.in_dialog("ACK", 1, "", "");
+            leg.call.handle_request(now, ack, &mut leg.rng);
+            leg.drain();
+            assert!(leg.call.is_confirmed());
+            leg
+        }
+
+        fn in_dialog(&self, method: &str, seq: u32, headers: &str, body: &str) -> Request {
+            request(&format!(
+                "{method} sip:sipbridge@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-{method}-{seq}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15551112222@127.0.0.1>;tag=car\r\n\
+To: <sip:+15550001111@127.0.0.1>;tag={tag}\r\n\
+Call-ID: xfer-1@127.0.0.1\r\n\
+CSeq: {seq} {method}\r\n\
+{headers}Content-Length: {len}\r\n\r\n{body}",
+                tag = self.tag,
+                len = body.len()
+            ))
+        }
+
+        /// A NOTIFY from the carrier; returns our response's status.
+        fn notify(&mut self, event: &str, state: &str, frag: &str) -> u16 {
+            self.cseq += 1;
+            let headers = format!(
+                "Event: {event}\r\nSubscription-State: {state}\r\n\
+Content-Type: message/sipfrag;version=2.0\r\n"
+            );
+            let req = self.in_dialog("NOTIFY", self.cseq, &headers, frag);
+            self.call.handle_request(self.now, req, &mut self.rng);
+            let (sent, _) = self.drain();
+            let status = sent
+                .iter()
+                .find_map(|m| match m {
+                    Message::Response(r) if r.cseq().unwrap().method == Method::Notify => {
+                        Some(r.status)
+                    }
+                    _ => None,
+                })
+                .expect("the NOTIFY is answered");
+            self.last = sent;
+            status
+        }
+
+        /// Everything the call sent and reported.
+        fn drain(&mut self) -> (Vec<Message>, Vec<CallEvent>) {
+            let (mut sent, mut events) = (Vec::new(), Vec::new());
+            while let Some(o) = self.call.poll_output() {
+                match o {
+                    CallOutput::Transmit(t) => sent.push(parse_out(&t.bytes)),
+                    CallOutput::Event(e) => events.push(e),
+                }
+            }
+            (sent, events)
+        }
+
+        /// The REFER for `to`, as sent.
+        fn refer(&mut self, to: &str) -> Request {
+            let target = TransferTarget::parse(to).unwrap();
+            self.call.refer(self.now, target, &mut self.rng).unwrap();
+            let (sent, events) = self.drain();
+            assert!(events.is_empty());
+            match sent.as_slice() {
+                [Message::Request(r)] if r.method == Method::Refer => r.clone(),
+                other => panic!("one REFER expected: {other:?}"),
+            }
+        }
+
+        fn answer(&mut self, refer: &Request, status: u16) -> Vec<TransferUpdate> {
+            let resp = Response::for_request(refer, status);
+            self.call.handle_response(self.now, resp, &mut self.rng);
+            updates(self.drain().1)
+        }
+
+        /// Runs virtual time to `at`, returning what was sent and reported.
+        fn run_until(&mut self, at: Instant) -> (Vec<Message>, Vec<TransferUpdate>) {
+            let (mut sent, mut ups) = (Vec::new(), Vec::new());
+            while let Some(t) = self.call.poll_timeout() {
+                if t > at {
+                    break;
+                }
+                self.now = t.max(self.now);
+                self.call.handle_timeout(self.now, &mut self.rng);
+                let (s, e) = self.drain();
+                sent.extend(s);
+                ups.extend(updates(e));
+            }
+            self.now = at;
+            (sent, ups)
+        }
+    }
+
+    fn updates(events: Vec<CallEvent>) -> Vec<TransferUpdate> {
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                CallEvent::Transfer(u) => Some(u),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn states(ups: &[TransferUpdate]) -> Vec<(TransferState, Option<u16>)> {
+        ups.iter().map(|u| (u.state, u.status)).collect()
+    }
+
+    #[test]
+    fn refer_names_the_target_and_us_in_the_dialog() {
+        let mut leg = Leg::confirmed();
+        let refer = leg.refer("+15557654321");
+        assert_eq!(refer.headers.get("Refer-To"), Some("<tel:+15557654321>"));
+        assert_eq!(
+            refer.headers.get("Referred-By"),
+            Some("<sip:+15550001111@127.0.0.1>")
+        );
+        assert_eq!(refer.uri.to_string(), "sip:carrier@127.0.0.1:5070");
+        assert!(refer.headers.get("To").unwrap().contains("tag=car"));
+        assert!(refer.headers.get("Contact").is_some());
+    }
+
+    #[test]
+    fn completed_transfer_byes_the_callers_leg_with_cause_transferred() {
+        let mut leg = Leg::confirmed();
+        let refer = leg.refer("sip:desk@10.0.0.9");
+        let seq = refer.cseq().unwrap().seq;
+        assert_eq!(
+            states(&leg.answer(&refer, 202)),
+            vec![(TransferState::Accepted, Some(202))]
+        );
+        let event = format!("refer;id={seq}");
+        assert_eq!(
+            leg.notify(&event, "active;expires=60", "SIP/2.0 180 Ringing\r\n"),
+            200
+        );
+        assert_eq!(
+            leg.notify(&event, "terminated;reason=noresource", "SIP/2.0 200 OK\r\n"),
+            200
+        );
+        // The 200 to the NOTIFY, then the BYE, in that same step; the CDR says so.
+        let kinds: Vec<String> = leg
+            .last
+            .iter()
+            .map(|m| match m {
+                Message::Request(r) => r.method.to_string(),
+                Message::Response(r) => r.status.to_string(),
+            })
+            .collect();
+        assert_eq!(kinds, vec!["200", "BYE"]);
+        assert!(leg.call.is_ended());
+        let record = &leg.call.record;
+        assert_eq!(record.cause, "transferred");
+        let t = record.transfer.as_ref().unwrap();
+        assert_eq!(
+            (t.result, t.status, t.to.as_str()),
+            ("completed", Some(200), "sip:desk@10.0.0.9")
+        );
+    }
+
+    #[test]
+    fn the_final_notify_may_overtake_the_202() {
+        let mut leg = Leg::confirmed();
+        let refer = leg.refer("tel:+15557654321");
+        assert_eq!(
+            leg.notify("refer", "terminated", "SIP/2.0 486 Busy Here\r\n"),
+            200
+        );
+        let ups = leg.answer(&refer, 202);
+        assert!(ups.is_empty(), "nothing after the final step: {ups:?}");
+        assert!(!leg.call.is_ended(), "the caller stays");
+        let t = leg.call.record.transfer.as_ref().unwrap();
+        assert_eq!(
+            (t.result, t.reason, t.status),
+            ("failed", Some("target-failed"), Some(486))
+        );
+    }
+
+    #[test]
+    fn a_refer_without_answer_fails_at_timer_f_and_the_caller_stays() {
+        let mut leg = Leg::confirmed();
+        let start = leg.now;
+        let _refer = leg.refer("tel:+15557654321");
+        let (sent, ups) = leg.run_until(start + Duration::from_secs(40));
+        assert!(
+            sent.iter()
+                .all(|m| matches!(m, Message::Request(r) if r.method == Method::Refer)),
+            "only REFER retransmissions: {sent:?}"
+        );
+        assert!(sent.len() >= 5, "retransmitted: {}", sent.len());
+        assert_eq!(
+            states(&ups),
+            vec![(TransferState::Failed(TransferFailure::Timeout), Some(408))]
+        );
+        assert!(!leg.call.is_ended());
+        // Another transfer may follow.
+        let again = leg.refer("tel:+15557654321");
+        assert_eq!(again.method, Method::Refer);
+    }
+
+    #[test]
+    fn no_final_notify_within_the_limit_fails_and_the_caller_stays() {
+        let mut leg = Leg::confirmed();
+        let refer = leg.refer("tel:+15557654321");
+        leg.answer(&refer, 202);
+        let accepted_at = leg.now;
+        leg.notify("refer", "active", "SIP/2.0 100 Trying\r\n");
+        let (_, ups) = leg.run_until(accepted_at + NOTIFY_LIMIT - Duration::from_millis(1));
+        assert!(ups.is_empty());
+        let (_, ups) = leg.run_until(accepted_at + NOTIFY_LIMIT);
+        assert_eq!(
+            states(&ups),
+            vec![(
+                TransferState::Failed(TransferFailure::NotifyTimeout),
+                Some(100)
+            )]
+        );
+        assert!(!leg.call.is_ended());
+        // A late NOTIFY is answered, not reported.
+        assert_eq!(leg.notify("refer", "terminated", "SIP/2.0 200 OK\r\n"), 200);
+        assert!(!leg.call.is_ended());
+    }
+
+    #[test]
+    fn a_subscription_ended_without_a_final_status_fails() {
+        let mut leg = Leg::confirmed();
+        let refer = leg.refer("tel:+15557654321");
+        leg.answer(&refer, 202);
+        leg.notify("refer", "terminated;reason=timeout", "");
+        let t = leg.call.record.transfer.as_ref().unwrap();
+        assert_eq!((t.result, t.reason), ("failed", Some("notify-timeout")));
+    }
+
+    #[test]
+    fn one_transfer_at_a_time_and_only_once_confirmed() {
+        let mut leg = Leg::confirmed();
+        let _refer = leg.refer("tel:+15557654321");
+        let target = TransferTarget::parse("tel:+15550000000").unwrap();
+        assert_eq!(
+            leg.call.refer(leg.now, target.clone(), &mut leg.rng),
+            Err(TransferFailure::InProgress)
+        );
+        assert!(leg.drain().0.is_empty(), "no second REFER");
+        let now = leg.now;
+        leg.call.hang_up(now, HangupCause::Local, &mut leg.rng);
+        assert_eq!(
+            leg.call.refer(leg.now, target, &mut leg.rng),
+            Err(TransferFailure::NotConnected)
+        );
+    }
+
+    #[test]
+    fn notifies_of_other_packages_or_subscriptions_are_refused() {
+        let mut leg = Leg::confirmed();
+        assert_eq!(
+            leg.notify("refer", "active", "SIP/2.0 100 Trying\r\n"),
+            481,
+            "no REFER yet"
+        );
+        let refer = leg.refer("tel:+15557654321");
+        let seq = refer.cseq().unwrap().seq;
+        assert_eq!(leg.notify("dialog", "active", ""), 489);
+        assert_eq!(
+            leg.notify(&format!("refer;id={}", seq + 1), "active", ""),
+            481
+        );
+        assert_eq!(
+            leg.notify(&format!("refer;id={seq}"), "active", "garbage"),
+            200
+        );
+        assert!(leg.call.record.transfer.is_none(), "nothing to report yet");
+    }
 
     #[test]
     fn targets_keep_tel_and_check_sip() {

@@ -335,4 +335,60 @@ mod tests {
         assert_eq!(parse_agent_text(r#"{"event":"dtmf"}"#), None);
         assert_eq!(parse_agent_text(r#"{"event":"dtmf","digits":7}"#), None);
     }
+
+    #[test]
+    fn transfer_both_ways() {
+        assert_eq!(
+            parse_agent_text(r#"{"event":"transfer","to":"tel:+15557654321","mode":"blind"}"#),
+            Some(AgentCommand::Transfer {
+                to: "tel:+15557654321".into(),
+                mode: Some("blind".into())
+            })
+        );
+        assert_eq!(
+            parse_agent_text(r#"{"event":"transfer","to":"+15557654321"}"#),
+            Some(AgentCommand::Transfer {
+                to: "+15557654321".into(),
+                mode: None
+            })
+        );
+        assert_eq!(parse_agent_text(r#"{"event":"transfer"}"#), None);
+        assert_eq!(parse_agent_text(r#"{"event":"transfer","to":5}"#), None);
+        assert_eq!(
+            parse_agent_text(r#"{"event":"transfer","to":"sip:a@b","mode":1}"#),
+            None
+        );
+        let long = format!(r#"{{"event":"transfer","to":"{}"}}"#, "9".repeat(5000));
+        match parse_agent_text(&long) {
+            Some(AgentCommand::Transfer { to, .. }) => assert_eq!(to.len(), 512),
+            other => panic!("{other:?}"),
+        }
+        use crate::call::transfer::{TransferFailure, TransferMode, TransferState, TransferUpdate};
+        let v: serde_json::Value =
+            serde_json::from_str(&event_message(&Event::Transfer(TransferUpdate {
+                to: "tel:+15557654321".into(),
+                mode: TransferMode::Blind,
+                state: TransferState::Failed(TransferFailure::Refused),
+                status: Some(403),
+            })))
+            .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"transfer","result":"failed","reason":"refused",
+                "status":403,"to":"tel:+15557654321","mode":"blind"})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&event_message(&Event::Transfer(TransferUpdate {
+                to: "tel:+1".into(),
+                mode: TransferMode::Blind,
+                state: TransferState::Accepted,
+                status: Some(202),
+            })))
+            .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"transfer","result":"accepted","status":202,
+                "to":"tel:+1","mode":"blind"})
+        );
+    }
 }

@@ -708,4 +708,39 @@ mod tests {
         );
         assert_eq!(start["start"]["call_control_id"], "abc@h", "the same call");
     }
+
+    #[test]
+    fn transfer_is_an_extension_in_telnyx_shape() {
+        use crate::call::transfer::{TransferMode, TransferState, TransferUpdate};
+        let mut s = stream(8000, TelnyxEncoding::Pcmu);
+        let msg = json!({"event":"transfer","transfer":{"to":"sip:desk@pbx.example.com"}});
+        assert_eq!(
+            s.parse_agent_text(&msg.to_string()),
+            AgentFrame::Command(AgentCommand::Transfer {
+                to: "sip:desk@pbx.example.com".into(),
+                mode: None
+            })
+        );
+        let bad = json!({"event":"transfer","transfer":{}});
+        match s.parse_agent_text(&bad.to_string()) {
+            AgentFrame::Reply(r) => assert_eq!(json(&r)["payload"]["code"], 100003),
+            other => panic!("{other:?}"),
+        }
+        s.start_message(&info(8000));
+        let out = StreamDialect::event_message(
+            &mut s,
+            &Event::Transfer(TransferUpdate {
+                to: "sip:desk@pbx.example.com".into(),
+                mode: TransferMode::Blind,
+                state: TransferState::Progress,
+                status: Some(180),
+            }),
+            std::time::SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            json(&out.unwrap()),
+            json!({"event":"transfer","sequence_number":"2","stream_id":ID,
+                "transfer":{"result":"progress","status":180,"to":"sip:desk@pbx.example.com","mode":"blind"}})
+        );
+    }
 }

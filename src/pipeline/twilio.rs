@@ -498,4 +498,38 @@ mod tests {
             Err(TwilioError::UnsupportedRate(44_100))
         ));
     }
+
+    #[test]
+    fn transfer_is_an_extension_in_twilio_shape() {
+        use crate::call::transfer::{TransferMode, TransferState, TransferUpdate};
+        let mut s = TwilioStream::new(&info(8000), SID.into()).unwrap();
+        let msg = json!({"event":"transfer","streamSid":SID,
+            "transfer":{"to":"tel:+15557654321","mode":"blind"}});
+        assert_eq!(
+            s.parse_agent_text(&msg.to_string()),
+            Some(AgentCommand::Transfer {
+                to: "tel:+15557654321".into(),
+                mode: Some("blind".into())
+            })
+        );
+        for ignored in [
+            json!({"event":"transfer","streamSid":"MZother","transfer":{"to":"tel:+1"}}),
+            json!({"event":"transfer","streamSid":SID}),
+            json!({"event":"transfer","streamSid":SID,"transfer":{"mode":"blind"}}),
+        ] {
+            assert_eq!(s.parse_agent_text(&ignored.to_string()), None, "{ignored}");
+        }
+        s.start_message(&info(8000));
+        let out = s.event_message(&Event::Transfer(TransferUpdate {
+            to: "tel:+15557654321".into(),
+            mode: TransferMode::Blind,
+            state: TransferState::Completed,
+            status: Some(200),
+        }));
+        assert_eq!(
+            json(&out.unwrap()),
+            json!({"event":"transfer","sequenceNumber":"2","streamSid":SID,
+                "transfer":{"result":"completed","status":200,"to":"tel:+15557654321","mode":"blind"}})
+        );
+    }
 }
