@@ -18,11 +18,34 @@ pub enum HangupSide {
     Bridge,
 }
 
+/// Who placed the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallDirection {
+    /// A carrier called us.
+    #[default]
+    Inbound,
+    /// We dialled out (admin API `POST /v1/calls`).
+    Outbound,
+}
+
+impl CallDirection {
+    /// `inbound` / `outbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallDirection::Inbound => "inbound",
+            CallDirection::Outbound => "outbound",
+        }
+    }
+}
+
 /// One call attempt.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CallRecord {
     /// SIP Call-ID.
     pub call_id: String,
+    /// Inbound (a carrier called) or outbound (we dialled).
+    pub direction: CallDirection,
     /// Tenant, once routed.
     pub tenant: Option<String>,
     /// Trunk, once identified.

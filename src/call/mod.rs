@@ -12,6 +12,7 @@ pub mod auth_guard;
 pub mod bridged;
 mod cdr;
 mod media;
+pub mod outbound;
 mod session;
 pub mod source_gate;
 pub mod supervisor;
@@ -19,8 +20,8 @@ mod switchboard;
 pub mod transfer;
 
 pub use cdr::{
-    CallRecord, DepthSummary, HangupSide, LatencySummary, PausedStretch, QualitySummary,
-    RecordingStatus, RtpSummary,
+    CallDirection, CallRecord, DepthSummary, HangupSide, LatencySummary, PausedStretch,
+    QualitySummary, RecordingStatus, RtpSummary,
 };
 pub use media::{
     MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError, PcmFrame,
@@ -294,7 +295,9 @@ pub struct Call {
     state: State,
     invite: Request,
     invite_branch: String,
-    invite_txn: ServerInviteTransaction,
+    /// The INVITE server transaction (calls we answer); `None` for calls we
+    /// placed ([`Call::from_answered`]).
+    invite_txn: Option<ServerInviteTransaction>,
     /// Where the INVITE's responses go (RFC 3261 §18.2.2).
     invite_dest: Peer,
     dialog: Dialog,
@@ -378,6 +381,7 @@ impl Call {
         let from = invite.from()?;
         let record = CallRecord {
             call_id: call_id.clone(),
+            direction: CallDirection::Inbound,
             tenant: Some(settings.tenant.clone()),
             trunk: Some(settings.trunk.clone()),
             from: from.uri.user_unescaped().unwrap_or_default(),
@@ -403,7 +407,7 @@ impl Call {
             peer,
             state: State::Ringing,
             invite_branch,
-            invite_txn,
+            invite_txn: Some(invite_txn),
             invite_dest,
             dialog,
             sdp: SdpSession::new(rng.next_u64() >> 1, "sipbridge"),
@@ -449,7 +453,9 @@ impl Call {
             let mut progress = call.ok_with_sdp(&call.invite, body);
             progress.status = 183;
             progress.reason = crate::sip::error::reason_phrase(183).to_owned();
-            let _ = call.invite_txn.send_provisional(now, progress.encode());
+            if let Some(t) = call.invite_txn.as_mut() {
+                let _ = t.send_provisional(now, progress.encode());
+            }
             call.drain_invite_txn();
             call.out
                 .push_back(CallOutput::Event(CallEvent::EarlyMedia(neg)));
@@ -459,7 +465,9 @@ impl Call {
             return Ok(call);
         }
         let ringing = call.dialog_response(&call.invite, 180, true);
-        let _ = call.invite_txn.send_provisional(now, ringing.encode());
+        if let Some(t) = call.invite_txn.as_mut() {
+            let _ = t.send_provisional(now, ringing.encode());
+        }
         call.drain_invite_txn();
         if call.settings.answer_delay.is_zero() {
             call.answer(now);
@@ -467,6 +475,56 @@ impl Call {
             call.answer_at = Some(now + call.settings.answer_delay);
         }
         Ok(call)
+    }
+}
+
+impl Call {
+    /// A call we placed, once its outbound leg was answered and ACKed
+    /// ([`outbound::OutboundLeg`]): confirmed at once, with the dialog, SDP
+    /// state and ACK the leg hands over. From here on it behaves like a call
+    /// we answered: BYE either way, re-INVITEs, RTP timeout, maximum
+    /// duration; a retransmitted 2xx is ACKed again. Emits
+    /// [`CallEvent::Answered`].
+    pub fn from_answered(now: Instant, leg: outbound::AnsweredLeg, settings: CallSettings) -> Call {
+        let invite_branch = branch_of(&leg.invite);
+        let seq = leg.invite.cseq().map(|c| c.seq).unwrap_or(0);
+        let mut record = leg.record;
+        record
+            .answered_at
+            .get_or_insert(leg.wall_started + now.saturating_duration_since(leg.started));
+        record.codec = Some(leg.negotiated.codec.encoding_name().to_owned());
+        let mut call = Call {
+            call_id: settings.call_id.clone(),
+            peer: leg.dest,
+            state: State::Confirmed,
+            invite_branch,
+            invite_txn: None,
+            invite_dest: leg.dest,
+            dialog: leg.dialog,
+            sdp: leg.sdp,
+            delayed_offer: false,
+            negotiated: Some(leg.negotiated.clone()),
+            pending_answer: None,
+            reinvites: Vec::new(),
+            server_txns: Vec::new(),
+            client: None,
+            refer: None,
+            last_ack: Some((seq, leg.ack)),
+            session: None,
+            pending_hangup: None,
+            answer_at: None,
+            last_media: now,
+            deadline: settings.max_duration.map(|d| now + d),
+            started: leg.started,
+            wall_started: leg.wall_started,
+            record,
+            out: VecDeque::new(),
+            invite: leg.invite,
+            settings,
+        };
+        call.out
+            .push_back(CallOutput::Event(CallEvent::Answered(leg.negotiated)));
+        call
     }
 }
 
@@ -552,7 +610,7 @@ impl Call {
     /// Whether every transaction is done too: the owner may drop the call.
     pub fn is_finished(&self) -> bool {
         self.state == State::Ended
-            && self.invite_txn.is_terminated()
+            && self.invite_txn.as_ref().is_none_or(|t| t.is_terminated())
             && self.reinvites.is_empty()
             && self.server_txns.is_empty()
             && self.client.is_none()
@@ -577,7 +635,7 @@ impl Call {
 
     /// When [`Call::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = self.invite_txn.poll_timeout();
+        let mut next = self.invite_txn.as_ref().and_then(|t| t.poll_timeout());
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -630,7 +688,9 @@ impl Call {
 
     /// Time moves on: retransmit, time out, refresh, expire.
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
-        self.invite_txn.handle_timeout(now);
+        if let Some(t) = self.invite_txn.as_mut() {
+            t.handle_timeout(now);
+        }
         self.drain_invite_txn_at(now, rng);
         for re in &mut self.reinvites {
             re.txn.handle_timeout(now);
@@ -736,7 +796,9 @@ impl Call {
             Method::Ack => self.on_ack(now, &req, &branch),
             Method::Cancel => self.on_cancel(now, &req, &branch, dest),
             Method::Invite if !has_to_tag && branch == self.invite_branch => {
-                self.invite_txn.on_request_retransmission(now);
+                if let Some(t) = self.invite_txn.as_mut() {
+                    t.on_request_retransmission(now);
+                }
                 self.drain_invite_txn();
             }
             Method::Invite if !has_to_tag => {
@@ -750,13 +812,17 @@ impl Call {
 
     fn on_ack(&mut self, now: Instant, ack: &Request, branch: &str) {
         let seq = ack.cseq().map(|c| c.seq).unwrap_or(0);
-        if seq == self.dialog_invite_seq() {
+        // Only a call we answered waits for the ACK of its INVITE; in a call
+        // we placed, the peer's CSeq numbers are its own.
+        if self.invite_txn.is_some() && seq == self.dialog_invite_seq() {
             // The ACK of the initial INVITE: for a non-2xx it shares the
             // INVITE's branch, for our 2xx it is a new transaction in the
             // dialog. Either way it stops the INVITE transaction's
             // retransmissions — also when the call already ended (we hung up
             // before the ACK arrived).
-            self.invite_txn.on_ack(now);
+            if let Some(t) = self.invite_txn.as_mut() {
+                t.on_ack(now);
+            }
             self.drain_invite_txn();
             if self.state == State::Answered
                 && (branch != self.invite_branch || self.dialog.matches(ack))
@@ -891,7 +957,9 @@ impl Call {
                     }
                     State::Answered | State::Confirmed => {
                         // The 2xx needs no more retransmission once the dialog ends.
-                        self.invite_txn.on_ack(now);
+                        if let Some(t) = self.invite_txn.as_mut() {
+                            t.on_ack(now);
+                        }
                         self.drain_invite_txn();
                         self.end(now, HangupSide::Caller, HangupCause::CallerBye);
                     }
@@ -1075,7 +1143,9 @@ impl Call {
         if let Some(s) = &self.session {
             s.apply(&mut ok.headers);
         }
-        let _ = self.invite_txn.send_final(now, 200, ok.encode());
+        if let Some(t) = self.invite_txn.as_mut() {
+            let _ = t.send_final(now, 200, ok.encode());
+        }
         self.drain_invite_txn();
         self.state = State::Answered;
         self.record.answered_at = Some(self.wall(now));
@@ -1113,7 +1183,9 @@ impl Call {
                 ),
             );
         }
-        let _ = self.invite_txn.send_final(now, status, resp.encode());
+        if let Some(t) = self.invite_txn.as_mut() {
+            let _ = t.send_final(now, status, resp.encode());
+        }
         self.drain_invite_txn();
         self.answer_at = None;
         self.record.result_code = status;
@@ -1271,7 +1343,7 @@ impl Call {
     }
 
     fn drain_invite_txn(&mut self) {
-        while let Some(o) = self.invite_txn.poll_output() {
+        while let Some(o) = self.invite_txn.as_mut().and_then(|t| t.poll_output()) {
             match o {
                 TransactionOutput::Transmit(bytes) => self.transmit(self.invite_dest, bytes),
                 TransactionOutput::Event(TransactionEvent::TimedOut(_)) => {

@@ -13,8 +13,8 @@ use super::auth_guard::{AuthGuard, AuthLimits, AuthRefusal};
 use super::session::SessionTimer;
 use super::source_gate::{BanReason, GateDrop, GateLimits, SourceGate};
 use super::{
-    ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, RecordingStatus, SUPPORTED,
-    Transmit, TransportKind,
+    ALLOW, CallDirection, CallRecord, CallSettings, HangupSide, LocalSip, Peer, RecordingStatus,
+    SUPPORTED, Transmit, TransportKind,
 };
 use crate::config::{Config, OnStoreFailure};
 use crate::media::prompt::Prompt;
@@ -692,6 +692,7 @@ impl Switchboard {
         resp.headers.push("Retry-After", "5");
         let record = CallRecord {
             call_id: admitted.settings.call_id.clone(),
+            direction: CallDirection::Inbound,
             tenant: Some(admitted.settings.tenant.clone()),
             trunk: Some(admitted.settings.trunk.clone()),
             from: req
@@ -935,6 +936,7 @@ impl Switchboard {
         let dialed = dialed_number(&req);
         let mut record = CallRecord {
             call_id: req.call_id().unwrap_or_default().to_owned(),
+            direction: CallDirection::Inbound,
             tenant: None,
             trunk: None,
             from: req
