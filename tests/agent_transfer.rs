@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The daemon with the `demo` tenant on a native agent at `port`, without the
-/// disclosure prompt.
+/// disclosure prompt, with the admin listener (for `/metrics`).
 fn daemon(port: u16) -> Daemon {
     let pipeline =
         format!(r#"pipeline = {{ kind = "agent", url = "ws://127.0.0.1:{port}/agent" }}"#);
@@ -34,7 +34,11 @@ fn daemon(port: u16) -> Daemon {
         .lines()
         .filter(|l| !l.starts_with("prompt = "))
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+        .replace(
+            "[profile.sip]",
+            "[profile.admin]\nlisten = \"127.0.0.1:0\"\n\n[profile.sip]",
+        );
     Daemon::spawn(&profile)
 }
 
@@ -241,6 +245,18 @@ fn refused_refer_for_a_tel_target_fails_back_and_the_target_stays_tel() {
     assert!(
         daemon.logs().iter().all(|l| !l.contains("15557654321")),
         "the target number is in no log line"
+    );
+    let metrics = common::http::get(daemon.admin_addr(), "/metrics", None).text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sipbridge_transfers_total{")
+                && l.contains(r#"mode="blind""#)
+                && l.contains(r#"result="failed""#)
+                && l.contains(r#"reason="refused""#)
+                && l.contains(r#"tenant="demo""#)
+                && l.ends_with(" 1")),
+        "{metrics}"
     );
     let events = transfer_events(&agent.finish());
     assert_eq!(events.len(), 1, "{events:?}");

@@ -744,6 +744,14 @@ impl CallTask<'_> {
                     reason,
                     "transfer"
                 );
+                if u.state.is_final() {
+                    crate::metrics::transfer_finished(
+                        &self.live.tenant,
+                        u.mode.as_str(),
+                        u.state.result(),
+                        reason,
+                    );
+                }
             }
             BridgeEvent::Ended { mut record, media } => {
                 self.live
