@@ -11,7 +11,11 @@
 //! - target busy: NOTIFY 486 → the agent gets `failed` (`target-failed`, 486) and keeps
 //!   the caller (its audio still flows until the carrier hangs up);
 //! - REFER refused (403) for a `tel:` target, sent as `tel:` → `failed` (`refused`, 403);
-//! - a second transfer while one runs gets `failed` (`in-progress`) with no second REFER.
+//! - Twilio mode: the same, as sipbridge's extension in Twilio's message shape;
+//! - the example agent (examples/transfer_agent.py) does a whole transfer.
+//!
+//! Timer F, the 90 s bound on the final NOTIFY, NOTIFYs that overtake the 202 and one
+//! transfer at a time are tested in virtual time in `src/call/transfer.rs`.
 
 mod common;
 
@@ -344,4 +348,45 @@ fn example_agent_transfers_the_caller() {
             .all(|l| l.get("to").is_none_or(|t| *t == json!(to)))
     );
     assert!(lines.iter().any(|l| l["stopped"] == true), "{lines:?}");
+}
+
+/// Twilio mode: the transfer is sipbridge's extension on the same socket, nested as
+/// Twilio nests its messages, and its outcome comes back in Twilio's shape.
+#[test]
+fn twilio_mode_transfer_and_its_outcome() {
+    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(
+        r#"{"event":"transfer","streamSid":"{streamSid}","transfer":{"to":"tel:+15557654321","mode":"blind"}}"#,
+    )]);
+    let pipeline = format!(
+        r#"pipeline = {{ kind = "agent", url = "ws://127.0.0.1:{}/agent", mode = "twilio" }}"#,
+        agent.port()
+    );
+    let profile: String = ProfileSpec::default()
+        .render()
+        .replace(r#"pipeline = { kind = "echo" }"#, &pipeline)
+        .lines()
+        .filter(|l| !l.starts_with("prompt = "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let daemon = Daemon::spawn(&profile);
+    let (result, _) = carrier(&daemon, "transfer_carrier_refuse.xml", 1000);
+    result.assert_success();
+    assert!(result.messages.contains("Refer-To: <tel:+15557654321>"));
+    let conns = agent.finish();
+    let sid = conns[0]
+        .texts
+        .iter()
+        .find(|v| v["event"] == "start")
+        .and_then(|v| v["streamSid"].as_str())
+        .unwrap()
+        .to_owned();
+    let events = transfer_events(&conns);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["streamSid"], json!(sid));
+    assert!(events[0]["sequenceNumber"].is_string());
+    assert_eq!(
+        events[0]["transfer"],
+        json!({"result": "failed", "reason": "refused", "status": 403,
+               "to": "tel:+15557654321", "mode": "blind"})
+    );
 }
