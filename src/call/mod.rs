@@ -27,8 +27,8 @@ pub use media::{
     MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError, PcmFrame,
 };
 pub use switchboard::{
-    Admitted, Dispatch, PortAllocator, SecurityCounts, Switchboard, SwitchboardSettings,
-    dialed_number,
+    Admitted, Dispatch, OutboundAdmitted, OutboundRefusal, OutboundRequest, PortAllocator,
+    SecurityCounts, Switchboard, SwitchboardSettings, dialed_number,
 };
 
 use crate::sip::dialog::Dialog;

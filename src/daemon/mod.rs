@@ -6,6 +6,7 @@
 //! tasks parse and dispatch; each call runs in its own task that owns its
 //! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
 
+mod dial;
 mod lifecycle;
 mod reject_log;
 mod store_link;
@@ -201,6 +202,41 @@ impl Shared {
         tenant: &str,
         invite: &crate::sip::message::Request,
     ) -> Option<AgentPlan> {
+        self.agent_for_call(
+            config,
+            tenant,
+            crate::call::CallDirection::Inbound,
+            invite.call_id().unwrap_or_default().to_owned(),
+            invite
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user_unescaped())
+                .unwrap_or_default(),
+            crate::call::dialed_number(invite).unwrap_or_default(),
+            invite
+                .headers
+                .iter()
+                .filter(|(name, _)| {
+                    name.len() > 2 && name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+                })
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+
+    /// [`Shared::agent_for`] with what the `start` message says given
+    /// directly (an outbound call has no INVITE of the peer's).
+    #[allow(clippy::too_many_arguments)]
+    fn agent_for_call(
+        &self,
+        config: &crate::config::Config,
+        tenant: &str,
+        direction: crate::call::CallDirection,
+        call_id: String,
+        from: String,
+        to: String,
+        custom: Vec<(String, String)>,
+    ) -> Option<AgentPlan> {
         use crate::pipeline::deepgram::DeepgramTarget;
         let (target, stt, sample_rate, policy, account_sid, stats_interval) = {
             let t = config.tenant(tenant)?;
@@ -238,23 +274,13 @@ impl Shared {
         };
         let info = CallInfo {
             sample_rate,
-            call_id: invite.call_id().unwrap_or_default().to_owned(),
+            call_id,
+            direction,
             tenant: tenant.to_owned(),
             account_sid,
-            from: invite
-                .from()
-                .ok()
-                .and_then(|f| f.uri.user_unescaped())
-                .unwrap_or_default(),
-            to: crate::call::dialed_number(invite).unwrap_or_default(),
-            custom: invite
-                .headers
-                .iter()
-                .filter(|(name, _)| {
-                    name.len() > 2 && name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
-                })
-                .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                .collect(),
+            from,
+            to,
+            custom,
         };
         Some(AgentPlan {
             spec: target,
@@ -415,6 +441,8 @@ impl Shared {
             started_at: row.started_at,
             answered_at: std::sync::atomic::AtomicI64::new(0),
             ended: std::sync::atomic::AtomicBool::new(false),
+            direction: crate::call::CallDirection::Inbound,
+            ringing: std::sync::atomic::AtomicBool::new(true),
         });
         let call = match Call::new(
             Instant::now(),
@@ -1026,6 +1054,13 @@ impl Control for Shared {
 
     fn reload(self: Arc<Self>) -> BoxFuture<'static, Result<ReloadSummary, ReloadError>> {
         Box::pin(async move { lifecycle::reload(&self).await })
+    }
+
+    fn dial(
+        self: Arc<Self>,
+        request: crate::control::DialRequest,
+    ) -> BoxFuture<'static, Result<String, crate::control::DialError>> {
+        Box::pin(async move { dial::dial(&self, request).await })
     }
 }
 

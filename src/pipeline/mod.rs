@@ -47,6 +47,8 @@ pub const COMMAND_QUEUE: usize = 64;
 pub struct CallInfo {
     /// SIP Call-ID.
     pub call_id: String,
+    /// Whether the caller called us or we dialled (admin API `POST /v1/calls`).
+    pub direction: crate::call::CallDirection,
     /// Tenant id.
     pub tenant: String,
     /// The tenant's Twilio-compatible account SID (`[tenant.twilio_api]`), if it has
@@ -56,7 +58,8 @@ pub struct CallInfo {
     pub from: String,
     /// Dialed number.
     pub to: String,
-    /// The INVITE's `X-` headers (name as received, value), in order.
+    /// The INVITE's `X-` headers (name as received, value), in order; for
+    /// an outbound call, the `custom` parameters of `POST /v1/calls`.
     pub custom: Vec<(String, String)>,
     /// Sample rate of the PCM both ways (the tenant's `pipeline_rate`).
     pub sample_rate: u32,

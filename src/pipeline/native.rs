@@ -38,6 +38,7 @@ pub fn start_message(info: &CallInfo, reconnect: u32) -> String {
         "event": "start",
         "call_id": info.call_id,
         "tenant": info.tenant,
+        "direction": info.direction.as_str(),
         "from": info.from,
         "to": info.to,
         "codec": "pcm_s16le",
@@ -222,6 +223,7 @@ mod tests {
     fn start_message_has_every_field() {
         let info = CallInfo {
             call_id: "abc@h".into(),
+            direction: crate::call::CallDirection::Inbound,
             tenant: "demo".into(),
             account_sid: None,
             from: "+1555".into(),
@@ -232,7 +234,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&start_message(&info, 2)).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"event":"start","call_id":"abc@h","tenant":"demo",
+            serde_json::json!({"event":"start","call_id":"abc@h","tenant":"demo","direction":"inbound",
                 "from":"+1555","to":"+1666","codec":"pcm_s16le","sample_rate":16000,
                 "custom":{"X-Order":"42"},"reconnect":2})
         );

@@ -448,6 +448,7 @@ mod tests {
     fn info(rate: u32) -> CallInfo {
         CallInfo {
             call_id: "abc@h".into(),
+            direction: crate::call::CallDirection::Inbound,
             tenant: "demo".into(),
             account_sid: None,
             from: "+1555".into(),
