@@ -45,6 +45,7 @@ fn frame() -> PcmFrame {
 fn info(i: usize) -> CallInfo {
     CallInfo {
         call_id: format!("bench-{i}@127.0.0.1"),
+        direction: sipbridge::call::CallDirection::Inbound,
         tenant: "bench".into(),
         account_sid: None,
         from: "+15550001111".into(),

@@ -16,6 +16,7 @@ pub(crate) const STREAM_SID: &str = "MZ00112233445566778899aabbccddeeff";
 fn info(rate: u32) -> CallInfo {
     CallInfo {
         call_id: "fuzz@example".to_owned(),
+        direction: sipbridge::call::CallDirection::Inbound,
         tenant: "t".to_owned(),
         account_sid: None,
         from: "+15550000001".to_owned(),

@@ -112,7 +112,8 @@ else
     "$moto_venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$moto_version"
 fi
 
-# Pipecat (tests/pipecat_bot.rs runs examples/pipecat_bot/bot.py) in its own virtual
+# Pipecat (tests/pipecat_bot.rs runs examples/pipecat_bot/bot.py; tests/agent_transfer.rs
+# runs examples/transfer_agent.py with the `websockets` package Pipecat brings) in its own virtual
 # environment, at the versions examples/pipecat_bot/requirements.txt pins. Skipped when
 # that environment already has them (no network then).
 venv="${SIPBRIDGE_TEST_VENV:-/opt/sipbridge-test-venv}"

@@ -50,6 +50,37 @@ pub(crate) trait Control: Send + Sync {
     /// The sources banned now (the SIP ban list), longest remaining first,
     /// at most `max`.
     fn bans(&self, max: usize) -> Vec<crate::call::source_gate::Ban>;
+
+    /// Places an outbound call (`POST /v1/calls`): admitted by the
+    /// switchboard (trunk allowed for the tenant, rate and call limits), then
+    /// dialled by its own task. Returns the new call's id once the INVITE is
+    /// on its way; the call's progress is [`Control::live_call`].
+    fn dial(self: Arc<Self>, request: DialRequest)
+    -> BoxFuture<'static, Result<String, DialError>>;
+}
+
+/// An outbound call as the admin API asks for it.
+#[derive(Debug, Clone)]
+pub(crate) struct DialRequest {
+    /// What the switchboard checks and the leg dials.
+    pub(crate) call: crate::call::OutboundRequest,
+    /// Parameters passed to the agent in `start` (`custom`).
+    pub(crate) custom: Vec<(String, String)>,
+}
+
+/// Why an outbound call was not placed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum DialError {
+    /// The switchboard refused it.
+    #[error(transparent)]
+    Refused(#[from] crate::call::OutboundRefusal),
+    /// The trunk's proxy name did not resolve.
+    #[error("the trunk's proxy could not be resolved")]
+    Unresolved,
+    /// The daemon has no UDP listener to send from.
+    #[error("no UDP listener to dial from")]
+    NoListener,
 }
 
 /// What is known about a live call outside its task.
@@ -66,6 +97,10 @@ pub(crate) struct LiveCall {
     pub(crate) answered_at: AtomicI64,
     /// Set once the call has ended (its task may still be finishing).
     pub(crate) ended: AtomicBool,
+    /// Inbound, or placed through the admin API.
+    pub(crate) direction: crate::call::CallDirection,
+    /// An outbound call's far end is ringing (a provisional arrived).
+    pub(crate) ringing: AtomicBool,
 }
 
 /// Why a command did not reach a call.

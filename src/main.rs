@@ -110,6 +110,35 @@ enum Command {
         #[command(subcommand)]
         command: data::TenantCommand,
     },
+    /// Place an outbound call through a running daemon's admin API
+    /// (`POST /v1/calls`, plain HTTP) and print its answer: for testing.
+    Dial(DialArgs),
+}
+
+/// `sipbridge dial`.
+#[derive(Debug, clap::Args)]
+struct DialArgs {
+    /// The admin API's base URL (`http://host:port`).
+    #[arg(long, env = "SIPBRIDGE_API", default_value = "http://127.0.0.1:8089")]
+    api: String,
+    /// The tenant's admin API bearer token.
+    #[arg(long, env = "SIPBRIDGE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Whom to call: +15551234567, tel:+1… or a sip: URI.
+    #[arg(long)]
+    to: String,
+    /// Our number (From).
+    #[arg(long)]
+    from: String,
+    /// The trunk to dial through (one with [trunk.outbound]).
+    #[arg(long)]
+    trunk: String,
+    /// A parameter for the agent's `start` message, `name=value` (repeatable).
+    #[arg(long = "custom", value_name = "NAME=VALUE")]
+    custom: Vec<String>,
+    /// Ringing time before the call is cancelled, seconds.
+    #[arg(long)]
+    answer_timeout_s: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +162,62 @@ fn main() -> ExitCode {
         Command::Export(args) => data::export(args),
         Command::Tenant { command } => data::tenant(command),
         Command::AdminToken { tenant } => admin_token(tenant.as_deref()),
+        Command::Dial(args) => dial(&args),
+    }
+}
+
+/// `sipbridge dial`: one HTTP/1.1 request to the admin API; prints the
+/// status line and the JSON body; exit 0 on 201.
+fn dial(args: &DialArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut custom = serde_json::Map::new();
+    for kv in &args.custom {
+        let Some((k, v)) = kv.split_once('=') else {
+            eprintln!("sipbridge dial: --custom takes NAME=VALUE, got `{kv}`");
+            return ExitCode::from(2);
+        };
+        custom.insert(k.to_owned(), v.into());
+    }
+    let mut body = serde_json::json!({
+        "to": args.to, "from": args.from, "trunk": args.trunk, "custom": custom,
+    });
+    if let Some(t) = args.answer_timeout_s {
+        body["answer_timeout_s"] = t.into();
+    }
+    let Some(rest) = args.api.strip_prefix("http://") else {
+        eprintln!("sipbridge dial: --api must be an http:// URL");
+        return ExitCode::from(2);
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let body = body.to_string();
+    let request = format!(
+        "POST /v1/calls HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        args.token,
+        body.len()
+    );
+    let result = (|| -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(authority)?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(15)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut answer = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut answer)?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    })();
+    let answer = match result {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sipbridge dial: {}: {e}", args.api);
+            return ExitCode::FAILURE;
+        }
+    };
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status_line = head.lines().next().unwrap_or_default();
+    println!("{status_line}");
+    println!("{}", body.trim());
+    if status_line.split_whitespace().nth(1) == Some("201") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

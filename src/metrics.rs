@@ -36,6 +36,8 @@ pub(crate) mod names {
     pub(crate) const ACTIVE_CALLS: &str = "sipbridge_active_calls";
     /// Counter by `code` (and `tenant` when routed): call attempts by final response.
     pub(crate) const CALL_ATTEMPTS: &str = "sipbridge_call_attempts_total";
+    /// Counter by `tenant`, `mode`, `result` and `reason`: finished agent transfers.
+    pub(crate) const TRANSFERS: &str = "sipbridge_transfers_total";
     /// Counter by `method`: SIP requests received.
     pub(crate) const SIP_REQUESTS_RECEIVED: &str = "sipbridge_sip_requests_received_total";
     /// Counter by `code`: SIP responses received.
@@ -261,6 +263,11 @@ fn describe() {
         CALL_ATTEMPTS,
         Unit::Count,
         "Call attempts by final response code (and tenant once routed), counted when the CDR is written."
+    );
+    describe_counter!(
+        TRANSFERS,
+        Unit::Count,
+        "Agent transfers that finished, by tenant, mode, result (completed or failed) and reason (empty when completed)."
     );
     describe_counter!(
         SIP_REQUESTS_RECEIVED,
@@ -598,6 +605,24 @@ pub(crate) fn call_attempt(code: u16, tenant: Option<&str>) {
         Some(t) => counter!(CALL_ATTEMPTS, "code" => code, "tenant" => t.to_owned()).increment(1),
         None => counter!(CALL_ATTEMPTS, "code" => code).increment(1),
     }
+}
+
+/// An agent transfer of a `tenant`'s call finished (`result` `completed`
+/// or `failed`, with its `reason`).
+pub(crate) fn transfer_finished(
+    tenant: &str,
+    mode: &'static str,
+    result: &'static str,
+    reason: &'static str,
+) {
+    counter!(
+        TRANSFERS,
+        "tenant" => tenant.to_owned(),
+        "mode" => mode,
+        "result" => result,
+        "reason" => reason
+    )
+    .increment(1);
 }
 
 /// One active call of a tenant: counted in [`names::ACTIVE_CALLS`] from

@@ -136,6 +136,11 @@ fn every_example_passes_with_its_secrets_provided() {
         "postgres://sipbridge@127.0.0.1:5432/sipbridge\n",
     )
     .unwrap();
+    std::fs::write(
+        creds.path().join("twilio-termination-password"),
+        "termination-pw",
+    )
+    .unwrap();
     let examples = repo_root().join("sip-profiles/examples");
     let mut names: Vec<_> = std::fs::read_dir(&examples)
         .unwrap()
@@ -1168,4 +1173,67 @@ fn recordings_settings_are_checked() {
         line_of(&local, "bucket"),
         "bucket is only for kind = \"s3\" recordings",
     );
+}
+
+#[test]
+fn outbound_trunk_values_are_checked_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let toml = profile(5090).replace(
+        "allow = [\"10.90.0.0/16\"]\n",
+        "allow = [\"10.90.0.0/16\"]\n\n[trunk.outbound]\nproxy = \"carrier.example\"\n\
+         transport = \"sctp\"\nusername = \"u\"\ntenants = [\"nobody\"]\nanswer_timeout_s = 0\n",
+    ) + "\n[[tenant]]\nid = \"x\"\npipeline = { kind = \"echo\" }\nmax_outbound_cps = 0\n";
+    std::fs::write(dir.path().join("p.toml"), &toml).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "p.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let f = "p.toml";
+    assert_reported(&stderr, f, line_of(&toml, "proxy = "), "is not `host:port`");
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "transport = "),
+        "outbound calls use udp",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "username = "),
+        "without `password`",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "tenants = "),
+        "unknown tenant `nobody`",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "answer_timeout_s = "),
+        "out of range",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "max_outbound_cps = "),
+        "at least 1",
+    );
+
+    // A valid one passes, and the trunk's tenant may dial by default.
+    let good = profile(5091).replace(
+        "allow = [\"10.91.0.0/16\"]\n",
+        "allow = [\"10.91.0.0/16\"]\ntenant = \"t5091\"\n\n[trunk.outbound]\nproxy = \"192.0.2.10:5060\"\n\
+         username = \"u\"\npassword = \"env:SB_TEST_OUT_PW\"\nfrom_domain = \"sbc.example.com\"\n",
+    );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args(["check", "--config", "good.toml"])
+        .current_dir(dir.path())
+        .env("SB_TEST_OUT_PW", "pw")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
 }

@@ -129,7 +129,7 @@ fn opens_in_wal_with_foreign_keys_private_file_and_current_schema() {
     assert_eq!(s.journal_mode().unwrap(), "wal");
     assert!(s.foreign_keys().unwrap());
     assert_eq!(s.schema_version().unwrap(), CURRENT_VERSION);
-    assert_eq!(CURRENT_VERSION, 5);
+    assert_eq!(CURRENT_VERSION, 6);
     s.insert_call(&call("acme", "c1", "+1", T0)).unwrap();
     let mode = std::fs::metadata(dir.path().join("meta.db"))
         .unwrap()
@@ -169,7 +169,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     }
     let mut s = Store::open(&path).unwrap();
     s.set_caller_policy("acme", CallerIdPolicy::Plain);
-    assert_eq!(s.schema_version().unwrap(), 5);
+    assert_eq!(s.schema_version().unwrap(), 6);
     let old = s.get_call("acme", "old").unwrap().unwrap();
     assert_eq!(old.caller.as_deref(), Some("+111"));
     assert_eq!(old.started_at, 5);
@@ -179,7 +179,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     drop(s);
     // Re-opening at the current version applies nothing and loses nothing.
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 5);
+    assert_eq!(s.schema_version().unwrap(), 6);
     assert_eq!(s.transcripts_of_call("acme", "old").unwrap().len(), 1);
 }
 
@@ -837,8 +837,15 @@ fn close_call_stores_whether_the_call_was_recorded() {
         concealed: 3,
         dropped: 4,
     };
-    s.close_call("acme", "c1", &end(T0 + 5), frames, CallRecording::Partial)
-        .unwrap();
+    s.close_call(
+        "acme",
+        "c1",
+        &end(T0 + 5),
+        frames,
+        CallRecording::Partial,
+        None,
+    )
+    .unwrap();
     let c1 = s.get_call("acme", "c1").unwrap().unwrap();
     assert_eq!(c1.recording, Some(CallRecording::Partial));
     assert!(c1.recording.unwrap().recorded());
@@ -846,10 +853,52 @@ fn close_call_stores_whether_the_call_was_recorded() {
     assert_eq!(c1.ended_at, Some(T0 + 5));
     // Closing twice is refused, as with finish_call.
     assert!(
-        s.close_call("acme", "c1", &end(T0 + 6), frames, CallRecording::Off)
+        s.close_call("acme", "c1", &end(T0 + 6), frames, CallRecording::Off, None)
             .is_err()
     );
     s.finish_call("acme", "c2", &end(T0 + 5)).unwrap();
     assert_eq!(s.get_call("acme", "c2").unwrap().unwrap().recording, None);
     assert!(!CallRecording::NotRecorded.recorded());
+}
+
+/// Issue 13: a CDR keeps the call's last transfer (schema v6), written with the close;
+/// a call without one has none, and a bad result value is refused by the schema.
+#[test]
+fn close_call_stores_the_transfer() {
+    use sipbridge::store::db::{CallRecording, CallTransfer, MediaFrames};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    for id in ["t1", "t2", "t3"] {
+        s.insert_call(&call("acme", id, "+1", T0)).unwrap();
+    }
+    let transfer = CallTransfer {
+        to: "tel:+15557654321".into(),
+        mode: "blind".into(),
+        result: "failed".into(),
+        reason: Some("target-failed".into()),
+        status: Some(486),
+    };
+    let close = |s: &mut Store, id: &str, t: Option<&CallTransfer>| {
+        s.close_call(
+            "acme",
+            id,
+            &end(T0 + 5),
+            MediaFrames::default(),
+            CallRecording::Off,
+            t,
+        )
+    };
+    close(&mut s, "t1", Some(&transfer)).unwrap();
+    close(&mut s, "t2", None).unwrap();
+    assert_eq!(
+        s.get_call("acme", "t1").unwrap().unwrap().transfer,
+        Some(transfer.clone())
+    );
+    assert_eq!(s.get_call("acme", "t2").unwrap().unwrap().transfer, None);
+    let bad = CallTransfer {
+        result: "maybe".into(),
+        ..transfer
+    };
+    assert!(close(&mut s, "t3", Some(&bad)).is_err());
+    assert_eq!(s.get_call("acme", "t3").unwrap().unwrap().ended_at, None);
 }

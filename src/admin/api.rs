@@ -44,13 +44,21 @@ const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 /// `Retry-After` (seconds) of a download refused for the tenant's cap.
 const DOWNLOAD_RETRY_AFTER_S: u32 = 5;
+/// `Retry-After` (seconds) of an outbound call refused for a call limit or
+/// capacity.
+const OUTBOUND_RETRY_AFTER_S: u32 = 5;
+/// Longest `answer_timeout_s` of `POST /v1/calls`.
+const MAX_ANSWER_TIMEOUT_S: u32 = 600;
+/// Most `custom` parameters of `POST /v1/calls`, and their longest name and value.
+const MAX_CUSTOM: usize = 32;
+const MAX_CUSTOM_LEN: usize = 256;
 
 /// The `/v1` routes (every one is in `docs/admin-api.openapi.yaml`; a test
 /// checks).
 pub(super) fn routes() -> Router<AdminState> {
     Router::new()
-        .route("/v1/calls", get(list_calls))
-        .route("/v1/calls/{call_id}", get(call_detail))
+        .route("/v1/calls", get(list_calls).post(place_call))
+        .route("/v1/calls/{call_id}", get(call_detail).delete(end_call))
         .route("/v1/calls/{call_id}/hangup", post(hang_up))
         .route("/v1/calls/{call_id}/pause_recording", post(pause_recording))
         .route(
@@ -112,6 +120,9 @@ pub(crate) enum ApiError {
     /// The tenant has `max_downloads_per_tenant` downloads running.
     #[error("too many downloads of this tenant's recordings at once; retry later")]
     TooManyDownloads,
+    /// An outbound call refused by the daemon (limits, trunk, target).
+    #[error(transparent)]
+    Dial(#[from] crate::control::DialError),
     /// A blocking task died.
     #[error("internal error")]
     Internal,
@@ -138,6 +149,19 @@ impl ApiError {
             ApiError::Conflict(_) | ApiError::Reload(_) => StatusCode::CONFLICT,
             ApiError::NoStore => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyDownloads => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Dial(e) => {
+                use crate::call::OutboundRefusal as R;
+                use crate::control::DialError as D;
+                match e {
+                    D::Refused(R::TrunkNotAllowed) => StatusCode::FORBIDDEN,
+                    D::Refused(R::BadRequest(_)) => StatusCode::BAD_REQUEST,
+                    D::Refused(R::RateLimited | R::CallLimit) => StatusCode::TOO_MANY_REQUESTS,
+                    D::Refused(R::Draining | R::NoCapacity) | D::NoListener => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    D::Unresolved => StatusCode::BAD_GATEWAY,
+                }
+            }
             ApiError::Ops(e) => match e {
                 OpsError::UnknownRecording(_)
                 | OpsError::Db(
@@ -193,12 +217,24 @@ impl IntoResponse for ApiError {
             );
         }
         if status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::SERVICE_UNAVAILABLE
             || matches!(self, ApiError::Ops(OpsError::NotInObjectStore(_)))
         {
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(DOWNLOAD_RETRY_AFTER_S),
-            );
+            let retry_after = match &self {
+                // One second refills at least one call of the tenant's rate.
+                ApiError::Dial(crate::control::DialError::Refused(
+                    crate::call::OutboundRefusal::RateLimited,
+                )) => 1,
+                ApiError::Dial(_) => OUTBOUND_RETRY_AFTER_S,
+                _ => DOWNLOAD_RETRY_AFTER_S,
+            };
+            if status == StatusCode::TOO_MANY_REQUESTS
+                || matches!(self, ApiError::Dial(_))
+                || matches!(self, ApiError::Ops(OpsError::NotInObjectStore(_)))
+            {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
         }
         resp
     }
@@ -321,14 +357,24 @@ struct LiveCallJson {
     to: String,
     started_at: String,
     answered_at: Option<String>,
-    /// `ringing` or `answered`.
+    /// `dialing` (outbound, nothing heard yet), `ringing` or `answered`.
     state: &'static str,
+    /// `inbound` or `outbound`.
+    direction: &'static str,
 }
 
 fn live_json(api: &Api, c: &LiveCall) -> LiveCallJson {
     use std::sync::atomic::Ordering;
     let answered = c.answered_at.load(Ordering::Relaxed);
-    let state = if answered > 0 { "answered" } else { "ringing" };
+    let state = if answered > 0 {
+        "answered"
+    } else if c.direction == crate::call::CallDirection::Outbound
+        && !c.ringing.load(Ordering::Relaxed)
+    {
+        "dialing"
+    } else {
+        "ringing"
+    };
     let from = match api.settings().callers.get(&c.tenant) {
         Some(policy) => policy.stored_form(&c.from).unwrap_or_default(),
         None => c.from.clone(),
@@ -342,6 +388,7 @@ fn live_json(api: &Api, c: &LiveCall) -> LiveCallJson {
         started_at: format_time(c.started_at),
         answered_at: (answered > 0).then(|| format_time(answered)),
         state,
+        direction: c.direction.as_str(),
     }
 }
 
@@ -405,6 +452,84 @@ async fn hang_up(
         StatusCode::ACCEPTED,
         axum::Json(json!({ "call_id": call_id, "hangup": "requested" })),
     ))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PlaceCall {
+    to: String,
+    from: String,
+    trunk: String,
+    #[serde(default)]
+    custom: BTreeMap<String, String>,
+    answer_timeout_s: Option<u32>,
+}
+
+/// `POST /v1/calls`: places an outbound call through one of the tenant's
+/// trunks (a tenant token only: the call runs the tenant's pipeline). 201
+/// with the call's id once the INVITE is on its way; its progress is
+/// `GET /v1/calls/{id}`, its end the CDR.
+async fn place_call(
+    State(state): State<AdminState>,
+    principal: Principal,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    let Principal::Tenant(tenant) = &principal else {
+        return Err(ApiError::BadRequest(
+            "outbound calls are placed with a tenant token (the call runs that tenant's pipeline)"
+                .into(),
+        ));
+    };
+    let req: PlaceCall =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    if req
+        .answer_timeout_s
+        .is_some_and(|t| t == 0 || t > MAX_ANSWER_TIMEOUT_S)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "answer_timeout_s must be 1-{MAX_ANSWER_TIMEOUT_S}"
+        )));
+    }
+    if req.custom.len() > MAX_CUSTOM
+        || req
+            .custom
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > MAX_CUSTOM_LEN || v.len() > MAX_CUSTOM_LEN)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "custom: at most {MAX_CUSTOM} parameters, names 1-{MAX_CUSTOM_LEN} and values up to {MAX_CUSTOM_LEN} bytes"
+        )));
+    }
+    let request = crate::control::DialRequest {
+        call: crate::call::OutboundRequest {
+            tenant: tenant.clone(),
+            trunk: req.trunk,
+            to: req.to,
+            from: req.from,
+            answer_timeout: req
+                .answer_timeout_s
+                .map(|s| std::time::Duration::from_secs(u64::from(s))),
+        },
+        custom: req.custom.into_iter().collect(),
+    };
+    let call_id = state.control.clone().dial(request).await?;
+    info!(call_id = %crate::logging::wire(&call_id), actor = %principal.actor(), "outbound call placed through the admin API");
+    let body = match state.control.live_call(&call_id) {
+        Some(c) => serde_json::to_value(live_json(&state.api, &c)).unwrap_or_default(),
+        None => json!({ "call_id": call_id, "direction": "outbound" }),
+    };
+    Ok((StatusCode::CREATED, axum::Json(body)))
+}
+
+/// `DELETE /v1/calls/{id}`: ends the call — CANCEL while an outbound call
+/// rings, BYE once answered, a final response to an inbound call not yet
+/// answered. The same as `POST /v1/calls/{id}/hangup`.
+async fn end_call(
+    state: State<AdminState>,
+    principal: Principal,
+    call_id: Path<String>,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    hang_up(state, principal, call_id).await
 }
 
 /// PCI pause: the call's recording gets silence and its transcript nothing

@@ -369,6 +369,13 @@ mod tests {
         fn bans(&self, _: usize) -> Vec<crate::call::source_gate::Ban> {
             Vec::new()
         }
+        fn dial(
+            self: Arc<Self>,
+            _: crate::control::DialRequest,
+        ) -> futures_util::future::BoxFuture<'static, Result<String, crate::control::DialError>>
+        {
+            Box::pin(async { Err(crate::control::DialError::NoListener) })
+        }
     }
 
     /// A configuration whose tenant `acme` accepts `token`.

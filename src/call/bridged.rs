@@ -29,6 +29,9 @@ use super::supervisor::{
     ConnectionFailure, ConnectionState, FALLBACK_MARK, FailureAction, GiveUpReason,
     PipelineSummary, PipelineSupervisor, SupervisorOutput,
 };
+use super::transfer::{
+    TransferFailure, TransferMode, TransferState, TransferTarget, TransferUpdate,
+};
 use super::{
     Call, CallEvent, CallOutput, CallRecord, HangupCause, HoldAudio, MediaOutput, MediaSession,
     PcmFrame, Peer, QualitySummary, RecordingStatus, RtpSummary, Transmit,
@@ -116,6 +119,14 @@ pub enum AgentEvent {
     PauseRecording(bool),
     /// Keys to send to the caller's side (an IVR), after the audio queued.
     SendDtmf(String),
+    /// Transfer the caller: `to` as the agent wrote it, `mode` (`blind`
+    /// when the agent gave none).
+    Transfer {
+        /// A `sip:`/`sips:` URI, `tel:` number or bare E.164 number.
+        to: String,
+        /// `blind` or `bridge`.
+        mode: Option<String>,
+    },
 }
 
 /// One input to a bridged call.
@@ -187,6 +198,9 @@ pub enum PipelineOp {
         /// The figures.
         quality: Box<super::QualitySummary>,
     },
+    /// A step of a transfer the agent asked for, for the agent's
+    /// connection (a `transfer` event).
+    Transfer(TransferUpdate),
     /// The call ended: close the streams (`deepgram_only`: close it so its
     /// last transcripts still come; an agent connection is just dropped).
     Close {
@@ -286,6 +300,9 @@ pub enum BridgeEvent {
     MarkDropped(String),
     /// Keys the agent asked to send were refused (why; never the keys).
     DtmfRefused(String),
+    /// A step of a transfer the agent asked for (the call's event stream:
+    /// `transfer.*` webhooks hook here).
+    Transfer(TransferUpdate),
     /// The call is over for the user. The media session's last state goes
     /// with it (for the final counters); the owner closes the sockets, the
     /// CDR is final once the pipeline's own dropped frames are added.
@@ -952,7 +969,52 @@ impl BridgedCall {
                     out.push_back(BridgeOutput::Event(BridgeEvent::DtmfRefused(why)));
                 }
             }
+            AgentEvent::Transfer { to, mode } => self.transfer(now, to, mode.as_deref(), rng),
         }
+    }
+
+    /// The agent asks for a transfer. Whatever is wrong with the request
+    /// (target, mode, a transfer already running, a call not up) comes back
+    /// to it at once as a failed `transfer`; the caller stays.
+    fn transfer(&mut self, now: Instant, to: String, mode: Option<&str>, rng: &mut impl RngCore) {
+        if let Some(l) = &mut self.link {
+            l.supervisor.on_agent_output(now);
+        }
+        let fail = |to: String, mode, why| TransferUpdate {
+            to,
+            mode,
+            state: TransferState::Failed(why),
+            status: None,
+        };
+        let Some(mode) = TransferMode::parse(mode.unwrap_or("blind")) else {
+            let u = fail(to, TransferMode::Blind, TransferFailure::InvalidMode);
+            self.transfer_update(u);
+            return;
+        };
+        let target = match TransferTarget::parse(&to) {
+            Ok(t) => t,
+            Err(why) => {
+                self.transfer_update(fail(to, mode, why));
+                return;
+            }
+        };
+        let result = match mode {
+            TransferMode::Blind => self.call.refer(now, target.clone(), rng),
+            // The bridge leg needs an outbound trunk leg (issue 13 item 2).
+            TransferMode::Bridge => Err(TransferFailure::UnsupportedMode),
+        };
+        if let Err(why) = result {
+            self.transfer_update(fail(target.to_string(), mode, why));
+        }
+    }
+
+    /// A transfer step: to the agent while its connection is open, and to
+    /// the call's event stream.
+    fn transfer_update(&mut self, u: TransferUpdate) {
+        if self.link.as_ref().is_some_and(|l| l.connected) {
+            self.emit(BridgeOutput::Pipeline(PipelineOp::Transfer(u.clone())));
+        }
+        self.event(BridgeEvent::Transfer(u));
     }
 
     fn call_outputs(&mut self, now: Instant, rng: &mut impl RngCore) -> bool {
@@ -980,6 +1042,7 @@ impl BridgedCall {
                     }
                     self.event(BridgeEvent::MediaChanged(neg));
                 }
+                CallOutput::Event(CallEvent::Transfer(u)) => self.transfer_update(u),
                 CallOutput::Event(CallEvent::Ended(mut record)) => {
                     let media = self.media.take();
                     if let Some(m) = &media {

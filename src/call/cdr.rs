@@ -18,11 +18,34 @@ pub enum HangupSide {
     Bridge,
 }
 
+/// Who placed the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallDirection {
+    /// A carrier called us.
+    #[default]
+    Inbound,
+    /// We dialled out (admin API `POST /v1/calls`).
+    Outbound,
+}
+
+impl CallDirection {
+    /// `inbound` / `outbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallDirection::Inbound => "inbound",
+            CallDirection::Outbound => "outbound",
+        }
+    }
+}
+
 /// One call attempt.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CallRecord {
     /// SIP Call-ID.
     pub call_id: String,
+    /// Inbound (a carrier called) or outbound (we dialled).
+    pub direction: CallDirection,
     /// Tenant, once routed.
     pub tenant: Option<String>,
     /// Trunk, once identified.
@@ -67,6 +90,10 @@ pub struct CallRecord {
     /// latency), for answered calls with media.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality: Option<QualitySummary>,
+    /// The call's last transfer the agent asked for (`transferred_to`,
+    /// its result), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<super::transfer::TransferRecord>,
 }
 
 /// Whether a call was recorded (its CDR's `recording`).

@@ -13,22 +13,24 @@ pub mod bridged;
 mod cdr;
 pub mod linger;
 mod media;
+pub mod outbound;
 mod session;
 pub mod source_gate;
 pub mod supervisor;
 mod switchboard;
+pub mod transfer;
 
 pub use cdr::{
-    CallRecord, DepthSummary, HangupSide, LatencySummary, PausedStretch, QualitySummary,
-    RecordingStatus, RtpSummary,
+    CallDirection, CallRecord, DepthSummary, HangupSide, LatencySummary, PausedStretch,
+    QualitySummary, RecordingStatus, RtpSummary,
 };
 pub use media::{
     HoldAudio, MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError,
     PcmFrame,
 };
 pub use switchboard::{
-    Admitted, Dispatch, PortAllocator, SecurityCounts, Switchboard, SwitchboardSettings,
-    dialed_number,
+    Admitted, Dispatch, OutboundAdmitted, OutboundRefusal, OutboundRequest, PortAllocator,
+    SecurityCounts, Switchboard, SwitchboardSettings, dialed_number,
 };
 
 use crate::sip::dialog::Dialog;
@@ -190,6 +192,9 @@ pub enum HangupCause {
     MediaFailed,
     /// The pipeline failed and the tenant's policy hangs up (`supervisor::PipelineSupervisor`).
     PipelineFailed,
+    /// The agent transferred the caller and the transfer completed (the
+    /// REFER's final NOTIFY said 2xx): our leg ends with a BYE.
+    Transferred,
 }
 
 impl HangupCause {
@@ -209,6 +214,7 @@ impl HangupCause {
             HangupCause::DialogGone => "dialog-gone",
             HangupCause::MediaFailed => "media-failed",
             HangupCause::PipelineFailed => "pipeline-failed",
+            HangupCause::Transferred => "transferred",
         }
     }
 }
@@ -225,6 +231,9 @@ pub enum CallEvent {
     /// The call is over for the user: release its media and counters. The
     /// `Call` may live on a little to absorb retransmissions.
     Ended(Box<CallRecord>),
+    /// A step of a transfer the agent asked for (accepted, progress,
+    /// completed, failed).
+    Transfer(transfer::TransferUpdate),
 }
 
 /// Output of [`Call::poll_output`].
@@ -288,7 +297,9 @@ pub struct Call {
     state: State,
     invite: Request,
     invite_branch: String,
-    invite_txn: ServerInviteTransaction,
+    /// The INVITE server transaction (calls we answer); `None` for calls we
+    /// placed ([`Call::from_answered`]).
+    invite_txn: Option<ServerInviteTransaction>,
     /// Where the INVITE's responses go (RFC 3261 §18.2.2).
     invite_dest: Peer,
     dialog: Dialog,
@@ -303,6 +314,8 @@ pub struct Call {
     reinvites: Vec<ReInvite>,
     server_txns: Vec<ServerTxn>,
     client: Option<ClientTxn>,
+    /// The agent's blind transfer (REFER) and its subscription, if any.
+    refer: Option<transfer::Refer>,
     /// The last ACK we sent for a 2xx to our refresh, resent on 2xx retransmissions.
     last_ack: Option<(u32, Bytes)>,
     session: Option<SessionTimer>,
@@ -337,7 +350,7 @@ fn is_held(neg: &Negotiated) -> bool {
 }
 
 /// The Allow header value: every method the bridge handles.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, NOTIFY";
 /// The Supported header value.
 pub const SUPPORTED: &str = "timer";
 
@@ -370,6 +383,7 @@ impl Call {
         let from = invite.from()?;
         let record = CallRecord {
             call_id: call_id.clone(),
+            direction: CallDirection::Inbound,
             tenant: Some(settings.tenant.clone()),
             trunk: Some(settings.trunk.clone()),
             from: from.uri.user_unescaped().unwrap_or_default(),
@@ -387,6 +401,7 @@ impl Call {
             recording_paused: Vec::new(),
             recording: RecordingStatus::Off,
             quality: None,
+            transfer: None,
         };
         let session = SessionTimer::negotiate(&invite, settings.session_expires, settings.min_se)?;
         let mut call = Call {
@@ -394,7 +409,7 @@ impl Call {
             peer,
             state: State::Ringing,
             invite_branch,
-            invite_txn,
+            invite_txn: Some(invite_txn),
             invite_dest,
             dialog,
             sdp: SdpSession::new(rng.next_u64() >> 1, "sipbridge"),
@@ -404,6 +419,7 @@ impl Call {
             reinvites: Vec::new(),
             server_txns: Vec::new(),
             client: None,
+            refer: None,
             last_ack: None,
             session,
             pending_hangup: None,
@@ -439,7 +455,9 @@ impl Call {
             let mut progress = call.ok_with_sdp(&call.invite, body);
             progress.status = 183;
             progress.reason = crate::sip::error::reason_phrase(183).to_owned();
-            let _ = call.invite_txn.send_provisional(now, progress.encode());
+            if let Some(t) = call.invite_txn.as_mut() {
+                let _ = t.send_provisional(now, progress.encode());
+            }
             call.drain_invite_txn();
             call.out
                 .push_back(CallOutput::Event(CallEvent::EarlyMedia(neg)));
@@ -449,7 +467,9 @@ impl Call {
             return Ok(call);
         }
         let ringing = call.dialog_response(&call.invite, 180, true);
-        let _ = call.invite_txn.send_provisional(now, ringing.encode());
+        if let Some(t) = call.invite_txn.as_mut() {
+            let _ = t.send_provisional(now, ringing.encode());
+        }
         call.drain_invite_txn();
         if call.settings.answer_delay.is_zero() {
             call.answer(now);
@@ -457,6 +477,56 @@ impl Call {
             call.answer_at = Some(now + call.settings.answer_delay);
         }
         Ok(call)
+    }
+}
+
+impl Call {
+    /// A call we placed, once its outbound leg was answered and ACKed
+    /// ([`outbound::OutboundLeg`]): confirmed at once, with the dialog, SDP
+    /// state and ACK the leg hands over. From here on it behaves like a call
+    /// we answered: BYE either way, re-INVITEs, RTP timeout, maximum
+    /// duration; a retransmitted 2xx is ACKed again. Emits
+    /// [`CallEvent::Answered`].
+    pub fn from_answered(now: Instant, leg: outbound::AnsweredLeg, settings: CallSettings) -> Call {
+        let invite_branch = branch_of(&leg.invite);
+        let seq = leg.invite.cseq().map(|c| c.seq).unwrap_or(0);
+        let mut record = leg.record;
+        record
+            .answered_at
+            .get_or_insert(leg.wall_started + now.saturating_duration_since(leg.started));
+        record.codec = Some(leg.negotiated.codec.encoding_name().to_owned());
+        let mut call = Call {
+            call_id: settings.call_id.clone(),
+            peer: leg.dest,
+            state: State::Confirmed,
+            invite_branch,
+            invite_txn: None,
+            invite_dest: leg.dest,
+            dialog: leg.dialog,
+            sdp: leg.sdp,
+            delayed_offer: false,
+            negotiated: Some(leg.negotiated.clone()),
+            pending_answer: None,
+            reinvites: Vec::new(),
+            server_txns: Vec::new(),
+            client: None,
+            refer: None,
+            last_ack: Some((seq, leg.ack)),
+            session: None,
+            pending_hangup: None,
+            answer_at: None,
+            last_media: now,
+            deadline: settings.max_duration.map(|d| now + d),
+            started: leg.started,
+            wall_started: leg.wall_started,
+            record,
+            out: VecDeque::new(),
+            invite: leg.invite,
+            settings,
+        };
+        call.out
+            .push_back(CallOutput::Event(CallEvent::Answered(leg.negotiated)));
+        call
     }
 }
 
@@ -542,10 +612,14 @@ impl Call {
     /// Whether every transaction is done too: the owner may drop the call.
     pub fn is_finished(&self) -> bool {
         self.state == State::Ended
-            && self.invite_txn.is_terminated()
+            && self.invite_txn.as_ref().is_none_or(|t| t.is_terminated())
             && self.reinvites.is_empty()
             && self.server_txns.is_empty()
             && self.client.is_none()
+            && !self
+                .refer
+                .as_ref()
+                .is_some_and(transfer::Refer::txn_running)
     }
 
     /// The call's residue once it has ended and none of its transactions
@@ -577,10 +651,21 @@ impl Call {
                 }
             }
         };
-        if !keep(
-            self.invite_txn.settled(),
-            Some((&self.invite_branch, Method::Invite, self.invite_dest)),
-        ) {
+        // A REFER still waiting for its answer retransmits on its own.
+        if self
+            .refer
+            .as_ref()
+            .is_some_and(transfer::Refer::txn_running)
+        {
+            return None;
+        }
+        // Calls we placed have no INVITE server transaction.
+        if let Some(invite_txn) = &self.invite_txn
+            && !keep(
+                invite_txn.settled(),
+                Some((&self.invite_branch, Method::Invite, self.invite_dest)),
+            )
+        {
             return None;
         }
         for re in &self.reinvites {
@@ -625,7 +710,7 @@ impl Call {
 
     /// When [`Call::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = self.invite_txn.poll_timeout();
+        let mut next = self.invite_txn.as_ref().and_then(|t| t.poll_timeout());
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -642,6 +727,7 @@ impl Call {
             Some(ClientTxn::Refresh { txn, .. }) => consider(txn.poll_timeout()),
             None => {}
         }
+        consider(self.refer.as_ref().and_then(transfer::Refer::poll_timeout));
         if self.state != State::Ended {
             consider(self.answer_at);
             consider(self.deadline);
@@ -677,7 +763,9 @@ impl Call {
 
     /// Time moves on: retransmit, time out, refresh, expire.
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
-        self.invite_txn.handle_timeout(now);
+        if let Some(t) = self.invite_txn.as_mut() {
+            t.handle_timeout(now);
+        }
         self.drain_invite_txn_at(now, rng);
         for re in &mut self.reinvites {
             re.txn.handle_timeout(now);
@@ -693,6 +781,7 @@ impl Call {
             None => {}
         }
         self.drain_client(now, rng);
+        self.refer_timeout(now, rng);
         if self.state == State::Ended {
             return;
         }
@@ -782,7 +871,9 @@ impl Call {
             Method::Ack => self.on_ack(now, &req, &branch),
             Method::Cancel => self.on_cancel(now, &req, &branch, dest),
             Method::Invite if !has_to_tag && branch == self.invite_branch => {
-                self.invite_txn.on_request_retransmission(now);
+                if let Some(t) = self.invite_txn.as_mut() {
+                    t.on_request_retransmission(now);
+                }
                 self.drain_invite_txn();
             }
             Method::Invite if !has_to_tag => {
@@ -796,13 +887,17 @@ impl Call {
 
     fn on_ack(&mut self, now: Instant, ack: &Request, branch: &str) {
         let seq = ack.cseq().map(|c| c.seq).unwrap_or(0);
-        if seq == self.dialog_invite_seq() {
+        // Only a call we answered waits for the ACK of its INVITE; in a call
+        // we placed, the peer's CSeq numbers are its own.
+        if self.invite_txn.is_some() && seq == self.dialog_invite_seq() {
             // The ACK of the initial INVITE: for a non-2xx it shares the
             // INVITE's branch, for our 2xx it is a new transaction in the
             // dialog. Either way it stops the INVITE transaction's
             // retransmissions — also when the call already ended (we hung up
             // before the ACK arrived).
-            self.invite_txn.on_ack(now);
+            if let Some(t) = self.invite_txn.as_mut() {
+                t.on_ack(now);
+            }
             self.drain_invite_txn();
             if self.state == State::Answered
                 && (branch != self.invite_branch || self.dialog.matches(ack))
@@ -937,7 +1032,9 @@ impl Call {
                     }
                     State::Answered | State::Confirmed => {
                         // The 2xx needs no more retransmission once the dialog ends.
-                        self.invite_txn.on_ack(now);
+                        if let Some(t) = self.invite_txn.as_mut() {
+                            t.on_ack(now);
+                        }
                         self.drain_invite_txn();
                         self.end(now, HangupSide::Caller, HangupCause::CallerBye);
                     }
@@ -956,6 +1053,7 @@ impl Call {
                 let ok = self.dialog_response(&req, 200, false);
                 self.start_server_txn(now, &req, ok, dest);
             }
+            Method::Notify => self.on_notify(now, &req, dest, rng),
             Method::Extension(_) => self.respond_stateless(now, &req, 501, dest),
             _ => {
                 let mut resp = self.dialog_response(&req, 405, false);
@@ -963,7 +1061,6 @@ impl Call {
                 self.start_server_txn(now, &req, resp, dest);
             }
         }
-        let _ = rng;
     }
 
     fn on_reinvite(&mut self, now: Instant, req: Request, branch: &str, dest: Peer) {
@@ -1062,6 +1159,10 @@ impl Call {
         let Ok(cseq) = resp.cseq() else {
             return;
         };
+        if cseq.method == Method::Refer {
+            self.on_refer_response(now, cseq.seq, resp.status, rng);
+            return;
+        }
         match (&mut self.client, &cseq.method) {
             (Some(ClientTxn::Bye(txn)), Method::Bye) => {
                 // A response in the wrong state is absorbed by the transaction.
@@ -1117,7 +1218,9 @@ impl Call {
         if let Some(s) = &self.session {
             s.apply(&mut ok.headers);
         }
-        let _ = self.invite_txn.send_final(now, 200, ok.encode());
+        if let Some(t) = self.invite_txn.as_mut() {
+            let _ = t.send_final(now, 200, ok.encode());
+        }
         self.drain_invite_txn();
         self.state = State::Answered;
         self.record.answered_at = Some(self.wall(now));
@@ -1155,7 +1258,9 @@ impl Call {
                 ),
             );
         }
-        let _ = self.invite_txn.send_final(now, status, resp.encode());
+        if let Some(t) = self.invite_txn.as_mut() {
+            let _ = t.send_final(now, status, resp.encode());
+        }
         self.drain_invite_txn();
         self.answer_at = None;
         self.record.result_code = status;
@@ -1171,6 +1276,11 @@ impl Call {
             return;
         }
         self.state = State::Ended;
+        if let Some(r) = &mut self.refer {
+            // Whatever comes later (a late NOTIFY) is answered, not reported.
+            r.done = true;
+            r.deadline = None;
+        }
         self.record.ended_at = Some(self.wall(now));
         self.record.hangup_side = side;
         self.record.cause = cause.as_str().to_owned();
@@ -1308,7 +1418,7 @@ impl Call {
     }
 
     fn drain_invite_txn(&mut self) {
-        while let Some(o) = self.invite_txn.poll_output() {
+        while let Some(o) = self.invite_txn.as_mut().and_then(|t| t.poll_output()) {
             match o {
                 TransactionOutput::Transmit(bytes) => self.transmit(self.invite_dest, bytes),
                 TransactionOutput::Event(TransactionEvent::TimedOut(_)) => {

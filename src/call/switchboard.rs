@@ -13,8 +13,8 @@ use super::auth_guard::{AuthGuard, AuthLimits, AuthRefusal};
 use super::session::SessionTimer;
 use super::source_gate::{BanReason, GateDrop, GateLimits, SourceGate};
 use super::{
-    ALLOW, CallRecord, CallSettings, HangupSide, LocalSip, Peer, RecordingStatus, SUPPORTED,
-    Transmit, TransportKind,
+    ALLOW, CallDirection, CallRecord, CallSettings, HangupSide, LocalSip, Peer, RecordingStatus,
+    SUPPORTED, Transmit, TransportKind,
 };
 use crate::config::{Config, OnStoreFailure};
 use crate::media::prompt::Prompt;
@@ -336,6 +336,9 @@ pub struct Switchboard {
     /// are answered unrecorded or refused (`on_store_failure`).
     store_writable: bool,
     prompts: HashMap<String, Arc<Prompt>>,
+    /// Outbound calls per second, per tenant: a token bucket each (tokens,
+    /// last refill). At most one entry per configured tenant.
+    outbound_buckets: HashMap<String, (f64, Instant)>,
 }
 
 fn stamp_via(req: &mut Request, peer: &Peer) {
@@ -541,6 +544,7 @@ impl Switchboard {
             overloaded: false,
             store_writable: true,
             prompts: HashMap::new(),
+            outbound_buckets: HashMap::new(),
         }
     }
 
@@ -771,6 +775,7 @@ impl Switchboard {
         resp.headers.push("Retry-After", "5");
         let record = CallRecord {
             call_id: admitted.settings.call_id.clone(),
+            direction: CallDirection::Inbound,
             tenant: Some(admitted.settings.tenant.clone()),
             trunk: Some(admitted.settings.trunk.clone()),
             from: req
@@ -800,6 +805,7 @@ impl Switchboard {
                 RecordingStatus::Off
             },
             quality: None,
+            transfer: None,
         };
         let transmit = Transmit {
             dest: crate::call::response_dest(req, admitted.peer),
@@ -1030,6 +1036,7 @@ impl Switchboard {
         let dialed = dialed_number(&req);
         let mut record = CallRecord {
             call_id: req.call_id().unwrap_or_default().to_owned(),
+            direction: CallDirection::Inbound,
             tenant: None,
             trunk: None,
             from: req
@@ -1051,6 +1058,7 @@ impl Switchboard {
             recording_paused: Vec::new(),
             recording: RecordingStatus::Off,
             quality: None,
+            transfer: None,
         };
         let ttl = self.settings.timers.timeout_64_t1();
         let reject_tag = format!("{:016x}", rng.next_u64());
@@ -1321,6 +1329,257 @@ impl Switchboard {
             settings,
             config: Arc::clone(&self.config),
         }))
+    }
+}
+
+/// An outbound call the admin API asked for (`POST /v1/calls`).
+#[derive(Debug, Clone)]
+pub struct OutboundRequest {
+    /// The tenant whose token asked.
+    pub tenant: String,
+    /// The trunk to dial through.
+    pub trunk: String,
+    /// Whom to call: `+15551234567`, `tel:+1…` or a `sip:` URI.
+    pub to: String,
+    /// Our number (From user part).
+    pub from: String,
+    /// Ringing time before CANCEL; `None`: the trunk's default.
+    pub answer_timeout: Option<Duration>,
+}
+
+/// Why an outbound call was not started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboundRefusal {
+    /// The daemon is draining.
+    #[error("the daemon is shutting down")]
+    Draining,
+    /// No such trunk, no `[trunk.outbound]`, or not one this tenant may use.
+    #[error("trunk not available to this tenant")]
+    TrunkNotAllowed,
+    /// `to` or `from` is unusable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The tenant's `max_outbound_cps` is used up: try again after the delay.
+    #[error("outbound call rate limit reached (max_outbound_cps)")]
+    RateLimited,
+    /// The tenant's or the trunk's `max_calls` are all in use.
+    #[error("call limit reached (max_calls)")]
+    CallLimit,
+    /// The daemon's `max_calls`, or no RTP port free.
+    #[error("no capacity for another call")]
+    NoCapacity,
+}
+
+/// An outbound call the switchboard admitted: dial it with `dial` (the RTP
+/// port is allocated; give it back with [`Switchboard::call_ended`] on
+/// `settings`, whatever happens).
+#[derive(Debug)]
+pub struct OutboundAdmitted {
+    /// The leg's settings (no credentials: the shell adds the secret).
+    pub dial: super::outbound::DialSettings,
+    /// The call's settings once answered.
+    pub settings: CallSettings,
+    /// The configuration it was admitted under.
+    pub config: Arc<Config>,
+}
+
+/// The phone number in `to` (`+1555…`, `tel:+1555…`), for a Request-URI at
+/// the trunk's proxy; or a `sip:` URI as given.
+fn outbound_target(to: &str, proxy_host: &str) -> Result<crate::sip::message::Uri, String> {
+    use crate::sip::message::Uri;
+    let to = to.trim();
+    if to.len() > 256 {
+        return Err("`to` is too long".into());
+    }
+    if to.starts_with("sip:") || to.starts_with("sips:") {
+        let uri = Uri::parse(to).map_err(|_| "`to` is not a valid SIP URI".to_owned())?;
+        if uri.host.is_none() {
+            return Err("`to` has no host".into());
+        }
+        return Ok(uri);
+    }
+    let number = to.strip_prefix("tel:").unwrap_or(to);
+    let number = number.split(';').next().unwrap_or_default();
+    let digits = number.strip_prefix('+').unwrap_or(number);
+    if digits.is_empty()
+        || digits.len() > 32
+        || !digits
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '*' | '#'))
+    {
+        return Err("`to` must be a phone number (+15551234567), a tel: or a sip: URI".into());
+    }
+    Uri::parse(&format!("sip:{number}@{proxy_host}"))
+        .map_err(|_| "`to` is not usable with this trunk".to_owned())
+}
+
+impl Switchboard {
+    /// Admits an outbound call (admin API): checks the tenant may use the
+    /// trunk, its call rate (`max_outbound_cps`) and the call limits
+    /// (tenant, trunk, daemon), allocates the RTP port, and returns the
+    /// leg's and the call's settings. `proxy` is the trunk's proxy, resolved
+    /// by the shell; `call_id` and the SDP's RNG draws are the caller's.
+    pub fn admit_outbound(
+        &mut self,
+        now: Instant,
+        req: &OutboundRequest,
+        proxy: std::net::SocketAddr,
+        call_id: String,
+        rng: &mut impl RngCore,
+    ) -> Result<OutboundAdmitted, OutboundRefusal> {
+        use crate::sip::message::{Host, NameAddr, Uri};
+        if self.draining {
+            return Err(OutboundRefusal::Draining);
+        }
+        let trunk = self
+            .config
+            .trunk(&req.trunk)
+            .filter(|t| {
+                t.outbound
+                    .as_ref()
+                    .is_some_and(|o| o.tenants.contains(&req.tenant))
+            })
+            .ok_or(OutboundRefusal::TrunkNotAllowed)?;
+        let Some(out) = &trunk.outbound else {
+            return Err(OutboundRefusal::TrunkNotAllowed);
+        };
+        let tenant = self
+            .config
+            .tenant(&req.tenant)
+            .ok_or(OutboundRefusal::TrunkNotAllowed)?;
+        let proxy_host = match proxy.ip() {
+            IpAddr::V4(v4) => format!("{v4}:{}", proxy.port()),
+            IpAddr::V6(v6) => format!("[{v6}]:{}", proxy.port()),
+        };
+        let request_uri =
+            outbound_target(&req.to, &proxy_host).map_err(OutboundRefusal::BadRequest)?;
+        let from_user = req.from.trim();
+        let from_digits = from_user.strip_prefix('+').unwrap_or(from_user);
+        if from_digits.is_empty()
+            || from_user.len() > 32
+            || !from_digits.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(OutboundRefusal::BadRequest(
+                "`from` must be a phone number (+15551234567)".into(),
+            ));
+        }
+        // Limits: the daemon's first, then the tenant's and trunk's.
+        if self.counts.total >= self.settings.max_calls {
+            return Err(OutboundRefusal::NoCapacity);
+        }
+        let tenant_now = self
+            .counts
+            .per_tenant
+            .get(&req.tenant)
+            .copied()
+            .unwrap_or(0);
+        let trunk_now = self.counts.per_trunk.get(&req.trunk).copied().unwrap_or(0);
+        if tenant.max_calls.is_some_and(|m| tenant_now >= m as usize)
+            || trunk.max_calls.is_some_and(|m| trunk_now >= m as usize)
+        {
+            return Err(OutboundRefusal::CallLimit);
+        }
+        // The tenant's call rate: a bucket of `max_outbound_cps` tokens,
+        // refilled at that many per second.
+        let cps = f64::from(tenant.max_outbound_cps.max(1));
+        let bucket = self
+            .outbound_buckets
+            .entry(req.tenant.clone())
+            .or_insert((cps, now));
+        let elapsed = now.saturating_duration_since(bucket.1).as_secs_f64();
+        bucket.0 = (bucket.0 + elapsed * cps).min(cps);
+        bucket.1 = now;
+        if bucket.0 < 1.0 {
+            return Err(OutboundRefusal::RateLimited);
+        }
+        let Some(rtp_port) = self.ports.allocate(rng) else {
+            return Err(OutboundRefusal::NoCapacity);
+        };
+        if let Some(b) = self.outbound_buckets.get_mut(&req.tenant) {
+            b.0 -= 1.0;
+        }
+        self.counts.total += 1;
+        *self
+            .counts
+            .per_tenant
+            .entry(req.tenant.clone())
+            .or_default() += 1;
+        *self.counts.per_trunk.entry(req.trunk.clone()).or_default() += 1;
+        self.dialogs.insert(
+            call_id.clone(),
+            DialogSources {
+                trunk: req.trunk.clone(),
+                hosts: vec![proxy.ip()],
+                unconfirmed_from: None,
+            },
+        );
+        let local = self.settings.local_udp.clone();
+        let from_host = out
+            .from_domain
+            .clone()
+            .unwrap_or_else(|| local.host.clone());
+        let from_uri = Uri::parse(&format!("sip:{from_user}@{from_host}"))
+            .unwrap_or_else(|_| Uri::sip(Some(from_user), Host::Domain(from_host), None));
+        let mut to_uri = request_uri.clone();
+        to_uri.params = crate::sip::message::Params::new();
+        let media = LocalMedia {
+            addr: self.settings.media_addr,
+            rtp_port,
+            codecs: self.settings.codecs.clone(),
+            telephone_event_pt: 101,
+            ptime_ms: 20,
+            encryption: crate::sip::sdp::Encryption::Off,
+            secure_signalling: false,
+            srtp_key: None,
+        };
+        let dest = Peer {
+            transport: TransportKind::Udp,
+            addr: proxy,
+            flow: 0,
+        };
+        let dial = super::outbound::DialSettings {
+            call_id: call_id.clone(),
+            tenant: req.tenant.clone(),
+            trunk: req.trunk.clone(),
+            request_uri,
+            from: NameAddr::new(from_uri),
+            to: NameAddr::new(to_uri),
+            dest,
+            local: local.clone(),
+            media: media.clone(),
+            timers: self.settings.timers,
+            credentials: None,
+            answer_timeout: req.answer_timeout.unwrap_or(out.answer_timeout),
+            extra_headers: Vec::new(),
+        };
+        let plan = self.media_plan(&req.tenant);
+        let store_unavailable = plan.record && !self.store_writable;
+        let mut plan = plan;
+        if store_unavailable {
+            plan.record = false;
+        }
+        let settings = CallSettings {
+            call_id,
+            tenant: req.tenant.clone(),
+            trunk: req.trunk.clone(),
+            timers: self.settings.timers,
+            local,
+            media,
+            answer_delay: Duration::ZERO,
+            session_expires: self.settings.session_expires,
+            min_se: self.settings.min_se,
+            rtp_timeout: self.settings.rtp_timeout,
+            max_duration: self.settings.max_duration,
+            plan,
+            early_media: false,
+            store_unavailable,
+        };
+        Ok(OutboundAdmitted {
+            dial,
+            settings,
+            config: Arc::clone(&self.config),
+        })
     }
 }
 

@@ -409,6 +409,37 @@ pub struct Trunk {
     /// PEM CA bundle: TLS connections from this trunk's addresses must present
     /// a client certificate it signed (mutual TLS); `None`: none asked for.
     pub tls_client_ca: Option<Secret>,
+    /// Calls we place through this trunk (`[trunk.outbound]`); `None`: the
+    /// trunk takes inbound calls only.
+    pub outbound: Option<OutboundTrunk>,
+}
+
+/// Where and how we dial out through a trunk (`[trunk.outbound]`).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct OutboundTrunk {
+    /// `host:port` of the carrier's SIP proxy (a name is resolved at dial time).
+    pub proxy: String,
+    /// Transport to it (UDP).
+    pub transport: OutboundTransport,
+    /// Digest credentials for the carrier's 401/407 challenges.
+    pub username: Option<String>,
+    /// The password (a secret reference).
+    pub password: Option<Secret>,
+    /// Host part of our From URI; `None`: our advertised SIP address.
+    pub from_domain: Option<String>,
+    /// Tenants allowed to dial through this trunk (default: the trunk's `tenant`).
+    pub tenants: Vec<String>,
+    /// Default ringing time before CANCEL when the request gives none.
+    pub answer_timeout: std::time::Duration,
+}
+
+/// Transport for outbound INVITEs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutboundTransport {
+    /// Datagrams, from the first UDP listener (responses come back to it).
+    Udp,
 }
 
 /// Digest credentials expected from a trunk.
@@ -463,6 +494,8 @@ pub struct Tenant {
     pub pipeline_failure: FailurePolicy,
     /// Concurrent calls for this tenant.
     pub max_calls: Option<u32>,
+    /// Outbound calls per second this tenant may start (`max_outbound_cps`, default 1).
+    pub max_outbound_cps: u32,
     /// SHA-256 of the tenant's admin API bearer token
     /// (`admin_token_sha256`); `None`: the tenant has no API access.
     pub admin_token_sha256: Option<[u8; 32]>,

@@ -204,6 +204,28 @@ pub(crate) struct RawTrunk {
     /// addresses must present a certificate it signed (mutual TLS).
     #[serde(default)]
     pub(crate) tls_client_ca: Option<Spanned<String>>,
+    /// Calls we place through this trunk (`[trunk.outbound]`, issue 13).
+    #[serde(default)]
+    pub(crate) outbound: Option<Spanned<RawOutbound>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutbound {
+    /// `host:port` our INVITEs go to (the carrier's SIP proxy).
+    pub(crate) proxy: Spanned<String>,
+    #[serde(default)]
+    pub(crate) transport: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) username: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) password: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) from_domain: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) tenants: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) answer_timeout_s: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -257,6 +279,9 @@ pub(crate) struct RawTenant {
     pub(crate) pipeline: Spanned<RawPipeline>,
     #[serde(default)]
     pub(crate) max_calls: Option<Spanned<u32>>,
+    /// Outbound calls this tenant may start per second (admin API).
+    #[serde(default)]
+    pub(crate) max_outbound_cps: Option<Spanned<u32>>,
     /// SHA-256 (hex) of the tenant's admin API bearer token.
     #[serde(default)]
     pub(crate) admin_token_sha256: Option<Spanned<String>>,

@@ -37,6 +37,10 @@ const DEFAULT_RTP_PORTS: PortRange = PortRange {
     end: 20999,
 };
 const DEFAULT_MAX_CALLS: u32 = 100;
+/// Ringing time before an outbound call is cancelled, when neither the request nor the trunk says.
+const DEFAULT_ANSWER_TIMEOUT_S: u32 = 60;
+/// Outbound calls a tenant may start per second by default.
+const DEFAULT_MAX_OUTBOUND_CPS: u32 = 1;
 const DEFAULT_REALM: &str = "sipbridge";
 /// RFC 4028 §4: Min-SE is never below 90 seconds.
 const MIN_SE_FLOOR_S: u32 = 90;
@@ -1358,6 +1362,113 @@ fn check_trunks(
                 }
             }
         });
+        let outbound = t.outbound.as_ref().map(|o| {
+            let o_ref = o.get_ref();
+            let proxy = o_ref.proxy.get_ref();
+            let proxy_ok = match proxy.rsplit_once(':') {
+                Some((host, port)) => {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    !host.is_empty()
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                        && crate::sip::message::Host::parse(host).is_ok()
+                }
+                None => false,
+            };
+            if !proxy_ok {
+                cx.error(
+                    file,
+                    Some(o_ref.proxy.span()),
+                    format!("outbound proxy `{proxy}` is not `host:port` (e.g. \"sip.carrier.example:5060\", \"192.0.2.10:5060\")"),
+                );
+            }
+            let transport = match o_ref.transport.as_ref().map(|v| v.get_ref().to_ascii_lowercase()) {
+                None => super::OutboundTransport::Udp,
+                Some(v) if v == "udp" => super::OutboundTransport::Udp,
+                Some(v) => {
+                    cx.error(
+                        file,
+                        o_ref.transport.as_ref().map(Spanned::span),
+                        format!("outbound transport `{v}` is not supported: outbound calls use udp"),
+                    );
+                    super::OutboundTransport::Udp
+                }
+            };
+            let password = match (&o_ref.username, &o_ref.password) {
+                (Some(_), Some(p)) => cx.secret(file, p, "outbound password"),
+                (None, None) => None,
+                (Some(u), None) => {
+                    cx.error(file, Some(u.span()), "outbound username without `password`");
+                    None
+                }
+                (None, Some(p)) => {
+                    cx.error(file, Some(p.span()), "outbound password without `username`");
+                    None
+                }
+            };
+            if let Some(u) = o_ref.username.as_ref().filter(|u| u.get_ref().is_empty()) {
+                cx.error(file, Some(u.span()), "outbound username is empty");
+            }
+            if let Some(d) = &o_ref.from_domain
+                && crate::sip::message::Host::parse(d.get_ref()).is_err()
+            {
+                cx.error(
+                    file,
+                    Some(d.span()),
+                    format!("from_domain `{}` is not a host name or IP address", d.get_ref()),
+                );
+            }
+            let mut tenants: Vec<String> = Vec::new();
+            for name in o_ref.tenants.iter().flatten() {
+                if !tenant_known(name.get_ref()) {
+                    cx.error(
+                        file,
+                        Some(name.span()),
+                        format!(
+                            "trunk `{}` lets unknown tenant `{}` dial out",
+                            t.name.get_ref(),
+                            name.get_ref()
+                        ),
+                    );
+                }
+                tenants.push(name.get_ref().clone());
+            }
+            if o_ref.tenants.is_none()
+                && let Some(owner) = &t.tenant
+            {
+                tenants.push(owner.get_ref().clone());
+            }
+            if tenants.is_empty() && !damaged {
+                cx.error(
+                    file,
+                    Some(o.span()),
+                    format!(
+                        "trunk `{}` has [trunk.outbound] but no tenant may use it: set the trunk's `tenant` or `outbound.tenants`",
+                        t.name.get_ref()
+                    ),
+                );
+            }
+            let answer_timeout = match &o_ref.answer_timeout_s {
+                Some(v) if !(1..=600).contains(v.get_ref()) => {
+                    cx.error(
+                        file,
+                        Some(v.span()),
+                        format!("answer_timeout_s {} is out of range (1-600)", v.get_ref()),
+                    );
+                    DEFAULT_ANSWER_TIMEOUT_S
+                }
+                Some(v) => *v.get_ref(),
+                None => DEFAULT_ANSWER_TIMEOUT_S,
+            };
+            super::OutboundTrunk {
+                proxy: proxy.clone(),
+                transport,
+                username: o_ref.username.as_ref().map(|u| u.get_ref().clone()),
+                password,
+                from_domain: o_ref.from_domain.as_ref().map(|d| d.get_ref().clone()),
+                tenants,
+                answer_timeout: std::time::Duration::from_secs(u64::from(answer_timeout)),
+            }
+        });
         out.push((
             Trunk {
                 name: t.name.get_ref().clone(),
@@ -1368,6 +1479,7 @@ fn check_trunks(
                 behind_nat: t.behind_nat,
                 media_encryption,
                 tls_client_ca,
+                outbound,
             },
             (file, t.name.span()),
         ));
@@ -1480,6 +1592,8 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
         let pipeline = check_pipeline(cx, file, &t.pipeline, damaged);
         let pipeline_failure = check_failure_policy(cx, file, t.pipeline.get_ref());
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
+        let max_outbound_cps = positive(cx, file, &t.max_outbound_cps, "max_outbound_cps")
+            .unwrap_or(DEFAULT_MAX_OUTBOUND_CPS);
         let stats_interval = match &t.stats_interval_s {
             Some(v) if *v.get_ref() > 3600 => {
                 cx.error(
@@ -1598,6 +1712,7 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     pipeline,
                     pipeline_failure,
                     max_calls,
+                    max_outbound_cps,
                     admin_token_sha256,
                     twilio_api,
                     stats_interval,

@@ -6,6 +6,7 @@
 //! tasks parse and dispatch; each call runs in its own task that owns its
 //! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
 
+mod dial;
 mod lifecycle;
 mod reject_log;
 mod store_link;
@@ -131,6 +132,13 @@ pub(crate) fn masked_cdr(shared: &Shared, record: &CallRecord) -> serde_json::Va
         obj.insert("from".into(), from.into());
         obj.insert("to".into(), to.into());
         obj.insert("recorded".into(), record.recording.recorded().into());
+        // A transfer target may be a person's number: masked like one.
+        if let (Some(t), Some(to)) = (
+            &record.transfer,
+            obj.get_mut("transfer").and_then(|t| t.get_mut("to")),
+        ) {
+            *to = crate::logging::scrub(&t.to).into_owned().into();
+        }
     }
     value
 }
@@ -221,6 +229,41 @@ impl Shared {
         tenant: &str,
         invite: &crate::sip::message::Request,
     ) -> Option<AgentPlan> {
+        self.agent_for_call(
+            config,
+            tenant,
+            crate::call::CallDirection::Inbound,
+            invite.call_id().unwrap_or_default().to_owned(),
+            invite
+                .from()
+                .ok()
+                .and_then(|f| f.uri.user_unescaped())
+                .unwrap_or_default(),
+            crate::call::dialed_number(invite).unwrap_or_default(),
+            invite
+                .headers
+                .iter()
+                .filter(|(name, _)| {
+                    name.len() > 2 && name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+                })
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+
+    /// [`Shared::agent_for`] with what the `start` message says given
+    /// directly (an outbound call has no INVITE of the peer's).
+    #[allow(clippy::too_many_arguments)]
+    fn agent_for_call(
+        &self,
+        config: &crate::config::Config,
+        tenant: &str,
+        direction: crate::call::CallDirection,
+        call_id: String,
+        from: String,
+        to: String,
+        custom: Vec<(String, String)>,
+    ) -> Option<AgentPlan> {
         use crate::pipeline::deepgram::DeepgramTarget;
         let (target, stt, sample_rate, policy, account_sid, stats_interval) = {
             let t = config.tenant(tenant)?;
@@ -260,23 +303,13 @@ impl Shared {
         };
         let info = CallInfo {
             sample_rate,
-            call_id: invite.call_id().unwrap_or_default().to_owned(),
+            call_id,
+            direction,
             tenant: tenant.to_owned(),
             account_sid,
-            from: invite
-                .from()
-                .ok()
-                .and_then(|f| f.uri.user_unescaped())
-                .unwrap_or_default(),
-            to: crate::call::dialed_number(invite).unwrap_or_default(),
-            custom: invite
-                .headers
-                .iter()
-                .filter(|(name, _)| {
-                    name.len() > 2 && name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
-                })
-                .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                .collect(),
+            from,
+            to,
+            custom,
         };
         Some(AgentPlan {
             spec: target,
@@ -449,6 +482,8 @@ impl Shared {
             started_at: row.started_at,
             answered_at: std::sync::atomic::AtomicI64::new(0),
             ended: std::sync::atomic::AtomicBool::new(false),
+            direction: crate::call::CallDirection::Inbound,
+            ringing: std::sync::atomic::AtomicBool::new(true),
         });
         let call = match Call::new(
             Instant::now(),
@@ -637,6 +672,11 @@ impl PipelineLink {
                     h.send_stats(media_time, quality);
                 }
             }
+            PipelineOp::Transfer(update) => {
+                if let Some(h) = &mut self.handle {
+                    h.send_transfer(update);
+                }
+            }
             PipelineOp::Close { deepgram_only } => {
                 // Deepgram closes its stream now; the transcripts it still
                 // sends (its last Results) reach the store. An agent
@@ -780,6 +820,28 @@ impl CallTask<'_> {
             }
             BridgeEvent::MarkDropped(name) => debug!(mark = %name, "mark dropped"),
             BridgeEvent::DtmfRefused(why) => warn!(%why, "agent's DTMF refused"),
+            BridgeEvent::Transfer(u) => {
+                let reason = match u.state {
+                    crate::call::transfer::TransferState::Failed(f) => f.as_str(),
+                    _ => "",
+                };
+                info!(
+                    to = %crate::logging::wire(&crate::logging::scrub(&u.to)),
+                    mode = u.mode.as_str(),
+                    result = u.state.result(),
+                    status = u.status,
+                    reason,
+                    "transfer"
+                );
+                if u.state.is_final() {
+                    crate::metrics::transfer_finished(
+                        &self.live.tenant,
+                        u.mode.as_str(),
+                        u.state.result(),
+                        reason,
+                    );
+                }
+            }
             BridgeEvent::Ended { mut record, media } => {
                 self.live
                     .ended
@@ -908,6 +970,7 @@ async fn run_call(
                 AgentCommand::Failed(f) => BridgeInput::Agent(AgentEvent::Failed(f)),
                 AgentCommand::PauseRecording(p) => BridgeInput::Agent(AgentEvent::PauseRecording(p)),
                 AgentCommand::SendDtmf(keys) => BridgeInput::Agent(AgentEvent::SendDtmf(keys)),
+                AgentCommand::Transfer { to, mode } => BridgeInput::Agent(AgentEvent::Transfer { to, mode }),
             },
             cmd = rx.recv() => match cmd {
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),
@@ -1093,6 +1156,13 @@ impl Control for Shared {
 
     fn reload(self: Arc<Self>) -> BoxFuture<'static, Result<ReloadSummary, ReloadError>> {
         Box::pin(async move { lifecycle::reload(&self).await })
+    }
+
+    fn dial(
+        self: Arc<Self>,
+        request: crate::control::DialRequest,
+    ) -> BoxFuture<'static, Result<String, crate::control::DialError>> {
+        Box::pin(async move { dial::dial(&self, request).await })
     }
 }
 

@@ -35,9 +35,9 @@ use crate::call::bridged::{Consent, StoreOp};
 use crate::config::StoreSettings;
 use crate::store::crypto::KeyRing;
 use crate::store::db::{
-    CallEnd, CallRecording, CallRow, CallerIdPolicy, ConsentEvent, DbError, MediaFrames,
-    RecordingRow, RecordingState, RtpStats, Store, StoredHangupSide, TranscriptRow, UnixMs,
-    unix_ms,
+    CallEnd, CallRecording, CallRow, CallTransfer, CallerIdPolicy, ConsentEvent, DbError,
+    MediaFrames, RecordingRow, RecordingState, RtpStats, Store, StoredHangupSide, TranscriptRow,
+    UnixMs, unix_ms,
 };
 use crate::store::objects::RecordingObjects;
 use crate::store::recording::{
@@ -77,6 +77,8 @@ enum Op {
         frames: MediaFrames,
         /// As the call saw it; the writer corrects it when a write failed.
         recording: CallRecording,
+        /// The call's last transfer.
+        transfer: Option<CallTransfer>,
     },
     Consent {
         tenant: String,
@@ -370,6 +372,7 @@ impl Records {
             end: call_end(record),
             frames: media_frames(record),
             recording: call_recording(record.recording),
+            transfer: call_transfer(record),
         });
     }
 
@@ -450,6 +453,17 @@ fn call_recording(status: RecordingStatus) -> CallRecording {
         RecordingStatus::NotRecorded => CallRecording::NotRecorded,
         RecordingStatus::OptedOut => CallRecording::OptedOut,
     }
+}
+
+/// The database's form of the call's last transfer.
+fn call_transfer(record: &CallRecord) -> Option<CallTransfer> {
+    record.transfer.as_ref().map(|t| CallTransfer {
+        to: t.to.clone(),
+        mode: t.mode.as_str().to_owned(),
+        result: t.result.to_owned(),
+        reason: t.reason.map(str::to_owned),
+        status: t.status,
+    })
 }
 
 /// What the database says about how a call ended.
@@ -765,6 +779,7 @@ impl CallStore {
             end: call_end(record),
             frames: media_frames(record),
             recording: call_recording(record.recording),
+            transfer: call_transfer(record),
         });
     }
 }
@@ -980,6 +995,7 @@ enum DbWrite {
         end: CallEnd,
         frames: MediaFrames,
         recording: CallRecording,
+        transfer: Option<CallTransfer>,
     },
     Consent {
         tenant: String,
@@ -1012,7 +1028,8 @@ impl DbWrite {
                 end,
                 frames,
                 recording,
-            } => store.close_call(tenant, call_id, end, *frames, *recording),
+                transfer,
+            } => store.close_call(tenant, call_id, end, *frames, *recording, transfer.as_ref()),
             DbWrite::Consent {
                 tenant,
                 call_id,
@@ -1429,6 +1446,7 @@ impl Writer {
                 end,
                 frames,
                 recording,
+                transfer,
             } => {
                 let recording = match self.failed.remove(&call_id) {
                     // The caller's opt-out stands: what was kept is gone.
@@ -1442,6 +1460,7 @@ impl Writer {
                     end,
                     frames,
                     recording,
+                    transfer,
                 });
             }
             Op::Consent {
@@ -1948,6 +1967,7 @@ mod tests {
                 },
                 frames: MediaFrames::default(),
                 recording,
+                transfer: None,
             });
             let cdr = w.store.get_call("demo", "c1").unwrap().unwrap();
             let want = if opt_out {

@@ -65,6 +65,11 @@ impl Transports {
             .or_else(|| udp.iter().flatten().next().cloned())
     }
 
+    /// Whether a UDP listener is open (outbound calls are sent from one).
+    pub(crate) fn has_udp(&self) -> bool {
+        self.udp_socket(0).is_some()
+    }
+
     /// Sends one message; failures are logged, never fatal (SIP retransmits).
     pub(crate) async fn send(self: &Transports, t: Transmit) {
         crate::metrics::sip_sent(&t.bytes);

@@ -47,6 +47,8 @@ pub const COMMAND_QUEUE: usize = 64;
 pub struct CallInfo {
     /// SIP Call-ID.
     pub call_id: String,
+    /// Whether the caller called us or we dialled (admin API `POST /v1/calls`).
+    pub direction: crate::call::CallDirection,
     /// Tenant id.
     pub tenant: String,
     /// The tenant's Twilio-compatible account SID (`[tenant.twilio_api]`), if it has
@@ -56,7 +58,8 @@ pub struct CallInfo {
     pub from: String,
     /// Dialed number.
     pub to: String,
-    /// The INVITE's `X-` headers (name as received, value), in order.
+    /// The INVITE's `X-` headers (name as received, value), in order; for
+    /// an outbound call, the `custom` parameters of `POST /v1/calls`.
     pub custom: Vec<(String, String)>,
     /// Sample rate of the PCM both ways (the tenant's `pipeline_rate`).
     pub sample_rate: u32,
@@ -222,6 +225,14 @@ pub enum AgentCommand {
     PauseRecording(bool),
     /// Keys to send to the caller's side (`{"event":"dtmf","digits":…}`).
     SendDtmf(String),
+    /// Transfer the caller (`{"event":"transfer","to":…,"mode":…}`); the
+    /// call checks both.
+    Transfer {
+        /// The target as the agent wrote it (at most 512 characters).
+        to: String,
+        /// `blind` or `bridge`; `None`: the agent gave none (blind).
+        mode: Option<String>,
+    },
     /// A final transcript segment (for the store).
     Transcript(Transcript),
     /// The connection is up (before any other command of this connection).
@@ -246,6 +257,8 @@ pub(crate) enum Event {
         media_time: std::time::Duration,
         quality: Box<crate::call::QualitySummary>,
     },
+    /// A step of a transfer the agent asked for (every mode).
+    Transfer(crate::call::transfer::TransferUpdate),
 }
 
 /// The call task's end of a pipeline connection. Dropping it ends the
@@ -352,6 +365,11 @@ impl PipelineHandle {
         });
     }
 
+    /// Queues a transfer step for the agent without waiting.
+    pub fn send_transfer(&mut self, update: crate::call::transfer::TransferUpdate) {
+        let _ = self.events.try_send(Event::Transfer(update));
+    }
+
     /// Caller frames dropped because the pipeline was behind.
     pub fn dropped_frames(&self) -> u64 {
         self.dropped
@@ -378,6 +396,41 @@ impl PipelineHandle {
 }
 
 pub use crate::config::redact_url;
+
+/// The longest transfer target or mode taken from an agent's message (the
+/// call refuses targets longer than `transfer::MAX_TARGET_LEN` anyway).
+const MAX_TRANSFER_FIELD: usize = 512;
+
+/// An agent's transfer request from its JSON fields (`to` required, `mode`
+/// optional); the same in every mode.
+pub(crate) fn transfer_command(fields: &serde_json::Value) -> Option<AgentCommand> {
+    let clip = |s: &str| s.chars().take(MAX_TRANSFER_FIELD).collect::<String>();
+    let to = clip(fields.get("to")?.as_str()?);
+    let mode = match fields.get("mode") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(m) => Some(clip(m.as_str()?)),
+    };
+    Some(AgentCommand::Transfer { to, mode })
+}
+
+/// The fields of a transfer step as the agent sees them (inside `transfer`
+/// in the Twilio and Telnyx modes, at the top level in the native one):
+/// `result`, `to`, `mode`, and `status`/`reason` when there are some.
+pub(crate) fn transfer_fields(
+    u: &crate::call::transfer::TransferUpdate,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("result".into(), u.state.result().into());
+    m.insert("to".into(), u.to.clone().into());
+    m.insert("mode".into(), u.mode.as_str().into());
+    if let Some(s) = u.status {
+        m.insert("status".into(), s.into());
+    }
+    if let crate::call::transfer::TransferState::Failed(f) = u.state {
+        m.insert("reason".into(), f.as_str().into());
+    }
+    m
+}
 
 #[cfg(test)]
 mod tests {

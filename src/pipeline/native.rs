@@ -38,6 +38,7 @@ pub fn start_message(info: &CallInfo, reconnect: u32) -> String {
         "event": "start",
         "call_id": info.call_id,
         "tenant": info.tenant,
+        "direction": info.direction.as_str(),
         "from": info.from,
         "to": info.to,
         "codec": "pcm_s16le",
@@ -59,6 +60,11 @@ fn event_message(ev: &Event) -> String {
             media_time,
             quality,
         } => return stats_message(*media_time, quality),
+        Event::Transfer(u) => {
+            let mut m = super::transfer_fields(u);
+            m.insert("event".into(), "transfer".into());
+            serde_json::Value::Object(m)
+        }
     }
     .to_string()
 }
@@ -113,6 +119,7 @@ pub fn parse_agent_text(text: &str) -> Option<AgentCommand> {
         )),
         "pause_recording" => Some(AgentCommand::PauseRecording(true)),
         "resume_recording" => Some(AgentCommand::PauseRecording(false)),
+        "transfer" => super::transfer_command(&v),
         _ => None,
     }
 }
@@ -216,6 +223,7 @@ mod tests {
     fn start_message_has_every_field() {
         let info = CallInfo {
             call_id: "abc@h".into(),
+            direction: crate::call::CallDirection::Inbound,
             tenant: "demo".into(),
             account_sid: None,
             from: "+1555".into(),
@@ -226,7 +234,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&start_message(&info, 2)).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"event":"start","call_id":"abc@h","tenant":"demo",
+            serde_json::json!({"event":"start","call_id":"abc@h","tenant":"demo","direction":"inbound",
                 "from":"+1555","to":"+1666","codec":"pcm_s16le","sample_rate":16000,
                 "custom":{"X-Order":"42"},"reconnect":2})
         );
@@ -328,5 +336,61 @@ mod tests {
         );
         assert_eq!(parse_agent_text(r#"{"event":"dtmf"}"#), None);
         assert_eq!(parse_agent_text(r#"{"event":"dtmf","digits":7}"#), None);
+    }
+
+    #[test]
+    fn transfer_both_ways() {
+        assert_eq!(
+            parse_agent_text(r#"{"event":"transfer","to":"tel:+15557654321","mode":"blind"}"#),
+            Some(AgentCommand::Transfer {
+                to: "tel:+15557654321".into(),
+                mode: Some("blind".into())
+            })
+        );
+        assert_eq!(
+            parse_agent_text(r#"{"event":"transfer","to":"+15557654321"}"#),
+            Some(AgentCommand::Transfer {
+                to: "+15557654321".into(),
+                mode: None
+            })
+        );
+        assert_eq!(parse_agent_text(r#"{"event":"transfer"}"#), None);
+        assert_eq!(parse_agent_text(r#"{"event":"transfer","to":5}"#), None);
+        assert_eq!(
+            parse_agent_text(r#"{"event":"transfer","to":"sip:a@b","mode":1}"#),
+            None
+        );
+        let long = format!(r#"{{"event":"transfer","to":"{}"}}"#, "9".repeat(5000));
+        match parse_agent_text(&long) {
+            Some(AgentCommand::Transfer { to, .. }) => assert_eq!(to.len(), 512),
+            other => panic!("{other:?}"),
+        }
+        use crate::call::transfer::{TransferFailure, TransferMode, TransferState, TransferUpdate};
+        let v: serde_json::Value =
+            serde_json::from_str(&event_message(&Event::Transfer(TransferUpdate {
+                to: "tel:+15557654321".into(),
+                mode: TransferMode::Blind,
+                state: TransferState::Failed(TransferFailure::Refused),
+                status: Some(403),
+            })))
+            .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"transfer","result":"failed","reason":"refused",
+                "status":403,"to":"tel:+15557654321","mode":"blind"})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&event_message(&Event::Transfer(TransferUpdate {
+                to: "tel:+1".into(),
+                mode: TransferMode::Blind,
+                state: TransferState::Accepted,
+                status: Some(202),
+            })))
+            .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"transfer","result":"accepted","status":202,
+                "to":"tel:+1","mode":"blind"})
+        );
     }
 }

@@ -246,6 +246,18 @@ impl TelnyxStream {
         .to_string()
     }
 
+    /// `transfer`: sipbridge's extension (Telnyx Media Streaming has no
+    /// transfer), one step of the agent's transfer, in Telnyx's shape.
+    pub fn transfer_message(&mut self, u: &crate::call::transfer::TransferUpdate) -> String {
+        serde_json::json!({
+            "event": "transfer",
+            "stream_id": self.stream_id,
+            "sequence_number": self.next_sequence(),
+            "transfer": super::transfer_fields(u),
+        })
+        .to_string()
+    }
+
     /// `mark`: the echo of an agent's mark, once the audio before it has
     /// played (or was thrown away by `clear`).
     pub fn mark_message(&mut self, name: &str) -> String {
@@ -336,6 +348,12 @@ impl TelnyxStream {
             // sipbridge's extension (Telnyx has no such message): PCI pause.
             "pause_recording" => AgentFrame::Command(AgentCommand::PauseRecording(true)),
             "resume_recording" => AgentFrame::Command(AgentCommand::PauseRecording(false)),
+            // sipbridge's extension: `{"event":"transfer","stream_id":…,
+            // "transfer":{"to":…,"mode":…}}`.
+            "transfer" => match v.get("transfer").and_then(super::transfer_command) {
+                Some(cmd) => AgentFrame::Command(cmd),
+                None => self.refuse(MalformedFrame, "transfer.to is missing"),
+            },
             _ => self.refuse(MalformedFrame, "unknown event"),
         }
     }
@@ -384,6 +402,7 @@ impl StreamDialect for TelnyxStream {
         match ev {
             Event::Dtmf(d) => Some(self.dtmf_message(*d, now)),
             Event::Mark { name, .. } => Some(self.mark_message(name)),
+            Event::Transfer(u) => Some(self.transfer_message(u)),
             Event::Transcript(_) | Event::Stats { .. } => None,
         }
     }
@@ -429,6 +448,7 @@ mod tests {
     fn info(rate: u32) -> CallInfo {
         CallInfo {
             call_id: "abc@h".into(),
+            direction: crate::call::CallDirection::Inbound,
             tenant: "demo".into(),
             account_sid: None,
             from: "+1555".into(),
@@ -688,5 +708,40 @@ mod tests {
             json!({"X-Order":"42","sipbridge_reconnect":"3"})
         );
         assert_eq!(start["start"]["call_control_id"], "abc@h", "the same call");
+    }
+
+    #[test]
+    fn transfer_is_an_extension_in_telnyx_shape() {
+        use crate::call::transfer::{TransferMode, TransferState, TransferUpdate};
+        let mut s = stream(8000, TelnyxEncoding::Pcmu);
+        let msg = json!({"event":"transfer","transfer":{"to":"sip:desk@pbx.example.com"}});
+        assert_eq!(
+            s.parse_agent_text(&msg.to_string()),
+            AgentFrame::Command(AgentCommand::Transfer {
+                to: "sip:desk@pbx.example.com".into(),
+                mode: None
+            })
+        );
+        let bad = json!({"event":"transfer","transfer":{}});
+        match s.parse_agent_text(&bad.to_string()) {
+            AgentFrame::Reply(r) => assert_eq!(json(&r)["payload"]["code"], 100003),
+            other => panic!("{other:?}"),
+        }
+        s.start_message(&info(8000));
+        let out = StreamDialect::event_message(
+            &mut s,
+            &Event::Transfer(TransferUpdate {
+                to: "sip:desk@pbx.example.com".into(),
+                mode: TransferMode::Blind,
+                state: TransferState::Progress,
+                status: Some(180),
+            }),
+            std::time::SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            json(&out.unwrap()),
+            json!({"event":"transfer","sequence_number":"2","stream_id":ID,
+                "transfer":{"result":"progress","status":180,"to":"sip:desk@pbx.example.com","mode":"blind"}})
+        );
     }
 }

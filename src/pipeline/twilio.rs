@@ -190,12 +190,25 @@ impl TwilioStream {
         .to_string()
     }
 
+    /// `transfer`: sipbridge's extension (Twilio Media Streams has no
+    /// transfer), one step of the agent's transfer, in Twilio's shape.
+    pub fn transfer_message(&mut self, u: &crate::call::transfer::TransferUpdate) -> String {
+        serde_json::json!({
+            "event": "transfer",
+            "sequenceNumber": self.next_sequence(),
+            "streamSid": self.stream_sid,
+            "transfer": super::transfer_fields(u),
+        })
+        .to_string()
+    }
+
     /// An event towards the agent as its message (`None`: Twilio Media
     /// Streams has no message for it — transcripts).
     fn event_message(&mut self, ev: &Event) -> Option<String> {
         match ev {
             Event::Dtmf(d) => Some(self.dtmf_message(*d)),
             Event::Mark { name, .. } => Some(self.mark_message(name)),
+            Event::Transfer(u) => Some(self.transfer_message(u)),
             Event::Transcript(_) | Event::Stats { .. } => None,
         }
     }
@@ -240,6 +253,9 @@ impl TwilioStream {
             // sipbridge's extension (Twilio has no such message): PCI pause.
             "pause_recording" => Some(AgentCommand::PauseRecording(true)),
             "resume_recording" => Some(AgentCommand::PauseRecording(false)),
+            // sipbridge's extension: `{"event":"transfer","streamSid":…,
+            // "transfer":{"to":…,"mode":…}}`.
+            "transfer" => super::transfer_command(v.get("transfer")?),
             _ => None,
         }
     }
@@ -298,6 +314,7 @@ mod tests {
     fn info(rate: u32) -> CallInfo {
         CallInfo {
             call_id: "abc@h".into(),
+            direction: crate::call::CallDirection::Inbound,
             tenant: "demo".into(),
             account_sid: None,
             from: "+1555".into(),
@@ -481,5 +498,39 @@ mod tests {
             TwilioStream::new(&info(44_100), SID.into()),
             Err(TwilioError::UnsupportedRate(44_100))
         ));
+    }
+
+    #[test]
+    fn transfer_is_an_extension_in_twilio_shape() {
+        use crate::call::transfer::{TransferMode, TransferState, TransferUpdate};
+        let mut s = TwilioStream::new(&info(8000), SID.into()).unwrap();
+        let msg = json!({"event":"transfer","streamSid":SID,
+            "transfer":{"to":"tel:+15557654321","mode":"blind"}});
+        assert_eq!(
+            s.parse_agent_text(&msg.to_string()),
+            Some(AgentCommand::Transfer {
+                to: "tel:+15557654321".into(),
+                mode: Some("blind".into())
+            })
+        );
+        for ignored in [
+            json!({"event":"transfer","streamSid":"MZother","transfer":{"to":"tel:+1"}}),
+            json!({"event":"transfer","streamSid":SID}),
+            json!({"event":"transfer","streamSid":SID,"transfer":{"mode":"blind"}}),
+        ] {
+            assert_eq!(s.parse_agent_text(&ignored.to_string()), None, "{ignored}");
+        }
+        s.start_message(&info(8000));
+        let out = s.event_message(&Event::Transfer(TransferUpdate {
+            to: "tel:+15557654321".into(),
+            mode: TransferMode::Blind,
+            state: TransferState::Completed,
+            status: Some(200),
+        }));
+        assert_eq!(
+            json(&out.unwrap()),
+            json!({"event":"transfer","sequenceNumber":"2","streamSid":SID,
+                "transfer":{"result":"completed","status":200,"to":"tel:+15557654321","mode":"blind"}})
+        );
     }
 }

@@ -5,8 +5,9 @@
 //! Owns: dialog identity and matching, CSeq ordering, Record-Route → route set,
 //! Contact → remote target, request construction (BYE, re-INVITE, UPDATE, ACK).
 //! Must not touch: transactions (retransmission is `transaction`'s job), sockets,
-//! clocks. sipbridge is always the UAS of the dialog (carriers call us), so only
-//! the UAS side of dialog creation is implemented.
+//! clocks. Both sides of dialog creation: the UAS side for calls carriers send
+//! us ([`Dialog::new_uas`]), the UAC side for the calls we place
+//! ([`Dialog::new_uac`], from our INVITE and the 2xx that answered it).
 
 use crate::sip::error::SipError;
 use crate::sip::message::{CSeq, Headers, Method, NameAddr, Request, Response, Uri, Via};
@@ -68,6 +69,39 @@ impl Dialog {
             route_set: invite.record_routes().map_err(SipError::from)?,
             local_seq,
             remote_seq: invite.cseq().map_err(SipError::from)?.seq,
+        })
+    }
+
+    /// The dialog our INVITE created (RFC 3261 §12.1.2): `invite` as we sent
+    /// it (its From carries our tag, its CSeq our first number), `ok` the 2xx
+    /// that answered it (remote tag, Contact → remote target, Record-Route
+    /// reversed → route set).
+    pub fn new_uac(invite: &Request, ok: &Response) -> Result<Dialog, SipError> {
+        let mut local_uri = invite.from().map_err(SipError::from)?;
+        let local_tag = local_uri
+            .tag()
+            .map(str::to_owned)
+            .ok_or_else(|| SipError::Malformed("our INVITE has no From tag".into()))?;
+        local_uri.params.remove("tag");
+        let mut remote_uri = ok.to().map_err(SipError::from)?;
+        let remote_tag = remote_uri.tag().map(str::to_owned);
+        remote_uri.params.remove("tag");
+        let remote_target = match ok.contacts().map_err(SipError::from)?.into_iter().next() {
+            Some(contact) => contact.uri,
+            None => invite.uri.clone(),
+        };
+        let mut route_set = ok.record_routes().map_err(SipError::from)?;
+        route_set.reverse();
+        Ok(Dialog {
+            call_id: invite.call_id().map_err(SipError::from)?.to_owned(),
+            local_tag,
+            remote_tag,
+            local_uri,
+            remote_uri,
+            remote_target,
+            route_set,
+            local_seq: invite.cseq().map_err(SipError::from)?.seq,
+            remote_seq: 0,
         })
     }
 

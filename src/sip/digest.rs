@@ -412,6 +412,132 @@ fn quote(s: &str) -> String {
     out
 }
 
+/// A `WWW-Authenticate` / `Proxy-Authenticate` challenge, client side: a
+/// trunk challenged one of our requests (our outbound INVITE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestChallenge {
+    /// `realm`.
+    pub realm: String,
+    /// `nonce`.
+    pub nonce: String,
+    /// `algorithm` (absent: MD5).
+    pub algorithm: Algorithm,
+    /// The server offered `qop=auth` (else the RFC 2069 form is answered).
+    pub qop_auth: bool,
+    /// `opaque`, returned unchanged.
+    pub opaque: Option<String>,
+    /// `stale=true`: the previous answer was right but its nonce too old.
+    pub stale: bool,
+}
+
+impl DigestChallenge {
+    /// Parses a challenge value. Only `Digest` with MD5 or SHA-256 and, when
+    /// a `qop` is given, one that includes `auth`.
+    pub fn parse(value: &str) -> Result<Self, DigestError> {
+        if value.len() > MAX_AUTHORIZATION_LEN {
+            return Err(DigestError::Malformed);
+        }
+        let value = value.trim_start_matches(is_lws);
+        let scheme_end = value.find(is_lws).unwrap_or(value.len());
+        let (scheme, rest) = value.split_at(scheme_end);
+        if !scheme.eq_ignore_ascii_case("Digest") {
+            return Err(DigestError::Missing);
+        }
+        let (mut realm, mut nonce, mut algorithm, mut qop, mut opaque, mut stale) =
+            (None, None, None, None, None, None);
+        for (name, v) in AuthParams::new(rest) {
+            let v = v?;
+            let slot = match name.to_ascii_lowercase().as_str() {
+                "realm" => &mut realm,
+                "nonce" => &mut nonce,
+                "algorithm" => &mut algorithm,
+                "qop" => &mut qop,
+                "opaque" => &mut opaque,
+                "stale" => &mut stale,
+                _ => continue,
+            };
+            if slot.replace(v).is_some() {
+                return Err(DigestError::Malformed);
+            }
+        }
+        let (Some(realm), Some(nonce)) = (realm, nonce) else {
+            return Err(DigestError::Malformed);
+        };
+        let algorithm = match algorithm {
+            None => Algorithm::Md5,
+            Some(a) => Algorithm::from_token(&a).ok_or(DigestError::UnsupportedAlgorithm)?,
+        };
+        let qop_auth = match qop {
+            None => false,
+            Some(q) if q.split(',').any(|t| t.trim().eq_ignore_ascii_case("auth")) => true,
+            Some(_) => return Err(DigestError::UnsupportedQop),
+        };
+        Ok(Self {
+            realm,
+            nonce,
+            algorithm,
+            qop_auth,
+            opaque,
+            stale: stale.is_some_and(|s| s.eq_ignore_ascii_case("true")),
+        })
+    }
+
+    /// The `Authorization` / `Proxy-Authorization` value answering this
+    /// challenge for `method` on `uri` (the Request-URI as sent), with
+    /// nonce-count `nc` and our `cnonce` (from the caller's RNG).
+    pub fn answer(
+        &self,
+        username: &str,
+        password: &[u8],
+        method: &str,
+        uri: &str,
+        cnonce: &str,
+        nc: u32,
+    ) -> String {
+        let nc = format!("{nc:08x}");
+        let response = if self.qop_auth {
+            compute_response(
+                self.algorithm,
+                &ResponseParams {
+                    username,
+                    realm: &self.realm,
+                    password,
+                    method,
+                    uri,
+                    nonce: &self.nonce,
+                    nc: &nc,
+                    cnonce,
+                    qop: "auth",
+                },
+            )
+        } else {
+            // RFC 2069 form (RFC 2617 §3.2.2.1 without qop).
+            let ha1 = self
+                .algorithm
+                .hex(&[username.as_bytes(), self.realm.as_bytes(), password]);
+            let ha2 = self.algorithm.hex(&[method.as_bytes(), uri.as_bytes()]);
+            self.algorithm
+                .hex(&[ha1.as_bytes(), self.nonce.as_bytes(), ha2.as_bytes()])
+        };
+        let mut out = format!(
+            "Digest username={}, realm={}, nonce={}, uri={}, response={}, algorithm={}",
+            quote(username),
+            quote(&self.realm),
+            quote(&self.nonce),
+            quote(uri),
+            quote(&response),
+            self.algorithm.as_str(),
+        );
+        if self.qop_auth {
+            out.push_str(&format!(", qop=auth, nc={nc}, cnonce={}", quote(cnonce)));
+        }
+        if let Some(opaque) = &self.opaque {
+            out.push_str(&format!(", opaque={}", quote(opaque)));
+        }
+        out
+    }
+}
+
 /// Our nonce's identity: issue time and its random part.
 type NonceStamp = (u64, [u8; 8]);
 
@@ -731,6 +857,74 @@ mod tests {
     fn fresh_nonce(s: &DigestServer, now: u64, seed: u64) -> String {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         nonce_of(&s.challenge(now, &mut rng, false)[0])
+    }
+
+    #[test]
+    fn client_answer_passes_our_own_server_check() {
+        for alg in [Algorithm::Md5, Algorithm::Sha256] {
+            let mut s = server().with_algorithms(&[alg]);
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            let challenge = s.challenge(NOW, &mut rng, false).remove(0);
+            let parsed = DigestChallenge::parse(&challenge).unwrap();
+            assert_eq!(parsed.algorithm, alg);
+            assert!(parsed.qop_auth);
+            let value = parsed.answer("trunk", b"s3cret", "INVITE", "sip:+1555@h", "abc", 1);
+            let creds = DigestCredentials::parse(&value).unwrap();
+            assert_eq!(creds.nc.as_deref(), Some("00000001"));
+            assert_eq!(
+                s.verify_credentials(&creds, "INVITE", "sip:+1555@h", "trunk", b"s3cret", NOW + 1),
+                Ok(())
+            );
+            let wrong = parsed.answer("trunk", b"wrong", "INVITE", "sip:+1555@h", "abc", 2);
+            let creds = DigestCredentials::parse(&wrong).unwrap();
+            assert_eq!(
+                s.verify_credentials(&creds, "INVITE", "sip:+1555@h", "trunk", b"s3cret", NOW + 1),
+                Err(DigestError::WrongResponse)
+            );
+        }
+    }
+
+    #[test]
+    fn client_challenge_parsing() {
+        // RFC 2617 §3.5 example (no qop here: the RFC 2069 answer form).
+        let c = DigestChallenge::parse(
+            "Digest realm=\"testrealm@host.com\", nonce=\"dcd98b7102dd2f0e8b11d0f600bfb0c093\", opaque=\"5ccc069c403ebaf9f0171e9517f40e41\", stale=TRUE",
+        )
+        .unwrap();
+        assert_eq!(c.realm, "testrealm@host.com");
+        assert!(!c.qop_auth && c.stale);
+        assert_eq!(c.algorithm, Algorithm::Md5);
+        let v = c.answer(
+            "Mufasa",
+            b"Circle Of Life",
+            "GET",
+            "/dir/index.html",
+            "x",
+            1,
+        );
+        // RFC 2069 §2.4 response for these values (no qop).
+        assert!(
+            v.contains("response=\"670fd8c2df070c60b045671b8b24ff02\""),
+            "{v}"
+        );
+        assert!(v.contains("opaque=\"5ccc069c403ebaf9f0171e9517f40e41\""));
+        assert!(!v.contains("qop"));
+        assert_eq!(
+            DigestChallenge::parse("Digest realm=\"r\", nonce=\"n\", algorithm=MD5-sess"),
+            Err(DigestError::UnsupportedAlgorithm)
+        );
+        assert_eq!(
+            DigestChallenge::parse("Digest realm=\"r\", nonce=\"n\", qop=\"auth-int\""),
+            Err(DigestError::UnsupportedQop)
+        );
+        assert_eq!(
+            DigestChallenge::parse("Basic realm=\"r\""),
+            Err(DigestError::Missing)
+        );
+        assert_eq!(
+            DigestChallenge::parse("Digest realm=\"r\""),
+            Err(DigestError::Malformed)
+        );
     }
 
     #[test]

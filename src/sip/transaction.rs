@@ -42,12 +42,14 @@
 //!   retransmission of that final response. A 2xx terminates the client
 //!   transaction at once (RFC 3261 §17.1.1.2); the TU ACKs the 2xx and
 //!   handles 2xx retransmissions through the dialog.
-//! - **Deviation**: RFC 3261 lets an INVITE client transaction wait in
-//!   Proceeding forever. We only send INVITEs as re-INVITEs, which peers
-//!   answer without a human, so Timer B keeps running in Proceeding and a
-//!   missing final response ends in `TimedOut(Timer::B)` at 64·T1. Every
-//!   transaction thus terminates within 64·T1 + T4 + 32 s of its last TU
-//!   input.
+//! - **Deviation** (re-INVITEs only): RFC 3261 lets an INVITE client
+//!   transaction wait in Proceeding forever. A re-INVITE is answered without
+//!   a human, so for those ([`ClientInviteTransaction::new`]) Timer B keeps
+//!   running in Proceeding and a missing final response ends in
+//!   `TimedOut(Timer::B)` at 64·T1. An initial INVITE that rings a person
+//!   ([`ClientInviteTransaction::new_initial`], an outbound call) stops
+//!   Timer B at the first provisional as the RFC says; its TU bounds the
+//!   ringing (answer timeout, then CANCEL).
 //!
 //! [`poll_output`]: ServerInviteTransaction::poll_output
 //! [`poll_timeout`]: ServerInviteTransaction::poll_timeout
@@ -761,9 +763,26 @@ pub struct ClientInviteTransaction {
     request: Bytes,
     ack: Option<Bytes>,
     a_interval: Duration,
+    /// RFC 3261 behaviour: a provisional stops Timer B (initial INVITEs).
+    wait_in_proceeding: bool,
 }
 
 impl ClientInviteTransaction {
+    /// [`ClientInviteTransaction::new`] for an initial INVITE that may ring a
+    /// person: the first provisional stops Timer B, so the transaction waits
+    /// in Proceeding until a final response or the TU's CANCEL is answered.
+    pub fn new_initial(
+        now: Instant,
+        key: TransactionKey,
+        transport: Transport,
+        cfg: TimerConfig,
+        request: Bytes,
+    ) -> Self {
+        let mut txn = Self::new(now, key, transport, cfg, request);
+        txn.wait_in_proceeding = true;
+        txn
+    }
+
     /// Sends `request` at once. Unreliable: Timer A at T1; always Timer B at 64·T1.
     pub fn new(
         now: Instant,
@@ -779,6 +798,7 @@ impl ClientInviteTransaction {
             request,
             ack: None,
             a_interval: cfg.t1(),
+            wait_in_proceeding: false,
         }
     }
 
@@ -804,7 +824,12 @@ impl ClientInviteTransaction {
                 self.core.timers.stop(Timer::A);
                 self.core.event(TransactionEvent::ResponseReceived(status));
                 match status {
-                    100..=199 => self.state = ClientInviteState::Proceeding,
+                    100..=199 => {
+                        self.state = ClientInviteState::Proceeding;
+                        if self.wait_in_proceeding {
+                            self.core.timers.stop(Timer::B);
+                        }
+                    }
                     200..=299 => {
                         self.state = ClientInviteState::Terminated;
                         self.core.terminate();
@@ -1637,6 +1662,35 @@ mod tests {
                 (1_100, ev(TransactionEvent::ResponseReceived(180))),
                 (32_000, ev(TransactionEvent::TimedOut(Timer::B))),
                 (32_000, ev(TransactionEvent::Terminated)),
+            ]
+        );
+    }
+
+    #[test]
+    fn initial_invite_waits_in_proceeding_until_final() {
+        let t0 = Instant::now();
+        let mut tx = ClientInviteTransaction::new_initial(
+            t0,
+            key("INVITE"),
+            Transport::Unreliable,
+            TimerConfig::default(),
+            b("INVITE"),
+        );
+        let mut log = drain(&mut tx, t0, t0);
+        tx.on_response(t0 + ms(200), 180, no_ack).unwrap();
+        log.extend(drain(&mut tx, t0, t0 + ms(200)));
+        // Ringing for two minutes: no Timer A, no Timer B.
+        log.extend(run(&mut tx, t0, 120_000));
+        assert_eq!(tx.state(), ClientInviteState::Proceeding);
+        tx.on_response(t0 + ms(120_000), 200, no_ack).unwrap();
+        log.extend(drain(&mut tx, t0, t0 + ms(120_000)));
+        assert_eq!(
+            log,
+            vec![
+                (0, send("INVITE")),
+                (200, ev(TransactionEvent::ResponseReceived(180))),
+                (120_000, ev(TransactionEvent::ResponseReceived(200))),
+                (120_000, ev(TransactionEvent::Terminated)),
             ]
         );
     }

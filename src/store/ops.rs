@@ -770,6 +770,22 @@ pub struct ExportedCall {
     pub disclosure_finished_at: Option<String>,
     /// Opt-out key pressed.
     pub opt_out_at: Option<String>,
+    /// The target of the call's last transfer (absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transferred_to: Option<String>,
+    /// `blind` or `bridge`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_mode: Option<String>,
+    /// `completed`, `failed`, or `accepted` (the call ended before the
+    /// outcome was known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_result: Option<String>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_reason: Option<String>,
+    /// The SIP status behind the result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_status: Option<u16>,
     /// Ids of the exported recordings of the call.
     pub recordings: Vec<String>,
 }
@@ -800,6 +816,11 @@ impl ExportedCall {
             disclosure_started_at: t(c.consent.disclosure_started_at),
             disclosure_finished_at: t(c.consent.disclosure_finished_at),
             opt_out_at: t(c.consent.opt_out_at),
+            transferred_to: c.transfer.as_ref().map(|x| x.to.clone()),
+            transfer_mode: c.transfer.as_ref().map(|x| x.mode.clone()),
+            transfer_result: c.transfer.as_ref().map(|x| x.result.clone()),
+            transfer_reason: c.transfer.as_ref().and_then(|x| x.reason.clone()),
+            transfer_status: c.transfer.as_ref().and_then(|x| x.status),
             recordings,
         }
     }

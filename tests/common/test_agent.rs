@@ -33,6 +33,7 @@ pub(crate) enum Behaviour {
     /// the bridge's sends soon block).
     NeverRead,
     /// Upgrade, send this text message right after `start`, then read everything.
+    /// `{streamSid}` in it becomes the `start` message's `streamSid` (Twilio mode).
     SayAfterStart(&'static str),
 }
 
@@ -240,7 +241,9 @@ async fn connection(
                 }
                 if let (true, Behaviour::SayAfterStart(text)) = (start, behaviour) {
                     use futures_util::SinkExt;
-                    if ws.send(Message::text(text.to_owned())).await.is_err() {
+                    let sid = v["streamSid"].as_str().unwrap_or_default();
+                    let text = text.replace("{streamSid}", sid);
+                    if ws.send(Message::text(text)).await.is_err() {
                         return;
                     }
                 }

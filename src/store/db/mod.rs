@@ -325,6 +325,23 @@ pub struct MediaFrames {
     pub dropped: u64,
 }
 
+/// A call's last transfer (`transferred_to` and its result).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallTransfer {
+    /// The target as sent (`tel:+1…`, `sip:…`).
+    pub to: String,
+    /// `blind` or `bridge`.
+    pub mode: String,
+    /// `accepted` (the call ended before the outcome was known),
+    /// `completed` or `failed`.
+    pub result: String,
+    /// Why it failed (`refused`, `target-failed`, `notify-timeout`, …).
+    pub reason: Option<String>,
+    /// The SIP status behind the result (the REFER's response or the
+    /// NOTIFY's sipfrag status).
+    pub status: Option<u16>,
+}
+
 /// How a call ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallEnd {
@@ -403,6 +420,8 @@ pub struct StoredCdr {
     pub recording: Option<CallRecording>,
     /// Consent events.
     pub consent: Consent,
+    /// The call's last transfer, if the agent asked for one.
+    pub transfer: Option<CallTransfer>,
     /// Under legal hold.
     pub legal_hold: bool,
     /// When the caller's PII was erased.
@@ -585,7 +604,8 @@ pub enum HoldTarget {
 const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, answered_at, \
      ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
      disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at, \
-     frames_concealed, frames_dropped, recording";
+     frames_concealed, frames_dropped, recording, transferred_to, transfer_mode, \
+     transfer_result, transfer_reason, transfer_status";
 
 const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
      state, created_at, legal_hold, deleted_at";
@@ -635,6 +655,16 @@ fn call_from_row(r: &Row) -> Result<StoredCdr, DbError> {
             _ => None,
         },
         recording: r.get(22)?,
+        transfer: match (r.get::<Option<String>>(23)?, r.get::<Option<String>>(25)?) {
+            (Some(to), Some(result)) => Some(CallTransfer {
+                to,
+                mode: r.get::<Option<String>>(24)?.unwrap_or_default(),
+                result,
+                reason: r.get(26)?,
+                status: r.get(27)?,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -1001,9 +1031,9 @@ impl Store {
         self.close_with(tenant, call_id, end, "", &[])
     }
 
-    /// Closes a CDR with its media frame counts and whether it was
-    /// recorded, in one statement: a retried close (the disk was full) is
-    /// all or nothing.
+    /// Closes a CDR with its media frame counts, whether it was recorded
+    /// and its transfer, in one statement: a retried close (the disk was
+    /// full) is all or nothing.
     pub fn close_call(
         &mut self,
         tenant: &str,
@@ -1011,13 +1041,30 @@ impl Store {
         end: &CallEnd,
         frames: MediaFrames,
         recording: CallRecording,
+        transfer: Option<&CallTransfer>,
     ) -> Result<(), DbError> {
+        let to = transfer.map(|t| t.to.clone());
+        let mode = transfer.map(|t| t.mode.clone());
+        let result = transfer.map(|t| t.result.clone());
+        let reason = transfer.and_then(|t| t.reason.clone());
+        let status = transfer.and_then(|t| t.status);
         self.close_with(
             tenant,
             call_id,
             end,
-            ", frames_concealed = ?12, frames_dropped = ?13, recording = ?14",
-            &vals![frames.concealed, frames.dropped, recording],
+            ", frames_concealed = ?12, frames_dropped = ?13, recording = ?14, \
+             transferred_to = ?15, transfer_mode = ?16, transfer_result = ?17, \
+             transfer_reason = ?18, transfer_status = ?19",
+            &vals![
+                frames.concealed,
+                frames.dropped,
+                recording,
+                to,
+                mode,
+                result,
+                reason,
+                status
+            ],
         )
     }
 

@@ -115,6 +115,17 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE calls ADD COLUMN recording TEXT CHECK (recording IN
         ('off', 'not-started', 'recorded', 'partial', 'not-recorded', 'opted-out'));
     "#,
+    // v6: the call's last transfer the agent asked for (issue 13): the
+    // target as sent (`tel:`/`sip:` URI), blind or bridge, its result and
+    // the SIP status behind it. NULL when the agent asked for none.
+    r#"
+    ALTER TABLE calls ADD COLUMN transferred_to TEXT;
+    ALTER TABLE calls ADD COLUMN transfer_mode TEXT CHECK (transfer_mode IN ('blind', 'bridge'));
+    ALTER TABLE calls ADD COLUMN transfer_result TEXT CHECK (transfer_result IN
+        ('accepted', 'completed', 'failed'));
+    ALTER TABLE calls ADD COLUMN transfer_reason TEXT;
+    ALTER TABLE calls ADD COLUMN transfer_status INTEGER;
+    "#,
 ];
 
 /// PostgreSQL's migrations. v1..v5 are SQLite's v1..v5 in one step (the
@@ -236,6 +247,15 @@ pub const PG_MIGRATIONS: &[&str] = &[
     "",
     "",
     "",
+    // v6: SQLite's v6 (the call's last transfer, issue 13).
+    r#"
+    ALTER TABLE calls ADD COLUMN transferred_to TEXT;
+    ALTER TABLE calls ADD COLUMN transfer_mode TEXT CHECK (transfer_mode IN ('blind', 'bridge'));
+    ALTER TABLE calls ADD COLUMN transfer_result TEXT CHECK (transfer_result IN
+        ('accepted', 'completed', 'failed'));
+    ALTER TABLE calls ADD COLUMN transfer_reason TEXT;
+    ALTER TABLE calls ADD COLUMN transfer_status BIGINT;
+    "#,
 ];
 
 /// The version this build writes (the same on both engines).
