@@ -65,6 +65,10 @@ pub(crate) const DB_FILE: &str = "sipbridge.db";
 /// Work for the writer thread.
 enum Op {
     InsertCall(CallRow),
+    MarkOutbound {
+        tenant: String,
+        call_id: String,
+    },
     FinishCall {
         tenant: String,
         call_id: String,
@@ -293,6 +297,14 @@ impl Records {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// The CDR of `call_id` (opened just before) is an outbound call's.
+    pub(crate) fn mark_outbound(&self, tenant: &str, call_id: &str) {
+        self.send(Op::MarkOutbound {
+            tenant: tenant.to_owned(),
+            call_id: call_id.to_owned(),
+        });
     }
 
     /// A rejected call attempt: its CDR opened and closed at once. Attempts
@@ -866,6 +878,10 @@ const RETRY_QUEUE: usize = 10_000;
 #[derive(Debug)]
 enum DbWrite {
     InsertCall(CallRow),
+    MarkOutbound {
+        tenant: String,
+        call_id: String,
+    },
     CloseCall {
         tenant: String,
         call_id: String,
@@ -898,6 +914,7 @@ impl DbWrite {
     fn apply(&self, store: &mut Store) -> Result<(), DbError> {
         match self {
             DbWrite::InsertCall(row) => store.insert_call(row),
+            DbWrite::MarkOutbound { tenant, call_id } => store.mark_outbound(tenant, call_id),
             DbWrite::CloseCall {
                 tenant,
                 call_id,
@@ -933,6 +950,7 @@ impl DbWrite {
     fn what(&self) -> &'static str {
         match self {
             DbWrite::InsertCall(_) => "CDR",
+            DbWrite::MarkOutbound { .. } => "CDR direction",
             DbWrite::CloseCall { .. } => "CDR end",
             DbWrite::Consent { .. } => "consent event",
             DbWrite::RecordingState { .. } => "recording state",
@@ -1239,6 +1257,9 @@ impl Writer {
     fn apply(&mut self, op: Op) {
         match op {
             Op::InsertCall(row) => self.db(DbWrite::InsertCall(row)),
+            Op::MarkOutbound { tenant, call_id } => {
+                self.db(DbWrite::MarkOutbound { tenant, call_id });
+            }
             Op::FinishCall {
                 tenant,
                 call_id,

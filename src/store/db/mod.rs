@@ -368,6 +368,8 @@ pub struct Consent {
 pub struct StoredCdr {
     /// SIP Call-ID.
     pub call_id: String,
+    /// `inbound` (a carrier called) or `outbound` (placed through the admin API).
+    pub direction: String,
     /// Tenant.
     pub tenant: String,
     /// Trunk.
@@ -581,7 +583,7 @@ pub enum HoldTarget {
 const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, answered_at, \
      ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
      disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at, \
-     frames_concealed, frames_dropped, recording";
+     frames_concealed, frames_dropped, recording, direction";
 
 const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
      state, created_at, legal_hold, deleted_at";
@@ -634,6 +636,7 @@ fn call_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCdr> {
             ValueRef::Null => None,
             v => Some(CallRecording::column_result(v)?),
         },
+        direction: r.get(23)?,
     })
 }
 
@@ -945,6 +948,18 @@ impl Store {
             ", frames_concealed = ?12, frames_dropped = ?13, recording = ?14",
             &[&frames.concealed, &frames.dropped, &recording],
         )
+    }
+
+    /// Marks a CDR as an outbound call (placed through the admin API).
+    pub fn mark_outbound(&mut self, tenant: &str, call_id: &str) -> Result<(), DbError> {
+        let n = self.conn.execute(
+            "UPDATE calls SET direction = 'outbound' WHERE call_id = ?1 AND tenant = ?2",
+            params![call_id, tenant],
+        )?;
+        if n == 0 {
+            check_call_tenant(&self.conn, tenant, call_id)?;
+        }
+        Ok(())
     }
 
     /// The one statement that closes a CDR: the end's columns, then

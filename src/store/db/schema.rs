@@ -112,6 +112,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE calls ADD COLUMN recording TEXT CHECK (recording IN
         ('off', 'not-started', 'recorded', 'partial', 'not-recorded', 'opted-out'));
     "#,
+    // v6: who placed the call (issue 13: outbound calls through the admin API).
+    r#"
+    ALTER TABLE calls ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'
+        CHECK (direction IN ('inbound', 'outbound'));
+    "#,
 ];
 
 /// The version this build writes.
