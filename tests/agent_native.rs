@@ -290,6 +290,7 @@ fn caller_audio_reaches_the_agent_intact_with_start_stop_and_bearer() {
     assert_eq!(start["event"], "start");
     assert_eq!(start["call_id"], cdr["call_id"]);
     assert_eq!(start["tenant"], "demo");
+    assert_eq!(start["direction"], "inbound");
     assert_eq!(start["from"], "+15550001111");
     assert_eq!(start["to"], NUMBER);
     assert_eq!(start["codec"], "pcm_s16le");

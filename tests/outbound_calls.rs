@@ -8,7 +8,7 @@
 //! another tenant's token cannot dial on the trunk (403); a second call at once
 //! is over the tenant's `max_outbound_cps` (429 + Retry-After); a far end that
 //! never answers is CANCELled at the answer timeout (CDR 487 `no-answer`); the
-//! trunk password never reaches a log line.
+//! trunk password never reaches a log line; `sipbridge dial` places a call.
 
 mod agent_util;
 mod common;
@@ -180,6 +180,24 @@ fn capture(media: &UdpSocket, limit: Duration) -> Vec<Vec<f64>> {
     frames
 }
 
+/// The stored CDR as `GET /v1/cdrs/{id}` shows it, once the writer has closed it.
+fn stored_cdr(admin: SocketAddr, call_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http::get(admin, &format!("/v1/cdrs/{call_id}"), Some(DEMO_TOKEN));
+        if r.status == 200 && !r.json()["ended_at"].is_null() {
+            return r.json();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no closed CDR row: {} {}",
+            r.status,
+            r.text()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn assert_password_not_logged(daemon: &Daemon) {
     for line in daemon.logs() {
         assert!(
@@ -300,6 +318,9 @@ fn api_call_through_a_digest_trunk_hears_the_disclosure_then_the_agent() {
     assert_eq!(cdr["result_code"], 200);
     assert_eq!(cdr["cause"], "local-hangup");
     assert_eq!(cdr["trunk"], "carrier");
+    let row = stored_cdr(admin, &call_id);
+    assert_eq!(row["direction"], "outbound");
+    assert_eq!(row["result_code"], 200);
     assert_password_not_logged(&daemon);
 }
 
@@ -309,13 +330,34 @@ fn a_far_end_that_never_answers_is_cancelled_at_the_answer_timeout() {
     let uas = SippServer::spawn(&["-sf", scenario.to_str().unwrap()]);
     let daemon = Daemon::spawn(&profile(uas.addr(), None, false));
     let admin = daemon.admin_addr();
-    let placed = place(
-        admin,
-        DEMO_TOKEN,
-        &json!({"to": "tel:+15557654321", "from": "+15551230000", "trunk": "carrier", "answer_timeout_s": 2}),
+    // Placed with the CLI (`sipbridge dial`), which prints the status line and the body.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sipbridge"))
+        .args([
+            "dial",
+            "--api",
+            &format!("http://{admin}"),
+            "--to",
+            "tel:+15557654321",
+            "--from",
+            "+15551230000",
+            "--trunk",
+            "carrier",
+            "--answer-timeout-s",
+            "2",
+        ])
+        .env("SIPBRIDGE_TOKEN", DEMO_TOKEN)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(placed.status, 201, "{}", placed.text());
-    let call_id = placed.json()["call_id"].as_str().unwrap().to_owned();
+    let mut lines = stdout.lines();
+    assert!(lines.next().unwrap().contains(" 201 "), "{stdout}");
+    let placed: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let call_id = placed["call_id"].as_str().unwrap().to_owned();
     // SIPp saw 180 out, then CANCEL, and the ACK for its 487.
     uas.finish().assert_success();
     let cdr = daemon
@@ -326,6 +368,9 @@ fn a_far_end_that_never_answers_is_cancelled_at_the_answer_timeout() {
     assert_eq!(cdr["direction"], "outbound");
     assert_eq!(cdr["result_code"], 487);
     assert_eq!(cdr["cause"], "no-answer");
+    let row = stored_cdr(admin, &call_id);
+    assert_eq!(row["direction"], "outbound");
+    assert_eq!(row["result_code"], 487);
     // Gone from the live calls.
     let detail = http::get(admin, &format!("/v1/calls/{call_id}"), Some(DEMO_TOKEN));
     assert_eq!(detail.status, 404);

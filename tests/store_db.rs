@@ -129,7 +129,7 @@ fn opens_in_wal_with_foreign_keys_private_file_and_current_schema() {
     assert_eq!(s.journal_mode().unwrap(), "wal");
     assert!(s.foreign_keys().unwrap());
     assert_eq!(s.schema_version().unwrap(), CURRENT_VERSION);
-    assert_eq!(CURRENT_VERSION, 6);
+    assert_eq!(CURRENT_VERSION, 7);
     s.insert_call(&call("acme", "c1", "+1", T0)).unwrap();
     let mode = std::fs::metadata(dir.path().join("meta.db"))
         .unwrap()
@@ -169,17 +169,19 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     }
     let mut s = Store::open(&path).unwrap();
     s.set_caller_policy("acme", CallerIdPolicy::Plain);
-    assert_eq!(s.schema_version().unwrap(), 6);
+    assert_eq!(s.schema_version().unwrap(), 7);
     let old = s.get_call("acme", "old").unwrap().unwrap();
     assert_eq!(old.caller.as_deref(), Some("+111"));
     assert_eq!(old.started_at, 5);
+    // v7: rows from before outbound calls are inbound.
+    assert_eq!(old.direction, "inbound");
     s.insert_transcript(&transcript("acme", "old", "old/0", 7))
         .unwrap();
     assert_eq!(s.transcripts_of_call("acme", "old").unwrap().len(), 1);
     drop(s);
     // Re-opening at the current version applies nothing and loses nothing.
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 6);
+    assert_eq!(s.schema_version().unwrap(), 7);
     assert_eq!(s.transcripts_of_call("acme", "old").unwrap().len(), 1);
 }
 
@@ -901,4 +903,22 @@ fn close_call_stores_the_transfer() {
     };
     assert!(close(&mut s, "t3", Some(&bad)).is_err());
     assert_eq!(s.get_call("acme", "t3").unwrap().unwrap().ended_at, None);
+}
+
+#[test]
+fn an_outbound_call_is_marked_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    s.insert_call(&call("acme", "out1", "+1", T0)).unwrap();
+    assert_eq!(
+        s.get_call("acme", "out1").unwrap().unwrap().direction,
+        "inbound"
+    );
+    s.mark_outbound("acme", "out1").unwrap();
+    assert_eq!(
+        s.get_call("acme", "out1").unwrap().unwrap().direction,
+        "outbound"
+    );
+    // Another tenant's call is not touched.
+    assert!(s.mark_outbound("globex", "out1").is_err());
 }

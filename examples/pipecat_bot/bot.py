@@ -12,6 +12,12 @@ with an `EndFrame`; Pipecat then POSTs `Status=completed` to
 `{base_url}/2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json` and sipbridge hangs up
 the call (BYE; the CDR cause is `agent-hangup`).
 
+The same bot serves calls the business places (admin API `POST /v1/calls`, or
+`sipbridge dial --to +1… --from +1… --trunk carrier --custom campaign=spring`): sipbridge
+dials, plays the disclosure when the far end answers, then connects here exactly as for an
+inbound call; the request's `custom` parameters arrive as Twilio's `customParameters`
+(logged below), so a bot can tell an outbound campaign call from an inbound one.
+
 Environment:
   TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN   the tenant's [tenant.twilio_api] credentials
   TWILIO_API_BASE_URL                     e.g. http://127.0.0.1:8089 (the admin listener)
@@ -79,6 +85,10 @@ async def media_stream(websocket: WebSocket):
     await websocket.accept()
     transport_type, call_data = await parse_telephony_websocket(websocket)
     logger.info(f"call {call_data['call_id']} ({transport_type}) stream {call_data['stream_id']}")
+    # customParameters: the INVITE's X- headers, or an outbound call's `custom` parameters.
+    custom = call_data.get("body") or {}
+    if custom:
+        logger.info(f"custom parameters: {custom}")
     serializer = TwilioFrameSerializer(
         stream_sid=call_data["stream_id"],
         call_sid=call_data["call_id"],

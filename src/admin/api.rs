@@ -1535,7 +1535,14 @@ mod tests {
                 };
                 let method = handler.split('(').next().unwrap_or_default();
                 // A catch-all `{*name}` is written `{name}` in OpenAPI.
-                out.push((method.to_owned(), path.replace("{*", "{")));
+                let path = path.replace("{*", "{");
+                out.push((method.to_owned(), path.clone()));
+                // Chained methods: `get(a).post(b).delete(c)`.
+                for chained in ["get", "post", "put", "patch", "delete"] {
+                    if handler.contains(&format!(").{chained}(")) {
+                        out.push((chained.to_owned(), path.clone()));
+                    }
+                }
             }
         }
         out

@@ -215,6 +215,7 @@ impl Outbound<'_> {
         log_cdr(self.shared, &record);
         if let Some(r) = &self.shared.records {
             r.rejected(&record);
+            r.mark_outbound(&self.settings.tenant, &self.settings.call_id);
         }
         lock(&self.shared.switchboard).call_ended(&self.settings);
     }
@@ -257,6 +258,9 @@ impl Outbound<'_> {
             .records
             .as_ref()
             .map(|r| store_link::CallStore::start(Arc::clone(r), row));
+        if let Some(r) = &self.shared.records {
+            r.mark_outbound(&settings.tenant, &settings.call_id);
+        }
         let link = agent.as_ref().map(PipelineLink::new);
         let setup = BridgeSetup {
             agent: agent.map(|a| a.core),

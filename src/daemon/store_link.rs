@@ -70,6 +70,10 @@ enum Op {
         path: PathBuf,
     },
     InsertCall(CallRow),
+    MarkOutbound {
+        tenant: String,
+        call_id: String,
+    },
     FinishCall {
         tenant: String,
         call_id: String,
@@ -350,6 +354,14 @@ impl Records {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// The CDR of `call_id` (opened just before) is an outbound call's.
+    pub(crate) fn mark_outbound(&self, tenant: &str, call_id: &str) {
+        self.send(Op::MarkOutbound {
+            tenant: tenant.to_owned(),
+            call_id: call_id.to_owned(),
+        });
     }
 
     /// A rejected call attempt: its CDR opened and closed at once. Attempts
@@ -989,6 +1001,10 @@ const RETRY_QUEUE: usize = 10_000;
 #[derive(Debug)]
 enum DbWrite {
     InsertCall(CallRow),
+    MarkOutbound {
+        tenant: String,
+        call_id: String,
+    },
     CloseCall {
         tenant: String,
         call_id: String,
@@ -1022,6 +1038,7 @@ impl DbWrite {
     fn apply(&self, store: &mut Store) -> Result<(), DbError> {
         match self {
             DbWrite::InsertCall(row) => store.insert_call(row),
+            DbWrite::MarkOutbound { tenant, call_id } => store.mark_outbound(tenant, call_id),
             DbWrite::CloseCall {
                 tenant,
                 call_id,
@@ -1058,6 +1075,7 @@ impl DbWrite {
     fn what(&self) -> &'static str {
         match self {
             DbWrite::InsertCall(_) => "CDR",
+            DbWrite::MarkOutbound { .. } => "CDR direction",
             DbWrite::CloseCall { .. } => "CDR end",
             DbWrite::Consent { .. } => "consent event",
             DbWrite::RecordingState { .. } => "recording state",
@@ -1440,6 +1458,9 @@ impl Writer {
     fn apply(&mut self, op: Op) {
         match op {
             Op::InsertCall(row) => self.db(DbWrite::InsertCall(row)),
+            Op::MarkOutbound { tenant, call_id } => {
+                self.db(DbWrite::MarkOutbound { tenant, call_id });
+            }
             Op::FinishCall {
                 tenant,
                 call_id,

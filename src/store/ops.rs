@@ -760,6 +760,8 @@ pub struct ExportedCall {
     pub frames_concealed: Option<u64>,
     /// Caller frames dropped on the way to the pipeline.
     pub frames_dropped: Option<u64>,
+    /// `inbound` or `outbound` (placed through the admin API).
+    pub direction: String,
     /// Whether the call was recorded (`off`, `not-started`, `recorded`,
     /// `partial`, `not-recorded`, `opted-out`); `null` for older rows and
     /// calls closed by crash recovery.
@@ -813,6 +815,7 @@ impl ExportedCall {
             frames_concealed: c.frames.map(|f| f.concealed),
             frames_dropped: c.frames.map(|f| f.dropped),
             recording: c.recording.map(|r| r.as_str()),
+            direction: c.direction.clone(),
             disclosure_started_at: t(c.consent.disclosure_started_at),
             disclosure_finished_at: t(c.consent.disclosure_finished_at),
             opt_out_at: t(c.consent.opt_out_at),

@@ -389,6 +389,8 @@ pub struct Consent {
 pub struct StoredCdr {
     /// SIP Call-ID.
     pub call_id: String,
+    /// `inbound` (a carrier called) or `outbound` (placed through the admin API).
+    pub direction: String,
     /// Tenant.
     pub tenant: String,
     /// Trunk.
@@ -605,7 +607,7 @@ const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, 
      ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
      disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at, \
      frames_concealed, frames_dropped, recording, transferred_to, transfer_mode, \
-     transfer_result, transfer_reason, transfer_status";
+     transfer_result, transfer_reason, transfer_status, direction";
 
 const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
      state, created_at, legal_hold, deleted_at";
@@ -665,6 +667,7 @@ fn call_from_row(r: &Row) -> Result<StoredCdr, DbError> {
             }),
             _ => None,
         },
+        direction: r.get(28)?,
     })
 }
 
@@ -1066,6 +1069,18 @@ impl Store {
                 status
             ],
         )
+    }
+
+    /// Marks a CDR as an outbound call (placed through the admin API).
+    pub fn mark_outbound(&mut self, tenant: &str, call_id: &str) -> Result<(), DbError> {
+        let n = self.conn.execute(
+            "UPDATE calls SET direction = 'outbound' WHERE call_id = ?1 AND tenant = ?2",
+            &vals![call_id, tenant],
+        )?;
+        if n == 0 {
+            check_call_tenant(&self.conn, tenant, call_id)?;
+        }
+        Ok(())
     }
 
     /// The one statement that closes a CDR: the end's columns, then

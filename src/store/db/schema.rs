@@ -126,6 +126,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE calls ADD COLUMN transfer_reason TEXT;
     ALTER TABLE calls ADD COLUMN transfer_status INTEGER;
     "#,
+    // v7: who placed the call (issue 13: outbound calls through the admin API).
+    r#"
+    ALTER TABLE calls ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'
+        CHECK (direction IN ('inbound', 'outbound'));
+    "#,
 ];
 
 /// PostgreSQL's migrations. v1..v5 are SQLite's v1..v5 in one step (the
@@ -255,6 +260,11 @@ pub const PG_MIGRATIONS: &[&str] = &[
         ('accepted', 'completed', 'failed'));
     ALTER TABLE calls ADD COLUMN transfer_reason TEXT;
     ALTER TABLE calls ADD COLUMN transfer_status BIGINT;
+    "#,
+    // v7: SQLite's v7 (who placed the call, issue 13).
+    r#"
+    ALTER TABLE calls ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'
+        CHECK (direction IN ('inbound', 'outbound'));
     "#,
 ];
 
