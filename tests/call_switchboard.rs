@@ -374,6 +374,16 @@ fn transmits(call: &mut Call) -> (Vec<Vec<u8>>, Vec<CallEvent>) {
     (bytes, events)
 }
 
+/// The 200 OK among the call's outputs so far (the answer to its INVITE).
+fn the_200(call: &mut Call) -> sipbridge::sip::message::Response {
+    let (sent, _) = transmits(call);
+    let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
+    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
+        panic!()
+    };
+    ok
+}
+
 #[test]
 fn update_with_hold_offer_is_answered_and_the_call_stays_up() {
     let mut rng = StdRng::seed_from_u64(2);
@@ -382,11 +392,7 @@ fn update_with_hold_offer_is_answered_and_the_call_stays_up() {
     let mut sb = switchboard(&cfg, &mut rng);
     let invite = request("INVITE", "i1", 1, None, &sdp("sendrecv"));
     let mut call = start_call(&mut sb, t0, &invite, &mut rng);
-    let (sent, _) = transmits(&mut call);
-    let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
-    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
-        panic!()
-    };
+    let ok = the_200(&mut call);
     let tag = ok.to().unwrap().tag().unwrap().to_owned();
 
     // ACK, then an UPDATE putting us on hold.
@@ -527,11 +533,7 @@ fn ack_for_a_non_2xx_to_our_refresh_uses_our_branch() {
     );
     let invite = invite.into_bytes();
     let mut call = start_call(&mut sb, t0, &invite, &mut rng);
-    let (sent, _) = transmits(&mut call);
-    let ok = sent.iter().find(|b| status_of(b) == 200).unwrap();
-    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
-        panic!()
-    };
+    let ok = the_200(&mut call);
     assert_eq!(ok.headers.get("Session-Expires"), Some("90;refresher=uas"));
     let tag = ok.to().unwrap().tag().unwrap().to_owned();
     let ack = request("ACK", "a1", 1, Some(&tag), "");
@@ -929,11 +931,7 @@ fn an_ended_call_lingers_as_a_compact_entry_that_answers_like_the_call() {
     let mut sb = switchboard(&cfg, &mut rng);
     let invite = request("INVITE", "l1", 1, None, &sdp("sendrecv"));
     let mut call = start_call(&mut sb, t0, &invite, &mut rng);
-    let (sent, _) = transmits(&mut call);
-    let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
-    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
-        panic!()
-    };
+    let ok = the_200(&mut call);
     let tag = ok.to().unwrap().tag().unwrap().to_owned();
     assert!(call.compact().is_none(), "a live call does not linger");
     call.handle_request(
@@ -1034,11 +1032,7 @@ fn our_bye_must_be_answered_before_a_call_compacts() {
     let mut sb = switchboard(&cfg, &mut rng);
     let invite = request("INVITE", "l2", 1, None, &sdp("sendrecv"));
     let mut call = start_call(&mut sb, t0, &invite, &mut rng);
-    let (sent, _) = transmits(&mut call);
-    let ok = sent.iter().find(|b| status_of(b) == 200).expect("200 OK");
-    let Ok(Message::Response(ok)) = parse_datagram(ok) else {
-        panic!()
-    };
+    let ok = the_200(&mut call);
     let tag = ok.to().unwrap().tag().unwrap().to_owned();
     call.handle_request(
         t0 + Duration::from_millis(10),
