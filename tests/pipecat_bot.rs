@@ -272,9 +272,18 @@ fn pipecat_bot_unchanged_hears_the_caller_is_heard_and_hangs_up_with_auto_hang_u
         .iter()
         .flat_map(|p| p.samples.iter().map(|&s| f64::from(s)))
         .collect();
+    // A Python bot on a loaded 2-core machine may stall for a few tens of ms; the
+    // caller then hears a short gap and the rest of the echo later, which is right.
+    // So the echo is matched in 250 ms pieces, each free to sit up to 500 ms later.
     let (ncc, lag) = best_ncc(&back, &needle);
-    eprintln!("the bot's audio at the caller: NCC {ncc:.4} at lag {lag}");
-    assert!(ncc >= 0.9, "the caller heard NCC {ncc:.4}");
+    let pieces = agent_util::segment_nccs(&back, &needle, 2000, 4000);
+    eprintln!("the bot's audio at the caller: NCC {ncc:.4} at lag {lag}; by piece {pieces:.3?}");
+    let good = pieces.iter().filter(|&&p| p >= 0.9).count();
+    assert!(
+        pieces.len() >= 8 && good * 10 >= pieces.len() * 8,
+        "the caller heard the bot in only {good} of {} pieces: {pieces:.3?}",
+        pieces.len()
+    );
 
     for line in daemon.logs() {
         assert!(!line.contains(AUTH_TOKEN), "credential in the log: {line}");

@@ -105,6 +105,32 @@ pub(crate) fn best_ncc(hay: &[f64], needle: &[f64]) -> (f64, usize) {
         .fold((f64::MIN, 0), |a, b| if b.0 > a.0 { b } else { a })
 }
 
+/// Segmental match of `needle` in `hay`, for audio that passed through a peer
+/// which may stall: a stalled agent makes the bridge send silence for a while and
+/// then the rest of its audio later, so one lag cannot fit the whole needle. The
+/// needle is cut into `window`-sample pieces; each piece with speech in it is
+/// matched on its own, over lags within `slack` samples of where the whole needle
+/// fits best. Returns the best NCC of each voiced piece, in order.
+pub(crate) fn segment_nccs(hay: &[f64], needle: &[f64], window: usize, slack: usize) -> Vec<f64> {
+    let (_, lag0) = best_ncc(hay, needle);
+    let loudest = needle
+        .chunks(window)
+        .map(|w| w.iter().map(|s| s * s).sum::<f64>() / w.len() as f64)
+        .fold(0.0_f64, f64::max);
+    needle
+        .chunks_exact(window)
+        .enumerate()
+        .filter(|(_, w)| w.iter().map(|s| s * s).sum::<f64>() / window as f64 > loudest / 100.0)
+        .map(|(k, piece)| {
+            let centre = lag0 + k * window;
+            let last = hay.len().saturating_sub(window);
+            (centre.saturating_sub(slack)..=(centre + slack).min(last))
+                .map(|l| ncc(hay, piece, l))
+                .fold(f64::MIN, f64::max)
+        })
+        .collect()
+}
+
 /// One RTP packet as the caller received it.
 #[derive(Debug, Clone)]
 pub(crate) struct Packet {
