@@ -529,6 +529,11 @@ impl MediaSession {
         accepted
     }
 
+    /// Pipeline audio queued for the caller and not yet sent, in ms.
+    pub fn playout_queued_ms(&self) -> u64 {
+        self.playout.queued_ms()
+    }
+
     /// A mark, arriving at `now`, after the pipeline audio queued so far;
     /// reported as [`MediaOutput::Mark`] once that audio has been sent.
     pub fn mark(

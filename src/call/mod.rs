@@ -195,6 +195,9 @@ pub enum HangupCause {
     /// The agent transferred the caller and the transfer completed (the
     /// REFER's final NOTIFY said 2xx): our leg ends with a BYE.
     Transferred,
+    /// A bridge transfer joined this call to another leg, and that leg
+    /// ended: this one ends with it.
+    BridgedLegEnded,
 }
 
 impl HangupCause {
@@ -215,6 +218,7 @@ impl HangupCause {
             HangupCause::MediaFailed => "media-failed",
             HangupCause::PipelineFailed => "pipeline-failed",
             HangupCause::Transferred => "transferred",
+            HangupCause::BridgedLegEnded => "bridged-leg-ended",
         }
     }
 }

@@ -1,0 +1,380 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Bridge transfer (issue 13 item 1, `mode: "bridge"`): the agent hands the caller to a
+//! person, and the daemon calls that person itself through the tenant's transfer trunk
+//! and joins the two legs (a B2BUA). The caller is SIPp with its media on a socket of
+//! this test; the target is a second SIPp (tests/sipp/bridge_target_uas.xml) answering
+//! in PCMA with its media on another socket of this test, so the bridge transcodes.
+//!
+//! - the target answers: the caller's speech reaches the target and the target's speech
+//!   reaches the caller (audio correlation, each way), the agent got `accepted`,
+//!   `progress` 180, `completed` 200 and then `stop`; when the caller hangs up, the
+//!   bridge BYEs the target; both CDRs name each other's Call-ID;
+//! - the target is busy (486): the agent gets `failed` (`target-failed`, 486) and keeps
+//!   the caller (its connection stays open, caller audio still reaches it);
+//! - the target rings past the trunk's answer timeout: CANCEL, `failed` (`no-answer`,
+//!   487), the agent keeps the caller;
+//! - a REFER the caller's side refuses falls back to a bridge transfer when the tenant
+//!   says `transfer_fallback = "bridge"`.
+
+mod agent_util;
+mod common;
+
+use common::test_agent::{Behaviour, ConnLog, TestAgent};
+use common::{Daemon, ProfileSpec, SippResult, SippServer, repo_path, sipp, sipp_scenario};
+use serde_json::{Value, json};
+use std::net::{SocketAddr, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The number the agent transfers to (a phone behind the `people` trunk).
+const PERSON: &str = "+15557654321";
+
+/// The daemon: tenant `demo` on a native agent at `agent_port`, no disclosure prompt; a
+/// trunk `people` whose outbound proxy is `target` (answer timeout 2 s) is the tenant's
+/// transfer trunk. `tenant_extra` goes into the tenant.
+fn daemon(agent_port: u16, target: SocketAddr, tenant_extra: &str) -> Daemon {
+    let pipeline =
+        format!(r#"pipeline = {{ kind = "agent", url = "ws://127.0.0.1:{agent_port}/agent" }}"#);
+    let tenant = format!("transfer_trunk = \"people\"\n{tenant_extra}");
+    let extra = format!(
+        "[[trunk]]\nname = \"people\"\nallow = [\"192.0.2.0/24\"]\ntenant = \"demo\"\n\n\
+         [trunk.outbound]\nproxy = \"{target}\"\nanswer_timeout_s = 2\n"
+    );
+    let spec = ProfileSpec {
+        tenant: &tenant,
+        extra: &extra,
+        ..ProfileSpec::default()
+    };
+    let profile: String = spec
+        .render()
+        .replacen(r#"pipeline = { kind = "echo" }"#, &pipeline, 1)
+        .lines()
+        .filter(|l| !l.starts_with("prompt = "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Daemon::spawn(&profile)
+}
+
+/// The agent's message, kept for the whole test (the scripted agent takes `&'static`).
+fn say(v: Value) -> &'static str {
+    Box::leak(v.to_string().into_boxed_str())
+}
+
+/// The `transfer` events the agent's connections got.
+fn transfer_events(conns: &[ConnLog]) -> Vec<Value> {
+    conns
+        .iter()
+        .flat_map(|c| c.texts.iter())
+        .filter(|v| v["event"] == "transfer")
+        .cloned()
+        .collect()
+}
+
+/// The caller: SIPp with its media on `media`, hanging up `hold_ms` after the answer.
+fn caller(daemon: &Daemon, media: &UdpSocket, hold_ms: u32) -> thread::JoinHandle<SippResult> {
+    let port = media.local_addr().unwrap().port().to_string();
+    let target = daemon.udp_addr();
+    let scenario = sipp_scenario("media_on_test_socket.xml");
+    let hold = hold_ms.to_string();
+    thread::spawn(move || {
+        sipp(
+            &scenario,
+            target,
+            &[
+                "-key",
+                "test_rtp_port",
+                &port,
+                "-s",
+                "+15551234567",
+                "-d",
+                &hold,
+            ],
+        )
+    })
+}
+
+/// A-law from linear, from the G.711 formula (sign bit set for positive values, even
+/// bits inverted).
+fn alaw_encode(sample: i16) -> u8 {
+    let (sign, mag) = if sample >= 0 {
+        (0x80u8, i32::from(sample))
+    } else {
+        (0, -i32::from(sample) - 1)
+    };
+    let mag = mag.min(0x7fff);
+    let mut exponent = 7u8;
+    let mut mask = 0x4000;
+    while exponent > 0 && mag & mask == 0 {
+        exponent -= 1;
+        mask >>= 1;
+    }
+    let shift = if exponent == 0 { 4 } else { exponent + 3 };
+    let mantissa = ((mag >> shift) & 0x0f) as u8;
+    (sign | (exponent << 4) | mantissa) ^ 0x55
+}
+
+/// Linear from A-law.
+fn alaw_decode(code: u8) -> i16 {
+    let a = code ^ 0x55;
+    let exponent = (a >> 4) & 7;
+    let mantissa = i32::from(a & 0x0f);
+    let mut mag = (mantissa << 4) + 8;
+    if exponent > 0 {
+        mag = (mag + 0x100) << (exponent - 1);
+    }
+    if a & 0x80 != 0 {
+        mag as i16
+    } else {
+        -mag as i16
+    }
+}
+
+/// One side's media: waits for the bridge's first packet on `sock` (that is where it
+/// sends from), then sends `payloads` in paced 20 ms packets of payload type `pt` and
+/// keeps receiving until `listen` has passed; returns the payloads received with `pt`.
+fn talk(sock: &UdpSocket, payloads: Vec<Vec<u8>>, pt: u8, listen: Duration) -> Vec<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (_, bridge) = sock.recv_from(&mut buf).expect("no RTP from the bridge");
+    let start = Instant::now();
+    let mut heard = Vec::new();
+    let mut next = 0usize;
+    while start.elapsed() < listen {
+        let due = start + Duration::from_millis(20 * next as u64);
+        if next < payloads.len() && Instant::now() >= due {
+            let mut packet = vec![0x80, pt];
+            packet.extend_from_slice(&(next as u16).to_be_bytes());
+            packet.extend_from_slice(&((next as u32) * 160).to_be_bytes());
+            packet.extend_from_slice(&0x0bad_cafe_u32.to_be_bytes());
+            packet.extend_from_slice(&payloads[next]);
+            sock.send_to(&packet, bridge).unwrap();
+            next += 1;
+            continue;
+        }
+        let wait = if next < payloads.len() {
+            due.saturating_duration_since(Instant::now())
+        } else {
+            Duration::from_millis(20)
+        };
+        sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .unwrap();
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && n == 12 + 160
+            && buf[1] & 0x7f == pt
+        {
+            heard.push(buf[12..n].to_vec());
+        }
+    }
+    heard
+}
+
+/// A fixture as linear samples.
+fn fixture(name: &str) -> Vec<i16> {
+    std::fs::read(repo_path(&format!("fixtures/audio/{name}")))
+        .unwrap()
+        .iter()
+        .map(|&c| agent_util::ulaw_decode(c))
+        .collect()
+}
+
+/// Fraction of the needle's voiced 250 ms pieces found (NCC ≥ 0.9) in `heard`.
+fn heard_fraction(heard: &[i16], needle: &[i16]) -> (f64, Vec<f64>) {
+    let hay: Vec<f64> = heard.iter().map(|&s| f64::from(s)).collect();
+    let needle: Vec<f64> = needle.iter().map(|&s| f64::from(s)).collect();
+    let pieces = agent_util::segment_nccs(&hay, &needle, 2000, 4000);
+    let good = pieces.iter().filter(|&&p| p >= 0.9).count();
+    (good as f64 / pieces.len().max(1) as f64, pieces)
+}
+
+#[test]
+fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
+    let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = SippServer::spawn(&[
+        "-sf",
+        sipp_scenario("bridge_target_uas.xml").to_str().unwrap(),
+        "-key",
+        "test_rtp_port",
+        &target_media.local_addr().unwrap().port().to_string(),
+    ]);
+    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
+        json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
+    ))]);
+    let daemon = daemon(agent.port(), target.addr(), "");
+    let caller_media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let run = caller(&daemon, &caller_media, 9000);
+    assert!(
+        daemon
+            .wait_for_log(Duration::from_secs(15), |l| l.contains("\"transfer\"")
+                && l.contains("completed"))
+            .is_some(),
+        "the transfer did not complete:\n{}",
+        daemon.logs().join("\n")
+    );
+
+    // Each side speaks its fixture (3 s) and listens for 6 s.
+    let speech1 = fixture("caller1.ulaw");
+    let speech2 = fixture("caller2.ulaw");
+    let caller_side = {
+        let sock = caller_media.try_clone().unwrap();
+        let frames: Vec<Vec<u8>> = std::fs::read(repo_path("fixtures/audio/caller1.ulaw"))
+            .unwrap()
+            .chunks_exact(160)
+            .map(<[u8]>::to_vec)
+            .collect();
+        thread::spawn(move || talk(&sock, frames, 0, Duration::from_secs(6)))
+    };
+    let target_side = {
+        let sock = target_media.try_clone().unwrap();
+        let frames: Vec<Vec<u8>> = speech2
+            .chunks_exact(160)
+            .map(|c| c.iter().map(|&s| alaw_encode(s)).collect())
+            .collect();
+        thread::spawn(move || talk(&sock, frames, 8, Duration::from_secs(6)))
+    };
+    let at_caller: Vec<i16> = caller_side
+        .join()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|&c| agent_util::ulaw_decode(c))
+        .collect();
+    let at_target: Vec<i16> = target_side
+        .join()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|&c| alaw_decode(c))
+        .collect();
+    let (to_target, pieces) = heard_fraction(&at_target, &speech1);
+    eprintln!("caller's speech at the target: {to_target:.2} of pieces {pieces:.3?}");
+    assert!(to_target >= 0.8, "the target heard {pieces:.3?}");
+    let (to_caller, pieces) = heard_fraction(&at_caller, &speech2);
+    eprintln!("target's speech at the caller: {to_caller:.2} of pieces {pieces:.3?}");
+    assert!(to_caller >= 0.8, "the caller heard {pieces:.3?}");
+
+    // The caller hangs up; the bridge BYEs the target.
+    run.join().unwrap().assert_success();
+    let target_run = target.finish();
+    target_run.assert_success();
+
+    let caller_cdr = daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["direction"] == "inbound")
+        .expect("the caller's CDR");
+    assert_eq!(caller_cdr["cause"], "caller-bye", "{caller_cdr}");
+    let t = &caller_cdr["transfer"];
+    assert_eq!(
+        (&t["mode"], &t["result"], &t["status"]),
+        (&json!("bridge"), &json!("completed"), &json!(200)),
+        "{caller_cdr}"
+    );
+    let leg_id = t["leg_call_id"].as_str().expect("the target leg's Call-ID");
+    let target_cdr = daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["call_id"] == leg_id)
+        .expect("the target leg's CDR");
+    assert_eq!(target_cdr["direction"], "outbound", "{target_cdr}");
+    assert_eq!(target_cdr["result_code"], 200, "{target_cdr}");
+    assert_eq!(target_cdr["cause"], "bridged-leg-ended", "{target_cdr}");
+    assert_eq!(target_cdr["codec"], "PCMA", "{target_cdr}");
+    assert_eq!(
+        target_cdr["transfer"]["leg_call_id"], caller_cdr["call_id"],
+        "{target_cdr}"
+    );
+    // The BYE the target got is in the target leg's dialog.
+    assert!(
+        target_run.messages.contains(&format!("Call-ID: {leg_id}")),
+        "{}",
+        target_run.messages
+    );
+
+    let conns = agent.finish();
+    assert_eq!(conns.len(), 1);
+    let steps: Vec<(Value, Value)> = transfer_events(&conns)
+        .iter()
+        .map(|e| (e["result"].clone(), e["status"].clone()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (json!("accepted"), Value::Null),
+            (json!("progress"), json!(180)),
+            (json!("completed"), json!(200)),
+        ]
+    );
+    assert_eq!(
+        conns[0].texts.last().unwrap()["event"],
+        "stop",
+        "the agent's connection ends after the result"
+    );
+}
+
+/// A failed bridge transfer: the agent gets `failed` with `reason` and `status`, keeps
+/// its connection (caller audio still reaches it after the failure), and the caller's
+/// CDR says so.
+fn failed_transfer_keeps_the_caller(scenario: &str, reason: &str, status: u16) {
+    let target = SippServer::spawn(&["-sf", sipp_scenario(scenario).to_str().unwrap()]);
+    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
+        json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
+    ))]);
+    let daemon = daemon(agent.port(), target.addr(), "");
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let run = caller(&daemon, &media, 6000);
+    let failed = daemon
+        .wait_for_log(Duration::from_secs(15), |l| {
+            l.contains("\"transfer\"") && l.contains("\"result\":\"failed\"")
+        })
+        .unwrap_or_else(|| panic!("no failed transfer:\n{}", daemon.logs().join("\n")));
+    assert!(failed.contains(reason), "{failed}");
+    // The caller speaks after the failure: the agent still hears it.
+    let frames: Vec<Vec<u8>> = std::fs::read(repo_path("fixtures/audio/caller1.ulaw"))
+        .unwrap()
+        .chunks_exact(160)
+        .take(50)
+        .map(<[u8]>::to_vec)
+        .collect();
+    talk(&media, frames, 0, Duration::from_secs(2));
+    run.join().unwrap().assert_success();
+    target.finish().assert_success();
+
+    let cdr = daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["direction"] == "inbound")
+        .expect("the caller's CDR");
+    assert_eq!(cdr["cause"], "caller-bye", "{cdr}");
+    assert_eq!(
+        (
+            &cdr["transfer"]["mode"],
+            &cdr["transfer"]["result"],
+            &cdr["transfer"]["reason"],
+            &cdr["transfer"]["status"]
+        ),
+        (
+            &json!("bridge"),
+            &json!("failed"),
+            &json!(reason),
+            &json!(status)
+        ),
+        "{cdr}"
+    );
+    let conns = agent.finish();
+    assert_eq!(conns.len(), 1, "one connection: the agent kept the call");
+    let events = transfer_events(&conns);
+    let last = events.last().unwrap();
+    assert_eq!(
+        (&last["result"], &last["reason"], &last["status"]),
+        (&json!("failed"), &json!(reason), &json!(status)),
+        "{events:?}"
+    );
+    // Caller audio reached the agent after the failure (1 s of speech: 50 frames).
+    // (The caller sent nothing before: every frame the agent got came after.)
+    assert!(conns[0].frames >= 45, "{} frames", conns[0].frames);
+    assert_eq!(conns[0].texts.last().unwrap()["event"], "stop");
+}
+
+#[test]
+fn busy_target_fails_back_to_the_agent_which_keeps_the_caller() {
+    failed_transfer_keeps_the_caller("transfer_target_busy.xml", "target-failed", 486);
+}
+
+#[test]
+fn target_that_never_answers_is_cancelled_and_the_agent_keeps_the_caller() {
+    failed_transfer_keeps_the_caller("outbound_uas_ringing.xml", "no-answer", 487);
+}
