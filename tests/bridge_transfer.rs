@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 /// The number the agent transfers to (a phone behind the `people` trunk).
 const PERSON: &str = "+15557654321";
 
-/// The daemon: tenant `demo` on a native agent at `agent_port`, no disclosure prompt; a
+/// The daemon: tenant `demo` on a native agent at `agent_port`, with the disclosure
+/// prompt only if it records (`record`: recording needs one); a
 /// trunk `people` whose outbound proxy is `target` (answer timeout 2 s) is the tenant's
 /// transfer trunk. `tenant_extra` goes into the tenant.
-fn daemon(agent_port: u16, target: SocketAddr, tenant_extra: &str) -> Daemon {
+fn daemon(agent_port: u16, target: SocketAddr, tenant_extra: &str, record: bool) -> Daemon {
     let pipeline =
         format!(r#"pipeline = {{ kind = "agent", url = "ws://127.0.0.1:{agent_port}/agent" }}"#);
     let tenant = format!("transfer_trunk = \"people\"\n{tenant_extra}");
@@ -48,8 +49,17 @@ fn daemon(agent_port: u16, target: SocketAddr, tenant_extra: &str) -> Daemon {
     let profile: String = spec
         .render()
         .replacen(r#"pipeline = { kind = "echo" }"#, &pipeline, 1)
+        .replacen(
+            "recording = false\n",
+            if record {
+                "recording = true\n"
+            } else {
+                "recording = false\n"
+            },
+            1,
+        )
         .lines()
-        .filter(|l| !l.starts_with("prompt = "))
+        .filter(|l| record || !l.starts_with("prompt = "))
         .collect::<Vec<_>>()
         .join("\n");
     Daemon::spawn(&profile)
@@ -186,6 +196,39 @@ fn heard_fraction(heard: &[i16], needle: &[i16]) -> (f64, Vec<f64>) {
     (good as f64 / pieces.len().max(1) as f64, pieces)
 }
 
+/// The call's recording, decrypted: left and right channels.
+fn recording_of(daemon: &Daemon, call_id: &str) -> (Vec<i16>, Vec<i16>) {
+    use sipbridge::store::db::{RecordingState, Store};
+    let var = daemon.dir().join("var");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rec = loop {
+        let recs = Store::open(&var.join("sipbridge.db"))
+            .unwrap()
+            .recordings_of_call("demo", call_id)
+            .unwrap();
+        if let Some(r) = recs
+            .into_iter()
+            .find(|r| r.state == RecordingState::Complete)
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no complete recording of {call_id}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let master = std::fs::read(var.join("master.key")).unwrap();
+    let keys = sipbridge::store::crypto::KeyRing::open(&var, &master).unwrap();
+    let wav = sipbridge::store::recording::export_wav(&rec.path, &keys).unwrap();
+    let mut reader = hound::WavReader::new(std::io::Cursor::new(wav)).unwrap();
+    assert_eq!(reader.spec().channels, 2);
+    let samples: Vec<i16> = reader.samples::<i16>().map(Result::unwrap).collect();
+    let left = samples.iter().step_by(2).copied().collect();
+    let right = samples.iter().skip(1).step_by(2).copied().collect();
+    (left, right)
+}
+
 #[test]
 fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
     let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -199,9 +242,9 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
     let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
         json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
     ))]);
-    let daemon = daemon(agent.port(), target.addr(), "");
+    let daemon = daemon(agent.port(), target.addr(), "", true);
     let caller_media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let run = caller(&daemon, &caller_media, 9000);
+    let run = caller(&daemon, &caller_media, 14_000);
     assert!(
         daemon
             .wait_for_log(Duration::from_secs(15), |l| l.contains("\"transfer\"")
@@ -209,6 +252,14 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
             .is_some(),
         "the transfer did not complete:\n{}",
         daemon.logs().join("\n")
+    );
+    // The agent asked at once, so the transfer completed while the disclosure played:
+    // the caller's audio reaches the target only once it has finished, like any pipeline.
+    assert!(
+        daemon
+            .wait_for_log(Duration::from_secs(10), |l| l
+                .contains("disclosure prompt finished"))
+            .is_some()
     );
 
     // Each side speaks its fixture (3 s) and listens for 6 s.
@@ -286,6 +337,15 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
         target_run.messages
     );
 
+    // The caller's recording goes on after the transfer, both sides: the caller on the
+    // left, the target (as the caller heard it) on the right.
+    assert_eq!(caller_cdr["recording"], "recorded", "{caller_cdr}");
+    let (left, right) = recording_of(&daemon, caller_cdr["call_id"].as_str().unwrap());
+    let (caller_in_recording, pieces) = heard_fraction(&left, &speech1);
+    assert!(caller_in_recording >= 0.8, "left: {pieces:.3?}");
+    let (target_in_recording, pieces) = heard_fraction(&right, &speech2);
+    assert!(target_in_recording >= 0.8, "right: {pieces:.3?}");
+
     let conns = agent.finish();
     assert_eq!(conns.len(), 1);
     let steps: Vec<(Value, Value)> = transfer_events(&conns)
@@ -315,7 +375,7 @@ fn failed_transfer_keeps_the_caller(scenario: &str, reason: &str, status: u16) {
     let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
         json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
     ))]);
-    let daemon = daemon(agent.port(), target.addr(), "");
+    let daemon = daemon(agent.port(), target.addr(), "", false);
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
     let run = caller(&daemon, &media, 6000);
     let failed = daemon
@@ -377,4 +437,75 @@ fn busy_target_fails_back_to_the_agent_which_keeps_the_caller() {
 #[test]
 fn target_that_never_answers_is_cancelled_and_the_agent_keeps_the_caller() {
     failed_transfer_keeps_the_caller("outbound_uas_ringing.xml", "no-answer", 487);
+}
+
+#[test]
+fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
+    let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = SippServer::spawn(&[
+        "-sf",
+        sipp_scenario("bridge_target_uas.xml").to_str().unwrap(),
+        "-key",
+        "test_rtp_port",
+        &target_media.local_addr().unwrap().port().to_string(),
+    ]);
+    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
+        json!({"event": "transfer", "to": PERSON, "mode": "blind"}),
+    ))]);
+    let daemon = daemon(
+        agent.port(),
+        target.addr(),
+        "transfer_fallback = \"bridge\"\n",
+        false,
+    );
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = media.local_addr().unwrap().port().to_string();
+    let carrier = {
+        let scenario = sipp_scenario("transfer_carrier_refuse.xml");
+        let udp = daemon.udp_addr();
+        thread::spawn(move || {
+            sipp(
+                &scenario,
+                udp,
+                &[
+                    "-key",
+                    "test_rtp_port",
+                    &port,
+                    "-s",
+                    "+15551234567",
+                    "-d",
+                    "3000",
+                ],
+            )
+        })
+    };
+    let result = carrier.join().unwrap();
+    result.assert_success();
+    // The REFER went out first, and was refused.
+    assert!(
+        result.messages.contains("Refer-To: <tel:+15557654321>"),
+        "{}",
+        result.messages
+    );
+    // Then the daemon called the target itself, and BYEd it when the caller left.
+    target.finish().assert_success();
+    let conns = agent.finish();
+    let steps: Vec<(Value, Value, Value)> = transfer_events(&conns)
+        .iter()
+        .map(|e| (e["mode"].clone(), e["result"].clone(), e["status"].clone()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (json!("blind"), json!("failed"), json!(403)),
+            (json!("bridge"), json!("accepted"), Value::Null),
+            (json!("bridge"), json!("progress"), json!(180)),
+            (json!("bridge"), json!("completed"), json!(200)),
+        ]
+    );
+    let cdr = daemon
+        .wait_for_cdr(Duration::from_secs(10), |c| c["direction"] == "inbound")
+        .expect("the caller's CDR");
+    assert_eq!(cdr["transfer"]["mode"], "bridge", "{cdr}");
+    assert_eq!(cdr["transfer"]["result"], "completed", "{cdr}");
 }
