@@ -509,3 +509,78 @@ fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
     assert_eq!(cdr["transfer"]["mode"], "bridge", "{cdr}");
     assert_eq!(cdr["transfer"]["result"], "completed", "{cdr}");
 }
+
+/// The example agent (examples/transfer_agent.py, in the test venv that
+/// scripts/install-test-deps.sh makes) with `TRANSFER_MODE=bridge`.
+#[test]
+fn example_agent_bridges_the_caller_to_a_person() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let venv = std::env::var_os("SIPBRIDGE_TEST_VENV").map_or_else(
+        || std::path::PathBuf::from("/opt/sipbridge-test-venv"),
+        std::path::PathBuf::from,
+    );
+    let python = venv.join("bin/python");
+    assert!(python.exists(), "{} is missing", python.display());
+    let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = SippServer::spawn(&[
+        "-sf",
+        sipp_scenario("bridge_target_uas.xml").to_str().unwrap(),
+        "-key",
+        "test_rtp_port",
+        &target_media.local_addr().unwrap().port().to_string(),
+    ]);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(python)
+        .arg(repo_path("examples/transfer_agent.py"))
+        .env("AGENT_PORT", "0")
+        .env("TRANSFER_TO", PERSON)
+        .env("TRANSFER_MODE", "bridge")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the example agent");
+    let stdout = child.stdout.take().unwrap();
+    let _child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(20)).expect("listening");
+    let port: u16 = first
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+    let daemon = daemon(port, target.addr(), "", false);
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    caller(&daemon, &media, 3000)
+        .join()
+        .unwrap()
+        .assert_success();
+    target.finish().assert_success();
+    let mut lines: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !lines.iter().any(|l| l["stopped"] == true) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            lines.push(serde_json::from_str(&l).unwrap_or(Value::Null));
+        }
+    }
+    let steps: Vec<&Value> = lines.iter().filter_map(|l| l.get("transfer")).collect();
+    assert_eq!(
+        steps,
+        vec![&json!("accepted"), &json!("progress"), &json!("completed")],
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l["stopped"] == true), "{lines:?}");
+}
