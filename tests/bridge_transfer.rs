@@ -584,3 +584,86 @@ fn example_agent_bridges_the_caller_to_a_person() {
     );
     assert!(lines.iter().any(|l| l["stopped"] == true), "{lines:?}");
 }
+
+/// Share of a frame's energy at `freq` (Goertzel over the frame, 8 kHz).
+fn tone_share(frame: &[i16], freq: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / 8000.0;
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    let mut energy = 0.0;
+    for &x in frame {
+        let x = f64::from(x);
+        let s = x + 2.0 * w.cos() * s1 - s2;
+        s2 = s1;
+        s1 = s;
+        energy += x * x;
+    }
+    let power = s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2;
+    if energy == 0.0 {
+        0.0
+    } else {
+        2.0 * power / (energy * frame.len() as f64)
+    }
+}
+
+#[test]
+fn the_targets_ringback_reaches_the_caller_while_the_agent_is_silent() {
+    let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = SippServer::spawn(&[
+        "-sf",
+        sipp_scenario("bridge_target_early_busy.xml")
+            .to_str()
+            .unwrap(),
+        "-key",
+        "test_rtp_port",
+        &target_media.local_addr().unwrap().port().to_string(),
+    ]);
+    // The agent asks for the transfer and then says nothing.
+    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
+        json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
+    ))]);
+    let daemon = daemon(agent.port(), target.addr(), "", false);
+    let caller_media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let run = caller(&daemon, &caller_media, 6000);
+    // 1.6 s of a 425 Hz ringback tone from the target's side, once the bridge's early
+    // media session sends to it (the target is busy after 1.9 s).
+    let ringback: Vec<Vec<u8>> = (0..80)
+        .map(|f| {
+            (0..160)
+                .map(|i| {
+                    let t = f64::from(f * 160 + i) / 8000.0;
+                    let s = 6000.0 * (2.0 * std::f64::consts::PI * 425.0 * t).sin();
+                    agent_util::ulaw_encode(s as i16)
+                })
+                .collect()
+        })
+        .collect();
+    let ringing = {
+        let sock = target_media.try_clone().unwrap();
+        thread::spawn(move || talk(&sock, ringback, 0, Duration::from_millis(1800)))
+    };
+    let heard = talk(&caller_media, Vec::new(), 0, Duration::from_secs(4));
+    ringing.join().unwrap();
+    let tonal = heard
+        .iter()
+        .filter(|p| {
+            let pcm: Vec<i16> = p.iter().map(|&c| agent_util::ulaw_decode(c)).collect();
+            pcm.iter().any(|s| s.unsigned_abs() > 64) && tone_share(&pcm, 425.0) > 0.8
+        })
+        .count();
+    assert!(tonal >= 60, "{tonal} packets of ringback at the caller");
+    run.join().unwrap().assert_success();
+    target.finish().assert_success();
+    let conns = agent.finish();
+    let steps: Vec<(Value, Value)> = transfer_events(&conns)
+        .iter()
+        .map(|e| (e["result"].clone(), e["status"].clone()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (json!("accepted"), Value::Null),
+            (json!("progress"), json!(183)),
+            (json!("failed"), json!(486)),
+        ]
+    );
+}
