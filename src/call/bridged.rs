@@ -860,6 +860,7 @@ impl BridgedCall {
                         self.emit(BridgeOutput::Store(StoreOp::OptedOut(wall)));
                         self.event(BridgeEvent::OptedOut);
                     }
+                    self.dtmf_to_target(ev.digit);
                     if self.link.as_ref().is_some_and(|l| l.connected) {
                         let digit =
                             if self.paused_since.is_some() && !self.rules.paused_dtmf_to_agent {

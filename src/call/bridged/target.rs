@@ -16,7 +16,8 @@
 //!    side's decoded audio is the other side's playout (each media session
 //!    transcodes its own codec, so the legs may differ). The caller's
 //!    recording goes on with both directions (left the caller, right the
-//!    target as the caller hears it) under the same consent rules;
+//!    target as the caller hears it) under the same consent rules; keys
+//!    pressed on either side are sent on to the other;
 //! 4. busy, no answer, 4xx–6xx, Timer B: `failed` with the reason and the
 //!    status; the agent keeps the caller;
 //! 5. once bridged, either side's end ends the other (BYE, cause
@@ -298,6 +299,17 @@ impl BridgedCall {
         true
     }
 
+    /// A key the caller pressed while bridged goes to the target (RFC 4733
+    /// where the target negotiated it, in-band otherwise).
+    pub(super) fn dtmf_to_target(&mut self, digit: char) {
+        if let Some(t) = &mut self.target
+            && t.phase == Phase::Bridged
+            && let Some(m) = &mut t.media
+        {
+            let _ = m.send_dtmf(&digit.to_string());
+        }
+    }
+
     /// Drains the target leg, its call and its media; `true` if anything
     /// came out.
     pub(super) fn target_outputs(&mut self, now: Instant, rng: &mut impl RngCore) -> bool {
@@ -429,7 +441,13 @@ impl BridgedCall {
             }
         }
         if was_dialing {
-            self.bridge_update(TransferState::Failed(failure_of(f)), Some(f.status()));
+            // Cancelled because the caller left: not the target's doing.
+            let why = if self.call.is_ended() {
+                TransferFailure::NotConnected
+            } else {
+                failure_of(f)
+            };
+            self.bridge_update(TransferState::Failed(why), Some(f.status()));
         }
     }
 
@@ -569,5 +587,464 @@ fn failure_of(f: DialFailure) -> TransferFailure {
         | DialFailure::AuthFailed(_)
         | DialFailure::Rejected(_)
         | DialFailure::MediaFailed => TransferFailure::TargetFailed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bridge transfer in virtual time: the paths real peers rarely take
+    //! (the caller gone while the target rings, or before the leg exists) and
+    //! the hand-over of a hang-up from one joined leg to the other.
+    use super::*;
+    use crate::call::bridged::{AgentEvent, AgentPlan, BridgeSetup, RecordingRules};
+    use crate::call::outbound::DialSettings;
+    use crate::call::{LocalSip, MediaPlan, Peer, TransportKind};
+    use crate::config::FailurePolicy;
+    use crate::media::resample::PipelineRate;
+    use crate::sip::message::{NameAddr, Request, Response, Uri, parse_datagram};
+    use crate::sip::sdp::{Codec, Encryption, LocalMedia};
+    use crate::sip::timer::TimerConfig;
+    use bytes::Bytes;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use std::time::SystemTime;
+
+    const SDP: &str = "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
+t=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+    const TARGET_SDP: &str = "v=0\r\no=t 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
+t=0 0\r\nm=audio 42000 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n";
+    const CALLER: &str = "127.0.0.1:5070";
+    const TRUNK: &str = "127.0.0.1:5080";
+
+    fn peer(addr: &str) -> Peer {
+        Peer {
+            transport: TransportKind::Udp,
+            addr: addr.parse().unwrap(),
+            flow: 0,
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Message {
+        parse_datagram(bytes).expect("our own message parses")
+    }
+
+    fn request(text: &str) -> Request {
+        match parse_datagram(text.as_bytes()) {
+            Ok(Message::Request(r)) => r,
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    fn settings(call_id: &str, rtp_port: u16) -> CallSettings {
+        CallSettings {
+            call_id: call_id.into(),
+            tenant: "demo".into(),
+            trunk: "local".into(),
+            timers: TimerConfig::default(),
+            local: LocalSip {
+                host: "127.0.0.1".into(),
+                port: 5060,
+            },
+            media: LocalMedia {
+                addr: "127.0.0.1".parse().unwrap(),
+                rtp_port,
+                codecs: vec![Codec::Pcmu, Codec::Pcma],
+                telephone_event_pt: 101,
+                ptime_ms: 20,
+                encryption: Encryption::Off,
+                secure_signalling: false,
+                srtp_key: None,
+            },
+            answer_delay: Duration::ZERO,
+            session_expires: Duration::from_secs(1800),
+            min_se: Duration::from_secs(90),
+            rtp_timeout: None,
+            max_duration: None,
+            plan: MediaPlan {
+                prompt: None,
+                gate_until_prompt_done: false,
+                pipeline_rate: PipelineRate::Hz8000,
+                echo_delay: None,
+                record: false,
+                rtp_source: Default::default(),
+            },
+            early_media: false,
+            store_unavailable: false,
+        }
+    }
+
+    /// A confirmed inbound call with a connected agent, the trunk and the
+    /// target leg's INVITE as the test sees them.
+    struct Sim {
+        b: BridgedCall,
+        now: Instant,
+        rng: ChaCha8Rng,
+        /// Our To tag towards the caller.
+        tag: String,
+        /// Everything the call put out, in order.
+        out: Vec<BridgeOutput>,
+    }
+
+    impl Sim {
+        fn new() -> Sim {
+            let mut rng = ChaCha8Rng::seed_from_u64(11);
+            let now = Instant::now();
+            let invite = request(&format!(
+                "INVITE sip:+15550001111@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP {CALLER};branch=z9hG4bK-inv;rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15551112222@127.0.0.1>;tag=car\r\n\
+To: <sip:+15550001111@127.0.0.1>\r\n\
+Call-ID: caller-1@127.0.0.1\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:carrier@{CALLER}>\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: {}\r\n\r\n{SDP}",
+                SDP.len()
+            ));
+            let call = Call::new(
+                now,
+                SystemTime::UNIX_EPOCH,
+                invite,
+                peer(CALLER),
+                settings("caller-1@127.0.0.1", 20_000),
+                &mut rng,
+            )
+            .unwrap();
+            let setup = BridgeSetup {
+                agent: Some(AgentPlan {
+                    policy: FailurePolicy::default(),
+                    fallback: None,
+                    hold_prompt: None,
+                    beside_stt: false,
+                    deepgram_only: false,
+                    stats_interval: None,
+                }),
+                recording: RecordingRules::default(),
+                transfer: Default::default(),
+            };
+            let b = BridgedCall::new(call, setup, now, SystemTime::UNIX_EPOCH, &mut rng);
+            let mut sim = Sim {
+                b,
+                now,
+                rng,
+                tag: String::new(),
+                out: Vec::new(),
+            };
+            sim.input(BridgeInput::Timeout);
+            sim.tag = sim
+                .sent_to(CALLER)
+                .iter()
+                .find_map(|m| match m {
+                    Message::Response(r) if r.status == 200 => {
+                        r.to().ok()?.tag().map(str::to_owned)
+                    }
+                    _ => None,
+                })
+                .expect("answered");
+            let ack = sim.caller_request("ACK", 1);
+            sim.input(BridgeInput::Sip(
+                Box::new(Message::Request(ack)),
+                peer(CALLER),
+            ));
+            sim.input(BridgeInput::Agent(AgentEvent::Connected));
+            assert!(sim.b.call().is_confirmed());
+            sim
+        }
+
+        fn input(&mut self, input: BridgeInput) {
+            self.b.handle(self.now, input, &mut self.rng);
+            while let Some(o) = self.b.poll_output() {
+                self.out.push(o);
+            }
+        }
+
+        /// Runs the call's timers for `ms`.
+        fn advance(&mut self, ms: u64) {
+            let until = self.now + Duration::from_millis(ms);
+            while let Some(t) = self.b.poll_timeout().filter(|&t| t <= until) {
+                self.now = t.max(self.now);
+                self.input(BridgeInput::Timeout);
+            }
+            self.now = until;
+        }
+
+        /// SIP messages sent to `addr` so far.
+        fn sent_to(&self, addr: &str) -> Vec<Message> {
+            self.out
+                .iter()
+                .filter_map(|o| match o {
+                    BridgeOutput::Sip(t) if t.dest.addr.to_string() == addr => {
+                        Some(parse(&t.bytes))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// Requests with `method` sent to `addr` so far.
+        fn requests_to(&self, addr: &str, method: &str) -> Vec<Request> {
+            self.sent_to(addr)
+                .into_iter()
+                .filter_map(|m| match m {
+                    Message::Request(r) if r.method.as_str() == method => Some(r),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn caller_request(&self, method: &str, seq: u32) -> Request {
+            request(&format!(
+                "{method} sip:sipbridge@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP {CALLER};branch=z9hG4bK-{method}-{seq}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15551112222@127.0.0.1>;tag=car\r\n\
+To: <sip:+15550001111@127.0.0.1>;tag={tag}\r\n\
+Call-ID: caller-1@127.0.0.1\r\n\
+CSeq: {seq} {method}\r\n\
+Content-Length: 0\r\n\r\n",
+                tag = self.tag,
+            ))
+        }
+
+        /// The agent asks for a bridge transfer; the owner answers with a leg.
+        fn transfer(&mut self, give_leg: bool) {
+            self.input(BridgeInput::Agent(AgentEvent::Transfer {
+                to: "+15557654321".into(),
+                mode: Some("bridge".into()),
+            }));
+            assert!(
+                self.out
+                    .iter()
+                    .any(|o| matches!(o, BridgeOutput::DialTarget { .. })),
+                "the owner is asked for a leg"
+            );
+            if give_leg {
+                self.give_leg();
+            }
+        }
+
+        fn give_leg(&mut self) {
+            let dial = DialSettings {
+                call_id: "leg-1@sipbridge".into(),
+                tenant: "demo".into(),
+                trunk: "people".into(),
+                request_uri: Uri::parse(&format!("sip:+15557654321@{TRUNK}")).unwrap(),
+                from: NameAddr::parse("<sip:+15551112222@127.0.0.1>").unwrap(),
+                to: NameAddr::parse(&format!("<sip:+15557654321@{TRUNK}>")).unwrap(),
+                dest: peer(TRUNK),
+                local: LocalSip {
+                    host: "127.0.0.1".into(),
+                    port: 5060,
+                },
+                media: settings("leg-1@sipbridge", 30_000).media,
+                timers: TimerConfig::default(),
+                credentials: None,
+                answer_timeout: Duration::from_secs(30),
+                extra_headers: Vec::new(),
+            };
+            let leg = OutboundLeg::new(self.now, SystemTime::UNIX_EPOCH, dial, &mut self.rng);
+            self.input(BridgeInput::TargetLeg {
+                leg: Box::new(leg),
+                settings: Box::new(settings("leg-1@sipbridge", 30_000)),
+            });
+        }
+
+        /// The target's answer to our (last) INVITE or CANCEL.
+        fn target_responds(&mut self, method: &str, status: u16, sdp: &str) {
+            let req = self
+                .requests_to(TRUNK, method)
+                .pop()
+                .unwrap_or_else(|| panic!("no {method} to the target"));
+            let mut resp = Response::for_request(&req, status);
+            resp.headers.set(
+                "To",
+                format!("{};tag=target-1", req.headers.get("To").unwrap()),
+            );
+            if (101..300).contains(&status) {
+                resp.headers
+                    .push("Contact", format!("<sip:target@{TRUNK}>"));
+            }
+            if !sdp.is_empty() {
+                resp.headers.push("Content-Type", "application/sdp");
+                resp.body = Bytes::copy_from_slice(sdp.as_bytes());
+            }
+            let Message::Response(resp) = parse(&resp.encode()) else {
+                unreachable!()
+            };
+            self.input(BridgeInput::Sip(
+                Box::new(Message::Response(resp)),
+                peer(TRUNK),
+            ));
+        }
+
+        fn released(&self) -> Vec<&CallRecord> {
+            self.out
+                .iter()
+                .filter_map(|o| match o {
+                    BridgeOutput::TargetReleased { record } => Some(&**record),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn transfer_results(&self) -> Vec<&'static str> {
+            self.out
+                .iter()
+                .filter_map(|o| match o {
+                    BridgeOutput::Event(BridgeEvent::Transfer(u)) => Some(u.state.result()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn caller_record(&self) -> Option<&CallRecord> {
+            self.out.iter().find_map(|o| match o {
+                BridgeOutput::Event(BridgeEvent::Ended { record, .. }) => Some(&**record),
+                _ => None,
+            })
+        }
+    }
+
+    #[test]
+    fn the_callers_hang_up_while_the_target_rings_cancels_the_leg() {
+        let mut sim = Sim::new();
+        sim.transfer(true);
+        assert_eq!(sim.requests_to(TRUNK, "INVITE").len(), 1);
+        sim.target_responds("INVITE", 180, "");
+        let bye = sim.caller_request("BYE", 2);
+        sim.input(BridgeInput::Sip(
+            Box::new(Message::Request(bye)),
+            peer(CALLER),
+        ));
+        assert_eq!(sim.caller_record().unwrap().cause, "caller-bye");
+        assert_eq!(sim.requests_to(TRUNK, "CANCEL").len(), 1, "CANCEL at once");
+        assert!(sim.released().is_empty(), "released on the 487, not before");
+        sim.target_responds("CANCEL", 200, "");
+        sim.target_responds("INVITE", 487, "");
+        let released = sim.released();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].result_code, 487);
+        assert_eq!(
+            released[0]
+                .transfer
+                .as_ref()
+                .unwrap()
+                .leg_call_id
+                .as_deref(),
+            Some("caller-1@127.0.0.1")
+        );
+        assert_eq!(sim.transfer_results(), ["accepted", "progress", "failed"]);
+        let failed = sim.out.iter().rev().find_map(|o| match o {
+            BridgeOutput::Event(BridgeEvent::Transfer(u)) => Some(u.state),
+            _ => None,
+        });
+        assert_eq!(
+            failed,
+            Some(TransferState::Failed(TransferFailure::NotConnected))
+        );
+        assert!(
+            !sim.b.is_done(),
+            "the 487's ACK absorbs retransmissions first"
+        );
+        sim.advance(40_000);
+        assert!(sim.b.is_done());
+        assert_eq!(sim.released().len(), 1, "released once");
+    }
+
+    #[test]
+    fn a_leg_that_comes_after_the_caller_left_is_cancelled_and_released() {
+        let mut sim = Sim::new();
+        sim.transfer(false);
+        let bye = sim.caller_request("BYE", 2);
+        sim.input(BridgeInput::Sip(
+            Box::new(Message::Request(bye)),
+            peer(CALLER),
+        ));
+        assert!(sim.b.call().is_ended());
+        assert!(!sim.b.is_done(), "the owner's leg is still to come");
+        sim.give_leg();
+        // RFC 3261 §9.1: CANCEL only once a provisional came.
+        sim.target_responds("INVITE", 100, "");
+        sim.target_responds("INVITE", 180, "");
+        assert_eq!(sim.requests_to(TRUNK, "CANCEL").len(), 1);
+        sim.target_responds("CANCEL", 200, "");
+        sim.target_responds("INVITE", 487, "");
+        assert_eq!(sim.released().len(), 1);
+        assert!(
+            sim.transfer_results().is_empty(),
+            "never started, nothing to report"
+        );
+        sim.advance(40_000);
+        assert!(sim.b.is_done());
+    }
+
+    #[test]
+    fn when_the_joined_target_hangs_up_the_caller_gets_bye() {
+        let mut sim = Sim::new();
+        sim.transfer(true);
+        sim.target_responds("INVITE", 180, "");
+        sim.target_responds("INVITE", 200, TARGET_SDP);
+        assert!(sim.b.is_bridged_to_target());
+        assert_eq!(sim.requests_to(TRUNK, "ACK").len(), 1, "the 2xx is ACKed");
+        assert_eq!(
+            sim.transfer_results(),
+            ["accepted", "progress", "completed"]
+        );
+        // The agent's part is over: its connection closes after `completed`.
+        let close = sim
+            .out
+            .iter()
+            .position(|o| matches!(o, BridgeOutput::Pipeline(PipelineOp::Close { .. })))
+            .expect("the agent's connection closed");
+        let completed = sim
+            .out
+            .iter()
+            .position(|o| {
+                matches!(o, BridgeOutput::Pipeline(PipelineOp::Transfer(u))
+                    if u.state == TransferState::Completed)
+            })
+            .expect("the agent told");
+        assert!(completed < close);
+        // The target's media goes to its SDP address from the target leg's port.
+        sim.advance(100);
+        assert!(sim.out.iter().any(|o| matches!(o,
+            BridgeOutput::TargetRtp { to, .. } if to.to_string() == "127.0.0.1:42000")));
+        // The target hangs up.
+        let bye = request(&format!(
+            "BYE sip:sipbridge@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP {TRUNK};branch=z9hG4bK-target-bye\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15557654321@{TRUNK}>;tag=target-1\r\n\
+To: {};tag={}\r\n\
+Call-ID: leg-1@sipbridge\r\n\
+CSeq: 9 BYE\r\n\
+Content-Length: 0\r\n\r\n",
+            "<sip:+15551112222@127.0.0.1>",
+            sim.requests_to(TRUNK, "INVITE")[0]
+                .from()
+                .unwrap()
+                .tag()
+                .unwrap()
+        ));
+        sim.input(BridgeInput::Sip(
+            Box::new(Message::Request(bye)),
+            peer(TRUNK),
+        ));
+        let ok = sim.sent_to(TRUNK).into_iter().any(
+            |m| matches!(m, Message::Response(r) if r.status == 200 && r.cseq().unwrap().seq == 9),
+        );
+        assert!(ok, "the target's BYE answered");
+        let released = sim.released();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].cause, "caller-bye", "the target hung up");
+        assert_eq!(sim.requests_to(CALLER, "BYE").len(), 1, "BYE to the caller");
+        let record = sim.caller_record().unwrap();
+        assert_eq!(record.cause, "bridged-leg-ended");
+        let t = record.transfer.as_ref().unwrap();
+        assert_eq!(
+            (t.result, t.leg_call_id.as_deref()),
+            ("completed", Some("leg-1@sipbridge"))
+        );
     }
 }
