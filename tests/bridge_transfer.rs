@@ -31,15 +31,16 @@ const PERSON: &str = "+15557654321";
 
 /// The daemon: tenant `demo` on a native agent at `agent_port`, with the disclosure
 /// prompt only if it records (`record`: recording needs one); a
-/// trunk `people` whose outbound proxy is `target` (answer timeout 2 s) is the tenant's
-/// transfer trunk. `tenant_extra` goes into the tenant.
+/// trunk `people` whose outbound proxy is `target` (answer timeout 2 s, digest
+/// credentials for a target that challenges) is the tenant's transfer trunk. `tenant_extra` goes into the tenant.
 fn daemon(agent_port: u16, target: SocketAddr, tenant_extra: &str, record: bool) -> Daemon {
     let pipeline =
         format!(r#"pipeline = {{ kind = "agent", url = "ws://127.0.0.1:{agent_port}/agent" }}"#);
     let tenant = format!("transfer_trunk = \"people\"\n{tenant_extra}");
     let extra = format!(
         "[[trunk]]\nname = \"people\"\nallow = [\"192.0.2.0/24\"]\ntenant = \"demo\"\n\n\
-         [trunk.outbound]\nproxy = \"{target}\"\nanswer_timeout_s = 2\n"
+         [trunk.outbound]\nproxy = \"{target}\"\nanswer_timeout_s = 2\n\
+         username = \"acme-out\"\npassword = \"env:OUT_PASSWORD\"\n"
     );
     let spec = ProfileSpec {
         tenant: &tenant,
@@ -62,8 +63,11 @@ fn daemon(agent_port: u16, target: SocketAddr, tenant_extra: &str, record: bool)
         .filter(|l| record || !l.starts_with("prompt = "))
         .collect::<Vec<_>>()
         .join("\n");
-    Daemon::spawn(&profile)
+    Daemon::spawn_with_env(&profile, &[("OUT_PASSWORD", TRUNK_PASSWORD)])
 }
+
+/// The `people` trunk's digest password (tests/sipp/outbound_uas_digest.xml checks it).
+const TRUNK_PASSWORD: &str = "hunter2";
 
 /// The agent's message, kept for the whole test (the scripted agent takes `&'static`).
 fn say(v: Value) -> &'static str {
@@ -441,10 +445,11 @@ fn target_that_never_answers_is_cancelled_and_the_agent_keeps_the_caller() {
 
 #[test]
 fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
+    // The target's side challenges (401) and checks the trunk's digest answer.
     let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
     let target = SippServer::spawn(&[
         "-sf",
-        sipp_scenario("bridge_target_uas.xml").to_str().unwrap(),
+        sipp_scenario("outbound_uas_digest.xml").to_str().unwrap(),
         "-key",
         "test_rtp_port",
         &target_media.local_addr().unwrap().port().to_string(),
@@ -508,6 +513,12 @@ fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
         .expect("the caller's CDR");
     assert_eq!(cdr["transfer"]["mode"], "bridge", "{cdr}");
     assert_eq!(cdr["transfer"]["result"], "completed", "{cdr}");
+    for line in daemon.logs() {
+        assert!(
+            !line.contains(TRUNK_PASSWORD),
+            "the trunk password logged: {line}"
+        );
+    }
 }
 
 /// The example agent (examples/transfer_agent.py, in the test venv that
