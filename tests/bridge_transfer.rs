@@ -74,6 +74,14 @@ fn say(v: Value) -> &'static str {
     Box::leak(v.to_string().into_boxed_str())
 }
 
+/// A native agent that asks for a bridge transfer to [`PERSON`] right after `start`,
+/// then only listens.
+fn bridging_agent() -> TestAgent {
+    TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
+        json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
+    ))])
+}
+
 /// The `transfer` events the agent's connections got.
 fn transfer_events(conns: &[ConnLog]) -> Vec<Value> {
     conns
@@ -86,9 +94,19 @@ fn transfer_events(conns: &[ConnLog]) -> Vec<Value> {
 
 /// The caller: SIPp with its media on `media`, hanging up `hold_ms` after the answer.
 fn caller(daemon: &Daemon, media: &UdpSocket, hold_ms: u32) -> thread::JoinHandle<SippResult> {
+    carrier(daemon, "media_on_test_socket.xml", media, hold_ms)
+}
+
+/// The caller's carrier running `scenario` (a file in tests/sipp), media on `media`.
+fn carrier(
+    daemon: &Daemon,
+    scenario: &str,
+    media: &UdpSocket,
+    hold_ms: u32,
+) -> thread::JoinHandle<SippResult> {
     let port = media.local_addr().unwrap().port().to_string();
     let target = daemon.udp_addr();
-    let scenario = sipp_scenario("media_on_test_socket.xml");
+    let scenario = sipp_scenario(scenario);
     let hold = hold_ms.to_string();
     thread::spawn(move || {
         sipp(
@@ -236,16 +254,8 @@ fn recording_of(daemon: &Daemon, call_id: &str) -> (Vec<i16>, Vec<i16>) {
 #[test]
 fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
     let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let target = SippServer::spawn(&[
-        "-sf",
-        sipp_scenario("bridge_target_uas.xml").to_str().unwrap(),
-        "-key",
-        "test_rtp_port",
-        &target_media.local_addr().unwrap().port().to_string(),
-    ]);
-    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
-        json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
-    ))]);
+    let target = SippServer::spawn_with_media("bridge_target_uas.xml", &target_media);
+    let agent = bridging_agent();
     let daemon = daemon(agent.port(), target.addr(), "", true);
     let caller_media = UdpSocket::bind("127.0.0.1:0").unwrap();
     let run = caller(&daemon, &caller_media, 14_000);
@@ -376,9 +386,7 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
 /// CDR says so.
 fn failed_transfer_keeps_the_caller(scenario: &str, reason: &str, status: u16) {
     let target = SippServer::spawn(&["-sf", sipp_scenario(scenario).to_str().unwrap()]);
-    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
-        json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
-    ))]);
+    let agent = bridging_agent();
     let daemon = daemon(agent.port(), target.addr(), "", false);
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
     let run = caller(&daemon, &media, 6000);
@@ -447,13 +455,7 @@ fn target_that_never_answers_is_cancelled_and_the_agent_keeps_the_caller() {
 fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
     // The target's side challenges (401) and checks the trunk's digest answer.
     let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let target = SippServer::spawn(&[
-        "-sf",
-        sipp_scenario("outbound_uas_digest.xml").to_str().unwrap(),
-        "-key",
-        "test_rtp_port",
-        &target_media.local_addr().unwrap().port().to_string(),
-    ]);
+    let target = SippServer::spawn_with_media("outbound_uas_digest.xml", &target_media);
     let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
         json!({"event": "transfer", "to": PERSON, "mode": "blind"}),
     ))]);
@@ -464,27 +466,9 @@ fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
         false,
     );
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = media.local_addr().unwrap().port().to_string();
-    let carrier = {
-        let scenario = sipp_scenario("transfer_carrier_refuse.xml");
-        let udp = daemon.udp_addr();
-        thread::spawn(move || {
-            sipp(
-                &scenario,
-                udp,
-                &[
-                    "-key",
-                    "test_rtp_port",
-                    &port,
-                    "-s",
-                    "+15551234567",
-                    "-d",
-                    "3000",
-                ],
-            )
-        })
-    };
-    let result = carrier.join().unwrap();
+    let result = carrier(&daemon, "transfer_carrier_refuse.xml", &media, 3000)
+        .join()
+        .unwrap();
     result.assert_success();
     // The REFER went out first, and was refused.
     assert!(
@@ -525,54 +509,13 @@ fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
 /// scripts/install-test-deps.sh makes) with `TRANSFER_MODE=bridge`.
 #[test]
 fn example_agent_bridges_the_caller_to_a_person() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let venv = std::env::var_os("SIPBRIDGE_TEST_VENV").map_or_else(
-        || std::path::PathBuf::from("/opt/sipbridge-test-venv"),
-        std::path::PathBuf::from,
-    );
-    let python = venv.join("bin/python");
-    assert!(python.exists(), "{} is missing", python.display());
     let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let target = SippServer::spawn(&[
-        "-sf",
-        sipp_scenario("bridge_target_uas.xml").to_str().unwrap(),
-        "-key",
-        "test_rtp_port",
-        &target_media.local_addr().unwrap().port().to_string(),
-    ]);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Command::new(python)
-        .arg(repo_path("examples/transfer_agent.py"))
-        .env("AGENT_PORT", "0")
-        .env("TRANSFER_TO", PERSON)
-        .env("TRANSFER_MODE", "bridge")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the example agent");
-    let stdout = child.stdout.take().unwrap();
-    let _child = Kill(child);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = rx.recv_timeout(Duration::from_secs(20)).expect("listening");
-    let port: u16 = first
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+    let target = SippServer::spawn_with_media("bridge_target_uas.xml", &target_media);
+    let agent = common::ExampleAgent::spawn(
+        "transfer_agent.py",
+        &[("TRANSFER_TO", PERSON), ("TRANSFER_MODE", "bridge")],
+    );
+    let port = agent.port();
     let daemon = daemon(port, target.addr(), "", false);
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
     caller(&daemon, &media, 3000)
@@ -580,13 +523,7 @@ fn example_agent_bridges_the_caller_to_a_person() {
         .unwrap()
         .assert_success();
     target.finish().assert_success();
-    let mut lines: Vec<Value> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && !lines.iter().any(|l| l["stopped"] == true) {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            lines.push(serde_json::from_str(&l).unwrap_or(Value::Null));
-        }
-    }
+    let lines = agent.lines_until_stopped();
     let steps: Vec<&Value> = lines.iter().filter_map(|l| l.get("transfer")).collect();
     assert_eq!(
         steps,
@@ -619,19 +556,9 @@ fn tone_share(frame: &[i16], freq: f64) -> f64 {
 #[test]
 fn the_targets_ringback_reaches_the_caller_while_the_agent_is_silent() {
     let target_media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let target = SippServer::spawn(&[
-        "-sf",
-        sipp_scenario("bridge_target_early_busy.xml")
-            .to_str()
-            .unwrap(),
-        "-key",
-        "test_rtp_port",
-        &target_media.local_addr().unwrap().port().to_string(),
-    ]);
+    let target = SippServer::spawn_with_media("bridge_target_early_busy.xml", &target_media);
     // The agent asks for the transfer and then says nothing.
-    let agent = TestAgent::spawn(vec![Behaviour::SayAfterStart(say(
-        json!({"event": "transfer", "to": PERSON, "mode": "bridge"}),
-    ))]);
+    let agent = bridging_agent();
     let daemon = daemon(agent.port(), target.addr(), "", false);
     let caller_media = UdpSocket::bind("127.0.0.1:0").unwrap();
     let run = caller(&daemon, &caller_media, 6000);

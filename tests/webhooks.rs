@@ -633,13 +633,7 @@ fn transfers_send_transfer_started_completed_and_failed() {
     // The target of the first call's bridge transfer answers; the second call's agent
     // asks for a transfer to something that is no target at all.
     let target_media = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let target = SippServer::spawn(&[
-        "-sf",
-        sipp_scenario("bridge_target_uas.xml").to_str().unwrap(),
-        "-key",
-        "test_rtp_port",
-        &target_media.local_addr().unwrap().port().to_string(),
-    ]);
+    let target = SippServer::spawn_with_media("bridge_target_uas.xml", &target_media);
     let agent = TestAgent::spawn(vec![
         Behaviour::SayAfterStart(r#"{"event":"transfer","to":"+15557654321","mode":"bridge"}"#),
         Behaviour::SayAfterStart(r#"{"event":"transfer","to":"mailto:desk@example.com"}"#),

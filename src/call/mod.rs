@@ -223,6 +223,52 @@ impl HangupCause {
     }
 }
 
+/// Settings for the call module's virtual-time tests: UDP on 127.0.0.1:5060,
+/// media on 127.0.0.1:`rtp_port` with `codecs`, 8 kHz pipeline, no prompt,
+/// no recording, no timeouts.
+#[cfg(test)]
+pub(crate) fn test_settings(
+    call_id: &str,
+    rtp_port: u16,
+    codecs: Vec<crate::sip::sdp::Codec>,
+) -> CallSettings {
+    CallSettings {
+        call_id: call_id.into(),
+        tenant: "demo".into(),
+        trunk: "local".into(),
+        timers: TimerConfig::default(),
+        local: LocalSip {
+            host: "127.0.0.1".into(),
+            port: 5060,
+        },
+        media: LocalMedia {
+            addr: "127.0.0.1".parse().expect("an address"),
+            rtp_port,
+            codecs,
+            telephone_event_pt: 101,
+            ptime_ms: 20,
+            encryption: crate::sip::sdp::Encryption::Off,
+            secure_signalling: false,
+            srtp_key: None,
+        },
+        answer_delay: Duration::ZERO,
+        session_expires: Duration::from_secs(1800),
+        min_se: Duration::from_secs(90),
+        rtp_timeout: None,
+        max_duration: None,
+        plan: MediaPlan {
+            prompt: None,
+            gate_until_prompt_done: false,
+            pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            echo_delay: None,
+            record: false,
+            rtp_source: Default::default(),
+        },
+        early_media: false,
+        store_unavailable: false,
+    }
+}
+
 /// What the call tells its owner.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallEvent {

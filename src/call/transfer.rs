@@ -543,11 +543,9 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::{CallSettings, LocalSip, MediaPlan, Peer, TransportKind};
-    use crate::media::resample::PipelineRate;
+    use crate::call::{Peer, TransportKind};
     use crate::sip::message::{Message, Response, parse_datagram};
-    use crate::sip::sdp::{Codec, Encryption, LocalMedia};
-    use crate::sip::timer::TimerConfig;
+    use crate::sip::sdp::Codec;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
     use std::time::SystemTime;
@@ -599,41 +597,8 @@ Content-Length: {}\r\n\r\n{SDP}",
         fn confirmed() -> Leg {
             let mut rng = ChaCha8Rng::seed_from_u64(7);
             let now = Instant::now();
-            let settings = CallSettings {
-                call_id: "xfer-1@127.0.0.1".into(),
-                tenant: "demo".into(),
-                trunk: "local".into(),
-                timers: TimerConfig::default(),
-                local: LocalSip {
-                    host: "127.0.0.1".into(),
-                    port: 5060,
-                },
-                media: LocalMedia {
-                    addr: "127.0.0.1".parse().unwrap(),
-                    rtp_port: 20_000,
-                    codecs: vec![Codec::Pcmu],
-                    telephone_event_pt: 101,
-                    ptime_ms: 20,
-                    encryption: Encryption::Off,
-                    secure_signalling: false,
-                    srtp_key: None,
-                },
-                answer_delay: Duration::ZERO,
-                session_expires: Duration::from_secs(1800),
-                min_se: Duration::from_secs(90),
-                rtp_timeout: None,
-                max_duration: None,
-                plan: MediaPlan {
-                    prompt: None,
-                    gate_until_prompt_done: false,
-                    pipeline_rate: PipelineRate::Hz8000,
-                    echo_delay: None,
-                    record: false,
-                    rtp_source: Default::default(),
-                },
-                early_media: false,
-                store_unavailable: false,
-            };
+            let settings =
+                crate::call::test_settings("xfer-1@127.0.0.1", 20_000, vec![Codec::Pcmu]);
             let peer = Peer {
                 transport: TransportKind::Udp,
                 addr: "127.0.0.1:5070".parse().unwrap(),

@@ -102,6 +102,24 @@ impl TargetLeg {
         .min()
     }
 
+    /// The target leg's CDR `transfer`: the outcome, and the caller's Call-ID.
+    fn leg_record(
+        &self,
+        result: &'static str,
+        reason: Option<&'static str>,
+        status: Option<u16>,
+        caller_id: &str,
+    ) -> TransferRecord {
+        TransferRecord {
+            to: self.target.to_string(),
+            mode: TransferMode::Bridge,
+            result,
+            reason,
+            status,
+            leg_call_id: Some(caller_id.to_owned()),
+        }
+    }
+
     /// Nothing of the leg needs the task any more.
     fn is_finished(&self) -> bool {
         match self.phase {
@@ -422,16 +440,15 @@ impl BridgedCall {
         t.media = None;
         if !t.released {
             t.released = true;
+            let caller_id = self.call.call_id();
             let record = t.leg.as_ref().map(|l| {
                 let mut r = l.record().clone();
-                r.transfer = Some(TransferRecord {
-                    to: t.target.to_string(),
-                    mode: TransferMode::Bridge,
-                    result: "failed",
-                    reason: Some(failure_of(f).as_str()),
-                    status: Some(f.status()),
-                    leg_call_id: Some(self.call.call_id().to_owned()),
-                });
+                r.transfer = Some(t.leg_record(
+                    "failed",
+                    Some(failure_of(f).as_str()),
+                    Some(f.status()),
+                    caller_id,
+                ));
                 r
             });
             if let Some(record) = record {
@@ -498,14 +515,7 @@ impl BridgedCall {
             record.rtp = Some(crate::call::RtpSummary::of(m));
             record.quality = Some(crate::call::QualitySummary::of(m));
         }
-        record.transfer = Some(TransferRecord {
-            to: t.target.to_string(),
-            mode: TransferMode::Bridge,
-            result: "completed",
-            reason: None,
-            status: t.status,
-            leg_call_id: Some(caller_id),
-        });
+        record.transfer = Some(t.leg_record("completed", None, t.status, &caller_id));
         t.phase = Phase::Over;
         if !t.released {
             t.released = true;
@@ -598,11 +608,10 @@ mod tests {
     use super::*;
     use crate::call::bridged::{AgentEvent, AgentPlan, BridgeSetup, RecordingRules};
     use crate::call::outbound::DialSettings;
-    use crate::call::{LocalSip, MediaPlan, Peer, TransportKind};
+    use crate::call::{LocalSip, Peer, TransportKind};
     use crate::config::FailurePolicy;
-    use crate::media::resample::PipelineRate;
     use crate::sip::message::{NameAddr, Request, Response, Uri, parse_datagram};
-    use crate::sip::sdp::{Codec, Encryption, LocalMedia};
+    use crate::sip::sdp::Codec;
     use crate::sip::timer::TimerConfig;
     use bytes::Bytes;
     use rand::SeedableRng;
@@ -636,41 +645,7 @@ t=0 0\r\nm=audio 42000 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n";
     }
 
     fn settings(call_id: &str, rtp_port: u16) -> CallSettings {
-        CallSettings {
-            call_id: call_id.into(),
-            tenant: "demo".into(),
-            trunk: "local".into(),
-            timers: TimerConfig::default(),
-            local: LocalSip {
-                host: "127.0.0.1".into(),
-                port: 5060,
-            },
-            media: LocalMedia {
-                addr: "127.0.0.1".parse().unwrap(),
-                rtp_port,
-                codecs: vec![Codec::Pcmu, Codec::Pcma],
-                telephone_event_pt: 101,
-                ptime_ms: 20,
-                encryption: Encryption::Off,
-                secure_signalling: false,
-                srtp_key: None,
-            },
-            answer_delay: Duration::ZERO,
-            session_expires: Duration::from_secs(1800),
-            min_se: Duration::from_secs(90),
-            rtp_timeout: None,
-            max_duration: None,
-            plan: MediaPlan {
-                prompt: None,
-                gate_until_prompt_done: false,
-                pipeline_rate: PipelineRate::Hz8000,
-                echo_delay: None,
-                record: false,
-                rtp_source: Default::default(),
-            },
-            early_media: false,
-            store_unavailable: false,
-        }
+        crate::call::test_settings(call_id, rtp_port, vec![Codec::Pcmu, Codec::Pcma])
     }
 
     /// A confirmed inbound call with a connected agent, the trunk and the
