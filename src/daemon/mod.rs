@@ -1099,6 +1099,13 @@ async fn run_call(
                 Some(CallCommand::PauseRecording(p)) => BridgeInput::PauseRecording(p),
                 Some(CallCommand::TargetLeg(leg)) => {
                     let dial::PreparedLeg { leg, settings, sockets, live, .. } = *leg;
+                    // A second transfer after a failed one: the first leg's route goes.
+                    if let Some(old) = task.target.take() {
+                        lock(&shared.calls).remove(&old.live.call_id);
+                        if let Some(settings) = old.settings {
+                            lock(&shared.switchboard).call_ended(&settings);
+                        }
+                    }
                     task.target = Some(TargetShell {
                         sockets: Some(sockets),
                         settings: Some(settings.clone()),

@@ -24,6 +24,11 @@
 //!    `bridged-leg-ended`); the caller's end while the target still rings
 //!    cancels the leg.
 //!
+//! One target leg at a time: the agent may try again once a transfer has
+//! failed, and the new leg replaces the old one (what still lingered of it,
+//! such as the ACK for a repeated 486, is dropped: the far end stops
+//! repeating after its Timer H).
+//!
 //! The target leg's own CDR ([`BridgeOutput::TargetReleased`]) is an
 //! outbound call whose `transfer` names the caller's Call-ID, and the
 //! caller's CDR names the target leg's: the two rows link.
@@ -658,6 +663,8 @@ t=0 0\r\nm=audio 42000 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n";
         tag: String,
         /// Everything the call put out, in order.
         out: Vec<BridgeOutput>,
+        /// Target legs given so far.
+        legs: u32,
     }
 
     impl Sim {
@@ -705,6 +712,7 @@ Content-Length: {}\r\n\r\n{SDP}",
                 rng,
                 tag: String::new(),
                 out: Vec::new(),
+                legs: 0,
             };
             sim.input(BridgeInput::Timeout);
             sim.tag = sim
@@ -800,8 +808,10 @@ Content-Length: 0\r\n\r\n",
         }
 
         fn give_leg(&mut self) {
+            self.legs += 1;
+            let call_id = format!("leg-{}@sipbridge", self.legs);
             let dial = DialSettings {
-                call_id: "leg-1@sipbridge".into(),
+                call_id: call_id.clone(),
                 tenant: "demo".into(),
                 trunk: "people".into(),
                 request_uri: Uri::parse(&format!("sip:+15557654321@{TRUNK}")).unwrap(),
@@ -812,7 +822,7 @@ Content-Length: 0\r\n\r\n",
                     host: "127.0.0.1".into(),
                     port: 5060,
                 },
-                media: settings("leg-1@sipbridge", 30_000).media,
+                media: settings(&call_id, 30_000).media,
                 timers: TimerConfig::default(),
                 credentials: None,
                 answer_timeout: Duration::from_secs(30),
@@ -821,7 +831,7 @@ Content-Length: 0\r\n\r\n",
             let leg = OutboundLeg::new(self.now, SystemTime::UNIX_EPOCH, dial, &mut self.rng);
             self.input(BridgeInput::TargetLeg {
                 leg: Box::new(leg),
-                settings: Box::new(settings("leg-1@sipbridge", 30_000)),
+                settings: Box::new(settings(&call_id, 30_000)),
             });
         }
 
@@ -1020,6 +1030,33 @@ Content-Length: 0\r\n\r\n",
         assert_eq!(
             (t.result, t.leg_call_id.as_deref()),
             ("completed", Some("leg-1@sipbridge"))
+        );
+    }
+
+    #[test]
+    fn after_a_busy_target_the_agent_may_transfer_again() {
+        let mut sim = Sim::new();
+        sim.transfer(true);
+        sim.target_responds("INVITE", 486, "");
+        assert_eq!(sim.transfer_results(), ["accepted", "failed"]);
+        assert_eq!(sim.released().len(), 1);
+        sim.transfer(true);
+        let dials = sim
+            .out
+            .iter()
+            .filter(|o| matches!(o, BridgeOutput::DialTarget { .. }))
+            .count();
+        assert_eq!(dials, 2);
+        let invites = sim.requests_to(TRUNK, "INVITE");
+        assert_eq!(
+            invites.last().unwrap().call_id().unwrap(),
+            "leg-2@sipbridge"
+        );
+        sim.target_responds("INVITE", 200, TARGET_SDP);
+        assert!(sim.b.is_bridged_to_target());
+        assert_eq!(
+            sim.transfer_results(),
+            ["accepted", "failed", "accepted", "completed"]
         );
     }
 }
