@@ -209,15 +209,6 @@ fn fixture(name: &str) -> Vec<i16> {
         .collect()
 }
 
-/// Fraction of the needle's voiced 250 ms pieces found (NCC ≥ 0.9) in `heard`.
-fn heard_fraction(heard: &[i16], needle: &[i16]) -> (f64, Vec<f64>) {
-    let hay: Vec<f64> = heard.iter().map(|&s| f64::from(s)).collect();
-    let needle: Vec<f64> = needle.iter().map(|&s| f64::from(s)).collect();
-    let pieces = agent_util::segment_nccs(&hay, &needle, 2000, 4000);
-    let good = pieces.iter().filter(|&&p| p >= 0.9).count();
-    (good as f64 / pieces.len().max(1) as f64, pieces)
-}
-
 /// The call's recording, decrypted: left and right channels.
 fn recording_of(daemon: &Daemon, call_id: &str) -> (Vec<i16>, Vec<i16>) {
     use sipbridge::store::db::{RecordingState, Store};
@@ -310,10 +301,10 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
         .flatten()
         .map(|&c| alaw_decode(c))
         .collect();
-    let (to_target, pieces) = heard_fraction(&at_target, &speech1);
+    let (to_target, pieces) = common::audio::pieces_found(&at_target, &speech1);
     eprintln!("caller's speech at the target: {to_target:.2} of pieces {pieces:.3?}");
     assert!(to_target >= 0.8, "the target heard {pieces:.3?}");
-    let (to_caller, pieces) = heard_fraction(&at_caller, &speech2);
+    let (to_caller, pieces) = common::audio::pieces_found(&at_caller, &speech2);
     eprintln!("target's speech at the caller: {to_caller:.2} of pieces {pieces:.3?}");
     assert!(to_caller >= 0.8, "the caller heard {pieces:.3?}");
 
@@ -355,9 +346,9 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
     // left, the target (as the caller heard it) on the right.
     assert_eq!(caller_cdr["recording"], "recorded", "{caller_cdr}");
     let (left, right) = recording_of(&daemon, caller_cdr["call_id"].as_str().unwrap());
-    let (caller_in_recording, pieces) = heard_fraction(&left, &speech1);
+    let (caller_in_recording, pieces) = common::audio::pieces_found(&left, &speech1);
     assert!(caller_in_recording >= 0.8, "left: {pieces:.3?}");
-    let (target_in_recording, pieces) = heard_fraction(&right, &speech2);
+    let (target_in_recording, pieces) = common::audio::pieces_found(&right, &speech2);
     assert!(target_in_recording >= 0.8, "right: {pieces:.3?}");
 
     let conns = agent.finish();

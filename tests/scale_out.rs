@@ -343,23 +343,6 @@ fn caller1_pcm() -> Vec<i16> {
         .collect()
 }
 
-/// The best normalised cross-correlation of `needle` within `hay` over `lags`.
-fn best_ncc(hay: &[i16], needle: &[i16], lags: std::ops::Range<usize>) -> f64 {
-    lags.map(|lag| {
-        let (mut dot, mut e_hay, mut e_needle) = (0.0, 0.0, 0.0);
-        for (i, &n) in needle.iter().enumerate() {
-            let h = f64::from(hay.get(lag + i).copied().unwrap_or(0));
-            let n = f64::from(n);
-            dot += h * n;
-            e_hay += h * h;
-            e_needle += n * n;
-        }
-        let d = (e_hay * e_needle).sqrt();
-        if d == 0.0 { 0.0 } else { dot / d }
-    })
-    .fold(f64::MIN, f64::max)
-}
-
 /// 16-byte windows of the caller's audio, as µ-law and as 16-bit PCM (windows with at
 /// least 8 distinct bytes: silence would match anything).
 fn caller_windows() -> HashSet<[u8; 16]> {
@@ -585,8 +568,13 @@ fn kamailio_spreads_drains_and_fails_over_between_two_daemons() {
                 .step_by(2)
                 .map(Result::unwrap)
                 .collect();
-            let score = best_ncc(&left, &caller[..8000], 0..8000);
-            assert!(score >= 0.9, "{id} from {node}: caller NCC {score:.3}");
+            // SIPp plays the pcap on a loaded host: matched in pieces (see
+            // `pieces_found`), the first 2 s.
+            let (found, pieces) = common::audio::pieces_found(&left, &caller[..16_000]);
+            assert!(
+                found >= 0.75,
+                "{id} from {node}: caller pieces {pieces:.3?}"
+            );
         }
     }
     // Erasure through the daemon that did not take the call deletes its object.

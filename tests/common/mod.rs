@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub(crate) mod audio;
 pub(crate) mod deepgram_mock;
 pub(crate) mod http;
 pub(crate) mod pg;
