@@ -34,7 +34,7 @@ use super::transfer::{
 };
 use super::{
     Call, CallEvent, CallOutput, CallRecord, HangupCause, HoldAudio, MediaOutput, MediaSession,
-    PcmFrame, Peer, QualitySummary, RecordingStatus, RtpSummary, Transmit,
+    PcmFrame, Peer, PipelineAudio, QualitySummary, RecordingStatus, RtpSummary, Transmit,
 };
 use crate::config::{AwayAudio, FailurePolicy};
 use crate::sip::message::Message;
@@ -109,8 +109,9 @@ pub enum AgentEvent {
     Failed(ConnectionFailure),
     /// The agent asked to end the call.
     HangUp,
-    /// PCM at the pipeline rate to play after what is queued.
-    Play(Vec<i16>),
+    /// Audio to play after what is queued (PCM at the pipeline rate, or
+    /// 8 kHz G.711).
+    Play(PipelineAudio),
     /// A mark after the audio queued so far.
     Mark(String),
     /// Barge-in: drop the queued audio.

@@ -25,8 +25,8 @@ pub use cdr::{
     QualitySummary, RecordingStatus, RtpSummary,
 };
 pub use media::{
-    HoldAudio, MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError,
-    PcmFrame,
+    G711Frame, HoldAudio, MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession,
+    MediaSetupError, PcmFrame, PipelineAudio, PipelineAudioRef, PipelineFormat,
 };
 pub use switchboard::{
     Admitted, Dispatch, OutboundAdmitted, OutboundRefusal, OutboundRequest, PortAllocator,
