@@ -1866,10 +1866,26 @@ mod tests {
         phase: Duration,
         talkspurts: u32,
     ) -> (Vec<SentRtp>, Vec<Instant>, MediaSession) {
+        real_time_agent_in(rate, PipelineFormat::Pcm, phase, talkspurts)
+    }
+
+    /// [`real_time_agent`] in a pipeline format: with G.711 the agent sends
+    /// its 20 ms chunks as 160 µ-law codes.
+    fn real_time_agent_in(
+        rate: PipelineRate,
+        format: PipelineFormat,
+        phase: Duration,
+        talkspurts: u32,
+    ) -> (Vec<SentRtp>, Vec<Instant>, MediaSession) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let t0 = Instant::now();
         let mut plan = bare_plan();
         plan.pipeline_rate = rate;
+        plan.pipeline_format = format;
+        let (rate, g711) = match format.g711_law() {
+            Some(law) => (PipelineRate::Hz8000, Some(law)),
+            None => (rate, None),
+        };
         let mut m = MediaSession::new(t0, &negotiated(), plan, &mut rng).unwrap();
         let mut out = Vec::new();
         let mut pushes = Vec::new();
@@ -1886,7 +1902,16 @@ mod tests {
                         (8000.0 * (2.0 * std::f64::consts::PI * 440.0 * t).sin()) as i16
                     })
                     .collect();
-                m.push_pipeline_audio(at, &chunk);
+                match g711 {
+                    Some(law) => {
+                        let mut codes = vec![0u8; chunk.len()];
+                        g711::encode(law, &chunk, &mut codes);
+                        m.push_pipeline_audio(at, &PipelineAudio::G711 { law, codes });
+                    }
+                    None => {
+                        m.push_pipeline_audio(at, &chunk);
+                    }
+                }
                 pushes.push(at);
             }
         }
@@ -1914,25 +1939,35 @@ mod tests {
         pcm.iter().any(|s| s.unsigned_abs() > 1000)
     }
 
-    /// Agent audio in → RTP out within 5 ms, at both pipeline rates and any
-    /// phase against the send clock: the first frame of a talkspurt leaves
-    /// at once (marker bit set) and the send clock keeps its phase, so each
-    /// later chunk leaves 2 ms after it came (the slack a real-time producer
-    /// needs); at 16 kHz the downsampler runs causal, so a chunk completes
-    /// its frame without waiting for the next. No filler gets between the
-    /// chunks; sequence numbers and timestamps run on by 1 and 160.
+    /// Agent audio in → RTP out within 5 ms, at both pipeline rates, as
+    /// G.711 (a Twilio-mode agent), and at any phase against the send clock:
+    /// the first frame of a talkspurt leaves at once (marker bit set) and
+    /// the send clock keeps its phase, so each later chunk leaves 2 ms after
+    /// it came (the slack a real-time producer needs); at 16 kHz the
+    /// downsampler runs causal, so a chunk completes its frame without
+    /// waiting for the next (G.711: no filter, 160 codes are a frame). No
+    /// filler gets between the chunks; sequence numbers and timestamps run on
+    /// by 1 and 160; the latency accounting times it the same way.
     #[test]
     fn agent_audio_leaves_within_5_ms_of_arriving() {
-        for rate in [PipelineRate::Hz8000, PipelineRate::Hz16000] {
+        let mu = PipelineFormat::G711 {
+            law: Law::Mu,
+            with_pcm: false,
+        };
+        for (rate, format) in [
+            (PipelineRate::Hz8000, PipelineFormat::Pcm),
+            (PipelineRate::Hz16000, PipelineFormat::Pcm),
+            (PipelineRate::Hz16000, mu),
+        ] {
             for phase_us in [300u64, 7_300, 13_000, 19_900] {
                 let phase = Duration::from_micros(phase_us);
-                let (rtp, pushes, m) = real_time_agent(rate, phase, 1);
+                let (rtp, pushes, m) = real_time_agent_in(rate, format, phase, 1);
                 let first = rtp.iter().position(|p| loud(&p.4)).expect("audio sent");
                 for (k, pushed) in pushes.iter().enumerate() {
                     let (at, marker, ..) = &rtp[first + k];
                     assert!(
                         at.saturating_duration_since(*pushed) <= Duration::from_millis(5),
-                        "{rate:?} phase {phase_us} µs chunk {k}: {:?}",
+                        "{rate:?} {format:?} phase {phase_us} µs chunk {k}: {:?}",
                         at.saturating_duration_since(*pushed)
                     );
                     assert!(*at >= *pushed);
@@ -1949,7 +1984,10 @@ mod tests {
                 // 8 kHz; at 16 kHz the filter's tail is still queued).
                 let q = m.quality();
                 assert!(q.latency_out.count() >= 1);
-                assert!(q.latency_out.max() <= OUT_SLACK, "{rate:?} {phase_us}");
+                assert!(
+                    q.latency_out.max() <= OUT_SLACK,
+                    "{rate:?} {format:?} {phase_us}"
+                );
             }
         }
     }
