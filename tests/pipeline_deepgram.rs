@@ -475,8 +475,10 @@ fn an_unavailable_deepgram_is_retried_on_the_backoff_schedule_then_given_up() {
         .windows(2)
         .map(|w| (w[1].opened - w[0].opened).as_millis())
         .collect();
+    // Never early; late by at most half the step and 300 ms: a loaded CI host wakes
+    // timers late, and the steps (100, 400, 1000, 2000) stay told apart.
     for (gap, want) in gaps.iter().zip([100u128, 400, 1000, 2000]) {
-        assert!(*gap >= want && *gap < want + 400, "{gaps:?}");
+        assert!(*gap >= want && *gap < want + want / 2 + 300, "{gaps:?}");
     }
     assert_no_key_in_logs(&daemon, KEY);
 }

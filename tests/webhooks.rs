@@ -622,3 +622,62 @@ fn transcript_ready_follows_the_streams_last_results() {
     // Never the text.
     assert!(!String::from_utf8_lossy(&hits[3].body).contains("order status"));
 }
+
+#[test]
+fn transfers_send_transfer_started_completed_and_failed() {
+    use common::SippServer;
+    use common::test_agent::{Behaviour, TestAgent};
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path());
+    let receiver = Receiver::start(&pki, 0, 0);
+    // The target of the first call's bridge transfer answers; the second call's agent
+    // asks for a transfer to something that is no target at all.
+    let target_media = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = SippServer::spawn_with_media("bridge_target_uas.xml", &target_media);
+    let agent = TestAgent::spawn(vec![
+        Behaviour::SayAfterStart(r#"{"event":"transfer","to":"+15557654321","mode":"bridge"}"#),
+        Behaviour::SayAfterStart(r#"{"event":"transfer","to":"mailto:desk@example.com"}"#),
+    ]);
+    let pipeline = format!(
+        r#"pipeline = {{ kind = "agent", url = "ws://127.0.0.1:{}/agent" }}"#,
+        agent.port()
+    );
+    let text = format!(
+        "{}\n[[trunk]]\nname = \"people\"\nallow = [\"192.0.2.0/24\"]\ntenant = \"demo\"\n\n\
+         [trunk.outbound]\nproxy = \"{}\"\n",
+        profile(receiver.addr.port(), &pki, "transfer_trunk = \"people\"\n"),
+        target.addr()
+    )
+    .replacen(r#"pipeline = { kind = "echo" }"#, &pipeline, 1);
+    let daemon = spawn(&text, tmp.path());
+    let sc = sipp_scenario("call_with_audio.xml");
+    sipp(&sc, daemon.udp_addr(), &["-s", NUMBER]).assert_success();
+    target.finish().assert_success();
+    sipp(&sc, daemon.udp_addr(), &["-s", NUMBER]).assert_success();
+
+    let transfers = |hits: &[Hit]| -> Vec<Hit> {
+        hits.iter()
+            .filter(|h| h.kind().starts_with("transfer."))
+            .cloned()
+            .collect()
+    };
+    let hits = receiver.wait_accepted(|h| transfers(h).len() >= 3);
+    let hits = transfers(&hits);
+    assert_eq!(
+        kinds(&hits),
+        ["transfer.started", "transfer.completed", "transfer.failed"],
+        "{hits:#?}"
+    );
+    let schema = schema();
+    for h in &hits {
+        assert_signed(h);
+        assert_valid(h, &schema);
+    }
+    let (started, completed, failed) = (hits[0].json(), hits[1].json(), hits[2].json());
+    assert_eq!(started["data"]["mode"], "bridge");
+    assert_eq!(started["data"]["to"], "tel:+15557654321");
+    assert_eq!(completed["data"]["sip_status"], 200);
+    assert_eq!(completed["call_id"], started["call_id"]);
+    assert_eq!(failed["data"]["reason"], "invalid-target");
+    assert_ne!(failed["call_id"], started["call_id"]);
+}

@@ -46,6 +46,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+mod target;
+
 /// Caller frames held while the agent reconnects: one pipeline handle
 /// queue's worth (the oldest go first).
 pub const BACKLOG_FRAMES: usize = 50;
@@ -98,6 +100,16 @@ pub struct BridgeSetup {
     pub agent: Option<AgentPlan>,
     /// Recording and consent.
     pub recording: RecordingRules,
+    /// Transfers.
+    pub transfer: TransferRules,
+}
+
+/// How a tenant's transfers may go.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransferRules {
+    /// A blind transfer the caller's side refuses (REFER answered 4xx–6xx)
+    /// is tried again as a bridge transfer (`transfer_fallback = "bridge"`).
+    pub fallback_bridge: bool,
 }
 
 /// What the agent's connection (or the pipeline task) reports.
@@ -153,6 +165,27 @@ pub enum BridgeInput {
     PauseRecording(bool),
     /// The instant of [`BridgedCall::poll_timeout`] has come.
     Timeout,
+    /// The owner's answer to [`BridgeOutput::DialTarget`]: the transfer
+    /// target's leg, its INVITE queued, and the settings of its call once
+    /// answered.
+    TargetLeg {
+        /// The leg.
+        leg: Box<super::outbound::OutboundLeg>,
+        /// The answered call's settings.
+        settings: Box<super::CallSettings>,
+    },
+    /// The owner's answer to [`BridgeOutput::DialTarget`]: no leg (no
+    /// transfer trunk, a limit reached); the status says why (403, 429, 503).
+    TargetUnavailable(u16),
+    /// A datagram on the target leg's RTP port.
+    TargetRtp {
+        /// Its source.
+        from: SocketAddr,
+        /// Its bytes.
+        data: Bytes,
+    },
+    /// A datagram on the target leg's RTCP port.
+    TargetRtcp(Bytes),
 }
 
 /// What to do with the call's network pipeline.
@@ -339,6 +372,33 @@ pub enum BridgeOutput {
     Store(StoreOp),
     /// To log or count.
     Event(BridgeEvent),
+    /// A bridge transfer: dial `target` through the tenant's transfer trunk
+    /// and answer with [`BridgeInput::TargetLeg`] or
+    /// [`BridgeInput::TargetUnavailable`].
+    DialTarget {
+        /// Whom to call.
+        target: TransferTarget,
+    },
+    /// An RTP packet to send from the target leg's RTP port.
+    TargetRtp {
+        /// Destination.
+        to: SocketAddr,
+        /// The packet.
+        bytes: Bytes,
+    },
+    /// An RTCP packet to send from the target leg's RTCP port.
+    TargetRtcp {
+        /// Destination.
+        to: SocketAddr,
+        /// The packet.
+        bytes: Bytes,
+    },
+    /// The target leg is over for the user: log and store its CDR, give
+    /// back its slot and port (its transactions may still linger here).
+    TargetReleased {
+        /// The leg's CDR.
+        record: Box<CallRecord>,
+    },
 }
 
 /// The pipeline side of a live call: the supervisor and what the
@@ -385,6 +445,14 @@ pub struct BridgedCall {
     /// session once that has started, so none of the caller's audio is lost.
     confirming_rtp: Option<(Instant, SocketAddr, Bytes)>,
     shutting_down: bool,
+    /// The tenant's transfer rules.
+    transfer_rules: TransferRules,
+    /// The bridge transfer's second leg.
+    target: Option<target::TargetLeg>,
+    /// The agent link's summary, once a bridge transfer closed it.
+    closed_link: Option<PipelineSummary>,
+    /// The agent's audio last arrived then.
+    last_agent_play: Option<Instant>,
     out: VecDeque<BridgeOutput>,
     t0: Instant,
     wall0: SystemTime,
@@ -426,6 +494,10 @@ impl BridgedCall {
             awaiting_ack: None,
             confirming_rtp: None,
             shutting_down: false,
+            transfer_rules: setup.transfer,
+            target: None,
+            closed_link: None,
+            last_agent_play: None,
             out: VecDeque::new(),
             t0: now,
             wall0: wall,
@@ -474,8 +546,15 @@ impl BridgedCall {
     /// its BYE answered or timed out — lingering retransmission absorbers are
     /// not waited for then.
     pub fn is_done(&self) -> bool {
-        self.call.is_finished()
-            || (self.shutting_down && self.call.is_ended() && !self.call.bye_pending())
+        (self.call.is_finished()
+            || (self.shutting_down && self.call.is_ended() && !self.call.bye_pending()))
+            && self.target_finished()
+    }
+
+    /// The caller's call may be compacted to what answers its
+    /// retransmissions ([`Call::compact`]): nothing else needs the task.
+    pub fn can_compact(&self) -> bool {
+        self.target_finished()
     }
 
     /// The next output, if any.
@@ -490,6 +569,7 @@ impl BridgedCall {
             self.media.as_ref().map(MediaSession::poll_timeout),
             self.link.as_ref().and_then(|l| l.supervisor.poll_timeout()),
             self.link.as_ref().and_then(|l| l.next_stats),
+            self.target_poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -499,10 +579,15 @@ impl BridgedCall {
     /// Feeds one input at `now`; the outputs it causes are queued.
     pub fn handle(&mut self, now: Instant, input: BridgeInput, rng: &mut impl RngCore) {
         match input {
-            BridgeInput::Sip(msg, from) => match *msg {
-                Message::Request(req) => self.call.handle_request_from(now, req, from, rng),
-                Message::Response(resp) => self.call.handle_response(now, resp, rng),
+            BridgeInput::Sip(msg, from) => match self.target_sip(now, *msg, from, rng) {
+                Some(Message::Request(req)) => self.call.handle_request_from(now, req, from, rng),
+                Some(Message::Response(resp)) => self.call.handle_response(now, resp, rng),
+                None => {}
             },
+            input @ (BridgeInput::TargetLeg { .. }
+            | BridgeInput::TargetUnavailable(_)
+            | BridgeInput::TargetRtp { .. }
+            | BridgeInput::TargetRtcp(_)) => self.target_input(now, input, rng),
             BridgeInput::Rtp { from, data } => {
                 if self.media.is_none()
                     && self.confirming_rtp.is_none()
@@ -539,6 +624,7 @@ impl BridgedCall {
                 if let Some(l) = &mut self.link {
                     l.supervisor.handle_timeout(now, rng);
                 }
+                self.target_timeout(now, rng);
             }
         }
         self.drive(now, rng);
@@ -597,6 +683,7 @@ impl BridgedCall {
             progress |= self.media_outputs(now);
             progress |= self.supervisor_outputs(now, rng);
             progress |= self.call_outputs(now, rng);
+            progress |= self.target_outputs(now, rng);
             if !progress && self.out.len() == before {
                 break;
             }
@@ -752,7 +839,11 @@ impl BridgedCall {
             match o {
                 MediaOutput::Rtp { to, bytes } => self.emit(BridgeOutput::Rtp { to, bytes }),
                 MediaOutput::Rtcp { to, bytes } => self.emit(BridgeOutput::Rtcp { to, bytes }),
-                MediaOutput::CallerAudio(frame) => self.caller_audio(frame),
+                MediaOutput::CallerAudio(frame) => {
+                    if !self.relay_to_target(now, frame.audio()) {
+                        self.caller_audio(frame);
+                    }
+                }
                 MediaOutput::Dtmf(ev) => {
                     self.event(BridgeEvent::Dtmf {
                         digit: ev.digit,
@@ -770,6 +861,7 @@ impl BridgedCall {
                         self.emit(BridgeOutput::Store(StoreOp::OptedOut(wall)));
                         self.event(BridgeEvent::OptedOut);
                     }
+                    self.dtmf_to_target(ev.digit);
                     if self.link.as_ref().is_some_and(|l| l.connected) {
                         let digit =
                             if self.paused_since.is_some() && !self.rules.paused_dtmf_to_agent {
@@ -936,6 +1028,7 @@ impl BridgedCall {
                 self.call.hang_up(now, HangupCause::AgentHangup, rng);
             }
             AgentEvent::Play(pcm) => {
+                self.last_agent_play = Some(now);
                 let Some(m) = &mut self.media else { return };
                 l.supervisor.on_agent_output(now);
                 let accepted = m.push_pipeline_audio(now, &pcm);
@@ -999,10 +1092,19 @@ impl BridgedCall {
                 return;
             }
         };
-        let result = match mode {
-            TransferMode::Blind => self.call.refer(now, target.clone(), rng),
-            // The bridge leg needs an outbound trunk leg (issue 13 item 2).
-            TransferMode::Bridge => Err(TransferFailure::UnsupportedMode),
+        let result = if self.target_busy() || self.call.transfer_running() {
+            Err(TransferFailure::InProgress)
+        } else {
+            match mode {
+                TransferMode::Blind => self.call.refer(now, target.clone(), rng),
+                TransferMode::Bridge if !self.call.is_confirmed() || self.call.is_ended() => {
+                    Err(TransferFailure::NotConnected)
+                }
+                TransferMode::Bridge => {
+                    self.start_bridge_transfer(target.clone());
+                    Ok(())
+                }
+            }
         };
         if let Err(why) = result {
             self.transfer_update(fail(target.to_string(), mode, why));
@@ -1043,7 +1145,19 @@ impl BridgedCall {
                     }
                     self.event(BridgeEvent::MediaChanged(neg));
                 }
-                CallOutput::Event(CallEvent::Transfer(u)) => self.transfer_update(u),
+                CallOutput::Event(CallEvent::Transfer(u)) => {
+                    let fallback = self.transfer_rules.fallback_bridge
+                        && u.mode == TransferMode::Blind
+                        && u.state == TransferState::Failed(TransferFailure::Refused)
+                        && !self.call.is_ended();
+                    let to = u.to.clone();
+                    self.transfer_update(u);
+                    // The caller's side refused the REFER: the daemon calls
+                    // the target itself, as the tenant allows.
+                    if fallback && let Ok(target) = TransferTarget::parse(&to) {
+                        self.start_bridge_transfer(target);
+                    }
+                }
                 CallOutput::Event(CallEvent::Ended(mut record)) => {
                     let media = self.media.take();
                     if let Some(m) = &media {
@@ -1064,7 +1178,10 @@ impl BridgedCall {
                             dropped_frames: l.dropped,
                             ..l.supervisor.summary()
                         });
+                    } else if let Some(summary) = self.closed_link.take() {
+                        record.pipeline = Some(summary);
                     }
+                    self.target_caller_ended(now, rng);
                     self.event(BridgeEvent::Ended {
                         record,
                         media: media.map(Box::new),

@@ -213,6 +213,18 @@ pub struct PcmFrame {
     pub g711: Option<G711Frame>,
 }
 
+impl PcmFrame {
+    /// The frame as audio to play on another call's leg (a bridged
+    /// transfer): its G.711 codes when it has them (no transcoding between
+    /// the legs beyond a code-by-code law change), else its PCM.
+    pub fn audio(&self) -> PipelineAudioRef<'_> {
+        match &self.g711 {
+            Some(g) => PipelineAudioRef::G711(g.law, &g.codes),
+            None => PipelineAudioRef::Pcm(&self.samples),
+        }
+    }
+}
+
 /// 20 ms of 8 kHz G.711.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct G711Frame {
@@ -672,6 +684,11 @@ impl MediaSession {
             self.quality.out_pending = Some(now);
         }
         accepted
+    }
+
+    /// Pipeline audio queued for the caller and not yet sent, in ms.
+    pub fn playout_queued_ms(&self) -> u64 {
+        self.playout.queued_ms()
     }
 
     /// A mark, arriving at `now`, after the pipeline audio queued so far;

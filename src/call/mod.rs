@@ -195,6 +195,9 @@ pub enum HangupCause {
     /// The agent transferred the caller and the transfer completed (the
     /// REFER's final NOTIFY said 2xx): our leg ends with a BYE.
     Transferred,
+    /// A bridge transfer joined this call to another leg, and that leg
+    /// ended: this one ends with it.
+    BridgedLegEnded,
 }
 
 impl HangupCause {
@@ -215,7 +218,55 @@ impl HangupCause {
             HangupCause::MediaFailed => "media-failed",
             HangupCause::PipelineFailed => "pipeline-failed",
             HangupCause::Transferred => "transferred",
+            HangupCause::BridgedLegEnded => "bridged-leg-ended",
         }
+    }
+}
+
+/// Settings for the call module's virtual-time tests: UDP on 127.0.0.1:5060,
+/// media on 127.0.0.1:`rtp_port` with `codecs`, 8 kHz pipeline, no prompt,
+/// no recording, no timeouts.
+#[cfg(test)]
+pub(crate) fn test_settings(
+    call_id: &str,
+    rtp_port: u16,
+    codecs: Vec<crate::sip::sdp::Codec>,
+) -> CallSettings {
+    CallSettings {
+        call_id: call_id.into(),
+        tenant: "demo".into(),
+        trunk: "local".into(),
+        timers: TimerConfig::default(),
+        local: LocalSip {
+            host: "127.0.0.1".into(),
+            port: 5060,
+        },
+        media: LocalMedia {
+            addr: "127.0.0.1".parse().expect("an address"),
+            rtp_port,
+            codecs,
+            telephone_event_pt: 101,
+            ptime_ms: 20,
+            encryption: crate::sip::sdp::Encryption::Off,
+            secure_signalling: false,
+            srtp_key: None,
+        },
+        answer_delay: Duration::ZERO,
+        session_expires: Duration::from_secs(1800),
+        min_se: Duration::from_secs(90),
+        rtp_timeout: None,
+        max_duration: None,
+        plan: MediaPlan {
+            prompt: None,
+            gate_until_prompt_done: false,
+            pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            pipeline_format: Default::default(),
+            echo_delay: None,
+            record: false,
+            rtp_source: Default::default(),
+        },
+        early_media: false,
+        store_unavailable: false,
     }
 }
 

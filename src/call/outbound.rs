@@ -266,6 +266,15 @@ pub struct OutboundLeg {
     out: VecDeque<LegOutput>,
 }
 
+impl std::fmt::Debug for OutboundLeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundLeg")
+            .field("call_id", &self.settings.call_id)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
 fn random_token(rng: &mut impl RngCore) -> String {
     format!("{:016x}", rng.next_u64())
 }

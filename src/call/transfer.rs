@@ -110,9 +110,12 @@ pub enum TransferFailure {
     InvalidTarget,
     /// `mode` is neither `blind` nor `bridge`.
     InvalidMode,
-    /// `bridge`: this build cannot dial the target itself yet (the
-    /// outbound leg is issue 13 item 2); use `blind`.
-    UnsupportedMode,
+    /// `bridge`: no leg to the target could be started (no transfer trunk
+    /// for the tenant, a call limit or rate reached, the daemon draining).
+    Unavailable,
+    /// `bridge`: the target did not answer within the trunk's answer
+    /// timeout (we cancelled).
+    NoAnswer,
     /// Another transfer of this call is still running.
     InProgress,
     /// The call is not answered and confirmed yet, or already ending.
@@ -134,7 +137,8 @@ impl TransferFailure {
         match self {
             TransferFailure::InvalidTarget => "invalid-target",
             TransferFailure::InvalidMode => "invalid-mode",
-            TransferFailure::UnsupportedMode => "unsupported-mode",
+            TransferFailure::Unavailable => "unavailable",
+            TransferFailure::NoAnswer => "no-answer",
             TransferFailure::InProgress => "in-progress",
             TransferFailure::NotConnected => "not-connected",
             TransferFailure::Refused => "refused",
@@ -207,6 +211,10 @@ pub struct TransferRecord {
     /// The last SIP status seen (see [`TransferUpdate::status`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// A bridge transfer's other leg: in the caller's CDR the target leg's
+    /// Call-ID, in the target leg's CDR the caller's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leg_call_id: Option<String>,
 }
 
 impl TransferRecord {
@@ -224,6 +232,7 @@ impl TransferRecord {
                 _ => None,
             },
             status: u.status,
+            leg_call_id: None,
         }
     }
 }
@@ -273,6 +282,18 @@ impl Refer {
 }
 
 impl Call {
+    /// A blind transfer of this call is running (REFER sent, no final
+    /// outcome yet).
+    pub fn transfer_running(&self) -> bool {
+        self.refer.as_ref().is_some_and(|r| !r.done)
+    }
+
+    /// Notes a transfer's step in the CDR (a bridge transfer, which the
+    /// `BridgedCall` runs beside this call).
+    pub fn note_transfer(&mut self, record: TransferRecord) {
+        self.record.transfer = Some(record);
+    }
+
     /// The agent asks for a blind transfer to `target`: a REFER goes to the
     /// caller's side at once. Refused without touching the wire when the
     /// call is not confirmed or a transfer is already running; the outcome
@@ -522,11 +543,9 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::{CallSettings, LocalSip, MediaPlan, Peer, TransportKind};
-    use crate::media::resample::PipelineRate;
+    use crate::call::{Peer, TransportKind};
     use crate::sip::message::{Message, Response, parse_datagram};
-    use crate::sip::sdp::{Codec, Encryption, LocalMedia};
-    use crate::sip::timer::TimerConfig;
+    use crate::sip::sdp::Codec;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
     use std::time::SystemTime;
@@ -578,42 +597,8 @@ Content-Length: {}\r\n\r\n{SDP}",
         fn confirmed() -> Leg {
             let mut rng = ChaCha8Rng::seed_from_u64(7);
             let now = Instant::now();
-            let settings = CallSettings {
-                call_id: "xfer-1@127.0.0.1".into(),
-                tenant: "demo".into(),
-                trunk: "local".into(),
-                timers: TimerConfig::default(),
-                local: LocalSip {
-                    host: "127.0.0.1".into(),
-                    port: 5060,
-                },
-                media: LocalMedia {
-                    addr: "127.0.0.1".parse().unwrap(),
-                    rtp_port: 20_000,
-                    codecs: vec![Codec::Pcmu],
-                    telephone_event_pt: 101,
-                    ptime_ms: 20,
-                    encryption: Encryption::Off,
-                    secure_signalling: false,
-                    srtp_key: None,
-                },
-                answer_delay: Duration::ZERO,
-                session_expires: Duration::from_secs(1800),
-                min_se: Duration::from_secs(90),
-                rtp_timeout: None,
-                max_duration: None,
-                plan: MediaPlan {
-                    prompt: None,
-                    gate_until_prompt_done: false,
-                    pipeline_rate: PipelineRate::Hz8000,
-                    pipeline_format: Default::default(),
-                    echo_delay: None,
-                    record: false,
-                    rtp_source: Default::default(),
-                },
-                early_media: false,
-                store_unavailable: false,
-            };
+            let settings =
+                crate::call::test_settings("xfer-1@127.0.0.1", 20_000, vec![Codec::Pcmu]);
             let peer = Peer {
                 transport: TransportKind::Udp,
                 addr: "127.0.0.1:5070".parse().unwrap(),

@@ -496,6 +496,12 @@ pub struct Tenant {
     pub max_calls: Option<u32>,
     /// Outbound calls per second this tenant may start (`max_outbound_cps`, default 1).
     pub max_outbound_cps: u32,
+    /// The trunk a bridge transfer dials through (`transfer_trunk`); `None`:
+    /// the trunk the call came in on (or went out through).
+    pub transfer_trunk: Option<String>,
+    /// A blind transfer the caller's side refuses is tried again as a bridge
+    /// transfer (`transfer_fallback = "bridge"`).
+    pub transfer_fallback_bridge: bool,
     /// SHA-256 of the tenant's admin API bearer token
     /// (`admin_token_sha256`); `None`: the tenant has no API access.
     pub admin_token_sha256: Option<[u8; 32]>,

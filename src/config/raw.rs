@@ -282,6 +282,12 @@ pub(crate) struct RawTenant {
     /// Outbound calls this tenant may start per second (admin API).
     #[serde(default)]
     pub(crate) max_outbound_cps: Option<Spanned<u32>>,
+    /// The trunk a bridge transfer dials through (default: the call's own).
+    #[serde(default)]
+    pub(crate) transfer_trunk: Option<Spanned<String>>,
+    /// What follows a blind transfer the caller's side refuses: `none` or `bridge`.
+    #[serde(default)]
+    pub(crate) transfer_fallback: Option<Spanned<String>>,
     /// SHA-256 (hex) of the tenant's admin API bearer token.
     #[serde(default)]
     pub(crate) admin_token_sha256: Option<Spanned<String>>,

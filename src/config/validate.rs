@@ -374,6 +374,13 @@ fn check(cx: &mut Cx<'_>, parsed: Parsed) -> Config {
         .iter()
         .map(|i| i.value.id.get_ref().clone())
         .collect();
+    let transfer_trunks: Vec<(usize, String, Spanned<String>)> = raw_tenants
+        .iter()
+        .filter_map(|i| {
+            let t = i.value.transfer_trunk.clone()?;
+            Some((i.file, i.value.id.get_ref().clone(), t))
+        })
+        .collect();
     let tenants = check_tenants(cx, raw_tenants);
     let tenant_known =
         |id: &str| uncertain || broken_tenants.contains(id) || declared_tenants.contains(id);
@@ -390,6 +397,36 @@ fn check(cx: &mut Cx<'_>, parsed: Parsed) -> Config {
                 .sum::<u64>(),
         )
     };
+    // A bridge transfer dials through the tenant's transfer trunk: it must
+    // exist and let the tenant dial out.
+    for (file, tenant, name) in &transfer_trunks {
+        if uncertain || broken_trunks.contains(name.get_ref()) {
+            continue;
+        }
+        match trunks.iter().find(|(t, _)| &t.name == name.get_ref()) {
+            None => cx.error(
+                *file,
+                Some(name.span()),
+                format!("transfer_trunk names unknown trunk `{}`", name.get_ref()),
+            ),
+            Some((t, _))
+                if !t
+                    .outbound
+                    .as_ref()
+                    .is_some_and(|o| o.tenants.iter().any(|x| x == tenant)) =>
+            {
+                cx.error(
+                    *file,
+                    Some(name.span()),
+                    format!(
+                        "transfer_trunk `{}` has no [trunk.outbound] that tenant `{tenant}` may use",
+                        name.get_ref()
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
+    }
     let profiles = check_profiles(cx, raw_profiles, trunk_sum);
     let trunk_known = |name: &str| {
         uncertain || broken_trunks.contains(name) || trunks.iter().any(|(t, _)| t.name == name)
@@ -1594,6 +1631,21 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
         let max_calls = positive(cx, file, &t.max_calls, "max_calls");
         let max_outbound_cps = positive(cx, file, &t.max_outbound_cps, "max_outbound_cps")
             .unwrap_or(DEFAULT_MAX_OUTBOUND_CPS);
+        let transfer_fallback_bridge = match &t.transfer_fallback {
+            None => false,
+            Some(v) => match v.get_ref().as_str() {
+                "none" => false,
+                "bridge" => true,
+                other => {
+                    cx.error(
+                        file,
+                        Some(v.span()),
+                        format!("transfer_fallback `{other}` is not `none` or `bridge`"),
+                    );
+                    false
+                }
+            },
+        };
         let stats_interval = match &t.stats_interval_s {
             Some(v) if *v.get_ref() > 3600 => {
                 cx.error(
@@ -1713,6 +1765,8 @@ fn check_tenants(cx: &mut Cx<'_>, raw: Vec<Item<RawTenant>>) -> Vec<(Tenant, Loc
                     pipeline_failure,
                     max_calls,
                     max_outbound_cps,
+                    transfer_trunk: t.transfer_trunk.as_ref().map(|v| v.get_ref().clone()),
+                    transfer_fallback_bridge,
                     admin_token_sha256,
                     twilio_api,
                     stats_interval,

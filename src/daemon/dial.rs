@@ -9,7 +9,7 @@
 
 use super::{
     BridgeSetup, BridgedCall, CALL_QUEUE, CallCommand, CallEntry, PipelineLink, RecordingRules,
-    Shared, bind_pair, lock, log_cdr, run_call, store_link,
+    Shared, TransferRules, bind_pair, lock, log_cdr, run_call, store_link,
 };
 use crate::call::outbound::{LegCredentials, LegEvent, LegOutput, OutboundLeg};
 use crate::call::{Call, CallDirection, OutboundAdmitted, RecordingStatus};
@@ -28,15 +28,88 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Places the call; returns its id once the INVITE is on its way.
 pub(super) async fn dial(shared: &Arc<Shared>, request: DialRequest) -> Result<String, DialError> {
+    let (tx, rx) = mpsc::channel(CALL_QUEUE);
+    let prepared = prepare(shared, &request.call, tx).await?;
+    let PreparedLeg {
+        leg,
+        settings,
+        config,
+        sockets,
+        live,
+        rng,
+    } = prepared;
+    let call_id = settings.call_id.clone();
+    let shared2 = Arc::clone(shared);
+    let span = info_span!(
+        "call",
+        call_id = %crate::logging::wire(&call_id),
+        tenant = %settings.tenant
+    );
+    let id = call_id.clone();
+    tokio::spawn(
+        async move {
+            let task = Outbound {
+                shared: &shared2,
+                live: &live,
+                settings,
+                config,
+                custom: request.custom,
+            };
+            task.run(leg, sockets, rx, rng).await;
+            lock(&shared2.calls).remove(&id);
+        }
+        .instrument(span),
+    );
+    Ok(call_id)
+}
+
+/// A leg the switchboard admitted: its RTP port bound, its Call-ID routed
+/// to `tx` (the task that will run it), its INVITE queued.
+pub(crate) struct PreparedLeg {
+    pub(super) leg: OutboundLeg,
+    /// The call's settings once answered.
+    pub(super) settings: crate::call::CallSettings,
+    pub(super) config: Arc<crate::config::Config>,
+    pub(super) sockets: (tokio::net::UdpSocket, tokio::net::UdpSocket),
+    pub(super) live: Arc<LiveCall>,
+    pub(super) rng: StdRng,
+}
+
+impl std::fmt::Debug for PreparedLeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedLeg")
+            .field("call_id", &self.settings.call_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedLeg {
+    /// Gives back what the leg holds (its slot, port and route) when no
+    /// task will run it.
+    pub(super) fn release(self, shared: &Shared) {
+        lock(&shared.switchboard).call_ended(&self.settings);
+        lock(&shared.calls).remove(&self.settings.call_id);
+    }
+}
+
+/// Admits an outbound leg (an API call, or a bridge transfer's target):
+/// resolves the trunk's proxy, has the switchboard admit it (limits, port),
+/// binds the port, adds the trunk's credentials, routes its Call-ID to `tx`
+/// and builds the leg, its INVITE queued.
+pub(super) async fn prepare(
+    shared: &Arc<Shared>,
+    request: &crate::call::OutboundRequest,
+    tx: mpsc::Sender<CallCommand>,
+) -> Result<PreparedLeg, DialError> {
     if !shared.transports.has_udp() {
         return Err(DialError::NoListener);
     }
     let proxy = {
         let config = Arc::clone(lock(&shared.switchboard).config());
         config
-            .trunk(&request.call.trunk)
+            .trunk(&request.trunk)
             .and_then(|t| t.outbound.as_ref())
-            .filter(|o| o.tenants.contains(&request.call.tenant))
+            .filter(|o| o.tenants.contains(&request.tenant))
             .map(|o| o.proxy.clone())
             .ok_or(crate::call::OutboundRefusal::TrunkNotAllowed)?
     };
@@ -50,7 +123,7 @@ pub(super) async fn dial(shared: &Arc<Shared>, request: DialRequest) -> Result<S
     let call_id = format!("{:016x}{:016x}@sipbridge", rng.next_u64(), rng.next_u64());
     let admitted = lock(&shared.switchboard).admit_outbound(
         Instant::now(),
-        &request.call,
+        request,
         addr,
         call_id.clone(),
         &mut rng,
@@ -90,7 +163,6 @@ pub(super) async fn dial(shared: &Arc<Shared>, request: DialRequest) -> Result<S
         direction: CallDirection::Outbound,
         ringing: std::sync::atomic::AtomicBool::new(false),
     });
-    let (tx, rx) = mpsc::channel(CALL_QUEUE);
     lock(&shared.calls).insert(
         call_id.clone(),
         CallEntry {
@@ -106,28 +178,25 @@ pub(super) async fn dial(shared: &Arc<Shared>, request: DialRequest) -> Result<S
         proxy = %addr,
         "outbound call dialling"
     );
-    let shared2 = Arc::clone(shared);
-    let span = info_span!(
-        "call",
-        call_id = %crate::logging::wire(&call_id),
-        tenant = %settings.tenant
-    );
-    let id = call_id.clone();
-    tokio::spawn(
-        async move {
-            let task = Outbound {
-                shared: &shared2,
-                live: &live,
-                settings,
-                config,
-                custom: request.custom,
-            };
-            task.run(leg, sockets, rx, rng).await;
-            lock(&shared2.calls).remove(&id);
-        }
-        .instrument(span),
-    );
-    Ok(call_id)
+    Ok(PreparedLeg {
+        leg,
+        settings,
+        config,
+        sockets,
+        live,
+        rng,
+    })
+}
+
+/// The status a bridge transfer reports when no leg could be started.
+pub(super) fn unavailable_status(e: &DialError) -> u16 {
+    use crate::call::OutboundRefusal as R;
+    match e {
+        DialError::Refused(R::TrunkNotAllowed) => 403,
+        DialError::Refused(R::BadRequest(_)) => 400,
+        DialError::Refused(R::RateLimited) => 429,
+        DialError::Refused(_) | DialError::Unresolved | DialError::NoListener => 503,
+    }
 }
 
 /// One outbound call's task, before the answer.
@@ -193,6 +262,8 @@ impl Outbound<'_> {
                         }
                         Some(CallCommand::HangUp(_)) | None => leg.cancel(now, &mut rng),
                         Some(CallCommand::PauseRecording(_)) => {}
+                        Some(CallCommand::TargetLeg(leg)) => leg.release(self.shared),
+                        Some(CallCommand::TargetUnavailable(_)) => {}
                     }
                 }
                 () = sleep => leg.handle_timeout(Instant::now(), &mut rng),
@@ -249,10 +320,12 @@ impl Outbound<'_> {
             to,
             self.custom.clone(),
         );
-        let (opt_out_key, paused_dtmf_to_agent) = self
-            .config
-            .tenant(&settings.tenant)
-            .map_or((None, false), |t| (t.opt_out_key, t.paused_dtmf_to_agent));
+        let tenant = self.config.tenant(&settings.tenant);
+        let (opt_out_key, paused_dtmf_to_agent) =
+            tenant.map_or((None, false), |t| (t.opt_out_key, t.paused_dtmf_to_agent));
+        let transfer = TransferRules {
+            fallback_bridge: tenant.is_some_and(|t| t.transfer_fallback_bridge),
+        };
         let store = self
             .shared
             .records
@@ -269,6 +342,7 @@ impl Outbound<'_> {
                 opt_out_key,
                 paused_dtmf_to_agent,
             },
+            transfer,
         };
         let bridged = BridgedCall::new(call, setup, Instant::now(), SystemTime::now(), &mut rng);
         run_call(

@@ -16,10 +16,11 @@ pub(crate) mod webhooks;
 
 use crate::call::bridged::{
     AgentEvent, AgentPlan as BridgeAgentPlan, BridgeEvent, BridgeInput, BridgeOutput, BridgeSetup,
-    BridgedCall, FallbackAudio, PipelineOp, RecordingRules,
+    BridgedCall, FallbackAudio, PipelineOp, RecordingRules, TransferRules,
 };
 use crate::call::linger::{LingerReply, LingerTable};
 use crate::call::supervisor::FailureAction;
+use crate::call::transfer::TransferState;
 use crate::call::{Call, CallRecord, Dispatch, HangupCause, Switchboard};
 use crate::control::{CommandError, Control, LiveCall, ReloadError, ReloadSummary};
 use crate::pipeline::{AgentCommand, CallInfo, PipelineHandle, PipelineSpec};
@@ -45,6 +46,10 @@ pub(crate) enum CallCommand {
     HangUp(HangupCause),
     /// Pause (`true`) or resume the recording and transcript (PCI).
     PauseRecording(bool),
+    /// A bridge transfer's target leg, admitted and ready to dial.
+    TargetLeg(Box<dial::PreparedLeg>),
+    /// No target leg could be started; the status says why.
+    TargetUnavailable(u16),
 }
 
 /// Per-call mailbox depth: beyond it, datagrams for a busy call are dropped
@@ -500,9 +505,12 @@ impl Shared {
                 return;
             }
         };
-        let (opt_out_key, paused_dtmf_to_agent) = config
-            .tenant(&settings.tenant)
-            .map_or((None, false), |t| (t.opt_out_key, t.paused_dtmf_to_agent));
+        let tenant = config.tenant(&settings.tenant);
+        let (opt_out_key, paused_dtmf_to_agent) =
+            tenant.map_or((None, false), |t| (t.opt_out_key, t.paused_dtmf_to_agent));
+        let transfer = TransferRules {
+            fallback_bridge: tenant.is_some_and(|t| t.transfer_fallback_bridge),
+        };
         let store = self
             .records
             .as_ref()
@@ -515,6 +523,7 @@ impl Shared {
                 opt_out_key,
                 paused_dtmf_to_agent,
             },
+            transfer,
         };
         let bridged = BridgedCall::new(
             call,
@@ -731,6 +740,16 @@ struct CallTask<'a> {
     ended_settings: Option<crate::call::CallSettings>,
     active: Option<crate::metrics::ActiveCall>,
     rtp_meter: crate::metrics::RtpMeter,
+    /// A bridge transfer's target leg: its sockets and settings while it
+    /// holds a slot, its Call-ID until the task ends.
+    target: Option<TargetShell>,
+}
+
+/// What the task holds for a bridge transfer's target leg.
+struct TargetShell {
+    sockets: Option<(UdpSocket, UdpSocket)>,
+    settings: Option<crate::call::CallSettings>,
+    live: Arc<LiveCall>,
 }
 
 impl CallTask<'_> {
@@ -759,6 +778,84 @@ impl CallTask<'_> {
                 }
             }
             BridgeOutput::Event(ev) => self.event(ev),
+            BridgeOutput::DialTarget { target } => self.dial_target(&target),
+            BridgeOutput::TargetRtp { to, bytes } => {
+                if let Some((rtp, _)) = self.target.as_ref().and_then(|t| t.sockets.as_ref()) {
+                    let _ = rtp.send_to(&bytes, to).await;
+                }
+            }
+            BridgeOutput::TargetRtcp { to, bytes } => {
+                if let Some((_, rtcp)) = self.target.as_ref().and_then(|t| t.sockets.as_ref()) {
+                    let _ = rtcp.send_to(&bytes, to).await;
+                }
+            }
+            BridgeOutput::TargetReleased { record } => self.target_released(&record),
+        }
+    }
+
+    /// A bridge transfer: the target's leg is admitted and its port bound
+    /// off the call's path (a proxy name may take a while to resolve); the
+    /// result comes back through the call's own mailbox.
+    fn dial_target(&mut self, target: &crate::call::transfer::TransferTarget) {
+        let config = Arc::clone(lock(&self.shared.switchboard).config());
+        let trunk = config
+            .tenant(&self.live.tenant)
+            .and_then(|t| t.transfer_trunk.clone())
+            .unwrap_or_else(|| self.live.trunk.clone());
+        // The caller's number shows at the target when it is one; else ours.
+        let is_number = |s: &str| {
+            let d = s.strip_prefix('+').unwrap_or(s);
+            !d.is_empty() && d.len() <= 32 && d.chars().all(|c| c.is_ascii_digit())
+        };
+        let from = [&self.live.from, &self.live.to]
+            .into_iter()
+            .find(|n| is_number(n))
+            .cloned()
+            .unwrap_or_default();
+        let request = crate::call::OutboundRequest {
+            tenant: self.live.tenant.clone(),
+            trunk,
+            to: target.to_string(),
+            from,
+            answer_timeout: None,
+        };
+        let tx = lock(&self.shared.calls)
+            .get(&self.live.call_id)
+            .map(|e| e.tx.clone());
+        let Some(tx) = tx else { return };
+        let shared = Arc::clone(self.shared);
+        tokio::spawn(
+            async move {
+                let cmd = match dial::prepare(&shared, &request, tx.clone()).await {
+                    Ok(leg) => CallCommand::TargetLeg(Box::new(leg)),
+                    Err(e) => {
+                        info!(error = %e, "transfer target could not be dialled");
+                        CallCommand::TargetUnavailable(dial::unavailable_status(&e))
+                    }
+                };
+                if let Err(mpsc::error::SendError(CallCommand::TargetLeg(leg))) = tx.send(cmd).await
+                {
+                    leg.release(&shared);
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// The target leg is over: its CDR, its slot and port back.
+    fn target_released(&mut self, record: &CallRecord) {
+        let Some(t) = &mut self.target else { return };
+        t.live
+            .ended
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        t.sockets = None;
+        log_cdr(self.shared, record);
+        if let Some(r) = &self.shared.records {
+            r.rejected(record);
+            r.mark_outbound(&t.live.tenant, &t.live.call_id);
+        }
+        if let Some(settings) = t.settings.take() {
+            lock(&self.shared.switchboard).call_ended(&settings);
         }
     }
 
@@ -841,6 +938,22 @@ impl CallTask<'_> {
                         reason,
                     );
                 }
+                let hook = webhooks::Transfer {
+                    to: u.to.clone(),
+                    mode: u.mode.as_str(),
+                };
+                let (events, tenant, id) =
+                    (&self.shared.events, &self.live.tenant, &self.live.call_id);
+                match u.state {
+                    TransferState::Accepted => events.transfer_started(tenant, id, &hook),
+                    TransferState::Completed => {
+                        events.transfer_completed(tenant, id, &hook, u.status);
+                    }
+                    TransferState::Failed(_) => {
+                        events.transfer_failed(tenant, id, &hook, reason, u.status);
+                    }
+                    TransferState::Progress => {}
+                }
             }
             BridgeEvent::Ended { mut record, media } => {
                 self.live
@@ -909,9 +1022,12 @@ async fn run_call(
         active: Some(crate::metrics::ActiveCall::start(&settings.tenant)),
         ended_settings: Some(settings),
         rtp_meter: crate::metrics::RtpMeter::new(),
+        target: None,
     };
     let mut rtp_buf = vec![0u8; 2048];
     let mut rtcp_buf = vec![0u8; 2048];
+    let mut target_rtp_buf = vec![0u8; 2048];
+    let mut target_rtcp_buf = vec![0u8; 2048];
     info!(
         port = bridged.call().settings().media.rtp_port,
         "call started"
@@ -925,7 +1041,9 @@ async fn run_call(
         }
         // Ended, with nothing left but answering retransmissions: keep only
         // that (a few hundred bytes) and let the call go.
-        if let Some(residue) = bridged.call().compact() {
+        if bridged.can_compact()
+            && let Some(residue) = bridged.call().compact()
+        {
             // Under the calls lock, so that no message for this Call-ID is
             // routed to this task's mailbox after it stops reading it.
             let mut calls = lock(&shared.calls);
@@ -944,6 +1062,9 @@ async fn run_call(
         };
         let recv_rtp = recv_on(task.sockets.as_ref().map(|s| &s.0), &mut rtp_buf);
         let recv_rtcp = recv_on(task.sockets.as_ref().map(|s| &s.1), &mut rtcp_buf);
+        let target_sockets = task.target.as_ref().and_then(|t| t.sockets.as_ref());
+        let recv_target_rtp = recv_on(target_sockets.map(|s| &s.0), &mut target_rtp_buf);
+        let recv_target_rtcp = recv_on(target_sockets.map(|s| &s.1), &mut target_rtcp_buf);
         let from_agent = async {
             match &mut task.link {
                 Some(l) => l.recv().await,
@@ -976,7 +1097,35 @@ async fn run_call(
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),
                 Some(CallCommand::HangUp(cause)) => BridgeInput::HangUp(cause),
                 Some(CallCommand::PauseRecording(p)) => BridgeInput::PauseRecording(p),
+                Some(CallCommand::TargetLeg(leg)) => {
+                    let dial::PreparedLeg { leg, settings, sockets, live, .. } = *leg;
+                    // A second transfer after a failed one: the first leg's route goes.
+                    if let Some(old) = task.target.take() {
+                        lock(&shared.calls).remove(&old.live.call_id);
+                        if let Some(settings) = old.settings {
+                            lock(&shared.switchboard).call_ended(&settings);
+                        }
+                    }
+                    task.target = Some(TargetShell {
+                        sockets: Some(sockets),
+                        settings: Some(settings.clone()),
+                        live,
+                    });
+                    BridgeInput::TargetLeg { leg: Box::new(leg), settings: Box::new(settings) }
+                }
+                Some(CallCommand::TargetUnavailable(status)) => BridgeInput::TargetUnavailable(status),
                 None => BridgeInput::HangUp(HangupCause::Shutdown),
+            },
+            r = recv_target_rtp => match r {
+                Ok((n, from)) => BridgeInput::TargetRtp {
+                    from,
+                    data: bytes::Bytes::copy_from_slice(&target_rtp_buf[..n]),
+                },
+                Err(_) => continue,
+            },
+            r = recv_target_rtcp => match r {
+                Ok((n, _)) => BridgeInput::TargetRtcp(bytes::Bytes::copy_from_slice(&target_rtcp_buf[..n])),
+                Err(_) => continue,
             },
             () = sleep => BridgeInput::Timeout,
             r = recv_rtp => match r {
@@ -996,6 +1145,13 @@ async fn run_call(
         bridged.handle(now, input, &mut rng);
         if timeout && let Some(m) = bridged.media() {
             task.rtp_meter.tick(now, m);
+        }
+    }
+    if let Some(t) = task.target.take() {
+        lock(&shared.calls).remove(&t.live.call_id);
+        // A leg still holding its slot (the task was stopped): give it back.
+        if let Some(settings) = t.settings {
+            lock(&shared.switchboard).call_ended(&settings);
         }
     }
     debug!("call task finished");

@@ -69,10 +69,6 @@ pub(crate) const SIGNATURE_HEADER: &str = "sipbridge-signature";
 /// [`crate::config::EVENT_TYPES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-#[allow(
-    dead_code,
-    reason = "transfer.* are emitted by the transfer code (issue 13 item 1); tested here"
-)]
 pub(crate) enum EventType {
     /// The INVITE was accepted (the call has a task and an RTP port).
     CallStarted,
@@ -384,20 +380,12 @@ impl Events {
     }
 
     /// `transfer.started`: the daemon began transferring the call.
-    #[allow(
-        dead_code,
-        reason = "the transfer code (issue 13 item 1) calls it; tested here"
-    )]
     pub(crate) fn transfer_started(&self, tenant: &str, call_id: &str, t: &Transfer) {
         self.emit(tenant, call_id, EventType::TransferStarted, to_value(t));
     }
 
     /// `transfer.completed`: the caller is with the target; `sip_status` is
     /// the target's (bridge) or the NOTIFY sipfrag's (blind) final status.
-    #[allow(
-        dead_code,
-        reason = "the transfer code (issue 13 item 1) calls it; tested here"
-    )]
     pub(crate) fn transfer_completed(
         &self,
         tenant: &str,
@@ -412,10 +400,6 @@ impl Events {
 
     /// `transfer.failed`: the caller stays with the agent; `reason` is one
     /// word (`busy`, `no-answer`, `rejected`, `timeout`, …).
-    #[allow(
-        dead_code,
-        reason = "the transfer code (issue 13 item 1) calls it; tested here"
-    )]
     pub(crate) fn transfer_failed(
         &self,
         tenant: &str,

@@ -112,7 +112,11 @@ pub(crate) fn best_ncc(hay: &[f64], needle: &[f64]) -> (f64, usize) {
 /// matched on its own, over lags within `slack` samples of where the whole needle
 /// fits best. Returns the best NCC of each voiced piece, in order.
 pub(crate) fn segment_nccs(hay: &[f64], needle: &[f64], window: usize, slack: usize) -> Vec<f64> {
-    let (_, lag0) = best_ncc(hay, needle);
+    // Where the whole needle fits best, found on every 4th sample (16 times less
+    // work in a debug build; each piece is then searched sample by sample).
+    let every4 = |x: &[f64]| x.iter().step_by(4).copied().collect::<Vec<f64>>();
+    let (_, lag0) = best_ncc(&every4(hay), &every4(needle));
+    let lag0 = lag0 * 4;
     let loudest = needle
         .chunks(window)
         .map(|w| w.iter().map(|s| s * s).sum::<f64>() / w.len() as f64)

@@ -629,6 +629,18 @@ impl SippServer {
         panic!("SIPp server could not bind a port in 3 attempts");
     }
 
+    /// Starts SIPp on `scenario` (a file in tests/sipp) whose SDP names `media`'s port
+    /// (`-key test_rtp_port N`): the test sends and receives that side's RTP itself.
+    pub(crate) fn spawn_with_media(scenario: &str, media: &UdpSocket) -> SippServer {
+        SippServer::spawn(&[
+            "-sf",
+            sipp_scenario(scenario).to_str().unwrap(),
+            "-key",
+            "test_rtp_port",
+            &media.local_addr().unwrap().port().to_string(),
+        ])
+    }
+
     /// Where it listens.
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
@@ -798,5 +810,81 @@ fn port_taken(port: u16, tcp: bool) -> bool {
         TcpListener::bind(("127.0.0.1", port)).is_err()
     } else {
         UdpSocket::bind(("127.0.0.1", port)).is_err()
+    }
+}
+
+/// One of the Python example agents (`examples/*.py`), run with the test venv that
+/// scripts/install-test-deps.sh makes (`$SIPBRIDGE_TEST_VENV`, default
+/// `/opt/sipbridge-test-venv`) on a free port; killed when dropped.
+pub(crate) struct ExampleAgent {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    port: u16,
+}
+
+impl ExampleAgent {
+    /// Starts `examples/{file}` with `AGENT_PORT=0` and `env`, and waits for its
+    /// `listening <port>` line.
+    pub(crate) fn spawn(file: &str, env: &[(&str, &str)]) -> ExampleAgent {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let venv = std::env::var_os("SIPBRIDGE_TEST_VENV")
+            .map_or_else(|| PathBuf::from("/opt/sipbridge-test-venv"), PathBuf::from);
+        let python = venv.join("bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run `bash scripts/install-test-deps.sh`",
+            python.display()
+        );
+        let mut child = Command::new(python)
+            .arg(repo_path(&format!("examples/{file}")))
+            .env("AGENT_PORT", "0")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the example agent");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the example agent is listening");
+        let port = first
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+        ExampleAgent { child, lines, port }
+    }
+
+    /// Its port.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JSON lines it printed until one has `"stopped": true` (or 10 s).
+    pub(crate) fn lines_until_stopped(&self) -> Vec<serde_json::Value> {
+        let mut lines: Vec<serde_json::Value> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !lines.iter().any(|l| l["stopped"] == true) {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                lines.push(serde_json::from_str(&l).unwrap_or(serde_json::Value::Null));
+            }
+        }
+        lines
+    }
+}
+
+impl Drop for ExampleAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

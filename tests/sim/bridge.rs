@@ -334,6 +334,7 @@ impl Bridge {
                                 opt_out_key: Some(OPT_OUT_KEY),
                                 paused_dtmf_to_agent: false,
                             },
+                            transfer: Default::default(),
                         };
                         let script = self.media_scripts.get(&id).copied().unwrap_or_default();
                         self.agents.insert(
@@ -524,6 +525,13 @@ impl Bridge {
                 self.see(now, id, Seen::RtpOut);
             }
             BridgeOutput::Rtcp { .. } => {}
+            // No simulated agent asks for a transfer.
+            BridgeOutput::DialTarget { .. }
+            | BridgeOutput::TargetRtp { .. }
+            | BridgeOutput::TargetRtcp { .. }
+            | BridgeOutput::TargetReleased { .. } => self.violations.push(format!(
+                "{id}: a transfer target's output without a transfer"
+            )),
             BridgeOutput::Pipeline(op) => self.pipeline(now, id, op, replies),
             BridgeOutput::Store(op) => {
                 let seen = match op {
