@@ -3,7 +3,10 @@
 //! WebSocket send, native (binary PCM) and Twilio mode (µ-law, base64, JSON),
 //! with 500 concurrent streams to a local sink WebSocket server on 127.0.0.1.
 //!
-//! - `serialise/*`: the message building alone, one 20 ms frame at 16 kHz.
+//! - `serialise/*`: the message building alone, one 20 ms caller frame as
+//!   the call hands it over: 16 kHz PCM for a native agent; for Twilio mode
+//!   the caller's 160 µ-law codes (`PipelineFormat::G711`; before issue 17,
+//!   16 kHz PCM that the dialect downsampled and re-encoded).
 //! - `streams500/*`: 500 real `PipelineHandle`s (the bridge's own connection
 //!   tasks) fed one frame each per round. The bridge side runs on this thread
 //!   (a current-thread runtime), the sink on another; the time reported is the
@@ -13,7 +16,8 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::StreamExt;
-use sipbridge::call::PcmFrame;
+use sipbridge::call::{G711Frame, PcmFrame};
+use sipbridge::media::g711::{self, Law};
 use sipbridge::media::resample::PipelineRate;
 use sipbridge::pipeline::twilio::TwilioStream;
 use sipbridge::pipeline::{AgentTarget, CallInfo, PipelineHandle, PipelineSpec, native};
@@ -39,6 +43,28 @@ fn frame() -> PcmFrame {
             .collect(),
         rate: PipelineRate::Hz16000,
         media_time: Duration::ZERO,
+        g711: None,
+    }
+}
+
+/// The same 20 ms as a Twilio-mode call hands it over: 160 µ-law codes.
+fn mu_law_frame() -> PcmFrame {
+    let pcm: Vec<i16> = (0..160)
+        .map(|n| {
+            let t = f64::from(n) / 8_000.0;
+            (6000.0 * (2.0 * std::f64::consts::PI * 440.0 * t).sin()) as i16
+        })
+        .collect();
+    let mut codes = vec![0u8; 160];
+    g711::encode(Law::Mu, &pcm, &mut codes);
+    PcmFrame {
+        samples: Vec::new(),
+        rate: PipelineRate::Hz16000,
+        media_time: Duration::ZERO,
+        g711: Some(G711Frame {
+            law: Law::Mu,
+            codes: codes.into(),
+        }),
     }
 }
 
@@ -188,6 +214,7 @@ fn run_frames(
 
 fn bench(c: &mut Criterion) {
     let f = frame();
+    let mu = mu_law_frame();
     let mut group = c.benchmark_group("serialise");
     group.bench_function("native_binary_640", |b| {
         b.iter(|| Message::binary(native::pcm_to_bytes(black_box(&f.samples))))
@@ -195,7 +222,7 @@ fn bench(c: &mut Criterion) {
     let mut stream =
         TwilioStream::new(&info(0), "MZ0123456789abcdef0123456789abcdef".into()).unwrap();
     group.bench_function("twilio_media_json", |b| {
-        b.iter(|| Message::text(stream.media_message(black_box(&f.samples))))
+        b.iter(|| Message::text(stream.media_message(black_box(&mu))))
     });
     group.finish();
 
@@ -209,13 +236,14 @@ fn bench(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(10));
     for (name, twilio) in [("native", false), ("twilio", true)] {
         let mut handles = connect_all(&rt, &sink, twilio);
+        let f = if twilio { &mu } else { &f };
         group.bench_function(format!("{name}_cpu_per_frame"), |b| {
-            b.iter_custom(|iters| run_frames(&rt, &sink, &mut handles, &f, iters))
+            b.iter_custom(|iters| run_frames(&rt, &sink, &mut handles, f, iters))
         });
         // A fixed run for the note: CPU per frame and frames/s on this thread.
         let frames = 100 * STREAMS as u64;
         let wall = Instant::now();
-        let cpu = run_frames(&rt, &sink, &mut handles, &f, frames);
+        let cpu = run_frames(&rt, &sink, &mut handles, f, frames);
         let wall = wall.elapsed();
         let dropped: u64 = handles.iter().map(PipelineHandle::dropped_frames).sum();
         eprintln!(

@@ -4,9 +4,11 @@
 //! and the corpus replay test (`tests/fuzz_corpus.rs`).
 //!
 //! Properties beyond "no panic": Twilio mode ignores any message whose
-//! `streamSid` is not the stream's; decoded `media` is whole 20 ms-or-less
-//! PCM at the pipeline rate, never more samples than the payload implies.
+//! `streamSid` is not the stream's; `media` is the payload's µ-law codes as
+//! they are (no resampling), never more codes than the payload implies.
 
+use sipbridge::call::PipelineAudio;
+use sipbridge::media::g711::Law;
 use sipbridge::pipeline::{AgentCommand, CallInfo};
 use sipbridge::pipeline::{deepgram, native, twilio::TwilioStream};
 
@@ -65,10 +67,17 @@ pub(crate) fn exercise(data: &[u8]) {
                 "command from a message for another stream"
             );
         }
-        if let Some(AgentCommand::Play(pcm)) = &cmd {
-            // base64 gives at most 3 bytes per 4 characters, one µ-law
-            // sample per byte, and at most 2 output samples per 8 kHz sample.
-            assert!(pcm.len() <= text.len() * 3 / 4 * (rate as usize / 8000) + 64);
+        if let Some(AgentCommand::Play(audio)) = &cmd {
+            // base64 gives at most 3 bytes per 4 characters, one µ-law code
+            // per byte, played as it is at any pipeline rate.
+            let PipelineAudio::G711 {
+                law: Law::Mu,
+                codes,
+            } = audio
+            else {
+                panic!("Twilio media is µ-law: {audio:?}");
+            };
+            assert!(!codes.is_empty() && codes.len() <= text.len() * 3 / 4);
         }
         // The same text twice: stateful decoding never panics on a second pass.
         let _ = stream.parse_agent_text(&text);

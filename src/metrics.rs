@@ -1049,6 +1049,7 @@ mod tests {
             prompt: None,
             gate_until_prompt_done: false,
             pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            pipeline_format: Default::default(),
             echo_delay: None,
             record: false,
             rtp_source: crate::media::rtp::RtpSourcePolicy::Strict,

@@ -338,6 +338,7 @@ fn twilio_agent_gets_connected_start_caller_audio_and_stop_with_hmac() {
     assert!(media.len() >= 150, "{} media messages", media.len());
     let table = ulaw_table();
     let mut pcm = Vec::new();
+    let mut codes = Vec::new();
     for (i, m) in media.iter().enumerate() {
         let body = &m["media"];
         assert_eq!(body["track"], "inbound");
@@ -346,14 +347,25 @@ fn twilio_agent_gets_connected_start_caller_audio_and_stop_with_hmac() {
         let payload = b64_decode(body["payload"].as_str().unwrap()).unwrap();
         assert_eq!(payload.len(), 160);
         pcm.extend(payload.iter().map(|&c| f64::from(table[c as usize])));
+        codes.extend(payload);
     }
-    let needle: Vec<f64> = fixture("caller1.ulaw")
+    let caller = fixture("caller1.ulaw");
+    let needle: Vec<f64> = caller
         .iter()
         .map(|&c| f64::from(table[c as usize]))
         .collect();
     let (best, lag) = best_ncc(&pcm, &needle);
     eprintln!("caller audio at the agent: NCC {best:.4} at lag {lag}");
     assert!(best >= 0.95, "NCC {best:.4} at lag {lag}");
+    // No transcoding (issue 17): the caller's RTP payloads are the agent's
+    // `media` payloads, byte for byte, a packet per message (a packet lost or
+    // late under load is concealed instead: 95 % of them, not all).
+    assert_eq!(lag % 160, 0, "a packet per message");
+    let same = same_frames(&codes[lag..], &caller);
+    assert!(
+        same * 100 >= 95 * caller.len() / 160,
+        "{same} frames the same bytes"
+    );
 
     // stop last, with the call's identity; the bridge then closed.
     assert_eq!(
@@ -363,6 +375,14 @@ fn twilio_agent_gets_connected_start_caller_audio_and_stop_with_hmac() {
     );
     assert!(seen.closed_by_bridge);
     assert_no_secret_in_logs(&daemon);
+}
+
+/// Whole 160-sample frames of `want` that `got` holds at the same place.
+fn same_frames<T: PartialEq>(got: &[T], want: &[T]) -> usize {
+    want.chunks_exact(160)
+        .zip(got.chunks(160))
+        .filter(|(w, g)| w == g)
+        .count()
 }
 
 #[test]
@@ -385,6 +405,17 @@ fn twilio_agent_audio_reaches_the_caller_and_its_mark_follows_it() {
     let (best, lag) = best_ncc(&hay, &needle);
     eprintln!("agent audio at the caller: NCC {best:.4} at lag {lag}");
     assert!(best >= 0.95, "NCC {best:.4} at lag {lag}");
+    // No transcoding (issue 17): the agent's µ-law is the RTP payload, byte for
+    // byte (as decoded: µ-law's two zero codes decode alike), from a packet's
+    // start; 95 % of the frames, for a packet lost on the way under load.
+    assert_eq!(lag % 160, 0, "the agent's audio starts a packet");
+    let decoded: Vec<i16> = audio.iter().map(|&c| table[c as usize]).collect();
+    let got: Vec<i16> = packets.iter().flat_map(|p| p.samples.clone()).collect();
+    let same = same_frames(&got[lag..], &decoded);
+    assert!(
+        same * 100 >= 95 * audio.len() / 160,
+        "{same} frames the same"
+    );
 
     // The mark comes back once, after the last packet of the audio was sent (the
     // caller's socket and the agent share this clock), and not long after.

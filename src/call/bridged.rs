@@ -34,7 +34,7 @@ use super::transfer::{
 };
 use super::{
     Call, CallEvent, CallOutput, CallRecord, HangupCause, HoldAudio, MediaOutput, MediaSession,
-    PcmFrame, Peer, QualitySummary, RecordingStatus, RtpSummary, Transmit,
+    PcmFrame, Peer, PipelineAudio, QualitySummary, RecordingStatus, RtpSummary, Transmit,
 };
 use crate::config::{AwayAudio, FailurePolicy};
 use crate::sip::message::Message;
@@ -121,8 +121,9 @@ pub enum AgentEvent {
     Failed(ConnectionFailure),
     /// The agent asked to end the call.
     HangUp,
-    /// PCM at the pipeline rate to play after what is queued.
-    Play(Vec<i16>),
+    /// Audio to play after what is queued (PCM at the pipeline rate, or
+    /// 8 kHz G.711).
+    Play(PipelineAudio),
     /// A mark after the audio queued so far.
     Mark(String),
     /// Barge-in: drop the queued audio.
@@ -839,7 +840,7 @@ impl BridgedCall {
                 MediaOutput::Rtp { to, bytes } => self.emit(BridgeOutput::Rtp { to, bytes }),
                 MediaOutput::Rtcp { to, bytes } => self.emit(BridgeOutput::Rtcp { to, bytes }),
                 MediaOutput::CallerAudio(frame) => {
-                    if !self.relay_to_target(now, &frame.samples) {
+                    if !self.relay_to_target(now, frame.audio()) {
                         self.caller_audio(frame);
                     }
                 }

@@ -1,11 +1,29 @@
 //! The media side of one answered call, sans-IO: RTP in → source check (the
 //! SDP address, or one latch behind NAT; see `media::rtp::source`) →
-//! jitter buffer → G.711 decode (concealment on loss) → resample to the
-//! pipeline rate → 20 ms PCM frames for the pipeline; and out: the disclosure
-//! prompt first, then the pipeline's audio (the echo pipeline's for now),
-//! silence in between, paced by a 20 ms send clock that re-phases to each
-//! talkspurt; RTCP SR/RR; RFC 4733
-//! DTMF received; the call's quality figures ([`MediaQuality`]).
+//! jitter buffer (concealment on loss) → 20 ms frames for the pipeline in
+//! its format ([`PipelineFormat`]); and out: the disclosure prompt first,
+//! then the pipeline's audio, silence in between, paced by a 20 ms send
+//! clock that re-phases to each talkspurt; RTCP SR/RR; RFC 4733 DTMF
+//! received; the call's quality figures ([`MediaQuality`]).
+//!
+//! # The pipeline's format
+//! The plan says what the pipeline takes ([`MediaPlan::pipeline_format`]):
+//! - [`PipelineFormat::Pcm`] (native and Deepgram pipelines, echo): the
+//!   caller's G.711 decoded and resampled to the pipeline rate, 16-bit PCM.
+//! - [`PipelineFormat::G711`] (a Twilio-mode agent: µ-law; Telnyx PCMU/PCMA):
+//!   the caller's codes as they left the jitter buffer, the very bytes when
+//!   the laws match (a 20 ms packet's payload is not even copied), else
+//!   converted code by code at 8 kHz (A-law ↔ µ-law); concealed frames are
+//!   the concealment encoded. No decode, resample or re-encode on the way.
+//!   With `with_pcm` the frame also carries PCM at the pipeline rate (a
+//!   Deepgram stream beside the agent transcribes it).
+//!
+//! Whatever the format, the pipeline's audio comes back as
+//! [`PipelineAudio`]: PCM at the pipeline rate (resampled and encoded by the
+//! playout queue) or G.711 codes, which go into the RTP payload as they are
+//! (converted code by code if the caller's law differs): with nothing else
+//! to send (no prompt, key or hold audio), an agent's µ-law leaves in the
+//! caller's PCMU packets byte for byte. The recording decodes what was sent.
 //!
 //! # Quality accounting
 //! Time is what the owner passes in: an RTP packet's arrival is the `now`
@@ -30,7 +48,8 @@
 //!   tick by a hair and leaves a 20 ms gap). At 16 kHz the playout queue's
 //!   downsampler runs causal ([`PlayoutQueue::with_causal_filter`]): each
 //!   20 ms pushed completes a frame, 1.6 ms of filter delay instead of a
-//!   20 ms wait for the next chunk. The RTP timestamp advances 160 a packet,
+//!   20 ms wait for the next chunk; G.711 pushed has no filter: each 160
+//!   codes are a frame. The RTP timestamp advances 160 a packet,
 //!   so re-phasing (sending a frame up to 20 ms before its old slot) gains
 //!   on the sampling clock; the gain is given back on filler: while it is
 //!   10 ms or more a filler packet is held back (nothing sent, the
@@ -133,8 +152,12 @@ pub struct MediaPlan {
     pub prompt: Option<Arc<Prompt>>,
     /// Caller audio reaches the pipeline only once the prompt has finished.
     pub gate_until_prompt_done: bool,
-    /// The pipeline's sample rate.
+    /// The pipeline's sample rate (its PCM: caller audio in
+    /// [`PipelineFormat::Pcm`] or `with_pcm`, and PCM played to the caller,
+    /// e.g. the fallback prompt).
     pub pipeline_rate: PipelineRate,
+    /// What caller audio the pipeline takes.
+    pub pipeline_format: PipelineFormat,
     /// The echo pipeline: play the caller back after this delay.
     pub echo_delay: Option<Duration>,
     /// The tenant records calls: emit [`MediaOutput::Record`] every tick.
@@ -143,15 +166,138 @@ pub struct MediaPlan {
     pub rtp_source: RtpSourcePolicy,
 }
 
-/// 20 ms of the caller's audio for the pipeline.
+/// What caller audio the pipeline takes (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PipelineFormat {
+    /// 16-bit PCM at the pipeline rate.
+    #[default]
+    Pcm,
+    /// 8 kHz G.711 codes in `law`, passed through from the caller's RTP.
+    G711 {
+        /// The pipeline's law (µ-law for a Twilio-mode agent).
+        law: Law,
+        /// Also PCM at the pipeline rate (a Deepgram stream beside the agent).
+        with_pcm: bool,
+    },
+}
+
+impl PipelineFormat {
+    /// Whether caller frames carry PCM at the pipeline rate.
+    pub fn wants_pcm(self) -> bool {
+        match self {
+            PipelineFormat::Pcm => true,
+            PipelineFormat::G711 { with_pcm, .. } => with_pcm,
+        }
+    }
+
+    /// The law of the G.711 codes caller frames carry, if any.
+    pub fn g711_law(self) -> Option<Law> {
+        match self {
+            PipelineFormat::Pcm => None,
+            PipelineFormat::G711 { law, .. } => Some(law),
+        }
+    }
+}
+
+/// 20 ms of the caller's audio for the pipeline, in the plan's
+/// [`PipelineFormat`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PcmFrame {
-    /// 16-bit samples at `rate`.
+    /// 16-bit samples at `rate`; empty when the pipeline takes G.711 only.
     pub samples: Vec<i16>,
     /// Sample rate.
     pub rate: PipelineRate,
     /// Media time of the frame's start since the call was answered.
     pub media_time: Duration,
+    /// The frame as 160 G.711 codes at 8 kHz, when the pipeline takes G.711.
+    pub g711: Option<G711Frame>,
+}
+
+impl PcmFrame {
+    /// The frame as audio to play on another call's leg (a bridged
+    /// transfer): its G.711 codes when it has them (no transcoding between
+    /// the legs beyond a code-by-code law change), else its PCM.
+    pub fn audio(&self) -> PipelineAudioRef<'_> {
+        match &self.g711 {
+            Some(g) => PipelineAudioRef::G711(g.law, &g.codes),
+            None => PipelineAudioRef::Pcm(&self.samples),
+        }
+    }
+}
+
+/// 20 ms of 8 kHz G.711.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct G711Frame {
+    /// The codes' law.
+    pub law: Law,
+    /// 160 codes.
+    pub codes: Bytes,
+}
+
+/// Audio from the pipeline to play to the caller, after what is queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipelineAudio {
+    /// 16-bit PCM at the pipeline rate, any length.
+    Pcm(Vec<i16>),
+    /// 8 kHz G.711 codes, any length (a Twilio-mode agent's µ-law).
+    G711 {
+        /// The codes' law.
+        law: Law,
+        /// The codes.
+        codes: Vec<u8>,
+    },
+}
+
+impl PipelineAudio {
+    /// Samples (PCM) or codes.
+    pub fn len(&self) -> usize {
+        match self {
+            PipelineAudio::Pcm(pcm) => pcm.len(),
+            PipelineAudio::G711 { codes, .. } => codes.len(),
+        }
+    }
+
+    /// Whether there is no audio.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Pipeline audio borrowed: what [`MediaSession::push_pipeline_audio`]
+/// takes (PCM slices, or a [`PipelineAudio`]).
+#[derive(Debug, Clone, Copy)]
+pub enum PipelineAudioRef<'a> {
+    /// 16-bit PCM at the pipeline rate.
+    Pcm(&'a [i16]),
+    /// 8 kHz G.711 codes in a law.
+    G711(Law, &'a [u8]),
+}
+
+impl<'a> From<&'a [i16]> for PipelineAudioRef<'a> {
+    fn from(pcm: &'a [i16]) -> Self {
+        PipelineAudioRef::Pcm(pcm)
+    }
+}
+
+impl<'a> From<&'a Vec<i16>> for PipelineAudioRef<'a> {
+    fn from(pcm: &'a Vec<i16>) -> Self {
+        PipelineAudioRef::Pcm(pcm)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [i16; N]> for PipelineAudioRef<'a> {
+    fn from(pcm: &'a [i16; N]) -> Self {
+        PipelineAudioRef::Pcm(pcm)
+    }
+}
+
+impl<'a> From<&'a PipelineAudio> for PipelineAudioRef<'a> {
+    fn from(audio: &'a PipelineAudio) -> Self {
+        match audio {
+            PipelineAudio::Pcm(pcm) => PipelineAudioRef::Pcm(pcm),
+            PipelineAudio::G711 { law, codes } => PipelineAudioRef::G711(*law, codes),
+        }
+    }
 }
 
 /// What the media session asks its owner to do.
@@ -297,9 +443,11 @@ pub struct MediaSession {
     prompt: Option<PromptPlayer>,
     prompt_done: bool,
     upsampler: Upsampler,
-    /// The last upsampled sample, held back one sample (see `inbound_tick`).
+    /// The last upsampled sample, held back one sample (see `caller_frame`).
     up_carry: i16,
-    prev: Vec<i16>,
+    /// The last received audio (at most 20 ms of codes in the caller's law),
+    /// what concealment repeats.
+    prev: Bytes,
     /// The negotiated RFC 4733 payload type (none: keys go in-band).
     te_pt: Option<u8>,
     /// The RFC 4733 key being sent.
@@ -327,9 +475,9 @@ pub struct MediaSession {
     /// Frames concealed since the last audio frame (at most the fade
     /// length), added to the counters when audio resumes.
     conceal_run: u64,
-    /// Decoded caller audio not yet cut into 20 ms frames (packets of other
-    /// ptimes than 20 ms decode to other lengths).
-    inbound: VecDeque<i16>,
+    /// The caller's codes not yet cut into 20 ms frames (packets of other
+    /// ptimes than 20 ms, concealment).
+    inbound: VecDeque<u8>,
     /// Where we send: the SDP address until the caller's source is latched.
     remote: Option<SocketAddr>,
     /// The caller does not want our audio (we were put on hold, or inactive).
@@ -349,8 +497,8 @@ pub struct MediaSession {
     rec_left: VecDeque<Vec<i16>>,
     /// The next outbound packet starts a talkspurt (marker bit).
     talkspurt: bool,
-    /// Caller audio (at the pipeline rate) waiting to be echoed back.
-    echo: VecDeque<(Instant, Vec<i16>)>,
+    /// Caller audio (in the pipeline's format) waiting to be echoed back.
+    echo: VecDeque<(Instant, PipelineAudio)>,
     /// The pipeline's audio to the caller, paced out at 20 ms.
     playout: PlayoutQueue,
     counters: MediaCounters,
@@ -426,7 +574,7 @@ impl MediaSession {
             prompt,
             upsampler: Upsampler::new(plan.pipeline_rate),
             up_carry: 0,
-            prev: vec![0; FRAME],
+            prev: Bytes::new(),
             conceal_run: 0,
             te_pt: neg.telephone_event_pt,
             dtmf_out: DtmfSender::new(8000),
@@ -487,11 +635,16 @@ impl MediaSession {
         }
     }
 
-    /// Audio from the pipeline (PCM at the pipeline rate, any length),
-    /// arriving at `now`, to play to the caller after what is queued.
-    /// Returns the samples accepted (the queue is bounded).
-    pub fn push_pipeline_audio(&mut self, now: Instant, pcm: &[i16]) -> usize {
-        let accepted = self.push_playout(now, pcm);
+    /// Audio from the pipeline (PCM at the pipeline rate or 8 kHz G.711,
+    /// any length), arriving at `now`, to play to the caller after what is
+    /// queued. Returns the samples (or codes) accepted (the queue is
+    /// bounded).
+    pub fn push_pipeline_audio<'a>(
+        &mut self,
+        now: Instant,
+        audio: impl Into<PipelineAudioRef<'a>>,
+    ) -> usize {
+        let accepted = self.push_playout_paced(now, audio.into(), true);
         // While the disclosure plays, the agent's audio waits behind it (an
         // agent that greets at once loses nothing), but at most the prompt's
         // length plus 2 s of it: beyond that the oldest goes, counted.
@@ -509,15 +662,19 @@ impl MediaSession {
         accepted
     }
 
-    fn push_playout(&mut self, now: Instant, pcm: &[i16]) -> usize {
-        self.push_playout_paced(now, pcm, true)
-    }
-
-    /// [`MediaSession::push_playout`]; `slack`: a re-phased send clock keeps
+    /// Queues audio to play; `slack`: a re-phased send clock keeps
     /// [`OUT_SLACK`] behind the audio's phase (a producer with jitter).
-    fn push_playout_paced(&mut self, now: Instant, pcm: &[i16], slack: bool) -> usize {
+    fn push_playout_paced(
+        &mut self,
+        now: Instant,
+        audio: PipelineAudioRef<'_>,
+        slack: bool,
+    ) -> usize {
         let was_empty = self.playout.queued() == 0;
-        let accepted = self.playout.push_pcm(pcm);
+        let accepted = match audio {
+            PipelineAudioRef::Pcm(pcm) => self.playout.push_pcm(pcm),
+            PipelineAudioRef::G711(law, codes) => self.playout.push_g711(law, codes),
+        };
         if was_empty && accepted > 0 {
             self.maybe_rephase(now, slack);
         }
@@ -879,11 +1036,11 @@ impl MediaSession {
             if jb == Some(at) {
                 self.inbound_pop(at);
             } else if echo == Some(at) {
-                if let Some((_, pcm)) = self.echo.pop_front() {
+                if let Some((_, audio)) = self.echo.pop_front() {
                     // The echo pipeline's audio comes back the way an
                     // agent's does, but on the jitter buffer's clock: no
                     // slack, so one wake-up serves both directions.
-                    self.push_playout_paced(at, &pcm, false);
+                    self.push_playout_paced(at, (&audio).into(), false);
                 }
             } else {
                 self.outbound_step(at, now);
@@ -969,19 +1126,15 @@ impl MediaSession {
             q.jb_sum = q.jb_sum.saturating_add(u64::from(depth));
             q.jb_ticks += 1;
         }
-        let mut arrived = None;
         match popped {
             Some(Frame::Audio { payload, timestamp }) => {
                 let spf = u32::try_from(self.ptime.as_millis() * 8).unwrap_or(FRAME as u32);
-                arrived = self.quality.take_arrival(timestamp, spf);
+                let arrived = self.quality.take_arrival(timestamp, spf);
                 // The gap before this frame was loss or lateness: count it.
                 self.counters.concealed += std::mem::take(&mut self.conceal_run);
-                let mut pcm = vec![0i16; payload.len()];
-                g711::decode(self.law, &payload, &mut pcm);
-                let keep = pcm.len().min(FRAME);
-                self.prev.clear();
-                self.prev.extend_from_slice(&pcm[pcm.len() - keep..]);
-                self.inbound.extend(pcm);
+                let keep = payload.len().min(FRAME);
+                self.prev = payload.slice(payload.len() - keep..);
+                self.inbound_codes(at, payload, arrived);
             }
             Some(Frame::Concealed { consecutive, .. }) if self.inbound.len() < FRAME => {
                 // Counted once audio resumes, and only the frames concealment
@@ -990,10 +1143,32 @@ impl MediaSession {
                 if consecutive as usize <= CONCEAL_FADE_FRAMES {
                     self.conceal_run += 1;
                 }
-                self.inbound.extend(conceal(&self.prev, consecutive));
+                // Before any audio: 20 ms of silence.
+                let len = if self.prev.is_empty() {
+                    FRAME
+                } else {
+                    self.prev.len()
+                };
+                let mut prev = vec![0i16; len];
+                g711::decode(self.law, &self.prev, &mut prev);
+                let pcm = conceal(&prev, consecutive);
+                let mut codes = vec![0u8; pcm.len()];
+                g711::encode(self.law, &pcm, &mut codes);
+                self.inbound_codes(at, Bytes::from(codes), None);
             }
             Some(Frame::Concealed { .. }) | None => {}
         }
+    }
+
+    /// The caller's codes (or concealment) played at `at`, cut into 20 ms
+    /// frames; the packet they start arrived at `arrived`. A 20 ms packet
+    /// with nothing left over before it is the frame itself (not copied).
+    fn inbound_codes(&mut self, at: Instant, codes: Bytes, mut arrived: Option<Instant>) {
+        if self.inbound.is_empty() && codes.len() == FRAME {
+            self.caller_frame(at, codes, arrived);
+            return;
+        }
+        self.inbound.extend(codes.iter());
         // Bounded: a peer sending more audio than real time cannot grow it.
         while self.inbound.len() > 8 * FRAME {
             self.inbound.pop_front();
@@ -1001,40 +1176,72 @@ impl MediaSession {
         // Every whole 20 ms goes at once (a 30 ms ptime gives one frame, then
         // two).
         while self.inbound.len() >= FRAME {
-            let pcm: Vec<i16> = self.inbound.drain(..FRAME).collect();
-            self.caller_frame(at, pcm, arrived.take());
+            let frame: Vec<u8> = self.inbound.drain(..FRAME).collect();
+            self.caller_frame(at, Bytes::from(frame), arrived.take());
         }
     }
 
-    /// One 20 ms frame of the caller's audio (8 kHz), played at `at`; the
-    /// packet it starts arrived at `arrived`.
-    fn caller_frame(&mut self, at: Instant, pcm: Vec<i16>, arrived: Option<Instant>) {
-        if self.recording {
+    /// One 20 ms frame of the caller's audio (160 codes in the caller's
+    /// law), played at `at`; the packet it starts arrived at `arrived`.
+    /// Decoded only for what needs PCM: the recording, a PCM pipeline.
+    fn caller_frame(&mut self, at: Instant, codes: Bytes, arrived: Option<Instant>) {
+        let format = self.plan.pipeline_format;
+        let gate_open = self.gate_open();
+        let wants_pcm = gate_open && format.wants_pcm();
+        let pcm = (self.recording || wants_pcm).then(|| {
+            let mut pcm = vec![0i16; FRAME];
+            g711::decode(self.law, &codes, &mut pcm);
+            pcm
+        });
+        if self.recording
+            && let Some(pcm) = &pcm
+        {
             if self.rec_left.len() >= MAX_REC_LEFT {
                 self.rec_left.pop_front();
             }
             self.rec_left.push_back(pcm.clone());
         }
-        if !self.gate_open() {
+        if !gate_open {
             return;
         }
         let media_time = at.saturating_duration_since(self.started);
-        let mut samples = Vec::with_capacity(self.plan.pipeline_rate.samples_per_20ms());
-        self.upsampler.process(&pcm, &mut samples);
-        if self.plan.pipeline_rate == PipelineRate::Hz16000 {
-            // The half-band upsampler delays by 27 samples at 16 kHz (13.5 at
-            // 8 kHz); one more sample makes it a whole 14 samples at 8 kHz,
-            // so echoed/agent audio comes back a whole number of samples
-            // late (the playout queue's causal downsampler adds 13).
-            samples.insert(0, self.up_carry);
-            self.up_carry = samples.pop().unwrap_or(0);
+        let mut samples = Vec::new();
+        if let (true, Some(pcm)) = (wants_pcm, &pcm) {
+            samples.reserve_exact(self.plan.pipeline_rate.samples_per_20ms());
+            self.upsampler.process(pcm, &mut samples);
+            if self.plan.pipeline_rate == PipelineRate::Hz16000 {
+                // The half-band upsampler delays by 27 samples at 16 kHz
+                // (13.5 at 8 kHz); one more sample makes it a whole 14
+                // samples at 8 kHz, so echoed/agent audio comes back a whole
+                // number of samples late (the playout queue's causal
+                // downsampler adds 13).
+                samples.insert(0, self.up_carry);
+                self.up_carry = samples.pop().unwrap_or(0);
+            }
         }
+        let g711 = format.g711_law().map(|law| G711Frame {
+            law,
+            codes: if law == self.law {
+                codes
+            } else {
+                let mut out = vec![0u8; codes.len()];
+                g711::transcode(self.law, law, &codes, &mut out);
+                Bytes::from(out)
+            },
+        });
         if let Some(delay) = self.plan.echo_delay
             && self.echo.len() < MAX_ECHO_FRAMES
         {
-            // The echo pipeline: the PCM the pipeline gets comes back through
+            // The echo pipeline: what the pipeline gets comes back through
             // the same path an agent's audio takes.
-            self.echo.push_back((at + delay, samples.clone()));
+            let audio = match &g711 {
+                Some(f) => PipelineAudio::G711 {
+                    law: f.law,
+                    codes: f.codes.to_vec(),
+                },
+                None => PipelineAudio::Pcm(samples.clone()),
+            };
+            self.echo.push_back((at + delay, audio));
         }
         self.counters.frames_to_pipeline += 1;
         if let Some(arrived) = arrived {
@@ -1048,6 +1255,7 @@ impl MediaSession {
             samples,
             rate: self.plan.pipeline_rate,
             media_time,
+            g711,
         }));
     }
 
@@ -1285,6 +1493,7 @@ mod tests {
             prompt: Some(Arc::new(Prompt::from_pcm(prompt, 8000).unwrap())),
             gate_until_prompt_done: true,
             pipeline_rate: PipelineRate::Hz8000,
+            pipeline_format: Default::default(),
             echo_delay: None,
             record,
             rtp_source: RtpSourcePolicy::Strict,
@@ -1553,6 +1762,7 @@ mod tests {
             prompt: None,
             gate_until_prompt_done: false,
             pipeline_rate: PipelineRate::Hz8000,
+            pipeline_format: Default::default(),
             echo_delay: None,
             record: false,
             rtp_source: RtpSourcePolicy::Strict,
@@ -1673,10 +1883,26 @@ mod tests {
         phase: Duration,
         talkspurts: u32,
     ) -> (Vec<SentRtp>, Vec<Instant>, MediaSession) {
+        real_time_agent_in(rate, PipelineFormat::Pcm, phase, talkspurts)
+    }
+
+    /// [`real_time_agent`] in a pipeline format: with G.711 the agent sends
+    /// its 20 ms chunks as 160 µ-law codes.
+    fn real_time_agent_in(
+        rate: PipelineRate,
+        format: PipelineFormat,
+        phase: Duration,
+        talkspurts: u32,
+    ) -> (Vec<SentRtp>, Vec<Instant>, MediaSession) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let t0 = Instant::now();
         let mut plan = bare_plan();
         plan.pipeline_rate = rate;
+        plan.pipeline_format = format;
+        let (rate, g711) = match format.g711_law() {
+            Some(law) => (PipelineRate::Hz8000, Some(law)),
+            None => (rate, None),
+        };
         let mut m = MediaSession::new(t0, &negotiated(), plan, &mut rng).unwrap();
         let mut out = Vec::new();
         let mut pushes = Vec::new();
@@ -1693,7 +1919,16 @@ mod tests {
                         (8000.0 * (2.0 * std::f64::consts::PI * 440.0 * t).sin()) as i16
                     })
                     .collect();
-                m.push_pipeline_audio(at, &chunk);
+                match g711 {
+                    Some(law) => {
+                        let mut codes = vec![0u8; chunk.len()];
+                        g711::encode(law, &chunk, &mut codes);
+                        m.push_pipeline_audio(at, &PipelineAudio::G711 { law, codes });
+                    }
+                    None => {
+                        m.push_pipeline_audio(at, &chunk);
+                    }
+                }
                 pushes.push(at);
             }
         }
@@ -1721,25 +1956,35 @@ mod tests {
         pcm.iter().any(|s| s.unsigned_abs() > 1000)
     }
 
-    /// Agent audio in → RTP out within 5 ms, at both pipeline rates and any
-    /// phase against the send clock: the first frame of a talkspurt leaves
-    /// at once (marker bit set) and the send clock keeps its phase, so each
-    /// later chunk leaves 2 ms after it came (the slack a real-time producer
-    /// needs); at 16 kHz the downsampler runs causal, so a chunk completes
-    /// its frame without waiting for the next. No filler gets between the
-    /// chunks; sequence numbers and timestamps run on by 1 and 160.
+    /// Agent audio in → RTP out within 5 ms, at both pipeline rates, as
+    /// G.711 (a Twilio-mode agent), and at any phase against the send clock:
+    /// the first frame of a talkspurt leaves at once (marker bit set) and
+    /// the send clock keeps its phase, so each later chunk leaves 2 ms after
+    /// it came (the slack a real-time producer needs); at 16 kHz the
+    /// downsampler runs causal, so a chunk completes its frame without
+    /// waiting for the next (G.711: no filter, 160 codes are a frame). No
+    /// filler gets between the chunks; sequence numbers and timestamps run on
+    /// by 1 and 160; the latency accounting times it the same way.
     #[test]
     fn agent_audio_leaves_within_5_ms_of_arriving() {
-        for rate in [PipelineRate::Hz8000, PipelineRate::Hz16000] {
+        let mu = PipelineFormat::G711 {
+            law: Law::Mu,
+            with_pcm: false,
+        };
+        for (rate, format) in [
+            (PipelineRate::Hz8000, PipelineFormat::Pcm),
+            (PipelineRate::Hz16000, PipelineFormat::Pcm),
+            (PipelineRate::Hz16000, mu),
+        ] {
             for phase_us in [300u64, 7_300, 13_000, 19_900] {
                 let phase = Duration::from_micros(phase_us);
-                let (rtp, pushes, m) = real_time_agent(rate, phase, 1);
+                let (rtp, pushes, m) = real_time_agent_in(rate, format, phase, 1);
                 let first = rtp.iter().position(|p| loud(&p.4)).expect("audio sent");
                 for (k, pushed) in pushes.iter().enumerate() {
                     let (at, marker, ..) = &rtp[first + k];
                     assert!(
                         at.saturating_duration_since(*pushed) <= Duration::from_millis(5),
-                        "{rate:?} phase {phase_us} µs chunk {k}: {:?}",
+                        "{rate:?} {format:?} phase {phase_us} µs chunk {k}: {:?}",
                         at.saturating_duration_since(*pushed)
                     );
                     assert!(*at >= *pushed);
@@ -1756,7 +2001,10 @@ mod tests {
                 // 8 kHz; at 16 kHz the filter's tail is still queued).
                 let q = m.quality();
                 assert!(q.latency_out.count() >= 1);
-                assert!(q.latency_out.max() <= OUT_SLACK, "{rate:?} {phase_us}");
+                assert!(
+                    q.latency_out.max() <= OUT_SLACK,
+                    "{rate:?} {format:?} {phase_us}"
+                );
             }
         }
     }
@@ -1877,6 +2125,266 @@ mod tests {
         assert!(!m.is_recording());
         assert!(records(&mut m).is_empty());
     }
+
+    /// A Twilio-mode plan: the pipeline takes 8 kHz µ-law.
+    fn g711_plan(record: bool) -> MediaPlan {
+        MediaPlan {
+            pipeline_rate: PipelineRate::Hz16000,
+            pipeline_format: PipelineFormat::G711 {
+                law: Law::Mu,
+                with_pcm: false,
+            },
+            record,
+            ..bare_plan()
+        }
+    }
+
+    /// Distinct payloads for packet `k`: every code value occurs (0x7F, the
+    /// µ-law negative zero, included), so a decode/encode cycle would show.
+    fn codes(k: u16, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32 * 7 + u32::from(k) * 31) as u8)
+            .collect()
+    }
+
+    fn caller_frames(out: &[(Instant, MediaOutput)]) -> Vec<PcmFrame> {
+        out.iter()
+            .filter_map(|(_, o)| match o {
+                MediaOutput::CallerAudio(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn rtp_payloads(out: &[(Instant, MediaOutput)]) -> Vec<Vec<u8>> {
+        out.iter()
+            .filter_map(|(_, o)| match o {
+                MediaOutput::Rtp { bytes, .. } => Some(bytes[12..].to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Twilio mode, both ways, no transcoding: the bytes the agent gets are
+    /// the caller's RTP payloads as they left the jitter buffer (no PCM
+    /// beside them), and the agent's µ-law goes out as the RTP payloads, byte
+    /// for byte, whatever sizes it arrives in; silence fills before and
+    /// after it. The recording still hears both sides (decoded).
+    #[test]
+    fn twilio_mode_passes_mu_law_through_both_ways() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &negotiated(), g711_plan(true), &mut rng).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let mut out = Vec::new();
+        for k in 0u16..20 {
+            let at = t0 + TICK * u32::from(k);
+            out.extend(run_until(&mut m, at, &mut rng));
+            m.on_rtp(at, from, rtp(k, u32::from(k) * 160, &codes(k, FRAME)));
+        }
+        // The agent answers with 1 s of µ-law in uneven pieces.
+        let agent: Vec<u8> = codes(1000, 50 * FRAME);
+        let pushed_at = t0 + TICK * 20 + Duration::from_millis(3);
+        out.extend(run_until(&mut m, pushed_at, &mut rng));
+        for piece in agent.chunks(333) {
+            let audio = PipelineAudio::G711 {
+                law: Law::Mu,
+                codes: piece.to_vec(),
+            };
+            assert_eq!(m.push_pipeline_audio(pushed_at, &audio), piece.len());
+        }
+        out.extend(run_until(&mut m, t0 + Duration::from_secs(3), &mut rng));
+
+        // (After the last packet, concealment fades out: frames 20 on.)
+        let frames = caller_frames(&out);
+        assert!(frames.len() >= 20);
+        for (k, f) in frames[..20].iter().enumerate() {
+            let g = f.g711.as_ref().expect("µ-law for the agent");
+            assert_eq!(g.law, Law::Mu);
+            assert_eq!(g.codes[..], codes(k as u16, FRAME)[..], "frame {k}");
+            assert!(f.samples.is_empty(), "no PCM when the pipeline takes none");
+        }
+
+        let payloads = rtp_payloads(&out);
+        let first = payloads
+            .iter()
+            .position(|p| p.iter().any(|&c| c != Law::Mu.silence()))
+            .expect("agent audio sent");
+        assert!(payloads[..first].iter().all(|p| p == &[0xFF; FRAME]));
+        let sent: Vec<u8> = payloads[first..first + 50].concat();
+        assert_eq!(sent, agent, "the agent's µ-law is the RTP payload");
+        assert!(payloads[first + 50..].iter().all(|p| p == &[0xFF; FRAME]));
+
+        // The recording decodes both: the caller left, what was sent right.
+        let recs: Vec<(Vec<i16>, Vec<i16>)> = out
+            .iter()
+            .filter_map(|(_, o)| match o {
+                MediaOutput::Record { left, right } => Some((left.clone(), right.clone())),
+                _ => None,
+            })
+            .collect();
+        let decoded = |c: &[u8]| -> Vec<i16> { c.iter().map(|&c| g711::mu_to_linear(c)).collect() };
+        // In order (silence where nothing flowed: before, after, and where
+        // the send clock re-phased to the agent's talkspurt).
+        let audible = |frames: Vec<&Vec<i16>>| -> Vec<Vec<i16>> {
+            frames
+                .into_iter()
+                .filter(|f| f.iter().any(|&x| x != 0))
+                .cloned()
+                .collect()
+        };
+        let left = audible(recs.iter().map(|(l, _)| l).collect());
+        let caller: Vec<Vec<i16>> = (0..20).map(|k| decoded(&codes(k, FRAME))).collect();
+        assert_eq!(left[..20], caller[..], "the caller's frames, left");
+        let right = audible(recs.iter().map(|(_, r)| r).collect());
+        let agent: Vec<Vec<i16>> = agent.chunks(FRAME).map(decoded).collect();
+        assert_eq!(right, agent, "the agent's frames, right");
+    }
+
+    /// A PCMA caller with a µ-law pipeline: at most a code-by-code A-law ↔
+    /// µ-law conversion, both ways; with `with_pcm` the frame also carries
+    /// PCM at the pipeline rate (for a Deepgram stream beside the agent).
+    #[test]
+    fn a_law_caller_is_converted_code_by_code_and_pcm_rides_along() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        let t0 = Instant::now();
+        let neg = Negotiated {
+            codec: Codec::Pcma,
+            payload_type: 8,
+            ..negotiated()
+        };
+        let plan = MediaPlan {
+            pipeline_format: PipelineFormat::G711 {
+                law: Law::Mu,
+                with_pcm: true,
+            },
+            ..g711_plan(false)
+        };
+        let mut m = MediaSession::new(t0, &neg, plan, &mut rng).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let mut out = Vec::new();
+        for k in 0u16..5 {
+            let at = t0 + TICK * u32::from(k);
+            out.extend(run_until(&mut m, at, &mut rng));
+            let mut p = rtp(k, u32::from(k) * 160, &codes(k, FRAME)).to_vec();
+            p[1] = 8;
+            m.on_rtp(at, from, Bytes::from(p));
+        }
+        let agent = codes(77, FRAME);
+        m.push_pipeline_audio(
+            t0 + TICK * 5,
+            &PipelineAudio::G711 {
+                law: Law::Mu,
+                codes: agent.clone(),
+            },
+        );
+        out.extend(run_until(&mut m, t0 + TICK * 12, &mut rng));
+        let frames = caller_frames(&out);
+        assert!(frames.len() >= 5);
+        for (k, f) in frames[..5].iter().enumerate() {
+            let mut mu = vec![0u8; FRAME];
+            g711::transcode(Law::A, Law::Mu, &codes(k as u16, FRAME), &mut mu);
+            assert_eq!(f.g711.as_ref().unwrap().codes[..], mu[..]);
+            assert_eq!(f.samples.len(), 320, "PCM at 16 kHz beside it");
+            assert_eq!(f.rate, PipelineRate::Hz16000);
+        }
+        let mut a = vec![0u8; FRAME];
+        g711::transcode(Law::Mu, Law::A, &agent, &mut a);
+        assert!(
+            rtp_payloads(&out).contains(&a),
+            "the agent's µ-law as A-law"
+        );
+    }
+
+    /// A lost packet: the pipeline still gets a frame, the concealment
+    /// encoded (not silence, not a copy of a byte pattern); a 30 ms ptime is
+    /// cut into 20 ms frames that are the payloads' bytes in order.
+    #[test]
+    fn concealment_and_other_ptimes_in_g711_mode() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, &negotiated(), g711_plan(false), &mut rng).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        // A loud tone, so concealment is audible.
+        let tone: Vec<u8> = (0..FRAME)
+            .map(|i| g711::linear_to_mu((8000.0 * (i as f64 * 0.3).sin()) as i16))
+            .collect();
+        let mut out = Vec::new();
+        for k in 0u16..12 {
+            let at = t0 + TICK * u32::from(k);
+            out.extend(run_until(&mut m, at, &mut rng));
+            if k != 6 {
+                m.on_rtp(at, from, rtp(k, u32::from(k) * 160, &tone));
+            }
+        }
+        out.extend(run_until(&mut m, t0 + TICK * 20, &mut rng));
+        let frames = caller_frames(&out);
+        assert!(frames.len() >= 12, "one frame per slot, the lost one too");
+        let concealed: Vec<&PcmFrame> = frames[..12]
+            .iter()
+            .filter(|f| f.g711.as_ref().unwrap().codes[..] != tone[..])
+            .collect();
+        assert_eq!(concealed.len(), 1);
+        let c = &concealed[0].g711.as_ref().unwrap().codes;
+        assert_eq!(c.len(), FRAME);
+        assert!(
+            c.iter().any(|&b| b != Law::Mu.silence()),
+            "concealment, not silence"
+        );
+        assert_eq!(m.counters().concealed, 1);
+
+        // 30 ms packets.
+        let neg = Negotiated {
+            ptime_ms: 30,
+            ..negotiated()
+        };
+        let mut m = MediaSession::new(t0, &neg, g711_plan(false), &mut rng).unwrap();
+        let mut out = Vec::new();
+        let mut sent = Vec::new();
+        for k in 0u16..10 {
+            let at = t0 + Duration::from_millis(30) * u32::from(k);
+            out.extend(run_until(&mut m, at, &mut rng));
+            let p = codes(k, 240);
+            m.on_rtp(at, from, rtp(k, u32::from(k) * 240, &p));
+            sent.extend(p);
+        }
+        out.extend(run_until(&mut m, t0 + Duration::from_millis(400), &mut rng));
+        let got: Vec<u8> = caller_frames(&out)[..15]
+            .iter()
+            .flat_map(|f| f.g711.as_ref().unwrap().codes.to_vec())
+            .collect();
+        assert_eq!(got.len(), 15 * FRAME);
+        assert_eq!(got, sent);
+    }
+
+    /// The echo pipeline in G.711: what the caller sent comes back as the
+    /// same RTP payload bytes.
+    #[test]
+    fn echo_in_g711_returns_the_callers_bytes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+        let t0 = Instant::now();
+        let plan = MediaPlan {
+            echo_delay: Some(Duration::from_millis(200)),
+            ..g711_plan(false)
+        };
+        let mut m = MediaSession::new(t0, &negotiated(), plan, &mut rng).unwrap();
+        let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let mut out = Vec::new();
+        for k in 0u16..10 {
+            let at = t0 + TICK * u32::from(k);
+            out.extend(run_until(&mut m, at, &mut rng));
+            m.on_rtp(at, from, rtp(k, u32::from(k) * 160, &codes(k, FRAME)));
+        }
+        out.extend(run_until(&mut m, t0 + Duration::from_secs(1), &mut rng));
+        let payloads = rtp_payloads(&out);
+        let first = payloads
+            .iter()
+            .position(|p| *p == codes(0, FRAME))
+            .expect("echoed");
+        for k in 0..10 {
+            assert_eq!(payloads[first + k], codes(k as u16, FRAME));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1922,6 +2430,7 @@ mod srtp_tests {
             prompt: None,
             gate_until_prompt_done: false,
             pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            pipeline_format: Default::default(),
             echo_delay: None,
             record: false,
             rtp_source: RtpSourcePolicy::Strict,

@@ -25,8 +25,8 @@ pub use cdr::{
     QualitySummary, RecordingStatus, RtpSummary,
 };
 pub use media::{
-    HoldAudio, MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession, MediaSetupError,
-    PcmFrame,
+    G711Frame, HoldAudio, MediaCounters, MediaOutput, MediaPlan, MediaQuality, MediaSession,
+    MediaSetupError, PcmFrame, PipelineAudio, PipelineAudioRef, PipelineFormat,
 };
 pub use switchboard::{
     Admitted, Dispatch, OutboundAdmitted, OutboundRefusal, OutboundRequest, PortAllocator,
@@ -260,6 +260,7 @@ pub(crate) fn test_settings(
             prompt: None,
             gate_until_prompt_done: false,
             pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
+            pipeline_format: Default::default(),
             echo_delay: None,
             record: false,
             rtp_source: Default::default(),

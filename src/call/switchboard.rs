@@ -8,7 +8,6 @@
 //! §8.2.7): a bounded cache answers retransmitted INVITEs with the same bytes
 //! so that each attempt is decided — and recorded — once.
 
-use super::MediaPlan;
 use super::auth_guard::{AuthGuard, AuthLimits, AuthRefusal};
 use super::session::SessionTimer;
 use super::source_gate::{BanReason, GateDrop, GateLimits, SourceGate};
@@ -16,6 +15,7 @@ use super::{
     ALLOW, CallDirection, CallRecord, CallSettings, HangupSide, LocalSip, Peer, RecordingStatus,
     SUPPORTED, Transmit, TransportKind,
 };
+use super::{MediaPlan, PipelineFormat};
 use crate::config::{Config, OnStoreFailure};
 use crate::media::prompt::Prompt;
 use crate::media::resample::PipelineRate;
@@ -1000,6 +1000,7 @@ impl Switchboard {
             pipeline_rate: tenant
                 .and_then(|t| PipelineRate::from_hz(t.pipeline_rate))
                 .unwrap_or(PipelineRate::Hz16000),
+            pipeline_format: tenant.map_or(PipelineFormat::Pcm, |t| pipeline_format(&t.pipeline)),
             echo_delay: echo.then_some(ECHO_DELAY),
             record: tenant.is_some_and(|t| t.recording),
             rtp_source: RtpSourcePolicy::Strict,
@@ -1581,6 +1582,26 @@ impl Switchboard {
             config: Arc::clone(&self.config),
         })
     }
+}
+
+/// What caller audio a tenant's pipeline takes: 8 kHz G.711 for an agent
+/// that speaks it (Twilio mode: µ-law; Telnyx PCMU/PCMA), passed through with
+/// no resampling round trip (and PCM beside it for a Deepgram stream); PCM at
+/// the pipeline rate for everything else.
+fn pipeline_format(pipeline: &crate::config::Pipeline) -> PipelineFormat {
+    use crate::config::{AgentMode, Pipeline, TelnyxEncoding};
+    use crate::media::g711::Law;
+    let (agent, with_pcm) = match pipeline {
+        Pipeline::Agent(a) => (a, false),
+        Pipeline::DeepgramAgent(_, a) => (a, true),
+        Pipeline::Echo | Pipeline::Deepgram(_) => return PipelineFormat::Pcm,
+    };
+    let law = match agent.mode {
+        AgentMode::Twilio | AgentMode::Telnyx(TelnyxEncoding::Pcmu) => Law::Mu,
+        AgentMode::Telnyx(TelnyxEncoding::Pcma) => Law::A,
+        AgentMode::Native | AgentMode::Telnyx(TelnyxEncoding::L16) => return PipelineFormat::Pcm,
+    };
+    PipelineFormat::G711 { law, with_pcm }
 }
 
 #[cfg(test)]

@@ -216,6 +216,20 @@ pub fn encode(law: Law, samples: &[i16], out: &mut [u8]) {
     }
 }
 
+/// Converts `codes` in law `from` to law `to` at 8 kHz (no resampling):
+/// each code decoded and re-encoded, a copy when the laws are the same.
+/// Converts `min(codes.len(), out.len())` codes.
+pub fn transcode(from: Law, to: Law, codes: &[u8], out: &mut [u8]) {
+    if from == to {
+        let n = codes.len().min(out.len());
+        out[..n].copy_from_slice(&codes[..n]);
+        return;
+    }
+    for (o, &c) in out.iter_mut().zip(codes) {
+        *o = encode_sample(to, decode_sample(from, c));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +262,24 @@ mod tests {
         assert_eq!(decode_sample(Law::A, Law::A.silence()), 8);
         assert_eq!(Law::Mu.payload_type(), 0);
         assert_eq!(Law::A.payload_type(), 8);
+    }
+
+    /// A-law ↔ µ-law at 8 kHz: every code lands on the code of its
+    /// decoded value in the other law; the same law is a copy.
+    #[test]
+    fn transcode_between_laws_and_copy_within_one() {
+        let all: Vec<u8> = (0..=255).collect();
+        let mut out = vec![0u8; 256];
+        transcode(Law::A, Law::Mu, &all, &mut out);
+        for (&a, &m) in all.iter().zip(&out) {
+            assert_eq!(m, linear_to_mu(a_to_linear(a)));
+        }
+        transcode(Law::Mu, Law::A, &all, &mut out);
+        for (&u, &a) in all.iter().zip(&out) {
+            assert_eq!(a, linear_to_a(mu_to_linear(u)));
+        }
+        transcode(Law::Mu, Law::Mu, &all, &mut out);
+        assert_eq!(out, all, "the same law: the same bytes, 0x7F included");
     }
 
     #[test]

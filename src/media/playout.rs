@@ -1,7 +1,9 @@
 //! The playout queue for agent audio ([`PlayoutQueue`]): PCM from the
 //! pipeline, in any frame size, converted to 8 kHz, encoded to G.711 and
 //! handed out as 20 ms frames paced from the call's timer, with Twilio-style
-//! `mark`/`clear` bookkeeping.
+//! `mark`/`clear` bookkeeping. G.711 from the pipeline (a Twilio-mode agent's
+//! µ-law, [`PlayoutQueue::push_g711`]) is cut into frames as it is: no
+//! decoding, no filter, the same bytes out when the laws match.
 //!
 //! Owns the conversion (a [`Downsampler`] whose state carries across pushes),
 //! framing, pacing, the marker bit and timestamp advance of each frame, marks
@@ -30,6 +32,11 @@
 //!
 //! After padding, the next audio starts a fresh frame and a fresh filter: it
 //! is converted exactly as if it were the first audio pushed.
+//!
+//! G.711 codes pushed form segments of their own: a push of codes after PCM
+//! (or of PCM after codes) pads the current segment first, as
+//! [`PlayoutQueue::end_of_stream`] would. A segment of codes has no filter
+//! and no look-ahead; its partial frame is padded with the law's silence code.
 //!
 //! # Marks (Twilio Media Streams semantics)
 //! A mark sits at the stream position of the audio pushed before it; it does
@@ -188,6 +195,11 @@ pub struct PlayoutQueue {
     scratch: Vec<i16>,
     /// Converted samples not yet making a whole frame (< 160).
     partial: Vec<i16>,
+    /// G.711 codes pushed in the current segment (0: a PCM segment, or
+    /// nothing pushed since the last padding).
+    segment_codes: u64,
+    /// Codes of the current segment not yet making a whole frame (< 160).
+    partial_codes: Vec<u8>,
     frames: VecDeque<[u8; FRAME_SAMPLES]>,
     /// Stream position of the next frame to send (160 × frames dequeued).
     sent_pos: u64,
@@ -236,6 +248,8 @@ impl PlayoutQueue {
             segment_in: 0,
             scratch: Vec::new(),
             partial: Vec::with_capacity(FRAME_SAMPLES),
+            segment_codes: 0,
+            partial_codes: Vec::new(),
             frames: VecDeque::new(),
             sent_pos: 0,
             marks: VecDeque::new(),
@@ -286,6 +300,9 @@ impl PlayoutQueue {
     /// were accepted; the rest (beyond the bound on queued audio) is dropped
     /// and counted in [`PlayoutQueue::truncated_samples`].
     pub fn push_pcm(&mut self, pcm: &[i16]) -> usize {
+        if self.segment_codes > 0 {
+            self.pad_segment();
+        }
         let room = self
             .max_queued_samples
             .saturating_sub(self.queued_samples());
@@ -296,6 +313,49 @@ impl PlayoutQueue {
         self.truncated = self.truncated.saturating_add(dropped.len() as u64);
         for chunk in take.chunks(FEED_CHUNK) {
             self.feed(chunk);
+        }
+        allowed
+    }
+
+    /// Queues 8 kHz G.711 codes in `law`, any length: cut into frames as
+    /// they are (converted code by code when `law` is not the call's).
+    /// Returns how many codes were accepted; the rest (beyond the bound on
+    /// queued audio) is dropped and counted in
+    /// [`PlayoutQueue::truncated_samples`].
+    pub fn push_g711(&mut self, law: Law, codes: &[u8]) -> usize {
+        if self.segment_in > 0 {
+            self.pad_segment();
+        }
+        let room = self
+            .max_queued_samples
+            .saturating_sub(self.queued_samples());
+        let allowed = usize::try_from(room).unwrap_or(usize::MAX).min(codes.len());
+        let (mut take, dropped) = codes.split_at(allowed);
+        self.truncated = self.truncated.saturating_add(dropped.len() as u64);
+        self.segment_codes = self.segment_codes.saturating_add(allowed as u64);
+        if !self.partial_codes.is_empty() {
+            let n = (FRAME_SAMPLES - self.partial_codes.len()).min(take.len());
+            let start = self.partial_codes.len();
+            self.partial_codes.resize(start + n, 0);
+            g711::transcode(law, self.law, &take[..n], &mut self.partial_codes[start..]);
+            take = &take[n..];
+            if self.partial_codes.len() == FRAME_SAMPLES {
+                let mut frame = [0u8; FRAME_SAMPLES];
+                frame.copy_from_slice(&self.partial_codes);
+                self.frames.push_back(frame);
+                self.partial_codes.clear();
+            }
+        }
+        let whole = take.chunks_exact(FRAME_SAMPLES);
+        let rest = whole.remainder();
+        for chunk in whole {
+            let mut frame = [0u8; FRAME_SAMPLES];
+            g711::transcode(law, self.law, chunk, &mut frame);
+            self.frames.push_back(frame);
+        }
+        if !rest.is_empty() {
+            self.partial_codes.resize(rest.len(), 0);
+            g711::transcode(law, self.law, rest, &mut self.partial_codes);
         }
         allowed
     }
@@ -337,6 +397,7 @@ impl PlayoutQueue {
         let dropped = self.queued_samples();
         self.frames.clear();
         self.partial.clear();
+        self.partial_codes.clear();
         self.reset_segment(self.sent_pos);
         self.head_waited = false;
         let marks = self.marks.len();
@@ -507,6 +568,9 @@ impl PlayoutQueue {
     /// Stream position just after the audio pushed so far (with a causal
     /// filter, its delayed tail included).
     fn input_end(&self) -> u64 {
+        if self.segment_codes > 0 {
+            return self.segment_base + self.segment_codes;
+        }
         if self.segment_in == 0 {
             return self.segment_base;
         }
@@ -578,6 +642,17 @@ impl PlayoutQueue {
     /// Feeds zeros until the audio of the current segment (look-ahead
     /// included) fills whole frames, then starts a fresh segment.
     fn pad_segment(&mut self) {
+        if self.segment_codes > 0 {
+            if !self.partial_codes.is_empty() {
+                let mut frame = [self.law.silence(); FRAME_SAMPLES];
+                frame[..self.partial_codes.len()].copy_from_slice(&self.partial_codes);
+                self.frames.push_back(frame);
+                self.partial_codes.clear();
+            }
+            let target = self.input_end().div_ceil(FRAME_LEN) * FRAME_LEN;
+            self.reset_segment(target);
+            return;
+        }
         if self.segment_in == 0 {
             return;
         }
@@ -601,6 +676,7 @@ impl PlayoutQueue {
     fn reset_segment(&mut self, base: u64) {
         self.segment_base = base;
         self.segment_in = 0;
+        self.segment_codes = 0;
         self.downsampler.reset();
         self.skip = if self.causal {
             0
@@ -707,6 +783,75 @@ mod tests {
         assert_eq!(tail.payload, encode_frame(Law::Mu, &all[160..320]));
         assert_eq!(q.queued_samples(), 0);
         assert!(q.poll(start + FRAME_DURATION * 2).unwrap().is_silence);
+    }
+
+    /// G.711 pushed in any split comes out as the same bytes, frame by
+    /// frame, with no filter delay; a mark sits right after its codes; a
+    /// partial frame is padded with the law's silence code; PCM after codes
+    /// starts a fresh frame (and the other way round).
+    #[test]
+    fn g711_codes_pass_through_as_the_same_bytes() {
+        let start = Instant::now();
+        let mut q =
+            PlayoutQueue::new(Law::Mu, PipelineRate::Hz16000, start, true).with_causal_filter();
+        let codes: Vec<u8> = (0..400u32).map(|i| (i * 7 % 256) as u8).collect();
+        // 400 codes in uneven pushes: 2 whole frames and 80 codes.
+        for part in [
+            &codes[..37],
+            &codes[37..200],
+            &codes[200..320],
+            &codes[320..],
+        ] {
+            assert_eq!(q.push_g711(Law::Mu, part), part.len());
+        }
+        q.mark("after".into()).unwrap();
+        assert_eq!(q.queued_samples(), 400);
+        let f = q.poll(start).unwrap();
+        assert_eq!(&f.payload[..], &codes[..160]);
+        assert!(!f.is_silence);
+        assert_eq!(q.poll_marks(), None);
+        let f = q.poll(start + FRAME_DURATION).unwrap();
+        assert_eq!(&f.payload[..], &codes[160..320]);
+        // The mark waits behind the partial frame, which is padded and sent.
+        let f = q.poll(start + FRAME_DURATION * 2).unwrap();
+        assert_eq!(&f.payload[..80], &codes[320..]);
+        assert!(f.payload[80..].iter().all(|&c| c == Law::Mu.silence()));
+        assert_eq!(q.poll_marks().map(|m| m.name), Some("after".into()));
+        assert_eq!(q.queued_samples(), 0);
+
+        // PCM after codes pads the codes and starts on a frame boundary.
+        q.push_g711(Law::Mu, &codes[..10]);
+        q.push_pcm(&[1000; 320]);
+        assert_eq!(q.frames.len(), 2);
+        assert_eq!(&q.frames[0][..10], &codes[..10]);
+        assert_eq!(q.segment_base, 4 * FRAME_LEN);
+        // Codes after PCM pad the PCM (and its filter tail) first.
+        q.push_g711(Law::Mu, &codes[..160]);
+        assert_eq!(
+            q.frames.back().map(|f| f.to_vec()),
+            Some(codes[..160].to_vec())
+        );
+        assert_eq!(q.queued_samples(), 4 * FRAME_LEN);
+        assert_eq!(q.clear().dropped_ms, 80);
+        assert!(q.partial_codes.is_empty() && q.frames.is_empty());
+    }
+
+    /// Codes in the other law are converted code by code at 8 kHz; the
+    /// bound on queued audio counts codes as samples.
+    #[test]
+    fn g711_in_the_other_law_is_transcoded_and_bounded() {
+        let start = Instant::now();
+        let mut q = PlayoutQueue::new(Law::A, PipelineRate::Hz8000, start, true)
+            .with_max_queued(Duration::from_millis(40));
+        let mu: Vec<u8> = (0..=255).cycle().take(400).collect();
+        assert_eq!(q.push_g711(Law::Mu, &mu), 320);
+        assert_eq!(q.truncated_samples(), 80);
+        let f = q.poll(start).unwrap();
+        let expected: Vec<u8> = mu[..160]
+            .iter()
+            .map(|&c| g711::linear_to_a(g711::mu_to_linear(c)))
+            .collect();
+        assert_eq!(f.payload.to_vec(), expected);
     }
 
     #[test]

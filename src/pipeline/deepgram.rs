@@ -1039,6 +1039,7 @@ mod tests {
                 samples: vec![1; 320],
                 rate: crate::media::resample::PipelineRate::Hz16000,
                 media_time: ms(20 * i as u64),
+                g711: None,
             });
         }
         assert_eq!(b.frames.len(), RECONNECT_BUFFER_FRAMES);

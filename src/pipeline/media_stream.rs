@@ -12,6 +12,7 @@
 use super::connect::{AgentError, AgentSocket, close, open, report_end};
 use super::native::{CLOSE_TIMEOUT, Channels};
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
+use crate::call::PcmFrame;
 use crate::call::supervisor::ConnectionFailure;
 use futures_util::{SinkExt, StreamExt};
 use std::time::SystemTime;
@@ -40,8 +41,8 @@ pub(crate) trait StreamDialect: Send {
     fn set_reconnect(&mut self, n: u32);
     /// The messages that open the stream (`connected`, `start`).
     fn opening(&mut self, info: &CallInfo) -> Vec<String>;
-    /// `media` for one caller frame at the pipeline rate.
-    fn media_message(&mut self, pcm: &[i16]) -> String;
+    /// `media` for one caller frame (in the call's pipeline format).
+    fn media_message(&mut self, frame: &PcmFrame) -> String;
     /// An event towards the agent (`None`: the dialect has no message for it).
     fn event_message(&mut self, ev: &Event, now: SystemTime) -> Option<String>;
     /// `stop`, the last message.
@@ -147,7 +148,7 @@ async fn relay<D: StreamDialect>(
     loop {
         tokio::select! {
             frame = chans.audio.recv() => match frame {
-                Some(pcm) => ws.send(Message::text(stream.media_message(&pcm))).await?,
+                Some(frame) => ws.send(Message::text(stream.media_message(&frame))).await?,
                 None => return Ok(false),
             },
             ev = chans.events.recv() => match ev {
@@ -197,8 +198,8 @@ async fn finish<D: StreamDialect>(
     stream: &mut D,
     chans: &mut Channels,
 ) -> Result<(), AgentError> {
-    while let Ok(pcm) = chans.audio.try_recv() {
-        ws.send(Message::text(stream.media_message(&pcm))).await?;
+    while let Ok(frame) = chans.audio.try_recv() {
+        ws.send(Message::text(stream.media_message(&frame))).await?;
     }
     while let Ok(ev) = chans.events.try_recv() {
         if let Some(m) = stream.event_message(&ev, SystemTime::now()) {

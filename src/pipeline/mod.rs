@@ -26,8 +26,8 @@ pub mod native;
 pub mod telnyx;
 pub mod twilio;
 
-use crate::call::PcmFrame;
 use crate::call::supervisor::ConnectionFailure;
+use crate::call::{PcmFrame, PipelineAudio};
 use crate::config::{AgentAuth, AgentMode, AgentSettings, TelnyxEncoding};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
@@ -212,8 +212,9 @@ impl Transcript {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AgentCommand {
-    /// PCM at the pipeline rate to play after what is queued.
-    Play(Vec<i16>),
+    /// Audio to play after what is queued: PCM at the pipeline rate, or
+    /// 8 kHz G.711 as a Twilio- or Telnyx-mode agent sends it.
+    Play(PipelineAudio),
     /// A mark after the audio queued so far.
     Mark(String),
     /// Barge-in: drop the queued audio.
@@ -265,7 +266,7 @@ pub(crate) enum Event {
 /// connection: the task sends what is queued, then `stop`, then closes.
 #[derive(Debug)]
 pub struct PipelineHandle {
-    audio: mpsc::Sender<Vec<i16>>,
+    audio: mpsc::Sender<PcmFrame>,
     /// Timed frames for a Deepgram connection, when the pipeline has one.
     stt: Option<mpsc::Sender<PcmFrame>>,
     events: mpsc::Sender<Event>,
@@ -330,8 +331,7 @@ impl PipelineHandle {
                 return;
             }
         }
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.audio.try_send(frame.samples.clone())
-        {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.audio.try_send(frame.clone()) {
             self.dropped += 1;
         }
     }

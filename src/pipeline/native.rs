@@ -10,6 +10,7 @@
 
 use super::connect::{AgentSocket, close, open, report_end};
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
+use crate::call::{PcmFrame, PipelineAudio};
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -24,7 +25,7 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The task's ends of the channels to and from the call task.
 #[derive(Debug)]
 pub(crate) struct Channels {
-    pub(crate) audio: mpsc::Receiver<Vec<i16>>,
+    pub(crate) audio: mpsc::Receiver<PcmFrame>,
     pub(crate) events: mpsc::Receiver<Event>,
     pub(crate) commands: mpsc::Sender<AgentCommand>,
 }
@@ -153,7 +154,7 @@ async fn relay(ws: &mut AgentSocket, chans: &mut Channels) -> Result<(), AgentEr
     loop {
         tokio::select! {
             frame = chans.audio.recv() => match frame {
-                Some(pcm) => ws.send(Message::binary(pcm_to_bytes(&pcm))).await?,
+                Some(frame) => ws.send(Message::binary(pcm_to_bytes(&frame.samples))).await?,
                 None => return Ok(()),
             },
             ev = chans.events.recv() => match ev {
@@ -162,7 +163,7 @@ async fn relay(ws: &mut AgentSocket, chans: &mut Channels) -> Result<(), AgentEr
             },
             msg = ws.next() => match msg {
                 Some(Ok(Message::Binary(bytes))) => {
-                    let cmd = AgentCommand::Play(bytes_to_pcm(&bytes));
+                    let cmd = AgentCommand::Play(PipelineAudio::Pcm(bytes_to_pcm(&bytes)));
                     if chans.commands.send(cmd).await.is_err() {
                         return Ok(());
                     }
@@ -202,8 +203,9 @@ async fn session(
     // The call ended: send what is still queued, then stop, then close — all
     // bounded, so an agent that stopped reading cannot keep this task alive.
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        while let Ok(pcm) = chans.audio.try_recv() {
-            ws.send(Message::binary(pcm_to_bytes(&pcm))).await?;
+        while let Ok(frame) = chans.audio.try_recv() {
+            ws.send(Message::binary(pcm_to_bytes(&frame.samples)))
+                .await?;
         }
         while let Ok(ev) = chans.events.try_recv() {
             ws.send(Message::text(event_message(&ev))).await?;

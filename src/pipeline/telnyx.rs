@@ -15,9 +15,10 @@
 use super::media_stream::{self, AgentFrame, StreamDialect};
 use super::native::Channels;
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
+use crate::call::{PcmFrame, PipelineAudio};
 use crate::config::TelnyxEncoding;
 use crate::media::g711::{self, Law};
-use crate::media::resample::{Downsampler, PipelineRate, Upsampler};
+use crate::media::resample::{Downsampler, PipelineRate};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use std::time::SystemTime;
@@ -114,11 +115,9 @@ pub struct TelnyxStream {
     sequence: u64,
     /// `media.chunk` of the last caller frame sent.
     chunk: u64,
+    /// Converts PCM frames to 8 kHz for PCMU/PCMA (a call whose plan chose
+    /// PCM; G.711 frames pass through).
     down: Downsampler,
-    up: Upsampler,
-    /// Upsampler outputs still to drop (its filter delay), as in Twilio mode:
-    /// 8 kHz agent samples land on even 16 kHz positions.
-    up_skip: usize,
     pcm8: Vec<i16>,
     codes: Vec<u8>,
     /// 0 on a call's first stream, n on its n-th reconnect.
@@ -150,10 +149,8 @@ impl TelnyxStream {
                 rate: info.sample_rate,
             });
         }
-        let up = Upsampler::new(rate);
         Ok(TelnyxStream {
             reconnect: 0,
-            up_skip: up.delay_samples(),
             stream_id,
             call_control_id: info.call_id.clone(),
             user_id: info.tenant.clone(),
@@ -162,7 +159,6 @@ impl TelnyxStream {
             sequence: 0,
             chunk: 0,
             down: Downsampler::new(rate),
-            up,
             pcm8: Vec::with_capacity(FRAME_8K),
             codes: Vec::with_capacity(2 * 2 * FRAME_8K),
         })
@@ -207,19 +203,27 @@ impl TelnyxStream {
         .to_string()
     }
 
-    /// `media` for one caller frame at the pipeline rate (20 ms): PCMU/PCMA
-    /// at 8 kHz, or for L16 the frame itself (16 kHz) in network byte order;
-    /// base64. `chunk` counts from 1, `timestamp` is 20 ms per frame before it.
-    pub fn media_message(&mut self, pcm: &[i16]) -> String {
+    /// `media` for one caller frame (20 ms): PCMU/PCMA at 8 kHz (the
+    /// frame's G.711 codes as they are, converted code by code from the other
+    /// law, or a PCM frame converted), or for L16 the 16 kHz PCM frame in
+    /// network byte order; base64. `chunk` counts from 1, `timestamp` is
+    /// 20 ms per frame before it.
+    pub fn media_message(&mut self, frame: &PcmFrame) -> String {
         self.codes.clear();
-        match self.law {
-            Some(law) => {
+        match (self.law, &frame.g711) {
+            (Some(law), Some(g)) => {
+                self.codes.resize(g.codes.len(), 0);
+                g711::transcode(g.law, law, &g.codes, &mut self.codes);
+            }
+            (Some(law), None) => {
                 self.pcm8.clear();
-                self.down.process(pcm, &mut self.pcm8);
+                self.down.process(&frame.samples, &mut self.pcm8);
                 self.codes.resize(self.pcm8.len(), 0);
                 g711::encode(law, &self.pcm8, &mut self.codes);
             }
-            None => self.codes.extend(pcm.iter().flat_map(|s| s.to_be_bytes())),
+            (None, _) => self
+                .codes
+                .extend(frame.samples.iter().flat_map(|s| s.to_be_bytes())),
         }
         self.chunk += 1;
         let timestamp = (self.chunk - 1) * 20;
@@ -326,8 +330,8 @@ impl TelnyxStream {
                 let Ok(bytes) = BASE64.decode(payload) else {
                     return self.refuse(InvalidMedia, "media.payload is not base64");
                 };
-                match self.play(&bytes) {
-                    Some(pcm) => AgentFrame::Command(AgentCommand::Play(pcm)),
+                match self.play(bytes) {
+                    Some(audio) => AgentFrame::Command(AgentCommand::Play(audio)),
                     None => AgentFrame::Ignored,
                 }
             }
@@ -339,12 +343,7 @@ impl TelnyxStream {
                 Some(name) => AgentFrame::Command(AgentCommand::Mark(name.to_owned())),
                 None => self.refuse(MalformedFrame, "mark.name is missing"),
             },
-            "clear" => {
-                // What follows a barge-in is new speech: no filter history.
-                self.up.reset();
-                self.up_skip = self.up.delay_samples();
-                AgentFrame::Command(AgentCommand::Clear)
-            }
+            "clear" => AgentFrame::Command(AgentCommand::Clear),
             // sipbridge's extension (Telnyx has no such message): PCI pause.
             "pause_recording" => AgentFrame::Command(AgentCommand::PauseRecording(true)),
             "resume_recording" => AgentFrame::Command(AgentCommand::PauseRecording(false)),
@@ -358,27 +357,22 @@ impl TelnyxStream {
         }
     }
 
-    /// The agent's payload as PCM at the pipeline rate (`None`: no audio).
-    fn play(&mut self, bytes: &[u8]) -> Option<Vec<i16>> {
-        let pcm = match self.law {
+    /// The agent's payload as audio to play (`None`: no audio): PCMU/PCMA
+    /// codes as they are (8 kHz G.711 goes into the RTP payload without a
+    /// resampling round trip), L16 as PCM at the pipeline rate.
+    fn play(&self, bytes: Vec<u8>) -> Option<PipelineAudio> {
+        let audio = match self.law {
+            Some(law) => PipelineAudio::G711 { law, codes: bytes },
             // L16 at 16 kHz is the pipeline's own format: straight through
             // (a trailing odd byte is dropped).
-            None => bytes
-                .chunks_exact(2)
-                .map(|c| i16::from_be_bytes([c[0], c[1]]))
-                .collect(),
-            Some(law) => {
-                let mut pcm8 = vec![0i16; bytes.len()];
-                g711::decode(law, bytes, &mut pcm8);
-                let mut pcm = Vec::with_capacity(pcm8.len() * 2);
-                self.up.process(&pcm8, &mut pcm);
-                let skip = self.up_skip.min(pcm.len());
-                self.up_skip -= skip;
-                pcm.drain(..skip);
-                pcm
-            }
+            None => PipelineAudio::Pcm(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| i16::from_be_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
         };
-        (!pcm.is_empty()).then_some(pcm)
+        (!audio.is_empty()).then_some(audio)
     }
 }
 
@@ -393,8 +387,8 @@ impl StreamDialect for TelnyxStream {
         vec![self.connected_message(), self.start_message(info)]
     }
 
-    fn media_message(&mut self, pcm: &[i16]) -> String {
-        TelnyxStream::media_message(self, pcm)
+    fn media_message(&mut self, frame: &PcmFrame) -> String {
+        TelnyxStream::media_message(self, frame)
     }
 
     /// Transcripts have no Telnyx message.
@@ -460,6 +454,20 @@ mod tests {
 
     fn stream(rate: u32, encoding: TelnyxEncoding) -> TelnyxStream {
         TelnyxStream::new(&info(rate), ID.into(), encoding).unwrap()
+    }
+
+    fn pcm_frame(samples: Vec<i16>) -> PcmFrame {
+        let rate = if samples.len() == 320 {
+            PipelineRate::Hz16000
+        } else {
+            PipelineRate::Hz8000
+        };
+        PcmFrame {
+            samples,
+            rate,
+            media_time: std::time::Duration::ZERO,
+            g711: None,
+        }
     }
 
     fn json(s: &str) -> Value {
@@ -548,8 +556,9 @@ mod tests {
         let mut s = stream(16_000, TelnyxEncoding::L16);
         s.start_message(&info(16_000));
         let frame: Vec<i16> = (0..320).map(|i| (i * 97 - 15_000) as i16).collect();
-        let m = json(&TelnyxStream::media_message(&mut s, &frame));
         let bytes: Vec<u8> = frame.iter().flat_map(|x| x.to_be_bytes()).collect();
+        let frame = pcm_frame(frame);
+        let m = json(&TelnyxStream::media_message(&mut s, &frame));
         assert_eq!(
             m,
             json!({"event":"media","sequence_number":"2","stream_id":ID,
@@ -571,13 +580,14 @@ mod tests {
             let frame: Vec<i16> = (0..160).map(|i| (i * 97 - 7000) as i16).collect();
             let mut expected = vec![0u8; 160];
             g711::encode(law, &frame, &mut expected);
-            let m = json(&TelnyxStream::media_message(&mut s, &frame));
+            let m = json(&TelnyxStream::media_message(&mut s, &pcm_frame(frame)));
             assert_eq!(m["media"]["payload"], BASE64.encode(&expected));
             // A 16 kHz pipeline is downsampled to the same 160 codes.
             let mut s = stream(16_000, enc);
+            let frame = pcm_frame(vec![1000; 320]);
             let codes = BASE64
                 .decode(
-                    json(&TelnyxStream::media_message(&mut s, &[1000i16; 320]))["media"]["payload"]
+                    json(&TelnyxStream::media_message(&mut s, &frame))["media"]["payload"]
                         .as_str()
                         .unwrap(),
                 )
@@ -586,15 +596,49 @@ mod tests {
         }
     }
 
+    /// A G.711 frame (the caller's codes) goes out as the same bytes in the
+    /// stream's law, converted code by code from the other law.
     #[test]
-    fn agent_l16_media_plays_as_is_and_pcmu_is_decoded() {
+    fn g711_frames_pass_through_in_the_streams_law() {
+        let all: Vec<u8> = (0..=255).collect();
+        for enc in [TelnyxEncoding::Pcmu, TelnyxEncoding::Pcma] {
+            for from in [Law::Mu, Law::A] {
+                let mut s = stream(16_000, enc);
+                let frame = PcmFrame {
+                    g711: Some(crate::call::G711Frame {
+                        law: from,
+                        codes: bytes::Bytes::copy_from_slice(&all[96..256]),
+                    }),
+                    ..pcm_frame(Vec::new())
+                };
+                let m = json(&TelnyxStream::media_message(&mut s, &frame));
+                let got = BASE64
+                    .decode(m["media"]["payload"].as_str().unwrap())
+                    .unwrap();
+                let to = if enc == TelnyxEncoding::Pcmu {
+                    Law::Mu
+                } else {
+                    Law::A
+                };
+                let mut expected = vec![0u8; 160];
+                g711::transcode(from, to, &all[96..256], &mut expected);
+                assert_eq!(got, expected);
+                if from == to {
+                    assert_eq!(got, &all[96..256]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn agent_l16_media_plays_as_is_and_pcmu_as_its_codes() {
         let mut s = stream(16_000, TelnyxEncoding::L16);
         let pcm: Vec<i16> = vec![-2, 300, i16::MAX, i16::MIN];
         let bytes: Vec<u8> = pcm.iter().flat_map(|x| x.to_be_bytes()).collect();
         let text = json!({"event":"media","media":{"payload":BASE64.encode(&bytes)}}).to_string();
         assert_eq!(
             s.parse_agent_text(&text),
-            AgentFrame::Command(AgentCommand::Play(pcm.clone()))
+            AgentFrame::Command(AgentCommand::Play(PipelineAudio::Pcm(pcm.clone())))
         );
         // With this stream's id, too; an odd trailing byte is dropped.
         let mut odd = bytes.clone();
@@ -603,7 +647,7 @@ mod tests {
             .to_string();
         assert_eq!(
             s.parse_agent_text(&text),
-            AgentFrame::Command(AgentCommand::Play(pcm))
+            AgentFrame::Command(AgentCommand::Play(PipelineAudio::Pcm(pcm)))
         );
 
         let mut s = stream(8000, TelnyxEncoding::Pcmu);
@@ -611,9 +655,10 @@ mod tests {
         let text = json!({"event":"media","media":{"payload":BASE64.encode(codes)}}).to_string();
         assert_eq!(
             s.parse_agent_text(&text),
-            AgentFrame::Command(AgentCommand::Play(
-                codes.iter().map(|&c| g711::mu_to_linear(c)).collect()
-            ))
+            AgentFrame::Command(AgentCommand::Play(PipelineAudio::G711 {
+                law: Law::Mu,
+                codes: codes.to_vec()
+            }))
         );
     }
 
@@ -680,9 +725,9 @@ mod tests {
             let _ = s.parse_agent_text(&text);
             let media = json!({"event":"media","media":{"payload":BASE64.encode(&payload)}});
             match s.parse_agent_text(&media.to_string()) {
-                AgentFrame::Command(AgentCommand::Play(pcm)) => proptest::prop_assert!(!pcm.is_empty()),
-                // Too short for a sample, or all of it the upsampler's start-up.
-                AgentFrame::Ignored => proptest::prop_assert!(payload.len() < 14),
+                AgentFrame::Command(AgentCommand::Play(audio)) => proptest::prop_assert!(!audio.is_empty()),
+                // Nothing, or (L16) too short for a sample.
+                AgentFrame::Ignored => proptest::prop_assert!(payload.len() < 2),
                 other => proptest::prop_assert!(false, "{other:?}"),
             }
         }

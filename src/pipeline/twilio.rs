@@ -5,8 +5,11 @@
 //! unchanged.
 //!
 //! Owns: the message formats and the per-stream state ([`TwilioStream`]:
-//! streamSid, the string counters, the µ-law 8 kHz ⇄ pipeline-rate PCM
-//! conversion with its resampler state). Must not touch: call or media
+//! streamSid, the string counters). Audio is µ-law at 8 kHz both ways and
+//! passes through as bytes: the call hands over the caller's µ-law as it left
+//! the jitter buffer ([`crate::call::PipelineFormat::G711`]) and takes the
+//! agent's as [`PipelineAudio::G711`]; only a PCM frame (a call whose plan
+//! chose PCM) is converted here. Must not touch: call or media
 //! state; the connection task is [`super::media_stream`]'s (shared with
 //! Telnyx mode) and the connection is opened by [`super::connect`]. G.711 and
 //! resampling are `crate::media`'s; base64 is the `base64` crate's.
@@ -15,8 +18,9 @@ use super::connect::AgentError;
 use super::media_stream::{self, AgentFrame, StreamDialect};
 use super::native::Channels;
 use super::{AgentCommand, AgentTarget, CallInfo, Event};
+use crate::call::{PcmFrame, PipelineAudio};
 use crate::media::g711::{self, Law};
-use crate::media::resample::{Downsampler, PipelineRate, Upsampler};
+use crate::media::resample::{Downsampler, PipelineRate};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use std::time::SystemTime;
@@ -61,13 +65,8 @@ pub struct TwilioStream {
     sequence: u64,
     /// `media.chunk` of the last caller frame sent.
     chunk: u64,
+    /// Converts PCM frames (a call whose plan chose PCM) to 8 kHz.
     down: Downsampler,
-    up: Upsampler,
-    /// Upsampler outputs still to drop: its start-up (the filter delay), so
-    /// the agent's 8 kHz samples land on even 16 kHz positions and the
-    /// playout's 2:1 decimation gives them back on the 8 kHz grid, not half
-    /// a sample off.
-    up_skip: usize,
     pcm8: Vec<i16>,
     ulaw: Vec<u8>,
     /// 0 on a call's first stream, n on its n-th reconnect.
@@ -80,9 +79,7 @@ impl TwilioStream {
     pub fn new(info: &CallInfo, stream_sid: String) -> Result<TwilioStream, TwilioError> {
         let rate = PipelineRate::from_hz(info.sample_rate)
             .ok_or(TwilioError::UnsupportedRate(info.sample_rate))?;
-        let up = Upsampler::new(rate);
         Ok(TwilioStream {
-            up_skip: up.delay_samples(),
             reconnect: 0,
             stream_sid,
             call_sid: info.call_id.clone(),
@@ -93,7 +90,6 @@ impl TwilioStream {
             sequence: 0,
             chunk: 0,
             down: Downsampler::new(rate),
-            up,
             pcm8: Vec::with_capacity(FRAME_8K),
             ulaw: Vec::with_capacity(FRAME_8K),
         })
@@ -134,15 +130,27 @@ impl TwilioStream {
         .to_string()
     }
 
-    /// `media` for one caller frame at the pipeline rate (20 ms): converted
-    /// to 8 kHz µ-law, base64; `chunk` counts from 1 and `timestamp` is
-    /// 20 ms per frame before it.
-    pub fn media_message(&mut self, pcm: &[i16]) -> String {
-        self.pcm8.clear();
-        self.down.process(pcm, &mut self.pcm8);
-        self.ulaw.clear();
-        self.ulaw.resize(self.pcm8.len(), 0);
-        g711::encode(Law::Mu, &self.pcm8, &mut self.ulaw);
+    /// `media` for one caller frame (20 ms): its µ-law codes as they are
+    /// (A-law converted code by code), or a PCM frame converted to 8 kHz
+    /// µ-law; base64. `chunk` counts from 1 and `timestamp` is 20 ms per
+    /// frame before it.
+    pub fn media_message(&mut self, frame: &PcmFrame) -> String {
+        let codes: &[u8] = match &frame.g711 {
+            Some(g) if g.law == Law::Mu => &g.codes,
+            Some(g) => {
+                self.ulaw.resize(g.codes.len(), 0);
+                g711::transcode(g.law, Law::Mu, &g.codes, &mut self.ulaw);
+                &self.ulaw
+            }
+            None => {
+                self.pcm8.clear();
+                self.down.process(&frame.samples, &mut self.pcm8);
+                self.ulaw.resize(self.pcm8.len(), 0);
+                g711::encode(Law::Mu, &self.pcm8, &mut self.ulaw);
+                &self.ulaw
+            }
+        };
+        let payload = BASE64.encode(codes);
         self.chunk += 1;
         let timestamp = (self.chunk - 1) * 20;
         let sequence = self.next_sequence();
@@ -150,9 +158,7 @@ impl TwilioStream {
         // none needs JSON escaping, and this runs 50 times a second per call.
         format!(
             r#"{{"event":"media","sequenceNumber":"{sequence}","media":{{"track":"inbound","chunk":"{}","timestamp":"{timestamp}","payload":"{}"}},"streamSid":"{}"}}"#,
-            self.chunk,
-            BASE64.encode(&self.ulaw),
-            self.stream_sid
+            self.chunk, payload, self.stream_sid
         )
     }
 
@@ -214,7 +220,7 @@ impl TwilioStream {
     }
 
     /// A text message from the agent as a command: `media` (base64 µ-law
-    /// 8 kHz → PCM at the pipeline rate), `mark`, `clear`. `None` for
+    /// 8 kHz, played as it is), `mark`, `clear`. `None` for
     /// anything else, a wrong or missing `streamSid`, or a payload that is
     /// not base64 (Twilio ignores those with a warning, and so do we).
     pub fn parse_agent_text(&mut self, text: &str) -> Option<AgentCommand> {
@@ -229,27 +235,15 @@ impl TwilioStream {
                 if codes.is_empty() {
                     return None;
                 }
-                let mut pcm8 = vec![0i16; codes.len()];
-                g711::decode(Law::Mu, &codes, &mut pcm8);
-                let mut pcm = Vec::with_capacity(pcm8.len() * 2);
-                self.up.process(&pcm8, &mut pcm);
-                let skip = self.up_skip.min(pcm.len());
-                self.up_skip -= skip;
-                pcm.drain(..skip);
-                if pcm.is_empty() {
-                    return None;
-                }
-                Some(AgentCommand::Play(pcm))
+                Some(AgentCommand::Play(PipelineAudio::G711 {
+                    law: Law::Mu,
+                    codes,
+                }))
             }
             "mark" => Some(AgentCommand::Mark(
                 v.get("mark")?.get("name")?.as_str()?.to_owned(),
             )),
-            "clear" => {
-                // What follows a barge-in is new speech: no filter history.
-                self.up.reset();
-                self.up_skip = self.up.delay_samples();
-                Some(AgentCommand::Clear)
-            }
+            "clear" => Some(AgentCommand::Clear),
             // sipbridge's extension (Twilio has no such message): PCI pause.
             "pause_recording" => Some(AgentCommand::PauseRecording(true)),
             "resume_recording" => Some(AgentCommand::PauseRecording(false)),
@@ -272,8 +266,8 @@ impl StreamDialect for TwilioStream {
         vec![self.connected_message(), self.start_message(info)]
     }
 
-    fn media_message(&mut self, pcm: &[i16]) -> String {
-        TwilioStream::media_message(self, pcm)
+    fn media_message(&mut self, frame: &PcmFrame) -> String {
+        TwilioStream::media_message(self, frame)
     }
 
     fn event_message(&mut self, ev: &Event, _now: SystemTime) -> Option<String> {
@@ -326,6 +320,57 @@ mod tests {
 
     fn json(s: &str) -> Value {
         serde_json::from_str(s).unwrap()
+    }
+
+    fn pcm_frame(samples: Vec<i16>, rate: PipelineRate) -> PcmFrame {
+        PcmFrame {
+            samples,
+            rate,
+            media_time: std::time::Duration::ZERO,
+            g711: None,
+        }
+    }
+
+    fn g711_frame(law: Law, codes: &[u8]) -> PcmFrame {
+        PcmFrame {
+            g711: Some(crate::call::G711Frame {
+                law,
+                codes: bytes::Bytes::copy_from_slice(codes),
+            }),
+            ..pcm_frame(Vec::new(), PipelineRate::Hz16000)
+        }
+    }
+
+    /// The caller's µ-law goes out as the same bytes, every code (0x7F, the
+    /// negative zero, included), at any pipeline rate; A-law is converted
+    /// code by code.
+    #[test]
+    fn g711_media_is_the_callers_codes_as_they_are() {
+        let mut s = TwilioStream::new(&info(16_000), SID.into()).unwrap();
+        s.start_message(&info(16_000));
+        let codes: Vec<u8> = (0..160u32).map(|i| (i * 13 % 256) as u8).collect();
+        let m = json(&s.media_message(&g711_frame(Law::Mu, &codes)));
+        assert_eq!(
+            m,
+            json!({"event":"media","sequenceNumber":"2","streamSid":SID,
+                "media":{"track":"inbound","chunk":"1","timestamp":"0",
+                    "payload": BASE64.encode(&codes)}})
+        );
+        let all: Vec<u8> = (0..=255).collect();
+        for law in [Law::Mu, Law::A] {
+            let m = json(&s.media_message(&g711_frame(law, &all[..160])));
+            let got = BASE64
+                .decode(m["media"]["payload"].as_str().unwrap())
+                .unwrap();
+            let expected: Vec<u8> = all[..160]
+                .iter()
+                .map(|&c| g711::linear_to_mu(g711::decode_sample(law, c)))
+                .collect();
+            match law {
+                Law::Mu => assert_eq!(got, &all[..160]),
+                Law::A => assert_eq!(got, expected),
+            }
+        }
     }
 
     #[test]
@@ -392,6 +437,7 @@ mod tests {
         s.start_message(&info(8000));
         let frame: Vec<i16> = (0..160).map(|i| (i * 97 - 7000) as i16).collect();
         let expected: Vec<u8> = frame.iter().map(|&x| g711::linear_to_mu(x)).collect();
+        let frame = pcm_frame(frame, PipelineRate::Hz8000);
         let m = json(&s.media_message(&frame));
         assert_eq!(
             m,
@@ -409,7 +455,7 @@ mod tests {
     #[test]
     fn media_at_16k_is_downsampled_to_160_codes() {
         let mut s = TwilioStream::new(&info(16_000), SID.into()).unwrap();
-        let frame = vec![1000i16; 320];
+        let frame = pcm_frame(vec![1000i16; 320], PipelineRate::Hz16000);
         let mut codes = Vec::new();
         for _ in 0..3 {
             let m = json(&s.media_message(&frame));
@@ -431,9 +477,10 @@ mod tests {
                 .to_string();
         assert_eq!(
             s.parse_agent_text(&text),
-            Some(AgentCommand::Play(
-                codes.iter().map(|&c| g711::mu_to_linear(c)).collect()
-            ))
+            Some(AgentCommand::Play(PipelineAudio::G711 {
+                law: Law::Mu,
+                codes: codes.clone()
+            }))
         );
         assert_eq!(
             s.parse_agent_text(
@@ -447,32 +494,23 @@ mod tests {
         );
     }
 
+    /// The agent's µ-law is played as it is at any pipeline rate: no
+    /// upsampling, no filter start-up to drop, nothing to reset on `clear`.
     #[test]
-    fn agent_media_at_16k_doubles_the_samples() {
+    fn agent_media_at_16k_is_the_codes_as_they_are() {
         let mut s = TwilioStream::new(&info(16_000), SID.into()).unwrap();
-        let text = json!({"event":"media","streamSid":SID,"media":{"payload":BASE64.encode([0x55u8; 160])}})
-            .to_string();
-        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
-            panic!("no play");
-        };
-        // The filter's start-up (27 samples) is dropped once; then every
-        // other sample is an input sample itself.
-        assert_eq!(pcm.len(), 320 - 27);
-        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
-            panic!("no play");
-        };
-        assert_eq!(pcm.len(), 320);
-        assert!(
-            pcm.iter()
-                .step_by(2)
-                .all(|&x| x == g711::mu_to_linear(0x55))
-        );
-        // After a clear the start-up is dropped again.
+        let codes: Vec<u8> = (0..160u32).map(|i| (i * 5 % 256) as u8).collect();
+        let text =
+            json!({"event":"media","streamSid":SID,"media":{"payload":BASE64.encode(&codes)}})
+                .to_string();
+        let play = Some(AgentCommand::Play(PipelineAudio::G711 {
+            law: Law::Mu,
+            codes: codes.clone(),
+        }));
+        assert_eq!(s.parse_agent_text(&text), play);
+        assert_eq!(s.parse_agent_text(&text), play);
         s.parse_agent_text(&json!({"event":"clear","streamSid":SID}).to_string());
-        let Some(AgentCommand::Play(pcm)) = s.parse_agent_text(&text) else {
-            panic!("no play");
-        };
-        assert_eq!(pcm.len(), 320 - 27);
+        assert_eq!(s.parse_agent_text(&text), play);
     }
 
     #[test]

@@ -658,7 +658,9 @@ impl Bridge {
                 to_agent: true,
                 ..
             } if agent.connected.is_some() => {
-                replies.push(AgentEvent::Play(frame.samples));
+                replies.push(AgentEvent::Play(sipbridge::call::PipelineAudio::Pcm(
+                    frame.samples,
+                )));
             }
             _ => {}
         }

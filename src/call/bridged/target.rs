@@ -40,6 +40,7 @@ use crate::call::transfer::{
 };
 use crate::call::{
     Call, CallEvent, CallOutput, CallRecord, CallSettings, HangupCause, MediaOutput, MediaSession,
+    PipelineAudioRef,
 };
 use crate::sip::message::Message;
 use crate::sip::sdp::Negotiated;
@@ -309,7 +310,7 @@ impl BridgedCall {
     }
 
     /// Caller audio while bridged goes to the target; `false`: not bridged.
-    pub(super) fn relay_to_target(&mut self, now: Instant, samples: &[i16]) -> bool {
+    pub(super) fn relay_to_target(&mut self, now: Instant, audio: PipelineAudioRef<'_>) -> bool {
         let Some(t) = &mut self.target else {
             return false;
         };
@@ -317,7 +318,7 @@ impl BridgedCall {
             return false;
         }
         if let Some(m) = &mut t.media {
-            m.push_pipeline_audio(now, samples);
+            m.push_pipeline_audio(now, audio);
         }
         true
     }
@@ -554,7 +555,7 @@ impl BridgedCall {
                     // Ringback (early media) only while the agent is silent:
                     // never mixed into its speech.
                     if bridged || (agent_quiet && m.playout_queued_ms() <= 40) {
-                        m.push_pipeline_audio(now, &frame.samples);
+                        m.push_pipeline_audio(now, frame.audio());
                     }
                 }
                 MediaOutput::Dtmf(ev) => {
@@ -653,6 +654,16 @@ t=0 0\r\nm=audio 42000 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n";
         crate::call::test_settings(call_id, rtp_port, vec![Codec::Pcmu, Codec::Pcma])
     }
 
+    /// A Twilio-mode tenant's settings: its pipeline takes 8 kHz µ-law.
+    fn mu_law_settings(call_id: &str, rtp_port: u16) -> CallSettings {
+        let mut s = settings(call_id, rtp_port);
+        s.plan.pipeline_format = crate::call::PipelineFormat::G711 {
+            law: crate::media::g711::Law::Mu,
+            with_pcm: false,
+        };
+        s
+    }
+
     /// A confirmed inbound call with a connected agent, the trunk and the
     /// target leg's INVITE as the test sees them.
     struct Sim {
@@ -669,6 +680,11 @@ t=0 0\r\nm=audio 42000 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n";
 
     impl Sim {
         fn new() -> Sim {
+            Sim::with(settings)
+        }
+
+        /// [`Sim::new`] with the caller's call settings from `make`.
+        fn with(make: fn(&str, u16) -> CallSettings) -> Sim {
             let mut rng = ChaCha8Rng::seed_from_u64(11);
             let now = Instant::now();
             let invite = request(&format!(
@@ -689,7 +705,7 @@ Content-Length: {}\r\n\r\n{SDP}",
                 SystemTime::UNIX_EPOCH,
                 invite,
                 peer(CALLER),
-                settings("caller-1@127.0.0.1", 20_000),
+                make("caller-1@127.0.0.1", 20_000),
                 &mut rng,
             )
             .unwrap();
@@ -1030,6 +1046,95 @@ Content-Length: 0\r\n\r\n",
         assert_eq!(
             (t.result, t.leg_call_id.as_deref()),
             ("completed", Some("leg-1@sipbridge"))
+        );
+    }
+
+    /// A Twilio-mode tenant (its legs' frames are G.711, no PCM): once
+    /// joined, each side's codes reach the other, converted code by code
+    /// between the caller's PCMU and the target's PCMA, no resampling.
+    #[test]
+    fn g711_legs_relay_each_others_codes() {
+        let mut sim = Sim::with(mu_law_settings);
+        sim.transfer(false);
+        sim.legs += 1;
+        let call_id = format!("leg-{}@sipbridge", sim.legs);
+        let dial = DialSettings {
+            call_id: call_id.clone(),
+            tenant: "demo".into(),
+            trunk: "people".into(),
+            request_uri: Uri::parse(&format!("sip:+15557654321@{TRUNK}")).unwrap(),
+            from: NameAddr::parse("<sip:+15551112222@127.0.0.1>").unwrap(),
+            to: NameAddr::parse(&format!("<sip:+15557654321@{TRUNK}>")).unwrap(),
+            dest: peer(TRUNK),
+            local: LocalSip {
+                host: "127.0.0.1".into(),
+                port: 5060,
+            },
+            media: settings(&call_id, 30_000).media,
+            timers: TimerConfig::default(),
+            credentials: None,
+            answer_timeout: Duration::from_secs(30),
+            extra_headers: Vec::new(),
+        };
+        let leg = OutboundLeg::new(sim.now, SystemTime::UNIX_EPOCH, dial, &mut sim.rng);
+        sim.input(BridgeInput::TargetLeg {
+            leg: Box::new(leg),
+            settings: Box::new(mu_law_settings(&call_id, 30_000)),
+        });
+        sim.target_responds("INVITE", 200, TARGET_SDP);
+        assert!(sim.b.is_bridged_to_target());
+        let rtp = |seq: u16, pt: u8, payload: &[u8]| {
+            let mut p = vec![0x80, pt, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+            p[2..4].copy_from_slice(&seq.to_be_bytes());
+            p[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+            p.extend_from_slice(payload);
+            Bytes::from(p)
+        };
+        let caller: Vec<u8> = (0..160u32).map(|i| (i * 7 + 3) as u8).collect();
+        let target: Vec<u8> = (0..160u32).map(|i| (i * 11 + 5) as u8).collect();
+        sim.out.clear();
+        for k in 0u16..20 {
+            sim.input(BridgeInput::Rtp {
+                from: "127.0.0.1:40000".parse().unwrap(),
+                data: rtp(k, 0, &caller),
+            });
+            sim.input(BridgeInput::TargetRtp {
+                from: "127.0.0.1:42000".parse().unwrap(),
+                data: rtp(k, 8, &target),
+            });
+            sim.advance(20);
+        }
+        let mut to_target = vec![0u8; 160];
+        crate::media::g711::transcode(
+            crate::media::g711::Law::Mu,
+            crate::media::g711::Law::A,
+            &caller,
+            &mut to_target,
+        );
+        let mut to_caller = vec![0u8; 160];
+        crate::media::g711::transcode(
+            crate::media::g711::Law::A,
+            crate::media::g711::Law::Mu,
+            &target,
+            &mut to_caller,
+        );
+        let (mut at_target, mut at_caller) = (0, 0);
+        for o in &sim.out {
+            match o {
+                BridgeOutput::TargetRtp { bytes, .. } if bytes[12..] == to_target[..] => {
+                    at_target += 1;
+                }
+                BridgeOutput::Rtp { bytes, .. } if bytes[12..] == to_caller[..] => at_caller += 1,
+                _ => {}
+            }
+        }
+        assert!(
+            at_target >= 15,
+            "the caller's codes at the target: {at_target}"
+        );
+        assert!(
+            at_caller >= 15,
+            "the target's codes at the caller: {at_caller}"
         );
     }
 
