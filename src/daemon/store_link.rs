@@ -292,12 +292,19 @@ impl Records {
             retry_dropped_total: 0,
             events,
             transcripts_stored: HashMap::new(),
+            group: false,
+            batch_log: Vec::new(),
+            ready: Vec::new(),
+            batches: 0,
+            batched_writes: 0,
         };
         // Free space is known before the first call is admitted.
         writer.check();
         let thread = std::thread::Builder::new()
             .name("sipbridge-store".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+            })
             .context("starting the store thread")?;
         Ok(Records {
             tx,
@@ -1032,6 +1039,8 @@ enum DbWrite {
         reason: &'static str,
         at: UnixMs,
     },
+    InsertRecording(RecordingRow),
+    InsertTranscript(TranscriptRow),
 }
 
 impl DbWrite {
@@ -1068,6 +1077,8 @@ impl DbWrite {
             } => store
                 .delete_recording(tenant, id, actor, reason, *at)
                 .map(|_| ()),
+            DbWrite::InsertRecording(row) => store.insert_recording(row),
+            DbWrite::InsertTranscript(row) => store.insert_transcript(row),
         }
     }
 
@@ -1080,6 +1091,8 @@ impl DbWrite {
             DbWrite::Consent { .. } => "consent event",
             DbWrite::RecordingState { .. } => "recording state",
             DbWrite::DeleteRecording { .. } => "recording deletion",
+            DbWrite::InsertRecording(_) => "recording index",
+            DbWrite::InsertTranscript(_) => "transcript segment",
         }
     }
 }
@@ -1210,15 +1223,51 @@ struct Writer {
     events: Arc<super::webhooks::Events>,
     /// Transcript segments stored per call whose sink is still open.
     transcripts_stored: HashMap<String, u64>,
+    /// The operations being applied were taken from the queue together:
+    /// their database writes share one transaction (group commit).
+    group: bool,
+    /// Writes applied in the open batch, in order: applied again, one by
+    /// one, if the batch fails to commit.
+    batch_log: Vec<DbWrite>,
+    /// `recording.ready` / `transcript.ready` waiting for the batch that
+    /// stores their rows to commit.
+    ready: Vec<Ready>,
+    /// Batches committed and the writes they held (tests, log).
+    batches: u64,
+    batched_writes: u64,
 }
 
+/// An event sent once the rows it announces are committed.
+enum Ready {
+    Recording {
+        tenant: String,
+        call_id: String,
+        rec: super::webhooks::RecordingReady,
+    },
+    Transcript {
+        tenant: String,
+        call_id: String,
+        segments: u64,
+    },
+}
+
+/// Operations the writer takes from the queue at most before it commits
+/// them as one batch. Bounds how long a batch holds the database's write
+/// lock (the admin API's erasure waits for it) and how many writes a failed
+/// commit applies again.
+const MAX_BATCH: usize = 512;
+
 impl Writer {
-    fn run(mut self, rx: Receiver<Op>) {
+    /// The writer thread: takes what is queued (up to [`MAX_BATCH`]
+    /// operations at once), applies it with one commit, until `Shutdown`.
+    /// Returns itself for tests.
+    fn run(mut self, rx: Receiver<Op>) -> Writer {
         // DESIGN §4: the retention sweeper runs at start-up and on an interval,
         // here on the thread that owns the database. Free space is checked
         // and failed writes retried every `check_interval_s`.
         let mut next_sweep = std::time::Instant::now();
         let mut next_check = std::time::Instant::now() + self.settings.check_interval;
+        let mut ops = Vec::with_capacity(MAX_BATCH);
         loop {
             let now = std::time::Instant::now();
             if now >= next_check {
@@ -1232,14 +1281,20 @@ impl Writer {
             let wait = next_sweep
                 .min(next_check)
                 .saturating_duration_since(std::time::Instant::now());
-            let received = rx.recv_timeout(wait);
-            if received.is_ok() {
-                self.backlog.fetch_sub(1, Ordering::Relaxed);
+            match rx.recv_timeout(wait) {
+                Ok(op) => ops.push(op),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => continue,
             }
-            match received {
-                Ok(Op::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(op) => self.apply(op),
-                Err(RecvTimeoutError::Timeout) => {}
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.backlog.fetch_sub(ops.len(), Ordering::Relaxed);
+            if self.apply_group(&mut ops) {
+                break;
             }
         }
         let handles: Vec<u64> = self.open.keys().copied().collect();
@@ -1252,6 +1307,95 @@ impl Writer {
                 lost = self.retry.len(),
                 "store writes lost at shutdown: the database still cannot write (disk full?)"
             );
+        }
+        self.send_ready();
+        if self.batches > 0 {
+            info!(
+                batches = self.batches,
+                writes = self.batched_writes,
+                "store writes committed in batches"
+            );
+        }
+        self
+    }
+
+    /// Applies operations taken from the queue together: their database
+    /// writes share one transaction when there are several (group commit:
+    /// one commit, on SQLite one WAL append, instead of one per row).
+    /// Returns whether `Shutdown` was among them (what follows it is not
+    /// applied).
+    fn apply_group(&mut self, ops: &mut Vec<Op>) -> bool {
+        self.group = ops.len() > 1;
+        let mut stop = false;
+        for op in ops.drain(..) {
+            if let Op::Shutdown = op {
+                stop = true;
+                break;
+            }
+            self.apply(op);
+        }
+        ops.clear();
+        self.group = false;
+        self.end_batch();
+        self.send_ready();
+        stop
+    }
+
+    /// Commits the open batch, if any. When the commit fails nothing of the
+    /// batch is stored: its writes are applied again one by one (those that
+    /// still fail wait for a retry, in order, as any failed write).
+    fn end_batch(&mut self) {
+        if !self.store.in_batch() {
+            return;
+        }
+        match self.store.commit_batch() {
+            Ok(()) => {
+                self.batches += 1;
+                self.batched_writes += self.batch_log.len() as u64;
+                crate::metrics::store_batch(self.batch_log.len());
+                self.batch_log.clear();
+            }
+            Err(e) => {
+                warn!(writes = self.batch_log.len(), error = %e,
+                    "store batch could not commit; its writes are applied one by one");
+                self.replay_batch();
+            }
+        }
+    }
+
+    /// The open batch failed (or was rolled back): its writes, one by one.
+    fn replay_batch(&mut self) {
+        self.store.rollback_batch();
+        let group = std::mem::replace(&mut self.group, false);
+        for w in std::mem::take(&mut self.batch_log) {
+            self.db(w);
+        }
+        self.group = group;
+    }
+
+    /// Sends the events whose rows are committed (or failed for good).
+    fn send_ready(&mut self) {
+        for r in self.ready.drain(..) {
+            match r {
+                Ready::Recording {
+                    tenant,
+                    call_id,
+                    rec,
+                } => self.events.recording_ready(&tenant, &call_id, &rec),
+                Ready::Transcript {
+                    tenant,
+                    call_id,
+                    segments,
+                } => self.events.transcript_ready(&tenant, &call_id, segments),
+            }
+        }
+    }
+
+    /// An event for the rows just written: sent after their batch commits.
+    fn announce(&mut self, r: Ready) {
+        self.ready.push(r);
+        if !self.store.in_batch() {
+            self.send_ready();
         }
     }
 
@@ -1369,14 +1513,52 @@ impl Writer {
             self.queue_retry(w);
             return;
         }
-        match w.apply(&mut self.store) {
-            Ok(()) => {}
-            Err(e) if retryable(&e) => {
+        if let Err(failed) = self.db_now(w) {
+            let (w, e) = *failed;
+            if retryable(&e) {
                 warn!(what = w.what(), error = %e, "store write failed; kept for a retry");
                 self.write_failed("database");
                 self.queue_retry(w);
+            } else {
+                warn!(what = w.what(), error = %e, "store write refused");
             }
-            Err(e) => warn!(what = w.what(), error = %e, "store write refused"),
+        }
+    }
+
+    /// Applies one database write now, inside the group's batch when the
+    /// operations came together (the batch opens at the first write). A
+    /// write that fails for a reason that may pass (disk full, connection
+    /// lost) ends the batch: the writes before it are applied again one by
+    /// one, since SQLite may have rolled the whole transaction back. Returns
+    /// the write with its error when it failed (nothing of it is stored).
+    fn db_now(&mut self, w: DbWrite) -> Result<(), Box<(DbWrite, DbError)>> {
+        if !self.retry.is_empty() {
+            // Not ahead of older writes waiting for a retry.
+            return Err(Box::new((
+                w,
+                DbError::Misuse("older writes wait for a retry"),
+            )));
+        }
+        if self.group
+            && !self.store.in_batch()
+            && let Err(e) = self.store.begin_batch()
+        {
+            // One by one then; a retryable cause shows in the write too.
+            warn!(error = %e, "store batch could not begin");
+        }
+        match self.store.batched(|s| w.apply(s)) {
+            Ok(()) => {
+                if self.store.in_batch() {
+                    self.batch_log.push(w);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if self.store.in_batch() && retryable(&e) {
+                    self.replay_batch();
+                }
+                Err(Box::new((w, e)))
+            }
         }
     }
 
@@ -1580,8 +1762,12 @@ impl Writer {
                 }
             }
             Op::TranscriptsDone { tenant, call_id } => {
-                if let Some(n) = self.transcripts_stored.remove(&call_id) {
-                    self.events.transcript_ready(&tenant, &call_id, n);
+                if let Some(segments) = self.transcripts_stored.remove(&call_id) {
+                    self.announce(Ready::Transcript {
+                        tenant,
+                        call_id,
+                        segments,
+                    });
                 }
             }
             Op::Tenants { callers, retention } => {
@@ -1635,7 +1821,7 @@ impl Writer {
         let created_unix = u64::try_from(at / 1000).unwrap_or(0);
         let ciphertext =
             crate::store::ops::seal_transcript(&key, &t.text, created_unix, &mut self.rng)?;
-        self.store.insert_transcript(&TranscriptRow {
+        self.db_now(DbWrite::InsertTranscript(TranscriptRow {
             id,
             call_id: call_id.to_owned(),
             tenant: tenant.to_owned(),
@@ -1646,7 +1832,8 @@ impl Writer {
             key_id: key.id().to_string(),
             confidence: t.confidence,
             created_at: at,
-        })?;
+        }))
+        .map_err(|f| f.1)?;
         Ok(())
     }
 
@@ -1736,7 +1923,8 @@ impl Writer {
             key_id: key.id().to_string(),
             created_at,
         };
-        if let Err(e) = self.store.insert_recording(&row) {
+        if let Err(failed) = self.db_now(DbWrite::InsertRecording(row)) {
+            let e = failed.1;
             // No row, no file: nothing unindexed stays on disk.
             let _ = writer.discard();
             return Err(e.into());
@@ -1772,16 +1960,16 @@ impl Writer {
                 duration_ms: duration_ms(frames),
             });
             rec.status.store(REC_PARTIAL, Ordering::Relaxed);
-            self.events.recording_ready(
-                &rec.tenant,
-                &rec.call_id,
-                &super::webhooks::RecordingReady {
+            self.announce(Ready::Recording {
+                tenant: rec.tenant.clone(),
+                call_id: rec.call_id.clone(),
+                rec: super::webhooks::RecordingReady {
                     recording_id: rec.id.clone(),
                     state: "partial",
                     duration_ms: duration_ms(frames),
                     bytes: file_len(path),
                 },
-            );
+            });
             Failed::Partial {
                 id: rec.id,
                 path: path.to_owned(),
@@ -1816,21 +2004,21 @@ impl Writer {
         match rec.writer.finish() {
             Ok(s) => {
                 crate::metrics::recording_bytes(s.bytes.saturating_sub(before));
-                self.events.recording_ready(
-                    &rec.meta.tenant,
-                    &rec.meta.call_id,
-                    &super::webhooks::RecordingReady {
-                        recording_id: rec.meta.id.clone(),
+                self.db(DbWrite::RecordingState {
+                    id: rec.meta.id.clone(),
+                    state: RecordingState::Complete,
+                    size: s.bytes,
+                    duration_ms: duration_ms(s.frames),
+                });
+                self.announce(Ready::Recording {
+                    tenant: rec.meta.tenant,
+                    call_id: rec.meta.call_id,
+                    rec: super::webhooks::RecordingReady {
+                        recording_id: rec.meta.id,
                         state: "complete",
                         duration_ms: duration_ms(s.frames),
                         bytes: s.bytes,
                     },
-                );
-                self.db(DbWrite::RecordingState {
-                    id: rec.meta.id,
-                    state: RecordingState::Complete,
-                    size: s.bytes,
-                    duration_ms: duration_ms(s.frames),
                 });
             }
             Err(e) => {
@@ -1919,6 +2107,11 @@ mod tests {
             retry_dropped_total: 0,
             events: Arc::default(),
             transcripts_stored: HashMap::new(),
+            group: false,
+            batch_log: Vec::new(),
+            ready: Vec::new(),
+            batches: 0,
+            batched_writes: 0,
         }
     }
 
@@ -1998,5 +2191,147 @@ mod tests {
             };
             assert_eq!(cdr.recording, Some(want), "{id}");
         }
+    }
+
+    fn cdr_end(at: UnixMs) -> CallEnd {
+        CallEnd {
+            answered_at: Some(at - 1000),
+            ended_at: at,
+            result_code: 200,
+            hangup_side: StoredHangupSide::Remote,
+            cause: "caller-bye".into(),
+            codec: None,
+            rtp: RtpStats {
+                packets: 50,
+                lost: 0,
+                jitter_ms: 0.0,
+            },
+        }
+    }
+
+    /// Group commit (issue 17): what is queued when the writer looks is
+    /// taken together and committed once: 40 recorded calls (CDR, consent,
+    /// recording index, a second of audio, recording state, CDR end) are
+    /// one commit, every row and file in place.
+    #[test]
+    fn queued_calls_are_stored_with_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path());
+        let (tx, rx) = sync_channel(QUEUE);
+        const CALLS: u64 = 40;
+        let t0 = 1_767_312_000_000;
+        for n in 0..CALLS {
+            let call_id = format!("g{n}");
+            let at = t0 + i64::try_from(n).unwrap();
+            tx.send(Op::InsertCall(CallRow {
+                call_id: call_id.clone(),
+                tenant: "demo".into(),
+                trunk: "t".into(),
+                from: "+15550001111".into(),
+                to: "+15551234567".into(),
+                started_at: at,
+            }))
+            .unwrap();
+            tx.send(Op::StartRecording {
+                handle: n + 1,
+                tenant: "demo".into(),
+                call_id: call_id.clone(),
+                created_at: at,
+                status: Arc::new(AtomicU8::new(REC_OK)),
+            })
+            .unwrap();
+            tx.send(Op::Consent {
+                tenant: "demo".into(),
+                call_id: call_id.clone(),
+                event: ConsentEvent::DisclosureStarted,
+                at,
+            })
+            .unwrap();
+            let second = Zeroizing::new(vec![100i16; FRAMES_PER_CHUNK]);
+            tx.send(Op::Push {
+                handle: n + 1,
+                left: second.clone(),
+                right: second,
+            })
+            .unwrap();
+            tx.send(Op::FinishRecording { handle: n + 1 }).unwrap();
+            tx.send(Op::FinishCall {
+                tenant: "demo".into(),
+                call_id,
+                end: cdr_end(at + 2000),
+                frames: MediaFrames::default(),
+                recording: CallRecording::Recorded,
+                transfer: None,
+            })
+            .unwrap();
+        }
+        tx.send(Op::Shutdown).unwrap();
+        let before = w.store.commits();
+        let w = w.run(rx);
+        assert_eq!(w.store.commits() - before, 1, "one commit for the lot");
+        assert_eq!(w.batches, 1);
+        // Per call: CDR, recording index, consent, recording state, CDR end.
+        assert_eq!(w.batched_writes, CALLS * 5);
+        for n in 0..CALLS {
+            let call_id = format!("g{n}");
+            let cdr = w.store.get_call("demo", &call_id).unwrap().unwrap();
+            assert_eq!(cdr.recording, Some(CallRecording::Recorded));
+            assert!(cdr.ended_at.is_some() && cdr.consent.disclosure_started_at.is_some());
+            let recs = w.store.recordings_of_call("demo", &call_id).unwrap();
+            assert_eq!(recs.len(), 1);
+            assert_eq!(recs[0].state, RecordingState::Complete);
+            assert_eq!(recs[0].duration_ms, 1000, "{call_id}");
+            let wav = crate::store::recording::export_wav(&recs[0].path, &w.keyring).unwrap();
+            assert_eq!(wav.len(), 44 + FRAMES_PER_CHUNK * 4);
+        }
+        assert!(w.ready.is_empty(), "every recording.ready went out");
+    }
+
+    /// A batch that cannot commit is rolled back whole: its writes are
+    /// applied again one by one, so nothing of it is lost.
+    #[test]
+    fn a_batch_that_fails_is_applied_again_write_by_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.group = true;
+        for n in 0..3 {
+            w.apply(Op::InsertCall(CallRow {
+                call_id: format!("r{n}"),
+                tenant: "demo".into(),
+                trunk: "t".into(),
+                from: "+15550001111".into(),
+                to: "+15551234567".into(),
+                started_at: 1_767_312_000_000,
+            }));
+        }
+        assert!(w.store.in_batch());
+        assert_eq!(w.batch_log.len(), 3);
+        // As when COMMIT fails: the batch is gone, its writes come again.
+        let before = w.store.commits();
+        w.replay_batch();
+        assert!(!w.store.in_batch());
+        assert!(w.batch_log.is_empty());
+        assert_eq!(w.store.commits() - before, 3);
+        for n in 0..3 {
+            assert!(
+                w.store
+                    .get_call("demo", &format!("r{n}"))
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        // The group goes on in a new batch.
+        w.apply(Op::InsertCall(CallRow {
+            call_id: "r3".into(),
+            tenant: "demo".into(),
+            trunk: "t".into(),
+            from: "+15550001111".into(),
+            to: "+15551234567".into(),
+            started_at: 1_767_312_000_000,
+        }));
+        assert!(w.store.in_batch());
+        w.group = false;
+        w.end_batch();
+        assert!(w.store.get_call("demo", "r3").unwrap().is_some());
     }
 }
