@@ -133,6 +133,33 @@ pub struct RecordingSummary {
     pub frames: u64,
 }
 
+/// A recording whose final chunk is written, waiting for its fsync.
+#[derive(Debug)]
+pub struct SealedRecording {
+    file: File,
+    path: PathBuf,
+    file_id: FileId,
+    frames: u64,
+}
+
+impl SealedRecording {
+    /// The sealed file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Syncs the file to disk (data and size) and closes it.
+    pub fn sync(self) -> Result<RecordingSummary> {
+        self.file.sync_all()?;
+        Ok(RecordingSummary {
+            bytes: self.file.metadata()?.len(),
+            path: self.path,
+            file_id: self.file_id,
+            frames: self.frames,
+        })
+    }
+}
+
 /// Records one call. Feed it 20 ms at a time with [`push`](Self::push);
 /// every full second is sealed and written at once.
 pub struct RecordingWriter {
@@ -228,11 +255,18 @@ impl RecordingWriter {
 
     /// Seals what is buffered as the final chunk, syncs the file to disk.
     pub fn finish(self) -> Result<RecordingSummary> {
+        self.seal()?.sync()
+    }
+
+    /// Seals what is buffered as the final chunk; the file is complete but
+    /// not yet synced: [`SealedRecording::sync`] does that, on any thread
+    /// (the daemon's store thread hands it to a sync thread, so one slow
+    /// fsync does not hold up every other call's rows).
+    pub fn seal(self) -> Result<SealedRecording> {
         let file_id = self.sealed.file_id();
         let file = self.sealed.finish(&self.pending)?;
-        file.sync_all()?;
-        Ok(RecordingSummary {
-            bytes: file.metadata()?.len(),
+        Ok(SealedRecording {
+            file,
             path: self.path,
             file_id,
             frames: self.frames,
