@@ -10,7 +10,8 @@
 #   2. The release daemon (`sipbridge run --config P`, P a temporary profile written here:
 #      UDP listener on a free 127.0.0.1 port, trunk 127.0.0.0/8, tenant `demo` with the
 #      echo pipeline and sip-profiles/prompts/disclosure.wav, rtp_timeout_s = 0,
-#      drain_grace_s = 0, max_calls and rtp_ports sized for RATE × call length) answers the
+#      drain_grace_s = 0, max_calls, rtp_ports and max_unconfirmed_calls_per_source sized
+#      for RATE × call length) answers the
 #      same uac load, once per recording setting; its CPU per call is measured the same
 #      way, its peak RSS is VmHWM from /proc/PID/status.
 # The machine may be noisy and shared, so compare the ratio daemon/uas, not the absolutes.
@@ -202,6 +203,12 @@ listen = "127.0.0.1:$admin_port"
 
 [profile.media]
 rtp_timeout_s = 0
+
+# SIPp is one source address: at RATE calls/s more than the default 10 of its
+# answered calls wait for their ACK at once (a loaded machine's scheduling is
+# enough), and the rest would get 503 "unconfirmed-limit".
+[profile.security]
+max_unconfirmed_calls_per_source = $max_calls
 
 [[tenant]]
 id = "demo"
