@@ -206,7 +206,7 @@ impl RecordingWriter {
         Ok(Self {
             sealed,
             path,
-            pending: Zeroizing::new(Vec::with_capacity(CHUNK_BYTES)),
+            pending: Zeroizing::new(Vec::new()),
             frames: 0,
         })
     }
@@ -237,6 +237,11 @@ impl RecordingWriter {
         }
         let mut i = 0;
         while i < left.len() {
+            if self.pending.capacity() == 0 {
+                // A chunk's room at once: the buffer never grows (a growing
+                // Vec would leave copies of plaintext behind, unzeroed).
+                self.pending.reserve_exact(CHUNK_BYTES);
+            }
             let room = FRAMES_PER_CHUNK - self.pending.len() / BYTES_PER_FRAME;
             let n = room.min(left.len() - i);
             for (l, r) in left[i..i + n].iter().zip(&right[i..i + n]) {
@@ -247,7 +252,9 @@ impl RecordingWriter {
             self.frames += n as u64;
             if self.pending.len() == CHUNK_BYTES {
                 self.sealed.write_chunk(&self.pending)?;
-                self.pending.clear();
+                // Freed (and zeroed) between seconds: the daemon pushes whole
+                // seconds, so thousands of open recordings hold no buffer.
+                self.pending = Zeroizing::new(Vec::new());
             }
         }
         Ok(())

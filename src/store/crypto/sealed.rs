@@ -187,7 +187,7 @@ impl<W: Write> SealedWriter<W> {
             cipher,
             file_id,
             next_index: 0,
-            out: Vec::with_capacity(FRAMING_LEN + 32_000 + TAG_LEN),
+            out: Vec::new(),
             failed: false,
         })
     }
@@ -248,6 +248,9 @@ impl<W: Write> SealedWriter<W> {
             .map_err(|_| CryptoError::SealFailed)?;
         self.out.extend_from_slice(&tag);
         let written = self.w.write_all(&self.out).and_then(|()| self.w.flush());
+        // Not kept between chunks: a recording writes one chunk a second,
+        // and thousands of open recordings would each hold a chunk's buffer.
+        self.out = Vec::new();
         if let Err(e) = written {
             self.failed = true;
             return Err(e.into());
