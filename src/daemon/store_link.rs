@@ -1705,9 +1705,9 @@ impl Writer {
                 right,
             } => {
                 if let Some(OpenRecording { writer, .. }) = self.open.get_mut(&handle) {
-                    let before = file_len(writer.path());
+                    let before = writer.bytes_written();
                     let pushed = writer.push(&left, &right);
-                    crate::metrics::recording_bytes(file_len(writer.path()).saturating_sub(before));
+                    crate::metrics::recording_bytes(writer.bytes_written() - before);
                     if let Err(e) = pushed {
                         self.recording_failed(handle, &e);
                     }
@@ -1886,7 +1886,7 @@ impl Writer {
         match created {
             Ok((id, writer)) => {
                 info!(call_id = %crate::logging::wire(&call_id), recording = %id, "recording started");
-                crate::metrics::recording_bytes(file_len(writer.path()));
+                crate::metrics::recording_bytes(writer.bytes_written());
                 self.open.insert(
                     handle,
                     OpenRecording {
@@ -2017,7 +2017,7 @@ impl Writer {
             return;
         };
         let path = rec.writer.path().to_owned();
-        let before = file_len(&path);
+        let before = rec.writer.bytes_written();
         let sealed = match rec.writer.seal() {
             Ok(sealed) => sealed,
             Err(e) => {

@@ -221,6 +221,11 @@ impl RecordingWriter {
         self.sealed.file_id()
     }
 
+    /// Bytes of the sealed file written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.sealed.bytes_written()
+    }
+
     /// Stereo frames pushed so far.
     pub fn frames(&self) -> u64 {
         self.frames
@@ -244,9 +249,13 @@ impl RecordingWriter {
             }
             let room = FRAMES_PER_CHUNK - self.pending.len() / BYTES_PER_FRAME;
             let n = room.min(left.len() - i);
-            for (l, r) in left[i..i + n].iter().zip(&right[i..i + n]) {
-                self.pending.extend_from_slice(&l.to_le_bytes());
-                self.pending.extend_from_slice(&r.to_le_bytes());
+            // Within the reserved capacity: no reallocation.
+            let start = self.pending.len();
+            self.pending.resize(start + n * BYTES_PER_FRAME, 0);
+            let frames = self.pending[start..].chunks_exact_mut(BYTES_PER_FRAME);
+            for ((f, l), r) in frames.zip(&left[i..i + n]).zip(&right[i..i + n]) {
+                f[..2].copy_from_slice(&l.to_le_bytes());
+                f[2..].copy_from_slice(&r.to_le_bytes());
             }
             i += n;
             self.frames += n as u64;

@@ -160,6 +160,8 @@ pub struct SealedWriter<W: Write> {
     next_index: u32,
     out: Vec<u8>,
     failed: bool,
+    /// Bytes written to `w` (header and chunks).
+    bytes: u64,
 }
 
 impl<W: Write> SealedWriter<W> {
@@ -183,6 +185,7 @@ impl<W: Write> SealedWriter<W> {
         w.write_all(&bytes)?;
         w.flush()?;
         Ok(Self {
+            bytes: bytes.len() as u64,
             w,
             cipher,
             file_id,
@@ -201,6 +204,12 @@ impl<W: Write> SealedWriter<W> {
     pub fn finish(mut self, last: &[u8]) -> Result<W> {
         self.seal(last, true)?;
         Ok(self.w)
+    }
+
+    /// Bytes written so far (header and chunks): the file's size when the
+    /// stream is a new file.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
     }
 
     /// Chunks written so far.
@@ -255,6 +264,7 @@ impl<W: Write> SealedWriter<W> {
             self.failed = true;
             return Err(e.into());
         }
+        self.bytes += (FRAMING_LEN + plaintext.len() + TAG_LEN) as u64;
         self.next_index = next;
         Ok(())
     }
