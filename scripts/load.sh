@@ -21,7 +21,9 @@
 # peak RSS), then per daemon run a few /metrics counters — attempts by code, RTP packets
 # sent per call (50 per second of call when the daemon keeps pace), recording bytes,
 # store operations dropped on a full queue (lost CDR/recording records: not counted as
-# failed calls) — and its most frequent WARN/ERROR log lines.
+# failed calls), the store's group commits and rows per commit, finished calls still
+# lingering for retransmissions 1 s after the last call (and their bytes each) — and its
+# most frequent WARN/ERROR log lines.
 # Exits 1 if any call failed (SIPp's FailedCall count, or calls SIPp did not finish),
 # 2 on a set-up error. Every process runs under `timeout`; a trap ends them on exit.
 #
@@ -281,8 +283,14 @@ while (($# > 0)); do
                  /^sipbridge_rtp_packets_sent_total / { r = $2 }
                  /^sipbridge_recording_bytes_written_total / { b = $2 }
                  /^sipbridge_store_queue_dropped_total / { q = $2 }
+                 /^sipbridge_store_batches_total / { nb = $2 }
+                 /^sipbridge_store_batched_writes_total / { nw = $2 }
+                 /^sipbridge_sip_lingering_calls / { lc = $2 }
+                 /^sipbridge_sip_lingering_bytes / { lb = $2 }
                  END { for (k in a) { sub(/^sipbridge_call_attempts_total/, "", k); s = s k "=" a["sipbridge_call_attempts_total" k] " " }
-                       printf "attempts %srtp/call=%.1f rec_bytes=%d store_dropped=%d", s, r / c, b, q }' \
+                       printf "attempts %srtp/call=%.1f rec_bytes=%d store_dropped=%d", s, r / c, b, q
+                       printf " store_commits=%d rows/commit=%.1f", nb, nb > 0 ? nw / nb : 0
+                       printf " lingering=%d (%.0f B each)", lc, lc > 0 ? lb / lc : 0 }' \
             c="$calls" "$dir/metrics.txt" 2>/dev/null || true)
         notes+=("$rate/s recording $([[ $rec == true ]] && echo on || echo off): $m")
         while IFS= read -r line; do notes+=("  $line"); done < <(
