@@ -289,8 +289,8 @@ while (($# > 0)); do
                  /^sipbridge_sip_lingering_bytes / { lb = $2 }
                  END { for (k in a) { sub(/^sipbridge_call_attempts_total/, "", k); s = s k "=" a["sipbridge_call_attempts_total" k] " " }
                        printf "attempts %srtp/call=%.1f rec_bytes=%d store_dropped=%d", s, r / c, b, q
-                       printf " store_commits=%d rows/commit=%.1f", nb, nb > 0 ? nw / nb : 0
-                       printf " lingering=%d (%.0f B each)", lc, lc > 0 ? lb / lc : 0 }' \
+                       printf " store_commits=%d rows/commit=%.1f", nb, (nb > 0 ? nw / nb : 0)
+                       printf " lingering=%d (%.0f B each)", lc, (lc > 0 ? lb / lc : 0) }' \
             c="$calls" "$dir/metrics.txt" 2>/dev/null || true)
         notes+=("$rate/s recording $([[ $rec == true ]] && echo on || echo off): $m")
         while IFS= read -r line; do notes+=("  $line"); done < <(
