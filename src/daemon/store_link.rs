@@ -1,11 +1,14 @@
 //! The daemon's side of the store: CDRs, consent events and call recordings
 //! written off the async hot path.
 //!
-//! Owns one writer thread that holds the SQLite [`Store`], the [`KeyRing`]
-//! and every open [`RecordingWriter`]; call tasks talk to it through one
-//! bounded channel with `try_send`, so a call task never waits on SQLite or
-//! on a recording file (a full channel drops the message and counts it).
-//! Messages of one call arrive in order because one task sends them.
+//! Owns one writer thread that holds the [`Store`] and the [`KeyRing`] and
+//! opens recordings; call tasks talk to it through one bounded channel with
+//! `try_send`, so a call task never waits on the database or on a recording
+//! file (a full channel drops the message and counts it). Messages of one
+//! call arrive in order because one task sends them. The writer commits
+//! what it takes from the queue together as one batch (group commit) and
+//! hands each open [`RecordingWriter`]'s file work (chunks, last chunk and
+//! fsync, opt-out deletion) to one of [`IO_THREADS`] threads, in order.
 //! Must not touch: protocol logic (the call and media sessions decide), the
 //! sealed format or SQL (those are `store::*`).
 //!
