@@ -10,7 +10,8 @@
 #   2. The release daemon (`sipbridge run --config P`, P a temporary profile written here:
 #      UDP listener on a free 127.0.0.1 port, trunk 127.0.0.0/8, tenant `demo` with the
 #      echo pipeline and sip-profiles/prompts/disclosure.wav, rtp_timeout_s = 0,
-#      drain_grace_s = 0, max_calls and rtp_ports sized for RATE × call length) answers the
+#      drain_grace_s = 0, max_calls, rtp_ports and max_unconfirmed_calls_per_source sized
+#      for RATE × call length) answers the
 #      same uac load, once per recording setting; its CPU per call is measured the same
 #      way, its peak RSS is VmHWM from /proc/PID/status.
 # The machine may be noisy and shared, so compare the ratio daemon/uas, not the absolutes.
@@ -20,7 +21,9 @@
 # peak RSS), then per daemon run a few /metrics counters — attempts by code, RTP packets
 # sent per call (50 per second of call when the daemon keeps pace), recording bytes,
 # store operations dropped on a full queue (lost CDR/recording records: not counted as
-# failed calls) — and its most frequent WARN/ERROR log lines.
+# failed calls), the store's group commits and rows per commit, finished calls still
+# lingering for retransmissions 1 s after the last call (and their bytes each) — and its
+# most frequent WARN/ERROR log lines.
 # Exits 1 if any call failed (SIPp's FailedCall count, or calls SIPp did not finish),
 # 2 on a set-up error. Every process runs under `timeout`; a trap ends them on exit.
 #
@@ -203,6 +206,12 @@ listen = "127.0.0.1:$admin_port"
 [profile.media]
 rtp_timeout_s = 0
 
+# SIPp is one source address: at RATE calls/s more than the default 10 of its
+# answered calls wait for their ACK at once (a loaded machine's scheduling is
+# enough), and the rest would get 503 "unconfirmed-limit".
+[profile.security]
+max_unconfirmed_calls_per_source = $max_calls
+
 [[tenant]]
 id = "demo"
 recording = $rec
@@ -274,8 +283,14 @@ while (($# > 0)); do
                  /^sipbridge_rtp_packets_sent_total / { r = $2 }
                  /^sipbridge_recording_bytes_written_total / { b = $2 }
                  /^sipbridge_store_queue_dropped_total / { q = $2 }
+                 /^sipbridge_store_batches_total / { nb = $2 }
+                 /^sipbridge_store_batched_writes_total / { nw = $2 }
+                 /^sipbridge_sip_lingering_calls / { lc = $2 }
+                 /^sipbridge_sip_lingering_bytes / { lb = $2 }
                  END { for (k in a) { sub(/^sipbridge_call_attempts_total/, "", k); s = s k "=" a["sipbridge_call_attempts_total" k] " " }
-                       printf "attempts %srtp/call=%.1f rec_bytes=%d store_dropped=%d", s, r / c, b, q }' \
+                       printf "attempts %srtp/call=%.1f rec_bytes=%d store_dropped=%d", s, r / c, b, q
+                       printf " store_commits=%d rows/commit=%.1f", nb, (nb > 0 ? nw / nb : 0)
+                       printf " lingering=%d (%.0f B each)", lc, (lc > 0 ? lb / lc : 0) }' \
             c="$calls" "$dir/metrics.txt" 2>/dev/null || true)
         notes+=("$rate/s recording $([[ $rec == true ]] && echo on || echo off): $m")
         while IFS= read -r line; do notes+=("  $line"); done < <(

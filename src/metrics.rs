@@ -101,6 +101,10 @@ pub(crate) mod names {
     pub(crate) const STORE_RETRIED: &str = "sipbridge_store_retried_total";
     /// Counter: database writes lost because the retry queue was full.
     pub(crate) const STORE_RETRY_DROPPED: &str = "sipbridge_store_retry_dropped_total";
+    /// Counter: group-commit batches the store thread committed.
+    pub(crate) const STORE_BATCHES: &str = "sipbridge_store_batches_total";
+    /// Counter: database writes those batches held.
+    pub(crate) const STORE_BATCHED_WRITES: &str = "sipbridge_store_batched_writes_total";
     /// Counter by `kind`: objects deleted by the retention sweeper.
     pub(crate) const RETENTION_DELETIONS: &str = "sipbridge_retention_deletions_total";
     /// Counter by `kind`: retention deletions that failed (retried next sweep).
@@ -439,6 +443,16 @@ fn describe() {
         "Database writes stored on a retry after a failure."
     );
     describe_counter!(
+        STORE_BATCHES,
+        Unit::Count,
+        "Group-commit batches the store thread committed (one transaction each)."
+    );
+    describe_counter!(
+        STORE_BATCHED_WRITES,
+        Unit::Count,
+        "Database writes (CDR rows, consent, recording index and states, transcripts) committed in those batches."
+    );
+    describe_counter!(
         STORE_RETRY_DROPPED,
         Unit::Count,
         "Database writes lost because the retry queue was full."
@@ -493,6 +507,8 @@ fn describe() {
     }
     counter!(STORE_RETRIED).absolute(0);
     counter!(STORE_RETRY_DROPPED).absolute(0);
+    counter!(STORE_BATCHES).absolute(0);
+    counter!(STORE_BATCHED_WRITES).absolute(0);
     gauge!(STORE_RETRY_PENDING).set(0.0);
 }
 
@@ -825,6 +841,12 @@ pub(crate) fn store_write_failed(kind: &'static str) {
 
 /// The retry queue's length now, with `stored` writes stored on a retry
 /// and `dropped` lost (queue full) since the last report.
+/// A group-commit batch of `writes` database writes committed (store thread).
+pub(crate) fn store_batch(writes: usize) {
+    counter!(STORE_BATCHES).increment(1);
+    counter!(STORE_BATCHED_WRITES).increment(writes as u64);
+}
+
 pub(crate) fn store_retry(pending: usize, stored: u64, dropped: u64) {
     gauge!(STORE_RETRY_PENDING).set(pending as f64);
     if stored > 0 {

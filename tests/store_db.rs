@@ -922,3 +922,132 @@ fn an_outbound_call_is_marked_so() {
     // Another tenant's call is not touched.
     assert!(s.mark_outbound("globex", "out1").is_err());
 }
+
+/// Group commit (issue 17): a batch of many writes is one commit; a write
+/// refused inside it is undone alone (its audit row too) and the others
+/// stay; a batch rolled back leaves nothing; a write's own transaction is a
+/// savepoint inside the batch, so opt-outs are audited exactly once.
+#[test]
+fn a_batch_commits_many_writes_once_and_a_refused_write_alone_is_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    let before = s.commits();
+    s.insert_call(&call("acme", "solo", "+4915100", T0))
+        .unwrap();
+    assert_eq!(
+        s.commits(),
+        before + 1,
+        "a write outside a batch commits at once"
+    );
+
+    let before = s.commits();
+    s.begin_batch().unwrap();
+    assert!(s.in_batch());
+    for n in 0..50 {
+        let id = format!("b{n}");
+        s.batched(|s| s.insert_call(&call("acme", &id, "+4915100", T0 + n)))
+            .unwrap();
+        s.batched(|s| s.record_consent("acme", &id, ConsentEvent::OptOut, T0 + n))
+            .unwrap();
+        s.batched(|s| s.insert_recording(&rec("acme", &id, &format!("{id}-r"), T0)))
+            .unwrap();
+    }
+    // Refused inside the batch: a duplicate CDR (the engine refuses the
+    // statement), an opt-out of an unknown call, a transition a recording
+    // cannot make. Each leaves nothing and the batch goes on.
+    assert!(
+        s.batched(|s| s.insert_call(&call("acme", "b0", "+4915100", T0)))
+            .is_err()
+    );
+    assert!(matches!(
+        s.batched(|s| s.record_consent("acme", "nobody", ConsentEvent::OptOut, T0)),
+        Err(DbError::UnknownCall { .. })
+    ));
+    s.batched(|s| s.set_recording_state("b1-r", RecordingState::Complete, 10, 1000))
+        .unwrap();
+    assert!(matches!(
+        s.batched(|s| s.set_recording_state("b1-r", RecordingState::Partial, 10, 1000)),
+        Err(DbError::InvalidTransition { .. })
+    ));
+    s.batched(|s| s.finish_call("acme", "b1", &end(T0 + 60_000)))
+        .unwrap();
+    assert_eq!(s.commits(), before, "nothing commits before the batch does");
+    s.commit_batch().unwrap();
+    assert!(!s.in_batch());
+    assert_eq!(s.commits(), before + 1, "152 writes, one commit");
+
+    for n in 0..50 {
+        let cdr = s.get_call("acme", &format!("b{n}")).unwrap().unwrap();
+        assert_eq!(cdr.consent.opt_out_at, Some(T0 + n), "b{n}");
+    }
+    assert_eq!(
+        s.get_call("acme", "b1").unwrap().unwrap().ended_at,
+        Some(T0 + 60_000)
+    );
+    let r = s.get_recording(Some("acme"), "b1-r").unwrap().unwrap();
+    assert_eq!(r.state, RecordingState::Complete);
+    let opt_outs = audit_ids(&s, "acme", AuditAction::ConsentOptOut);
+    assert_eq!(
+        opt_outs.len(),
+        50,
+        "each opt-out audited once: {opt_outs:?}"
+    );
+    assert!(!opt_outs.iter().any(|(_, id)| id == "nobody"));
+
+    // A batch rolled back leaves nothing, audit rows included; the store
+    // writes on afterwards.
+    s.begin_batch().unwrap();
+    s.batched(|s| s.insert_call(&call("acme", "gone", "+4915100", T0)))
+        .unwrap();
+    s.batched(|s| s.record_consent("acme", "gone", ConsentEvent::OptOut, T0))
+        .unwrap();
+    s.rollback_batch();
+    assert!(s.get_call("acme", "gone").unwrap().is_none());
+    assert_eq!(audit_ids(&s, "acme", AuditAction::ConsentOptOut).len(), 50);
+    s.insert_call(&call("acme", "after", "+4915100", T0))
+        .unwrap();
+    assert!(s.get_call("acme", "after").unwrap().is_some());
+
+    // No batch inside a transaction's place: a second batch is refused.
+    s.begin_batch().unwrap();
+    assert!(matches!(s.begin_batch(), Err(DbError::Misuse(_))));
+    s.commit_batch().unwrap();
+}
+
+/// What group commit saves on SQLite, seen in the WAL file: every commit
+/// appends the pages it changed, so 200 CDR rows written one by one append
+/// at least 200 frames, and the same rows in one batch a handful.
+#[test]
+fn a_batch_appends_a_fraction_of_the_wal_of_single_commits() {
+    if !crate::ENGINE_IS_SQLITE {
+        return;
+    }
+    let wal_bytes = |batch: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        let wal = dir.path().join("meta.db-wal");
+        let before = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        if batch {
+            s.begin_batch().unwrap();
+        }
+        for n in 0..200 {
+            s.batched(|s| s.insert_call(&call("acme", &format!("w{n}"), "+4915100", T0)))
+                .unwrap();
+        }
+        if batch {
+            s.commit_batch().unwrap();
+        }
+        assert!(s.get_call("acme", "w0").unwrap().is_some());
+        assert!(s.get_call("acme", "w199").unwrap().is_some());
+        std::fs::metadata(&wal).unwrap().len() - before
+    };
+    let (single, batched) = (wal_bytes(false), wal_bytes(true));
+    assert!(
+        single >= 200 * 4096,
+        "one frame per commit at least: {single}"
+    );
+    assert!(
+        batched * 10 < single,
+        "batched {batched} vs single {single}"
+    );
+}

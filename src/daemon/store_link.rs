@@ -1,11 +1,14 @@
 //! The daemon's side of the store: CDRs, consent events and call recordings
 //! written off the async hot path.
 //!
-//! Owns one writer thread that holds the SQLite [`Store`], the [`KeyRing`]
-//! and every open [`RecordingWriter`]; call tasks talk to it through one
-//! bounded channel with `try_send`, so a call task never waits on SQLite or
-//! on a recording file (a full channel drops the message and counts it).
-//! Messages of one call arrive in order because one task sends them.
+//! Owns one writer thread that holds the [`Store`] and the [`KeyRing`] and
+//! opens recordings; call tasks talk to it through one bounded channel with
+//! `try_send`, so a call task never waits on the database or on a recording
+//! file (a full channel drops the message and counts it). Messages of one
+//! call arrive in order because one task sends them. The writer commits
+//! what it takes from the queue together as one batch (group commit) and
+//! hands each open [`RecordingWriter`]'s file work (chunks, last chunk and
+//! fsync, opt-out deletion) to one of [`IO_THREADS`] threads, in order.
 //! Must not touch: protocol logic (the call and media sessions decide), the
 //! sealed format or SQL (those are `store::*`).
 //!
@@ -41,7 +44,8 @@ use crate::store::db::{
 };
 use crate::store::objects::RecordingObjects;
 use crate::store::recording::{
-    EXTENSION, FRAMES_PER_CHUNK, RecordingDate, RecordingWriter, SAMPLE_RATE,
+    EXTENSION, FRAMES_PER_CHUNK, RecordingDate, RecordingSummary, RecordingWriter, SAMPLE_RATE,
+    SealedRecording,
 };
 use crate::store::retention::{RetentionPolicy, Sweeper};
 use anyhow::Context;
@@ -74,16 +78,7 @@ enum Op {
         tenant: String,
         call_id: String,
     },
-    FinishCall {
-        tenant: String,
-        call_id: String,
-        end: CallEnd,
-        frames: MediaFrames,
-        /// As the call saw it; the writer corrects it when a write failed.
-        recording: CallRecording,
-        /// The call's last transfer.
-        transfer: Option<CallTransfer>,
-    },
+    FinishCall(Box<CallFinish>),
     Consent {
         tenant: String,
         call_id: String,
@@ -131,6 +126,18 @@ enum Op {
         retention: HashMap<String, RetentionPolicy>,
     },
     Shutdown,
+}
+
+/// A call's end, for its CDR.
+struct CallFinish {
+    tenant: String,
+    call_id: String,
+    end: CallEnd,
+    frames: MediaFrames,
+    /// As the call saw it; the writer corrects it when a write failed.
+    recording: CallRecording,
+    /// The call's last transfer.
+    transfer: Option<CallTransfer>,
 }
 
 /// The store as the daemon uses it: a handle to the writer thread.
@@ -292,12 +299,21 @@ impl Records {
             retry_dropped_total: 0,
             events,
             transcripts_stored: HashMap::new(),
+            group: false,
+            batch_log: Vec::new(),
+            ready: Vec::new(),
+            batches: 0,
+            batched_writes: 0,
+            recording_io: RecordingIo::start().context("starting the recording I/O threads")?,
+            syncing: HashMap::new(),
         };
         // Free space is known before the first call is admitted.
         writer.check();
         let thread = std::thread::Builder::new()
             .name("sipbridge-store".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+            })
             .context("starting the store thread")?;
         Ok(Records {
             tx,
@@ -378,14 +394,14 @@ impl Records {
             to: record.to.clone(),
             started_at: unix_ms(record.started_at),
         }));
-        self.send(Op::FinishCall {
+        self.send(Op::FinishCall(Box::new(CallFinish {
             tenant,
             call_id: record.call_id.clone(),
             end: call_end(record),
             frames: media_frames(record),
             recording: call_recording(record.recording),
             transfer: call_transfer(record),
-        });
+        })));
     }
 
     /// A reloaded configuration (SIGHUP, admin API): every tenant's caller-id
@@ -785,14 +801,14 @@ impl CallStore {
             }
             self.records.send(Op::FinishRecording { handle: b.handle });
         }
-        self.records.send(Op::FinishCall {
+        self.records.send(Op::FinishCall(Box::new(CallFinish {
             tenant: self.tenant.clone(),
             call_id: self.call_id.clone(),
             end: call_end(record),
             frames: media_frames(record),
             recording: call_recording(record.recording),
             transfer: call_transfer(record),
-        });
+        })));
     }
 }
 
@@ -1032,6 +1048,8 @@ enum DbWrite {
         reason: &'static str,
         at: UnixMs,
     },
+    InsertRecording(RecordingRow),
+    InsertTranscript(TranscriptRow),
 }
 
 impl DbWrite {
@@ -1068,6 +1086,8 @@ impl DbWrite {
             } => store
                 .delete_recording(tenant, id, actor, reason, *at)
                 .map(|_| ()),
+            DbWrite::InsertRecording(row) => store.insert_recording(row),
+            DbWrite::InsertTranscript(row) => store.insert_transcript(row),
         }
     }
 
@@ -1080,6 +1100,8 @@ impl DbWrite {
             DbWrite::Consent { .. } => "consent event",
             DbWrite::RecordingState { .. } => "recording state",
             DbWrite::DeleteRecording { .. } => "recording deletion",
+            DbWrite::InsertRecording(_) => "recording index",
+            DbWrite::InsertTranscript(_) => "transcript segment",
         }
     }
 }
@@ -1136,8 +1158,14 @@ struct Health {
 /// An open recording.
 struct OpenRecording {
     meta: RecordingMeta,
-    writer: RecordingWriter,
+    path: PathBuf,
+    /// The writer, written through by the recording's I/O thread; empty
+    /// once a write failed (or the recording was finished or discarded).
+    slot: Slot,
 }
+
+/// Where an open recording's writer lives, shared with its I/O thread.
+type Slot = Arc<Mutex<Option<RecordingWriter>>>;
 
 /// Whose an open recording is.
 struct RecordingMeta {
@@ -1210,15 +1238,56 @@ struct Writer {
     events: Arc<super::webhooks::Events>,
     /// Transcript segments stored per call whose sink is still open.
     transcripts_stored: HashMap<String, u64>,
+    /// The operations being applied were taken from the queue together:
+    /// their database writes share one transaction (group commit).
+    group: bool,
+    /// Writes applied in the open batch, in order: applied again, one by
+    /// one, if the batch fails to commit.
+    batch_log: Vec<DbWrite>,
+    /// `recording.ready` / `transcript.ready` waiting for the batch that
+    /// stores their rows to commit.
+    ready: Vec<Ready>,
+    /// Batches committed and the writes they held (tests, log).
+    batches: u64,
+    batched_writes: u64,
+    /// The threads that write recordings' files.
+    recording_io: RecordingIo,
+    /// Calls whose recording waits for its fsync, with their CDR end once
+    /// it arrived (it is stored after the recording's state).
+    syncing: HashMap<String, Option<Box<CallFinish>>>,
 }
 
+/// An event sent once the rows it announces are committed.
+enum Ready {
+    Recording {
+        tenant: String,
+        call_id: String,
+        rec: super::webhooks::RecordingReady,
+    },
+    Transcript {
+        tenant: String,
+        call_id: String,
+        segments: u64,
+    },
+}
+
+/// Operations the writer takes from the queue at most before it commits
+/// them as one batch. Bounds how long a batch holds the database's write
+/// lock (the admin API's erasure waits for it) and how many writes a failed
+/// commit applies again.
+const MAX_BATCH: usize = 512;
+
 impl Writer {
-    fn run(mut self, rx: Receiver<Op>) {
+    /// The writer thread: takes what is queued (up to [`MAX_BATCH`]
+    /// operations at once), applies it with one commit, until `Shutdown`.
+    /// Returns itself for tests.
+    fn run(mut self, rx: Receiver<Op>) -> Writer {
         // DESIGN §4: the retention sweeper runs at start-up and on an interval,
         // here on the thread that owns the database. Free space is checked
         // and failed writes retried every `check_interval_s`.
         let mut next_sweep = std::time::Instant::now();
         let mut next_check = std::time::Instant::now() + self.settings.check_interval;
+        let mut ops = Vec::with_capacity(MAX_BATCH);
         loop {
             let now = std::time::Instant::now();
             if now >= next_check {
@@ -1229,29 +1298,145 @@ impl Writer {
                 self.sweep();
                 next_sweep = now + SWEEP_INTERVAL;
             }
-            let wait = next_sweep
+            let mut wait = next_sweep
                 .min(next_check)
                 .saturating_duration_since(std::time::Instant::now());
-            let received = rx.recv_timeout(wait);
-            if received.is_ok() {
-                self.backlog.fetch_sub(1, Ordering::Relaxed);
+            if !self.syncing.is_empty() || !self.open.is_empty() {
+                wait = wait.min(SYNC_POLL);
             }
-            match received {
-                Ok(Op::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(op) => self.apply(op),
-                Err(RecvTimeoutError::Timeout) => {}
+            match rx.recv_timeout(wait) {
+                Ok(op) => ops.push(op),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.syncing.is_empty() || !self.open.is_empty() {
+                        self.apply_group(&mut ops);
+                    }
+                    continue;
+                }
+            }
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.backlog.fetch_sub(ops.len(), Ordering::Relaxed);
+            if self.apply_group(&mut ops) {
+                break;
             }
         }
+        // What is left, in one batch: open recordings are finished, the
+        // sync threads' last reports taken, the CDRs that waited for them
+        // closed (also when a report never came: a sync thread died).
+        self.group = true;
         let handles: Vec<u64> = self.open.keys().copied().collect();
         for handle in handles {
             self.finish(handle);
         }
+        self.recording_io.stop();
+        self.take_synced();
+        let waiting: Vec<Box<CallFinish>> = self.syncing.drain().filter_map(|(_, f)| f).collect();
+        for f in waiting {
+            self.finish_call(*f);
+        }
+        self.group = false;
+        self.end_batch();
         self.flush_retries();
         if !self.retry.is_empty() {
             error!(
                 lost = self.retry.len(),
                 "store writes lost at shutdown: the database still cannot write (disk full?)"
             );
+        }
+        self.send_ready();
+        if self.batches > 0 {
+            info!(
+                batches = self.batches,
+                writes = self.batched_writes,
+                "store writes committed in batches"
+            );
+        }
+        self
+    }
+
+    /// Applies operations taken from the queue together, after the sync
+    /// threads' reports: their database writes share one transaction (group
+    /// commit: one commit, on SQLite one WAL append, instead of one per row).
+    /// Returns whether `Shutdown` was among them (what follows it is not
+    /// applied).
+    fn apply_group(&mut self, ops: &mut Vec<Op>) -> bool {
+        self.group = true;
+        self.take_synced();
+        let mut stop = false;
+        for op in ops.drain(..) {
+            if let Op::Shutdown = op {
+                stop = true;
+                break;
+            }
+            self.apply(op);
+        }
+        ops.clear();
+        self.group = false;
+        self.end_batch();
+        self.send_ready();
+        stop
+    }
+
+    /// Commits the open batch, if any. When the commit fails nothing of the
+    /// batch is stored: its writes are applied again one by one (those that
+    /// still fail wait for a retry, in order, as any failed write).
+    fn end_batch(&mut self) {
+        if !self.store.in_batch() {
+            return;
+        }
+        match self.store.commit_batch() {
+            Ok(()) => {
+                self.batches += 1;
+                self.batched_writes += self.batch_log.len() as u64;
+                crate::metrics::store_batch(self.batch_log.len());
+                self.batch_log.clear();
+            }
+            Err(e) => {
+                warn!(writes = self.batch_log.len(), error = %e,
+                    "store batch could not commit; its writes are applied one by one");
+                self.replay_batch();
+            }
+        }
+    }
+
+    /// The open batch failed (or was rolled back): its writes, one by one.
+    fn replay_batch(&mut self) {
+        self.store.rollback_batch();
+        let group = std::mem::replace(&mut self.group, false);
+        for w in std::mem::take(&mut self.batch_log) {
+            self.db(w);
+        }
+        self.group = group;
+    }
+
+    /// Sends the events whose rows are committed (or failed for good).
+    fn send_ready(&mut self) {
+        for r in self.ready.drain(..) {
+            match r {
+                Ready::Recording {
+                    tenant,
+                    call_id,
+                    rec,
+                } => self.events.recording_ready(&tenant, &call_id, &rec),
+                Ready::Transcript {
+                    tenant,
+                    call_id,
+                    segments,
+                } => self.events.transcript_ready(&tenant, &call_id, segments),
+            }
+        }
+    }
+
+    /// An event for the rows just written: sent after their batch commits.
+    fn announce(&mut self, r: Ready) {
+        self.ready.push(r);
+        if !self.store.in_batch() {
+            self.send_ready();
         }
     }
 
@@ -1369,14 +1554,52 @@ impl Writer {
             self.queue_retry(w);
             return;
         }
-        match w.apply(&mut self.store) {
-            Ok(()) => {}
-            Err(e) if retryable(&e) => {
+        if let Err(failed) = self.db_now(w) {
+            let (w, e) = *failed;
+            if retryable(&e) {
                 warn!(what = w.what(), error = %e, "store write failed; kept for a retry");
                 self.write_failed("database");
                 self.queue_retry(w);
+            } else {
+                warn!(what = w.what(), error = %e, "store write refused");
             }
-            Err(e) => warn!(what = w.what(), error = %e, "store write refused"),
+        }
+    }
+
+    /// Applies one database write now, inside the group's batch when the
+    /// operations came together (the batch opens at the first write). A
+    /// write that fails for a reason that may pass (disk full, connection
+    /// lost) ends the batch: the writes before it are applied again one by
+    /// one, since SQLite may have rolled the whole transaction back. Returns
+    /// the write with its error when it failed (nothing of it is stored).
+    fn db_now(&mut self, w: DbWrite) -> Result<(), Box<(DbWrite, DbError)>> {
+        if !self.retry.is_empty() {
+            // Not ahead of older writes waiting for a retry.
+            return Err(Box::new((
+                w,
+                DbError::Misuse("older writes wait for a retry"),
+            )));
+        }
+        if self.group
+            && !self.store.in_batch()
+            && let Err(e) = self.store.begin_batch()
+        {
+            // One by one then; a retryable cause shows in the write too.
+            warn!(error = %e, "store batch could not begin");
+        }
+        match self.store.batched(|s| w.apply(s)) {
+            Ok(()) => {
+                if self.store.in_batch() {
+                    self.batch_log.push(w);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if self.store.in_batch() && retryable(&e) {
+                    self.replay_batch();
+                }
+                Err(Box::new((w, e)))
+            }
         }
     }
 
@@ -1461,29 +1684,12 @@ impl Writer {
             Op::MarkOutbound { tenant, call_id } => {
                 self.db(DbWrite::MarkOutbound { tenant, call_id });
             }
-            Op::FinishCall {
-                tenant,
-                call_id,
-                end,
-                frames,
-                recording,
-                transfer,
-            } => {
-                let recording = match self.failed.remove(&call_id) {
-                    // The caller's opt-out stands: what was kept is gone.
-                    Some(_) if recording == CallRecording::OptedOut => recording,
-                    Some(f) => f.outcome(),
-                    None => recording,
-                };
-                self.db(DbWrite::CloseCall {
-                    tenant,
-                    call_id,
-                    end,
-                    frames,
-                    recording,
-                    transfer,
-                });
-            }
+            Op::FinishCall(f) => match self.syncing.get_mut(&f.call_id) {
+                // Its recording waits for its fsync: the CDR closes after
+                // the recording's state is stored (and corrected by it).
+                Some(waiting) => *waiting = Some(f),
+                None => self.finish_call(*f),
+            },
             Op::Consent {
                 tenant,
                 call_id,
@@ -1507,13 +1713,17 @@ impl Writer {
                 left,
                 right,
             } => {
-                if let Some(OpenRecording { writer, .. }) = self.open.get_mut(&handle) {
-                    let before = file_len(writer.path());
-                    let pushed = writer.push(&left, &right);
-                    crate::metrics::recording_bytes(file_len(writer.path()).saturating_sub(before));
-                    if let Err(e) = pushed {
-                        self.recording_failed(handle, &e);
-                    }
+                if let Some(rec) = self.open.get(&handle) {
+                    let slot = Arc::clone(&rec.slot);
+                    self.io(
+                        handle,
+                        IoJob::Push {
+                            handle,
+                            slot,
+                            left,
+                            right,
+                        },
+                    );
                 }
             }
             Op::FinishRecording { handle } => self.finish(handle),
@@ -1525,11 +1735,16 @@ impl Writer {
             } => {
                 let kept = match self.open.remove(&handle) {
                     Some(rec) => {
-                        let path = rec.writer.path().to_owned();
-                        if let Err(e) = rec.writer.discard() {
-                            warn!(recording = %rec.meta.id, error = %e, "opt-out: removing the file failed");
-                        }
-                        self.closed(&path);
+                        // After the audio queued for it; the row is marked
+                        // deleted now (start-up removes a file left behind).
+                        self.io(
+                            handle,
+                            IoJob::Discard {
+                                slot: rec.slot,
+                                id: rec.meta.id.clone(),
+                            },
+                        );
+                        self.closed(&rec.path);
                         Some(rec.meta.id)
                     }
                     // Stopped by a full disk and kept as `partial`.
@@ -1580,8 +1795,12 @@ impl Writer {
                 }
             }
             Op::TranscriptsDone { tenant, call_id } => {
-                if let Some(n) = self.transcripts_stored.remove(&call_id) {
-                    self.events.transcript_ready(&tenant, &call_id, n);
+                if let Some(segments) = self.transcripts_stored.remove(&call_id) {
+                    self.announce(Ready::Transcript {
+                        tenant,
+                        call_id,
+                        segments,
+                    });
                 }
             }
             Op::Tenants { callers, retention } => {
@@ -1635,7 +1854,7 @@ impl Writer {
         let created_unix = u64::try_from(at / 1000).unwrap_or(0);
         let ciphertext =
             crate::store::ops::seal_transcript(&key, &t.text, created_unix, &mut self.rng)?;
-        self.store.insert_transcript(&TranscriptRow {
+        self.db_now(DbWrite::InsertTranscript(TranscriptRow {
             id,
             call_id: call_id.to_owned(),
             tenant: tenant.to_owned(),
@@ -1646,7 +1865,8 @@ impl Writer {
             key_id: key.id().to_string(),
             confidence: t.confidence,
             created_at: at,
-        })?;
+        }))
+        .map_err(|f| f.1)?;
         Ok(())
     }
 
@@ -1684,7 +1904,7 @@ impl Writer {
         match created {
             Ok((id, writer)) => {
                 info!(call_id = %crate::logging::wire(&call_id), recording = %id, "recording started");
-                crate::metrics::recording_bytes(file_len(writer.path()));
+                crate::metrics::recording_bytes(writer.bytes_written());
                 self.open.insert(
                     handle,
                     OpenRecording {
@@ -1694,7 +1914,8 @@ impl Writer {
                             call_id,
                             status,
                         },
-                        writer,
+                        path: writer.path().to_owned(),
+                        slot: Arc::new(Mutex::new(Some(writer))),
                     },
                 );
             }
@@ -1736,7 +1957,8 @@ impl Writer {
             key_id: key.id().to_string(),
             created_at,
         };
-        if let Err(e) = self.store.insert_recording(&row) {
+        if let Err(failed) = self.db_now(DbWrite::InsertRecording(row)) {
+            let e = failed.1;
             // No row, no file: nothing unindexed stays on disk.
             let _ = writer.discard();
             return Err(e.into());
@@ -1750,10 +1972,10 @@ impl Writer {
             return;
         };
         warn!(recording = %rec.meta.id, error = %e, "recording write failed; the recording stops here");
-        let path = rec.writer.path().to_owned();
-        drop(rec.writer);
-        self.salvage(rec.meta, &path);
-        self.closed(&path);
+        // Closed (the I/O thread emptied the slot already).
+        drop(slot_take(&rec.slot));
+        self.salvage(rec.meta, &rec.path);
+        self.closed(&rec.path);
     }
 
     /// After a failed write: what was sealed before is kept and marked
@@ -1772,16 +1994,16 @@ impl Writer {
                 duration_ms: duration_ms(frames),
             });
             rec.status.store(REC_PARTIAL, Ordering::Relaxed);
-            self.events.recording_ready(
-                &rec.tenant,
-                &rec.call_id,
-                &super::webhooks::RecordingReady {
+            self.announce(Ready::Recording {
+                tenant: rec.tenant.clone(),
+                call_id: rec.call_id.clone(),
+                rec: super::webhooks::RecordingReady {
                     recording_id: rec.id.clone(),
                     state: "partial",
                     duration_ms: duration_ms(frames),
                     bytes: file_len(path),
                 },
-            );
+            });
             Failed::Partial {
                 id: rec.id,
                 path: path.to_owned(),
@@ -1807,38 +2029,275 @@ impl Writer {
         self.failed.insert(rec.call_id, outcome);
     }
 
+    /// Hands a recording's end to its I/O thread (after its queued audio):
+    /// the last chunk is sealed and the file fsynced there; its state is
+    /// stored when that is done ([`Writer::synced`]).
     fn finish(&mut self, handle: u64) {
         let Some(rec) = self.open.remove(&handle) else {
             return;
         };
-        let path = rec.writer.path().to_owned();
-        let before = file_len(&path);
-        match rec.writer.finish() {
-            Ok(s) => {
-                crate::metrics::recording_bytes(s.bytes.saturating_sub(before));
-                self.events.recording_ready(
-                    &rec.meta.tenant,
-                    &rec.meta.call_id,
-                    &super::webhooks::RecordingReady {
-                        recording_id: rec.meta.id.clone(),
-                        state: "complete",
-                        duration_ms: duration_ms(s.frames),
-                        bytes: s.bytes,
-                    },
-                );
+        self.syncing.insert(rec.meta.call_id.clone(), None);
+        self.io(
+            handle,
+            IoJob::Finish {
+                slot: rec.slot,
+                meta: rec.meta,
+                path: rec.path,
+            },
+        );
+    }
+
+    /// Queues a job on the I/O thread of recording `handle` (waits while
+    /// that thread is 256 jobs behind: the store queue then fills and the
+    /// daemon sheds calls); runs it here when the threads are gone.
+    fn io(&mut self, handle: u64, job: IoJob) {
+        if let Err(job) = self.recording_io.send(handle, job)
+            && let Some(done) = job.run()
+        {
+            self.io_done(done);
+        }
+    }
+
+    fn io_done(&mut self, done: IoDone) {
+        match done {
+            IoDone::Synced(s) => self.synced(s),
+            IoDone::PushFailed { handle, error } => self.recording_failed(handle, &error),
+        }
+    }
+
+    /// What the recordings' I/O threads reported since the last look.
+    fn take_synced(&mut self) {
+        while let Ok(done) = self.recording_io.done.try_recv() {
+            self.io_done(done);
+        }
+    }
+
+    /// A recording's fsync is done: its state is stored (`complete`, or
+    /// `partial` when the sync failed), `recording.ready` goes out, and the
+    /// call's CDR closes if it waited for this.
+    fn synced(&mut self, s: Synced) {
+        let call_id = s.meta.call_id.clone();
+        match s.result {
+            Ok(summary) => {
                 self.db(DbWrite::RecordingState {
-                    id: rec.meta.id,
+                    id: s.meta.id.clone(),
                     state: RecordingState::Complete,
-                    size: s.bytes,
-                    duration_ms: duration_ms(s.frames),
+                    size: summary.bytes,
+                    duration_ms: duration_ms(summary.frames),
+                });
+                self.announce(Ready::Recording {
+                    tenant: s.meta.tenant,
+                    call_id: s.meta.call_id,
+                    rec: super::webhooks::RecordingReady {
+                        recording_id: s.meta.id,
+                        state: "complete",
+                        duration_ms: duration_ms(summary.frames),
+                        bytes: summary.bytes,
+                    },
                 });
             }
             Err(e) => {
-                warn!(recording = %rec.meta.id, error = %e, "finishing the recording failed");
-                self.salvage(rec.meta, &path);
+                warn!(recording = %s.meta.id, error = %e, "finishing the recording failed");
+                self.salvage(s.meta, &s.path);
             }
         }
-        self.closed(&path);
+        self.closed(&s.path);
+        if let Some(Some(f)) = self.syncing.remove(&call_id) {
+            self.finish_call(*f);
+        }
+    }
+
+    /// Closes a call's CDR, saying what became of its recording.
+    fn finish_call(&mut self, f: CallFinish) {
+        let CallFinish {
+            tenant,
+            call_id,
+            end,
+            frames,
+            recording,
+            transfer,
+        } = f;
+        let recording = match self.failed.remove(&call_id) {
+            // The caller's opt-out stands: what was kept is gone.
+            Some(_) if recording == CallRecording::OptedOut => recording,
+            Some(f) => f.outcome(),
+            None => recording,
+        };
+        self.db(DbWrite::CloseCall {
+            tenant,
+            call_id,
+            end,
+            frames,
+            recording,
+            transfer,
+        });
+    }
+}
+
+/// Threads that write recordings: each recording's audio chunks, last
+/// chunk, fsync or opt-out deletion run in order on one of them (chosen by
+/// its handle), so the store thread only writes rows, and fsyncs issued in
+/// parallel share the filesystem's journal commits (0.43 ms each one after
+/// another, 0.10 ms each 16 at a time on this project's test VM).
+const IO_THREADS: usize = 4;
+
+/// Jobs waiting for one I/O thread, at most (a second of audio each).
+const IO_QUEUE: usize = 256;
+
+/// How often the idle writer looks for the I/O threads' reports while
+/// recordings are open or finishing.
+const SYNC_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Work for a recording's I/O thread.
+enum IoJob {
+    Push {
+        handle: u64,
+        slot: Slot,
+        left: Zeroizing<Vec<i16>>,
+        right: Zeroizing<Vec<i16>>,
+    },
+    Finish {
+        slot: Slot,
+        meta: RecordingMeta,
+        path: PathBuf,
+    },
+    Discard {
+        slot: Slot,
+        id: String,
+    },
+}
+
+/// An I/O thread's report.
+enum IoDone {
+    Synced(Synced),
+    /// A chunk could not be written (disk full): the writer is dropped, its
+    /// later jobs do nothing.
+    PushFailed {
+        handle: u64,
+        error: crate::store::recording::RecordingError,
+    },
+}
+
+/// A finished recording: synced, or why not.
+struct Synced {
+    meta: RecordingMeta,
+    path: PathBuf,
+    result: Result<RecordingSummary, crate::store::recording::RecordingError>,
+}
+
+fn slot_take(slot: &Slot) -> Option<RecordingWriter> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+}
+
+impl IoJob {
+    /// Does the job; what the store thread must hear of it.
+    fn run(self) -> Option<IoDone> {
+        match self {
+            IoJob::Push {
+                handle,
+                slot,
+                left,
+                right,
+            } => {
+                let mut guard = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Failed or finished before: nothing to write to.
+                let writer = guard.as_mut()?;
+                let before = writer.bytes_written();
+                let pushed = writer.push(&left, &right);
+                crate::metrics::recording_bytes(writer.bytes_written() - before);
+                match pushed {
+                    Ok(()) => None,
+                    Err(error) => {
+                        *guard = None;
+                        Some(IoDone::PushFailed { handle, error })
+                    }
+                }
+            }
+            IoJob::Finish { slot, meta, path } => {
+                let result = match slot_take(&slot) {
+                    Some(writer) => {
+                        let before = writer.bytes_written();
+                        writer.seal().and_then(SealedRecording::sync).inspect(|s| {
+                            crate::metrics::recording_bytes(s.bytes.saturating_sub(before));
+                        })
+                    }
+                    None => Err(std::io::Error::other("an earlier write of it failed").into()),
+                };
+                Some(IoDone::Synced(Synced { meta, path, result }))
+            }
+            IoJob::Discard { slot, id } => {
+                if let Some(writer) = slot_take(&slot)
+                    && let Err(e) = writer.discard()
+                {
+                    warn!(recording = %id, error = %e, "opt-out: removing the file failed");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The recordings' I/O threads and their channels.
+struct RecordingIo {
+    /// One queue per thread; empty once stopped.
+    jobs: Vec<SyncSender<IoJob>>,
+    done: Receiver<IoDone>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RecordingIo {
+    /// Starts the threads. The writer looks at their reports before each
+    /// batch, and at least every [`SYNC_POLL`] while any may come.
+    fn start() -> std::io::Result<RecordingIo> {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut jobs = Vec::with_capacity(IO_THREADS);
+        let mut threads = Vec::with_capacity(IO_THREADS);
+        for i in 0..IO_THREADS {
+            let (tx, rx) = sync_channel::<IoJob>(IO_QUEUE);
+            let done_tx = done_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("sipbridge-rec{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        if let Some(d) = job.run()
+                            && done_tx.send(d).is_err()
+                        {
+                            break;
+                        }
+                    }
+                })?;
+            jobs.push(tx);
+            threads.push(thread);
+        }
+        Ok(RecordingIo {
+            jobs,
+            done,
+            threads,
+        })
+    }
+
+    /// Queues `job` on recording `handle`'s thread; gives it back when the
+    /// threads are gone.
+    fn send(&self, handle: u64, job: IoJob) -> Result<(), IoJob> {
+        if self.jobs.is_empty() {
+            return Err(job);
+        }
+        let i = usize::try_from(handle % self.jobs.len() as u64).unwrap_or(0);
+        self.jobs[i].send(job).map_err(|e| e.0)
+    }
+
+    /// Lets the threads finish what they were given, and waits for them.
+    fn stop(&mut self) {
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                error!("recording I/O thread panicked");
+            }
+        }
     }
 }
 
@@ -1919,6 +2378,13 @@ mod tests {
             retry_dropped_total: 0,
             events: Arc::default(),
             transcripts_stored: HashMap::new(),
+            group: false,
+            batch_log: Vec::new(),
+            ready: Vec::new(),
+            batches: 0,
+            batched_writes: 0,
+            recording_io: RecordingIo::start().unwrap(),
+            syncing: HashMap::new(),
         }
     }
 
@@ -1944,10 +2410,15 @@ mod tests {
                 left: second.clone(),
                 right: second,
             });
+            // The second is written by the recording's I/O thread.
+            let path = w.open[&1].path.clone();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while file_len(&path) < 32_000 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             // The next write fails (as on a full disk): what the writer does then.
             let rec = w.open.remove(&1).unwrap();
-            let path = rec.writer.path().to_owned();
-            drop(rec.writer);
+            drop(slot_take(&rec.slot));
             w.salvage(rec.meta, &path);
             assert_eq!(status.load(Ordering::Relaxed), REC_PARTIAL);
             assert!(!w.writable(), "a failed write makes the store unwritable");
@@ -1970,7 +2441,7 @@ mod tests {
             } else {
                 assert!(path.exists());
             }
-            w.apply(Op::FinishCall {
+            w.apply(Op::FinishCall(Box::new(CallFinish {
                 tenant: "demo".into(),
                 call_id: "c1".into(),
                 end: CallEnd {
@@ -1989,7 +2460,7 @@ mod tests {
                 frames: MediaFrames::default(),
                 recording,
                 transfer: None,
-            });
+            })));
             let cdr = w.store.get_call("demo", "c1").unwrap().unwrap();
             let want = if opt_out {
                 CallRecording::OptedOut
@@ -1998,5 +2469,153 @@ mod tests {
             };
             assert_eq!(cdr.recording, Some(want), "{id}");
         }
+    }
+
+    fn cdr_end(at: UnixMs) -> CallEnd {
+        CallEnd {
+            answered_at: Some(at - 1000),
+            ended_at: at,
+            result_code: 200,
+            hangup_side: StoredHangupSide::Remote,
+            cause: "caller-bye".into(),
+            codec: None,
+            rtp: RtpStats {
+                packets: 50,
+                lost: 0,
+                jitter_ms: 0.0,
+            },
+        }
+    }
+
+    /// Group commit (issue 17): what is queued when the writer looks is
+    /// taken together and committed once: 40 recorded calls (CDR, consent,
+    /// recording index, a second of audio, recording state, CDR end) are
+    /// one commit, every row and file in place.
+    #[test]
+    fn queued_calls_are_stored_with_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path());
+        let (tx, rx) = sync_channel(QUEUE);
+        const CALLS: u64 = 40;
+        let t0 = 1_767_312_000_000;
+        for n in 0..CALLS {
+            let call_id = format!("g{n}");
+            let at = t0 + i64::try_from(n).unwrap();
+            tx.send(Op::InsertCall(CallRow {
+                call_id: call_id.clone(),
+                tenant: "demo".into(),
+                trunk: "t".into(),
+                from: "+15550001111".into(),
+                to: "+15551234567".into(),
+                started_at: at,
+            }))
+            .unwrap();
+            tx.send(Op::StartRecording {
+                handle: n + 1,
+                tenant: "demo".into(),
+                call_id: call_id.clone(),
+                created_at: at,
+                status: Arc::new(AtomicU8::new(REC_OK)),
+            })
+            .unwrap();
+            tx.send(Op::Consent {
+                tenant: "demo".into(),
+                call_id: call_id.clone(),
+                event: ConsentEvent::DisclosureStarted,
+                at,
+            })
+            .unwrap();
+            let second = Zeroizing::new(vec![100i16; FRAMES_PER_CHUNK]);
+            tx.send(Op::Push {
+                handle: n + 1,
+                left: second.clone(),
+                right: second,
+            })
+            .unwrap();
+            tx.send(Op::FinishRecording { handle: n + 1 }).unwrap();
+            tx.send(Op::FinishCall(Box::new(CallFinish {
+                tenant: "demo".into(),
+                call_id,
+                end: cdr_end(at + 2000),
+                frames: MediaFrames::default(),
+                recording: CallRecording::Recorded,
+                transfer: None,
+            })))
+            .unwrap();
+        }
+        tx.send(Op::Shutdown).unwrap();
+        let before = w.store.commits();
+        let w = w.run(rx);
+        // The lot, then (at shutdown) the recordings' states once their
+        // fsyncs are done and the CDR ends that waited for them.
+        assert!(
+            w.store.commits() - before <= 2,
+            "{}",
+            w.store.commits() - before
+        );
+        assert!(w.batches <= 2);
+        // Per call: CDR, recording index, consent, recording state, CDR end.
+        assert_eq!(w.batched_writes, CALLS * 5);
+        for n in 0..CALLS {
+            let call_id = format!("g{n}");
+            let cdr = w.store.get_call("demo", &call_id).unwrap().unwrap();
+            assert_eq!(cdr.recording, Some(CallRecording::Recorded));
+            assert!(cdr.ended_at.is_some() && cdr.consent.disclosure_started_at.is_some());
+            let recs = w.store.recordings_of_call("demo", &call_id).unwrap();
+            assert_eq!(recs.len(), 1);
+            assert_eq!(recs[0].state, RecordingState::Complete);
+            assert_eq!(recs[0].duration_ms, 1000, "{call_id}");
+            let wav = crate::store::recording::export_wav(&recs[0].path, &w.keyring).unwrap();
+            assert_eq!(wav.len(), 44 + FRAMES_PER_CHUNK * 4);
+        }
+        assert!(w.ready.is_empty(), "every recording.ready went out");
+    }
+
+    /// A batch that cannot commit is rolled back whole: its writes are
+    /// applied again one by one, so nothing of it is lost.
+    #[test]
+    fn a_batch_that_fails_is_applied_again_write_by_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.group = true;
+        for n in 0..3 {
+            w.apply(Op::InsertCall(CallRow {
+                call_id: format!("r{n}"),
+                tenant: "demo".into(),
+                trunk: "t".into(),
+                from: "+15550001111".into(),
+                to: "+15551234567".into(),
+                started_at: 1_767_312_000_000,
+            }));
+        }
+        assert!(w.store.in_batch());
+        assert_eq!(w.batch_log.len(), 3);
+        // As when COMMIT fails: the batch is gone, its writes come again.
+        let before = w.store.commits();
+        w.replay_batch();
+        assert!(!w.store.in_batch());
+        assert!(w.batch_log.is_empty());
+        assert_eq!(w.store.commits() - before, 3);
+        for n in 0..3 {
+            assert!(
+                w.store
+                    .get_call("demo", &format!("r{n}"))
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        // The group goes on in a new batch.
+        w.apply(Op::InsertCall(CallRow {
+            call_id: "r3".into(),
+            tenant: "demo".into(),
+            trunk: "t".into(),
+            from: "+15550001111".into(),
+            to: "+15551234567".into(),
+            started_at: 1_767_312_000_000,
+        }));
+        assert!(w.store.in_batch());
+        w.group = false;
+        w.end_batch();
+        assert!(w.store.get_call("demo", "r3").unwrap().is_some());
     }
 }

@@ -133,6 +133,33 @@ pub struct RecordingSummary {
     pub frames: u64,
 }
 
+/// A recording whose final chunk is written, waiting for its fsync.
+#[derive(Debug)]
+pub struct SealedRecording {
+    file: File,
+    path: PathBuf,
+    file_id: FileId,
+    frames: u64,
+}
+
+impl SealedRecording {
+    /// The sealed file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Syncs the file to disk (data and size) and closes it.
+    pub fn sync(self) -> Result<RecordingSummary> {
+        self.file.sync_all()?;
+        Ok(RecordingSummary {
+            bytes: self.file.metadata()?.len(),
+            path: self.path,
+            file_id: self.file_id,
+            frames: self.frames,
+        })
+    }
+}
+
 /// Records one call. Feed it 20 ms at a time with [`push`](Self::push);
 /// every full second is sealed and written at once.
 pub struct RecordingWriter {
@@ -179,7 +206,7 @@ impl RecordingWriter {
         Ok(Self {
             sealed,
             path,
-            pending: Zeroizing::new(Vec::with_capacity(CHUNK_BYTES)),
+            pending: Zeroizing::new(Vec::new()),
             frames: 0,
         })
     }
@@ -192,6 +219,11 @@ impl RecordingWriter {
     /// This recording's file id.
     pub fn file_id(&self) -> FileId {
         self.sealed.file_id()
+    }
+
+    /// Bytes of the sealed file written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.sealed.bytes_written()
     }
 
     /// Stereo frames pushed so far.
@@ -210,17 +242,28 @@ impl RecordingWriter {
         }
         let mut i = 0;
         while i < left.len() {
+            if self.pending.capacity() == 0 {
+                // A chunk's room at once: the buffer never grows (a growing
+                // Vec would leave copies of plaintext behind, unzeroed).
+                self.pending.reserve_exact(CHUNK_BYTES);
+            }
             let room = FRAMES_PER_CHUNK - self.pending.len() / BYTES_PER_FRAME;
             let n = room.min(left.len() - i);
-            for (l, r) in left[i..i + n].iter().zip(&right[i..i + n]) {
-                self.pending.extend_from_slice(&l.to_le_bytes());
-                self.pending.extend_from_slice(&r.to_le_bytes());
+            // Within the reserved capacity: no reallocation.
+            let start = self.pending.len();
+            self.pending.resize(start + n * BYTES_PER_FRAME, 0);
+            let frames = self.pending[start..].chunks_exact_mut(BYTES_PER_FRAME);
+            for ((f, l), r) in frames.zip(&left[i..i + n]).zip(&right[i..i + n]) {
+                f[..2].copy_from_slice(&l.to_le_bytes());
+                f[2..].copy_from_slice(&r.to_le_bytes());
             }
             i += n;
             self.frames += n as u64;
             if self.pending.len() == CHUNK_BYTES {
                 self.sealed.write_chunk(&self.pending)?;
-                self.pending.clear();
+                // Freed (and zeroed) between seconds: the daemon pushes whole
+                // seconds, so thousands of open recordings hold no buffer.
+                self.pending = Zeroizing::new(Vec::new());
             }
         }
         Ok(())
@@ -228,11 +271,18 @@ impl RecordingWriter {
 
     /// Seals what is buffered as the final chunk, syncs the file to disk.
     pub fn finish(self) -> Result<RecordingSummary> {
+        self.seal()?.sync()
+    }
+
+    /// Seals what is buffered as the final chunk; the file is complete but
+    /// not yet synced: [`SealedRecording::sync`] does that, on any thread
+    /// (the daemon's store thread hands it to a sync thread, so one slow
+    /// fsync does not hold up every other call's rows).
+    pub fn seal(self) -> Result<SealedRecording> {
         let file_id = self.sealed.file_id();
         let file = self.sealed.finish(&self.pending)?;
-        file.sync_all()?;
-        Ok(RecordingSummary {
-            bytes: file.metadata()?.len(),
+        Ok(SealedRecording {
+            file,
             path: self.path,
             file_id,
             frames: self.frames,

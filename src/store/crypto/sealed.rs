@@ -160,6 +160,8 @@ pub struct SealedWriter<W: Write> {
     next_index: u32,
     out: Vec<u8>,
     failed: bool,
+    /// Bytes written to `w` (header and chunks).
+    bytes: u64,
 }
 
 impl<W: Write> SealedWriter<W> {
@@ -183,11 +185,12 @@ impl<W: Write> SealedWriter<W> {
         w.write_all(&bytes)?;
         w.flush()?;
         Ok(Self {
+            bytes: bytes.len() as u64,
             w,
             cipher,
             file_id,
             next_index: 0,
-            out: Vec::with_capacity(FRAMING_LEN + 32_000 + TAG_LEN),
+            out: Vec::new(),
             failed: false,
         })
     }
@@ -201,6 +204,12 @@ impl<W: Write> SealedWriter<W> {
     pub fn finish(mut self, last: &[u8]) -> Result<W> {
         self.seal(last, true)?;
         Ok(self.w)
+    }
+
+    /// Bytes written so far (header and chunks): the file's size when the
+    /// stream is a new file.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
     }
 
     /// Chunks written so far.
@@ -248,10 +257,14 @@ impl<W: Write> SealedWriter<W> {
             .map_err(|_| CryptoError::SealFailed)?;
         self.out.extend_from_slice(&tag);
         let written = self.w.write_all(&self.out).and_then(|()| self.w.flush());
+        // Not kept between chunks: a recording writes one chunk a second,
+        // and thousands of open recordings would each hold a chunk's buffer.
+        self.out = Vec::new();
         if let Err(e) = written {
             self.failed = true;
             return Err(e.into());
         }
+        self.bytes += (FRAMING_LEN + plaintext.len() + TAG_LEN) as u64;
         self.next_index = next;
         Ok(())
     }

@@ -262,6 +262,14 @@ enum Engine {
 pub struct Conn {
     engine: Engine,
     in_tx: Cell<bool>,
+    /// The open transaction is a group-commit batch ([`Conn::begin_batch`]):
+    /// transactions begun inside it are savepoints.
+    batching: Cell<bool>,
+    /// Savepoints open inside the batch.
+    depth: Cell<u32>,
+    /// Write transactions committed: each COMMIT, and each write statement
+    /// run outside a transaction (its own implicit transaction).
+    commits: Cell<u64>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -369,6 +377,9 @@ impl Conn {
         Conn {
             engine: Engine::Sqlite(conn),
             in_tx: Cell::new(false),
+            batching: Cell::new(false),
+            depth: Cell::new(0),
+            commits: Cell::new(0),
         }
     }
 
@@ -382,6 +393,9 @@ impl Conn {
                 url: zeroize::Zeroizing::new(url.to_owned()),
             }))),
             in_tx: Cell::new(false),
+            batching: Cell::new(false),
+            depth: Cell::new(0),
+            commits: Cell::new(0),
         })
     }
 
@@ -443,6 +457,14 @@ impl Conn {
 
     /// Runs one statement; returns the number of rows it changed.
     pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize, DbError> {
+        let n = self.execute_inner(sql, params)?;
+        if !self.in_tx.get() {
+            self.commits.set(self.commits.get() + 1);
+        }
+        Ok(n)
+    }
+
+    fn execute_inner(&self, sql: &str, params: &[Value]) -> Result<usize, DbError> {
         match &self.engine {
             Engine::Sqlite(c) => {
                 let mut stmt = c.prepare_cached(sql)?;
@@ -530,44 +552,157 @@ impl Conn {
     /// write lock now, so the reads inside see what the writes act on),
     /// `BEGIN` on PostgreSQL (read committed; rows the transaction acts on
     /// are locked with [`Dialect::for_update`] or by the writes themselves).
-    /// Rolled back on drop unless [`Tx::commit`] is called.
+    /// Inside a batch ([`Conn::begin_batch`]) it is a savepoint instead: its
+    /// commit releases the savepoint (the batch's COMMIT makes it durable),
+    /// its rollback undoes only its own statements. Rolled back on drop
+    /// unless [`Tx::commit`] is called.
     pub fn begin(&self) -> Result<Tx<'_>, DbError> {
         if self.in_tx.get() {
-            return Err(DbError::Misuse("nested transaction"));
+            if !self.batching.get() {
+                return Err(DbError::Misuse("nested transaction"));
+            }
+            let depth = self.enter_savepoint()?;
+            return Ok(Tx {
+                conn: self,
+                done: false,
+                savepoint: Some(depth),
+            });
         }
+        self.begin_top()?;
+        Ok(Tx {
+            conn: self,
+            done: false,
+            savepoint: None,
+        })
+    }
+
+    fn begin_top(&self) -> Result<(), DbError> {
         self.batch(match self.dialect() {
             Dialect::Sqlite => "BEGIN IMMEDIATE",
             Dialect::Postgres => "BEGIN",
         })?;
         self.in_tx.set(true);
-        Ok(Tx {
-            conn: self,
-            done: false,
-        })
+        Ok(())
+    }
+
+    /// Opens a group-commit batch: one transaction that many writes join
+    /// (each in a savepoint of its own, see [`Conn::savepoint`]), made
+    /// durable by one [`Conn::commit_batch`]. Refused inside a transaction.
+    pub fn begin_batch(&self) -> Result<(), DbError> {
+        if self.in_tx.get() {
+            return Err(DbError::Misuse("batch inside a transaction"));
+        }
+        self.begin_top()?;
+        self.batching.set(true);
+        Ok(())
+    }
+
+    /// Whether a batch is open.
+    pub fn in_batch(&self) -> bool {
+        self.batching.get()
+    }
+
+    /// Commits the open batch; on failure it is rolled back, whole (the
+    /// caller still has every write of it to apply again).
+    pub fn commit_batch(&self) -> Result<(), DbError> {
+        if !self.batching.get() {
+            return Err(DbError::Misuse("no batch open"));
+        }
+        let result = self.finish_top(true);
+        self.batching.set(false);
+        self.depth.set(0);
+        result
+    }
+
+    /// Rolls the open batch back, whole (nothing of it stays). SQLite may
+    /// have rolled it back itself already (a full disk): that is no error.
+    pub fn rollback_batch(&self) {
+        if self.batching.get() {
+            let _ = self.finish_top(false);
+            self.batching.set(false);
+            self.depth.set(0);
+        }
+    }
+
+    /// COMMIT (or ROLLBACK) of the top-level transaction. `in_tx` stays set
+    /// while COMMIT runs: a broken connection is not replaced under it (see
+    /// `Pg::client`).
+    fn finish_top(&self, commit: bool) -> Result<(), DbError> {
+        let result = if commit {
+            match self.batch("COMMIT") {
+                Ok(()) => {
+                    self.commits.set(self.commits.get() + 1);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = self.batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        } else {
+            self.batch("ROLLBACK")
+        };
+        self.in_tx.set(false);
+        result
+    }
+
+    /// Opens savepoint `sb<depth>` inside the batch; returns its depth.
+    /// See [`super::Store::batched`].
+    pub(crate) fn enter_savepoint(&self) -> Result<u32, DbError> {
+        let depth = self.depth.get() + 1;
+        self.batch(&format!("SAVEPOINT sb{depth}"))?;
+        self.depth.set(depth);
+        Ok(depth)
+    }
+
+    /// Releases savepoint `depth` (its writes join the batch), or rolls back
+    /// to it and releases it (its writes are undone).
+    pub(crate) fn leave_savepoint(&self, depth: u32, keep: bool) -> Result<(), DbError> {
+        self.depth.set(depth - 1);
+        if keep {
+            match self.batch(&format!("RELEASE SAVEPOINT sb{depth}")) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let _ = self.batch(&format!(
+                        "ROLLBACK TO SAVEPOINT sb{depth}; RELEASE SAVEPOINT sb{depth}"
+                    ));
+                    return Err(e);
+                }
+            }
+        }
+        // SQLite may have rolled the whole transaction back already (a full
+        // disk): the savepoint is gone then, which the batch's commit reports.
+        let _ = self.batch(&format!(
+            "ROLLBACK TO SAVEPOINT sb{depth}; RELEASE SAVEPOINT sb{depth}"
+        ));
+        Ok(())
+    }
+
+    /// Write transactions this connection committed: each COMMIT (a batch
+    /// counts once, however many writes it holds) and each write statement
+    /// run outside a transaction.
+    pub fn commits(&self) -> u64 {
+        self.commits.get()
     }
 }
 
-/// An open transaction; derefs to its connection.
+/// An open transaction (or, inside a batch, a savepoint); derefs to its
+/// connection.
 pub struct Tx<'a> {
     conn: &'a Conn,
     done: bool,
+    /// The savepoint's depth when this is one.
+    savepoint: Option<u32>,
 }
 
 impl Tx<'_> {
-    /// Commits.
+    /// Commits (inside a batch: releases the savepoint).
     pub fn commit(mut self) -> Result<(), DbError> {
         self.done = true;
-        // `in_tx` stays set while COMMIT runs: a broken connection is not
-        // replaced under it (see `Pg::client`).
-        let result = match self.conn.batch("COMMIT") {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let _ = self.conn.batch("ROLLBACK");
-                Err(e)
-            }
-        };
-        self.conn.in_tx.set(false);
-        result
+        match self.savepoint {
+            Some(depth) => self.conn.leave_savepoint(depth, true),
+            None => self.conn.finish_top(true),
+        }
     }
 }
 
@@ -581,8 +716,14 @@ impl std::ops::Deref for Tx<'_> {
 impl Drop for Tx<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.conn.batch("ROLLBACK");
-            self.conn.in_tx.set(false);
+            match self.savepoint {
+                Some(depth) => {
+                    let _ = self.conn.leave_savepoint(depth, false);
+                }
+                None => {
+                    let _ = self.conn.finish_top(false);
+                }
+            }
         }
     }
 }

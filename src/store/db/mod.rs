@@ -18,6 +18,14 @@
 //! last commits, and the database stays consistent either way. FULL synced
 //! the WAL on every CDR row and made the one writer thread fall behind at
 //! about 1,000 calls/s (`scripts/load.sh`), dropping records instead.
+//!
+//! Group commit: the daemon's writer opens a batch ([`Store::begin_batch`]),
+//! runs each queued write in a savepoint of its own ([`Store::batched`]: a
+//! refused write is undone alone, the others stay) and commits the batch
+//! once ([`Store::commit_batch`]); a write's own transaction (with its audit
+//! row) is a savepoint inside the batch, so it is still all or nothing. A
+//! batch that fails to commit is rolled back whole; the writer applies its
+//! writes again.
 
 mod caller_id;
 pub mod conn;
@@ -993,6 +1001,56 @@ impl Store {
 
     fn write_tx(&mut self) -> Result<Tx<'_>, DbError> {
         self.conn.begin()
+    }
+
+    // ---- group commit ------------------------------------------------------
+
+    /// Opens a group-commit batch: the writes until [`Store::commit_batch`]
+    /// share one transaction (on SQLite: one WAL append and lock; on
+    /// PostgreSQL: one WAL flush). Refused inside a transaction.
+    pub fn begin_batch(&mut self) -> Result<(), DbError> {
+        self.conn.begin_batch()
+    }
+
+    /// Whether a batch is open.
+    pub fn in_batch(&self) -> bool {
+        self.conn.in_batch()
+    }
+
+    /// Commits the open batch. On failure nothing of it stays (it is rolled
+    /// back whole): the caller applies its writes again.
+    pub fn commit_batch(&mut self) -> Result<(), DbError> {
+        self.conn.commit_batch()
+    }
+
+    /// Rolls the open batch back, whole (no-op without one).
+    pub fn rollback_batch(&mut self) {
+        self.conn.rollback_batch();
+    }
+
+    /// Runs one write: inside a batch in a savepoint of its own, released
+    /// when `f` succeeds and rolled back when it fails, so a refused write
+    /// leaves nothing of itself and does not abort the batch (PostgreSQL
+    /// aborts the whole transaction on a failed statement otherwise).
+    /// Outside a batch `f` runs as it is (each method is atomic by itself).
+    pub fn batched<R>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<R, DbError>,
+    ) -> Result<R, DbError> {
+        if !self.conn.in_batch() {
+            return f(self);
+        }
+        let depth = self.conn.enter_savepoint()?;
+        let result = f(self);
+        self.conn.leave_savepoint(depth, result.is_ok())?;
+        result
+    }
+
+    /// Write transactions this store's connection committed: a batch counts
+    /// once however many writes it holds; a write outside a transaction
+    /// counts once.
+    pub fn commits(&self) -> u64 {
+        self.conn.commits()
     }
 
     // ---- calls -------------------------------------------------------------
