@@ -22,7 +22,6 @@ mod common;
 use common::test_agent::{Behaviour, ConnLog, TestAgent};
 use common::{Daemon, ProfileSpec, SippResult, SippServer, sipp, sipp_scenario};
 use serde_json::{Value, json};
-use sipbridge::store::db::Store;
 use std::net::UdpSocket;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -105,21 +104,6 @@ fn transfer_events(conns: &[ConnLog]) -> Vec<Value> {
         .collect()
 }
 
-/// The stored CDR of the call once it is closed (the store writes behind the call).
-fn stored(daemon: &Daemon, call_id: &str) -> sipbridge::store::db::StoredCdr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let store = Store::open(&daemon.dir().join("var/sipbridge.db")).unwrap();
-        if let Some(c) = store.get_call("demo", call_id).unwrap()
-            && c.ended_at.is_some()
-        {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "CDR of {call_id} not closed");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn blind_transfer_to_an_answering_target_ends_the_callers_leg() {
     let target = SippServer::spawn(&["-sn", "uas"]);
@@ -150,7 +134,7 @@ fn blind_transfer_to_an_answering_target_ends_the_callers_leg() {
     assert_eq!(cdr["transfer"]["mode"], "blind");
     assert_eq!(cdr["transfer"]["status"], 200);
     let call_id = cdr["call_id"].as_str().unwrap().to_owned();
-    let row = stored(&daemon, &call_id);
+    let row = daemon.stored_cdr(&call_id);
     assert_eq!(row.cause.as_deref(), Some("transferred"));
     let t = row.transfer.expect("transfer columns");
     assert_eq!(
@@ -203,7 +187,7 @@ fn busy_target_fails_back_to_the_agent_which_keeps_the_caller() {
     assert_eq!(cdr["transfer"]["result"], "failed");
     assert_eq!(cdr["transfer"]["reason"], "target-failed");
     assert_eq!(cdr["transfer"]["status"], 486);
-    let row = stored(&daemon, cdr["call_id"].as_str().unwrap());
+    let row = daemon.stored_cdr(cdr["call_id"].as_str().unwrap());
     let t = row.transfer.expect("transfer columns");
     assert_eq!(
         (t.result.as_str(), t.reason.as_deref(), t.status),

@@ -335,6 +335,21 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
         target_cdr["transfer"]["leg_call_id"], caller_cdr["call_id"],
         "{target_cdr}"
     );
+    // In the database too, each row names the other leg.
+    let caller_id = caller_cdr["call_id"].as_str().unwrap();
+    let caller_row = daemon.stored_cdr(caller_id);
+    let t = caller_row.transfer.expect("the caller's transfer columns");
+    assert_eq!(
+        (t.mode.as_str(), t.result.as_str(), t.leg_call_id.as_deref()),
+        ("bridge", "completed", Some(leg_id))
+    );
+    let leg_row = daemon.stored_cdr(leg_id);
+    assert_eq!(leg_row.direction, "outbound");
+    assert_eq!(leg_row.cause.as_deref(), Some("bridged-leg-ended"));
+    assert_eq!(
+        leg_row.transfer.and_then(|t| t.leg_call_id).as_deref(),
+        Some(caller_id)
+    );
     // The BYE the target got is in the target leg's dialog.
     assert!(
         target_run.messages.contains(&format!("Call-ID: {leg_id}")),

@@ -129,7 +129,7 @@ fn opens_in_wal_with_foreign_keys_private_file_and_current_schema() {
     assert_eq!(s.journal_mode().unwrap(), "wal");
     assert!(s.foreign_keys().unwrap());
     assert_eq!(s.schema_version().unwrap(), CURRENT_VERSION);
-    assert_eq!(CURRENT_VERSION, 7);
+    assert_eq!(CURRENT_VERSION, 8);
     s.insert_call(&call("acme", "c1", "+1", T0)).unwrap();
     let mode = std::fs::metadata(dir.path().join("meta.db"))
         .unwrap()
@@ -169,7 +169,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     }
     let mut s = Store::open(&path).unwrap();
     s.set_caller_policy("acme", CallerIdPolicy::Plain);
-    assert_eq!(s.schema_version().unwrap(), 7);
+    assert_eq!(s.schema_version().unwrap(), 8);
     let old = s.get_call("acme", "old").unwrap().unwrap();
     assert_eq!(old.caller.as_deref(), Some("+111"));
     assert_eq!(old.started_at, 5);
@@ -181,7 +181,7 @@ fn migrates_a_version_1_database_and_keeps_its_rows() {
     drop(s);
     // Re-opening at the current version applies nothing and loses nothing.
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 7);
+    assert_eq!(s.schema_version().unwrap(), 8);
     assert_eq!(s.transcripts_of_call("acme", "old").unwrap().len(), 1);
 }
 
@@ -870,7 +870,7 @@ fn close_call_stores_the_transfer() {
     use sipbridge::store::db::{CallRecording, CallTransfer, MediaFrames};
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(dir.path());
-    for id in ["t1", "t2", "t3"] {
+    for id in ["t1", "t2", "t3", "t4"] {
         s.insert_call(&call("acme", id, "+1", T0)).unwrap();
     }
     let transfer = CallTransfer {
@@ -879,6 +879,16 @@ fn close_call_stores_the_transfer() {
         result: "failed".into(),
         reason: Some("target-failed".into()),
         status: Some(486),
+        leg_call_id: None,
+    };
+    // A bridge transfer names the other leg.
+    let bridged = CallTransfer {
+        mode: "bridge".into(),
+        result: "completed".into(),
+        reason: None,
+        status: Some(200),
+        leg_call_id: Some("leg-1@sipbridge".into()),
+        ..transfer.clone()
     };
     let close = |s: &mut Store, id: &str, t: Option<&CallTransfer>| {
         s.close_call(
@@ -897,6 +907,11 @@ fn close_call_stores_the_transfer() {
         Some(transfer.clone())
     );
     assert_eq!(s.get_call("acme", "t2").unwrap().unwrap().transfer, None);
+    close(&mut s, "t4", Some(&bridged)).unwrap();
+    assert_eq!(
+        s.get_call("acme", "t4").unwrap().unwrap().transfer,
+        Some(bridged)
+    );
     let bad = CallTransfer {
         result: "maybe".into(),
         ..transfer

@@ -491,6 +491,7 @@ fn call_transfer(record: &CallRecord) -> Option<CallTransfer> {
         result: t.result.to_owned(),
         reason: t.reason.map(str::to_owned),
         status: t.status,
+        leg_call_id: t.leg_call_id.clone(),
     })
 }
 

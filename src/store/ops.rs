@@ -788,6 +788,9 @@ pub struct ExportedCall {
     /// The SIP status behind the result.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer_status: Option<u16>,
+    /// A bridge transfer's other leg's Call-ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_leg: Option<String>,
     /// Ids of the exported recordings of the call.
     pub recordings: Vec<String>,
 }
@@ -824,6 +827,7 @@ impl ExportedCall {
             transfer_result: c.transfer.as_ref().map(|x| x.result.clone()),
             transfer_reason: c.transfer.as_ref().and_then(|x| x.reason.clone()),
             transfer_status: c.transfer.as_ref().and_then(|x| x.status),
+            transfer_leg: c.transfer.as_ref().and_then(|x| x.leg_call_id.clone()),
             recordings,
         }
     }

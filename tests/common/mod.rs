@@ -889,3 +889,22 @@ impl Drop for ExampleAgent {
         let _ = self.child.wait();
     }
 }
+
+impl Daemon {
+    /// The stored CDR of `call_id` (tenant `demo`) once it is closed, from the SQLite
+    /// store in the daemon's `var/` (the store writes behind the call). Waits up to 10 s.
+    pub(crate) fn stored_cdr(&self, call_id: &str) -> sipbridge::store::db::StoredCdr {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let store =
+                sipbridge::store::db::Store::open(&self.dir().join("var/sipbridge.db")).unwrap();
+            if let Some(c) = store.get_call("demo", call_id).unwrap()
+                && c.ended_at.is_some()
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "CDR of {call_id} not closed");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

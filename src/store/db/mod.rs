@@ -348,6 +348,9 @@ pub struct CallTransfer {
     /// The SIP status behind the result (the REFER's response or the
     /// NOTIFY's sipfrag status).
     pub status: Option<u16>,
+    /// A bridge transfer's other leg: the target leg's Call-ID in the
+    /// caller's row, the caller's in the target leg's.
+    pub leg_call_id: Option<String>,
 }
 
 /// How a call ended.
@@ -615,7 +618,7 @@ const CALL_COLUMNS: &str = "call_id, tenant, trunk, caller, callee, started_at, 
      ended_at, result_code, hangup_side, cause, codec, rtp_packets, rtp_lost, rtp_jitter_ms, \
      disclosure_started_at, disclosure_finished_at, opt_out_at, legal_hold, erased_at, \
      frames_concealed, frames_dropped, recording, transferred_to, transfer_mode, \
-     transfer_result, transfer_reason, transfer_status, direction";
+     transfer_result, transfer_reason, transfer_status, direction, transfer_leg";
 
 const RECORDING_COLUMNS: &str = "id, call_id, tenant, path, size_bytes, duration_ms, key_id, \
      state, created_at, legal_hold, deleted_at";
@@ -672,6 +675,7 @@ fn call_from_row(r: &Row) -> Result<StoredCdr, DbError> {
                 result,
                 reason: r.get(26)?,
                 status: r.get(27)?,
+                leg_call_id: r.get(29)?,
             }),
             _ => None,
         },
@@ -1109,13 +1113,14 @@ impl Store {
         let result = transfer.map(|t| t.result.clone());
         let reason = transfer.and_then(|t| t.reason.clone());
         let status = transfer.and_then(|t| t.status);
+        let leg = transfer.and_then(|t| t.leg_call_id.clone());
         self.close_with(
             tenant,
             call_id,
             end,
             ", frames_concealed = ?12, frames_dropped = ?13, recording = ?14, \
              transferred_to = ?15, transfer_mode = ?16, transfer_result = ?17, \
-             transfer_reason = ?18, transfer_status = ?19",
+             transfer_reason = ?18, transfer_status = ?19, transfer_leg = ?20",
             &vals![
                 frames.concealed,
                 frames.dropped,
@@ -1124,7 +1129,8 @@ impl Store {
                 mode,
                 result,
                 reason,
-                status
+                status,
+                leg
             ],
         )
     }

@@ -131,6 +131,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE calls ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'
         CHECK (direction IN ('inbound', 'outbound'));
     "#,
+    // v8: a bridge transfer's other leg (issue 13): in the caller's row the
+    // target leg's Call-ID, in the target leg's row the caller's.
+    r#"
+    ALTER TABLE calls ADD COLUMN transfer_leg TEXT;
+    "#,
 ];
 
 /// PostgreSQL's migrations. v1..v5 are SQLite's v1..v5 in one step (the
@@ -265,6 +270,10 @@ pub const PG_MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE calls ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'
         CHECK (direction IN ('inbound', 'outbound'));
+    "#,
+    // v8: SQLite's v8 (a bridge transfer's other leg, issue 13).
+    r#"
+    ALTER TABLE calls ADD COLUMN transfer_leg TEXT;
     "#,
 ];
 
