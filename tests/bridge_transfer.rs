@@ -92,6 +92,14 @@ fn transfer_events(conns: &[ConnLog]) -> Vec<Value> {
         .collect()
 }
 
+/// Each `transfer` event's `result` and `status`, in order.
+fn steps(conns: &[ConnLog]) -> Vec<(Value, Value)> {
+    transfer_events(conns)
+        .iter()
+        .map(|e| (e["result"].clone(), e["status"].clone()))
+        .collect()
+}
+
 /// The caller: SIPp with its media on `media`, hanging up `hold_ms` after the answer.
 fn caller(daemon: &Daemon, media: &UdpSocket, hold_ms: u32) -> thread::JoinHandle<SippResult> {
     carrier(daemon, "media_on_test_socket.xml", media, hold_ms)
@@ -368,12 +376,8 @@ fn bridge_transfer_joins_caller_and_target_both_ways_and_links_the_cdrs() {
 
     let conns = agent.finish();
     assert_eq!(conns.len(), 1);
-    let steps: Vec<(Value, Value)> = transfer_events(&conns)
-        .iter()
-        .map(|e| (e["result"].clone(), e["status"].clone()))
-        .collect();
     assert_eq!(
-        steps,
+        steps(&conns),
         vec![
             (json!("accepted"), Value::Null),
             (json!("progress"), json!(180)),
@@ -598,12 +602,8 @@ fn the_targets_ringback_reaches_the_caller_while_the_agent_is_silent() {
     run.join().unwrap().assert_success();
     target.finish().assert_success();
     let conns = agent.finish();
-    let steps: Vec<(Value, Value)> = transfer_events(&conns)
-        .iter()
-        .map(|e| (e["result"].clone(), e["status"].clone()))
-        .collect();
     assert_eq!(
-        steps,
+        steps(&conns),
         vec![
             (json!("accepted"), Value::Null),
             (json!("progress"), json!(183)),

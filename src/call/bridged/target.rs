@@ -676,6 +676,8 @@ t=0 0\r\nm=audio 42000 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n";
         out: Vec<BridgeOutput>,
         /// Target legs given so far.
         legs: u32,
+        /// The tenant's call settings (the caller's, and the target leg's).
+        make: fn(&str, u16) -> CallSettings,
     }
 
     impl Sim {
@@ -729,6 +731,7 @@ Content-Length: {}\r\n\r\n{SDP}",
                 tag: String::new(),
                 out: Vec::new(),
                 legs: 0,
+                make,
             };
             sim.input(BridgeInput::Timeout);
             sim.tag = sim
@@ -838,7 +841,7 @@ Content-Length: 0\r\n\r\n",
                     host: "127.0.0.1".into(),
                     port: 5060,
                 },
-                media: settings(&call_id, 30_000).media,
+                media: (self.make)(&call_id, 30_000).media,
                 timers: TimerConfig::default(),
                 credentials: None,
                 answer_timeout: Duration::from_secs(30),
@@ -847,7 +850,7 @@ Content-Length: 0\r\n\r\n",
             let leg = OutboundLeg::new(self.now, SystemTime::UNIX_EPOCH, dial, &mut self.rng);
             self.input(BridgeInput::TargetLeg {
                 leg: Box::new(leg),
-                settings: Box::new(settings(&call_id, 30_000)),
+                settings: Box::new((self.make)(&call_id, 30_000)),
             });
         }
 
@@ -1055,32 +1058,7 @@ Content-Length: 0\r\n\r\n",
     #[test]
     fn g711_legs_relay_each_others_codes() {
         let mut sim = Sim::with(mu_law_settings);
-        sim.transfer(false);
-        sim.legs += 1;
-        let call_id = format!("leg-{}@sipbridge", sim.legs);
-        let dial = DialSettings {
-            call_id: call_id.clone(),
-            tenant: "demo".into(),
-            trunk: "people".into(),
-            request_uri: Uri::parse(&format!("sip:+15557654321@{TRUNK}")).unwrap(),
-            from: NameAddr::parse("<sip:+15551112222@127.0.0.1>").unwrap(),
-            to: NameAddr::parse(&format!("<sip:+15557654321@{TRUNK}>")).unwrap(),
-            dest: peer(TRUNK),
-            local: LocalSip {
-                host: "127.0.0.1".into(),
-                port: 5060,
-            },
-            media: settings(&call_id, 30_000).media,
-            timers: TimerConfig::default(),
-            credentials: None,
-            answer_timeout: Duration::from_secs(30),
-            extra_headers: Vec::new(),
-        };
-        let leg = OutboundLeg::new(sim.now, SystemTime::UNIX_EPOCH, dial, &mut sim.rng);
-        sim.input(BridgeInput::TargetLeg {
-            leg: Box::new(leg),
-            settings: Box::new(mu_law_settings(&call_id, 30_000)),
-        });
+        sim.transfer(true);
         sim.target_responds("INVITE", 200, TARGET_SDP);
         assert!(sim.b.is_bridged_to_target());
         let rtp = |seq: u16, pt: u8, payload: &[u8]| {
