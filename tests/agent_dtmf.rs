@@ -10,10 +10,9 @@
 mod common;
 
 use common::test_agent::{Behaviour, TestAgent};
-use common::{Daemon, ProfileSpec, sipp, sipp_scenario};
+use common::{Daemon, ProfileSpec};
 use sipbridge::media::g711::mu_to_linear;
 use std::net::UdpSocket;
-use std::thread;
 use std::time::{Duration, Instant};
 
 const KEYS: &str = r#"{"event":"dtmf","digits":"19#*"}"#;
@@ -39,24 +38,7 @@ fn call(daemon: &Daemon, scenario: &str) -> Vec<Vec<u8>> {
     media
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let port = media.local_addr().unwrap().port().to_string();
-    let target = daemon.udp_addr();
-    let scenario = sipp_scenario(scenario);
-    let carrier = thread::spawn(move || {
-        sipp(
-            &scenario,
-            target,
-            &[
-                "-key",
-                "test_rtp_port",
-                &port,
-                "-s",
-                "+15551234567",
-                "-d",
-                "3000",
-            ],
-        )
-    });
+    let carrier = common::sipp_caller(daemon, scenario, &media, 3000);
     let mut packets = Vec::new();
     let mut buf = [0u8; 2048];
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -20,10 +20,9 @@
 mod common;
 
 use common::test_agent::{Behaviour, ConnLog, TestAgent};
-use common::{Daemon, ProfileSpec, SippResult, SippServer, sipp, sipp_scenario};
+use common::{Daemon, ProfileSpec, SippResult, SippServer, sipp_scenario};
 use serde_json::{Value, json};
 use std::net::UdpSocket;
-use std::thread;
 use std::time::{Duration, Instant};
 
 /// The daemon with the `demo` tenant on a native agent at `port`, without the
@@ -58,25 +57,7 @@ fn carrier(daemon: &Daemon, scenario: &str, hold_ms: u32) -> (SippResult, usize)
     media
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let port = media.local_addr().unwrap().port().to_string();
-    let target = daemon.udp_addr();
-    let scenario = sipp_scenario(scenario);
-    let hold = hold_ms.to_string();
-    let run = thread::spawn(move || {
-        sipp(
-            &scenario,
-            target,
-            &[
-                "-key",
-                "test_rtp_port",
-                &port,
-                "-s",
-                "+15551234567",
-                "-d",
-                &hold,
-            ],
-        )
-    });
+    let run = common::sipp_caller(daemon, scenario, &media, hold_ms);
     let mut arrivals = Vec::new();
     let mut buf = [0u8; 2048];
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -20,7 +20,7 @@ mod agent_util;
 mod common;
 
 use common::test_agent::{Behaviour, ConnLog, TestAgent};
-use common::{Daemon, ProfileSpec, SippResult, SippServer, repo_path, sipp, sipp_scenario};
+use common::{Daemon, ProfileSpec, SippResult, SippServer, repo_path, sipp_scenario};
 use serde_json::{Value, json};
 use std::net::{SocketAddr, UdpSocket};
 use std::thread;
@@ -102,35 +102,7 @@ fn steps(conns: &[ConnLog]) -> Vec<(Value, Value)> {
 
 /// The caller: SIPp with its media on `media`, hanging up `hold_ms` after the answer.
 fn caller(daemon: &Daemon, media: &UdpSocket, hold_ms: u32) -> thread::JoinHandle<SippResult> {
-    carrier(daemon, "media_on_test_socket.xml", media, hold_ms)
-}
-
-/// The caller's carrier running `scenario` (a file in tests/sipp), media on `media`.
-fn carrier(
-    daemon: &Daemon,
-    scenario: &str,
-    media: &UdpSocket,
-    hold_ms: u32,
-) -> thread::JoinHandle<SippResult> {
-    let port = media.local_addr().unwrap().port().to_string();
-    let target = daemon.udp_addr();
-    let scenario = sipp_scenario(scenario);
-    let hold = hold_ms.to_string();
-    thread::spawn(move || {
-        sipp(
-            &scenario,
-            target,
-            &[
-                "-key",
-                "test_rtp_port",
-                &port,
-                "-s",
-                "+15551234567",
-                "-d",
-                &hold,
-            ],
-        )
-    })
+    common::sipp_caller(daemon, "media_on_test_socket.xml", media, hold_ms)
 }
 
 /// A-law from linear, from the G.711 formula (sign bit set for positive values, even
@@ -476,7 +448,7 @@ fn a_refused_refer_falls_back_to_a_bridge_transfer_when_the_tenant_allows() {
         false,
     );
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let result = carrier(&daemon, "transfer_carrier_refuse.xml", &media, 3000)
+    let result = common::sipp_caller(&daemon, "transfer_carrier_refuse.xml", &media, 3000)
         .join()
         .unwrap();
     result.assert_success();

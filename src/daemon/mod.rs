@@ -752,6 +752,18 @@ struct TargetShell {
     live: Arc<LiveCall>,
 }
 
+impl TargetShell {
+    /// The leg is done with (the task ends, or a new leg replaces it): its
+    /// route goes, and a slot it still holds (its task was stopped before
+    /// the leg was released) is given back.
+    fn release(self, shared: &Shared) {
+        lock(&shared.calls).remove(&self.live.call_id);
+        if let Some(settings) = self.settings {
+            lock(&shared.switchboard).call_ended(&settings);
+        }
+    }
+}
+
 impl CallTask<'_> {
     /// Carries out one output of the call core.
     async fn output(&mut self, out: BridgeOutput) {
@@ -1101,10 +1113,7 @@ async fn run_call(
                     let dial::PreparedLeg { leg, settings, sockets, live, .. } = *leg;
                     // A second transfer after a failed one: the first leg's route goes.
                     if let Some(old) = task.target.take() {
-                        lock(&shared.calls).remove(&old.live.call_id);
-                        if let Some(settings) = old.settings {
-                            lock(&shared.switchboard).call_ended(&settings);
-                        }
+                        old.release(shared);
                     }
                     task.target = Some(TargetShell {
                         sockets: Some(sockets),
@@ -1148,11 +1157,7 @@ async fn run_call(
         }
     }
     if let Some(t) = task.target.take() {
-        lock(&shared.calls).remove(&t.live.call_id);
-        // A leg still holding its slot (the task was stopped): give it back.
-        if let Some(settings) = t.settings {
-            lock(&shared.switchboard).call_ended(&settings);
-        }
+        t.release(shared);
     }
     debug!("call task finished");
 }

@@ -563,6 +563,36 @@ fn tail(text: &str, max: usize) -> &str {
     &text[start..]
 }
 
+/// A caller from +15551234567 in its own thread: SIPp runs `scenario` (a file in
+/// tests/sipp that takes `-key test_rtp_port`) against the daemon's UDP listener, its
+/// RTP on `media` (the test's socket), holding the call `hold_ms` (`-d`).
+pub(crate) fn sipp_caller(
+    daemon: &Daemon,
+    scenario: &str,
+    media: &UdpSocket,
+    hold_ms: u32,
+) -> thread::JoinHandle<SippResult> {
+    let port = media.local_addr().unwrap().port().to_string();
+    let target = daemon.udp_addr();
+    let scenario = sipp_scenario(scenario);
+    let hold = hold_ms.to_string();
+    thread::spawn(move || {
+        sipp(
+            &scenario,
+            target,
+            &[
+                "-key",
+                "test_rtp_port",
+                &port,
+                "-s",
+                "+15551234567",
+                "-d",
+                &hold,
+            ],
+        )
+    })
+}
+
 /// Runs SIPp as the carrier (UAC) with `scenario` against `target` and waits for it.
 ///
 /// Always adds `-nostdin`, `-i 127.0.0.1`, a free local signalling port (`-p`) and media

@@ -126,17 +126,23 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE calls ADD COLUMN transfer_reason TEXT;
     ALTER TABLE calls ADD COLUMN transfer_status INTEGER;
     "#,
-    // v7: who placed the call (issue 13: outbound calls through the admin API).
-    r#"
+    V7_DIRECTION,
+    V8_TRANSFER_LEG,
+];
+
+/// v7 on both engines: who placed the call (issue 13: outbound calls
+/// through the admin API).
+const V7_DIRECTION: &str = r#"
     ALTER TABLE calls ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'
         CHECK (direction IN ('inbound', 'outbound'));
-    "#,
-    // v8: a bridge transfer's other leg (issue 13): in the caller's row the
-    // target leg's Call-ID, in the target leg's row the caller's.
-    r#"
+    "#;
+
+/// v8 on both engines: a bridge transfer's other leg (issue 13): in the
+/// caller's row the target leg's Call-ID, in the target leg's row the
+/// caller's.
+const V8_TRANSFER_LEG: &str = r#"
     ALTER TABLE calls ADD COLUMN transfer_leg TEXT;
-    "#,
-];
+    "#;
 
 /// PostgreSQL's migrations. v1..v5 are SQLite's v1..v5 in one step (the
 /// PostgreSQL store starts at SQLite's v5): the same tables and columns, 64-bit
@@ -266,15 +272,8 @@ pub const PG_MIGRATIONS: &[&str] = &[
     ALTER TABLE calls ADD COLUMN transfer_reason TEXT;
     ALTER TABLE calls ADD COLUMN transfer_status BIGINT;
     "#,
-    // v7: SQLite's v7 (who placed the call, issue 13).
-    r#"
-    ALTER TABLE calls ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'
-        CHECK (direction IN ('inbound', 'outbound'));
-    "#,
-    // v8: SQLite's v8 (a bridge transfer's other leg, issue 13).
-    r#"
-    ALTER TABLE calls ADD COLUMN transfer_leg TEXT;
-    "#,
+    V7_DIRECTION,
+    V8_TRANSFER_LEG,
 ];
 
 /// The version this build writes (the same on both engines).
