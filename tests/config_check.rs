@@ -1285,3 +1285,32 @@ fn transfer_settings_are_checked_with_their_line() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
 }
+
+#[test]
+fn media_threads_are_checked_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wav(&dir.path().join("prompt.wav"), 200);
+    let toml = profile(5094).replace(
+        "[profile.listen]",
+        "[profile.media]\nthreads = 300\n\n[profile.listen]",
+    );
+    std::fs::write(dir.path().join("p.toml"), &toml).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "p.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_reported(
+        &stderr,
+        "p.toml",
+        line_of(&toml, "threads = 300"),
+        "[profile.media] threads: 300 is more than 256 (0 = one per core)",
+    );
+
+    let good = profile(5095).replace(
+        "[profile.listen]",
+        "[profile.media]\nthreads = 2\n\n[profile.listen]",
+    );
+    std::fs::write(dir.path().join("good.toml"), &good).unwrap();
+    let out = sipbridge(dir.path(), &["check", "--config", "good.toml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

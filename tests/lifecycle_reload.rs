@@ -449,3 +449,53 @@ fn reconfigure_keeps_live_calls_and_limits_and_routes_new_calls_anew() {
     assert!(next.settings.plan.echo_delay.is_none(), "agent, not echo");
     assert_eq!(sb.active_calls(), 2);
 }
+
+/// The calls' media threads (`sb-media-N`), by name, in the daemon's `/proc` entry.
+fn media_threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .filter(|n| n.starts_with("sb-media-") && !n.ends_with("-blk"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `[profile.media] threads` starts that many media threads, which run the calls; the
+/// number is fixed at start: a reload that changes it is refused whole (a restart is
+/// needed), and calls go on being answered.
+#[test]
+fn media_threads_run_the_calls_and_changing_them_needs_a_restart() {
+    let text = profile(&route(OLD_NUMBER, "demo"), "")
+        .replace("rtp_timeout_s = 60", "rtp_timeout_s = 60\nthreads = 2");
+    assert!(text.contains("threads = 2"), "{text}");
+    let daemon = Daemon::spawn(&text);
+    let started = wait_logged(&daemon, "media threads started");
+    assert_eq!(log_field(&started, "threads").as_deref(), Some("2"));
+    assert_eq!(media_threads(daemon.pid()), ["sb-media-0", "sb-media-1"]);
+    let target = daemon.udp_addr();
+    sipp(
+        &sipp_scenario("basic_call.xml"),
+        target,
+        &["-s", OLD_NUMBER],
+    )
+    .assert_success();
+
+    reload_with(&daemon, &text.replace("threads = 2", "threads = 3"));
+    let rejected = wait_logged(
+        &daemon,
+        "configuration reload rejected; the running configuration stays",
+    );
+    assert_eq!(
+        log_field(&rejected, "error").as_deref(),
+        Some("[profile.media] threads changed from 2 to 3: restart the daemon to change it")
+    );
+    assert_eq!(media_threads(daemon.pid()), ["sb-media-0", "sb-media-1"]);
+    sipp(
+        &sipp_scenario("basic_call.xml"),
+        target,
+        &["-s", OLD_NUMBER],
+    )
+    .assert_success();
+}

@@ -4,7 +4,8 @@
 //! 1. **Floor**: a trivial UDP echo (`sipbridge-load floor-echo`, a child process: one
 //!    socket per call, level-triggered epoll, every datagram sent straight back) takes the
 //!    load below; its CPU per packet is the floor.
-//! 2. **Daemon**, once per recording setting: the release daemon (`sipbridge run`) with a
+//! 2. **Daemon**, once per `--media-threads` value (`[profile.media] threads`) and
+//!    recording setting: the release daemon (`sipbridge run`) with a
 //!    temporary profile (echo pipeline, a 100 ms silent prompt, trunk 127.0.0.0/8,
 //!    `max_calls`, `rtp_ports` and `max_unconfirmed_calls_per_source` sized for N,
 //!    `rtp_timeout_s = 0`) answers N calls set up
@@ -31,9 +32,10 @@
 //! that carry speech (the echo came back, not silence).
 //!
 //! Output: one table per N (a floor row and a row per daemon run: loss, p50/p99/max
-//! lateness, µs per packet, ratio daemon/floor, RSS per call, failed calls), then a
-//! `ratio daemon/floor` line per daemon run. Exits 1 if a call failed or lost packets
-//! (`--allow-loss`: exit 0 despite loss), 2 on a set-up error.
+//! lateness, µs per packet, ratio daemon/floor, RSS per call, failed calls, cores kept
+//! busy), then a `ratio daemon/floor` line per daemon run (with calls per busy core).
+//! Exits 1 if a call failed or lost packets (`--allow-loss`: exit 0 despite loss), 2 on a
+//! set-up error.
 
 use std::collections::HashMap;
 use std::fs;
@@ -101,6 +103,10 @@ struct Cli {
     /// Raw µ-law (8 kHz, PT 0) audio streamed by every call, looped.
     #[arg(long, default_value = "fixtures/audio/caller1.ulaw")]
     fixture: PathBuf,
+    /// The daemon's media threads (`[profile.media] threads`), one daemon run per value
+    /// (comma-separated); 0: the daemon's default, one per core.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    media_threads: Vec<usize>,
     /// Generator threads (each owns a share of the calls and their sockets).
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -228,6 +234,19 @@ impl Outcome {
             self.cpu_s * 1e6 / pkts as f64
         }
     }
+    /// Cores the target kept busy in the window (its CPU seconds per second).
+    fn cores(&self) -> f64 {
+        if self.window_s > 0.0 {
+            self.cpu_s / self.window_s
+        } else {
+            f64::NAN
+        }
+    }
+    /// Calls one busy core carries: the calls over the cores they kept busy.
+    fn calls_per_core(&self) -> Option<f64> {
+        let cores = self.cores();
+        (cores > 0.0).then(|| self.calls as f64 / cores)
+    }
     fn percentile_ms(&mut self, p: f64) -> f64 {
         if self.lateness.is_empty() {
             return f64::NAN;
@@ -278,34 +297,44 @@ fn run(cli: &Cli) -> Result<i32> {
         let mut floor = run_floor(cli, n, &exe, &fixture)?;
         let floor_us = floor.us_per_packet();
         let mut rows = vec![row("floor", &mut floor, None)];
-        for &rec in &recordings {
-            let name = if rec {
-                "daemon rec=on"
-            } else {
-                "daemon rec=off"
-            };
-            let dir = work.join(format!("n{n}-rec-{rec}"));
-            fs::create_dir_all(&dir)?;
-            let mut d = run_daemon(cli, n, rec, &dir, &daemon_bin, &prompt, &fixture)?;
-            if d.failed > 0 || (!cli.allow_loss && d.received < d.expected) {
-                exit = 1;
+        for &mt in &cli.media_threads {
+            for &rec in &recordings {
+                let mut name = format!("daemon rec={}", if rec { "on" } else { "off" });
+                if mt != 0 {
+                    name.push_str(&format!(" t={mt}"));
+                }
+                let dir = work.join(format!("n{n}-t{mt}-rec-{rec}"));
+                fs::create_dir_all(&dir)?;
+                let mut d = run_daemon(cli, n, mt, rec, &dir, &daemon_bin, &prompt, &fixture)?;
+                if d.failed > 0 || (!cli.allow_loss && d.received < d.expected) {
+                    exit = 1;
+                }
+                ratio_lines.push(format!(
+                    "ratio daemon/floor: calls={n} media_threads={} recording={} loss={:.2}% \
+                     ratio={} (daemon {:.2} us/pkt, floor {floor_us:.2} us/pkt; \
+                     {:.2} cores busy, {} calls per busy core)",
+                    if mt == 0 {
+                        "default".to_string()
+                    } else {
+                        mt.to_string()
+                    },
+                    if rec { "on" } else { "off" },
+                    d.loss_pct(),
+                    ratio(d.us_per_packet(), floor_us),
+                    d.us_per_packet(),
+                    d.cores(),
+                    d.calls_per_core()
+                        .map_or("n/a".to_string(), |c| format!("{c:.0}")),
+                ));
+                rows.push(row(&name, &mut d, Some(floor_us)));
             }
-            ratio_lines.push(format!(
-                "ratio daemon/floor: calls={n} recording={} loss={:.2}% ratio={} \
-                 (daemon {:.2} us/pkt, floor {floor_us:.2} us/pkt)",
-                if rec { "on" } else { "off" },
-                d.loss_pct(),
-                ratio(d.us_per_packet(), floor_us),
-                d.us_per_packet()
-            ));
-            rows.push(row(name, &mut d, Some(floor_us)));
         }
         println!(
             "\nN = {n} concurrent calls, {:.0} s window, {} threads",
             cli.seconds, cli.threads
         );
         println!(
-            "{:<15} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>8} {:>6}",
+            "{:<19} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>8} {:>6} {:>6}",
             "target",
             "calls",
             "loss%",
@@ -315,7 +344,8 @@ fn run(cli: &Cli) -> Result<i32> {
             "us/pkt",
             "ratio",
             "KB/call",
-            "failed"
+            "failed",
+            "cores"
         );
         for r in rows {
             println!("{r}");
@@ -335,7 +365,7 @@ fn row(name: &str, o: &mut Outcome, floor_us: Option<f64>) -> String {
         o.percentile_ms(1.0),
     );
     let mut s = format!(
-        "{:<15} {:>6} {:>7.2} {:>7.1} {:>7.1} {:>7.1} {:>9.2} {:>6} {:>8} {:>6}",
+        "{:<19} {:>6} {:>7.2} {:>7.1} {:>7.1} {:>7.1} {:>9.2} {:>6} {:>8} {:>6} {:>6.2}",
         name,
         o.calls,
         o.loss_pct(),
@@ -347,6 +377,7 @@ fn row(name: &str, o: &mut Outcome, floor_us: Option<f64>) -> String {
         o.rss_kb_per_call
             .map_or("-".to_string(), |k| format!("{k:.0}")),
         o.failed,
+        o.cores(),
     );
     o.send_lag.sort_unstable();
     let lag = |p: f64| {
@@ -355,7 +386,7 @@ fn row(name: &str, o: &mut Outcome, floor_us: Option<f64>) -> String {
             .map_or(f64::NAN, |us| f64::from(*us) / 1000.0)
     };
     s.push_str(&format!(
-        "\n{:<15} speech in {:.0} % of returned packets; generator: {:.0} % of a core, \
+        "\n{:<19} speech in {:.0} % of returned packets; generator: {:.0} % of a core, \
          send lag p99 {:.1} ms max {:.1} ms",
         "",
         o.voiced as f64 * 100.0 / o.received.max(1) as f64,
@@ -478,6 +509,7 @@ fn free_rtp_range(len: u16) -> Result<u16> {
 fn run_daemon(
     cli: &Cli,
     n: usize,
+    media_threads: usize,
     recording: bool,
     dir: &Path,
     bin: &Path,
@@ -515,6 +547,7 @@ udp = ["127.0.0.1:0"]
 
 [profile.media]
 rtp_timeout_s = 0
+{threads}
 
 [profile.security]
 max_unconfirmed_calls_per_source = {max_calls}
@@ -540,6 +573,12 @@ tenant = "demo"
 "#,
             var = dir.join("var").display(),
             prompt = prompt.display(),
+            // Written only when asked for, so an older daemon can be measured too.
+            threads = if media_threads == 0 {
+                String::new()
+            } else {
+                format!("threads = {media_threads}")
+            },
         ),
     )?;
     // The tool finds the SIP port in the listener's INFO line, whatever the filter.

@@ -1207,7 +1207,8 @@ impl MediaSession {
         let media_time = at.saturating_duration_since(self.started);
         let mut samples = Vec::new();
         if let (true, Some(pcm)) = (wants_pcm, &pcm) {
-            samples.reserve_exact(self.plan.pipeline_rate.samples_per_20ms());
+            // One more for the carried sample inserted below: no regrowth.
+            samples.reserve_exact(self.plan.pipeline_rate.samples_per_20ms() + 1);
             self.upsampler.process(pcm, &mut samples);
             if self.plan.pipeline_rate == PipelineRate::Hz16000 {
                 // The half-band upsampler delays by 27 samples at 16 kHz

@@ -273,6 +273,9 @@ pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// stop timeout by the grace, and `EXTEND_TIMEOUT_USEC` holds a `u32`).
 pub const MAX_DRAIN_GRACE_S: u32 = 3600;
 
+/// Most media threads a profile may ask for (`[profile.media] threads`).
+pub const MAX_MEDIA_THREADS: u32 = 256;
+
 /// Media limits of a profile (`[profile.media]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -281,6 +284,8 @@ pub struct MediaSettings {
     pub rtp_timeout: Option<Duration>,
     /// End a call after this long whatever happens; default 4 h.
     pub max_call_duration: Option<Duration>,
+    /// Media threads running the calls (0: one per core); fixed at start.
+    pub threads: u32,
 }
 
 impl Default for MediaSettings {
@@ -288,6 +293,7 @@ impl Default for MediaSettings {
         MediaSettings {
             rtp_timeout: Some(Duration::from_secs(30)),
             max_call_duration: Some(Duration::from_secs(4 * 3600)),
+            threads: 0,
         }
     }
 }

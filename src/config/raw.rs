@@ -144,6 +144,8 @@ pub(crate) struct RawMedia {
     pub(crate) rtp_timeout_s: Option<Spanned<u32>>,
     #[serde(default)]
     pub(crate) max_call_duration_s: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(crate) threads: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -668,7 +668,7 @@ fn check_profiles(
 
         let master_key = check_master_key(cx, file, p.master_key.as_ref(), &var_dir, p.name.span());
         let sip = check_sip(cx, file, p.sip.as_ref());
-        let media = media_settings(p.media.as_ref());
+        let media = media_settings(cx, file, p.media.as_ref());
         let admin = p.admin.as_ref().and_then(|a| {
             let listen = &a.get_ref().listen;
             let token = a
@@ -1181,7 +1181,11 @@ fn check_master_key(
     }
 }
 
-fn media_settings(raw: Option<&Spanned<super::raw::RawMedia>>) -> MediaSettings {
+fn media_settings(
+    cx: &mut Cx<'_>,
+    file: usize,
+    raw: Option<&Spanned<super::raw::RawMedia>>,
+) -> MediaSettings {
     let mut m = MediaSettings::default();
     let Some(raw) = raw else { return m };
     let r = raw.get_ref();
@@ -1193,6 +1197,21 @@ fn media_settings(raw: Option<&Spanned<super::raw::RawMedia>>) -> MediaSettings 
     };
     m.rtp_timeout = limit(&r.rtp_timeout_s, m.rtp_timeout);
     m.max_call_duration = limit(&r.max_call_duration_s, m.max_call_duration);
+    if let Some(t) = &r.threads {
+        if *t.get_ref() > super::MAX_MEDIA_THREADS {
+            cx.error(
+                file,
+                Some(t.span()),
+                format!(
+                    "[profile.media] threads: {} is more than {} (0 = one per core)",
+                    t.get_ref(),
+                    super::MAX_MEDIA_THREADS
+                ),
+            );
+        } else {
+            m.threads = *t.get_ref();
+        }
+    }
     m
 }
 

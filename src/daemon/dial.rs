@@ -8,8 +8,8 @@
 //! decide; this module moves their bytes and time.
 
 use super::{
-    BridgeSetup, BridgedCall, CALL_QUEUE, CallCommand, CallEntry, PipelineLink, RecordingRules,
-    Shared, TransferRules, bind_pair, lock, log_cdr, run_call, store_link,
+    BoundPair, BridgeSetup, BridgedCall, CALL_QUEUE, CallCommand, CallEntry, PipelineLink,
+    RecordingRules, Shared, TransferRules, bind_pair, lock, log_cdr, run_call, store_link,
 };
 use crate::call::outbound::{LegCredentials, LegEvent, LegOutput, OutboundLeg};
 use crate::call::{Call, CallDirection, OutboundAdmitted, RecordingStatus};
@@ -46,7 +46,7 @@ pub(super) async fn dial(shared: &Arc<Shared>, request: DialRequest) -> Result<S
         tenant = %settings.tenant
     );
     let id = call_id.clone();
-    tokio::spawn(
+    shared.media.spawn(
         async move {
             let task = Outbound {
                 shared: &shared2,
@@ -70,7 +70,7 @@ pub(crate) struct PreparedLeg {
     /// The call's settings once answered.
     pub(super) settings: crate::call::CallSettings,
     pub(super) config: Arc<crate::config::Config>,
-    pub(super) sockets: (tokio::net::UdpSocket, tokio::net::UdpSocket),
+    pub(super) sockets: BoundPair,
     pub(super) live: Arc<LiveCall>,
     pub(super) rng: StdRng,
 }
@@ -135,7 +135,7 @@ pub(super) async fn prepare(
     } = admitted;
     // The RTP port the SDP offers; on failure the call is refused.
     let ip = *lock(&shared.rtp_bind);
-    let sockets = match bind_pair(ip, settings.media.rtp_port).await {
+    let sockets = match bind_pair(ip, settings.media.rtp_port) {
         Ok(pair) => pair,
         Err(e) => {
             warn!(error = %e, "no RTP port could be bound for an outbound call");
@@ -212,7 +212,7 @@ impl Outbound<'_> {
     async fn run(
         self,
         mut leg: OutboundLeg,
-        sockets: (tokio::net::UdpSocket, tokio::net::UdpSocket),
+        sockets: BoundPair,
         mut rx: mpsc::Receiver<CallCommand>,
         mut rng: StdRng,
     ) {
@@ -295,7 +295,7 @@ impl Outbound<'_> {
     async fn answered(
         self,
         answered: crate::call::outbound::AnsweredLeg,
-        sockets: (tokio::net::UdpSocket, tokio::net::UdpSocket),
+        sockets: BoundPair,
         rx: mpsc::Receiver<CallCommand>,
         mut rng: StdRng,
     ) {
@@ -344,7 +344,13 @@ impl Outbound<'_> {
             },
             transfer,
         };
-        let bridged = BridgedCall::new(call, setup, Instant::now(), SystemTime::now(), &mut rng);
+        let bridged = Box::new(BridgedCall::new(
+            call,
+            setup,
+            Instant::now(),
+            SystemTime::now(),
+            &mut rng,
+        ));
         run_call(
             self.shared,
             bridged,

@@ -458,6 +458,15 @@ async fn apply(shared: &Arc<Shared>, state: &mut Serving) -> Result<ReloadSummar
             profile.var_dir.display()
         )));
     }
+    // The media threads are started once.
+    if let Some(old) = old.profiles.first()
+        && old.media.threads != profile.media.threads
+    {
+        return Err(ReloadError::NeedsRestart(format!(
+            "[profile.media] threads changed from {} to {}",
+            old.media.threads, profile.media.threads
+        )));
+    }
     // The store thread and its uploader were built for the running section.
     if let Some(old) = old.profiles.first()
         && old.recordings != profile.recordings

@@ -5,9 +5,13 @@
 //! Shape (quinn's `ConnectionDriver`, hickory's `ServerFuture`): listener
 //! tasks parse and dispatch; each call runs in its own task that owns its
 //! `Call`, its RTP socket and one timer re-armed to `Call::poll_timeout`.
+//! Listeners, the admin API and the store run on the main (multi-threaded)
+//! runtime; the calls' tasks run on the media threads ([`media_pool`]), so
+//! a call's packets, timers and wake-ups stay on one thread.
 
 mod dial;
 mod lifecycle;
+pub(crate) mod media_pool;
 mod reject_log;
 mod store_link;
 mod transport;
@@ -88,6 +92,8 @@ pub(crate) struct Shared {
     pub(crate) reject_log: Mutex<reject_log::RejectLog>,
     /// Call event webhooks (`events_url`); emitters never wait.
     pub(crate) events: Arc<webhooks::Events>,
+    /// The media threads the calls' tasks run on.
+    pub(crate) media: media_pool::MediaPool,
 }
 
 /// How a call connects to its network pipeline (the shell's half: where to
@@ -427,7 +433,7 @@ impl Shared {
         for _ in 0..16 {
             let port = admitted.settings.media.rtp_port;
             let ip = *lock(&self.rtp_bind);
-            match bind_pair(ip, port).await {
+            match bind_pair(ip, port) {
                 Ok(pair) => {
                     socket = Some(pair);
                     break;
@@ -525,13 +531,15 @@ impl Shared {
             },
             transfer,
         };
-        let bridged = BridgedCall::new(
+        // Boxed: the call is ~30 KB; inline, every move of the task's
+        // future (into its task cell) would copy it, and touch it.
+        let bridged = Box::new(BridgedCall::new(
             call,
             setup,
             Instant::now(),
             SystemTime::now(),
             &mut call_rng,
-        );
+        ));
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
         let entry = CallEntry {
             tx,
@@ -558,7 +566,7 @@ impl Shared {
             call_id = %crate::logging::wire(&call_id),
             tenant = %settings.tenant
         );
-        tokio::spawn(
+        self.media.spawn(
             async move {
                 run_call(&shared, bridged, rtp, rx, call_rng, link, store, &live).await;
                 lock(&shared.calls).remove(&call_id);
@@ -568,11 +576,36 @@ impl Shared {
     }
 }
 
+/// A call's RTP socket and the RTCP socket above it, bound but not yet
+/// registered with a runtime: the call's task registers them on the media
+/// thread it runs on ([`media_pool`]).
+pub(crate) struct BoundPair(std::net::UdpSocket, std::net::UdpSocket);
+
+impl BoundPair {
+    /// Registers the sockets with the current runtime's reactor.
+    fn register(self) -> std::io::Result<(UdpSocket, UdpSocket)> {
+        Ok((UdpSocket::from_std(self.0)?, UdpSocket::from_std(self.1)?))
+    }
+}
+
 /// Binds the RTP port and the RTCP port above it.
-async fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<(UdpSocket, UdpSocket)> {
-    let rtp = UdpSocket::bind((ip, port)).await?;
-    let rtcp = UdpSocket::bind((ip, port.wrapping_add(1))).await?;
-    Ok((rtp, rtcp))
+fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<BoundPair> {
+    let bind = |port: u16| {
+        let s = std::net::UdpSocket::bind((ip, port))?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(s)
+    };
+    let rtp = bind(port)?;
+    let rtcp = bind(port.wrapping_add(1))?;
+    Ok(BoundPair(rtp, rtcp))
+}
+
+/// Registers a call's sockets on the media thread its task runs on; a
+/// registration refused by the OS leaves the call without media.
+fn register(pair: BoundPair) -> Option<(UdpSocket, UdpSocket)> {
+    pair.register()
+        .inspect_err(|e| warn!(error = %e, "RTP sockets could not be registered; no media"))
+        .ok()
 }
 
 async fn recv_on(
@@ -1016,8 +1049,8 @@ impl CallTask<'_> {
 #[allow(clippy::too_many_arguments)]
 async fn run_call(
     shared: &Arc<Shared>,
-    mut bridged: BridgedCall,
-    sockets: (UdpSocket, UdpSocket),
+    mut bridged: Box<BridgedCall>,
+    sockets: BoundPair,
     mut rx: mpsc::Receiver<CallCommand>,
     mut rng: StdRng,
     link: Option<PipelineLink>,
@@ -1028,7 +1061,7 @@ async fn run_call(
     let mut task = CallTask {
         shared,
         live,
-        sockets: Some(sockets),
+        sockets: register(sockets),
         link,
         store,
         active: Some(crate::metrics::ActiveCall::start(&settings.tenant)),
@@ -1040,6 +1073,9 @@ async fn run_call(
     let mut rtcp_buf = vec![0u8; 2048];
     let mut target_rtp_buf = vec![0u8; 2048];
     let mut target_rtcp_buf = vec![0u8; 2048];
+    let timer = tokio::time::sleep_until(far_future().into());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     info!(
         port = bridged.call().settings().media.rtp_port,
         "call started"
@@ -1065,13 +1101,15 @@ async fn run_call(
             calls.remove(&live.call_id);
             break;
         }
+        // One timer for the task's life, moved only when the core's next
+        // deadline moves (re-registering it on every wake-up costs more).
         let deadline = bridged.poll_timeout();
-        let sleep = async {
-            match deadline {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        if deadline != armed || timer.is_elapsed() {
+            timer
+                .as_mut()
+                .reset(deadline.unwrap_or_else(far_future).into());
+            armed = deadline;
+        }
         let recv_rtp = recv_on(task.sockets.as_ref().map(|s| &s.0), &mut rtp_buf);
         let recv_rtcp = recv_on(task.sockets.as_ref().map(|s| &s.1), &mut rtcp_buf);
         let target_sockets = task.target.as_ref().and_then(|t| t.sockets.as_ref());
@@ -1116,7 +1154,7 @@ async fn run_call(
                         old.release(shared);
                     }
                     task.target = Some(TargetShell {
-                        sockets: Some(sockets),
+                        sockets: register(sockets),
                         settings: Some(settings.clone()),
                         live,
                     });
@@ -1136,7 +1174,7 @@ async fn run_call(
                 Ok((n, _)) => BridgeInput::TargetRtcp(bytes::Bytes::copy_from_slice(&target_rtcp_buf[..n])),
                 Err(_) => continue,
             },
-            () = sleep => BridgeInput::Timeout,
+            () = &mut timer, if armed.is_some() => BridgeInput::Timeout,
             r = recv_rtp => match r {
                 Ok((n, from)) => BridgeInput::Rtp {
                     from,
@@ -1160,6 +1198,12 @@ async fn run_call(
         t.release(shared);
     }
     debug!("call task finished");
+}
+
+/// A deadline that never comes (a day away), for a timer with nothing to
+/// wait for.
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(86_400)
 }
 
 /// Loads every tenant's fallback prompt once, as PCM at the tenant's
@@ -1355,7 +1399,15 @@ pub async fn run(
         hold_prompts: Mutex::new(HashMap::new()),
         reject_log: Mutex::new(reject_log::RejectLog::new(Instant::now())),
         events: Arc::new(webhooks::Events::default()),
+        media: media_pool::MediaPool::start(
+            config
+                .profiles
+                .first()
+                .map_or(0, |p| p.media.threads as usize),
+        )
+        .context("starting the media threads")?,
     };
+    info!(threads = shared.media.threads(), "media threads started");
     shared.events.configure(&config.tenants);
     let bound = bound.listeners;
     lock(&shared.switchboard).set_prompts(load_prompts(&config)?);
@@ -1427,6 +1479,7 @@ pub async fn run(
         admin.abort();
     }
     reject_summaries.abort();
+    shared.media.stop();
     info!("stopped");
     Ok(())
 }
