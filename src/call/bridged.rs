@@ -447,8 +447,9 @@ pub struct BridgedCall {
     shutting_down: bool,
     /// The tenant's transfer rules.
     transfer_rules: TransferRules,
-    /// The bridge transfer's second leg.
-    target: Option<target::TargetLeg>,
+    /// The bridge transfer's second leg (boxed: ~18 KB that most calls
+    /// never use).
+    target: Option<Box<target::TargetLeg>>,
     /// The agent link's summary, once a bridge transfer closed it.
     closed_link: Option<PipelineSummary>,
     /// The agent's audio last arrived then.

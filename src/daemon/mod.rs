@@ -1071,8 +1071,9 @@ async fn run_call(
     };
     let mut rtp_buf = vec![0u8; 2048];
     let mut rtcp_buf = vec![0u8; 2048];
-    let mut target_rtp_buf = vec![0u8; 2048];
-    let mut target_rtcp_buf = vec![0u8; 2048];
+    // A bridge transfer's target leg's buffers, once there is one.
+    let mut target_rtp_buf = Vec::new();
+    let mut target_rtcp_buf = Vec::new();
     let timer = tokio::time::sleep_until(far_future().into());
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
@@ -1153,6 +1154,8 @@ async fn run_call(
                     if let Some(old) = task.target.take() {
                         old.release(shared);
                     }
+                    target_rtp_buf.resize(2048, 0);
+                    target_rtcp_buf.resize(2048, 0);
                     task.target = Some(TargetShell {
                         sockets: register(sockets),
                         settings: Some(settings.clone()),

@@ -144,7 +144,7 @@ impl BridgedCall {
     /// The agent asked for a bridge transfer to `target` (the call is
     /// confirmed and no other transfer runs: checked by the caller).
     pub(super) fn start_bridge_transfer(&mut self, target: TransferTarget) {
-        self.target = Some(TargetLeg {
+        self.target = Some(Box::new(TargetLeg {
             target: target.clone(),
             phase: Phase::Preparing,
             leg: None,
@@ -154,7 +154,7 @@ impl BridgedCall {
             call_id: None,
             released: false,
             status: None,
-        });
+        }));
         self.emit(BridgeOutput::DialTarget { target });
     }
 
@@ -185,11 +185,11 @@ impl BridgedCall {
     /// The target leg needs nothing more (none was dialled, or it is over,
     /// released and its transactions done).
     pub(super) fn target_finished(&self) -> bool {
-        self.target.as_ref().is_none_or(TargetLeg::is_finished)
+        self.target.as_deref().is_none_or(TargetLeg::is_finished)
     }
 
     pub(super) fn target_poll_timeout(&self) -> Option<Instant> {
-        self.target.as_ref().and_then(TargetLeg::poll_timeout)
+        self.target.as_deref().and_then(TargetLeg::poll_timeout)
     }
 
     /// Routes a SIP message of the target leg; gives it back when it is the
