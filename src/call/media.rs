@@ -1207,16 +1207,20 @@ impl MediaSession {
         let media_time = at.saturating_duration_since(self.started);
         let mut samples = Vec::new();
         if let (true, Some(pcm)) = (wants_pcm, &pcm) {
-            // One more for the carried sample inserted below: no regrowth.
+            // One more for the carried sample below: no regrowth.
             samples.reserve_exact(self.plan.pipeline_rate.samples_per_20ms() + 1);
-            self.upsampler.process(pcm, &mut samples);
-            if self.plan.pipeline_rate == PipelineRate::Hz16000 {
+            let delay_one = self.plan.pipeline_rate == PipelineRate::Hz16000;
+            if delay_one {
                 // The half-band upsampler delays by 27 samples at 16 kHz
                 // (13.5 at 8 kHz); one more sample makes it a whole 14
                 // samples at 8 kHz, so echoed/agent audio comes back a whole
                 // number of samples late (the playout queue's causal
-                // downsampler adds 13).
-                samples.insert(0, self.up_carry);
+                // downsampler adds 13): the last frame's last sample goes
+                // first, this frame's last is carried to the next.
+                samples.push(self.up_carry);
+            }
+            self.upsampler.process(pcm, &mut samples);
+            if delay_one {
                 self.up_carry = samples.pop().unwrap_or(0);
             }
         }
