@@ -180,11 +180,24 @@ impl RecordingWriter {
         created_unix: u64,
         rng: &mut impl CryptoRng,
     ) -> Result<Self> {
+        Self::create_as(var_dir, key, date, created_unix, FileId::random(rng))
+    }
+
+    /// [`create`](Self::create) with the file id chosen by the caller (fresh
+    /// from a CSPRNG: it must never repeat under one key), at
+    /// [`recording_path`]: the daemon indexes the recording under this id
+    /// on its store thread and creates the file on an I/O thread.
+    pub fn create_as(
+        var_dir: &Path,
+        key: &DataKey,
+        date: RecordingDate,
+        created_unix: u64,
+        file_id: FileId,
+    ) -> Result<Self> {
         validate_tenant(key.tenant())?;
-        let file_id = FileId::random(rng);
         let dir = recording_dir(var_dir, key.tenant(), date);
         DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        let path = dir.join(format!("{file_id}.{EXTENSION}"));
+        let path = recording_path(var_dir, key.tenant(), date, &file_id);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
