@@ -25,6 +25,10 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// How long a stopping media thread waits for blocking work its tasks
+/// started.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One media thread: its runtime's handle and how many tasks it runs.
 struct Worker {
     handle: Handle,
@@ -65,11 +69,13 @@ impl MediaPool {
             let thread = std::thread::Builder::new()
                 .name(format!("sb-media-{i}"))
                 .spawn(move || {
-                    // Runs the calls' tasks until the pool stops; dropping
-                    // the runtime then cancels what is left.
+                    // Runs the calls' tasks until the pool stops; then what
+                    // is left is cancelled, and blocking work it started
+                    // (a name lookup) is given a moment, not waited for.
                     runtime.block_on(async {
                         let _ = stopped.await;
                     });
+                    runtime.shutdown_timeout(SHUTDOWN_GRACE);
                 })?;
             workers.push(Worker {
                 handle,

@@ -2475,13 +2475,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut w = writer(dir.path());
             let status = Arc::new(AtomicU8::new(REC_OK));
-            w.apply(Op::StartRecording {
-                handle: 1,
-                tenant: "demo".into(),
-                call_id: "c1".into(),
-                created_at: 1_767_312_000_000,
-                status: Arc::clone(&status),
-            });
+            start_recording(&mut w, &status);
             let second = Zeroizing::new(vec![100i16; FRAMES_PER_CHUNK]);
             w.apply(Op::Push {
                 handle: 1,
@@ -2550,6 +2544,17 @@ mod tests {
     }
 
     /// Waits (bounded) until `done` says so, taking the I/O threads' reports.
+    /// Starts recording 1 of call `c1` of tenant `demo`, its status in `status`.
+    fn start_recording(w: &mut Writer, status: &Arc<AtomicU8>) {
+        w.apply(Op::StartRecording {
+            handle: 1,
+            tenant: "demo".into(),
+            call_id: "c1".into(),
+            created_at: 1_767_312_000_000,
+            status: Arc::clone(status),
+        });
+    }
+
     fn wait_for(w: &mut Writer, mut done: impl FnMut(&mut Writer) -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !done(w) {
@@ -2586,13 +2591,7 @@ mod tests {
                 .is_ok()
         );
         let status = Arc::new(AtomicU8::new(REC_OK));
-        w.apply(Op::StartRecording {
-            handle: 1,
-            tenant: "demo".into(),
-            call_id: "c1".into(),
-            created_at: 1_767_312_000_000,
-            status: Arc::clone(&status),
-        });
+        start_recording(&mut w, &status);
         let path = w.open[&1].path.clone();
         let rows = w.store.recordings_of_call("demo", "c1").unwrap();
         assert_eq!(rows.len(), 1);
@@ -2635,13 +2634,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("recordings")).unwrap();
         std::fs::write(dir.path().join("recordings/demo"), b"in the way").unwrap();
         let status = Arc::new(AtomicU8::new(REC_OK));
-        w.apply(Op::StartRecording {
-            handle: 1,
-            tenant: "demo".into(),
-            call_id: "c1".into(),
-            created_at: 1_767_312_000_000,
-            status: Arc::clone(&status),
-        });
+        start_recording(&mut w, &status);
         let path = w.open[&1].path.clone();
         wait_for(&mut w, |w| w.open.is_empty());
         assert_eq!(status.load(Ordering::Relaxed), REC_NOT_RECORDED);
