@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::test_agent::{Behaviour, ConnLog, TestAgent};
+use common::test_agent::{Behaviour, ConnLog, TestAgent, events_named};
 use common::{Daemon, ProfileSpec, SippResult, SippServer, sipp_scenario};
 use serde_json::{Value, json};
 use std::net::UdpSocket;
@@ -77,12 +77,7 @@ fn carrier(daemon: &Daemon, scenario: &str, hold_ms: u32) -> (SippResult, usize)
 
 /// The `transfer` events one agent connection got.
 fn transfer_events(conns: &[ConnLog]) -> Vec<Value> {
-    conns
-        .iter()
-        .flat_map(|c| c.texts.iter())
-        .filter(|v| v["event"] == "transfer")
-        .cloned()
-        .collect()
+    events_named(conns, "transfer")
 }
 
 #[test]

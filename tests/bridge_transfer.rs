@@ -19,7 +19,7 @@
 mod agent_util;
 mod common;
 
-use common::test_agent::{Behaviour, ConnLog, TestAgent};
+use common::test_agent::{Behaviour, ConnLog, TestAgent, events_named};
 use common::{Daemon, ProfileSpec, SippResult, SippServer, repo_path, sipp_scenario};
 use serde_json::{Value, json};
 use std::net::{SocketAddr, UdpSocket};
@@ -84,12 +84,7 @@ fn bridging_agent() -> TestAgent {
 
 /// The `transfer` events the agent's connections got.
 fn transfer_events(conns: &[ConnLog]) -> Vec<Value> {
-    conns
-        .iter()
-        .flat_map(|c| c.texts.iter())
-        .filter(|v| v["event"] == "transfer")
-        .cloned()
-        .collect()
+    events_named(conns, "transfer")
 }
 
 /// Each `transfer` event's `result` and `status`, in order.

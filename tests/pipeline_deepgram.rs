@@ -12,6 +12,7 @@
 
 mod common;
 
+use common::audio::ncc;
 use common::deepgram_mock::{ConnLog, ConnScript, DeepgramMock, Ended, MockConfig, Scripted};
 use common::{Daemon, ProfileSpec, repo_path, sipp, sipp_scenario};
 use serde_json::Value;
@@ -91,19 +92,6 @@ fn exported_transcripts(daemon: &Daemon, n: usize) -> Vec<Value> {
         std::thread::sleep(Duration::from_millis(200));
     }
     unreachable!()
-}
-
-/// Normalised cross-correlation of `needle` with `hay[lag..]` (zero beyond its end).
-fn ncc(hay: &[f64], needle: &[f64], lag: usize) -> f64 {
-    let (mut dot, mut e_hay, mut e_needle) = (0.0, 0.0, 0.0);
-    for (i, n) in needle.iter().enumerate() {
-        let h = hay.get(lag + i).copied().unwrap_or(0.0);
-        dot += h * n;
-        e_hay += h * h;
-        e_needle += n * n;
-    }
-    let d = (e_hay * e_needle).sqrt();
-    if d == 0.0 { 0.0 } else { dot / d }
 }
 
 /// Best NCC of the 16 kHz `pcm` (back at 8 kHz, both decimation phases) against the

@@ -27,6 +27,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::audio::ncc;
 use common::{Daemon, ProfileSpec, repo_path, rtp_range_for, sipp, sipp_scenario};
 use sipbridge::media::g711::{self, Law};
 use sipbridge::store::crypto::KeyRing;
@@ -49,18 +50,6 @@ fn g711_round_trip(x: &[i16]) -> Vec<i16> {
     x.iter()
         .map(|&s| g711::decode_sample(Law::Mu, g711::encode_sample(Law::Mu, s)))
         .collect()
-}
-
-fn ncc(hay: &[f64], needle: &[f64], lag: usize) -> f64 {
-    let (mut dot, mut e_hay, mut e_needle) = (0.0, 0.0, 0.0);
-    for (i, n) in needle.iter().enumerate() {
-        let h = hay.get(lag + i).copied().unwrap_or(0.0);
-        dot += h * n;
-        e_hay += h * h;
-        e_needle += n * n;
-    }
-    let d = (e_hay * e_needle).sqrt();
-    if d <= f64::EPSILON { 0.0 } else { dot / d }
 }
 
 /// Best `(lag, ncc)` over `lags`: coarse on 4× decimated signals, then full rate.

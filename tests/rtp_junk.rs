@@ -25,6 +25,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::audio::ncc;
 use common::{Daemon, profile_toml, repo_path, sipp, sipp_scenario};
 use sipbridge::media::g711::{self, Law};
 
@@ -66,23 +67,6 @@ fn to_f64(samples: &[i16]) -> Vec<f64> {
 
 fn seconds(samples: usize) -> f64 {
     samples as f64 / RATE as f64
-}
-
-/// Normalised cross-correlation of `needle` with `hay[lag..]` (zero beyond its end).
-fn ncc(hay: &[f64], needle: &[f64], lag: usize) -> f64 {
-    let (mut dot, mut e_hay, mut e_needle) = (0.0, 0.0, 0.0);
-    for (i, n) in needle.iter().enumerate() {
-        let h = hay.get(lag + i).copied().unwrap_or(0.0);
-        dot += h * n;
-        e_hay += h * h;
-        e_needle += n * n;
-    }
-    let denominator = (e_hay * e_needle).sqrt();
-    if denominator <= f64::EPSILON {
-        0.0
-    } else {
-        dot / denominator
-    }
 }
 
 /// Best `(lag, ncc)` of `needle` in `hay` over `lags`: every 4th lag on signals averaged

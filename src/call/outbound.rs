@@ -1421,7 +1421,7 @@ mod tests {
 
     #[test]
     fn answered_leg_becomes_a_call_that_reacks_2xx_and_sends_bye() {
-        use crate::call::{CallEvent, CallOutput, CallSettings, HangupCause, MediaPlan};
+        use crate::call::{CallEvent, CallOutput, CallSettings, HangupCause};
         let mut run = Run::new(false);
         let (sent, _) = run.drain();
         let invite = sent[0].clone();
@@ -1436,22 +1436,7 @@ mod tests {
             timers: s.timers,
             local: s.local.clone(),
             media: s.media.clone(),
-            answer_delay: Duration::ZERO,
-            session_expires: Duration::from_secs(1800),
-            min_se: Duration::from_secs(90),
-            rtp_timeout: None,
-            max_duration: None,
-            plan: MediaPlan {
-                prompt: None,
-                gate_until_prompt_done: false,
-                pipeline_rate: crate::media::resample::PipelineRate::Hz8000,
-                pipeline_format: Default::default(),
-                echo_delay: None,
-                record: false,
-                rtp_source: crate::media::rtp::RtpSourcePolicy::Strict,
-            },
-            early_media: false,
-            store_unavailable: false,
+            ..crate::call::test_settings(&s.call_id, s.media.rtp_port, s.media.codecs.clone())
         };
         let mut call = super::super::Call::from_answered(run.at(30), answered, call_settings);
         assert!(call.is_confirmed());

@@ -12,7 +12,7 @@ pub(crate) fn ncc(hay: &[f64], needle: &[f64], lag: usize) -> f64 {
         e_needle += n * n;
     }
     let d = (e_hay * e_needle).sqrt();
-    if d == 0.0 { 0.0 } else { dot / d }
+    if d <= f64::EPSILON { 0.0 } else { dot / d }
 }
 
 /// The best NCC of `needle` over every lag in `hay`, and that lag.

@@ -50,6 +50,16 @@ pub(crate) struct ConnLog {
     pub(crate) frames: usize,
 }
 
+/// The text messages of `event` the connections got, in order.
+pub(crate) fn events_named(conns: &[ConnLog], event: &str) -> Vec<Value> {
+    conns
+        .iter()
+        .flat_map(|c| c.texts.iter())
+        .filter(|v| v["event"] == event)
+        .cloned()
+        .collect()
+}
+
 /// A running scripted agent. Stops (and drops its connections, after up to 2 s for those
 /// still reading to see the bridge's last messages) on [`TestAgent::finish`] or drop.
 pub(crate) struct TestAgent {
