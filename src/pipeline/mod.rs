@@ -385,13 +385,22 @@ impl PipelineHandle {
     /// The next command from the pipeline; never resolves once the
     /// connection has ended (so it can sit in a `select!`).
     pub async fn recv(&mut self) -> AgentCommand {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`PipelineHandle::recv`] as a poll, for a task that waits on several
+    /// sources without building a future per wake-up. Once the connection's
+    /// task has gone this stays pending (the supervisor learns of the end
+    /// from the `Failed` command sent before).
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<AgentCommand> {
         if self.commands_open {
-            if let Some(cmd) = self.commands.recv().await {
-                return cmd;
+            match self.commands.poll_recv(cx) {
+                std::task::Poll::Ready(Some(cmd)) => return std::task::Poll::Ready(cmd),
+                std::task::Poll::Ready(None) => self.commands_open = false,
+                std::task::Poll::Pending => {}
             }
-            self.commands_open = false;
         }
-        std::future::pending().await
+        std::task::Poll::Pending
     }
 }
 
