@@ -7,12 +7,17 @@
 //!
 //! Written by hand rather than with `rubato` (DESIGN §7): rubato's FFT mode
 //! adds 10 ms of latency, while a 55-tap half-band filter does the 2:1 job
-//! with 1.69 ms (up) / 1.63 ms (down) algorithmic delay in ~80 lines. Half
+//! with 1.69 ms (up) / 1.63 ms (down) algorithmic delay in ~120 lines. Half
 //! the taps of a half-band filter are zero and the centre tap is ½, so
-//! upsampling costs 28 multiply-adds per input sample (every other output is
-//! a copy) and downsampling 29 per output sample, in `f32` loops over
-//! samples that the compiler vectorises (baseline x86-64 has no packed i32
-//! multiply); ~1 µs per 20 ms frame (`benches/media_codec.rs`).
+//! upsampling filters with 28 taps per input sample (every other output is
+//! a copy) and downsampling with 28 plus the centre per output sample. The
+//! 28 taps are symmetric, so each output costs 14 multiplies and 28 adds in
+//! `f32` (baseline x86-64 has no packed i32 multiply), computed 16 outputs
+//! at a time in accumulators the compiler keeps in SSE registers; history
+//! lives in fixed arrays, work buffers on the stack, and the conversion
+//! back to i16 vectorises too. ~0.4 µs per 20 ms frame each way, half of
+//! the taps-outer loop over a heap accumulator this replaced
+//! (`benches/media_codec.rs`, `docs/performance.md`).
 //!
 //! Filter design (computed once, [`half_band_taps`]): windowed sinc with
 //! cutoff fs/4 (4 kHz at 16 kHz) and a Kaiser window, β = 6.0, over
@@ -200,8 +205,8 @@ fn fir_one(taps: &[f32; FOLDED_TAPS], w: &[f32; PHASE_TAPS]) -> f32 {
 
 /// [`BLOCK`] consecutive outputs, `acc[j]` = [`fir_one`] of `w[j..j + 28]`:
 /// a fixed-size accumulator the compiler keeps in vector registers, taps
-/// outer, so each tap costs two loads, two adds and one multiply-add per
-/// four outputs and the accumulators are stored once.
+/// outer, so each tap costs two loads, an add, a multiply and an
+/// accumulate per four outputs, and the accumulators are stored once.
 #[inline(always)]
 fn fir_block(taps: &[f32; FOLDED_TAPS], w: &[f32; BLOCK_SPAN]) -> [f32; BLOCK] {
     let mut acc = [0.0f32; BLOCK];
@@ -236,28 +241,19 @@ fn filter_into(x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// 1.5·2^23: in `a + ROUNDER` (0 ≤ a < 2^22) the low mantissa bits hold
-/// `a` rounded to the nearest integer (ties to even).
+/// 1.5·2^23: for |v| < 2^22, `v + ROUNDER` lies in [2^23, 2^24), where
+/// `f32` steps by exactly 1, so the addition rounds v to an integer (ties to
+/// even) and its low mantissa bits hold it.
 const ROUNDER: f32 = 12_582_912.0;
 
-/// Rounds half away from zero and saturates to i16: the same result as
-/// `(v + 0.5f32.copysign(v)) as i16`, but without a float-to-int cast,
-/// which on SSE2 is a scalar `cvttss2si` plus NaN and range checks per
-/// sample; this is float adds, compares and integer arithmetic on the
-/// bits, so a loop of it vectorises.
+/// Rounds to the nearest integer, ties to even (unbiased), saturating to
+/// i16. Written without a float-to-int cast, which on SSE2 is a scalar
+/// `cvttss2si` with NaN and range checks per sample: this is `maxps`,
+/// `minps`, `addps`, `psubd`, `packssdw`, four samples at a time.
 #[inline(always)]
 fn to_i16(v: f32) -> i16 {
-    // |v + copysign(½, v)|, bounded so the bit trick below is exact
-    // (min also turns a NaN into the bound).
-    let a = (v.abs() + 0.5).min(65536.0);
-    let biased = a + ROUNDER;
-    let mut n = biased.to_bits() as i32 - ROUNDER.to_bits() as i32;
-    // Rounded up: step down, giving ⌊a⌋ (a > 0, so truncation).
-    if biased - ROUNDER > a {
-        n -= 1;
-    }
-    let signed = if v < 0.0 { -n } else { n };
-    signed.clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16
+    let biased = v.clamp(-32768.0, 32767.0) + ROUNDER;
+    (biased.to_bits() as i32 - ROUNDER.to_bits() as i32) as i16
 }
 
 /// [`to_i16`] over a slice (as many as the shorter of the two).
@@ -619,8 +615,8 @@ mod tests {
     }
 
     #[test]
-    fn to_i16_rounds_half_away_from_zero_and_saturates() {
-        let reference = |v: f32| (v + 0.5f32.copysign(v)) as i16;
+    fn to_i16_rounds_ties_to_even_and_saturates() {
+        let reference = |v: f32| v.round_ties_even() as i16;
         let mut values = vec![
             0.0,
             -0.0,
@@ -648,15 +644,16 @@ mod tests {
             f32::MIN,
             f32::NEG_INFINITY,
         ];
-        // Every multiple of 2^-14 / 4 between two integers, and a sweep of
-        // the whole range in odd steps.
+        // Every multiple of 2^-16 between two integers each side of zero
+        // (the filter's outputs are multiples of 2^-15), and a sweep of the
+        // whole range in odd steps.
         values.extend((0..=65536).map(|i| 100.0 + i as f32 / 65536.0));
         values.extend((0..=65536).map(|i| -100.0 - i as f32 / 65536.0));
         values.extend((-700_000..=700_000).map(|i| i as f32 * 0.046_875 + 0.001_953_125));
         for v in values {
             assert_eq!(to_i16(v), reference(v), "{v}");
         }
-        assert_eq!(to_i16(f32::NAN), i16::MAX);
+        assert_eq!((to_i16(0.5), to_i16(1.5), to_i16(-2.5)), (0, 2, -2));
     }
 
     /// The full 55-tap half-band filter in f64, in units of 2^-14:
@@ -671,7 +668,8 @@ mod tests {
     }
 
     fn round_saturate(v: f64) -> i16 {
-        v.round().clamp(f64::from(i16::MIN), f64::from(i16::MAX)) as i16
+        v.round_ties_even()
+            .clamp(f64::from(i16::MIN), f64::from(i16::MAX)) as i16
     }
 
     /// Interpolation by the textbook definition: zero-stuff, convolve with
