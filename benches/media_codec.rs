@@ -45,6 +45,25 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // The resampler alone, one 20 ms frame each way (the two above add G.711).
+    let narrow_in = speech_like(160, 8000.0);
+    let mut up_only = Upsampler::new(PipelineRate::Hz16000);
+    c.bench_function("upsample_160_16k", |b| {
+        b.iter(|| {
+            wide.clear();
+            up_only.process(black_box(&narrow_in), &mut wide);
+            black_box(&wide);
+        })
+    });
+    let mut down_only = Downsampler::new(PipelineRate::Hz16000);
+    c.bench_function("downsample_320_8k", |b| {
+        b.iter(|| {
+            narrow.clear();
+            down_only.process(black_box(&input), &mut narrow);
+            black_box(&narrow);
+        })
+    });
+
     c.bench_function("decode_mu_160", |b| {
         b.iter(|| {
             g711::decode(Law::Mu, black_box(&codes), &mut pcm);
