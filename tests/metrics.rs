@@ -693,7 +693,12 @@ fn recording_bytes_and_pipeline_failures_are_counted() {
         &["-s", NUMBER],
     );
     call.assert_success();
-    assert_eq!(daemon.wait_for_cdrs(1, Duration::from_secs(5)).len(), 1);
+    let cdrs = daemon.wait_for_cdrs(1, Duration::from_secs(5));
+    assert_eq!(cdrs.len(), 1);
+    // The stored CDR closes after the recording's last chunk and fsync: from
+    // then on the file no longer grows (with 200 ms chunks a scrape could
+    // otherwise fall between two of the last writes).
+    daemon.stored_cdr(cdrs[0]["call_id"].as_str().unwrap());
     let recordings = daemon.dir().join("var/recordings");
     let after = scrape_until(admin, |e| {
         let bytes = e.value("sipbridge_recording_bytes_written_total", &[]);
