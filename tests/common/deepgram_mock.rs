@@ -480,6 +480,10 @@ async fn serve(
             }
             Err(refusal) => {
                 seen.3 = refusal.status().as_u16();
+                // Logged before the refusal is written: a client that has
+                // read it finds it in the log (the update after the await
+                // below could come after the client's next step).
+                log.lock().unwrap()[index].status = seen.3;
                 Err(refusal)
             }
         }
