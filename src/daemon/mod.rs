@@ -582,13 +582,6 @@ impl Shared {
 /// thread it runs on ([`media_pool`]).
 pub(crate) struct BoundPair(std::net::UdpSocket, std::net::UdpSocket);
 
-impl BoundPair {
-    /// Registers the sockets with the current runtime's reactor.
-    fn register(self) -> std::io::Result<(UdpSocket, UdpSocket)> {
-        Ok((UdpSocket::from_std(self.0)?, UdpSocket::from_std(self.1)?))
-    }
-}
-
 /// Binds the RTP port and the RTCP port above it.
 fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<BoundPair> {
     let bind = |port: u16| {
@@ -604,7 +597,9 @@ fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<BoundPair> {
 /// Registers a call's sockets on the media thread its task runs on; a
 /// registration refused by the OS leaves the call without media.
 fn register(pair: BoundPair) -> Option<(UdpSocket, UdpSocket)> {
-    pair.register()
+    let BoundPair(rtp, rtcp) = pair;
+    UdpSocket::from_std(rtp)
+        .and_then(|rtp| Ok((rtp, UdpSocket::from_std(rtcp)?)))
         .inspect_err(|e| warn!(error = %e, "RTP sockets could not be registered; no media"))
         .ok()
 }
@@ -638,19 +633,6 @@ async fn send_datagram(sock: &UdpSocket, bytes: &[u8], to: std::net::SocketAddr)
         }
         _ => {}
     }
-}
-
-/// What woke a call's task.
-enum Wake {
-    Timer,
-    Mailbox(Option<CallCommand>),
-    Agent(AgentCommand),
-    TargetRtp(usize, std::net::SocketAddr),
-    TargetRtcp(usize),
-    Rtp(usize, std::net::SocketAddr),
-    Rtcp(usize),
-    /// A socket error, consumed: nothing to do.
-    Nothing,
 }
 
 /// A call's network pipeline as the shell holds it: where to connect, the
@@ -1147,29 +1129,11 @@ async fn run_call(
         let target = task.target.as_ref().and_then(|t| t.sockets.as_ref());
         let own = task.sockets.as_ref();
         let link = &mut task.link;
-        let wake = tokio::select! {
+        let input = tokio::select! {
             cmd = std::future::poll_fn(|cx| match link {
                 Some(l) => l.poll_recv(cx),
                 None => Poll::Pending,
-            }) => Wake::Agent(cmd),
-            cmd = std::future::poll_fn(|cx| rx.poll_recv(cx)) => Wake::Mailbox(cmd),
-            r = std::future::poll_fn(|cx| poll_datagram(target.map(|s| &s.0), cx, &mut target_rtp_buf)) => {
-                r.map_or(Wake::Nothing, |(n, from)| Wake::TargetRtp(n, from))
-            }
-            r = std::future::poll_fn(|cx| poll_datagram(target.map(|s| &s.1), cx, &mut target_rtcp_buf)) => {
-                r.map_or(Wake::Nothing, |(n, _)| Wake::TargetRtcp(n))
-            }
-            () = &mut timer, if armed.is_some() => Wake::Timer,
-            r = std::future::poll_fn(|cx| poll_datagram(own.map(|s| &s.0), cx, &mut rtp_buf)) => {
-                r.map_or(Wake::Nothing, |(n, from)| Wake::Rtp(n, from))
-            }
-            r = std::future::poll_fn(|cx| poll_datagram(own.map(|s| &s.1), cx, &mut rtcp_buf)) => {
-                r.map_or(Wake::Nothing, |(n, _)| Wake::Rtcp(n))
-            }
-        };
-        let input = match wake {
-            Wake::Nothing => continue,
-            Wake::Agent(cmd) => match cmd {
+            }) => match cmd {
                 AgentCommand::Transcript(t) => {
                     // Beside an agent, the agent hears it too.
                     if let Some(h) = task.link.as_mut().and_then(|l| l.handle.as_mut()) {
@@ -1194,7 +1158,7 @@ async fn run_call(
                     BridgeInput::Agent(AgentEvent::Transfer { to, mode })
                 }
             },
-            Wake::Mailbox(cmd) => match cmd {
+            cmd = std::future::poll_fn(|cx| rx.poll_recv(cx)) => match cmd {
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),
                 Some(CallCommand::HangUp(cause)) => BridgeInput::HangUp(cause),
                 Some(CallCommand::PauseRecording(p)) => BridgeInput::PauseRecording(p),
@@ -1227,19 +1191,29 @@ async fn run_call(
                 }
                 None => BridgeInput::HangUp(HangupCause::Shutdown),
             },
-            Wake::TargetRtp(n, from) => BridgeInput::TargetRtp {
-                from,
-                data: bytes::Bytes::copy_from_slice(&target_rtp_buf[..n]),
+            r = std::future::poll_fn(|cx| poll_datagram(target.map(|s| &s.0), cx, &mut target_rtp_buf)) => match r {
+                Some((n, from)) => BridgeInput::TargetRtp {
+                    from,
+                    data: bytes::Bytes::copy_from_slice(&target_rtp_buf[..n]),
+                },
+                None => continue,
             },
-            Wake::TargetRtcp(n) => {
-                BridgeInput::TargetRtcp(bytes::Bytes::copy_from_slice(&target_rtcp_buf[..n]))
-            }
-            Wake::Timer => BridgeInput::Timeout,
-            Wake::Rtp(n, from) => BridgeInput::Rtp {
-                from,
-                data: bytes::Bytes::copy_from_slice(&rtp_buf[..n]),
+            r = std::future::poll_fn(|cx| poll_datagram(target.map(|s| &s.1), cx, &mut target_rtcp_buf)) => match r {
+                Some((n, _)) => BridgeInput::TargetRtcp(bytes::Bytes::copy_from_slice(&target_rtcp_buf[..n])),
+                None => continue,
             },
-            Wake::Rtcp(n) => BridgeInput::Rtcp(bytes::Bytes::copy_from_slice(&rtcp_buf[..n])),
+            () = &mut timer, if armed.is_some() => BridgeInput::Timeout,
+            r = std::future::poll_fn(|cx| poll_datagram(own.map(|s| &s.0), cx, &mut rtp_buf)) => match r {
+                Some((n, from)) => BridgeInput::Rtp {
+                    from,
+                    data: bytes::Bytes::copy_from_slice(&rtp_buf[..n]),
+                },
+                None => continue,
+            },
+            r = std::future::poll_fn(|cx| poll_datagram(own.map(|s| &s.1), cx, &mut rtcp_buf)) => match r {
+                Some((n, _)) => BridgeInput::Rtcp(bytes::Bytes::copy_from_slice(&rtcp_buf[..n])),
+                None => continue,
+            },
         };
         let timeout = matches!(input, BridgeInput::Timeout);
         let now = Instant::now();

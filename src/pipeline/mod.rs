@@ -382,16 +382,9 @@ impl PipelineHandle {
         self.commands
     }
 
-    /// The next command from the pipeline; never resolves once the
-    /// connection has ended (so it can sit in a `select!`).
-    pub async fn recv(&mut self) -> AgentCommand {
-        std::future::poll_fn(|cx| self.poll_recv(cx)).await
-    }
-
-    /// [`PipelineHandle::recv`] as a poll, for a task that waits on several
-    /// sources without building a future per wake-up. Once the connection's
-    /// task has gone this stays pending (the supervisor learns of the end
-    /// from the `Failed` command sent before).
+    /// The next command from the pipeline; pending for good once the
+    /// connection has ended (so it can be polled beside a call's other
+    /// sources).
     pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<AgentCommand> {
         if self.commands_open {
             match self.commands.poll_recv(cx) {
