@@ -2543,7 +2543,6 @@ mod tests {
         }
     }
 
-    /// Waits (bounded) until `done` says so, taking the I/O threads' reports.
     /// Starts recording 1 of call `c1` of tenant `demo`, its status in `status`.
     fn start_recording(w: &mut Writer, status: &Arc<AtomicU8>) {
         w.apply(Op::StartRecording {
@@ -2555,6 +2554,7 @@ mod tests {
         });
     }
 
+    /// Waits (bounded) until `done` says so, taking the I/O threads' reports.
     fn wait_for(w: &mut Writer, mut done: impl FnMut(&mut Writer) -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !done(w) {
