@@ -60,6 +60,8 @@ pub(crate) mod names {
     pub(crate) const RTP_PACKETS_WRONG_SOURCE: &str = "sipbridge_rtp_packets_wrong_source_total";
     /// Counter: RTP packets that arrived after their playout slot.
     pub(crate) const RTP_PACKETS_LATE: &str = "sipbridge_rtp_packets_late_total";
+    /// Counter: RTP packets not sent because the socket's send buffer was full.
+    pub(crate) const RTP_SEND_DROPPED: &str = "sipbridge_rtp_send_dropped_total";
     /// Counter: 20 ms frames concealed at playout because their packet was lost or late.
     pub(crate) const RTP_FRAMES_CONCEALED: &str = "sipbridge_rtp_frames_concealed_total";
     /// Histogram: interarrival jitter of calls (RFC 3550 A.8), sampled.
@@ -186,6 +188,12 @@ const METHODS: &[&str] = &[
     "PUBLISH",
 ];
 
+/// An RTP packet not sent: its socket's send buffer was full (a media
+/// socket never waits for room; see `daemon::rtp_socket`).
+pub(crate) fn rtp_send_dropped() {
+    counter!(RTP_SEND_DROPPED).increment(1);
+}
+
 /// A SIP message dropped unanswered; `reason` is one of [`DROP_REASONS`].
 pub(crate) fn sip_dropped(reason: &'static str) {
     let reason = if DROP_REASONS.contains(&reason) {
@@ -304,6 +312,11 @@ fn describe() {
         "Valid RTP packets received."
     );
     describe_counter!(RTP_PACKETS_SENT, Unit::Count, "RTP packets sent.");
+    describe_counter!(
+        RTP_SEND_DROPPED,
+        Unit::Count,
+        "RTP packets not sent because the socket's send buffer was full."
+    );
     describe_counter!(
         RTP_PACKETS_LOST,
         Unit::Count,

@@ -975,6 +975,14 @@ impl MediaSession {
         }
     }
 
+    /// When the jitter buffer plays its next slot (`None` before the first
+    /// packet). A shell that reads the RTP socket in batches rather than per
+    /// packet reads it just before this, so every packet that arrived in
+    /// time is in the buffer when its slot is played.
+    pub fn next_slot_at(&self) -> Option<Instant> {
+        self.jitter.next_playout_at()
+    }
+
     /// When [`MediaSession::handle_timeout`] must run next: the next
     /// outbound tick, the jitter buffer's next slot, echoed audio falling
     /// due, or RTCP.

@@ -13,6 +13,7 @@ mod dial;
 mod lifecycle;
 pub(crate) mod media_pool;
 mod reject_log;
+mod rtp_socket;
 mod store_link;
 mod transport;
 mod uploader;
@@ -594,9 +595,21 @@ fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<BoundPair> {
     Ok(BoundPair(rtp, rtcp))
 }
 
-/// Registers a call's sockets on the media thread its task runs on; a
-/// registration refused by the OS leaves the call without media.
-fn register(pair: BoundPair) -> Option<(UdpSocket, UdpSocket)> {
+/// Registers a call's sockets on the media thread its task runs on: RTCP
+/// with the runtime (it is read as it comes), RTP not at all (it is read at
+/// the call's ticks, see [`rtp_socket`]). A socket the OS refuses leaves the
+/// call without media.
+fn register(pair: BoundPair) -> Option<(rtp_socket::RtpSocket, UdpSocket)> {
+    let BoundPair(rtp, rtcp) = pair;
+    rtp_socket::RtpSocket::new(rtp)
+        .and_then(|rtp| Ok((rtp, UdpSocket::from_std(rtcp)?)))
+        .inspect_err(|e| warn!(error = %e, "RTP sockets could not be registered; no media"))
+        .ok()
+}
+
+/// Registers a bridge transfer target leg's sockets with the runtime; both
+/// are read as packets come (a leg lives for a transfer only).
+fn register_target(pair: BoundPair) -> Option<(UdpSocket, UdpSocket)> {
     let BoundPair(rtp, rtcp) = pair;
     UdpSocket::from_std(rtp)
         .and_then(|rtp| Ok((rtp, UdpSocket::from_std(rtcp)?)))
@@ -776,7 +789,8 @@ impl PipelineLink {
 struct CallTask<'a> {
     shared: &'a Arc<Shared>,
     live: &'a LiveCall,
-    sockets: Option<(UdpSocket, UdpSocket)>,
+    /// The call's RTP and RTCP sockets.
+    sockets: Option<(rtp_socket::RtpSocket, UdpSocket)>,
     link: Option<PipelineLink>,
     store: Option<store_link::CallStore>,
     ended_settings: Option<crate::call::CallSettings>,
@@ -813,7 +827,7 @@ impl CallTask<'_> {
             BridgeOutput::Sip(t) => self.shared.transports.send(t).await,
             BridgeOutput::Rtp { to, bytes } => {
                 if let Some((rtp, _)) = &self.sockets {
-                    send_datagram(rtp, &bytes, to).await;
+                    rtp.send_to(&bytes, to);
                 }
             }
             BridgeOutput::Rtcp { to, bytes } => {
@@ -1078,7 +1092,6 @@ async fn run_call(
         rtp_meter: crate::metrics::RtpMeter::new(),
         target: None,
     };
-    let mut rtp_buf = vec![0u8; 2048];
     let mut rtcp_buf = vec![0u8; 2048];
     // A bridge transfer's target leg's buffers, once there is one.
     let mut target_rtp_buf = Vec::new();
@@ -1086,6 +1099,10 @@ async fn run_call(
     let timer = tokio::time::sleep_until(far_future().into());
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
+    // When the RTP socket is read next at the latest (the first wake-up
+    // reads it), and the time last given to the core (it never goes back).
+    let mut next_read = Instant::now();
+    let mut last_now = next_read;
     info!(
         port = bridged.call().settings().media.rtp_port,
         "call started"
@@ -1111,14 +1128,18 @@ async fn run_call(
             calls.remove(&live.call_id);
             break;
         }
-        // One timer for the task's life, moved only when the core's next
-        // deadline moves (re-registering it on every wake-up costs more).
+        // One timer for the task's life, moved only when its next deadline
+        // moves (re-registering it on every wake-up costs more): the core's,
+        // or the RTP socket's next read if sooner.
         let deadline = bridged.poll_timeout();
-        if deadline != armed || timer.is_elapsed() {
-            timer
-                .as_mut()
-                .reset(deadline.unwrap_or_else(far_future).into());
-            armed = deadline;
+        let wake = match (deadline, task.sockets.is_some()) {
+            (Some(d), true) => Some(d.min(next_read)),
+            (None, true) => Some(next_read),
+            (d, false) => d,
+        };
+        if wake != armed || timer.is_elapsed() {
+            timer.as_mut().reset(wake.unwrap_or_else(far_future).into());
+            armed = wake;
         }
         // Each source is polled through its poll method, not a future built
         // and dropped per wake-up: `recv_from().await` in a `select!` adds
@@ -1177,7 +1198,7 @@ async fn run_call(
                     target_rtp_buf.resize(2048, 0);
                     target_rtcp_buf.resize(2048, 0);
                     task.target = Some(TargetShell {
-                        sockets: register(sockets),
+                        sockets: register_target(sockets),
                         settings: Some(settings.clone()),
                         live,
                     });
@@ -1203,23 +1224,47 @@ async fn run_call(
                 None => continue,
             },
             () = &mut timer, if armed.is_some() => BridgeInput::Timeout,
-            r = std::future::poll_fn(|cx| poll_datagram(own.map(|s| &s.0), cx, &mut rtp_buf)) => match r {
-                Some((n, from)) => BridgeInput::Rtp {
-                    from,
-                    data: bytes::Bytes::copy_from_slice(&rtp_buf[..n]),
-                },
-                None => continue,
-            },
             r = std::future::poll_fn(|cx| poll_datagram(own.map(|s| &s.1), cx, &mut rtcp_buf)) => match r {
                 Some((n, _)) => BridgeInput::Rtcp(bytes::Bytes::copy_from_slice(&rtcp_buf[..n])),
                 None => continue,
             },
         };
-        let timeout = matches!(input, BridgeInput::Timeout);
-        let now = Instant::now();
-        bridged.handle(now, input, &mut rng);
-        if timeout && let Some(m) = bridged.media() {
-            task.rtp_meter.tick(now, m);
+        let now = Instant::now().max(last_now);
+        if !matches!(input, BridgeInput::Timeout) {
+            bridged.handle(now, input, &mut rng);
+            last_now = now;
+            continue;
+        }
+        // The RTP socket is read just before the jitter buffer's slot, so
+        // what arrived in time is played in it; each packet goes in at the
+        // kernel's arrival time (kept in order with what the core saw).
+        let slot_due = || {
+            bridged
+                .media()
+                .and_then(crate::call::MediaSession::next_slot_at)
+                .is_some_and(|t| t <= now)
+        };
+        let mut read = 0;
+        if let Some((rtp, _)) = &task.sockets
+            && (now >= next_read || slot_due())
+        {
+            next_read = now + rtp_socket::READ_EVERY;
+            read = rtp.read(now, SystemTime::now(), |at, from, data| {
+                let at = at.clamp(last_now, now);
+                last_now = at;
+                let data = bytes::Bytes::copy_from_slice(data);
+                bridged.handle(at, BridgeInput::Rtp { from, data }, &mut rng);
+            });
+        }
+        last_now = now;
+        // The core's deadline, or one a packet just read made due (asked
+        // again only then: it is not free).
+        let due = |d: Option<Instant>| d.is_some_and(|d| d <= now);
+        if due(deadline) || (read > 0 && due(bridged.poll_timeout())) {
+            bridged.handle(now, BridgeInput::Timeout, &mut rng);
+            if let Some(m) = bridged.media() {
+                task.rtp_meter.tick(now, m);
+            }
         }
     }
     if let Some(t) = task.target.take() {

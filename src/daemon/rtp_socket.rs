@@ -1,0 +1,310 @@
+//! A call's RTP socket, read at the call's own ticks rather than on
+//! readiness.
+//!
+//! A call's media core needs the caller's packets only when its jitter
+//! buffer plays a slot (every 20 ms); reading each packet the moment it
+//! arrives bought nothing but cost, per packet: an epoll event, a task
+//! wake-up, the read, and a second read that fails with `EAGAIN` (tokio
+//! clears a socket's readiness only on `EAGAIN`). So the socket is not in
+//! any epoll set at all. The call task reads it just before the jitter
+//! buffer's slot (and at least every [`READ_EVERY`] when there is no slot
+//! yet) with one `recvmmsg`, which takes everything queued and reports
+//! `EAGAIN` inside the kernel, not as a second system call. Not being in an
+//! epoll set also spares every sent packet the write-space wake-up the
+//! kernel gives a socket that has waiters.
+//!
+//! The arrival time the core is given is the kernel's (`SO_TIMESTAMPNS`),
+//! not the time of the read, so the jitter figures (RTCP, the quality
+//! metrics) and the jitter buffer's clock are what they were when every
+//! packet was read as it came.
+//!
+//! Written here rather than through tokio: tokio's `UdpSocket` has no
+//! `recvmmsg` and no ancillary data, and registering the socket at all
+//! brings back the per-packet epoll work.
+
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, setsockopt, sockopt,
+};
+use std::cell::RefCell;
+use std::io::IoSliceMut;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Longest a call with sockets goes without reading its RTP socket (before
+/// the jitter buffer has a clock, and between slots if it stops).
+pub(crate) const READ_EVERY: Duration = Duration::from_millis(20);
+
+/// Datagrams taken by one `recvmmsg`.
+const BATCH: usize = 8;
+
+/// `recvmmsg` calls per read at most: what is queued beyond
+/// `BATCH * MAX_ROUNDS` datagrams (640 ms of 20 ms audio) waits for the next
+/// read, and a flood is bounded by the socket's receive buffer, which the
+/// kernel drops from, not by anything held here.
+const MAX_ROUNDS: usize = 4;
+
+/// Largest datagram read whole; a longer one is read truncated, as before.
+const DATAGRAM: usize = 2048;
+
+/// The receive headers and buffers one media thread shares between its
+/// calls (a read never yields, so one set per thread is enough).
+///
+/// nix 0.26's `recvmmsg` does not reset a header's address and control
+/// lengths, which the kernel shrinks to what it wrote: so there is one set
+/// of headers per address family (every datagram on a socket has the same
+/// address length), and a set that saw a datagram without its timestamp
+/// (its control length shrank) is rebuilt.
+struct Scratch {
+    v4: MultiHeaders<SockaddrStorage>,
+    v6: MultiHeaders<SockaddrStorage>,
+    bufs: Box<[[u8; DATAGRAM]; BATCH]>,
+}
+
+fn headers() -> MultiHeaders<SockaddrStorage> {
+    MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::sys::time::TimeSpec)))
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Option<Scratch>> = const { RefCell::new(None) };
+}
+
+/// One datagram of a batch, as `recvmmsg` reported it.
+#[derive(Clone, Copy)]
+struct Got {
+    len: usize,
+    from: Option<SocketAddr>,
+    /// The kernel's arrival time (wall clock).
+    at: Option<SystemTime>,
+}
+
+/// A call's RTP socket (see the module docs).
+#[derive(Debug)]
+pub(crate) struct RtpSocket {
+    sock: UdpSocket,
+    v6: bool,
+}
+
+impl RtpSocket {
+    /// Takes a bound, non-blocking socket and asks the kernel to timestamp
+    /// what it receives.
+    pub(crate) fn new(sock: UdpSocket) -> std::io::Result<RtpSocket> {
+        setsockopt(sock.as_raw_fd(), sockopt::ReceiveTimestampns, &true)?;
+        let v6 = sock.local_addr()?.is_ipv6();
+        Ok(RtpSocket { sock, v6 })
+    }
+
+    /// Sends one datagram without waiting: a full send buffer drops it, like
+    /// a packet lost on the way (counted), rather than stalling the call.
+    pub(crate) fn send_to(&self, bytes: &[u8], to: SocketAddr) {
+        if let Err(e) = self.sock.send_to(bytes, to)
+            && e.kind() == std::io::ErrorKind::WouldBlock
+        {
+            crate::metrics::rtp_send_dropped();
+        }
+    }
+
+    /// Reads what is queued (at most `BATCH * MAX_ROUNDS` datagrams) and
+    /// gives each to `on` with its arrival time, read at `now` / `wall`
+    /// (the same moment on the two clocks). An error the socket reports (an
+    /// ICMP port-unreachable) is consumed and ignored. Returns how many
+    /// datagrams were read.
+    pub(crate) fn read(
+        &self,
+        now: Instant,
+        wall: SystemTime,
+        mut on: impl FnMut(Instant, SocketAddr, &[u8]),
+    ) -> usize {
+        SCRATCH.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let scratch = cell.get_or_insert_with(|| Scratch {
+                v4: headers(),
+                v6: headers(),
+                bufs: Box::new([[0; DATAGRAM]; BATCH]),
+            });
+            let mut total = 0;
+            for _ in 0..MAX_ROUNDS {
+                let mut got = [Got {
+                    len: 0,
+                    from: None,
+                    at: None,
+                }; BATCH];
+                let n = self.receive(scratch, &mut got);
+                for (i, g) in got[..n].iter().enumerate() {
+                    let Some(from) = g.from else { continue };
+                    // The kernel's time, as an instant: how long ago on the
+                    // wall clock, taken from `now` (a wall clock stepped
+                    // backwards gives the read's time).
+                    let age =
+                        g.at.and_then(|at| wall.duration_since(at).ok())
+                            .unwrap_or_default();
+                    let at = now.checked_sub(age).unwrap_or(now);
+                    total += 1;
+                    on(at, from, &scratch.bufs[i][..g.len]);
+                }
+                if n < BATCH {
+                    break;
+                }
+            }
+            total
+        })
+    }
+
+    /// One `recvmmsg` into `scratch`; what each datagram was, in `got`.
+    fn receive(&self, scratch: &mut Scratch, got: &mut [Got; BATCH]) -> usize {
+        let Scratch { v4, v6, bufs } = scratch;
+        let headers = if self.v6 { v6 } else { v4 };
+        let mut rebuild = false;
+        let n = {
+            let iovs = bufs.each_mut().map(|b| [IoSliceMut::new(b)]);
+            let results = loop {
+                match recvmmsg(
+                    self.sock.as_raw_fd(),
+                    headers,
+                    &iovs,
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                ) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return 0,
+                    Ok(r) => break r,
+                }
+            };
+            let mut n = 0;
+            for (slot, m) in got.iter_mut().zip(results) {
+                let at = m.cmsgs().find_map(|c| match c {
+                    ControlMessageOwned::ScmTimestampns(t) => Some(
+                        SystemTime::UNIX_EPOCH
+                            + Duration::new(
+                                u64::try_from(t.tv_sec()).unwrap_or(0),
+                                u32::try_from(t.tv_nsec()).unwrap_or(0),
+                            ),
+                    ),
+                    _ => None,
+                });
+                rebuild |= at.is_none();
+                *slot = Got {
+                    len: m.bytes.min(DATAGRAM),
+                    from: m.address.and_then(|a| socket_addr(&a)),
+                    at,
+                };
+                n += 1;
+            }
+            n
+        };
+        if rebuild {
+            *headers = self::headers();
+        }
+        n
+    }
+}
+
+/// A kernel address as a std one (only the two IP families reach a UDP
+/// socket).
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    let v6 = a.as_sockaddr_in6()?;
+    Some(SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(ip: &str) -> (RtpSocket, UdpSocket) {
+        let rx = UdpSocket::bind((ip, 0)).expect("bind");
+        rx.set_nonblocking(true).expect("nonblocking");
+        let tx = UdpSocket::bind((ip, 0)).expect("bind");
+        (RtpSocket::new(rx).expect("rtp socket"), tx)
+    }
+
+    fn read_all(
+        s: &RtpSocket,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Vec<(Instant, SocketAddr, Vec<u8>)> {
+        let mut out = Vec::new();
+        s.read(now, wall, |at, from, data| {
+            out.push((at, from, data.to_vec()))
+        });
+        out
+    }
+
+    #[test]
+    fn reads_everything_queued_in_order_with_the_kernels_arrival_time() {
+        let (rx, tx) = pair("127.0.0.1");
+        let to = rx.sock.local_addr().expect("addr");
+        for i in 0..11u8 {
+            tx.send_to(&[i; 172], to).expect("send");
+        }
+        // The datagrams are queued a while before the read.
+        std::thread::sleep(Duration::from_millis(30));
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let got = read_all(&rx, now, wall);
+        assert_eq!(got.len(), 11, "two batches: 8 and 3");
+        for (i, (at, from, data)) in got.iter().enumerate() {
+            assert_eq!(*from, tx.local_addr().expect("addr"));
+            assert_eq!(data, &vec![i as u8; 172]);
+            let age = now - *at;
+            assert!(
+                age >= Duration::from_millis(25) && age < Duration::from_secs(5),
+                "arrival {age:?} before the read: the kernel's time, not the read's"
+            );
+        }
+        assert!(read_all(&rx, Instant::now(), SystemTime::now()).is_empty());
+    }
+
+    #[test]
+    fn a_flood_is_read_a_bounded_batch_at_a_time() {
+        let (rx, tx) = pair("127.0.0.1");
+        let to = rx.sock.local_addr().expect("addr");
+        let sent = BATCH * MAX_ROUNDS + 5;
+        for _ in 0..sent {
+            tx.send_to(&[0x80; 12], to).expect("send");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        let first = rx.read(Instant::now(), SystemTime::now(), |_, _, _| {});
+        assert_eq!(first, BATCH * MAX_ROUNDS);
+        let rest = rx.read(Instant::now(), SystemTime::now(), |_, _, _| {});
+        assert_eq!(rest, 5);
+    }
+
+    #[test]
+    fn ipv6_and_ipv4_calls_on_one_thread_keep_their_addresses() {
+        let (rx4, tx4) = pair("127.0.0.1");
+        let (rx6, tx6) = pair("::1");
+        for round in 0..3u8 {
+            tx4.send_to(&[round], rx4.sock.local_addr().expect("addr"))
+                .expect("send");
+            tx6.send_to(&[round; 40], rx6.sock.local_addr().expect("addr"))
+                .expect("send");
+            std::thread::sleep(Duration::from_millis(5));
+            let g4 = read_all(&rx4, Instant::now(), SystemTime::now());
+            let g6 = read_all(&rx6, Instant::now(), SystemTime::now());
+            assert_eq!(g4.len(), 1);
+            assert_eq!(g6.len(), 1);
+            assert_eq!(g4[0].1, tx4.local_addr().expect("addr"));
+            assert_eq!(g6[0].1, tx6.local_addr().expect("addr"));
+            assert_eq!(g6[0].2, vec![round; 40]);
+        }
+    }
+
+    #[test]
+    fn an_oversized_datagram_is_read_truncated() {
+        let (rx, tx) = pair("127.0.0.1");
+        tx.send_to(&[7; DATAGRAM + 100], rx.sock.local_addr().expect("addr"))
+            .expect("send");
+        std::thread::sleep(Duration::from_millis(5));
+        let got = read_all(&rx, Instant::now(), SystemTime::now());
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].2.len(), DATAGRAM);
+    }
+
+    #[test]
+    fn an_empty_socket_reads_nothing() {
+        let (rx, _tx) = pair("127.0.0.1");
+        assert_eq!(rx.read(Instant::now(), SystemTime::now(), |_, _, _| {}), 0);
+    }
+}
