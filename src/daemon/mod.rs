@@ -14,6 +14,7 @@ mod lifecycle;
 pub(crate) mod media_pool;
 mod reject_log;
 mod rtp_socket;
+mod sources;
 mod store_link;
 mod transport;
 mod uploader;
@@ -1066,6 +1067,20 @@ impl CallTask<'_> {
     }
 }
 
+/// What a call task's wait gave: the timer, or one of its sources
+/// ([`sources`]) with what it had.
+enum Woke {
+    Timer,
+    Mailbox(Option<CallCommand>),
+    Agent(AgentCommand),
+    Rtcp(Option<(usize, std::net::SocketAddr)>),
+    TargetRtp(Option<(usize, std::net::SocketAddr)>),
+    TargetRtcp(Option<(usize, std::net::SocketAddr)>),
+}
+
+/// The timer and the five [`sources`] a call task waits on.
+const WAITS: usize = 6;
+
 /// One call's task: socket/select glue around its [`BridgedCall`], which
 /// makes every decision; the task owns the RTP/RTCP sockets, the pipeline's
 /// connections, the link to the store and the timer.
@@ -1103,12 +1118,18 @@ async fn run_call(
     // reads it), and the time last given to the core (it never goes back).
     let mut next_read = Instant::now();
     let mut last_now = next_read;
+    let waits = sources::Sources::new();
+    let mut turn = 0;
     info!(
         port = bridged.call().settings().media.rtp_port,
         "call started"
     );
     loop {
         while let Some(out) = bridged.poll_output() {
+            if let BridgeOutput::Pipeline(PipelineOp::Open | PipelineOp::Connect { .. }) = &out {
+                // A new connection: looked at once, so it has our waker.
+                waits.mark(sources::AGENT);
+            }
             task.output(out).await;
         }
         if bridged.is_done() {
@@ -1142,19 +1163,67 @@ async fn run_call(
             armed = wake;
         }
         // Each source is polled through its poll method, not a future built
-        // and dropped per wake-up: `recv_from().await` in a `select!` adds
-        // and removes a readiness waiter for every socket at every wake-up
-        // (with the timer wheel, ~20 % of a media thread's time at 1,000
-        // calls went to the shell). `select!` still picks a random ready
-        // branch first, as before.
-        let target = task.target.as_ref().and_then(|t| t.sockets.as_ref());
-        let own = task.sockets.as_ref();
-        let link = &mut task.link;
-        let input = tokio::select! {
-            cmd = std::future::poll_fn(|cx| match link {
-                Some(l) => l.poll_recv(cx),
-                None => Poll::Pending,
-            }) => match cmd {
+        // and dropped per wake-up (that added and removed a readiness waiter
+        // per socket per wake-up), and only when it woke the task
+        // ([`sources`]): the timer's wake-ups, 50 a second, touch nothing
+        // else. The first source looked at turns round from one wake-up to
+        // the next, so none is always served first.
+        turn = (turn + 1) % WAITS;
+        let woke = {
+            let target = task.target.as_ref().and_then(|t| t.sockets.as_ref());
+            let rtcp = task.sockets.as_ref().map(|s| &s.1);
+            let link = &mut task.link;
+            let (rtcp_buf, target_rtp_buf, target_rtcp_buf) =
+                (&mut rtcp_buf, &mut target_rtp_buf, &mut target_rtcp_buf);
+            let (rx, timer) = (&mut rx, &mut timer);
+            std::future::poll_fn(|cx| {
+                let woken = waits.begin(cx);
+                let mut idle = 0u8;
+                for k in 0..WAITS {
+                    let bit = 1u8 << ((turn + k) % WAITS);
+                    // The timer: bit 0 of the turn, polled at every wake-up.
+                    if bit == 1 << sources::TIMER_TURN {
+                        if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+                            waits.mark(woken & !idle);
+                            return Poll::Ready(Woke::Timer);
+                        }
+                        continue;
+                    }
+                    if woken & bit == 0 {
+                        continue;
+                    }
+                    let mut cx = std::task::Context::from_waker(waits.waker(bit));
+                    let ready = match bit {
+                        sources::MAILBOX => rx.poll_recv(&mut cx).map(Woke::Mailbox),
+                        sources::AGENT => match link {
+                            Some(l) => l.poll_recv(&mut cx).map(Woke::Agent),
+                            None => Poll::Pending,
+                        },
+                        sources::RTCP => poll_datagram(rtcp, &mut cx, rtcp_buf).map(Woke::Rtcp),
+                        sources::TARGET_RTP => {
+                            poll_datagram(target.map(|s| &s.0), &mut cx, target_rtp_buf)
+                                .map(Woke::TargetRtp)
+                        }
+                        _ => poll_datagram(target.map(|s| &s.1), &mut cx, target_rtcp_buf)
+                            .map(Woke::TargetRtcp),
+                    };
+                    match ready {
+                        Poll::Ready(w) => {
+                            // This one may have more; those not reached yet
+                            // are still to be looked at.
+                            waits.mark(woken & !idle);
+                            return Poll::Ready(w);
+                        }
+                        Poll::Pending => idle |= bit,
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        let input = match woke {
+            Woke::Timer => BridgeInput::Timeout,
+            Woke::Agent(cmd) => match cmd {
                 AgentCommand::Transcript(t) => {
                     // Beside an agent, the agent hears it too.
                     if let Some(h) = task.link.as_mut().and_then(|l| l.handle.as_mut()) {
@@ -1179,7 +1248,7 @@ async fn run_call(
                     BridgeInput::Agent(AgentEvent::Transfer { to, mode })
                 }
             },
-            cmd = std::future::poll_fn(|cx| rx.poll_recv(cx)) => match cmd {
+            Woke::Mailbox(cmd) => match cmd {
                 Some(CallCommand::Sip(msg, from)) => BridgeInput::Sip(msg, from),
                 Some(CallCommand::HangUp(cause)) => BridgeInput::HangUp(cause),
                 Some(CallCommand::PauseRecording(p)) => BridgeInput::PauseRecording(p),
@@ -1202,6 +1271,8 @@ async fn run_call(
                         settings: Some(settings.clone()),
                         live,
                     });
+                    // New sockets: looked at once, so they have our waker.
+                    waits.mark(sources::TARGET_RTP | sources::TARGET_RTCP);
                     BridgeInput::TargetLeg {
                         leg: Box::new(leg),
                         settings: Box::new(settings),
@@ -1212,19 +1283,20 @@ async fn run_call(
                 }
                 None => BridgeInput::HangUp(HangupCause::Shutdown),
             },
-            r = std::future::poll_fn(|cx| poll_datagram(target.map(|s| &s.0), cx, &mut target_rtp_buf)) => match r {
+            Woke::TargetRtp(r) => match r {
                 Some((n, from)) => BridgeInput::TargetRtp {
                     from,
                     data: bytes::Bytes::copy_from_slice(&target_rtp_buf[..n]),
                 },
                 None => continue,
             },
-            r = std::future::poll_fn(|cx| poll_datagram(target.map(|s| &s.1), cx, &mut target_rtcp_buf)) => match r {
-                Some((n, _)) => BridgeInput::TargetRtcp(bytes::Bytes::copy_from_slice(&target_rtcp_buf[..n])),
+            Woke::TargetRtcp(r) => match r {
+                Some((n, _)) => {
+                    BridgeInput::TargetRtcp(bytes::Bytes::copy_from_slice(&target_rtcp_buf[..n]))
+                }
                 None => continue,
             },
-            () = &mut timer, if armed.is_some() => BridgeInput::Timeout,
-            r = std::future::poll_fn(|cx| poll_datagram(own.map(|s| &s.1), cx, &mut rtcp_buf)) => match r {
+            Woke::Rtcp(r) => match r {
                 Some((n, _)) => BridgeInput::Rtcp(bytes::Bytes::copy_from_slice(&rtcp_buf[..n])),
                 None => continue,
             },
