@@ -440,6 +440,46 @@ fn update_with_hold_offer_is_answered_and_the_call_stays_up() {
     assert!(!call.is_ended());
 }
 
+/// A call that answered a delayed offer (an INVITE without SDP) with its own
+/// offer, and got an ACK without a usable answer, cannot carry media: it says
+/// BYE as that ACK is handled, not at whatever timer fires next (its
+/// `poll_timeout` announced nothing for it).
+#[test]
+fn an_ack_without_a_usable_answer_is_hung_up_at_once() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let t0 = Instant::now();
+    let cfg = config("", "127.0.0.0/8");
+    let mut sb = switchboard(&cfg, &mut rng);
+    let invite = request("INVITE", "i1", 1, None, "");
+    let mut call = start_call(&mut sb, t0, &invite, &mut rng);
+    let ok = the_200(&mut call);
+    assert!(
+        String::from_utf8_lossy(&ok.body).contains("m=audio"),
+        "our offer in the 200"
+    );
+    let tag = ok.to().unwrap().tag().unwrap().to_owned();
+    let ack = request("ACK", "a1", 1, Some(&tag), "");
+    let Ok(Message::Request(ack)) = parse_datagram(&ack) else {
+        panic!()
+    };
+    let at = t0 + Duration::from_millis(10);
+    call.handle_request(at, ack, &mut rng);
+    let (sent, _) = transmits(&mut call);
+    let bye = sent
+        .iter()
+        .filter_map(|b| match parse_datagram(b) {
+            Ok(Message::Request(r)) => Some(r),
+            _ => None,
+        })
+        .find(|r| r.method.as_str() == "BYE");
+    assert!(
+        bye.is_some(),
+        "a BYE right after the ACK: {} sent",
+        sent.len()
+    );
+    assert!(call.is_ended());
+}
+
 #[test]
 fn early_media_sends_183_with_sdp_and_answers_when_the_prompt_ends() {
     let mut rng = StdRng::seed_from_u64(3);

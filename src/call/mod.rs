@@ -934,6 +934,9 @@ impl Call {
             }
             _ => self.on_in_dialog(now, req, &branch, dest, rng),
         }
+        // A hang-up the request made necessary (an ACK without a usable
+        // answer) happens now: `poll_timeout` does not announce it.
+        self.run_pending_hangup(now, rng);
     }
 
     fn on_ack(&mut self, now: Instant, ack: &Request, branch: &str) {
