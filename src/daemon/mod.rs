@@ -1118,7 +1118,7 @@ async fn run_call(
     // reads it), and the time last given to the core (it never goes back).
     let mut next_read = Instant::now();
     let mut last_now = next_read;
-    let waits = sources::Sources::new();
+    let mut waits = sources::Sources::new();
     let mut turn = 0;
     info!(
         port = bridged.call().settings().media.rtp_port,

@@ -13,9 +13,8 @@
 //! next time (it may have more): it is left out only once it has said
 //! `Pending`, which is when it has our waker.
 
-use futures_util::task::AtomicWaker;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Wake, Waker};
 
 /// The timer's place among the bits of a call task's waits (it is polled
@@ -32,7 +31,8 @@ const ALL: u8 = MAILBOX | AGENT | RTCP | TARGET_RTP | TARGET_RTCP;
 #[derive(Default)]
 struct Shared {
     woke: AtomicU8,
-    task: AtomicWaker,
+    /// The task's waker, set when it changes (for a task on a runtime: once).
+    task: Mutex<Option<Waker>>,
 }
 
 struct SourceWaker {
@@ -47,7 +47,14 @@ impl Wake for SourceWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.shared.woke.fetch_or(self.bit, Ordering::AcqRel);
-        self.shared.task.wake();
+        let task = self
+            .shared
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = &*task {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -55,6 +62,9 @@ impl Wake for SourceWaker {
 pub(crate) struct Sources {
     shared: Arc<Shared>,
     wakers: [Waker; 5],
+    /// The task waker last given to `shared` (compared here, on the task's
+    /// own memory, so that a wake-up does not write the shared one).
+    registered: Option<Waker>,
 }
 
 impl Sources {
@@ -69,13 +79,33 @@ impl Sources {
                 shared: Arc::clone(&shared),
             }))
         });
-        Sources { shared, wakers }
+        Sources {
+            shared,
+            wakers,
+            registered: None,
+        }
     }
 
     /// The task is about to look at its sources: it is woken by any that
     /// wakes from now on, and gets those that woke since last time (cleared).
-    pub(crate) fn begin(&self, cx: &Context<'_>) -> u8 {
-        self.shared.task.register(cx.waker());
+    pub(crate) fn begin(&mut self, cx: &Context<'_>) -> u8 {
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            let waker = cx.waker().clone();
+            *self
+                .shared
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+            self.registered = Some(waker);
+        }
+        // Read first: at most wake-ups nothing woke but the timer.
+        if self.shared.woke.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         self.shared.woke.swap(0, Ordering::AcqRel)
     }
 
@@ -108,7 +138,7 @@ mod tests {
 
     #[test]
     fn a_source_that_wakes_is_recorded_and_wakes_the_task() {
-        let s = Sources::new();
+        let mut s = Sources::new();
         let task = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&task));
         let cx = Context::from_waker(&waker);
@@ -123,11 +153,30 @@ mod tests {
         s.mark(TARGET_RTP);
         assert_eq!(s.begin(&cx), TARGET_RTP);
         assert_eq!(s.begin(&cx), 0);
+        // The task's waker stays registered: every wake reaches it.
+        s.waker(RTCP).wake_by_ref();
+        s.waker(RTCP).wake_by_ref();
+        assert_eq!(task.0.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn a_new_task_waker_replaces_the_old_one() {
+        let mut s = Sources::new();
+        let (a, b) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let (wa, wb) = (Waker::from(Arc::clone(&a)), Waker::from(Arc::clone(&b)));
+        s.begin(&Context::from_waker(&wa));
+        s.begin(&Context::from_waker(&wb));
+        s.waker(MAILBOX).wake_by_ref();
+        assert_eq!(a.0.load(Ordering::Relaxed), 0);
+        assert_eq!(b.0.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn each_source_has_its_own_waker() {
-        let s = Sources::new();
+        let mut s = Sources::new();
         for bit in [MAILBOX, AGENT, RTCP, TARGET_RTP, TARGET_RTCP] {
             let waker = Waker::noop();
             let cx = Context::from_waker(waker);
