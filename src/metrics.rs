@@ -60,6 +60,8 @@ pub(crate) mod names {
     pub(crate) const RTP_PACKETS_WRONG_SOURCE: &str = "sipbridge_rtp_packets_wrong_source_total";
     /// Counter: RTP packets that arrived after their playout slot.
     pub(crate) const RTP_PACKETS_LATE: &str = "sipbridge_rtp_packets_late_total";
+    /// Counter: RTP datagrams the kernel dropped before the daemon read them.
+    pub(crate) const RTP_DROPPED_UNREAD: &str = "sipbridge_rtp_packets_dropped_unread_total";
     /// Counter: RTP packets not sent because the socket's send buffer was full.
     pub(crate) const RTP_SEND_DROPPED: &str = "sipbridge_rtp_send_dropped_total";
     /// Counter: 20 ms frames concealed at playout because their packet was lost or late.
@@ -194,6 +196,12 @@ pub(crate) fn rtp_send_dropped() {
     counter!(RTP_SEND_DROPPED).increment(1);
 }
 
+/// `n` RTP datagrams dropped by the kernel: a call's receive buffer was
+/// full (a flood, or a call that fell behind).
+pub(crate) fn rtp_dropped_unread(n: u64) {
+    counter!(RTP_DROPPED_UNREAD).increment(n);
+}
+
 /// A SIP message dropped unanswered; `reason` is one of [`DROP_REASONS`].
 pub(crate) fn sip_dropped(reason: &'static str) {
     let reason = if DROP_REASONS.contains(&reason) {
@@ -312,6 +320,11 @@ fn describe() {
         "Valid RTP packets received."
     );
     describe_counter!(RTP_PACKETS_SENT, Unit::Count, "RTP packets sent.");
+    describe_counter!(
+        RTP_DROPPED_UNREAD,
+        Unit::Count,
+        "RTP datagrams the kernel dropped because a call's receive buffer was full."
+    );
     describe_counter!(
         RTP_SEND_DROPPED,
         Unit::Count,

@@ -18,6 +18,12 @@
 //! metrics) and the jitter buffer's clock are what they were when every
 //! packet was read as it came.
 //!
+//! A read takes at most `BATCH * MAX_ROUNDS` datagrams; a flood beyond that
+//! fills the socket's receive buffer and the kernel drops the rest. Those
+//! drops are counted (`SO_RXQ_OVFL`: the socket's drop count comes with each
+//! datagram queued after a drop) into
+//! `sipbridge_rtp_packets_dropped_unread_total`.
+//!
 //! Written here rather than through tokio: tokio's `UdpSocket` has no
 //! `recvmmsg` and no ancillary data, and registering the socket at all
 //! brings back the per-packet epoll work.
@@ -25,7 +31,7 @@
 use nix::sys::socket::{
     ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, setsockopt, sockopt,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::IoSliceMut;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -51,18 +57,20 @@ const DATAGRAM: usize = 2048;
 /// calls (a read never yields, so one set per thread is enough).
 ///
 /// nix 0.26's `recvmmsg` does not reset a header's address and control
-/// lengths, which the kernel shrinks to what it wrote: so there is one set
-/// of headers per address family (every datagram on a socket has the same
-/// address length), and a set that saw a datagram without its timestamp
-/// (its control length shrank) is rebuilt.
+/// lengths, which the kernel shrinks to what it wrote. So a set of headers
+/// serves only sockets whose datagrams all have the same address length
+/// (one set per address family) and the same ancillary data: the drop count
+/// comes only once a socket has dropped something, so sockets that have
+/// are read with sets of their own. A set that saw a datagram without its
+/// timestamp is rebuilt.
 struct Scratch {
-    v4: MultiHeaders<SockaddrStorage>,
-    v6: MultiHeaders<SockaddrStorage>,
+    /// By address family (v4, v6) and whether the socket has dropped.
+    headers: [[MultiHeaders<SockaddrStorage>; 2]; 2],
     bufs: Box<[[u8; DATAGRAM]; BATCH]>,
 }
 
 fn headers() -> MultiHeaders<SockaddrStorage> {
-    MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::sys::time::TimeSpec)))
+    MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::sys::time::TimeSpec, u32)))
 }
 
 thread_local! {
@@ -76,6 +84,8 @@ struct Got {
     from: Option<SocketAddr>,
     /// The kernel's arrival time (wall clock).
     at: Option<SystemTime>,
+    /// The socket's drop count when the datagram was queued.
+    drops: Option<u32>,
 }
 
 /// A call's RTP socket (see the module docs).
@@ -83,6 +93,10 @@ struct Got {
 pub(crate) struct RtpSocket {
     sock: UdpSocket,
     v6: bool,
+    /// The kernel's drop count last seen (it only grows).
+    drops: Cell<u32>,
+    /// The socket has dropped: its datagrams carry the drop count.
+    dropping: Cell<bool>,
 }
 
 impl RtpSocket {
@@ -90,8 +104,14 @@ impl RtpSocket {
     /// what it receives.
     pub(crate) fn new(sock: UdpSocket) -> std::io::Result<RtpSocket> {
         setsockopt(sock.as_raw_fd(), sockopt::ReceiveTimestampns, &true)?;
+        setsockopt(sock.as_raw_fd(), sockopt::RxqOvfl, &1)?;
         let v6 = sock.local_addr()?.is_ipv6();
-        Ok(RtpSocket { sock, v6 })
+        Ok(RtpSocket {
+            sock,
+            v6,
+            drops: Cell::new(0),
+            dropping: Cell::new(false),
+        })
     }
 
     /// Sends one datagram without waiting: a full send buffer drops it, like
@@ -118,8 +138,7 @@ impl RtpSocket {
         SCRATCH.with(|cell| {
             let mut cell = cell.borrow_mut();
             let scratch = cell.get_or_insert_with(|| Scratch {
-                v4: headers(),
-                v6: headers(),
+                headers: [[headers(), headers()], [headers(), headers()]],
                 bufs: Box::new([[0; DATAGRAM]; BATCH]),
             });
             let mut total = 0;
@@ -128,8 +147,10 @@ impl RtpSocket {
                     len: 0,
                     from: None,
                     at: None,
+                    drops: None,
                 }; BATCH];
                 let n = self.receive(scratch, &mut got);
+                self.count_drops(got[..n].iter().filter_map(|g| g.drops).max());
                 for (i, g) in got[..n].iter().enumerate() {
                     let Some(from) = g.from else { continue };
                     // The kernel's time, as an instant: how long ago on the
@@ -152,9 +173,10 @@ impl RtpSocket {
 
     /// One `recvmmsg` into `scratch`; what each datagram was, in `got`.
     fn receive(&self, scratch: &mut Scratch, got: &mut [Got; BATCH]) -> usize {
-        let Scratch { v4, v6, bufs } = scratch;
-        let headers = if self.v6 { v6 } else { v4 };
+        let Scratch { headers, bufs } = scratch;
+        let headers = &mut headers[usize::from(self.v6)][usize::from(self.dropping.get())];
         let mut rebuild = false;
+        let mut cut = false;
         let n = {
             let iovs = bufs.each_mut().map(|b| [IoSliceMut::new(b)]);
             let results = loop {
@@ -182,11 +204,17 @@ impl RtpSocket {
                     ),
                     _ => None,
                 });
+                let drops = m.cmsgs().find_map(|c| match c {
+                    ControlMessageOwned::RxqOvfl(n) => Some(n),
+                    _ => None,
+                });
                 rebuild |= at.is_none();
+                cut |= m.flags.contains(MsgFlags::MSG_CTRUNC);
                 *slot = Got {
                     len: m.bytes.min(DATAGRAM),
                     from: m.address.and_then(|a| socket_addr(&a)),
                     at,
+                    drops,
                 };
                 n += 1;
             }
@@ -195,7 +223,34 @@ impl RtpSocket {
         if rebuild {
             *headers = self::headers();
         }
+        if cut {
+            // The drop count did not fit where datagrams carried none: this
+            // socket has dropped, and is read with the sets for that from
+            // now on (the count is the socket's total: the next datagram
+            // brings it).
+            self.dropping.set(true);
+        }
         n
+    }
+}
+
+impl RtpSocket {
+    /// Datagrams the kernel dropped on this socket so far, as last reported.
+    #[cfg(test)]
+    fn dropped(&self) -> u32 {
+        self.drops.get()
+    }
+
+    /// The kernel reported the socket's drop count `seen`: what is new is
+    /// counted.
+    fn count_drops(&self, seen: Option<u32>) {
+        let Some(seen) = seen else { return };
+        let new = seen.wrapping_sub(self.drops.get());
+        // The count only grows; a smaller one is an older datagram's.
+        if new > 0 && new < u32::MAX / 2 {
+            self.drops.set(seen);
+            crate::metrics::rtp_dropped_unread(u64::from(new));
+        }
     }
 }
 
@@ -269,6 +324,50 @@ mod tests {
         assert_eq!(first, BATCH * MAX_ROUNDS);
         let rest = rx.read(Instant::now(), SystemTime::now(), |_, _, _| {});
         assert_eq!(rest, 5);
+    }
+
+    #[test]
+    fn what_the_kernel_dropped_from_a_full_buffer_is_counted() {
+        let (rx, tx) = pair("127.0.0.1");
+        // The smallest receive buffer the kernel allows: a few datagrams.
+        setsockopt(rx.sock.as_raw_fd(), sockopt::RcvBuf, &0).expect("rcvbuf");
+        let to = rx.sock.local_addr().expect("addr");
+        let sent = 200u32;
+        for _ in 0..sent {
+            tx.send_to(&[0x80; 172], to).expect("send");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        let read = rx.read(Instant::now(), SystemTime::now(), |_, _, _| {});
+        assert!(read > 0 && read < sent as usize, "read {read}");
+        // Nothing more queued: the kernel dropped the rest.
+        assert_eq!(rx.read(Instant::now(), SystemTime::now(), |_, _, _| {}), 0);
+        // The count comes with the datagrams queued after the drops: the
+        // first is read where there was no room for it (the socket is then
+        // read where there is), the next one brings it.
+        let after = |rx: &RtpSocket| {
+            tx.send_to(&[0x80; 172], to).expect("send");
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(rx.read(Instant::now(), SystemTime::now(), |_, _, _| {}), 1);
+            rx.dropped()
+        };
+        let first = after(&rx);
+        assert!(first == 0 || first == sent - read as u32, "{first}");
+        assert_eq!(after(&rx), sent - read as u32);
+        // Later datagrams carry the same count: nothing is counted twice.
+        assert_eq!(after(&rx), sent - read as u32);
+        // A socket that never dropped, read on the same thread, is not
+        // disturbed, and neither is this one by it.
+        let (quiet, qtx) = pair("127.0.0.1");
+        for _ in 0..3 {
+            qtx.send_to(&[1; 20], quiet.sock.local_addr().expect("addr"))
+                .expect("send");
+            std::thread::sleep(Duration::from_millis(2));
+            let got = read_all(&quiet, Instant::now(), SystemTime::now());
+            assert_eq!(got.len(), 1);
+            assert!(got[0].0 <= Instant::now());
+            assert_eq!(quiet.dropped(), 0);
+            assert_eq!(after(&rx), sent - read as u32);
+        }
     }
 
     #[test]
