@@ -603,7 +603,11 @@ fn bind_pair(ip: std::net::IpAddr, port: u16) -> std::io::Result<BoundPair> {
 fn register(pair: BoundPair) -> Option<(rtp_socket::RtpSocket, UdpSocket)> {
     let BoundPair(rtp, rtcp) = pair;
     rtp_socket::RtpSocket::new(rtp)
-        .and_then(|rtp| Ok((rtp, UdpSocket::from_std(rtcp)?)))
+        .and_then(|mut rtp| {
+            // Until the caller's first packet, it waits for it.
+            rtp.wait();
+            Ok((rtp, UdpSocket::from_std(rtcp)?))
+        })
         .inspect_err(|e| warn!(error = %e, "RTP sockets could not be registered; no media"))
         .ok()
 }
@@ -1076,10 +1080,12 @@ enum Woke {
     Rtcp(Option<(usize, std::net::SocketAddr)>),
     TargetRtp(Option<(usize, std::net::SocketAddr)>),
     TargetRtcp(Option<(usize, std::net::SocketAddr)>),
+    /// A datagram came on the RTP socket while it waited for one.
+    RtpArrived,
 }
 
-/// The timer and the five [`sources`] a call task waits on.
-const WAITS: usize = 6;
+/// The timer and the six [`sources`] a call task waits on.
+const WAITS: usize = 7;
 
 /// One call's task: socket/select glue around its [`BridgedCall`], which
 /// makes every decision; the task owns the RTP/RTCP sockets, the pipeline's
@@ -1153,7 +1159,8 @@ async fn run_call(
         // moves (re-registering it on every wake-up costs more): the core's,
         // or the RTP socket's next read if sooner.
         let deadline = bridged.poll_timeout();
-        let wake = match (deadline, task.sockets.is_some()) {
+        let reading = task.sockets.as_ref().is_some_and(|s| s.0.is_read());
+        let wake = match (deadline, reading) {
             (Some(d), true) => Some(d.min(next_read)),
             (None, true) => Some(next_read),
             (d, false) => d,
@@ -1171,7 +1178,10 @@ async fn run_call(
         turn = (turn + 1) % WAITS;
         let woke = {
             let target = task.target.as_ref().and_then(|t| t.sockets.as_ref());
-            let rtcp = task.sockets.as_ref().map(|s| &s.1);
+            let (mut rtp, rtcp) = match &mut task.sockets {
+                Some((rtp, rtcp)) => (Some(rtp), Some(&*rtcp)),
+                None => (None, None),
+            };
             let link = &mut task.link;
             let (rtcp_buf, target_rtp_buf, target_rtcp_buf) =
                 (&mut rtcp_buf, &mut target_rtp_buf, &mut target_rtcp_buf);
@@ -1200,12 +1210,19 @@ async fn run_call(
                             None => Poll::Pending,
                         },
                         sources::RTCP => poll_datagram(rtcp, &mut cx, rtcp_buf).map(Woke::Rtcp),
+                        sources::RTP => match rtp.as_deref_mut() {
+                            Some(r) => r.poll_arrival(&mut cx).map(|()| Woke::RtpArrived),
+                            None => Poll::Pending,
+                        },
                         sources::TARGET_RTP => {
                             poll_datagram(target.map(|s| &s.0), &mut cx, target_rtp_buf)
                                 .map(Woke::TargetRtp)
                         }
-                        _ => poll_datagram(target.map(|s| &s.1), &mut cx, target_rtcp_buf)
-                            .map(Woke::TargetRtcp),
+                        sources::TARGET_RTCP => {
+                            poll_datagram(target.map(|s| &s.1), &mut cx, target_rtcp_buf)
+                                .map(Woke::TargetRtcp)
+                        }
+                        _ => Poll::Pending,
                     };
                     match ready {
                         Poll::Ready(w) => {
@@ -1221,8 +1238,10 @@ async fn run_call(
             })
             .await
         };
+        // A datagram on the waiting RTP socket: it is read now.
+        let arrived = matches!(woke, Woke::RtpArrived);
         let input = match woke {
-            Woke::Timer => BridgeInput::Timeout,
+            Woke::Timer | Woke::RtpArrived => BridgeInput::Timeout,
             Woke::Agent(cmd) => match cmd {
                 AgentCommand::Transcript(t) => {
                     // Beside an agent, the agent hears it too.
@@ -1317,8 +1336,9 @@ async fn run_call(
                 .is_some_and(|t| t <= now)
         };
         let mut read = 0;
-        if let Some((rtp, _)) = &task.sockets
-            && (now >= next_read || slot_due())
+        if let Some((rtp, _)) = &mut task.sockets
+            && rtp.is_read()
+            && (arrived || now >= next_read || slot_due())
         {
             next_read = now + rtp_socket::READ_EVERY;
             read = rtp.read(now, SystemTime::now(), |at, from, data| {
@@ -1327,6 +1347,11 @@ async fn run_call(
                 let data = bytes::Bytes::copy_from_slice(data);
                 bridged.handle(at, BridgeInput::Rtp { from, data }, &mut rng);
             });
+            if rtp.is_idle() {
+                // Nothing for a while: wait for the next datagram instead.
+                rtp.wait();
+                waits.mark(sources::RTP);
+            }
         }
         last_now = now;
         // The core's deadline, or one a packet just read made due (asked

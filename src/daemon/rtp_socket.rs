@@ -24,6 +24,13 @@
 //! datagram queued after a drop) into
 //! `sipbridge_rtp_packets_dropped_unread_total`.
 //!
+//! A call whose caller sends nothing (before the first packet, on hold,
+//! between talkspurts with silence suppression) would pay an empty read
+//! every 20 ms for it. So after [`IDLE_READS`] empty reads in a row the
+//! socket waits the old way: registered with the runtime for readability
+//! only, it wakes the task when a datagram comes, and is taken out of the
+//! epoll set again as soon as one does. A call starts that way.
+//!
 //! Written here rather than through tokio: tokio's `UdpSocket` has no
 //! `recvmmsg` and no ancillary data, and registering the socket at all
 //! brings back the per-packet epoll work.
@@ -40,6 +47,10 @@ use std::time::{Duration, Instant, SystemTime};
 /// Longest a call with sockets goes without reading its RTP socket (before
 /// the jitter buffer has a clock, and between slots if it stops).
 pub(crate) const READ_EVERY: Duration = Duration::from_millis(20);
+
+/// Empty reads in a row after which the socket waits for a datagram rather
+/// than being read at every tick (500 ms of silence at one read per 20 ms).
+const IDLE_READS: u32 = 25;
 
 /// Datagrams taken by one `recvmmsg`.
 const BATCH: usize = 8;
@@ -88,11 +99,24 @@ struct Got {
     drops: Option<u32>,
 }
 
+/// How the socket is read.
+#[derive(Debug)]
+enum Mode {
+    /// At the call's ticks; in no epoll set.
+    Read(UdpSocket),
+    /// Registered with the runtime: the first datagram wakes the task.
+    Wait(tokio::net::UdpSocket),
+    /// Only while changing from one to the other.
+    Gone,
+}
+
 /// A call's RTP socket (see the module docs).
 #[derive(Debug)]
 pub(crate) struct RtpSocket {
-    sock: UdpSocket,
+    mode: Mode,
     v6: bool,
+    /// Empty reads in a row.
+    empty: u32,
     /// The kernel's drop count last seen (it only grows).
     drops: Cell<u32>,
     /// The socket has dropped: its datagrams carry the drop count.
@@ -107,8 +131,9 @@ impl RtpSocket {
         setsockopt(sock.as_raw_fd(), sockopt::RxqOvfl, &1)?;
         let v6 = sock.local_addr()?.is_ipv6();
         Ok(RtpSocket {
-            sock,
+            mode: Mode::Read(sock),
             v6,
+            empty: 0,
             drops: Cell::new(0),
             dropping: Cell::new(false),
         })
@@ -117,7 +142,14 @@ impl RtpSocket {
     /// Sends one datagram without waiting: a full send buffer drops it, like
     /// a packet lost on the way (counted), rather than stalling the call.
     pub(crate) fn send_to(&self, bytes: &[u8], to: SocketAddr) {
-        if let Err(e) = self.sock.send_to(bytes, to)
+        let sent = match &self.mode {
+            Mode::Read(s) => s.send_to(bytes, to),
+            // Past tokio's write readiness, which it learns only at its
+            // next turn: a send right after registering would be refused.
+            Mode::Wait(s) => socket2::SockRef::from(s).send_to(bytes, &socket2::SockAddr::from(to)),
+            Mode::Gone => return,
+        };
+        if let Err(e) = sent
             && e.kind() == std::io::ErrorKind::WouldBlock
         {
             crate::metrics::rtp_send_dropped();
@@ -130,7 +162,7 @@ impl RtpSocket {
     /// ICMP port-unreachable) is consumed and ignored. Returns how many
     /// datagrams were read.
     pub(crate) fn read(
-        &self,
+        &mut self,
         now: Instant,
         wall: SystemTime,
         mut on: impl FnMut(Instant, SocketAddr, &[u8]),
@@ -167,12 +199,73 @@ impl RtpSocket {
                     break;
                 }
             }
+            self.empty = if total == 0 { self.empty + 1 } else { 0 };
             total
         })
     }
 
+    /// The socket, while it is read at the ticks.
+    fn sock(&self) -> Option<&UdpSocket> {
+        match &self.mode {
+            Mode::Read(s) => Some(s),
+            Mode::Wait(_) | Mode::Gone => None,
+        }
+    }
+
+    /// It is read at the call's ticks (not waiting for a datagram).
+    pub(crate) fn is_read(&self) -> bool {
+        matches!(self.mode, Mode::Read(_))
+    }
+
+    /// Nothing came in the last [`IDLE_READS`] reads.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.empty >= IDLE_READS
+    }
+
+    /// Waits for a datagram instead of being read at every tick (needs the
+    /// runtime; a socket it refuses is still read at every tick).
+    pub(crate) fn wait(&mut self) {
+        self.empty = 0;
+        if let Mode::Read(sock) = std::mem::replace(&mut self.mode, Mode::Gone) {
+            // `from_std` fails only where the runtime cannot take the
+            // socket; it is then dropped, and the call has no RTP left.
+            self.mode = match tokio::net::UdpSocket::from_std(sock) {
+                Ok(s) => Mode::Wait(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "RTP socket could not be registered; no media");
+                    Mode::Gone
+                }
+            };
+        }
+    }
+
+    /// While waiting: ready once a datagram came (the socket is then taken
+    /// out of the runtime and read at the ticks again). Never ready while
+    /// read at the ticks.
+    pub(crate) fn poll_arrival(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let Mode::Wait(s) = &self.mode else {
+            return std::task::Poll::Pending;
+        };
+        if s.poll_recv_ready(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        if let Mode::Wait(s) = std::mem::replace(&mut self.mode, Mode::Gone) {
+            self.mode = match s.into_std() {
+                Ok(s) => Mode::Read(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "RTP socket could not be deregistered; no media");
+                    Mode::Gone
+                }
+            };
+        }
+        std::task::Poll::Ready(())
+    }
+
     /// One `recvmmsg` into `scratch`; what each datagram was, in `got`.
     fn receive(&self, scratch: &mut Scratch, got: &mut [Got; BATCH]) -> usize {
+        let Some(fd) = self.sock().map(AsRawFd::as_raw_fd) else {
+            return 0;
+        };
         let Scratch { headers, bufs } = scratch;
         let headers = &mut headers[usize::from(self.v6)][usize::from(self.dropping.get())];
         let mut rebuild = false;
@@ -180,13 +273,7 @@ impl RtpSocket {
         let n = {
             let iovs = bufs.each_mut().map(|b| [IoSliceMut::new(b)]);
             let results = loop {
-                match recvmmsg(
-                    self.sock.as_raw_fd(),
-                    headers,
-                    &iovs,
-                    MsgFlags::MSG_DONTWAIT,
-                    None,
-                ) {
+                match recvmmsg(fd, headers, &iovs, MsgFlags::MSG_DONTWAIT, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(_) => return 0,
                     Ok(r) => break r,
@@ -267,6 +354,7 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Poll;
 
     fn pair(ip: &str) -> (RtpSocket, UdpSocket) {
         let rx = UdpSocket::bind((ip, 0)).expect("bind");
@@ -276,7 +364,7 @@ mod tests {
     }
 
     fn read_all(
-        s: &RtpSocket,
+        s: &mut RtpSocket,
         now: Instant,
         wall: SystemTime,
     ) -> Vec<(Instant, SocketAddr, Vec<u8>)> {
@@ -289,15 +377,15 @@ mod tests {
 
     #[test]
     fn reads_everything_queued_in_order_with_the_kernels_arrival_time() {
-        let (rx, tx) = pair("127.0.0.1");
-        let to = rx.sock.local_addr().expect("addr");
+        let (mut rx, tx) = pair("127.0.0.1");
+        let to = rx.sock().expect("socket").local_addr().expect("addr");
         for i in 0..11u8 {
             tx.send_to(&[i; 172], to).expect("send");
         }
         // The datagrams are queued a while before the read.
         std::thread::sleep(Duration::from_millis(30));
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let got = read_all(&rx, now, wall);
+        let got = read_all(&mut rx, now, wall);
         assert_eq!(got.len(), 11, "two batches: 8 and 3");
         for (i, (at, from, data)) in got.iter().enumerate() {
             assert_eq!(*from, tx.local_addr().expect("addr"));
@@ -308,13 +396,13 @@ mod tests {
                 "arrival {age:?} before the read: the kernel's time, not the read's"
             );
         }
-        assert!(read_all(&rx, Instant::now(), SystemTime::now()).is_empty());
+        assert!(read_all(&mut rx, Instant::now(), SystemTime::now()).is_empty());
     }
 
     #[test]
     fn a_flood_is_read_a_bounded_batch_at_a_time() {
-        let (rx, tx) = pair("127.0.0.1");
-        let to = rx.sock.local_addr().expect("addr");
+        let (mut rx, tx) = pair("127.0.0.1");
+        let to = rx.sock().expect("socket").local_addr().expect("addr");
         let sent = BATCH * MAX_ROUNDS + 5;
         for _ in 0..sent {
             tx.send_to(&[0x80; 12], to).expect("send");
@@ -328,10 +416,10 @@ mod tests {
 
     #[test]
     fn what_the_kernel_dropped_from_a_full_buffer_is_counted() {
-        let (rx, tx) = pair("127.0.0.1");
+        let (mut rx, tx) = pair("127.0.0.1");
         // The smallest receive buffer the kernel allows: a few datagrams.
-        setsockopt(rx.sock.as_raw_fd(), sockopt::RcvBuf, &0).expect("rcvbuf");
-        let to = rx.sock.local_addr().expect("addr");
+        setsockopt(rx.sock().expect("socket").as_raw_fd(), sockopt::RcvBuf, &0).expect("rcvbuf");
+        let to = rx.sock().expect("socket").local_addr().expect("addr");
         let sent = 200u32;
         for _ in 0..sent {
             tx.send_to(&[0x80; 172], to).expect("send");
@@ -344,44 +432,53 @@ mod tests {
         // The count comes with the datagrams queued after the drops: the
         // first is read where there was no room for it (the socket is then
         // read where there is), the next one brings it.
-        let after = |rx: &RtpSocket| {
+        let after = |rx: &mut RtpSocket| {
             tx.send_to(&[0x80; 172], to).expect("send");
             std::thread::sleep(Duration::from_millis(5));
             assert_eq!(rx.read(Instant::now(), SystemTime::now(), |_, _, _| {}), 1);
             rx.dropped()
         };
-        let first = after(&rx);
+        let first = after(&mut rx);
         assert!(first == 0 || first == sent - read as u32, "{first}");
-        assert_eq!(after(&rx), sent - read as u32);
+        assert_eq!(after(&mut rx), sent - read as u32);
         // Later datagrams carry the same count: nothing is counted twice.
-        assert_eq!(after(&rx), sent - read as u32);
+        assert_eq!(after(&mut rx), sent - read as u32);
         // A socket that never dropped, read on the same thread, is not
         // disturbed, and neither is this one by it.
-        let (quiet, qtx) = pair("127.0.0.1");
+        let (mut quiet, qtx) = pair("127.0.0.1");
         for _ in 0..3 {
-            qtx.send_to(&[1; 20], quiet.sock.local_addr().expect("addr"))
-                .expect("send");
+            qtx.send_to(
+                &[1; 20],
+                quiet.sock().expect("socket").local_addr().expect("addr"),
+            )
+            .expect("send");
             std::thread::sleep(Duration::from_millis(2));
-            let got = read_all(&quiet, Instant::now(), SystemTime::now());
+            let got = read_all(&mut quiet, Instant::now(), SystemTime::now());
             assert_eq!(got.len(), 1);
             assert!(got[0].0 <= Instant::now());
             assert_eq!(quiet.dropped(), 0);
-            assert_eq!(after(&rx), sent - read as u32);
+            assert_eq!(after(&mut rx), sent - read as u32);
         }
     }
 
     #[test]
     fn ipv6_and_ipv4_calls_on_one_thread_keep_their_addresses() {
-        let (rx4, tx4) = pair("127.0.0.1");
-        let (rx6, tx6) = pair("::1");
+        let (mut rx4, tx4) = pair("127.0.0.1");
+        let (mut rx6, tx6) = pair("::1");
         for round in 0..3u8 {
-            tx4.send_to(&[round], rx4.sock.local_addr().expect("addr"))
-                .expect("send");
-            tx6.send_to(&[round; 40], rx6.sock.local_addr().expect("addr"))
-                .expect("send");
+            tx4.send_to(
+                &[round],
+                rx4.sock().expect("socket").local_addr().expect("addr"),
+            )
+            .expect("send");
+            tx6.send_to(
+                &[round; 40],
+                rx6.sock().expect("socket").local_addr().expect("addr"),
+            )
+            .expect("send");
             std::thread::sleep(Duration::from_millis(5));
-            let g4 = read_all(&rx4, Instant::now(), SystemTime::now());
-            let g6 = read_all(&rx6, Instant::now(), SystemTime::now());
+            let g4 = read_all(&mut rx4, Instant::now(), SystemTime::now());
+            let g6 = read_all(&mut rx6, Instant::now(), SystemTime::now());
             assert_eq!(g4.len(), 1);
             assert_eq!(g6.len(), 1);
             assert_eq!(g4[0].1, tx4.local_addr().expect("addr"));
@@ -392,18 +489,66 @@ mod tests {
 
     #[test]
     fn an_oversized_datagram_is_read_truncated() {
-        let (rx, tx) = pair("127.0.0.1");
-        tx.send_to(&[7; DATAGRAM + 100], rx.sock.local_addr().expect("addr"))
-            .expect("send");
+        let (mut rx, tx) = pair("127.0.0.1");
+        tx.send_to(
+            &[7; DATAGRAM + 100],
+            rx.sock().expect("socket").local_addr().expect("addr"),
+        )
+        .expect("send");
         std::thread::sleep(Duration::from_millis(5));
-        let got = read_all(&rx, Instant::now(), SystemTime::now());
+        let got = read_all(&mut rx, Instant::now(), SystemTime::now());
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].2.len(), DATAGRAM);
     }
 
+    /// Silence: after `IDLE_READS` empty reads the socket waits for a
+    /// datagram (registered with the runtime), sends still go out, and the
+    /// first datagram makes it ready and readable at the ticks again, with
+    /// the kernel's arrival time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_socket_waits_and_the_next_datagram_wakes_it() {
+        let (mut rx, tx) = pair("127.0.0.1");
+        let to = rx.sock().expect("socket").local_addr().expect("addr");
+        for _ in 0..IDLE_READS {
+            assert!(!rx.is_idle());
+            assert_eq!(rx.read(Instant::now(), SystemTime::now(), |_, _, _| {}), 0);
+        }
+        assert!(rx.is_idle());
+        rx.wait();
+        assert!(!rx.is_read() && !rx.is_idle());
+        // Not ready while nothing comes.
+        let pending = std::future::poll_fn(|cx| Poll::Ready(rx.poll_arrival(cx))).await;
+        assert!(pending.is_pending());
+        // What the call sends still goes out while it waits.
+        rx.send_to(&[9; 33], tx.local_addr().expect("addr"));
+        let mut buf = [0; 64];
+        tx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        assert_eq!(tx.recv_from(&mut buf).expect("recv").0, 33);
+        let sent = Instant::now();
+        tx.send_to(&[5; 172], to).expect("send");
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            std::future::poll_fn(|cx| rx.poll_arrival(cx)),
+        )
+        .await
+        .expect("woken by the datagram");
+        assert!(rx.is_read());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let got = read_all(&mut rx, Instant::now(), SystemTime::now());
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].2, vec![5; 172]);
+        assert!(
+            got[0].0 >= sent.checked_sub(Duration::from_millis(5)).unwrap_or(sent)
+                && got[0].0 < sent + Duration::from_millis(15),
+            "arrival {:?} after the send, read 20 ms later",
+            got[0].0 - sent.min(got[0].0)
+        );
+    }
+
     #[test]
     fn an_empty_socket_reads_nothing() {
-        let (rx, _tx) = pair("127.0.0.1");
+        let (mut rx, _tx) = pair("127.0.0.1");
         assert_eq!(rx.read(Instant::now(), SystemTime::now(), |_, _, _| {}), 0);
     }
 }

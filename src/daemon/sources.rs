@@ -2,7 +2,7 @@
 //!
 //! A call task waits on a timer and on a few sources that are quiet most of
 //! the call: its mailbox, the agent's connection, the RTCP socket, a
-//! transfer target's sockets. `select!` polls every one of them at every
+//! transfer target's sockets, the RTP socket while nothing comes on it. `select!` polls every one of them at every
 //! wake-up, and a call wakes 50 times a second for its timer alone: at 1,000
 //! calls that is 250,000 polls a second of channels and sockets that have
 //! nothing, each on memory no other call shares (a cache miss apiece).
@@ -26,7 +26,9 @@ pub(crate) const AGENT: u8 = 1 << 2;
 pub(crate) const RTCP: u8 = 1 << 3;
 pub(crate) const TARGET_RTP: u8 = 1 << 4;
 pub(crate) const TARGET_RTCP: u8 = 1 << 5;
-const ALL: u8 = MAILBOX | AGENT | RTCP | TARGET_RTP | TARGET_RTCP;
+/// The RTP socket while it waits for a datagram (`rtp_socket`).
+pub(crate) const RTP: u8 = 1 << 6;
+const ALL: u8 = MAILBOX | AGENT | RTCP | TARGET_RTP | TARGET_RTCP | RTP;
 
 #[derive(Default)]
 struct Shared {
@@ -61,7 +63,7 @@ impl Wake for SourceWaker {
 /// A call task's sources' wakers (made once per call).
 pub(crate) struct Sources {
     shared: Arc<Shared>,
-    wakers: [Waker; 5],
+    wakers: [Waker; 6],
     /// The task waker last given to `shared` (compared here, on the task's
     /// own memory, so that a wake-up does not write the shared one).
     registered: Option<Waker>,
@@ -73,7 +75,7 @@ impl Sources {
     pub(crate) fn new() -> Sources {
         let shared = Arc::new(Shared::default());
         shared.woke.store(ALL, Ordering::Relaxed);
-        let wakers = [MAILBOX, AGENT, RTCP, TARGET_RTP, TARGET_RTCP].map(|bit| {
+        let wakers = [MAILBOX, AGENT, RTCP, TARGET_RTP, TARGET_RTCP, RTP].map(|bit| {
             Waker::from(Arc::new(SourceWaker {
                 bit,
                 shared: Arc::clone(&shared),
@@ -177,7 +179,7 @@ mod tests {
     #[test]
     fn each_source_has_its_own_waker() {
         let mut s = Sources::new();
-        for bit in [MAILBOX, AGENT, RTCP, TARGET_RTP, TARGET_RTCP] {
+        for bit in [MAILBOX, AGENT, RTCP, TARGET_RTP, TARGET_RTCP, RTP] {
             let waker = Waker::noop();
             let cx = Context::from_waker(waker);
             s.begin(&cx);
