@@ -223,19 +223,17 @@ impl RtpSocket {
     }
 
     /// Waits for a datagram instead of being read at every tick (needs the
-    /// runtime; a socket it refuses is still read at every tick).
+    /// runtime). A socket the runtime refuses (`from_std` consumes what it
+    /// is given, so it gets a duplicate) is still read at every tick.
     pub(crate) fn wait(&mut self) {
         self.empty = 0;
-        if let Mode::Read(sock) = std::mem::replace(&mut self.mode, Mode::Gone) {
-            // `from_std` fails only where the runtime cannot take the
-            // socket; it is then dropped, and the call has no RTP left.
-            self.mode = match tokio::net::UdpSocket::from_std(sock) {
-                Ok(s) => Mode::Wait(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "RTP socket could not be registered; no media");
-                    Mode::Gone
-                }
-            };
+        let Mode::Read(sock) = &self.mode else {
+            return;
+        };
+        match sock.try_clone().and_then(tokio::net::UdpSocket::from_std) {
+            // The duplicate refers to the same socket: the original goes.
+            Ok(s) => self.mode = Mode::Wait(s),
+            Err(e) => tracing::debug!(error = %e, "RTP socket read at every tick"),
         }
     }
 
