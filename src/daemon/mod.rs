@@ -1183,9 +1183,6 @@ async fn run_call(
                 None => (None, None),
             };
             let link = &mut task.link;
-            let (rtcp_buf, target_rtp_buf, target_rtcp_buf) =
-                (&mut rtcp_buf, &mut target_rtp_buf, &mut target_rtcp_buf);
-            let (rx, timer) = (&mut rx, &mut timer);
             std::future::poll_fn(|cx| {
                 let woken = waits.begin(cx);
                 let mut idle = 0u8;
@@ -1209,17 +1206,19 @@ async fn run_call(
                             Some(l) => l.poll_recv(&mut cx).map(Woke::Agent),
                             None => Poll::Pending,
                         },
-                        sources::RTCP => poll_datagram(rtcp, &mut cx, rtcp_buf).map(Woke::Rtcp),
+                        sources::RTCP => {
+                            poll_datagram(rtcp, &mut cx, &mut rtcp_buf).map(Woke::Rtcp)
+                        }
                         sources::RTP => match rtp.as_deref_mut() {
                             Some(r) => r.poll_arrival(&mut cx).map(|()| Woke::RtpArrived),
                             None => Poll::Pending,
                         },
                         sources::TARGET_RTP => {
-                            poll_datagram(target.map(|s| &s.0), &mut cx, target_rtp_buf)
+                            poll_datagram(target.map(|s| &s.0), &mut cx, &mut target_rtp_buf)
                                 .map(Woke::TargetRtp)
                         }
                         sources::TARGET_RTCP => {
-                            poll_datagram(target.map(|s| &s.1), &mut cx, target_rtcp_buf)
+                            poll_datagram(target.map(|s| &s.1), &mut cx, &mut target_rtcp_buf)
                                 .map(Woke::TargetRtcp)
                         }
                         _ => Poll::Pending,
